@@ -1,0 +1,47 @@
+"""upweight — influence functions (Koh & Liang, ICML 2017) for PyTorch models.
+
+    I_up,params(z) = −H⁻¹∇θL(z, θ̂)                 which way θ̂ moves if z is upweighted
+    I_up,loss(z, z_test) = −∇θL(z_test)ᵀH⁻¹∇θL(z)  how the test loss moves; removing z ≈ −I/n
+    I_pert,loss(z, z_test) = −∇θL(z_test)ᵀH⁻¹∇x∇θL(z)
+
+H = ∇²R(θ̂), R(θ) = (1/n)ΣL(zᵢ, θ) + (l2/2)‖θ‖², plus optional damping δI.
+"""
+
+from . import errors
+from ._version import __version__
+from .core import Curvature, Data, Objective, SmoothHinge
+from .core.losses import hinge
+from .influence import (
+    Influence,
+    InfluenceScores,
+    ParamInfluence,
+    PertScores,
+    Ranking,
+    SelfInfluence,
+)
+from .loo import LOOComparison, leave_one_out, refit
+from .solvers import CG, Direct, InverseHVPSolver, LiSSA, Solution
+
+__all__ = [
+    "CG",
+    "Curvature",
+    "Data",
+    "Direct",
+    "Influence",
+    "InfluenceScores",
+    "InverseHVPSolver",
+    "LOOComparison",
+    "LiSSA",
+    "Objective",
+    "ParamInfluence",
+    "PertScores",
+    "Ranking",
+    "SelfInfluence",
+    "SmoothHinge",
+    "Solution",
+    "__version__",
+    "errors",
+    "hinge",
+    "leave_one_out",
+    "refit",
+]

@@ -1,0 +1,68 @@
+"""Validation helpers with uniform, fix-naming error messages."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Collection
+from typing import Any
+
+import torch
+
+from .errors import InputError, NonFiniteError, NotFittedError
+
+
+def check_interval(
+    owner: str,
+    name: str,
+    value: Any,
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    closed: str = "neither",
+    integer: bool = False,
+) -> None:
+    """Raise ``InputError`` unless ``low (<)<= value (<)<= high``.
+
+    ``closed`` is one of "neither", "left", "right", "both", as in scikit-learn's ``Interval``.
+    """
+    kind = "an int" if integer else "a float"
+    lo_br = "[" if closed in ("left", "both") else "("
+    hi_br = "]" if closed in ("right", "both") else ")"
+    rng = f"{lo_br}{'-inf' if low is None else low}, {'inf' if high is None else high}{hi_br}"
+    msg = f"The '{name}' parameter of {owner} must be {kind} in {rng}. Got {value!r}."
+    ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if not ok_type or isinstance(value, bool):
+        raise InputError(msg)
+    if not math.isfinite(value):
+        raise InputError(msg)
+    if low is not None and (value < low or (value == low and lo_br == "(")):
+        raise InputError(msg)
+    if high is not None and (value > high or (value == high and hi_br == ")")):
+        raise InputError(msg)
+
+
+def check_choice(owner: str, name: str, value: Any, choices: Collection[Any]) -> None:
+    """Raise ``InputError`` unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        opts = ", ".join(repr(c) for c in choices)
+        raise InputError(f"The '{name}' parameter of {owner} must be one of {opts}. Got {value!r}.")
+
+
+def check_finite(t: torch.Tensor, what: str, fix: str = "") -> None:
+    """Raise ``NonFiniteError`` naming how many entries of ``t`` are NaN/inf."""
+    if t.is_floating_point() or t.is_complex():
+        bad = ~torch.isfinite(t)
+        n_bad = int(bad.sum())
+        if n_bad:
+            first = tuple(int(i) for i in bad.nonzero()[0])
+            n_nan = int(torch.isnan(t).sum())
+            raise NonFiniteError(
+                f"{what} has {n_bad} non-finite value(s) ({n_nan} NaN, {n_bad - n_nan} inf); "
+                f"the first at index {first}." + (f" {fix}" if fix else "")
+            )
+
+
+def check_is_fitted(obj: Any, attr: str) -> None:
+    """Raise ``NotFittedError`` unless ``obj`` has the fitted attribute ``attr``."""
+    if getattr(obj, attr, None) is None:
+        raise NotFittedError(f"This {type(obj).__name__} is not fitted yet. Call .fit(train) first.")

@@ -1,0 +1,124 @@
+"""``Data``: one normalised, indexable view of every accepted input form.
+
+Accepted: ``(X, y)`` tensors or NumPy arrays, a ``torch.utils.data.Dataset`` yielding
+``(x, y)`` pairs, or a ``DataLoader`` over such a dataset (its dataset is read in order, so the
+ids are stable even when the loader shuffles). Every point carries a stable integer id: its
+position in the data it was built from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .._checks import check_finite
+from ..errors import DtypeError, EmptyDataError, InputError, ShapeError
+
+
+def _as_tensor(a: Any, what: str) -> torch.Tensor:
+    if isinstance(a, torch.Tensor):
+        t = a.detach()
+    elif isinstance(a, np.ndarray):
+        if a.dtype == object or a.dtype.kind in "USV":
+            raise DtypeError(f"{what} has dtype {a.dtype}; upweight needs numbers. Convert it with np.asarray(..., dtype=float).")
+        t = torch.from_numpy(np.ascontiguousarray(a))
+    else:
+        try:
+            t = torch.as_tensor(np.asarray(a))
+        except (TypeError, ValueError) as exc:
+            raise DtypeError(f"{what} of type {type(a).__name__} cannot be read as a numeric array: {exc}") from exc
+    if t.is_complex() or t.dtype == torch.bool:
+        raise DtypeError(f"{what} has dtype {t.dtype}; upweight needs real numbers (float or integer).")
+    return t
+
+
+@dataclass(frozen=True)
+class Data:
+    """Inputs ``X`` (n, *feature_shape), targets ``y`` (n, ...) and stable integer ``ids`` (n,).
+
+    Examples:
+        >>> import torch
+        >>> d = Data.from_any((torch.zeros(5, 3), torch.tensor([0, 1, 0, 1, 1])))
+        >>> len(d), tuple(d.feature_shape), d.without([1, 2]).ids.tolist()
+        (5, (3,), [0, 3, 4])
+    """
+
+    X: torch.Tensor
+    y: torch.Tensor
+    ids: torch.Tensor
+
+    @classmethod
+    def from_any(cls, data: Any, *, what: str = "data") -> Data:
+        """Normalise ``(X, y)``, a ``Dataset`` or a ``DataLoader`` into validated ``Data``."""
+        if isinstance(data, Data):
+            return data
+        if isinstance(data, DataLoader):
+            data = data.dataset
+        if isinstance(data, (tuple, list)) and len(data) == 2 and not isinstance(data, Dataset):
+            X = _as_tensor(data[0], f"{what} X")
+            y = _as_tensor(data[1], f"{what} y")
+        elif isinstance(data, Dataset) or (hasattr(data, "__getitem__") and hasattr(data, "__len__")):
+            n = len(data)  # type: ignore[arg-type]
+            if n == 0:
+                raise EmptyDataError(f"{what} is empty (0 points). Pass at least one (x, y) pair.")
+            items = [data[i] for i in range(n)]
+            if not all(isinstance(it, (tuple, list)) and len(it) == 2 for it in items[:1]):
+                raise InputError(f"{what}: each item of the Dataset must be an (x, y) pair; got {type(items[0]).__name__}.")
+            X = torch.stack([_as_tensor(x, f"{what} x") for x, _ in items])
+            y = torch.stack([_as_tensor(t, f"{what} y") for _, t in items])
+        else:
+            raise InputError(
+                f"{what} of type {type(data).__name__} is not understood. Pass (X, y) arrays, "
+                "a torch Dataset of (x, y) pairs, or a DataLoader."
+            )
+        if X.ndim == 0 or y.ndim == 0:
+            raise ShapeError(f"{what}: X and y need a leading sample axis; got shapes {tuple(X.shape)} and {tuple(y.shape)}.")
+        if X.shape[0] != y.shape[0]:
+            raise ShapeError(
+                f"{what}: X has {X.shape[0]} rows but y has {y.shape[0]}; they must have one entry per point."
+            )
+        if X.shape[0] == 0:
+            raise EmptyDataError(f"{what} is empty (0 points). Pass at least one (x, y) pair.")
+        check_finite(X, f"{what} X", "Remove or impute those entries before computing influence.")
+        check_finite(y, f"{what} y", "Remove or impute those entries before computing influence.")
+        return cls(X, y, torch.arange(X.shape[0]))
+
+    def __len__(self) -> int:
+        return int(self.X.shape[0])
+
+    @property
+    def feature_shape(self) -> torch.Size:
+        return self.X.shape[1:]
+
+    def subset(self, positions: Any) -> Data:
+        """The points at ``positions`` (indices into this Data, not ids), keeping their ids."""
+        idx = torch.as_tensor(positions, dtype=torch.long).reshape(-1)
+        if idx.numel() and (int(idx.min()) < -len(self) or int(idx.max()) >= len(self)):
+            raise InputError(f"Index out of range: this data has {len(self)} points; got indices {idx.min()}..{idx.max()}.")
+        return Data(self.X[idx], self.y[idx], self.ids[idx])
+
+    def without(self, ids: Any) -> Data:
+        """All points except those whose id is in ``ids`` (leave-out retraining)."""
+        drop = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
+        keep = ~torch.isin(self.ids, drop)
+        return Data(self.X[keep], self.y[keep], self.ids[keep])
+
+    def batches(self, batch_size: int) -> Iterator[Data]:
+        """Consecutive slices of at most ``batch_size`` points."""
+        for s in range(0, len(self), batch_size):
+            yield Data(self.X[s : s + batch_size], self.y[s : s + batch_size], self.ids[s : s + batch_size])
+
+    def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> Data:
+        """Cast floating-point X and y to ``dtype`` (integer token ids and class labels keep theirs)."""
+        X, y = self.X, self.y
+        if dtype is not None:
+            X = X.to(dtype) if X.is_floating_point() else X
+            y = y.to(dtype) if y.is_floating_point() else y
+        if device is not None:
+            X, y = X.to(device), y.to(device)
+        return Data(X, y, self.ids)

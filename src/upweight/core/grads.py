@@ -1,0 +1,101 @@
+"""Per-sample gradients ∇θL(zᵢ, θ) (vmap∘grad), ∇R, and the mixed derivative ∇x∇θL for
+I_pert,loss — all streamed over the data in chunks so n × p is never held unless asked for.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch.func import grad, jvp, vmap
+
+from .._checks import check_finite
+from ..errors import InputError
+from .data import Data
+from .objective import Objective
+from .params import Params
+
+
+def _single(fn, objective: Objective):
+    def f(params: Params, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return fn(objective, params, x.unsqueeze(0), y.unsqueeze(0))[0]
+
+    return f
+
+
+def _loss(objective: Objective, params: Params, X: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return objective.losses(params, X, y)
+
+
+def _measure(objective: Objective, params: Params, X: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return objective.measurements(params, X, y)
+
+
+def per_sample_grads(objective: Objective, params: Params, batch: Data, *, measure: bool = False) -> torch.Tensor:
+    """Rows ∇θL(zᵢ, θ) (or ∇θf(zᵢ, θ) with ``measure=True``) for one batch, shape (b, p).
+
+    The regulariser is not included: upweighting z adds ε·L(z, θ) to R (Koh & Liang 2017, §2.1).
+    """
+    f = _single(_measure if measure else _loss, objective)
+    g = vmap(grad(f), in_dims=(None, 0, 0))(params, batch.X, batch.y)
+    return objective.space.flatten(g, batch_dims=1)
+
+
+def grad_chunk_size(p: int, batch_size: int, dtype: torch.dtype, max_bytes: int = 2**28) -> int:
+    """Points per per-sample-gradient chunk: at most ``batch_size``, and b × p values ≤ ``max_bytes``."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return max(1, min(batch_size, max_bytes // max(1, p * itemsize)))
+
+
+def iter_per_sample_grads(
+    objective: Objective, params: Params, data: Data, batch_size: int, *, measure: bool = False, max_bytes: int = 2**28
+) -> Iterator[tuple[Data, torch.Tensor]]:
+    """Yield ``(batch, G_batch)`` with G_batch of shape (b, p), one memory-bounded chunk at a time.
+
+    b is ``batch_size`` or less, so that one chunk of gradients takes at most ``max_bytes``.
+    """
+    chunk = grad_chunk_size(objective.p, batch_size, objective.dtype, max_bytes)
+    for batch in data.batches(chunk):
+        yield batch, per_sample_grads(objective, params, batch, measure=measure)
+
+
+def risk(objective: Objective, params: Params, data: Data, batch_size: int, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """R(θ) = (1/n) Σᵢ wᵢ L(zᵢ, θ) + (l2/2)‖θ‖², n = len(data); w = 1 unless given (per point, shape (n,))."""
+    n = len(data)
+    total = 0.0
+    for s, batch in zip(range(0, n, batch_size), data.batches(batch_size)):
+        losses = objective.losses(params, batch.X, batch.y)
+        if weights is not None:
+            losses = losses * weights[s : s + len(batch)].to(losses.dtype)
+        total = total + losses.sum()
+    return total / n + objective.regularizer(params)
+
+
+def risk_grad(objective: Objective, params: Params, data: Data, batch_size: int, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """∇R(θ) as a flat vector (p,)."""
+    g = grad(lambda p: risk(objective, p, data, batch_size, weights))(params)
+    return objective.space.flatten(g)
+
+
+def pert_directions(objective: Objective, params: Params, batch: Data, S: torch.Tensor) -> torch.Tensor:
+    """∇x (sⱼ · ∇θL(xᵢ, yᵢ, θ)) for every row sⱼ of S (k, p) and point i: shape (k, b, *x_shape).
+
+    sᵀ∇θL(x, θ) is the directional derivative of L along s, a JVP in θ; its gradient in x is the
+    mixed derivative sᵀ∇x∇θL that I_pert,loss needs (Koh & Liang 2017, Eq. 5).
+    """
+    if not batch.X.is_floating_point():
+        raise InputError(
+            f"I_pert,loss differentiates the loss with respect to the inputs, but X has dtype {batch.X.dtype} "
+            "(e.g. token ids). Perturbation influence needs continuous inputs; use up_loss instead."
+        )
+    f = _single(_loss, objective)
+    tangents = objective.space.unflatten(S)
+
+    def directional(x: torch.Tensor, y: torch.Tensor, t: Params) -> torch.Tensor:
+        return jvp(lambda p: f(p, x, y), (params,), (t,))[1]
+
+    per_point = grad(directional)  # ∇x of the directional derivative
+    over_points = vmap(per_point, in_dims=(0, 0, None))
+    out = vmap(over_points, in_dims=(None, None, 0))(batch.X.to(S.dtype), batch.y, tangents)
+    check_finite(out, "∇x∇θL")
+    return out

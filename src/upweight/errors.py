@@ -1,0 +1,105 @@
+"""Exceptions and warnings raised by upweight.
+
+Every message says what is wrong, the value observed, and how to fix it.
+
+::
+
+    UpweightError
+    ├── InputError(ValueError)
+    │   ├── ShapeError          mismatched lengths / feature shapes
+    │   ├── NonFiniteError      NaN or inf in data, parameters, gradients or solutions
+    │   ├── EmptyDataError      no training / test points
+    │   └── DtypeError          wrong dtype (e.g. float labels for cross-entropy)
+    ├── NotFittedError(ValueError, AttributeError)
+    ├── UnsupportedModelError   model / loss cannot be used as given (train-mode BatchNorm, non-per-sample loss)
+    ├── CurvatureError
+    │   ├── NotPositiveDefiniteError   H + δI has a non-positive eigenvalue → add damping
+    │   └── CurvatureTooLargeError     dense Hessian requested for too many parameters
+    └── SolverError
+        ├── DivergenceError            LiSSA's series blew up → larger scale
+        └── InaccurateSolveError       residual above the accepted bound
+
+    Warnings: UpweightWarning
+    ├── NotAtMinimumWarning    ‖∇R(θ̂)‖ is not ≈ 0: influence assumes θ̂ minimises R
+    └── NotConvergedWarning    an iterative solver stopped before its tolerance
+"""
+
+from __future__ import annotations
+
+
+class UpweightError(Exception):
+    """Base class of every error raised by upweight."""
+
+
+class InputError(UpweightError, ValueError):
+    """Invalid input data or arguments."""
+
+
+class ShapeError(InputError):
+    """Arrays whose shapes or lengths do not fit together."""
+
+
+class NonFiniteError(InputError):
+    """NaN or infinity where finite numbers are required."""
+
+
+class EmptyDataError(InputError):
+    """A data set with no points."""
+
+
+class DtypeError(InputError, TypeError):
+    """An array of the wrong dtype."""
+
+
+class NotFittedError(UpweightError, ValueError, AttributeError):
+    """A method needing ``fit`` was called before it."""
+
+
+class UnsupportedModelError(UpweightError):
+    """The model or loss cannot be used as given."""
+
+
+class CurvatureError(UpweightError):
+    """Problems with the Hessian H = ∇²R(θ̂)."""
+
+
+class NotPositiveDefiniteError(CurvatureError):
+    """H + δI is not positive definite.
+
+    Attributes:
+        min_eigenvalue: the smallest eigenvalue of H + δI.
+        suggested_damping: a damping δ' that makes H + δ'I positive definite.
+    """
+
+    def __init__(self, message: str, min_eigenvalue: float, suggested_damping: float):
+        super().__init__(message)
+        self.min_eigenvalue = min_eigenvalue
+        self.suggested_damping = suggested_damping
+
+
+class CurvatureTooLargeError(CurvatureError):
+    """A dense Hessian was requested for more parameters than allowed."""
+
+
+class SolverError(UpweightError):
+    """An inverse-HVP solver failed."""
+
+
+class DivergenceError(SolverError):
+    """An iterative solver diverged (growing norm, NaN or inf)."""
+
+
+class InaccurateSolveError(SolverError):
+    """A solve's relative residual ‖(H+δI)x − v‖/‖v‖ is above the accepted bound."""
+
+
+class UpweightWarning(UserWarning):
+    """Base class of every warning emitted by upweight."""
+
+
+class NotAtMinimumWarning(UpweightWarning):
+    """θ̂ is not a stationary point of R, which influence functions assume."""
+
+
+class NotConvergedWarning(UpweightWarning):
+    """An iterative solver stopped at its iteration cap before its tolerance."""

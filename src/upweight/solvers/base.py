@@ -1,0 +1,66 @@
+"""The inverse-HVP solver protocol: ``prepare(curvature)`` once, ``solve(state, V)`` for each
+block of right-hand sides; every solve returns a ``Solution`` with its measured residual.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from ..core.curvature import Curvature
+
+
+@dataclass(frozen=True)
+class Solution:
+    """x ≈ (H + δI)⁻¹V for a block V of k right-hand sides.
+
+    Attributes:
+        value: the solutions, shape (k, p).
+        residual: relative residuals ‖(H + δI)xⱼ − vⱼ‖ / ‖vⱼ‖, shape (k,), measured with one
+            extra full-data HVP (or the dense matrix for Direct) — not the solver's own estimate.
+        converged: per right-hand side, whether the solver met its own stopping rule, shape (k,).
+        iterations: iterations (CG), steps × repeats (LiSSA) or 0 (Direct).
+        seconds: wall time of the solve, residual check included.
+        stats: solver-specific numbers (scale used, λmax estimate, …).
+    """
+
+    value: torch.Tensor
+    residual: torch.Tensor
+    converged: torch.Tensor
+    iterations: int
+    seconds: float
+    stats: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def max_residual(self) -> float:
+        return float(self.residual.max()) if self.residual.numel() else 0.0
+
+
+class InverseHVPSolver(ABC):
+    """Computes (H + δI)⁻¹V. Concrete solvers are frozen dataclasses of their settings."""
+
+    name: ClassVar[str]
+    approximates: ClassVar[str] = "exact"
+
+    @abstractmethod
+    def prepare(self, curvature: Curvature) -> Any:
+        """Do the once-per-fit work (factorise, estimate λmax, …) and return the solver state."""
+
+    @abstractmethod
+    def solve(self, state: Any, rhs: torch.Tensor) -> Solution:
+        """Solve (H + δI)X = rhs for rhs of shape (k, p); returns a ``Solution``."""
+
+    def config(self) -> dict[str, Any]:
+        """The solver's settings, for provenance."""
+        return {"name": self.name, **{k: v for k, v in vars(self).items()}}
+
+
+def relative_residual(AX: torch.Tensor, X_rhs: torch.Tensor) -> torch.Tensor:
+    """‖A xⱼ − vⱼ‖ / ‖vⱼ‖ per row (0 where vⱼ = 0 and A xⱼ = 0)."""
+    num = (AX - X_rhs).norm(dim=1)
+    den = X_rhs.norm(dim=1)
+    return torch.where(den > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny), num)
