@@ -21,7 +21,8 @@ Every message says what is wrong, the value observed, and how to fix it.
 
     Warnings: UpweightWarning
     ├── NotAtMinimumWarning    ‖∇R(θ̂)‖ is not ≈ 0: influence assumes θ̂ minimises R
-    └── NotConvergedWarning    an iterative solver stopped before its tolerance
+    ├── NotConvergedWarning    an iterative solver stopped before its tolerance
+    └── InaccurateSolveWarning a solve above max_residual, accepted because on_inaccurate="warn"
 """
 
 from __future__ import annotations
@@ -103,3 +104,7 @@ class NotAtMinimumWarning(UpweightWarning):
 
 class NotConvergedWarning(UpweightWarning):
     """An iterative solver stopped at its iteration cap before its tolerance."""
+
+
+class InaccurateSolveWarning(UpweightWarning):
+    """A solve's residual exceeded ``max_residual`` and was accepted (``on_inaccurate="warn"``)."""

@@ -62,7 +62,9 @@ class Data:
         if isinstance(data, (tuple, list)) and len(data) == 2 and not isinstance(data, Dataset):
             X = _as_tensor(data[0], f"{what} X")
             y = _as_tensor(data[1], f"{what} y")
-        elif isinstance(data, Dataset) or (hasattr(data, "__getitem__") and hasattr(data, "__len__")):
+        elif isinstance(data, Dataset) or (
+            hasattr(data, "__getitem__") and hasattr(data, "__len__") and not isinstance(data, (str, bytes, dict))
+        ):
             n = len(data)  # type: ignore[arg-type]
             if n == 0:
                 raise EmptyDataError(f"{what} is empty (0 points). Pass at least one (x, y) pair.")

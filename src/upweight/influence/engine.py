@@ -30,7 +30,13 @@ from ..core.grads import (
     risk_grad,
 )
 from ..core.objective import Objective
-from ..errors import InaccurateSolveError, InputError, NotAtMinimumWarning, ShapeError
+from ..errors import (
+    InaccurateSolveError,
+    InaccurateSolveWarning,
+    InputError,
+    NotAtMinimumWarning,
+    ShapeError,
+)
 from ..solvers import CG, InverseHVPSolver, Solution
 from .results import InfluenceScores, ParamInfluence, PertScores, SelfInfluence
 
@@ -46,8 +52,8 @@ class Influence:
         damping: δ ≥ 0 added to H (Koh & Liang 2017, §4.2); needed when H is not positive definite.
         batch_size: points per vectorised chunk for HVPs and per-sample gradients (gradient chunks are
             further capped so one holds at most 256 MiB).
-        max_residual: largest accepted relative residual ‖(H+δI)x − v‖/‖v‖ of a solve; ``None``
-            accepts any.
+        max_residual: largest accepted relative residual ‖(H+δI)x − v‖/‖v‖ of a solve; "auto" takes
+            the solver's ``default_max_residual`` (Direct 1e-4, CG 0.05, LiSSA 0.5); ``None`` accepts any.
         on_inaccurate: "raise" an ``InaccurateSolveError`` (default) or "warn" and record it.
         grad_tol: ‖∇R(θ̂)‖ above which ``fit`` warns that θ̂ is not a minimum.
         progress: show progress bars on long sweeps.
@@ -70,7 +76,7 @@ class Influence:
         solver: InverseHVPSolver | None = None,
         damping: float = 0.0,
         batch_size: int = 2048,
-        max_residual: float | None = 0.05,
+        max_residual: float | Literal["auto"] | None = "auto",
         on_inaccurate: Literal["raise", "warn"] = "raise",
         grad_tol: float = 1e-3,
         progress: bool = True,
@@ -98,7 +104,7 @@ class Influence:
         check_interval("Influence", "damping", self.damping, 0.0, None, closed="left")
         check_interval("Influence", "batch_size", self.batch_size, 1, None, closed="left", integer=True)
         check_interval("Influence", "grad_tol", self.grad_tol, 0.0, None)
-        if self.max_residual is not None:
+        if self.max_residual not in (None, "auto"):
             check_interval("Influence", "max_residual", self.max_residual, 0.0, None)
         check_choice("Influence", "on_inaccurate", self.on_inaccurate, ("raise", "warn"))
 
@@ -162,16 +168,22 @@ class Influence:
         check_is_fitted(self, "data_")
         sol = self.solver.solve(self.state_, V)
         check_finite(sol.value, f"The {self.solver.name} solution", "Add damping or check the model at θ̂.")
-        if self.max_residual is not None and sol.max_residual > self.max_residual:
+        bound = self._residual_bound()
+        if bound is not None and sol.max_residual > bound:
             msg = (
                 f"The {self.solver.name} solve is inaccurate: relative residual ‖(H+δI)x − v‖/‖v‖ = "
-                f"{sol.max_residual:.2e} > max_residual={self.max_residual:g}. "
+                f"{sol.max_residual:.2e} > max_residual={bound:g}. "
                 + _accuracy_advice(self.solver.name)
             )
             if self.on_inaccurate == "raise":
                 raise InaccurateSolveError(msg)
-            warnings.warn(msg, stacklevel=3)
+            warnings.warn(msg, InaccurateSolveWarning, stacklevel=3)
         return sol
+
+    def _residual_bound(self) -> float | None:
+        if self.max_residual == "auto":
+            return self.solver.default_max_residual
+        return self.max_residual
 
     def s_test(self, test: Any) -> Solution:
         """s_test = (H + δI)⁻¹∇θf(z_test, θ̂) for each test point, as one block solve (Koh & Liang §3)."""
@@ -192,7 +204,8 @@ class Influence:
                 residual_max=sol.max_residual,
                 iterations=sol.iterations,
                 solve_seconds=sol.seconds,
-                accepted=self.max_residual is None or sol.max_residual <= self.max_residual,
+                max_residual_accepted=self._residual_bound(),
+                accepted=self._residual_bound() is None or sol.max_residual <= self._residual_bound(),
                 **{f"solver_{k}": v for k, v in sol.stats.items()},
             )
         return prov

@@ -18,6 +18,7 @@ from ..core.objective import Objective
 from ..core.params import Params
 from ..errors import InputError
 from ..influence.engine import Influence
+from ..influence.results import InfluenceScores
 from .retrain import refit
 
 TrainFn = Callable[[Objective, Data, Params], Params]
@@ -66,6 +67,7 @@ def leave_one_out(
     train_fn: TrainFn | None = None,
     gtol: float = 1e-9,
     seed: int = 0,
+    scores: InfluenceScores | None = None,
     progress_bar: bool = True,
 ) -> LOOComparison:
     """Retrain without each chosen training point and compare with the influence prediction.
@@ -80,6 +82,7 @@ def leave_one_out(
             where warm-started L-BFGS does not find the minimum (non-convex); by default the
             convex refit of ``upweight.loo.retrain.refit`` to ‖∇R‖∞ ≤ gtol, in float64.
         seed: for ``select="random"``.
+        scores: ``influence.up_loss(test)`` if already computed (saves one solve).
 
     Returns:
         ``LOOComparison`` with Pearson, Spearman and slope.
@@ -87,8 +90,15 @@ def leave_one_out(
     check_interval("leave_one_out", "k", k, 1, None, closed="left", integer=True)
     check_choice("leave_one_out", "select", select, ("top", "random"))
     t0 = time.perf_counter()
-    scores = influence.up_loss(test)
     test_data = Data.from_any(test, what="test data")
+    if scores is None:
+        scores = influence.up_loss(test)
+    elif scores.values.shape != (len(test_data), influence.n_train_):
+        raise InputError(
+            f"scores has shape {scores.values.shape} but test × training is ({len(test_data)}, {influence.n_train_}); "
+            "pass influence.up_loss(test) for the same test points and all training points."
+        )
+    scores = scores.as_up_loss()
     data = influence.data_
     assert data is not None
     n = len(data)

@@ -45,6 +45,8 @@ class InverseHVPSolver(ABC):
 
     name: ClassVar[str]
     approximates: ClassVar[str] = "exact"
+    #: the relative residual ``Influence(max_residual="auto")`` accepts from this solver
+    default_max_residual: ClassVar[float] = 0.05
 
     @abstractmethod
     def prepare(self, curvature: Curvature) -> Any:
@@ -56,7 +58,7 @@ class InverseHVPSolver(ABC):
 
     def config(self) -> dict[str, Any]:
         """The solver's settings, for provenance."""
-        return {"name": self.name, **{k: v for k, v in vars(self).items()}}
+        return {"name": self.name, **{k: v if isinstance(v, (int, float, str, bool, type(None))) else str(v) for k, v in vars(self).items()}}
 
 
 def relative_residual(AX: torch.Tensor, X_rhs: torch.Tensor) -> torch.Tensor:

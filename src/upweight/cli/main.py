@@ -1,0 +1,404 @@
+"""``upweight explain``: why did the model get this test image wrong? (Koh & Liang 2017, §5.1–5.2)
+
+Trains binary logistic regression (no bias, L2 = 0.01 as in the paper) on the bundled MNIST
+1-vs-7 data — or on an ``.npz`` you pass — to the minimum in float64, picks a misclassified
+test image, lists the training images that helped and hurt it most (I_up,loss and the predicted
+change in test loss if each were removed), checks those predictions against actual
+leave-one-out retraining (the paper's Fig. 2) and writes a PNG of it all.
+
+This module is the only place in upweight that prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .. import errors
+from .._version import __version__
+
+# ── data ──────────────────────────────────────────────────────────────────────────────
+
+
+@dataclass(frozen=True)
+class _Split:
+    """Features float64 (n, d), labels int64 in {−1, +1}, and how to show them."""
+
+    name: str
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    image_shape: tuple[int, ...] | None
+    class_names: dict[int, str]  # label (−1/+1) → what it stands for, e.g. {+1: "1", −1: "7"}
+
+
+def _load_bundled() -> _Split:
+    from ..datasets import load_mnist_1v7
+
+    d = load_mnist_1v7()
+    return _Split(
+        "MNIST 1 vs 7 (bundled)", d.x_train.astype(np.float64), d.y_train.astype(np.int64),
+        d.x_test.astype(np.float64), d.y_test.astype(np.int64), d.image_shape, {1: "digit 1", -1: "digit 7"},
+    )
+
+
+def _load_npz(path: str) -> _Split:
+    p = Path(path)
+    if not p.is_file():
+        raise errors.InputError(f"--data {path}: no such file.")
+    try:
+        with np.load(p, allow_pickle=False) as f:
+            arrays = {k: np.asarray(f[k]) for k in f.files}
+    except (OSError, ValueError, EOFError) as exc:
+        raise errors.InputError(f"--data {path}: cannot read it as an .npz file ({exc}).") from exc
+    need = ("x_train", "y_train", "x_test", "y_test")
+    missing = [k for k in need if k not in arrays]
+    if missing:
+        raise errors.InputError(
+            f"--data {path}: missing array(s) {', '.join(missing)}; the file must hold x_train, y_train, "
+            f"x_test, y_test (it has {', '.join(sorted(arrays)) or 'none'})."
+        )
+    xs, ys = {}, {}
+    for part in ("train", "test"):
+        x, y = arrays[f"x_{part}"], arrays[f"y_{part}"]
+        if x.dtype.kind not in "biuf" or y.dtype.kind not in "biuf":
+            raise errors.DtypeError(f"--data {path}: x_{part} and y_{part} must be numeric; got {x.dtype} and {y.dtype}.")
+        if x.ndim < 2 or len(x) == 0:
+            raise errors.ShapeError(f"--data {path}: x_{part} must have shape (n, features…) with n ≥ 1; got {x.shape}.")
+        y = y.reshape(len(y), -1) if y.ndim > 1 else y
+        if y.ndim > 1 and y.shape[1] != 1:
+            raise errors.ShapeError(f"--data {path}: y_{part} must hold one label per point; got shape {arrays[f'y_{part}'].shape}.")
+        y = y.reshape(-1)
+        if len(y) != len(x):
+            raise errors.ShapeError(f"--data {path}: x_{part} has {len(x)} rows but y_{part} has {len(y)}.")
+        xs[part], ys[part] = x, y
+    if xs["train"].shape[1:] != xs["test"].shape[1:]:
+        raise errors.ShapeError(
+            f"--data {path}: x_train has points of shape {xs['train'].shape[1:]} but x_test {xs['test'].shape[1:]}."
+        )
+    labels = set(np.unique(np.concatenate([ys["train"], ys["test"]])).tolist())
+    if labels <= {-1, 1}:
+        names: dict[int, str] = {}
+    elif labels <= {0, 1}:
+        names = {1: "was 1", -1: "was 0"}
+    else:
+        shown = sorted(labels)[:6]
+        raise errors.InputError(
+            f"--data {path}: labels must be in {{-1, +1}} or {{0, 1}} (binary logistic regression); found {shown}"
+            f"{' …' if len(labels) > 6 else ''}."
+        )
+
+    def feats(x: np.ndarray) -> np.ndarray:
+        out = x.reshape(len(x), -1).astype(np.float64)
+        return out / 255.0 if x.dtype == np.uint8 else out
+
+    def labs(y: np.ndarray) -> np.ndarray:
+        return np.where(y == 1, 1, -1).astype(np.int64)
+
+    shape = tuple(int(s) for s in xs["train"].shape[1:])
+    d = int(np.prod(shape))
+    if len(shape) == 1:
+        side = math.isqrt(d)
+        image_shape: tuple[int, ...] | None = (side, side) if side * side == d else None
+    else:
+        image_shape = shape
+    return _Split(p.name, feats(xs["train"]), labs(ys["train"]), feats(xs["test"]), labs(ys["test"]), image_shape, names)
+
+
+# ── argument parsing ──────────────────────────────────────────────────────────────────
+
+
+def _nonneg_float(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number ≥ 0, got {s!r}") from None
+    if not math.isfinite(v) or v < 0:
+        raise argparse.ArgumentTypeError(f"expected a number ≥ 0, got {s!r}")
+    return v
+
+
+def _pos_float(s: str) -> float:
+    v = _nonneg_float(s)
+    if v == 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {s!r}")
+    return v
+
+
+def _int_at_least(low: int):
+    def parse(s: str) -> int:
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer ≥ {low}, got {s!r}") from None
+        if v < low:
+            raise argparse.ArgumentTypeError(f"expected an integer ≥ {low}, got {s!r}")
+        return v
+
+    parse.__name__ = f"int≥{low}"
+    return parse
+
+
+def _scale(s: str) -> float | str:
+    return "auto" if s == "auto" else _pos_float(s)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="upweight",
+        description="Influence functions (Koh & Liang, ICML 2017): which training points made the model predict this?",
+    )
+    parser.add_argument("--version", action="version", version=f"upweight {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    ex = sub.add_parser(
+        "explain",
+        help="explain a misclassified test image of binary logistic regression (bundled MNIST 1 vs 7)",
+        description=(
+            "Train binary logistic regression (no bias) to the minimum in float64, pick a misclassified "
+            "test point, list the most helpful and most harmful training points by I_up,loss, compare the "
+            "predicted removal effects with actual leave-one-out retraining, and write a PNG. "
+            "I_up,loss > 0: upweighting the training point raises the test loss (harmful); "
+            "removal effect = −I_up,loss/n: predicted change in the test loss if the point is removed."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    ex.add_argument("--data", metavar="PATH.npz", default=None,
+                    help="npz with x_train, y_train, x_test, y_test; labels in {-1,+1} or {0,1} (0 → -1); "
+                         "uint8 features are scaled to [0, 1]. Default: the bundled MNIST 1-vs-7 set")
+    ex.add_argument("--test-index", type=int, default=None, metavar="I",
+                    help="test point to explain (default: the first misclassified one)")
+    ex.add_argument("--l2", type=_nonneg_float, default=0.01, help="L2 strength λ in R(θ) = mean loss + λ/2‖θ‖²")
+    ex.add_argument("--solver", choices=("direct", "cg", "lissa"), default="cg", help="inverse-HVP solver")
+    ex.add_argument("--damping", type=_nonneg_float, default=0.0, help="δ added to the Hessian")
+    ex.add_argument("--top", type=_int_at_least(1), default=5, help="how many helpful and harmful points to list")
+    ex.add_argument("--loo-k", type=_int_at_least(0), default=20,
+                    help="retrain without each of the k most influential points (0 skips leave-one-out)")
+    ex.add_argument("--out", default="out/explain.png", metavar="PATH.png", help="where to write the figure")
+    ex.add_argument("--no-progress", action="store_true", help="no progress bars")
+    acc = ex.add_argument_group("solver settings")
+    acc.add_argument("--cg-rtol", type=_pos_float, default=1e-8, help="CG relative tolerance")
+    acc.add_argument("--lissa-depth", type=_int_at_least(1), default=1000, help="LiSSA recursion depth t")
+    acc.add_argument("--lissa-repeats", type=_int_at_least(1), default=4, help="LiSSA repeats r")
+    acc.add_argument("--lissa-batch-size", type=_int_at_least(1), default=64, help="LiSSA minibatch size")
+    acc.add_argument("--lissa-scale", type=_scale, default="auto", help="LiSSA scale s (a number or 'auto')")
+    acc.add_argument("--max-residual", type=_pos_float, default=None,
+                     help="largest accepted relative residual ‖(H+δI)x − v‖/‖v‖ of the solve "
+                          "(default: upweight.Influence's default for the solver)")
+    acc.add_argument("--on-inaccurate", choices=("raise", "warn"), default="raise",
+                     help="what to do when the solve's residual is above --max-residual")
+    ex.set_defaults(func=_explain)
+    return parser
+
+
+# ── the command ───────────────────────────────────────────────────────────────────────
+
+
+def _say(*parts: Any) -> None:
+    print(*parts, flush=True)
+
+
+def _label(y: int, names: dict[int, str]) -> str:
+    return f"{int(y):+d} ({names[int(y)]})" if int(y) in names else f"{int(y):+d}"
+
+
+def _make_solver(args: argparse.Namespace) -> Any:
+    import upweight as uw
+
+    if args.solver == "direct":
+        return uw.Direct()
+    if args.solver == "cg":
+        return uw.CG(rtol=args.cg_rtol)
+    return uw.LiSSA(
+        depth=args.lissa_depth, repeats=args.lissa_repeats, batch_size=args.lissa_batch_size,
+        scale=args.lissa_scale, progress=not args.no_progress,
+    )
+
+
+def _solver_text(solver: Any) -> str:
+    cfg = {k: v for k, v in solver.config().items() if k not in ("name", "progress")}
+    inner = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in cfg.items())
+    return f"{solver.name} ({inner})" if inner else solver.name
+
+
+def _explain(args: argparse.Namespace) -> int:
+    import upweight as uw
+
+    t_start = time.perf_counter()
+    split = _load_bundled() if args.data is None else _load_npz(args.data)
+    n, n_test, d = len(split.x_train), len(split.x_test), split.x_train.shape[1]
+    if args.test_index is not None and not 0 <= args.test_index < n_test:
+        raise errors.InputError(
+            f"--test-index {args.test_index} is out of range: the test set has {n_test} points, "
+            f"so it must be between 0 and {n_test - 1}."
+        )
+    _say(f"upweight explain — binary logistic regression on {split.name}: "
+         f"{n:,} training / {n_test:,} test points, {d} features")
+
+    # Train θ̂ = argmin (1/n)Σ log(1 + exp(−y·wᵀx)) + (λ/2)‖w‖² to ‖∇R‖ ≈ 1e-9, in float64.
+    X = torch.from_numpy(split.x_train)
+    y = torch.from_numpy(split.y_train)
+    Xt = torch.from_numpy(split.x_test)
+    yt = torch.from_numpy(split.y_test)
+    model = torch.nn.Linear(d, 1, bias=False).double().eval()
+    with torch.no_grad():
+        model.weight.zero_()
+    t0 = time.perf_counter()
+    fit = uw.refit(uw.Objective(model, "logistic", l2=args.l2), uw.Data.from_any((X, y), what="training data"))
+    with torch.no_grad():
+        model.weight.copy_(fit.params["weight"])
+    objective = uw.Objective(model, "logistic", l2=args.l2)  # θ̂ is read at construction
+    with torch.no_grad():
+        s_train = model(X).squeeze(1)
+        s_test = model(Xt).squeeze(1)
+    pred_test = torch.where(s_test > 0, 1, -1)
+    wrong = torch.nonzero(pred_test != yt).squeeze(1)
+    acc_train = float((torch.where(s_train > 0, 1, -1) == y).double().mean())
+    _say(f"model: Linear({d} → 1, no bias), logistic loss, l2 = {args.l2:g}; L-BFGS in float64: "
+         f"{fit.iterations} iterations, ‖∇R(θ̂)‖ = {fit.grad_norm:.2e}, {time.perf_counter() - t0:.2f} s")
+    _say(f"accuracy: train {100 * acc_train:.2f}%, test {100 * (1 - len(wrong) / n_test):.2f}% "
+         f"({len(wrong)} of {n_test:,} test points misclassified)")
+
+    if args.test_index is None:
+        if len(wrong) == 0:
+            raise errors.InputError("No test point is misclassified; pass --test-index to explain a correct prediction.")
+        i, how = int(wrong[0]), "first misclassified"
+    else:
+        i = args.test_index
+        how = "misclassified" if bool(pred_test[i] != yt[i]) else "correctly classified"
+    p_pos = float(torch.sigmoid(s_test[i]))
+    y_i = int(yt[i])
+    status = "MISCLASSIFIED" if int(pred_test[i]) != y_i else "correct"
+    _say()
+    _say(f"test point {i} ({how}): true label {_label(y_i, split.class_names)}, "
+         f"predicted P(y=+1) = {p_pos:.4f} → {status}, test loss {float(torch.nn.functional.softplus(-y_i * s_test[i])):.4f}")
+
+    # Influence of every training point on this test point's loss.
+    solver = _make_solver(args)
+    bound_kw = {} if args.max_residual is None else {"max_residual": args.max_residual}
+    inf = uw.Influence(
+        objective, solver=solver, damping=args.damping, on_inaccurate=args.on_inaccurate,
+        progress=not args.no_progress, **bound_kw,
+    ).fit((X, y))
+    test_point = (Xt[i : i + 1], yt[i : i + 1])
+    scores = inf.up_loss(test_point)
+    up = scores.values[0]
+    removal = scores.as_removal_effect().values[0]
+    prov = scores.provenance
+    rankings = {
+        "helpful": scores.top_k(args.top, harmful=False),
+        "harmful": scores.top_k(args.top, harmful=True),
+    }
+    blurbs = {
+        "helpful": "most helpful (I_up,loss < 0: upweighting lowers the test loss; removing raises it)",
+        "harmful": "most harmful (I_up,loss > 0: upweighting raises the test loss; removing lowers it)",
+    }
+    for kind in ("helpful", "harmful"):
+        _say()
+        _say(f"top {len(rankings[kind])} {blurbs[kind]}")
+        _say(f"{'rank':>4}  {'train index':>11}  {'label':<14}  {'I_up,loss':>12}  {'removal effect':>14}")
+        for r, tid in enumerate(rankings[kind].train_ids, 1):
+            j = int(tid)
+            _say(f"{r:>4}  {j:>11}  {_label(int(y[j]), split.class_names):<14}  {up[j]:>+12.4e}  {removal[j]:>+14.4e}")
+    _say(f"(removal effect = −I_up,loss / n with n = {n}: predicted change in the test loss if the point is removed)")
+
+    _say()
+    _say("solver diagnostics")
+    _say(f"  solver      {_solver_text(solver)}, damping {args.damping:g}")
+    accepted = "accepted" if prov.get("accepted", True) else "NOT accepted"
+    bound = prov.get("max_residual_accepted", inf.max_residual)
+    bound_text = f"{bound:g}" if isinstance(bound, (int, float)) else "none"
+    _say(f"  residual    {prov['residual_max']:.2e}  (relative ‖(H+δI)x − v‖/‖v‖; {accepted}, bound {bound_text})")
+    _say(f"  iterations  {prov['iterations']}")
+    _say(f"  seconds     {prov['solve_seconds']:.2f} solve, {inf.fit_seconds_:.2f} fit")
+
+    comparison = None
+    if args.loo_k > 0:
+        _say()
+        _say(f"leave-one-out retraining on the {min(args.loo_k, n)} most influential points …")
+        comparison = uw.leave_one_out(inf, test_point, k=args.loo_k, progress_bar=not args.no_progress)
+        _say(f"  Pearson {comparison.pearson:.4f}   Spearman {comparison.spearman:.4f}   "
+             f"slope {comparison.slope:.4f}   (intercept {comparison.intercept:+.2e})")
+        _say(f"  largest ‖∇R‖ after a refit {comparison.retrain_grad_norm:.1e}, {comparison.seconds:.2f} s")
+
+    out = _figure(args, split, i, p_pos, X, rankings, up, removal, comparison, Xt[i])
+    _say()
+    _say(f"figure written to {out}")
+    _say(f"done in {time.perf_counter() - t_start:.1f} s")
+    return 0
+
+
+def _figure(
+    args: argparse.Namespace, split: _Split, i: int, p_pos: float, X: torch.Tensor, rankings: dict[str, Any],
+    up: np.ndarray, removal: np.ndarray, comparison: Any, x_test: torch.Tensor,
+) -> Path:
+    from ..report import explain_figure, save_figure
+
+    def captioned(kind: str) -> list[tuple[np.ndarray, str]]:
+        items = []
+        for tid in rankings[kind].train_ids:
+            j = int(tid)
+            cap = f"#{j}  y = {int(split.y_train[j]):+d}\nI = {up[j]:+.3g}\nremoved: {removal[j]:+.2g}"
+            items.append((X[j].numpy(), cap))
+        return items
+
+    y_i = int(split.y_test[i])
+    verdict = "misclassified" if (p_pos > 0.5) != (y_i > 0) else "correct"
+    test_title = f"Test point {i}\ntrue y = {_label(y_i, split.class_names)}\nP(y=+1) = {p_pos:.3f}\n{verdict}"
+    fig = explain_figure(
+        x_test.numpy(), test_title, captioned("helpful"), captioned("harmful"), comparison, split.image_shape,
+        title=(f"Influence on the test loss of point {i} — logistic regression on {split.name}, "
+               f"l2 = {args.l2:g}, {args.solver}"
+               + (f", damping {args.damping:g}" if args.damping else "")),
+    )
+    return save_figure(fig, args.out)
+
+
+# ── entry point ───────────────────────────────────────────────────────────────────────
+
+
+def _print_warning(message: Any, category: type[Warning], filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``upweight`` command line; returns the exit status (0 ok, 2 usage or upweight error)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, usage errors: argparse has printed the message
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("default", category=errors.UpweightWarning)
+            warnings.showwarning = _print_warning
+            return int(args.func(args))
+    except errors.UpweightError as exc:
+        hint = ""
+        if isinstance(exc, errors.InaccurateSolveError):
+            hint = (" (on the command line: --lissa-depth/--lissa-repeats, --cg-rtol, --damping, "
+                    "or --on-inaccurate warn to go on anyway)")
+        elif isinstance(exc, errors.NotPositiveDefiniteError):
+            hint = " (on the command line: --damping)"
+        print(f"error: {exc}{hint}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,95 @@
+"""Every solver against torch.linalg.solve on the real-data Hessian; LiSSA's divergence guard."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import upweight as uw
+from upweight.core.curvature import Curvature
+from upweight.errors import DivergenceError, InputError, NotConvergedWarning
+
+
+@pytest.fixture(scope="module")
+def curvature(small_logreg):
+    model, l2, train, _ = small_logreg
+    return Curvature(uw.Objective(model, "logistic", l2=l2), uw.Data.from_any(train), damping=0.01)
+
+
+@pytest.mark.parametrize("k", [1, 8])
+@pytest.mark.parametrize(
+    "solver, tol",
+    [(uw.Direct(), 1e-10), (uw.CG(rtol=1e-10), 1e-8), (uw.LiSSA(depth=300, repeats=4, batch_size=200, progress=False), 0.1)],
+    ids=["direct", "cg", "lissa"],
+)
+def test_solver_conformance(curvature, solver, tol, k):
+    H = curvature.dense()  # formed here only as the reference
+    V = torch.randn(k, curvature.p, dtype=torch.float64, generator=torch.Generator().manual_seed(k))
+    ref = torch.linalg.solve(H, V.T).T
+    sol = solver.solve(solver.prepare(curvature), V)
+    assert sol.value.shape == (k, curvature.p)
+    err = float((sol.value - ref).norm() / ref.norm())
+    assert err < tol
+    # the reported residual is the true one
+    true_res = ((sol.value @ H - V).norm(dim=1) / V.norm(dim=1)).numpy()
+    np.testing.assert_allclose(sol.residual.numpy(), true_res, rtol=1e-6, atol=1e-13)
+    assert sol.seconds > 0
+
+
+def test_cg_block_equals_one_at_a_time(curvature):
+    V = torch.randn(3, curvature.p, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    cg = uw.CG(rtol=1e-12)
+    block = cg.solve(cg.prepare(curvature), V).value
+    single = torch.cat([cg.solve(cg.prepare(curvature), V[j : j + 1]).value for j in range(3)])
+    torch.testing.assert_close(block, single, rtol=1e-9, atol=1e-12)
+
+
+def test_cg_warns_when_it_stops_unconverged(curvature):
+    V = torch.randn(2, curvature.p, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    with pytest.warns(NotConvergedWarning, match="maxiter=3"):
+        sol = uw.CG(rtol=1e-12, maxiter=3).solve(curvature, V)
+    assert not bool(sol.converged.any()) and sol.iterations == 3
+
+
+def test_lissa_too_small_scale_diverges_with_advice_and_auto_converges(small_logreg):
+    model, l2, train, test = small_logreg
+    obj = uw.Objective(model, "logistic", l2=l2)
+    H = Curvature(obj, uw.Data.from_any(train)).dense()
+    lmax = float(torch.linalg.eigvalsh(H)[-1])
+    bad = uw.LiSSA(scale=lmax / 4, depth=500, progress=False)  # needs scale > λmax/2
+    inf = uw.Influence(obj, solver=bad, progress=False).fit(train)
+    with pytest.raises(DivergenceError, match=r"scale > λmax/2") as info:
+        inf.up_loss((test[0][:2], test[1][:2]))
+    assert "LiSSA(scale=" in str(info.value)
+    good = uw.Influence(obj, solver=uw.LiSSA(depth=500, repeats=2, progress=False), progress=False).fit(train)
+    sol = good.s_test((test[0][:2], test[1][:2]))
+    assert sol.stats["scale"] > lmax
+    ref = torch.linalg.solve(H, good.test_grads((test[0][:2], test[1][:2])).T).T
+    assert float((sol.value - ref).norm() / ref.norm()) < 0.15
+
+
+def test_lissa_is_reproducible_from_its_seed(curvature):
+    V = torch.randn(2, curvature.p, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    s = uw.LiSSA(depth=50, repeats=2, seed=11, progress=False)
+    a = s.solve(s.prepare(curvature), V).value
+    b = s.solve(s.prepare(curvature), V).value
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "make, name",
+    [
+        (lambda: uw.CG(rtol=-1e-6), "rtol"),
+        (lambda: uw.CG(maxiter=0), "maxiter"),
+        (lambda: uw.LiSSA(depth=0), "depth"),
+        (lambda: uw.LiSSA(scale=-2.0), "scale"),
+        (lambda: uw.LiSSA(scale="big"), "scale"),
+        (lambda: uw.LiSSA(repeats=1.5), "repeats"),
+        (lambda: uw.Direct(max_p=0), "max_p"),
+        (lambda: uw.SmoothHinge(0.0), "t"),
+    ],
+)
+def test_bad_solver_settings_name_the_parameter(make, name):
+    with pytest.raises(InputError, match=f"'{name}' parameter"):
+        make()
