@@ -326,7 +326,7 @@ def _explain(args: argparse.Namespace) -> int:
     if args.loo_k > 0:
         _say()
         _say(f"leave-one-out retraining on the {min(args.loo_k, n)} most influential points …")
-        comparison = uw.leave_one_out(inf, test_point, k=args.loo_k, progress_bar=not args.no_progress)
+        comparison = uw.leave_one_out(inf, test_point, k=args.loo_k, scores=scores, progress_bar=not args.no_progress)
         _say(f"  Pearson {comparison.pearson:.4f}   Spearman {comparison.spearman:.4f}   "
              f"slope {comparison.slope:.4f}   (intercept {comparison.intercept:+.2e})")
         _say(f"  largest ‖∇R‖ after a refit {comparison.retrain_grad_norm:.1e}, {comparison.seconds:.2f} s")
