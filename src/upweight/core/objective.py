@@ -100,17 +100,6 @@ class Objective:
     def dtype(self) -> torch.dtype:
         return next(iter(self.params.values())).dtype
 
-    def flat_params(self) -> torch.Tensor:
-        """θ̂ as a flat vector (p,)."""
-        return self.space.flatten(self.params)
-
-    def with_params(self, params: Params) -> Objective:
-        """A copy of this objective whose θ̂ is ``params`` (used by retraining)."""
-        new = object.__new__(Objective)
-        new.__dict__.update(self.__dict__)
-        new.params = {n: params[n].detach() for n in self.space.names}
-        return new
-
     # ── pure functions of θ ───────────────────────────────────────────────────────────
     def _fixed_as(self, dtype: torch.dtype) -> Params:
         if dtype not in self._fixed_cache:

@@ -25,7 +25,6 @@ from ..core.data import Data
 from ..core.grads import (
     grad_chunk_size,
     iter_per_sample_grads,
-    per_sample_grads,
     pert_directions,
     risk_grad,
 )
@@ -282,11 +281,6 @@ class Influence:
             parts.append(-pert_directions(self.objective, self.objective.params, batch, sol.value))
         values = torch.cat(parts, dim=1)
         return PertScores(values.detach().cpu().numpy(), test_data.ids.numpy(), data.ids.numpy(), self.n_train_, self._provenance(sol, t0))
-
-    def train_grads(self, train: TrainSelection = None) -> torch.Tensor:
-        """∇θL(z, θ̂) for the selected training points, shape (n_selected, p) — materialised, use with care."""
-        data = self._train(train)
-        return per_sample_grads(self.objective, self.objective.params, data)
 
 
 def _accuracy_advice(name: str) -> str:
