@@ -62,7 +62,7 @@ class Influence:
         >>> from upweight import Objective, Direct
         >>> X = torch.tensor([[1.0], [2.0], [3.0]], dtype=torch.float64); y = X * 2
         >>> model = torch.nn.Linear(1, 1, bias=False).double().eval()
-        >>> with torch.no_grad(): _ = model.weight.fill_(28 / 14.1)  # argmin of R with l2 = 0.1
+        >>> with torch.no_grad(): _ = model.weight.fill_(28 / 14.3)  # argmin of R: (14/3)(w − 2) + 0.1·w = 0
         >>> inf = Influence(Objective(model, "squared", l2=0.1), solver=Direct()).fit((X, y))
         >>> inf.up_loss((X[:1], y[:1])).values.shape
         (1, 3)
