@@ -231,3 +231,23 @@ def test_integer_token_inputs_and_float32_models():
     # I_pert,loss needs continuous inputs: token ids get a clear error
     with pytest.raises(uw.errors.InputError, match="token ids"):
         inf.pert_loss((tokens[:1], y[:1]), train=[0])
+
+
+def test_unpenalised_intercept_is_left_out_of_r_and_h(digits10):
+    """l2_exclude=["bias"] (scikit-learn's unpenalised intercept): R and H carry l2 on W only."""
+    model, X, y = digits10
+    theta = torch.cat([model.weight.detach().reshape(-1), model.bias.detach()])
+
+    def risk(th):
+        W, b = th[:640].reshape(10, 64), th[640:]
+        return F.cross_entropy(X @ W.T + b, y) + 0.5 * 0.05 * (th[:640] ** 2).sum()
+
+    obj = uw.Objective(model, "cross_entropy", l2=0.05, l2_exclude=["bias"])
+    curv = Curvature(obj, uw.Data.from_any((X, y)), damping=0.01)
+    ref = explicit_hessian(risk, theta) + 0.01 * torch.eye(650, dtype=torch.float64)
+    torch.testing.assert_close(curv.dense(), ref, rtol=1e-9, atol=1e-12)
+    assert float(obj.regularizer({"weight": model.weight.detach(), "bias": model.bias.detach()})) == float(
+        0.5 * 0.05 * (model.weight.detach() ** 2).sum()
+    )
+    with pytest.raises(uw.errors.InputError, match="l2_exclude"):
+        uw.Objective(model, "cross_entropy", l2=0.05, l2_exclude=["intercept"])

@@ -56,11 +56,8 @@ class Curvature:
         self.p = objective.p
         self.n = len(data)
         self.n_matvecs = 0  # full-data HVP blocks computed so far (for diagnostics)
-
-    @property
-    def shift(self) -> float:
-        """l2 + δ: the part of H + δI that is a multiple of the identity."""
-        return self.objective.l2 + self.damping
+        # the L2 term's Hessian plus damping: l2 + δ on penalised coordinates, δ on the others
+        self.diagonal = objective.l2_diagonal(self.dtype) + self.damping
 
     def _hvp_sum(self, V: torch.Tensor, batch: Data) -> torch.Tensor:
         """Σ_{i∈batch} ∇²θL(zᵢ, θ̂) vⱼ for each row vⱼ of V (k, p) → (k, p)."""
@@ -83,14 +80,14 @@ class Curvature:
         for batch in self.data.batches(self.batch_size):
             acc += self._hvp_sum(V, batch)
         self.n_matvecs += 1
-        out = acc / self.n + self.shift * V
+        out = acc / self.n + self.diagonal * V
         return out[0] if squeeze else out
 
     def batch_matvec(self, V: torch.Tensor, batch: Data) -> torch.Tensor:
         """Minibatch estimate (H_batch + l2·I + δI)V, unbiased for (H + δI)V (LiSSA)."""
         squeeze = V.ndim == 1
         V = V.reshape(-1, self.p).to(self.dtype)
-        out = self._hvp_sum(V, batch) / len(batch) + self.shift * V
+        out = self._hvp_sum(V, batch) / len(batch) + self.diagonal * V
         return out[0] if squeeze else out
 
     def dense(self, *, max_p: int = 20_000, chunk: int = 256) -> torch.Tensor:

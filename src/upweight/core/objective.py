@@ -41,6 +41,8 @@ class Objective:
             The others stay fixed (the paper's frozen feature extractor).
         measure: the test-side quantity f(output, target) → (b,) whose influence is computed;
             defaults to the loss (I_up,loss). E.g. a logit margin.
+        l2_exclude: names or name prefixes of parameters in θ that the L2 term leaves out (an
+            unpenalised intercept, as scikit-learn does): they get no l2 in R nor in H.
 
     Examples:
         >>> import torch
@@ -57,6 +59,7 @@ class Objective:
         l2: float = 0.0,
         params: ParamSelector = None,
         measure: PerSampleLoss | None = None,
+        l2_exclude: Sequence[str] = (),
     ) -> None:
         if not isinstance(model, nn.Module):
             raise InputError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
@@ -86,6 +89,11 @@ class Objective:
         for n, t in self.params.items():
             check_finite(t, f"Model parameter '{n}'", "The model must be trained to finite values before computing influence.")
         self.space = ParamSpace.of(self.params)
+        excluded = {n for n in self.params for e in l2_exclude if n == e or n.startswith(e + ".")}
+        unknown = [e for e in l2_exclude if not any(n == e or n.startswith(e + ".") for n in self.params)]
+        if unknown:
+            raise InputError(f"l2_exclude: {unknown} match no parameter of θ. θ is: {list(self.params)}.")
+        self.l2_names: tuple[str, ...] = tuple(n for n in self.params if n not in excluded)
         self._fixed: Params = {n: t.detach() for n, t in named.items() if n not in self.params}
         self._fixed.update({n: b.detach() for n, b in model.named_buffers()})
         self._fixed_cache: dict[torch.dtype, Params] = {}
@@ -122,8 +130,16 @@ class Objective:
         return self.measure_fn(self.outputs(params, X), y)
 
     def regularizer(self, params: Params) -> torch.Tensor:
-        """(l2/2)‖θ‖², folded into R and H."""
-        return 0.5 * self.l2 * sum((t * t).sum() for t in params.values())
+        """(l2/2)‖θ‖² over the penalised parameters, folded into R and H."""
+        return 0.5 * self.l2 * sum((params[n] * params[n]).sum() for n in self.l2_names)
+
+    def l2_diagonal(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """∇²θ of the L2 term: l2 on penalised coordinates, 0 on excluded ones, shape (p,)."""
+        parts = [
+            torch.full((size,), self.l2 if name in self.l2_names else 0.0, dtype=dtype or self.dtype)
+            for name, size in zip(self.space.names, self.space.sizes)
+        ]
+        return torch.cat(parts)
 
     # ── validation ────────────────────────────────────────────────────────────────────
     def check_data(self, data: Data, *, what: str, measure: bool = False) -> None:
