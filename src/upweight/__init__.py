@@ -9,9 +9,11 @@ H = ∇²R(θ̂), R(θ) = (1/n)ΣL(zᵢ, θ) + (l2/2)‖θ‖², plus optional d
 
 from . import errors
 from ._version import __version__
+from .adapters import from_sklearn
 from .core import Curvature, Data, Objective, SmoothHinge
 from .core.losses import hinge
 from .influence import (
+    GroupInfluence,
     Influence,
     InfluenceScores,
     ParamInfluence,
@@ -19,14 +21,17 @@ from .influence import (
     Ranking,
     SelfInfluence,
 )
-from .loo import LOOComparison, leave_one_out, refit
-from .solvers import CG, Direct, InverseHVPSolver, LiSSA, Solution
+from .loo import GroupLOOComparison, LOOComparison, leave_group_out, leave_one_out, refit
+from .solvers import CG, Auto, Direct, InverseHVPSolver, LiSSA, Solution
 
 __all__ = [
+    "Auto",
     "CG",
     "Curvature",
     "Data",
     "Direct",
+    "GroupInfluence",
+    "GroupLOOComparison",
     "Influence",
     "InfluenceScores",
     "InverseHVPSolver",
@@ -41,7 +46,9 @@ __all__ = [
     "Solution",
     "__version__",
     "errors",
+    "from_sklearn",
     "hinge",
+    "leave_group_out",
     "leave_one_out",
     "refit",
 ]

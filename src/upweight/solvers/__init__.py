@@ -1,10 +1,25 @@
 """Inverse-HVP solvers sharing one protocol: ``prepare(curvature)``, ``solve(state, V)``."""
 
+from .auto import Auto, AutoState
 from .base import InverseHVPSolver, Solution
 from .cg import CG
 from .direct import Direct
 from .lissa import LiSSA
+from .spectrum import Spectrum, estimate_spectrum, lanczos, lissa_from_spectrum
 
-SOLVERS: dict[str, type[InverseHVPSolver]] = {"direct": Direct, "cg": CG, "lissa": LiSSA}
+SOLVERS: dict[str, type[InverseHVPSolver]] = {"direct": Direct, "cg": CG, "lissa": LiSSA, "auto": Auto}
 
-__all__ = ["CG", "SOLVERS", "Direct", "InverseHVPSolver", "LiSSA", "Solution"]
+__all__ = [
+    "CG",
+    "SOLVERS",
+    "Auto",
+    "AutoState",
+    "Direct",
+    "InverseHVPSolver",
+    "LiSSA",
+    "Solution",
+    "Spectrum",
+    "estimate_spectrum",
+    "lanczos",
+    "lissa_from_spectrum",
+]

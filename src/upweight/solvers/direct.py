@@ -15,9 +15,10 @@ from ..errors import NotPositiveDefiniteError
 from .base import InverseHVPSolver, Solution, relative_residual
 
 
-def suggest_damping(min_eig: float, current: float) -> float:
-    """A round damping δ' ≥ current + 1.5·|λmin|, so that H + δ'I is safely positive definite."""
-    need = current + 1.5 * abs(min_eig) + 1e-12
+def suggest_damping(min_eig: float, current: float, max_eig: float = 0.0) -> float:
+    """A round damping δ' ≥ current + max(1.5·|λmin|, 1e-6·|λmax|): H + δ'I is then positive
+    definite with a condition number a float64 solve handles (also when λmin is exactly 0)."""
+    need = current + max(1.5 * abs(min_eig), 1e-6 * abs(max_eig)) + 1e-12
     mag = 10 ** math.floor(math.log10(need))
     return math.ceil(need / mag) * mag
 
@@ -62,7 +63,7 @@ class Direct(InverseHVPSolver):
         if int(info) != 0:
             eig = torch.linalg.eigvalsh(H)
             lmin = float(eig[0])
-            fix = suggest_damping(lmin, curvature.damping)
+            fix = suggest_damping(lmin, curvature.damping, float(eig[-1]))
             raise NotPositiveDefiniteError(
                 f"The Hessian (damping={curvature.damping:g}) is not positive definite: smallest eigenvalue "
                 f"{lmin:.3e}. Pass damping ≥ {fix:.2g} (e.g. Influence(..., damping={fix:.2g})), or train the "
