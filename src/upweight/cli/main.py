@@ -179,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--test-index", type=int, default=None, metavar="I",
                     help="test point to explain (default: the first misclassified one)")
     ex.add_argument("--l2", type=_nonneg_float, default=0.01, help="L2 strength λ in R(θ) = mean loss + λ/2‖θ‖²")
-    ex.add_argument("--solver", choices=("direct", "cg", "lissa"), default="cg", help="inverse-HVP solver")
+    ex.add_argument("--solver", choices=("direct", "cg", "lissa", "auto"), default="cg",
+                    help="inverse-HVP solver (auto: chosen from p, n, memory and a Lanczos spectrum estimate)")
     ex.add_argument("--damping", type=_nonneg_float, default=0.0, help="δ added to the Hessian")
     ex.add_argument("--top", type=_int_at_least(1), default=5, help="how many helpful and harmful points to list")
     ex.add_argument("--loo-k", type=_int_at_least(0), default=20,
@@ -190,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     acc.add_argument("--cg-rtol", type=_pos_float, default=1e-8, help="CG relative tolerance")
     acc.add_argument("--lissa-depth", type=_int_at_least(1), default=1000, help="LiSSA recursion depth t")
     acc.add_argument("--lissa-repeats", type=_int_at_least(1), default=4, help="LiSSA repeats r")
-    acc.add_argument("--lissa-batch-size", type=_int_at_least(1), default=64, help="LiSSA minibatch size")
+    acc.add_argument("--lissa-batch-size", type=_int_at_least(1), default=256, help="LiSSA minibatch size")
     acc.add_argument("--lissa-scale", type=_scale, default="auto", help="LiSSA scale s (a number or 'auto')")
     acc.add_argument("--max-residual", type=_pos_float, default=None,
                      help="largest accepted relative residual ‖(H+δI)x − v‖/‖v‖ of the solve "
@@ -219,6 +220,8 @@ def _make_solver(args: argparse.Namespace) -> Any:
         return uw.Direct()
     if args.solver == "cg":
         return uw.CG(rtol=args.cg_rtol)
+    if args.solver == "auto":
+        return uw.Auto(rtol=args.cg_rtol, progress=not args.no_progress)
     return uw.LiSSA(
         depth=args.lissa_depth, repeats=args.lissa_repeats, batch_size=args.lissa_batch_size,
         scale=args.lissa_scale, progress=not args.no_progress,
@@ -320,6 +323,8 @@ def _explain(args: argparse.Namespace) -> int:
     bound_text = f"{bound:g}" if isinstance(bound, (int, float)) else "none"
     _say(f"  residual    {prov['residual_max']:.2e}  (relative ‖(H+δI)x − v‖/‖v‖; {accepted}, bound {bound_text})")
     _say(f"  iterations  {prov['iterations']}")
+    if "solver_reason" in prov:
+        _say(f"  chosen      {prov['solver_reason']}")
     _say(f"  seconds     {prov['solve_seconds']:.2f} solve, {inf.fit_seconds_:.2f} fit")
 
     comparison = None
