@@ -59,8 +59,8 @@ class Curvature:
         # the L2 term's Hessian plus damping: l2 + δ on penalised coordinates, δ on the others
         self.diagonal = objective.l2_diagonal(self.dtype) + self.damping
 
-    def _hvp_sum(self, V: torch.Tensor, batch: Data) -> torch.Tensor:
-        """Σ_{i∈batch} ∇²θL(zᵢ, θ̂) vⱼ for each row vⱼ of V (k, p) → (k, p)."""
+    def hvp_sum(self, V: torch.Tensor, batch: Data) -> torch.Tensor:
+        """Σ_{i∈batch} ∇²θL(zᵢ, θ̂) vⱼ for each row vⱼ of V (k, p) → (k, p): the loss terms only, unnormalised."""
         obj = self.objective
 
         def batch_loss(p: Params) -> torch.Tensor:
@@ -78,7 +78,7 @@ class Curvature:
         V = V.reshape(-1, self.p).to(self.dtype)
         acc = torch.zeros_like(V)
         for batch in self.data.batches(self.batch_size):
-            acc += self._hvp_sum(V, batch)
+            acc += self.hvp_sum(V, batch)
         self.n_matvecs += 1
         out = acc / self.n + self.diagonal * V
         return out[0] if squeeze else out
@@ -87,7 +87,7 @@ class Curvature:
         """Minibatch estimate (H_batch + l2·I + δI)V, unbiased for (H + δI)V (LiSSA)."""
         squeeze = V.ndim == 1
         V = V.reshape(-1, self.p).to(self.dtype)
-        out = self._hvp_sum(V, batch) / len(batch) + self.diagonal * V
+        out = self.hvp_sum(V, batch) / len(batch) + self.diagonal * V
         return out[0] if squeeze else out
 
     def dense(self, *, max_p: int = 20_000, chunk: int = 256) -> torch.Tensor:
@@ -108,19 +108,7 @@ class Curvature:
 
     def lambda_max(self, *, n_iter: int = 30, seed: int = 0) -> float:
         """Largest-magnitude eigenvalue of H + δI by power iteration (a few full-data HVPs)."""
-        g = torch.Generator().manual_seed(seed)
-        v = torch.randn(self.p, generator=g, dtype=self.dtype)
-        v /= v.norm()
-        lam = 0.0
-        for _ in range(n_iter):
-            w = self.matvec(v)
-            lam_new = float(v @ w)
-            v = w / w.norm().clamp_min(1e-300)
-            if abs(lam_new - lam) <= 1e-3 * abs(lam_new):
-                lam = lam_new
-                break
-            lam = lam_new
-        return lam
+        return power_iteration(self.matvec, self.p, self.dtype, n_iter=n_iter, rtol=1e-3, seed=seed)
 
     def lambda_min(self, *, n_iter: int = 100, seed: int = 0) -> float:
         """Smallest eigenvalue of H + δI, by power iteration on σI − (H + δI) with σ ≥ λmax.
@@ -128,16 +116,22 @@ class Curvature:
         Only used to explain failures (a non-positive-definite H), so a rough estimate will do.
         """
         sigma = abs(self.lambda_max(seed=seed)) * 1.05 + 1e-12
-        g = torch.Generator().manual_seed(seed + 1)
-        v = torch.randn(self.p, generator=g, dtype=self.dtype)
-        v /= v.norm()
-        mu = 0.0
-        for _ in range(n_iter):
-            w = sigma * v - self.matvec(v)
-            mu_new = float(v @ w)
-            v = w / w.norm().clamp_min(1e-300)
-            if abs(mu_new - mu) <= 1e-4 * abs(mu_new):
-                mu = mu_new
-                break
-            mu = mu_new
+        mu = power_iteration(lambda v: sigma * v - self.matvec(v), self.p, self.dtype, n_iter=n_iter, rtol=1e-4, seed=seed + 1)
         return sigma - mu
+
+
+def power_iteration(apply, p: int, dtype: torch.dtype, *, n_iter: int, rtol: float, seed: int) -> float:
+    """Rayleigh quotient of the dominant eigenvector of the symmetric operator ``apply`` (p,) → (p,),
+    stopping when it changes by less than ``rtol`` (relative)."""
+    v = torch.randn(p, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+    v /= v.norm()
+    lam = 0.0
+    for _ in range(n_iter):
+        w = apply(v)
+        lam_new = float(v @ w)
+        v = w / w.norm().clamp_min(1e-300)
+        converged = abs(lam_new - lam) <= rtol * abs(lam_new)
+        lam = lam_new
+        if converged:
+            break
+    return lam

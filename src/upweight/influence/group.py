@@ -173,10 +173,10 @@ def _group_loss_grad(inf: Influence, data: Data, chunk: int) -> torch.Tensor:
 
 
 def _group_hvp(curv: Curvature, v: torch.Tensor, data: Data) -> torch.Tensor:
-    """Σ_{z∈data} ∇²θL(z, θ̂) v for one vector v (p,) — ``Curvature._hvp_sum`` over U's points only."""
+    """Σ_{z∈data} ∇²θL(z, θ̂) v for one vector v (p,) — ``Curvature.hvp_sum`` over U's points only."""
     acc = torch.zeros(1, curv.p, dtype=curv.dtype)
     for batch in data.batches(curv.batch_size):
-        acc += curv._hvp_sum(v.reshape(1, -1), batch)
+        acc += curv.hvp_sum(v.reshape(1, -1), batch)
     return acc[0]
 
 
