@@ -22,9 +22,10 @@ from .influence import (
     SelfInfluence,
 )
 from .loo import GroupLOOComparison, LOOComparison, leave_group_out, leave_one_out, refit
-from .solvers import CG, Auto, Direct, InverseHVPSolver, LiSSA, Solution
+from .solvers import CG, Arnoldi, Auto, Direct, InverseHVPSolver, LiSSA, Solution
 
 __all__ = [
+    "Arnoldi",
     "Auto",
     "CG",
     "Curvature",

@@ -179,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--test-index", type=int, default=None, metavar="I",
                     help="test point to explain (default: the first misclassified one)")
     ex.add_argument("--l2", type=_nonneg_float, default=0.01, help="L2 strength λ in R(θ) = mean loss + λ/2‖θ‖²")
-    ex.add_argument("--solver", choices=("direct", "cg", "lissa", "auto"), default="cg",
+    ex.add_argument("--solver", choices=("direct", "cg", "lissa", "auto", "arnoldi"), default="cg",
                     help="inverse-HVP solver (auto: chosen from p, n, memory and a Lanczos spectrum estimate)")
     ex.add_argument("--damping", type=_nonneg_float, default=0.0, help="δ added to the Hessian")
     ex.add_argument("--top", type=_int_at_least(1), default=5, help="how many helpful and harmful points to list")
@@ -220,6 +220,8 @@ def _make_solver(args: argparse.Namespace) -> Any:
         return uw.Direct()
     if args.solver == "cg":
         return uw.CG(rtol=args.cg_rtol)
+    if args.solver == "arnoldi":
+        return uw.Arnoldi()
     if args.solver == "auto":
         return uw.Auto(rtol=args.cg_rtol, progress=not args.no_progress)
     return uw.LiSSA(

@@ -1,6 +1,15 @@
-"""Small real data shipped inside the package, for the demo and quick experiments.
+"""Real data sets: a small MNIST subset shipped for the demo, and loaders for the user's own copies.
 
-``mnist_1v7.npz``: Koh & Liang's binary MNIST task (§2.3, §4.3) — digits 1 (label +1) and
+Loaders (each takes a path the user gives; nothing is downloaded and no other location is read):
+
+* :func:`load_mnist` — MNIST from the four IDX files or an .npz; the paper's 55,000 / 5,000 /
+  10,000 split, the binary 1-vs-7 task and the small-CNN 10% subset.
+* :func:`load_enron` — Enron-Spam ``enron1`` (tarball, CSV or folder) as bag-of-words with
+  scikit-learn's ``CountVectorizer(min_df=5)``, 4,137 train / 1,035 test.
+* :func:`load_hospital` — UCI Diabetes 130-US hospitals (CSV, zip or the prepared .npz) as the
+  paper's 127 features and balanced 20,000-row training split.
+
+Shipped: ``mnist_1v7.npz``: Koh & Liang's binary MNIST task (§2.3, §4.3) — digits 1 (label +1) and
 7 (label −1) from their 55,000-image training split (MNIST train rows 5,000–59,999) and the
 test set, in original order, rounded down to 11,800 training and 2,100 test images as in the
 authors' code. uint8 pixels, 1.6 MB. Source: LeCun, Cortes & Burges, the MNIST
@@ -9,24 +18,14 @@ database. Built by ``tools/build_mnist_1v7.py`` in the upweight repository.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from importlib import resources
 
 import numpy as np
 
-
-@dataclass(frozen=True)
-class SplitData:
-    """A train/test split: float32 features in [0, 1], integer labels, and source row indices."""
-
-    x_train: np.ndarray
-    y_train: np.ndarray
-    x_test: np.ndarray
-    y_test: np.ndarray
-    source_index_train: np.ndarray
-    source_index_test: np.ndarray
-    name: str
-    image_shape: tuple[int, int] | None = None
+from ._base import SplitData
+from .enron import TextSplitData, load_enron
+from .hospital import load_hospital
+from .mnist import load_mnist, read_idx
 
 
 def load_mnist_1v7(*, flatten: bool = True) -> SplitData:
@@ -56,4 +55,4 @@ def load_mnist_1v7(*, flatten: bool = True) -> SplitData:
     )
 
 
-__all__ = ["SplitData", "load_mnist_1v7"]
+__all__ = ["SplitData", "TextSplitData", "load_enron", "load_hospital", "load_mnist", "load_mnist_1v7", "read_idx"]

@@ -48,12 +48,13 @@ class Influence:
 
     Args:
         objective: model, per-sample loss, L2 term and test measurement.
-        solver: inverse-HVP solver (``Direct()``, ``CG()``, ``LiSSA()``); default ``CG()``.
+        solver: inverse-HVP solver (``Direct()``, ``CG()``, ``LiSSA()``, ``Arnoldi(rank)``, ``Auto()``); default ``CG()``.
         damping: δ ≥ 0 added to H (Koh & Liang 2017, §4.2); needed when H is not positive definite.
         batch_size: points per vectorised chunk for HVPs and per-sample gradients (gradient chunks are
             further capped so one holds at most 256 MiB).
         max_residual: largest accepted relative residual ‖(H+δI)x − v‖/‖v‖ of a solve; "auto" takes
-            the solver's ``default_max_residual`` (Direct 1e-4, CG 0.05, LiSSA 0.5); ``None`` accepts any.
+            the solver's ``default_max_residual`` (Direct 1e-4, CG 0.05, LiSSA 0.5, Arnoldi 1.0 — a
+            low-rank projection's residual is the dropped fraction of v); ``None`` accepts any.
         on_inaccurate: "raise" an ``InaccurateSolveError`` (default) or "warn" and record it.
         grad_tol: ‖∇R(θ̂)‖ above which ``fit`` warns that θ̂ is not a minimum.
         progress: show progress bars on long sweeps.
@@ -100,7 +101,7 @@ class Influence:
         if not isinstance(self.objective, Objective):
             raise InputError(f"objective must be an upweight.Objective; got {type(self.objective).__name__}.")
         if not isinstance(self.solver, InverseHVPSolver):
-            raise InputError(f"solver must be an upweight solver (Auto, Direct, CG, LiSSA); got {type(self.solver).__name__}.")
+            raise InputError(f"solver must be an upweight solver (Auto, Direct, CG, LiSSA, Arnoldi); got {type(self.solver).__name__}.")
         check_interval("Influence", "damping", self.damping, 0.0, None, closed="left")
         check_interval("Influence", "batch_size", self.batch_size, 1, None, closed="left", integer=True)
         check_interval("Influence", "grad_tol", self.grad_tol, 0.0, None)
@@ -338,6 +339,9 @@ class Influence:
 
 
 def _accuracy_advice(name: str) -> str:
+    if name == "arnoldi":
+        return ("A residual above 1 means the kept Ritz pairs are wrong (see solver_max_ritz_residual): "
+                "raise Arnoldi's oversampling, or add damping.")
     if name == "lissa":
         return "Increase LiSSA's depth (t) or repeats (r), or add damping."
     if name == "cg":

@@ -1,5 +1,6 @@
 """Inverse-HVP solvers sharing one protocol: ``prepare(curvature)``, ``solve(state, V)``."""
 
+from .arnoldi import Arnoldi, ArnoldiState
 from .auto import Auto, AutoState
 from .base import InverseHVPSolver, Solution
 from .cg import CG
@@ -7,11 +8,13 @@ from .direct import Direct
 from .lissa import LiSSA
 from .spectrum import Spectrum, estimate_spectrum, lanczos, lissa_from_spectrum
 
-SOLVERS: dict[str, type[InverseHVPSolver]] = {"direct": Direct, "cg": CG, "lissa": LiSSA, "auto": Auto}
+SOLVERS: dict[str, type[InverseHVPSolver]] = {"direct": Direct, "cg": CG, "lissa": LiSSA, "auto": Auto, "arnoldi": Arnoldi}
 
 __all__ = [
     "CG",
     "SOLVERS",
+    "Arnoldi",
+    "ArnoldiState",
     "Auto",
     "AutoState",
     "Direct",
