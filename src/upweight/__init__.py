@@ -13,13 +13,16 @@ from .adapters import from_sklearn
 from .core import Curvature, Data, Objective, SmoothHinge
 from .core.losses import hinge
 from .influence import (
+    FastIFScores,
     GroupInfluence,
     Influence,
     InfluenceScores,
+    KNNPrefilter,
     ParamInfluence,
     PertScores,
     Ranking,
     SelfInfluence,
+    fastif_up_loss,
 )
 from .loo import GroupLOOComparison, LOOComparison, leave_group_out, leave_one_out, refit
 from .solvers import CG, Arnoldi, Auto, Direct, InverseHVPSolver, LiSSA, Solution
@@ -31,11 +34,13 @@ __all__ = [
     "Curvature",
     "Data",
     "Direct",
+    "FastIFScores",
     "GroupInfluence",
     "GroupLOOComparison",
     "Influence",
     "InfluenceScores",
     "InverseHVPSolver",
+    "KNNPrefilter",
     "LOOComparison",
     "LiSSA",
     "Objective",
@@ -47,6 +52,7 @@ __all__ = [
     "Solution",
     "__version__",
     "errors",
+    "fastif_up_loss",
     "from_sklearn",
     "hinge",
     "leave_group_out",

@@ -1,7 +1,8 @@
 """The Koh & Liang influence quantities and their result types."""
 
 from .engine import Influence
+from .fastif import FastIFIndex, FastIFScores, KNNPrefilter, fastif_up_loss
 from .group import GroupInfluence
 from .results import InfluenceScores, ParamInfluence, PertScores, Ranking, SelfInfluence
 
-__all__ = ["GroupInfluence", "Influence", "InfluenceScores", "ParamInfluence", "PertScores", "Ranking", "SelfInfluence"]
+__all__ = ["FastIFIndex", "FastIFScores", "GroupInfluence", "Influence", "InfluenceScores", "KNNPrefilter", "ParamInfluence", "PertScores", "Ranking", "SelfInfluence", "fastif_up_loss"]
