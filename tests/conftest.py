@@ -5,8 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import upweight as uw
+from reference import explicit_hessian
 from upweight.datasets import load_mnist_1v7
 
 # The suite's problems are small: one thread avoids OpenMP spin-waiting, which on a busy
@@ -48,3 +50,40 @@ def small_logreg(mnist_1v7):
     l2 = 0.01
     model = fit_linear(X, y, "logistic", l2)
     return model, l2, (X, y), (Xt, yt)
+
+
+class TanhMLP(torch.nn.Module):
+    def __init__(self, d_in: int, hidden: int, d_out: int) -> None:
+        super().__init__()
+        self.fc1 = torch.nn.Linear(d_in, hidden)
+        self.fc2 = torch.nn.Linear(hidden, d_out)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(x)))
+
+
+@pytest.fixture(scope="session")
+def untrained_mlp(mnist_1v7):
+    """A small tanh MLP far from any minimum on real pooled MNIST (p = 116): its Hessian is indefinite.
+
+    Returns (model, X, y, H) with H the explicit float64 Hessian of the mean loss (no L2).
+    """
+    torch.manual_seed(3)
+    d = mnist_1v7
+    X = torch.tensor(pooled(d.x_train[:200], 7), dtype=torch.float64)  # 16 features
+    y = torch.tensor((d.y_train[:200] > 0).astype(np.int64))
+    model = TanhMLP(16, 6, 2).double().eval()
+    with torch.no_grad():
+        for prm in model.parameters():
+            prm.mul_(3.0)
+    named = list(model.named_parameters())
+    sizes = [t.numel() for _, t in named]
+    theta = torch.cat([t.detach().reshape(-1) for _, t in named])
+
+    def risk(flat):
+        params = {n: t.reshape(s.shape) for (n, s), t in zip(named, flat.split(sizes))}
+        return F.cross_entropy(torch.func.functional_call(model, params, (X,)), y)
+
+    H = explicit_hessian(risk, theta)
+    assert float(torch.linalg.eigvalsh(H)[0]) < -1e-2, "fixture must have an indefinite Hessian"
+    return model, X, y, H

@@ -8,11 +8,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 import upweight as uw
-from conftest import fit_linear, pooled
-from reference import assert_not_constant, explicit_hessian, logistic_closed_form, spearman
+from conftest import fit_linear
+from reference import assert_not_constant, logistic_closed_form, spearman
 from upweight.core.curvature import Curvature
 from upweight.errors import InputError, NotPositiveDefiniteError
 from upweight.solvers import SOLVERS, Arnoldi
@@ -59,43 +58,6 @@ def logreg_784(mnist_1v7):
     H = logistic_hessian(model, X, l2)
     ev, E = torch.linalg.eigh(H)
     return model, l2, (X, y), (Xt, yt), H, ev.flip(0), E.flip(1)  # eigenpairs by decreasing λ
-
-
-class TanhMLP(torch.nn.Module):
-    def __init__(self, d_in: int, hidden: int, d_out: int) -> None:
-        super().__init__()
-        self.fc1 = torch.nn.Linear(d_in, hidden)
-        self.fc2 = torch.nn.Linear(hidden, d_out)
-
-    def forward(self, x):
-        return self.fc2(torch.tanh(self.fc1(x)))
-
-
-@pytest.fixture(scope="module")
-def untrained_mlp(mnist_1v7):
-    """A small tanh MLP far from any minimum on real pooled MNIST (p = 116): its Hessian is indefinite.
-
-    Same construction as the fixture of the same name in test_hessian.py, plus its explicit Hessian.
-    """
-    torch.manual_seed(3)
-    d = mnist_1v7
-    X = torch.tensor(pooled(d.x_train[:200], 7), dtype=torch.float64)  # 16 features
-    y = torch.tensor((d.y_train[:200] > 0).astype(np.int64))
-    model = TanhMLP(16, 6, 2).double().eval()
-    with torch.no_grad():
-        for prm in model.parameters():
-            prm.mul_(3.0)
-    named = list(model.named_parameters())
-    sizes = [t.numel() for _, t in named]
-    theta = torch.cat([t.detach().reshape(-1) for _, t in named])
-
-    def risk(flat):
-        params = {n: t.reshape(s.shape) for (n, s), t in zip(named, flat.split(sizes))}
-        return F.cross_entropy(torch.func.functional_call(model, params, (X,)), y)
-
-    H = explicit_hessian(risk, theta)
-    assert float(torch.linalg.eigvalsh(H)[0]) < -1e-2, "fixture must have an indefinite Hessian"
-    return model, X, y, H
 
 
 # ── full rank: exact ─────────────────────────────────────────────────────────────────

@@ -82,16 +82,6 @@ def test_dense_curvature_and_hvp_match_explicit_hessian(digits10):
     torch.testing.assert_close(curv.batch_matvec(V, batch), V @ (Hb + 0.3 * torch.eye(650, dtype=torch.float64)), rtol=1e-9, atol=1e-12)
 
 
-class TanhMLP(torch.nn.Module):
-    def __init__(self, d_in: int, hidden: int, d_out: int) -> None:
-        super().__init__()
-        self.fc1 = torch.nn.Linear(d_in, hidden)
-        self.fc2 = torch.nn.Linear(hidden, d_out)
-
-    def forward(self, x):
-        return self.fc2(torch.tanh(self.fc1(x)))
-
-
 def mlp_flat_risk(model, X, y, l2, names):
     shapes = [dict(model.named_parameters())[n].shape for n in names]
     sizes = [int(np.prod(s)) for s in shapes]
@@ -106,22 +96,8 @@ def mlp_flat_risk(model, X, y, l2, names):
     return risk
 
 
-@pytest.fixture(scope="module")
-def untrained_mlp(mnist_1v7):
-    """A small tanh MLP far from any minimum on real pooled MNIST: its Hessian is indefinite."""
-    torch.manual_seed(3)
-    d = mnist_1v7
-    X = torch.tensor(pooled(d.x_train[:200], 7), dtype=torch.float64)  # 16 features
-    y = torch.tensor((d.y_train[:200] > 0).astype(np.int64))
-    model = TanhMLP(16, 6, 2).double().eval()
-    with torch.no_grad():
-        for prm in model.parameters():
-            prm.mul_(3.0)
-    return model, X, y
-
-
 def test_non_pd_hessian_raises_with_damping_advice_then_solves_with_damping(untrained_mlp):
-    model, X, y = untrained_mlp
+    model, X, y, _ = untrained_mlp
     names = [n for n, _ in model.named_parameters()]
     theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     H = explicit_hessian(mlp_flat_risk(model, X, y, 0.0, names), theta)
@@ -144,7 +120,7 @@ def test_non_pd_hessian_raises_with_damping_advice_then_solves_with_damping(untr
 
 
 def test_cg_detects_negative_curvature(untrained_mlp):
-    model, X, y = untrained_mlp
+    model, X, y, _ = untrained_mlp
     inf = uw.Influence(uw.Objective(model, "cross_entropy"), solver=uw.CG(), progress=False, grad_tol=1e3).fit((X, y))
     Xt, yt = X[:3], y[:3]
     with pytest.raises(NotPositiveDefiniteError, match="damping"):
@@ -153,7 +129,7 @@ def test_cg_detects_negative_curvature(untrained_mlp):
 
 def test_frozen_layers_use_the_hessian_block_of_the_chosen_parameters(untrained_mlp):
     """The paper's "all but the top layer frozen": θ = fc2 only; H is the fc2 block of the full Hessian."""
-    model, X, y = untrained_mlp
+    model, X, y, _ = untrained_mlp
     names = ["fc2.weight", "fc2.bias"]
     theta = torch.cat([dict(model.named_parameters())[n].detach().reshape(-1) for n in names])
     H = explicit_hessian(mlp_flat_risk(model, X, y, 0.1, names), theta)

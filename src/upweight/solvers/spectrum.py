@@ -18,14 +18,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-import scipy.linalg
 import torch
 
-from .._checks import check_finite, check_interval
+from .._checks import check_interval
 from ..core.curvature import Curvature
 from ..errors import InputError, NotPositiveDefiniteError
 from .direct import suggest_damping
+from .krylov import krylov_decomposition
 from .lissa import LiSSA, minibatch_lambda_max
 
 
@@ -46,7 +45,7 @@ class Spectrum:
         residual_max: ‖Ay − θy‖ of the top Ritz pair (an a-posteriori error bar for ``lambda_max``).
         residual_min: the same for the bottom Ritz pair.
         iterations: Lanczos steps taken = products with A.
-        exact: the Krylov space became invariant (breakdown, e.g. k ≥ p): the Ritz values are
+        exact: k ≥ p, so the Krylov basis spans the whole space: the Ritz values are the
             eigenvalues of A up to rounding.
         source: what operator the estimate was computed on (full data, a subsample, a dense matrix).
     """
@@ -106,10 +105,11 @@ def lanczos(
 ) -> Spectrum:
     """k steps of Lanczos with full reorthogonalisation on a symmetric operator A of size p.
 
-    Every new basis vector is re-orthogonalised against all previous ones (twice — "twice is
-    enough"), which costs O(k²p) but keeps the Ritz values free of the spurious copies plain
-    Lanczos produces in floating point; k ≪ p, so this is negligible next to the k products.
-    The recurrence runs in float64 whatever ``dtype`` the operator works in.
+    The recurrence is ``krylov.krylov_decomposition`` (shared with the ``Arnoldi`` solver): every
+    new basis vector is re-orthogonalised against all previous ones, which costs O(k²p) but keeps
+    the Ritz values free of the spurious copies plain Lanczos produces in floating point; k ≪ p,
+    so this is negligible next to the k products. It runs in float64 whatever ``dtype`` the
+    operator works in, and restarts from a fresh direction if the Krylov space becomes invariant.
 
     Args:
         matvec: v ↦ Av for v of shape (p,) (e.g. ``Curvature.matvec``).
@@ -136,52 +136,18 @@ def lanczos(
     check_interval("lanczos", "k", k, 1, None, closed="left", integer=True)
     check_interval("lanczos", "p", p, 1, None, closed="left", integer=True)
     steps = min(k, p)
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(p, generator=gen, dtype=torch.float64)
-    q /= q.norm()
-    Q = torch.empty(steps, p, dtype=torch.float64)
-    alphas: list[float] = []
-    betas: list[float] = []
-    exact = False
-    beta = 0.0
-    for j in range(steps):
-        Q[j] = q
-        w = matvec(q.to(dtype)).reshape(p).to(torch.float64)
-        check_finite(w, "A Hessian-vector product in Lanczos", "Check the model and loss for overflow at θ̂.")
-        alpha = float(q @ w)
-        alphas.append(alpha)
-        w = w - alpha * q
-        if j > 0:
-            w = w - beta * Q[j - 1]
-        basis = Q[: j + 1]
-        for _ in range(2):
-            w = w - basis.T @ (basis @ w)
-        beta = float(w.norm())
-        betas.append(beta)
-        scale = max(max(abs(a) for a in alphas), max(betas[:-1], default=0.0), 1e-300)
-        if beta <= 1e-10 * scale:  # invariant subspace: the Ritz values are exact eigenvalues
-            exact = True
-            break
-        q = w / beta
-    m = len(alphas)
-    if m == p:
-        exact = True
-    d = np.asarray(alphas)
-    e = np.asarray(betas[: m - 1])
-    if m == 1:
-        theta, S = d.copy(), np.ones((1, 1))
-    else:
-        theta, S = scipy.linalg.eigh_tridiagonal(d, e)
-    # ‖A y − θ y‖ = β_m·|last component of the Ritz vector in the Krylov basis|
-    resid = np.abs(betas[m - 1] * S[-1, :]) if not exact else np.zeros(m)
+    kd = krylov_decomposition(matvec, p, steps=steps, dtype=dtype, seed=seed)
+    theta, S = torch.linalg.eigh(kd.T)  # ascending Ritz values
+    # ‖A y − θ y‖ of each Ritz pair, measured with the recorded products (A is linear)
+    resid = (S.T @ kd.AQ - theta[:, None] * (S.T @ kd.Q)).norm(dim=1)
     return Spectrum(
         ritz_values=tuple(float(t) for t in theta),
         lambda_max=float(theta[-1]),
         lambda_min=float(theta[0]),
         residual_max=float(resid[-1]),
         residual_min=float(resid[0]),
-        iterations=m,
-        exact=exact,
+        iterations=steps,
+        exact=steps == p,
         source=source,
     )
 
