@@ -1,70 +1,37 @@
-"""``upweight reproduce <experiment> --data PATH --out DIR``: re-run an experiment of Koh & Liang (2017).
-
-Each experiment writes its figure(s) as PNG, ``results.json`` (every number) and ``report.md``
-(our numbers next to the paper's) into ``--out``. Experiments: ``mismatch`` (§5.3).
-"""
+"""``upweight reproduce mismatch``: §5.3 domain mismatch on the hospital-readmission data."""
 
 from __future__ import annotations
 
 import argparse
-import json
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .. import errors
+from ... import errors
+from ._common import say as _say
+
+NAME = "mismatch"
+HELP = "§5.3 debugging domain mismatch on hospital readmission (Diabetes 130-US hospitals)"
+DATA_HELP = "hospital_koh2017.npz, diabetic_data.csv[.gz], dataset_diabetes.zip or their folder"
 
 
-def _say(*parts: Any) -> None:
-    print(*parts, flush=True)
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--l2", type=float, default=1e-4, help="L2 strength (release notebook: 1e-4)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="pick the non-readmitted child kept at random with this seed "
+                        "(default: the last in training order, as the release notebook)")
+    p.add_argument("--test-index", type=int, default=None,
+                   help="test child to explain (default 1742, the notebook's, if misclassified)")
 
 
-def add_parser(sub: Any) -> argparse.ArgumentParser:
-    """Register ``reproduce`` on the subparsers of ``upweight``'s parser."""
-    rp = sub.add_parser(
-        "reproduce",
-        help="re-run an experiment of the paper (mismatch: §5.3) and write PNG, results.json, report.md",
-        description=("Re-run an experiment of Koh & Liang (2017) on data you pass, and write its figure(s), "
-                     "results.json and a Markdown report with our numbers next to the paper's."),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    rp.add_argument("experiment", choices=("mismatch",),
-                    help="mismatch: §5.3 domain mismatch on hospital readmission")
-    rp.add_argument("--data", required=True, metavar="PATH",
-                    help="for mismatch: hospital_koh2017.npz, diabetic_data.csv[.gz], dataset_diabetes.zip or their folder")
-    rp.add_argument("--out", default="out/reproduce", metavar="DIR", help="folder for the PNG, results.json, report.md")
-    rp.add_argument("--l2", type=float, default=1e-4, help="L2 strength (release notebook: 1e-4)")
-    rp.add_argument("--seed", type=int, default=None,
-                    help="mismatch: pick the non-readmitted child kept at random with this seed "
-                         "(default: the last in training order, as the release notebook)")
-    rp.add_argument("--test-index", type=int, default=None,
-                    help="mismatch: test child to explain (default 1742, the notebook's, if misclassified)")
-    rp.add_argument("--no-progress", action="store_true", help="no progress bars")
-    rp.set_defaults(func=run)
-    return rp
+def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    from ...apps.mismatch import PAPER, run_mismatch
+    from ...datasets import load_hospital
 
-
-def run(args: argparse.Namespace) -> int:
-    if args.experiment == "mismatch":
-        return _mismatch(args)
-    raise errors.InputError(f"unknown experiment {args.experiment!r}")  # argparse prevents this
-
-
-def _mismatch(args: argparse.Namespace) -> int:
-    from ..apps.mismatch import PAPER, run_mismatch
-    from ..datasets import load_hospital
-
-    t0 = time.perf_counter()
     if args.l2 < 0:
         raise errors.InputError(f"--l2 must be ≥ 0; got {args.l2}.")
     data = load_hospital(args.data)
-    out = Path(args.out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise errors.InputError(f"--out {out}: cannot create the folder ({exc}).") from exc
     _say(f"upweight reproduce mismatch — Koh & Liang (2017) §5.3 on {data.name}: "
          f"{len(data.x_train):,} training / {len(data.x_test):,} test points, {data.x_train.shape[1]} features")
     r = run_mismatch(data, l2=args.l2, seed=args.seed, test_index=args.test_index, progress=not args.no_progress)
@@ -82,17 +49,13 @@ def _mismatch(args: argparse.Namespace) -> int:
     _say(f"I_pert,loss: rank of {r.feature_names[17]} among 127 features per child {r.pert_child_rank}, "
          f"among the child's non-zero features {r.pert_child_rank_active}; largest overall: {r.pert_top_feature}")
 
-    fig_path = _mismatch_figure(r, out / "mismatch.png")
-    results = {"experiment": "mismatch", "paper_section": "5.3", "paper": PAPER, **r.to_json(),
-               "seconds": time.perf_counter() - t0}
-    (out / "results.json").write_text(json.dumps(results, indent=1))
+    _mismatch_figure(r, out / "mismatch.png")
     (out / "report.md").write_text(_mismatch_report(r, PAPER))
-    _say(f"wrote {fig_path}, {out / 'results.json'}, {out / 'report.md'} ({time.perf_counter() - t0:.1f}s)")
-    return 0
+    return {"paper_section": "5.3", "paper": PAPER, **r.to_json()}
 
 
 def _mismatch_figure(r: Any, path: Path) -> Path:
-    from ..report import new_figure, save_figure
+    from ...report import new_figure, save_figure
 
     up = -np.asarray(r.up_loss_all)  # −I_up,loss, as the paper plots
     child = np.zeros(len(up), bool)
