@@ -186,6 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--loo-k", type=_int_at_least(0), default=20,
                     help="retrain without each of the k most influential points (0 skips leave-one-out)")
     ex.add_argument("--out", default="out/explain.png", metavar="PATH.png", help="where to write the figure")
+    ex.add_argument("--report", default=None, metavar="PATH.html",
+                    help="also write one self-contained HTML page (inline images, no network): the test point, "
+                         "the ranked training images, the leave-one-out scatter and the solver diagnostics")
     ex.add_argument("--no-progress", action="store_true", help="no progress bars")
     acc = ex.add_argument_group("solver settings")
     acc.add_argument("--cg-rtol", type=_pos_float, default=1e-8, help="CG relative tolerance")
@@ -243,6 +246,10 @@ def _explain(args: argparse.Namespace) -> int:
     import upweight as uw
 
     t_start = time.perf_counter()
+    if args.report is not None:  # a bad path is an error now, not after training and retraining
+        from ..report.html import check_report_path
+
+        check_report_path(args.report, what="--report")
     split = _load_bundled() if args.data is None else _load_npz(args.data)
     n, n_test, d = len(split.x_train), len(split.x_test), split.x_train.shape[1]
     if args.test_index is not None and not 0 <= args.test_index < n_test:
@@ -287,9 +294,10 @@ def _explain(args: argparse.Namespace) -> int:
     p_pos = float(torch.sigmoid(s_test[i]))
     y_i = int(yt[i])
     status = "MISCLASSIFIED" if int(pred_test[i]) != y_i else "correct"
+    loss_i = float(torch.nn.functional.softplus(-y_i * s_test[i]))  # log(1 + exp(−y·wᵀx))
     _say()
     _say(f"test point {i} ({how}): true label {_label(y_i, split.class_names)}, "
-         f"predicted P(y=+1) = {p_pos:.4f} → {status}, test loss {float(torch.nn.functional.softplus(-y_i * s_test[i])):.4f}")
+         f"predicted P(y=+1) = {p_pos:.4f} → {status}, test loss {loss_i:.4f}")
 
     # Influence of every training point on this test point's loss.
     solver = _make_solver(args)
@@ -344,6 +352,10 @@ def _explain(args: argparse.Namespace) -> int:
     out = _figure(args, split, i, p_pos, X, rankings, up, removal, comparison, Xt[i])
     _say()
     _say(f"figure written to {out}")
+    if args.report is not None:
+        extra = [("Influence.fit time (solver set-up) [s]", inf.fit_seconds_, ".2f")]
+        report = _report(args, split, i, p_pos, X, rankings, up, removal, comparison, Xt[i], loss_i, prov, extra)
+        _say(f"report written to {report}")
     _say(f"done in {time.perf_counter() - t_start:.1f} s")
     return 0
 
@@ -372,6 +384,39 @@ def _figure(
                + (f", damping {args.damping:g}" if args.damping else "")),
     )
     return save_figure(fig, args.out)
+
+
+def _report(
+    args: argparse.Namespace, split: _Split, i: int, p_pos: float, X: torch.Tensor, rankings: dict[str, Any],
+    up: np.ndarray, removal: np.ndarray, comparison: Any, x_test: torch.Tensor, test_loss: float, provenance: Any,
+    extra: list[tuple[str, Any, str]],
+) -> Path:
+    """Write the ``--report`` page (upweight.report.html) from what the command computed."""
+    from ..report.html import ReportPoint, ReportTest, explain_report, write_report
+
+    images = split.image_shape is not None
+    points = {
+        kind: [
+            ReportPoint(int(t), _label(int(split.y_train[int(t)]), split.class_names), float(up[int(t)]),
+                        float(removal[int(t)]), X[int(t)].numpy() if images else None)
+            for t in rankings[kind].train_ids
+        ]
+        for kind in ("helpful", "harmful")
+    }
+    y_i = int(split.y_test[i])
+    test = ReportTest(
+        index=i, true_label=_label(y_i, split.class_names), predicted_label=_label(1 if p_pos > 0.5 else -1, split.class_names),
+        loss=test_loss, p_positive=p_pos, image=x_test.numpy() if images else None,
+    )
+    n, d = len(split.x_train), split.x_train.shape[1]
+    page = explain_report(
+        title=f"Why does the model predict this? Test point {i} of {split.name}",
+        subtitle=(f"Binary logistic regression (Linear({d} → 1), no bias), l2 = {args.l2:g}, trained to the minimum "
+                  f"in float64 on {n:,} training points; upweight {__version__}."),
+        test=test, helpful=points["helpful"], harmful=points["harmful"], provenance=provenance, n_train=n,
+        comparison=comparison, image_shape=split.image_shape, extra_diagnostics=extra,
+    )
+    return write_report(page, args.report, what="--report")
 
 
 # ── entry point ───────────────────────────────────────────────────────────────────────

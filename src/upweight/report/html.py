@@ -1,0 +1,373 @@
+"""One self-contained HTML page that explains one prediction (Koh & Liang 2017, §5.1–5.2, Fig. 2).
+
+The page shows the test point (its image, true label and the model's prediction), the training
+points that helped and hurt it most — I_up,loss(z, z_test) = −∇θL(z_test)ᵀ H⁻¹ ∇θL(z) (Eq. 2)
+and the predicted change of the test loss if each were removed, −I_up,loss / n (§2.1) — the
+leave-one-out scatter of predicted vs actual change (Fig. 2) with Pearson, Spearman and slope,
+and the diagnostics of the inverse-HVP solve, read from the results' provenance.
+
+Everything is inline: images are PNG ``data:`` URIs, the CSS is a ``<style>`` block, there is no
+JavaScript and no reference to anything outside the file. Every piece of text goes through
+``html.escape``. The builder takes plain inputs (numbers, strings, arrays, a provenance mapping
+and optionally an ``LOOComparison``); it knows nothing about the command line.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import matplotlib.image
+import numpy as np
+
+from ..errors import InputError
+from .plots import HARMFUL_COLOR, HELPFUL_COLOR, _as_image, loo_scatter, new_figure
+
+__all__ = [
+    "ReportPoint",
+    "ReportTest",
+    "check_report_path",
+    "explain_report",
+    "figure_png",
+    "image_png",
+    "write_report",
+]
+
+IMAGE_PX = 84  # on-page size of the longer side of a training image (pixels are shown as squares)
+TEST_IMAGE_PX = 168
+
+
+@dataclass(frozen=True)
+class ReportPoint:
+    """One ranked training point: its id, label (as text), I_up,loss, removal effect and input."""
+
+    train_id: int
+    label: str
+    up_loss: float
+    removal_effect: float
+    image: Any = None  # the input as stored (flat or shaped); ``None`` shows no image
+
+
+@dataclass(frozen=True)
+class ReportTest:
+    """The explained test point: index, true and predicted label, P(y=+1), loss, input.
+
+    The labels are text written the same way (the point counts as misclassified when they differ).
+    """
+
+    index: int
+    true_label: str
+    predicted_label: str
+    loss: float
+    p_positive: float | None = None
+    image: Any = None
+
+
+# ── PNG encoding ──────────────────────────────────────────────────────────────────────
+
+
+def figure_png(fig: Any, *, dpi: float | None = None) -> bytes:
+    """A matplotlib ``Figure`` (e.g. from ``new_figure``) as PNG bytes, on a white background."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi or fig.dpi, facecolor="white")
+    return buf.getvalue()
+
+
+def image_png(image: np.ndarray, *, vmin: float, vmax: float, cmap: str = "gray") -> bytes:
+    """An image array as a PNG at its own resolution (one PNG pixel per array element).
+
+    2-D arrays are mapped through ``cmap`` with intensities ``vmin``…``vmax``; (H, W, 3|4)
+    arrays are scaled to [0, 1] by the same bounds. Upscaling is left to the page.
+    """
+    a = np.asarray(image, dtype=float)
+    if vmax <= vmin:
+        vmax = vmin + 1.0
+    buf = io.BytesIO()
+    if a.ndim == 3:
+        matplotlib.image.imsave(buf, np.clip((a - vmin) / (vmax - vmin), 0.0, 1.0), format="png")
+    else:
+        matplotlib.image.imsave(buf, np.nan_to_num(a, nan=vmin), cmap=cmap, vmin=vmin, vmax=vmax, format="png")
+    return buf.getvalue()
+
+
+def _data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+# ── formatting ────────────────────────────────────────────────────────────────────────
+
+
+def _e(x: Any) -> str:
+    return html.escape(str(x), quote=True)
+
+
+def _num(x: Any, spec: str) -> str:
+    """A table cell holding a number: shown with ``spec``; the exact value is in ``data-value``."""
+    if x is None:
+        return '<td class="num">n/a</td>'
+    if isinstance(x, (bool, np.bool_)):
+        return f'<td class="num">{_e(x)}</td>'
+    if isinstance(x, (int, np.integer)):
+        shown = exact = str(int(x))
+    else:
+        v = float(x)
+        shown = format(v, spec) if math.isfinite(v) else str(v)
+        exact = repr(v)
+    return f'<td class="num" data-value="{_e(exact)}">{_e(shown)}</td>'
+
+
+def _setting(v: Any) -> str:
+    return format(v, "g") if isinstance(v, float) else str(v)
+
+
+# ── the page ──────────────────────────────────────────────────────────────────────────
+
+_CSS = """
+body { font: 15px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: #1d2125;
+       margin: 0 auto; max-width: 1180px; padding: 20px 28px 40px; background: #fff; }
+h1 { font-size: 22px; margin: 0 0 4px; }
+h2 { font-size: 17px; margin: 28px 0 8px; border-bottom: 1px solid #d8dde3; padding-bottom: 3px; }
+p.sub, p.note { color: #57606a; margin: 4px 0; }
+p.note { font-size: 13px; }
+.test { display: flex; gap: 24px; align-items: flex-start; }
+.columns { display: flex; gap: 28px; flex-wrap: wrap; }
+.columns > section { flex: 1 1 460px; }
+table { border-collapse: collapse; font-size: 14px; }
+th, td { padding: 4px 9px; border-bottom: 1px solid #eceff2; text-align: left; vertical-align: middle; }
+table.ranking td, table.ranking th { white-space: nowrap; }
+th { background: #f5f7f9; font-weight: 600; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; font-family: ui-monospace, Menlo, Consolas, monospace; }
+img.px { image-rendering: pixelated; image-rendering: crisp-edges; border: 1px solid #b7bec6; display: block; }
+img.helpful { border: 2px solid HELPFUL; }
+img.harmful { border: 2px solid HARMFUL; }
+h2.helpful { color: HELPFUL; }
+h2.harmful { color: HARMFUL; }
+.verdict { font-weight: 700; }
+.verdict.wrong { color: HARMFUL; }
+.verdict.right { color: HELPFUL; }
+.loo { display: flex; gap: 24px; align-items: flex-start; flex-wrap: wrap; }
+.loo img { width: 520px; max-width: 100%; height: auto; border: 1px solid #eceff2; }
+.loo > div { flex: 1 1 320px; }
+""".replace("HELPFUL", HELPFUL_COLOR).replace("HARMFUL", HARMFUL_COLOR)
+
+
+def _img_tag(uri: str | None, shape: tuple[int, ...], size: int, cls: str, alt: str) -> str:
+    if uri is None:
+        return ""
+    h, w = shape[0], shape[1]
+    scale = size / max(h, w)
+    return (f'<img class="px {cls}" src="{uri}" width="{max(1, round(w * scale))}" '
+            f'height="{max(1, round(h * scale))}" alt="{_e(alt)}">')
+
+
+def _ranking_table(kind: str, points: Sequence[ReportPoint], images: Sequence[tuple[str, tuple[int, ...]] | None]) -> str:
+    with_images = any(im is not None for im in images)
+    head = "<tr><th>rank</th>" + ("<th>image</th>" if with_images else "")
+    head += "<th>train id</th><th>label</th><th>I_up,loss</th><th>removal effect</th></tr>"
+    rows = []
+    for r, (pt, im) in enumerate(zip(points, images), 1):
+        cells = f'<td class="num">{r}</td>'
+        if with_images:
+            cells += "<td>" + (_img_tag(im[0], im[1], IMAGE_PX, kind, f"training point {pt.train_id}") if im else "") + "</td>"
+        cells += (f'<td class="num train-id" data-value="{int(pt.train_id)}">{int(pt.train_id)}</td>'
+                  f"<td>{_e(pt.label)}</td>" + _num(pt.up_loss, "+.4e") + _num(pt.removal_effect, "+.4e"))
+        rows.append(f'<tr class="point">{cells}</tr>')
+    return f'<table class="ranking {kind}" id="{kind}">{head}{"".join(rows)}</table>'
+
+
+def _diagnostics(provenance: Mapping[str, Any], n_train: int, extra: Sequence[tuple[str, Any, str]]) -> str:
+    prov = dict(provenance)
+    cfg = prov.get("solver", {})
+    cfg = dict(cfg) if isinstance(cfg, Mapping) else {"name": str(cfg)}
+    settings = ", ".join(f"{k}={_setting(v)}" for k, v in cfg.items() if k not in ("name", "progress")) or "—"
+    bound = prov.get("max_residual_accepted")
+    accepted = prov.get("accepted")
+    verdict = "" if accepted is None else ("accepted" if accepted else "NOT accepted")
+    if verdict:
+        verdict += f" (bound {_setting(float(bound))})" if isinstance(bound, (int, float)) else " (no bound)"
+    rows: list[str] = [
+        f'<tr id="diag-solver"><th>solver</th><td>{_e(cfg.get("name", "?"))}</td></tr>',
+        f'<tr id="diag-settings"><th>settings</th><td>{_e(settings)}</td></tr>',
+    ]
+    for key, label in (("solver_chosen", "chosen"), ("solver_reason", "why")):
+        if key in prov:
+            rows.append(f"<tr><th>{label}</th><td>{_e(prov[key])}</td></tr>")
+
+    def num_row(rid: str, label: str, value: Any, spec: str, note: str = "") -> None:
+        rows.append(f'<tr id="diag-{rid}"><th>{_e(label)}</th>{_num(value, spec)}'
+                    + (f"<td>{_e(note)}</td>" if note else "") + "</tr>")
+
+    num_row("residual", "relative residual ‖(H+δI)x − v‖/‖v‖ (max)", prov.get("residual_max"), ".2e", verdict)
+    num_row("iterations", "iterations", prov.get("iterations"), "d")
+    num_row("solve-seconds", "solve time [s]", prov.get("solve_seconds"), ".2f")
+    num_row("seconds", "influence time (gradients + solve) [s]", prov.get("seconds"), ".2f")
+    for j, (label, value, spec) in enumerate(extra):
+        num_row(f"extra-{j}", label, value, spec)
+    num_row("n", "n (training points)", int(n_train), "d")
+    num_row("p", "p (parameters)", prov.get("p"), "d")
+    num_row("l2", "l2 (λ)", prov.get("l2"), "g")
+    num_row("damping", "damping (δ)", prov.get("damping"), "g")
+    num_row("grad-norm", "‖∇R(θ̂)‖ at the fitted parameters", prov.get("grad_norm"), ".2e")
+    if "dtype" in prov:
+        rows.append(f'<tr id="diag-dtype"><th>dtype</th><td>{_e(prov["dtype"])}</td></tr>')
+    shown = {"solver_chosen", "solver_reason"}
+    for key in sorted(k for k in prov if k.startswith("solver_") and k not in shown):
+        v = prov[key]
+        if isinstance(v, (bool, str)):
+            rows.append(f"<tr><th>solver statistic: {_e(key[7:])}</th><td>{_e(v)}</td></tr>")
+        elif isinstance(v, (int, float, np.integer, np.floating)):
+            rows.append(f"<tr><th>solver statistic: {_e(key[7:])}</th>{_num(v, 'g')}</tr>")
+    return f'<table class="diagnostics" id="diagnostics">{"".join(rows)}</table>'
+
+
+def _loo_section(comparison: Any | None) -> str:
+    if comparison is None:
+        return "<p class=\"note\" id=\"loo-skipped\">Leave-one-out retraining was not run.</p>"
+    fig = new_figure(figsize=(5.4, 5.0), dpi=110)
+    loo_scatter(comparison, fig.add_subplot())
+    fig.subplots_adjust(left=0.16, right=0.97, bottom=0.12, top=0.88)
+    uri = _data_uri(figure_png(fig))
+    k = len(np.asarray(comparison.predicted).reshape(-1))
+    stats = [
+        ("pearson", "Pearson R", getattr(comparison, "pearson", None), ".4f"),
+        ("spearman", "Spearman ρ", getattr(comparison, "spearman", None), ".4f"),
+        ("slope", "slope (actual ≈ slope · predicted + intercept)", getattr(comparison, "slope", None), ".4f"),
+        ("intercept", "intercept", getattr(comparison, "intercept", None), "+.2e"),
+        ("k", "points retrained without", k, "d"),
+        ("retrain-grad-norm", "largest ‖∇R‖ after a refit", getattr(comparison, "retrain_grad_norm", None), ".1e"),
+        ("seconds", "retraining time [s]", getattr(comparison, "seconds", None), ".2f"),
+    ]
+    rows = "".join(f'<tr id="loo-{rid}"><th>{_e(label)}</th>{_num(v, spec)}</tr>' for rid, label, v, spec in stats)
+    return (f'<div class="loo"><img id="loo-scatter" src="{uri}" alt="Predicted vs actual change in test loss '
+            f'when each training point is removed">'
+            f'<div><table class="loo-stats" id="loo-stats">{rows}</table>'
+            '<p class="note">Each point is one training point removed: x = predicted change of the test loss '
+            "(−I_up,loss / n), y = the change after actually retraining without it (Koh &amp; Liang 2017, Fig. 2). "
+            "On the dashed line y = x the prediction is exact.</p></div></div>")
+
+
+def explain_report(
+    *,
+    title: str,
+    test: ReportTest,
+    helpful: Sequence[ReportPoint],
+    harmful: Sequence[ReportPoint],
+    provenance: Mapping[str, Any],
+    n_train: int,
+    comparison: Any | None = None,
+    image_shape: Sequence[int] | None = None,
+    subtitle: str = "",
+    extra_diagnostics: Sequence[tuple[str, Any, str]] = (),
+    cmap: str = "gray",
+) -> str:
+    """The whole explain page as one HTML string (UTF-8, self-contained).
+
+    Args:
+        title: the page heading (escaped like all text).
+        test: the explained test point; its image is shown when ``test.image`` is given.
+        helpful, harmful: the ranked training points, most influential first (I_up,loss < 0 and
+            > 0 respectively, Eq. 2); their removal effects are −I_up,loss / n.
+        provenance: ``InfluenceScores.provenance`` — solver config, residual, iterations, times,
+            l2, damping, p, dtype (missing entries are shown as n/a).
+        n_train: n, the number of training points the model was fitted on.
+        comparison: an ``LOOComparison`` (drawn as the Fig. 2 scatter with its statistics), or ``None``.
+        image_shape: how to reshape flat inputs into images, e.g. ``(28, 28)``.
+        subtitle: a line under the heading (data set, model, accuracy).
+        extra_diagnostics: more ``(label, number, format spec)`` rows for the solver table.
+        cmap: colour map for 2-D images; all images share one intensity scale.
+    """
+    every = [test.image] + [p.image for p in helpful] + [p.image for p in harmful]
+    arrays = [None if im is None else _as_image(im, image_shape) for im in every]
+    finite = [a[np.isfinite(a)] for a in arrays if a is not None]
+    finite = [a for a in finite if a.size]
+    vmin = float(min(a.min() for a in finite)) if finite else 0.0
+    vmax = float(max(a.max() for a in finite)) if finite else 1.0
+    encoded = [None if a is None else (_data_uri(image_png(a, vmin=vmin, vmax=vmax, cmap=cmap)), a.shape) for a in arrays]
+    test_img, help_imgs, harm_imgs = encoded[0], encoded[1:1 + len(helpful)], encoded[1 + len(helpful):]
+
+    wrong = test.true_label != test.predicted_label
+    verdict = '<span class="verdict wrong">misclassified</span>' if wrong else '<span class="verdict right">correct</span>'
+    facts = [
+        f'<tr><th>test index</th><td class="num" id="test-index" data-value="{int(test.index)}">{int(test.index)}</td></tr>',
+        f'<tr><th>true label</th><td id="test-label">{_e(test.true_label)}</td></tr>',
+        f'<tr><th>prediction</th><td id="test-prediction">{_e(test.predicted_label)} — {verdict}</td></tr>',
+    ]
+    if test.p_positive is not None:
+        facts.append(f'<tr id="test-p"><th>P(y = +1)</th>{_num(test.p_positive, ".4f")}</tr>')
+    facts.append(f'<tr id="test-loss"><th>test loss</th>{_num(test.loss, ".4f")}</tr>')
+    test_html = ('<div class="test">'
+                 + (_img_tag(test_img[0], test_img[1], TEST_IMAGE_PX, "test", f"test point {test.index}") if test_img else "")
+                 + f'<table class="facts">{"".join(facts)}</table></div>')
+
+    n = int(n_train)
+    page = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>",
+        f"<h1>{_e(title)}</h1>",
+        f'<p class="sub">{_e(subtitle)}</p>' if subtitle else "",
+        "<h2>Test point</h2>",
+        test_html,
+        '<div class="columns"><section>',
+        f'<h2 class="helpful">Most helpful training points ({len(helpful)})</h2>',
+        '<p class="note">I_up,loss &lt; 0: upweighting the point lowers the test loss; removing it raises it.</p>',
+        _ranking_table("helpful", helpful, help_imgs),
+        "</section><section>",
+        f'<h2 class="harmful">Most harmful training points ({len(harmful)})</h2>',
+        '<p class="note">I_up,loss &gt; 0: upweighting the point raises the test loss; removing it lowers it.</p>',
+        _ranking_table("harmful", harmful, harm_imgs),
+        "</section></div>",
+        f'<p class="note">I_up,loss(z, z_test) = −∇θL(z_test)ᵀ H⁻¹ ∇θL(z) (Koh &amp; Liang 2017, Eq. 2). '
+        f"Removal effect = −I_up,loss / n with n = {n}: the predicted change of the test loss if the point "
+        "is removed from the training set.</p>",
+        "<h2>Leave-one-out check</h2>",
+        _loo_section(comparison),
+        "<h2>Solver diagnostics</h2>",
+        _diagnostics(provenance, n, extra_diagnostics),
+        "</body></html>",
+    ]
+    return "\n".join(part for part in page if part) + "\n"
+
+
+# ── writing ───────────────────────────────────────────────────────────────────────────
+
+
+def check_report_path(path: str | os.PathLike[str], *, what: str = "report") -> Path:
+    """Check before any work that ``path`` can become an HTML report; returns it as a ``Path``.
+
+    Raises:
+        InputError: the name does not end in ``.html``, it is an existing folder, a parent is a
+            file, or the nearest existing parent folder is not writable.
+    """
+    p = Path(path)
+    if p.suffix.lower() != ".html":
+        raise InputError(f"{what} {path}: the file name must end in .html (e.g. out/report.html).")
+    if p.is_dir():
+        raise InputError(f"{what} {path}: that is a folder; give a file name ending in .html inside it.")
+    parent = p.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise InputError(f"{what} {path}: cannot create the folder {p.parent}, because {parent} is a file, not a folder.")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"{what} {path}: no permission to write in {parent}; choose another place.")
+    return p
+
+
+def write_report(page: str, path: str | os.PathLike[str], *, what: str = "report") -> Path:
+    """Write ``page`` (from ``explain_report``) to ``path`` as UTF-8, creating parent folders."""
+    p = check_report_path(path, what=what)
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(page, encoding="utf-8")
+    except OSError as exc:
+        raise InputError(f"{what} {path}: cannot write it ({exc.strerror or exc}); choose another place.") from exc
+    return p
