@@ -8,6 +8,7 @@ H = ∇²R(θ̂), R(θ) = (1/n)ΣL(zᵢ, θ) + (l2/2)‖θ‖², plus optional d
 """
 
 from . import errors
+from ._executor import Executor, LocalExecutor
 from ._version import __version__
 from .adapters import from_sklearn
 from .core import Curvature, Data, Objective, SmoothHinge
@@ -26,6 +27,7 @@ from .influence import (
 )
 from .loo import GroupLOOComparison, LOOComparison, leave_group_out, leave_one_out, refit
 from .solvers import CG, Arnoldi, Auto, Direct, InverseHVPSolver, LiSSA, Solution
+from .store import Store
 
 __all__ = [
     "Arnoldi",
@@ -34,6 +36,7 @@ __all__ = [
     "Curvature",
     "Data",
     "Direct",
+    "Executor",
     "FastIFScores",
     "GroupInfluence",
     "GroupLOOComparison",
@@ -43,6 +46,7 @@ __all__ = [
     "KNNPrefilter",
     "LOOComparison",
     "LiSSA",
+    "LocalExecutor",
     "Objective",
     "ParamInfluence",
     "PertScores",
@@ -50,6 +54,7 @@ __all__ = [
     "SelfInfluence",
     "SmoothHinge",
     "Solution",
+    "Store",
     "__version__",
     "errors",
     "fastif_up_loss",

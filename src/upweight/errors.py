@@ -94,6 +94,18 @@ class InaccurateSolveError(SolverError):
     """A solve's relative residual ‖(H+δI)x − v‖/‖v‖ is above the accepted bound."""
 
 
+class StoreError(UpweightError):
+    """A store folder that cannot be used as it is (unreadable manifest, inconsistent array spec)."""
+
+
+class StoreMismatchError(StoreError):
+    """The store was written for a different computation (model, data, objective or solver)."""
+
+
+class ExecutorConnectionError(UpweightError, ConnectionError):
+    """The executor could not reach or start its cluster."""
+
+
 class UpweightWarning(UserWarning):
     """Base class of every warning emitted by upweight."""
 

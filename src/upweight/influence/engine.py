@@ -7,24 +7,36 @@
 
 with H = ∇²R(θ̂) + δI. The test gradients are solved as one block (the paper's s_test), and the
 training gradients are streamed in chunks: n × p is never held.
+
+Scale-out and resumption (DESIGN §1.4–1.6): the train-side sweeps of ``up_loss`` and
+``self_influence`` are maps over chunks of training-point indices run by an ``Executor``
+(in-process by default, ``upweight.distributed.DaskExecutor`` on a cluster), and with a
+``Store`` every finished chunk (and the s_test solve) is written to disk, so a rerun of the same
+call computes only what is missing and returns bit-for-bit the same scores.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import os
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
+import numpy as np
 import torch
 
 from .._checks import check_choice, check_finite, check_interval, check_is_fitted
+from .._executor import Executor, resolve, thread_private
 from .._progress import logger, progress
 from ..core.curvature import Curvature
 from ..core.data import Data
 from ..core.grads import (
     grad_chunk_size,
     iter_per_sample_grads,
+    per_sample_grads,
     pert_directions,
     risk_grad,
 )
@@ -37,10 +49,12 @@ from ..errors import (
     ShapeError,
 )
 from ..solvers import CG, InverseHVPSolver, Solution
+from ..store import ChunkedArray, Store, array_digest
 from .group import GroupInfluence, compute_group_influence
 from .results import InfluenceScores, ParamInfluence, PertScores, SelfInfluence
 
 TrainSelection = Any  # None (all) or indices into the fitted training data
+StoreLike = Any  # None, a folder path, or a Store
 
 
 class Influence:
@@ -91,12 +105,20 @@ class Influence:
         self.grad_tol = grad_tol
         self.progress = progress
         self.data_: Data | None = None
+        self._shared: dict[tuple[int, str], tuple[Executor, Any]] = {}
 
     # ── fitting ───────────────────────────────────────────────────────────────────────
-    def fit(self, train: Any) -> Influence:
+    def fit(self, train: Any, *, executor: Executor | None = None) -> Influence:
         """Validate the training data, build H + δI and prepare the solver (factorise, …).
 
-        Sets ``data_``, ``n_train_``, ``curvature_``, ``state_``, ``grad_norm_``.
+        Args:
+            train: training points ``(X, y)`` (or Dataset/DataLoader).
+            executor: runs the full-data Hessian-vector products (a sum over the training points)
+                as a map-reduce over partitions, e.g. ``upweight.distributed.DaskExecutor``; it is
+                also the default executor of the later ``up_loss`` / ``self_influence`` calls.
+                ``None``: in-process.
+
+        Sets ``data_``, ``n_train_``, ``curvature_``, ``state_``, ``grad_norm_``, ``executor_``.
         """
         if not isinstance(self.objective, Objective):
             raise InputError(f"objective must be an upweight.Objective; got {type(self.objective).__name__}.")
@@ -108,6 +130,8 @@ class Influence:
         if self.max_residual not in (None, "auto"):
             check_interval("Influence", "max_residual", self.max_residual, 0.0, None)
         check_choice("Influence", "on_inaccurate", self.on_inaccurate, ("raise", "warn"))
+        if executor is not None:
+            executor = resolve(executor)
 
         data = Data.from_any(train, what="training data").to(self.objective.dtype)
         self.objective.check_data(data, what="training")
@@ -124,8 +148,11 @@ class Influence:
                 NotAtMinimumWarning,
                 stacklevel=2,
             )
-        self.curvature_ = Curvature(self.objective, data, damping=self.damping, batch_size=self.batch_size)
+        self.curvature_ = Curvature(self.objective, data, damping=self.damping, batch_size=self.batch_size, executor=executor)
         self.state_ = self.solver.prepare(self.curvature_)
+        self.executor_ = executor
+        self._shared = {}
+        self._train_digest: dict[str, Any] | None = None
         self.data_ = data
         self.n_train_ = len(data)
         self.fit_seconds_ = time.perf_counter() - t0
@@ -164,22 +191,154 @@ class Influence:
         data = test if isinstance(test, Data) else self._test(test)
         return torch.cat([g for _, g in iter_per_sample_grads(self.objective, self.objective.params, data, self.batch_size, measure=True)])
 
+    # ── executors and stores ──────────────────────────────────────────────────────────
+    def _positions(self, train: TrainSelection) -> np.ndarray:
+        """Positions into the fitted training data of the selected points, shape (n_selected,)."""
+        check_is_fitted(self, "data_")
+        if train is None:
+            return np.arange(self.n_train_, dtype=np.int64)
+        idx = self._train(train).ids  # validates the selection; ids of data_ are its positions' ids
+        pos = np.asarray(torch.as_tensor(train, dtype=torch.long).reshape(-1).numpy(), dtype=np.int64)
+        pos = np.where(pos < 0, pos + self.n_train_, pos)
+        assert len(pos) == len(idx)
+        return pos
+
+    def _executor(self, executor: Executor | None) -> Executor:
+        return resolve(executor if executor is not None else getattr(self, "executor_", None))
+
+    def _context(self, ex: Executor, kind: Literal["grads", "solve"]) -> Any:
+        """The shared task context for ``ex``, placed once per executor and fit."""
+        key = (id(ex), kind)
+        hit = self._shared.get(key)
+        if hit is not None and hit[0] is ex:
+            return hit[1]
+        assert self.data_ is not None
+        ctx: _GradContext = (
+            _GradContext(self.objective, self.data_) if kind == "grads"
+            else _SolveContext(self.objective, self.data_, self.solver, self.state_)
+        )
+        handle = ex.share(ctx)
+        self._shared[key] = (ex, handle)
+        return handle
+
+    def _fingerprint(self, quantity: str, positions: np.ndarray, test: Data | None) -> dict[str, Any]:
+        """What the stored results depend on: θ̂, the objective, damping, solver and data."""
+        obj = self.objective
+        if self._train_digest is None:
+            assert self.data_ is not None
+            self._train_digest = _digest_data(self.data_)
+        fp: dict[str, Any] = {
+            "quantity": quantity,
+            "model": {"parameters_sha256": _model_sha256(obj), "theta": list(obj.space.names), "dtype": str(obj.dtype)},
+            "objective": {"loss": obj.loss_name, "measure": _fn_name(obj.measure_fn), "l2": obj.l2, "l2_params": list(obj.l2_names)},
+            "damping": self.damping,
+            "solver": self.solver.config(),
+            "train_data": self._train_digest,
+            "train_selection": array_digest(positions)["sha256"],
+        }
+        if test is not None:
+            fp["test_data"] = _digest_data(test)
+        return fp
+
+    def _bind_store(self, store: StoreLike, quantity: str, positions: np.ndarray, test: Data | None = None) -> Store | None:
+        if store is None:
+            return None
+        if not isinstance(store, Store):
+            if not isinstance(store, (str, os.PathLike)):
+                raise InputError(f"store must be a folder path or an upweight.Store; got {type(store).__name__}.")
+            store = Store(store)
+        store.bind(self._fingerprint(quantity, positions, test))
+        return store
+
+    def _store_array(self, st: Store, name: str, shape: tuple[int, ...], *, axis: int) -> ChunkedArray:
+        chunk = self._grad_chunk()
+        return st.chunked(
+            name, shape=shape, axis=axis, chunk_size=chunk, dtype=str(torch.empty((), dtype=self.objective.dtype).numpy().dtype),
+            hint=f"This run scores {chunk} training points per chunk (Influence(batch_size={self.batch_size}), p={self.objective.p}).",
+        )
+
+    def _stored_s_test(self, st: Store | None, test: Data) -> Solution:
+        """s_test from the store when it holds it (the residual is checked again), else solved and stored."""
+        if st is not None:
+            got = st.get("s_test")
+            if got is not None:
+                value, meta = got
+                sol = Solution(
+                    value=torch.from_numpy(value), residual=torch.tensor(meta["residual"], dtype=torch.float64),
+                    converged=torch.tensor(meta["converged"], dtype=torch.bool), iterations=int(meta["iterations"]),
+                    seconds=float(meta["seconds"]), stats={**meta.get("stats", {}), "resumed_from_store": True},
+                )
+                self._check_residual(sol.max_residual, stacklevel=4)
+                logger.info("s_test read from store %s", st.path)
+                return sol
+        sol = self.s_test(test)
+        if st is not None:
+            st.put("s_test", sol.value.detach().cpu().numpy(), meta={
+                "residual": sol.residual.double().tolist(), "converged": sol.converged.tolist(),
+                "iterations": sol.iterations, "seconds": sol.seconds, "stats": dict(sol.stats),
+            })
+        return sol
+
+    def _sweep(
+        self,
+        fn: Callable[..., Any],
+        positions: np.ndarray,
+        ex: Executor,
+        ctx: Any,
+        args: tuple[Any, ...],
+        arr: ChunkedArray | None,
+        shape: tuple[int, ...],
+        *,
+        axis: int,
+        desc: str,
+        on_result: Callable[[Any], np.ndarray] | None = None,
+    ) -> np.ndarray:
+        """Run ``fn(chunk_positions, ctx, *args)`` over chunks of the training positions through ``ex``.
+
+        Chunks are ``_grad_chunk()`` points (memory-bounded), so results do not depend on the
+        executor. With a store only its missing chunks are computed, each written as it arrives.
+        """
+        chunk = self._grad_chunk() if arr is None else arr.chunk_size
+        parts = [positions[s : s + chunk] for s in range(0, len(positions), chunk)]
+        todo = list(range(len(parts))) if arr is None else arr.missing()
+        if arr is not None and len(todo) < len(parts):
+            logger.info("%s: %d of %d chunks already in store %s", desc, len(parts) - len(todo), len(parts), arr.store.path)
+        done: dict[int, np.ndarray] = {}
+        results = progress(ex.map(fn, [parts[i] for i in todo], ctx, *args), desc=desc, total=len(todo), enabled=self.progress)
+        try:
+            for i, res in zip(todo, results):
+                values = on_result(res) if on_result is not None else res
+                if arr is not None:
+                    arr.write(i, values)
+                else:
+                    done[i] = values
+        finally:
+            results.close()  # an error or interrupt cancels the chunks still queued on the executor
+        if arr is not None:
+            return arr.assemble()
+        if not parts:
+            return np.zeros(shape, dtype=str(torch.empty((), dtype=self.objective.dtype).numpy().dtype))
+        return np.concatenate([done[i] for i in range(len(parts))], axis=axis)
+
     def inverse_hvp(self, V: torch.Tensor) -> Solution:
         """(H + δI)⁻¹V for V of shape (k, p), checked against ``max_residual``."""
         check_is_fitted(self, "data_")
         sol = self.solver.solve(self.state_, V)
         check_finite(sol.value, f"The {self.solver.name} solution", "Add damping or check the model at θ̂.")
+        self._check_residual(sol.max_residual, stacklevel=4)
+        return sol
+
+    def _check_residual(self, max_residual: float, *, stacklevel: int = 3) -> None:
         bound = self._residual_bound()
-        if bound is not None and sol.max_residual > bound:
+        if bound is not None and max_residual > bound:
             msg = (
                 f"The {self.solver.name} solve is inaccurate: relative residual ‖(H+δI)x − v‖/‖v‖ = "
-                f"{sol.max_residual:.2e} > max_residual={bound:g}. "
+                f"{max_residual:.2e} > max_residual={bound:g}. "
                 + _accuracy_advice(getattr(self.state_, "chosen", self.solver.name))
             )
             if self.on_inaccurate == "raise":
                 raise InaccurateSolveError(msg)
-            warnings.warn(msg, InaccurateSolveWarning, stacklevel=3)
-        return sol
+            warnings.warn(msg, InaccurateSolveWarning, stacklevel=stacklevel)
 
     def _residual_bound(self) -> float | None:
         if self.max_residual == "auto":
@@ -213,33 +372,47 @@ class Influence:
         return prov
 
     # ── the paper's quantities ────────────────────────────────────────────────────────
-    def up_loss(self, test: Any, train: TrainSelection = None) -> InfluenceScores:
+    def up_loss(
+        self, test: Any, train: TrainSelection = None, *, store: StoreLike = None, executor: Executor | None = None
+    ) -> InfluenceScores:
         """I_up,loss(z, z_test) = −∇θf(z_test)ᵀ H⁻¹ ∇θL(z) — Koh & Liang (2017) Eq. 2.
+
+        s_test = H⁻¹∇θf(z_test) is one block solve; the training points are then scored chunk by
+        chunk (−s_testᵀ∇θL(z) for the chunk's per-sample gradients) through the executor.
 
         Args:
             test: test points ``(X, y)`` (or Dataset/DataLoader); f is the objective's measure.
             train: indices into the fitted training data, or ``None`` for all.
+            store: a folder (or ``Store``) that keeps s_test and every finished chunk of scores;
+                rerunning the same call resumes from it with bit-for-bit the same result. A folder
+                written for another model, objective, solver or data is refused
+                (``StoreMismatchError``); ``Store(path, overwrite=True)`` starts it afresh.
+            executor: where the chunks run (e.g. ``upweight.distributed.DaskExecutor``); default:
+                the executor given to ``fit``, else in-process.
 
         Returns:
             ``InfluenceScores`` of shape (n_test, n_train); > 0 means z is harmful to z_test.
         """
         t0 = time.perf_counter()
         test_data = self._test(test)
-        sol = self.s_test(test_data)
-        S = sol.value
-        data = self._train(train)
-        cols = []
-        for _, G in self._train_grad_chunks(data, "I_up,loss over training points"):
-            cols.append(-(S.to(G.dtype) @ G.T))
-        values = torch.cat(cols, dim=1)
+        positions = self._positions(train)
+        st = self._bind_store(store, "up_loss", positions, test_data)
+        sol = self._stored_s_test(st, test_data)
+        ex = self._executor(executor)
+        shape = (len(test_data), len(positions))
+        arr = None if st is None else self._store_array(st, "scores", shape, axis=1)
+        values = self._sweep(_up_loss_chunk, positions, ex, self._context(ex, "grads"), (sol.value,), arr, shape,
+                             axis=1, desc="I_up,loss over training points")
         return InfluenceScores(
-            values.detach().cpu().numpy(), test_data.ids.numpy(), data.ids.numpy(), self.n_train_, "up_loss",
+            values, test_data.ids.numpy(), self.data_.ids.numpy()[positions], self.n_train_, "up_loss",
             self._provenance(sol, t0),
         )
 
-    def removal_effect(self, test: Any, train: TrainSelection = None) -> InfluenceScores:
+    def removal_effect(
+        self, test: Any, train: TrainSelection = None, *, store: StoreLike = None, executor: Executor | None = None
+    ) -> InfluenceScores:
         """Predicted change of the test measurement when each training point is removed: −I_up,loss / n."""
-        return self.up_loss(test, train).as_removal_effect()
+        return self.up_loss(test, train, store=store, executor=executor).as_removal_effect()
 
     def up_params(self, train: TrainSelection = None) -> ParamInfluence:
         """I_up,params(z) = −H⁻¹∇θL(z, θ̂) — Koh & Liang (2017) Eq. 1; shape (n_selected, p).
@@ -254,19 +427,44 @@ class Influence:
             rows.append(-last.value)
         return ParamInfluence(torch.cat(rows).cpu().numpy(), data.ids.numpy(), self.n_train_, self._provenance(last, t0))
 
-    def self_influence(self, train: TrainSelection = None) -> SelfInfluence:
+    def self_influence(
+        self, train: TrainSelection = None, *, store: StoreLike = None, executor: Executor | None = None
+    ) -> SelfInfluence:
         """I_up,loss(z, z) = −∇θL(z)ᵀH⁻¹∇θL(z) for each training point (Koh & Liang 2017, §5.4).
 
         Needs one inverse-HVP per point: cheap with ``Direct`` (factorised once), n block solves
-        with CG/LiSSA.
+        with CG/LiSSA. Each chunk (gradients, block solve, dot products) is one executor task; on a
+        cluster the solver state travels to each worker once and a CG/LiSSA solve inside a task
+        runs its HVPs on that worker.
+
+        Args:
+            train: indices into the fitted training data, or ``None`` for all.
+            store: a folder (or ``Store``) keeping every finished chunk; see ``up_loss``.
+            executor: where the chunks run; default: the executor given to ``fit``, else in-process.
         """
         t0 = time.perf_counter()
-        data = self._train(train)
-        vals, last = [], None
-        for _, G in self._train_grad_chunks(data, "self-influence"):
-            last = self.inverse_hvp(G)
-            vals.append(-(G * last.value.to(G.dtype)).sum(1))
-        return SelfInfluence(torch.cat(vals).cpu().numpy(), data.ids.numpy(), self.n_train_, self._provenance(last, t0))
+        positions = self._positions(train)
+        st = self._bind_store(store, "self_influence", positions)
+        ex = self._executor(executor)
+        # row 0: I_up,loss(z, z); row 1: the relative residual of z's solve (for provenance)
+        shape = (2, len(positions))
+        arr = None if st is None else self._store_array(st, "self_influence", shape, axis=1)
+        last: list[Solution] = []
+        out = self._sweep(_self_influence_chunk, positions, ex, self._context(ex, "solve"), (), arr, shape, axis=1,
+                          desc="self-influence", on_result=lambda res: self._accept_chunk_solution(res, last))
+        residual = torch.from_numpy(out[1])
+        summary = Solution(
+            value=torch.empty(0, self.objective.p), residual=residual, converged=torch.ones(len(residual), dtype=torch.bool),
+            iterations=last[-1].iterations if last else 0, seconds=sum(s.seconds for s in last),
+            stats=dict(last[-1].stats) if last else {"resumed_from_store": True},
+        )
+        return SelfInfluence(out[0].copy(), self.data_.ids.numpy()[positions], self.n_train_, self._provenance(summary, t0))
+
+    def _accept_chunk_solution(self, result: tuple[np.ndarray, Solution], seen: list[Solution]) -> np.ndarray:
+        values, sol = result
+        self._check_residual(sol.max_residual, stacklevel=5)
+        seen.append(sol)
+        return values
 
     def pert_loss(self, test: Any, train: TrainSelection = None) -> PertScores:
         """I_pert,loss(z, z_test) = −∇θf(z_test)ᵀ H⁻¹ ∇x∇θL(z) — Koh & Liang (2017) Eq. 5.
@@ -336,6 +534,83 @@ class Influence:
         return compute_group_influence(
             self, test, groups, order=order, third_derivative=third_derivative, measure_hessian=measure_hessian
         )
+
+
+class _GradContext:
+    """What a scoring task needs, sent to each worker once: the objective (θ̂) and the training data."""
+
+    def __init__(self, objective: Objective, data: Data) -> None:
+        self.objective, self.data = objective, data
+
+
+class _SolveContext(_GradContext):
+    """A ``_GradContext`` plus the prepared solver, for tasks that solve (H + δI)x = ∇θL(z)."""
+
+    def __init__(self, objective: Objective, data: Data, solver: InverseHVPSolver, state: Any) -> None:
+        super().__init__(objective, data)
+        self.solver, self.state = solver, state
+
+
+def _private(ctx: _GradContext) -> Any:
+    d = ctx.data
+    return thread_private(ctx, share=(d, d.X, d.y, d.ids))
+
+
+def _chunk_grads(indices: np.ndarray, ctx: _GradContext) -> torch.Tensor:
+    batch = ctx.data.subset(torch.from_numpy(np.asarray(indices, dtype=np.int64)))
+    return per_sample_grads(ctx.objective, ctx.objective.params, batch)
+
+
+def _up_loss_chunk(indices: np.ndarray, ctx: _GradContext, S: torch.Tensor) -> np.ndarray:
+    """−s_testⱼᵀ∇θL(zᵢ, θ̂) for the chunk's training points i, shape (k, b) — Eq. 2's train side."""
+    G = _chunk_grads(indices, _private(ctx))
+    return (-(S.to(G.dtype) @ G.T)).detach().cpu().numpy()
+
+
+def _self_influence_chunk(indices: np.ndarray, ctx: _SolveContext) -> tuple[np.ndarray, Solution]:
+    """(2, b): −∇θL(zᵢ)ᵀ(H + δI)⁻¹∇θL(zᵢ) and each solve's relative residual; plus the Solution
+    without its (b, p) value, whose residual the caller checks."""
+    ctx = _private(ctx)
+    G = _chunk_grads(indices, ctx)
+    sol = ctx.solver.solve(ctx.state, G)
+    check_finite(sol.value, f"The {ctx.solver.name} solution", "Add damping or check the model at θ̂.")
+    vals = -(G * sol.value.to(G.dtype)).sum(1)
+    out = torch.stack([vals, sol.residual.to(vals.dtype).reshape(-1)]).detach().cpu().numpy()
+    return out, dataclasses.replace(sol, value=torch.empty(0, G.shape[1], dtype=G.dtype))
+
+
+def _tensor_bytes(t: torch.Tensor) -> memoryview:
+    flat = t.detach().cpu().contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
+
+
+def _digest_tensor(t: torch.Tensor) -> dict[str, Any]:
+    t = t.detach().cpu()
+    try:
+        a = t.numpy()
+    except TypeError:  # bfloat16 & co.: hash the raw bytes
+        a = np.frombuffer(_tensor_bytes(t), dtype=np.uint8)
+    d = array_digest(a)
+    d["dtype"] = str(t.dtype)
+    d["shape"] = list(t.shape)
+    return d
+
+
+def _digest_data(data: Data) -> dict[str, Any]:
+    return {"X": _digest_tensor(data.X), "y": _digest_tensor(data.y), "ids_sha256": _digest_tensor(data.ids)["sha256"]}
+
+
+def _model_sha256(objective: Objective) -> str:
+    """SHA-256 over every parameter and buffer of the model (θ̂ and the fixed part) with their names."""
+    h = hashlib.sha256()
+    for name, t in sorted(objective.model.state_dict().items()):
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+        h.update(_tensor_bytes(t))
+    return h.hexdigest()
+
+
+def _fn_name(fn: Callable[..., Any]) -> str:
+    return getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or type(fn).__name__
 
 
 def _accuracy_advice(name: str) -> str:
