@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import re
 import subprocess
 import sys
@@ -176,6 +177,31 @@ def test_explain_custom_npz_direct_without_loo(tmp_path, capsys, mnist) -> None:
             assert rem == pytest.approx(-iup / 600, rel=2e-4)
     assert "leave-one-out" not in cap.out
     assert matplotlib.image.imread(out).shape[0] > 300
+
+
+def test_explain_store_resumes_and_refuses_other_settings(tmp_path, capsys, mnist) -> None:
+    data = _small_npz(tmp_path / "small.npz", mnist)
+    store = tmp_path / "store"
+    argv = ["explain", "--data", str(data), "--test-index", "3", "--top", "3", "--loo-k", "0", "--no-progress",
+            "--out", str(tmp_path / "e.png"), "--store", str(store)]
+    assert main(argv) == 0
+    first = _tables(capsys.readouterr().out)
+    manifest = json.loads((store / "manifest.json").read_text())
+    assert manifest  # the store was written
+    assert main(argv) == 0  # the rerun reads s_test and the chunks back
+    assert _tables(capsys.readouterr().out) == first
+    assert main([*argv, "--l2", "0.02"]) == 2  # another l2 is another computation: refused, named
+    err = capsys.readouterr().err
+    assert "l2" in err and "overwrite=True" in err
+
+
+def test_explain_unreachable_scheduler_is_a_clear_error(tmp_path, capsys, mnist) -> None:
+    pytest.importorskip("distributed")
+    data = _small_npz(tmp_path / "small.npz", mnist)
+    rc = main(["explain", "--data", str(data), "--loo-k", "0", "--no-progress", "--out", str(tmp_path / "e.png"),
+               "--scheduler", "tcp://127.0.0.1:9"])
+    assert rc == 2
+    assert "Could not reach the Dask scheduler" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("index", ["2100", "-1", "99999"])

@@ -12,6 +12,7 @@ This module is the only place in upweight that prints.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import sys
 import time
@@ -190,6 +191,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also write one self-contained HTML page (inline images, no network): the test point, "
                          "the ranked training images, the leave-one-out scatter and the solver diagnostics")
     ex.add_argument("--no-progress", action="store_true", help="no progress bars")
+    ex.add_argument("--store", default=None, metavar="DIR",
+                    help="keep s_test and the scores chunk by chunk in DIR; rerunning resumes from it "
+                         "(a DIR written for other data or settings is refused)")
+    ex.add_argument("--scheduler", default=None, metavar="local|tcp://HOST:PORT",
+                    help="run the passes over the training data on Dask: 'local' starts a LocalCluster, "
+                         "tcp://host:port uses a running scheduler (pip install 'upweight[dask]'); default: in-process")
     acc = ex.add_argument_group("solver settings")
     acc.add_argument("--cg-rtol", type=_pos_float, default=1e-8, help="CG relative tolerance")
     acc.add_argument("--lissa-depth", type=_int_at_least(1), default=1000, help="LiSSA recursion depth t")
@@ -302,12 +309,19 @@ def _explain(args: argparse.Namespace) -> int:
     # Influence of every training point on this test point's loss.
     solver = _make_solver(args)
     bound_kw = {} if args.max_residual is None else {"max_residual": args.max_residual}
-    inf = uw.Influence(
-        objective, solver=solver, damping=args.damping, on_inaccurate=args.on_inaccurate,
-        progress=not args.no_progress, **bound_kw,
-    ).fit((X, y))
-    test_point = (Xt[i : i + 1], yt[i : i + 1])
-    scores = inf.up_loss(test_point)
+    with contextlib.ExitStack() as stack:
+        executor = None
+        if args.scheduler is not None:
+            from ..distributed import DaskExecutor
+
+            executor = stack.enter_context(DaskExecutor(args.scheduler))
+            _say(f"Dask: {executor}")
+        inf = uw.Influence(
+            objective, solver=solver, damping=args.damping, on_inaccurate=args.on_inaccurate,
+            progress=not args.no_progress, **bound_kw,
+        ).fit((X, y), executor=executor)
+        test_point = (Xt[i : i + 1], yt[i : i + 1])
+        scores = inf.up_loss(test_point, store=args.store)
     up = scores.values[0]
     removal = scores.as_removal_effect().values[0]
     prov = scores.provenance
