@@ -26,7 +26,7 @@ from .influence import (
     fastif_up_loss,
 )
 from .loo import GroupLOOComparison, LOOComparison, leave_group_out, leave_one_out, refit
-from .solvers import CG, Arnoldi, Auto, Direct, InverseHVPSolver, LiSSA, Solution
+from .solvers import CG, EKFAC, KFAC, Arnoldi, Auto, Direct, InverseHVPSolver, LiSSA, Solution
 from .store import Store
 
 __all__ = [
@@ -36,6 +36,7 @@ __all__ = [
     "Curvature",
     "Data",
     "Direct",
+    "EKFAC",
     "Executor",
     "FastIFScores",
     "GroupInfluence",
@@ -43,6 +44,7 @@ __all__ = [
     "Influence",
     "InfluenceScores",
     "InverseHVPSolver",
+    "KFAC",
     "KNNPrefilter",
     "LOOComparison",
     "LiSSA",

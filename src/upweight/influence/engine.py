@@ -123,7 +123,7 @@ class Influence:
         if not isinstance(self.objective, Objective):
             raise InputError(f"objective must be an upweight.Objective; got {type(self.objective).__name__}.")
         if not isinstance(self.solver, InverseHVPSolver):
-            raise InputError(f"solver must be an upweight solver (Auto, Direct, CG, LiSSA, Arnoldi); got {type(self.solver).__name__}.")
+            raise InputError(f"solver must be an upweight solver (Auto, Direct, CG, LiSSA, Arnoldi, KFAC, EKFAC); got {type(self.solver).__name__}.")
         check_interval("Influence", "damping", self.damping, 0.0, None, closed="left")
         check_interval("Influence", "batch_size", self.batch_size, 1, None, closed="left", integer=True)
         check_interval("Influence", "grad_tol", self.grad_tol, 0.0, None)

@@ -1,0 +1,338 @@
+"""Factorable layers of θ and what K-FAC needs from them: per-sample layer inputs and
+back-propagated output cotangents, captured with forward hooks during one ordinary forward pass.
+
+A layer is *factorable* when it is an ``nn.Linear`` or ``nn.Conv2d`` (no groups, zero padding)
+whose weight is in θ and which the model calls exactly once per forward pass. Its per-sample
+gradient is then a sum of outer products over "locations" t (1 for a Linear on (b, d) inputs,
+the sequence positions of a Linear on (b, …, d) inputs, the output pixels of a Conv2d):
+
+    ∇W̃ L(zᵢ) = Σₜ bᵢₜ ãᵢₜᵀ,   W̃ = [W | bias],  ãᵢₜ = (aᵢₜ, 1) when the bias is in θ,
+
+with aᵢₜ the layer's input (for Conv2d the unfolded input patch at output pixel t, Grosse &
+Martens 2016; Grosse et al. 2023) and bᵢₜ = ∂L(zᵢ)/∂(layer output)ᵢₜ. Every other parameter of
+θ (LayerNorm, embeddings, bare ``nn.Parameter``, a bias whose weight is frozen, …) is left to
+the caller: ``find_layers`` names them and says why.
+
+Besides the loss gradient (``cotangents="loss"``), ``capture`` back-propagates the factors of
+the loss's Hessian in the model output (``cotangents="ggn"``): with ∇²_z L(zᵢ) = Σₖ cᵢₖcᵢₖᵀ, the
+Gauss–Newton matrix of one point is Σₖ (Jᵢᵀcᵢₖ)(Jᵢᵀcᵢₖ)ᵀ, so the per-layer "pseudo-gradients"
+Σₜ bᵢₖₜ ãᵢₜᵀ give it exactly, without sampling labels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import hessian, vmap
+
+from ..errors import UnsupportedModelError
+from .data import Data
+from .losses import cross_entropy, squared
+from .objective import Objective
+from .params import Params
+
+
+@dataclass(frozen=True)
+class LayerBlock:
+    """One factorable layer: where its [W | bias] sits in the flat θ and how to read its inputs.
+
+    Attributes:
+        name: the module's name in the model ("" for the model itself).
+        kind: "linear" or "conv2d".
+        weight: the weight's parameter name in θ.
+        bias: the bias's parameter name if the bias is in θ, else ``None`` (a fixed or absent bias).
+        out_dim: output features / channels (rows of W̃).
+        in_dim: input features, or in_channels·kh·kw for Conv2d (columns of W, without the bias).
+        index: positions in the flat θ of W̃ = [W | bias], shape (out_dim, in_dim + has_bias), so
+            that ``v[..., index]`` is the block of v as an (out, in+1) matrix.
+        module: the module itself (for the hooks).
+        conv: kernel_size, dilation, padding, stride for ``F.unfold`` (Conv2d only).
+    """
+
+    name: str
+    kind: Literal["linear", "conv2d"]
+    weight: str
+    bias: str | None
+    out_dim: int
+    in_dim: int
+    index: torch.Tensor = field(repr=False)
+    module: nn.Module = field(repr=False, compare=False)
+    conv: tuple[tuple[int, int], tuple[int, int], tuple[int, int], tuple[int, int]] | None = None
+
+    @property
+    def cols(self) -> int:
+        """Columns of W̃: in_dim, plus one for the bias if it is in θ."""
+        return self.in_dim + (self.bias is not None)
+
+    @property
+    def size(self) -> int:
+        return self.out_dim * self.cols
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """θ split into factorable layers and the rest.
+
+    Attributes:
+        blocks: the factorable layers, in module order.
+        other: names of the parameters of θ in no block (solved another way by the caller).
+        reasons: for each name in ``other``, why it is not in a block.
+        other_index: their positions in the flat θ, ascending.
+    """
+
+    blocks: tuple[LayerBlock, ...]
+    other: tuple[str, ...]
+    reasons: dict[str, str]
+    other_index: torch.Tensor
+
+
+def _pair(v) -> tuple[int, int]:
+    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def _conv_padding(mod: nn.Conv2d) -> tuple[int, int] | None:
+    """Symmetric zero padding of the conv as a pair, or None if it cannot be unfolded as such."""
+    if mod.padding_mode != "zeros" or mod.groups != 1:
+        return None
+    if isinstance(mod.padding, str):
+        if mod.padding == "valid":
+            return (0, 0)
+        total = [d * (k - 1) for d, k in zip(_pair(mod.dilation), _pair(mod.kernel_size))]
+        if any(t % 2 for t in total):
+            return None  # "same" with an even receptive field pads asymmetrically
+        return (total[0] // 2, total[1] // 2)
+    return _pair(mod.padding)
+
+
+def _offsets(objective: Objective) -> dict[str, int]:
+    out, pos = {}, 0
+    for name, size in zip(objective.space.names, objective.space.sizes):
+        out[name] = pos
+        pos += size
+    return out
+
+
+def find_layers(objective: Objective, probe: Data | None = None) -> LayerPlan:
+    """Split θ into factorable ``nn.Linear`` / ``nn.Conv2d`` layers and the remaining parameters.
+
+    Args:
+        objective: the model and θ.
+        probe: a few data points; the model is run on them once with hooks to check that every
+            candidate layer is called exactly once (a shared or unused layer is not factorable).
+
+    Returns:
+        A ``LayerPlan``.
+    """
+    in_theta = set(objective.params)
+    offsets = _offsets(objective)
+    blocks: list[LayerBlock] = []
+    reasons: dict[str, str] = {}
+    claimed: set[str] = set()
+    for mname, mod in objective.model.named_modules():
+        if not isinstance(mod, (nn.Linear, nn.Conv2d)):
+            continue
+        prefix = f"{mname}." if mname else ""
+        wname, bname = prefix + "weight", prefix + "bias"
+        has_bias = getattr(mod, "bias", None) is not None
+        if wname not in in_theta:
+            if has_bias and bname in in_theta:
+                reasons[bname] = f"bias of {type(mod).__name__} '{mname}' whose weight is not in θ"
+            continue
+        conv = None
+        if isinstance(mod, nn.Conv2d):
+            pad = _conv_padding(mod)
+            if pad is None:
+                why = f"Conv2d '{mname}' with groups={mod.groups}, padding={mod.padding!r}, padding_mode={mod.padding_mode!r}"
+                reasons[wname] = why
+                if has_bias and bname in in_theta:
+                    reasons[bname] = why
+                continue
+            conv = (_pair(mod.kernel_size), _pair(mod.dilation), pad, _pair(mod.stride))
+            out_dim, in_dim = mod.out_channels, mod.weight[0].numel()
+        else:
+            out_dim, in_dim = mod.out_features, mod.in_features
+        bias = bname if has_bias and bname in in_theta else None
+        w_idx = offsets[wname] + torch.arange(out_dim * in_dim).reshape(out_dim, in_dim)
+        if bias is not None:
+            w_idx = torch.cat([w_idx, offsets[bias] + torch.arange(out_dim)[:, None]], dim=1)
+        kind: Literal["linear", "conv2d"] = "conv2d" if conv is not None else "linear"
+        blocks.append(LayerBlock(mname, kind, wname, bias, out_dim, in_dim, w_idx, mod, conv))
+        claimed.update({wname} | ({bias} if bias else set()))
+    if probe is not None and blocks:
+        calls = _count_calls(objective, blocks, probe)
+        kept = []
+        for blk in blocks:
+            if calls[blk.name] == 1:
+                kept.append(blk)
+                continue
+            why = f"{type(blk.module).__name__} '{blk.name}' is called {calls[blk.name]} times per forward pass (shared or unused)"
+            for n in (blk.weight, blk.bias):
+                if n is not None:
+                    reasons[n] = why
+                    claimed.discard(n)
+        blocks = kept
+    other = tuple(n for n in objective.space.names if n not in claimed)
+    for n in other:
+        reasons.setdefault(n, "not the weight or bias of an nn.Linear / nn.Conv2d")
+    reasons = {n: reasons[n] for n in other}
+    idx = [offsets[n] + torch.arange(size) for n, size in zip(objective.space.names, objective.space.sizes) if n in other]
+    other_index = torch.cat(idx) if idx else torch.zeros(0, dtype=torch.long)
+    return LayerPlan(tuple(blocks), other, reasons, other_index)
+
+
+def _count_calls(objective: Objective, blocks: Sequence[LayerBlock], probe: Data) -> dict[str, int]:
+    calls = {blk.name: 0 for blk in blocks}
+    handles = []
+    for blk in blocks:
+
+        def hook(_m, _inp, _out, name=blk.name):
+            calls[name] += 1
+
+        handles.append(blk.module.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            objective.outputs(objective.params, probe.X[:2])
+    finally:
+        for h in handles:
+            h.remove()
+    return calls
+
+
+# ── the loss's Hessian in the model output ─────────────────────────────────────────────
+def output_hessian_factors(objective: Objective, out: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Vectors cᵢₖ with Σₖ cᵢₖcᵢₖᵀ = ∇²_z L(zᵢ, yᵢ) (clamped to PSD), shape (K, b, *out.shape[1:]).
+
+    Cross-entropy uses the closed form ∇²_z = diag(p) − ppᵀ = Σₖ pₖ(eₖ − p)(eₖ − p)ᵀ (p the softmax,
+    sample-free: the true-Fisher / GGN expectation over the model's own predictive distribution);
+    the squared loss has ∇²_z = I. Any other loss gets its per-sample Hessian in z by
+    ``torch.func.hessian`` and an eigendecomposition, with negative eigenvalues (a loss not convex
+    in z) set to 0 — the GGN keeps only the PSD part. Returns (factors, number of clamped
+    negative eigenvalues).
+    """
+    b = out.shape[0]
+    z = out.detach().reshape(b, -1)
+    c = z.shape[1]
+    if objective.loss_fn is cross_entropy and out.ndim == 2:
+        p = torch.softmax(z, dim=1)
+        eye = torch.eye(c, dtype=z.dtype)
+        C = p.sqrt().T[:, :, None] * (eye[:, None, :] - p[None, :, :])  # (K=c, b, c)
+        return C.reshape(c, *out.shape), 0
+    if objective.loss_fn is squared:
+        C = torch.eye(c, dtype=z.dtype)[:, None, :].expand(c, b, c)
+        return C.reshape(c, *out.shape).clone(), 0
+    shape = out.shape[1:]
+
+    def one(zi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
+        return objective.loss_fn(zi.reshape(1, *shape), yi.unsqueeze(0))[0]
+
+    try:
+        Hz = vmap(hessian(one))(z, y)  # (b, c, c)
+    except Exception as exc:  # noqa: BLE001 — re-raised with the fix
+        raise UnsupportedModelError(
+            f"K-FAC needs the Hessian of the loss '{objective.loss_name}' in the model output, but "
+            f"torch.func.hessian failed on it: {exc}. Use a built-in loss or a twice-differentiable callable."
+        ) from exc
+    Hz = 0.5 * (Hz + Hz.transpose(1, 2))
+    ev, U = torch.linalg.eigh(Hz)
+    clamped = int((ev < -1e-12 * ev.abs().amax(dim=1, keepdim=True).clamp_min(1e-300)).sum())
+    C = (U * ev.clamp_min(0).sqrt()[:, None, :]).permute(2, 0, 1)  # (K=c, b, c): column k of U√λ
+    return C.reshape(c, *out.shape), clamped
+
+
+# ── capture ────────────────────────────────────────────────────────────────────────────
+@dataclass(frozen=True)
+class Captured:
+    """One batch's layer inputs and output cotangents.
+
+    Attributes:
+        a: per layer, ã of shape (b, T, cols): inputs (unfolded patches for Conv2d), with a
+            column of ones appended when the bias is in θ.
+        g: per layer, cotangents of shape (K, b, T, out_dim): K = 1 for the loss gradient, the
+            number of output-Hessian factors for the GGN.
+        clamped: negative output-Hessian eigenvalues set to 0 in this batch (GGN only).
+    """
+
+    a: dict[str, torch.Tensor]
+    g: dict[str, torch.Tensor]
+    clamped: int = 0
+
+
+def _layer_input(blk: LayerBlock, x: torch.Tensor) -> torch.Tensor:
+    if blk.kind == "conv2d":
+        assert blk.conv is not None
+        k, d, p, s = blk.conv
+        cols = F.unfold(x, k, dilation=d, padding=p, stride=s)  # (b, C·kh·kw, L)
+        a = cols.transpose(1, 2)
+    else:
+        a = x.reshape(x.shape[0], -1, x.shape[-1])
+    if blk.bias is not None:
+        a = torch.cat([a, torch.ones(*a.shape[:2], 1, dtype=a.dtype, device=a.device)], dim=2)
+    return a
+
+
+def _layer_cotangent(blk: LayerBlock, g: torch.Tensor) -> torch.Tensor:
+    if blk.kind == "conv2d":  # (b, out, H', W') → (b, L, out)
+        return g.reshape(g.shape[0], g.shape[1], -1).transpose(1, 2)
+    return g.reshape(g.shape[0], -1, g.shape[-1])
+
+
+def capture(
+    objective: Objective,
+    blocks: Sequence[LayerBlock],
+    batch: Data,
+    *,
+    params: Params | None = None,
+    cotangents: Literal["loss", "ggn"] = "ggn",
+) -> Captured:
+    """Run the model on ``batch`` once with hooks and return each layer's ã and cotangents.
+
+    ``cotangents="loss"``: bᵢₜ = ∂L(zᵢ)/∂(layer output)ᵢₜ (so Σₜ bᵢₜãᵢₜᵀ is the per-sample
+    gradient of W̃). ``cotangents="ggn"``: one backward pass per output-Hessian factor cₖ (see
+    ``output_hessian_factors``), giving the GGN's pseudo-gradients. Samples are independent in
+    eval mode, so one backward pass of the summed loss yields every per-sample cotangent.
+    """
+    params = {n: t.detach().requires_grad_(True) for n, t in (params or objective.params).items()}
+    inputs: dict[str, torch.Tensor] = {}
+    outputs: dict[str, torch.Tensor] = {}
+    handles = []
+    for blk in blocks:
+
+        def hook(_m, inp, out, blk=blk):
+            if blk.name in outputs:
+                raise UnsupportedModelError(
+                    f"Layer '{blk.name}' ran twice in one forward pass; K-FAC needs each factored layer used once."
+                )
+            inputs[blk.name] = inp[0].detach()
+            outputs[blk.name] = out
+
+        handles.append(blk.module.register_forward_hook(hook))
+    try:
+        with torch.enable_grad():
+            out = objective.outputs(params, batch.X)
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [blk.name for blk in blocks if blk.name not in outputs]
+    if missing:
+        raise UnsupportedModelError(f"Layers {missing} were not called in the forward pass; K-FAC cannot factor them.")
+    names = [blk.name for blk in blocks]
+    outs = [outputs[n] for n in names]
+    clamped = 0
+    with torch.enable_grad():
+        if cotangents == "loss":
+            loss = objective.loss_fn(out, batch.y).sum()
+            per = [torch.autograd.grad(loss, outs, allow_unused=True)]
+        else:
+            C, clamped = output_hessian_factors(objective, out, batch.y)
+            per = [torch.autograd.grad(out, outs, grad_outputs=C[k].to(out.dtype), retain_graph=True, allow_unused=True) for k in range(len(C))]
+    a = {blk.name: _layer_input(blk, inputs[blk.name]) for blk in blocks}
+    g = {}
+    for j, blk in enumerate(blocks):
+        rows = [gr[j] if gr[j] is not None else torch.zeros_like(outs[j]) for gr in per]
+        g[blk.name] = torch.stack([_layer_cotangent(blk, r.detach()) for r in rows])
+    return Captured(a, g, clamped)
