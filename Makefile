@@ -4,8 +4,10 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
+VENV_BENCH  := .venv-bench
+BENCH_STAMP := $(VENV_BENCH)/.installed
 
-.PHONY: demo test bench lint clean
+.PHONY: demo test bench bench-peers lint clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -22,8 +24,15 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/bench_solvers.py --out bench/RESULTS.md
 
+# peers (pyDVL, captum, kronfluence, dattri) live in their own environment (pyDVL needs numpy<2)
+$(BENCH_STAMP): bench/peers/requirements.txt bench/peers/constraints.txt pyproject.toml
+	VENV_BENCH=$(CURDIR)/$(VENV_BENCH) PYTHON=python3.11 bash bench/peers/setup.sh; test -f $(BENCH_STAMP)
+
+bench-peers: $(BENCH_STAMP)
+	$(VENV_BENCH)/bin/python bench/peers/bench_peers.py --workloads W1,W2 --n-train 20000 --n-test 10 --timeout 600 --out bench/PEERS.md
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests bench
 
 clean:
-	rm -rf $(VENV) out .pytest_cache
+	rm -rf $(VENV) $(VENV_BENCH) out .pytest_cache

@@ -1,0 +1,326 @@
+"""The benchmarked methods: upweight's solvers and the peers' influence estimators.
+
+Every method answers one question — the influence of every training point on K test points
+for multinomial logistic regression ``nn.Linear(d, 10)``, float32, trained with the L2 term
+(λ/2)‖θ‖² (weights and bias), i.e. with the Hessian H = (1/n) Σ ∇²L(zᵢ, θ̂) + λI of
+Koh & Liang (2017) §2 — through its library's public API, with the settings its documentation
+recommends and the damping/regularisation that makes its curvature matrix that H. Each
+function returns the library's raw scores as a (K, n) array; ``SIGN`` says how they relate to
+Koh & Liang's I_up,loss(z, z_test) = −∇L(z_test)ᵀH⁻¹∇L(z) (eq. 2) according to the library's
+documentation: +1 = I_up,loss, −1 = −I_up,loss (the peers document ⟨H⁻¹∇L_test, ∇L_train⟩).
+
+Imports of each library happen inside its functions, so a library that is missing only loses
+its own rows. The functions run in a fresh worker process (``bench_peers.py --worker``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+#: Batch size of every data loader a library lets us choose (train side), for all libraries.
+LOADER_BATCH = 4096
+
+
+@dataclass
+class Problem:
+    """What a worker loads: the float32 model at θ̂ and the data (float32 tensors)."""
+
+    model: torch.nn.Linear
+    X: torch.Tensor
+    y: torch.Tensor
+    Xt: torch.Tensor
+    yt: torch.Tensor
+    l2: float
+    workdir: str
+
+    @property
+    def n(self) -> int:
+        return len(self.X)
+
+
+@dataclass(frozen=True)
+class Method:
+    key: str
+    library: str
+    name: str
+    settings: str
+    sign: int  # documented relation to I_up,loss: +1 or -1
+    run: Callable[[Problem], np.ndarray]
+    requires: tuple[str, ...] = ()  # modules the method imports: imported (untimed) before it runs
+
+
+def _np(scores: Any) -> np.ndarray:
+    if isinstance(scores, torch.Tensor):
+        scores = scores.detach().cpu().double().numpy()
+    return np.asarray(scores, dtype=np.float64)
+
+
+# ── upweight ─────────────────────────────────────────────────────────────────────────────
+def _uw(make_solver: Callable[[], Any]) -> Callable[[Problem], np.ndarray]:
+    def run(pb: Problem) -> np.ndarray:
+        import upweight as uw
+
+        obj = uw.Objective(pb.model, "cross_entropy", l2=pb.l2)
+        inf = uw.Influence(obj, solver=make_solver(), progress=False, on_inaccurate="warn")
+        inf.fit(uw.Data.from_any((pb.X, pb.y)))
+        return _np(inf.up_loss((pb.Xt, pb.yt)).values)
+
+    return run
+
+
+def upweight_methods() -> list[Method]:
+    import upweight as uw
+
+    req = ("upweight",)
+    out = [
+        Method("uw-direct", "upweight", "Direct", "float64 H + Cholesky", 1, _uw(uw.Direct), req),
+        Method("uw-cg-1e-3", "upweight", "CG", "rtol=1e-3", 1, _uw(lambda: uw.CG(rtol=1e-3)), req),
+        Method("uw-cg-1e-6", "upweight", "CG", "rtol=1e-6 (default)", 1, _uw(lambda: uw.CG(rtol=1e-6)), req),
+        Method("uw-lissa", "upweight", "LiSSA", "defaults: r=4, t=1000, batch 256, scale auto", 1,
+               _uw(lambda: uw.LiSSA(progress=False)), req),
+        Method("uw-lissa-cheap", "upweight", "LiSSA", "r=1, t=1000, batch 256", 1,
+               _uw(lambda: uw.LiSSA(repeats=1, progress=False)), req),
+        Method("uw-arnoldi", "upweight", "Arnoldi", "defaults: rank 64, oversampling 64", 1, _uw(uw.Arnoldi), req),
+    ]
+    try:  # K-FAC / EK-FAC solvers and preconditioners, where this checkout has them
+        from upweight.solvers.kfac import EKFAC, KFAC
+    except ImportError:
+        return out
+    req = ("upweight", "upweight.solvers.kfac")
+    out += [
+        Method("uw-kfac", "upweight", "KFAC", "defaults", 1, _uw(KFAC), req),
+        Method("uw-ekfac", "upweight", "EKFAC", "defaults", 1, _uw(EKFAC), req),
+        Method("uw-pcg-kfac-1e-3", "upweight", "CG + KFAC precond.", "rtol=1e-3", 1,
+               _uw(lambda: uw.CG(rtol=1e-3, preconditioner=KFAC())), req),
+        Method("uw-pcg-kfac-1e-6", "upweight", "CG + KFAC precond.", "rtol=1e-6", 1,
+               _uw(lambda: uw.CG(rtol=1e-6, preconditioner=KFAC())), req),
+        Method("uw-pcg-ekfac-1e-3", "upweight", "CG + EKFAC precond.", "rtol=1e-3", 1,
+               _uw(lambda: uw.CG(rtol=1e-3, preconditioner=EKFAC())), req),
+    ]
+    return out
+
+
+# ── pyDVL ────────────────────────────────────────────────────────────────────────────────
+def _pydvl(make: Callable[[Problem], Any]) -> Callable[[Problem], np.ndarray]:
+    """fit on the training loader, then the documented two-step: test factors H⁻¹∇L_test once,
+    then ⟨factors, ∇L(z)⟩ over the training set in chunks (what pyDVL's sequential calculator does)."""
+
+    def run(pb: Problem) -> np.ndarray:
+        model = make(pb)
+        model.fit(DataLoader(TensorDataset(pb.X, pb.y), batch_size=LOADER_BATCH))
+        factors = model.influence_factors(pb.Xt, pb.yt)
+        parts = [model.influences_from_factors(factors, pb.X[i:i + LOADER_BATCH], pb.y[i:i + LOADER_BATCH])
+                 for i in range(0, pb.n, LOADER_BATCH)]
+        return _np(torch.cat(parts, dim=1))
+
+    return run
+
+
+def pydvl_methods() -> list[Method]:
+    def ce(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(out, y)
+
+    def direct(pb: Problem) -> Any:
+        from pydvl.influence.torch import DirectInfluence
+        return DirectInfluence(pb.model, ce, regularization=pb.l2)
+
+    def cg_block(pb: Problem) -> Any:
+        from pydvl.influence.torch import CgInfluence, NystroemPreconditioner
+        return CgInfluence(pb.model, ce, regularization=pb.l2, rtol=1e-7, atol=1e-7, solve_simultaneously=True,
+                           preconditioner=NystroemPreconditioner(rank=10), warn_on_max_iteration=False)
+
+    def cg_default(pb: Problem) -> Any:
+        from pydvl.influence.torch import CgInfluence
+        return CgInfluence(pb.model, ce, regularization=pb.l2, warn_on_max_iteration=False)
+
+    def lissa(pb: Problem) -> Any:
+        from pydvl.influence.torch import LissaInfluence
+        return LissaInfluence(pb.model, ce, regularization=pb.l2, maxiter=1000, dampen=0.0, scale=10.0, rtol=1e-4,
+                              warn_on_max_iteration=False)
+
+    def arnoldi(rank: int) -> Callable[[Problem], Any]:
+        def make(pb: Problem) -> Any:
+            from pydvl.influence.torch import ArnoldiInfluence
+            return ArnoldiInfluence(pb.model, ce, regularization=pb.l2, rank=rank, tol=1e-6)
+        return make
+
+    def ekfac(update_diagonal: bool) -> Callable[[Problem], Any]:
+        def make(pb: Problem) -> Any:
+            from pydvl.influence.torch import EkfacInfluence
+            return EkfacInfluence(pb.model, update_diagonal=update_diagonal, hessian_regularization=pb.l2)
+        return make
+
+    def nystroem(pb: Problem) -> Any:
+        from pydvl.influence.torch import NystroemSketchInfluence
+        return NystroemSketchInfluence(pb.model, ce, regularization=pb.l2, rank=10)
+
+    lib, req = "pyDVL", ("pydvl.influence.torch",)
+    return [
+        Method("pydvl-direct", lib, "DirectInfluence", "regularization=λ", -1, _pydvl(direct), req),
+        Method("pydvl-cg-block", lib, "CgInfluence (block CG)",
+               "docs: rtol=atol=1e-7, solve_simultaneously, NystroemPreconditioner(rank=10)", -1, _pydvl(cg_block), req),
+        Method("pydvl-cg", lib, "CgInfluence", "defaults: rtol=1e-4, atol=1e-6, one rhs at a time", -1,
+               _pydvl(cg_default), req),
+        Method("pydvl-lissa", lib, "LissaInfluence", "docs: maxiter=1000, scale=10, dampen=0, rtol=1e-4", -1,
+               _pydvl(lissa), req),
+        Method("pydvl-arnoldi-10", lib, "ArnoldiInfluence", "docs: rank=10, tol=1e-6", -1, _pydvl(arnoldi(10)), req),
+        Method("pydvl-arnoldi-100", lib, "ArnoldiInfluence", "rank=100, tol=1e-6", -1, _pydvl(arnoldi(100)), req),
+        Method("pydvl-kfac", lib, "EkfacInfluence (K-FAC)", "update_diagonal=False", -1, _pydvl(ekfac(False)), req),
+        Method("pydvl-ekfac", lib, "EkfacInfluence (EK-FAC)", "docs: update_diagonal=True", -1, _pydvl(ekfac(True)), req),
+        Method("pydvl-nystroem", lib, "NystroemSketchInfluence", "docs: rank=10", -1, _pydvl(nystroem), req),
+    ]
+
+
+# ── captum ───────────────────────────────────────────────────────────────────────────────
+def _captum(cls_name: str, **kwargs: Any) -> Callable[[Problem], np.ndarray]:
+    """captum's Hessian is that of the *summed* loss (``reduction="sum"``), so its damping
+    ``hessian_reg`` = n·λ makes it n·H; scores are then I/n in magnitude (correlations unaffected)."""
+
+    def run(pb: Problem) -> np.ndarray:
+        import captum.influence._core.arnoldi_influence_function as arn
+        import captum.influence._core.influence_function as naive
+
+        cls = {"naive": naive.NaiveInfluenceFunction, "arnoldi": arn.ArnoldiInfluenceFunction}[cls_name]
+        ckpt = os.path.join(pb.workdir, "captum_ckpt.pt")
+        torch.save(pb.model.state_dict(), ckpt)
+        kw = dict(kwargs)
+        if kw.get("projection_dim") == "p":
+            kw["projection_dim"] = sum(p.numel() for p in pb.model.parameters())
+        inf = cls(pb.model, DataLoader(TensorDataset(pb.X, pb.y), batch_size=LOADER_BATCH), ckpt,
+                  loss_fn=torch.nn.CrossEntropyLoss(reduction="sum"), sample_wise_grads_per_batch=True,
+                  hessian_reg=pb.n * pb.l2, **kw)
+        return _np(inf.influence((pb.Xt, pb.yt)))
+
+    return run
+
+
+def captum_methods() -> list[Method]:
+    lib, req = "captum", ("captum.influence._core.influence_function",
+                          "captum.influence._core.arnoldi_influence_function")
+    return [
+        Method("captum-naive-50", lib, "NaiveInfluenceFunction", "defaults: projection_dim=50 (dense H, top-50 eigenpairs)",
+               -1, _captum("naive"), req),
+        Method("captum-naive-p", lib, "NaiveInfluenceFunction", "projection_dim=p (all eigenpairs: exact)", -1,
+               _captum("naive", projection_dim="p"), req),
+        Method("captum-arnoldi", lib, "ArnoldiInfluenceFunction", "defaults: arnoldi_dim=200, projection_dim=50", -1,
+               _captum("arnoldi"), req),
+    ]
+
+
+# ── kronfluence ──────────────────────────────────────────────────────────────────────────
+def _kronfluence(strategy: str) -> Callable[[Problem], np.ndarray]:
+    """Kronfluence's Analyzer: the true Fisher (labels sampled from the model, as its examples do),
+    covariances averaged over the data, damping λ; measurement = the test loss, so the score is
+    ∇L_testᵀ(F + λI)⁻¹∇L_train = −I_up,loss up to the Fisher approximation."""
+
+    def run(pb: Problem) -> np.ndarray:
+        import logging
+
+        import torch.nn.functional as F
+        from kronfluence.analyzer import Analyzer, prepare_model
+        from kronfluence.arguments import FactorArguments, ScoreArguments
+        from kronfluence.task import Task
+
+        class Classification(Task):
+            def compute_train_loss(self, batch: Any, model: torch.nn.Module, sample: bool = False) -> torch.Tensor:
+                x, y = batch
+                logits = model(x)
+                if sample:
+                    with torch.no_grad():
+                        y = torch.multinomial(torch.softmax(logits, -1), num_samples=1).flatten()
+                return F.cross_entropy(logits, y, reduction="sum")
+
+            def compute_measurement(self, batch: Any, model: torch.nn.Module) -> torch.Tensor:
+                x, y = batch
+                return F.cross_entropy(model(x), y, reduction="sum")
+
+        torch.manual_seed(0)
+        task = Classification()
+        # prepare_model wraps the supported layers inside their parent: the Linear needs one
+        model = prepare_model(torch.nn.Sequential(pb.model), task)
+        an = Analyzer(analysis_name="bench", model=model, task=task, cpu=True, disable_tqdm=True,
+                      output_dir=os.path.join(pb.workdir, "kronfluence"), log_level=logging.WARNING)
+        train, test = TensorDataset(pb.X, pb.y), TensorDataset(pb.Xt, pb.yt)
+        an.fit_all_factors(factors_name=strategy, dataset=train, per_device_batch_size=LOADER_BATCH,
+                           factor_args=FactorArguments(strategy=strategy), overwrite_output_dir=True)
+        an.compute_pairwise_scores(scores_name="s", factors_name=strategy, query_dataset=test, train_dataset=train,
+                                   per_device_query_batch_size=len(pb.Xt), per_device_train_batch_size=LOADER_BATCH,
+                                   score_args=ScoreArguments(damping_factor=pb.l2), overwrite_output_dir=True)
+        return _np(an.load_pairwise_scores("s")["all_modules"])
+
+    return run
+
+
+def kronfluence_methods() -> list[Method]:
+    lib, req = "kronfluence", ("kronfluence.analyzer", "kronfluence.arguments", "kronfluence.task")
+    return [
+        Method("kron-kfac", lib, "Analyzer, K-FAC", "strategy='kfac', damping_factor=λ", -1, _kronfluence("kfac"), req),
+        Method("kron-ekfac", lib, "Analyzer, EK-FAC", "strategy='ekfac' (default), damping_factor=λ", -1,
+               _kronfluence("ekfac"), req),
+    ]
+
+
+# ── dattri ───────────────────────────────────────────────────────────────────────────────
+def _dattri(cls_name: str, **kwargs: Any) -> Callable[[Problem], np.ndarray]:
+    """dattri's AttributionTask with the mean cross-entropy as loss; the full training set as one
+    batch (its docs: "ideally the batch size … the number of training samples"), which also makes
+    it solve the inverse-HVP once (it re-solves per training batch); scores (n, K) transposed."""
+
+    def run(pb: Problem) -> np.ndarray:
+        import dattri.algorithm as alg
+        from dattri.task import AttributionTask
+
+        model = torch.nn.Sequential(pb.model)  # EK-FAC selects layers by module name: give it "0"
+
+        def loss(params: Any, data: Any) -> torch.Tensor:
+            x, y = data  # dattri's LiSSA collate casts the labels to float: cast back
+            return torch.nn.functional.cross_entropy(torch.func.functional_call(model, params, x), y.long())
+
+        task = AttributionTask(loss_func=loss, model=model, checkpoints=model.state_dict())
+        kw = {k: (v(pb) if callable(v) else v) for k, v in kwargs.items()}
+        att = getattr(alg, cls_name)(task=task, device="cpu", **kw)
+        full = DataLoader(TensorDataset(pb.X, pb.y), batch_size=pb.n)
+        att.cache(full)
+        with torch.no_grad():
+            scores = att.attribute(DataLoader(TensorDataset(pb.X, pb.y), batch_size=pb.n),
+                                   DataLoader(TensorDataset(pb.Xt, pb.yt), batch_size=len(pb.Xt)))
+        return _np(scores).T
+
+    return run
+
+
+def dattri_methods() -> list[Method]:
+    lib, req = "dattri", ("dattri.algorithm", "dattri.task")
+
+    def lam(pb: Problem) -> float:
+        return pb.l2
+
+    return [
+        Method("dattri-explicit", lib, "IFAttributorExplicit", "regularization=λ", -1,
+               _dattri("IFAttributorExplicit", regularization=lam), req),
+        Method("dattri-cg-10", lib, "IFAttributorCG", "README: max_iter=10, regularization=λ", -1,
+               _dattri("IFAttributorCG", max_iter=10, regularization=lam), req),
+        Method("dattri-cg-100", lib, "IFAttributorCG", "tuned: max_iter=100, regularization=λ", -1,
+               _dattri("IFAttributorCG", max_iter=100, regularization=lam), req),
+        Method("dattri-lissa", lib, "IFAttributorLiSSA",
+               "defaults: batch 1, depth 5000, scaling 50; damping=λ/50 (⇒ H + λI)", -1,
+               _dattri("IFAttributorLiSSA", damping=lambda pb: pb.l2 / 50.0), req),
+        Method("dattri-arnoldi", lib, "IFAttributorArnoldi", "defaults: proj_dim=100, max_iter=100; regularization=λ",
+               -1, _dattri("IFAttributorArnoldi", regularization=lam), req),
+        Method("dattri-ekfac", lib, "IFAttributorEKFAC", "damping=λ", -1,
+               _dattri("IFAttributorEKFAC", damping=lam), req),
+    ]
+
+
+def all_methods() -> list[Method]:
+    out: list[Method] = []
+    for family in (upweight_methods, pydvl_methods, captum_methods, kronfluence_methods, dattri_methods):
+        out += family()
+    return out
