@@ -1,0 +1,363 @@
+"""§5.2 of Koh & Liang (2017), training-set attacks, on the frozen-feature model of §5.1.
+
+The paper's attack (§5.2; release code ``influence/dataset_poisoning.py``,
+``scripts/run_data_poisoning_indiv.py``), with the stand-in model of ``apps.features``:
+
+1. θ̂ = the top layer (logistic regression on the frozen CNN features φ(x), l2 = 0.001, no
+   intercept), trained to the minimum. Targets: correctly classified test images.
+2. For a target z_test, rank the training images by ‖I_pert,loss(z, z_test)‖₁ (the release code's
+   selection; ``Influence.pert_loss`` on the full model CNN + top layer with θ = the top layer, so
+   ∇x goes through the frozen CNN to the pixels — Eq. 5).
+3. Perturb the top-k images (k = 1 (the first), 1 (the second alone), 2, 3, 5, 10, in this order,
+   stopping at the first success, as the release code does): z̃ := Π(z̃ + α·sign(I_pert,loss(z̃,
+   z_test))), then **retrain the top layer exactly** on the perturbed training set (features of the
+   perturbed images recomputed through the CNN; exact Newton on the top layer, warm-started) and recompute
+   I_pert,loss at the new θ̂. Stop when the target's prediction flips or after ``iterations`` (paper: 100).
+4. Π: the paper keeps each pixel within half an 8-bit level of the original (the perturbed image has
+   the *same* 8-bit representation; α = 0.02 levels). Our images are themselves 8-bit (MNIST's
+   uint8 pixels), so a perturbed image must be a valid 8-bit image too: pixel values k/255 in
+   [0, 1], each within ``epsilon`` levels of the original (L∞ ≤ ε/255), and a step moves a pixel by
+   ``step`` levels (α = step/255). ε = 0.5 level is impossible on an 8-bit grid (it is the identity),
+   so ε is the smallest number of levels that the attack needs — see ``docs/reproduction/attack.md``.
+5. Every reported flip is verified by a **cold** retrain (from θ = 0) on the perturbed training set.
+6. Multi-target variant (paper Fig. 5: one training image flipped 16 of 30 test images of the
+   author's dog): a group of same-label test images, f = their average test loss, one (or k)
+   training images perturbed to increase it; we count how many of the group flip.
+
+I_pert,loss at each step: H and ∇θf(z_test) involve only the top layer, so s_test = H⁻¹∇θf comes from
+the closed-form logistic Hessian on the features (``TopLayerAttack.s_test`` computes the same with
+``Influence`` + ``Direct``; the tests check they agree), and the mixed derivative ∇x∇θL(z̃) goes
+through the CNN (``upweight.core.grads.pert_directions`` on the full model) — the same two factors
+``Influence.pert_loss`` multiplies, without re-running the CNN on all n images at every step. The
+tests check the result against central finite differences of actually retrained test losses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from .._progress import progress as _progress
+from ..core import Data, Objective
+from ..core.grads import pert_directions
+from ..errors import InputError
+from ..influence import Influence
+from ..solvers import Direct
+from .features import FeatureSetup, features_of, fit_top_layer, newton_top_layer
+
+PAPER = {
+    "n_train": 1800,
+    "n_test": 600,
+    "n_correct": 591,
+    "alpha_levels": 0.02,
+    "box_levels": 0.5,
+    "iterations": 100,
+    "flip_1": 0.57,          # 335 / 591
+    "flip_2": 0.77,
+    "flip_10": 590 / 591,    # "all but 1"
+    "multi_group": 30,
+    "multi_flipped": 16,
+}
+SCHEDULE = ((0,), (1,), (0, 1), (0, 1, 2), (0, 1, 2, 3, 4), tuple(range(10)))  # release code: 1st, 2nd, top-2, 3, 5, 10
+
+
+@dataclass(frozen=True)
+class AttackRun:
+    """One attack: a set of training images perturbed against one or several test images."""
+
+    targets: list[int]            # test positions attacked
+    train_indices: list[int]      # training positions perturbed
+    iterations: int               # steps taken (each followed by an exact retrain)
+    flipped: list[bool]           # per target: prediction flipped after the last retrain
+    margin_before: list[float]    # y·s of each target at θ̂
+    margin_after: list[float]     # … after the attack (retrained)
+    verified: list[bool]          # per target: flipped under a cold retrain from θ = 0 as well
+    linf_levels: int              # largest |change| of any pixel, in 8-bit levels
+    l2_pixels: float              # ‖z̃ − z‖₂ over the perturbed images (pixels in [0, 1])
+    l2_features: float            # ‖φ(z̃) − φ(z)‖₂
+    stopped: str                  # "flipped", "fixed point"/"cycle" (z̃ repeats: nothing new can happen) or "iterations"
+
+
+def _levels(x: np.ndarray) -> np.ndarray:
+    """Pixels in [0, 1] → their 8-bit levels (int); the data must already be on the 8-bit grid."""
+    lev = np.rint(np.asarray(x, np.float64) * 255.0)
+    if np.abs(lev / 255.0 - x).max() > 1e-6:
+        raise InputError("The attack needs 8-bit images (pixel values k/255); these pixels are not on that grid.")
+    return lev.astype(np.int64)
+
+
+class TopLayerAttack:
+    """The iterated I_pert,loss attack of §5.2 on a ``FeatureSetup`` (state: the clean training set)."""
+
+    def __init__(self, setup: FeatureSetup) -> None:
+        self.s = setup
+        self.y = torch.as_tensor(setup.task.y_train)
+        self.yt = torch.as_tensor(setup.task.y_test)
+        self.levels = _levels(setup.task.x_train)
+        self.w0 = setup.top_weight()
+
+    # ── pieces ──────────────────────────────────────────────────────────────────────
+    def _model_at(self, w: torch.Tensor) -> Any:
+        from .features import TopLayerModel
+
+        m = TopLayerModel(self.s.net).double().eval()
+        with torch.no_grad():
+            m.top.weight.copy_(w)
+        return m
+
+    def s_test(self, F: torch.Tensor, w: torch.Tensor, targets: Sequence[int]) -> torch.Tensor:
+        """H⁻¹ ∇θ (mean test loss over ``targets``) with the library (``Influence`` + ``Direct`` on the
+        top-layer objective over features F at weights w) — shape (1, d)."""
+        lin = torch.nn.Linear(F.shape[1], 1, bias=False).double().eval()
+        with torch.no_grad():
+            lin.weight.copy_(w)
+        inf = Influence(Objective(lin, "logistic", l2=self.s.l2), solver=Direct(), progress=False, grad_tol=1e-6)
+        inf.fit((F, self.y))
+        t = list(targets)
+        return inf.s_test((self.s.F_test[t], self.yt[t])).value.mean(0, keepdim=True)
+
+    def s_test_closed(self, F: torch.Tensor, w: torch.Tensor, targets: Sequence[int]) -> torch.Tensor:
+        """The same s_test from the closed forms of the logistic top layer (used inside the attack loop,
+        where the generic p-HVP Hessian would dominate the run time): H = (1/n) Σ σ(mᵢ)σ(−mᵢ)φᵢφᵢᵀ + l2·I,
+        ∇θ log(1 + exp(−y wᵀφ)) = −σ(−m) y φ."""
+        ys = torch.where(self.y > 0, 1.0, -1.0).double()
+        m = ys * (F @ w[0])
+        c = torch.sigmoid(m) * torch.sigmoid(-m)
+        H = (F.T * c) @ F / len(F) + self.s.l2 * torch.eye(F.shape[1], dtype=F.dtype)
+        t = list(targets)
+        Ft = self.s.F_test[t]
+        yt = torch.where(self.yt[t] > 0, 1.0, -1.0).double()
+        g = (-(torch.sigmoid(-yt * (Ft @ w[0])) * yt)[:, None] * Ft).mean(0)
+        return torch.linalg.solve(H, g)[None]
+
+    def pert(self, w: torch.Tensor, s: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """I_pert,loss(z, ·) = −sᵀ∇x∇θL(z, θ) through the CNN for the rows of x, shape (k, 784)."""
+        obj = Objective(self._model_at(w), "logistic", l2=self.s.l2, params="top")
+        return -pert_directions(obj, obj.params, Data.from_any((x, y)), s)[0]
+
+    def margins(self, F: torch.Tensor, w: torch.Tensor, targets: Sequence[int]) -> np.ndarray:
+        del F
+        with torch.no_grad():
+            s = self.s.F_test[list(targets)] @ w[0]
+        return (s * self.yt[list(targets)].to(s.dtype)).numpy()
+
+    # ── the attack ──────────────────────────────────────────────────────────────────
+    def run(self, targets: Sequence[int], train: Sequence[int], *, epsilon: int, step: int = 1,
+            iterations: int = 100, stop_on_flip: bool = True) -> tuple[AttackRun, np.ndarray]:
+        """Perturb training images ``train`` to raise the (mean) test loss of ``targets``.
+
+        Returns the run and the perturbed images as 8-bit levels, shape (len(train), 784).
+        """
+        targets, train = [int(t) for t in targets], [int(i) for i in train]
+        lo = np.maximum(self.levels[train] - epsilon, 0)
+        hi = np.minimum(self.levels[train] + epsilon, 255)
+        lev = self.levels[train].copy()
+        yk = self.y[train]
+        F = self.s.F.clone()
+        w = self.w0.clone()
+        before = self.margins(F, w, targets)
+        stopped, it = "iterations", 0
+        seen = {lev.tobytes()}
+        for it in range(1, iterations + 1):
+            s = self.s_test_closed(F, w, targets)
+            g = self.pert(w, s, torch.as_tensor(lev / 255.0), yk).numpy()
+            new = np.clip(lev + step * np.sign(g).astype(np.int64), lo, hi)
+            if new.tobytes() in seen:
+                # θ̂ is a function of the training set, so the iteration z̃ ↦ Π(z̃ + α·sign(I_pert,loss)) is a
+                # map on the finite set of 8-bit images: a repeated z̃ means it cycles through states already
+                # seen (none flipped the target), exactly as the remaining iterations would
+                stopped, it = ("fixed point" if np.array_equal(new, lev) else "cycle"), it - 1
+                break
+            seen.add(new.tobytes())
+            lev = new
+            F[train] = features_of(self.s.net, lev / 255.0)
+            w, _ = newton_top_layer(F, self.y, self.s.l2, w)
+            if stop_on_flip and (self.margins(F, w, targets) < 0).all():
+                stopped = "flipped"
+                break
+        after = self.margins(F, w, targets)
+        flipped = (after < 0).tolist()
+        verified = [False] * len(targets)
+        if any(flipped):
+            cold, _ = fit_top_layer(self.s.net, F, self.y, self.s.l2)  # from θ = 0: an independent retrain
+            verified = [bool(f and m < 0) for f, m in zip(flipped, self.margins(F, cold.top.weight.detach(), targets))]
+        dx = (lev - self.levels[train]) / 255.0
+        run = AttackRun(
+            targets=targets, train_indices=train, iterations=it, flipped=flipped,
+            margin_before=before.tolist(), margin_after=after.tolist(), verified=verified,
+            linf_levels=int(np.abs(lev - self.levels[train]).max(initial=0)),
+            l2_pixels=float(np.linalg.norm(dx)),
+            l2_features=float((F[train] - self.s.F[train]).norm()), stopped=stopped,
+        )
+        return run, lev
+
+    def rank_training(self, inf_full: Influence, targets: Sequence[int]) -> np.ndarray:
+        """Training positions by decreasing ‖I_pert,loss(z, z_test)‖₁ (mean over ``targets`` for a group)."""
+        t = list(targets)
+        vals = inf_full.pert_loss((torch.as_tensor(self.s.task.x_test[t]), self.yt[t])).values  # (m, n, 784)
+        score = np.abs(vals.mean(0)).sum(-1)
+        return np.argsort(-score, kind="stable")
+
+
+def full_influence(setup: FeatureSetup, progress: bool = False) -> Influence:
+    """``Influence`` on the full model (CNN + top layer, θ = the top layer) at θ̂: ``pert_loss`` reaches the pixels."""
+    obj = Objective(setup.model, "logistic", l2=setup.l2, params="top")
+    return Influence(obj, solver=Direct(), progress=progress, grad_tol=1e-6).fit(
+        (torch.as_tensor(setup.task.x_train), torch.as_tensor(setup.task.y_train)))
+
+
+@dataclass(frozen=True)
+class AttackResult:
+    """Every number of the §5.2 reproduction."""
+
+    digits: list[int]
+    n_train: int
+    n_test: int
+    n_correct: int
+    l2: float
+    epsilon_levels: int
+    step_levels: int
+    iterations: int
+    cnn: dict[str, Any]
+    grad_norm: float
+    targets: list[int]                     # correctly classified test positions attacked
+    flips_by_k: dict[str, int]             # cumulative: flipped with ≤ k perturbed images (k = 1, 2, 3, 5, 10)
+    flip_rate: dict[str, float]
+    solved_with: list[int]                 # per target: k of the successful attack (0: not flipped)
+    verified_all: bool                     # every counted flip also flips under a cold retrain
+    runs: list[dict[str, Any]]             # the successful (or last) run per target
+    pixel_to_centroid: float               # median over 1-image successes: ‖Δx‖₂ / mean ‖x − class centroid‖₂
+    feature_to_centroid: float             # … the same in feature space
+    multi: dict[str, Any] = field(default_factory=dict)
+    example: dict[str, Any] = field(default_factory=dict)   # one successful 1-image attack, for the figure
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _mean_centroid_distance(X: np.ndarray, y: np.ndarray) -> float:
+    d = []
+    for c in np.unique(y):
+        Xc = X[y == c]
+        d.append(np.linalg.norm(Xc - Xc.mean(0), axis=1))
+    return float(np.concatenate(d).mean())
+
+
+def run_attack(
+    setup: FeatureSetup,
+    *,
+    targets: int | None = None,
+    epsilon: int = 4,
+    step: int = 1,
+    iterations: int = 100,
+    max_k: int = 10,
+    group_size: int = 30,
+    multi_k: Sequence[int] = (1, 10),
+    progress: bool = True,
+) -> AttackResult:
+    """Run §5.2 (see the module docstring) on ``setup`` and return every number.
+
+    Args:
+        setup: ``features.build_feature_model(...)``.
+        targets: how many correctly classified test images to attack (the first ones in test order,
+            alternating between the two classes); ``None`` = all of them (paper: 591).
+        epsilon: L∞ bound in 8-bit levels (|z̃ − z| ≤ ε/255 per pixel).
+        step: α in levels per iteration (α = step/255).
+        iterations: the cap per attack (paper: 100).
+        max_k: the largest number of perturbed training images tried per target (paper: 10).
+        group_size: test images in the multi-target attack (paper: 30; 0 skips it).
+        multi_k: numbers of training images perturbed in the multi-target attack.
+    """
+    for name, v, low in (("epsilon", epsilon, 1), ("step", step, 1), ("iterations", iterations, 1), ("max_k", max_k, 1)):
+        if int(v) != v or v < low:
+            raise InputError(f"run_attack: {name} must be an integer ≥ {low}; got {v!r}.")
+    if epsilon > 255:
+        raise InputError(f"run_attack: epsilon={epsilon} levels exceeds the 8-bit range (≤ 255).")
+    atk = TopLayerAttack(setup)
+    task = setup.task
+    scores = setup.test_scores()
+    correct = np.flatnonzero(np.sign(scores) == task.y_test)
+    # alternate classes so a prefix of the list is balanced
+    pos, neg = correct[task.y_test[correct] > 0], correct[task.y_test[correct] < 0]
+    order = [int(v) for pair in zip(pos, neg) for v in pair]
+    order += [int(v) for v in (pos[len(neg):] if len(pos) > len(neg) else neg[len(pos):])]
+    chosen = order if targets is None else order[:targets]
+    if targets is not None and not 1 <= targets <= len(order):
+        raise InputError(f"run_attack: targets must be between 1 and {len(order)} (correctly classified test "
+                         f"images); got {targets}.")
+    schedule = [ks for ks in SCHEDULE if max(ks) < max_k]
+    inf_full = full_influence(setup)
+
+    solved, runs = [], []
+    example: dict[str, Any] = {}
+    for t in _progress(chosen, desc="attacking test images", total=len(chosen), enabled=progress):
+        ranking = atk.rank_training(inf_full, [t])
+        k_ok, last = 0, None
+        for ks in schedule:
+            run, lev = atk.run([t], ranking[list(ks)], epsilon=epsilon, step=step, iterations=iterations)
+            last = run
+            if run.flipped[0]:
+                k_ok = len(ks)
+                if not example and k_ok == 1:
+                    example = {"target": t, "train": run.train_indices, "perturbed_levels": lev.tolist(),
+                               "original_levels": atk.levels[run.train_indices].tolist(), "run": asdict(run)}
+                break
+        solved.append(k_ok)
+        runs.append(asdict(last))
+    solved_arr = np.asarray(solved)
+    ks = [k for k in (1, 2, 3, 5, 10) if k <= max_k]
+    flips = {str(k): int(((solved_arr > 0) & (solved_arr <= k)).sum()) for k in ks}
+    ok_runs = [r for r in runs if r["flipped"][0]]
+    verified_all = all(all(r["verified"]) for r in ok_runs)
+
+    Xp, Fp = task.x_train, setup.F.numpy()
+    cp, cf = _mean_centroid_distance(Xp, task.y_train), _mean_centroid_distance(Fp, task.y_train)
+    one = [r for r, k in zip(runs, solved) if k == 1]
+    ratio_p = float(np.median([r["l2_pixels"] / cp for r in one])) if one else float("nan")
+    ratio_f = float(np.median([r["l2_features"] / cf for r in one])) if one else float("nan")
+
+    multi: dict[str, Any] = {}
+    if group_size > 0:
+        multi = _multi_target(atk, setup, correct, group_size, multi_k, epsilon, step, iterations)
+
+    return AttackResult(
+        digits=list(task.digits), n_train=len(task.y_train), n_test=len(task.y_test), n_correct=len(correct),
+        l2=setup.l2, epsilon_levels=int(epsilon), step_levels=int(step), iterations=int(iterations),
+        cnn=asdict(setup.cnn), grad_norm=setup.grad_norm, targets=chosen, flips_by_k=flips,
+        flip_rate={k: v / len(chosen) for k, v in flips.items()}, solved_with=solved, verified_all=verified_all,
+        runs=runs, pixel_to_centroid=ratio_p, feature_to_centroid=ratio_f, multi=multi, example=example,
+    )
+
+
+def _multi_target(atk: TopLayerAttack, setup: FeatureSetup, correct: np.ndarray, group_size: int,
+                  multi_k: Sequence[int], epsilon: int, step: int, iterations: int) -> dict[str, Any]:
+    """Paper Fig. 5: one set of perturbed training images against a group of similar test images.
+
+    The group (the paper's 30 photos of one dog): the first correctly classified test image of the
+    second digit (label −1) and its ``group_size − 1`` nearest correctly classified neighbours of the
+    same label in feature space. f = their mean test loss; the top-k training images by
+    ‖I_pert,loss‖₁ of f are perturbed for all ``iterations`` (no early stop), then we count flips.
+    """
+    yt = setup.task.y_test
+    same = correct[yt[correct] < 0]
+    if len(same) < group_size:
+        return {}
+    anchor = int(same[0])
+    Ft = setup.F_test.numpy()
+    dist = np.linalg.norm(Ft[same] - Ft[anchor], axis=1)
+    group = [int(v) for v in same[np.argsort(dist, kind="stable")[:group_size]]]
+    ranking = atk.rank_training(full_influence(setup), group)
+    out: dict[str, Any] = {"group": group, "anchor": anchor, "by_k": {}}
+    for k in multi_k:
+        run, _ = atk.run(group, ranking[:k], epsilon=epsilon, step=step, iterations=iterations, stop_on_flip=False)
+        out["by_k"][str(k)] = {"flipped": int(sum(run.flipped)), "verified": int(sum(run.verified)),
+                               "train_indices": run.train_indices, "iterations": run.iterations,
+                               "stopped": run.stopped, "linf_levels": run.linf_levels}
+    return out
+
+
+__all__ = ["PAPER", "SCHEDULE", "AttackResult", "AttackRun", "TopLayerAttack", "full_influence", "run_attack"]
