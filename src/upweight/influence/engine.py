@@ -13,6 +13,10 @@ Scale-out and resumption (DESIGN §1.4–1.6): the train-side sweeps of ``up_los
 (in-process by default, ``upweight.distributed.DaskExecutor`` on a cluster), and with a
 ``Store`` every finished chunk (and the s_test solve) is written to disk, so a rerun of the same
 call computes only what is missing and returns bit-for-bit the same scores.
+
+Structured scoring (``Influence(structured=…)``, ``core.structured``): for ``nn.Linear`` /
+``nn.Conv2d`` layers the train-side dot products s_testᵀ∇θL(zᵢ) are contracted from each layer's
+inputs and output cotangents, never forming the per-sample gradients.
 """
 
 from __future__ import annotations
@@ -40,13 +44,16 @@ from ..core.grads import (
     pert_directions,
     risk_grad,
 )
+from ..core.layers import LayerPlan
 from ..core.objective import Objective
+from ..core.structured import scoring_plan, structured_scores
 from ..errors import (
     InaccurateSolveError,
     InaccurateSolveWarning,
     InputError,
     NotAtMinimumWarning,
     ShapeError,
+    UnsupportedModelError,
 )
 from ..solvers import CG, InverseHVPSolver, Solution
 from ..store import ChunkedArray, Store, array_digest
@@ -72,6 +79,15 @@ class Influence:
         on_inaccurate: "raise" an ``InaccurateSolveError`` (default) or "warn" and record it.
         grad_tol: ‖∇R(θ̂)‖ above which ``fit`` warns that θ̂ is not a minimum.
         progress: show progress bars on long sweeps.
+        structured: how ``up_loss`` scores the training points and how H is multiplied.
+            "auto" (default): structured scoring (each ``nn.Linear`` / ``nn.Conv2d`` layer's
+            sᵀ∇L(zᵢ) = Σₜ bᵢₜᵀ Q ãᵢₜ from its inputs and output cotangents, no per-sample gradient
+            matrix) when every parameter of θ is in such a layer, and the exact structured HVP
+            when θ is one output ``nn.Linear`` (``Curvature``); otherwise today's paths.
+            ``True``: structured scoring wherever a layer is factorable (the other parameters of θ
+            keep per-sample gradients, summed in), ``UnsupportedModelError`` when none is.
+            ``False``: per-sample gradients and forward-over-reverse HVPs throughout.
+            The structured HVP runs in-process even when an executor is given.
 
     Examples:
         >>> import torch
@@ -95,6 +111,7 @@ class Influence:
         on_inaccurate: Literal["raise", "warn"] = "raise",
         grad_tol: float = 1e-3,
         progress: bool = True,
+        structured: bool | Literal["auto"] = "auto",
     ) -> None:
         self.objective = objective
         self.solver = solver if solver is not None else CG()
@@ -104,6 +121,7 @@ class Influence:
         self.on_inaccurate = on_inaccurate
         self.grad_tol = grad_tol
         self.progress = progress
+        self.structured = structured
         self.data_: Data | None = None
         self._shared: dict[tuple[int, str], tuple[Executor, Any]] = {}
 
@@ -130,6 +148,8 @@ class Influence:
         if self.max_residual not in (None, "auto"):
             check_interval("Influence", "max_residual", self.max_residual, 0.0, None)
         check_choice("Influence", "on_inaccurate", self.on_inaccurate, ("raise", "warn"))
+        if not (self.structured is True or self.structured is False or self.structured == "auto"):
+            raise InputError(f"The 'structured' parameter of Influence must be 'auto', True or False. Got {self.structured!r}.")
         if executor is not None:
             executor = resolve(executor)
 
@@ -148,7 +168,12 @@ class Influence:
                 NotAtMinimumWarning,
                 stacklevel=2,
             )
-        self.curvature_ = Curvature(self.objective, data, damping=self.damping, batch_size=self.batch_size, executor=executor)
+        self._scoring_plan, self.scoring_, self.scoring_reason_ = self._resolve_scoring(data)
+        if self.structured is False:
+            self.curvature_ = Curvature(self.objective, data, damping=self.damping, batch_size=self.batch_size, executor=executor,
+                                        structured=False)
+        else:
+            self.curvature_ = Curvature(self.objective, data, damping=self.damping, batch_size=self.batch_size, executor=executor)
         self.state_ = self.solver.prepare(self.curvature_)
         self.executor_ = executor
         self._shared = {}
@@ -158,6 +183,26 @@ class Influence:
         self.fit_seconds_ = time.perf_counter() - t0
         logger.info("fitted %s on n=%d, p=%d in %.2fs", type(self.solver).__name__, self.n_train_, self.objective.p, self.fit_seconds_)
         return self
+
+    def _resolve_scoring(self, data: Data) -> tuple[LayerPlan | None, str, str]:
+        """(plan, "structured" | "generic", why) for the train-side sweep of ``up_loss``."""
+        if self.structured is False:
+            return None, "generic", "structured=False"
+        try:
+            plan, why = scoring_plan(self.objective, data)
+        except Exception as exc:  # noqa: BLE001 — "auto" keeps the generic path; True reports why below
+            plan, why = None, f"{type(exc).__name__}: {exc}"
+        if self.structured is True:
+            if plan is None or why is not None:
+                raise UnsupportedModelError(
+                    f"Influence(structured=True): structured scoring cannot be used: {why}. Use structured='auto' or False."
+                )
+            return plan, "structured", "structured=True" + (f"; per-sample gradients for {list(plan.other)}" if plan.other else "")
+        if plan is None or why is not None:
+            return None, "generic", str(why)
+        if plan.other:
+            return None, "generic", f"parameters outside factorable layers: {list(plan.other)} (structured=True would mix)"
+        return plan, "structured", "every parameter of θ is in a factorable nn.Linear / nn.Conv2d"
 
     # ── building blocks ───────────────────────────────────────────────────────────────
     def _train(self, train: TrainSelection) -> Data:
@@ -206,17 +251,21 @@ class Influence:
     def _executor(self, executor: Executor | None) -> Executor:
         return resolve(executor if executor is not None else getattr(self, "executor_", None))
 
-    def _context(self, ex: Executor, kind: Literal["grads", "solve"]) -> Any:
+    def _context(self, ex: Executor, kind: Literal["grads", "solve", "structured"]) -> Any:
         """The shared task context for ``ex``, placed once per executor and fit."""
         key = (id(ex), kind)
         hit = self._shared.get(key)
         if hit is not None and hit[0] is ex:
             return hit[1]
         assert self.data_ is not None
-        ctx: _GradContext = (
-            _GradContext(self.objective, self.data_) if kind == "grads"
-            else _SolveContext(self.objective, self.data_, self.solver, self.state_)
-        )
+        ctx: _GradContext
+        if kind == "grads":
+            ctx = _GradContext(self.objective, self.data_)
+        elif kind == "structured":
+            assert self._scoring_plan is not None
+            ctx = _StructuredContext(self.objective, self.data_, self._scoring_plan)
+        else:
+            ctx = _SolveContext(self.objective, self.data_, self.solver, self.state_)
         handle = ex.share(ctx)
         self._shared[key] = (ex, handle)
         return handle
@@ -238,6 +287,11 @@ class Influence:
         }
         if test is not None:
             fp["test_data"] = _digest_data(test)
+        if quantity == "up_loss" and getattr(self, "scoring_", "generic") == "structured":
+            fp["scoring"] = "structured"  # equal to the generic scores up to rounding, so kept apart
+        curv = self.curvature_
+        if curv.uses_structured:
+            fp["hvp"] = "structured"  # s_test equal to the generic one up to rounding, so kept apart
         return fp
 
     def _bind_store(self, store: StoreLike, quantity: str, positions: np.ndarray, test: Data | None = None) -> Store | None:
@@ -360,6 +414,10 @@ class Influence:
             "grad_norm": self.grad_norm_,
             "seconds": time.perf_counter() - started,
         }
+        if getattr(self, "scoring_", "generic") == "structured":
+            prov["structured_scoring"] = self.scoring_reason_
+        if getattr(self.curvature_, "_structured_op", None):
+            prov["structured_hvp"] = self.curvature_.structured_reason_
         if sol is not None:
             prov.update(
                 residual_max=sol.max_residual,
@@ -401,8 +459,9 @@ class Influence:
         ex = self._executor(executor)
         shape = (len(test_data), len(positions))
         arr = None if st is None else self._store_array(st, "scores", shape, axis=1)
-        values = self._sweep(_up_loss_chunk, positions, ex, self._context(ex, "grads"), (sol.value,), arr, shape,
-                             axis=1, desc="I_up,loss over training points")
+        ctx = self._context(ex, "structured" if self.scoring_ == "structured" else "grads")
+        values = self._sweep(_up_loss_chunk, positions, ex, ctx, (sol.value,), arr, shape, axis=1,
+                             desc="I_up,loss over training points")
         return InfluenceScores(
             values, test_data.ids.numpy(), self.data_.ids.numpy()[positions], self.n_train_, "up_loss",
             self._provenance(sol, t0),
@@ -551,6 +610,15 @@ class _SolveContext(_GradContext):
         self.solver, self.state = solver, state
 
 
+class _StructuredContext(_GradContext):
+    """A ``_GradContext`` plus the layer plan for structured scoring (its blocks refer to modules of
+    this objective's model, so the two always travel together)."""
+
+    def __init__(self, objective: Objective, data: Data, plan: LayerPlan) -> None:
+        super().__init__(objective, data)
+        self.plan = plan
+
+
 def _private(ctx: _GradContext) -> Any:
     d = ctx.data
     return thread_private(ctx, share=(d, d.X, d.y, d.ids))
@@ -562,9 +630,21 @@ def _chunk_grads(indices: np.ndarray, ctx: _GradContext) -> torch.Tensor:
 
 
 def _up_loss_chunk(indices: np.ndarray, ctx: _GradContext, S: torch.Tensor) -> np.ndarray:
-    """−s_testⱼᵀ∇θL(zᵢ, θ̂) for the chunk's training points i, shape (k, b) — Eq. 2's train side."""
+    """−s_testⱼᵀ∇θL(zᵢ, θ̂) for the chunk's training points i, shape (k, b) — Eq. 2's train side.
+
+    A ``_StructuredContext`` scores by structured scoring (``_up_loss_chunk_structured``)."""
+    if isinstance(ctx, _StructuredContext):
+        return _up_loss_chunk_structured(indices, ctx, S)
     G = _chunk_grads(indices, _private(ctx))
     return (-(S.to(G.dtype) @ G.T)).detach().cpu().numpy()
+
+
+def _up_loss_chunk_structured(indices: np.ndarray, ctx: _StructuredContext, S: torch.Tensor) -> np.ndarray:
+    """``_up_loss_chunk`` by structured scoring: each layer's s_testᵀ∇L(zᵢ) from its inputs and
+    output cotangents (``core.structured.structured_scores``), shape (k, b)."""
+    ctx = _private(ctx)
+    batch = ctx.data.subset(torch.from_numpy(np.asarray(indices, dtype=np.int64)))
+    return (-structured_scores(ctx.objective, ctx.plan, batch, S)).detach().cpu().numpy()
 
 
 def _self_influence_chunk(indices: np.ndarray, ctx: _SolveContext) -> tuple[np.ndarray, Solution]:

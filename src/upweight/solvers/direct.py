@@ -91,5 +91,5 @@ class Direct(InverseHVPSolver):
 def _recast(curvature: Curvature, dtype: torch.dtype) -> Curvature:
     return Curvature(
         curvature.objective, curvature.data, damping=curvature.damping, batch_size=curvature.batch_size, dtype=dtype,
-        executor=curvature.executor,
+        executor=curvature.executor, structured=curvature.structured,
     )

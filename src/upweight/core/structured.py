@@ -1,0 +1,351 @@
+"""Influence arithmetic that uses the structure of ``nn.Linear`` / ``nn.Conv2d`` layers instead of
+materialising per-sample gradients or differentiating twice.
+
+**Structured scoring** (the train side of I_up,loss, Koh & Liang 2017 Eq. 2). For a factorable
+layer (``core.layers``) the per-sample gradient of W̃ = [W | bias] is gᵢ = Σₜ bᵢₜ ãᵢₜᵀ, so for a
+query row q (a row of s_test, reshaped to the layer's (out, cols) block Q)
+
+    qᵀgᵢ = Σₜ bᵢₜᵀ Q ãᵢₜ,
+
+a batched contraction of the captured inputs ã and output cotangents b with Q: the (n, p) matrix
+of per-sample gradients is never formed. Parameters in no factorable layer keep the per-sample
+(vmap∘grad) path, restricted to them, and the two parts are summed.
+
+**Structured HVP** (exact). When θ is exactly the weight (and bias) of ONE ``nn.Linear`` whose
+output is the model's output and whose input does not depend on θ (softmax / logistic / linear
+regression, a frozen feature extractor with a trained linear head), the output zᵢ = W̃ãᵢ is
+linear in θ, so ∇²θL(zᵢ) = Jᵢᵀ ∇²_zL(zᵢ) Jᵢ exactly (the Gauss–Newton matrix *is* the Hessian)
+and, for a tangent V (out, cols),
+
+    Σᵢ ∇²θL(zᵢ)[V] = Σᵢ (Hᵢ uᵢ) ãᵢᵀ,   uᵢ = V ãᵢ,   Hᵢ = ∇²_zL(zᵢ),
+
+two matrix products per batch. Hᵢ is applied in closed form for cross-entropy
+(diag(p) − ppᵀ), the binary logistic loss (σ(s)σ(−s)) and the squared loss (I); any other loss
+gets its per-sample output Hessian from ``torch.func.hessian`` once (it does not depend on V).
+The layer inputs ã and the output-Hessian data are computed once and cached across the
+solver's iterations when they fit in the memory budget.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch.func import grad, hessian, vmap
+
+from ..errors import InputError, UnsupportedModelError
+from .data import Data
+from .layers import LayerBlock, LayerPlan, _layer_input, capture, find_layers
+from .losses import SmoothHinge, cross_entropy, logistic, squared
+from .objective import Objective
+from .params import Params
+
+# ── structured scoring ─────────────────────────────────────────────────────────────────
+
+
+def subset_per_sample_grads(objective: Objective, params: Params, names: Sequence[str], batch: Data) -> torch.Tensor:
+    """Per-sample ∇L(zᵢ) with respect to the parameters ``names`` only (in θ order), shape (b, Σ sizes)."""
+    sub = {n: params[n] for n in names}
+    rest = {n: t for n, t in params.items() if n not in sub}
+
+    def one(s: Params, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return objective.losses({**rest, **s}, x.unsqueeze(0), y.unsqueeze(0))[0]
+
+    g = vmap(grad(one), in_dims=(None, 0, 0))(sub, batch.X, batch.y)
+    return torch.cat([g[n].reshape(len(batch), -1) for n in names], dim=1)
+
+
+def _block_scores(Q: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """Σₜ bᵢₜᵀ Qⱼ ãᵢₜ for Q (k, out, cols), A (b, T, cols), B (b, T, out) → (k, b).
+
+    Contracts in the cheaper order: through Qã (b·T·cols·k·out multiply-adds) or through the
+    layer's per-sample gradients Σₜ bᵢₜãᵢₜᵀ (b·T·out·cols + k·b·out·cols) — the latter only pays
+    when a layer has many locations T (a convolution) and several queries.
+    """
+    k, out, cols = Q.shape
+    b, T, _ = A.shape
+    if T * k <= T + k:
+        M = (A.reshape(b * T, cols) @ Q.reshape(k * out, cols).T).reshape(b, T, k, out)
+        return torch.einsum("btko,bto->kb", M, B)
+    G = torch.einsum("bto,btc->boc", B, A).reshape(b, out * cols)
+    return Q.reshape(k, out * cols) @ G.T
+
+
+def _capture_bytes_per_point(objective: Objective, plan: LayerPlan, point: Data, params: Params, k: int) -> int:
+    """Bytes that scoring one point holds: its captured inputs and cotangents, and the larger
+    contraction intermediate, per layer (measured on ``point``)."""
+    cap = capture(objective, plan.blocks, point, params=params, cotangents="loss")
+    total = 0
+    for blk in plan.blocks:
+        T = cap.a[blk.name].shape[1]
+        total += T * (blk.cols + blk.out_dim) + max(T * k * blk.out_dim, blk.out_dim * blk.cols)
+    return total * cap.a[plan.blocks[0].name].element_size()
+
+
+def _block_scores_lowrank(Q: torch.Tensor, A: torch.Tensor, B: torch.Tensor, rank: int) -> torch.Tensor:
+    """``_block_scores`` with each Qⱼ replaced by its best rank-r approximation Σᵣ σᵣuᵣvᵣᵀ (SVD):
+    Σₜ Σᵣ σᵣ(bᵢₜᵀuᵣ)(vᵣᵀãᵢₜ), b·T·k·r·(out + cols) multiply-adds instead of b·T·k·out·cols."""
+    U, sig, Vh = torch.linalg.svd(Q, full_matrices=False)  # (k, out, m), (k, m), (k, m, cols)
+    U, sig, Vh = U[:, :, :rank], sig[:, :rank], Vh[:, :rank, :]
+    Bu = torch.einsum("bto,kor->btkr", B, U * sig[:, None, :])
+    Av = torch.einsum("btc,krc->btkr", A, Vh)
+    return (Bu * Av).sum(dim=(1, 3)).T
+
+
+def structured_scores(objective: Objective, plan: LayerPlan, batch: Data, S: torch.Tensor,
+                      params: Params | None = None, *, max_bytes: int = 2**28, rank: int | None = None) -> torch.Tensor:
+    """sⱼᵀ∇θL(zᵢ, θ) for every row sⱼ of S (k, p) and every point of ``batch``: shape (k, b).
+
+    Equal to ``S @ per_sample_grads(batch).T`` (Koh & Liang 2017, Eq. 2 without the sign), but the
+    factorable layers are scored from their inputs and output cotangents (one forward and one
+    backward pass per sub-batch) instead of materialising (b, p) gradients. The batch is split so
+    that the captured layer inputs (for a convolution: every unfolded patch) and the contraction's
+    intermediates take at most about ``max_bytes``.
+
+    ``rank``: score each layer with the rank-``rank`` truncated SVD of its query blocks Qⱼ instead
+    (an approximation unless ``rank`` ≥ min(out, cols), when the exact contraction is used); worth
+    it only for wide layers, where k·out·cols ≫ k·rank·(out + cols).
+    """
+    if rank is not None and (not isinstance(rank, int) or rank < 1):
+        raise InputError(f"structured_scores: rank must be a positive integer or None; got {rank!r}.")
+    params = params if params is not None else objective.params
+    dtype = next(iter(params.values())).dtype
+    S = S.to(dtype).reshape(-1, objective.p)
+    if plan.blocks and len(batch) > 1:
+        per_point = _capture_bytes_per_point(objective, plan, batch.subset([0]), params, S.shape[0])
+        step = max(1, max_bytes // max(per_point, 1))
+        if step < len(batch):
+            return torch.cat([structured_scores(objective, plan, sub, S, params, max_bytes=max_bytes, rank=rank)
+                              for sub in batch.batches(step)], dim=1)
+    out = torch.zeros(S.shape[0], len(batch), dtype=dtype)
+    if plan.blocks:
+        cap = capture(objective, plan.blocks, batch, params=params, cotangents="loss")
+        for blk in plan.blocks:
+            Q = S[:, blk.index]  # (k, out, cols)
+            A, B = cap.a[blk.name].to(dtype), cap.g[blk.name][0].to(dtype)
+            if rank is not None and rank < min(blk.out_dim, blk.cols):
+                out += _block_scores_lowrank(Q, A, B, rank)
+            else:
+                out += _block_scores(Q, A, B)
+    if plan.other:
+        G = subset_per_sample_grads(objective, params, plan.other, batch)
+        out += S[:, plan.other_index] @ G.T
+    return out
+
+
+def check_scoring_plan(objective: Objective, plan: LayerPlan, probe: Data, *, rtol: float = 1e-4) -> str | None:
+    """Check by construction that the layer factorisation gives the true per-sample gradients on
+    (at most) two probe points, through four random query rows; returns ``None`` if it does, else
+    why not (e.g. a weight also used outside its layer, which ``find_layers`` cannot see)."""
+    from .grads import per_sample_grads  # the generic path, only for this check
+
+    batch = probe.subset(range(min(2, len(probe))))
+    gen = torch.Generator().manual_seed(0)
+    S = torch.randn(4, objective.p, generator=gen, dtype=torch.float64).to(objective.dtype)
+    try:
+        got = structured_scores(objective, plan, batch, S)
+    except UnsupportedModelError as exc:
+        return str(exc)
+    G = per_sample_grads(objective, objective.params, batch)
+    ref = S @ G.T
+    bound = S.norm(dim=1)[:, None] * G.norm(dim=1)[None, :]
+    err = (got - ref).abs()
+    if bool((err > rtol * bound + 1e-30).any()):
+        return (f"the layer factorisation Σₜ bₜãₜᵀ differs from the per-sample gradient (relative error "
+                f"{float((err / bound.clamp_min(1e-30)).max()):.2e}) on a probe point — a factored weight is "
+                "probably also used outside its layer")
+    return None
+
+
+def scoring_plan(objective: Objective, data: Data) -> tuple[LayerPlan, str | None]:
+    """The factorable layers of θ for structured scoring, and why it cannot be used (or ``None``).
+
+    Returns the plan of ``find_layers`` and a reason string when there is no factorable layer or
+    the factorisation fails the probe check.
+    """
+    plan = find_layers(objective, data)
+    if not plan.blocks:
+        reasons = "; ".join(f"{n}: {r}" for n, r in plan.reasons.items())
+        return plan, f"no parameter of θ is in a factorable nn.Linear / nn.Conv2d ({reasons})"
+    return plan, check_scoring_plan(objective, plan, data)
+
+
+# ── structured HVP for a linear output layer ───────────────────────────────────────────
+OutputKind = Literal["softmax", "diagonal", "identity", "full"]
+
+
+@dataclass(frozen=True)
+class OutputCurvature:
+    """The loss's Hessian in the model output, ∇²_zL(zᵢ), for one batch, in applicable form.
+
+    kind "softmax": h = p (b, c), Hᵢu = pᵢ⊙u − pᵢ(pᵢᵀu) (cross-entropy);
+    "diagonal": h (b, c), Hᵢu = hᵢ⊙u (binary logistic, smooth hinge);
+    "identity": Hᵢ = I (squared loss), h unused; "full": h (b, c, c) from ``torch.func.hessian``.
+    """
+
+    kind: OutputKind
+    h: torch.Tensor
+
+    def apply(self, U: torch.Tensor) -> torch.Tensor:
+        """Hᵢuᵢⱼ for U of shape (b, k, c)."""
+        if self.kind == "softmax":
+            p = self.h[:, None, :]
+            return p * U - p * (U * p).sum(-1, keepdim=True)
+        if self.kind == "diagonal":
+            return self.h[:, None, :] * U
+        if self.kind == "identity":
+            return U
+        return torch.einsum("bcd,bkd->bkc", self.h, U)
+
+
+def output_curvature(objective: Objective, out: torch.Tensor, y: torch.Tensor) -> OutputCurvature:
+    """∇²_zL(zᵢ, yᵢ) for model outputs ``out`` (b, c): closed forms for the built-in convex losses,
+    else the exact per-sample Hessian by ``torch.func.hessian`` (not clamped: the HVP is exact)."""
+    z = out.detach()
+    fn = objective.loss_fn
+    if fn is cross_entropy:
+        return OutputCurvature("softmax", torch.softmax(z, dim=1))
+    if fn is squared:
+        return OutputCurvature("identity", z.new_zeros(0))
+    if fn is logistic and z.shape[1] == 1:  # d²/ds² softplus(−ys) = σ(s)σ(−s) for y = ±1
+        return OutputCurvature("diagonal", torch.sigmoid(z) * torch.sigmoid(-z))
+    if isinstance(fn, SmoothHinge) and z.shape[1] == 1:  # t·softplus(u), u = (1 − ys)/t: σ(u)σ(−u)/t
+        sign = torch.where(y.reshape(-1, 1) > 0, 1.0, -1.0).to(z.dtype)
+        u = (1.0 - sign * z) / fn.t
+        return OutputCurvature("diagonal", torch.sigmoid(u) * torch.sigmoid(-u) / fn.t)
+
+    def one(zi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
+        return fn(zi.unsqueeze(0), yi.unsqueeze(0))[0]
+
+    try:
+        Hz = vmap(hessian(one))(z, y)
+    except Exception as exc:  # noqa: BLE001 — re-raised with the fix
+        raise UnsupportedModelError(
+            f"The structured HVP needs the Hessian of the loss '{objective.loss_name}' in the model output, but "
+            f"torch.func.hessian failed on it: {exc}. Pass Curvature(structured=False) / Influence(structured=False)."
+        ) from exc
+    return OutputCurvature("full", Hz.reshape(len(z), z.shape[1], z.shape[1]))
+
+
+def _forward_with_input(objective: Objective, blk: LayerBlock, params: Params, X: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+    """Run the model once; return (layer input, layer output, model output, input depends on θ)."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def hook(_m, inp, out):
+        seen["inp"], seen["out"] = inp[0], out
+
+    params = {n: t.detach().requires_grad_(True) for n, t in params.items()}
+    h = blk.module.register_forward_hook(hook)
+    try:
+        with torch.enable_grad():
+            model_out = objective.outputs(params, X)
+    finally:
+        h.remove()
+    if "inp" not in seen:
+        raise UnsupportedModelError(f"Layer '{blk.name}' was not called in the forward pass.")
+    return seen["inp"], seen["out"], model_out, bool(seen["inp"].requires_grad)
+
+
+def linear_output_layer(objective: Objective, probe: Data) -> tuple[LayerBlock | None, str]:
+    """The ``nn.Linear`` whose weight (and bias) are exactly θ and whose output is the model's
+    output, with an input that does not depend on θ — or ``None`` and why the structured HVP does
+    not apply. Checked by construction on two probe points."""
+    plan = find_layers(objective, probe)
+    if plan.other or len(plan.blocks) != 1:
+        return None, (f"θ is not exactly the parameters of one nn.Linear ({len(plan.blocks)} factorable layers; "
+                      f"other parameters: {list(plan.other)})")
+    blk = plan.blocks[0]
+    if blk.kind != "linear":
+        return None, f"θ is the parameters of a {blk.kind} layer, not an nn.Linear"
+    inp, out, model_out, depends = _forward_with_input(objective, blk, objective.params, probe.X[:2])
+    if out is not model_out:
+        return None, f"the output of nn.Linear '{blk.name}' is not returned unchanged as the model's output"
+    if depends:
+        return None, f"the input of nn.Linear '{blk.name}' depends on θ"
+    if inp.ndim != 2 or model_out.ndim != 2:
+        return None, f"nn.Linear '{blk.name}' sees inputs of shape {tuple(inp.shape)}; only (batch, features) is structured"
+    return blk, "θ is one nn.Linear producing the model output from θ-independent inputs: H = Σᵢ Jᵢᵀ∇²_zLᵢ Jᵢ exactly"
+
+
+class LinearOutputHVP:
+    """Exact Σᵢ∇²θL(zᵢ)V for θ = one output ``nn.Linear`` (see the module docstring), by matmuls.
+
+    Args:
+        objective: the model and loss; ``block`` is its output layer (``linear_output_layer``).
+        block: that layer.
+        params: θ̂ in the compute dtype.
+        data: the training data (already in the compute dtype).
+        batch_size: points per matmul chunk.
+        cache_bytes: keep every chunk's inputs ã and output-Hessian data in memory across calls
+            when they take at most this many bytes (for logistic regression ã is X with a column
+            of ones); else recompute them (one forward pass of the model per chunk) on each call.
+    """
+
+    def __init__(self, objective: Objective, block: LayerBlock, params: Params, data: Data, *, batch_size: int,
+                 cache_bytes: int) -> None:
+        self.objective, self.block, self.params, self.data = objective, block, params, data
+        self.batch_size = batch_size
+        self.index = block.index.reshape(-1)
+        self.dtype = next(iter(params.values())).dtype
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        c = block.out_dim
+        per_point = block.cols + (c * c if self._general_loss() else c)
+        self.cached = len(data) * per_point * itemsize <= cache_bytes
+        self._chunks: list[tuple[torch.Tensor, OutputCurvature]] | None = None
+
+    def _general_loss(self) -> bool:
+        fn = self.objective.loss_fn
+        return not (fn is cross_entropy or fn is squared or fn is logistic or isinstance(fn, SmoothHinge))
+
+    def factors(self, batch: Data) -> tuple[torch.Tensor, OutputCurvature]:
+        """ã (b, cols) and ∇²_zL for one batch, from one forward pass."""
+        seen: dict[str, torch.Tensor] = {}
+
+        def hook(_m, inp, _out):
+            seen["inp"] = inp[0]
+
+        h = self.block.module.register_forward_hook(hook)
+        try:
+            with torch.no_grad():
+                out = self.objective.outputs(self.params, batch.X)
+        finally:
+            h.remove()
+        A = _layer_input(self.block, seen["inp"]).reshape(len(batch), self.block.cols)
+        return A.to(self.dtype), output_curvature(self.objective, out.to(self.dtype), batch.y)
+
+    def _iter_factors(self) -> Iterator[tuple[torch.Tensor, OutputCurvature]]:
+        if self._chunks is not None:
+            yield from self._chunks
+            return
+        chunks = []
+        for batch in self.data.batches(self.batch_size):
+            f = self.factors(batch)
+            if self.cached:
+                chunks.append(f)
+            yield f
+        if self.cached:
+            self._chunks = chunks
+
+    def _apply(self, V: torch.Tensor, factors) -> torch.Tensor:
+        k = V.shape[0]
+        blk = self.block
+        Vm = V[:, self.index].reshape(k * blk.out_dim, blk.cols)
+        acc = torch.zeros(k * blk.out_dim, blk.cols, dtype=self.dtype)
+        for A, oc in factors:
+            U = (A @ Vm.T).reshape(len(A), k, blk.out_dim)  # uᵢⱼ = Vⱼãᵢ: output tangents
+            W = oc.apply(U).reshape(len(A), k * blk.out_dim)
+            acc += W.T @ A  # Σᵢ (Hᵢuᵢⱼ) ãᵢᵀ
+        out = torch.zeros_like(V)
+        out[:, self.index] = acc.reshape(k, -1)
+        return out
+
+    def hvp_sum_all(self, V: torch.Tensor) -> torch.Tensor:
+        """Σᵢ ∇²θL(zᵢ)vⱼ over all the data for V (k, p) → (k, p)."""
+        return self._apply(V.to(self.dtype), self._iter_factors())
+
+    def hvp_sum(self, V: torch.Tensor, batch: Data) -> torch.Tensor:
+        """Σ_{i∈batch} ∇²θL(zᵢ)vⱼ for V (k, p) → (k, p) (no caching)."""
+        return self._apply(V.to(self.dtype), [self.factors(batch)])
