@@ -109,6 +109,20 @@ def _overlap(a: np.ndarray, b: np.ndarray, k: int, largest: bool) -> int:
     return len(set(sa.tolist()) & set(sb.tolist()))
 
 
+def binary_arrays(data: SplitData, n_train: int | None, *, what: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """float64 features and ±1 labels (labels > 0 → +1) of a binary split, training set cut to its
+    first ``n_train`` points (at least 10) when given."""
+    X = np.asarray(data.x_train, dtype=np.float64)
+    y = np.where(np.asarray(data.y_train) > 0, 1, -1).astype(np.int64)
+    Xt = np.asarray(data.x_test, dtype=np.float64)
+    yt = np.where(np.asarray(data.y_test) > 0, 1, -1).astype(np.int64)
+    if n_train is not None:
+        if not 10 <= n_train <= len(X):
+            raise InputError(f"{what}: n_train must be between 10 and {len(X)}; got {n_train}.")
+        X, y = X[:n_train], y[:n_train]
+    return X, y, Xt, yt
+
+
 def run_fig1(
     data: SplitData,
     *,
@@ -128,14 +142,7 @@ def run_fig1(
         top_k: size of the top-harmful / top-helpful sets compared.
         progress: progress bars.
     """
-    X = np.asarray(data.x_train, dtype=np.float64)
-    y = np.where(np.asarray(data.y_train) > 0, 1, -1).astype(np.int64)
-    Xt = np.asarray(data.x_test, dtype=np.float64)
-    yt = np.where(np.asarray(data.y_test) > 0, 1, -1).astype(np.int64)
-    if n_train is not None:
-        if not 10 <= n_train <= len(X):
-            raise InputError(f"run_fig1: n_train must be between 10 and {len(X)}; got {n_train}.")
-        X, y = X[:n_train], y[:n_train]
+    X, y, Xt, yt = binary_arrays(data, n_train, what="run_fig1")
     if not 0 <= test_index < len(Xt):
         raise InputError(f"run_fig1: test_index {test_index} is outside 0..{len(Xt) - 1}.")
     if not 1 <= top_k <= len(X):

@@ -48,6 +48,7 @@ from ..datasets._base import SplitData
 from ..errors import InputError, NotAtMinimumWarning, SolverError
 from ..influence import Influence
 from ..solvers import Direct
+from .fig1 import binary_arrays
 
 RELEASE_TEST_INDEX = 1597
 PAPER: dict[str, Any] = {
@@ -343,14 +344,7 @@ def run_fig3(
         tol: the KKT tolerance every SVM fit must meet.
         progress: progress bars.
     """
-    X = np.asarray(data.x_train, dtype=np.float64)
-    y = np.where(np.asarray(data.y_train) > 0, 1, -1).astype(np.int64)
-    Xt = np.asarray(data.x_test, dtype=np.float64)
-    yt = np.where(np.asarray(data.y_test) > 0, 1, -1).astype(np.int64)
-    if n_train is not None:
-        if not 10 <= n_train <= len(X):
-            raise InputError(f"run_fig3: n_train must be between 10 and {len(X)}; got {n_train}.")
-        X, y = X[:n_train], y[:n_train]
+    X, y, Xt, yt = binary_arrays(data, n_train, what="run_fig3")
     n = len(X)
     if not 1 <= k <= n:
         raise InputError(f"run_fig3: k must be between 1 and n_train={n}; got {k}.")
