@@ -58,6 +58,8 @@ import torch
 import upweight as uw
 from upweight.core.grads import iter_per_sample_grads
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/_sections.py
+
 REPO = Path(__file__).resolve().parents[1]
 L2 = 0.01
 N_TEST = 10
@@ -463,6 +465,14 @@ def render(results: list[Result], machine: dict[str, str], args: argparse.Namesp
     return "\n".join(out)
 
 
+def write_section(out: Path, report: str) -> None:
+    """The report as section ``solvers`` of ``out`` (bench/_sections.py), headings one level down
+    (bench/RESULTS.md holds all benchmark tables under one title); the rest of the file is kept."""
+    from _sections import replace_section
+
+    replace_section(out, "solvers", "\n".join("#" + ln if ln.startswith("#") else ln for ln in report.splitlines()))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=None, help="Markdown report (default bench/RESULTS.md; bench/RESULTS-quick.md with --quick)")
@@ -501,11 +511,10 @@ def main(argv: list[str] | None = None) -> int:
             results.append(run_workload(loaders[k](args), args))
         except Exception:  # noqa: BLE001 — keep the workloads that finished
             traceback.print_exc()
-            out.write_text(render(results, machine, args, command, finished=False))
+            write_section(out, render(results, machine, args, command, finished=False))
             return 1
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(render(results, machine, args, command, finished=k == keys[-1]))
-        log(f"wrote {out}")
+        write_section(out, render(results, machine, args, command, finished=k == keys[-1]))
+        log(f"wrote section 'solvers' of {out}")
     print(render(results, machine, args, command, finished=True))
     return 0
 

@@ -257,3 +257,20 @@ def test_python_dash_m(tmp_path) -> None:
     proc = subprocess.run([sys.executable, "-m", "upweight", "explain", "--test-index", "5000", "--no-progress"],
                           capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 2 and proc.stderr.startswith("error: --test-index 5000 is out of range")
+
+
+@pytest.mark.parametrize("solver", ["nystrom-cg", "kfac-cg"])
+def test_explain_preconditioned_cg_gives_directs_answer(tmp_path, capsys, mnist, solver) -> None:
+    """The preconditioned CG choices are exact solvers: the same tables as Direct's (float64 Cholesky)."""
+    data = _small_npz(tmp_path / "small.npz", mnist)
+    tables = {}
+    for s in ("direct", solver):
+        rc = main(["explain", "--data", str(data), "--solver", s, "--test-index", "3", "--top", "3", "--loo-k", "0",
+                   "--no-progress", "--out", str(tmp_path / f"{s}.png")])
+        cap = capsys.readouterr()
+        assert rc == 0, cap.err
+        tables[s] = _tables(cap.out)
+    for kind in ("helpful", "harmful"):
+        for a, b in zip(tables["direct"][kind], tables[solver][kind], strict=True):
+            assert a[1] == b[1]
+            assert b[3] == pytest.approx(a[3], rel=1e-4)

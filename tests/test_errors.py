@@ -142,3 +142,15 @@ def test_index_out_of_range():
     inf = fit((X, Y))
     with pytest.raises(InputError, match="10 points"):
         inf.up_params([10])
+
+
+def test_check_finite_fast_path_neither_misses_nor_invents_non_finite_values():
+    """The sum-based fast path: a finite tensor whose sum overflows is accepted; one NaN/±inf is found."""
+    from upweight._checks import check_finite
+
+    check_finite(torch.full((10,), 3e38), "big")  # Σ = inf in float32, every entry finite
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        X = torch.rand(50, 7)
+        X[3, 4] = bad
+        with pytest.raises(NonFiniteError, match=r"1 non-finite value\(s\).*index \(3, 4\)"):
+            check_finite(X, "X")

@@ -466,3 +466,23 @@ def test_shared_layer_goes_to_the_fallback_block_with_its_reason():
 def test_plain_cg_is_unchanged_by_the_preconditioner_option():
     assert CG().config() == {"name": "cg", "rtol": 1e-6, "atol": 0.0, "maxiter": None}
     assert "KFAC" in CG(preconditioner=KFAC()).config()["preconditioner"]
+
+
+def test_factors_from_a_subset_keep_the_preconditioned_solve_exact(shift_mlp):
+    """KFAC(max_points=m): statistics from m points; as a preconditioner CG still solves H + δI exactly."""
+    H = shift_mlp[-1]
+    curv = _curv(shift_mlp)
+    V = torch.randn(3, curv.p, generator=torch.Generator().manual_seed(8), dtype=D64)
+    exact = torch.linalg.solve(H, V.T).T
+    n = len(curv.data)
+    full = KFAC().prepare(curv)
+    for pre in (KFAC(max_points=n // 4), EKFAC(max_points=n // 4, seed=3)):
+        state = pre.prepare(curv)
+        assert state.stats["fit_points"] == n // 4 and full.stats["fit_points"] == n
+        assert not torch.allclose(state.factors[0].A, full.factors[0].A)  # really another sample
+        pcg = CG(rtol=1e-10, preconditioner=pre)
+        assert rel(pcg.solve(pcg.prepare(curv), V).value, exact) < 1e-8
+    assert KFAC(max_points=10 * n).prepare(curv).stats["fit_points"] == n
+    for bad in (0, -3, 2.5):
+        with pytest.raises(InputError, match="max_points"):
+            KFAC(max_points=bad)

@@ -209,7 +209,10 @@ def test_structured_hvp_equals_explicit_hessian(images, case):
     got = curv.matvec(V)
     assert rel(got, V @ H) < TOL
     assert rel(got, generic.matvec(V)) < TOL
-    assert rel(curv.dense(), H) < TOL  # dense() keeps the structured path
+    before = curv.n_matvecs
+    assert rel(curv.dense(), H) < TOL  # dense() in closed form: Σᵢ Hᵢ ⊗ ãᵢãᵢᵀ, no HVP
+    assert curv.n_matvecs == before
+    assert rel(generic.dense(), H) < TOL
     batch = data.subset(range(17))  # minibatch products (LiSSA, group influence)
     assert rel(curv.hvp_sum(V, batch), generic.hvp_sum(V, batch)) < TOL
     uncached = Curvature(obj, data, damping=damping, batch_size=50, structured_cache_bytes=0)

@@ -1,10 +1,12 @@
 """The benchmarked methods: upweight's solvers and the peers' influence estimators.
 
 Every method answers one question — the influence of every training point on K test points
-for multinomial logistic regression ``nn.Linear(d, 10)``, float32, trained with the L2 term
-(λ/2)‖θ‖² (weights and bias), i.e. with the Hessian H = (1/n) Σ ∇²L(zᵢ, θ̂) + λI of
-Koh & Liang (2017) §2 — through its library's public API, with the settings its documentation
-recommends and the damping/regularisation that makes its curvature matrix that H. Each
+for a float32 classifier (W1/W2: multinomial logistic regression ``nn.Linear(d, 10)``; W3: the
+MLP and CNN of ``build_model``) trained with cross-entropy and the L2 term (λ/2)‖θ‖² on all
+parameters, i.e. with the Hessian H = (1/n) Σ ∇²L(zᵢ, θ̂) + λI of Koh & Liang (2017) §2 (plus a
+damping δ where the workload needs one, ``Problem.damping``) — through its library's public
+API, with the settings its documentation recommends and the damping/regularisation that makes
+its curvature matrix that H + δI. Each
 function returns the library's raw scores as a (K, n) array; ``SIGN`` says how they relate to
 Koh & Liang's I_up,loss(z, z_test) = −∇L(z_test)ᵀH⁻¹∇L(z) (eq. 2) according to the library's
 documentation: +1 = I_up,loss, −1 = −I_up,loss (the peers document ⟨H⁻¹∇L_test, ∇L_train⟩).
@@ -24,25 +26,80 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-#: Batch size of every data loader a library lets us choose (train side), for all libraries.
+#: Batch size of every data loader a library lets us choose (train side), for all libraries —
+#: cut per problem (``Problem.grad_batch``) where the loader also yields per-sample gradients.
 LOADER_BATCH = 4096
+#: Memory for one batch of per-sample gradients (b × p float32 values): at p ≈ 1M, 62 points.
+GRAD_BATCH_BYTES = 2**28
+#: Methods that form a dense p × p matrix are skipped above this p (float64 p × p at 20,000: 3.2 GB).
+DENSE_MAX_P = 20_000
+
+
+class _Flat(torch.nn.Module):
+    """(b, 784) → (b, 1, 28, 28): the CNN takes the same flat pixel rows as the other models."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(-1, 1, 28, 28)
+
+
+def build_model(arch: str, d: int = 784, classes: int = 10) -> torch.nn.Module:
+    """The benchmark's models (float32, eval mode; parameters as initialised by torch):
+
+    * ``linear``: ``nn.Linear(d, classes)`` (W1, W2; p = (d + 1)·classes);
+    * ``mlp``: 784 → 1024 → 256 → 10 with tanh (W3; p = 1,068,810);
+    * ``cnn``: Conv2d(1, 16, 5) → tanh → AvgPool 2 → Conv2d(16, 32, 5) → tanh → AvgPool 2 →
+      Linear(512, 64) → tanh → Linear(64, 10) (W3; p = 46,730).
+
+    tanh and average pooling keep the loss smooth in θ, so H = ∇²R exists everywhere and a finite
+    difference of ∇R checks the HVPs (Koh & Liang §4.2 smooth the ReLU for the same reason); with
+    max-pooling, a ±1e-6 step of θ already crossed pooling kinks in a 20-image check.
+    """
+    nn = torch.nn
+    if arch == "linear":
+        model: nn.Module = nn.Linear(d, classes)
+    elif arch == "mlp":
+        model = nn.Sequential(nn.Linear(d, 1024), nn.Tanh(), nn.Linear(1024, 256), nn.Tanh(), nn.Linear(256, classes))
+    elif arch == "cnn":
+        model = nn.Sequential(_Flat(), nn.Conv2d(1, 16, 5), nn.Tanh(), nn.AvgPool2d(2), nn.Conv2d(16, 32, 5), nn.Tanh(),
+                              nn.AvgPool2d(2), nn.Flatten(), nn.Linear(512, 64), nn.Tanh(), nn.Linear(64, classes))
+    else:
+        raise ValueError(f"unknown architecture {arch!r}: use linear, mlp or cnn")
+    return model.float().eval()
 
 
 @dataclass
 class Problem:
-    """What a worker loads: the float32 model at θ̂ and the data (float32 tensors)."""
+    """What a worker loads: the float32 model at θ̂ and the data (float32 tensors).
 
-    model: torch.nn.Linear
+    ``l2`` is the L2 term of training (in H); ``damping`` δ the extra diagonal the workload adds
+    for everyone when H + λI is not positive definite at θ̂ (0 otherwise)."""
+
+    model: torch.nn.Module
     X: torch.Tensor
     y: torch.Tensor
     Xt: torch.Tensor
     yt: torch.Tensor
     l2: float
     workdir: str
+    damping: float = 0.0
 
     @property
     def n(self) -> int:
         return len(self.X)
+
+    @property
+    def p(self) -> int:
+        return sum(t.numel() for t in self.model.parameters())
+
+    @property
+    def reg(self) -> float:
+        """λ + δ: the diagonal the peers add to the Hessian of their (unregularised) mean loss."""
+        return self.l2 + self.damping
+
+    @property
+    def grad_batch(self) -> int:
+        """Points per batch wherever a library materialises per-sample gradients (b × p floats)."""
+        return max(1, min(LOADER_BATCH, GRAD_BATCH_BYTES // (4 * self.p)))
 
 
 @dataclass(frozen=True)
@@ -54,6 +111,12 @@ class Method:
     sign: int  # documented relation to I_up,loss: +1 or -1
     run: Callable[[Problem], np.ndarray]
     requires: tuple[str, ...] = ()  # modules the method imports: imported (untimed) before it runs
+    max_p: int | None = None  # above this p the method is not run …
+    skip_reason: str = ""  # … and its row says this
+
+    def skipped(self, p: int) -> str | None:
+        """Why the method is not run at this p, or ``None``."""
+        return f"skipped: {self.skip_reason}" if self.max_p is not None and p > self.max_p else None
 
 
 def _np(scores: Any) -> np.ndarray:
@@ -68,19 +131,23 @@ def _uw(make_solver: Callable[[], Any]) -> Callable[[Problem], np.ndarray]:
         import upweight as uw
 
         obj = uw.Objective(pb.model, "cross_entropy", l2=pb.l2)
-        inf = uw.Influence(obj, solver=make_solver(), progress=False, on_inaccurate="warn")
+        inf = uw.Influence(obj, solver=make_solver(), damping=pb.damping, progress=False, on_inaccurate="warn")
         inf.fit(uw.Data.from_any((pb.X, pb.y)))
         return _np(inf.up_loss((pb.Xt, pb.yt)).values)
 
     return run
 
 
+DENSE = "dense p × p"
+
+
 def upweight_methods() -> list[Method]:
     import upweight as uw
+    from upweight.solvers.cg import Preconditioner
 
     req = ("upweight",)
     out = [
-        Method("uw-direct", "upweight", "Direct", "float64 H + Cholesky", 1, _uw(uw.Direct), req),
+        Method("uw-direct", "upweight", "Direct", "float64 H + Cholesky", 1, _uw(uw.Direct), req, DENSE_MAX_P, DENSE),
         Method("uw-cg-1e-3", "upweight", "CG", "rtol=1e-3", 1, _uw(lambda: uw.CG(rtol=1e-3)), req),
         Method("uw-cg-1e-6", "upweight", "CG", "rtol=1e-6 (default)", 1, _uw(lambda: uw.CG(rtol=1e-6)), req),
         Method("uw-lissa", "upweight", "LiSSA", "defaults: r=4, t=1000, batch 256, scale auto", 1,
@@ -92,32 +159,55 @@ def upweight_methods() -> list[Method]:
     try:  # K-FAC / EK-FAC solvers and preconditioners, where this checkout has them
         from upweight.solvers.kfac import EKFAC, KFAC
     except ImportError:
-        return out
-    req = ("upweight", "upweight.solvers.kfac")
-    out += [
-        Method("uw-kfac", "upweight", "KFAC", "defaults", 1, _uw(KFAC), req),
-        Method("uw-ekfac", "upweight", "EKFAC", "defaults", 1, _uw(EKFAC), req),
-        Method("uw-pcg-kfac-1e-3", "upweight", "CG + KFAC precond.", "rtol=1e-3", 1,
-               _uw(lambda: uw.CG(rtol=1e-3, preconditioner=KFAC())), req),
-        Method("uw-pcg-kfac-1e-6", "upweight", "CG + KFAC precond.", "rtol=1e-6", 1,
-               _uw(lambda: uw.CG(rtol=1e-6, preconditioner=KFAC())), req),
-        Method("uw-pcg-ekfac-1e-3", "upweight", "CG + EKFAC precond.", "rtol=1e-3", 1,
-               _uw(lambda: uw.CG(rtol=1e-3, preconditioner=EKFAC())), req),
-    ]
+        pass
+    else:
+        req = ("upweight", "upweight.solvers.kfac")
+        out += [
+            Method("uw-kfac", "upweight", "KFAC", "defaults", 1, _uw(KFAC), req),
+            Method("uw-ekfac", "upweight", "EKFAC", "defaults", 1, _uw(EKFAC), req),
+            Method("uw-pcg-kfac-1e-3", "upweight", "CG + KFAC precond.", "rtol=1e-3", 1,
+                   _uw(lambda: uw.CG(rtol=1e-3, preconditioner=KFAC())), req),
+            Method("uw-pcg-kfac-1e-6", "upweight", "CG + KFAC precond.", "rtol=1e-6", 1,
+                   _uw(lambda: uw.CG(rtol=1e-6, preconditioner=KFAC())), req),
+            Method("uw-pcg-kfac4096-1e-3", "upweight", "CG + KFAC precond.", "rtol=1e-3, factors from 4,096 points", 1,
+                   _uw(lambda: uw.CG(rtol=1e-3, preconditioner=KFAC(max_points=4096))), req),
+            Method("uw-pcg-ekfac-1e-3", "upweight", "CG + EKFAC precond.", "rtol=1e-3", 1,
+                   _uw(lambda: uw.CG(rtol=1e-3, preconditioner=EKFAC())), req),
+        ]
+    try:  # Nyström (solver and preconditioner), where this checkout has it
+        from upweight.solvers.nystrom import Nystrom
+    except ImportError:
+        pass
+    else:
+        req = ("upweight", "upweight.solvers.nystrom")
+        out.append(Method("uw-nystrom", "upweight", "Nystrom", "rank=100", 1, _uw(lambda: Nystrom(rank=100)), req))
+        if isinstance(Nystrom(rank=100), Preconditioner):
+            out.append(Method("uw-pcg-nystrom-1e-3", "upweight", "CG + Nystrom precond.", "rtol=1e-3, rank=100", 1,
+                              _uw(lambda: uw.CG(rtol=1e-3, preconditioner=Nystrom(rank=100))), req))
+    try:  # DataInf (Kwon et al. 2024), where this checkout has it
+        from upweight.solvers.datainf import DataInf
+    except ImportError:
+        pass
+    else:
+        out.append(Method("uw-datainf", "upweight", "DataInf", "defaults", 1, _uw(DataInf),
+                          ("upweight", "upweight.solvers.datainf")))
     return out
 
 
 # ── pyDVL ────────────────────────────────────────────────────────────────────────────────
-def _pydvl(make: Callable[[Problem], Any]) -> Callable[[Problem], np.ndarray]:
+def _pydvl(make: Callable[[Problem], Any], per_sample_fit: bool = False) -> Callable[[Problem], np.ndarray]:
     """fit on the training loader, then the documented two-step: test factors H⁻¹∇L_test once,
-    then ⟨factors, ∇L(z)⟩ over the training set in chunks (what pyDVL's sequential calculator does)."""
+    then ⟨factors, ∇L(z)⟩ over the training set in chunks (what pyDVL's sequential calculator does).
+    The scoring chunks, and the fit loader of EK-FAC (per-sample layer gradients), hold
+    ``pb.grad_batch`` points; the fit loader of the HVP-based methods ``LOADER_BATCH``."""
 
     def run(pb: Problem) -> np.ndarray:
         model = make(pb)
-        model.fit(DataLoader(TensorDataset(pb.X, pb.y), batch_size=LOADER_BATCH))
+        fit_batch = pb.grad_batch if per_sample_fit else LOADER_BATCH
+        model.fit(DataLoader(TensorDataset(pb.X, pb.y), batch_size=fit_batch))
         factors = model.influence_factors(pb.Xt, pb.yt)
-        parts = [model.influences_from_factors(factors, pb.X[i:i + LOADER_BATCH], pb.y[i:i + LOADER_BATCH])
-                 for i in range(0, pb.n, LOADER_BATCH)]
+        b = pb.grad_batch
+        parts = [model.influences_from_factors(factors, pb.X[i:i + b], pb.y[i:i + b]) for i in range(0, pb.n, b)]
         return _np(torch.cat(parts, dim=1))
 
     return run
@@ -129,41 +219,41 @@ def pydvl_methods() -> list[Method]:
 
     def direct(pb: Problem) -> Any:
         from pydvl.influence.torch import DirectInfluence
-        return DirectInfluence(pb.model, ce, regularization=pb.l2)
+        return DirectInfluence(pb.model, ce, regularization=pb.reg)
 
     def cg_block(pb: Problem) -> Any:
         from pydvl.influence.torch import CgInfluence, NystroemPreconditioner
-        return CgInfluence(pb.model, ce, regularization=pb.l2, rtol=1e-7, atol=1e-7, solve_simultaneously=True,
+        return CgInfluence(pb.model, ce, regularization=pb.reg, rtol=1e-7, atol=1e-7, solve_simultaneously=True,
                            preconditioner=NystroemPreconditioner(rank=10), warn_on_max_iteration=False)
 
     def cg_default(pb: Problem) -> Any:
         from pydvl.influence.torch import CgInfluence
-        return CgInfluence(pb.model, ce, regularization=pb.l2, warn_on_max_iteration=False)
+        return CgInfluence(pb.model, ce, regularization=pb.reg, warn_on_max_iteration=False)
 
     def lissa(pb: Problem) -> Any:
         from pydvl.influence.torch import LissaInfluence
-        return LissaInfluence(pb.model, ce, regularization=pb.l2, maxiter=1000, dampen=0.0, scale=10.0, rtol=1e-4,
+        return LissaInfluence(pb.model, ce, regularization=pb.reg, maxiter=1000, dampen=0.0, scale=10.0, rtol=1e-4,
                               warn_on_max_iteration=False)
 
     def arnoldi(rank: int) -> Callable[[Problem], Any]:
         def make(pb: Problem) -> Any:
             from pydvl.influence.torch import ArnoldiInfluence
-            return ArnoldiInfluence(pb.model, ce, regularization=pb.l2, rank=rank, tol=1e-6)
+            return ArnoldiInfluence(pb.model, ce, regularization=pb.reg, rank=rank, tol=1e-6)
         return make
 
     def ekfac(update_diagonal: bool) -> Callable[[Problem], Any]:
         def make(pb: Problem) -> Any:
             from pydvl.influence.torch import EkfacInfluence
-            return EkfacInfluence(pb.model, update_diagonal=update_diagonal, hessian_regularization=pb.l2)
+            return EkfacInfluence(pb.model, update_diagonal=update_diagonal, hessian_regularization=pb.reg)
         return make
 
     def nystroem(pb: Problem) -> Any:
         from pydvl.influence.torch import NystroemSketchInfluence
-        return NystroemSketchInfluence(pb.model, ce, regularization=pb.l2, rank=10)
+        return NystroemSketchInfluence(pb.model, ce, regularization=pb.reg, rank=10)
 
     lib, req = "pyDVL", ("pydvl.influence.torch",)
     return [
-        Method("pydvl-direct", lib, "DirectInfluence", "regularization=λ", -1, _pydvl(direct), req),
+        Method("pydvl-direct", lib, "DirectInfluence", "regularization=λ", -1, _pydvl(direct), req, DENSE_MAX_P, DENSE),
         Method("pydvl-cg-block", lib, "CgInfluence (block CG)",
                "docs: rtol=atol=1e-7, solve_simultaneously, NystroemPreconditioner(rank=10)", -1, _pydvl(cg_block), req),
         Method("pydvl-cg", lib, "CgInfluence", "defaults: rtol=1e-4, atol=1e-6, one rhs at a time", -1,
@@ -172,8 +262,8 @@ def pydvl_methods() -> list[Method]:
                _pydvl(lissa), req),
         Method("pydvl-arnoldi-10", lib, "ArnoldiInfluence", "docs: rank=10, tol=1e-6", -1, _pydvl(arnoldi(10)), req),
         Method("pydvl-arnoldi-100", lib, "ArnoldiInfluence", "rank=100, tol=1e-6", -1, _pydvl(arnoldi(100)), req),
-        Method("pydvl-kfac", lib, "EkfacInfluence (K-FAC)", "update_diagonal=False", -1, _pydvl(ekfac(False)), req),
-        Method("pydvl-ekfac", lib, "EkfacInfluence (EK-FAC)", "docs: update_diagonal=True", -1, _pydvl(ekfac(True)), req),
+        Method("pydvl-kfac", lib, "EkfacInfluence (K-FAC)", "update_diagonal=False", -1, _pydvl(ekfac(False), True), req),
+        Method("pydvl-ekfac", lib, "EkfacInfluence (EK-FAC)", "docs: update_diagonal=True", -1, _pydvl(ekfac(True), True), req),
         Method("pydvl-nystroem", lib, "NystroemSketchInfluence", "docs: rank=10", -1, _pydvl(nystroem), req),
     ]
 
@@ -181,7 +271,8 @@ def pydvl_methods() -> list[Method]:
 # ── captum ───────────────────────────────────────────────────────────────────────────────
 def _captum(cls_name: str, **kwargs: Any) -> Callable[[Problem], np.ndarray]:
     """captum's Hessian is that of the *summed* loss (``reduction="sum"``), so its damping
-    ``hessian_reg`` = n·λ makes it n·H; scores are then I/n in magnitude (correlations unaffected)."""
+    ``hessian_reg`` = n·(λ + δ) makes it n·(H + δI); scores are then I/n in magnitude (correlations
+    unaffected). Its loader yields per-sample gradients too: ``pb.grad_batch`` points a batch."""
 
     def run(pb: Problem) -> np.ndarray:
         import captum.influence._core.arnoldi_influence_function as arn
@@ -193,9 +284,9 @@ def _captum(cls_name: str, **kwargs: Any) -> Callable[[Problem], np.ndarray]:
         kw = dict(kwargs)
         if kw.get("projection_dim") == "p":
             kw["projection_dim"] = sum(p.numel() for p in pb.model.parameters())
-        inf = cls(pb.model, DataLoader(TensorDataset(pb.X, pb.y), batch_size=LOADER_BATCH), ckpt,
+        inf = cls(pb.model, DataLoader(TensorDataset(pb.X, pb.y), batch_size=pb.grad_batch), ckpt,
                   loss_fn=torch.nn.CrossEntropyLoss(reduction="sum"), sample_wise_grads_per_batch=True,
-                  hessian_reg=pb.n * pb.l2, **kw)
+                  hessian_reg=pb.n * pb.reg, **kw)
         return _np(inf.influence((pb.Xt, pb.yt)))
 
     return run
@@ -206,9 +297,9 @@ def captum_methods() -> list[Method]:
                           "captum.influence._core.arnoldi_influence_function")
     return [
         Method("captum-naive-50", lib, "NaiveInfluenceFunction", "defaults: projection_dim=50 (dense H, top-50 eigenpairs)",
-               -1, _captum("naive"), req),
+               -1, _captum("naive"), req, DENSE_MAX_P, DENSE + " Hessian and its eigendecomposition"),
         Method("captum-naive-p", lib, "NaiveInfluenceFunction", "projection_dim=p (all eigenpairs: exact)", -1,
-               _captum("naive", projection_dim="p"), req),
+               _captum("naive", projection_dim="p"), req, DENSE_MAX_P, DENSE + " Hessian and its eigendecomposition"),
         Method("captum-arnoldi", lib, "ArnoldiInfluenceFunction", "defaults: arnoldi_dim=200, projection_dim=50", -1,
                _captum("arnoldi"), req),
     ]
@@ -248,11 +339,11 @@ def _kronfluence(strategy: str) -> Callable[[Problem], np.ndarray]:
         an = Analyzer(analysis_name="bench", model=model, task=task, cpu=True, disable_tqdm=True,
                       output_dir=os.path.join(pb.workdir, "kronfluence"), log_level=logging.WARNING)
         train, test = TensorDataset(pb.X, pb.y), TensorDataset(pb.Xt, pb.yt)
-        an.fit_all_factors(factors_name=strategy, dataset=train, per_device_batch_size=LOADER_BATCH,
+        an.fit_all_factors(factors_name=strategy, dataset=train, per_device_batch_size=pb.grad_batch,
                            factor_args=FactorArguments(strategy=strategy), overwrite_output_dir=True)
         an.compute_pairwise_scores(scores_name="s", factors_name=strategy, query_dataset=test, train_dataset=train,
-                                   per_device_query_batch_size=len(pb.Xt), per_device_train_batch_size=LOADER_BATCH,
-                                   score_args=ScoreArguments(damping_factor=pb.l2), overwrite_output_dir=True)
+                                   per_device_query_batch_size=len(pb.Xt), per_device_train_batch_size=pb.grad_batch,
+                                   score_args=ScoreArguments(damping_factor=pb.reg), overwrite_output_dir=True)
         return _np(an.load_pairwise_scores("s")["all_modules"])
 
     return run
@@ -270,8 +361,11 @@ def kronfluence_methods() -> list[Method]:
 # ── dattri ───────────────────────────────────────────────────────────────────────────────
 def _dattri(cls_name: str, **kwargs: Any) -> Callable[[Problem], np.ndarray]:
     """dattri's AttributionTask with the mean cross-entropy as loss; the full training set as one
-    batch (its docs: "ideally the batch size … the number of training samples"), which also makes
-    it solve the inverse-HVP once (it re-solves per training batch); scores (n, K) transposed."""
+    batch for ``cache`` (its docs: "ideally the batch size … the number of training samples"; its CG,
+    LiSSA and Explicit transforms sum the per-batch inverse HVPs, which is H⁻¹ only for one batch) and
+    for ``attribute`` where the n × p per-sample gradients fit in 2 GiB — then it solves the inverse
+    HVP once; otherwise ``attribute`` runs over ``pb.grad_batch``-point batches and dattri re-solves
+    the test side for each training batch (its design). Scores (n, K) transposed."""
 
     def run(pb: Problem) -> np.ndarray:
         import dattri.algorithm as alg
@@ -289,7 +383,8 @@ def _dattri(cls_name: str, **kwargs: Any) -> Callable[[Problem], np.ndarray]:
         full = DataLoader(TensorDataset(pb.X, pb.y), batch_size=pb.n)
         att.cache(full)
         with torch.no_grad():
-            scores = att.attribute(DataLoader(TensorDataset(pb.X, pb.y), batch_size=pb.n),
+            train_batch = pb.n if pb.n * pb.p * 4 <= 2**31 else pb.grad_batch
+            scores = att.attribute(DataLoader(TensorDataset(pb.X, pb.y), batch_size=train_batch),
                                    DataLoader(TensorDataset(pb.Xt, pb.yt), batch_size=len(pb.Xt)))
         return _np(scores).T
 
@@ -300,18 +395,18 @@ def dattri_methods() -> list[Method]:
     lib, req = "dattri", ("dattri.algorithm", "dattri.task")
 
     def lam(pb: Problem) -> float:
-        return pb.l2
+        return pb.reg
 
     return [
         Method("dattri-explicit", lib, "IFAttributorExplicit", "regularization=λ", -1,
-               _dattri("IFAttributorExplicit", regularization=lam), req),
+               _dattri("IFAttributorExplicit", regularization=lam), req, DENSE_MAX_P, DENSE),
         Method("dattri-cg-10", lib, "IFAttributorCG", "README: max_iter=10, regularization=λ", -1,
                _dattri("IFAttributorCG", max_iter=10, regularization=lam), req),
         Method("dattri-cg-100", lib, "IFAttributorCG", "tuned: max_iter=100, regularization=λ", -1,
                _dattri("IFAttributorCG", max_iter=100, regularization=lam), req),
         Method("dattri-lissa", lib, "IFAttributorLiSSA",
                "defaults: batch 1, depth 5000, scaling 50; damping=λ/50 (⇒ H + λI)", -1,
-               _dattri("IFAttributorLiSSA", damping=lambda pb: pb.l2 / 50.0), req),
+               _dattri("IFAttributorLiSSA", damping=lambda pb: pb.reg / 50.0), req),
         Method("dattri-arnoldi", lib, "IFAttributorArnoldi", "defaults: proj_dim=100, max_iter=100; regularization=λ",
                -1, _dattri("IFAttributorArnoldi", regularization=lam), req),
         Method("dattri-ekfac", lib, "IFAttributorEKFAC", "damping=λ", -1,

@@ -26,7 +26,19 @@ from .influence import (
     fastif_up_loss,
 )
 from .loo import GroupLOOComparison, LOOComparison, leave_group_out, leave_one_out, refit
-from .solvers import CG, EKFAC, KFAC, Arnoldi, Auto, Direct, InverseHVPSolver, LiSSA, Solution
+from .solvers import (
+    CG,
+    EKFAC,
+    KFAC,
+    Arnoldi,
+    Auto,
+    DataInf,
+    Direct,
+    InverseHVPSolver,
+    LiSSA,
+    Nystrom,
+    Solution,
+)
 from .store import Store
 
 __all__ = [
@@ -35,6 +47,7 @@ __all__ = [
     "CG",
     "Curvature",
     "Data",
+    "DataInf",
     "Direct",
     "EKFAC",
     "Executor",
@@ -49,6 +62,7 @@ __all__ = [
     "LOOComparison",
     "LiSSA",
     "LocalExecutor",
+    "Nystrom",
     "Objective",
     "ParamInfluence",
     "PertScores",

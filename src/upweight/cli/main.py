@@ -180,9 +180,11 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--test-index", type=int, default=None, metavar="I",
                     help="test point to explain (default: the first misclassified one)")
     ex.add_argument("--l2", type=_nonneg_float, default=0.01, help="L2 strength λ in R(θ) = mean loss + λ/2‖θ‖²")
-    ex.add_argument("--solver", choices=("direct", "cg", "kfac-cg", "lissa", "auto", "arnoldi", "kfac", "ekfac"), default="cg",
+    ex.add_argument("--solver", choices=("direct", "cg", "kfac-cg", "nystrom-cg", "lissa", "auto", "arnoldi",
+                                          "kfac", "ekfac", "nystrom", "datainf"), default="cg",
                     help="inverse-HVP solver (auto: chosen from p, n, memory and a Lanczos spectrum estimate; "
-                         "kfac-cg: CG preconditioned with EK-FAC; kfac/ekfac: the Kronecker-factored GGN alone)")
+                         "kfac-cg / nystrom-cg: CG preconditioned with EK-FAC / a rank-64 Nyström sketch; kfac/ekfac: the "
+                         "Kronecker-factored GGN alone; nystrom: the sketch alone; datainf: the DataInf closed form)")
     ex.add_argument("--damping", type=_nonneg_float, default=0.0, help="δ added to the Hessian")
     ex.add_argument("--top", type=_int_at_least(1), default=5, help="how many helpful and harmful points to list")
     ex.add_argument("--loo-k", type=_int_at_least(0), default=20,
@@ -242,6 +244,12 @@ def _make_solver(args: argparse.Namespace) -> Any:
         return uw.EKFAC()
     if args.solver == "kfac-cg":
         return uw.CG(rtol=args.cg_rtol, preconditioner=uw.EKFAC())
+    if args.solver == "nystrom-cg":
+        return uw.CG(rtol=args.cg_rtol, preconditioner=uw.Nystrom())
+    if args.solver == "nystrom":
+        return uw.Nystrom()
+    if args.solver == "datainf":
+        return uw.DataInf()
     if args.solver == "auto":
         return uw.Auto(rtol=args.cg_rtol, progress=not args.no_progress)
     return uw.LiSSA(

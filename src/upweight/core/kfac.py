@@ -19,16 +19,22 @@ keeps the Kronecker eigenbasis but replaces σ ⊗ α by the diagonal of G_W̃ i
     Λ_{oj} = (1/n) Σᵢ Σₖ ((Q_Sᵀ (Σₜ bᵢₖₜãᵢₜᵀ) Q_A)_{oj})²,
 
 the Frobenius-closest matrix to G_W̃ with that eigenbasis. Both need only passes over the data
-in batches; nothing of size n × p is held.
+in batches; nothing of size n × p is held. Both passes are sums over the training points, so
+with an ``Executor`` (``upweight.distributed.DaskExecutor``) each is one map-reduce over index
+partitions of the data, the eigendecompositions staying on the client (``fit_factors``).
 """
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
+import numpy as np
 import torch
 
+from .._executor import Executor, inside_task, resolve, split_indices, thread_private
 from .data import Data
 from .layers import LayerBlock, capture
 from .objective import Objective
@@ -77,11 +83,150 @@ class LayerFactors:
 
 @dataclass(frozen=True)
 class FitStats:
-    """What fitting the factors cost and met."""
+    """What fitting the factors cost and met.
+
+    Attributes:
+        passes: passes over the data (1 K-FAC, 2 EK-FAC).
+        points: n.
+        clamped_output_eigenvalues: negative output-Hessian eigenvalues set to 0 (GGN only).
+        where: "in-process", or the executor that ran the map-reduce passes and how many
+            partitions each pass had.
+    """
 
     passes: int
     points: int
     clamped_output_eigenvalues: int
+    where: str = "in-process"
+
+
+class _Sums:
+    """Float64 sums over training points, keyed by layer name, that add (the reduce step).
+
+    ``locations`` (T per layer, the same for every point: the data have one feature shape) and
+    ``clamped`` travel along pass 1's sums.
+    """
+
+    def __init__(self, tensors: dict[str, torch.Tensor], locations: dict[str, int] | None = None, clamped: int = 0) -> None:
+        self.tensors, self.locations, self.clamped = tensors, dict(locations or {}), clamped
+
+    def __add__(self, other: _Sums) -> _Sums:
+        tensors = {k: self.tensors[k] + other.tensors[k] for k in self.tensors}
+        return _Sums(tensors, {**self.locations, **other.locations}, self.clamped + other.clamped)
+
+
+class _FactorContext:
+    """What a factor-statistics task needs, shipped to each worker once: the objective, the data,
+    the layer blocks (whose modules are the objective's, so they travel together), θ̂ and the
+    batch size."""
+
+    def __init__(self, objective: Objective, data: Data, blocks: Sequence[LayerBlock], params: Params | None,
+                 batch_size: int) -> None:
+        self.objective, self.data, self.blocks = objective, data, list(blocks)
+        self.params, self.batch_size = params, batch_size
+
+
+def _private(ctx: _FactorContext) -> _FactorContext:
+    d = ctx.data
+    return thread_private(ctx, share=(d, d.X, d.y, d.ids))
+
+
+def _subset(ctx: _FactorContext, indices: np.ndarray) -> Data:
+    return ctx.data.subset(torch.from_numpy(np.asarray(indices, dtype=np.int64)))
+
+
+def _moment_sums(ctx: _FactorContext, data: Data) -> _Sums:
+    """Σᵢ Σₜ ãᵢₜãᵢₜᵀ and Σᵢ Σₖ (1/T) Σₜ bᵢₖₜbᵢₖₜᵀ per layer over ``data`` (pass 1), in float64."""
+    sums: dict[str, torch.Tensor] = {}
+    locs: dict[str, int] = {}
+    clamped = 0
+    for batch in data.batches(ctx.batch_size):
+        cap = capture(ctx.objective, ctx.blocks, batch, params=ctx.params, cotangents="ggn")
+        clamped += cap.clamped
+        for blk in ctx.blocks:
+            a = cap.a[blk.name]  # (b, T, cols)
+            g = cap.g[blk.name]  # (K, b, T, out)
+            T = a.shape[1]
+            locs[blk.name] = T
+            a2 = a.reshape(-1, a.shape[-1])
+            g2 = g.reshape(-1, g.shape[-1])
+            # one batch's products in the compute dtype, accumulated over batches in float64
+            sums["A:" + blk.name] = sums.get("A:" + blk.name, 0) + (a2.T @ a2).to(torch.float64)
+            sums["S:" + blk.name] = sums.get("S:" + blk.name, 0) + (g2.T @ g2).to(torch.float64) / T
+    return _Sums(sums, locs, clamped)
+
+
+def _moment_partition(indices: np.ndarray, ctx: _FactorContext) -> _Sums:
+    """Pass 1 on one partition of training-point indices — the map step of ``fit_factors``."""
+    ctx = _private(ctx)
+    return _moment_sums(ctx, _subset(ctx, indices))
+
+
+def _correction_sums(ctx: _FactorContext, data: Data, bases: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                     max_elements: int) -> _Sums:
+    """Σᵢ Σₖ (Q_Sᵀ Gᵢₖ Q_A)² per layer over ``data`` (pass 2), in float64; ``bases`` holds
+    (Q_A, Q_S) per block, in block order."""
+    sums = {blk.name: torch.zeros(blk.out_dim, blk.cols, dtype=torch.float64) for blk in ctx.blocks}
+    for batch in data.batches(ctx.batch_size):
+        cap = capture(ctx.objective, ctx.blocks, batch, params=ctx.params, cotangents="ggn")
+        for blk, (QA, QS) in zip(ctx.blocks, bases):
+            name = blk.name
+            a = cap.a[name].to(torch.float64) @ QA  # (b, T, cols)
+            g = cap.g[name].to(torch.float64) @ QS  # (K, b, T, out)
+            if a.shape[1] == 1:
+                sums[name] += torch.einsum("kbo,bj->oj", g[:, :, 0] ** 2, a[:, 0] ** 2)
+                continue
+            K, b, T, out = g.shape
+            step = max(1, max_elements // max(1, K * out * a.shape[2]))
+            for s in range(0, b, step):
+                G = torch.einsum("kbto,btj->kboj", g[:, s : s + step], a[s : s + step])
+                sums[name] += (G**2).sum(dim=(0, 1))
+    return _Sums(sums)
+
+
+def _correction_partition(indices: np.ndarray, ctx: _FactorContext, bases: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                          max_elements: int) -> _Sums:
+    """Pass 2 on one partition of training-point indices — the map step of ``correct_eigenvalues``."""
+    ctx = _private(ctx)
+    return _correction_sums(ctx, _subset(ctx, indices), bases, max_elements)
+
+
+class _Passes:
+    """Runs the passes in-process, or — with an executor, outside a task — as one map-reduce each
+    over index partitions of at most ``batch_size`` points (at least ``executor.parallelism`` of
+    them), placing the context on the workers once."""
+
+    def __init__(self, ctx: _FactorContext, executor: Executor | None) -> None:
+        self.ctx = ctx
+        self.executor = None if executor is None or inside_task() else resolve(executor)
+        self._handle: Any = None
+        self.parts: list[np.ndarray] = []
+        if self.executor is not None:
+            self.parts = split_indices(len(ctx.data), ctx.batch_size, min_parts=self.executor.parallelism)
+
+    @property
+    def where(self) -> str:
+        if self.executor is None:
+            return "in-process"
+        return f"{self.executor!r}: map-reduce over {len(self.parts)} partitions per pass"
+
+    def _shared(self) -> Any:
+        assert self.executor is not None
+        if self._handle is None:
+            self._handle = self.executor.share(self.ctx)
+        return self._handle
+
+    def moments(self) -> _Sums:
+        if self.executor is None:
+            return _moment_sums(self.ctx, self.ctx.data)
+        return self.executor.map_reduce(_moment_partition, self.parts, operator.add, self._shared())
+
+    def correction(self, bases: list[tuple[torch.Tensor, torch.Tensor]], max_elements: int) -> _Sums:
+        if self.executor is None:
+            return _correction_sums(self.ctx, self.ctx.data, bases, max_elements)
+        # the eigenbases are the same for every task: placed once (a DaskExecutor broadcasts them)
+        placed = self.executor.share(bases)
+        return self.executor.map_reduce(_correction_partition, self.parts, operator.add, self._shared(), placed,
+                                        max_elements)
 
 
 def fit_factors(
@@ -92,43 +237,35 @@ def fit_factors(
     params: Params | None = None,
     batch_size: int = 512,
     eigen_correction: bool = False,
+    executor: Executor | None = None,
 ) -> tuple[list[LayerFactors], FitStats]:
     """A and S for every block in one pass over ``data``, their eigendecompositions, and — with
     ``eigen_correction`` — the EK-FAC eigenvalues Λ in a second pass.
 
     The cotangents are the GGN's (``capture(..., cotangents="ggn")``): the exact, sample-free
     output Hessian of the loss (for cross-entropy, the softmax covariance diag(p) − ppᵀ).
+
+    ``executor`` (e.g. ``upweight.distributed.DaskExecutor``): both passes are sums over the
+    training points, so each runs as one ``map_reduce`` over partitions of their indices (the
+    objective, data and blocks are placed on the workers once; pass 2 also receives the
+    eigenvectors of pass 1); the partial float64 sums are added on the client in partition order
+    and the eigendecompositions stay there. The result equals the in-process one up to the order
+    of the float64 additions (bit-identical when the partitions are the in-process batches, as
+    with ``LocalExecutor``). Inside an executor task the passes run in-process.
     """
     n = len(data)
-    sums_A: dict[str, torch.Tensor] = {}
-    sums_S: dict[str, torch.Tensor] = {}
-    locs: dict[str, int] = {}
-    clamped = 0
-    for batch in data.batches(batch_size):
-        cap = capture(objective, blocks, batch, params=params, cotangents="ggn")
-        clamped += cap.clamped
-        for blk in blocks:
-            a = cap.a[blk.name]  # (b, T, cols)
-            g = cap.g[blk.name]  # (K, b, T, out)
-            T = a.shape[1]
-            locs[blk.name] = T
-            a2 = a.reshape(-1, a.shape[-1])
-            g2 = g.reshape(-1, g.shape[-1])
-            # one batch's products in the compute dtype, accumulated over batches in float64
-            sums_A[blk.name] = sums_A.get(blk.name, 0) + (a2.T @ a2).to(torch.float64)
-            sums_S[blk.name] = sums_S.get(blk.name, 0) + (g2.T @ g2).to(torch.float64) / T
+    passes = _Passes(_FactorContext(objective, data, blocks, params, batch_size), executor)
+    sums = passes.moments()
     factors = []
     for blk in blocks:
-        A = _sym(sums_A[blk.name] / n)
-        S = _sym(sums_S[blk.name] / n)
+        A = _sym(sums.tensors["A:" + blk.name] / n)
+        S = _sym(sums.tensors["S:" + blk.name] / n)
         eA, QA = torch.linalg.eigh(A)
         eS, QS = torch.linalg.eigh(S)
-        factors.append(LayerFactors(blk, A, S, eA.clamp_min(0), QA, eS.clamp_min(0), QS, locs[blk.name]))
-    passes = 1
+        factors.append(LayerFactors(blk, A, S, eA.clamp_min(0), QA, eS.clamp_min(0), QS, sums.locations[blk.name]))
     if eigen_correction:
-        correct_eigenvalues(objective, data, factors, params=params, batch_size=batch_size)
-        passes = 2
-    return factors, FitStats(passes, n, clamped)
+        _correct(passes, factors)
+    return factors, FitStats(2 if eigen_correction else 1, n, sums.clamped, passes.where)
 
 
 def correct_eigenvalues(
@@ -139,32 +276,24 @@ def correct_eigenvalues(
     params: Params | None = None,
     batch_size: int = 512,
     max_elements: int = 2**24,
+    executor: Executor | None = None,
 ) -> None:
     """Set ``corrected`` = Λ = (1/n) Σᵢ Σₖ (Q_Sᵀ Gᵢₖ Q_A)² on every factor (EK-FAC), one pass.
 
     Gᵢₖ = Σₜ bᵢₖₜãᵢₜᵀ is the GGN pseudo-gradient of W̃. For T = 1 the square of the rotated
     outer product is the outer product of the rotated vectors' squares, so Λ is one matrix
     product per batch; for T > 1 the rotated Gᵢₖ are formed in chunks of ``max_elements``.
+    With an ``executor`` the pass is a map-reduce over index partitions (see ``fit_factors``).
     """
-    n = len(data)
-    blocks = [f.block for f in factors]
-    sums = {f.block.name: torch.zeros(f.block.out_dim, f.block.cols, dtype=torch.float64) for f in factors}
-    for batch in data.batches(batch_size):
-        cap = capture(objective, blocks, batch, params=params, cotangents="ggn")
-        for f in factors:
-            name = f.block.name
-            a = cap.a[name].to(torch.float64) @ f.Q_A  # (b, T, cols)
-            g = cap.g[name].to(torch.float64) @ f.Q_S  # (K, b, T, out)
-            if a.shape[1] == 1:
-                sums[name] += torch.einsum("kbo,bj->oj", g[:, :, 0] ** 2, a[:, 0] ** 2)
-                continue
-            K, b, T, out = g.shape
-            step = max(1, max_elements // max(1, K * out * a.shape[2]))
-            for s in range(0, b, step):
-                G = torch.einsum("kbto,btj->kboj", g[:, s : s + step], a[s : s + step])
-                sums[name] += (G**2).sum(dim=(0, 1))
+    ctx = _FactorContext(objective, data, [f.block for f in factors], params, batch_size)
+    _correct(_Passes(ctx, executor), factors, max_elements)
+
+
+def _correct(passes: _Passes, factors: Sequence[LayerFactors], max_elements: int = 2**24) -> None:
+    sums = passes.correction([(f.Q_A, f.Q_S) for f in factors], max_elements)
+    n = len(passes.ctx.data)
     for f in factors:
-        f.corrected = sums[f.block.name] / n
+        f.corrected = sums.tensors[f.block.name] / n
 
 
 def _sym(M: torch.Tensor) -> torch.Tensor:

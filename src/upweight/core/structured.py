@@ -349,3 +349,40 @@ class LinearOutputHVP:
     def hvp_sum(self, V: torch.Tensor, batch: Data) -> torch.Tensor:
         """Σ_{i∈batch} ∇²θL(zᵢ)vⱼ for V (k, p) → (k, p) (no caching)."""
         return self._apply(V.to(self.dtype), [self.factors(batch)])
+
+    def dense_sum(self) -> torch.Tensor:
+        """Σᵢ ∇²θL(zᵢ) as a dense matrix over the layer's coordinates (in vec(W̃) row-major order,
+        i.e. θ's coordinates ``self.index``), formed in closed form instead of from p HVPs:
+
+            Σᵢ Hᵢ ⊗ ãᵢãᵢᵀ,   block (c, c') = Ãᵀ diag(Hᵢ[c, c']) Ã,
+
+        one (cols × b) @ (b × cols) product per pair c ≤ c' of output coordinates (the others by
+        symmetry; only the diagonal pairs where Hᵢ is diagonal). That is ½c(c+1)·n·cols² multiply-adds
+        against the 4·n·c·cols·p of p HVPs: for softmax regression 2·p/(c + 1)-fold fewer
+        (digits: 6.3e8 vs 2.5e9; MNIST: 1.9e12 vs 1.4e13).
+        """
+        blk = self.block
+        c, cols = blk.out_dim, blk.cols
+        acc = torch.zeros(c, cols, c, cols, dtype=self.dtype)
+        for A, oc in self._iter_factors():
+            for i in range(c):
+                for j in range(i, c):
+                    w = _pair_weight(oc, i, j, len(A))
+                    if w is not None:
+                        acc[i, :, j, :] += A.T @ (w[:, None] * A)
+        for i in range(c):
+            for j in range(i + 1, c):
+                acc[j, :, i, :] = acc[i, :, j, :].T
+        return acc.reshape(c * cols, c * cols)
+
+
+def _pair_weight(oc: OutputCurvature, i: int, j: int, b: int) -> torch.Tensor | None:
+    """Hₖ[i, j] for every point k of a batch (b,), or ``None`` where it is 0 for all of them."""
+    if oc.kind == "softmax":
+        w = -oc.h[:, i] * oc.h[:, j]
+        return w + oc.h[:, i] if i == j else w
+    if oc.kind == "diagonal":
+        return oc.h[:, i] if i == j else None
+    if oc.kind == "identity":
+        return oc.h.new_ones(b) if i == j else None
+    return oc.h[:, i, j]

@@ -4,13 +4,16 @@ from .arnoldi import Arnoldi, ArnoldiState
 from .auto import Auto, AutoState
 from .base import InverseHVPSolver, Solution
 from .cg import CG
+from .datainf import DataInf, DataInfState
 from .direct import Direct
 from .kfac import EKFAC, KFAC
 from .lissa import LiSSA
+from .nystrom import Nystrom, NystromState
 from .spectrum import Spectrum, estimate_spectrum, lanczos, lissa_from_spectrum
 
 SOLVERS: dict[str, type[InverseHVPSolver]] = {"direct": Direct, "cg": CG, "lissa": LiSSA, "auto": Auto, "arnoldi": Arnoldi,
-                                             "kfac": KFAC, "ekfac": EKFAC}
+                                             "kfac": KFAC, "ekfac": EKFAC, "nystrom": Nystrom,
+                                             "datainf": DataInf}
 
 __all__ = [
     "CG",
@@ -19,11 +22,15 @@ __all__ = [
     "ArnoldiState",
     "Auto",
     "AutoState",
+    "DataInf",
+    "DataInfState",
     "Direct",
     "EKFAC",
     "InverseHVPSolver",
     "KFAC",
     "LiSSA",
+    "Nystrom",
+    "NystromState",
     "Solution",
     "Spectrum",
     "estimate_spectrum",

@@ -95,65 +95,32 @@ class CG(InverseHVPSolver):
         return PCGState(curvature, pstate, time.perf_counter() - t0)
 
     def solve(self, state: Any, rhs: torch.Tensor) -> Solution:
-        if isinstance(state, PCGState):
-            return self._solve_preconditioned(state, rhs)
-        curv: Curvature = state
-        t0 = time.perf_counter()
-        B = rhs.to(curv.dtype).reshape(-1, curv.p)
-        maxiter = self.maxiter or min(2 * curv.p, 10_000)
-        X = torch.zeros_like(B)
-        R = B.clone()
-        P = R.clone()
-        rs = (R * R).sum(1)
-        tol = torch.clamp(self.rtol * B.norm(dim=1), min=self.atol)
-        it = 0
-        while it < maxiter:
-            active = rs.sqrt() > tol
-            if not bool(active.any()):
-                break
-            it += 1
-            idx = active.nonzero().squeeze(1)
-            Pa = P[idx]
-            APa = curv.matvec(Pa)
-            pAp = (Pa * APa).sum(1)
-            if bool((pAp <= 0).any()):
-                self._raise_not_pd(curv)
-            alpha = rs[idx] / pAp
-            X[idx] += alpha[:, None] * Pa
-            R[idx] -= alpha[:, None] * APa
-            rs_new = (R[idx] * R[idx]).sum(1)
-            P[idx] = R[idx] + (rs_new / rs[idx])[:, None] * Pa
-            rs[idx] = rs_new
-        check_finite(X, "The CG solution", "Check the model and loss at θ̂, or add damping.")
-        res = relative_residual(curv.matvec(X), B)
-        converged = rs.sqrt() <= tol
-        if not bool(converged.all()):
-            warnings.warn(
-                f"CG stopped at maxiter={maxiter} with {int((~converged).sum())} of {len(B)} right-hand sides "
-                f"unconverged (largest relative residual {float(res.max()):.2e} > rtol={self.rtol:g}). "
-                "Raise maxiter, loosen rtol, or add damping to improve the conditioning.",
-                NotConvergedWarning,
-                stacklevel=3,
-            )
-        return Solution(X.to(rhs.dtype), res, converged, it, time.perf_counter() - t0, {"maxiter": maxiter})
-
-    def _solve_preconditioned(self, state: PCGState, rhs: torch.Tensor) -> Solution:
-        """Preconditioned CG: zⱼ = M⁻¹rⱼ, βⱼ = rⱼ₊₁ᵀzⱼ₊₁ / rⱼᵀzⱼ; stops on ‖rⱼ‖ like plain CG."""
-        curv: Curvature = state.curvature
+        """(Preconditioned) block CG: per right-hand side j, zⱼ = M⁻¹rⱼ (zⱼ = rⱼ without a
+        preconditioner), αⱼ = rⱼᵀzⱼ / pⱼᵀApⱼ, βⱼ = rⱼ₊₁ᵀzⱼ₊₁ / rⱼᵀzⱼ; a column stops once ‖rⱼ‖ ≤
+        max(rtol·‖vⱼ‖, atol) and drops out of the block's HVPs."""
         pre = self.preconditioner
-        assert pre is not None
+        curv: Curvature = state.curvature if isinstance(state, PCGState) else state
         t0 = time.perf_counter()
+        t_pre = 0.0
+
+        def precondition(R: torch.Tensor) -> torch.Tensor:
+            nonlocal t_pre
+            if pre is None:
+                return R
+            tp = time.perf_counter()
+            Z = pre.precondition(state.preconditioner_state, R).to(curv.dtype)
+            t_pre += time.perf_counter() - tp
+            return Z
+
         B = rhs.to(curv.dtype).reshape(-1, curv.p)
         maxiter = self.maxiter or min(2 * curv.p, 10_000)
         X = torch.zeros_like(B)
         R = B.clone()
-        tp = time.perf_counter()
-        Z = pre.precondition(state.preconditioner_state, R).to(curv.dtype)
+        Z = precondition(R)
         P = Z.clone()
         rz = (R * Z).sum(1)
         rnorm = R.norm(dim=1)
         self._check_spd_preconditioner(rz, rnorm)
-        t_pre = time.perf_counter() - tp
         tol = torch.clamp(self.rtol * B.norm(dim=1), min=self.atol)
         it = 0
         while it < maxiter:
@@ -171,33 +138,33 @@ class CG(InverseHVPSolver):
             X[idx] += alpha[:, None] * Pa
             Ra = R[idx] - alpha[:, None] * APa
             R[idx] = Ra
-            tp = time.perf_counter()
-            Za = pre.precondition(state.preconditioner_state, Ra).to(curv.dtype)
-            t_pre += time.perf_counter() - tp
+            Za = precondition(Ra)
             rz_new = (Ra * Za).sum(1)
             rnorm[idx] = Ra.norm(dim=1)
             self._check_spd_preconditioner(rz_new, rnorm[idx])
             P[idx] = Za + (rz_new / rz[idx])[:, None] * Pa
             rz[idx] = rz_new
-        check_finite(X, "The preconditioned CG solution", "Check the model and loss at θ̂, or add damping.")
+        what = "CG" if pre is None else "Preconditioned CG"
+        check_finite(X, f"The {what} solution", "Check the model and loss at θ̂, or add damping.")
         res = relative_residual(curv.matvec(X), B)
         converged = rnorm <= tol
         if not bool(converged.all()):
             warnings.warn(
-                f"Preconditioned CG stopped at maxiter={maxiter} with {int((~converged).sum())} of {len(B)} right-hand "
-                f"sides unconverged (largest relative residual {float(res.max()):.2e} > rtol={self.rtol:g}). "
+                f"{what} stopped at maxiter={maxiter} with {int((~converged).sum())} of {len(B)} right-hand sides "
+                f"unconverged (largest relative residual {float(res.max()):.2e} > rtol={self.rtol:g}). "
                 "Raise maxiter, loosen rtol, or add damping to improve the conditioning.",
                 NotConvergedWarning,
                 stacklevel=3,
             )
-        pstats = getattr(state.preconditioner_state, "stats", {}) or {}
-        stats = {
-            "maxiter": maxiter,
-            "preconditioner": getattr(pre, "name", type(pre).__name__),
-            "preconditioner_prepare_seconds": state.prepare_seconds,
-            "precondition_seconds": t_pre,
-            **{f"preconditioner_{k}": v for k, v in pstats.items()},
-        }
+        stats: dict[str, Any] = {"maxiter": maxiter}
+        if pre is not None:
+            pstats = getattr(state.preconditioner_state, "stats", {}) or {}
+            stats |= {
+                "preconditioner": getattr(pre, "name", type(pre).__name__),
+                "preconditioner_prepare_seconds": state.prepare_seconds,
+                "precondition_seconds": t_pre,
+                **{f"preconditioner_{k}": v for k, v in pstats.items()},
+            }
         return Solution(X.to(rhs.dtype), res, converged, it, time.perf_counter() - t0, stats)
 
     def _check_spd_preconditioner(self, rz: torch.Tensor, rnorm: torch.Tensor) -> None:
