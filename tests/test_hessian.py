@@ -227,3 +227,35 @@ def test_unpenalised_intercept_is_left_out_of_r_and_h(digits10):
     )
     with pytest.raises(uw.errors.InputError, match="l2_exclude"):
         uw.Objective(model, "cross_entropy", l2=0.05, l2_exclude=["intercept"])
+
+
+def test_large_blocks_of_tangents_are_split_and_still_exact(monkeypatch):
+    """More tangents than MAX_TANGENT_POINTS // b are multiplied in groups: same (H + δI)V as the explicit H."""
+    from torch.func import functional_call
+
+    import upweight.core.curvature as curvature_module
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3)).double()
+    X, y = torch.randn(40, 5, dtype=torch.float64), torch.randint(0, 3, (40,))
+    obj = uw.Objective(model, "cross_entropy", l2=0.1)
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [t.shape for _, t in model.named_parameters()]
+    theta = torch.cat([t.detach().reshape(-1) for _, t in model.named_parameters()])
+
+    def risk(flat):
+        parts, i = {}, 0
+        for n, s in zip(names, shapes):
+            parts[n] = flat[i : i + s.numel()].reshape(s)
+            i += s.numel()
+        return F.cross_entropy(functional_call(model, parts, (X,)), y) + 0.05 * (flat**2).sum()
+
+    H = explicit_hessian(risk, theta) + 0.2 * torch.eye(len(theta), dtype=torch.float64)
+    V = torch.randn(23, len(theta), dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    monkeypatch.setattr(curvature_module, "MAX_TANGENT_POINTS", 40 * 5)  # groups of 5 tangents for b = 40
+    calls = []
+    real = curvature_module.vmap
+    monkeypatch.setattr(curvature_module, "vmap", lambda f: (lambda T: calls.append(1) or real(f)(T)))
+    got = Curvature(obj, uw.Data.from_any((X, y)), damping=0.2, batch_size=40, structured=False).matvec(V)
+    assert len(calls) == 5  # ⌈23 / 5⌉ vectorised passes
+    assert float((got - V @ H).norm() / (V @ H).norm()) < 1e-12

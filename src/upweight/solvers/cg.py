@@ -133,7 +133,7 @@ class CG(InverseHVPSolver):
             APa = curv.matvec(Pa)
             pAp = (Pa * APa).sum(1)
             if bool((pAp <= 0).any()):
-                self._raise_not_pd(curv)
+                self._raise_not_pd(curv, float((pAp / (Pa * Pa).sum(1).clamp_min(1e-300)).min()))
             alpha = rz[idx] / pAp
             X[idx] += alpha[:, None] * Pa
             Ra = R[idx] - alpha[:, None] * APa
@@ -176,12 +176,18 @@ class CG(InverseHVPSolver):
             )
 
     @staticmethod
-    def _raise_not_pd(curv: Curvature) -> None:
-        lmin = curv.lambda_min()
+    def _raise_not_pd(curv: Curvature, rayleigh: float) -> None:
+        """``rayleigh``: the smallest pᵀ(H + δI)p/‖p‖² met along a search direction (≤ 0)."""
+        lmin = min(curv.lambda_min(), rayleigh)
         fix = suggest_damping(min(lmin, 0.0), curv.damping)
+        rounding = ""
+        if curv.dtype != torch.float64:
+            rounding = (f" In {str(curv.dtype).removeprefix('torch.')} this can also be rounding in the HVPs of an "
+                        "ill-conditioned H: a float64 model (model.double()) tells the two apart.")
         raise NotPositiveDefiniteError(
-            f"CG met negative curvature: the Hessian (damping={curv.damping:g}) is not positive definite, "
-            f"smallest eigenvalue ≈ {lmin:.3e}. Pass damping ≥ {fix:.2g} (e.g. Influence(..., damping={fix:.2g})).",
+            f"CG met negative curvature: pᵀ(H + δI)p/‖p‖² = {rayleigh:.3e} along a search direction, so the Hessian "
+            f"(damping={curv.damping:g}) is not positive definite (smallest eigenvalue ≈ {lmin:.3e}). Pass damping ≥ "
+            f"{fix:.2g} (e.g. Influence(..., damping={fix:.2g})).{rounding}",
             min_eigenvalue=lmin,
             suggested_damping=fix,
         )
