@@ -84,18 +84,30 @@ def _capture_bytes_per_point(objective: Objective, plan: LayerPlan, point: Data,
     return total * cap.a[plan.blocks[0].name].element_size()
 
 
-def _block_scores_lowrank(Q: torch.Tensor, A: torch.Tensor, B: torch.Tensor, rank: int) -> torch.Tensor:
-    """``_block_scores`` with each Qⱼ replaced by its best rank-r approximation Σᵣ σᵣuᵣvᵣᵀ (SVD):
+def factor_queries(plan: LayerPlan, S: torch.Tensor, rank: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The rank-``rank`` truncated SVD Σᵣ σᵣuᵣvᵣᵀ of every query block Qⱼ (row j of S (k, p) on a
+    layer's (out, cols) coordinates), per layer with min(out, cols) > rank (the others are scored
+    exactly): ``{layer: (U·σ (k, out, r), Vᵀ (k, r, cols))}``. Computed once per set of queries,
+    then used for every chunk of training points (``structured_scores(query_factors=…)``)."""
+    out = {}
+    for blk in plan.blocks:
+        if rank < min(blk.out_dim, blk.cols):
+            U, sig, Vh = torch.linalg.svd(S[:, blk.index], full_matrices=False)  # (k, out, m), (k, m), (k, m, cols)
+            out[blk.name] = ((U[:, :, :rank] * sig[:, None, :rank]).contiguous(), Vh[:, :rank, :].contiguous())
+    return out
+
+
+def _block_scores_lowrank(Us: torch.Tensor, Vh: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """``_block_scores`` with each Qⱼ = Σᵣ σᵣuᵣvᵣᵀ given by its factors (``factor_queries``):
     Σₜ Σᵣ σᵣ(bᵢₜᵀuᵣ)(vᵣᵀãᵢₜ), b·T·k·r·(out + cols) multiply-adds instead of b·T·k·out·cols."""
-    U, sig, Vh = torch.linalg.svd(Q, full_matrices=False)  # (k, out, m), (k, m), (k, m, cols)
-    U, sig, Vh = U[:, :, :rank], sig[:, :rank], Vh[:, :rank, :]
-    Bu = torch.einsum("bto,kor->btkr", B, U * sig[:, None, :])
+    Bu = torch.einsum("bto,kor->btkr", B, Us)
     Av = torch.einsum("btc,krc->btkr", A, Vh)
     return (Bu * Av).sum(dim=(1, 3)).T
 
 
 def structured_scores(objective: Objective, plan: LayerPlan, batch: Data, S: torch.Tensor,
-                      params: Params | None = None, *, max_bytes: int = 2**28, rank: int | None = None) -> torch.Tensor:
+                      params: Params | None = None, *, max_bytes: int = 2**28, rank: int | None = None,
+                      query_factors: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
     """sⱼᵀ∇θL(zᵢ, θ) for every row sⱼ of S (k, p) and every point of ``batch``: shape (k, b).
 
     Equal to ``S @ per_sample_grads(batch).T`` (Koh & Liang 2017, Eq. 2 without the sign), but the
@@ -106,27 +118,32 @@ def structured_scores(objective: Objective, plan: LayerPlan, batch: Data, S: tor
 
     ``rank``: score each layer with the rank-``rank`` truncated SVD of its query blocks Qⱼ instead
     (an approximation unless ``rank`` ≥ min(out, cols), when the exact contraction is used); worth
-    it only for wide layers, where k·out·cols ≫ k·rank·(out + cols).
+    it only for wide layers, where k·out·cols ≫ k·rank·(out + cols). ``query_factors``: those
+    truncated SVDs already computed by ``factor_queries(plan, S, rank)`` (a sweep over many chunks
+    of training points factors its queries once).
     """
     if rank is not None and (not isinstance(rank, int) or rank < 1):
         raise InputError(f"structured_scores: rank must be a positive integer or None; got {rank!r}.")
     params = params if params is not None else objective.params
     dtype = next(iter(params.values())).dtype
     S = S.to(dtype).reshape(-1, objective.p)
+    if rank is not None and query_factors is None:
+        query_factors = factor_queries(plan, S, rank)
     if plan.blocks and len(batch) > 1:
         per_point = _capture_bytes_per_point(objective, plan, batch.subset([0]), params, S.shape[0])
         step = max(1, max_bytes // max(per_point, 1))
         if step < len(batch):
-            return torch.cat([structured_scores(objective, plan, sub, S, params, max_bytes=max_bytes, rank=rank)
-                              for sub in batch.batches(step)], dim=1)
+            return torch.cat([structured_scores(objective, plan, sub, S, params, max_bytes=max_bytes, rank=rank,
+                                                query_factors=query_factors) for sub in batch.batches(step)], dim=1)
     out = torch.zeros(S.shape[0], len(batch), dtype=dtype)
     if plan.blocks:
         cap = capture(objective, plan.blocks, batch, params=params, cotangents="loss")
         for blk in plan.blocks:
             Q = S[:, blk.index]  # (k, out, cols)
             A, B = cap.a[blk.name].to(dtype), cap.g[blk.name][0].to(dtype)
-            if rank is not None and rank < min(blk.out_dim, blk.cols):
-                out += _block_scores_lowrank(Q, A, B, rank)
+            if query_factors and blk.name in query_factors:
+                Us, Vh = query_factors[blk.name]
+                out += _block_scores_lowrank(Us.to(dtype), Vh.to(dtype), A, B)
             else:
                 out += _block_scores(Q, A, B)
     if plan.other:
