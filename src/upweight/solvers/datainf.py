@@ -26,7 +26,7 @@ from .._checks import check_finite, check_interval
 from ..core.curvature import Curvature
 from ..core.grads import iter_per_sample_grads
 from ..errors import InputError, NotPositiveDefiniteError
-from .base import InverseHVPSolver, Solution, relative_residual
+from .base import InverseHVPSolver, Solution, one_shot_solution, relative_residual
 
 APPROXIMATES = (
     "the empirical Fisher (1/n) Σ ∇L(zᵢ)∇L(zᵢ)ᵀ (observed labels, uncentred) — not the Hessian — block-diagonal "
@@ -275,13 +275,4 @@ class DataInf(InverseHVPSolver):
                     Gb = G[:, b.index]
                     FX[:, b.index] += (X[:, b.index] @ Gb.T) @ Gb / curv.n
             stats["fisher_residual_max"] = float(relative_residual(FX, V).max()) if len(V) else 0.0
-        Xc = X.to(curv.dtype)
-        res = relative_residual(curv.matvec(Xc).to(torch.float64), V)
-        return Solution(
-            value=Xc.to(rhs.dtype),
-            residual=res,
-            converged=torch.ones(len(V), dtype=torch.bool),
-            iterations=0,
-            seconds=time.perf_counter() - t0,
-            stats=stats,
-        )
+        return one_shot_solution(curv, X, V, rhs.dtype, t0, stats)

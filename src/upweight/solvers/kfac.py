@@ -26,7 +26,7 @@ from ..core.curvature import Curvature, power_iteration
 from ..core.kfac import LayerFactors, fit_factors
 from ..core.layers import LayerPlan, find_layers
 from ..errors import NotPositiveDefiniteError, UnsupportedModelError
-from .base import InverseHVPSolver, Solution, relative_residual
+from .base import InverseHVPSolver, Solution, one_shot_solution
 from .cg import CG
 from .direct import suggest_damping
 
@@ -349,15 +349,7 @@ class KFAC(InverseHVPSolver):
             stats.update(fallback_iterations=sol_f.iterations, fallback_residual_max=sol_f.max_residual)
         X = X.to(curv.dtype)
         check_finite(X, f"The {self.name} solution", "Add damping or check the model at θ̂.")
-        res = relative_residual(curv.matvec(X), B)
-        return Solution(
-            value=X.to(rhs.dtype),
-            residual=res,
-            converged=torch.ones(len(B), dtype=torch.bool),
-            iterations=int(stats.get("fallback_iterations", 0)),
-            seconds=time.perf_counter() - t0,
-            stats=stats,
-        )
+        return one_shot_solution(curv, X, B, rhs.dtype, t0, stats, iterations=int(stats.get("fallback_iterations", 0)))
 
 
 @dataclass(frozen=True)

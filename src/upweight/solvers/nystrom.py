@@ -27,7 +27,7 @@ import torch
 from .._checks import check_finite, check_interval
 from ..core.curvature import Curvature
 from ..errors import InputError, NotPositiveDefiniteError
-from .base import InverseHVPSolver, Solution, relative_residual
+from .base import InverseHVPSolver, Solution, one_shot_solution
 from .direct import suggest_damping
 
 SKETCHED = "A = H + δI − μI with μ = min over coordinates of (l2 + δ): the loss Hessian plus any L2 above μ"
@@ -233,16 +233,7 @@ class Nystrom(InverseHVPSolver):
         C = V @ state.U.T  # (k, r): uᵢᵀvⱼ
         X = (C / (state.eigenvalues + state.mu)) @ state.U + (V - C @ state.U) / state.mu
         check_finite(X, "The Nyström solution", "Add damping or check the model at θ̂.")
-        Xc = X.to(curv.dtype)
-        res = relative_residual(curv.matvec(Xc).to(torch.float64), V)
-        return Solution(
-            value=Xc.to(rhs.dtype),
-            residual=res,
-            converged=torch.ones(len(V), dtype=torch.bool),
-            iterations=0,
-            seconds=time.perf_counter() - t0,
-            stats=dict(state.stats),
-        )
+        return one_shot_solution(curv, X, V, rhs.dtype, t0, state.stats)
 
     def precondition(self, state: NystromState, R: torch.Tensor) -> torch.Tensor:
         """P⁻¹R with P⁻¹ = (λ̂_r + μ) U (Λ̂ + μI)⁻¹ Uᵀ + (I − UUᵀ) (Frangella et al.), R (k, p):
