@@ -2,8 +2,7 @@
 results and the closed form (Koh & Liang 2017 §2.3), on 400 real MNIST 1-vs-7 images pooled to
 49 features (conftest ``small_logreg``).
 
-Workers start with the ``forkserver`` method: with ``spawn`` (Dask's default) closing the cluster
-took 3.7 s instead of 0.1 s here once the workers had imported torch.
+The cluster is conftest's ``dask_executor`` (shared with tests/test_kfac_distributed.py).
 """
 
 from __future__ import annotations
@@ -28,14 +27,8 @@ RTOL = 1e-10
 
 
 @pytest.fixture(scope="module")
-def ex():
-    with dask.config.set({"distributed.worker.multiprocessing-method": "forkserver"}):
-        executor = DaskExecutor("local", n_workers=2, threads_per_worker=1, processes=True)
-    try:
-        yield executor
-    finally:
-        executor.close()
-    assert executor.client.status == "closed"
+def ex(dask_executor):
+    return dask_executor  # conftest: one LocalCluster of 2 worker processes for the session
 
 
 @pytest.fixture(scope="module")

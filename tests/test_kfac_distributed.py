@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import upweight as uw
-from conftest import TanhMLP, pooled
+from conftest import ConvNet, TanhMLP, pooled
 from reference import assert_not_constant
 from upweight._executor import LocalExecutor, run_task, split_indices
 from upweight.core.kfac import LayerFactors, fit_factors
@@ -33,20 +33,6 @@ D64 = torch.float64
 SUM_TOL = 1e-12  # regrouped float64 sums of n = 150 terms (≈ n·ε ≈ 3e-14)
 EIG_TOL = 1e-10  # through eigenvectors: × 1/(eigenvalue gap)
 N = 150
-
-
-class ConvNet(torch.nn.Module):
-    """Two Conv2d layers (T = 49 and 9 locations) and a Linear head on 7×7 pooled MNIST."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.c1 = torch.nn.Conv2d(1, 3, 3, padding=1)
-        self.c2 = torch.nn.Conv2d(3, 2, 3, stride=2)
-        self.fc = torch.nn.Linear(2 * 3 * 3, 2)
-
-    def forward(self, x):
-        h = torch.tanh(self.c2(torch.tanh(self.c1(x.reshape(-1, 1, 7, 7)))))
-        return self.fc(h.flatten(1))
 
 
 @pytest.fixture(scope="module")
@@ -170,18 +156,8 @@ def test_kfac_prepare_passes_the_curvature_executor(images):
 
 # ── Dask LocalCluster, 2 worker processes ────────────────────────────────────────────────
 @pytest.fixture(scope="module")
-def dask_ex():
-    pytest.importorskip("distributed", reason="dask.distributed is not installed (pip install upweight[dask])")
-    dask = pytest.importorskip("dask")
-    from upweight.distributed import DaskExecutor
-
-    # forkserver: closing the cluster takes 0.1 s instead of several with spawn (see test_dask.py)
-    with dask.config.set({"distributed.worker.multiprocessing-method": "forkserver"}):
-        executor = DaskExecutor("local", n_workers=2, threads_per_worker=1, processes=True)
-    try:
-        yield executor
-    finally:
-        executor.close()
+def dask_ex(dask_executor):
+    return dask_executor  # conftest: one LocalCluster of 2 worker processes for the session
 
 
 def test_dask_factors_equal_in_process_and_closed_forms(images, dask_ex):

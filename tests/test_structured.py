@@ -13,7 +13,7 @@ import torch
 from torch.func import functional_call
 
 import upweight as uw
-from conftest import TanhMLP, fit_linear, pooled
+from conftest import ConvNet, TanhMLP, fit_linear, pooled
 from reference import assert_not_constant, explicit_hessian, logistic_closed_form, loop_grads
 from upweight.core.curvature import Curvature
 from upweight.core.layers import find_layers
@@ -68,18 +68,6 @@ def images(mnist_1v7):
     X = torch.tensor(pooled(d.x_train[:120], 4), dtype=D64)  # 7×7 = 49 pixels
     y = torch.tensor((d.y_train[:120] > 0).astype(np.int64))
     return X, y
-
-
-class ConvNet(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.c1 = torch.nn.Conv2d(1, 3, 3, padding=1)
-        self.c2 = torch.nn.Conv2d(3, 2, 3, stride=2)
-        self.fc = torch.nn.Linear(2 * 3 * 3, 2)
-
-    def forward(self, x):
-        h = torch.tanh(self.c2(torch.tanh(self.c1(x.reshape(-1, 1, 7, 7)))))
-        return self.fc(h.flatten(1))
 
 
 class ScaledMLP(TanhMLP):
