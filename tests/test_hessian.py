@@ -229,14 +229,25 @@ def test_unpenalised_intercept_is_left_out_of_r_and_h(digits10):
         uw.Objective(model, "cross_entropy", l2=0.05, l2_exclude=["intercept"])
 
 
-def test_large_blocks_of_tangents_are_split_and_still_exact(monkeypatch):
-    """More tangents than MAX_TANGENT_POINTS // b are multiplied in groups: same (H + δI)V as the explicit H."""
+class _WithUnusedParameter(torch.nn.Module):
+    """A tanh MLP with a parameter that the forward pass never touches (its gradient has no graph)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3))
+        self.unused = torch.nn.Parameter(torch.ones(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def test_many_tangents_through_one_graph_equal_the_explicit_hessian():
+    """23 tangents share one gradient graph (one backward pass each): each product is (H + δI)v of
+    the explicit float64 Hessian, including the zero rows of a parameter the loss does not use."""
     from torch.func import functional_call
 
-    import upweight.core.curvature as curvature_module
-
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3)).double()
+    model = _WithUnusedParameter().double()
     X, y = torch.randn(40, 5, dtype=torch.float64), torch.randint(0, 3, (40,))
     obj = uw.Objective(model, "cross_entropy", l2=0.1)
     names = [n for n, _ in model.named_parameters()]
@@ -251,11 +262,22 @@ def test_large_blocks_of_tangents_are_split_and_still_exact(monkeypatch):
         return F.cross_entropy(functional_call(model, parts, (X,)), y) + 0.05 * (flat**2).sum()
 
     H = explicit_hessian(risk, theta) + 0.2 * torch.eye(len(theta), dtype=torch.float64)
+    assert names[0] == "unused"  # a module's own parameters come before its children's
+    assert float(H[:2, 2:].abs().max()) == 0.0  # the unused parameter's rows: only l2 + δ on the diagonal
     V = torch.randn(23, len(theta), dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    monkeypatch.setattr(curvature_module, "MAX_TANGENT_POINTS", 40 * 5)  # groups of 5 tangents for b = 40
-    calls = []
-    real = curvature_module.vmap
-    monkeypatch.setattr(curvature_module, "vmap", lambda f: (lambda T: calls.append(1) or real(f)(T)))
-    got = Curvature(obj, uw.Data.from_any((X, y)), damping=0.2, batch_size=40, structured=False).matvec(V)
-    assert len(calls) == 5  # ⌈23 / 5⌉ vectorised passes
+    got = Curvature(obj, uw.Data.from_any((X, y)), damping=0.2, batch_size=16, structured=False).matvec(V)
     assert float((got - V @ H).norm() / (V @ H).norm()) < 1e-12
+    one = Curvature(obj, uw.Data.from_any((X, y)), damping=0.2, batch_size=16, structured=False).matvec(V[:1])
+    assert float((one - V[:1] @ H).norm() / (V[:1] @ H).norm()) < 1e-12
+
+
+def test_hvp_of_a_model_whose_loss_ignores_theta_is_zero():
+    """No parameter reaches the loss (all gradients graph-free): the data part of H is exactly 0."""
+    from upweight.core.curvature import hvp_sum
+
+    model = _WithUnusedParameter().double()
+    obj = uw.Objective(model, "cross_entropy", l2=0.0, params=["unused"])
+    X, y = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
+    params = {"unused": model.unused.detach()}
+    out = hvp_sum(obj, params, torch.randn(3, 2, dtype=torch.float64), uw.Data.from_any((X, y)))
+    assert out.shape == (3, 2) and float(out.abs().max()) == 0.0

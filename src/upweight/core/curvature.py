@@ -1,8 +1,8 @@
 """``Curvature``: the linear operator H + δI seen by the solvers, with H = ∇²R(θ̂).
 
-Products with H are Pearlmutter's Hessian-vector products, computed forward-over-reverse
-(``jvp`` of ``grad``) and streamed over the data in batches; a block of k vectors is pushed
-through together with ``vmap``. The dense Hessian is only formed on request, for small p.
+Products with H are Pearlmutter's Hessian-vector products (reverse over reverse: one gradient
+with its graph per batch, then one backward pass per vector), streamed over the data in batches.
+The dense Hessian is only formed on request, for small p.
 
 The full-data product is a sum over the training points, so with an ``Executor`` it runs as a
 map-reduce over partitions of them (each partition's Σᵢ∇²θL(zᵢ)V, summed in partition order);
@@ -22,7 +22,6 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from torch.func import grad, jvp, vmap
 
 from .._checks import check_finite, check_interval
 from .._executor import Executor, inside_task, resolve, split_indices, thread_private
@@ -238,28 +237,37 @@ def _hvp_partition(indices: np.ndarray, ctx: _HVPContext, V: torch.Tensor) -> to
     return acc
 
 
-#: most (tangent, point) pairs one vectorised forward-over-reverse pass holds: its activations scale
-#: with k·b (a 2-conv CNN at b = 512 and k = 100 tangents asked for 11 GB); larger blocks of
-#: tangents are split, which changes nothing but the vectorisation (CG's 10 right-hand sides at
-#: b = 512 stay one pass)
-MAX_TANGENT_POINTS = 8192
-
-
 def hvp_sum(obj: Objective, params: Params, V: torch.Tensor, batch: Data) -> torch.Tensor:
-    """Σ_{i∈batch} ∇²θL(zᵢ, θ) vⱼ for each row vⱼ of V (k, p) → (k, p), forward-over-reverse, in
-    groups of at most ``MAX_TANGENT_POINTS // len(batch)`` tangents."""
-    group = max(1, MAX_TANGENT_POINTS // max(len(batch), 1))
-    if len(V) > group:
-        return torch.cat([hvp_sum(obj, params, V[s : s + group], batch) for s in range(0, len(V), group)])
+    """Σ_{i∈batch} ∇²θL(zᵢ, θ) vⱼ for each row vⱼ of V (k, p) → (k, p): Pearlmutter's product,
+    reverse over reverse.
 
-    def batch_loss(p: Params) -> torch.Tensor:
-        return obj.losses(p, batch.X, batch.y).sum()
-
-    def hvp(v: Params) -> Params:
-        return jvp(grad(batch_loss), (params,), (v,))[1]
-
-    out = vmap(hvp)(obj.space.unflatten(V))
-    return obj.space.flatten(out, batch_dims=1)
+    One forward and backward pass builds g = ∇θ Σᵢ L(zᵢ, θ) with its graph; each vⱼ is then one
+    more backward pass through that graph, ∇θ⟨g, vⱼ⟩ = H vⱼ. The k tangents share the forward
+    pass and the first backward pass, and memory stays that of one double-backward pass whatever k
+    is. (Measured in ``bench/bench_hvp.py`` against ``vmap`` of forward-over-reverse, the
+    previous path: faster on convolutions, on par on linear layers — see bench/HVP.md.)
+    Double backward also covers more operators than forward-mode AD does.
+    """
+    with torch.enable_grad():
+        leaves = {name: t.detach().requires_grad_(True) for name, t in params.items()}
+        names = list(leaves)
+        loss = obj.losses(leaves, batch.X, batch.y).sum()
+        out = torch.zeros_like(V)
+        if not loss.requires_grad:  # the loss does not depend on θ at all
+            return out
+        grads = torch.autograd.grad(loss, list(leaves.values()), create_graph=True, allow_unused=True,
+                                    materialize_grads=True)
+        # a gradient without a graph does not depend on θ: its rows (and, by symmetry, columns) of H are 0
+        live = [i for i, g in enumerate(grads) if g.requires_grad]
+        if not live:
+            return out
+        for j in range(len(V)):
+            tangent = obj.space.unflatten(V[j])
+            hv = torch.autograd.grad([grads[i] for i in live], list(leaves.values()),
+                                     [tangent[names[i]] for i in live], retain_graph=j < len(V) - 1,
+                                     allow_unused=True, materialize_grads=True)
+            out[j] = obj.space.flatten(dict(zip(names, hv)))
+    return out
 
 
 def power_iteration(apply, p: int, dtype: torch.dtype, *, n_iter: int, rtol: float, seed: int) -> float:
