@@ -22,6 +22,12 @@ the Frobenius-closest matrix to G_W̃ with that eigenbasis. Both need only passe
 in batches; nothing of size n × p is held. Both passes are sums over the training points, so
 with an ``Executor`` (``upweight.distributed.DaskExecutor``) each is one map-reduce over index
 partitions of the data, the eigendecompositions staying on the client (``fit_factors``).
+
+**Embeddings** (``core.layers``: a bias-free Linear on one-hot token vectors, W̃ = Eᵀ). Every ã is
+one-hot (or 0 at ``padding_idx``), so A = diag(c)/n with c the token counts; it is accumulated as
+its diagonal (Σᵢₜ ãᵢₜ², no V × V product per batch) and its eigendecomposition is exact and free,
+α = c/n, Q_A = I (``LayerFactors.identity_A``: the rotations by Q_A are skipped in EK-FAC's pass and
+in the solvers). S and Λ are as for any layer.
 """
 
 from __future__ import annotations
@@ -53,6 +59,8 @@ class LayerFactors:
         eig_S, Q_S: eigenvalues (clamped ≥ 0) and eigenvectors of S.
         corrected: EK-FAC eigenvalues Λ of shape (out, cols), or ``None`` (K-FAC: σ ⊗ α).
         locations: T, the locations per point (1 for a plain Linear).
+        identity_A: A is diagonal and Q_A is the identity (an Embedding; eig_A then is A's
+            diagonal in token order, not sorted), so rotating by Q_A can be skipped.
     """
 
     block: LayerBlock
@@ -64,6 +72,7 @@ class LayerFactors:
     Q_S: torch.Tensor = field(repr=False)
     locations: int = 1
     corrected: torch.Tensor | None = field(default=None, repr=False)
+    identity_A: bool = False
 
     @property
     def eigenvalues(self) -> torch.Tensor:
@@ -78,7 +87,7 @@ class LayerFactors:
 
     def basis(self) -> torch.Tensor:
         """Q_S ⊗ Q_A, dense (small layers; tests)."""
-        return torch.kron(self.Q_S, self.Q_A)
+        return torch.kron(self.Q_S.contiguous(), self.Q_A.contiguous())
 
 
 @dataclass(frozen=True)
@@ -149,8 +158,10 @@ def _moment_sums(ctx: _FactorContext, data: Data) -> _Sums:
             locs[blk.name] = T
             a2 = a.reshape(-1, a.shape[-1])
             g2 = g.reshape(-1, g.shape[-1])
-            # one batch's products in the compute dtype, accumulated over batches in float64
-            sums["A:" + blk.name] = sums.get("A:" + blk.name, 0) + (a2.T @ a2).to(torch.float64)
+            # one batch's products in the compute dtype, accumulated over batches in float64;
+            # one-hot rows (an embedding): a2ᵀa2 is diagonal, kept as its diagonal Σ ã²
+            aa = (a2 * a2).sum(0) if blk.kind == "embedding" else a2.T @ a2
+            sums["A:" + blk.name] = sums.get("A:" + blk.name, 0) + aa.to(torch.float64)
             sums["S:" + blk.name] = sums.get("S:" + blk.name, 0) + (g2.T @ g2).to(torch.float64) / T
     return _Sums(sums, locs, clamped)
 
@@ -161,17 +172,20 @@ def _moment_partition(indices: np.ndarray, ctx: _FactorContext) -> _Sums:
     return _moment_sums(ctx, _subset(ctx, indices))
 
 
-def _correction_sums(ctx: _FactorContext, data: Data, bases: Sequence[tuple[torch.Tensor, torch.Tensor]],
+def _correction_sums(ctx: _FactorContext, data: Data, bases: Sequence[tuple[torch.Tensor | None, torch.Tensor]],
                      max_elements: int) -> _Sums:
     """Σᵢ Σₖ (Q_Sᵀ Gᵢₖ Q_A)² per layer over ``data`` (pass 2), in float64; ``bases`` holds
-    (Q_A, Q_S) per block, in block order."""
+    (Q_A, Q_S) per block, in block order, Q_A ``None`` where it is the identity (an embedding)."""
     sums = {blk.name: torch.zeros(blk.out_dim, blk.cols, dtype=torch.float64) for blk in ctx.blocks}
     for batch in data.batches(ctx.batch_size):
         cap = capture(ctx.objective, ctx.blocks, batch, params=ctx.params, cotangents="ggn")
         for blk, (QA, QS) in zip(ctx.blocks, bases):
             name = blk.name
-            a = cap.a[name].to(torch.float64) @ QA  # (b, T, cols)
             g = cap.g[name].to(torch.float64) @ QS  # (K, b, T, out)
+            if QA is None:  # one-hot ã (an embedding), Q_A = I
+                _add_one_hot_correction(sums[name], cap.a[name], g)
+                continue
+            a = cap.a[name].to(torch.float64) @ QA  # (b, T, cols)
             if a.shape[1] == 1:
                 sums[name] += torch.einsum("kbo,bj->oj", g[:, :, 0] ** 2, a[:, 0] ** 2)
                 continue
@@ -183,7 +197,24 @@ def _correction_sums(ctx: _FactorContext, data: Data, bases: Sequence[tuple[torc
     return _Sums(sums)
 
 
-def _correction_partition(indices: np.ndarray, ctx: _FactorContext, bases: Sequence[tuple[torch.Tensor, torch.Tensor]],
+def _add_one_hot_correction(acc: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> None:
+    """Add Σᵢₖ (Q_Sᵀ Gᵢₖ)² to ``acc`` (out, V) for one-hot ã (an embedding, Q_A = I) without
+    forming Gᵢₖ = Σₜ bᵢₖₜ ãᵢₜᵀ densely: column v of Q_SᵀGᵢₖ is the sum of the rotated cotangents
+    at the positions t where point i has token v, so the rotated cotangents (K, b, T, out) are
+    summed per distinct (point, token) pair and squared — O(K·b·T·out), not O(K·b·T·out·V).
+    Rows of ã that are 0 (``padding_idx``) contribute nothing and are dropped."""
+    K, b, T, out = g.shape
+    V = a.shape[-1]
+    flat = a.reshape(b * T, V)
+    hit = flat.amax(dim=1) > 0
+    keys = (torch.arange(b).repeat_interleave(T) * V + flat.argmax(dim=1))[hit]
+    uniq, inv = torch.unique(keys, return_inverse=True)
+    seg = g.reshape(K, b * T, out)[:, hit].new_zeros(K, len(uniq), out)
+    seg.index_add_(1, inv, g.reshape(K, b * T, out)[:, hit])
+    acc.index_add_(1, uniq % V, (seg**2).sum(0).T)
+
+
+def _correction_partition(indices: np.ndarray, ctx: _FactorContext, bases: Sequence[tuple[torch.Tensor | None, torch.Tensor]],
                           max_elements: int) -> _Sums:
     """Pass 2 on one partition of training-point indices — the map step of ``correct_eigenvalues``."""
     ctx = _private(ctx)
@@ -220,7 +251,7 @@ class _Passes:
             return _moment_sums(self.ctx, self.ctx.data)
         return self.executor.map_reduce(_moment_partition, self.parts, operator.add, self._shared())
 
-    def correction(self, bases: list[tuple[torch.Tensor, torch.Tensor]], max_elements: int) -> _Sums:
+    def correction(self, bases: list[tuple[torch.Tensor | None, torch.Tensor]], max_elements: int) -> _Sums:
         if self.executor is None:
             return _correction_sums(self.ctx, self.ctx.data, bases, max_elements)
         # the eigenbases are the same for every task: placed once (a DaskExecutor broadcasts them)
@@ -258,11 +289,19 @@ def fit_factors(
     sums = passes.moments()
     factors = []
     for blk in blocks:
-        A = _sym(sums.tensors["A:" + blk.name] / n)
         S = _sym(sums.tensors["S:" + blk.name] / n)
-        eA, QA = torch.linalg.eigh(A)
+        identity_A = blk.kind == "embedding"
+        if identity_A:  # A = diag(token counts)/n: its eigendecomposition is exact and free
+            eA = sums.tensors["A:" + blk.name] / n
+            A, QA = torch.diag(eA), torch.eye(len(eA), dtype=torch.float64)
+        else:
+            A = _sym(sums.tensors["A:" + blk.name] / n)
+            eA, QA = torch.linalg.eigh(A)
         eS, QS = torch.linalg.eigh(S)
-        factors.append(LayerFactors(blk, A, S, eA.clamp_min(0), QA, eS.clamp_min(0), QS, sums.locations[blk.name]))
+        if identity_A:  # eigh's column-major Q_S with a row-major Q_A = I trips torch.kron (basis())
+            QS = QS.contiguous()
+        factors.append(LayerFactors(blk, A, S, eA.clamp_min(0), QA, eS.clamp_min(0), QS, sums.locations[blk.name],
+                                    identity_A=identity_A))
     if eigen_correction:
         _correct(passes, factors)
     return factors, FitStats(2 if eigen_correction else 1, n, sums.clamped, passes.where)
@@ -290,7 +329,7 @@ def correct_eigenvalues(
 
 
 def _correct(passes: _Passes, factors: Sequence[LayerFactors], max_elements: int = 2**24) -> None:
-    sums = passes.correction([(f.Q_A, f.Q_S) for f in factors], max_elements)
+    sums = passes.correction([(None if f.identity_A else f.Q_A, f.Q_S) for f in factors], max_elements)
     n = len(passes.ctx.data)
     for f in factors:
         f.corrected = sums.tensors[f.block.name] / n

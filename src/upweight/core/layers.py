@@ -2,16 +2,32 @@
 back-propagated output cotangents, captured with forward hooks during one ordinary forward pass.
 
 A layer is *factorable* when it is an ``nn.Linear`` or ``nn.Conv2d`` (no groups, zero padding)
-whose weight is in θ and which the model calls exactly once per forward pass. Its per-sample
-gradient is then a sum of outer products over "locations" t (1 for a Linear on (b, d) inputs,
-the sequence positions of a Linear on (b, …, d) inputs, the output pixels of a Conv2d):
+— or, with ``find_layers(embeddings=True)``, an ``nn.Embedding`` whose weight no other module
+shares (tied weights) — whose weight is in θ and which the model calls exactly once per forward pass. Its
+per-sample gradient is then a sum of outer products over "locations" t (1 for a Linear on (b, d)
+inputs, the sequence positions of a Linear on (b, …, d) inputs, the output pixels of a Conv2d,
+the token positions of an Embedding):
 
     ∇W̃ L(zᵢ) = Σₜ bᵢₜ ãᵢₜᵀ,   W̃ = [W | bias],  ãᵢₜ = (aᵢₜ, 1) when the bias is in θ,
 
 with aᵢₜ the layer's input (for Conv2d the unfolded input patch at output pixel t, Grosse &
 Martens 2016; Grosse et al. 2023) and bᵢₜ = ∂L(zᵢ)/∂(layer output)ᵢₜ. Every other parameter of
-θ (LayerNorm, embeddings, bare ``nn.Parameter``, a bias whose weight is frozen, …) is left to
-the caller: ``find_layers`` names them and says why.
+θ (LayerNorm, bare ``nn.Parameter``, a bias whose weight is frozen, …) is left to the caller:
+``find_layers`` names them and says why.
+
+**Embeddings** (kind "embedding"). ``nn.Embedding(V, d)`` with weight E (V × d) maps token ids
+xᵢₜ to rows E[xᵢₜ]; its per-sample gradient is ∇E L(zᵢ) = Σₜ e_{xᵢₜ} bᵢₜᵀ (e the one-hot vector),
+i.e. ∇_{Eᵀ} L(zᵢ) = Σₜ bᵢₜ ãᵢₜᵀ with ãᵢₜ = e_{xᵢₜ} ∈ Rⱽ: an embedding is a bias-free Linear on
+one-hot inputs with W = Eᵀ (d × V). Its block is laid out as Eᵀ (out_dim = d, in_dim = V) and
+``capture`` returns one-hot ã. Rows at ``padding_idx`` get no gradient in torch, so their one-hot
+entries are set to 0. The activation factor A = (1/n) Σᵢₜ ãᵢₜãᵢₜᵀ is then diag(token counts)/n,
+diagonal but held dense (V × V), so embeddings with V > ``max_vocab`` (default
+``DEFAULT_MAX_VOCAB`` = 4096: A and its eigenbasis take 2·8·V² bytes, 256 MiB at the cap, and the
+captured one-hots b·T·V values per batch) are left to the caller, as are embeddings with
+``max_norm`` (the forward pass rewrites E), ``scale_grad_by_freq`` (the gradient of one point
+depends on the token counts of its batch) or ``sparse`` gradients. Embeddings are opt-in
+(``embeddings=True``, used by K-FAC / EK-FAC): the other consumers of ``find_layers`` (structured
+scoring, the structured HVP) see them as non-factorable parameters.
 
 Besides the loss gradient (``cotangents="loss"``), ``capture`` back-propagates the factors of
 the loss's Hessian in the model output (``cotangents="ggn"``): with ∇²_z L(zᵢ) = Σₖ cᵢₖcᵢₖᵀ, the
@@ -30,7 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import hessian, vmap
 
-from ..errors import UnsupportedModelError
+from ..errors import InputError, UnsupportedModelError
 from .data import Data
 from .losses import cross_entropy, squared
 from .objective import Objective
@@ -43,19 +59,22 @@ class LayerBlock:
 
     Attributes:
         name: the module's name in the model ("" for the model itself).
-        kind: "linear" or "conv2d".
+        kind: "linear", "conv2d" or "embedding" (a bias-free Linear on one-hot token inputs, W = Eᵀ).
         weight: the weight's parameter name in θ.
         bias: the bias's parameter name if the bias is in θ, else ``None`` (a fixed or absent bias).
-        out_dim: output features / channels (rows of W̃).
-        in_dim: input features, or in_channels·kh·kw for Conv2d (columns of W, without the bias).
+        out_dim: output features / channels (rows of W̃); the embedding dimension d for an Embedding.
+        in_dim: input features, or in_channels·kh·kw for Conv2d (columns of W, without the bias);
+            the vocabulary size V for an Embedding.
         index: positions in the flat θ of W̃ = [W | bias], shape (out_dim, in_dim + has_bias), so
-            that ``v[..., index]`` is the block of v as an (out, in+1) matrix.
+            that ``v[..., index]`` is the block of v as an (out, in+1) matrix (for an Embedding the
+            transpose of its weight: ``v[..., index]`` is Eᵀ, (d, V)).
         module: the module itself (for the hooks).
         conv: kernel_size, dilation, padding, stride for ``F.unfold`` (Conv2d only).
+        padding_idx: the Embedding's ``padding_idx`` (its one-hot inputs are zeroed), else ``None``.
     """
 
     name: str
-    kind: Literal["linear", "conv2d"]
+    kind: Literal["linear", "conv2d", "embedding"]
     weight: str
     bias: str | None
     out_dim: int
@@ -63,6 +82,7 @@ class LayerBlock:
     index: torch.Tensor = field(repr=False)
     module: nn.Module = field(repr=False, compare=False)
     conv: tuple[tuple[int, int], tuple[int, int], tuple[int, int], tuple[int, int]] | None = None
+    padding_idx: int | None = None
 
     @property
     def cols(self) -> int:
@@ -117,27 +137,81 @@ def _offsets(objective: Objective) -> dict[str, int]:
     return out
 
 
-def find_layers(objective: Objective, probe: Data | None = None) -> LayerPlan:
-    """Split θ into factorable ``nn.Linear`` / ``nn.Conv2d`` layers and the remaining parameters.
+DEFAULT_MAX_VOCAB = 4096
+"""Largest vocabulary of an ``nn.Embedding`` that ``find_layers(embeddings=True)`` factors: its
+activation factor (V × V) and eigenbasis take 2·8·V² bytes in float64 (256 MiB at V = 4096)."""
+
+
+def _embedding_refusal(mod: nn.Embedding, mname: str, max_vocab: int) -> str | None:
+    """Why an ``nn.Embedding`` cannot be factored, or ``None`` if it can."""
+    what = f"Embedding '{mname}'"
+    if mod.max_norm is not None:
+        return f"{what} has max_norm={mod.max_norm:g}: its forward pass renormalises the weight in place"
+    if mod.scale_grad_by_freq:
+        return f"{what} has scale_grad_by_freq=True: a point's gradient depends on the token counts of its batch"
+    if mod.sparse:
+        return f"{what} has sparse=True gradients"
+    if mod.num_embeddings > max_vocab:
+        return (f"{what} has a vocabulary of {mod.num_embeddings} > max_vocab={max_vocab} (its dense V × V "
+                f"activation factor would take {2 * 8 * mod.num_embeddings**2 / 2**20:.0f} MiB); raise max_vocab to factor it")
+    return None
+
+
+def _shared_weights(model: nn.Module) -> dict[int, list[str]]:
+    """Every parameter registered under more than one name (tied weights), by id."""
+    names: dict[int, list[str]] = {}
+    for n, t in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(t), []).append(n)
+    return {k: v for k, v in names.items() if len(v) > 1}
+
+
+def find_layers(objective: Objective, probe: Data | None = None, *, embeddings: bool = False,
+                max_vocab: int = DEFAULT_MAX_VOCAB) -> LayerPlan:
+    """Split θ into factorable ``nn.Linear`` / ``nn.Conv2d`` (/ ``nn.Embedding``) layers and the
+    remaining parameters.
 
     Args:
         objective: the model and θ.
         probe: a few data points; the model is run on them once with hooks to check that every
             candidate layer is called exactly once (a shared or unused layer is not factorable).
+        embeddings: also factor ``nn.Embedding`` layers (kind "embedding", see the module
+            docstring); off by default, so a consumer that does not handle that kind never sees it.
+        max_vocab: with ``embeddings``, the largest vocabulary factored; a larger embedding is
+            left over with a reason naming its size and this cap.
 
     Returns:
         A ``LayerPlan``.
     """
+    if embeddings and (not isinstance(max_vocab, int) or isinstance(max_vocab, bool) or max_vocab < 1):
+        raise InputError(f"find_layers: max_vocab must be a positive integer; got {max_vocab!r}.")
     in_theta = set(objective.params)
     offsets = _offsets(objective)
+    tied = _shared_weights(objective.model)
     blocks: list[LayerBlock] = []
     reasons: dict[str, str] = {}
     claimed: set[str] = set()
     for mname, mod in objective.model.named_modules():
-        if not isinstance(mod, (nn.Linear, nn.Conv2d)):
+        if not isinstance(mod, (nn.Linear, nn.Conv2d, nn.Embedding)):
             continue
         prefix = f"{mname}." if mname else ""
         wname, bname = prefix + "weight", prefix + "bias"
+        if isinstance(mod, nn.Embedding):
+            if wname not in in_theta:
+                continue
+            if not embeddings:
+                reasons[wname] = f"weight of nn.Embedding '{mname}' (embeddings are factored only with embeddings=True, as by K-FAC)"
+                continue
+            why = _embedding_refusal(mod, mname, max_vocab)
+            if why is None and id(mod.weight) in tied:
+                why = f"Embedding '{mname}' shares its weight with {[n for n in tied[id(mod.weight)] if n != wname]} (tied weights)"
+            if why is not None:
+                reasons[wname] = why
+                continue
+            V, d = mod.num_embeddings, mod.embedding_dim
+            e_idx = (offsets[wname] + torch.arange(V * d).reshape(V, d)).T.contiguous()  # (d, V): Eᵀ
+            blocks.append(LayerBlock(mname, "embedding", wname, None, d, V, e_idx, mod, None, mod.padding_idx))
+            claimed.add(wname)
+            continue
         has_bias = getattr(mod, "bias", None) is not None
         if wname not in in_theta:
             if has_bias and bname in in_theta:
@@ -178,7 +252,7 @@ def find_layers(objective: Objective, probe: Data | None = None) -> LayerPlan:
         blocks = kept
     other = tuple(n for n in objective.space.names if n not in claimed)
     for n in other:
-        reasons.setdefault(n, "not the weight or bias of an nn.Linear / nn.Conv2d")
+        reasons.setdefault(n, "not the weight or bias of an nn.Linear / nn.Conv2d" + (" / nn.Embedding" if embeddings else ""))
     reasons = {n: reasons[n] for n in other}
     idx = [offsets[n] + torch.arange(size) for n, size in zip(objective.space.names, objective.space.sizes) if n in other]
     other_index = torch.cat(idx) if idx else torch.zeros(0, dtype=torch.long)
@@ -250,8 +324,8 @@ class Captured:
     """One batch's layer inputs and output cotangents.
 
     Attributes:
-        a: per layer, ã of shape (b, T, cols): inputs (unfolded patches for Conv2d), with a
-            column of ones appended when the bias is in θ.
+        a: per layer, ã of shape (b, T, cols): inputs (unfolded patches for Conv2d, one-hot token
+            vectors for an Embedding), with a column of ones appended when the bias is in θ.
         g: per layer, cotangents of shape (K, b, T, out_dim): K = 1 for the loss gradient, the
             number of output-Hessian factors for the GGN.
         clamped: negative output-Hessian eigenvalues set to 0 in this batch (GGN only).
@@ -262,7 +336,15 @@ class Captured:
     clamped: int = 0
 
 
-def _layer_input(blk: LayerBlock, x: torch.Tensor) -> torch.Tensor:
+def _layer_input(blk: LayerBlock, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """ã of shape (b, T, cols) from the layer's input x. For an Embedding: the one-hot vectors of
+    the token ids (in ``dtype``, default the module weight's), zero at ``padding_idx``."""
+    if blk.kind == "embedding":
+        ids = x.reshape(x.shape[0], -1).long()
+        a = F.one_hot(ids, blk.in_dim).to(dtype or blk.module.weight.dtype)
+        if blk.padding_idx is not None:
+            a[..., blk.padding_idx] = 0  # torch gives the padding row no gradient
+        return a
     if blk.kind == "conv2d":
         assert blk.conv is not None
         k, d, p, s = blk.conv
@@ -330,7 +412,7 @@ def capture(
         else:
             C, clamped = output_hessian_factors(objective, out, batch.y)
             per = [torch.autograd.grad(out, outs, grad_outputs=C[k].to(out.dtype), retain_graph=True, allow_unused=True) for k in range(len(C))]
-    a = {blk.name: _layer_input(blk, inputs[blk.name]) for blk in blocks}
+    a = {blk.name: _layer_input(blk, inputs[blk.name], outputs[blk.name].dtype) for blk in blocks}
     g = {}
     for j, blk in enumerate(blocks):
         rows = [gr[j] if gr[j] is not None else torch.zeros_like(outs[j]) for gr in per]

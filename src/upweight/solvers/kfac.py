@@ -10,7 +10,9 @@ with Λ = σ ⊗ α (K-FAC) or the eigenvalue correction (EK-FAC, ``core.kfac``)
 of H that the GGN does not hold: the L2 term l2 (Koh & Liang 2017 §2: H = ∇²R includes l2·I),
 the curvature's damping δ, and the solver's own extra ``damping``. The parameters of θ in no
 factorable layer form one more block, solved by CG on the exact HVP restricted to it — never
-dropped. Cross-layer blocks of H are ignored.
+dropped. Cross-layer blocks of H are ignored. Factorable layers are ``nn.Linear``, ``nn.Conv2d``
+and ``nn.Embedding`` with a vocabulary of at most ``max_vocab`` (a bias-free Linear on one-hot
+token vectors, W̃ = Eᵀ; its activation factor is diagonal, Q_A = I, see ``core.layers``).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch
 from .._checks import check_finite, check_interval
 from ..core.curvature import Curvature, power_iteration
 from ..core.kfac import LayerFactors, fit_factors
-from ..core.layers import LayerPlan, find_layers
+from ..core.layers import DEFAULT_MAX_VOCAB, LayerPlan, find_layers
 from ..errors import NotPositiveDefiniteError, UnsupportedModelError
 from .base import InverseHVPSolver, Solution, one_shot_solution
 from .cg import CG
@@ -93,14 +95,15 @@ class KFACState:
     fallback_chol: torch.Tensor | None = None
     fallback_scale: float | None = None
     #: (Q_S, Q_A, 1/(Λ + d)) per layer cast to a lower working dtype, made on first use (``precondition``)
-    cast_blocks: dict[torch.dtype, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
+    cast_blocks: dict[torch.dtype, list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]]] = field(default_factory=dict)
 
-    def blocks_in(self, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """(Q_S, Q_A, 1/(Λ + d)) per layer in ``dtype`` (float64: the fitted tensors themselves)."""
+    def blocks_in(self, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]]:
+        """(Q_S, Q_A, 1/(Λ + d)) per layer in ``dtype`` (float64: the fitted tensors themselves);
+        Q_A is ``None`` where it is the identity (an embedding: no rotation to apply)."""
         if dtype == torch.float64:
-            return [(f.Q_S, f.Q_A, inv) for f, inv in zip(self.factors, self.inv_eigs)]
+            return [(f.Q_S, None if f.identity_A else f.Q_A, inv) for f, inv in zip(self.factors, self.inv_eigs)]
         if dtype not in self.cast_blocks:
-            self.cast_blocks[dtype] = [(f.Q_S.to(dtype), f.Q_A.to(dtype), inv.to(dtype))
+            self.cast_blocks[dtype] = [(f.Q_S.to(dtype), None if f.identity_A else f.Q_A.to(dtype), inv.to(dtype))
                                        for f, inv in zip(self.factors, self.inv_eigs)]
         return self.cast_blocks[dtype]
 
@@ -117,8 +120,11 @@ class KFAC(InverseHVPSolver):
     Fisher of the observed labels). G = H for a linear model with a convex loss (logistic /
     softmax regression); for deeper models G drops the terms with the loss's curvature through
     the hidden layers and is positive semi-definite. G is then restricted to one block per
-    factorable layer (``nn.Linear``, ``nn.Conv2d``; cross-layer terms dropped) and each block to
-    S ⊗ A (``core.kfac``): exact for one point or a constant output Hessian (squared loss).
+    factorable layer (``nn.Linear``, ``nn.Conv2d``, ``nn.Embedding`` — see ``max_vocab``;
+    cross-layer terms dropped) and each block to S ⊗ A (``core.kfac``): exact for one point or a
+    constant output Hessian (squared loss). An embedding E (V × d) is factored as a bias-free
+    Linear on one-hot tokens with W = Eᵀ: A = diag(token frequencies), S the cotangent moment of
+    its output; ``stats["layers"]`` lists it as ``name (embedding d×V)``.
 
     **L2 and damping.** H + δI holds l2 on the penalised coordinates and δ everywhere
     (``Curvature.diagonal``). Per block these are added to the eigenvalues, together with this
@@ -128,7 +134,8 @@ class KFAC(InverseHVPSolver):
     (``l2_exclude``) the diagonal is not a multiple of I and its diagonal in the Kronecker
     eigenbasis is used instead (``stats["l2_fold"]`` says which).
 
-    **Parameters in no factorable layer** (LayerNorm, a bare ``nn.Parameter``, an embedding, a
+    **Parameters in no factorable layer** (LayerNorm, a bare ``nn.Parameter``, an embedding over
+    ``max_vocab`` tokens or with ``max_norm`` / ``scale_grad_by_freq`` / ``sparse``, tied weights, a
     shared layer, …) form one block, solved by CG on the exact HVP of H + δI restricted to it
     (``fallback_rtol``); one full-data HVP per CG iteration. ``stats["fallback_params"]`` names
     them. A model with no factorable layer in θ is refused: use ``CG`` there.
@@ -166,10 +173,15 @@ class KFAC(InverseHVPSolver):
             iteration count can change (MNIST softmax regression, n = 20,000: the factor pass
             drops from all 20,000 points to 4,096 while CG still takes 19 iterations).
         seed: seeds the subset of ``max_points``.
+        max_vocab: the largest ``nn.Embedding`` vocabulary V that is factored (default 4096,
+            ``core.layers.DEFAULT_MAX_VOCAB``): its activation factor and eigenbasis are held as
+            dense V × V float64 matrices (2·8·V² bytes, 256 MiB at 4096) and each batch's one-hot
+            inputs take b·T·V values. A larger embedding goes to the fallback block, its reason
+            naming V and the cap (``stats["fallback_reasons"]``).
 
     Raises:
         InputError: a negative or non-finite setting.
-        UnsupportedModelError: no ``nn.Linear``/``nn.Conv2d`` weight in θ.
+        UnsupportedModelError: no ``nn.Linear``/``nn.Conv2d``/``nn.Embedding`` weight in θ.
         NotPositiveDefiniteError: an eigenvalue of the approximation + d is (numerically) 0 —
             e.g. always-zero input pixels with l2 + δ = 0; the message names a damping.
     """
@@ -185,12 +197,14 @@ class KFAC(InverseHVPSolver):
     fallback_dense_max: int = 1024
     max_points: int | None = None
     seed: int = 0
+    max_vocab: int = DEFAULT_MAX_VOCAB
 
     def __post_init__(self) -> None:
         owner = type(self).__name__
         if self.max_points is not None:
             check_interval(owner, "max_points", self.max_points, 1, None, closed="left", integer=True)
         check_interval(owner, "seed", self.seed, 0, None, closed="left", integer=True)
+        check_interval(owner, "max_vocab", self.max_vocab, 1, None, closed="left", integer=True)
         check_interval(owner, "damping", self.damping, 0.0, None, closed="left")
         check_interval(owner, "fallback_rtol", self.fallback_rtol, 0.0, 1.0)
         if self.fallback_maxiter is not None:
@@ -201,11 +215,11 @@ class KFAC(InverseHVPSolver):
     def prepare(self, curvature: Curvature) -> KFACState:
         t0 = time.perf_counter()
         obj = curvature.objective
-        plan = find_layers(obj, curvature.data)
+        plan = find_layers(obj, curvature.data, embeddings=True, max_vocab=self.max_vocab)
         if not plan.blocks:
             reasons = "; ".join(f"{n}: {r}" for n, r in plan.reasons.items())
             raise UnsupportedModelError(
-                f"{type(self).__name__} found no factorable layer in θ (an nn.Linear or nn.Conv2d whose weight is in θ, "
+                f"{type(self).__name__} found no factorable layer in θ (an nn.Linear, nn.Conv2d or nn.Embedding whose weight is in θ, "
                 f"called once per forward pass), so it would be plain CG. Parameters: {reasons}. "
                 "Use CG() (or Direct() for small p) instead."
             )
@@ -233,7 +247,8 @@ class KFAC(InverseHVPSolver):
                 fix = suggest_damping(0.0, curvature.damping + self.damping, top)
                 raise NotPositiveDefiniteError(
                     f"The {type(self).__name__} approximation of layer '{f.block.name}' is singular: an eigenvalue of "
-                    f"the Kronecker factors plus l2 + damping is {float(denom.min()):.3e} (e.g. an input that is always 0, "
+                    f"the Kronecker factors plus l2 + damping is {float(denom.min()):.3e} (e.g. an input that is always 0 "
+                    "or an embedding token that never occurs, "
                     f"with l2 + δ = 0). Pass damping ≥ {fix:.2g} (Influence(..., damping={fix:.2g}) or "
                     f"{type(self).__name__}(damping={fix:.2g})), or an l2 term.",
                     min_eigenvalue=float(denom.min()),
@@ -308,8 +323,11 @@ class KFAC(InverseHVPSolver):
         X = torch.zeros_like(V)
         for f, (Q_S, Q_A, inv) in zip(state.factors, state.blocks_in(V.dtype)):
             idx = f.block.index
-            Y = Q_S.T @ V[:, idx] @ Q_A  # rotate into the Kronecker eigenbasis
-            X[:, idx] = Q_S @ (Y * inv) @ Q_A.T
+            Y = Q_S.T @ V[:, idx]  # rotate into the Kronecker eigenbasis
+            if Q_A is not None:
+                Y = Y @ Q_A
+            Z = Q_S @ (Y * inv)
+            X[:, idx] = Z if Q_A is None else Z @ Q_A.T
         return X
 
     def precondition(self, state: KFACState, R: torch.Tensor) -> torch.Tensor:
