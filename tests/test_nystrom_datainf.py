@@ -16,6 +16,7 @@ from conftest import TanhMLP, fit_linear, pooled
 from reference import explicit_hessian, logistic_closed_form, loop_grads
 from upweight.core.curvature import Curvature
 from upweight.errors import InputError, NotPositiveDefiniteError
+from upweight.solvers import nystrom as nystrom_module
 from upweight.solvers.cg import CG
 from upweight.solvers.datainf import DataInf
 from upweight.solvers.nystrom import Nystrom
@@ -188,6 +189,92 @@ def test_indefinite_hessian_is_detected_by_the_sketch(untrained_mlp):
     # a small sketch sees it too (a random 16-dim compression of H has a negative eigenvalue here)
     with pytest.raises(NotPositiveDefiniteError):
         Nystrom(rank=16).prepare(Curvature(obj, data, damping=1e-3))
+
+
+def frangella_reference(A: np.ndarray, Om: np.ndarray, eps: float) -> tuple[np.ndarray, np.ndarray, float]:
+    """Frangella, Tropp & Udell (2023), Alg. 2.1, in NumPy float64 from the explicit A and test matrix Ω (p, r):
+    Y = AΩ, ν = √p·eps·‖Y‖₂, Y_ν = Y + νΩ, C = chol(ΩᵀY_ν), B = Y_ν C⁻ᵀ = U Σ Vᵀ, Λ̂ = max(Σ² − ν, 0)."""
+    p = A.shape[0]
+    Y = A @ Om
+    nu = np.sqrt(p) * eps * np.linalg.norm(Y, 2)
+    Y_nu = Y + nu * Om
+    core = Om.T @ Y_nu
+    C = np.linalg.cholesky(0.5 * (core + core.T))
+    B = np.linalg.solve(C, Y_nu.T).T
+    U, sig, _ = np.linalg.svd(B, full_matrices=False)
+    return U, np.maximum(sig**2 - nu, 0.0), float(nu)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_sketch_is_the_shifted_frangella_formula_with_damping(logreg_784, monkeypatch, dtype):
+    """The shifted, damped path (μ = l2 + δ, ν > 0) against the paper's formula written out above; every
+    thin QR split into row blocks of r rows (TSQR with p // r = 12 blocks). In float32 the shift
+    ν = √p·eps₃₂·‖Y‖₂ ≈ 9e-7·λ̂max is far above rounding, and Ω is stored as the float32 Ω multiplied."""
+    monkeypatch.setattr(nystrom_module, "_CHUNK_ELEMENTS", 1)
+    obj, data, A, l2 = logreg_784
+    damping, r = 1e-3, 64
+    mu = l2 + damping
+    state = Nystrom(rank=r, seed=3).prepare(Curvature(obj, data, damping=damping, dtype=dtype))
+    assert state.omega.dtype == dtype and state.omega.shape == (r, 784) and state.U.dtype == D64
+    Om = state.omega.double().numpy().T
+    np.testing.assert_allclose(Om.T @ Om, np.eye(r), atol=1e-12 if dtype == D64 else 1e-7)  # measured 1e-15 / 8e-9
+    U_ref, lam_ref, nu_ref = frangella_reference(A.numpy(), Om, float(torch.finfo(dtype).eps))
+    # relative tolerances, measured: float64 ≤ 3e-15 everywhere; float32 (HVPs rounded to float32) ν 3e-9,
+    # Λ̂ 9e-9·λ̂max, Â 1.5e-7, x 2.8e-7 — while leaving out the shift would move Λ̂ by ν = 8.6e-7·λ̂max, Â by 6.6e-6
+    tol_nu, tol_lam, tol_A, tol_x = (1e-12,) * 4 if dtype == D64 else (1e-7, 1e-7, 2e-6, 3e-6)
+    assert state.stats["nu"] == pytest.approx(nu_ref, rel=tol_nu) and state.mu == pytest.approx(mu)
+    np.testing.assert_allclose(state.eigenvalues.numpy(), lam_ref, rtol=0, atol=tol_lam * lam_ref.max())
+    U = state.U.numpy()
+    np.testing.assert_allclose(U @ U.T, np.eye(r), atol=1e-12)
+    A_hat = (U.T * state.eigenvalues.numpy()) @ U
+    A_ref = (U_ref * lam_ref) @ U_ref.T
+    assert np.linalg.norm(A_hat - A_ref) <= tol_A * np.linalg.norm(A_ref)
+    if dtype == torch.float32:  # the shift is far above these tolerances: the test sees Λ̂ = Σ² − ν, not Σ²
+        assert nu_ref > 5 * tol_lam * lam_ref.max()
+        assert np.linalg.norm((U_ref * nu_ref) @ U_ref.T) > 3 * tol_A * np.linalg.norm(A_ref)
+    # the solve: x = U(Λ̂ + μI)⁻¹Uᵀv + (v − UUᵀv)/μ with the reference factors
+    V = rhs(2, 784, 8)
+    Vn = V.numpy()
+    C = Vn @ U_ref
+    x_ref = (C / (lam_ref + mu)) @ U_ref.T + (Vn - C @ U_ref.T) / mu
+    x = Nystrom(rank=r, seed=3).solve(state, V).value.numpy()
+    np.testing.assert_allclose(x, x_ref, rtol=0, atol=tol_x * np.abs(x_ref).max())
+
+
+def test_pseudo_inverse_fallback_keeps_the_nystrom_approximation(logreg_784, monkeypatch):
+    """r = 700 ≥ rank(A) (always-dark pixels: ~480 of 784): with a random Ω, A⟨Ω⟩ = AΩ(ΩᵀAΩ)⁺ΩᵀA is A
+    itself (ΩᵀW has full column rank for A = WΛWᵀ). With the Cholesky of ΩᵀY_ν made to fail, the eigh
+    pseudo-inverse drops the core's null directions (fewer than r rows of U) and still gives Â = A."""
+    monkeypatch.setattr(nystrom_module, "_CHUNK_ELEMENTS", 1)
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", lambda M: (M, torch.tensor(1)))
+    obj, data, A, l2 = logreg_784
+    r = 700
+    state = Nystrom(rank=r).prepare(Curvature(obj, data))
+    assert state.stats["core_factorisation"] == "eigh-pseudo-inverse"
+    k = state.U.shape[0]
+    assert k < r and state.eigenvalues.shape == (k,)
+    U = state.U.numpy()
+    np.testing.assert_allclose(U @ U.T, np.eye(k), atol=1e-12)  # measured 5e-15
+    A_hat = (U.T * state.eigenvalues.numpy()) @ U
+    assert np.linalg.norm(A_hat - A.numpy()) <= 1e-10 * np.linalg.norm(A.numpy())  # measured 2e-13
+    ev = torch.linalg.eigvalsh(A).flip(0).numpy()  # torch: one thread (conftest)
+    np.testing.assert_allclose(state.eigenvalues.numpy(), ev[:k], rtol=0, atol=1e-12 * ev[0])  # measured 4e-15
+
+
+def test_tsqr_orthonormalises_in_place(monkeypatch):
+    """The in-place thin QR (row blocks of r rows) on a (p, r) array and on the transpose of an (r, p) one."""
+    monkeypatch.setattr(nystrom_module, "_CHUNK_ELEMENTS", 1)
+    assert len(nystrom_module._row_blocks(1000, 30)) == 33
+    g = torch.Generator().manual_seed(9)
+    M0 = torch.randn(1000, 30, generator=g, dtype=D64) @ torch.diag(torch.logspace(0, -8, 30, dtype=D64))
+    for M in (M0.clone(), M0.T.contiguous().T):  # contiguous rows; a column-major view
+        R = nystrom_module._orthonormalise_columns(M)
+        np.testing.assert_allclose((M.T @ M).numpy(), np.eye(30), atol=1e-13)  # measured 2e-15
+        assert rel(M @ R, M0) < 1e-14  # measured 2e-16
+        # R is the triangular factor: the same as LAPACK's up to the signs of its rows
+        R_np = np.linalg.qr(M0.numpy(), mode="r")
+        np.testing.assert_allclose(np.abs(np.triu(R.numpy())), np.abs(R_np), rtol=1e-8, atol=1e-12 * np.abs(R_np).max())
+        np.testing.assert_allclose(np.tril(R.numpy(), -1), 0, atol=0)
 
 
 @pytest.mark.parametrize(

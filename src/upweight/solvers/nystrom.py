@@ -43,7 +43,8 @@ class NystromState:
             rows, float64.
         eigenvalues: Λ̂, shape (r,), descending, ≥ 0 (float64).
         mu: μ, the shift with H + δI = A + μI (the smallest diagonal entry l2 + δ).
-        omega: the orthonormalised Gaussian test matrix, as rows (r, p), float64 — the Ω with
+        omega: the orthonormalised Gaussian test matrix, as rows (r, p), in the curvature's dtype: the
+            Ω actually multiplied (orthonormal up to that dtype's rounding), with
             Â = (AΩ)(ΩᵀAΩ)⁺(AΩ)ᵀ (up to the stabilising shift ν, see ``Nystrom``).
         stats: the numbers every ``Solution.stats`` of this fit carries.
     """
@@ -74,7 +75,10 @@ class Nystrom(InverseHVPSolver):
     shift ν = √p · eps · ‖Y‖₂ (eps of the curvature's dtype), Y_ν = Y + νΩ, the Cholesky factor
     ΩᵀY_ν = LLᵀ (an eigendecomposition with a pseudo-inverse if that fails), B = Y_νL⁻ᵀ and its
     thin SVD B = U Σ Wᵀ give Â = U max(Σ² − ν, 0) Uᵀ, the Nyström approximation A⟨Ω⟩ up to
-    O(ν). 0 ⪯ Â ⪯ A, and Â = A exactly when r = p. Then every solve is
+    O(ν). 0 ⪯ Â ⪯ A, and Â = A exactly when r = p. Besides the HVPs' own workspace, the sketch holds
+    Ω (r × p, the curvature's dtype, kept in the state) and one float64 r × p array, updated in place
+    from AΩ to Y_ν, to Qᵀ of a row-blocked thin QR Y_ν = QR, and to U; the factorisations act on
+    r × r matrices (B's SVD is that of L⁻¹Rᵀ). Then every solve is
 
         x = (Â + μI)⁻¹v = U (Λ̂ + μI)⁻¹ Uᵀ v + (v − U Uᵀ v)/μ,
 
@@ -169,43 +173,60 @@ class Nystrom(InverseHVPSolver):
         return state
 
     def _sketch(self, curvature: Curvature, mu: float) -> NystromState:
+        """Frangella et al.'s randomized Nyström approximation, with at most ~2 p × r arrays alive:
+        Ω (rows, in the operator's dtype) and one float64 (r, p) buffer that holds AΩ, then Y_ν, then
+        Qᵀ of the thin QR Y_νᵀ = QR, and finally U — every step on it is in place, and the
+        factorisations (Cholesky, SVD) act on r × r matrices only."""
         t0 = time.perf_counter()
         p = curvature.p
         r = min(self.rank, p)
+        f64 = torch.float64
         gen = torch.Generator().manual_seed(self.seed)
-        omega, _ = torch.linalg.qr(torch.randn(p, r, generator=gen, dtype=torch.float64))
-        omega_c = omega.T.contiguous().to(curvature.dtype)  # rows ω₁, …, ω_r in the operator's dtype
-        omega = omega_c.to(torch.float64)  # the Ω actually multiplied (rounded, if the operator is float32)
+        gauss = torch.randn(p, r, generator=gen, dtype=f64)
+        _orthonormalise_columns(gauss)  # Ω = qr(G) (in place)
+        omega = torch.empty(r, p, dtype=curvature.dtype).copy_(gauss.T)  # rows ω₁, …, ω_r: the Ω actually multiplied
+        del gauss
         passes = 0
-        rows = []
+        Y: torch.Tensor | None = None  # allocated after the first product: the HVPs' own workspace comes first
         for s in range(0, r, self.block_size):
-            rows.append(curvature.matvec(omega_c[s : s + self.block_size]).to(torch.float64))
+            block = curvature.matvec(omega[s : s + self.block_size])
+            if Y is None:
+                Y = torch.empty(r, p, dtype=f64)
+            Y[s : s + self.block_size].copy_(block)
+            del block
             passes += 1
-        Y = torch.cat(rows) - mu * omega  # rows A ωⱼ
+        assert Y is not None
+        Y.add_(omega, alpha=-mu)  # rows A ωⱼ = (H + δI)ωⱼ − μωⱼ
         check_finite(Y, "The Nyström sketch AΩ", "Check the model and loss for overflow at θ̂.")
         # ΩᵀAΩ compresses A: a clearly negative eigenvalue proves A (hence the loss Hessian) indefinite
-        core = omega @ Y.T
+        core = _cross(omega, Y)
         core = 0.5 * (core + core.T)
         theta = torch.linalg.eigvalsh(core)
         eps = torch.finfo(curvature.dtype).eps
         top = float(theta.abs().max()) if theta.numel() else 0.0
         if theta.numel() and float(theta[0]) < -100 * eps * max(top, 1e-300) * math.sqrt(r):
             self._raise_indefinite(curvature, mu, float(theta[0]), float(theta[-1]))
-        ynorm = float(torch.linalg.matrix_norm(Y, ord=2)) if Y.numel() else 0.0
+        # ‖Y‖₂ = √λ_max(YYᵀ), from the r × r Gram matrix (no SVD of the (r, p) sketch)
+        ynorm = math.sqrt(max(float(torch.linalg.eigvalsh(Y @ Y.T)[-1]), 0.0)) if Y.numel() else 0.0
         nu = math.sqrt(p) * eps * ynorm
-        Y_nu = Y + nu * omega
-        core_nu = omega @ Y_nu.T
+        Y.add_(omega, alpha=nu)  # Y_ν = Y + νΩ (in place: Y itself is not needed again)
+        core_nu = _cross(omega, Y)
         core_nu = 0.5 * (core_nu + core_nu.T)
+        # the p × r matrix Y_ν (= Y.T here) = QR, a thin QR in place (Y now holds Qᵀ); then B = Y_ν L⁻ᵀ = Q Mᵀ
+        # with the r × r M = L⁻¹Rᵀ = W Σ Vᵀ, so B = (QV) Σ Wᵀ: B's singular values are M's, and U = (QV)ᵀ = VᵀQᵀ
+        R = _orthonormalise_columns(Y.T)
         L, info = torch.linalg.cholesky_ex(core_nu)
         if int(info) == 0:
-            Bt = torch.linalg.solve_triangular(L, Y_nu, upper=False)  # L⁻¹Y_ν = (Y_ν L⁻ᵀ)ᵀ, (r, p)
+            M = torch.linalg.solve_triangular(L, R.T, upper=False)  # L⁻¹Rᵀ
             how = "cholesky"
         else:  # rank-deficient core beyond the shift: pseudo-inverse square root (the same A⟨Ω⟩)
             w, W = torch.linalg.eigh(core_nu)
-            keep = w > r * torch.finfo(torch.float64).eps * max(float(w.abs().max()), 1e-300)
-            Bt = (W[:, keep] / w[keep].sqrt()).T @ Y_nu
+            keep = w > r * torch.finfo(f64).eps * max(float(w.abs().max()), 1e-300)
+            M = (W[:, keep] / w[keep].sqrt()).T @ R.T
             how = "eigh-pseudo-inverse"
-        _, sig, U = torch.linalg.svd(Bt, full_matrices=False)  # Bᵀ = W Σ Uᵀ → BBᵀ = U Σ² Uᵀ
+        _, sig, Vh = torch.linalg.svd(M, full_matrices=False)  # M = W Σ Vᵀ → BBᵀ = U Σ² Uᵀ with U = Vᵀ Qᵀ
+        U = _left_multiply_(Vh, Y)
+        del Y
         lam = (sig**2 - nu).clamp_min(0.0)
         lam_min = float(lam.min()) if lam.numel() else 0.0
         stats: dict[str, Any] = {
@@ -269,3 +290,56 @@ class Nystrom(InverseHVPSolver):
             min_eigenvalue=rayleigh,
             suggested_damping=fix,
         )
+
+
+# ── in-place helpers: O(chunk · r) workspace on top of the (r, p) / (p, r) arrays ─────────────────
+_CHUNK_ELEMENTS = 1 << 22  # entries per row block (32 MiB of float64)
+
+
+def _row_blocks(p: int, r: int) -> list[tuple[int, int]]:
+    """Split range(p) into contiguous blocks of at least max(r, 1) rows (p ≥ r) of about _CHUNK_ELEMENTS / r rows."""
+    n = max(1, p // max(r, _CHUNK_ELEMENTS // max(r, 1), 1))
+    return [(p * i // n, p * (i + 1) // n) for i in range(n)]
+
+
+def _orthonormalise_columns(M: torch.Tensor) -> torch.Tensor:
+    """Thin QR M = QR of a (p, r) float64 matrix with p ≥ r, overwriting M with Q; returns R (r, r).
+
+    TSQR (tall-skinny QR): a Householder QR of each row block Mᵢ = QᵢRᵢ, then one of the stacked
+    Rᵢ = Q̃R; Q's block i is Qᵢ Q̃ᵢ. Backward stable like one Householder QR of M, but with row-block
+    workspace only. ``M`` may be a view (e.g. the transpose of an (r, p) array)."""
+    p, r = M.shape
+    blocks = _row_blocks(p, r)
+    if len(blocks) == 1:
+        Q, R = torch.linalg.qr(M)
+        M.copy_(Q)
+        return R
+    Rs = []
+    for a, b in blocks:
+        Qi, Ri = torch.linalg.qr(M[a:b])
+        M[a:b].copy_(Qi)
+        Rs.append(Ri)
+        del Qi
+    Q2, R = torch.linalg.qr(torch.cat(Rs))
+    for i, (a, b) in enumerate(blocks):
+        M[a:b].copy_(M[a:b] @ Q2[i * r : (i + 1) * r])
+    return R
+
+
+def _cross(omega: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+    """ΩᵀY as the r × r float64 matrix omega @ Yᵀ (rows (r, p)), converting omega column block by block."""
+    if omega.dtype == Y.dtype:
+        return omega @ Y.T
+    out = torch.zeros(omega.shape[0], Y.shape[0], dtype=Y.dtype)
+    for a, b in _row_blocks(omega.shape[1], omega.shape[0]):
+        out += omega[:, a:b].to(Y.dtype) @ Y[:, a:b].T
+    return out
+
+
+def _left_multiply_(S: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+    """S @ Y for S (k, r), k ≤ r, and Y (r, p), written over Y column block by column block; returns
+    the (k, p) result (Y's storage itself when k = r)."""
+    k = S.shape[0]
+    for a, b in _row_blocks(Y.shape[1], Y.shape[0]):
+        Y[:k, a:b] = S @ Y[:, a:b]
+    return Y if k == Y.shape[0] else Y[:k].clone()
