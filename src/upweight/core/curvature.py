@@ -155,11 +155,11 @@ class Curvature:
         elif self.executor is None or inside_task():
             acc = torch.zeros_like(V)
             for batch in self.data.batches(self.batch_size):
-                acc += self.hvp_sum(V, batch)
+                hvp_sum(self.objective, self.params, V, batch, out=acc)
         else:
             acc = self._distributed_hvp_sum(V)
         self.n_matvecs += 1
-        out = acc / self.n + self.diagonal * V
+        out = acc.div_(self.n).addcmul_(self.diagonal, V)  # in place: k × p arrays are the memory here
         return out[0] if squeeze else out
 
     def _distributed_hvp_sum(self, V: torch.Tensor) -> torch.Tensor:
@@ -233,13 +233,14 @@ def _hvp_partition(indices: np.ndarray, ctx: _HVPContext, V: torch.Tensor) -> to
     part = ctx.data.subset(torch.from_numpy(np.asarray(indices, dtype=np.int64)))
     acc = torch.zeros_like(V)
     for batch in part.batches(ctx.batch_size):
-        acc += hvp_sum(ctx.objective, ctx.params, V, batch)
+        hvp_sum(ctx.objective, ctx.params, V, batch, out=acc)
     return acc
 
 
-def hvp_sum(obj: Objective, params: Params, V: torch.Tensor, batch: Data) -> torch.Tensor:
+def hvp_sum(obj: Objective, params: Params, V: torch.Tensor, batch: Data, *,
+            out: torch.Tensor | None = None) -> torch.Tensor:
     """Σ_{i∈batch} ∇²θL(zᵢ, θ) vⱼ for each row vⱼ of V (k, p) → (k, p): Pearlmutter's product,
-    reverse over reverse.
+    reverse over reverse; with ``out`` (k, p) the products are added to it in place (and it is returned).
 
     One forward and backward pass builds g = ∇θ Σᵢ L(zᵢ, θ) with its graph; each vⱼ is then one
     more backward pass through that graph, ∇θ⟨g, vⱼ⟩ = H vⱼ. The k tangents share the forward
@@ -252,7 +253,8 @@ def hvp_sum(obj: Objective, params: Params, V: torch.Tensor, batch: Data) -> tor
         leaves = {name: t.detach().requires_grad_(True) for name, t in params.items()}
         names = list(leaves)
         loss = obj.losses(leaves, batch.X, batch.y).sum()
-        out = torch.zeros_like(V)
+        if out is None:
+            out = torch.zeros_like(V)
         if not loss.requires_grad:  # the loss does not depend on θ at all
             return out
         grads = torch.autograd.grad(loss, list(leaves.values()), create_graph=True, allow_unused=True,
@@ -266,7 +268,7 @@ def hvp_sum(obj: Objective, params: Params, V: torch.Tensor, batch: Data) -> tor
             hv = torch.autograd.grad([grads[i] for i in live], list(leaves.values()),
                                      [tangent[names[i]] for i in live], retain_graph=j < len(V) - 1,
                                      allow_unused=True, materialize_grads=True)
-            out[j] = obj.space.flatten(dict(zip(names, hv)))
+            out[j] += obj.space.flatten(dict(zip(names, hv)))
     return out
 
 

@@ -90,7 +90,7 @@ class Influence:
             when θ is one output ``nn.Linear`` (``Curvature``); otherwise today's paths.
             ``True``: structured scoring wherever a layer is factorable (the other parameters of θ
             keep per-sample gradients, summed in), ``UnsupportedModelError`` when none is.
-            ``False``: per-sample gradients and forward-over-reverse HVPs throughout.
+            ``False``: per-sample gradients and generic (autograd) HVPs throughout.
             The structured HVP runs in-process even when an executor is given.
         query_rank: ``None`` (default): exact scoring. An int r ≥ 1: ``up_loss`` (and
             ``removal_effect``) score each factorable layer with its block of s_test — the
