@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 import scipy.special
 import torch
+import torch.nn.functional as F
+from torch.func import functional_call, jacrev
 
 
 def sigmoid(t: np.ndarray) -> np.ndarray:
@@ -63,3 +65,52 @@ def assert_not_constant(a: np.ndarray) -> None:
     """Guard against trivially passing comparisons (all zeros, all equal)."""
     a = np.asarray(a)
     assert np.ptp(a) > 0 and np.abs(a).max() > 0, "values are constant: the comparison would prove nothing"
+
+
+# ── explicit matrices of small torch models (K-FAC tests) ─────────────────────────────────
+def flat_fns(model: torch.nn.Module):
+    """(θ flat, unflatten) over all parameters, in named_parameters order (as Objective)."""
+    named = list(model.named_parameters())
+    sizes = [t.numel() for _, t in named]
+    theta = torch.cat([t.detach().reshape(-1) for _, t in named])
+
+    def unflat(flat):
+        return {n: t.reshape(s.shape) for (n, s), t in zip(named, flat.split(sizes))}
+
+    return theta, unflat
+
+
+def explicit_H(model, loss, X, y, l2: float, damping: float = 0.0) -> torch.Tensor:
+    """∇²R(θ̂) + δI with R = mean loss + (l2/2)‖θ‖², by double backward."""
+    theta, unflat = flat_fns(model)
+
+    def risk(flat):
+        return loss(functional_call(model, unflat(flat), (X,)), y).mean() + 0.5 * l2 * (flat**2).sum()
+
+    return explicit_hessian(risk, theta) + damping * torch.eye(len(theta), dtype=theta.dtype)
+
+
+def explicit_ggn_ce(model, X) -> torch.Tensor:
+    """G = (1/n) Σ Jᵢᵀ (diag(pᵢ) − pᵢpᵢᵀ) Jᵢ for softmax cross-entropy, J by jacrev per point."""
+    theta, unflat = flat_fns(model)
+    G = torch.zeros(len(theta), len(theta), dtype=torch.float64)
+    for i in range(len(X)):
+        J = jacrev(lambda f, x=X[i : i + 1]: functional_call(model, unflat(f), (x,))[0])(theta)  # (c, p)
+        p = torch.softmax(functional_call(model, unflat(theta), (X[i : i + 1],))[0], 0).detach()
+        G += J.T @ (torch.diag(p) - torch.outer(p, p)) @ J
+    return G / len(X)
+
+
+def ce(out, y):
+    """Per-sample softmax cross-entropy."""
+    return F.cross_entropy(out, y, reduction="none")
+
+
+def sq(out, y):
+    """Per-sample squared loss ½‖out − y‖²."""
+    return 0.5 * ((out - y) ** 2).reshape(len(out), -1).sum(1)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Relative error ‖a − b‖ / ‖b‖."""
+    return float((a - b).norm() / b.norm())

@@ -8,10 +8,17 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.func import functional_call, jacrev
+from torch.func import functional_call
 
 import upweight as uw
-from reference import explicit_hessian, loop_grads
+from reference import (
+    ce,
+    explicit_ggn_ce,
+    explicit_H,
+    loop_grads,
+    rel,
+    sq,
+)
 from upweight.core.curvature import Curvature
 from upweight.core.kfac import fit_factors
 from upweight.core.layers import capture, find_layers
@@ -23,52 +30,6 @@ D64 = torch.float64
 
 
 # ── independent references ───────────────────────────────────────────────────────────────
-def flat_fns(model: torch.nn.Module):
-    """(θ flat, names, unflatten) over all parameters, in named_parameters order (as Objective)."""
-    named = list(model.named_parameters())
-    sizes = [t.numel() for _, t in named]
-    theta = torch.cat([t.detach().reshape(-1) for _, t in named])
-
-    def unflat(flat):
-        return {n: t.reshape(s.shape) for (n, s), t in zip(named, flat.split(sizes))}
-
-    return theta, unflat
-
-
-def explicit_H(model, loss, X, y, l2: float) -> torch.Tensor:
-    """∇²R(θ̂) with R = mean loss + (l2/2)‖θ‖², by double backward."""
-    theta, unflat = flat_fns(model)
-
-    def risk(flat):
-        out = functional_call(model, unflat(flat), (X,))
-        return loss(out, y).mean() + 0.5 * l2 * (flat**2).sum()
-
-    return explicit_hessian(risk, theta)
-
-
-def explicit_ggn_ce(model, X) -> torch.Tensor:
-    """G = (1/n) Σ Jᵢᵀ (diag(pᵢ) − pᵢpᵢᵀ) Jᵢ for softmax cross-entropy, J by jacrev per point."""
-    theta, unflat = flat_fns(model)
-    G = torch.zeros(len(theta), len(theta), dtype=D64)
-    for i in range(len(X)):
-        J = jacrev(lambda f, x=X[i : i + 1]: functional_call(model, unflat(f), (x,))[0])(theta)  # (c, p)
-        p = torch.softmax(functional_call(model, unflat(theta), (X[i : i + 1],))[0], 0).detach()
-        G += J.T @ (torch.diag(p) - torch.outer(p, p)) @ J
-    return G / len(X)
-
-
-def ce(out, y):
-    return F.cross_entropy(out, y, reduction="none")
-
-
-def sq(out, y):
-    return 0.5 * ((out - y) ** 2).reshape(len(out), -1).sum(1)
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
-
-
 class TanhMLP(torch.nn.Module):
     def __init__(self, d_in: int = 4, hidden: int = 5, d_out: int = 3) -> None:
         super().__init__()
