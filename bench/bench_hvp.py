@@ -22,7 +22,7 @@ relative difference ‖now − before‖/‖before‖ over the k products.
 
 Usage (from the repository root)::
 
-    .venv/bin/python bench/bench_hvp.py --mnist ../shared/data/mnist/mnist.npz --out bench/RESULTS.md
+    .venv/bin/python bench/bench_hvp.py --out bench/RESULTS.md        # make bench-hvp
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def model_for(name: str) -> torch.nn.Module:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--mnist", required=True, help="mnist.npz (or the IDX folder)")
+    ap.add_argument("--mnist", default="../shared/data/mnist/mnist.npz", help="mnist.npz (or the IDX folder)")
     ap.add_argument("--out", default=None, help="Markdown file whose section 'hvp' is (re)written")
     ap.add_argument("--models", default="linear,mlp,cnn,fig2-cnn")
     ap.add_argument("--cases", default="1x512,10x512,100x256", help="k×b pairs: k tangents over b images")
