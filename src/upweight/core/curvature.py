@@ -269,7 +269,9 @@ def hvp_sum(obj: Objective, params: Params, V: torch.Tensor, batch: Data, *,
             hv = torch.autograd.grad([grads[i] for i in live], list(leaves.values()),
                                      [tangent[names[i]] for i in live], retain_graph=j < len(V) - 1,
                                      allow_unused=True, materialize_grads=True)
-            out[j] += obj.space.flatten(dict(zip(names, hv)))
+            hv_of = dict(zip(names, hv))
+            for part, name in zip(out[j].split(obj.space.sizes), obj.space.names):  # views of out[j]
+                part.add_(hv_of[name].reshape(-1))
     return out
 
 
