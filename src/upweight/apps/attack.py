@@ -25,8 +25,10 @@ The paper's attack (§5.2; release code ``influence/dataset_poisoning.py``,
    training images perturbed to increase it; we count how many of the group flip.
 
 I_pert,loss at each step: H and ∇θf(z_test) involve only the top layer, so s_test = H⁻¹∇θf comes from
-the closed-form logistic Hessian on the features (``TopLayerAttack.s_test`` computes the same with
-``Influence`` + ``Direct``; the tests check they agree), and the mixed derivative ∇x∇θL(z̃) goes
+the closed-form logistic top layer on the features (``apps.toplayer``: CG on closed-form products,
+preconditioned by H at the clean θ̂, since forming H at every step would dominate the run;
+``TopLayerAttack.s_test`` computes the same with ``Influence`` + ``Direct``, the tests check they
+agree), and the mixed derivative ∇x∇θL(z̃) goes
 through the CNN (``upweight.core.grads.pert_directions`` on the full model) — the same two factors
 ``Influence.pert_loss`` multiplies, without re-running the CNN on all n images at every step. The
 tests check the result against central finite differences of actually retrained test losses.
@@ -47,7 +49,8 @@ from ..core.grads import pert_directions
 from ..errors import InputError
 from ..influence import Influence
 from ..solvers import Direct
-from .features import FeatureSetup, features_of, fit_top_layer, newton_top_layer
+from .features import FeatureSetup, features_of, fit_top_layer
+from .toplayer import LogisticTopLayer
 
 PAPER = {
     "n_train": 1800,
@@ -99,6 +102,8 @@ class TopLayerAttack:
         self.yt = torch.as_tensor(setup.task.y_test)
         self.levels = _levels(setup.task.x_train)
         self.w0 = setup.top_weight()
+        # H at the clean θ̂, inverted once: the preconditioner of every retrain and s_test solve of every run
+        self.top = LogisticTopLayer(setup.F, self.y, setup.l2, self.w0)
 
     # ── pieces ──────────────────────────────────────────────────────────────────────
     def _model_at(self, w: torch.Tensor) -> Any:
@@ -122,17 +127,13 @@ class TopLayerAttack:
 
     def s_test_closed(self, F: torch.Tensor, w: torch.Tensor, targets: Sequence[int]) -> torch.Tensor:
         """The same s_test from the closed forms of the logistic top layer (used inside the attack loop,
-        where the generic p-HVP Hessian would dominate the run time): H = (1/n) Σ σ(mᵢ)σ(−mᵢ)φᵢφᵢᵀ + l2·I,
-        ∇θ log(1 + exp(−y wᵀφ)) = −σ(−m) y φ."""
-        ys = torch.where(self.y > 0, 1.0, -1.0).double()
-        m = ys * (F @ w[0])
-        c = torch.sigmoid(m) * torch.sigmoid(-m)
-        H = (F.T * c) @ F / len(F) + self.s.l2 * torch.eye(F.shape[1], dtype=F.dtype)
+        where forming H at every step would dominate the run time): ∇θ log(1 + exp(−y wᵀφ)) = −σ(−m) y φ,
+        solved with H(w; F) by ``LogisticTopLayer.solve`` (CG preconditioned by H at the clean θ̂)."""
         t = list(targets)
         Ft = self.s.F_test[t]
         yt = torch.where(self.yt[t] > 0, 1.0, -1.0).double()
         g = (-(torch.sigmoid(-yt * (Ft @ w[0])) * yt)[:, None] * Ft).mean(0)
-        return torch.linalg.solve(H, g)[None]
+        return torch.from_numpy(self.top.solve(F, w, g))[None]
 
     def pert(self, w: torch.Tensor, s: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """I_pert,loss(z, ·) = −sᵀ∇x∇θL(z, θ) through the CNN for the rows of x, shape (k, 784)."""
@@ -175,7 +176,8 @@ class TopLayerAttack:
             seen.add(new.tobytes())
             lev = new
             F[train] = features_of(self.s.net, lev / 255.0)
-            w, _ = newton_top_layer(F, self.y, self.s.l2, w)
+            w_np, _ = self.top.minimise(F, w)
+            w = torch.from_numpy(w_np)[None]
             if stop_on_flip and (self.margins(F, w, targets) < 0).all():
                 stopped = "flipped"
                 break

@@ -221,41 +221,6 @@ __all__ = ["BinaryTask", "CNNTraining", "FeatureCNN", "TopLayerModel", "binary_t
            "features_of", "fit_top_layer", "train_feature_cnn"]
 
 
-def newton_top_layer(F: torch.Tensor, y: torch.Tensor, l2: float, init: torch.Tensor, *, gtol: float = 1e-10,
-                     max_steps: int = 50) -> tuple[torch.Tensor, float]:
-    """Exact minimiser of R(w) = (1/n) Σ log(1 + exp(−yᵢ wᵀφᵢ)) + (l2/2)‖w‖² by damped Newton steps in float64.
-
-    The gradient and Hessian are closed forms, g = −(1/n) Σ σ(−mᵢ) yᵢ φᵢ + l2·w and
-    H = (1/n) Σ σ(mᵢ)σ(−mᵢ) φᵢφᵢᵀ + l2·I with mᵢ = yᵢ wᵀφᵢ; from a warm start (the attack's
-    retrain after a small perturbation) 2–4 steps reach ‖g‖ ≤ ``gtol``. Returns (w (1, d), ‖g‖).
-    """
-    F = F.double()
-    ys = torch.where(torch.as_tensor(y) > 0, 1.0, -1.0).double()
-    n, d = F.shape
-    w = init.double().reshape(d).clone()
-
-    def risk(v: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.softplus(-ys * (F @ v)).mean() + 0.5 * l2 * (v @ v)
-
-    gnorm = float("inf")
-    for _ in range(max_steps):
-        m = ys * (F @ w)
-        g = -(F.T @ (torch.sigmoid(-m) * ys)) / n + l2 * w
-        gnorm = float(g.norm())
-        if gnorm <= gtol:
-            break
-        c = torch.sigmoid(m) * torch.sigmoid(-m)
-        H = (F.T * c) @ F / n + l2 * torch.eye(d, dtype=F.dtype)
-        step = torch.linalg.solve(H, g)
-        r0, a = risk(w), 1.0
-        while a > 1e-8 and risk(w - a * step) > r0 - 1e-4 * a * float(g @ step):
-            a *= 0.5
-        if a <= 1e-8:  # no decrease representable: at the minimum to float64 precision
-            break
-        w = w - a * step
-    return w.reshape(1, d), gnorm
-
-
 @dataclass(frozen=True)
 class FeatureSetup:
     """The binary task, the trained feature CNN and the top-layer model θ̂ (the paper's "Inception" model)."""
@@ -300,4 +265,4 @@ def build_feature_model(
     return FeatureSetup(task, net, info, float(l2), F, Ft, model, g)
 
 
-__all__ += ["FeatureSetup", "build_feature_model", "newton_top_layer"]
+__all__ += ["FeatureSetup", "build_feature_model"]
