@@ -424,6 +424,24 @@ def test_shared_layer_goes_to_the_fallback_block_with_its_reason():
         KFAC().precondition(state, torch.ones(1, curv.p, dtype=D64))
 
 
+def test_tied_weights_go_to_the_fallback_block_and_the_preconditioned_solve_stays_exact():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Tanh(), torch.nn.Linear(3, 3), torch.nn.Tanh(),
+                              torch.nn.Linear(3, 2)).double().eval()
+    net[2].weight = net[0].weight  # one parameter used by two layers: no single layer's factors describe it
+    X, y = torch.randn(12, 3, dtype=D64), torch.randint(0, 2, (12,))
+    curv = Curvature(uw.Objective(net, "cross_entropy", l2=0.1), uw.Data.from_any((X, y)), damping=1.0)
+    pcg = CG(rtol=1e-10, preconditioner=KFAC())
+    state = pcg.prepare(curv)
+    kstate = state.preconditioner_state
+    assert [b.name for b in kstate.plan.blocks] == ["4"]
+    assert set(kstate.plan.other) == {"0.weight", "0.bias", "2.bias"}
+    assert "tied weights" in kstate.plan.reasons["0.weight"]
+    V = torch.randn(2, curv.p, generator=torch.Generator().manual_seed(3), dtype=D64)
+    H = explicit_H(net, ce, X, y, 0.1, damping=1.0)
+    assert rel(pcg.solve(state, V).value, torch.linalg.solve(H, V.T).T) < 1e-8
+
+
 def test_plain_cg_is_unchanged_by_the_preconditioner_option():
     assert CG().config() == {"name": "cg", "rtol": 1e-6, "atol": 0.0, "maxiter": None}
     assert "KFAC" in CG(preconditioner=KFAC()).config()["preconditioner"]

@@ -93,6 +93,18 @@ class TiedLinear(torch.nn.Module):
         return self.out(torch.tanh(self.fc(x) + x @ self.fc.weight))
 
 
+class Aliased(torch.nn.Module):
+    """One Linear registered under two names, called once: one layer, nothing tied."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(49, 2)
+        self.also_fc = self.fc
+
+    def forward(self, x):
+        return self.fc(x)
+
+
 def _model(kind: str) -> torch.nn.Module:
     torch.manual_seed(0)
     return {"logreg": lambda: torch.nn.Linear(49, 2), "mlp": lambda: TanhMLP(49, 5, 2), "conv": ConvNet,
@@ -138,14 +150,39 @@ def test_weight_used_outside_its_layer_is_caught_by_the_probe(images):
     torch.manual_seed(0)
     obj = uw.Objective(TiedLinear().double().eval(), "cross_entropy")
     data = uw.Data.from_any((X, y))
+    # without probe points find_layers cannot see the reuse; the scoring check's probe catches it
+    blind = find_layers(obj)
+    assert {b.name for b in blind.blocks} == {"fc", "out"}
+    assert "outside its layer" in check_scoring_plan(obj, blind, data)
+    # with them, find_layers itself leaves fc to the generic path and says why
     plan = find_layers(obj, data)
-    assert {b.name for b in plan.blocks} == {"fc", "out"}  # find_layers alone cannot see the tie
-    assert "outside its layer" in check_scoring_plan(obj, plan, data)
+    assert {b.name for b in plan.blocks} == {"out"}
+    assert "outside the module's forward" in plan.reasons["fc.weight"]
+    assert check_scoring_plan(obj, plan, data) is None
+    kw = dict(solver=uw.Direct(), damping=1.0, progress=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", uw.errors.NotAtMinimumWarning)
-        assert uw.Influence(obj, solver=uw.CG(), damping=1.0).fit(data).scoring_ == "generic"
-        with pytest.raises(UnsupportedModelError, match="structured=True"):
-            uw.Influence(obj, solver=uw.CG(), damping=1.0, structured=True).fit(data)
+        on = uw.Influence(obj, structured=True, **kw).fit(data)
+        off = uw.Influence(obj, structured=False, **kw).fit(data)
+    assert on.scoring_ == "structured"  # the out layer factored, fc's weight by per-sample gradients
+    a, b = on.up_loss((X[:3], y[:3])).values, off.up_loss((X[:3], y[:3])).values
+    assert_not_constant(b)
+    assert np.abs(a - b).max() <= TOL * np.abs(b).max()
+
+
+def test_tied_module_weights_are_not_factored_and_an_alias_is(images):
+    X, y = images
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(49, 49), torch.nn.Tanh(), torch.nn.Linear(49, 49), torch.nn.Tanh(),
+                              torch.nn.Linear(49, 2)).double().eval()
+    net[2].weight = net[0].weight  # tied: one parameter, gradient from two layers
+    obj = uw.Objective(net, "cross_entropy")
+    plan = find_layers(obj, uw.Data.from_any((X, y)))
+    assert {b.name for b in plan.blocks} == {"4"}
+    assert "tied weights" in plan.reasons["0.weight"] and "2.weight" in plan.reasons["0.weight"]
+    # a module registered under a second name is still one module, called once: factorable
+    plan = find_layers(uw.Objective(Aliased().double().eval(), "cross_entropy"), uw.Data.from_any((X, y)))
+    assert [b.name for b in plan.blocks] == ["fc"] and not plan.other
 
 
 def test_structured_switch_errors():

@@ -2,8 +2,9 @@
 back-propagated output cotangents, captured with forward hooks during one ordinary forward pass.
 
 A layer is *factorable* when it is an ``nn.Linear`` or ``nn.Conv2d`` (no groups, zero padding)
-— or, with ``find_layers(embeddings=True)``, an ``nn.Embedding`` whose weight no other module
-shares (tied weights) — whose weight is in θ and which the model calls exactly once per forward pass. Its
+— or, with ``find_layers(embeddings=True)``, an ``nn.Embedding`` — whose weight is in θ, whose
+parameters no other module shares (tied weights) and which the model calls exactly once per forward
+pass; ``find_layers`` checks on probe points that the gradient below equals autograd's. Its
 per-sample gradient is then a sum of outer products over "locations" t (1 for a Linear on (b, d)
 inputs, the sequence positions of a Linear on (b, …, d) inputs, the output pixels of a Conv2d,
 the token positions of an Embedding):
@@ -158,11 +159,50 @@ def _embedding_refusal(mod: nn.Embedding, mname: str, max_vocab: int) -> str | N
 
 
 def _shared_weights(model: nn.Module) -> dict[int, list[str]]:
-    """Every parameter registered under more than one name (tied weights), by id."""
-    names: dict[int, list[str]] = {}
-    for n, t in model.named_parameters(remove_duplicate=False):
-        names.setdefault(id(t), []).append(n)
-    return {k: v for k, v in names.items() if len(v) > 1}
+    """Every parameter owned by more than one module (tied weights), by id → its names. A module
+    registered under two names owns its parameters once (it is one module)."""
+    owners: dict[int, dict[int, str]] = {}
+    for mname, mod in model.named_modules():
+        for pname, t in mod.named_parameters(recurse=False):
+            owners.setdefault(id(t), {})[id(mod)] = f"{mname}.{pname}" if mname else pname
+    return {k: list(v.values()) for k, v in owners.items() if len(v) > 1}
+
+
+def _tie_refusal(mod: nn.Module, mname: str, tied: dict[int, list[str]]) -> str | None:
+    for what in ("weight", "bias"):
+        t = getattr(mod, what, None)
+        if isinstance(t, torch.Tensor) and id(t) in tied:
+            own = f"{mname}.{what}" if mname else what
+            return (f"{type(mod).__name__} '{mname}' shares its {what} with {[n for n in tied[id(t)] if n != own]} "
+                    "(tied weights: its gradient has contributions from outside the layer)")
+    return None
+
+
+FACTORISATION_RTOL = {torch.float64: 1e-8, torch.float32: 1e-3}
+"""Relative error allowed between a block's gradient rebuilt from hooks and autograd's (by dtype;
+other dtypes use the float32 value)."""
+
+
+def _factorisation_refusals(objective: Objective, blocks: Sequence[LayerBlock], probe: Data) -> dict[str, str]:
+    """Blocks whose gradient on (at most) two probe points, rebuilt from the captured layer inputs and
+    output cotangents as Σᵢₜ bᵢₜãᵢₜᵀ, differs from autograd's gradient of θ in the same pass — the
+    weight (or bias) is also used outside the module's own forward (reused through ``F.linear``, tied
+    to another module's parameter, …). By layer name → why."""
+    batch = probe.subset(range(min(2, len(probe))))
+    cap = capture(objective, blocks, batch, cotangents="loss", theta_grad=True)
+    assert cap.theta_grad is not None
+    flat = objective.space.flatten(cap.theta_grad).double()
+    out: dict[str, str] = {}
+    for blk in blocks:
+        rebuilt = torch.einsum("bto,btc->oc", cap.g[blk.name][0].double(), cap.a[blk.name].double())
+        true = flat[blk.index]
+        err, scale = float((rebuilt - true).norm()), float(true.norm())
+        if err > FACTORISATION_RTOL.get(blk.module.weight.dtype, 1e-3) * scale:
+            rel = f"{err / scale:.1e} relative" if scale > 0 else f"{err:.1e} where autograd's is 0"
+            out[blk.name] = (f"{type(blk.module).__name__} '{blk.name}': its gradient rebuilt from the layer's inputs "
+                             f"and output gradients differs from autograd's ({rel}, on {len(batch)} probe points) — "
+                             "its parameters are also used outside the module's forward (tied or reused functionally)")
+    return out
 
 
 def find_layers(objective: Objective, probe: Data | None = None, *, embeddings: bool = False,
@@ -172,8 +212,10 @@ def find_layers(objective: Objective, probe: Data | None = None, *, embeddings: 
 
     Args:
         objective: the model and θ.
-        probe: a few data points; the model is run on them once with hooks to check that every
-            candidate layer is called exactly once (a shared or unused layer is not factorable).
+        probe: a few data points; the model is run on two of them with hooks to check that every
+            candidate layer is called exactly once (a shared or unused layer is not factorable) and
+            that its gradient rebuilt from the hooks equals autograd's (a weight also used outside
+            its module is not factorable). Without a probe neither is checked.
         embeddings: also factor ``nn.Embedding`` layers (kind "embedding", see the module
             docstring); off by default, so a consumer that does not handle that kind never sees it.
         max_vocab: with ``embeddings``, the largest vocabulary factored; a larger embedding is
@@ -201,9 +243,7 @@ def find_layers(objective: Objective, probe: Data | None = None, *, embeddings: 
             if not embeddings:
                 reasons[wname] = f"weight of nn.Embedding '{mname}' (embeddings are factored only with embeddings=True, as by K-FAC)"
                 continue
-            why = _embedding_refusal(mod, mname, max_vocab)
-            if why is None and id(mod.weight) in tied:
-                why = f"Embedding '{mname}' shares its weight with {[n for n in tied[id(mod.weight)] if n != wname]} (tied weights)"
+            why = _embedding_refusal(mod, mname, max_vocab) or _tie_refusal(mod, mname, tied)
             if why is not None:
                 reasons[wname] = why
                 continue
@@ -216,6 +256,12 @@ def find_layers(objective: Objective, probe: Data | None = None, *, embeddings: 
         if wname not in in_theta:
             if has_bias and bname in in_theta:
                 reasons[bname] = f"bias of {type(mod).__name__} '{mname}' whose weight is not in θ"
+            continue
+        why = _tie_refusal(mod, mname, tied)
+        if why is not None:
+            reasons[wname] = why
+            if has_bias and bname in in_theta:
+                reasons[bname] = why
             continue
         conv = None
         if isinstance(mod, nn.Conv2d):
@@ -249,7 +295,14 @@ def find_layers(objective: Objective, probe: Data | None = None, *, embeddings: 
                 if n is not None:
                     reasons[n] = why
                     claimed.discard(n)
-        blocks = kept
+        bad = _factorisation_refusals(objective, kept, probe) if kept else {}
+        blocks = [blk for blk in kept if blk.name not in bad]
+        for blk in kept:
+            if blk.name in bad:
+                for n in (blk.weight, blk.bias):
+                    if n is not None:
+                        reasons[n] = bad[blk.name]
+                        claimed.discard(n)
     other = tuple(n for n in objective.space.names if n not in claimed)
     for n in other:
         reasons.setdefault(n, "not the weight or bias of an nn.Linear / nn.Conv2d" + (" / nn.Embedding" if embeddings else ""))
@@ -334,6 +387,7 @@ class Captured:
     a: dict[str, torch.Tensor]
     g: dict[str, torch.Tensor]
     clamped: int = 0
+    theta_grad: dict[str, torch.Tensor] | None = None  # ∇θ Σᵢ L(zᵢ) from the same pass (``theta_grad=True``)
 
 
 def _layer_input(blk: LayerBlock, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -370,6 +424,7 @@ def capture(
     *,
     params: Params | None = None,
     cotangents: Literal["loss", "ggn"] = "ggn",
+    theta_grad: bool = False,
 ) -> Captured:
     """Run the model on ``batch`` once with hooks and return each layer's ã and cotangents.
 
@@ -377,7 +432,11 @@ def capture(
     gradient of W̃). ``cotangents="ggn"``: one backward pass per output-Hessian factor cₖ (see
     ``output_hessian_factors``), giving the GGN's pseudo-gradients. Samples are independent in
     eval mode, so one backward pass of the summed loss yields every per-sample cotangent.
+    ``theta_grad=True`` (with ``cotangents="loss"``) also returns autograd's gradient of the summed
+    loss in every parameter of θ, from the same backward pass.
     """
+    if theta_grad and cotangents != "loss":
+        raise InputError("capture: theta_grad=True needs cotangents='loss'.")
     params = {n: t.detach().requires_grad_(True) for n, t in (params or objective.params).items()}
     inputs: dict[str, torch.Tensor] = {}
     outputs: dict[str, torch.Tensor] = {}
@@ -405,10 +464,16 @@ def capture(
     names = [blk.name for blk in blocks]
     outs = [outputs[n] for n in names]
     clamped = 0
+    theta: dict[str, torch.Tensor] | None = None
     with torch.enable_grad():
         if cotangents == "loss":
             loss = objective.loss_fn(out, batch.y).sum()
-            per = [torch.autograd.grad(loss, outs, allow_unused=True)]
+            wrt = [*outs, *params.values()] if theta_grad else outs
+            grads = torch.autograd.grad(loss, wrt, allow_unused=True)
+            per = [grads[: len(outs)]]
+            if theta_grad:
+                theta = {n: torch.zeros_like(t) if gr is None else (gr.to_dense() if gr.is_sparse else gr).detach()
+                         for (n, t), gr in zip(params.items(), grads[len(outs):])}
         else:
             C, clamped = output_hessian_factors(objective, out, batch.y)
             per = [torch.autograd.grad(out, outs, grad_outputs=C[k].to(out.dtype), retain_graph=True, allow_unused=True) for k in range(len(C))]
@@ -417,4 +482,4 @@ def capture(
     for j, blk in enumerate(blocks):
         rows = [gr[j] if gr[j] is not None else torch.zeros_like(outs[j]) for gr in per]
         g[blk.name] = torch.stack([_layer_cotangent(blk, r.detach()) for r in rows])
-    return Captured(a, g, clamped)
+    return Captured(a, g, clamped, theta)
