@@ -504,6 +504,28 @@ def make_problem(state: dict, workdir: str) -> Problem:
                    float(state.get("damping", 0.0)))
 
 
+def _proc_status_kb(field: str) -> int | None:
+    """A ``/proc/self/status`` memory field (VmRSS, VmHWM) in kB, or ``None`` off Linux."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Reset this process's peak RSS (VmHWM) to its current RSS (Linux ``clear_refs`` 5)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def worker(key: str, state_dir: str, threads: int) -> int:
     import resource
     import warnings
@@ -519,8 +541,16 @@ def worker(key: str, state_dir: str, threads: int) -> int:
     state = torch.load(os.path.join(state_dir, "state.pt"))
     workdir = tempfile.mkdtemp(prefix=f"{key}-", dir=state_dir)
     pb = make_problem(state, workdir)
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    out: dict = {"rss_start_kb": rss0}
+    # Δ memory = the method's own peak above the RSS it starts from: loading may have peaked higher
+    # (temporary copies), so the peak is reset here and read back as VmHWM after the runs
+    reset = _reset_peak_rss()
+    rss0 = _proc_status_kb("VmRSS") if reset else None
+    out: dict = {"rss_start_kb": rss0 if rss0 is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}
+
+    def method_peak() -> None:
+        if reset and (hwm := _proc_status_kb("VmHWM")) is not None:
+            out["hwm_kb"] = hwm
+
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         t0 = time.perf_counter()
@@ -528,6 +558,7 @@ def worker(key: str, state_dir: str, threads: int) -> int:
             scores = method.run(pb)
             out["wall_s"] = time.perf_counter() - t0
             np.save(os.path.join(state_dir, f"{key}.npy"), scores)
+            method_peak()
             Path(state_dir, f"{key}.json").write_text(json.dumps(out))  # the cold result survives a timeout
             if out["wall_s"] < WARM_BELOW_S:  # once more in the same process: the warm time
                 pb = make_problem(state, tempfile.mkdtemp(prefix=f"{key}-warm-", dir=state_dir))
@@ -542,6 +573,7 @@ def worker(key: str, state_dir: str, threads: int) -> int:
                 out["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
             traceback.print_exc()
     out["warnings"] = sorted({f"{w.category.__name__}: {str(w.message).splitlines()[0][:160]}" for w in caught})[:5]
+    method_peak()
     Path(state_dir, f"{key}.json").write_text(json.dumps(out))
     return 0
 
@@ -602,6 +634,7 @@ def run_method(m: Method, state_dir: str, args: argparse.Namespace) -> tuple[Row
         if res_path.exists() and "wall_s" in (res := json.loads(res_path.read_text())) and "error" not in res:
             row.status = "ok"  # the cold run finished; the warm one did not
             row.wall_s = res["wall_s"]
+            row.delta_mb = (res["hwm_kb"] / 1024 if "hwm_kb" in res else row.peak_mb) - res["rss_start_kb"] / 1024
             row.notes.append(f"warm run stopped by the {args.timeout:g} s timeout")
             return row, np.load(os.path.join(state_dir, f"{m.key}.npy"))
         row.wall_s = float(args.timeout)
@@ -615,7 +648,7 @@ def run_method(m: Method, state_dir: str, args: argparse.Namespace) -> tuple[Row
     row.warm_s = res.get("warm_s", float("nan"))
     if "warm_error" in res:
         row.notes.append(f"warm run failed: {res['warm_error']}")
-    row.delta_mb = row.peak_mb - res["rss_start_kb"] / 1024
+    row.delta_mb = (res["hwm_kb"] / 1024 if "hwm_kb" in res else row.peak_mb) - res["rss_start_kb"] / 1024
     row.notes += res.get("warnings", [])
     if "error" in res:
         row.status = f"error: {res['error']}"
@@ -771,7 +804,7 @@ LEGEND = (
     "the library's object through fit/preprocessing to the scores of all n training points (imports and data "
     f"loading not counted); *warm s* = a second run in the same process, done when the cold one took < "
     f"{WARM_BELOW_S:g} s (one-off costs — lazy imports, torch.func tracing, allocator growth — gone); *peak MB* = "
-    "peak RSS of that process over both runs (`ru_maxrss`), Δ = above its RSS after imports and data loading; "
+    "peak RSS of that process over both runs (`ru_maxrss`), Δ = the method's own peak (VmHWM, reset after imports and data loading) above its RSS at that point; "
     "*Spearman*, *Pearson* = correlation with the reference per test point after the library's documented sign "
     "(pyDVL, captum, kronfluence and dattri document ∇L_testᵀH⁻¹∇L_train = −I_up,loss), mean (min) over the K test "
     "points; *sign* ✗ = negative correlation after that; *× floor* = time / one per-sample-gradient sweep over the "
