@@ -8,6 +8,9 @@ is Σₜ e_{xₜ} bₜᵀ (rows at ``padding_idx`` get none)."""
 
 from __future__ import annotations
 
+import warnings
+
+import numpy as np
 import pytest
 import torch
 from torch.func import functional_call, jacrev
@@ -26,7 +29,12 @@ from upweight._executor import LocalExecutor
 from upweight.core.curvature import Curvature
 from upweight.core.kfac import fit_factors
 from upweight.core.layers import DEFAULT_MAX_VOCAB, capture, find_layers
-from upweight.core.structured import linear_output_layer, scoring_plan, structured_scores
+from upweight.core.structured import (
+    _embedding_block_scores,
+    linear_output_layer,
+    scoring_plan,
+    structured_scores,
+)
 from upweight.errors import InputError, NotPositiveDefiniteError
 from upweight.solvers.cg import CG
 from upweight.solvers.kfac import EKFAC, KFAC
@@ -312,28 +320,42 @@ def test_vocab_cap_default_tied_weights_and_bad_settings():
 
 
 # ── the other consumers of find_layers ───────────────────────────────────────────────────
-def test_other_consumers_see_embeddings_only_when_asked_and_the_factorisation_scores_exactly():
-    """Structured scoring and the structured HVP call find_layers without embeddings=True, so an
-    embedding stays a non-factorable parameter there; and were scoring to opt in, the one-hot
-    factorisation gives the true per-sample gradients (sⱼᵀ∇θL(zᵢ) against an autograd loop)."""
+def test_structured_scoring_gathers_embedding_columns_exactly_and_the_structured_hvp_leaves_them_out():
+    """Structured scoring factors embeddings (one-hot ã, scored by gathering the query's columns at the
+    tokens): sⱼᵀ∇θL(zᵢ) against an autograd loop, padding tokens included, and I_up,loss equal to the
+    generic path's; the structured HVP (linear heads only) still sees an embedding as a generic parameter."""
     torch.manual_seed(17)
     V, d, c, T, n = 6, 2, 3, 3, 8
     model = EmbMeanLinear(V, d, c, padding_idx=0).double().eval()
     X = _tokens(n, T, V, seed=18)
+    assert bool((X == 0).any())  # some padding tokens, which get no gradient
     y = torch.randint(0, c, (n,), generator=torch.Generator().manual_seed(19))
     data = uw.Data.from_any((X, y))
-    obj = uw.Objective(model, "cross_entropy")
+    obj = uw.Objective(model, "cross_entropy", l2=0.1)
     plan, why = scoring_plan(obj, data)
-    assert [b.kind for b in plan.blocks] == ["linear"] and plan.other == ("emb.weight",) and why is None
-    assert "embeddings=True" in plan.reasons["emb.weight"]
-    emb_only = uw.Objective(torch.nn.Embedding(V, c).double().eval(), "cross_entropy")
-    blk, reason = linear_output_layer(emb_only, uw.Data.from_any((X[:, 0], y)))
-    assert blk is None and "other parameters: ['weight']" in reason
-
-    plan = find_layers(obj, data, embeddings=True)
-    assert [b.kind for b in plan.blocks] == ["embedding", "linear"] and plan.other == ()
+    assert [b.kind for b in plan.blocks] == ["embedding", "linear"] and plan.other == () and why is None
     S = torch.randn(4, obj.p, generator=torch.Generator().manual_seed(20), dtype=D64)
     theta, unflat = flat_fns(model)
     G = loop_grads(lambda f, xi, yi: ce(functional_call(model, unflat(f), (xi,)), yi).sum(), theta, X, y)
-    got = structured_scores(obj, plan, data, S)
-    assert torch.allclose(got, S @ G.T, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(structured_scores(obj, plan, data, S), S @ G.T, rtol=1e-10, atol=1e-12)
+    # the gather at the token ids equals the dense product with the one-hots, query by query
+    blk = plan.blocks[0]
+    hot = capture(obj, [blk], data, cotangents="loss")
+    ids = capture(obj, [blk], data, cotangents="loss", token_ids=True)
+    assert ids.a[blk.name].shape == (n, T) and int((ids.a[blk.name] == -1).sum()) == int((X == 0).sum())
+    dense = torch.einsum("btv,kdv,btd->kb", hot.a[blk.name], S[:, blk.index], hot.g[blk.name][0])
+    got = _embedding_block_scores(S[:, blk.index], ids.a[blk.name], ids.g[blk.name][0])
+    assert torch.allclose(got, dense, rtol=1e-12, atol=1e-14)
+    kw = dict(solver=uw.Direct(), damping=0.5, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", uw.errors.NotAtMinimumWarning)
+        on = uw.Influence(obj, **kw).fit(data)
+        off = uw.Influence(obj, structured=False, **kw).fit(data)
+    assert on.scoring_ == "structured" and off.scoring_ == "generic"
+    a, b = on.up_loss((X[:3], y[:3])).values, off.up_loss((X[:3], y[:3])).values
+    assert float(np.abs(b).max()) > 0
+    assert np.abs(a - b).max() <= 1e-10 * np.abs(b).max()
+
+    emb_only = uw.Objective(torch.nn.Embedding(V, c).double().eval(), "cross_entropy")
+    blk, reason = linear_output_layer(emb_only, uw.Data.from_any((X[:, 0], y)))
+    assert blk is None and "other parameters: ['weight']" in reason

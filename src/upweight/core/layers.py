@@ -27,8 +27,9 @@ diagonal but held dense (V × V), so embeddings with V > ``max_vocab`` (default
 captured one-hots b·T·V values per batch) are left to the caller, as are embeddings with
 ``max_norm`` (the forward pass rewrites E), ``scale_grad_by_freq`` (the gradient of one point
 depends on the token counts of its batch) or ``sparse`` gradients. Embeddings are opt-in
-(``embeddings=True``, used by K-FAC / EK-FAC): the other consumers of ``find_layers`` (structured
-scoring, the structured HVP) see them as non-factorable parameters.
+(``embeddings=True``, used by K-FAC / EK-FAC and by structured scoring, which gathers the query's
+columns at the tokens instead of multiplying by one-hots); the structured HVP, which handles
+linear heads only, sees them as non-factorable parameters.
 
 Besides the loss gradient (``cotangents="loss"``), ``capture`` back-propagates the factors of
 the loss's Hessian in the model output (``cotangents="ggn"``): with ∇²_z L(zᵢ) = Σₖ cᵢₖcᵢₖᵀ, the
@@ -411,6 +412,13 @@ def _layer_input(blk: LayerBlock, x: torch.Tensor, dtype: torch.dtype | None = N
     return a
 
 
+def token_ids_of(blk: LayerBlock, x: torch.Tensor) -> torch.Tensor:
+    """An Embedding's input as token ids (b, T), −1 where the token is ``padding_idx`` (no gradient):
+    the positions of the ones of ``_layer_input``'s one-hot ã, without the V-wide vectors."""
+    ids = x.reshape(x.shape[0], -1).long()
+    return ids.masked_fill(ids == blk.padding_idx, -1) if blk.padding_idx is not None else ids
+
+
 def _layer_cotangent(blk: LayerBlock, g: torch.Tensor) -> torch.Tensor:
     if blk.kind == "conv2d":  # (b, out, H', W') → (b, L, out)
         return g.reshape(g.shape[0], g.shape[1], -1).transpose(1, 2)
@@ -425,6 +433,7 @@ def capture(
     params: Params | None = None,
     cotangents: Literal["loss", "ggn"] = "ggn",
     theta_grad: bool = False,
+    token_ids: bool = False,
 ) -> Captured:
     """Run the model on ``batch`` once with hooks and return each layer's ã and cotangents.
 
@@ -433,7 +442,9 @@ def capture(
     ``output_hessian_factors``), giving the GGN's pseudo-gradients. Samples are independent in
     eval mode, so one backward pass of the summed loss yields every per-sample cotangent.
     ``theta_grad=True`` (with ``cotangents="loss"``) also returns autograd's gradient of the summed
-    loss in every parameter of θ, from the same backward pass.
+    loss in every parameter of θ, from the same backward pass. ``token_ids=True`` returns an
+    Embedding's ã as its token ids (b, T) instead of one-hot vectors (b, T, V), −1 at
+    ``padding_idx`` (``token_ids_of``).
     """
     if theta_grad and cotangents != "loss":
         raise InputError("capture: theta_grad=True needs cotangents='loss'.")
@@ -477,7 +488,8 @@ def capture(
         else:
             C, clamped = output_hessian_factors(objective, out, batch.y)
             per = [torch.autograd.grad(out, outs, grad_outputs=C[k].to(out.dtype), retain_graph=True, allow_unused=True) for k in range(len(C))]
-    a = {blk.name: _layer_input(blk, inputs[blk.name], outputs[blk.name].dtype) for blk in blocks}
+    a = {blk.name: token_ids_of(blk, inputs[blk.name]) if token_ids and blk.kind == "embedding"
+         else _layer_input(blk, inputs[blk.name], outputs[blk.name].dtype) for blk in blocks}
     g = {}
     for j, blk in enumerate(blocks):
         rows = [gr[j] if gr[j] is not None else torch.zeros_like(outs[j]) for gr in per]

@@ -8,7 +8,8 @@ query row q (a row of s_test, reshaped to the layer's (out, cols) block Q)
     qᵀgᵢ = Σₜ bᵢₜᵀ Q ãᵢₜ,
 
 a batched contraction of the captured inputs ã and output cotangents b with Q: the (n, p) matrix
-of per-sample gradients is never formed. Parameters in no factorable layer keep the per-sample
+of per-sample gradients is never formed. For an ``nn.Embedding`` (ã one-hot, W = Eᵀ) the
+contraction is a gather, Σₜ bᵢₜᵀ Q[:, xᵢₜ]. Parameters in no factorable layer keep the per-sample
 (vmap∘grad) path, restricted to them, and the two parts are summed.
 
 **Structured HVP** (exact). When θ is exactly the weight (and bias) of ONE ``nn.Linear`` whose
@@ -73,15 +74,31 @@ def _block_scores(Q: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Te
     return Q.reshape(k, out * cols) @ G.T
 
 
+def _embedding_block_scores(Q: torch.Tensor, ids: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """``_block_scores`` for an ``nn.Embedding`` block, whose ã are one-hot token vectors: Σₜ bᵢₜᵀ Qⱼ[:, xᵢₜ]
+    by gathering the columns of Q (k, d, V) at the token ids (b, T) (−1 = padding, no gradient) —
+    b·T·k·d work, not the b·T·V·k·d of a product with the one-hots."""
+    k, d, V = Q.shape
+    b, T = ids.shape
+    # columns laid out (d, k) per token, with a zero column V for padding (id −1)
+    table = torch.cat([Q.permute(2, 1, 0).reshape(V, d * k), Q.new_zeros(1, d * k)])
+    flat = ids.reshape(-1)
+    cols = torch.index_select(table, 0, torch.where(flat >= 0, flat, V)).reshape(b, T * d, k)
+    return torch.bmm(B.reshape(b, 1, T * d), cols)[:, 0, :].T
+
+
 def _capture_bytes_per_point(objective: Objective, plan: LayerPlan, point: Data, params: Params, k: int) -> int:
     """Bytes that scoring one point holds: its captured inputs and cotangents, and the larger
     contraction intermediate, per layer (measured on ``point``)."""
-    cap = capture(objective, plan.blocks, point, params=params, cotangents="loss")
+    cap = capture(objective, plan.blocks, point, params=params, cotangents="loss", token_ids=True)
     total = 0
     for blk in plan.blocks:
         T = cap.a[blk.name].shape[1]
-        total += T * (blk.cols + blk.out_dim) + max(T * k * blk.out_dim, blk.out_dim * blk.cols)
-    return total * cap.a[plan.blocks[0].name].element_size()
+        if blk.kind == "embedding":  # ids, cotangents and the gathered columns
+            total += T * (1 + blk.out_dim) + T * k * blk.out_dim
+        else:
+            total += T * (blk.cols + blk.out_dim) + max(T * k * blk.out_dim, blk.out_dim * blk.cols)
+    return total * cap.g[plan.blocks[0].name].element_size()
 
 
 def factor_queries(plan: LayerPlan, S: torch.Tensor, rank: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -91,7 +108,7 @@ def factor_queries(plan: LayerPlan, S: torch.Tensor, rank: int) -> dict[str, tup
     then used for every chunk of training points (``structured_scores(query_factors=…)``)."""
     out = {}
     for blk in plan.blocks:
-        if rank < min(blk.out_dim, blk.cols):
+        if blk.kind != "embedding" and rank < min(blk.out_dim, blk.cols):  # an embedding's exact gather is cheaper
             U, sig, Vh = torch.linalg.svd(S[:, blk.index], full_matrices=False)  # (k, out, m), (k, m), (k, m, cols)
             out[blk.name] = ((U[:, :, :rank] * sig[:, None, :rank]).contiguous(), Vh[:, :rank, :].contiguous())
     return out
@@ -137,10 +154,14 @@ def structured_scores(objective: Objective, plan: LayerPlan, batch: Data, S: tor
                                                 query_factors=query_factors) for sub in batch.batches(step)], dim=1)
     out = torch.zeros(S.shape[0], len(batch), dtype=dtype)
     if plan.blocks:
-        cap = capture(objective, plan.blocks, batch, params=params, cotangents="loss")
+        cap = capture(objective, plan.blocks, batch, params=params, cotangents="loss", token_ids=True)
         for blk in plan.blocks:
             Q = S[:, blk.index]  # (k, out, cols)
-            A, B = cap.a[blk.name].to(dtype), cap.g[blk.name][0].to(dtype)
+            B = cap.g[blk.name][0].to(dtype)
+            if blk.kind == "embedding":
+                out += _embedding_block_scores(Q, cap.a[blk.name], B)
+                continue
+            A = cap.a[blk.name].to(dtype)
             if query_factors and blk.name in query_factors:
                 Us, Vh = query_factors[blk.name]
                 out += _block_scores_lowrank(Us.to(dtype), Vh.to(dtype), A, B)
@@ -182,10 +203,10 @@ def scoring_plan(objective: Objective, data: Data) -> tuple[LayerPlan, str | Non
     Returns the plan of ``find_layers`` and a reason string when there is no factorable layer or
     the factorisation fails the probe check.
     """
-    plan = find_layers(objective, data)
+    plan = find_layers(objective, data, embeddings=True)
     if not plan.blocks:
         reasons = "; ".join(f"{n}: {r}" for n, r in plan.reasons.items())
-        return plan, f"no parameter of θ is in a factorable nn.Linear / nn.Conv2d ({reasons})"
+        return plan, f"no parameter of θ is in a factorable nn.Linear / nn.Conv2d / nn.Embedding ({reasons})"
     return plan, check_scoring_plan(objective, plan, data)
 
 

@@ -237,7 +237,7 @@ class Influence:
                 return plan, "structured", (f"query_rank={self.query_rank} with structured='auto': factorable layers "
                                             f"structured, per-sample gradients for {list(plan.other)}")
             return None, "generic", f"parameters outside factorable layers: {list(plan.other)} (structured=True would mix)"
-        return plan, "structured", "every parameter of θ is in a factorable nn.Linear / nn.Conv2d"
+        return plan, "structured", "every parameter of θ is in a factorable nn.Linear / nn.Conv2d / nn.Embedding"
 
     def _check_query_rank(self) -> int | None:
         """The fitted ``query_rank``; ``UnsupportedModelError`` when it is set but structured
