@@ -61,6 +61,10 @@ def test_pert_loss_matches_finite_difference_reoptimisation(small_logreg):
         predicted = pert.values[:, a, :] @ u.numpy() / n
         assert_not_constant(fd)
         np.testing.assert_allclose(predicted, fd, rtol=1e-4)
+    # a batch of 3 with 2 test points: one training point per call (pairs ≤ batch), the same values
+    small = uw.Influence(uw.Objective(model, "logistic", l2=l2), solver=uw.Direct(), progress=False,
+                         batch_size=3).fit((X, y)).pert_loss(test, train=[*sel, 100])
+    np.testing.assert_allclose(small.values[:, :2], pert.values, rtol=1e-12, atol=0)
 
 
 @pytest.fixture(scope="module")

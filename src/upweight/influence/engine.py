@@ -610,7 +610,9 @@ class Influence:
         sol = self.s_test(test_data)
         data = self._train(train)
         parts = []
-        chunk = self._grad_chunk()
+        # the mixed derivative is vmapped over (test point, training point) pairs, each holding its own
+        # activations: keep the pairs per call at one gradient chunk, not the chunk times n_test
+        chunk = max(1, self._grad_chunk() // max(1, sol.value.shape[0]))
         for batch in progress(data.batches(chunk), desc="I_pert,loss", total=-(-len(data) // chunk), enabled=self.progress):
             parts.append(-pert_directions(self.objective, self.objective.params, batch, sol.value))
         values = torch.cat(parts, dim=1)
