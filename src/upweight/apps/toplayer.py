@@ -113,9 +113,9 @@ class LogisticTopLayer:
             if attempt == 0:  # drifted too far from the reference: refresh it here and solve again
                 self._ref_inv = self._inverse(F, w)
                 self.refreshes += 1
-        raise InaccurateSolveError(f"LogisticTopLayer.solve: CG with the Hessian's own inverse as preconditioner did not "
-                          f"reach rtol={rtol:g} in {self.maxiter} iterations; the features are too badly "
-                          "conditioned for float64 — raise l2.")
+        raise InaccurateSolveError(
+            f"LogisticTopLayer.solve: CG with the Hessian's own inverse as preconditioner did not reach "
+            f"rtol={rtol:g} in {self.maxiter} iterations; the features are too badly conditioned for float64 — raise l2.")
 
     def _count_iteration(self, _x: np.ndarray) -> None:
         self.iterations += 1
@@ -146,13 +146,4 @@ class LogisticTopLayer:
         return w, gnorm
 
 
-def newton_top_layer(F: torch.Tensor, y: torch.Tensor, l2: float, init: torch.Tensor, *, gtol: float = 1e-10,
-                     max_steps: int = 50) -> tuple[torch.Tensor, float]:
-    """Exact minimiser of R(w) (module docstring) from ``init`` — one-off use of ``LogisticTopLayer`` with
-    its reference at ``init``. Returns (w of shape (1, d), ‖g‖₂)."""
-    top = LogisticTopLayer(F, y, l2, init)
-    w, gnorm = top.minimise(F, init, gtol=gtol, max_steps=max_steps)
-    return torch.from_numpy(w).reshape(1, -1), gnorm
-
-
-__all__ = ["LogisticTopLayer", "newton_top_layer"]
+__all__ = ["LogisticTopLayer"]
