@@ -50,7 +50,7 @@ class ConvNet(torch.nn.Module):
 
 
 class TiedLinear(torch.nn.Module):
-    """fc's weight is also used outside fc: the layer factorisation (and structured scoring) fails."""
+    """fc's weight is also used outside fc: fc cannot be factored (find_layers checks it on probe points)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -59,6 +59,17 @@ class TiedLinear(torch.nn.Module):
 
     def forward(self, x):
         return self.out(torch.tanh(self.fc(x) + x @ self.fc.weight))
+
+
+class BareLinear(torch.nn.Module):
+    """A linear model on a bare parameter: nothing for structured scoring to factor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(0.01 * torch.randn(3, 49))
+
+    def forward(self, x):
+        return x @ self.w.T
 
 
 def make(kind: str) -> uw.Objective:
@@ -215,5 +226,9 @@ def test_query_rank_without_structured_scoring_is_refused(digits):
     train, _ = digits
     with pytest.raises(UnsupportedModelError, match=r"query_rank=2.*structured=False.*Use structured='auto'"):
         fitted(make("mlp"), train, query_rank=2, structured=False)
-    with pytest.raises(UnsupportedModelError, match=r"query_rank=2.*used outside its layer.*query_rank=None"):
-        fitted(make("tied"), train, query_rank=2)
+    with pytest.raises(UnsupportedModelError, match=r"query_rank=2.*no parameter of θ is in a factorable.*query_rank=None"):
+        fitted(uw.Objective(BareLinear().double().eval(), "cross_entropy", l2=0.01), train, query_rank=2)
+    # a weight also used outside its layer: find_layers leaves that layer to per-sample gradients,
+    # and the low-rank scoring applies to the layer that is factorable
+    tied = fitted(make("tied"), train, query_rank=2)
+    assert tied.scoring_ == "structured" and tied._scoring_plan.other == ("fc.weight",)
