@@ -176,7 +176,8 @@ def structured_scores(objective: Objective, plan: LayerPlan, batch: Data, S: tor
 def check_scoring_plan(objective: Objective, plan: LayerPlan, probe: Data, *, rtol: float = 1e-4) -> str | None:
     """Check by construction that the layer factorisation gives the true per-sample gradients on
     (at most) two probe points, through four random query rows; returns ``None`` if it does, else
-    why not (e.g. a weight also used outside its layer, which ``find_layers`` cannot see)."""
+    why not (e.g. a weight also used outside its layer, in a plan from ``find_layers`` without
+    probe points — with them, find_layers leaves such a layer out)."""
     from .grads import per_sample_grads  # the generic path, only for this check
 
     batch = probe.subset(range(min(2, len(probe))))

@@ -109,7 +109,7 @@ class Influence:
             It needs structured scoring: with ``structured="auto"`` and parameters outside
             factorable layers it switches the mixed structured scoring on (as
             ``structured=True``); where structured scoring cannot be used (``structured=False``,
-            no factorable layer, a weight also used outside its layer) ``fit`` raises
+            no factorable layer, a factorisation that fails the probe check) ``fit`` raises
             ``UnsupportedModelError`` rather than silently scoring exactly. ``self_influence``
             ignores it: there each training point is its own query (its solved gradient
             H⁻¹∇θL(zᵢ)), so there is no query block shared across the training points to
