@@ -359,3 +359,22 @@ def test_structured_scoring_gathers_embedding_columns_exactly_and_the_structured
     emb_only = uw.Objective(torch.nn.Embedding(V, c).double().eval(), "cross_entropy")
     blk, reason = linear_output_layer(emb_only, uw.Data.from_any((X[:, 0], y)))
     assert blk is None and "other parameters: ['weight']" in reason
+
+
+def test_structured_scoring_has_no_vocabulary_cap():
+    """Scoring gathers at token ids and never forms the V × V factor, so a vocabulary above K-FAC's
+    max_vocab is scored structurally too — exactly (against an autograd loop)."""
+    torch.manual_seed(23)
+    V = DEFAULT_MAX_VOCAB + 904
+    model = EmbMeanLinear(V, 2, 3, padding_idx=0).double().eval()
+    X = _tokens(6, 4, V, seed=24)
+    y = torch.randint(0, 3, (6,), generator=torch.Generator().manual_seed(25))
+    data = uw.Data.from_any((X, y))
+    obj = uw.Objective(model, "cross_entropy")
+    plan, why = scoring_plan(obj, data)
+    assert why is None and [b.kind for b in plan.blocks] == ["embedding", "linear"]
+    assert "max_vocab" in find_layers(obj, data, embeddings=True).reasons["emb.weight"]  # K-FAC's cap
+    S = torch.randn(3, obj.p, generator=torch.Generator().manual_seed(26), dtype=D64)
+    theta, unflat = flat_fns(model)
+    G = loop_grads(lambda f, xi, yi: ce(functional_call(model, unflat(f), (xi,)), yi).sum(), theta, X, y)
+    assert torch.allclose(structured_scores(obj, plan, data, S), S @ G.T, rtol=1e-10, atol=1e-12)

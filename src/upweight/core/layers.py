@@ -190,12 +190,17 @@ def _factorisation_refusals(objective: Objective, blocks: Sequence[LayerBlock], 
     weight (or bias) is also used outside the module's own forward (reused through ``F.linear``, tied
     to another module's parameter, …). By layer name → why."""
     batch = probe.subset(range(min(2, len(probe))))
-    cap = capture(objective, blocks, batch, cotangents="loss", theta_grad=True)
+    cap = capture(objective, blocks, batch, cotangents="loss", theta_grad=True, token_ids=True)
     assert cap.theta_grad is not None
     flat = objective.space.flatten(cap.theta_grad).double()
     out: dict[str, str] = {}
     for blk in blocks:
-        rebuilt = torch.einsum("bto,btc->oc", cap.g[blk.name][0].double(), cap.a[blk.name].double())
+        g = cap.g[blk.name][0].double()
+        if blk.kind == "embedding":  # Σₜ bₜ e_{xₜ}ᵀ: add each cotangent into its token's column (not padding)
+            ids, keep = cap.a[blk.name].reshape(-1), cap.a[blk.name].reshape(-1) >= 0
+            rebuilt = g.new_zeros(blk.out_dim, blk.in_dim).index_add_(1, ids[keep], g.reshape(-1, blk.out_dim)[keep].T)
+        else:
+            rebuilt = torch.einsum("bto,btc->oc", g, cap.a[blk.name].double())
         true = flat[blk.index]
         err, scale = float((rebuilt - true).norm()), float(true.norm())
         if err > FACTORISATION_RTOL.get(blk.module.weight.dtype, 1e-3) * scale:
