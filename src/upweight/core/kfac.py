@@ -25,7 +25,8 @@ partitions of the data, the eigendecompositions staying on the client (``fit_fac
 
 **Embeddings** (``core.layers``: a bias-free Linear on one-hot token vectors, W̃ = Eᵀ). Every ã is
 one-hot (or 0 at ``padding_idx``), so A = diag(c)/n with c the token counts; it is accumulated as
-its diagonal (Σᵢₜ ãᵢₜ², no V × V product per batch) and its eigendecomposition is exact and free,
+its diagonal, counted from the captured token ids (no one-hot vectors, no V × V product per batch),
+and its eigendecomposition is exact and free,
 α = c/n, Q_A = I (``LayerFactors.identity_A``: the rotations by Q_A are skipped in EK-FAC's pass and
 in the solvers). S and Λ are as for any layer.
 """
@@ -149,18 +150,22 @@ def _moment_sums(ctx: _FactorContext, data: Data) -> _Sums:
     locs: dict[str, int] = {}
     clamped = 0
     for batch in data.batches(ctx.batch_size):
-        cap = capture(ctx.objective, ctx.blocks, batch, params=ctx.params, cotangents="ggn")
+        cap = capture(ctx.objective, ctx.blocks, batch, params=ctx.params, cotangents="ggn", token_ids=True)
         clamped += cap.clamped
         for blk in ctx.blocks:
-            a = cap.a[blk.name]  # (b, T, cols)
+            a = cap.a[blk.name]  # (b, T, cols); an embedding's token ids (b, T), −1 = padding
             g = cap.g[blk.name]  # (K, b, T, out)
             T = a.shape[1]
             locs[blk.name] = T
-            a2 = a.reshape(-1, a.shape[-1])
             g2 = g.reshape(-1, g.shape[-1])
             # one batch's products in the compute dtype, accumulated over batches in float64;
-            # one-hot rows (an embedding): a2ᵀa2 is diagonal, kept as its diagonal Σ ã²
-            aa = (a2 * a2).sum(0) if blk.kind == "embedding" else a2.T @ a2
+            # an embedding's one-hot ã: Σ ããᵀ is diagonal, kept as its diagonal — the token counts
+            if blk.kind == "embedding":
+                ids = a.reshape(-1)
+                aa = torch.bincount(ids[ids >= 0], minlength=blk.in_dim)
+            else:
+                a2 = a.reshape(-1, a.shape[-1])
+                aa = a2.T @ a2
             sums["A:" + blk.name] = sums.get("A:" + blk.name, 0) + aa.to(torch.float64)
             sums["S:" + blk.name] = sums.get("S:" + blk.name, 0) + (g2.T @ g2).to(torch.float64) / T
     return _Sums(sums, locs, clamped)
@@ -178,7 +183,7 @@ def _correction_sums(ctx: _FactorContext, data: Data, bases: Sequence[tuple[torc
     (Q_A, Q_S) per block, in block order, Q_A ``None`` where it is the identity (an embedding)."""
     sums = {blk.name: torch.zeros(blk.out_dim, blk.cols, dtype=torch.float64) for blk in ctx.blocks}
     for batch in data.batches(ctx.batch_size):
-        cap = capture(ctx.objective, ctx.blocks, batch, params=ctx.params, cotangents="ggn")
+        cap = capture(ctx.objective, ctx.blocks, batch, params=ctx.params, cotangents="ggn", token_ids=True)
         for blk, (QA, QS) in zip(ctx.blocks, bases):
             name = blk.name
             g = cap.g[name].to(torch.float64) @ QS  # (K, b, T, out)
@@ -197,17 +202,17 @@ def _correction_sums(ctx: _FactorContext, data: Data, bases: Sequence[tuple[torc
     return _Sums(sums)
 
 
-def _add_one_hot_correction(acc: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> None:
-    """Add Σᵢₖ (Q_Sᵀ Gᵢₖ)² to ``acc`` (out, V) for one-hot ã (an embedding, Q_A = I) without
-    forming Gᵢₖ = Σₜ bᵢₖₜ ãᵢₜᵀ densely: column v of Q_SᵀGᵢₖ is the sum of the rotated cotangents
-    at the positions t where point i has token v, so the rotated cotangents (K, b, T, out) are
-    summed per distinct (point, token) pair and squared — O(K·b·T·out), not O(K·b·T·out·V).
-    Rows of ã that are 0 (``padding_idx``) contribute nothing and are dropped."""
+def _add_one_hot_correction(acc: torch.Tensor, ids: torch.Tensor, g: torch.Tensor) -> None:
+    """Add Σᵢₖ (Q_Sᵀ Gᵢₖ)² to ``acc`` (out, V) for an embedding (one-hot ã, Q_A = I), from its
+    token ids (b, T) (−1 = padding, no gradient), without forming Gᵢₖ = Σₜ bᵢₖₜ ãᵢₜᵀ densely:
+    column v of Q_SᵀGᵢₖ is the sum of the rotated cotangents at the positions t where point i has
+    token v, so the rotated cotangents (K, b, T, out) are summed per distinct (point, token) pair
+    and squared — O(K·b·T·out), not O(K·b·T·out·V)."""
     K, b, T, out = g.shape
-    V = a.shape[-1]
-    flat = a.reshape(b * T, V)
-    hit = flat.amax(dim=1) > 0
-    keys = (torch.arange(b).repeat_interleave(T) * V + flat.argmax(dim=1))[hit]
+    V = acc.shape[1]
+    flat = ids.reshape(b * T)
+    hit = flat >= 0
+    keys = (torch.arange(b).repeat_interleave(T) * V + flat)[hit]
     uniq, inv = torch.unique(keys, return_inverse=True)
     seg = g.reshape(K, b * T, out)[:, hit].new_zeros(K, len(uniq), out)
     seg.index_add_(1, inv, g.reshape(K, b * T, out)[:, hit])

@@ -20,11 +20,12 @@ Martens 2016; Grosse et al. 2023) and bᵢₜ = ∂L(zᵢ)/∂(layer output)ᵢ�
 xᵢₜ to rows E[xᵢₜ]; its per-sample gradient is ∇E L(zᵢ) = Σₜ e_{xᵢₜ} bᵢₜᵀ (e the one-hot vector),
 i.e. ∇_{Eᵀ} L(zᵢ) = Σₜ bᵢₜ ãᵢₜᵀ with ãᵢₜ = e_{xᵢₜ} ∈ Rⱽ: an embedding is a bias-free Linear on
 one-hot inputs with W = Eᵀ (d × V). Its block is laid out as Eᵀ (out_dim = d, in_dim = V) and
-``capture`` returns one-hot ã. Rows at ``padding_idx`` get no gradient in torch, so their one-hot
-entries are set to 0. The activation factor A = (1/n) Σᵢₜ ãᵢₜãᵢₜᵀ is then diag(token counts)/n,
+``capture`` returns one-hot ã — or, with ``token_ids=True`` (what K-FAC and structured scoring
+use), just the token ids. Rows at ``padding_idx`` get no gradient in torch, so their one-hot
+entries are set to 0 (their ids to −1). The activation factor A = (1/n) Σᵢₜ ãᵢₜãᵢₜᵀ is then diag(token counts)/n,
 diagonal but held dense (V × V), so embeddings with V > ``max_vocab`` (default
-``DEFAULT_MAX_VOCAB`` = 4096: A and its eigenbasis take 2·8·V² bytes, 256 MiB at the cap, and the
-captured one-hots b·T·V values per batch) are left to the caller, as are embeddings with
+``DEFAULT_MAX_VOCAB`` = 4096: A and its eigenbasis take 2·8·V² bytes, 256 MiB at the cap) are left
+to the caller, as are embeddings with
 ``max_norm`` (the forward pass rewrites E), ``scale_grad_by_freq`` (the gradient of one point
 depends on the token counts of its batch) or ``sparse`` gradients. Embeddings are opt-in
 (``embeddings=True``, used by K-FAC / EK-FAC and by structured scoring, which gathers the query's
