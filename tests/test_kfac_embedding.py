@@ -117,14 +117,16 @@ def test_embedding_factor_statistics_equal_explicit_one_hot_statistics():
     factors, fit = fit_factors(obj, data, plan.blocks, batch_size=5, eigen_correction=True)
     f = next(f for f in factors if f.block.kind == "embedding")
     assert f.identity_A and f.locations == T and fit.points == n
-    assert torch.allclose(f.A, torch.diag(counts / n), atol=1e-15)
-    assert torch.allclose(f.A, torch.einsum("bti,btj->ij", onehot, onehot) / n, atol=1e-15)
+    assert f.A is None and f.Q_A is None  # nothing V × V is stored
+    assert torch.allclose(f.activation(), torch.diag(counts / n), atol=1e-15)
+    assert torch.allclose(f.activation(), torch.einsum("bti,btj->ij", onehot, onehot) / n, atol=1e-15)
     assert torch.allclose(f.S, S_ref, rtol=1e-10, atol=1e-14)
     # the eigendecomposition of the diagonal A is exact
-    assert torch.allclose(f.Q_A @ torch.diag(f.eig_A) @ f.Q_A.T, f.A, atol=1e-15)
+    Q_A = f.activation_basis()
+    assert torch.allclose(Q_A @ torch.diag(f.eig_A) @ Q_A.T, f.activation(), atol=1e-15)
     # (c) EK-FAC with padding and repeated tokens: Λ is the explicit GGN's diagonal in the basis
     idx = emb.index.reshape(-1)
-    B = torch.kron(f.Q_S, f.Q_A)
+    B = f.basis()
     assert torch.allclose(f.corrected.reshape(-1), torch.diagonal(B.T @ explicit_ggn_ce(model, X)[idx][:, idx] @ B),
                           rtol=1e-9, atol=1e-13)
     assert float(f.corrected[:, pad].abs().max()) == 0.0
@@ -196,15 +198,15 @@ def test_ekfac_embedding_eigenvalues_are_the_ggn_diagonal_in_the_kfac_basis():
     idx = transposed_index(V, d).reshape(-1)  # emb.weight is θ's first parameter
     assert torch.equal(f.block.index.reshape(-1), idx)
     Gb = G[idx][:, idx]
-    B = torch.kron(f.Q_S, f.Q_A)
+    B = f.basis()
     assert torch.allclose(f.corrected.reshape(-1), torch.diagonal(B.T @ Gb @ B), rtol=1e-9, atol=1e-13)
     assert float(f.corrected.max()) > 1e-3
     # EK-FAC is the Frobenius projection onto matrices with this eigenbasis, K-FAC one of them
     err_ekfac = float((B @ torch.diag(f.corrected.reshape(-1)) @ B.T - Gb).norm())
-    assert err_ekfac < float((torch.kron(f.S, f.A) - Gb).norm())
+    assert err_ekfac < float((f.kronecker() - Gb).norm())
     # and the identity basis of A: K-FAC's eigenvalues in the basis are σ ⊗ (token frequencies)
     freq = torch.bincount(X.reshape(-1), minlength=V).to(D64) / n
-    assert torch.allclose(torch.diagonal(B.T @ torch.kron(f.S, f.A) @ B), (f.eig_S[:, None] * freq).reshape(-1), atol=1e-13)
+    assert torch.allclose(torch.diagonal(B.T @ f.kronecker() @ B), (f.eig_S[:, None] * freq).reshape(-1), atol=1e-13)
     # the same sums as a map-reduce over index partitions (pass 2 ships Q_A = None for the embedding)
     fd, fit_d = fit_factors(obj, uw.Data.from_any((X, y)), plan.blocks, batch_size=7, eigen_correction=True,
                             executor=LocalExecutor())
@@ -295,10 +297,12 @@ def test_unfactorable_embeddings_land_in_the_fallback_block_with_their_reason(em
 
 
 def test_vocab_cap_default_tied_weights_and_bad_settings():
-    assert KFAC().max_vocab == DEFAULT_MAX_VOCAB == 4096
-    big = torch.nn.Sequential(torch.nn.Embedding(DEFAULT_MAX_VOCAB + 1, 1), torch.nn.Flatten(), torch.nn.Linear(1, 2))
-    plan = find_layers(uw.Objective(big.double().eval(), "cross_entropy"), embeddings=True)
-    assert plan.other == ("0.weight",) and "4097 > max_vocab=4096" in plan.reasons["0.weight"]
+    assert KFAC().max_vocab is DEFAULT_MAX_VOCAB is None  # no cap: A is V token counts, nothing V × V
+    big = torch.nn.Sequential(torch.nn.Embedding(5000, 1), torch.nn.Flatten(), torch.nn.Linear(1, 2))
+    obj = uw.Objective(big.double().eval(), "cross_entropy")
+    assert [b.name for b in find_layers(obj, embeddings=True).blocks] == ["0", "2"]
+    plan = find_layers(obj, embeddings=True, max_vocab=4096)
+    assert plan.other == ("0.weight",) and "5000 > max_vocab=4096" in plan.reasons["0.weight"]
     assert [b.name for b in plan.blocks] == ["2"]
 
     class Tied(torch.nn.Module):
@@ -362,10 +366,10 @@ def test_structured_scoring_gathers_embedding_columns_exactly_and_the_structured
 
 
 def test_structured_scoring_has_no_vocabulary_cap():
-    """Scoring gathers at token ids and never forms the V × V factor, so a vocabulary above K-FAC's
-    max_vocab is scored structurally too — exactly (against an autograd loop)."""
+    """Scoring gathers at token ids, so even a vocabulary above a K-FAC cap someone set is scored
+    structurally — exactly (against an autograd loop)."""
     torch.manual_seed(23)
-    V = DEFAULT_MAX_VOCAB + 904
+    V = 5000
     model = EmbMeanLinear(V, 2, 3, padding_idx=0).double().eval()
     X = _tokens(6, 4, V, seed=24)
     y = torch.randint(0, 3, (6,), generator=torch.Generator().manual_seed(25))
@@ -373,7 +377,7 @@ def test_structured_scoring_has_no_vocabulary_cap():
     obj = uw.Objective(model, "cross_entropy")
     plan, why = scoring_plan(obj, data)
     assert why is None and [b.kind for b in plan.blocks] == ["embedding", "linear"]
-    assert "max_vocab" in find_layers(obj, data, embeddings=True).reasons["emb.weight"]  # K-FAC's cap
+    assert "max_vocab" in find_layers(obj, data, embeddings=True, max_vocab=4096).reasons["emb.weight"]
     S = torch.randn(3, obj.p, generator=torch.Generator().manual_seed(26), dtype=D64)
     theta, unflat = flat_fns(model)
     G = loop_grads(lambda f, xi, yi: ce(functional_call(model, unflat(f), (xi,)), yi).sum(), theta, X, y)

@@ -54,21 +54,22 @@ class LayerFactors:
 
     Attributes:
         block: the layer.
-        A: (cols, cols) activation second moment.
+        A: (cols, cols) activation second moment; ``None`` when ``identity_A`` (A = diag(eig_A)).
         S: (out, out) cotangent second moment.
-        eig_A, Q_A: eigenvalues (clamped ≥ 0) and eigenvectors of A.
+        eig_A, Q_A: eigenvalues (clamped ≥ 0) and eigenvectors of A; Q_A ``None`` when ``identity_A``.
         eig_S, Q_S: eigenvalues (clamped ≥ 0) and eigenvectors of S.
         corrected: EK-FAC eigenvalues Λ of shape (out, cols), or ``None`` (K-FAC: σ ⊗ α).
         locations: T, the locations per point (1 for a plain Linear).
         identity_A: A is diagonal and Q_A is the identity (an Embedding; eig_A then is A's
-            diagonal in token order, not sorted), so rotating by Q_A can be skipped.
+            diagonal in token order, not sorted): neither is stored (V × V), rotating by Q_A is
+            skipped; ``activation()`` / ``activation_basis()`` form them for small layers and tests.
     """
 
     block: LayerBlock
-    A: torch.Tensor
+    A: torch.Tensor | None
     S: torch.Tensor
     eig_A: torch.Tensor = field(repr=False)
-    Q_A: torch.Tensor = field(repr=False)
+    Q_A: torch.Tensor | None = field(repr=False)
     eig_S: torch.Tensor = field(repr=False)
     Q_S: torch.Tensor = field(repr=False)
     locations: int = 1
@@ -82,13 +83,21 @@ class LayerFactors:
             return self.corrected
         return self.eig_S[:, None] * self.eig_A[None, :]
 
+    def activation(self) -> torch.Tensor:
+        """A, dense (cols, cols) — formed from eig_A when ``identity_A``."""
+        return torch.diag(self.eig_A) if self.A is None else self.A
+
+    def activation_basis(self) -> torch.Tensor:
+        """Q_A, dense (cols, cols) — the identity when ``identity_A``."""
+        return torch.eye(len(self.eig_A), dtype=self.eig_A.dtype) if self.Q_A is None else self.Q_A
+
     def kronecker(self) -> torch.Tensor:
         """S ⊗ A as a dense (size, size) matrix in vec(W̃) row-major order (small layers; tests)."""
-        return torch.kron(self.S, self.A)
+        return torch.kron(self.S, self.activation())
 
     def basis(self) -> torch.Tensor:
         """Q_S ⊗ Q_A, dense (small layers; tests)."""
-        return torch.kron(self.Q_S.contiguous(), self.Q_A.contiguous())
+        return torch.kron(self.Q_S.contiguous(), self.activation_basis().contiguous())
 
 
 @dataclass(frozen=True)
@@ -296,15 +305,15 @@ def fit_factors(
     for blk in blocks:
         S = _sym(sums.tensors["S:" + blk.name] / n)
         identity_A = blk.kind == "embedding"
-        if identity_A:  # A = diag(token counts)/n: its eigendecomposition is exact and free
+        A: torch.Tensor | None
+        QA: torch.Tensor | None
+        if identity_A:  # A = diag(token counts)/n: its eigendecomposition is exact and free, nothing V × V
             eA = sums.tensors["A:" + blk.name] / n
-            A, QA = torch.diag(eA), torch.eye(len(eA), dtype=torch.float64)
+            A, QA = None, None
         else:
             A = _sym(sums.tensors["A:" + blk.name] / n)
             eA, QA = torch.linalg.eigh(A)
         eS, QS = torch.linalg.eigh(S)
-        if identity_A:  # eigh's column-major Q_S with a row-major Q_A = I trips torch.kron (basis())
-            QS = QS.contiguous()
         factors.append(LayerFactors(blk, A, S, eA.clamp_min(0), QA, eS.clamp_min(0), QS, sums.locations[blk.name],
                                     identity_A=identity_A))
     if eigen_correction:

@@ -22,11 +22,10 @@ i.e. ∇_{Eᵀ} L(zᵢ) = Σₜ bᵢₜ ãᵢₜᵀ with ãᵢₜ = e_{xᵢₜ} 
 one-hot inputs with W = Eᵀ (d × V). Its block is laid out as Eᵀ (out_dim = d, in_dim = V) and
 ``capture`` returns one-hot ã — or, with ``token_ids=True`` (what K-FAC and structured scoring
 use), just the token ids. Rows at ``padding_idx`` get no gradient in torch, so their one-hot
-entries are set to 0 (their ids to −1). The activation factor A = (1/n) Σᵢₜ ãᵢₜãᵢₜᵀ is then diag(token counts)/n,
-diagonal but held dense (V × V), so embeddings with V > ``max_vocab`` (default
-``DEFAULT_MAX_VOCAB`` = 4096: A and its eigenbasis take 2·8·V² bytes, 256 MiB at the cap) are left
-to the caller, as are embeddings with
-``max_norm`` (the forward pass rewrites E), ``scale_grad_by_freq`` (the gradient of one point
+entries are set to 0 (their ids to −1). The activation factor A = (1/n) Σᵢₜ ãᵢₜãᵢₜᵀ is then
+diag(token counts)/n, kept as its diagonal (K-FAC counts the captured token ids), so any
+vocabulary is factored — unless ``max_vocab`` caps it (default: no cap). Left to the caller are
+embeddings with ``max_norm`` (the forward pass rewrites E), ``scale_grad_by_freq`` (the gradient of one point
 depends on the token counts of its batch) or ``sparse`` gradients. Embeddings are opt-in
 (``embeddings=True``, used by K-FAC / EK-FAC and by structured scoring, which gathers the query's
 columns at the tokens instead of multiplying by one-hots); the structured HVP, which handles
@@ -140,12 +139,12 @@ def _offsets(objective: Objective) -> dict[str, int]:
     return out
 
 
-DEFAULT_MAX_VOCAB = 4096
-"""Largest vocabulary of an ``nn.Embedding`` that ``find_layers(embeddings=True)`` factors: its
-activation factor (V × V) and eigenbasis take 2·8·V² bytes in float64 (256 MiB at V = 4096)."""
+DEFAULT_MAX_VOCAB: int | None = None
+"""Largest vocabulary of an ``nn.Embedding`` that ``find_layers(embeddings=True)`` factors by
+default: no cap (an embedding's activation factor is diagonal and kept as a vector of V counts)."""
 
 
-def _embedding_refusal(mod: nn.Embedding, mname: str, max_vocab: int) -> str | None:
+def _embedding_refusal(mod: nn.Embedding, mname: str, max_vocab: int | None) -> str | None:
     """Why an ``nn.Embedding`` cannot be factored, or ``None`` if it can."""
     what = f"Embedding '{mname}'"
     if mod.max_norm is not None:
@@ -154,9 +153,9 @@ def _embedding_refusal(mod: nn.Embedding, mname: str, max_vocab: int) -> str | N
         return f"{what} has scale_grad_by_freq=True: a point's gradient depends on the token counts of its batch"
     if mod.sparse:
         return f"{what} has sparse=True gradients"
-    if mod.num_embeddings > max_vocab:
-        return (f"{what} has a vocabulary of {mod.num_embeddings} > max_vocab={max_vocab} (its dense V × V "
-                f"activation factor would take {2 * 8 * mod.num_embeddings**2 / 2**20:.0f} MiB); raise max_vocab to factor it")
+    if max_vocab is not None and mod.num_embeddings > max_vocab:
+        return (f"{what} has a vocabulary of {mod.num_embeddings} > max_vocab={max_vocab}; raise max_vocab "
+                "(or pass None) to factor it")
     return None
 
 
@@ -213,7 +212,7 @@ def _factorisation_refusals(objective: Objective, blocks: Sequence[LayerBlock], 
 
 
 def find_layers(objective: Objective, probe: Data | None = None, *, embeddings: bool = False,
-                max_vocab: int = DEFAULT_MAX_VOCAB) -> LayerPlan:
+                max_vocab: int | None = DEFAULT_MAX_VOCAB) -> LayerPlan:
     """Split θ into factorable ``nn.Linear`` / ``nn.Conv2d`` (/ ``nn.Embedding``) layers and the
     remaining parameters.
 
@@ -225,14 +224,15 @@ def find_layers(objective: Objective, probe: Data | None = None, *, embeddings: 
             its module is not factorable). Without a probe neither is checked.
         embeddings: also factor ``nn.Embedding`` layers (kind "embedding", see the module
             docstring); off by default, so a consumer that does not handle that kind never sees it.
-        max_vocab: with ``embeddings``, the largest vocabulary factored; a larger embedding is
-            left over with a reason naming its size and this cap.
+        max_vocab: with ``embeddings``, the largest vocabulary factored (``None``: no cap); a
+            larger embedding is left over with a reason naming its size and this cap.
 
     Returns:
         A ``LayerPlan``.
     """
-    if embeddings and (not isinstance(max_vocab, int) or isinstance(max_vocab, bool) or max_vocab < 1):
-        raise InputError(f"find_layers: max_vocab must be a positive integer; got {max_vocab!r}.")
+    if embeddings and max_vocab is not None and (not isinstance(max_vocab, int) or isinstance(max_vocab, bool)
+                                                 or max_vocab < 1):
+        raise InputError(f"find_layers: max_vocab must be a positive integer or None; got {max_vocab!r}.")
     in_theta = set(objective.params)
     offsets = _offsets(objective)
     tied = _shared_weights(objective.model)

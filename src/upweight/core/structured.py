@@ -44,7 +44,6 @@ from .objective import Objective
 from .params import Params
 
 # ── structured scoring ─────────────────────────────────────────────────────────────────
-NO_VOCAB_CAP = 2**62
 
 
 def subset_per_sample_grads(objective: Objective, params: Params, names: Sequence[str], batch: Data) -> torch.Tensor:
@@ -205,8 +204,7 @@ def scoring_plan(objective: Objective, data: Data) -> tuple[LayerPlan, str | Non
     Returns the plan of ``find_layers`` and a reason string when there is no factorable layer or
     the factorisation fails the probe check.
     """
-    # scoring captures an embedding's token ids, never its V × V factor: no vocabulary cap
-    plan = find_layers(objective, data, embeddings=True, max_vocab=NO_VOCAB_CAP)
+    plan = find_layers(objective, data, embeddings=True, max_vocab=None)  # token ids: any vocabulary
     if not plan.blocks:
         reasons = "; ".join(f"{n}: {r}" for n, r in plan.reasons.items())
         return plan, f"no parameter of θ is in a factorable nn.Linear / nn.Conv2d / nn.Embedding ({reasons})"

@@ -11,8 +11,8 @@ of H that the GGN does not hold: the L2 term l2 (Koh & Liang 2017 §2: H = ∇²
 the curvature's damping δ, and the solver's own extra ``damping``. The parameters of θ in no
 factorable layer form one more block, solved by CG on the exact HVP restricted to it — never
 dropped. Cross-layer blocks of H are ignored. Factorable layers are ``nn.Linear``, ``nn.Conv2d``
-and ``nn.Embedding`` with a vocabulary of at most ``max_vocab`` (a bias-free Linear on one-hot
-token vectors, W̃ = Eᵀ; its activation factor is diagonal, Q_A = I, see ``core.layers``).
+and ``nn.Embedding`` (a bias-free Linear on one-hot token vectors, W̃ = Eᵀ; its activation factor
+is diagonal, Q_A = I, kept as V token counts — see ``core.layers``; ``max_vocab`` can cap V).
 """
 
 from __future__ import annotations
@@ -135,7 +135,7 @@ class KFAC(InverseHVPSolver):
     eigenbasis is used instead (``stats["l2_fold"]`` says which).
 
     **Parameters in no factorable layer** (LayerNorm, a bare ``nn.Parameter``, an embedding over
-    ``max_vocab`` tokens or with ``max_norm`` / ``scale_grad_by_freq`` / ``sparse``, tied weights, a
+    ``max_vocab`` tokens (when set) or with ``max_norm`` / ``scale_grad_by_freq`` / ``sparse``, tied weights, a
     shared layer, …) form one block, solved by CG on the exact HVP of H + δI restricted to it
     (``fallback_rtol``); one full-data HVP per CG iteration. ``stats["fallback_params"]`` names
     them. A model with no factorable layer in θ is refused: use ``CG`` there.
@@ -173,11 +173,11 @@ class KFAC(InverseHVPSolver):
             iteration count can change (MNIST softmax regression, n = 20,000: the factor pass
             drops from all 20,000 points to 4,096 while CG still takes 19 iterations).
         seed: seeds the subset of ``max_points``.
-        max_vocab: the largest ``nn.Embedding`` vocabulary V that is factored (default 4096,
-            ``core.layers.DEFAULT_MAX_VOCAB``): its activation factor and eigenbasis are held as
-            dense V × V float64 matrices (2·8·V² bytes, 256 MiB at 4096) and each batch's one-hot
-            inputs take b·T·V values. A larger embedding goes to the fallback block, its reason
-            naming V and the cap (``stats["fallback_reasons"]``).
+        max_vocab: the largest ``nn.Embedding`` vocabulary V that is factored, or ``None`` (the
+            default, ``core.layers.DEFAULT_MAX_VOCAB``): no cap — an embedding costs its d × V
+            block (eigenvalues, inverse) and V token counts, never a V × V matrix or one-hot
+            inputs. A larger embedding goes to the fallback block, its reason naming V and the cap
+            (``stats["fallback_reasons"]``).
 
     Raises:
         InputError: a negative or non-finite setting.
@@ -197,14 +197,15 @@ class KFAC(InverseHVPSolver):
     fallback_dense_max: int = 1024
     max_points: int | None = None
     seed: int = 0
-    max_vocab: int = DEFAULT_MAX_VOCAB
+    max_vocab: int | None = DEFAULT_MAX_VOCAB
 
     def __post_init__(self) -> None:
         owner = type(self).__name__
         if self.max_points is not None:
             check_interval(owner, "max_points", self.max_points, 1, None, closed="left", integer=True)
         check_interval(owner, "seed", self.seed, 0, None, closed="left", integer=True)
-        check_interval(owner, "max_vocab", self.max_vocab, 1, None, closed="left", integer=True)
+        if self.max_vocab is not None:
+            check_interval(owner, "max_vocab", self.max_vocab, 1, None, closed="left", integer=True)
         check_interval(owner, "damping", self.damping, 0.0, None, closed="left")
         check_interval(owner, "fallback_rtol", self.fallback_rtol, 0.0, 1.0)
         if self.fallback_maxiter is not None:
@@ -240,7 +241,9 @@ class KFAC(InverseHVPSolver):
                 denom = lam + d[0, 0]
                 folds.append("exact")
             else:
-                denom = lam + ((f.Q_A**2) * d[0][:, None]).sum(0)[None, :]  # diag of I ⊗ diag(d_A) in the eigenbasis
+                # diag of I ⊗ diag(d_A) in the eigenbasis (Q_A = I for an embedding: d_A itself)
+                d_A = d[0] if f.Q_A is None else ((f.Q_A**2) * d[0][:, None]).sum(0)
+                denom = lam + d_A[None, :]
                 folds.append("eigenbasis-diagonal")
             top = float(lam.max()) if lam.numel() else 0.0
             if float(denom.min()) <= 1e-12 * max(top, float(d.abs().max()), 1e-300):
