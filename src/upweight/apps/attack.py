@@ -36,6 +36,7 @@ tests check the result against central finite differences of actually retrained 
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -43,6 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .._executor import Executor, resolve
 from .._progress import progress as _progress
 from ..core import Data, Objective
 from ..core.grads import pert_directions
@@ -249,6 +251,40 @@ def _mean_centroid_distance(X: np.ndarray, y: np.ndarray) -> float:
     return float(np.concatenate(d).mean())
 
 
+_ATTACKERS = threading.local()
+
+
+def _attacker(setup: FeatureSetup) -> tuple[TopLayerAttack, Influence]:
+    """``TopLayerAttack`` and ``full_influence`` for ``setup``, built once per thread (a worker's
+    partitions reuse them; two threads never share the modules ``functional_call`` swaps)."""
+    cached = getattr(_ATTACKERS, "value", None)
+    if cached is None or cached[0] is not setup:
+        cached = (setup, TopLayerAttack(setup), full_influence(setup))
+        _ATTACKERS.value = cached
+    return cached[1], cached[2]
+
+
+def _attack_partition(targets: Sequence[int], setup: FeatureSetup, schedule: Sequence[tuple[int, ...]],
+                      epsilon: int, step: int, iterations: int) -> list[tuple[int, dict[str, Any], list[int] | None]]:
+    """The single-target attacks of one partition of targets — the map step of ``run_attack``. Per
+    target: (k of the successful attack or 0, its last run, the perturbed levels of a 1-image success)."""
+    atk, inf_full = _attacker(setup)
+    out = []
+    for t in targets:
+        ranking = atk.rank_training(inf_full, [int(t)])
+        k_ok, last, levels = 0, None, None
+        for ks in schedule:
+            run, lev = atk.run([int(t)], ranking[list(ks)], epsilon=epsilon, step=step, iterations=iterations)
+            last = run
+            if run.flipped[0]:
+                k_ok = len(ks)
+                levels = lev.tolist() if k_ok == 1 else None
+                break
+        assert last is not None
+        out.append((k_ok, asdict(last), levels))
+    return out
+
+
 def run_attack(
     setup: FeatureSetup,
     *,
@@ -260,6 +296,7 @@ def run_attack(
     group_size: int = 30,
     multi_k: Sequence[int] = (1, 10),
     progress: bool = True,
+    executor: Executor | None = None,
 ) -> AttackResult:
     """Run §5.2 (see the module docstring) on ``setup`` and return every number.
 
@@ -273,13 +310,16 @@ def run_attack(
         max_k: the largest number of perturbed training images tried per target (paper: 10).
         group_size: test images in the multi-target attack (paper: 30; 0 skips it).
         multi_k: numbers of training images perturbed in the multi-target attack.
+        executor: where the single-target attacks run (``None``: in this process, one after the
+            other; ``upweight.distributed.DaskExecutor``: partitions of targets on its workers —
+            each target's attack is independent, so the results are the same).
     """
     for name, v, low in (("epsilon", epsilon, 1), ("step", step, 1), ("iterations", iterations, 1), ("max_k", max_k, 1)):
         if int(v) != v or v < low:
             raise InputError(f"run_attack: {name} must be an integer ≥ {low}; got {v!r}.")
     if epsilon > 255:
         raise InputError(f"run_attack: epsilon={epsilon} levels exceeds the 8-bit range (≤ 255).")
-    atk = TopLayerAttack(setup)
+    atk, inf_full = _attacker(setup)
     task = setup.task
     scores = setup.test_scores()
     correct = np.flatnonzero(np.sign(scores) == task.y_test)
@@ -292,24 +332,20 @@ def run_attack(
         raise InputError(f"run_attack: targets must be between 1 and {len(order)} (correctly classified test "
                          f"images); got {targets}.")
     schedule = [ks for ks in SCHEDULE if max(ks) < max_k]
-    inf_full = full_influence(setup)
 
+    ex = resolve(executor)
+    size = 1 if ex.parallelism == 1 else max(1, -(-len(chosen) // (4 * ex.parallelism)))
+    parts = [chosen[i:i + size] for i in range(0, len(chosen), size)]
+    results = ex.map(_attack_partition, parts, ex.share(setup), schedule, epsilon, step, iterations)
     solved, runs = [], []
     example: dict[str, Any] = {}
-    for t in _progress(chosen, desc="attacking test images", total=len(chosen), enabled=progress):
-        ranking = atk.rank_training(inf_full, [t])
-        k_ok, last = 0, None
-        for ks in schedule:
-            run, lev = atk.run([t], ranking[list(ks)], epsilon=epsilon, step=step, iterations=iterations)
-            last = run
-            if run.flipped[0]:
-                k_ok = len(ks)
-                if not example and k_ok == 1:
-                    example = {"target": t, "train": run.train_indices, "perturbed_levels": lev.tolist(),
-                               "original_levels": atk.levels[run.train_indices].tolist(), "run": asdict(run)}
-                break
-        solved.append(k_ok)
-        runs.append(asdict(last))
+    for part, res in zip(parts, _progress(results, desc="attacking test images", total=len(parts), enabled=progress)):
+        for t, (k_ok, last, levels) in zip(part, res):
+            if not example and levels is not None:  # the first 1-image success in target order
+                example = {"target": t, "train": last["train_indices"], "perturbed_levels": levels,
+                           "original_levels": atk.levels[last["train_indices"]].tolist(), "run": last}
+            solved.append(k_ok)
+            runs.append(last)
     solved_arr = np.asarray(solved)
     ks = [k for k in (1, 2, 3, 5, 10) if k <= max_k]
     flips = {str(k): int(((solved_arr > 0) & (solved_arr <= k)).sum()) for k in ks}
@@ -324,7 +360,7 @@ def run_attack(
 
     multi: dict[str, Any] = {}
     if group_size > 0:
-        multi = _multi_target(atk, setup, correct, group_size, multi_k, epsilon, step, iterations)
+        multi = _multi_target(atk, inf_full, setup, correct, group_size, multi_k, epsilon, step, iterations)
 
     return AttackResult(
         digits=list(task.digits), n_train=len(task.y_train), n_test=len(task.y_test), n_correct=len(correct),
@@ -335,7 +371,7 @@ def run_attack(
     )
 
 
-def _multi_target(atk: TopLayerAttack, setup: FeatureSetup, correct: np.ndarray, group_size: int,
+def _multi_target(atk: TopLayerAttack, inf_full: Influence, setup: FeatureSetup, correct: np.ndarray, group_size: int,
                   multi_k: Sequence[int], epsilon: int, step: int, iterations: int) -> dict[str, Any]:
     """Paper Fig. 5: one set of perturbed training images against a group of similar test images.
 
@@ -352,7 +388,7 @@ def _multi_target(atk: TopLayerAttack, setup: FeatureSetup, correct: np.ndarray,
     Ft = setup.F_test.numpy()
     dist = np.linalg.norm(Ft[same] - Ft[anchor], axis=1)
     group = [int(v) for v in same[np.argsort(dist, kind="stable")[:group_size]]]
-    ranking = atk.rank_training(full_influence(setup), group)
+    ranking = atk.rank_training(inf_full, group)
     out: dict[str, Any] = {"group": group, "anchor": anchor, "by_k": {}}
     for k in multi_k:
         run, _ = atk.run(group, ranking[:k], epsilon=epsilon, step=step, iterations=iterations, stop_on_flip=False)

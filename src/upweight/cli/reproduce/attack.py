@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-k", type=int, default=10, help="most training images perturbed per target (paper: 10)")
     p.add_argument("--group-size", type=int, default=30,
                    help="test images in the multi-target attack (paper: 30; 0 skips it)")
+    p.add_argument("--scheduler", default=None, metavar="local|tcp://HOST:PORT",
+                   help="attack the targets in parallel on Dask: 'local' starts a LocalCluster (one worker per "
+                        "core), tcp://host:port uses a running scheduler (pip install 'upweight[dask]'); "
+                        "default: one after the other in this process")
 
 
 def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
@@ -41,8 +46,15 @@ def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     which = "all correctly classified" if args.targets is None else f"{args.targets}"
     _say(f"attacking {which} test images: ε = {args.epsilon}/255, α = {args.step}/255, ≤ {args.iterations} "
          f"iterations, k = 1, 1 (2nd), 2, 3, 5, 10 training images, exact retrain of the top layer after each step")
-    r = run_attack(setup, targets=args.targets, epsilon=args.epsilon, step=args.step, iterations=args.iterations,
-                   max_k=args.max_k, group_size=args.group_size, progress=not args.no_progress)
+    with contextlib.ExitStack() as stack:
+        executor = None
+        if args.scheduler is not None:
+            from ...distributed import DaskExecutor
+
+            executor = stack.enter_context(DaskExecutor(args.scheduler))
+            _say(f"Dask: {executor}")
+        r = run_attack(setup, targets=args.targets, epsilon=args.epsilon, step=args.step, iterations=args.iterations,
+                       max_k=args.max_k, group_size=args.group_size, progress=not args.no_progress, executor=executor)
     n = len(r.targets)
     _say("flipped (cumulative, ≤ k images): " + ", ".join(f"k={k}: {v}/{n} ({v / n:.0%})" for k, v in r.flips_by_k.items())
          + f"; every flip verified by a cold retrain: {r.verified_all}")
