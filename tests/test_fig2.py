@@ -54,7 +54,8 @@ def test_logreg_influence_matches_leave_one_out(pooled_mnist):
     panels, info = run_logreg_panels(pooled_mnist, train_size=2000, loo_k=20, lissa_depth=400, lissa_repeats=1,
                                      refit_method="newton", progress=False)
     assert info["test_misclassified"] and info["grad_norm"] < 1e-7
-    assert info["refit_grad_norm_max"] < 1e-8 and info["refit_fallbacks"] == 0
+    # Newton alone gets there in a few gradient evaluations (an L-BFGS fallback would add 40–60)
+    assert info["refit_grad_norm_max"] < 1e-8 and info["refit_evaluations_mean"] <= 8, info
     cg, lissa = panels["cg"], panels["lissa"]
     assert cg.k == 20 and cg.train_ids == lissa.train_ids and cg.actual == lissa.actual
     assert cg.pearson >= 0.95 and 0.8 <= cg.slope <= 1.25, (cg.pearson, cg.slope)
@@ -75,13 +76,14 @@ def test_newton_refit_and_hessian_agree_with_the_library(pooled_mnist):
     refitter = NewtonRefitter(obj, len(y), torch.linalg.cholesky(H))
     for i in (3, 77):
         keep = np.setdiff1d(np.arange(len(y)), [i])
-        ours = refitter(obj, data.subset(keep), obj.params)["weight"]
+        res = refitter(obj, data.subset(keep), obj.params)
+        ours = res.params["weight"]
+        assert res.grad_norm < 1e-8 and res.iterations >= 2
         w = torch.ones(len(y), dtype=torch.float64)
         w[i] = 0.0
         lbfgs = uw.refit(obj, data, weights=w, gtol=1e-10).params["weight"]
         assert float((ours - obj.params["weight"]).norm()) > 1e-4  # it moved
         assert torch.allclose(ours, lbfgs, atol=1e-8), float((ours - lbfgs).abs().max())
-    assert max(refitter.grad_norms) < 1e-8
 
 
 def test_all_conv_network_has_the_papers_2616_parameters():
@@ -90,10 +92,11 @@ def test_all_conv_network_has_the_papers_2616_parameters():
     assert net(torch.zeros(3, 784)).shape == (3, 10)
 
 
-def test_cli_cnn_panel_writes_files(tmp_path):
+def test_cli_cnn_panel_writes_files_and_resumes_its_retrainings(tmp_path, capsys):
     out = tmp_path / "fig2"
-    rc = main(["reproduce", "fig2", "--data", str(DATA), "--out", str(out), "--no-progress", "--panels", "cnn",
-               "--cnn-train-size", "150", "--cnn-loo-k", "8", "--cnn-train-steps", "100", "--cnn-retrain-steps", "20"])
+    args = ["reproduce", "fig2", "--data", str(DATA), "--out", str(out), "--no-progress", "--panels", "cnn",
+            "--cnn-train-size", "150", "--cnn-loo-k", "8", "--cnn-train-steps", "100", "--cnn-retrain-steps", "20"]
+    rc = main(args)
     assert rc == 0
     assert (out / "fig2.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     r = json.loads((out / "results.json").read_text())
@@ -106,6 +109,15 @@ def test_cli_cnn_panel_writes_files(tmp_path):
     assert cnn["pearson"] >= 0.5, cnn["pearson"]
     report = (out / "report.md").read_text()
     assert "| quantity | ours | paper |" in report and "0.86" in report
+    assert cnn["resumed"] == 0 and (out / "retrainings" / "cnn" / "manifest.json").is_file()
+
+    # the same command again: every retraining comes from OUT/retrainings, with the same numbers
+    assert main(args) == 0
+    again = json.loads((out / "results.json").read_text())["panels"]["cnn"]
+    assert again["resumed"] == 8 and again["actual"] == cnn["actual"] and again["train_ids"] == cnn["train_ids"]
+    # other retraining settings are another computation: refused, with the way out
+    rc = main([*args[:-1], "21"])
+    assert rc == 2 and "--fresh" in capsys.readouterr().err
 
 
 def test_bad_panel_name_is_an_input_error(tmp_path, capsys):

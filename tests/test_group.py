@@ -247,3 +247,18 @@ def test_bad_options_and_unfitted(fitted):
         leave_group_out(inf, (Xt[:1], yt[:1]), [[0, 1]], labels=["a", "b"], progress_bar=False)
     with pytest.raises(NotFittedError):
         uw.Influence(uw.Objective(model, "logistic", l2=l2)).group_influence((Xt[:1], yt[:1]), [[0]])
+
+
+def test_leave_group_out_on_dask_workers_and_from_a_store(fitted, group_retraining, dask_executor, tmp_path):
+    """The coherent groups' retrainings as tasks on a 2-worker LocalCluster give the in-process
+    actual changes; kept in a store, a second call reads them all back instead of retraining."""
+    inf, _, _, (X, y), (Xt, yt) = fitted
+    check, _, k, _ = group_retraining
+    coherent, _ = coherent_and_random_groups(X.numpy(), y.numpy())
+    remote = leave_group_out(inf, (Xt, yt), coherent, orders=(1,), gtol=1e-10, progress_bar=False,
+                             executor=dask_executor, store=tmp_path)
+    np.testing.assert_allclose(remote.actual, check.actual[:k], rtol=1e-9, atol=1e-14)
+    assert remote.provenance["resumed_from_store"] == 0
+    again = leave_group_out(inf, (Xt, yt), coherent, orders=(1,), gtol=1e-10, progress_bar=False, store=tmp_path)
+    assert again.provenance["resumed_from_store"] == k
+    np.testing.assert_array_equal(again.actual, remote.actual)

@@ -10,6 +10,7 @@ import torch
 import upweight as uw
 from reference import assert_not_constant
 from upweight.core.losses import logistic
+from upweight.errors import StoreMismatchError
 
 
 def refit_params(model, loss, l2, X, y, weights=None, init=None):
@@ -115,3 +116,98 @@ def test_leave_one_out_with_random_points_and_user_train_fn(small_logreg):
     np.testing.assert_array_equal(a.train_ids, b.train_ids)
     np.testing.assert_allclose(a.actual, b.actual, rtol=1e-4, atol=1e-8)  # baselines: θ̂ vs its refit
     assert a.pearson > 0.95
+
+
+# ── resumable and distributed leave-one-out ─────────────────────────────────────────────
+class _CrashAfter:
+    """Wraps ``upweight.refit``: raises KeyboardInterrupt on call number ``after + 1`` (a crash)."""
+
+    def __init__(self, real, after: int) -> None:
+        self.real, self.after, self.calls = real, after, 0
+
+    def __call__(self, *args, **kwargs):
+        if self.calls == self.after:
+            raise KeyboardInterrupt
+        self.calls += 1
+        return self.real(*args, **kwargs)
+
+
+def test_leave_one_out_resumes_from_its_store_after_a_crash(small_logreg, tmp_path, monkeypatch):
+    """A crash after 3 of 8 refits; the rerun with the same store retrains only the 5 left and gives
+    the uninterrupted run's numbers bit for bit; a different computation is refused."""
+    import upweight.loo.runner as runner
+
+    model, l2, train, (Xt, yt) = small_logreg
+    inf = uw.Influence(uw.Objective(model, "logistic", l2=l2), solver=uw.Direct(), progress=False).fit(train)
+    test = (Xt[:1], yt[:1])
+    whole = uw.leave_one_out(inf, test, k=8, progress_bar=False)
+    assert whole.pearson > 0.99  # the retrainings are real (and agree with influence)
+
+    real = runner.refit
+    monkeypatch.setattr(runner, "refit", _CrashAfter(real, after=4))  # the full refit + 3 leave-one-outs
+    with pytest.raises(KeyboardInterrupt):
+        uw.leave_one_out(inf, test, k=8, progress_bar=False, store=tmp_path / "loo")
+    counting = _CrashAfter(real, after=10**9)
+    monkeypatch.setattr(runner, "refit", counting)
+    resumed = uw.leave_one_out(inf, test, k=8, progress_bar=False, store=tmp_path / "loo")
+    assert counting.calls == 1 + 5  # the full refit (the baseline) and the 5 missing points
+    assert resumed.provenance["resumed_from_store"] == 3
+    np.testing.assert_array_equal(resumed.actual, whole.actual)
+    np.testing.assert_array_equal(resumed.train_ids, whole.train_ids)
+    assert resumed.pearson == whole.pearson and resumed.retrain_grad_norm == whole.retrain_grad_norm
+
+    again = uw.leave_one_out(inf, test, k=8, progress_bar=False, store=tmp_path / "loo")
+    assert again.provenance["resumed_from_store"] == 8 and counting.calls == 1 + 5 + 1
+    with pytest.raises(StoreMismatchError, match="gtol"):
+        uw.leave_one_out(inf, test, k=8, gtol=1e-7, progress_bar=False, store=tmp_path / "loo")
+    with pytest.raises(StoreMismatchError, match="test_data"):
+        uw.leave_one_out(inf, (Xt[1:2], yt[1:2]), k=8, progress_bar=False, store=tmp_path / "loo")
+
+
+def test_leave_one_out_store_records_a_train_fns_settings(small_logreg, tmp_path):
+    """A retraining function's plain settings are part of the fingerprint: changing one is refused."""
+    from dataclasses import dataclass
+
+    model, l2, train, (Xt, yt) = small_logreg
+    inf = uw.Influence(uw.Objective(model, "logistic", l2=l2), solver=uw.Direct(), progress=False).fit(train)
+    n = len(train[0])
+
+    @dataclass
+    class UserRefit:
+        gtol: float
+
+        def __call__(self, objective, data, init):
+            obj = uw.Objective(model, "logistic", l2=l2 * n / len(data))
+            return uw.refit(obj, data, init=init, gtol=self.gtol)  # a RefitResult: its ‖∇R‖ is recorded
+
+    a = uw.leave_one_out(inf, (Xt[:1], yt[:1]), k=4, train_fn=UserRefit(1e-11), progress_bar=False, store=tmp_path)
+    assert 0 < a.retrain_grad_norm < 1e-8 and a.provenance["retrain_iterations_mean"] >= 1  # recorded, not NaN
+    with pytest.raises(StoreMismatchError, match="retraining.gtol"):
+        uw.leave_one_out(inf, (Xt[:1], yt[:1]), k=4, train_fn=UserRefit(1e-6), progress_bar=False, store=tmp_path)
+
+
+def test_leave_one_out_on_dask_workers_equals_in_process(small_logreg, dask_executor, tmp_path):
+    """Each retraining a task on a 2-worker LocalCluster: the in-process numbers; a store half filled
+    in-process is finished on the workers."""
+    model, l2, train, (Xt, yt) = small_logreg
+    inf = uw.Influence(uw.Objective(model, "logistic", l2=l2), solver=uw.Direct(), progress=False).fit(train)
+    test = (Xt[2:3], yt[2:3])
+    local = uw.leave_one_out(inf, test, k=6, progress_bar=False)
+    remote = uw.leave_one_out(inf, test, k=6, progress_bar=False, executor=dask_executor)
+    np.testing.assert_allclose(remote.actual, local.actual, rtol=1e-10, atol=1e-15)
+    assert_not_constant(remote.actual)
+
+    uw.leave_one_out(inf, test, ids=local_ids(inf, local)[:3], progress_bar=False, store=tmp_path / "a")
+    with pytest.raises(StoreMismatchError, match="removed"):  # another set of points is another computation
+        uw.leave_one_out(inf, test, k=6, progress_bar=False, store=tmp_path / "a")
+    ids = local_ids(inf, local)
+    uw.leave_one_out(inf, test, ids=ids, progress_bar=False, store=tmp_path / "b")
+    both = uw.leave_one_out(inf, test, ids=ids, progress_bar=False, store=tmp_path / "b", executor=dask_executor)
+    assert both.provenance["resumed_from_store"] == 6
+    np.testing.assert_array_equal(both.actual, local.actual)
+
+
+def local_ids(inf, comparison):
+    """Positions in the fitted training data of a comparison's removed points."""
+    pos = {int(v): j for j, v in enumerate(inf.data_.ids.numpy())}
+    return np.array([pos[int(t)] for t in comparison.train_ids])

@@ -31,9 +31,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -41,6 +43,7 @@ import scipy.stats
 import torch
 from torch import nn
 
+from .._executor import Executor
 from .._progress import progress as _progress
 from ..core import Data, Objective
 from ..core.grads import risk_grad
@@ -48,9 +51,11 @@ from ..core.params import Params
 from ..datasets._base import SplitData
 from ..errors import InputError, NotPositiveDefiniteError
 from ..influence import Influence
-from ..loo import LOOComparison, leave_one_out, refit
+from ..loo import LOOComparison, RefitResult, leave_one_out, refit
+from ..loo.compare import StoreLike
 from ..solvers import CG, LiSSA
 from ..solvers.spectrum import estimate_spectrum
+from ..store import Store
 
 PANELS = ("cg", "lissa", "cnn")
 PAPER: dict[str, Any] = {
@@ -89,6 +94,7 @@ class Fig2Panel:
     intercept: float
     seconds: float
     details: dict[str, Any] = field(default_factory=dict)
+    resumed: int = 0  # retrainings read from a store kept by an earlier, interrupted run
 
     @classmethod
     def from_comparison(cls, name: str, solver: str, cmp: LOOComparison, seconds: float, **details: Any) -> Fig2Panel:
@@ -96,7 +102,7 @@ class Fig2Panel:
             name=name, solver=solver, k=len(cmp.train_ids), train_ids=[int(i) for i in cmp.train_ids],
             predicted=[float(v) for v in cmp.predicted], actual=[float(v) for v in cmp.actual],
             pearson=cmp.pearson, spearman=cmp.spearman, slope=cmp.slope, intercept=cmp.intercept,
-            seconds=seconds, details=details,
+            seconds=seconds, details=details, resumed=int(cmp.provenance.get("resumed_from_store", 0)),
         )
 
 
@@ -169,7 +175,8 @@ class NewtonRefitter:
     Minimises R₋z(θ) = (1/n) Σ_{j≠z} L(z_j, θ) + (l2/2)‖θ‖² (the same n, as ``upweight.refit``):
     θ ← θ − t·H⁻¹∇R₋z(θ), t halved until ‖∇R₋z‖ falls, H the Hessian at θ̂ (``chol`` its factor).
     Stops at ‖∇R₋z‖∞ ≤ gtol; after ``maxiter`` steps it hands over to ``upweight.refit``.
-    Usable as ``leave_one_out(..., train_fn=refitter)``.
+    Returns a ``RefitResult`` (iterations = gradient evaluations, the fallback's included). Usable
+    as ``leave_one_out(..., train_fn=refitter)``.
     """
 
     objective: Objective
@@ -178,16 +185,13 @@ class NewtonRefitter:
     gtol: float = 1e-9
     maxiter: int = 12
     batch_size: int = 4096
-    grad_norms: list[float] = field(default_factory=list)
-    evaluations: list[int] = field(default_factory=list)
-    fallbacks: int = 0
 
     def _grad(self, theta: torch.Tensor, data: Data) -> torch.Tensor:
         space = self.objective.space
         w = torch.full((len(data),), len(data) / self.n, dtype=torch.float64)
         return risk_grad(self.objective, space.unflatten(theta), data, self.batch_size, w)
 
-    def __call__(self, objective: Objective, data: Data, init: Params) -> Params:
+    def __call__(self, objective: Objective, data: Data, init: Params) -> RefitResult:
         space = self.objective.space
         data = data.to(torch.float64)
         theta = space.flatten({k: init[k].to(torch.float64) for k in space.names})
@@ -209,13 +213,10 @@ class NewtonRefitter:
                 break
             theta, g = cand, g_new
         if float(g.abs().max()) > self.gtol:  # not there: the library's L-BFGS finishes the job
-            self.fallbacks += 1
             res = refit(objective, data, init=space.unflatten(theta), gtol=self.gtol,
                         weights=torch.full((len(data),), len(data) / self.n, dtype=torch.float64))
-            theta, g = space.flatten(res.params), torch.tensor([res.grad_norm])
-        self.grad_norms.append(float(g.norm()))
-        self.evaluations.append(evals)
-        return space.unflatten(theta)
+            theta, g, evals = space.flatten(res.params), torch.tensor([res.grad_norm]), evals + res.iterations
+        return RefitResult(space.unflatten(theta), float(g.norm()), evals)
 
 
 def pick_misclassified(predict: Callable[[torch.Tensor], torch.Tensor], X: torch.Tensor, y: torch.Tensor,
@@ -248,8 +249,13 @@ def run_logreg_panels(
     refit_method: str = "auto",
     seed: int = 0,
     progress: bool = True,
+    store: StoreLike = None,
+    executor: Executor | None = None,
 ) -> tuple[dict[str, Fig2Panel], dict[str, Any]]:
-    """Fig. 2 left (CG) and middle (LiSSA) on 10-class MNIST logistic regression."""
+    """Fig. 2 left (CG) and middle (LiSSA) on 10-class MNIST logistic regression.
+
+    ``store`` keeps each leave-one-out refit as it finishes (a rerun resumes); ``executor`` runs
+    the refits on Dask workers (see ``leave_one_out``)."""
     X = torch.tensor(data.x_train, dtype=torch.float64)
     y = torch.tensor(data.y_train, dtype=torch.int64)
     if train_size is not None:
@@ -294,15 +300,13 @@ def run_logreg_panels(
         train_fn = NewtonRefitter(obj, n, chol)
         info["hessian_seconds"] = time.perf_counter() - t1
     t1 = time.perf_counter()
-    cmp_cg = leave_one_out(inf_cg, test, ids=top, scores=scores_cg, train_fn=train_fn, progress_bar=progress)
+    cmp_cg = leave_one_out(inf_cg, test, ids=top, scores=scores_cg, train_fn=train_fn, progress_bar=progress,
+                           store=store, executor=executor)
     refit_seconds = time.perf_counter() - t1
     if train_fn is not None:
-        grad_norm = max(train_fn.grad_norms)
-        info.update(refit_evaluations_mean=float(np.mean(train_fn.evaluations)), refit_fallbacks=train_fn.fallbacks)
-    else:
-        grad_norm = cmp_cg.retrain_grad_norm
+        info["refit_evaluations_mean"] = cmp_cg.provenance["retrain_iterations_mean"]
     info.update(refit_method=method, refit_seconds=refit_seconds, refit_seconds_per_point=refit_seconds / len(top),
-                refit_grad_norm_max=grad_norm)
+                refit_grad_norm_max=cmp_cg.retrain_grad_norm)
     out: dict[str, Fig2Panel] = {}
     if "cg" in panels:
         out["cg"] = Fig2Panel.from_comparison("cg", "CG (rtol 1e-8)", cmp_cg, info["cg_seconds"] + refit_seconds)
@@ -428,8 +432,13 @@ def run_cnn_panel(
     test_index: int | None = None,
     seed: int = 0,
     progress: bool = True,
+    store: StoreLike = None,
+    executor: Executor | None = None,
 ) -> tuple[Fig2Panel, dict[str, Any]]:
-    """Fig. 2 right: the non-convex, non-converged CNN with damping (§4.2)."""
+    """Fig. 2 right: the non-convex, non-converged CNN with damping (§4.2).
+
+    ``store`` keeps each retraining as it finishes (a rerun resumes); ``executor`` runs them on
+    Dask workers (see ``leave_one_out``)."""
     X = torch.tensor(data.x_train, dtype=torch.float32).reshape(len(data.x_train), -1)
     y = torch.tensor(data.y_train, dtype=torch.int64)
     if train_size is not None:
@@ -484,7 +493,8 @@ def run_cnn_panel(
             return float(obj.measurements(params, *test).sum())
 
     f_tilde, f_kept = loss_at(theta), loss_at(kept)
-    cmp = leave_one_out(inf, test, ids=top, scores=scores, train_fn=retrainer, progress_bar=progress)
+    cmp = leave_one_out(inf, test, ids=top, scores=scores, train_fn=retrainer, progress_bar=progress,
+                        store=store, executor=executor)
     actual = np.asarray(cmp.actual) - (f_kept - f_tilde)  # f(θ₋z) − f(θ_kept)
     vs_theta = agreement(cmp.predicted, cmp.actual)        # the release code's f(θ₋z) − f(θ̃)
     cmp = dataclasses.replace(cmp, actual=actual, **agreement(cmp.predicted, actual))
@@ -505,6 +515,10 @@ def run_cnn_panel(
     panel = Fig2Panel.from_comparison("cnn", f"CG, damping {used:g}", cmp, train_seconds + influence_seconds + retrain_seconds,
                                       damping=used)
     return panel, info
+
+
+def _panel_store(store: str | os.PathLike[str] | None, panel: str, fresh: bool) -> Store | None:
+    return None if store is None else Store(Path(store) / panel, overwrite=fresh)
 
 
 def run_fig2(
@@ -529,9 +543,16 @@ def run_fig2(
     cnn_test_index: int | None = None,
     seed: int = 0,
     progress: bool = True,
+    store: str | os.PathLike[str] | None = None,
+    fresh: bool = False,
+    executor: Executor | None = None,
 ) -> Fig2Result:
     """All requested panels of Fig. 2. ``mnist``: ``load_mnist(path)``; ``mnist_small``:
-    ``load_mnist(path, subset="small10pct")`` (either may be None if its panels are not requested)."""
+    ``load_mnist(path, subset="small10pct")`` (either may be None if its panels are not requested).
+
+    ``store``: a folder that keeps every leave-one-out retraining as it finishes, ``<store>/logreg``
+    and ``<store>/cnn``; a rerun resumes them (``fresh=True`` discards them first). ``executor``:
+    where the retrainings run (``upweight.distributed.DaskExecutor``: on its workers)."""
     panels = tuple(panels)
     bad = [p for p in panels if p not in PANELS]
     if bad or not panels:
@@ -545,7 +566,7 @@ def run_fig2(
         res, logreg = run_logreg_panels(
             mnist, panels=panels, loo_k=loo_k, train_size=train_size, test_index=test_index, lissa_depth=lissa_depth,
             lissa_repeats=lissa_repeats, lissa_batch_size=lissa_batch_size, refit_method=refit_method, seed=seed,
-            progress=progress)
+            progress=progress, store=_panel_store(store, "logreg", fresh), executor=executor)
         out.update(res)
     if "cnn" in panels:
         if mnist_small is None:
@@ -553,7 +574,8 @@ def run_fig2(
         out["cnn"], cnn = run_cnn_panel(
             mnist_small, loo_k=cnn_loo_k, train_size=cnn_train_size, damping=cnn_damping, train_steps=cnn_train_steps,
             train_lr=cnn_train_lr, retrain_steps=cnn_retrain_steps, retrain_lr=cnn_retrain_lr,
-            test_index=cnn_test_index, seed=seed, progress=progress)
+            test_index=cnn_test_index, seed=seed, progress=progress, store=_panel_store(store, "cnn", fresh),
+            executor=executor)
     settings = {
         "panels": list(panels), "loo_k": loo_k, "train_size": train_size, "test_index": test_index,
         "lissa_depth": lissa_depth, "lissa_repeats": lissa_repeats, "lissa_batch_size": lissa_batch_size,

@@ -27,6 +27,7 @@ import torch
 
 from .. import errors
 from .._version import __version__
+from ._scheduler import open_executor
 
 # ── data ──────────────────────────────────────────────────────────────────────────────
 
@@ -195,11 +196,13 @@ def build_parser() -> argparse.ArgumentParser:
                          "the ranked training images, the leave-one-out scatter and the solver diagnostics")
     ex.add_argument("--no-progress", action="store_true", help="no progress bars")
     ex.add_argument("--store", default=None, metavar="DIR",
-                    help="keep s_test and the scores chunk by chunk in DIR; rerunning resumes from it "
-                         "(a DIR written for other data or settings is refused)")
+                    help="keep s_test, the scores chunk by chunk and each leave-one-out retraining (in "
+                         "DIR/leave_one_out) as they finish; rerunning resumes from them (a DIR written for other "
+                         "data or settings is refused)")
     ex.add_argument("--scheduler", default=None, metavar="local|tcp://HOST:PORT",
-                    help="run the passes over the training data on Dask: 'local' starts a LocalCluster, "
-                         "tcp://host:port uses a running scheduler (pip install 'upweight[dask]'); default: in-process")
+                    help="run the passes over the training data and the leave-one-out retrainings on Dask: "
+                         "'local' starts a LocalCluster, tcp://host:port uses a running scheduler "
+                         "(pip install 'upweight[dask]'); default: in-process")
     acc = ex.add_argument_group("solver settings")
     acc.add_argument("--cg-rtol", type=_pos_float, default=1e-8, help="CG relative tolerance")
     acc.add_argument("--lissa-depth", type=_int_at_least(1), default=1000, help="LiSSA recursion depth t")
@@ -265,6 +268,11 @@ def _solver_text(solver: Any) -> str:
 
 
 def _explain(args: argparse.Namespace) -> int:
+    with contextlib.ExitStack() as stack:  # holds the Dask cluster of --scheduler until the end
+        return _explain_in(args, stack)
+
+
+def _explain_in(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
     import upweight as uw
 
     t_start = time.perf_counter()
@@ -324,19 +332,13 @@ def _explain(args: argparse.Namespace) -> int:
     # Influence of every training point on this test point's loss.
     solver = _make_solver(args)
     bound_kw = {} if args.max_residual is None else {"max_residual": args.max_residual}
-    with contextlib.ExitStack() as stack:
-        executor = None
-        if args.scheduler is not None:
-            from ..distributed import DaskExecutor
-
-            executor = stack.enter_context(DaskExecutor(args.scheduler))
-            _say(f"Dask: {executor}")
-        inf = uw.Influence(
-            objective, solver=solver, damping=args.damping, on_inaccurate=args.on_inaccurate,
-            progress=not args.no_progress, **bound_kw,
-        ).fit((X, y), executor=executor)
-        test_point = (Xt[i : i + 1], yt[i : i + 1])
-        scores = inf.up_loss(test_point, store=args.store)
+    executor = open_executor(stack, args.scheduler, _say)
+    inf = uw.Influence(
+        objective, solver=solver, damping=args.damping, on_inaccurate=args.on_inaccurate,
+        progress=not args.no_progress, **bound_kw,
+    ).fit((X, y), executor=executor)
+    test_point = (Xt[i : i + 1], yt[i : i + 1])
+    scores = inf.up_loss(test_point, store=args.store)
     up = scores.values[0]
     removal = scores.as_removal_effect().values[0]
     prov = scores.provenance
@@ -373,7 +375,10 @@ def _explain(args: argparse.Namespace) -> int:
     if args.loo_k > 0:
         _say()
         _say(f"leave-one-out retraining on the {min(args.loo_k, n)} most influential points …")
-        comparison = uw.leave_one_out(inf, test_point, k=args.loo_k, scores=scores, progress_bar=not args.no_progress)
+        comparison = uw.leave_one_out(
+            inf, test_point, k=args.loo_k, scores=scores, progress_bar=not args.no_progress, executor=executor,
+            store=None if args.store is None else Path(args.store) / "leave_one_out",
+        )
         _say(f"  Pearson {comparison.pearson:.4f}   Spearman {comparison.spearman:.4f}   "
              f"slope {comparison.slope:.4f}   (intercept {comparison.intercept:+.2e})")
         _say(f"  largest ‖∇R‖ after a refit {comparison.retrain_grad_norm:.1e}, {comparison.seconds:.2f} s")

@@ -9,19 +9,27 @@ from typing import Any, Literal
 
 import numpy as np
 import scipy.stats
-import torch
 
 from .._checks import check_choice, check_interval
-from .._progress import progress
+from .._executor import Executor
 from ..core.data import Data
 from ..core.objective import Objective
 from ..core.params import Params
 from ..errors import InputError
 from ..influence.engine import Influence
 from ..influence.results import InfluenceScores
-from .retrain import refit
+from .retrain import RefitResult
+from .runner import (
+    RetrainContext,
+    StoreLike,
+    baseline,
+    bind_store,
+    describe_train_fn,
+    measure_sum,
+    run_retrainings,
+)
 
-TrainFn = Callable[[Objective, Data, Params], Params]
+TrainFn = Callable[[Objective, Data, Params], Params | RefitResult]
 
 
 @dataclass(frozen=True)
@@ -69,6 +77,8 @@ def leave_one_out(
     seed: int = 0,
     scores: InfluenceScores | None = None,
     progress_bar: bool = True,
+    store: StoreLike = None,
+    executor: Executor | None = None,
 ) -> LOOComparison:
     """Retrain without each chosen training point and compare with the influence prediction.
 
@@ -78,11 +88,21 @@ def leave_one_out(
         k: how many training points to remove, one at a time.
         select: "top" — the k largest |I_up,loss| (the paper's Fig. 2) — or "random".
         ids: explicit positions in the training data instead of ``select``/``k``.
-        train_fn: ``train_fn(objective, data_without_z, init_params) -> params`` for models
-            where warm-started L-BFGS does not find the minimum (non-convex); by default the
+        train_fn: ``train_fn(objective, data_without_z, init_params)`` returning the retrained
+            params (or a ``RefitResult``, whose ‖∇R‖ and iteration count are then recorded) for
+            models where warm-started L-BFGS does not find the minimum (non-convex); by default the
             convex refit of ``upweight.loo.retrain.refit`` to ‖∇R‖∞ ≤ gtol, in float64.
         seed: for ``select="random"``.
         scores: ``influence.up_loss(test)`` if already computed (saves one solve).
+        store: a folder (or ``Store``) that keeps every finished retraining as it completes: an
+            interrupted run, called again with the same store, retrains only the points still
+            missing and returns the same comparison. The store records what the retrainings depend
+            on (θ̂, objective, data, test points, the removed points, ``gtol`` and ``train_fn`` —
+            its class and plain settings, or its ``config()`` if it has one) and refuses another
+            computation (``StoreMismatchError``).
+        executor: where the retrainings run — ``None`` in this process one after the other,
+            ``upweight.distributed.DaskExecutor`` one task per removed point on its workers (the
+            retrainings are independent, so the results are the same).
 
     Returns:
         ``LOOComparison`` with Pearson, Spearman and slope.
@@ -111,36 +131,20 @@ def leave_one_out(
         chosen = np.random.default_rng(seed).choice(n, size=min(k, n), replace=False)
     if chosen.size == 0:
         raise InputError("leave_one_out needs at least one training point to remove.")
+    if chosen.min() < 0 or chosen.max() >= n:
+        raise InputError(f"leave_one_out: ids must be positions 0 … {n - 1} of the training data; got {chosen.min()} … {chosen.max()}.")
     predicted = -total[chosen] / n
 
     obj = influence.objective
-    dtype = torch.float64 if train_fn is None else obj.dtype
-
-    def measure(params: Params) -> float:
-        with torch.no_grad():
-            X = test_data.X.to(dtype) if test_data.X.is_floating_point() else test_data.X
-            y = test_data.y.to(dtype) if test_data.y.is_floating_point() else test_data.y
-            return float(obj.measurements(params, X, y).sum())
-
-    grad_norms = []
-    if train_fn is None:
-        full = refit(obj, data, gtol=gtol)
-        base_params, grad_norms = full.params, [full.grad_norm]
-    else:
-        base_params = {k_: v.to(dtype) for k_, v in obj.params.items()}
-    base = measure(base_params)
-    actual = np.empty(len(chosen))
-    for j, pos in enumerate(progress(chosen, desc="leave-one-out retraining", total=len(chosen), enabled=progress_bar)):
-        if train_fn is None:
-            w = torch.ones(n, dtype=torch.float64)
-            w[int(pos)] = 0.0
-            res = refit(obj, data, weights=w, init=base_params, gtol=gtol)
-            grad_norms.append(res.grad_norm)
-            params = res.params
-        else:
-            keep = np.setdiff1d(np.arange(n), [int(pos)])
-            params = train_fn(obj, data.subset(keep), base_params)
-        actual[j] = measure(params) - base
+    base_params, base_grad_norm = baseline(obj, data, train_fn, gtol)
+    removed = [chosen[j : j + 1] for j in range(len(chosen))]
+    ctx = RetrainContext(obj, data, test_data, base_params, measure_sum(obj, test_data, base_params), removed, train_fn, gtol)
+    st = bind_store(store, influence, "leave_one_out", removed, test_data, describe_train_fn(train_fn, gtol))
+    rows, resumed = run_retrainings(ctx, store=st, executor=executor, desc="leave-one-out retraining",
+                                    progress_bar=progress_bar)
+    actual = rows[:, 0]
+    grad_norms = [g for g in [base_grad_norm, *rows[:, 1]] if np.isfinite(g)]
+    iters = rows[:, 2][np.isfinite(rows[:, 2])]
 
     return LOOComparison(
         train_ids=data.ids.numpy()[chosen],
@@ -149,7 +153,11 @@ def leave_one_out(
         test_ids=test_data.ids.numpy(),
         retrain_grad_norm=float(max(grad_norms)) if grad_norms else float("nan"),
         seconds=time.perf_counter() - t0,
-        provenance={"select": select, "k": int(len(chosen)), "influence": scores.provenance},
+        provenance={
+            "select": select, "k": int(len(chosen)), "influence": scores.provenance,
+            "retrain_iterations_mean": float(iters.mean()) if iters.size else float("nan"),
+            "resumed_from_store": resumed,
+        },
         **_agreement(predicted, actual),
     )
 

@@ -18,17 +18,23 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
 
 from .._checks import check_interval, check_is_fitted
-from .._progress import progress
+from .._executor import Executor
 from ..core.data import Data
-from ..core.params import Params
 from ..errors import InputError
 from ..influence.engine import Influence
 from ..influence.group import normalize_groups
 from .compare import _agreement
-from .retrain import refit
+from .runner import (
+    RetrainContext,
+    StoreLike,
+    baseline,
+    bind_store,
+    describe_train_fn,
+    measure_sum,
+    run_retrainings,
+)
 
 
 @dataclass(frozen=True)
@@ -106,6 +112,8 @@ def leave_group_out(
     gtol: float = 1e-9,
     newton: bool = False,
     progress_bar: bool = True,
+    store: StoreLike = None,
+    executor: Executor | None = None,
 ) -> GroupLOOComparison:
     """Retrain without each group and compare with the first- and second-order group influence.
 
@@ -120,6 +128,10 @@ def leave_group_out(
         gtol: refit tolerance max |∂R_w/∂θ| (float64 L-BFGS, as ``leave_one_out``).
         newton: polish each refit with Newton steps (see ``refit``).
         progress_bar: show a bar over the retrainings.
+        store: a folder (or ``Store``) keeping every finished retraining; a rerun after an
+            interruption retrains only the missing groups (see ``leave_one_out``).
+        executor: where the retrainings run (``upweight.distributed.DaskExecutor``: one task per
+            group on its workers; the same results).
 
     Returns:
         ``GroupLOOComparison`` with, per order, the predictions, Pearson, Spearman, slope and
@@ -152,24 +164,14 @@ def leave_group_out(
         provs[o] = gi.provenance
 
     obj = influence.objective
-    dtype = torch.float64
-
-    def measure(params: Params) -> float:
-        with torch.no_grad():
-            X = test_data.X.to(dtype) if test_data.X.is_floating_point() else test_data.X
-            y = test_data.y.to(dtype) if test_data.y.is_floating_point() else test_data.y
-            return float(obj.measurements(params, X, y).sum())
-
-    full = refit(obj, data, gtol=gtol, newton=newton)
-    base_params, grad_norms = full.params, [full.grad_norm]
-    base = measure(base_params)
-    actual = np.empty(len(positions))
-    for j, pos in enumerate(progress(positions, desc="leave-group-out retraining", total=len(positions), enabled=progress_bar)):
-        w = torch.ones(n, dtype=dtype)
-        w[torch.as_tensor(pos)] = 0.0
-        res = refit(obj, data, weights=w, init=base_params, gtol=gtol, newton=newton)
-        grad_norms.append(res.grad_norm)
-        actual[j] = measure(res.params) - base
+    base_params, base_grad_norm = baseline(obj, data, None, gtol, newton)
+    ctx = RetrainContext(obj, data, test_data, base_params, measure_sum(obj, test_data, base_params),
+                         [np.asarray(p, dtype=np.int64) for p in positions], gtol=gtol, newton=newton)
+    st = bind_store(store, influence, "leave_group_out", ctx.removed, test_data, describe_train_fn(None, gtol, newton))
+    rows, resumed = run_retrainings(ctx, store=st, executor=executor, desc="leave-group-out retraining",
+                                    progress_bar=progress_bar)
+    actual = rows[:, 0]
+    grad_norms = [base_grad_norm, *rows[:, 1]]
 
     stats = {o: {**_agreement(predicted[o], actual), "mae": float(np.abs(predicted[o] - actual).mean())} for o in orders}
     return GroupLOOComparison(
@@ -185,5 +187,5 @@ def leave_group_out(
         test_ids=test_data.ids.numpy(),
         retrain_grad_norm=float(max(grad_norms)),
         seconds=time.perf_counter() - t0,
-        provenance={"orders": list(orders), "n_groups": len(positions), "influence": provs},
+        provenance={"orders": list(orders), "n_groups": len(positions), "influence": provs, "resumed_from_store": resumed},
     )

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from ... import errors
+from .._scheduler import open_executor
 from ._common import markdown_table
 from ._common import say as _say
 from .compare_models import add_feature_arguments, build_setup
@@ -47,12 +48,7 @@ def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     _say(f"attacking {which} test images: ε = {args.epsilon}/255, α = {args.step}/255, ≤ {args.iterations} "
          f"iterations, k = 1, 1 (2nd), 2, 3, 5, 10 training images, exact retrain of the top layer after each step")
     with contextlib.ExitStack() as stack:
-        executor = None
-        if args.scheduler is not None:
-            from ...distributed import DaskExecutor
-
-            executor = stack.enter_context(DaskExecutor(args.scheduler))
-            _say(f"Dask: {executor}")
+        executor = open_executor(stack, args.scheduler, _say)
         r = run_attack(setup, targets=args.targets, epsilon=args.epsilon, step=args.step, iterations=args.iterations,
                        max_k=args.max_k, group_size=args.group_size, progress=not args.no_progress, executor=executor)
     n = len(r.targets)

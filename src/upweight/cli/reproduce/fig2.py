@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
 
 from ... import errors
+from .._scheduler import open_executor
 from ._common import markdown_table
 from ._common import say as _say
 
@@ -40,6 +42,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cnn-damping", type=float, default=0.01, help="damping δ of H + δI (paper: 0.01)")
     p.add_argument("--cnn-test-index", type=int, default=None, help="test point for the CNN (default: first misclassified)")
     p.add_argument("--seed", type=int, default=0, help="seeds subsampling, LiSSA and the CNN's initialisation and batches")
+    p.add_argument("--scheduler", default=None, metavar="local|tcp://HOST:PORT",
+                   help="run the leave-one-out retrainings in parallel on Dask: 'local' starts a LocalCluster "
+                        "(one worker per core), tcp://host:port uses a running scheduler "
+                        "(pip install 'upweight[dask]'); default: one after the other in this process")
+    p.add_argument("--fresh", action="store_true",
+                   help="discard the retrainings kept in OUT/retrainings by an earlier run of this command "
+                        "(by default a rerun resumes them and retrains only the points still missing)")
     p.add_argument("--merge", default=None, metavar="DIR",
                    help="take the panels this run does not compute from DIR/results.json (an earlier fig2 run)")
 
@@ -69,13 +78,26 @@ def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     mnist = load_mnist(args.data) if logreg else None
     small = load_mnist(args.data, subset="small10pct") if "cnn" in panels else None
     _say(f"upweight reproduce fig2 — Koh & Liang (2017) Fig. 2, panels {', '.join(panels)}")
-    r = run_fig2(
-        mnist, small, panels=panels, loo_k=args.loo_k, train_size=args.train_size, test_index=args.test_index,
-        lissa_depth=args.lissa_depth, lissa_repeats=args.lissa_repeats, lissa_batch_size=args.lissa_batch_size,
-        refit_method=args.refit, cnn_loo_k=args.cnn_loo_k, cnn_train_size=args.cnn_train_size,
-        cnn_train_steps=args.cnn_train_steps, cnn_retrain_steps=args.cnn_retrain_steps, cnn_retrain_lr=args.cnn_retrain_lr,
-        cnn_damping=args.cnn_damping, cnn_test_index=args.cnn_test_index, seed=args.seed, progress=not args.no_progress,
-    )
+    with contextlib.ExitStack() as stack:
+        executor = open_executor(stack, args.scheduler, _say)
+        try:
+            r = run_fig2(
+                mnist, small, panels=panels, loo_k=args.loo_k, train_size=args.train_size, test_index=args.test_index,
+                lissa_depth=args.lissa_depth, lissa_repeats=args.lissa_repeats, lissa_batch_size=args.lissa_batch_size,
+                refit_method=args.refit, cnn_loo_k=args.cnn_loo_k, cnn_train_size=args.cnn_train_size,
+                cnn_train_steps=args.cnn_train_steps, cnn_retrain_steps=args.cnn_retrain_steps,
+                cnn_retrain_lr=args.cnn_retrain_lr, cnn_damping=args.cnn_damping, cnn_test_index=args.cnn_test_index,
+                seed=args.seed, progress=not args.no_progress, store=out / "retrainings", fresh=args.fresh,
+                executor=executor,
+            )
+        except errors.StoreMismatchError as exc:
+            raise errors.StoreMismatchError(
+                f"{exc} For this command: rerun with --fresh to discard the retrainings kept in "
+                f"{out / 'retrainings'}, or pass another --out."
+            ) from exc
+    for name in ("cg", "lissa", "cnn"):
+        if name in r.panels and r.panels[name].resumed:
+            _say(f"{name}: {r.panels[name].resumed} of {r.panels[name].k} retrainings resumed from {out / 'retrainings'}")
     res = r.to_json()
     merged: dict[str, Any] = {}
     if merge is not None:  # read at the end, so that a run in parallel may finish meanwhile
