@@ -27,6 +27,7 @@ import torch
 import upweight as uw
 from upweight.apps.fig2 import (
     AllConvTanh,
+    MinibatchAdamRetrainer,
     NewtonRefitter,
     fit_logreg,
     multinomial_hessian,
@@ -115,11 +116,78 @@ def test_cli_cnn_panel_writes_files_and_resumes_its_retrainings(tmp_path, capsys
     assert main(args) == 0
     again = json.loads((out / "results.json").read_text())["panels"]["cnn"]
     assert again["resumed"] == 8 and again["actual"] == cnn["actual"] and again["train_ids"] == cnn["train_ids"]
-    # other retraining settings are another computation: refused, with the way out
-    rc = main([*args[:-1], "21"])
-    assert rc == 2 and "--fresh" in capsys.readouterr().err
+    # another retraining (the release code's minibatch Adam) is another computation: refused, with the way out
+    rc = main([*args, "--cnn-retrain", "adam"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--fresh" in err and "MinibatchAdamRetrainer" in err
 
 
 def test_bad_panel_name_is_an_input_error(tmp_path, capsys):
     rc = main(["reproduce", "fig2", "--data", str(DATA), "--out", str(tmp_path), "--panels", "cg,svm"])
     assert rc == 2 and "--panels: unknown svm" in capsys.readouterr().err
+
+
+def _adam_warm_start(X, y, l2):
+    """A linear softmax model after 200 full-batch Adam steps, and the optimiser's state."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(X.shape[1], 10)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(200):
+        loss = torch.nn.functional.cross_entropy(model(X), y) + 0.5 * l2 * (model.weight**2).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model, opt.state_dict()
+
+
+def test_minibatch_adam_retraining_moves_theta_as_the_exact_leave_one_out(pooled_mnist):
+    """The release code's retraining (Adam resumed from its state, fixed steps) on a convex model,
+    full batches: removing z changes θ as the exact float64 leave-one-out minimiser does —
+    θ₋z − θ_kept against argmin R₋z − argmin R: cosine > 0.99, norms within 5%."""
+    n, l2, z = 200, 0.01, 7
+    X = torch.tensor(pooled_mnist.x_train[:n], dtype=torch.float32)
+    y = torch.tensor(pooled_mnist.y_train[:n])
+    model, state = _adam_warm_start(X, y, l2)
+    obj = uw.Objective(model, "cross_entropy", l2=l2, l2_exclude=["bias"])
+    data = uw.Data.from_any((X, y))
+    init = {k: v.detach().clone() for k, v in model.named_parameters()}
+    retrain = MinibatchAdamRetrainer(model, state, np.arange(n), l2, steps=1500, lr=1e-3, batch_size=n)
+    kept = retrain(obj, data, init)
+    removed = retrain(obj, data.subset(np.setdiff1d(np.arange(n), [z])), init)
+    assert all(torch.equal(p, init[k]) for k, p in model.named_parameters())  # θ̃ put back
+
+    def flat(p):
+        return torch.cat([p["weight"].reshape(-1), p["bias"]]).double()
+
+    obj64 = uw.Objective(torch.nn.Linear(X.shape[1], 10).double(), "cross_entropy", l2=l2, l2_exclude=["bias"])
+    d64 = uw.Data.from_any((X.double(), y))
+    full = uw.refit(obj64, d64, gtol=1e-12).params
+    w = torch.ones(n, dtype=torch.float64)
+    w[z] = 0.0
+    loo = uw.refit(obj64, d64, weights=w, init=full, gtol=1e-12).params
+    moved, exact = flat(removed) - flat(kept), flat(loo) - flat(full)
+    assert float(exact.norm()) > 1e-3  # a real change
+    assert float(moved @ exact / (moved.norm() * exact.norm())) > 0.99
+    assert abs(float(moved.norm() / exact.norm()) - 1) < 0.05
+
+
+def test_minibatch_adam_retraining_shares_its_batches_between_runs(pooled_mnist):
+    """Minibatches of 5 from 50 points for 4 steps: a run without a point that no batch drew is
+    the kept run bit for bit; without a point that was drawn, it differs."""
+    n, l2, b, steps = 50, 0.01, 5, 4
+    X = torch.tensor(pooled_mnist.x_train[:n], dtype=torch.float32)
+    y = torch.tensor(pooled_mnist.y_train[:n])
+    model, state = _adam_warm_start(X, y, l2)
+    obj = uw.Objective(model, "cross_entropy", l2=l2, l2_exclude=["bias"])
+    data = uw.Data.from_any((X, y))
+    init = {k: v.detach().clone() for k, v in model.named_parameters()}
+    retrain = MinibatchAdamRetrainer(model, state, np.arange(n), l2, steps=steps, lr=1e-3, batch_size=b, seed=3)
+    gen = torch.Generator().manual_seed(3)
+    drawn = set(torch.cat([torch.randint(n, (b,), generator=gen) for _ in range(steps)]).tolist())
+    never = min(set(range(n)) - drawn)
+    kept = retrain(obj, data, init)
+    same = retrain(obj, data.subset(np.setdiff1d(np.arange(n), [never])), init)
+    other = retrain(obj, data.subset(np.setdiff1d(np.arange(n), [min(drawn)])), init)
+    assert all(torch.equal(same[k], kept[k]) for k in kept)
+    assert not torch.equal(other["weight"], kept["weight"])
+    assert not torch.equal(kept["weight"], init["weight"])  # it trained

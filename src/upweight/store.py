@@ -82,8 +82,11 @@ def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def _short(v: Any) -> str:
+    """``repr(v)`` for a message: checksums cut to their first 12 digits, anything else to 100 characters."""
     s = repr(v)
-    return s if len(s) <= 40 else s[:16] + "…" + s[-8:]
+    if isinstance(v, str) and len(v) > 16 and all(c in "0123456789abcdef" for c in v):
+        return repr(v[:12] + "…")
+    return s if len(s) <= 100 else s[:60] + "…" + s[-30:]
 
 
 def describe_differences(stored: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:

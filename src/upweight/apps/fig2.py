@@ -29,7 +29,9 @@ every refit's final gradient norm is recorded (a refit that does not converge fa
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import hashlib
 import math
 import os
 import time
@@ -371,8 +373,9 @@ def _weight_decay(model: nn.Module, l2: float) -> torch.Tensor:
 
 
 def train_cnn(X: torch.Tensor, y: torch.Tensor, *, l2: float, steps: int, lr: float, batch_size: int, seed: int,
-              progress: bool = True) -> AllConvTanh:
-    """Adam on minibatches (the paper's optimiser and batch size 500), stopped after ``steps``: θ̃."""
+              progress: bool = True) -> tuple[AllConvTanh, dict[str, Any]]:
+    """Adam on minibatches (the paper's optimiser and batch size 500), stopped after ``steps``: θ̃,
+    and the optimiser's state (its moment estimates), which the release code's retraining resumes."""
     torch.manual_seed(seed)
     model = AllConvTanh()
     opt = torch.optim.Adam(model.parameters(), lr=lr)
@@ -384,7 +387,69 @@ def train_cnn(X: torch.Tensor, y: torch.Tensor, *, l2: float, steps: int, lr: fl
         opt.zero_grad()
         loss.backward()
         opt.step()
-    return model.eval()
+    return model.eval(), opt.state_dict()
+
+
+@dataclass
+class MinibatchAdamRetrainer:
+    """The release code's retraining: Adam from θ̃ and its moment estimates, on minibatches, for a
+    fixed number of steps (Koh & Liang's CNN: 30k steps of 500 images at the checkpoint's decayed
+    learning rate, 1e-4 × 0.01).
+
+    Every run draws the same sequence of minibatches — positions of the *full* training set from one
+    generator seeded with ``seed`` — and a run without z drops z from the batches that hold it; each
+    batch's loss is the sum over the points it keeps divided by ``batch_size``, the minibatch estimate
+    of (1/n)Σ_{kept} L. So the kept run and a removal run differ only by z's terms, and their
+    difference is the removal's effect, not minibatch noise (the release code drew fresh batches per
+    run and compared with θ̃). Usable as ``leave_one_out(..., train_fn=retrainer)``.
+    """
+
+    model: nn.Module
+    optimizer_state: dict[str, Any]
+    ids: np.ndarray
+    l2: float
+    steps: int
+    lr: float
+    batch_size: int = 500
+    seed: int = 0
+
+    def config(self) -> dict[str, Any]:
+        """The settings a store's fingerprint records (θ̃ itself is fingerprinted by the store)."""
+        return {"steps": self.steps, "lr": self.lr, "batch_size": self.batch_size, "seed": self.seed, "l2": self.l2,
+                "optimizer_state_sha256": _state_sha256(self.optimizer_state)}
+
+    def __call__(self, objective: Objective, data: Data, init: Params) -> Params:
+        _set_params(self.model, init)
+        n = len(self.ids)
+        keep = torch.from_numpy(np.isin(self.ids, data.ids.numpy()))
+        row = torch.full((n,), -1, dtype=torch.long)
+        row[keep] = torch.arange(int(keep.sum()))  # full position → row of ``data``
+        opt = torch.optim.Adam(self.model.parameters(), lr=self.lr)
+        opt.load_state_dict(copy.deepcopy(self.optimizer_state))
+        for group in opt.param_groups:
+            group["lr"] = self.lr
+        gen = torch.Generator().manual_seed(self.seed)
+        for _ in range(self.steps):
+            idx = row[torch.randint(n, (min(self.batch_size, n),), generator=gen)]
+            idx = idx[idx >= 0]
+            loss = nn.functional.cross_entropy(self.model(data.X[idx]), data.y[idx], reduction="sum") / self.batch_size
+            loss = loss + _weight_decay(self.model, self.l2)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        out = {k: p.detach().clone() for k, p in self.model.named_parameters()}
+        _set_params(self.model, init)
+        return out
+
+
+def _state_sha256(state: dict[str, Any]) -> str:
+    h = hashlib.sha256()
+    for key in sorted(state.get("state", {})):
+        for name in sorted(state["state"][key]):
+            v = state["state"][key][name]
+            h.update(f"{key}.{name}".encode())
+            h.update(v.detach().cpu().numpy().tobytes() if torch.is_tensor(v) else repr(v).encode())
+    return h.hexdigest()
 
 
 @dataclass
@@ -429,6 +494,7 @@ def run_cnn_panel(
     batch_size: int = 500,
     retrain_steps: int = 100,
     retrain_lr: float | None = None,
+    retrain: str = "momentum",
     test_index: int | None = None,
     seed: int = 0,
     progress: bool = True,
@@ -437,8 +503,13 @@ def run_cnn_panel(
 ) -> tuple[Fig2Panel, dict[str, Any]]:
     """Fig. 2 right: the non-convex, non-converged CNN with damping (§4.2).
 
-    ``store`` keeps each retraining as it finishes (a rerun resumes); ``executor`` runs them on
-    Dask workers (see ``leave_one_out``)."""
+    ``retrain``: "momentum" — ``FixedStepRetrainer``, deterministic full-batch heavy-ball steps
+    (default lr 1/λmax(H)); "adam" — ``MinibatchAdamRetrainer``, the release code's protocol
+    (default lr = 1% of ``train_lr``, as the release code's decayed rate). ``store`` keeps each
+    retraining as it finishes (a rerun resumes); ``executor`` runs them on Dask workers (see
+    ``leave_one_out``)."""
+    if retrain not in ("momentum", "adam"):
+        raise InputError(f"--cnn-retrain must be 'momentum' or 'adam'; got {retrain!r}.")
     X = torch.tensor(data.x_train, dtype=torch.float32).reshape(len(data.x_train), -1)
     y = torch.tensor(data.y_train, dtype=torch.int64)
     if train_size is not None:
@@ -451,7 +522,8 @@ def run_cnn_panel(
     Xt = torch.tensor(data.x_test, dtype=torch.float32).reshape(len(data.x_test), -1)
     yt = torch.tensor(data.y_test, dtype=torch.int64)
     t0 = time.perf_counter()
-    model = train_cnn(X, y, l2=l2, steps=train_steps, lr=train_lr, batch_size=batch_size, seed=seed, progress=progress)
+    model, adam_state = train_cnn(X, y, l2=l2, steps=train_steps, lr=train_lr, batch_size=batch_size, seed=seed,
+                                  progress=progress)
     train_seconds = time.perf_counter() - t0
     ti, wrong = pick_misclassified(lambda A: model(A).argmax(1), Xt, yt, test_index)
     with torch.no_grad():
@@ -482,9 +554,14 @@ def run_cnn_panel(
 
     # actual: retrain from θ̃ with and without z for the same fixed number of steps
     t2 = time.perf_counter()
-    # step size 1/λmax(H): stable for heavy-ball momentum 0.9 (which needs lr < 3.8/λmax)
-    lr = retrain_lr if retrain_lr is not None else 1.0 / max(spec.lambda_max - damping, 1e-3)
-    retrainer = FixedStepRetrainer(model, n, l2, retrain_steps, lr)
+    retrainer: FixedStepRetrainer | MinibatchAdamRetrainer
+    if retrain == "momentum":
+        # step size 1/λmax(H): stable for heavy-ball momentum 0.9 (which needs lr < 3.8/λmax)
+        lr = retrain_lr if retrain_lr is not None else 1.0 / max(spec.lambda_max - damping, 1e-3)
+        retrainer = FixedStepRetrainer(model, n, l2, retrain_steps, lr)
+    else:
+        lr = retrain_lr if retrain_lr is not None else 0.01 * train_lr
+        retrainer = MinibatchAdamRetrainer(model, adam_state, np.arange(n), l2, retrain_steps, lr, batch_size, seed)
     theta = {k: p.detach().clone() for k, p in model.named_parameters()}
     kept = retrainer(obj, Data.from_any((X, y)), theta)
 
@@ -507,7 +584,7 @@ def run_cnn_panel(
         "lambda_min_H_plus_damping": spec.lambda_min, "lambda_max_H_plus_damping": spec.lambda_max,
         "cg_iterations": scores.provenance["iterations"], "cg_residual": scores.provenance["residual_max"],
         "influence_seconds": influence_seconds, "retrain_steps": retrain_steps, "retrain_lr": lr,
-        "retrain_momentum": retrainer.momentum, "retrain_seconds": retrain_seconds,
+        "retrain": retrain, "retrain_momentum": getattr(retrainer, "momentum", None), "retrain_seconds": retrain_seconds,
         "retrain_seconds_per_point": retrain_seconds / (len(top) + 1),
         "test_loss_drift_kept_retraining": f_kept - f_tilde,
         "pearson_vs_theta_tilde": vs_theta["pearson"],
@@ -539,6 +616,7 @@ def run_fig2(
     cnn_train_lr: float = 3e-3,
     cnn_retrain_steps: int = 100,
     cnn_retrain_lr: float | None = None,
+    cnn_retrain: str = "momentum",
     cnn_damping: float = 0.01,
     cnn_test_index: int | None = None,
     seed: int = 0,
@@ -573,7 +651,7 @@ def run_fig2(
             raise InputError("the cnn panel needs the 10 % subset (load_mnist(path, subset='small10pct')).")
         out["cnn"], cnn = run_cnn_panel(
             mnist_small, loo_k=cnn_loo_k, train_size=cnn_train_size, damping=cnn_damping, train_steps=cnn_train_steps,
-            train_lr=cnn_train_lr, retrain_steps=cnn_retrain_steps, retrain_lr=cnn_retrain_lr,
+            train_lr=cnn_train_lr, retrain_steps=cnn_retrain_steps, retrain_lr=cnn_retrain_lr, retrain=cnn_retrain,
             test_index=cnn_test_index, seed=seed, progress=progress, store=_panel_store(store, "cnn", fresh),
             executor=executor)
     settings = {
@@ -581,6 +659,6 @@ def run_fig2(
         "lissa_depth": lissa_depth, "lissa_repeats": lissa_repeats, "lissa_batch_size": lissa_batch_size,
         "refit_method": refit_method, "cnn_loo_k": cnn_loo_k, "cnn_train_size": cnn_train_size,
         "cnn_train_steps": cnn_train_steps, "cnn_train_lr": cnn_train_lr, "cnn_retrain_steps": cnn_retrain_steps,
-        "cnn_retrain_lr": cnn_retrain_lr, "cnn_damping": cnn_damping, "seed": seed,
+        "cnn_retrain_lr": cnn_retrain_lr, "cnn_retrain": cnn_retrain, "cnn_damping": cnn_damping, "seed": seed,
     }
     return Fig2Result(panels=out, settings=settings, logreg=logreg, cnn=cnn)
