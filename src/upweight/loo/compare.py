@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -13,23 +12,19 @@ import scipy.stats
 from .._checks import check_choice, check_interval
 from .._executor import Executor
 from ..core.data import Data
-from ..core.objective import Objective
-from ..core.params import Params
 from ..errors import InputError
 from ..influence.engine import Influence
 from ..influence.results import InfluenceScores
-from .retrain import RefitResult
 from .runner import (
     RetrainContext,
     StoreLike,
+    TrainFn,
     baseline,
     bind_store,
     describe_train_fn,
     measure_sum,
     run_retrainings,
 )
-
-TrainFn = Callable[[Objective, Data, Params], Params | RefitResult]
 
 
 @dataclass(frozen=True)
@@ -136,10 +131,10 @@ def leave_one_out(
     predicted = -total[chosen] / n
 
     obj = influence.objective
-    base_params, base_grad_norm = baseline(obj, data, train_fn, gtol)
     removed = [chosen[j : j + 1] for j in range(len(chosen))]
-    ctx = RetrainContext(obj, data, test_data, base_params, measure_sum(obj, test_data, base_params), removed, train_fn, gtol)
     st = bind_store(store, influence, "leave_one_out", removed, test_data, describe_train_fn(train_fn, gtol))
+    base_params, base_grad_norm = baseline(obj, data, train_fn, gtol)
+    ctx = RetrainContext(obj, data, test_data, base_params, measure_sum(obj, test_data, base_params), removed, train_fn, gtol)
     rows, resumed = run_retrainings(ctx, store=st, executor=executor, desc="leave-one-out retraining",
                                     progress_bar=progress_bar)
     actual = rows[:, 0]

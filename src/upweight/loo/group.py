@@ -154,6 +154,8 @@ def leave_group_out(
     else:
         labels_arr = None
     test_data = Data.from_any(test, what="test data")
+    removed = [np.asarray(p, dtype=np.int64) for p in positions]
+    st = bind_store(store, influence, "leave_group_out", removed, test_data, describe_train_fn(None, gtol, newton))
 
     predicted, provs = {}, {}
     for o in orders:
@@ -165,9 +167,8 @@ def leave_group_out(
 
     obj = influence.objective
     base_params, base_grad_norm = baseline(obj, data, None, gtol, newton)
-    ctx = RetrainContext(obj, data, test_data, base_params, measure_sum(obj, test_data, base_params),
-                         [np.asarray(p, dtype=np.int64) for p in positions], gtol=gtol, newton=newton)
-    st = bind_store(store, influence, "leave_group_out", ctx.removed, test_data, describe_train_fn(None, gtol, newton))
+    ctx = RetrainContext(obj, data, test_data, base_params, measure_sum(obj, test_data, base_params), removed,
+                         gtol=gtol, newton=newton)
     rows, resumed = run_retrainings(ctx, store=st, executor=executor, desc="leave-group-out retraining",
                                     progress_bar=progress_bar)
     actual = rows[:, 0]

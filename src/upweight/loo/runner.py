@@ -15,6 +15,7 @@ retraining is independent of the others, so
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +32,8 @@ from ..influence.engine import Influence
 from ..store import Store, array_digest
 from .retrain import RefitResult, refit
 
-TrainFn = Any  # (objective, data_without_U, init_params) -> Params | RefitResult
+#: ``train_fn(objective, data_without_U, init_params)``: the retrained params, or a ``RefitResult``
+TrainFn = Callable[[Objective, Data, Params], Params | RefitResult]
 StoreLike = str | os.PathLike | Store | None
 
 #: columns of one retraining's row: Δ of the summed test measurement, ‖∇R‖ after the refit (NaN if
