@@ -127,8 +127,11 @@ def test_bad_panel_name_is_an_input_error(tmp_path, capsys):
     assert rc == 2 and "--panels: unknown svm" in capsys.readouterr().err
 
 
-def _adam_warm_start(X, y, l2):
-    """A linear softmax model after 200 full-batch Adam steps, and the optimiser's state."""
+def _adam_warm_start(pooled_mnist, n, l2):
+    """A linear softmax model on n pooled images after 200 full-batch Adam steps: X, y, the model,
+    the optimiser's state, its objective, the data and θ."""
+    X = torch.tensor(pooled_mnist.x_train[:n], dtype=torch.float32)
+    y = torch.tensor(pooled_mnist.y_train[:n])
     torch.manual_seed(0)
     model = torch.nn.Linear(X.shape[1], 10)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
@@ -137,7 +140,9 @@ def _adam_warm_start(X, y, l2):
         opt.zero_grad()
         loss.backward()
         opt.step()
-    return model, opt.state_dict()
+    obj = uw.Objective(model, "cross_entropy", l2=l2, l2_exclude=["bias"])
+    init = {k: v.detach().clone() for k, v in model.named_parameters()}
+    return X, y, model, opt.state_dict(), obj, uw.Data.from_any((X, y)), init
 
 
 def test_minibatch_adam_retraining_moves_theta_as_the_exact_leave_one_out(pooled_mnist):
@@ -145,12 +150,7 @@ def test_minibatch_adam_retraining_moves_theta_as_the_exact_leave_one_out(pooled
     full batches: removing z changes θ as the exact float64 leave-one-out minimiser does —
     θ₋z − θ_kept against argmin R₋z − argmin R: cosine > 0.99, norms within 5%."""
     n, l2, z = 200, 0.01, 7
-    X = torch.tensor(pooled_mnist.x_train[:n], dtype=torch.float32)
-    y = torch.tensor(pooled_mnist.y_train[:n])
-    model, state = _adam_warm_start(X, y, l2)
-    obj = uw.Objective(model, "cross_entropy", l2=l2, l2_exclude=["bias"])
-    data = uw.Data.from_any((X, y))
-    init = {k: v.detach().clone() for k, v in model.named_parameters()}
+    X, y, model, state, obj, data, init = _adam_warm_start(pooled_mnist, n, l2)
     retrain = MinibatchAdamRetrainer(model, state, np.arange(n), l2, steps=1500, lr=1e-3, batch_size=n)
     kept = retrain(obj, data, init)
     removed = retrain(obj, data.subset(np.setdiff1d(np.arange(n), [z])), init)
@@ -175,12 +175,7 @@ def test_minibatch_adam_retraining_shares_its_batches_between_runs(pooled_mnist)
     """Minibatches of 5 from 50 points for 4 steps: a run without a point that no batch drew is
     the kept run bit for bit; without a point that was drawn, it differs."""
     n, l2, b, steps = 50, 0.01, 5, 4
-    X = torch.tensor(pooled_mnist.x_train[:n], dtype=torch.float32)
-    y = torch.tensor(pooled_mnist.y_train[:n])
-    model, state = _adam_warm_start(X, y, l2)
-    obj = uw.Objective(model, "cross_entropy", l2=l2, l2_exclude=["bias"])
-    data = uw.Data.from_any((X, y))
-    init = {k: v.detach().clone() for k, v in model.named_parameters()}
+    _, _, model, state, obj, data, init = _adam_warm_start(pooled_mnist, n, l2)
     retrain = MinibatchAdamRetrainer(model, state, np.arange(n), l2, steps=steps, lr=1e-3, batch_size=b, seed=3)
     gen = torch.Generator().manual_seed(3)
     drawn = set(torch.cat([torch.randint(n, (b,), generator=gen) for _ in range(steps)]).tolist())

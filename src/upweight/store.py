@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from ._progress import logger
-from .errors import StoreError, StoreMismatchError
+from .errors import InputError, StoreError, StoreMismatchError
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -287,6 +287,15 @@ class Store:
 
     def __repr__(self) -> str:
         return f"Store({str(self.path)!r})"
+
+
+def as_store(store: str | os.PathLike[str] | Store | None) -> Store | None:
+    """``None`` stays ``None`` (nothing kept); a folder path opens a ``Store``; a ``Store`` is used as given."""
+    if store is None or isinstance(store, Store):
+        return store
+    if not isinstance(store, (str, os.PathLike)):
+        raise InputError(f"store must be a folder path or an upweight.Store; got {type(store).__name__}.")
+    return Store(store)
 
 
 class ChunkedArray:

@@ -419,7 +419,6 @@ class MinibatchAdamRetrainer:
                 "optimizer_state_sha256": _state_sha256(self.optimizer_state)}
 
     def __call__(self, objective: Objective, data: Data, init: Params) -> Params:
-        _set_params(self.model, init)
         n = len(self.ids)
         keep = torch.from_numpy(np.isin(self.ids, data.ids.numpy()))
         row = torch.full((n,), -1, dtype=torch.long)
@@ -429,17 +428,28 @@ class MinibatchAdamRetrainer:
         for group in opt.param_groups:
             group["lr"] = self.lr
         gen = torch.Generator().manual_seed(self.seed)
-        for _ in range(self.steps):
+
+        def batch_loss() -> torch.Tensor:
             idx = row[torch.randint(n, (min(self.batch_size, n),), generator=gen)]
             idx = idx[idx >= 0]
             loss = nn.functional.cross_entropy(self.model(data.X[idx]), data.y[idx], reduction="sum") / self.batch_size
-            loss = loss + _weight_decay(self.model, self.l2)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        out = {k: p.detach().clone() for k, p in self.model.named_parameters()}
-        _set_params(self.model, init)
-        return out
+            return loss + _weight_decay(self.model, self.l2)
+
+        return _steps_from(self.model, init, opt, batch_loss, self.steps)
+
+
+def _steps_from(model: nn.Module, init: Params, opt: torch.optim.Optimizer, loss: Callable[[], torch.Tensor],
+                steps: int) -> Params:
+    """θ after ``steps`` steps of ``opt`` on ``loss()`` from θ = ``init``; the model is put back to ``init``."""
+    _set_params(model, init)
+    for _ in range(steps):
+        value = loss()
+        opt.zero_grad()
+        value.backward()
+        opt.step()
+    out = {k: p.detach().clone() for k, p in model.named_parameters()}
+    _set_params(model, init)
+    return out
 
 
 def _state_sha256(state: dict[str, Any]) -> str:
@@ -469,17 +479,13 @@ class FixedStepRetrainer:
     momentum: float = 0.9
 
     def __call__(self, objective: Objective, data: Data, init: Params) -> Params:
-        _set_params(self.model, init)
         opt = torch.optim.SGD(self.model.parameters(), lr=self.lr, momentum=self.momentum)
-        X, y = data.X, data.y
-        for _ in range(self.steps):
-            loss = nn.functional.cross_entropy(self.model(X), y, reduction="sum") / self.n + _weight_decay(self.model, self.l2)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        out = {k: p.detach().clone() for k, p in self.model.named_parameters()}
-        _set_params(self.model, init)
-        return out
+
+        def full_loss() -> torch.Tensor:
+            loss = nn.functional.cross_entropy(self.model(data.X), data.y, reduction="sum") / self.n
+            return loss + _weight_decay(self.model, self.l2)
+
+        return _steps_from(self.model, init, opt, full_loss, self.steps)
 
 
 def run_cnn_panel(

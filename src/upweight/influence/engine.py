@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import os
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -58,7 +57,7 @@ from ..errors import (
     UnsupportedModelError,
 )
 from ..solvers import CG, InverseHVPSolver, Solution
-from ..store import ChunkedArray, Store, array_digest
+from ..store import ChunkedArray, Store, array_digest, as_store
 from .group import GroupInfluence, compute_group_influence
 from .results import InfluenceScores, ParamInfluence, PertScores, SelfInfluence
 
@@ -359,14 +358,10 @@ class Influence:
         return fp
 
     def _bind_store(self, store: StoreLike, quantity: str, positions: np.ndarray, test: Data | None = None) -> Store | None:
-        if store is None:
-            return None
-        if not isinstance(store, Store):
-            if not isinstance(store, (str, os.PathLike)):
-                raise InputError(f"store must be a folder path or an upweight.Store; got {type(store).__name__}.")
-            store = Store(store)
-        store.bind(self._fingerprint(quantity, positions, test))
-        return store
+        st = as_store(store)
+        if st is not None:
+            st.bind(self._fingerprint(quantity, positions, test))
+        return st
 
     def _store_array(self, st: Store, name: str, shape: tuple[int, ...], *, axis: int) -> ChunkedArray:
         chunk = self._grad_chunk()

@@ -27,9 +27,8 @@ from .._progress import logger, progress
 from ..core.data import Data
 from ..core.objective import Objective
 from ..core.params import Params
-from ..errors import InputError
 from ..influence.engine import Influence
-from ..store import Store, array_digest
+from ..store import Store, array_digest, as_store
 from .retrain import RefitResult, refit
 
 #: ``train_fn(objective, data_without_U, init_params)``: the retrained params, or a ``RefitResult``
@@ -148,12 +147,9 @@ def bind_store(store: StoreLike, influence: Influence, quantity: str, removed: l
     """``store`` opened and bound to this set of retrainings: θ̂, objective and data (as the
     influence engine's stores), the test points, the removed sets and the retraining settings —
     but not the solver or damping, which the retrainings do not depend on."""
-    if store is None:
+    st = as_store(store)
+    if st is None:
         return None
-    if not isinstance(store, Store):
-        if not isinstance(store, (str, os.PathLike)):
-            raise InputError(f"store must be a folder path or an upweight.Store; got {type(store).__name__}.")
-        store = Store(store)
     flat = np.concatenate(removed) if removed else np.zeros(0, dtype=np.int64)
     sizes = np.array([len(r) for r in removed], dtype=np.int64)
     fp = influence._fingerprint(quantity, flat, test)
@@ -164,5 +160,5 @@ def bind_store(store: StoreLike, influence: Influence, quantity: str, removed: l
     fp["removed"] = {"count": len(removed), "positions_sha256": array_digest(flat)["sha256"],
                      "sizes_sha256": array_digest(sizes)["sha256"]}
     fp["retraining"] = retraining
-    store.bind(fp)
-    return store
+    st.bind(fp)
+    return st
