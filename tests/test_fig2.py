@@ -96,7 +96,7 @@ def test_all_conv_network_has_the_papers_2616_parameters():
 def test_cli_cnn_panel_writes_files_and_resumes_its_retrainings(tmp_path, capsys):
     out = tmp_path / "fig2"
     args = ["reproduce", "fig2", "--data", str(DATA), "--out", str(out), "--no-progress", "--panels", "cnn",
-            "--cnn-train-size", "150", "--cnn-loo-k", "8", "--cnn-train-steps", "100", "--cnn-retrain-steps", "20"]
+            "--cnn-train-size", "150", "--cnn-loo-k", "8", "--cnn-train-steps", "100", "--cnn-retrain-steps", "20", "--cnn-retrain", "momentum"]
     rc = main(args)
     assert rc == 0
     assert (out / "fig2.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
