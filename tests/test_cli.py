@@ -193,6 +193,15 @@ def test_explain_store_resumes_and_refuses_other_settings(tmp_path, capsys, mnis
     assert main([*argv, "--l2", "0.02"]) == 2  # another l2 is another computation: refused, named
     err = capsys.readouterr().err
     assert "l2" in err and "overwrite=True" in err
+    # the leave-one-out retrainings are kept in DIR/leave_one_out and read back by the rerun
+    loo = [*argv, "--loo-k", "4"]
+    assert main(loo) == 0
+    line = [ln for ln in capsys.readouterr().out.splitlines() if "Pearson" in ln]
+    assert (store / "leave_one_out" / "manifest.json").is_file()
+    assert main(loo) == 0
+    out = capsys.readouterr().out
+    assert [ln for ln in out.splitlines() if "Pearson" in ln] == line and line
+    assert "4 of 4 retrainings read from" in out
 
 
 def test_explain_unreachable_scheduler_is_a_clear_error(tmp_path, capsys, mnist) -> None:

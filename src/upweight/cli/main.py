@@ -382,6 +382,9 @@ def _explain_in(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
         _say(f"  Pearson {comparison.pearson:.4f}   Spearman {comparison.spearman:.4f}   "
              f"slope {comparison.slope:.4f}   (intercept {comparison.intercept:+.2e})")
         _say(f"  largest ‖∇R‖ after a refit {comparison.retrain_grad_norm:.1e}, {comparison.seconds:.2f} s")
+        if comparison.provenance["resumed_from_store"]:
+            _say(f"  {comparison.provenance['resumed_from_store']} of {len(comparison.train_ids)} retrainings read "
+                 f"from {Path(args.store) / 'leave_one_out'}")
 
     out = _figure(args, split, i, p_pos, X, rankings, up, removal, comparison, Xt[i])
     _say()
