@@ -112,6 +112,8 @@ def run_retrainings(ctx: RetrainContext, *, store: Store | None, executor: Execu
             rows[j] = arr.read(j)[0]
         if len(todo) < k:
             logger.info("%s: %d of %d retrainings read from store %s", desc, k - len(todo), k, store.path)  # type: ignore[union-attr]
+    if not todo:  # all read back: nothing to place on the workers
+        return rows, k
     ex = resolve(executor)
     results = ex.map(_retrain_without, [np.array([j]) for j in todo], ex.share(ctx))
     try:
