@@ -262,3 +262,8 @@ def test_leave_group_out_on_dask_workers_and_from_a_store(fitted, group_retraini
     again = leave_group_out(inf, (Xt, yt), coherent, orders=(1,), gtol=1e-10, progress_bar=False, store=tmp_path)
     assert again.provenance["resumed_from_store"] == k
     np.testing.assert_array_equal(again.actual, remote.actual)
+    # a group is the set of its positions: the same groups reversed, in another order, are found again
+    shuffled = [np.asarray(g)[::-1] for g in coherent[::-1]]
+    back = leave_group_out(inf, (Xt, yt), shuffled, orders=(1,), gtol=1e-10, progress_bar=False, store=tmp_path)
+    assert back.provenance["resumed_from_store"] == k
+    np.testing.assert_array_equal(back.actual, remote.actual[::-1])

@@ -197,14 +197,34 @@ def test_leave_one_out_on_dask_workers_equals_in_process(small_logreg, dask_exec
     np.testing.assert_allclose(remote.actual, local.actual, rtol=1e-10, atol=1e-15)
     assert_not_constant(remote.actual)
 
-    uw.leave_one_out(inf, test, ids=local_ids(inf, local)[:3], progress_bar=False, store=tmp_path / "a")
-    with pytest.raises(StoreMismatchError, match="removed"):  # another set of points is another computation
-        uw.leave_one_out(inf, test, k=6, progress_bar=False, store=tmp_path / "a")
     ids = local_ids(inf, local)
-    uw.leave_one_out(inf, test, ids=ids, progress_bar=False, store=tmp_path / "b")
-    both = uw.leave_one_out(inf, test, ids=ids, progress_bar=False, store=tmp_path / "b", executor=dask_executor)
-    assert both.provenance["resumed_from_store"] == 6
-    np.testing.assert_array_equal(both.actual, local.actual)
+    uw.leave_one_out(inf, test, ids=ids[:3], progress_bar=False, store=tmp_path)  # 3 in-process
+    both = uw.leave_one_out(inf, test, ids=ids, progress_bar=False, store=tmp_path, executor=dask_executor)
+    assert both.provenance["resumed_from_store"] == 3  # and the 3 others on the workers
+    np.testing.assert_array_equal(both.actual[:3], local.actual[:3])
+    np.testing.assert_allclose(both.actual, local.actual, rtol=1e-10, atol=1e-15)
+
+
+def test_leave_one_out_store_is_reused_by_a_larger_k_and_other_ids(small_logreg, tmp_path, monkeypatch):
+    """Retrainings are kept under the point they removed: k = 8 after k = 5 retrains only 3 points,
+    a reordered subset none, and each number is the one a fresh run computes."""
+    import upweight.loo.runner as runner
+
+    model, l2, train, (Xt, yt) = small_logreg
+    inf = uw.Influence(uw.Objective(model, "logistic", l2=l2), solver=uw.Direct(), progress=False).fit(train)
+    test = (Xt[:1], yt[:1])
+    fresh = uw.leave_one_out(inf, test, k=8, progress_bar=False)
+    counting = _CrashAfter(runner.refit, after=10**9)
+    monkeypatch.setattr(runner, "refit", counting)
+    five = uw.leave_one_out(inf, test, k=5, progress_bar=False, store=tmp_path)
+    assert counting.calls == 1 + 5 and five.provenance["resumed_from_store"] == 0
+    eight = uw.leave_one_out(inf, test, k=8, progress_bar=False, store=tmp_path)
+    assert counting.calls == 1 + 5 + 1 + 3 and eight.provenance["resumed_from_store"] == 5
+    np.testing.assert_array_equal(eight.actual, fresh.actual)
+    ids = local_ids(inf, fresh)
+    picked = uw.leave_one_out(inf, test, ids=ids[[6, 2, 2, 0]], progress_bar=False, store=tmp_path)
+    assert counting.calls == 1 + 5 + 1 + 3 + 1 and picked.provenance["resumed_from_store"] == 4
+    np.testing.assert_array_equal(picked.actual, fresh.actual[[6, 2, 2, 0]])
 
 
 def local_ids(inf, comparison):

@@ -89,12 +89,13 @@ def leave_one_out(
             convex refit of ``upweight.loo.retrain.refit`` to ‖∇R‖∞ ≤ gtol, in float64.
         seed: for ``select="random"``.
         scores: ``influence.up_loss(test)`` if already computed (saves one solve).
-        store: a folder (or ``Store``) that keeps every finished retraining as it completes: an
-            interrupted run, called again with the same store, retrains only the points still
-            missing and returns the same comparison. The store records what the retrainings depend
-            on (θ̂, objective, data, test points, the removed points, ``gtol`` and ``train_fn`` —
-            its class and plain settings, or its ``config()`` if it has one) and refuses another
-            computation (``StoreMismatchError``).
+        store: a folder (or ``Store``) that keeps every finished retraining as it completes,
+            under the point it removed: an interrupted run, called again with the same store,
+            retrains only the points still missing and returns the same comparison, and a call
+            with a larger ``k`` or other ``ids`` retrains only the points not yet in it. The store
+            records what the retrainings depend on (θ̂, objective, data, test points, ``gtol`` and
+            ``train_fn`` — its class and plain settings, or its ``config()`` if it has one) and
+            refuses another computation (``StoreMismatchError``).
         executor: where the retrainings run — ``None`` in this process one after the other,
             ``upweight.distributed.DaskExecutor`` one task per removed point on its workers (the
             retrainings are independent, so the results are the same).
@@ -132,7 +133,7 @@ def leave_one_out(
 
     obj = influence.objective
     removed = [chosen[j : j + 1] for j in range(len(chosen))]
-    st = bind_store(store, influence, "leave_one_out", removed, test_data, describe_train_fn(train_fn, gtol))
+    st = bind_store(store, influence, "leave_one_out", test_data, describe_train_fn(train_fn, gtol))
     base_params, base_grad_norm = baseline(obj, data, train_fn, gtol)
     ctx = RetrainContext(obj, data, test_data, base_params, measure_sum(obj, test_data, base_params), removed, train_fn, gtol)
     rows, resumed = run_retrainings(ctx, store=st, executor=executor, desc="leave-one-out retraining",

@@ -128,8 +128,9 @@ def leave_group_out(
         gtol: refit tolerance max |∂R_w/∂θ| (float64 L-BFGS, as ``leave_one_out``).
         newton: polish each refit with Newton steps (see ``refit``).
         progress_bar: show a bar over the retrainings.
-        store: a folder (or ``Store``) keeping every finished retraining; a rerun after an
-            interruption retrains only the missing groups (see ``leave_one_out``).
+        store: a folder (or ``Store``) keeping every finished retraining under its group (the
+            set of positions, in any order); a rerun after an interruption, or a call with more
+            groups, retrains only the groups not yet in it (see ``leave_one_out``).
         executor: where the retrainings run (``upweight.distributed.DaskExecutor``: one task per
             group on its workers; the same results).
 
@@ -155,7 +156,7 @@ def leave_group_out(
         labels_arr = None
     test_data = Data.from_any(test, what="test data")
     removed = [np.asarray(p, dtype=np.int64) for p in positions]
-    st = bind_store(store, influence, "leave_group_out", removed, test_data, describe_train_fn(None, gtol, newton))
+    st = bind_store(store, influence, "leave_group_out", test_data, describe_train_fn(None, gtol, newton))
 
     predicted, provs = {}, {}
     for o in orders:

@@ -5,9 +5,11 @@ set U — the minimiser of (1/n) Σ_{i∉U} L(zᵢ, θ) + (l2/2)‖θ‖² with 
 2017, §2: removing z is ε = −1/n) — and measure Σ_test f(z_test, θ̂₋U) − Σ_test f(z_test, θ̂). Each
 retraining is independent of the others, so
 
-* with a ``Store``, every finished retraining is written as one chunk (atomically, with its
-  checksum) and a rerun computes only the missing ones — an interrupted run loses at most the
-  retrainings under way, and the results are the same bit for bit;
+* with a ``Store``, every finished retraining is written as soon as it arrives (atomically, with
+  its checksum), under the name of its removed set (``retraining_key``), and a rerun computes only
+  the missing ones — an interrupted run loses at most the retrainings under way, the results are the
+  same bit for bit, and a later call with more or other removed sets (a larger k) reuses the ones
+  it shares with earlier calls;
 * with an executor (``upweight.distributed.DaskExecutor``), each retraining is one task on the
   workers; the context (objective, data, test points, baseline θ) is placed on them once.
 """
@@ -96,34 +98,50 @@ def _retrain_without(which: np.ndarray, ctx: RetrainContext) -> np.ndarray:
     return np.array([[ctx.measure(params) - ctx.base, grad_norm, iterations]])
 
 
+def retraining_key(removed: np.ndarray) -> str:
+    """The store name of the retraining without the set ``removed``: a digest of its sorted, distinct
+    positions, so that the same set given in another order or at another place is found again.
+
+    Examples:
+        >>> retraining_key(np.array([7, 3])) == retraining_key(np.array([3, 7, 7]))
+        True
+    """
+    positions = np.unique(np.asarray(removed, dtype=np.int64))
+    return "without_" + array_digest(positions)["sha256"][:32]
+
+
 def run_retrainings(ctx: RetrainContext, *, store: Store | None, executor: Executor | None, desc: str,
                     progress_bar: bool = True) -> tuple[np.ndarray, int]:
-    """One row of ``ROW`` per removed set, and how many were read from ``store``.
+    """One row of ``ROW`` per removed set, and how many of them were read from ``store``.
 
-    With a store, rows already there are read back, the others computed (through ``executor``)
-    and each written as soon as it arrives; an interrupt or error cancels the queued ones.
+    With a store, the retrainings it holds (``retraining_key``) are read back, the others computed
+    (through ``executor``) and each written as soon as it arrives; an interrupt or error cancels the
+    queued ones. A set that occurs twice is retrained once.
     """
-    k = len(ctx.removed)
-    arr = None if store is None else store.chunked("retrainings", shape=(k, len(ROW)), axis=0, chunk_size=1, dtype="float64")
-    rows = np.full((k, len(ROW)), np.nan)
-    todo = list(range(k)) if arr is None else arr.missing()
-    if arr is not None:
-        for j in sorted(set(range(k)) - set(todo)):
-            rows[j] = arr.read(j)[0]
-        if len(todo) < k:
-            logger.info("%s: %d of %d retrainings read from store %s", desc, k - len(todo), k, store.path)  # type: ignore[union-attr]
-    if not todo:  # all read back: nothing to place on the workers
-        return rows, k
-    ex = resolve(executor)
-    results = ex.map(_retrain_without, [np.array([j]) for j in todo], ex.share(ctx))
-    try:
-        for j, row in zip(todo, progress(results, desc=desc, total=len(todo), enabled=progress_bar)):
-            rows[j] = row[0]
-            if arr is not None:
-                arr.write(j, row)
-    finally:
-        results.close()
-    return rows, k - len(todo)
+    keys = [retraining_key(r) for r in ctx.removed]
+    done: dict[str, np.ndarray] = {}
+    if store is not None:
+        for key in dict.fromkeys(keys):
+            got = store.get(key)
+            if got is not None and got[0].shape == (1, len(ROW)):
+                done[key] = got[0][0]
+    resumed = sum(key in done for key in keys)
+    if resumed:
+        logger.info("%s: %d of %d retrainings read from store %s", desc, resumed, len(keys), store.path)  # type: ignore[union-attr]
+    first = {key: j for j, key in reversed(list(enumerate(keys)))}  # the first position of each set
+    todo = [j for key, j in first.items() if key not in done]
+    todo.sort()
+    if todo:
+        ex = resolve(executor)
+        results = ex.map(_retrain_without, [np.array([j]) for j in todo], ex.share(ctx))
+        try:
+            for j, row in zip(todo, progress(results, desc=desc, total=len(todo), enabled=progress_bar)):
+                done[keys[j]] = row[0]
+                if store is not None:
+                    store.put(keys[j], row)
+        finally:
+            results.close()
+    return np.stack([done[key] for key in keys]), resumed
 
 
 def describe_train_fn(train_fn: TrainFn | None, gtol: float, newton: bool = False) -> dict[str, Any]:
@@ -144,23 +162,18 @@ def describe_train_fn(train_fn: TrainFn | None, gtol: float, newton: bool = Fals
     return {"name": name, **plain}
 
 
-def bind_store(store: StoreLike, influence: Influence, quantity: str, removed: list[np.ndarray], test: Data,
+def bind_store(store: StoreLike, influence: Influence, quantity: str, test: Data,
                retraining: dict[str, Any]) -> Store | None:
-    """``store`` opened and bound to this set of retrainings: θ̂, objective and data (as the
-    influence engine's stores), the test points, the removed sets and the retraining settings —
-    but not the solver or damping, which the retrainings do not depend on."""
+    """``store`` opened and bound to retrainings of this model: θ̂, objective and data (as the
+    influence engine's stores), the test points and the retraining settings — but not the solver or
+    damping, which the retrainings do not depend on, nor the removed sets, each of which is kept
+    under its own name (``retraining_key``)."""
     st = as_store(store)
     if st is None:
         return None
-    flat = np.concatenate(removed) if removed else np.zeros(0, dtype=np.int64)
-    sizes = np.array([len(r) for r in removed], dtype=np.int64)
-    fp = influence._fingerprint(quantity, flat, test)
-    fp.pop("solver", None)
-    fp.pop("damping", None)
-    fp.pop("train_selection", None)
-    fp.pop("hvp", None)
-    fp["removed"] = {"count": len(removed), "positions_sha256": array_digest(flat)["sha256"],
-                     "sizes_sha256": array_digest(sizes)["sha256"]}
+    fp = influence._fingerprint(quantity, np.zeros(0, dtype=np.int64), test)
+    for key in ("solver", "damping", "train_selection", "hvp"):
+        fp.pop(key, None)
     fp["retraining"] = retraining
     st.bind(fp)
     return st
