@@ -193,9 +193,17 @@ class Store:
         return m
 
     def _write_manifest(self, manifest: dict[str, Any]) -> None:
-        text = json.dumps(manifest, indent=1, sort_keys=True).encode()
+        # compact: json's C encoder (an indent falls back to the pure-Python one, 4× slower on the
+        # manifest of a store with thousands of arrays — a leave-one-out store has one per retraining)
+        text = json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
         _atomic_write(self.path / MANIFEST, lambda fh: fh.write(text))
         self._manifest = manifest
+
+    def _write_array_entry(self, name: str, entry: dict[str, Any]) -> None:
+        """Rewrite the manifest with the entry of array ``name`` replaced by ``entry`` (the other
+        entries are shared, not copied: a store with thousands of arrays stays cheap to update)."""
+        manifest = self._require_bound()
+        self._write_manifest({**manifest, "arrays": {**manifest["arrays"], name: entry}})
 
     @property
     def fingerprint(self) -> dict[str, Any] | None:
@@ -254,26 +262,38 @@ class Store:
         spec = {"shape": [int(s) for s in shape], "axis": int(axis), "chunk_size": int(chunk_size), "dtype": str(np.dtype(dtype))}
         old = manifest["arrays"].get(name)
         if old is None:
-            new = json.loads(json.dumps(manifest))
-            new["arrays"][name] = {**spec, "chunks": {}, "meta": {}}
-            self._write_manifest(new)
+            self._write_array_entry(name, {**spec, "chunks": {}, "meta": {}})
         else:
-            diffs = describe_differences({k: old[k] for k in spec}, spec)
-            if diffs:
-                raise StoreMismatchError(
-                    f"The store {self.path} holds '{name}' with a different layout: " + "; ".join(diffs) + ". "
-                    + (hint + " " if hint else "")
-                    + "Results resume bit-for-bit only with the same chunks: use the same settings, a new folder, "
-                    "or overwrite=True."
-                )
+            self._check_layout(name, old, spec, hint)
         return ChunkedArray(self, name)
+
+    def _check_layout(self, name: str, old: Mapping[str, Any], spec: Mapping[str, Any], hint: str = "") -> None:
+        diffs = describe_differences({k: old[k] for k in spec}, spec)
+        if diffs:
+            raise StoreMismatchError(
+                f"The store {self.path} holds '{name}' with a different layout: " + "; ".join(diffs) + ". "
+                + (hint + " " if hint else "")
+                + "Results resume bit-for-bit only with the same chunks: use the same settings, a new folder, "
+                "or overwrite=True."
+            )
 
     def put(self, name: str, array: np.ndarray, meta: Mapping[str, Any] | None = None) -> None:
         """Store a whole array (one chunk) with JSON metadata."""
         array = np.asarray(array)
-        a = self.chunked(name, shape=array.shape or (1,), axis=0, chunk_size=max(1, array.shape[0] if array.ndim else 1),
-                         dtype=str(array.dtype))
-        a.write(0, array.reshape(array.shape or (1,)), meta=meta)
+        manifest = self._require_bound()
+        if not name.isidentifier():
+            raise StoreError(f"Array name {name!r} must be an identifier (it names a folder).")
+        shape = array.shape or (1,)
+        spec = {"shape": [int(s) for s in shape], "axis": 0, "chunk_size": max(1, int(shape[0])), "dtype": str(array.dtype)}
+        if name in manifest["arrays"]:
+            self._check_layout(name, manifest["arrays"][name], spec)
+        # the file first, then one manifest update that declares the array and lists its chunk
+        path = self.path / name / f"{0:06d}.npy"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write(path, lambda fh: np.save(fh, np.ascontiguousarray(array.reshape(shape)), allow_pickle=False))
+        entry = {**spec, "chunks": {"0": {"sha256": _sha256_file(path)}},
+                 "meta": _jsonable(dict(meta)) if meta is not None else {}}
+        self._write_array_entry(name, entry)
 
     def get(self, name: str) -> tuple[np.ndarray, dict[str, Any]] | None:
         """``(array, meta)`` stored by ``put``, or None when absent or its file is damaged."""
@@ -352,11 +372,10 @@ class ChunkedArray:
         chunks = self._spec["chunks"]
         bad = [i for i in range(self.n_chunks) if str(i) in chunks and not self._valid(i, chunks[str(i)])]
         if bad:
-            new = json.loads(json.dumps(self.store._require_bound()))
+            chunks = {k: v for k, v in chunks.items() if k not in {str(i) for i in bad}}
             for i in bad:
-                new["arrays"][self.name]["chunks"].pop(str(i), None)
                 self._loaded.pop(i, None)
-            self.store._write_manifest(new)
+            self.store._write_array_entry(self.name, {**self._spec, "chunks": chunks})
         chunks = self._spec["chunks"]
         return [i for i in range(self.n_chunks) if str(i) not in chunks]
 
@@ -368,11 +387,10 @@ class ChunkedArray:
         path = self._file(i)
         path.parent.mkdir(parents=True, exist_ok=True)
         _atomic_write(path, lambda fh: np.save(fh, values, allow_pickle=False))
-        new = json.loads(json.dumps(self.store._require_bound()))
-        new["arrays"][self.name]["chunks"][str(i)] = {"sha256": _sha256_file(path)}
+        entry = {**self._spec, "chunks": {**self._spec["chunks"], str(i): {"sha256": _sha256_file(path)}}}
         if meta is not None:
-            new["arrays"][self.name]["meta"] = _jsonable(dict(meta))
-        self.store._write_manifest(new)
+            entry["meta"] = _jsonable(dict(meta))
+        self.store._write_array_entry(self.name, entry)
         self._loaded[i] = values
 
     def read(self, i: int) -> np.ndarray:
