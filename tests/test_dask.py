@@ -115,3 +115,16 @@ def test_bad_arguments():
         DaskExecutor("local", n_workers=0)
     with pytest.raises(InputError, match="address must be None, 'local'"):
         DaskExecutor(3.5)
+
+
+def test_workers_of_a_local_cluster_leave_ctrl_c_to_the_client(ex):
+    """Ctrl-C reaches the whole process group: the workers of a cluster the executor started ignore
+    it (the client cancels the tasks and closes the cluster) instead of each printing a traceback."""
+    import signal
+
+    def sigint_ignored() -> bool:
+        return signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+
+    ignored = ex.client.run(sigint_ignored)
+    assert len(ignored) == 2 and all(ignored.values())
+    assert signal.getsignal(signal.SIGINT) != signal.SIG_IGN  # the client process still gets it

@@ -25,6 +25,18 @@ from ..errors import ExecutorConnectionError, InputError
 R = TypeVar("R")
 
 
+def _ignore_interrupts() -> None:
+    """Run on each worker of a cluster this process started. Ctrl-C reaches the whole process
+    group, workers included; the client handles it (the queued tasks are cancelled, the cluster
+    closed, the store keeps what finished), so the workers ignore it instead of each printing a
+    traceback of their event loop."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _import_distributed() -> Any:
     try:
         import distributed
@@ -97,6 +109,8 @@ class DaskExecutor:
                         dashboard_address=":0", silence_logs=logging.ERROR,
                     )
                     client = distributed.Client(self._cluster, set_as_default=False)
+                    if processes:
+                        client.run(_ignore_interrupts)
                 except Exception as exc:
                     self._close_cluster()
                     raise ExecutorConnectionError(
