@@ -708,6 +708,50 @@ def linear_reference(wl: Workload) -> tuple[dict[str, torch.Tensor], np.ndarray]
     return {"weight": torch.from_numpy(W).float(), "bias": torch.from_numpy(b).float()}, ref
 
 
+def _network_setup_key(wl: Workload, args: argparse.Namespace) -> str:
+    """What the untimed W3 set-up (training, curvature check, reference) depends on, hashed."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for a in (wl.X, wl.y, wl.Xt, wl.yt):
+        h.update(np.ascontiguousarray(a).tobytes())
+    h.update(json.dumps({"arch": wl.arch, "torch": torch.__version__, "l2": L2, **{
+        k: getattr(args, k) for k in ("adam_epochs", "lbfgs_iter", "lbfgs_gtol", "lanczos_steps", "damping",
+                                      "ref_rtol", "ref_maxiter", "ref_max_seconds")}}, sort_keys=True).encode())
+    return h.hexdigest()[:16]
+
+
+def network_setup(wl: Workload, args: argparse.Namespace) -> tuple[dict[str, torch.Tensor], np.ndarray, float]:
+    """W3's θ̂, reference and damping — from ``--cache`` when it holds this set-up (same data, test
+    points and training/reference settings), else computed and, with ``--cache``, kept there: the
+    K = 100 reference is half an hour of CG, not worth repeating when only the timed part is rerun."""
+    path = None
+    if args.cache:
+        path = Path(args.cache) / f"{wl.key.replace(':', '-')}-K{len(wl.Xt)}-{_network_setup_key(wl, args)}.pt"
+        if path.is_file():
+            got = torch.load(path, weights_only=False)
+            wl.info.update(got["info"])
+            wl.info["set-up read from cache"] = f"{path} (computed {got['date']})"
+            log(f"  training and reference read from {path}")
+            return got["params"], got["ref"], got["damping"]
+    before = dict(wl.info)
+    torch.set_num_threads(args.setup_threads)  # untimed set-up: training, curvature check, reference
+    try:
+        params = train_network(wl, args)
+        log("  trained; " + wl.info["training (not counted)"])
+        ref, damping = network_reference(wl, params, args)
+    finally:
+        torch.set_num_threads(args.threads)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        info = {k: v for k, v in wl.info.items() if before.get(k) != v}
+        tmp = path.with_suffix(".tmp")
+        torch.save({"params": params, "ref": ref, "damping": damping, "info": info,
+                    "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}, tmp)
+        os.replace(tmp, path)
+    return params, ref, damping
+
+
 def run_workload(wl: Workload, methods: list[Method], args: argparse.Namespace) -> Result:
     n, d = wl.X.shape
     p = sum(t.numel() for t in build_model(wl.arch, d).parameters())
@@ -716,13 +760,7 @@ def run_workload(wl: Workload, methods: list[Method], args: argparse.Namespace) 
     if wl.arch == "linear":
         params, ref = linear_reference(wl)
     else:
-        torch.set_num_threads(args.setup_threads)  # untimed set-up: training, curvature check, reference
-        try:
-            params = train_network(wl, args)
-            log("  trained; " + wl.info["training (not counted)"])
-            ref, damping = network_reference(wl, params, args)
-        finally:
-            torch.set_num_threads(args.threads)
+        params, ref, damping = network_setup(wl, args)
     wl.info["sizes"] = (f"n_train = {n:,}, d = {d}, classes = 10, p = {p:,}, λ = {L2}"
                         + (f", damping δ = {damping:.3g}" if damping else "") + f", K = {len(wl.Xt)} test points")
     state = {"arch": wl.arch, "params": params, "X": torch.from_numpy(wl.X).float(), "y": torch.from_numpy(wl.y),
@@ -954,6 +992,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="torch threads for the untimed training, curvature check and reference (default: all usable)")
     w3.add_argument("--ref-rtol", type=float, default=1e-10, help="relative residual of the CG reference (default 1e-10)")
     w3.add_argument("--ref-maxiter", type=int, default=5000, help="iteration cap of the CG reference (default 5,000)")
+    w3.add_argument("--cache", default="",
+                    help="folder keeping each network's trained θ̂ and reference, reused by a rerun with the same data, "
+                         "test points and settings (default: none)")
+    w3.add_argument("--setup-only", action="store_true",
+                    help="compute each network's θ̂ and reference into --cache, time nothing, write no report")
     w3.add_argument("--ref-max-seconds", type=float, default=3600.0, help="time cap of the CG reference (default 3,600)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--state", help=argparse.SUPPRESS)
@@ -969,6 +1012,17 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     specs = [s.strip() for s in args.workloads.split(",") if s.strip()]
     status = 0
+    if args.setup_only:
+        if not args.cache:
+            ap.error("--setup-only needs --cache (where the set-up is kept)")
+        for spec in specs:
+            wl = load_workload(spec, args)
+            if wl.arch == "linear":
+                log(f"{wl.title}: nothing to set up (the linear workloads' reference is closed-form)")
+                continue
+            log(f"{wl.title}: set-up only, K = {len(wl.Xt)}")
+            network_setup(wl, args)
+        return status
     if "peers-summary" not in read_sections(out):  # the summary goes before the workload sections
         replace_section(out, "peers-summary", render_summary(out))
     for spec in specs:
