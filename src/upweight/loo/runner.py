@@ -128,9 +128,10 @@ def run_retrainings(ctx: RetrainContext, *, store: Store | None, executor: Execu
     resumed = sum(key in done for key in keys)
     if resumed:
         logger.info("%s: %d of %d retrainings read from store %s", desc, resumed, len(keys), store.path)  # type: ignore[union-attr]
-    first = {key: j for j, key in reversed(list(enumerate(keys)))}  # the first position of each set
+    first: dict[str, int] = {}  # each set's first position, in order
+    for j, key in enumerate(keys):
+        first.setdefault(key, j)
     todo = [j for key, j in first.items() if key not in done]
-    todo.sort()
     if todo:
         ex = resolve(executor)
         results = ex.map(_retrain_without, [np.array([j]) for j in todo], ex.share(ctx))
