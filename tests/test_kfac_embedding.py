@@ -31,6 +31,7 @@ from upweight.core.kfac import fit_factors
 from upweight.core.layers import DEFAULT_MAX_VOCAB, capture, find_layers
 from upweight.core.structured import (
     _embedding_block_scores,
+    _embedding_table,
     linear_output_layer,
     scoring_plan,
     structured_scores,
@@ -348,7 +349,7 @@ def test_structured_scoring_gathers_embedding_columns_exactly_and_the_structured
     ids = capture(obj, [blk], data, cotangents="loss", token_ids=True)
     assert ids.a[blk.name].shape == (n, T) and int((ids.a[blk.name] == -1).sum()) == int((X == 0).sum())
     dense = torch.einsum("btv,kdv,btd->kb", hot.a[blk.name], S[:, blk.index], hot.g[blk.name][0])
-    got = _embedding_block_scores(S[:, blk.index], ids.a[blk.name], ids.g[blk.name][0])
+    got = _embedding_block_scores(_embedding_table(S[:, blk.index]), ids.a[blk.name], ids.g[blk.name][0])
     assert torch.allclose(got, dense, rtol=1e-12, atol=1e-14)
     kw = dict(solver=uw.Direct(), damping=0.5, progress=False)
     with warnings.catch_warnings():

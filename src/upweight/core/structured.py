@@ -74,16 +74,22 @@ def _block_scores(Q: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Te
     return Q.reshape(k, out * cols) @ G.T
 
 
-def _embedding_block_scores(Q: torch.Tensor, ids: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    """``_block_scores`` for an ``nn.Embedding`` block, whose ã are one-hot token vectors: Σₜ bᵢₜᵀ Qⱼ[:, xᵢₜ]
-    by gathering the columns of Q (k, d, V) at the token ids (b, T) (−1 = padding, no gradient) —
-    b·T·k·d work, not the b·T·V·k·d of a product with the one-hots."""
+def _embedding_table(Q: torch.Tensor) -> torch.Tensor:
+    """An embedding block's queries Q (k, d, V) laid out for the gather: one row (d·k) per token,
+    and a zero row V for padding (id −1, no gradient)."""
     k, d, V = Q.shape
+    return torch.cat([Q.permute(2, 1, 0).reshape(V, d * k), Q.new_zeros(1, d * k)])
+
+
+def _embedding_block_scores(table: torch.Tensor, ids: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """``_block_scores`` for an ``nn.Embedding`` block, whose ã are one-hot token vectors: Σₜ bᵢₜᵀ Qⱼ[:, xᵢₜ]
+    by gathering the columns of Q (``_embedding_table``, (V + 1, d·k)) at the token ids (b, T) —
+    b·T·k·d work, not the b·T·V·k·d of a product with the one-hots."""
     b, T = ids.shape
-    # columns laid out (d, k) per token, with a zero column V for padding (id −1)
-    table = torch.cat([Q.permute(2, 1, 0).reshape(V, d * k), Q.new_zeros(1, d * k)])
+    V = table.shape[0] - 1
+    d = B.shape[-1]
     flat = ids.reshape(-1)
-    cols = torch.index_select(table, 0, torch.where(flat >= 0, flat, V)).reshape(b, T * d, k)
+    cols = torch.index_select(table, 0, torch.where(flat >= 0, flat, V)).reshape(b, T * d, -1)
     return torch.bmm(B.reshape(b, 1, T * d), cols)[:, 0, :].T
 
 
@@ -101,17 +107,51 @@ def _capture_bytes_per_point(objective: Objective, plan: LayerPlan, point: Data,
     return total * cap.g[plan.blocks[0].name].element_size()
 
 
+@dataclass(frozen=True)
+class Queries:
+    """Query rows S (k, p) split once for scoring many batches of training points
+    (``prepare_queries``): per factorable layer its block Qⱼ (k, out, cols) — for an embedding the
+    gather table, for a layer scored at reduced rank its truncated SVD factors — and S on the
+    parameters in no factorable layer. Gathering a layer's block from S copies k·out·cols
+    numbers; a sweep over many chunks does it once, not per chunk."""
+
+    k: int
+    dtype: torch.dtype
+    dense: dict[str, torch.Tensor]
+    tables: dict[str, torch.Tensor]
+    lowrank: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    other: torch.Tensor
+    rank: int | None = None
+
+
 def factor_queries(plan: LayerPlan, S: torch.Tensor, rank: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """The rank-``rank`` truncated SVD Σᵣ σᵣuᵣvᵣᵀ of every query block Qⱼ (row j of S (k, p) on a
     layer's (out, cols) coordinates), per layer with min(out, cols) > rank (the others are scored
-    exactly): ``{layer: (U·σ (k, out, r), Vᵀ (k, r, cols))}``. Computed once per set of queries,
-    then used for every chunk of training points (``structured_scores(query_factors=…)``)."""
+    exactly): ``{layer: (U·σ (k, out, r), Vᵀ (k, r, cols))}``."""
     out = {}
     for blk in plan.blocks:
         if blk.kind != "embedding" and rank < min(blk.out_dim, blk.cols):  # an embedding's exact gather is cheaper
             U, sig, Vh = torch.linalg.svd(S[:, blk.index], full_matrices=False)  # (k, out, m), (k, m), (k, m, cols)
             out[blk.name] = ((U[:, :, :rank] * sig[:, None, :rank]).contiguous(), Vh[:, :rank, :].contiguous())
     return out
+
+
+def prepare_queries(plan: LayerPlan, S: torch.Tensor, dtype: torch.dtype, rank: int | None = None) -> Queries:
+    """``Queries`` for the rows of S (k, p) in ``dtype``; ``rank``: each layer's blocks by their
+    rank-``rank`` truncated SVD (``factor_queries``) where that is smaller than the block."""
+    if rank is not None and (not isinstance(rank, int) or rank < 1):
+        raise InputError(f"structured_scores: rank must be a positive integer or None; got {rank!r}.")
+    S = S.to(dtype)
+    lowrank = factor_queries(plan, S, rank) if rank is not None else {}
+    dense, tables = {}, {}
+    for blk in plan.blocks:
+        if blk.name in lowrank:
+            continue
+        if blk.kind == "embedding":
+            tables[blk.name] = _embedding_table(S[:, blk.index])
+        else:
+            dense[blk.name] = S[:, blk.index]
+    return Queries(S.shape[0], dtype, dense, tables, lowrank, S[:, plan.other_index], rank)
 
 
 def _block_scores_lowrank(Us: torch.Tensor, Vh: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
@@ -122,9 +162,9 @@ def _block_scores_lowrank(Us: torch.Tensor, Vh: torch.Tensor, A: torch.Tensor, B
     return (Bu * Av).sum(dim=(1, 3)).T
 
 
-def structured_scores(objective: Objective, plan: LayerPlan, batch: Data, S: torch.Tensor,
+def structured_scores(objective: Objective, plan: LayerPlan, batch: Data, S: torch.Tensor | None = None,
                       params: Params | None = None, *, max_bytes: int = 2**28, rank: int | None = None,
-                      query_factors: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
+                      queries: Queries | None = None) -> torch.Tensor:
     """sⱼᵀ∇θL(zᵢ, θ) for every row sⱼ of S (k, p) and every point of ``batch``: shape (k, b).
 
     Equal to ``S @ per_sample_grads(batch).T`` (Koh & Liang 2017, Eq. 2 without the sign), but the
@@ -135,41 +175,39 @@ def structured_scores(objective: Objective, plan: LayerPlan, batch: Data, S: tor
 
     ``rank``: score each layer with the rank-``rank`` truncated SVD of its query blocks Qⱼ instead
     (an approximation unless ``rank`` ≥ min(out, cols), when the exact contraction is used); worth
-    it only for wide layers, where k·out·cols ≫ k·rank·(out + cols). ``query_factors``: those
-    truncated SVDs already computed by ``factor_queries(plan, S, rank)`` (a sweep over many chunks
-    of training points factors its queries once).
+    it only for wide layers, where k·out·cols ≫ k·rank·(out + cols). ``queries``: S already split
+    by ``prepare_queries(plan, S, dtype, rank)`` (then S and ``rank`` are not needed) — a sweep over
+    many chunks of training points splits its queries once.
     """
-    if rank is not None and (not isinstance(rank, int) or rank < 1):
-        raise InputError(f"structured_scores: rank must be a positive integer or None; got {rank!r}.")
     params = params if params is not None else objective.params
     dtype = next(iter(params.values())).dtype
-    S = S.to(dtype).reshape(-1, objective.p)
-    if rank is not None and query_factors is None:
-        query_factors = factor_queries(plan, S, rank)
+    if queries is None:
+        if S is None:
+            raise InputError("structured_scores: give the query rows S (k, p) or their prepare_queries(...).")
+        queries = prepare_queries(plan, S.reshape(-1, objective.p), dtype, rank)
     if plan.blocks and len(batch) > 1:
-        per_point = _capture_bytes_per_point(objective, plan, batch.subset([0]), params, S.shape[0])
+        per_point = _capture_bytes_per_point(objective, plan, batch.subset([0]), params, queries.k)
         step = max(1, max_bytes // max(per_point, 1))
         if step < len(batch):
-            return torch.cat([structured_scores(objective, plan, sub, S, params, max_bytes=max_bytes, rank=rank,
-                                                query_factors=query_factors) for sub in batch.batches(step)], dim=1)
-    out = torch.zeros(S.shape[0], len(batch), dtype=dtype)
+            return torch.cat([structured_scores(objective, plan, sub, params=params, max_bytes=max_bytes, queries=queries)
+                              for sub in batch.batches(step)], dim=1)
+    out = torch.zeros(queries.k, len(batch), dtype=dtype)
     if plan.blocks:
         cap = capture(objective, plan.blocks, batch, params=params, cotangents="loss", token_ids=True)
         for blk in plan.blocks:
-            Q = S[:, blk.index]  # (k, out, cols)
             B = cap.g[blk.name][0].to(dtype)
-            if blk.kind == "embedding":
-                out += _embedding_block_scores(Q, cap.a[blk.name], B)
+            if blk.name in queries.tables:
+                out += _embedding_block_scores(queries.tables[blk.name].to(dtype), cap.a[blk.name], B)
                 continue
             A = cap.a[blk.name].to(dtype)
-            if query_factors and blk.name in query_factors:
-                Us, Vh = query_factors[blk.name]
+            if blk.name in queries.lowrank:
+                Us, Vh = queries.lowrank[blk.name]
                 out += _block_scores_lowrank(Us.to(dtype), Vh.to(dtype), A, B)
             else:
-                out += _block_scores(Q, A, B)
+                out += _block_scores(queries.dense[blk.name].to(dtype), A, B)
     if plan.other:
         G = subset_per_sample_grads(objective, params, plan.other, batch)
-        out += S[:, plan.other_index] @ G.T
+        out += queries.other.to(G.dtype) @ G.T
     return out
 
 

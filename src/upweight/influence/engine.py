@@ -47,7 +47,7 @@ from ..core.grads import (
 )
 from ..core.layers import LayerPlan
 from ..core.objective import Objective
-from ..core.structured import factor_queries, scoring_plan, structured_scores
+from ..core.structured import Queries, prepare_queries, scoring_plan, structured_scores
 from ..errors import (
     InaccurateSolveError,
     InaccurateSolveWarning,
@@ -521,9 +521,10 @@ class Influence:
         ctx = self._context(ex, "structured" if self.scoring_ == "structured" else "grads")
         rank = getattr(self, "_query_rank", None)
         args: tuple[Any, ...] = (sol.value,)
-        if rank is not None:  # the queries' truncated SVDs once, not per chunk of training points
-            S = sol.value.to(self.objective.dtype).reshape(-1, self.objective.p)
-            args = (sol.value, rank, factor_queries(self._scoring_plan, S, rank))
+        if self.scoring_ == "structured":  # split s_test by layer (and truncate it) once, not per chunk
+            assert self._scoring_plan is not None
+            S = sol.value.reshape(-1, self.objective.p)
+            args = (prepare_queries(self._scoring_plan, S, self.objective.dtype, rank),)
         values = self._sweep(_up_loss_chunk, positions, ex, ctx, args, arr, shape, axis=1,
                              desc="I_up,loss over training points")
         prov = self._provenance(sol, t0)
@@ -700,27 +701,26 @@ def _chunk_grads(indices: np.ndarray, ctx: _GradContext) -> torch.Tensor:
     return per_sample_grads(ctx.objective, ctx.objective.params, batch)
 
 
-def _up_loss_chunk(indices: np.ndarray, ctx: _GradContext, S: torch.Tensor, rank: int | None = None,
-                   factors: Any = None) -> np.ndarray:
+def _up_loss_chunk(indices: np.ndarray, ctx: _GradContext, S: torch.Tensor | Queries) -> np.ndarray:
     """−s_testⱼᵀ∇θL(zᵢ, θ̂) for the chunk's training points i, shape (k, b) — Eq. 2's train side.
 
-    A ``_StructuredContext`` scores by structured scoring (``_up_loss_chunk_structured``), with
-    each layer's query blocks at rank ``rank`` when it is given (``Influence(query_rank=…)``)."""
+    A ``_StructuredContext`` scores by structured scoring (``_up_loss_chunk_structured``) with
+    s_test already split by layer (``Queries``, each layer's blocks at ``Influence(query_rank=…)``
+    when it is set); otherwise S is s_test (k, p), against per-sample gradients."""
     if isinstance(ctx, _StructuredContext):
-        return _up_loss_chunk_structured(indices, ctx, S, rank, factors)
-    assert rank is None, "query_rank needs structured scoring"  # Influence.fit refuses the combination
+        assert isinstance(S, Queries)
+        return _up_loss_chunk_structured(indices, ctx, S)
+    assert isinstance(S, torch.Tensor), "query_rank needs structured scoring"  # Influence.fit refuses it
     G = _chunk_grads(indices, _private(ctx))
     return (-(S.to(G.dtype) @ G.T)).detach().cpu().numpy()
 
 
-def _up_loss_chunk_structured(indices: np.ndarray, ctx: _StructuredContext, S: torch.Tensor,
-                              rank: int | None = None, factors: Any = None) -> np.ndarray:
+def _up_loss_chunk_structured(indices: np.ndarray, ctx: _StructuredContext, queries: Queries) -> np.ndarray:
     """``_up_loss_chunk`` by structured scoring: each layer's s_testᵀ∇L(zᵢ) from its inputs and
-    output cotangents (``core.structured.structured_scores``, rank-``rank`` query blocks when
-    given), shape (k, b)."""
+    output cotangents (``core.structured.structured_scores``), shape (k, b)."""
     ctx = _private(ctx)
     batch = ctx.data.subset(torch.from_numpy(np.asarray(indices, dtype=np.int64)))
-    return (-structured_scores(ctx.objective, ctx.plan, batch, S, rank=rank, query_factors=factors)).detach().cpu().numpy()
+    return (-structured_scores(ctx.objective, ctx.plan, batch, queries=queries)).detach().cpu().numpy()
 
 
 def _self_influence_chunk(indices: np.ndarray, ctx: _SolveContext) -> tuple[np.ndarray, Solution]:
