@@ -102,6 +102,25 @@ def test_kfac_equals_explicit_inverse_where_the_kronecker_form_is_exact(case, so
     assert sol.stats["approximates"] == solver.approximates
 
 
+@pytest.mark.parametrize("case", [_linear_squared, _softmax_shared_probs], ids=["squared", "ce-shared-p"])
+@pytest.mark.parametrize("solver_cls", [KFAC, EKFAC])
+def test_kfac_solve_of_a_float32_model_is_the_exact_inverse_to_float32_rounding(case, solver_cls):
+    """A float32 model's K-FAC solve rotates in float32 (the eigenbases are fitted in float64 and
+    cast once): where the Kronecker form is exact it still equals the float64 explicit inverse to
+    float32 rounding times the block's condition number (< 1e3 here), and comes back in float32."""
+    model, loss_name, loss, X, y = case()
+    l2, damping = 0.1, 0.01
+    H = explicit_H(model, loss, X, y, l2) + damping * torch.eye(sum(t.numel() for t in model.parameters()), dtype=D64)
+    y32 = y.float() if y.is_floating_point() else y
+    curv = Curvature(uw.Objective(model.float(), loss_name, l2=l2), uw.Data.from_any((X.float(), y32)), damping=damping)
+    solver = solver_cls()
+    V = torch.randn(3, curv.p, generator=torch.Generator().manual_seed(5), dtype=D64)
+    sol = solver.solve(solver.prepare(curv), V.float())
+    assert sol.value.dtype == torch.float32
+    assert float(torch.linalg.cond(H)) < 1e3  # so float32 rounding bounds the error by ~1e-4; it is ~1e-7
+    assert rel(sol.value.double(), torch.linalg.solve(H, V.T).T) < 1e-5
+
+
 def test_extra_kfac_damping_is_added_to_every_eigenvalue():
     model, loss_name, loss, X, y = _linear_squared()
     H = explicit_H(model, loss, X, y, 0.1)
