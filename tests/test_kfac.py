@@ -272,6 +272,35 @@ def test_non_factorable_parameters_are_solved_exactly_not_dropped(norm_mlp):
     assert float(sol.residual.min()) > 1e-3
 
 
+def test_one_shot_residual_is_measured_on_evenly_spaced_right_hand_sides(norm_mlp):
+    """A block of more than RESIDUAL_SAMPLE right-hand sides: the residual is the true one (against
+    the explicit H + δI) on 16 evenly spaced columns and NaN elsewhere; max_residual is their max,
+    and self-influence over more points than that still checks and records measured residuals."""
+    from upweight.solvers.base import RESIDUAL_SAMPLE
+
+    H = norm_mlp[-1]
+    curv = _curv(norm_mlp)
+    solver = KFAC()
+    state = solver.prepare(curv)
+    V = torch.randn(40, curv.p, generator=torch.Generator().manual_seed(9), dtype=D64)
+    sol = solver.solve(state, V)
+    true = (sol.value @ H - V).norm(dim=1) / V.norm(dim=1)
+    measured = ~torch.isnan(sol.residual)
+    assert int(measured.sum()) == RESIDUAL_SAMPLE == 16
+    assert bool(measured[0]) and bool(measured[-1])  # evenly spaced over the block, ends included
+    assert torch.allclose(sol.residual[measured], true[measured], rtol=1e-8)
+    assert sol.max_residual == pytest.approx(float(true[measured].max()), rel=1e-8)
+    assert sol.stats["residual_measured"] == "16 of 40 right-hand sides (evenly spaced)"
+    small = solver.solve(state, V[:5])  # a block of ≤ 16: every residual measured
+    assert torch.allclose(small.residual, (small.value @ H - V[:5]).norm(dim=1) / V[:5].norm(dim=1), rtol=1e-8)
+    model, X, Y, l2, delta, _ = norm_mlp
+    Yn = Y + 0.02 * torch.randn(Y.shape, generator=torch.Generator().manual_seed(11), dtype=D64)  # nonzero gradients
+    inf = uw.Influence(uw.Objective(model, "squared", l2=l2), solver=KFAC(), damping=delta, batch_size=50,
+                       progress=False, grad_tol=1e3).fit((X, Yn))
+    si = inf.self_influence()  # two chunks of 50 training points, 16 residuals measured in each
+    assert 1e-3 < si.provenance["residual_max"] < KFAC.default_max_residual
+
+
 def test_influence_with_preconditioned_cg_matches_direct(shift_mlp):
     model, X, Y, l2, _, _ = shift_mlp
     Yn = Y + 0.02 * torch.randn(Y.shape, generator=torch.Generator().manual_seed(10), dtype=D64)  # nonzero gradients

@@ -23,6 +23,9 @@ class Solution:
         value: the solutions, shape (k, p).
         residual: relative residuals ‖(H + δI)xⱼ − vⱼ‖ / ‖vⱼ‖, shape (k,), measured with one
             extra full-data HVP (or the dense matrix for Direct) — not the solver's own estimate.
+            A one-shot approximate solver (``one_shot_solution``: KFAC, EKFAC, Nystrom, DataInf)
+            measures at most ``RESIDUAL_SAMPLE`` evenly spaced right-hand sides of a block and
+            leaves NaN at the others (``stats["residual_measured"]`` says how many).
         converged: per right-hand side, whether the solver met its own stopping rule, shape (k,).
         iterations: iterations (CG), steps × repeats (LiSSA) or 0 (Direct).
         seconds: wall time of the solve, residual check included.
@@ -38,7 +41,9 @@ class Solution:
 
     @property
     def max_residual(self) -> float:
-        return float(self.residual.max()) if self.residual.numel() else 0.0
+        """The largest measured relative residual (NaN entries, not measured, are skipped)."""
+        measured = self.residual[~torch.isnan(self.residual)]
+        return float(measured.max()) if measured.numel() else 0.0
 
 
 class InverseHVPSolver(ABC):
@@ -69,12 +74,26 @@ def relative_residual(AX: torch.Tensor, X_rhs: torch.Tensor) -> torch.Tensor:
     return torch.where(den > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny), num)
 
 
+#: right-hand sides of a block whose residual a one-shot approximate solver measures (``one_shot_solution``)
+RESIDUAL_SAMPLE = 16
+
+
 def one_shot_solution(curvature: Curvature, X: torch.Tensor, V: torch.Tensor, rhs_dtype: torch.dtype, t0: float,
                       stats: Mapping[str, Any], iterations: int = 0) -> Solution:
     """The ``Solution`` of a non-iterative (approximate) solve X ≈ (H + δI)⁻¹V: X in the curvature's
-    dtype, its true relative residual ‖(H + δI)x − v‖/‖v‖ from one full-data HVP (in V's dtype),
-    every column marked converged (there is no stopping rule to miss), ``t0`` the solve's start."""
+    dtype, every column marked converged (there is no stopping rule to miss), ``t0`` the solve's
+    start, and the true relative residual ‖(H + δI)x − v‖/‖v‖ from one full-data HVP (in V's dtype)
+    of at most ``RESIDUAL_SAMPLE`` evenly spaced columns, NaN at the others.
+
+    The residual of an approximate solver measures its approximation, which is much the same for
+    every right-hand side; checking each costs one full-data HVP per vector — more than the solve
+    itself (K-FAC on a 1M-parameter MLP, 100 test points: 8 s against 13 s), and for self-influence,
+    one solve per chunk of training points, a pass over all n for each of the n points."""
     Xc = X.to(curvature.dtype)
-    res = relative_residual(curvature.matvec(Xc).to(V.dtype), V)
-    return Solution(Xc.to(rhs_dtype), res, torch.ones(len(V), dtype=torch.bool), iterations, time.perf_counter() - t0,
-                    dict(stats))
+    k = len(V)
+    res = torch.full((k,), float("nan"), dtype=V.dtype)
+    cols = torch.linspace(0, k - 1, RESIDUAL_SAMPLE).round().long().unique() if k > RESIDUAL_SAMPLE else torch.arange(k)
+    if k:
+        res[cols] = relative_residual(curvature.matvec(Xc[cols]).to(V.dtype), V[cols])
+    stats = {**stats, "residual_measured": f"{len(cols)} of {k} right-hand sides" + (" (evenly spaced)" if len(cols) < k else "")}
+    return Solution(Xc.to(rhs_dtype), res, torch.ones(k, dtype=torch.bool), iterations, time.perf_counter() - t0, stats)
