@@ -119,9 +119,10 @@ def test_non_pd_hessian_raises_with_damping_advice_then_solves_with_damping(untr
     assert float((sol.value - ref).norm() / ref.norm()) < 1e-6
 
 
-def test_cg_detects_negative_curvature(untrained_mlp):
+@pytest.mark.parametrize("block", [False, True], ids=["cg", "block-cg"])
+def test_cg_detects_negative_curvature(untrained_mlp, block):
     model, X, y, _ = untrained_mlp
-    inf = uw.Influence(uw.Objective(model, "cross_entropy"), solver=uw.CG(), progress=False, grad_tol=1e3).fit((X, y))
+    inf = uw.Influence(uw.Objective(model, "cross_entropy"), solver=uw.CG(block=block), progress=False, grad_tol=1e3).fit((X, y))
     Xt, yt = X[:3], y[:3]
     with pytest.raises(NotPositiveDefiniteError, match="damping"):
         inf.up_loss((Xt, yt))

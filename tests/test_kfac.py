@@ -307,11 +307,12 @@ def test_influence_with_preconditioned_cg_matches_direct(shift_mlp):
     obj = uw.Objective(model, "squared", l2=l2)
     kw = dict(damping=0.01, progress=False, grad_tol=1e3)
     a = uw.Influence(obj, solver=uw.Direct(), **kw).fit((X, Yn)).up_loss((X[:3], Yn[:3] + 0.1))
-    b = uw.Influence(obj, solver=CG(rtol=1e-10, preconditioner=KFAC()), **kw).fit((X, Yn))
-    scores = b.up_loss((X[:3], Yn[:3] + 0.1))
-    assert float(abs(scores.values).max()) > 0
-    assert rel(torch.as_tensor(scores.values), torch.as_tensor(a.values)) < 1e-7
-    assert scores.provenance["solver_preconditioner"] == "kfac"
+    for block in (False, True):
+        b = uw.Influence(obj, solver=CG(rtol=1e-10, preconditioner=KFAC(), block=block), **kw).fit((X, Yn))
+        scores = b.up_loss((X[:3], Yn[:3] + 0.1))
+        assert float(abs(scores.values).max()) > 0
+        assert rel(torch.as_tensor(scores.values), torch.as_tensor(a.values)) < 1e-7
+        assert scores.provenance["solver_preconditioner"] == "kfac"
     # K-FAC alone: approximate, accepted under its own bound, its residual recorded
     approx = uw.Influence(obj, solver=EKFAC(), **kw).fit((X, Yn)).up_loss((X[:3], Yn[:3] + 0.1))
     assert approx.provenance["max_residual_accepted"] == EKFAC.default_max_residual == 10.0

@@ -150,6 +150,7 @@ def upweight_methods() -> list[Method]:
         Method("uw-direct", "upweight", "Direct", "float64 H + Cholesky", 1, _uw(uw.Direct), req, DENSE_MAX_P, DENSE),
         Method("uw-cg-1e-3", "upweight", "CG", "rtol=1e-3", 1, _uw(lambda: uw.CG(rtol=1e-3)), req),
         Method("uw-cg-1e-6", "upweight", "CG", "rtol=1e-6 (default)", 1, _uw(lambda: uw.CG(rtol=1e-6)), req),
+        Method("uw-bcg-1e-3", "upweight", "block CG", "rtol=1e-3, block=True", 1, _uw(lambda: uw.CG(rtol=1e-3, block=True)), req),
         Method("uw-lissa", "upweight", "LiSSA", "defaults: r=4, t=1000, batch 256, scale auto", 1,
                _uw(lambda: uw.LiSSA(progress=False)), req),
         Method("uw-lissa-cheap", "upweight", "LiSSA", "r=1, t=1000, batch 256", 1,
@@ -184,6 +185,9 @@ def upweight_methods() -> list[Method]:
         if isinstance(Nystrom(rank=100), Preconditioner):
             out.append(Method("uw-pcg-nystrom-1e-3", "upweight", "CG + Nystrom precond.", "rtol=1e-3, rank=100", 1,
                               _uw(lambda: uw.CG(rtol=1e-3, preconditioner=Nystrom(rank=100))), req))
+            out.append(Method("uw-pbcg-nystrom-1e-3", "upweight", "block CG + Nystrom precond.",
+                              "rtol=1e-3, rank=100, block=True", 1,
+                              _uw(lambda: uw.CG(rtol=1e-3, preconditioner=Nystrom(rank=100), block=True)), req))
     try:  # DataInf (Kwon et al. 2024), where this checkout has it
         from upweight.solvers.datainf import DataInf
     except ImportError:
