@@ -51,7 +51,7 @@ bench-peers-w2: $(BENCH_STAMP)
 # at n = 20,000 (and K-FAC, the fast approximate one), each up to 400 s
 bench-peers-w2-full: $(BENCH_STAMP)
 	$(PEERS) --workloads W2:55000 --n-test 100 --timeout 400 \
-	  --methods uw-cg-1e-3,uw-pcg-kfac4096-1e-3,uw-pcg-nystrom-1e-3,uw-kfac,pydvl-cg-block,kron-kfac,dattri-cg-100
+	  --methods uw-cg-1e-3,uw-bcg-1e-3,uw-pcg-kfac4096-1e-3,uw-pcg-nystrom-1e-3,uw-pbcg-nystrom-1e-3,uw-kfac,pydvl-cg-block,kron-kfac,dattri-cg-100
 
 # W3: the untimed float64 CG reference dominates (MLP n = 1,000: 117 iterations, 190 s on 2 cores);
 # the CNN gets the paper's damping 0.01 (§4.2) so that its reference converges within the cap.
@@ -69,9 +69,9 @@ bench-peers-w3-cnn: $(BENCH_STAMP)
 W3_FULL := --n-test 100 --timeout 1800 --ref-max-seconds 5400 --cache bench/.cache
 bench-peers-w3-full: $(BENCH_STAMP)
 	$(PEERS) --workloads W3-mlp:1000 $(W3_FULL) \
-	  --methods uw-cg-1e-3,uw-pcg-nystrom-1e-3,uw-kfac,pydvl-cg-block,pydvl-ekfac,kron-kfac,dattri-cg-10
+	  --methods uw-cg-1e-3,uw-bcg-1e-3,uw-pcg-nystrom-1e-3,uw-pbcg-nystrom-1e-3,uw-kfac,pydvl-cg-block,pydvl-ekfac,kron-kfac,dattri-cg-10
 	$(PEERS) --workloads W3-cnn:1000 $(W3_FULL) --damping 0.01 --ref-precond-rank 100 \
-	  --methods uw-cg-1e-3,uw-pcg-nystrom-1e-3,uw-kfac,pydvl-cg-block,pydvl-ekfac,kron-kfac,dattri-cg-10
+	  --methods uw-cg-1e-3,uw-bcg-1e-3,uw-pcg-nystrom-1e-3,uw-pbcg-nystrom-1e-3,uw-kfac,pydvl-cg-block,pydvl-ekfac,kron-kfac,dattri-cg-10
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests bench
