@@ -209,13 +209,14 @@ class CG(InverseHVPSolver):
             it += 1
             Q = curv.matvec(P)
             PAP = P @ Q.T
-            PAP = (PAP + PAP.T) / 2
-            evals = torch.linalg.eigvalsh(PAP)  # Rayleigh quotients of H + δI on P's orthonormal rows
+            # its eigenvalues are Rayleigh quotients of H + δI on P's orthonormal rows: inverted
+            # through its eigendecomposition (s × s), which also tells negative curvature apart
+            evals, U = torch.linalg.eigh((PAP + PAP.T) / 2)
             if float(evals[0]) <= 0:
                 self._raise_not_pd(curv, float(evals[0]))
-            chol = torch.linalg.cholesky(PAP)
+            PAP_inv = (U / evals) @ U.T
             idx = active.nonzero().squeeze(1)
-            alpha = torch.cholesky_solve(P @ R[idx].T, chol)  # (s, a)
+            alpha = PAP_inv @ (P @ R[idx].T)  # (s, a)
             X[idx] += alpha.T @ P
             R[idx] -= alpha.T @ Q
             rnorm[idx] = R[idx].norm(dim=1)
@@ -226,7 +227,7 @@ class CG(InverseHVPSolver):
             if not bool(still.any()):
                 break
             Z = Z[still]
-            beta = -torch.cholesky_solve(Q @ Z.T, chol)  # (s, a')
+            beta = -PAP_inv @ (Q @ Z.T)  # (s, a')
             P = _orthonormal_rows(Z + beta.T @ P)
         return X, rnorm, it
 
