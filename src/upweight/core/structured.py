@@ -116,12 +116,10 @@ class Queries:
     numbers; a sweep over many chunks does it once, not per chunk."""
 
     k: int
-    dtype: torch.dtype
     dense: dict[str, torch.Tensor]
     tables: dict[str, torch.Tensor]
     lowrank: dict[str, tuple[torch.Tensor, torch.Tensor]]
     other: torch.Tensor
-    rank: int | None = None
 
 
 def factor_queries(plan: LayerPlan, S: torch.Tensor, rank: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -151,7 +149,7 @@ def prepare_queries(plan: LayerPlan, S: torch.Tensor, dtype: torch.dtype, rank: 
             tables[blk.name] = _embedding_table(S[:, blk.index])
         else:
             dense[blk.name] = S[:, blk.index]
-    return Queries(S.shape[0], dtype, dense, tables, lowrank, S[:, plan.other_index], rank)
+    return Queries(S.shape[0], dense, tables, lowrank, S[:, plan.other_index])
 
 
 def _block_scores_lowrank(Us: torch.Tensor, Vh: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
