@@ -492,7 +492,8 @@ def test_tied_weights_go_to_the_fallback_block_and_the_preconditioned_solve_stay
 
 
 def test_plain_cg_is_unchanged_by_the_preconditioner_option():
-    assert CG().config() == {"name": "cg", "rtol": 1e-6, "atol": 0.0, "maxiter": None}
+    assert CG().config() == {"name": "cg", "rtol": 1e-6, "atol": 0.0, "maxiter": None, "block": True}
+    assert CG(block=False).config()["block"] is False  # kept apart in store fingerprints
     assert "KFAC" in CG(preconditioner=KFAC()).config()["preconditioner"]
 
 

@@ -148,8 +148,8 @@ def upweight_methods() -> list[Method]:
     req = ("upweight",)
     out = [
         Method("uw-direct", "upweight", "Direct", "float64 H + Cholesky", 1, _uw(uw.Direct), req, DENSE_MAX_P, DENSE),
-        Method("uw-cg-1e-3", "upweight", "CG", "rtol=1e-3", 1, _uw(lambda: uw.CG(rtol=1e-3)), req),
-        Method("uw-cg-1e-6", "upweight", "CG", "rtol=1e-6 (default)", 1, _uw(lambda: uw.CG(rtol=1e-6)), req),
+        Method("uw-cg-1e-3", "upweight", "CG", "rtol=1e-3, block=False", 1, _uw(lambda: uw.CG(rtol=1e-3, block=False)), req),
+        Method("uw-cg-1e-6", "upweight", "CG", "rtol=1e-6, block=False", 1, _uw(lambda: uw.CG(rtol=1e-6, block=False)), req),
         Method("uw-bcg-1e-3", "upweight", "block CG", "rtol=1e-3, block=True", 1, _uw(lambda: uw.CG(rtol=1e-3, block=True)), req),
         Method("uw-lissa", "upweight", "LiSSA", "defaults: r=4, t=1000, batch 256, scale auto", 1,
                _uw(lambda: uw.LiSSA(progress=False)), req),
@@ -167,13 +167,13 @@ def upweight_methods() -> list[Method]:
             Method("uw-kfac", "upweight", "KFAC", "defaults", 1, _uw(KFAC), req),
             Method("uw-ekfac", "upweight", "EKFAC", "defaults", 1, _uw(EKFAC), req),
             Method("uw-pcg-kfac-1e-3", "upweight", "CG + KFAC precond.", "rtol=1e-3", 1,
-                   _uw(lambda: uw.CG(rtol=1e-3, preconditioner=KFAC())), req),
+                   _uw(lambda: uw.CG(rtol=1e-3, preconditioner=KFAC(), block=False)), req),
             Method("uw-pcg-kfac-1e-6", "upweight", "CG + KFAC precond.", "rtol=1e-6", 1,
-                   _uw(lambda: uw.CG(rtol=1e-6, preconditioner=KFAC())), req),
+                   _uw(lambda: uw.CG(rtol=1e-6, preconditioner=KFAC(), block=False)), req),
             Method("uw-pcg-kfac4096-1e-3", "upweight", "CG + KFAC precond.", "rtol=1e-3, factors from 4,096 points", 1,
-                   _uw(lambda: uw.CG(rtol=1e-3, preconditioner=KFAC(max_points=4096))), req),
+                   _uw(lambda: uw.CG(rtol=1e-3, preconditioner=KFAC(max_points=4096), block=False)), req),
             Method("uw-pcg-ekfac-1e-3", "upweight", "CG + EKFAC precond.", "rtol=1e-3", 1,
-                   _uw(lambda: uw.CG(rtol=1e-3, preconditioner=EKFAC())), req),
+                   _uw(lambda: uw.CG(rtol=1e-3, preconditioner=EKFAC(), block=False)), req),
         ]
     try:  # Nyström (solver and preconditioner), where this checkout has it
         from upweight.solvers.nystrom import Nystrom
@@ -184,7 +184,7 @@ def upweight_methods() -> list[Method]:
         out.append(Method("uw-nystrom", "upweight", "Nystrom", "rank=100", 1, _uw(lambda: Nystrom(rank=100)), req))
         if isinstance(Nystrom(rank=100), Preconditioner):
             out.append(Method("uw-pcg-nystrom-1e-3", "upweight", "CG + Nystrom precond.", "rtol=1e-3, rank=100", 1,
-                              _uw(lambda: uw.CG(rtol=1e-3, preconditioner=Nystrom(rank=100))), req))
+                              _uw(lambda: uw.CG(rtol=1e-3, preconditioner=Nystrom(rank=100), block=False)), req))
             out.append(Method("uw-pbcg-nystrom-1e-3", "upweight", "block CG + Nystrom precond.",
                               "rtol=1e-3, rank=100, block=True", 1,
                               _uw(lambda: uw.CG(rtol=1e-3, preconditioner=Nystrom(rank=100), block=True)), req))

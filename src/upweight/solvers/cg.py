@@ -42,9 +42,10 @@ class PCGState:
 class CG(InverseHVPSolver):
     """Conjugate gradients with one full-data HVP block per iteration — Koh & Liang (2017) §3.
 
-    The k right-hand sides run as k independent CG recurrences that share each HVP pass over
-    the data (one ``vmap``-ed block product), so k test points cost about as much as one.
-    A column stops when ‖rⱼ‖ ≤ max(rtol·‖vⱼ‖, atol).
+    By default the k right-hand sides run as one block CG (``block=True``): they share each HVP
+    pass over the data *and* one Krylov space, so k test points cost less than one each. With
+    ``block=False`` they run as k independent CG recurrences that share each HVP pass. A column
+    stops when ‖rⱼ‖ ≤ max(rtol·‖vⱼ‖, atol).
 
     Args:
         rtol: relative tolerance on the residual.
@@ -55,14 +56,16 @@ class CG(InverseHVPSolver):
             the true recurrence residual ‖rⱼ‖ — the answer is exact to ``rtol`` whatever the
             preconditioner approximates; a good M only cuts the iterations (K-FAC: the
             Gauss–Newton matrix's Kronecker structure, e.g. the pixel covariance of MNIST).
-        block: ``True`` runs block CG (O'Leary 1980, in the breakdown-free form of Ji & Li 2017)
-            instead: the k right-hand sides share one Krylov space — each iteration searches
+        block: ``True`` (the default) runs block CG (O'Leary 1980, in the breakdown-free form of
+            Ji & Li 2017): the k right-hand sides share one Krylov space — each iteration searches
             along an orthonormal block of directions built from every unconverged residual, so
             the largest eigenvalues are resolved once for all of them and many right-hand sides
-            converge in far fewer HVP blocks (MNIST softmax regression, 100 test points, rtol
-            1e-3: 5 iterations instead of 19). Each iteration adds dense work of O(k²p) (a QR
-            of the block and k×k solves), negligible beside the HVP unless p is large and k
-            close to n. Same stopping rule per column; a converged column leaves the block.
+            converge in far fewer HVP blocks (MNIST softmax regression, n = 20,000, rtol 1e-3:
+            37 → 15 iterations for 10 test points, 38 → 7 for 100; self-influence of 1,024
+            points in chunks of 256 at n = 5,000: 48 → 7 per chunk, 5.6× faster). Each iteration
+            adds dense work of O(k²p) (a QR of the block and k×k products). For k = 1 it is
+            plain CG. ``False``: k independent recurrences (the behaviour before block CG).
+            Same stopping rule per column; a converged column leaves the block.
 
     Raises:
         NotPositiveDefiniteError: a search direction with pᵀ(H + δI)p ≤ 0 was met; the message
@@ -77,7 +80,7 @@ class CG(InverseHVPSolver):
     atol: float = 0.0
     maxiter: int | None = None
     preconditioner: Preconditioner | None = None
-    block: bool = False
+    block: bool = True
 
     def __post_init__(self) -> None:
         check_interval("CG", "rtol", self.rtol, 0.0, 1.0)
@@ -94,8 +97,6 @@ class CG(InverseHVPSolver):
         cfg = super().config()
         if self.preconditioner is None:
             cfg.pop("preconditioner", None)  # plain CG's provenance is unchanged
-        if not self.block:
-            cfg.pop("block", None)  # … and so are its store fingerprints
         return cfg
 
     def prepare(self, curvature: Curvature) -> Any:
