@@ -107,9 +107,9 @@ class CG(InverseHVPSolver):
         return PCGState(curvature, pstate, time.perf_counter() - t0)
 
     def solve(self, state: Any, rhs: torch.Tensor) -> Solution:
-        """(Preconditioned) block CG: per right-hand side j, zⱼ = M⁻¹rⱼ (zⱼ = rⱼ without a
-        preconditioner), αⱼ = rⱼᵀzⱼ / pⱼᵀApⱼ, βⱼ = rⱼ₊₁ᵀzⱼ₊₁ / rⱼᵀzⱼ; a column stops once ‖rⱼ‖ ≤
-        max(rtol·‖vⱼ‖, atol) and drops out of the block's HVPs."""
+        """(Preconditioned) CG on the block of right-hand sides — block CG (``_block_cg``) or k
+        independent recurrences (``_cg``); a column stops once ‖rⱼ‖ ≤ max(rtol·‖vⱼ‖, atol) and
+        drops out of the block's HVPs. The residual is then measured with one more HVP."""
         pre = self.preconditioner
         curv: Curvature = state.curvature if isinstance(state, PCGState) else state
         t0 = time.perf_counter()
@@ -217,12 +217,14 @@ class CG(InverseHVPSolver):
                 self._raise_not_pd(curv, float(evals[0]))
             PAP_inv = (U / evals) @ U.T
             idx = active.nonzero().squeeze(1)
-            alpha = PAP_inv @ (P @ R[idx].T)  # (s, a)
+            Ra = R[idx]  # one gather of the active residuals, written back once
+            alpha = PAP_inv @ (P @ Ra.T)  # (s, a)
             X[idx] += alpha.T @ P
-            R[idx] -= alpha.T @ Q
-            rnorm[idx] = R[idx].norm(dim=1)
-            Z = precondition(R[idx])
-            self._check_spd_preconditioner((R[idx] * Z).sum(1), rnorm[idx])
+            Ra -= alpha.T @ Q
+            R[idx] = Ra
+            rnorm[idx] = Ra.norm(dim=1)
+            Z = precondition(Ra)
+            self._check_spd_preconditioner((Ra * Z).sum(1), rnorm[idx])
             still = rnorm[idx] > tol[idx]
             active[idx] = still
             if not bool(still.any()):
