@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import upweight as uw
 from conftest import pooled
-from reference import assert_not_constant, explicit_hessian, loop_grads
+from reference import assert_not_constant, ce, explicit_H, explicit_hessian, loop_grads
 from upweight.core.curvature import Curvature
 from upweight.errors import NotPositiveDefiniteError
 
@@ -282,3 +282,54 @@ def test_hvp_of_a_model_whose_loss_ignores_theta_is_zero():
     params = {"unused": model.unused.detach()}
     out = hvp_sum(obj, params, torch.randn(3, 2, dtype=torch.float64), uw.Data.from_any((X, y)))
     assert out.shape == (3, 2) and float(out.abs().max()) == 0.0
+
+
+class _TinyCNN(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 4, 3)
+        self.head = torch.nn.Linear(4 * 4 * 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.conv(x)).flatten(1))
+
+
+def test_hvp_batches_capped_by_the_graph_budget_still_give_the_explicit_hessian(monkeypatch):
+    """Curvature.hvp_batch_size caps generic HVP batches by the bytes autograd saves per point: the
+    measurement covers at least the activations the chain rule needs, the cap is budget // bytes per
+    point, and the products over the smaller batches are still (H + δI)V of the explicit float64 H."""
+    import upweight.core.curvature as curvature_module
+    from upweight.core.curvature import graph_bytes_per_point
+    from upweight.core.curvature import hvp_sum as module_hvp_sum
+
+    torch.manual_seed(0)
+    model = _TinyCNN().double()
+    X, y = torch.randn(50, 1, 6, 6, dtype=torch.float64), torch.randint(0, 3, (50,))
+    obj = uw.Objective(model, "cross_entropy", l2=0.1)
+    data = uw.Data.from_any((X, y))
+    per_point = graph_bytes_per_point(obj, obj.params, data)
+    # the backward needs at least each point's input (for the conv weight) and its tanh output: 8 B × (36 + 64)
+    assert 8 * (36 + 64) <= per_point <= 20 * 8 * (36 + 64)
+
+    monkeypatch.setattr(curvature_module, "MIN_HVP_BATCH", 1)
+    monkeypatch.setattr(curvature_module, "HVP_GRAPH_BYTES", int(7.5 * per_point))
+    batches: list[int] = []
+
+    def counting_hvp_sum(*args, **kwargs):
+        batches.append(len(args[3]))
+        return module_hvp_sum(*args, **kwargs)
+
+    monkeypatch.setattr(curvature_module, "hvp_sum", counting_hvp_sum)
+    curv = Curvature(obj, data, damping=0.2, batch_size=32, structured=False)
+    assert curv.hvp_batch_size == 7
+    V = torch.randn(5, obj.p, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    H = explicit_H(model, ce, X, y, l2=0.1, damping=0.2)
+    assert float((curv.matvec(V) - V @ H).norm() / (V @ H).norm()) < 1e-12
+    assert batches == [7] * 7 + [1]
+    batches.clear()
+    part = data.subset(torch.arange(20))
+    H20 = explicit_H(model, ce, X[:20], y[:20], l2=0.0) * 20  # Σ over the 20 points of ∇²L
+    assert float((curv.hvp_sum(V, part) - V @ H20).norm() / (V @ H20).norm()) < 1e-12
+    assert batches == [7, 7, 6]
+    monkeypatch.setattr(curvature_module, "HVP_GRAPH_BYTES", 2**40)  # a generous budget keeps batch_size
+    assert Curvature(obj, data, batch_size=32, structured=False).hvp_batch_size == 32

@@ -18,6 +18,7 @@ its own rows. The functions run in a fresh worker process (``bench_peers.py --wo
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -133,7 +134,12 @@ def _uw(make_solver: Callable[[], Any]) -> Callable[[Problem], np.ndarray]:
         obj = uw.Objective(pb.model, "cross_entropy", l2=pb.l2)
         inf = uw.Influence(obj, solver=make_solver(), damping=pb.damping, progress=False, on_inaccurate="warn")
         inf.fit(uw.Data.from_any((pb.X, pb.y)))
-        return _np(inf.up_loss((pb.Xt, pb.yt)).values)
+        scores = inf.up_loss((pb.Xt, pb.yt))
+        prov = scores.provenance  # into the worker's log (bench_peers.py --keep DIR keeps it)
+        print("upweight solve: " + ", ".join(f"{k}={prov.get(k)}" for k in ("iterations", "residual_max", "solve_seconds")),
+              "hvp batch:", "structured" if inf.curvature_.uses_structured else inf.curvature_.hvp_batch_size,
+              file=sys.stderr, flush=True)
+        return _np(scores.values)
 
     return run
 

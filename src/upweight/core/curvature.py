@@ -38,7 +38,8 @@ class Curvature:
         objective: the model, loss and L2 term; θ̂ is ``objective.params``.
         data: the n training points.
         damping: δ ≥ 0 added to the diagonal (Koh & Liang 2017, §4.2, for non-convex models).
-        batch_size: points per vectorised HVP chunk.
+        batch_size: at most this many points per HVP batch (the generic path uses fewer when the
+            batch's autograd graph would exceed ``HVP_GRAPH_BYTES``; see ``hvp_batch_size``).
         dtype: compute in this dtype (e.g. float64 for Direct); default the model's.
         executor: runs the full-data HVP as a map-reduce over partitions of the data (e.g. a
             ``upweight.distributed.DaskExecutor``); ``None`` keeps the in-process loop.
@@ -93,6 +94,7 @@ class Curvature:
         self.structured = structured
         self.structured_cache_bytes = int(structured_cache_bytes)
         self._structured_op: Any = None  # LinearOutputHVP once resolved, False when it does not apply
+        self._hvp_batch_size: int | None = None  # measured on first use (generic path)
         self.structured_reason_: str | None = None
         if structured is True:
             self._structured()  # fail early, with the reason
@@ -138,12 +140,38 @@ class Curvature:
         """Whether in-process products use the structured HVP (resolves it on first use)."""
         return self._structured() is not None
 
+    @property
+    def hvp_batch_size(self) -> int:
+        """Points per generic HVP batch: ``batch_size``, capped so that the batch's autograd graph (what
+        each of the k tangent passes of ``hvp_sum`` works through) stays within ``HVP_GRAPH_BYTES``.
+
+        Measured once, from the bytes autograd saves for 1 and for 8 training points
+        (``graph_bytes_per_point``). Why it pays: glibc's malloc serves every allocation above its mmap
+        threshold (at most 32 MiB) with a fresh mapping and unmaps it on free, so a tensor of that size
+        made in every tangent pass is page-faulted in anew each time; with every tensor of the graph
+        below 32 MiB the allocator's caches are reused. Measured (``bench/bench_hvp_batch.py``, section
+        ``hvp-batch`` of bench/RESULTS.md; 16 products over 1,000 MNIST images, one thread): the W3 CNN
+        (151 kB per point) 1.63× faster in batches of 223 than in one batch of 1,000 — 1.04× with glibc's
+        mmap threshold raised to 4 GiB, which confirms the cause —, Koh & Liang's all-conv CNN 1.30×, the
+        1M-parameter MLP (15 kB per point) keeps its batch (1.02×). The cap also bounds the graph's memory.
+        """
+        if self._hvp_batch_size is None:
+            per_point = graph_bytes_per_point(self.objective, self.params, self.data)
+            cap = self.batch_size if per_point <= 0 else max(MIN_HVP_BATCH, int(HVP_GRAPH_BYTES // per_point))
+            self._hvp_batch_size = max(1, min(self.batch_size, cap))
+        return self._hvp_batch_size
+
     def hvp_sum(self, V: torch.Tensor, batch: Data) -> torch.Tensor:
-        """Σ_{i∈batch} ∇²θL(zᵢ, θ̂) vⱼ for each row vⱼ of V (k, p) → (k, p): the loss terms only, unnormalised."""
+        """Σ_{i∈batch} ∇²θL(zᵢ, θ̂) vⱼ for each row vⱼ of V (k, p) → (k, p): the loss terms only, unnormalised
+        (generic path: in chunks of ``hvp_batch_size`` points)."""
         op = self._structured()
         if op is not None:
             return op.hvp_sum(V.reshape(-1, self.p).to(self.dtype), batch.to(self.dtype))
-        return hvp_sum(self.objective, self.params, V, batch)
+        V = V.reshape(-1, self.p).to(self.dtype)
+        acc = torch.zeros_like(V)
+        for chunk in batch.to(self.dtype).batches(self.hvp_batch_size):
+            hvp_sum(self.objective, self.params, V, chunk, out=acc)
+        return acc
 
     def matvec(self, V: torch.Tensor) -> torch.Tensor:
         """(H + δI)V for V of shape (p,) or (k, p), over all n training points."""
@@ -154,7 +182,7 @@ class Curvature:
             acc = op.hvp_sum_all(V)
         elif self.executor is None or inside_task():
             acc = torch.zeros_like(V)
-            for batch in self.data.batches(self.batch_size):
+            for batch in self.data.batches(self.hvp_batch_size):
                 hvp_sum(self.objective, self.params, V, batch, out=acc)
         else:
             acc = self._distributed_hvp_sum(V)
@@ -167,7 +195,7 @@ class Curvature:
         ex = self.executor
         assert ex is not None
         if self._shared is None:
-            self._shared = ex.share(_HVPContext(self.objective, self.data, self.params, self.batch_size))
+            self._shared = ex.share(_HVPContext(self.objective, self.data, self.params, self.hvp_batch_size))
         parts = split_indices(self.n, self.batch_size, min_parts=ex.parallelism)
         return ex.map_reduce(_hvp_partition, parts, operator.add, self._shared, V)
 
@@ -218,6 +246,45 @@ class Curvature:
         sigma = abs(self.lambda_max(seed=seed)) * 1.05 + 1e-12
         mu = power_iteration(lambda v: sigma * v - self.matvec(v), self.p, self.dtype, n_iter=n_iter, rtol=1e-4, seed=seed + 1)
         return sigma - mu
+
+
+#: the autograd graph one generic HVP batch may hold (``Curvature.hvp_batch_size``): forward activations and
+#: the first backward's intermediates; 32 MiB = glibc's largest mmap threshold, so no tensor of it exceeds that
+HVP_GRAPH_BYTES = 32 * 2**20
+#: the smallest batch the cap may choose (below it, per-batch overhead outweighs the cache)
+MIN_HVP_BATCH = 16
+
+
+def graph_bytes_per_point(obj: Objective, params: Params, data: Data) -> float:
+    """Bytes autograd saves per training point for ``hvp_sum``'s double-backward graph (the loss and its
+    gradient with ``create_graph=True``): the difference between the graphs of 8 points and of 1, / 7.
+
+    Each storage counts once (views and tensors saved by several operations); what does not grow with the
+    batch (the parameters themselves) cancels in the difference. 0 when the data has < 8 points.
+    """
+    if len(data) < 8:
+        return 0.0
+
+    def saved_bytes(batch: Data) -> int:
+        seen: dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            try:  # one entry per storage: views and repeated saves of one tensor count once
+                storage = t.untyped_storage()
+                seen[storage.data_ptr()] = storage.nbytes()
+            except (RuntimeError, NotImplementedError):  # no plain storage (e.g. sparse): count it by identity
+                seen[id(t)] = t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.enable_grad():
+            leaves = {name: t.detach().requires_grad_(True) for name, t in params.items()}
+            loss = obj.losses(leaves, batch.X, batch.y).sum()
+            if loss.requires_grad:
+                torch.autograd.grad(loss, list(leaves.values()), create_graph=True, allow_unused=True)
+        return sum(seen.values())
+
+    one, eight = (saved_bytes(data.subset(torch.arange(m))) for m in (1, 8))
+    return max(eight - one, 0) / 7
 
 
 class _HVPContext:
