@@ -67,7 +67,7 @@ bench-peers-w3-cnn: $(BENCH_STAMP)
 
 # the issue's full W3 query: 100 test points; each library's fastest accurate method at K = 10 (and
 # K-FAC), up to 30 min each; set-up kept in bench/.cache (θ̂ and the float64 reference: MLP ≈ 40 min,
-# CNN 55 min on 2 cores — its H + δI is ill-conditioned (≈ 660), so its block-CG reference is also
+# CNN 55–66 min on 2 cores — its H + δI is ill-conditioned (≈ 660), so its block-CG reference is also
 # Nyström-preconditioned: 27 iterations to 5.5e-11). Not part of `make bench` (≈ 4 h on 2 cores).
 W3_FULL := --n-test 100 --timeout 1800 --ref-max-seconds 5400 --cache bench/.cache
 bench-peers-w3-full: $(BENCH_STAMP)

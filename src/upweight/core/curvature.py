@@ -251,7 +251,7 @@ class Curvature:
 #: the autograd graph one generic HVP batch may hold (``Curvature.hvp_batch_size``): forward activations and
 #: the first backward's intermediates; 32 MiB = glibc's largest mmap threshold, so no tensor of it exceeds that
 HVP_GRAPH_BYTES = 32 * 2**20
-#: the smallest batch the cap may choose (below it, per-batch overhead outweighs the cache)
+#: the smallest batch the cap may choose (the per-batch forward and backward overhead grows as batches shrink)
 MIN_HVP_BATCH = 16
 
 
