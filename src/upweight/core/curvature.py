@@ -151,9 +151,9 @@ class Curvature:
         made in every tangent pass is page-faulted in anew each time; with every tensor of the graph
         below 32 MiB the allocator's caches are reused. Measured (``bench/bench_hvp_batch.py``, section
         ``hvp-batch`` of bench/RESULTS.md; 16 products over 1,000 MNIST images, one thread): the W3 CNN
-        (151 kB per point) 1.63× faster in batches of 223 than in one batch of 1,000 — 1.04× with glibc's
+        (151 kB per point) 1.83× faster in batches of 223 than in one batch of 1,000 — 1.02× with glibc's
         mmap threshold raised to 4 GiB, which confirms the cause —, Koh & Liang's all-conv CNN 1.30×, the
-        1M-parameter MLP (15 kB per point) keeps its batch (1.02×). The cap also bounds the graph's memory.
+        1M-parameter MLP (15 kB per point) keeps its batch (0.99×). The cap also bounds the graph's memory.
         """
         if self._hvp_batch_size is None:
             per_point = graph_bytes_per_point(self.objective, self.params, self.data)
