@@ -33,7 +33,6 @@ import argparse
 import json
 import os
 import shlex
-import statistics
 import subprocess
 import sys
 import time
@@ -49,7 +48,7 @@ from upweight.datasets.mnist import load_mnist
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from _sections import replace_section  # noqa: E402
-from bench_hvp import model_for  # noqa: E402
+from bench_hvp import median_time, model_for  # noqa: E402
 from bench_solvers import machine_info  # noqa: E402
 
 SECTION = "hvp-batch"
@@ -63,15 +62,10 @@ def time_matvec(obj: uw.Objective, data: uw.Data, V: torch.Tensor, budget_mib: i
     try:
         curv = Curvature(obj, data, damping=0.01, batch_size=2048, structured=False)
         batch = min(curv.hvp_batch_size, len(data))
-        out = curv.matvec(V)  # warm-up
-        times = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            out = curv.matvec(V)
-            times.append(time.perf_counter() - t)
+        seconds, out = median_time(curv.matvec, (V,), repeats)
     finally:
         curvature_module.HVP_GRAPH_BYTES = saved
-    return statistics.median(times), batch, out
+    return seconds, batch, out
 
 
 def main(argv: list[str] | None = None) -> None:
