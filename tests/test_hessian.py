@@ -333,3 +333,26 @@ def test_hvp_batches_capped_by_the_graph_budget_still_give_the_explicit_hessian(
     assert batches == [7, 7, 6]
     monkeypatch.setattr(curvature_module, "HVP_GRAPH_BYTES", 2**40)  # a generous budget keeps batch_size
     assert Curvature(obj, data, batch_size=32, structured=False).hvp_batch_size == 32
+
+
+def test_per_sample_gradient_chunks_stay_within_the_tensor_budget(digits10, monkeypatch):
+    """``grad_chunk_size``: b × p × itemsize ≤ ``core.batching.TENSOR_BYTES`` (16 MiB: MNIST softmax regression,
+    p = 7,850 float32, 534 points per chunk); with the budget set to 3.5 points' worth the sweep yields chunks of 3,
+    and every row is still the closed-form multinomial gradient (softmax(Wx + b) − e_y) ⊗ [x, 1]."""
+    import upweight.core.batching as batching
+    from upweight.core.grads import grad_chunk_size, iter_per_sample_grads
+
+    assert grad_chunk_size(7850, 2048, torch.float32) == 534 == batching.TENSOR_BYTES // (7850 * 4)
+    assert grad_chunk_size(7850, 100, torch.float32) == 100  # never above batch_size
+    assert grad_chunk_size(10**9, 2048, torch.float32) == 1  # at least one point
+    model, X, y = digits10
+    obj = uw.Objective(model, "cross_entropy", l2=0.05)
+    p = obj.p
+    monkeypatch.setattr(batching, "TENSOR_BYTES", int(3.5 * p * 8))
+    chunks = list(iter_per_sample_grads(obj, obj.params, uw.Data.from_any((X[:20], y[:20])), 2048))
+    assert [len(b) for b, _ in chunks] == [3] * 6 + [2]
+    G = torch.cat([g for _, g in chunks])
+    with torch.no_grad():
+        r = torch.softmax(model(X[:20]), 1) - F.one_hot(y[:20], 10).double()  # (n, 10)
+    closed = torch.cat([(r[:, :, None] * X[:20, None, :]).reshape(20, -1), r], 1)  # θ = [W row-major, b]
+    assert float((G - closed).abs().max()) < 1e-12 * float(closed.abs().max())

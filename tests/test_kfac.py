@@ -367,7 +367,9 @@ def _explicit_patches(x, conv: torch.nn.Conv2d, bias: bool) -> torch.Tensor:
     [dict(kernel_size=3, stride=2, padding=1, bias=True), dict(kernel_size=2, stride=1, padding=0, dilation=2, bias=False)],
     ids=["k3s2p1", "k2d2-nobias"],
 )
-def test_conv2d_factors_from_unfolded_patches_equal_explicit_statistics(conv_kw):
+def test_conv2d_factors_from_unfolded_patches_equal_explicit_statistics(conv_kw, monkeypatch):
+    import upweight.core.batching as batching
+
     torch.manual_seed(2)
     conv = torch.nn.Conv2d(2, 3, **conv_kw).double()
     x = torch.randn(7, 2, 6, 6, dtype=D64)
@@ -402,7 +404,11 @@ def test_conv2d_factors_from_unfolded_patches_equal_explicit_statistics(conv_kw)
     h = conv(x).detach().requires_grad_(True)
     (b_ref,) = torch.autograd.grad(model.rest(h).sum(), h)
     b_ref = b_ref.reshape(len(x), 3, -1).transpose(1, 2)  # (n, T, out)
-    factors, _ = fit_factors(obj, uw.Data.from_any((x, y)), plan.blocks, batch_size=3, eigen_correction=True)
+    # the passes capture as many points as keep the largest captured tensor — here max(T·out, T·cols) values per
+    # point, K = 1 output-Hessian factor, 8 B each — within the byte budget: set to 2.5 points' worth, 2 per capture
+    monkeypatch.setattr(batching, "TENSOR_BYTES", int(2.5 * 8 * T * max(3, a_ref.shape[2])))
+    factors, stats = fit_factors(obj, uw.Data.from_any((x, y)), plan.blocks, batch_size=512, eigen_correction=True)
+    assert stats.points_per_capture == 2
     f = factors[0]
     assert f.locations == T > 1
     assert torch.allclose(f.A, torch.einsum("bti,btj->ij", a_ref, a_ref) / len(x), atol=1e-12)

@@ -26,6 +26,7 @@ import torch
 from .._checks import check_finite, check_interval
 from .._executor import Executor, inside_task, resolve, split_indices, thread_private
 from ..errors import CurvatureTooLargeError, InputError, UnsupportedModelError
+from .batching import points_within
 from .data import Data
 from .objective import Objective
 from .params import Params
@@ -157,8 +158,7 @@ class Curvature:
         """
         if self._hvp_batch_size is None:
             per_point = graph_bytes_per_point(self.objective, self.params, self.data)
-            cap = self.batch_size if per_point <= 0 else max(MIN_HVP_BATCH, int(HVP_GRAPH_BYTES // per_point))
-            self._hvp_batch_size = max(1, min(self.batch_size, cap))
+            self._hvp_batch_size = points_within(HVP_GRAPH_BYTES, per_point, self.batch_size, MIN_HVP_BATCH)
         return self._hvp_batch_size
 
     def hvp_sum(self, V: torch.Tensor, batch: Data) -> torch.Tensor:

@@ -11,6 +11,7 @@ from torch.func import grad, jvp, vmap
 
 from .._checks import check_finite
 from ..errors import InputError
+from . import batching
 from .data import Data
 from .objective import Objective
 from .params import Params
@@ -41,18 +42,24 @@ def per_sample_grads(objective: Objective, params: Params, batch: Data, *, measu
     return objective.space.flatten(g, batch_dims=1)
 
 
-def grad_chunk_size(p: int, batch_size: int, dtype: torch.dtype, max_bytes: int = 2**28) -> int:
-    """Points per per-sample-gradient chunk: at most ``batch_size``, and b × p values ≤ ``max_bytes``."""
+def grad_chunk_size(p: int, batch_size: int, dtype: torch.dtype, max_bytes: int | None = None) -> int:
+    """Points per per-sample-gradient chunk: at most ``batch_size``, and b × p values ≤ ``max_bytes``
+    (default ``core.batching.TENSOR_BYTES``, 16 MiB: chunks below glibc's mmap threshold are not
+    page-faulted in anew each time — softmax regression on MNIST, p = 7,850: 534 points per chunk,
+    ≈ 2.7× faster than chunks of 256 MiB; see ``core.batching``)."""
     itemsize = torch.empty((), dtype=dtype).element_size()
-    return max(1, min(batch_size, max_bytes // max(1, p * itemsize)))
+    budget = batching.TENSOR_BYTES if max_bytes is None else max_bytes
+    return batching.points_within(budget, p * itemsize, batch_size)
 
 
 def iter_per_sample_grads(
-    objective: Objective, params: Params, data: Data, batch_size: int, *, measure: bool = False, max_bytes: int = 2**28
+    objective: Objective, params: Params, data: Data, batch_size: int, *, measure: bool = False,
+    max_bytes: int | None = None,
 ) -> Iterator[tuple[Data, torch.Tensor]]:
     """Yield ``(batch, G_batch)`` with G_batch of shape (b, p), one memory-bounded chunk at a time.
 
-    b is ``batch_size`` or less, so that one chunk of gradients takes at most ``max_bytes``.
+    b is ``batch_size`` or less, so that one chunk of gradients takes at most ``max_bytes``
+    (``grad_chunk_size``).
     """
     chunk = grad_chunk_size(objective.p, batch_size, objective.dtype, max_bytes)
     for batch in data.batches(chunk):

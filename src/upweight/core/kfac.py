@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from .._executor import Executor, inside_task, resolve, split_indices, thread_private
+from . import batching
 from .data import Data
 from .layers import LayerBlock, capture
 from .objective import Objective
@@ -110,12 +111,14 @@ class FitStats:
         clamped_output_eigenvalues: negative output-Hessian eigenvalues set to 0 (GGN only).
         where: "in-process", or the executor that ran the map-reduce passes and how many
             partitions each pass had.
+        points_per_capture: training points per forward/backward capture (``capture_batch_size``).
     """
 
     passes: int
     points: int
     clamped_output_eigenvalues: int
     where: str = "in-process"
+    points_per_capture: int = 0
 
 
 class _Sums:
@@ -135,13 +138,33 @@ class _Sums:
 
 class _FactorContext:
     """What a factor-statistics task needs, shipped to each worker once: the objective, the data,
-    the layer blocks (whose modules are the objective's, so they travel together), θ̂ and the
-    batch size."""
+    the layer blocks (whose modules are the objective's, so they travel together), θ̂, the batch
+    size (which also bounds an executor's partitions) and the points per capture within it
+    (``capture_batch_size``)."""
 
     def __init__(self, objective: Objective, data: Data, blocks: Sequence[LayerBlock], params: Params | None,
                  batch_size: int) -> None:
         self.objective, self.data, self.blocks = objective, data, list(blocks)
         self.params, self.batch_size = params, batch_size
+        self.step = capture_batch_size(objective, data, self.blocks, params, batch_size)
+
+
+def capture_batch_size(objective: Objective, data: Data, blocks: Sequence[LayerBlock], params: Params | None,
+                       batch_size: int) -> int:
+    """Points per capture in the factor passes: at most ``batch_size``, and so few that the largest
+    captured tensor — a layer's GGN cotangents (K, b, T, out) or inputs (b, T, cols) — holds at most
+    ``core.batching.TENSOR_BYTES`` in float64 (EK-FAC's pass rotates them in float64).
+
+    Measured on one point. Why: tensors above glibc's mmap threshold are page-faulted in anew in every
+    batch (``core.batching``); the W3 CNN of bench/ (conv cotangents of 10 output-Hessian factors at
+    576 locations: 0.74 MB per point in float64) takes 22 points per capture, and its factor pass runs
+    ≈ 1.1× and EK-FAC's correction pass ≈ 2× faster than with 512 (``bench/bench_batch_budget.py``).
+    """
+    if len(data) < 2:
+        return max(1, batch_size)
+    cap = capture(objective, blocks, data.subset([0]), params=params, cotangents="ggn", token_ids=True)
+    per_point = max(t.numel() for t in (*cap.a.values(), *cap.g.values())) * 8
+    return batching.points_within(batching.TENSOR_BYTES, per_point, batch_size)
 
 
 def _private(ctx: _FactorContext) -> _FactorContext:
@@ -158,7 +181,7 @@ def _moment_sums(ctx: _FactorContext, data: Data) -> _Sums:
     sums: dict[str, torch.Tensor] = {}
     locs: dict[str, int] = {}
     clamped = 0
-    for batch in data.batches(ctx.batch_size):
+    for batch in data.batches(ctx.step):
         cap = capture(ctx.objective, ctx.blocks, batch, params=ctx.params, cotangents="ggn", token_ids=True)
         clamped += cap.clamped
         for blk in ctx.blocks:
@@ -191,7 +214,7 @@ def _correction_sums(ctx: _FactorContext, data: Data, bases: Sequence[tuple[torc
     """Σᵢ Σₖ (Q_Sᵀ Gᵢₖ Q_A)² per layer over ``data`` (pass 2), in float64; ``bases`` holds
     (Q_A, Q_S) per block, in block order, Q_A ``None`` where it is the identity (an embedding)."""
     sums = {blk.name: torch.zeros(blk.out_dim, blk.cols, dtype=torch.float64) for blk in ctx.blocks}
-    for batch in data.batches(ctx.batch_size):
+    for batch in data.batches(ctx.step):
         cap = capture(ctx.objective, ctx.blocks, batch, params=ctx.params, cotangents="ggn", token_ids=True)
         for blk, (QA, QS) in zip(ctx.blocks, bases):
             name = blk.name
@@ -318,7 +341,7 @@ def fit_factors(
                                     identity_A=identity_A))
     if eigen_correction:
         _correct(passes, factors)
-    return factors, FitStats(2 if eigen_correction else 1, n, sums.clamped, passes.where)
+    return factors, FitStats(2 if eigen_correction else 1, n, sums.clamped, passes.where, passes.ctx.step)
 
 
 def correct_eigenvalues(
@@ -328,7 +351,7 @@ def correct_eigenvalues(
     *,
     params: Params | None = None,
     batch_size: int = 512,
-    max_elements: int = 2**24,
+    max_elements: int = batching.TENSOR_BYTES // 8,
     executor: Executor | None = None,
 ) -> None:
     """Set ``corrected`` = Λ = (1/n) Σᵢ Σₖ (Q_Sᵀ Gᵢₖ Q_A)² on every factor (EK-FAC), one pass.
@@ -342,7 +365,7 @@ def correct_eigenvalues(
     _correct(_Passes(ctx, executor), factors, max_elements)
 
 
-def _correct(passes: _Passes, factors: Sequence[LayerFactors], max_elements: int = 2**24) -> None:
+def _correct(passes: _Passes, factors: Sequence[LayerFactors], max_elements: int = batching.TENSOR_BYTES // 8) -> None:
     sums = passes.correction([(None if f.identity_A else f.Q_A, f.Q_S) for f in factors], max_elements)
     n = len(passes.ctx.data)
     for f in factors:

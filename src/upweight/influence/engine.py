@@ -74,8 +74,9 @@ class Influence:
             ``Arnoldi(rank)``, ``KFAC()``, ``EKFAC()``, ``Nystrom(rank)``, ``DataInf()``, ``Auto()``); default ``CG()``.
         damping: δ ≥ 0 added to H (Koh & Liang 2017, §4.2); needed when H is not positive definite.
         batch_size: points per vectorised chunk for HVPs and per-sample gradients (gradient chunks are
-            further capped so one holds at most 256 MiB, generic HVP batches so that their autograd graph
-            stays within ``core.curvature.HVP_GRAPH_BYTES``: ``Curvature.hvp_batch_size``).
+            further capped so one holds at most ``core.batching.TENSOR_BYTES`` = 16 MiB, K-FAC's captured
+            layer blocks likewise, generic HVP batches so that their autograd graph stays within
+            ``core.curvature.HVP_GRAPH_BYTES``: ``Curvature.hvp_batch_size``; see ``core.batching``).
         max_residual: largest accepted relative residual ‖(H+δI)x − v‖/‖v‖ of a solve; "auto" takes
             the solver's ``default_max_residual`` (Direct 1e-4, CG 0.05, LiSSA 0.5, Arnoldi 1.0 — a
             low-rank projection's residual is the dropped fraction of v; KFAC/EKFAC, Nystrom, DataInf 10 —

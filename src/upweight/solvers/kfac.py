@@ -276,6 +276,7 @@ class KFAC(InverseHVPSolver):
             "fit_points": len(data),
             "fit_passes": fit.passes,
             "fit_where": fit.where,
+            "fit_points_per_capture": fit.points_per_capture,
             "clamped_output_eigenvalues": fit.clamped_output_eigenvalues,
             "residual_against": "the exact Hessian H + δI (one full-data HVP per solve)",
             "prepare_seconds": time.perf_counter() - t0,

@@ -1,0 +1,51 @@
+"""How many training points one batch may hold: a byte budget divided by the bytes one point
+costs, between a floor and the caller's ``batch_size``.
+
+**Why budgets.** glibc's malloc serves every allocation at or above its mmap threshold (dynamic,
+at most 32 MiB on 64-bit Linux) with a fresh mapping and unmaps it on free, so a batch whose
+tensors exceed the threshold page-faults each of them in anew, batch after batch; below it the
+allocator reuses its heap. Batches sized so that their largest tensor stays within
+``TENSOR_BYTES`` avoid most of that (``bench/bench_batch_budget.py``, section ``batch-budget`` of
+bench/RESULTS.md; one thread, MNIST): the per-sample-gradient sweeps of softmax regression over
+20,000 points ((b × 7,850) gradients per chunk), of the 1M-parameter MLP and of the small CNN run
+≈ 2.7×, 2.2× and 1.8× faster than in chunks of 256 MiB, EK-FAC's correction pass on the CNN 2×;
+with glibc's threshold raised to 4 GiB (no mmap) the large chunks are instead ≈ 15% faster than
+the small — the allocator is the cause, and the budget recovers most of the loss without changing
+a process-wide allocator setting. How much exactly depends on the allocator's history in the
+process (its threshold grows to the largest mapped chunk freed so far, at most 32 MiB, and its
+heap is trimmed above twice that). In fresh processes 16 MiB was the fastest of 2–256 MiB for the
+softmax-regression and CNN sweeps; the MLP's took 1.5–2.0 s at any budget of 2–32 MiB against 4.0 s at
+256 MiB. Users of the budgets:
+
+* per-sample gradients (``core.grads.grad_chunk_size``): the (b, p) chunk ≤ ``TENSOR_BYTES``;
+* K-FAC/EK-FAC factor passes (``core.kfac``): each captured layer input / cotangent block and
+  EK-FAC's rotated pseudo-gradients ≤ ``TENSOR_BYTES``;
+* generic HVPs (``Curvature.hvp_batch_size``): the whole autograd graph of a batch ≤
+  ``core.curvature.HVP_GRAPH_BYTES`` (32 MiB; its tensors are each far smaller).
+
+Structured scoring (``core.structured.structured_scores``) keeps its larger budget: its batched
+contractions get faster with bigger batches (measured: 256 MiB is the fastest of 8–256 MiB).
+"""
+
+from __future__ import annotations
+
+#: the largest single tensor a batch should allocate: half of glibc's largest mmap threshold (32 MiB),
+#: leaving room for allocation headers and for the threshold not yet having grown to its maximum
+TENSOR_BYTES = 16 * 2**20
+
+
+def points_within(budget: int, bytes_per_point: float, batch_size: int, min_points: int = 1) -> int:
+    """Points per batch: ``budget // bytes_per_point``, at least ``min_points``, at most ``batch_size``
+    (``batch_size`` itself when ``bytes_per_point`` ≤ 0, i.e. nothing grows with the batch).
+
+    Examples:
+        >>> points_within(16 * 2**20, 31_400, 2048)  # softmax regression on MNIST: 7,850 float32 per point
+        534
+        >>> points_within(16 * 2**20, 4_275_240, 2048)  # a 1M-parameter MLP
+        3
+        >>> points_within(16 * 2**20, 4_275_240, 2048, min_points=16)
+        16
+    """
+    if bytes_per_point <= 0:
+        return max(1, batch_size)
+    return max(1, min(batch_size, max(min_points, int(budget // bytes_per_point))))
