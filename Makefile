@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 VENV_BENCH  := .venv-bench
 BENCH_STAMP := $(VENV_BENCH)/.installed
 
-.PHONY: demo test bench bench-solvers bench-hvp bench-hvp-batch bench-embedding bench-peers bench-peers-w1 bench-peers-w2 bench-peers-w2-full bench-peers-w3-mlp bench-peers-w3-cnn bench-peers-w3-full lint clean
+.PHONY: demo test bench bench-solvers bench-hvp bench-hvp-batch bench-batch-budget bench-embedding bench-peers bench-peers-w1 bench-peers-w2 bench-peers-w2-full bench-peers-w3-mlp bench-peers-w3-cnn bench-peers-w3-full lint clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +22,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 # all benchmark tables go to bench/RESULTS.md, each run replacing only its own section
-bench: bench-solvers bench-hvp bench-hvp-batch bench-embedding bench-peers
+bench: bench-solvers bench-hvp bench-hvp-batch bench-batch-budget bench-embedding bench-peers
 
 bench-solvers: $(STAMP)
 	$(PY) bench/bench_solvers.py --out bench/RESULTS.md
@@ -32,6 +32,9 @@ bench-hvp: $(STAMP)
 
 bench-hvp-batch: $(STAMP)
 	$(PY) bench/bench_hvp_batch.py --out bench/RESULTS.md
+
+bench-batch-budget: $(STAMP)
+	$(PY) bench/bench_batch_budget.py --out bench/RESULTS.md
 
 bench-embedding: $(STAMP)
 	$(PY) bench/bench_embedding.py --out bench/RESULTS.md
