@@ -301,6 +301,42 @@ def test_one_shot_residual_is_measured_on_evenly_spaced_right_hand_sides(norm_ml
     assert 1e-3 < si.provenance["residual_max"] < KFAC.default_max_residual
 
 
+def test_residual_sample_sets_how_many_right_hand_sides_are_checked(norm_mlp):
+    """KFAC(residual_sample=4) measures 4 evenly spaced true residuals with one HVP block; 0 measures none
+    (no HVP at all, same solution), so Influence cannot reject it: its provenance says not checked."""
+    H = norm_mlp[-1]
+    curv = _curv(norm_mlp)
+    V = torch.randn(40, curv.p, generator=torch.Generator().manual_seed(9), dtype=D64)
+    full = KFAC().solve(KFAC().prepare(curv), V)
+    four = KFAC(residual_sample=4).solve(KFAC().prepare(curv), V)
+    measured = ~torch.isnan(four.residual)
+    assert measured.nonzero().flatten().tolist() == [0, 13, 26, 39]
+    true = (four.value @ H - V).norm(dim=1) / V.norm(dim=1)
+    assert torch.allclose(four.residual[measured], true[measured], rtol=1e-8)
+    state = KFAC().prepare(curv)
+    hvp_blocks = []
+    for solver in (KFAC(), KFAC(residual_sample=0)):  # the fallback block (LayerNorm, scale) is solved by CG in both
+        before = curv.n_matvecs
+        none = solver.solve(state, V)
+        hvp_blocks.append(curv.n_matvecs - before)
+    assert hvp_blocks[0] - hvp_blocks[1] == 1  # the residual check is the one HVP block that 0 skips
+    assert torch.equal(none.value, full.value) and bool(torch.isnan(none.residual).all())
+    assert none.max_residual != none.max_residual  # NaN: not measured
+    assert none.stats["residual_measured"] == "0 of 40 right-hand sides (residual_sample=0: not checked)"
+    with pytest.raises(InputError, match="'residual_sample' parameter of EKFAC"):
+        EKFAC(residual_sample=-1)
+    model, X, Y, l2, delta, _ = norm_mlp
+    Yn = Y + 0.02 * torch.randn(Y.shape, generator=torch.Generator().manual_seed(11), dtype=D64)
+    obj = uw.Objective(model, "squared", l2=l2)
+    strict = dict(damping=delta, progress=False, grad_tol=1e3, max_residual=1e-6)  # K-FAC's residual here is ≫ 1e-6
+    with pytest.raises(uw.errors.InaccurateSolveError):
+        uw.Influence(obj, solver=KFAC(), **strict).fit((X, Yn)).up_loss((X[:3], Yn[:3]))
+    unchecked = uw.Influence(obj, solver=KFAC(residual_sample=0), **strict).fit((X, Yn)).up_loss((X[:3], Yn[:3]))
+    prov = unchecked.provenance
+    assert prov["accepted"] is None and prov["residual_max"] != prov["residual_max"]
+    assert prov["solver"]["residual_sample"] == 0
+
+
 def test_influence_with_preconditioned_cg_matches_direct(shift_mlp):
     model, X, Y, l2, _, _ = shift_mlp
     Yn = Y + 0.02 * torch.randn(Y.shape, generator=torch.Generator().manual_seed(10), dtype=D64)  # nonzero gradients

@@ -172,6 +172,10 @@ def upweight_methods() -> list[Method]:
         out += [
             Method("uw-kfac", "upweight", "KFAC", "defaults", 1, _uw(KFAC), req),
             Method("uw-ekfac", "upweight", "EKFAC", "defaults", 1, _uw(EKFAC), req),
+            Method("uw-kfac-unchecked", "upweight", "KFAC", "residual_sample=0 (no residual check)", 1,
+                   _uw(lambda: KFAC(residual_sample=0)), req),
+            Method("uw-ekfac-unchecked", "upweight", "EKFAC", "residual_sample=0 (no residual check)", 1,
+                   _uw(lambda: EKFAC(residual_sample=0)), req),
             Method("uw-pcg-kfac-1e-3", "upweight", "CG + KFAC precond.", "rtol=1e-3", 1,
                    _uw(lambda: uw.CG(rtol=1e-3, preconditioner=KFAC(), block=False)), req),
             Method("uw-pcg-kfac-1e-6", "upweight", "CG + KFAC precond.", "rtol=1e-6", 1,

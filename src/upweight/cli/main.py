@@ -362,7 +362,7 @@ def _explain_in(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
     _say()
     _say("solver diagnostics")
     _say(f"  solver      {_solver_text(solver)}, damping {args.damping:g}")
-    accepted = "accepted" if prov.get("accepted", True) else "NOT accepted"
+    accepted = {None: "not checked", True: "accepted", False: "NOT accepted"}[prov.get("accepted", True)]
     bound = prov.get("max_residual_accepted", inf.max_residual)
     bound_text = f"{bound:g}" if isinstance(bound, (int, float)) else "none"
     _say(f"  residual    {prov['residual_max']:.2e}  (relative ‖(H+δI)x − v‖/‖v‖; {accepted}, bound {bound_text})")

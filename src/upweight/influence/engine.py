@@ -485,7 +485,9 @@ class Influence:
                 iterations=sol.iterations,
                 solve_seconds=sol.seconds,
                 max_residual_accepted=self._residual_bound(),
-                accepted=self._residual_bound() is None or sol.max_residual <= self._residual_bound(),
+                # None: not checked (a one-shot solver with residual_sample=0 measured no residual)
+                accepted=None if sol.max_residual != sol.max_residual
+                else self._residual_bound() is None or sol.max_residual <= self._residual_bound(),
                 **{f"solver_{k}": v for k, v in sol.stats.items()},
             )
         return prov

@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from .._checks import check_interval
 from ..core.curvature import Curvature
 
 
@@ -23,9 +24,9 @@ class Solution:
         value: the solutions, shape (k, p).
         residual: relative residuals ‖(H + δI)xⱼ − vⱼ‖ / ‖vⱼ‖, shape (k,), measured with one
             extra full-data HVP (or the dense matrix for Direct) — not the solver's own estimate.
-            A one-shot approximate solver (``one_shot_solution``: KFAC, EKFAC, Nystrom, DataInf)
-            measures at most ``RESIDUAL_SAMPLE`` evenly spaced right-hand sides of a block and
-            leaves NaN at the others (``stats["residual_measured"]`` says how many).
+            A one-shot approximate solver (``OneShotSolver``: KFAC, EKFAC, Nystrom, DataInf)
+            measures at most its ``residual_sample`` evenly spaced right-hand sides of a block
+            and leaves NaN at the others (``stats["residual_measured"]`` says how many).
         converged: per right-hand side, whether the solver met its own stopping rule, shape (k,).
         iterations: iterations (CG), steps × repeats (LiSSA) or 0 (Direct).
         seconds: wall time of the solve, residual check included.
@@ -41,9 +42,12 @@ class Solution:
 
     @property
     def max_residual(self) -> float:
-        """The largest measured relative residual (NaN entries, not measured, are skipped)."""
+        """The largest measured relative residual (NaN entries, not measured, are skipped); NaN when
+        none of a non-empty block was measured (``residual_sample=0``), 0 for an empty block."""
         measured = self.residual[~torch.isnan(self.residual)]
-        return float(measured.max()) if measured.numel() else 0.0
+        if measured.numel():
+            return float(measured.max())
+        return float("nan") if self.residual.numel() else 0.0
 
 
 class InverseHVPSolver(ABC):
@@ -74,26 +78,56 @@ def relative_residual(AX: torch.Tensor, X_rhs: torch.Tensor) -> torch.Tensor:
     return torch.where(den > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny), num)
 
 
-#: right-hand sides of a block whose residual a one-shot approximate solver measures (``one_shot_solution``)
+#: right-hand sides of a block whose residual a one-shot approximate solver measures by default
 RESIDUAL_SAMPLE = 16
 
 
+@dataclass(frozen=True)
+class OneShotSolver(InverseHVPSolver):
+    """An approximate solver without iterations, X = M⁻¹V for a fixed approximation M of H + δI
+    (KFAC, EKFAC, Nystrom, DataInf), whose solves measure the true residual on a sample of the
+    right-hand sides (``one_shot_solution``).
+
+    Args:
+        residual_sample: right-hand sides per block whose true relative residual
+            ‖(H + δI)x − v‖/‖v‖ is measured (evenly spaced; keyword only). They cost one full-data HVP
+            of that many vectors per solve — on a small CNN with 1,000 training points more than the
+            K-FAC solve itself (5 s of 7.5 s for 100 test points, ``bench/RESULTS.md``). The residual
+            varies between right-hand sides (K-FAC on that CNN: 9 to 49 over 100 test gradients), so
+            fewer samples can miss the worst. ``0`` measures none: the solve is then unchecked —
+            ``Influence``'s ``max_residual`` cannot reject it, and its provenance says
+            ``residual_max = nan``, ``accepted = None``.
+    """
+
+    residual_sample: int = field(default=RESIDUAL_SAMPLE, kw_only=True)
+
+    def __post_init__(self) -> None:
+        check_interval(type(self).__name__, "residual_sample", self.residual_sample, 0, None, closed="left", integer=True)
+
+
 def one_shot_solution(curvature: Curvature, X: torch.Tensor, V: torch.Tensor, rhs_dtype: torch.dtype, t0: float,
-                      stats: Mapping[str, Any], iterations: int = 0) -> Solution:
+                      stats: Mapping[str, Any], iterations: int = 0, sample: int = RESIDUAL_SAMPLE) -> Solution:
     """The ``Solution`` of a non-iterative (approximate) solve X ≈ (H + δI)⁻¹V: X in the curvature's
     dtype, every column marked converged (there is no stopping rule to miss), ``t0`` the solve's
     start, and the true relative residual ‖(H + δI)x − v‖/‖v‖ from one full-data HVP (in V's dtype)
-    of at most ``RESIDUAL_SAMPLE`` evenly spaced columns, NaN at the others.
+    of at most ``sample`` evenly spaced columns, NaN at the others (all NaN for ``sample`` = 0: no HVP).
 
-    The residual of an approximate solver measures its approximation, which is much the same for
-    every right-hand side; checking each costs one full-data HVP per vector — more than the solve
-    itself (K-FAC on a 1M-parameter MLP, 100 test points: 8 s against 13 s); self-influence, one
-    solve per chunk of training points, would pay a pass over all n points for every training point."""
+    Checking every column would cost one full-data HVP per vector — more than the solve itself (K-FAC on a
+    1M-parameter MLP, 100 test points: 8 s against 13 s); self-influence, one solve per chunk of training
+    points, would pay a pass over all n points for every training point."""
     Xc = X.to(curvature.dtype)
     k = len(V)
     res = torch.full((k,), float("nan"), dtype=V.dtype)
-    cols = torch.linspace(0, k - 1, RESIDUAL_SAMPLE).round().long().unique() if k > RESIDUAL_SAMPLE else torch.arange(k)
-    if k:
+    if sample <= 0:
+        cols = torch.zeros(0, dtype=torch.long)
+    else:
+        cols = torch.linspace(0, k - 1, sample).round().long().unique() if k > sample else torch.arange(k)
+    if len(cols):
         res[cols] = relative_residual(curvature.matvec(Xc[cols]).to(V.dtype), V[cols])
-    stats = {**stats, "residual_measured": f"{len(cols)} of {k} right-hand sides" + (" (evenly spaced)" if len(cols) < k else "")}
+    measured = f"{len(cols)} of {k} right-hand sides"
+    if sample <= 0:
+        measured += " (residual_sample=0: not checked)"
+    elif len(cols) < k:
+        measured += " (evenly spaced)"
+    stats = {**stats, "residual_measured": measured}
     return Solution(Xc.to(rhs_dtype), res, torch.ones(k, dtype=torch.bool), iterations, time.perf_counter() - t0, stats)

@@ -26,7 +26,7 @@ from .._checks import check_finite, check_interval
 from ..core.curvature import Curvature
 from ..core.grads import iter_per_sample_grads
 from ..errors import InputError, NotPositiveDefiniteError
-from .base import InverseHVPSolver, Solution, one_shot_solution, relative_residual
+from .base import OneShotSolver, Solution, one_shot_solution, relative_residual
 
 APPROXIMATES = (
     "the empirical Fisher (1/n) Σ ∇L(zᵢ)∇L(zᵢ)ᵀ (observed labels, uncentred) — not the Hessian — block-diagonal "
@@ -97,7 +97,7 @@ def module_blocks(names: tuple[str, ...], sizes: tuple[int, ...]) -> tuple[DataI
 
 
 @dataclass(frozen=True)
-class DataInf(InverseHVPSolver):
+class DataInf(OneShotSolver):
     """Closed-form block-diagonal inverse of the damped empirical Fisher — Kwon et al. (2024), ICLR.
 
     **What it approximates** (``approximates = "empirical-fisher-datainf"``): not the Hessian
@@ -155,6 +155,8 @@ class DataInf(InverseHVPSolver):
     Args:
         lam: "auto", "datainf" or a float > 0 (see above).
         fisher_residual: also measure the residual against the approximated operator.
+        residual_sample: right-hand sides per solve whose true residual is measured (keyword only;
+            default 16; 0 = unchecked) — see ``OneShotSolver``.
 
     Raises:
         InputError: an invalid setting, naming the parameter.
@@ -180,6 +182,7 @@ class DataInf(InverseHVPSolver):
     fisher_residual: bool = True
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if isinstance(self.lam, str):
             if self.lam not in ("auto", "datainf"):
                 raise InputError(f"The 'lam' parameter of DataInf must be 'auto', 'datainf' or a float > 0. Got {self.lam!r}.")
@@ -275,4 +278,4 @@ class DataInf(InverseHVPSolver):
                     Gb = G[:, b.index]
                     FX[:, b.index] += (X[:, b.index] @ Gb.T) @ Gb / curv.n
             stats["fisher_residual_max"] = float(relative_residual(FX, V).max()) if len(V) else 0.0
-        return one_shot_solution(curv, X, V, rhs.dtype, t0, stats)
+        return one_shot_solution(curv, X, V, rhs.dtype, t0, stats, sample=self.residual_sample)

@@ -28,7 +28,7 @@ from ..core.curvature import Curvature, power_iteration
 from ..core.kfac import LayerFactors, fit_factors
 from ..core.layers import DEFAULT_MAX_VOCAB, LayerPlan, find_layers
 from ..errors import NotPositiveDefiniteError, UnsupportedModelError
-from .base import InverseHVPSolver, Solution, one_shot_solution
+from .base import OneShotSolver, Solution, one_shot_solution
 from .cg import CG
 from .direct import suggest_damping
 
@@ -109,7 +109,7 @@ class KFACState:
 
 
 @dataclass(frozen=True)
-class KFAC(InverseHVPSolver):
+class KFAC(OneShotSolver):
     """Block-diagonal K-FAC inverse of the Gauss–Newton matrix — Martens & Grosse (2015), ICML.
 
     **What it approximates** (``approximates = "ggn-kronecker"``): not the Hessian H = ∇²R(θ̂)
@@ -178,6 +178,8 @@ class KFAC(InverseHVPSolver):
             block (eigenvalues, inverse) and V token counts, never a V × V matrix or one-hot
             inputs. A larger embedding goes to the fallback block, its reason naming V and the cap
             (``stats["fallback_reasons"]``).
+        residual_sample: right-hand sides per solve whose true residual is measured (keyword only;
+            default 16; 0 = unchecked) — see ``OneShotSolver``.
 
     Raises:
         InputError: a negative or non-finite setting.
@@ -200,6 +202,7 @@ class KFAC(InverseHVPSolver):
     max_vocab: int | None = DEFAULT_MAX_VOCAB
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         owner = type(self).__name__
         if self.max_points is not None:
             check_interval(owner, "max_points", self.max_points, 1, None, closed="left", integer=True)
@@ -378,7 +381,8 @@ class KFAC(InverseHVPSolver):
             stats.update(fallback_iterations=sol_f.iterations, fallback_residual_max=sol_f.max_residual)
         X = X.to(curv.dtype)
         check_finite(X, f"The {self.name} solution", "Add damping or check the model at θ̂.")
-        return one_shot_solution(curv, X, B, rhs.dtype, t0, stats, iterations=int(stats.get("fallback_iterations", 0)))
+        return one_shot_solution(curv, X, B, rhs.dtype, t0, stats, iterations=int(stats.get("fallback_iterations", 0)),
+                                 sample=self.residual_sample)
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ import torch
 from .._checks import check_finite, check_interval
 from ..core.curvature import Curvature
 from ..errors import InputError, NotPositiveDefiniteError
-from .base import InverseHVPSolver, Solution, one_shot_solution
+from .base import OneShotSolver, Solution, one_shot_solution
 from .direct import suggest_damping
 
 SKETCHED = "A = H + δI − μI with μ = min over coordinates of (l2 + δ): the loss Hessian plus any L2 above μ"
@@ -58,7 +58,7 @@ class NystromState:
 
 
 @dataclass(frozen=True)
-class Nystrom(InverseHVPSolver):
+class Nystrom(OneShotSolver):
     """Randomized Nyström sketch-and-solve — Frangella, Tropp & Udell (2023), SIAM J. Matrix Anal. Appl.
 
     **What is sketched.** H + δI = A + μI, where μ = min over coordinates of the curvature's
@@ -120,6 +120,8 @@ class Nystrom(InverseHVPSolver):
         rank: r, the sketch size (capped at p; the rank used is ``stats["rank"]``).
         seed: seeds the Gaussian test matrix.
         block_size: HVPs per ``Curvature.matvec`` call while sketching.
+        residual_sample: right-hand sides per solve whose true residual is measured (keyword only;
+            default 16; 0 = unchecked) — see ``OneShotSolver``.
 
     Raises:
         InputError: an invalid setting, naming the parameter; or, for the solver (not the
@@ -145,6 +147,7 @@ class Nystrom(InverseHVPSolver):
     block_size: int = 256
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_interval("Nystrom", "rank", self.rank, 1, None, closed="left", integer=True)
         check_interval("Nystrom", "seed", self.seed, 0, None, closed="left", integer=True)
         check_interval("Nystrom", "block_size", self.block_size, 1, None, closed="left", integer=True)
@@ -254,7 +257,7 @@ class Nystrom(InverseHVPSolver):
         C = V @ state.U.T  # (k, r): uᵢᵀvⱼ
         X = (C / (state.eigenvalues + state.mu)) @ state.U + (V - C @ state.U) / state.mu
         check_finite(X, "The Nyström solution", "Add damping or check the model at θ̂.")
-        return one_shot_solution(curv, X, V, rhs.dtype, t0, state.stats)
+        return one_shot_solution(curv, X, V, rhs.dtype, t0, state.stats, sample=self.residual_sample)
 
     def precondition(self, state: NystromState, R: torch.Tensor) -> torch.Tensor:
         """P⁻¹R with P⁻¹ = (λ̂_r + μ) U (Λ̂ + μI)⁻¹ Uᵀ + (I − UUᵀ) (Frangella et al.), R (k, p):
