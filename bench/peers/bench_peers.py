@@ -536,13 +536,22 @@ def network_reference(wl: Workload, sd: dict[str, torch.Tensor], args: argparse.
     return ref, damping
 
 
+def floor_chunks(state: dict) -> str:
+    """How the cost-floor sweep chunks the training set (``grad_chunk_size`` for the workload's p, float32)."""
+    from upweight.core.batching import TENSOR_BYTES
+    from upweight.core.grads import grad_chunk_size
+
+    p = sum(t.numel() for t in state["params"].values())
+    return f"chunks of {grad_chunk_size(p, 2048, torch.float32)} points (≤ 2048, ≤ {TENSOR_BYTES / 2**20:g} MiB of gradients)"
+
+
 def time_floor(state: dict, repeats: int = 3) -> list[float]:
     """One per-sample-gradient sweep over the training set, float32 (the cost floor)."""
     import upweight as uw
     from upweight.core.grads import iter_per_sample_grads
 
     pb = make_problem(state, "")
-    obj = uw.Objective(pb.model, "cross_entropy", l2=L2)  # chunks are cut to 256 MB of gradients (p ≈ 1M: 62 points)
+    obj = uw.Objective(pb.model, "cross_entropy", l2=L2)  # chunks are cut to TENSOR_BYTES of gradients (p ≈ 1M: 3 points)
     data = uw.Data.from_any((pb.X, pb.y))
     for _ in iter_per_sample_grads(obj, obj.params, data, 2048):
         pass
@@ -835,7 +844,7 @@ def run_workload(wl: Workload, methods: list[Method], args: argparse.Namespace) 
         floor = float(np.median(floors))
         wl.info["cost floor"] = (f"one per-sample-gradient sweep, float32: {floor:.3f} s (median of "
                                  f"{', '.join(f'{t:.3f}' for t in floors)} after a warm-up; upweight "
-                                 "`iter_per_sample_grads`, chunks of ≤ 2048 points and ≤ 256 MB)")
+                                 f"`iter_per_sample_grads`, {floor_chunks(state)})")
         log(f"  floor {floor:.3f}s")
         rows = []
         for m in methods:
