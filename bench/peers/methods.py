@@ -182,6 +182,9 @@ def upweight_methods() -> list[Method]:
                    _uw(lambda: uw.CG(rtol=1e-6, preconditioner=KFAC(), block=False)), req),
             Method("uw-pcg-kfac4096-1e-3", "upweight", "CG + KFAC precond.", "rtol=1e-3, factors from 4,096 points", 1,
                    _uw(lambda: uw.CG(rtol=1e-3, preconditioner=KFAC(max_points=4096), block=False)), req),
+            Method("uw-bpcg-kfac4096-1e-3", "upweight", "block CG + KFAC precond.",
+                   "rtol=1e-3, factors from 4,096 points, block=True", 1,
+                   _uw(lambda: uw.CG(rtol=1e-3, preconditioner=KFAC(max_points=4096), block=True)), req),
             Method("uw-pcg-ekfac-1e-3", "upweight", "CG + EKFAC precond.", "rtol=1e-3", 1,
                    _uw(lambda: uw.CG(rtol=1e-3, preconditioner=EKFAC(), block=False)), req),
         ]

@@ -8,7 +8,7 @@ allocator reuses its heap. Batches sized so that their largest tensor stays with
 ``TENSOR_BYTES`` avoid most of that (``bench/bench_batch_budget.py``, section ``batch-budget`` of
 bench/RESULTS.md; one thread, MNIST): the per-sample-gradient sweeps of softmax regression over
 20,000 points ((b × 7,850) gradients per chunk), of the 1M-parameter MLP and of the small CNN run
-≈ 2.7×, 2.2× and 1.8× faster than in chunks of 256 MiB, EK-FAC's correction pass on the CNN 2×;
+≈ 2.3×, 2.4× and 1.8× faster than in chunks of 256 MiB, EK-FAC's correction pass on the CNN 1.8×;
 with glibc's threshold raised to 4 GiB (no mmap) the large chunks are instead ≈ 15% faster than
 the small — the allocator is the cause, and the budget recovers most of the loss without changing
 a process-wide allocator setting. How much exactly depends on the allocator's history in the

@@ -158,7 +158,7 @@ def capture_batch_size(objective: Objective, data: Data, blocks: Sequence[LayerB
     Measured on one point. Why: tensors above glibc's mmap threshold are page-faulted in anew in every
     batch (``core.batching``); the W3 CNN of bench/ (conv cotangents of 10 output-Hessian factors at
     576 locations: 0.74 MB per point in float64) takes 22 points per capture, and its factor pass runs
-    ≈ 1.1× and EK-FAC's correction pass ≈ 2× faster than with 512 (``bench/bench_batch_budget.py``).
+    ≈ 1.2× and EK-FAC's correction pass ≈ 1.8× faster than with 512 (``bench/bench_batch_budget.py``).
     """
     if len(data) < 2:
         return max(1, batch_size)
