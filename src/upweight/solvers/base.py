@@ -92,7 +92,7 @@ class OneShotSolver(InverseHVPSolver):
         residual_sample: right-hand sides per block whose true relative residual
             ‖(H + δI)x − v‖/‖v‖ is measured (evenly spaced; keyword only). They cost one full-data HVP
             of that many vectors per solve — on a small CNN with 1,000 training points more than the
-            K-FAC solve itself (5 s of 7.5 s for 100 test points, ``bench/RESULTS.md``). The residual
+            K-FAC solve itself (≈ 5 s of ≈ 8 s for 100 test points, ``bench/RESULTS.md``). The residual
             varies between right-hand sides (K-FAC on that CNN: 9 to 49 over 100 test gradients), so
             fewer samples can miss the worst. ``0`` measures none: the solve is then unchecked —
             ``Influence``'s ``max_residual`` cannot reject it, and its provenance says
