@@ -303,7 +303,7 @@ def test_one_shot_residual_is_measured_on_evenly_spaced_right_hand_sides(norm_ml
 
 def test_residual_sample_sets_how_many_right_hand_sides_are_checked(norm_mlp):
     """KFAC(residual_sample=4) measures 4 evenly spaced true residuals with one HVP block; 0 measures none
-    (no HVP at all, same solution), so Influence cannot reject it: its provenance says not checked."""
+    (one HVP block fewer, the same solution), so Influence cannot reject it: its provenance says not checked."""
     H = norm_mlp[-1]
     curv = _curv(norm_mlp)
     V = torch.randn(40, curv.p, generator=torch.Generator().manual_seed(9), dtype=D64)
