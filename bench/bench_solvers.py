@@ -56,7 +56,7 @@ import scipy.stats
 import torch
 
 import upweight as uw
-from upweight.core.grads import iter_per_sample_grads
+from upweight.core.grads import grad_chunk_size, iter_per_sample_grads
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/_sections.py
 
@@ -366,10 +366,10 @@ def run_workload(wl: Workload, args: argparse.Namespace) -> Result:
         times = time_sweep(obj, data, args.sweep_repeats)
         sweeps[name] = float(np.median(times))
         log(f"  per-sample-gradient sweep [{name}]: median {sweeps[name]:.3f}s of {', '.join(f'{t:.3f}' for t in times)}")
-    chunk = min(SWEEP_CHUNK, 2**28 // (p * 4))
+    chunks = [grad_chunk_size(p, SWEEP_CHUNK, dtype) for dtype in (torch.float32, torch.float64)]
     info["cost floor (one per-sample-gradient sweep)"] = (
         f"float32 {sweeps['float32']:.3f} s, float64 {sweeps['float64']:.3f} s (median of {args.sweep_repeats} after a warm-up; "
-        f"`iter_per_sample_grads`, chunks of {chunk} points)")
+        f"`iter_per_sample_grads`, chunks of {chunks[0]} / {chunks[1]} points: ≤ {SWEEP_CHUNK} and ≤ 16 MiB of gradients)")
 
     rows: list[Row] = []
     # 3. reference (float64 model)
