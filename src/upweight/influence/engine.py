@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -486,7 +487,7 @@ class Influence:
                 solve_seconds=sol.seconds,
                 max_residual_accepted=self._residual_bound(),
                 # None: not checked (a one-shot solver with residual_sample=0 measured no residual)
-                accepted=None if sol.max_residual != sol.max_residual
+                accepted=None if math.isnan(sol.max_residual)
                 else self._residual_bound() is None or sol.max_residual <= self._residual_bound(),
                 **{f"solver_{k}": v for k, v in sol.stats.items()},
             )
