@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 VENV_BENCH  := .venv-bench
 BENCH_STAMP := $(VENV_BENCH)/.installed
 
-.PHONY: demo test bench bench-solvers bench-hvp bench-hvp-batch bench-batch-budget bench-embedding bench-peers bench-peers-w1 bench-peers-w2 bench-peers-w2-full bench-peers-w3-mlp bench-peers-w3-cnn bench-peers-w3-full lint clean
+.PHONY: demo test bench bench-solvers bench-hvp bench-hvp-batch bench-batch-budget bench-embedding bench-floor-bound bench-peers bench-peers-w1 bench-peers-w2 bench-peers-w2-full bench-peers-w3-mlp bench-peers-w3-cnn bench-peers-w3-full lint clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +22,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 # all benchmark tables go to bench/RESULTS.md, each run replacing only its own section
-bench: bench-solvers bench-hvp bench-hvp-batch bench-batch-budget bench-embedding bench-peers
+bench: bench-solvers bench-hvp bench-hvp-batch bench-batch-budget bench-embedding bench-floor-bound bench-peers
 
 bench-solvers: $(STAMP)
 	$(PY) bench/bench_solvers.py --out bench/RESULTS.md
@@ -38,6 +38,10 @@ bench-batch-budget: $(STAMP)
 
 bench-embedding: $(STAMP)
 	$(PY) bench/bench_embedding.py --out bench/RESULTS.md
+
+# lower bounds of the whole query against the cost floor (W1, W2 n = 20,000 K = 10, W2 n = 55,000 K = 100; ≈ 4 min)
+bench-floor-bound: $(STAMP)
+	$(PY) bench/bench_floor_bound.py --out bench/RESULTS.md
 
 # peers (pyDVL, captum, kronfluence, dattri) live in their own environment (pyDVL needs numpy<2)
 $(BENCH_STAMP): bench/peers/requirements.txt bench/peers/constraints.txt pyproject.toml
