@@ -54,7 +54,7 @@ import upweight as uw
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE / "peers"))
-from _sections import replace_section  # noqa: E402
+from _sections import embed_json, replace_section  # noqa: E402
 from bench_peers import L2, closed_form_reference, load_workload, time_floor, train  # noqa: E402
 from bench_solvers import machine_info  # noqa: E402
 
@@ -179,9 +179,34 @@ def run_workload(spec: str, k: int, args: argparse.Namespace) -> dict:
     print(f"  floor {floor:.4f} s (median {statistics.median(floors):.4f} s); float32 {f32}; bfloat16 {bf16}", flush=True)
     curve = cg_curve(model, state["X"], state["y"], state["Xt"], state["yt"], ref, args.max_iter)
     j_star = curve[-1][0] if curve[-1][2] >= ACCURATE else None
-    return {"title": wl.title, "name": spec.split(":")[0].upper(), "n": n, "q": q, "k": k, "floor": floor,
+    return {"key": wl.key, "title": wl.title, "name": spec.split(":")[0].upper(), "n": n, "q": q, "k": k, "floor": floor,
             "floor_median": statistics.median(floors), "floor_repeats": len(floors),
             "f32": f32, "bf16": bf16, "curve": curve, "j_star": j_star}
+
+
+def lower_bounds(r: dict) -> list[tuple[str, float]]:
+    """(method, seconds) of each lower bound of workload ``r``: the sum of the bare products it needs."""
+    f32, bf, j = r["f32"], r["bf16"], r["j_star"]
+    out = []
+    if "H" in f32:
+        out.append(("direct (H + Cholesky + scoring), float32", f32["H"] + f32["chol"] + f32["score"]))
+    if j is not None:
+        out.append((f"Krylov, j* = {j} passes + scoring, float32", j * f32["pass"] + f32["score"]))
+        out.append((f"Krylov, j* = {j} passes + scoring, bfloat16", j * bf["pass"] + bf["score"]))
+    return out
+
+
+def summary_data(results: list[dict]) -> dict:
+    """What ``bench/peers/bench_peers.py``'s summary quotes, per peer-benchmark workload key: the floor and
+    the lowest bound in float32 and overall (bfloat16 included), in units of the floor."""
+    out = {}
+    for r in results:
+        b = lower_bounds(r)
+        f32 = [s for what, s in b if "float32" in what]
+        out[r["key"]] = {"floor_s": r["floor"], "j_star": r["j_star"],
+                         "bound_float32": min(f32) / r["floor"] if f32 else None,
+                         "bound_any": min(s for _, s in b) / r["floor"] if b else None}
+    return out
 
 
 def render(results: list[dict], machine: dict[str, str], command: str) -> str:
@@ -206,21 +231,18 @@ def render(results: list[dict], machine: dict[str, str], command: str) -> str:
                   f"{f32['score'] / fl:.1f} |",
                   f"| one HVP pass for K vectors: X̃Vᵀ and WᵀX̃ | {f32['pass'] * 1e3:.1f} | {bf['pass'] * 1e3:.1f} | "
                   f"{f32['pass'] / fl:.1f} |"]
-        bounds = []
         if "H" in f32:
             lines += [f"| closed-form H: c products X̃ᵀ (n, (c − i)·q) | {f32['H'] * 1e3:.1f} | – | {f32['H'] / fl:.1f} |",
                       f"| Cholesky + solve, p × p, K right-hand sides | {f32['chol'] * 1e3:.1f} | – | "
                       f"{f32['chol'] / fl:.1f} |"]
-            bounds.append(("direct (H + Cholesky + scoring), float32", f32["H"] + f32["chol"] + f32["score"]))
-        if j is not None:
-            bounds.append((f"Krylov, j* = {j} passes + scoring, float32", j * f32["pass"] + f32["score"]))
-            bounds.append((f"Krylov, j* = {j} passes + scoring, bfloat16", j * bf["pass"] + bf["score"]))
+        bounds = lower_bounds(r)
         lines += ["", "| lower bound | ms | × floor | target |", "|---|--:|--:|---|"]
         for what, secs in bounds:
             ok = "within" if secs <= target * fl else "**above**"
             lines.append(f"| {what} | {secs * 1e3:.1f} | {secs / fl:.1f} | {ok} ≤ {target:g}× |")
         if j is None:
             lines.append(f"| Krylov | – | – | block CG did not reach Spearman {ACCURATE} in {len(r['curve'])} iterations |")
+    lines += ["", embed_json({"bounds": summary_data(results)})]
     return "\n".join(lines) + "\n"
 
 
