@@ -61,7 +61,7 @@ bench-peers-w2: $(BENCH_STAMP)
 # at n = 20,000 (and K-FAC, the fast approximate one), each up to 400 s
 bench-peers-w2-full: $(BENCH_STAMP)
 	$(PEERS) --workloads W2:55000 --n-test 100 --timeout 400 \
-	  --methods uw-cg-1e-3,uw-bcg-1e-3,uw-pcg-kfac4096-1e-3,uw-bpcg-kfac4096-1e-3,uw-pcg-nystrom-1e-3,uw-pbcg-nystrom-1e-3,uw-kfac,pydvl-cg-block,kron-kfac,dattri-cg-100
+	  --methods uw-cg-1e-3,uw-bcg-1e-3,uw-bcg-1e-2,uw-bcg-bf16-1e-2,uw-pcg-kfac4096-1e-3,uw-bpcg-kfac4096-1e-3,uw-pcg-nystrom-1e-3,uw-pbcg-nystrom-1e-3,uw-kfac,pydvl-cg-block,kron-kfac,dattri-cg-100
 
 # W3: the untimed float64 CG reference dominates (MLP n = 1,000: 117 iterations, 190 s on 2 cores);
 # the CNN gets the paper's damping 0.01 (§4.2) so that its reference converges within the cap.

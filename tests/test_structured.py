@@ -373,3 +373,60 @@ def test_low_rank_query_factors_score_with_the_truncated_svd(images):
     assert rel(structured_scores(obj, plan, data, S, rank=6), S @ G.T) < TOL
     with pytest.raises(InputError, match="rank must be a positive integer"):
         structured_scores(obj, plan, data, S, rank=0)
+
+
+# ── (3) mixed precision: the structured HVP's products in bfloat16 (CG(hvp_dtype=…)) ─────
+@pytest.mark.parametrize("case", ["softmax", "frozen_head"])
+def test_bfloat16_products_are_the_explicit_hessian_to_bfloat16_precision(images, case):
+    obj, X, y = _hvp_case(case, images)
+    data = uw.Data.from_any((X, y))
+    curv = Curvature(obj, data, batch_size=50)
+    V = torch.randn(4, obj.p, generator=torch.Generator().manual_seed(3), dtype=D64)
+    H = ref_hessian(obj, X, y, 0.0)
+    H_data = H - torch.diag(obj.l2_diagonal(D64))  # the part the products compute: (1/n) Σᵢ ∇²L(zᵢ)
+    got = curv.matvec(V, operand_dtype=torch.bfloat16)
+    err = rel(got - V * obj.l2_diagonal(D64), V @ H_data)
+    assert 1e-5 < err < 2e-2  # bfloat16 operands (8-bit significand), not float64, and not far off
+    assert torch.equal(curv.matvec(V, operand_dtype=torch.bfloat16), got)  # from the cached bfloat16 inputs
+    assert torch.bfloat16 in curv._structured_op._low_chunks
+    uncached = Curvature(obj, data, batch_size=50, structured_cache_bytes=0)
+    assert torch.equal(uncached.matvec(V, operand_dtype=torch.bfloat16), got)
+    assert rel(curv.matvec(V), V @ H) < TOL  # exact products are untouched
+    assert rel(curv.matvec(V, operand_dtype=D64), V @ H) < TOL  # the compute dtype itself: exact
+
+
+def test_cg_with_bfloat16_products_measures_its_residual_with_exact_products(images):
+    obj, X, y = _hvp_case("softmax", images)
+    data = uw.Data.from_any((X, y))
+    damping = 0.3  # the softmax's bias shift is a null direction of H (bias not penalised)
+    H = ref_hessian(obj, X, y, damping)
+    B = torch.randn(5, obj.p, generator=torch.Generator().manual_seed(4), dtype=D64)
+    for block in (True, False):
+        mixed = uw.CG(rtol=1e-2, hvp_dtype=torch.bfloat16, block=block)
+        curv = Curvature(obj, data, damping=damping, batch_size=50)
+        sol = mixed.solve(mixed.prepare(curv), B)
+        true_res = (sol.value @ H - B).norm(dim=1) / B.norm(dim=1)  # explicit float64 H
+        assert torch.allclose(sol.residual, true_res, rtol=1e-8, atol=0)  # the check is not in bfloat16
+        assert float(true_res.max()) < 5e-2
+        exact = uw.CG(rtol=1e-2, block=block)
+        X_exact = exact.solve(exact.prepare(Curvature(obj, data, damping=damping, batch_size=50)), B).value
+        assert not torch.equal(sol.value, X_exact)  # the iterations did use bfloat16 products
+        X_true = torch.linalg.solve(H, B.T).T
+        assert rel(sol.value, X_true) < 0.1
+    assert mixed.config()["hvp_dtype"] == "torch.bfloat16" and "hvp_dtype" not in uw.CG().config()
+
+
+def test_hvp_dtype_errors(images):
+    for bad in (torch.int32, "bfloat16"):
+        with pytest.raises(InputError, match="hvp_dtype"):
+            uw.CG(hvp_dtype=bad)
+    X, y = images
+    obj = uw.Objective(_model("mlp"), "cross_entropy", l2=0.05)  # θ is not one output nn.Linear
+    inf = uw.Influence(obj, solver=uw.CG(rtol=1e-2, hvp_dtype=torch.bfloat16), progress=False, grad_tol=1e9)
+    inf.fit((X, y))
+    with pytest.raises(UnsupportedModelError, match="need the structured HVP"):
+        inf.up_loss((X[:2], y[:2]))
+    obj, X, y = _hvp_case("softmax", images)
+    generic = Curvature(obj, uw.Data.from_any((X, y)), structured=False)
+    with pytest.raises(UnsupportedModelError, match="structured=False"):
+        generic.matvec(torch.zeros(1, obj.p, dtype=D64), operand_dtype=torch.bfloat16)

@@ -848,7 +848,7 @@ def run_workload(wl: Workload, methods: list[Method], args: argparse.Namespace) 
         log(f"  floor {floor:.3f}s")
         rows = []
         for m in methods:
-            why = m.skipped(p) or available(m)
+            why = m.skipped(p, wl.arch) or available(m)
             if why:
                 rows.append(Row(m, status=why))
                 continue

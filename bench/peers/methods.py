@@ -114,9 +114,12 @@ class Method:
     requires: tuple[str, ...] = ()  # modules the method imports: imported (untimed) before it runs
     max_p: int | None = None  # above this p the method is not run …
     skip_reason: str = ""  # … and its row says this
+    linear_only: bool = False  # only for softmax regression (W1, W2): it needs θ = one output nn.Linear
 
-    def skipped(self, p: int) -> str | None:
-        """Why the method is not run at this p, or ``None``."""
+    def skipped(self, p: int, arch: str = "linear") -> str | None:
+        """Why the method is not run at this p on this architecture, or ``None``."""
+        if self.linear_only and arch != "linear":
+            return "skipped: needs θ = one output nn.Linear (structured HVP)"
         return f"skipped: {self.skip_reason}" if self.max_p is not None and p > self.max_p else None
 
 
@@ -157,6 +160,10 @@ def upweight_methods() -> list[Method]:
         Method("uw-cg-1e-3", "upweight", "CG", "rtol=1e-3, block=False", 1, _uw(lambda: uw.CG(rtol=1e-3, block=False)), req),
         Method("uw-cg-1e-6", "upweight", "CG", "rtol=1e-6, block=False", 1, _uw(lambda: uw.CG(rtol=1e-6, block=False)), req),
         Method("uw-bcg-1e-3", "upweight", "block CG", "rtol=1e-3, block=True", 1, _uw(lambda: uw.CG(rtol=1e-3, block=True)), req),
+        Method("uw-bcg-1e-2", "upweight", "block CG", "rtol=1e-2, block=True", 1, _uw(lambda: uw.CG(rtol=1e-2, block=True)), req),
+        # mixed precision: bfloat16 operands in the iterations' structured HVP products, the residual exact
+        Method("uw-bcg-bf16-1e-2", "upweight", "block CG, bfloat16 HVPs", "rtol=1e-2, block=True, hvp_dtype=bfloat16", 1,
+               _uw(lambda: uw.CG(rtol=1e-2, block=True, hvp_dtype=torch.bfloat16)), req, linear_only=True),
         Method("uw-lissa", "upweight", "LiSSA", "defaults: r=4, t=1000, batch 256, scale auto", 1,
                _uw(lambda: uw.LiSSA(progress=False)), req),
         Method("uw-lissa-cheap", "upweight", "LiSSA", "r=1, t=1000, batch 256", 1,

@@ -173,13 +173,23 @@ class Curvature:
             hvp_sum(self.objective, self.params, V, chunk, out=acc)
         return acc
 
-    def matvec(self, V: torch.Tensor) -> torch.Tensor:
-        """(H + δI)V for V of shape (p,) or (k, p), over all n training points."""
+    def matvec(self, V: torch.Tensor, *, operand_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """(H + δI)V for V of shape (p,) or (k, p), over all n training points.
+
+        ``operand_dtype`` (e.g. torch.bfloat16): the structured HVP's matrix products take their operands
+        in that dtype (``LinearOutputHVP.hvp_sum_all``; mixed precision for ``CG(hvp_dtype=…)``'s
+        iterations); ``UnsupportedModelError`` where the structured HVP does not apply."""
         squeeze = V.ndim == 1
         V = V.reshape(-1, self.p).to(self.dtype)
         op = self._structured()
+        if operand_dtype is not None and op is None:
+            raise UnsupportedModelError(
+                f"HVP products in {operand_dtype} (CG(hvp_dtype=…)) need the structured HVP, which does not apply here: "
+                f"{self.structured_reason_ or 'Curvature(structured=False)'}. It covers θ = one nn.Linear producing "
+                "the model output (softmax / logistic regression, a linear head on frozen features); drop hvp_dtype."
+            )
         if op is not None:  # a few matmuls over cached inputs: in-process even with an executor
-            acc = op.hvp_sum_all(V)
+            acc = op.hvp_sum_all(V, operand_dtype)
         elif self.executor is None or inside_task():
             acc = torch.zeros_like(V)
             for batch in self.data.batches(self.hvp_batch_size):

@@ -357,6 +357,8 @@ class LinearOutputHVP:
         cache_bytes: keep every chunk's inputs ã and output-Hessian data in memory across calls
             when they take at most this many bytes (for logistic regression ã is X with a column
             of ones); else recompute them (one forward pass of the model per chunk) on each call.
+            Products in a lower operand dtype (``hvp_sum_all(V, operand_dtype)``) keep a copy of the
+            cached ã in that dtype beside it (bfloat16: half the bytes of float32).
     """
 
     def __init__(self, objective: Objective, block: LayerBlock, params: Params, data: Data, *, batch_size: int,
@@ -370,6 +372,7 @@ class LinearOutputHVP:
         per_point = block.cols + (c * c if self._general_loss() else c)
         self.cached = len(data) * per_point * itemsize <= cache_bytes
         self._chunks: list[tuple[torch.Tensor, OutputCurvature]] | None = None
+        self._low_chunks: dict[torch.dtype, list[tuple[torch.Tensor, OutputCurvature]]] = {}  # ã in an operand dtype
 
     def _general_loss(self) -> bool:
         fn = self.objective.loss_fn
@@ -404,22 +407,46 @@ class LinearOutputHVP:
         if self.cached:
             self._chunks = chunks
 
-    def _apply(self, V: torch.Tensor, factors) -> torch.Tensor:
+    def _apply(self, V: torch.Tensor, factors, operand_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Σ over ``factors`` of (Hᵢuᵢⱼ)ãᵢᵀ; with ``operand_dtype`` the two products take their operands
+        in that dtype (ã already is) and their results come back to the compute dtype, where Hᵢ is
+        applied and the batches are summed."""
         k = V.shape[0]
         blk = self.block
         Vm = V[:, self.index].reshape(k * blk.out_dim, blk.cols)
+        if operand_dtype is not None:
+            Vm = Vm.to(operand_dtype)
         acc = torch.zeros(k * blk.out_dim, blk.cols, dtype=self.dtype)
         for A, oc in factors:
-            U = (A @ Vm.T).reshape(len(A), k, blk.out_dim)  # uᵢⱼ = Vⱼãᵢ: output tangents
-            W = oc.apply(U).reshape(len(A), k * blk.out_dim)
-            acc += W.T @ A  # Σᵢ (Hᵢuᵢⱼ) ãᵢᵀ
+            U = (A @ Vm.T).to(self.dtype).reshape(len(A), k, blk.out_dim)  # uᵢⱼ = Vⱼãᵢ: output tangents
+            W = oc.apply(U).reshape(len(A), k * blk.out_dim).to(A.dtype)
+            acc += W.T @ A  # Σᵢ (Hᵢuᵢⱼ) ãᵢᵀ (added in the compute dtype)
         out = torch.zeros_like(V)
         out[:, self.index] = acc.reshape(k, -1)
         return out
 
-    def hvp_sum_all(self, V: torch.Tensor) -> torch.Tensor:
-        """Σᵢ ∇²θL(zᵢ)vⱼ over all the data for V (k, p) → (k, p)."""
-        return self._apply(V.to(self.dtype), self._iter_factors())
+    def _iter_low_factors(self, dtype: torch.dtype) -> Iterator[tuple[torch.Tensor, OutputCurvature]]:
+        """``_iter_factors`` with ã in ``dtype``, cached beside the compute-dtype chunks when those are."""
+        if dtype in self._low_chunks:
+            yield from self._low_chunks[dtype]
+            return
+        chunks = []
+        for A, oc in self._iter_factors():
+            f = (A.to(dtype), oc)
+            if self.cached:
+                chunks.append(f)
+            yield f
+        if self.cached:
+            self._low_chunks[dtype] = chunks
+
+    def hvp_sum_all(self, V: torch.Tensor, operand_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Σᵢ ∇²θL(zᵢ)vⱼ over all the data for V (k, p) → (k, p). ``operand_dtype`` (e.g. torch.bfloat16):
+        the two matrix products per batch take their operands in that dtype — mixed precision, about
+        2⁻⁸ relative error per product in bfloat16 — while Hᵢ and the sums stay in the compute dtype."""
+        V = V.to(self.dtype)
+        if operand_dtype is None or operand_dtype == self.dtype:
+            return self._apply(V, self._iter_factors())
+        return self._apply(V, self._iter_low_factors(operand_dtype), operand_dtype)
 
     def hvp_sum(self, V: torch.Tensor, batch: Data) -> torch.Tensor:
         """Σ_{i∈batch} ∇²θL(zᵢ)vⱼ for V (k, p) → (k, p) (no caching)."""
