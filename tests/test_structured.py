@@ -420,6 +420,9 @@ def test_hvp_dtype_errors(images):
     for bad in (torch.int32, "bfloat16"):
         with pytest.raises(InputError, match="hvp_dtype"):
             uw.CG(hvp_dtype=bad)
+    with pytest.raises(InputError, match="rtol ≥ 1e-2 with bfloat16"):
+        uw.CG(rtol=1e-3, hvp_dtype=torch.bfloat16)  # below bfloat16's machine epsilon 2⁻⁷
+    uw.CG(rtol=1e-3, hvp_dtype=torch.float16)  # its epsilon is 2⁻¹⁰
     X, y = images
     obj = uw.Objective(_model("mlp"), "cross_entropy", l2=0.05)  # θ is not one output nn.Linear
     inf = uw.Influence(obj, solver=uw.CG(rtol=1e-2, hvp_dtype=torch.bfloat16), progress=False, grad_tol=1e9)
