@@ -433,3 +433,5 @@ def test_hvp_dtype_errors(images):
     generic = Curvature(obj, uw.Data.from_any((X, y)), structured=False)
     with pytest.raises(UnsupportedModelError, match="structured=False"):
         generic.matvec(torch.zeros(1, obj.p, dtype=D64), operand_dtype=torch.bfloat16)
+    V = torch.randn(2, obj.p, generator=torch.Generator().manual_seed(5), dtype=D64)
+    assert torch.equal(generic.matvec(V, operand_dtype=D64), generic.matvec(V))  # the compute dtype: no-op

@@ -182,6 +182,8 @@ class Curvature:
         squeeze = V.ndim == 1
         V = V.reshape(-1, self.p).to(self.dtype)
         op = self._structured()
+        if operand_dtype == self.dtype:  # products in the compute dtype: the exact path, any model
+            operand_dtype = None
         if operand_dtype is not None and op is None:
             raise UnsupportedModelError(
                 f"HVP products in {operand_dtype} (CG(hvp_dtype=…)) need the structured HVP, which does not apply here: "
