@@ -15,6 +15,7 @@ Every message says what is wrong, the value observed, and how to fix it.
     ├── CurvatureError
     │   ├── NotPositiveDefiniteError   H + δI has a non-positive eigenvalue → add damping
     │   └── CurvatureTooLargeError     dense Hessian requested for too many parameters
+    ├── InsufficientMemoryError(MemoryError)   a result or working set that would not fit in memory
     └── SolverError
         ├── DivergenceError            LiSSA's series blew up → larger scale
         └── InaccurateSolveError       residual above the accepted bound
@@ -80,6 +81,20 @@ class NotPositiveDefiniteError(CurvatureError):
 
 class CurvatureTooLargeError(CurvatureError):
     """A dense Hessian was requested for more parameters than allowed."""
+
+
+class InsufficientMemoryError(UpweightError, MemoryError):
+    """A result or working set would not fit in the available memory; raised before allocating it.
+
+    Attributes:
+        required_bytes: the estimated size.
+        available_bytes: the memory found available (``upweight._memory.available_memory``).
+    """
+
+    def __init__(self, message: str, required_bytes: int = 0, available_bytes: int = 0):
+        super().__init__(message)
+        self.required_bytes = required_bytes
+        self.available_bytes = available_bytes
 
 
 class SolverError(UpweightError):

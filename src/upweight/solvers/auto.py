@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import time
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -12,6 +11,7 @@ from typing import Any, Literal
 import torch
 
 from .._checks import check_choice, check_interval
+from .._memory import available_memory
 from ..core.curvature import Curvature
 from ..errors import NotPositiveDefiniteError
 from .base import InverseHVPSolver, Solution
@@ -31,24 +31,6 @@ DENSE_P_CAP = 5_000
 #: peak bytes per p² entry while Direct forms and factorises a float64 H: the column blocks, their
 #: concatenation, the symmetrised copy (2 temporaries) and then H and its Cholesky factor.
 DENSE_BYTES_PER_ENTRY = 4 * 8
-
-
-def available_memory() -> int:
-    """Bytes of memory available to a new allocation: Linux's MemAvailable if readable, else the
-    free physical pages (``os.sysconf``), else the total physical memory, else 4 GiB."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    for pages in ("SC_AVPHYS_PAGES", "SC_PHYS_PAGES"):
-        try:
-            return int(os.sysconf(pages)) * int(os.sysconf("SC_PAGE_SIZE"))
-        except (ValueError, OSError, AttributeError):
-            continue
-    return 4 * 2**30
 
 
 def dense_p_limit(memory_fraction: float, memory: int | None = None) -> int:
