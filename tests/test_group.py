@@ -154,8 +154,8 @@ def group_retraining(fitted):
     coherent, random = coherent_and_random_groups(X.numpy(), y.numpy())
     groups = coherent + random
     labels = ["coherent"] * len(coherent) + ["random"] * len(random)
-    check = leave_group_out(inf, (Xt, yt), groups, labels=labels, gtol=1e-10, progress_bar=False)
-    basu = leave_group_out(inf, (Xt, yt), coherent, orders=(2,), measure_hessian=False, gtol=1e-10, progress_bar=False)
+    check = leave_group_out(inf, (Xt, yt), groups, labels=labels, gtol=1e-10, progress=False)
+    basu = leave_group_out(inf, (Xt, yt), coherent, orders=(2,), measure_hessian=False, gtol=1e-10, progress=False)
     return check, basu, len(coherent), len(X)
 
 
@@ -242,9 +242,9 @@ def test_bad_options_and_unfitted(fitted):
     with pytest.raises(InputError, match="order"):
         inf.group_influence((Xt[:1], yt[:1]), [[0, 1]], order=3)
     with pytest.raises(InputError, match="orders"):
-        leave_group_out(inf, (Xt[:1], yt[:1]), [[0, 1]], orders=(1, 3), progress_bar=False)
+        leave_group_out(inf, (Xt[:1], yt[:1]), [[0, 1]], orders=(1, 3), progress=False)
     with pytest.raises(InputError, match="labels"):
-        leave_group_out(inf, (Xt[:1], yt[:1]), [[0, 1]], labels=["a", "b"], progress_bar=False)
+        leave_group_out(inf, (Xt[:1], yt[:1]), [[0, 1]], labels=["a", "b"], progress=False)
     with pytest.raises(NotFittedError):
         uw.Influence(uw.Objective(model, "logistic", l2=l2)).group_influence((Xt[:1], yt[:1]), [[0]])
 
@@ -255,15 +255,15 @@ def test_leave_group_out_on_dask_workers_and_from_a_store(fitted, group_retraini
     inf, _, _, (X, y), (Xt, yt) = fitted
     check, _, k, _ = group_retraining
     coherent, _ = coherent_and_random_groups(X.numpy(), y.numpy())
-    remote = leave_group_out(inf, (Xt, yt), coherent, orders=(1,), gtol=1e-10, progress_bar=False,
+    remote = leave_group_out(inf, (Xt, yt), coherent, orders=(1,), gtol=1e-10, progress=False,
                              executor=dask_executor, store=tmp_path)
     np.testing.assert_allclose(remote.actual, check.actual[:k], rtol=1e-9, atol=1e-14)
     assert remote.provenance["resumed_from_store"] == 0
-    again = leave_group_out(inf, (Xt, yt), coherent, orders=(1,), gtol=1e-10, progress_bar=False, store=tmp_path)
+    again = leave_group_out(inf, (Xt, yt), coherent, orders=(1,), gtol=1e-10, progress=False, store=tmp_path)
     assert again.provenance["resumed_from_store"] == k
     np.testing.assert_array_equal(again.actual, remote.actual)
     # a group is the set of its positions: the same groups reversed, in another order, are found again
     shuffled = [np.asarray(g)[::-1] for g in coherent[::-1]]
-    back = leave_group_out(inf, (Xt, yt), shuffled, orders=(1,), gtol=1e-10, progress_bar=False, store=tmp_path)
+    back = leave_group_out(inf, (Xt, yt), shuffled, orders=(1,), gtol=1e-10, progress=False, store=tmp_path)
     assert back.provenance["resumed_from_store"] == k
     np.testing.assert_array_equal(back.actual, remote.actual[::-1])

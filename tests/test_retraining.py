@@ -88,7 +88,7 @@ def test_leave_one_out_matches_influence_on_top_20(paper_logreg):
     model, train, (Xt, yt), wrong = paper_logreg
     i = int(wrong[0])  # a wrongly classified test image, as in the paper
     inf = uw.Influence(uw.Objective(model, "logistic", l2=0.01), solver=uw.CG(rtol=1e-8), progress=False).fit(train)
-    check = uw.leave_one_out(inf, (Xt[i : i + 1], yt[i : i + 1]), k=20, progress_bar=False)
+    check = uw.leave_one_out(inf, (Xt[i : i + 1], yt[i : i + 1]), k=20, progress=False)
     assert len(check.actual) == 20
     assert_not_constant(check.actual)
     assert check.retrain_grad_norm < 1e-6
@@ -111,8 +111,8 @@ def test_leave_one_out_with_random_points_and_user_train_fn(small_logreg):
         obj = uw.Objective(model, "logistic", l2=l2 * n / len(data))
         return uw.refit(obj, data, init=init, gtol=1e-12).params
 
-    a = uw.leave_one_out(inf, (Xt[:1], yt[:1]), k=8, select="random", seed=1, progress_bar=False)
-    b = uw.leave_one_out(inf, (Xt[:1], yt[:1]), k=8, select="random", seed=1, train_fn=train_fn, progress_bar=False)
+    a = uw.leave_one_out(inf, (Xt[:1], yt[:1]), k=8, select="random", seed=1, progress=False)
+    b = uw.leave_one_out(inf, (Xt[:1], yt[:1]), k=8, select="random", seed=1, train_fn=train_fn, progress=False)
     np.testing.assert_array_equal(a.train_ids, b.train_ids)
     np.testing.assert_allclose(a.actual, b.actual, rtol=1e-4, atol=1e-8)  # baselines: θ̂ vs its refit
     assert a.pearson > 0.95
@@ -140,28 +140,28 @@ def test_leave_one_out_resumes_from_its_store_after_a_crash(small_logreg, tmp_pa
     model, l2, train, (Xt, yt) = small_logreg
     inf = uw.Influence(uw.Objective(model, "logistic", l2=l2), solver=uw.Direct(), progress=False).fit(train)
     test = (Xt[:1], yt[:1])
-    whole = uw.leave_one_out(inf, test, k=8, progress_bar=False)
+    whole = uw.leave_one_out(inf, test, k=8, progress=False)
     assert whole.pearson > 0.99  # the retrainings are real (and agree with influence)
 
     real = runner.refit
     monkeypatch.setattr(runner, "refit", _CrashAfter(real, after=4))  # the full refit + 3 leave-one-outs
     with pytest.raises(KeyboardInterrupt):
-        uw.leave_one_out(inf, test, k=8, progress_bar=False, store=tmp_path / "loo")
+        uw.leave_one_out(inf, test, k=8, progress=False, store=tmp_path / "loo")
     counting = _CrashAfter(real, after=10**9)
     monkeypatch.setattr(runner, "refit", counting)
-    resumed = uw.leave_one_out(inf, test, k=8, progress_bar=False, store=tmp_path / "loo")
+    resumed = uw.leave_one_out(inf, test, k=8, progress=False, store=tmp_path / "loo")
     assert counting.calls == 1 + 5  # the full refit (the baseline) and the 5 missing points
     assert resumed.provenance["resumed_from_store"] == 3
     np.testing.assert_array_equal(resumed.actual, whole.actual)
     np.testing.assert_array_equal(resumed.train_ids, whole.train_ids)
     assert resumed.pearson == whole.pearson and resumed.retrain_grad_norm == whole.retrain_grad_norm
 
-    again = uw.leave_one_out(inf, test, k=8, progress_bar=False, store=tmp_path / "loo")
+    again = uw.leave_one_out(inf, test, k=8, progress=False, store=tmp_path / "loo")
     assert again.provenance["resumed_from_store"] == 8 and counting.calls == 1 + 5 + 1
     with pytest.raises(StoreMismatchError, match="gtol"):
-        uw.leave_one_out(inf, test, k=8, gtol=1e-7, progress_bar=False, store=tmp_path / "loo")
+        uw.leave_one_out(inf, test, k=8, gtol=1e-7, progress=False, store=tmp_path / "loo")
     with pytest.raises(StoreMismatchError, match="test_data"):
-        uw.leave_one_out(inf, (Xt[1:2], yt[1:2]), k=8, progress_bar=False, store=tmp_path / "loo")
+        uw.leave_one_out(inf, (Xt[1:2], yt[1:2]), k=8, progress=False, store=tmp_path / "loo")
 
 
 def test_leave_one_out_store_records_a_train_fns_settings(small_logreg, tmp_path):
@@ -180,10 +180,10 @@ def test_leave_one_out_store_records_a_train_fns_settings(small_logreg, tmp_path
             obj = uw.Objective(model, "logistic", l2=l2 * n / len(data))
             return uw.refit(obj, data, init=init, gtol=self.gtol)  # a RefitResult: its ‖∇R‖ is recorded
 
-    a = uw.leave_one_out(inf, (Xt[:1], yt[:1]), k=4, train_fn=UserRefit(1e-11), progress_bar=False, store=tmp_path)
+    a = uw.leave_one_out(inf, (Xt[:1], yt[:1]), k=4, train_fn=UserRefit(1e-11), progress=False, store=tmp_path)
     assert 0 < a.retrain_grad_norm < 1e-8 and a.provenance["retrain_iterations_mean"] >= 1  # recorded, not NaN
     with pytest.raises(StoreMismatchError, match="retraining.gtol"):
-        uw.leave_one_out(inf, (Xt[:1], yt[:1]), k=4, train_fn=UserRefit(1e-6), progress_bar=False, store=tmp_path)
+        uw.leave_one_out(inf, (Xt[:1], yt[:1]), k=4, train_fn=UserRefit(1e-6), progress=False, store=tmp_path)
 
 
 def test_leave_one_out_on_dask_workers_equals_in_process(small_logreg, dask_executor, tmp_path):
@@ -192,14 +192,14 @@ def test_leave_one_out_on_dask_workers_equals_in_process(small_logreg, dask_exec
     model, l2, train, (Xt, yt) = small_logreg
     inf = uw.Influence(uw.Objective(model, "logistic", l2=l2), solver=uw.Direct(), progress=False).fit(train)
     test = (Xt[2:3], yt[2:3])
-    local = uw.leave_one_out(inf, test, k=6, progress_bar=False)
-    remote = uw.leave_one_out(inf, test, k=6, progress_bar=False, executor=dask_executor)
+    local = uw.leave_one_out(inf, test, k=6, progress=False)
+    remote = uw.leave_one_out(inf, test, k=6, progress=False, executor=dask_executor)
     np.testing.assert_allclose(remote.actual, local.actual, rtol=1e-10, atol=1e-15)
     assert_not_constant(remote.actual)
 
     ids = local_ids(inf, local)
-    uw.leave_one_out(inf, test, ids=ids[:3], progress_bar=False, store=tmp_path)  # 3 in-process
-    both = uw.leave_one_out(inf, test, ids=ids, progress_bar=False, store=tmp_path, executor=dask_executor)
+    uw.leave_one_out(inf, test, ids=ids[:3], progress=False, store=tmp_path)  # 3 in-process
+    both = uw.leave_one_out(inf, test, ids=ids, progress=False, store=tmp_path, executor=dask_executor)
     assert both.provenance["resumed_from_store"] == 3  # and the 3 others on the workers
     np.testing.assert_array_equal(both.actual[:3], local.actual[:3])
     np.testing.assert_allclose(both.actual, local.actual, rtol=1e-10, atol=1e-15)
@@ -213,16 +213,16 @@ def test_leave_one_out_store_is_reused_by_a_larger_k_and_other_ids(small_logreg,
     model, l2, train, (Xt, yt) = small_logreg
     inf = uw.Influence(uw.Objective(model, "logistic", l2=l2), solver=uw.Direct(), progress=False).fit(train)
     test = (Xt[:1], yt[:1])
-    fresh = uw.leave_one_out(inf, test, k=8, progress_bar=False)
+    fresh = uw.leave_one_out(inf, test, k=8, progress=False)
     counting = _CrashAfter(runner.refit, after=10**9)
     monkeypatch.setattr(runner, "refit", counting)
-    five = uw.leave_one_out(inf, test, k=5, progress_bar=False, store=tmp_path)
+    five = uw.leave_one_out(inf, test, k=5, progress=False, store=tmp_path)
     assert counting.calls == 1 + 5 and five.provenance["resumed_from_store"] == 0
-    eight = uw.leave_one_out(inf, test, k=8, progress_bar=False, store=tmp_path)
+    eight = uw.leave_one_out(inf, test, k=8, progress=False, store=tmp_path)
     assert counting.calls == 1 + 5 + 1 + 3 and eight.provenance["resumed_from_store"] == 5
     np.testing.assert_array_equal(eight.actual, fresh.actual)
     ids = local_ids(inf, fresh)
-    picked = uw.leave_one_out(inf, test, ids=ids[[6, 2, 2, 0]], progress_bar=False, store=tmp_path)
+    picked = uw.leave_one_out(inf, test, ids=ids[[6, 2, 2, 0]], progress=False, store=tmp_path)
     assert counting.calls == 1 + 5 + 1 + 3 + 1 and picked.provenance["resumed_from_store"] == 4
     np.testing.assert_array_equal(picked.actual, fresh.actual[[6, 2, 2, 0]])
 

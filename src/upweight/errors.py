@@ -23,6 +23,7 @@ Every message says what is wrong, the value observed, and how to fix it.
     Warnings: UpweightWarning
     ├── NotAtMinimumWarning    ‖∇R(θ̂)‖ is not ≈ 0: influence assumes θ̂ minimises R
     ├── NotConvergedWarning    an iterative solver stopped before its tolerance
+    ├── IndefiniteCurvatureWarning  H + δI has a negative eigenvalue, accepted on request
     └── InaccurateSolveWarning a solve above max_residual, accepted because on_inaccurate="warn"
 """
 
@@ -131,6 +132,10 @@ class NotAtMinimumWarning(UpweightWarning):
 
 class NotConvergedWarning(UpweightWarning):
     """An iterative solver stopped at its iteration cap before its tolerance."""
+
+
+class IndefiniteCurvatureWarning(UpweightWarning):
+    """H + δI was seen to have a negative eigenvalue, and the solver was asked to go on (``on_indefinite="warn"``)."""
 
 
 class InaccurateSolveWarning(UpweightWarning):

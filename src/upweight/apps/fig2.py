@@ -304,7 +304,7 @@ def run_logreg_panels(
         train_fn = NewtonRefitter(obj, n, chol)
         info["hessian_seconds"] = time.perf_counter() - t1
     t1 = time.perf_counter()
-    cmp_cg = leave_one_out(inf_cg, test, ids=top, scores=scores_cg, train_fn=train_fn, progress_bar=progress,
+    cmp_cg = leave_one_out(inf_cg, test, ids=top, scores=scores_cg, train_fn=train_fn, progress=progress,
                            store=store, executor=executor)
     refit_seconds = time.perf_counter() - t1
     if train_fn is not None:
@@ -581,7 +581,7 @@ def run_cnn_panel(
             return float(obj.measurements(params, *test).sum())
 
     f_tilde, f_kept = loss_at(theta), loss_at(kept)
-    cmp = leave_one_out(inf, test, ids=top, scores=scores, train_fn=retrainer, progress_bar=progress,
+    cmp = leave_one_out(inf, test, ids=top, scores=scores, train_fn=retrainer, progress=progress,
                         store=store, executor=executor)
     actual = np.asarray(cmp.actual) - (f_kept - f_tilde)  # f(θ₋z) − f(θ_kept)
     vs_theta = agreement(cmp.predicted, cmp.actual)        # the release code's f(θ₋z) − f(θ̃)

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from .._executor import Executor, inside_task, resolve, split_indices, thread_private
+from .._memory import check_memory
 from . import batching
 from .data import Data
 from .layers import LayerBlock, capture
@@ -311,6 +312,18 @@ class _Passes:
                                         max_elements)
 
 
+def factor_bytes(blocks: Sequence[LayerBlock], *, eigen_correction: bool = False) -> int:
+    """Peak bytes of the float64 factors of ``blocks`` while ``fit_factors`` builds them: per layer the
+    sums and then A, Q_A (cols² each, three copies at the eigendecomposition) and S, Q_S (out² each,
+    likewise), plus the (out, cols) EK-FAC eigenvalues Λ with ``eigen_correction``. An embedding's A
+    is a vector of V token counts, never V × V."""
+    total = 0
+    for blk in blocks:
+        a = blk.cols if blk.kind == "embedding" else 3 * blk.cols * blk.cols
+        total += a + 3 * blk.out_dim * blk.out_dim + (2 * blk.out_dim * blk.cols if eigen_correction else 0)
+    return 8 * total
+
+
 def fit_factors(
     objective: Objective,
     data: Data,
@@ -336,6 +349,11 @@ def fit_factors(
     with ``LocalExecutor``). Inside an executor task the passes run in-process.
     """
     n = len(data)
+    widest = max(blocks, key=lambda b: b.cols if b.kind != "embedding" else 0, default=None)
+    check_memory(factor_bytes(blocks, eigen_correction=eigen_correction),
+                 f"the Kronecker factors of {len(blocks)} layer(s)"
+                 + (f" (the widest, '{widest.name}', has {widest.cols} input columns: a {widest.cols}² factor)" if widest else ""),
+                 alternatives="Leave the widest layers out of θ (Objective(params=...)), or use CG/Arnoldi, which need no factors.")
     passes = _Passes(_FactorContext(objective, data, blocks, params, batch_size), executor)
     sums = passes.moments()
     factors = []

@@ -34,9 +34,10 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from .._checks import check_choice, check_finite, check_interval, check_is_fitted
+from .._checks import check_choice, check_finite, check_interval, check_is_fitted, check_rows_finite
 from .._executor import Executor, resolve, thread_private
-from .._progress import logger, progress
+from .._memory import check_memory, tensor_bytes
+from .._progress import logger, progress, progress_enabled
 from ..core.curvature import Curvature
 from ..core.data import Data
 from ..core.grads import (
@@ -58,11 +59,14 @@ from ..errors import (
     UnsupportedModelError,
 )
 from ..solvers import CG, InverseHVPSolver, Solution
+from ..solvers.base import relative_residual
 from ..store import ChunkedArray, Store, array_digest, as_store
 from .group import GroupInfluence, compute_group_influence
 from .results import InfluenceScores, ParamInfluence, PertScores, SelfInfluence
 
 TrainSelection = Any  # None (all) or indices into the fitted training data
+_TRAIN_FIX = ("Check that training point for extreme input values or a label the loss cannot take; its model output "
+              "may overflow at θ̂ (evaluate the model in float64: model.double()).")
 StoreLike = Any  # None, a folder path, or a Store
 
 
@@ -186,12 +190,16 @@ class Influence:
         if executor is not None:
             executor = resolve(executor)
 
+        self.objective.check_eval_mode()
         data = Data.from_any(train, what="training data").to(self.objective.dtype)
         self.objective.check_data(data, what="training")
         t0 = time.perf_counter()
         params = self.objective.params
         g = risk_grad(self.objective, params, data, self.batch_size)
-        check_finite(g, "∇R(θ̂)", "Check the model and loss for overflow at θ̂.")
+        if not bool(torch.isfinite(g).all()):  # name the training points that make it so
+            for _ in self._train_grad_chunks(data, "locating non-finite gradients"):
+                pass
+            check_finite(g, "∇R(θ̂)", "Check the model and loss for overflow at θ̂.")
         self.grad_norm_ = float(g.norm())
         if self.grad_norm_ > self.grad_tol:
             warnings.warn(
@@ -208,7 +216,8 @@ class Influence:
                                         structured=False)
         else:
             self.curvature_ = Curvature(self.objective, data, damping=self.damping, batch_size=self.batch_size, executor=executor)
-        self.state_ = self.solver.prepare(self.curvature_)
+        with progress_enabled(self.progress):
+            self.state_ = self.solver.prepare(self.curvature_)
         self.executor_ = executor
         self._shared = {}
         self._train_digest: dict[str, Any] | None = None
@@ -269,13 +278,19 @@ class Influence:
         return tuple(rows)
 
     # ── building blocks ───────────────────────────────────────────────────────────────
-    def _train(self, train: TrainSelection) -> Data:
+    def _ready(self) -> None:
+        """Fitted, and the model still in eval mode (a model switched back to ``.train()`` after
+        ``fit`` would give random or buffer-updating outputs)."""
         check_is_fitted(self, "data_")
+        self.objective.check_eval_mode()
+
+    def _train(self, train: TrainSelection) -> Data:
+        self._ready()
         assert self.data_ is not None
         return self.data_ if train is None else self.data_.subset(train)
 
     def _test(self, test: Any) -> Data:
-        check_is_fitted(self, "data_")
+        self._ready()
         assert self.data_ is not None
         data = Data.from_any(test, what="test data").to(self.objective.dtype)
         if data.feature_shape != self.data_.feature_shape:
@@ -293,17 +308,26 @@ class Influence:
         """Per-sample training gradients in memory-bounded chunks, with a progress bar."""
         chunk = self._grad_chunk()
         it = iter_per_sample_grads(self.objective, self.objective.params, data, chunk)
-        return progress(it, desc=desc, total=-(-len(data) // chunk), enabled=self.progress)
+        for batch, G in progress(it, desc=desc, total=-(-len(data) // chunk), enabled=self.progress):
+            check_rows_finite(G, batch.ids, "The training-loss gradient ∇θL(z, θ̂)", _TRAIN_FIX)
+            yield batch, G
 
     def test_grads(self, test: Any) -> torch.Tensor:
-        """∇θf(z_test, θ̂) for each test point, shape (n_test, p)."""
+        """∇θf(z_test, θ̂) for each test point, shape (n_test, p); a NaN or inf gradient (e.g. a finite
+        input whose outputs overflow) raises ``NonFiniteError`` naming the test point."""
         data = test if isinstance(test, Data) else self._test(test)
-        return torch.cat([g for _, g in iter_per_sample_grads(self.objective, self.objective.params, data, self.batch_size, measure=True)])
+        rows = []
+        for batch, g in iter_per_sample_grads(self.objective, self.objective.params, data, self.batch_size, measure=True):
+            check_rows_finite(g, batch.ids, "The test measurement's gradient ∇θf(z_test, θ̂)",
+                              "Its model output likely overflows at θ̂: check that input's scale, or evaluate the "
+                              "model in float64 (model.double()).")
+            rows.append(g)
+        return torch.cat(rows)
 
     # ── executors and stores ──────────────────────────────────────────────────────────
     def _positions(self, train: TrainSelection) -> np.ndarray:
         """Positions into the fitted training data of the selected points, shape (n_selected,)."""
-        check_is_fitted(self, "data_")
+        self._ready()
         if train is None:
             return np.arange(self.n_train_, dtype=np.int64)
         idx = self._train(train).ids  # validates the selection; ids of data_ are its positions' ids
@@ -374,26 +398,66 @@ class Influence:
         )
 
     def _stored_s_test(self, st: Store | None, test: Data) -> Solution:
-        """s_test from the store when it holds it (the residual is checked again), else solved and stored."""
+        """s_test from the store when it holds one that passes re-verification, else solved and stored.
+
+        A stored s_test is not trusted on its checksum alone: its residual ‖(H+δI)x − ∇θf(z_test)‖/‖∇θf‖
+        is measured again with one HVP block (on the columns the original solve measured) and must
+        agree with the recorded one and pass ``max_residual``; otherwise it is solved afresh and
+        rewritten (a warning says why)."""
         if st is not None:
             got = st.get("s_test")
             if got is not None:
                 value, meta = got
-                sol = Solution(
-                    value=torch.from_numpy(value), residual=torch.tensor(meta["residual"], dtype=torch.float64),
-                    converged=torch.tensor(meta["converged"], dtype=torch.bool), iterations=int(meta["iterations"]),
-                    seconds=float(meta["seconds"]), stats={**meta.get("stats", {}), "resumed_from_store": True},
-                )
-                self._check_residual(sol.max_residual, stacklevel=4)
-                logger.info("s_test read from store %s", st.path)
-                return sol
+                why = self._verify_stored_s_test(value, meta, test)
+                if why is None:
+                    sol = Solution(
+                        value=torch.from_numpy(np.array(value)), residual=torch.tensor(meta["residual"], dtype=torch.float64),
+                        converged=torch.tensor(meta["converged"], dtype=torch.bool), iterations=int(meta["iterations"]),
+                        seconds=float(meta["seconds"]), stats={**meta.get("stats", {}), "resumed_from_store": True,
+                                                               "store_reverified": True},
+                        measured=torch.tensor(meta.get("measured", [not math.isnan(r) for r in meta["residual"]]), dtype=torch.bool),
+                    )
+                    self._check_residual(sol.max_residual, stacklevel=4)
+                    logger.info("s_test read from store %s and re-verified", st.path)
+                    return sol
+                warnings.warn(f"The s_test stored in {st.path} fails re-verification ({why}); solving it again.",
+                              UserWarning, stacklevel=3)
         sol = self.s_test(test)
         if st is not None:
             st.put("s_test", sol.value.detach().cpu().numpy(), meta={
                 "residual": sol.residual.double().tolist(), "converged": sol.converged.tolist(),
+                "measured": sol.measured_mask.tolist(),
                 "iterations": sol.iterations, "seconds": sol.seconds, "stats": dict(sol.stats),
             })
         return sol
+
+    def _verify_stored_s_test(self, value: np.ndarray, meta: dict[str, Any], test: Data) -> str | None:
+        """None when a stored s_test re-measures to its recorded residual, else the reason it does not."""
+        k, p = len(test), self.objective.p
+        try:
+            recorded = torch.tensor(meta["residual"], dtype=torch.float64).reshape(-1)
+            measured = torch.tensor(meta.get("measured", [not math.isnan(r) for r in meta["residual"]]),
+                                    dtype=torch.bool).reshape(-1)
+        except (KeyError, TypeError, ValueError) as exc:
+            return f"its metadata is unreadable: {exc}"
+        if value.shape != (k, p) or recorded.shape != (k,) or measured.shape != (k,):
+            return f"shape {value.shape} for {k} test points and p = {p}"
+        X = torch.from_numpy(np.array(value)).to(self.objective.dtype)
+        if not bool(torch.isfinite(X).all()):
+            return "it holds NaN or inf"
+        cols = measured.nonzero().reshape(-1)
+        if not len(cols):
+            return None  # the solve was unchecked (residual_sample=0): nothing to re-measure against
+        G = self.test_grads(test.subset(cols))
+        with progress_enabled(self.progress):
+            again = relative_residual(self.curvature_.matvec(X[cols].to(self.curvature_.dtype)).to(G.dtype), G).double()
+        before = recorded[cols]
+        tol = 1e-3 * before.abs() + 100 * torch.finfo(self.objective.dtype).eps
+        if not bool(torch.isfinite(again).all()) or bool(((again - before).abs() > tol).any()):
+            worst = int((again - before).abs().argmax())
+            return (f"test point {int(cols[worst])}: residual {float(again[worst]):.3e} now, "
+                    f"{float(before[worst]):.3e} recorded")
+        return None
 
     def _sweep(
         self,
@@ -433,18 +497,35 @@ class Influence:
         if arr is not None:
             return arr.assemble()
         if not parts:
-            return np.zeros(shape, dtype=str(torch.empty((), dtype=self.objective.dtype).numpy().dtype))
+            return np.zeros(shape, dtype=self._np_dtype())
         return np.concatenate([done[i] for i in range(len(parts))], axis=axis)
+
+    def _np_dtype(self) -> str:
+        return str(torch.empty((), dtype=self.objective.dtype).numpy().dtype)
+
+    def _check_result_memory(self, nbytes: int, what: str, *, store_helps: bool = False) -> None:
+        """``InsufficientMemoryError`` before a result that cannot fit is computed (``upweight._memory``)."""
+        ways = ["score a slice of the training points at a time (train=indices)", "fewer test points per call"]
+        if store_helps:
+            ways.insert(1, "pass store=FOLDER (chunks go to disk and the result is assembled as a memory-map)")
+        check_memory(nbytes, what, alternatives="Instead: " + "; ".join(ways) + ".")
 
     def inverse_hvp(self, V: torch.Tensor) -> Solution:
         """(H + δI)⁻¹V for V of shape (k, p), checked against ``max_residual``."""
         check_is_fitted(self, "data_")
-        sol = self.solver.solve(self.state_, V)
+        with progress_enabled(self.progress):
+            sol = self.solver.solve(self.state_, V)
         check_finite(sol.value, f"The {self.solver.name} solution", "Add damping or check the model at θ̂.")
         self._check_residual(sol.max_residual, stacklevel=4)
         return sol
 
     def _check_residual(self, max_residual: float, *, stacklevel: int = 3) -> None:
+        if math.isinf(max_residual):  # Solution.max_residual: a measured residual was NaN or inf
+            raise InaccurateSolveError(
+                f"The {self.solver.name} solve failed: a measured relative residual ‖(H+δI)x − v‖/‖v‖ is NaN or "
+                "infinite, so its solution cannot be trusted (whatever on_inaccurate says). Check the model for "
+                "overflow at θ̂ (e.g. model.double()), or add damping."
+            )
         bound = self._residual_bound()
         if bound is not None and max_residual > bound:
             msg = (
@@ -487,7 +568,7 @@ class Influence:
                 solve_seconds=sol.seconds,
                 max_residual_accepted=self._residual_bound(),
                 # None: not checked (a one-shot solver with residual_sample=0 measured no residual)
-                accepted=None if math.isnan(sol.max_residual)
+                accepted=None if not sol.checked
                 else self._residual_bound() is None or sol.max_residual <= self._residual_bound(),
                 **{f"solver_{k}": v for k, v in sol.stats.items()},
             )
@@ -518,6 +599,9 @@ class Influence:
         t0 = time.perf_counter()
         test_data = self._test(test)
         positions = self._positions(train)
+        if store is None:  # the chunks and their concatenation are held in memory
+            self._check_result_memory(2 * tensor_bytes((len(test_data), len(positions)), self._np_dtype()),
+                                      f"I_up,loss of shape ({len(test_data)}, {len(positions)})", store_helps=True)
         st = self._bind_store(store, "up_loss", positions, test_data)
         sol = self._stored_s_test(st, test_data)
         ex = self._executor(executor)
@@ -552,6 +636,8 @@ class Influence:
         """
         t0 = time.perf_counter()
         data = self._train(train)
+        self._check_result_memory(2 * tensor_bytes((len(data), self.objective.p), self._np_dtype()),
+                                  f"I_up,params of shape ({len(data)}, {self.objective.p})")
         rows, last = [], None
         for _, G in self._train_grad_chunks(data, "I_up,params"):
             last = self.inverse_hvp(G)
@@ -584,10 +670,10 @@ class Influence:
         out = self._sweep(_self_influence_chunk, positions, ex, self._context(ex, "solve"), (), arr, shape, axis=1,
                           desc="self-influence", on_result=lambda res: self._accept_chunk_solution(res, last))
         residual = torch.from_numpy(out[1])
-        summary = Solution(
+        summary = Solution(  # each chunk's solve was checked as it arrived; NaN marks an unmeasured one
             value=torch.empty(0, self.objective.p), residual=residual, converged=torch.ones(len(residual), dtype=torch.bool),
             iterations=last[-1].iterations if last else 0, seconds=sum(s.seconds for s in last),
-            stats=dict(last[-1].stats) if last else {"resumed_from_store": True},
+            stats=dict(last[-1].stats) if last else {"resumed_from_store": True}, measured=~torch.isnan(residual),
         )
         prov = self._provenance(summary, t0)
         if getattr(self, "_query_rank", None) is not None:
@@ -608,8 +694,10 @@ class Influence:
         """
         t0 = time.perf_counter()
         test_data = self._test(test)
-        sol = self.s_test(test_data)
         data = self._train(train)
+        shape = (len(test_data), len(data), *data.feature_shape)
+        self._check_result_memory(2 * tensor_bytes(shape, self._np_dtype()), f"I_pert,loss of shape {shape}")
+        sol = self.s_test(test_data)
         parts = []
         # the mixed derivative is vmapped over (test point, training point) pairs, each holding its own
         # activations: keep the pairs per call at one gradient chunk, not the chunk times n_test
@@ -703,7 +791,9 @@ def _private(ctx: _GradContext) -> Any:
 
 def _chunk_grads(indices: np.ndarray, ctx: _GradContext) -> torch.Tensor:
     batch = ctx.data.subset(torch.from_numpy(np.asarray(indices, dtype=np.int64)))
-    return per_sample_grads(ctx.objective, ctx.objective.params, batch)
+    G = per_sample_grads(ctx.objective, ctx.objective.params, batch)
+    check_rows_finite(G, batch.ids, "The training-loss gradient ∇θL(z, θ̂)", _TRAIN_FIX)
+    return G
 
 
 def _up_loss_chunk(indices: np.ndarray, ctx: _GradContext, S: torch.Tensor | Queries) -> np.ndarray:
@@ -725,7 +815,9 @@ def _up_loss_chunk_structured(indices: np.ndarray, ctx: _StructuredContext, quer
     output cotangents (``core.structured.structured_scores``), shape (k, b)."""
     ctx = _private(ctx)
     batch = ctx.data.subset(torch.from_numpy(np.asarray(indices, dtype=np.int64)))
-    return (-structured_scores(ctx.objective, ctx.plan, batch, queries=queries)).detach().cpu().numpy()
+    scores = structured_scores(ctx.objective, ctx.plan, batch, queries=queries)
+    check_rows_finite(scores, batch.ids, "The score s_testᵀ∇θL(z, θ̂) of a training point", _TRAIN_FIX, dim=1)
+    return (-scores).detach().cpu().numpy()
 
 
 def _self_influence_chunk(indices: np.ndarray, ctx: _SolveContext) -> tuple[np.ndarray, Solution]:

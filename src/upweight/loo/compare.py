@@ -71,7 +71,7 @@ def leave_one_out(
     gtol: float = 1e-9,
     seed: int = 0,
     scores: InfluenceScores | None = None,
-    progress_bar: bool = True,
+    progress: bool = True,
     store: StoreLike = None,
     executor: Executor | None = None,
 ) -> LOOComparison:
@@ -89,6 +89,7 @@ def leave_one_out(
             convex refit of ``upweight.loo.retrain.refit`` to ‖∇R‖∞ ≤ gtol, in float64.
         seed: for ``select="random"``.
         scores: ``influence.up_loss(test)`` if already computed (saves one solve).
+        progress: show a bar over the retrainings.
         store: a folder (or ``Store``) that keeps every finished retraining as it completes,
             under the point it removed: an interrupted run, called again with the same store,
             retrains only the points still missing and returns the same comparison, and a call
@@ -137,7 +138,7 @@ def leave_one_out(
     base_params, base_grad_norm = baseline(obj, data, train_fn, gtol)
     ctx = RetrainContext(obj, data, test_data, base_params, measure_sum(obj, test_data, base_params), removed, train_fn, gtol)
     rows, resumed = run_retrainings(ctx, store=st, executor=executor, desc="leave-one-out retraining",
-                                    progress_bar=progress_bar)
+                                    show_progress=progress)
     actual = rows[:, 0]
     grad_norms = [g for g in [base_grad_norm, *rows[:, 1]] if np.isfinite(g)]
     iters = rows[:, 2][np.isfinite(rows[:, 2])]

@@ -111,7 +111,7 @@ def leave_group_out(
     measure_hessian: bool = True,
     gtol: float = 1e-9,
     newton: bool = False,
-    progress_bar: bool = True,
+    progress: bool = True,
     store: StoreLike = None,
     executor: Executor | None = None,
 ) -> GroupLOOComparison:
@@ -127,7 +127,7 @@ def leave_group_out(
         third_derivative, measure_hessian: passed to ``group_influence`` for order 2.
         gtol: refit tolerance max |∂R_w/∂θ| (float64 L-BFGS, as ``leave_one_out``).
         newton: polish each refit with Newton steps (see ``refit``).
-        progress_bar: show a bar over the retrainings.
+        progress: show a bar over the retrainings.
         store: a folder (or ``Store``) keeping every finished retraining under its group (the
             set of positions, in any order); a rerun after an interruption, or a call with more
             groups, retrains only the groups not yet in it (see ``leave_one_out``).
@@ -171,7 +171,7 @@ def leave_group_out(
     ctx = RetrainContext(obj, data, test_data, base_params, measure_sum(obj, test_data, base_params), removed,
                          gtol=gtol, newton=newton)
     rows, resumed = run_retrainings(ctx, store=st, executor=executor, desc="leave-group-out retraining",
-                                    progress_bar=progress_bar)
+                                    show_progress=progress)
     actual = rows[:, 0]
     grad_norms = [base_grad_norm, *rows[:, 1]]
 

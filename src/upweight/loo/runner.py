@@ -111,7 +111,7 @@ def retraining_key(removed: np.ndarray) -> str:
 
 
 def run_retrainings(ctx: RetrainContext, *, store: Store | None, executor: Executor | None, desc: str,
-                    progress_bar: bool = True) -> tuple[np.ndarray, int]:
+                    show_progress: bool = True) -> tuple[np.ndarray, int]:
     """One row of ``ROW`` per removed set, and how many of them were read from ``store``.
 
     With a store, the retrainings it holds (``retraining_key``) are read back, the others computed
@@ -136,7 +136,7 @@ def run_retrainings(ctx: RetrainContext, *, store: Store | None, executor: Execu
         ex = resolve(executor)
         results = ex.map(_retrain_without, [np.array([j]) for j in todo], ex.share(ctx))
         try:
-            for j, row in zip(todo, progress(results, desc=desc, total=len(todo), enabled=progress_bar)):
+            for j, row in zip(todo, progress(results, desc=desc, total=len(todo), enabled=show_progress)):
                 done[keys[j]] = row[0]
                 if store is not None:
                     store.put(keys[j], row)

@@ -14,15 +14,16 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
-from .._checks import check_finite, check_interval
+from .._checks import check_choice, check_finite, check_interval
 from ..core.curvature import Curvature
-from ..errors import NotPositiveDefiniteError
-from .base import InverseHVPSolver, Solution, relative_residual
+from ..errors import IndefiniteCurvatureWarning, NotPositiveDefiniteError
+from .base import InverseHVPSolver, Solution, non_numerical, relative_residual
 from .direct import suggest_damping
 from .krylov import krylov_decomposition
 
@@ -90,8 +91,12 @@ class Arnoldi(InverseHVPSolver):
     **Indefinite H.** A kept Ritz value ≤ 0 (or below 1e-12·max|θ|) would invert a
     negative-curvature (or null) direction: ``prepare`` raises ``NotPositiveDefiniteError``
     naming a damping that fixes it. Keeping the largest |λ| rather than the largest λ is what
-    exposes large negative curvature; a negative eigenvalue outside the kept set is never
-    inverted and goes undetected, as does one whose Ritz value has not converged yet.
+    exposes large negative curvature. Every Ritz value is a Rayleigh quotient uᵀ(H + δI)u of a
+    unit vector, so a negative one *seen* but not kept still proves H + δI indefinite — the
+    assumption influence functions rest on fails, even if the projection itself is well defined:
+    ``on_indefinite="raise"`` (default) raises ``NotPositiveDefiniteError`` with the damping that
+    fixes it, ``"warn"`` warns (``IndefiniteCurvatureWarning``) and records ``lambda_ritz_min``.
+    A negative eigenvalue whose Ritz value has not appeared yet goes undetected.
 
     Every ``Solution.stats`` (hence every result's provenance, as ``solver_*``) records
     ``approximates``, ``complement``, ``rank``, ``krylov_steps``, ``restarts``, the kept
@@ -104,6 +109,8 @@ class Arnoldi(InverseHVPSolver):
         oversampling: Arnoldi steps beyond ``rank``; ``None`` means ``rank`` (m = 2r). The total
             is capped at p.
         seed: seeds the random start vector.
+        on_indefinite: "raise" (default) or "warn" when a Ritz value below 0 shows H + δI is
+            indefinite (see **Indefinite H**).
 
     Raises:
         InputError: an invalid setting, naming the parameter.
@@ -127,9 +134,11 @@ class Arnoldi(InverseHVPSolver):
     rank: int = 64
     oversampling: int | None = None
     seed: int = 0
+    on_indefinite: Literal["raise", "warn"] = non_numerical("raise")
 
     def __post_init__(self) -> None:
         check_interval("Arnoldi", "rank", self.rank, 1, None, closed="left", integer=True)
+        check_choice("Arnoldi", "on_indefinite", self.on_indefinite, ("raise", "warn"))
         if self.oversampling is not None:
             check_interval("Arnoldi", "oversampling", self.oversampling, 0, None, closed="left", integer=True)
         check_interval("Arnoldi", "seed", self.seed, 0, None, closed="left", integer=True)
@@ -147,6 +156,13 @@ class Arnoldi(InverseHVPSolver):
         # a kept λ ≤ 0 — or so small relative to max|θ| that 1/λ is rounding noise — cannot be inverted
         if float(lam.min()) <= 1e-12 * lam_abs_max:
             self._raise_not_pd(curvature, float(theta[0]), float(lam.min()), float(theta[-1]), rank)
+        if float(theta[0]) < -1e-10 * lam_abs_max:  # a Rayleigh quotient < 0: H + δI is indefinite
+            if self.on_indefinite == "raise":
+                self._raise_not_pd(curvature, float(theta[0]), float(lam.min()), float(theta[-1]), rank, kept=False)
+            warnings.warn(
+                f"Arnoldi saw a negative Ritz value {float(theta[0]):.3e}: H + δI (damping={curvature.damping:g}) is "
+                "indefinite, so θ̂ is not a minimum and influence is only defined on the kept top eigenspace. Add "
+                "damping, or train closer to a minimum.", IndefiniteCurvatureWarning, stacklevel=3)
         U = Sr.T @ kd.Q  # (r, p) Ritz vectors, orthonormal rows
         AU = Sr.T @ kd.AQ  # (H + δI)U by linearity of the recorded products
         resid = (AU - lam[:, None] * U).norm(dim=1)
@@ -195,12 +211,15 @@ class Arnoldi(InverseHVPSolver):
         )
 
     @staticmethod
-    def _raise_not_pd(curv: Curvature, ritz_min: float, kept_min: float, ritz_max: float, rank: int) -> None:
+    def _raise_not_pd(curv: Curvature, ritz_min: float, kept_min: float, ritz_max: float, rank: int,
+                      kept: bool = True) -> None:
         lmin = min(ritz_min, kept_min)
         fix = suggest_damping(min(lmin, 0.0), curv.damping, ritz_max)
+        where = (f"on its top-{rank} eigenspace: Arnoldi keeps an eigenvalue {kept_min:.3e}" if kept else
+                 f"Arnoldi saw the Ritz value {ritz_min:.3e} (a Rayleigh quotient, so a negative eigenvalue exists)")
         raise NotPositiveDefiniteError(
-            f"The Hessian (damping={curv.damping:g}) is not positive definite on its top-{rank} eigenspace: "
-            f"Arnoldi keeps an eigenvalue {kept_min:.3e} (Ritz values from {ritz_min:.3e} to {ritz_max:.3e}). "
+            f"The Hessian (damping={curv.damping:g}) is not positive definite {where} "
+            f"(Ritz values from {ritz_min:.3e} to {ritz_max:.3e}). Arnoldi(on_indefinite='warn') accepts it. "
             f"Pass damping ≥ {fix:.2g} (e.g. Influence(..., damping={fix:.2g})), or train the model closer to a minimum.",
             min_eigenvalue=lmin,
             suggested_damping=fix,

@@ -14,9 +14,9 @@ from .._checks import check_choice, check_interval
 from .._memory import available_memory
 from ..core.curvature import Curvature
 from ..errors import NotPositiveDefiniteError
-from .base import InverseHVPSolver, Solution
+from .base import InverseHVPSolver, Solution, non_numerical
 from .cg import CG
-from .direct import Direct
+from .direct import DENSE_BYTES_PER_ENTRY, Direct
 from .spectrum import (
     Spectrum,
     estimate_spectrum,
@@ -28,9 +28,6 @@ from .spectrum import (
 #: Direct is never chosen above this many parameters, whatever the memory: forming H costs p
 #: full-data HVPs (in blocks of 256) and the Cholesky p³/3 flops, where CG needs about √κ HVPs.
 DENSE_P_CAP = 5_000
-#: peak bytes per p² entry while Direct forms and factorises a float64 H: the column blocks, their
-#: concatenation, the symmetrised copy (2 temporaries) and then H and its Cholesky factor.
-DENSE_BYTES_PER_ENTRY = 4 * 8
 
 
 def dense_p_limit(memory_fraction: float, memory: int | None = None) -> int:
@@ -130,7 +127,7 @@ class Auto(InverseHVPSolver):
     spectrum_sample: int = 4096
     on_indefinite: Literal["raise", "damp"] = "raise"
     seed: int = 0
-    progress: bool = True
+    progress: bool = non_numerical(True)
 
     def __post_init__(self) -> None:
         if self.max_dense_p is not None:

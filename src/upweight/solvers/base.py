@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -25,12 +25,14 @@ class Solution:
         residual: relative residuals ‖(H + δI)xⱼ − vⱼ‖ / ‖vⱼ‖, shape (k,), measured with one
             extra full-data HVP (or the dense matrix for Direct) — not the solver's own estimate.
             A one-shot approximate solver (``OneShotSolver``: KFAC, EKFAC, Nystrom, DataInf)
-            measures at most its ``residual_sample`` evenly spaced right-hand sides of a block
-            and leaves NaN at the others (``stats["residual_measured"]`` says how many).
+            measures at most its ``residual_sample`` evenly spaced right-hand sides of a block;
+            the others hold NaN and are marked in ``measured``.
         converged: per right-hand side, whether the solver met its own stopping rule, shape (k,).
         iterations: iterations (CG), steps × repeats (LiSSA) or 0 (Direct).
         seconds: wall time of the solve, residual check included.
         stats: solver-specific numbers (scale used, λmax estimate, …).
+        measured: which residuals were measured, bool (k,); ``None`` means all of them. A measured
+            residual that is NaN or infinite is a failed solve, never "not measured".
     """
 
     value: torch.Tensor
@@ -39,13 +41,29 @@ class Solution:
     iterations: int
     seconds: float
     stats: Mapping[str, Any] = field(default_factory=dict)
+    measured: torch.Tensor | None = None
+
+    @property
+    def measured_mask(self) -> torch.Tensor:
+        """Bool (k,): True where ``residual`` was measured."""
+        if self.measured is None:
+            return torch.ones(self.residual.shape, dtype=torch.bool)
+        return self.measured.to(torch.bool).reshape(self.residual.shape)
+
+    @property
+    def checked(self) -> bool:
+        """Whether any residual of a non-empty block was measured (an empty block counts as checked)."""
+        return self.residual.numel() == 0 or bool(self.measured_mask.any())
 
     @property
     def max_residual(self) -> float:
-        """The largest measured relative residual (NaN entries, not measured, are skipped); NaN when
-        none of a non-empty block was measured (``residual_sample=0``), 0 for an empty block."""
-        measured = self.residual[~torch.isnan(self.residual)]
+        """The largest measured relative residual: ``inf`` when a measured one is NaN or infinite
+        (the solve failed), NaN when none of a non-empty block was measured (``residual_sample=0``),
+        0 for an empty block."""
+        measured = self.residual[self.measured_mask]
         if measured.numel():
+            if not bool(torch.isfinite(measured).all()):
+                return float("inf")
             return float(measured.max())
         return float("nan") if self.residual.numel() else 0.0
 
@@ -67,8 +85,18 @@ class InverseHVPSolver(ABC):
         """Solve (H + δI)X = rhs for rhs of shape (k, p); returns a ``Solution``."""
 
     def config(self) -> dict[str, Any]:
-        """The solver's settings, for provenance."""
-        return {"name": self.name, **{k: v if isinstance(v, (int, float, str, bool, type(None))) else str(v) for k, v in vars(self).items()}}
+        """The solver's numerical settings — its identity in provenance and store fingerprints.
+        Settings declared with ``non_numerical`` (a progress bar, raise-or-warn) are left out: they
+        change no number, so a rerun with another value resumes the same store."""
+        skip = {f.name for f in fields(self) if f.metadata.get("non_numerical")} if is_dataclass(self) else set()
+        return {"name": self.name, **{k: v if isinstance(v, (int, float, str, bool, type(None))) else str(v)
+                                      for k, v in vars(self).items() if k not in skip}}
+
+
+def non_numerical(default: Any) -> Any:
+    """A solver field that changes no number — what is shown (a progress bar) or whether a
+    finding raises or warns: left out of ``config()`` (provenance, store fingerprints) and of equality."""
+    return field(default=default, compare=False, metadata={"non_numerical": True})
 
 
 def relative_residual(AX: torch.Tensor, X_rhs: torch.Tensor) -> torch.Tensor:
@@ -110,7 +138,8 @@ def one_shot_solution(curvature: Curvature, X: torch.Tensor, V: torch.Tensor, rh
     """The ``Solution`` of a non-iterative (approximate) solve X ≈ (H + δI)⁻¹V: X in the curvature's
     dtype, every column marked converged (there is no stopping rule to miss), ``t0`` the solve's
     start, and the true relative residual ‖(H + δI)x − v‖/‖v‖ from one full-data HVP (in V's dtype)
-    of at most ``sample`` evenly spaced columns, NaN at the others (all NaN for ``sample`` = 0: no HVP).
+    of at most ``sample`` evenly spaced columns, NaN at the others and marked unmeasured in
+    ``Solution.measured`` (all of them for ``sample`` = 0: no HVP).
 
     Checking every column would cost one full-data HVP per vector — more than the solve itself (K-FAC on a
     1M-parameter MLP, 100 test points: 8 s against 13 s); self-influence, one solve per chunk of training
@@ -130,4 +159,7 @@ def one_shot_solution(curvature: Curvature, X: torch.Tensor, V: torch.Tensor, rh
     elif len(cols) < k:
         measured += " (evenly spaced)"
     stats = {**stats, "residual_measured": measured}
-    return Solution(Xc.to(rhs_dtype), res, torch.ones(k, dtype=torch.bool), iterations, time.perf_counter() - t0, stats)
+    mask = torch.zeros(k, dtype=torch.bool)
+    mask[cols] = True
+    return Solution(Xc.to(rhs_dtype), res, torch.ones(k, dtype=torch.bool), iterations, time.perf_counter() - t0, stats,
+                    measured=mask)

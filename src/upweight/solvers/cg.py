@@ -152,6 +152,9 @@ class CG(InverseHVPSolver):
             return Z
 
         B = rhs.to(curv.dtype).reshape(-1, curv.p)
+        # a NaN column would never pass its stopping test nor enter the block: refuse it up front
+        check_finite(B, "The right-hand side of the CG solve (row = right-hand side, column = parameter)",
+                     "Check the gradients it was built from (e.g. the test points' outputs may overflow at θ̂).")
         maxiter = self.maxiter or min(2 * curv.p, 10_000)
         tol = torch.clamp(self.rtol * B.norm(dim=1), min=self.atol)
         if self.block:
@@ -162,6 +165,13 @@ class CG(InverseHVPSolver):
             "Block CG" if pre is None else "Preconditioned block CG")
         check_finite(X, f"The {what} solution", "Check the model and loss at θ̂, or add damping.")
         res = relative_residual(curv.matvec(X), B)
+        if not bool(torch.isfinite(res).all()):
+            bad = (~torch.isfinite(res)).nonzero().reshape(-1).tolist()
+            raise SolverError(
+                f"{what}: the measured residual of right-hand side(s) {bad[:10]} is not finite (the HVP (H + δI)x "
+                "overflowed or is NaN), so the solution cannot be trusted. Check the model for overflow at θ̂ "
+                "(e.g. a float64 model), or add damping."
+            )
         converged = rnorm <= tol
         if not bool(converged.all()):
             warnings.warn(

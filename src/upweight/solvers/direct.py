@@ -10,9 +10,14 @@ from typing import Any
 import torch
 
 from .._checks import check_interval
+from .._memory import check_memory, format_bytes
 from ..core.curvature import Curvature
-from ..errors import NotPositiveDefiniteError
+from ..errors import CurvatureTooLargeError, NotPositiveDefiniteError
 from .base import InverseHVPSolver, Solution, relative_residual
+
+#: peak bytes per p² entry while Direct forms and factorises a float64 H: the column blocks, their
+#: concatenation, the symmetrised copy (2 temporaries) and then H and its Cholesky factor.
+DENSE_BYTES_PER_ENTRY = 4 * 8
 
 
 def suggest_damping(min_eig: float, current: float, max_eig: float = 0.0) -> float:
@@ -31,7 +36,9 @@ class Direct(InverseHVPSolver):
 
     Args:
         dtype: dtype of the dense matrix and the solve (float64 unless you need otherwise).
-        max_p: refuse to form the Hessian above this many parameters.
+        max_p: refuse to form the Hessian above this many parameters; ``None`` (default): as many
+            as the available memory allows (its peak, ``DENSE_BYTES_PER_ENTRY``·p² bytes in float64, is
+            checked before any work; ``upweight._memory``).
 
     Raises:
         NotPositiveDefiniteError: H + δI has an eigenvalue ≤ 0; the message names the smallest
@@ -50,15 +57,27 @@ class Direct(InverseHVPSolver):
     name = "direct"
     default_max_residual = 1e-4  # a float64 Cholesky solve misses this only if H is numerically singular
     dtype: torch.dtype = torch.float64
-    max_p: int = 20_000
+    max_p: int | None = None
 
     def __post_init__(self) -> None:
-        check_interval("Direct", "max_p", self.max_p, 1, None, closed="left", integer=True)
+        if self.max_p is not None:
+            check_interval("Direct", "max_p", self.max_p, 1, None, closed="left", integer=True)
 
     def prepare(self, curvature: Curvature) -> Any:
         t0 = time.perf_counter()
+        p = curvature.p
+        alternatives = ("Use an iterative solver instead (CG(), or Arnoldi/KFAC for rough answers), or fewer parameters "
+                        "in θ (Objective(params=...)).")
+        if self.max_p is not None and p > self.max_p:
+            raise CurvatureTooLargeError(
+                f"Direct(max_p={self.max_p}) refuses a dense Hessian for p = {p} parameters "
+                f"({format_bytes(DENSE_BYTES_PER_ENTRY * p * p)} at its peak). {alternatives}")
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        check_memory(DENSE_BYTES_PER_ENTRY // 8 * itemsize * p * p,
+                     f"Direct's dense {str(self.dtype).removeprefix('torch.')} Hessian for p = {p} (with its Cholesky "
+                     "factor and temporaries)", alternatives=alternatives)
         work = curvature if curvature.dtype == self.dtype else _recast(curvature, self.dtype)
-        H = work.dense(max_p=self.max_p)
+        H = work.dense(max_p=p)
         L, info = torch.linalg.cholesky_ex(H)
         if int(info) != 0:
             eig = torch.linalg.eigvalsh(H)

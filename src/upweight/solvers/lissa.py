@@ -14,7 +14,8 @@ from .._checks import check_interval
 from .._progress import progress
 from ..core.curvature import Curvature
 from ..errors import DivergenceError, InputError
-from .base import InverseHVPSolver, Solution, relative_residual
+from .base import InverseHVPSolver, Solution, non_numerical, relative_residual
+from .direct import suggest_damping
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,7 @@ class LiSSA(InverseHVPSolver):
     scale: float | Literal["auto"] = "auto"
     seed: int = 0
     check_every: int = 10
-    progress: bool = True
+    progress: bool = non_numerical(True)
 
     def __post_init__(self) -> None:
         check_interval("LiSSA", "depth", self.depth, 1, None, closed="left", integer=True)
@@ -110,12 +111,63 @@ class LiSSA(InverseHVPSolver):
         )
 
     def _raise_divergence(self, curv: Curvature, s: float, rep: int, step: int, hnorm: float) -> None:
+        """Explain why the series diverged. The recursion hⱼ = v + (I − H_b/s)hⱼ₋₁ converges only while
+        every minibatch Hessian H_b has its eigenvalues in (0, 2s): NaN from the model itself, a
+        scale below λmax/2, and negative curvature (which no scale fixes) each get their own advice."""
+        where = f"LiSSA diverged at step {step} of repeat {rep} (‖h‖={hnorm:.2e}) with scale={s:g}"
+        if not _hvps_finite(curv, self.batch_size, self.seed):
+            raise DivergenceError(
+                f"{where}: the model's own Hessian-vector products are NaN or infinite at θ̂, so no scale can help. "
+                "Check the model for overflow at θ̂ (e.g. evaluate it in float64: model.double()) and the "
+                "training data for extreme values."
+            )
         lam = minibatch_lambda_max(curv, self.batch_size, seed=self.seed)
-        good = 10 ** math.ceil(math.log10(1.1 * lam)) if lam > 0 else 1.0
+        if lam > 0 and 2 * s < lam:
+            good = 10 ** math.ceil(math.log10(1.1 * lam))
+            alt = "" if self.scale == "auto" else " or LiSSA(scale='auto')"
+            raise DivergenceError(
+                f"{where}. It needs scale > λmax/2 of the minibatch Hessians, λmax ≈ {lam:.3g}; pass "
+                f"LiSSA(scale={good:g}){alt}."
+            )
+        lmin = minibatch_lambda_min(curv, self.batch_size, sigma=max(lam, s), seed=self.seed)
+        fix = suggest_damping(min(lmin, 0.0), curv.damping, lam)
         raise DivergenceError(
-            f"LiSSA diverged at step {step} of repeat {rep} (‖h‖={hnorm:.2e}) with scale={s:g}. It needs "
-            f"scale > λmax/2 of the minibatch Hessians, λmax ≈ {lam:.3g}; pass LiSSA(scale={good:g}) or LiSSA(scale='auto')."
+            f"{where}, which is above λmax/2 ≈ {lam / 2:.3g} of the minibatch Hessians, so the scale is not the "
+            f"cause: the minibatch Hessians have negative curvature (smallest eigenvalue ≈ {lmin:.3g}), where the "
+            f"series cannot converge at any scale. Add damping ≥ {fix:.2g} (Influence(..., damping={fix:.2g})), or "
+            "use CG, which reports whether the full Hessian is positive definite."
         )
+
+
+def _hvps_finite(curv: Curvature, batch_size: int, seed: int, n_batches: int = 4) -> bool:
+    """Whether a few minibatch HVPs of a random unit vector are finite."""
+    gen = torch.Generator().manual_seed(seed + 104729)
+    for _ in range(n_batches):
+        batch = curv.data.subset(torch.randint(curv.n, (min(batch_size, curv.n),), generator=gen))
+        v = torch.randn(curv.p, generator=gen, dtype=curv.dtype)
+        if not bool(torch.isfinite(curv.batch_matvec(v / v.norm(), batch)).all()):
+            return False
+    return True
+
+
+def minibatch_lambda_min(curv: Curvature, batch_size: int, *, sigma: float, n_batches: int = 4, n_iter: int = 30,
+                         seed: int = 0) -> float:
+    """Smallest eigenvalue of (H_batch + (l2 + δ)I) over a few random minibatches, by power
+    iteration on σI − H_batch with σ ≥ λmax (a rough estimate, for error messages)."""
+    gen = torch.Generator().manual_seed(seed + 7927)
+    sigma = abs(sigma) * 1.05 + 1e-12
+    worst = math.inf
+    for _ in range(n_batches):
+        batch = curv.data.subset(torch.randint(curv.n, (min(batch_size, curv.n),), generator=gen))
+        v = torch.randn(curv.p, generator=gen, dtype=curv.dtype)
+        v /= v.norm()
+        mu = 0.0
+        for _ in range(n_iter):
+            w = sigma * v - curv.batch_matvec(v, batch)
+            mu = float(v @ w)
+            v = w / w.norm().clamp_min(1e-300)
+        worst = min(worst, sigma - mu)
+    return worst
 
 
 def minibatch_lambda_max(curv: Curvature, batch_size: int, *, n_batches: int = 4, n_iter: int = 20, seed: int = 0) -> float:
