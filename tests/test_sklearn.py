@@ -195,7 +195,7 @@ def test_sklearn_train_fn_refits_the_estimator(mnist):
     prob = from_sklearn(clf, X, y)
     assert repr(prob).startswith("SklearnProblem(LogisticRegression(C=0.1")
     inf = uw.Influence(prob.objective, solver=uw.Direct(), progress=False).fit(prob.train)
-    check = uw.leave_one_out(inf, prob.transform(Xt[:1], yt[:1]), k=4, train_fn=prob.sklearn_train_fn, progress_bar=False)
+    check = uw.leave_one_out(inf, prob.transform(Xt[:1], yt[:1]), k=4, train_fn=prob.sklearn_train_fn, progress=False)
     base = log_loss(clf, Xt[:1], yt[:1])[0]
     by_hand = [log_loss(clone(clf).fit(np.delete(X, i, 0), np.delete(y, i)), Xt[:1], yt[:1])[0] - base for i in check.train_ids]
     assert_not_constant(check.actual)

@@ -54,6 +54,7 @@ from ..errors import (
     InaccurateSolveError,
     InaccurateSolveWarning,
     InputError,
+    NonFiniteError,
     NotAtMinimumWarning,
     ShapeError,
     UnsupportedModelError,
@@ -196,11 +197,13 @@ class Influence:
         t0 = time.perf_counter()
         params = self.objective.params
         g = risk_grad(self.objective, params, data, self.batch_size)
-        if not bool(torch.isfinite(g).all()):  # name the training points that make it so
-            for _ in self._train_grad_chunks(data, "locating non-finite gradients"):
-                pass
-            check_finite(g, "∇R(θ̂)", "Check the model and loss for overflow at θ̂.")
         self.grad_norm_ = float(g.norm())
+        if not math.isfinite(self.grad_norm_):  # name the training points that make it so
+            for batch, G in self._train_grad_chunks(data, "locating non-finite gradients"):
+                check_rows_finite(G.norm(dim=1), batch.ids, "The norm of the training-loss gradient ∇θL(z, θ̂)", _TRAIN_FIX)
+            check_finite(g, "∇R(θ̂)", "Check the model and loss for overflow at θ̂.")
+            raise NonFiniteError(f"‖∇R(θ̂)‖ overflows in {self.objective.dtype}. Check the model and loss for overflow "
+                                 "at θ̂, or evaluate it in float64 (model.double()).")
         if self.grad_norm_ > self.grad_tol:
             warnings.warn(
                 f"‖∇R(θ̂)‖ = {self.grad_norm_:.2e} > grad_tol={self.grad_tol:g}: θ̂ is not a minimum of the regularised "
