@@ -336,3 +336,45 @@ def test_model_switched_to_train_mode_after_fit_is_refused():
         with pytest.raises(UnsupportedModelError, match="model.eval()"):
             call()
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+# ── selections and result objects ───────────────────────────────────────────────────────────
+def test_train_selection_is_never_truncated_or_misread():
+    """A boolean mask used to be read as 0/1 indices and 0.5 truncated to 0, silently."""
+    model, (X, y) = _softmax_problem(n=12)
+    inf = _influence(model, (X, y))
+    test = (X[:2], y[:2])
+    full = inf.up_loss(test).values
+    mask = np.zeros(12, dtype=bool)
+    mask[[2, 5, 9]] = True
+    np.testing.assert_array_equal(inf.up_loss(test, train=mask).values, full[:, [2, 5, 9]])
+    np.testing.assert_array_equal(inf.up_loss(test, train=torch.tensor([-1, 3.0])).values, full[:, [11, 3]])
+    assert inf.self_influence(train=mask).values.shape == (3,)
+    for bad, words in [([0.5], "integer positions"), (mask[:5], "mask of length 5"), ([12], "position 12"),
+                       ([[1, 2]], "one-dimensional")]:
+        with pytest.raises(uw.errors.InputError, match=words):
+            inf.up_loss(test, train=bad)
+        with pytest.raises(uw.errors.InputError, match=words):
+            inf.up_params(train=bad)
+
+
+def test_rankings_validate_k_and_the_test_row(tmp_path):
+    model, (X, y) = _softmax_problem(n=12)
+    scores = _influence(model, (X, y)).up_loss((X[:2], y[:2]))
+    with pytest.raises(uw.errors.InputError, match="'k' parameter of top_k"):
+        scores.top_k(-1)
+    with pytest.raises(uw.errors.InputError, match="test=2 is not a row.*2 test point"):
+        scores.top_k(3, test=2)
+    assert list(scores.top_k(3, test=-1).train_ids) == list(np.argsort(-scores.values[1], kind="stable")[:3])
+    path = tmp_path / "s.npz"
+    scores.save(path)
+    back = uw.InfluenceScores.load(path)
+    np.testing.assert_array_equal(back.values, scores.values)
+    assert [p.name for p in tmp_path.iterdir()] == ["s.npz"]  # no temporary file left
+    (tmp_path / "t.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(uw.errors.InputError, match=r"not an .npz archive \(it starts with b'a,b") as err:
+        uw.InfluenceScores.load(tmp_path / "t.csv")
+    assert "allow_pickle" not in str(err.value)
+    np.savez(tmp_path / "obj.npz", values=np.array([object()], dtype=object))
+    with pytest.raises(uw.errors.InputError, match="not a file written by InfluenceScores.save"):
+        uw.InfluenceScores.load(tmp_path / "obj.npz")

@@ -290,7 +290,7 @@ class Influence:
     def _train(self, train: TrainSelection) -> Data:
         self._ready()
         assert self.data_ is not None
-        return self.data_ if train is None else self.data_.subset(train)
+        return self.data_ if train is None else self.data_.subset(self._positions(train))
 
     def _test(self, test: Any) -> Data:
         self._ready()
@@ -333,11 +333,7 @@ class Influence:
         self._ready()
         if train is None:
             return np.arange(self.n_train_, dtype=np.int64)
-        idx = self._train(train).ids  # validates the selection; ids of data_ are its positions' ids
-        pos = np.asarray(torch.as_tensor(train, dtype=torch.long).reshape(-1).numpy(), dtype=np.int64)
-        pos = np.where(pos < 0, pos + self.n_train_, pos)
-        assert len(pos) == len(idx)
-        return pos
+        return selection_positions(train, self.n_train_)
 
     def _executor(self, executor: Executor | None) -> Executor:
         return resolve(executor if executor is not None else getattr(self, "executor_", None))
@@ -761,6 +757,35 @@ class Influence:
         return compute_group_influence(
             self, test, groups, order=order, third_derivative=third_derivative, measure_hessian=measure_hessian
         )
+
+
+def selection_positions(train: Any, n: int) -> np.ndarray:
+    """``train=`` as positions into n fitted training points: integer indices (negative ones count
+    from the end; repeats allowed) or a boolean mask of length n. Anything else — fractional
+    numbers, a mask of another length, indices outside [−n, n) — is an ``InputError``, never
+    silently truncated or read as 0/1 indices."""
+    try:
+        a = train.detach().cpu().numpy() if isinstance(train, torch.Tensor) else np.asarray(train)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"train= must be indices or a boolean mask; got {type(train).__name__} ({exc}).") from exc
+    a = a.reshape(-1) if a.ndim <= 1 else a
+    if a.ndim != 1:
+        raise InputError(f"train= must be one-dimensional (indices or a boolean mask); got shape {a.shape}.")
+    if a.dtype == bool:
+        if len(a) != n:
+            raise InputError(f"train= is a boolean mask of length {len(a)}, but {n} training points were fitted.")
+        return np.flatnonzero(a).astype(np.int64)
+    if a.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    if not np.issubdtype(a.dtype, np.integer):
+        if not np.issubdtype(a.dtype, np.floating) or not np.all(np.isfinite(a)) or not np.all(a == np.round(a)):
+            raise InputError(f"train= must hold integer positions; got dtype {a.dtype} (e.g. {a.reshape(-1)[:3].tolist()}). "
+                             "Pass integer indices or a boolean mask.")
+    pos = a.astype(np.int64)
+    bad = (pos < -n) | (pos >= n)
+    if bad.any():
+        raise InputError(f"train= holds position {int(pos[bad][0])}, outside the {n} fitted training points [−{n}, {n}).")
+    return np.where(pos < 0, pos + n, pos)
 
 
 class _GradContext:

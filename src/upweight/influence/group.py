@@ -58,6 +58,7 @@ import torch
 from torch.func import grad, jvp, vmap
 
 from .._checks import check_choice, check_finite, check_is_fitted
+from .._memory import tensor_bytes
 from .._progress import progress
 from ..core.data import Data
 from ..errors import InputError
@@ -244,6 +245,9 @@ def compute_group_influence(
     positions = normalize_groups(groups, n)
     test_data = inf._test(test)
     k = len(positions)
+    # G, Δθ⁽¹⁾ and, at order 2, its correction and Δθ⁽²⁾: each (k, p), plus the solver's copies
+    inf._check_result_memory(6 * tensor_bytes((k, obj.p), inf._np_dtype()),
+                             f"the group influence of {k} groups on p = {obj.p} parameters (several (k, p) blocks)")
 
     # g_U = (1/n) Σ_{z∈U} ∇L(z): one right-hand side per group
     chunk = inf._grad_chunk()

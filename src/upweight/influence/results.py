@@ -15,6 +15,10 @@ from typing import Any, Literal
 
 import numpy as np
 
+from .._checks import check_interval
+from ..errors import InputError
+from ..store import _atomic_write as atomic_write
+
 
 @dataclass(frozen=True)
 class Ranking:
@@ -73,10 +77,12 @@ class InfluenceScores:
 
     def harmfulness(self, test: int = 0) -> np.ndarray:
         """I_up,loss of every training point on test row ``test`` (> 0: harmful)."""
-        return self.as_up_loss().values[test]
+        return self.as_up_loss().values[_row(test, len(self.test_ids))]
 
     def top_k(self, k: int, *, test: int = 0, harmful: bool = True) -> Ranking:
         """The k most harmful (largest I_up,loss) or most helpful (most negative) training points."""
+        check_interval("top_k", "k", k, 0, None, closed="left", integer=True)
+        test = _row(test, len(self.test_ids))
         h = self.harmfulness(test)
         order = np.argsort(-h if harmful else h, kind="stable")[:k]
         vals = self.values[test, order]
@@ -84,17 +90,28 @@ class InfluenceScores:
         return Ranking(self.train_ids[order], vals, what, f"{'harmful' if harmful else 'helpful'} for test id {int(self.test_ids[test])}")
 
     def save(self, path: str | Path) -> None:
-        """Write values, ids and provenance to a ``.npz`` file."""
-        np.savez_compressed(
-            path, values=self.values, test_ids=self.test_ids, train_ids=self.train_ids,
-            meta=np.array(json.dumps({"n_train": self.n_train, "kind": self.kind, "provenance": _jsonable(self.provenance)})),
-        )
+        """Write values, ids and provenance to a ``.npz`` file, atomically (no partial file on failure)."""
+        meta = json.dumps({"n_train": self.n_train, "kind": self.kind, "provenance": _jsonable(self.provenance)})
+        atomic_write(Path(path), lambda fh: np.savez_compressed(
+            fh, values=np.asarray(self.values), test_ids=self.test_ids, train_ids=self.train_ids, meta=np.array(meta)))
 
     @classmethod
     def load(cls, path: str | Path) -> InfluenceScores:
-        with np.load(path) as f:
-            meta = json.loads(str(f["meta"]))
-            return cls(f["values"], f["test_ids"], f["train_ids"], meta["n_train"], meta["kind"], meta["provenance"])
+        """Read a file written by ``save`` (never unpickles: object arrays are refused)."""
+        try:
+            with open(path, "rb") as fh:
+                head = fh.read(4)
+        except OSError as exc:
+            raise InputError(f"Cannot read {path}: {exc.strerror or exc}.") from exc
+        if head[:2] != b"PK":  # every .npz is a zip archive
+            raise InputError(f"{path} is not a file written by InfluenceScores.save: it is not an .npz archive "
+                             f"(it starts with {head!r}).")
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                meta = json.loads(str(f["meta"]))
+                return cls(f["values"], f["test_ids"], f["train_ids"], int(meta["n_train"]), meta["kind"], meta["provenance"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise InputError(f"{path} is not a file written by InfluenceScores.save ({type(exc).__name__}: {exc}).") from exc
 
 
 @dataclass(frozen=True)
@@ -139,8 +156,16 @@ class SelfInfluence:
     provenance: Mapping[str, Any] = field(default_factory=dict)
 
     def top_k(self, k: int) -> Ranking:
+        check_interval("top_k", "k", k, 0, None, closed="left", integer=True)
         order = np.argsort(-np.abs(self.values), kind="stable")[:k]
         return Ranking(self.train_ids[order], self.values[order], "I_up,loss(z, z)", "largest self-influence")
+
+
+def _row(test: Any, n_test: int) -> int:
+    """A test row index in [−n_test, n_test), as an int, or ``InputError``."""
+    if isinstance(test, bool) or not isinstance(test, (int, np.integer)) or not -n_test <= int(test) < n_test:
+        raise InputError(f"test={test!r} is not a row of these scores: they hold {n_test} test point(s), rows 0..{n_test - 1}.")
+    return int(test)
 
 
 def _jsonable(x: Any) -> Any:
