@@ -16,6 +16,8 @@ from ._common import say as _say
 NAME = "fig2"
 HELP = "Fig. 2 (§4.1–4.2): predicted vs actual leave-one-out change in test loss — CG, LiSSA, non-convex CNN"
 DATA_HELP = "MNIST: a folder with the four IDX files, a folder holding mnist.npz, or the .npz"
+OUTPUTS = ("fig2.png", "report.md")  # written into --out (results.json is written by the runner)
+FOLDERS = ("retrainings",)  # kept in --out: the leave-one-out retrainings (--fresh discards them)
 
 _RETRAIN_TEXT = {
     "momentum": "full-batch heavy-ball steps",
@@ -81,6 +83,7 @@ def _check(args: argparse.Namespace) -> tuple[str, ...]:
 def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     from ...apps.fig2 import PAPER, run_fig2
     from ...datasets import load_mnist
+    from ...report._files import write_text_atomic
 
     panels = _check(args)
     merge = Path(args.merge) / "results.json" if args.merge else None
@@ -137,7 +140,7 @@ def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
             p = res["panels"][name]
             _say(f"{name:5s}: {p['k']} points, Pearson {p['pearson']:.4f}, Spearman {p['spearman']:.4f}, slope {p['slope']:.3f}")
     _figure(res["panels"], out / "fig2.png")
-    (out / "report.md").write_text(_report(res, PAPER, args))
+    write_text_atomic(out / "report.md", _report(res, PAPER, args))
     return {"paper_section": "4.1-4.2", "paper": PAPER, **res}
 
 
