@@ -276,12 +276,12 @@ def test_report_escapes_text_and_omits_missing_parts(tmp_path) -> None:
 def test_bad_report_path_fails_before_any_work(case, tmp_path, capsys) -> None:
     (tmp_path / "file.txt").write_text("x")
     (tmp_path / "dir.html").mkdir()
-    path = {"suffix": tmp_path / "report.htm", "under_a_file": tmp_path / "file.txt" / "sub" / "r.html",
+    path = {"suffix": tmp_path / "report.txt", "under_a_file": tmp_path / "file.txt" / "sub" / "r.html",
             "folder": tmp_path / "dir.html"}[case]
     expect = {"suffix": "must end in .html", "under_a_file": "is a file, not a folder", "folder": "that is a folder"}[case]
     rc = main(["explain", "--no-progress", "--out", str(tmp_path / "e.png"), "--report", str(path)])
     cap = capsys.readouterr()
-    assert rc == 2 and cap.err.startswith(f"error: --report {path}:") and expect in cap.err
+    assert rc == 2 and cap.err.startswith(f"upweight: error: --report {path}:") and expect in cap.err
     assert "Traceback" not in cap.err and cap.out == ""  # refused before loading data or training
     assert not (tmp_path / "e.png").exists()
 
