@@ -284,9 +284,10 @@ def _check_explain_outputs(args: argparse.Namespace) -> tuple[Path, tuple[Any, A
     from ..report.html import check_report_path
     from ..store import Store
 
-    out = Path(args.out)
-    if out.name and not out.suffix and not str(args.out).endswith(("/", os.sep)) and not out.is_dir():
-        out = out.with_name(out.name + ".png")
+    out: str | Path = str(args.out)
+    p = Path(out)
+    if p.name and not p.suffix and not out.endswith(("/", os.sep)) and not p.is_dir():
+        out = p.with_name(p.name + ".png")
     figure = check_output_file(out, what="--out", suffixes=tuple("." + f for f in figure_formats()),
                                example="out/explain.png")
     if args.report is not None:

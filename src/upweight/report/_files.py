@@ -73,7 +73,8 @@ def check_output_file(path: str | os.PathLike[str], *, what: str, suffixes: Iter
     accepted = tuple(s.lower() for s in suffixes)
     p = Path(path)
     if shown.endswith(("/", os.sep)) or p.is_dir():
-        raise InputError(f"{what} {shown}: that is a folder; give a file name inside it, e.g. "
+        kind = "that is a folder" if p.is_dir() else "that names a folder (it ends in a separator)"
+        raise InputError(f"{what} {shown}: {kind}; give a file name inside it, e.g. "
                          f"{Path(shown) / Path(example).name}.")
     if p.suffix.lower() not in accepted:
         if len(accepted) <= 2:
@@ -127,11 +128,17 @@ def write_atomic(path: str | os.PathLike[str], write: Callable[[BinaryIO], Any])
 
     The bytes go to a temporary file in the same folder, which is flushed, fsynced and moved
     onto ``path`` with ``os.replace``. If anything fails (``OSError`` such as a full disk, or an
-    exception of ``write``) the temporary file is removed and the exception propagates; ``path``
-    is then untouched.
+    exception of ``write``) the temporary file is removed and the exception propagates — an
+    ``OSError`` with ``filename`` set to ``path`` — and ``path`` is untouched.
     """
     p = Path(path)
-    _atomic_write(p, write)
+    try:
+        _atomic_write(p, write)
+    except OSError as exc:
+        if exc.filename is None or Path(os.fsdecode(exc.filename)) != p:
+            # a failed write or fsync names no file, a failed open names the temporary one: name the target
+            raise OSError(exc.errno, exc.strerror or str(exc), os.fspath(p)) from exc
+        raise
     return p
 
 
