@@ -407,6 +407,16 @@ def test_explain_fresh_discards_the_store(tmp_path, capsys) -> None:
     assert "2 of 2 retrainings read from" in out
 
 
+def test_explain_unreadable_store_before_training(tmp_path, capsys, no_training) -> None:
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "manifest.json").write_text("{broken")
+    rc, out, err = run(["explain", "--out", str(tmp_path / "e.png"), "--store", str(store)], capsys)
+    assert_one_line_error(rc, err, "manifest", "cannot be read", "pass another --store", f"move {store} away")
+    assert out == "" and no_training == [] and files_under(tmp_path) == {"store", "store/manifest.json"}
+    assert (store / "manifest.json").read_text() == "{broken"
+
+
 # ── 5. --out without a suffix ─────────────────────────────────────────────────────────
 
 

@@ -33,7 +33,7 @@ def check_address(value: str) -> None:
 
     Examples:
         >>> check_address("tcp://10.0.0.5:8786"); check_address("local"); check_address("[::1]:8786")
-        >>> check_address("tcp://")
+        >>> check_address("tcp://")  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
         upweight.errors.InputError: --scheduler 'tcp://': no host; pass 'local' ...

@@ -160,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="upweight",
         description="Influence functions (Koh & Liang, ICML 2017): which training points made the model predict this?",
+        epilog=("Exit status: 0 done; 2 a usage error or an error you can fix (bad input, an unusable output path, "
+                "a full disk, a missing optional package), reported as one line 'upweight: error: …'; 1 an "
+                "internal error (a bug in upweight), shown with its traceback; 130 interrupted."),
     )
     parser.add_argument("--version", action="version", version=f"upweight {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -302,7 +305,10 @@ def _check_explain_outputs(args: argparse.Namespace) -> tuple[Path, tuple[Any, A
     if loo.exists() and not loo.is_dir():
         raise errors.InputError(f"--store {args.store}: {loo} is a file, but the leave-one-out retrainings are kept "
                                 "in a folder of that name; move it away or choose another --store.")
-    return figure, (Store(folder, overwrite=args.fresh), Store(loo, overwrite=args.fresh))
+    try:
+        return figure, (Store(folder, overwrite=args.fresh), Store(loo, overwrite=args.fresh))
+    except errors.StoreError as exc:  # e.g. a manifest that cannot be read
+        raise errors.StoreError(f"{exc} On the command line: pass another --store, or move {folder} away.") from exc
 
 
 @contextlib.contextmanager
