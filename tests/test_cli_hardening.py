@@ -288,6 +288,7 @@ def test_reproduce_writes_results_atomically(tmp_path, capsys, monkeypatch) -> N
     (FileNotFoundError(errno.ENOENT, "No such file or directory", "/nowhere/x.npz"),
      ["No such file or directory", "/nowhere/x.npz", "check the path"]),
     (OSError(errno.ENOSPC, "No space left on device", "/d/.e.png.123.0123abcd.tmp"), ["(/d/e.png)"]),
+    (BrokenPipeError(errno.EPIPE, "Broken pipe"), ["Broken pipe", "output was closed"]),
     (errors.InputError("bad input\nsecond line"), ["bad input second line"]),
     (errors.DtypeError("float labels"), ["float labels"]),
     (errors.StoreError("manifest unreadable"), ["manifest unreadable"]),
@@ -420,7 +421,7 @@ def test_explain_unreadable_store_before_training(tmp_path, capsys, no_training)
 # ── 5. --out without a suffix ─────────────────────────────────────────────────────────
 
 
-def test_out_without_suffix_writes_a_png_and_says_so(tmp_path, capsys) -> None:
+def test_out_without_suffix_writes_a_png_and_says_so(tmp_path, capsys, monkeypatch) -> None:
     data = tiny_npz(tmp_path / "d.npz")
     rc, out, err = run(["explain", "--data", str(data), *FAST, "--out", str(tmp_path / "out" / "explain")], capsys)
     assert rc == 0, err
@@ -432,6 +433,10 @@ def test_out_without_suffix_writes_a_png_and_says_so(tmp_path, capsys) -> None:
     assert rc == 0, err
     assert (tmp_path / "out" / "e.pdf").read_bytes()[:5] == b"%PDF-"
     assert f"figure written to {tmp_path / 'out' / 'e.pdf'}\n" in out
+    monkeypatch.chdir(tmp_path)  # a relative --out with ./ is written as given, and not taken for a name without suffix
+    rc, out, err = run(["explain", "--data", str(data), *FAST, "--out", "./out/e.svg"], capsys)
+    assert rc == 0, err
+    assert "figure written to out/e.svg\n" in out and (tmp_path / "out" / "e.svg").read_text().startswith("<?xml")
 
 
 # ── 6. data files that are not .npz archives ──────────────────────────────────────────

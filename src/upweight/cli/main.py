@@ -444,7 +444,7 @@ def _explain_in(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
 
     out = _figure(args, split, i, p_pos, X, rankings, up, removal, comparison, Xt[i], figure_path)
     _say()
-    _say(f"figure written to {out}" + ("" if str(out) == str(args.out) else f" (--out {args.out} has no suffix: a PNG)"))
+    _say(f"figure written to {out}" + (f" (--out {args.out} has no suffix: a PNG)" if not Path(args.out).suffix else ""))
     if args.report is not None:
         extra = [("Influence.fit time (solver set-up) [s]", inf.fit_seconds_, ".2f")]
         report = _report(args, split, i, p_pos, X, rankings, up, removal, comparison, Xt[i], loss_i, prov, extra)

@@ -159,6 +159,8 @@ def os_error_fix(exc: OSError) -> str:
         return "check the path: the file or a folder above it does not exist"
     if code == errno.EISDIR:
         return "give a file name, not a folder"
+    if code == errno.EPIPE:
+        return "the output was closed before the command finished (e.g. piped into head); let it run to the end"
     if code == errno.ENOTDIR:
         return "a part of the path is a file, not a folder; check the path"
     return "check the path and try again"
