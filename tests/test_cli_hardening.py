@@ -172,6 +172,16 @@ def test_reproduce_fig2_refuses_a_file_where_its_retrainings_go(tmp_path, capsys
     assert no_training == [] and files_under(tmp_path) == {"retrainings"}
 
 
+def test_reproduce_fig2_refuses_an_unreadable_merge_before_loading_data(tmp_path, capsys) -> None:
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "results.json").write_text("{half a json")
+    rc, out, err = run(["reproduce", "fig2", "--data", str(tmp_path / "mnist"), "--out", str(tmp_path / "o"),
+                        "--merge", str(other)], capsys)
+    assert_one_line_error(rc, err, "--merge", "is not a results.json written by fig2", "finished fig2 run")
+    assert out == "" and os.listdir(tmp_path / "o") == []
+
+
 # ── 2. figures, reports and results are written atomically ────────────────────────────
 
 
