@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import re
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import pytest
 import scipy.optimize
 import scipy.special
 
+import upweight
 from upweight.cli.main import main
 from upweight.datasets import load_mnist_1v7
 
@@ -218,7 +220,7 @@ def test_out_of_range_test_index(index, capsys, tmp_path) -> None:
     rc = main(["explain", "--test-index", index, "--no-progress", "--out", str(tmp_path / "x.png")])
     cap = capsys.readouterr()
     assert rc == 2
-    assert cap.err.startswith("error: --test-index") and "out of range" in cap.err and "2099" in cap.err
+    assert cap.err.startswith("upweight: error: --test-index") and "out of range" in cap.err and "2099" in cap.err
     assert "Traceback" not in cap.err
     assert not (tmp_path / "x.png").exists()
 
@@ -229,7 +231,7 @@ def test_bad_data_files(capsys, tmp_path, mnist) -> None:
     np.savez(tmp_path / "partial.npz", x_train=np.zeros((3, 4)), y_train=np.ones(3))
     rc = main(["explain", "--data", str(tmp_path / "partial.npz"), "--no-progress"])
     err = capsys.readouterr().err
-    assert rc == 2 and "missing array(s) x_test, y_test" in err
+    assert rc == 2 and "lacks array(s) x_test, y_test" in err
     np.savez(tmp_path / "multi.npz", x_train=np.zeros((3, 4)), y_train=np.array([0, 1, 2]),
              x_test=np.zeros((2, 4)), y_test=np.array([0, 1]))
     rc = main(["explain", "--data", str(tmp_path / "multi.npz"), "--no-progress"])
@@ -244,7 +246,7 @@ def test_library_errors_become_messages(capsys, tmp_path, mnist) -> None:
                "--test-index", "0", "--no-progress", "--out", str(tmp_path / "x.png")])
     err = capsys.readouterr().err
     assert rc == 2
-    assert err.startswith("error: The lissa solve is inaccurate") and "--lissa-depth" in err
+    assert err.startswith("upweight: error: The lissa solve is inaccurate") and "--lissa-depth" in err
     assert "Traceback" not in err
 
 
@@ -261,11 +263,14 @@ def test_usage_errors(capsys) -> None:
 
 
 def test_python_dash_m(tmp_path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "upweight", "--version"], capture_output=True, text=True, timeout=120)
+    # the child imports the same upweight as this test (a relative PYTHONPATH would not survive cwd=tmp_path)
+    env = {**os.environ, "PYTHONPATH": str(Path(upweight.__file__).resolve().parents[1])}
+    proc = subprocess.run([sys.executable, "-m", "upweight", "--version"], capture_output=True, text=True, timeout=120,
+                          env=env)
     assert proc.returncode == 0 and proc.stdout.startswith("upweight ")
     proc = subprocess.run([sys.executable, "-m", "upweight", "explain", "--test-index", "5000", "--no-progress"],
-                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
-    assert proc.returncode == 2 and proc.stderr.startswith("error: --test-index 5000 is out of range")
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
+    assert proc.returncode == 2 and proc.stderr.startswith("upweight: error: --test-index 5000 is out of range")
 
 
 @pytest.mark.parametrize("solver", ["nystrom-cg", "kfac-cg"])

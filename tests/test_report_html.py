@@ -272,16 +272,94 @@ def test_report_escapes_text_and_omits_missing_parts(tmp_path) -> None:
         write_report(page, tmp_path / "b.txt")
 
 
+HOSTILE = ["<script>alert(1)</script>", '" onload="x', "<img src=x onerror=alert(1)> & 'q'"]
+
+
+def _assert_inert(page: str, dom: Node, evil: str) -> None:
+    """The hostile text is nowhere raw, made no element and no attribute: it is text."""
+    assert evil not in page
+    assert not dom.find_all("script") and not dom.find_all("iframe")
+    for node in dom.walk():
+        assert not [a for a in node.attrs if a.startswith("on")], (node.tag, node.attrs)
+        if node.tag == "img":
+            assert node.attrs["src"].startswith("data:image/png;base64,")
+
+
+@pytest.mark.parametrize("evil", HOSTILE)
+def test_report_escapes_every_string(evil) -> None:
+    """Title, subtitle, labels, solver settings and every provenance string are shown as text."""
+    img = np.arange(4.0)
+    pts = [ReportPoint(3, evil, 2.5, -0.25, img), ReportPoint(np.int64(7), evil, 1.0, -0.1, img)]
+    provenance = {
+        "solver": {"name": evil, "mode": evil, evil: 1.5}, "solver_chosen": evil, "solver_reason": evil,
+        "dtype": evil, f"solver_{evil}": evil, "solver_note": evil, "residual_max": 1e-9, "accepted": True,
+        "max_residual_accepted": 1e-6,
+    }
+    page = explain_report(
+        title=evil, subtitle=evil, image_shape=(2, 2), provenance=provenance, n_train=10,
+        test=ReportTest(index=1, true_label=evil, predicted_label=evil + "!", loss=0.7, image=img),
+        helpful=pts, harmful=pts, extra_diagnostics=[(evil, 2.0, ".2f")],
+    )
+    dom = parse(page)
+    _assert_inert(page, dom, evil)
+    assert dom.one("title").all_text() == evil and dom.one("h1").all_text() == evil
+    assert dom.one("p", class_="sub").all_text() == evil
+    assert dom.one(id="test-label").all_text() == evil
+    assert dom.one(id="test-prediction").all_text().startswith(evil + "! — ")
+    for kind in ("helpful", "harmful"):
+        labels = [[c for c in tr.children if c.tag == "td"][3].all_text()
+                  for tr in dom.one("table", id=kind).find_all("tr", class_="point")]
+        assert labels == [evil, evil]
+    diag = dom.one("table", id="diagnostics")
+    rows = {tr.find_all("th")[0].all_text(): tr.find_all("td")[0].all_text() for tr in diag.find_all("tr")}
+    assert rows["solver"] == evil and rows["chosen"] == evil and rows["why"] == evil and rows["dtype"] == evil
+    assert rows["settings"] == f"mode={evil}, {evil}=1.5"
+    assert rows[f"solver statistic: {evil}"] == evil and rows["solver statistic: note"] == evil
+    assert rows[evil] == "2.00"  # an extra diagnostics row: its label is text too
+
+
+@pytest.mark.parametrize("evil", HOSTILE[:2])
+def test_report_refuses_ids_that_are_not_integers(evil, tmp_path) -> None:
+    """Training ids and the test index go into the page (and its attributes) only as integers."""
+    test = ReportTest(index=1, true_label="+1", predicted_label="-1", loss=0.7)
+    with pytest.raises(InputError, match=r"ReportPoint\.train_id must be an integer; got str"):
+        explain_report(title="t", test=test, helpful=[ReportPoint(evil, "a", 1.0, -0.1)], harmful=[], provenance={},
+                       n_train=3)
+    with pytest.raises(InputError, match=r"ReportTest\.index must be an integer; got str"):
+        explain_report(title="t", test=ReportTest(index=evil, true_label="+1", predicted_label="-1", loss=0.7),
+                       helpful=[], harmful=[], provenance={}, n_train=3)
+
+
+def test_report_escapes_the_data_file_name(tmp_path, capsys) -> None:
+    """``explain --data`` with a hostile file name: the name reaches the page's title only as text."""
+    name = "<img src=x onerror=alert(1)>\" onload=\"x.npz"
+    rng = np.random.default_rng(0)
+    x, w = rng.normal(size=(50, 9)), rng.normal(size=9)
+    y = (x @ w + rng.normal(size=50) > 0).astype(np.int64)
+    np.savez(tmp_path / name, x_train=x[:40], y_train=y[:40], x_test=x[40:], y_test=y[40:])
+    report = tmp_path / "r.html"
+    rc = main(["explain", "--data", str(tmp_path / name), "--solver", "direct", "--test-index", "0", "--top", "2",
+               "--loo-k", "0", "--no-progress", "--out", str(tmp_path / "e.png"), "--report", str(report)])
+    cap = capsys.readouterr()
+    assert rc == 0, cap.err
+    page = report.read_text(encoding="utf-8")
+    dom = parse(page)
+    _assert_inert(page, dom, name)
+    assert dom.one("title").all_text() == f"Why does the model predict this? Test point 0 of {name}"
+    assert dom.one("h1").all_text() == dom.one("title").all_text()
+    assert len(dom.find_all("img")) == 1 + 2 + 2  # the test point and the 3×3 training images, nothing injected
+
+
 @pytest.mark.parametrize("case", ["suffix", "under_a_file", "folder"])
 def test_bad_report_path_fails_before_any_work(case, tmp_path, capsys) -> None:
     (tmp_path / "file.txt").write_text("x")
     (tmp_path / "dir.html").mkdir()
-    path = {"suffix": tmp_path / "report.htm", "under_a_file": tmp_path / "file.txt" / "sub" / "r.html",
+    path = {"suffix": tmp_path / "report.txt", "under_a_file": tmp_path / "file.txt" / "sub" / "r.html",
             "folder": tmp_path / "dir.html"}[case]
     expect = {"suffix": "must end in .html", "under_a_file": "is a file, not a folder", "folder": "that is a folder"}[case]
     rc = main(["explain", "--no-progress", "--out", str(tmp_path / "e.png"), "--report", str(path)])
     cap = capsys.readouterr()
-    assert rc == 2 and cap.err.startswith(f"error: --report {path}:") and expect in cap.err
+    assert rc == 2 and cap.err.startswith(f"upweight: error: --report {path}:") and expect in cap.err
     assert "Traceback" not in cap.err and cap.out == ""  # refused before loading data or training
     assert not (tmp_path / "e.png").exists()
 

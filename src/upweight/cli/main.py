@@ -14,8 +14,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import os
+import re
 import sys
 import time
+import traceback
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,7 +30,7 @@ import torch
 
 from .. import errors
 from .._version import __version__
-from ._scheduler import open_executor
+from ._scheduler import check_scheduler, open_executor
 
 # ── data ──────────────────────────────────────────────────────────────────────────────
 
@@ -55,22 +58,19 @@ def _load_bundled() -> _Split:
     )
 
 
+_DATA_EXPECTED = ("an .npz written by np.savez with numeric arrays x_train, y_train, x_test, y_test "
+                  "(labels in {-1, +1} or {0, 1}); leave --data out for the bundled MNIST 1-vs-7 set")
+
+
 def _load_npz(path: str) -> _Split:
+    from ..datasets._base import load_npz
+
     p = Path(path)
+    if not p.exists():
+        raise errors.InputError(f"--data {path}: no such file. Pass {_DATA_EXPECTED}.")
     if not p.is_file():
-        raise errors.InputError(f"--data {path}: no such file.")
-    try:
-        with np.load(p, allow_pickle=False) as f:
-            arrays = {k: np.asarray(f[k]) for k in f.files}
-    except (OSError, ValueError, EOFError) as exc:
-        raise errors.InputError(f"--data {path}: cannot read it as an .npz file ({exc}).") from exc
-    need = ("x_train", "y_train", "x_test", "y_test")
-    missing = [k for k in need if k not in arrays]
-    if missing:
-        raise errors.InputError(
-            f"--data {path}: missing array(s) {', '.join(missing)}; the file must hold x_train, y_train, "
-            f"x_test, y_test (it has {', '.join(sorted(arrays)) or 'none'})."
-        )
+        raise errors.InputError(f"--data {path}: that is a folder, not a file. Pass {_DATA_EXPECTED}.")
+    arrays = load_npz(p, "--data", ("x_train", "y_train", "x_test", "y_test"), _DATA_EXPECTED)
     xs, ys = {}, {}
     for part in ("train", "test"):
         x, y = arrays[f"x_{part}"], arrays[f"y_{part}"]
@@ -160,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="upweight",
         description="Influence functions (Koh & Liang, ICML 2017): which training points made the model predict this?",
+        epilog=("Exit status: 0 done; 2 a usage error or an error you can fix (bad input, an unusable output path, "
+                "a full disk, a missing optional package), reported as one line 'upweight: error: …'; 1 an "
+                "internal error (a bug in upweight), shown with its traceback; 130 interrupted."),
     )
     parser.add_argument("--version", action="version", version=f"upweight {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -190,15 +193,20 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--top", type=_int_at_least(1), default=5, help="how many helpful and harmful points to list")
     ex.add_argument("--loo-k", type=_int_at_least(0), default=20,
                     help="retrain without each of the k most influential points (0 skips leave-one-out)")
-    ex.add_argument("--out", default="out/explain.png", metavar="PATH.png", help="where to write the figure")
+    ex.add_argument("--out", default="out/explain.png", metavar="PATH.png",
+                    help="where to write the figure; the suffix picks the format (.png, .pdf, .svg, …), "
+                         "a name without one gets .png")
     ex.add_argument("--report", default=None, metavar="PATH.html",
-                    help="also write one self-contained HTML page (inline images, no network): the test point, "
-                         "the ranked training images, the leave-one-out scatter and the solver diagnostics")
+                    help="also write one self-contained HTML page (.html or .htm; inline images, no network): the "
+                         "test point, the ranked training images, the leave-one-out scatter and the solver diagnostics")
     ex.add_argument("--no-progress", action="store_true", help="no progress bars")
     ex.add_argument("--store", default=None, metavar="DIR",
                     help="keep s_test, the scores chunk by chunk and each leave-one-out retraining (in "
                          "DIR/leave_one_out) as they finish; rerunning resumes from them (a DIR written for other "
                          "data or settings is refused)")
+    ex.add_argument("--fresh", action="store_true",
+                    help="discard what --store DIR holds (its scores and leave-one-out retrainings) and start over, "
+                         "instead of resuming it or refusing a DIR written for other data or settings")
     ex.add_argument("--scheduler", default=None, metavar="local|tcp://HOST:PORT",
                     help="run the passes over the training data and the leave-one-out retrainings on Dask: "
                          "'local' starts a LocalCluster, tcp://host:port uses a running scheduler "
@@ -267,6 +275,54 @@ def _solver_text(solver: Any) -> str:
     return f"{solver.name} ({inner})" if inner else solver.name
 
 
+def _check_explain_outputs(args: argparse.Namespace) -> tuple[Path, tuple[Any, Any]]:
+    """Every path ``explain`` writes, checked before any work (nothing is written here).
+
+    Returns the figure's path (``--out`` with ``.png`` appended when it has no suffix) and the
+    stores of ``--store`` — ``(None, None)`` without it — for the scores and for the leave-one-out
+    retrainings in ``DIR/leave_one_out``, opened with ``overwrite=--fresh`` (``upweight.Store``'s
+    way of starting over, as ``reproduce fig2 --fresh`` does).
+    """
+    from ..report._files import check_output_file, check_output_folder, figure_formats
+    from ..report.html import check_report_path
+    from ..store import Store
+
+    out: str | Path = str(args.out)
+    p = Path(out)
+    if p.name and not p.suffix and not out.endswith(("/", os.sep)) and not p.is_dir():
+        out = p.with_name(p.name + ".png")
+    figure = check_output_file(out, what="--out", suffixes=tuple("." + f for f in figure_formats()),
+                               example="out/explain.png")
+    if args.report is not None:
+        check_report_path(args.report, what="--report")
+    if args.store is None:
+        if args.fresh:
+            raise errors.InputError("--fresh discards what --store DIR holds, but no --store was given; "
+                                    "pass --store DIR too, or leave --fresh out.")
+        return figure, (None, None)
+    folder = check_output_folder(args.store, what="--store")
+    loo = folder / "leave_one_out"
+    if loo.exists() and not loo.is_dir():
+        raise errors.InputError(f"--store {args.store}: {loo} is a file, but the leave-one-out retrainings are kept "
+                                "in a folder of that name; move it away or choose another --store.")
+    try:
+        return figure, (Store(folder, overwrite=args.fresh), Store(loo, overwrite=args.fresh))
+    except errors.StoreError as exc:  # e.g. a manifest that cannot be read
+        raise errors.StoreError(f"{exc} On the command line: pass another --store, or move {folder} away.") from exc
+
+
+@contextlib.contextmanager
+def _store_hint(args: argparse.Namespace) -> Any:
+    """A store written for another computation: name the command-line fixes."""
+    try:
+        yield
+    except errors.StoreMismatchError as exc:
+        raise errors.StoreMismatchError(
+            f"{exc} On the command line: rerun with --fresh to discard what --store {args.store} holds, "
+            "or pass another --store."
+        ) from exc
+
+
 def _explain(args: argparse.Namespace) -> int:
     with contextlib.ExitStack() as stack:  # holds the Dask cluster of --scheduler until the end
         return _explain_in(args, stack)
@@ -276,10 +332,8 @@ def _explain_in(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
     import upweight as uw
 
     t_start = time.perf_counter()
-    if args.report is not None:  # a bad path is an error now, not after training and retraining
-        from ..report.html import check_report_path
-
-        check_report_path(args.report, what="--report")
+    figure_path, stores = _check_explain_outputs(args)  # a bad path is an error now, not after training
+    check_scheduler(args.scheduler)
     split = _load_bundled() if args.data is None else _load_npz(args.data)
     n, n_test, d = len(split.x_train), len(split.x_test), split.x_train.shape[1]
     if args.test_index is not None and not 0 <= args.test_index < n_test:
@@ -338,7 +392,8 @@ def _explain_in(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
         progress=not args.no_progress, **bound_kw,
     ).fit((X, y), executor=executor)
     test_point = (Xt[i : i + 1], yt[i : i + 1])
-    scores = inf.up_loss(test_point, store=args.store)
+    with _store_hint(args):
+        scores = inf.up_loss(test_point, store=stores[0])
     up = scores.values[0]
     removal = scores.as_removal_effect().values[0]
     prov = scores.provenance
@@ -375,10 +430,11 @@ def _explain_in(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
     if args.loo_k > 0:
         _say()
         _say(f"leave-one-out retraining on the {min(args.loo_k, n)} most influential points …")
-        comparison = uw.leave_one_out(
-            inf, test_point, k=args.loo_k, scores=scores, progress_bar=not args.no_progress, executor=executor,
-            store=None if args.store is None else Path(args.store) / "leave_one_out",
-        )
+        with _store_hint(args):
+            comparison = uw.leave_one_out(
+                inf, test_point, k=args.loo_k, scores=scores, progress_bar=not args.no_progress, executor=executor,
+                store=stores[1],
+            )
         _say(f"  Pearson {comparison.pearson:.4f}   Spearman {comparison.spearman:.4f}   "
              f"slope {comparison.slope:.4f}   (intercept {comparison.intercept:+.2e})")
         _say(f"  largest ‖∇R‖ after a refit {comparison.retrain_grad_norm:.1e}, {comparison.seconds:.2f} s")
@@ -386,9 +442,9 @@ def _explain_in(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
             _say(f"  {comparison.provenance['resumed_from_store']} of {len(comparison.train_ids)} retrainings read "
                  f"from {Path(args.store) / 'leave_one_out'}")
 
-    out = _figure(args, split, i, p_pos, X, rankings, up, removal, comparison, Xt[i])
+    out = _figure(args, split, i, p_pos, X, rankings, up, removal, comparison, Xt[i], figure_path)
     _say()
-    _say(f"figure written to {out}")
+    _say(f"figure written to {out}" + (f" (--out {args.out} has no suffix: a PNG)" if not Path(args.out).suffix else ""))
     if args.report is not None:
         extra = [("Influence.fit time (solver set-up) [s]", inf.fit_seconds_, ".2f")]
         report = _report(args, split, i, p_pos, X, rankings, up, removal, comparison, Xt[i], loss_i, prov, extra)
@@ -399,7 +455,7 @@ def _explain_in(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
 
 def _figure(
     args: argparse.Namespace, split: _Split, i: int, p_pos: float, X: torch.Tensor, rankings: dict[str, Any],
-    up: np.ndarray, removal: np.ndarray, comparison: Any, x_test: torch.Tensor,
+    up: np.ndarray, removal: np.ndarray, comparison: Any, x_test: torch.Tensor, path: Path,
 ) -> Path:
     from ..report import explain_figure, save_figure
 
@@ -420,7 +476,7 @@ def _figure(
                f"l2 = {args.l2:g}, {args.solver}"
                + (f", damping {args.damping:g}" if args.damping else "")),
     )
-    return save_figure(fig, args.out)
+    return save_figure(fig, path)
 
 
 def _report(
@@ -463,8 +519,89 @@ def _print_warning(message: Any, category: type[Warning], filename: str, lineno:
     print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
+#: optional dependencies: the module a command imports → what to install
+_EXTRAS = {
+    "distributed": "pip install 'upweight[dask]'",
+    "dask": "pip install 'upweight[dask]'",
+    "sklearn": "pip install 'upweight[sklearn]'",
+    "scipy": "pip install scipy",
+    "PIL": "pip install pillow",
+}
+_TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.\d+\.[0-9a-f]{8}\.tmp$")  # upweight.store's atomic-write temp files
+
+
+def _one_line(text: str) -> str:
+    return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
+
+
+def _shown_path(name: Any) -> str:
+    """A path from an OSError, with an atomic write's temporary file shown as the file it was for."""
+    p = Path(os.fsdecode(name))
+    m = _TEMP_NAME.match(p.name)
+    return str(p.with_name(m["name"]) if m else p)
+
+
+def _os_error_message(exc: OSError) -> str:
+    from ..report._files import os_error_fix
+
+    reason = exc.strerror or _one_line(str(exc)) or type(exc).__name__
+    where = ""
+    if exc.filename is not None:
+        where = f" ({_shown_path(exc.filename)}"
+        where += f" → {_shown_path(exc.filename2)})" if exc.filename2 is not None else ")"
+    return f"{reason}{where}; {os_error_fix(exc)}."
+
+
+def _missing_module(exc: ImportError) -> str | None:
+    """The top-level module a failed import could not find, or None when the import failed inside
+    upweight itself (a bug, not a missing dependency)."""
+    e: BaseException | None = exc
+    while e is not None:
+        name = getattr(e, "name", None)
+        if isinstance(e, ImportError) and name:
+            top = name.split(".")[0]
+            return None if top == "upweight" else top
+        e = e.__cause__
+    return None
+
+
+def _user_error(exc: BaseException) -> str | None:
+    """The one-line message for an error the user can fix, or None for an unexpected one (a bug).
+
+    User errors: every ``upweight.errors.UpweightError`` (bad input, a store of another
+    computation, an unreachable scheduler, an inaccurate solve …), an ``OSError`` from reading or
+    writing files (permission denied, disk full, a missing file), and an optional dependency that
+    is not installed.
+    """
+    if isinstance(exc, errors.UpweightError):
+        hint = ""
+        if isinstance(exc, errors.InaccurateSolveError):
+            hint = (" (on the command line: --lissa-depth/--lissa-repeats, --cg-rtol, --damping, "
+                    "or --on-inaccurate warn to go on anyway)")
+        elif isinstance(exc, errors.NotPositiveDefiniteError):
+            hint = " (on the command line: --damping)"
+        return _one_line(str(exc)) + hint
+    if isinstance(exc, OSError):
+        return _os_error_message(exc)
+    if isinstance(exc, ImportError):
+        top = _missing_module(exc)
+        if top is None:
+            return None
+        install = _EXTRAS.get(top, f"pip install {top}")
+        return (f"this command needs the package '{top}', which is not installed or cannot be imported "
+                f"({_one_line(str(exc))}); install it with: {install}")
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the ``upweight`` command line; returns the exit status (0 ok, 2 usage or upweight error)."""
+    """Run the ``upweight`` command line; returns the exit status.
+
+    Exit status: 0 done; 2 a usage error or an error the user can fix, reported on stderr as one
+    line ``upweight: error: …`` (what is wrong, the value seen, what to do) and no traceback;
+    130 interrupted; 1 an unexpected exception — a bug in upweight —, shown with its full
+    traceback and a line saying so, so that it can be reported and is never mistaken for bad input.
+    All of this is decided here, in one place, for every command.
+    """
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -478,18 +615,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             warnings.filterwarnings("default", category=errors.UpweightWarning)
             warnings.showwarning = _print_warning
             return int(args.func(args))
-    except errors.UpweightError as exc:
-        hint = ""
-        if isinstance(exc, errors.InaccurateSolveError):
-            hint = (" (on the command line: --lissa-depth/--lissa-repeats, --cg-rtol, --damping, "
-                    "or --on-inaccurate warn to go on anyway)")
-        elif isinstance(exc, errors.NotPositiveDefiniteError):
-            hint = " (on the command line: --damping)"
-        print(f"error: {exc}{hint}", file=sys.stderr, flush=True)
-        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        message = _user_error(exc)
+        if message is None:
+            traceback.print_exc()
+            print(f"upweight: internal error ({type(exc).__name__}): this is a bug in upweight, not a problem with "
+                  "your input; please report it with the traceback above.", file=sys.stderr, flush=True)
+            return 1
+        print(f"upweight: error: {message}", file=sys.stderr, flush=True)
+        return 2
 
 
 if __name__ == "__main__":

@@ -80,13 +80,101 @@ def read_bytes(path: Path, what: str) -> bytes:
     return raw
 
 
-def load_npz(path: Path, what: str, required: tuple[str, ...]) -> dict[str, np.ndarray]:
-    """All arrays of an .npz file (no pickles), with clear errors for other files or missing keys."""
+ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # a zip archive (an .npz), or an empty one
+NPY_MAGIC = b"\x93NUMPY"
+
+
+def describe_start(path: Path, head: bytes | None = None) -> str:
+    """What a file looks like from its first bytes, for messages: "it starts with 'a,b,c'", "it is empty" …"""
+    if head is None:
+        try:
+            with open(path, "rb") as fh:
+                head = fh.read(256)
+        except OSError as exc:
+            return f"it cannot be read: {exc.strerror or exc}"
+    if not head:
+        return "it is empty"
+    if head.startswith(b"\x1f\x8b"):
+        return "it is gzip-compressed"
+    if head.startswith(NPY_MAGIC):
+        return "it is a single .npy array"
+    if head[:1] == b"\x80":
+        return "it looks like a Python pickle, which upweight never loads"
+    first = head.split(b"\n", 1)[0].rstrip(b"\r")
+    try:
+        text = first.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    if text is not None and text.isprintable():
+        shown = text if len(text) <= 40 else text[:40] + "…"
+        return f"it is text starting with {shown!r}"
+    return "it starts with the bytes " + " ".join(f"{b:02x}" for b in head[:8])
+
+
+def _object_arrays(path: Path) -> list[str]:
+    """Names of the arrays of an .npz whose dtype holds Python objects, read from the .npy headers
+    only (nothing is unpickled)."""
+    found = []
+    with zipfile.ZipFile(path) as zf:
+        for info in zf.infolist():
+            if not info.filename.endswith(".npy"):
+                continue
+            with zf.open(info) as fh:
+                try:
+                    version = np.lib.format.read_magic(fh)
+                    if version == (1, 0):
+                        _, _, dtype = np.lib.format.read_array_header_1_0(fh)
+                    elif version == (2, 0):
+                        _, _, dtype = np.lib.format.read_array_header_2_0(fh)
+                    else:  # a newer header: np.load(allow_pickle=False) below still refuses objects
+                        continue
+                except ValueError:
+                    continue  # a damaged member: reported when it is loaded
+            if dtype.hasobject:
+                found.append(info.filename[: -len(".npy")])
+    return found
+
+
+def load_npz(path: Path, what: str, required: tuple[str, ...], expected: str | None = None) -> dict[str, np.ndarray]:
+    """All arrays of an .npz file (never unpickled), with clear errors for other files or missing keys.
+
+    Args:
+        path: the file.
+        what: who is loading (starts every message), e.g. ``"load_mnist"`` or ``"--data"``.
+        required: the arrays the file must hold.
+        expected: what the caller accepts, for the messages (default: an .npz with ``required``).
+
+    Raises:
+        InputError: the file is not an .npz archive (the message says what it looks like), holds
+            a single .npy array, holds arrays of Python objects (refused without unpickling
+            them), is damaged, or lacks one of ``required``.
+    """
+    if expected is None:
+        expected = (f"a file written by np.savez / np.savez_compressed with arrays {', '.join(required)}")
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(256)
+    except OSError as exc:
+        raise InputError(f"{what}: cannot read '{path}' ({exc.strerror or exc}). Pass {expected}.") from exc
+    if head.startswith(NPY_MAGIC):
+        raise InputError(f"{what}: '{path}' holds a single .npy array, not an .npz archive; save the arrays "
+                         f"with np.savez(file, {', '.join(k + '=...' for k in required)}).")
+    if not head.startswith(ZIP_MAGIC):
+        raise InputError(f"{what}: cannot read '{path}' as an .npz archive: it is not one "
+                         f"({describe_start(path, head)}). Pass {expected}.")
+    try:
+        objects = _object_arrays(path)
+    except (OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise InputError(f"{what}: cannot read '{path}' as an .npz archive: it is a damaged zip file ({exc}). "
+                         "Write or download it again.") from exc
+    if objects:
+        raise InputError(f"{what}: '{path}' holds array(s) of Python objects ({', '.join(objects)}), which "
+                         "upweight does not load: unpickling them could run code from the file. Save numeric "
+                         "arrays, e.g. np.savez(file, x_train=np.asarray(x, dtype=np.float32), ...).")
     try:
         f = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        raise InputError(f"{what}: cannot read '{path}' as an .npz archive ({exc}). Pass a file written by "
-                         f"np.savez / np.savez_compressed with arrays {', '.join(required)}.") from exc
+        raise InputError(f"{what}: cannot read '{path}' as an .npz archive ({exc}). Pass {expected}.") from exc
     if not isinstance(f, np.lib.npyio.NpzFile):
         raise InputError(f"{what}: '{path}' holds a single .npy array, not an .npz archive; save the arrays "
                          f"with np.savez(file, {', '.join(k + '=...' for k in required)}).")

@@ -131,7 +131,7 @@ def balanced_split(positive: np.ndarray, n_per_class: int, seed: int) -> tuple[n
 
 
 def _from_npz(p: Path) -> dict[str, np.ndarray]:
-    a = load_npz(p, _WHAT, NPZ_KEYS)
+    a = load_npz(p, _WHAT, NPZ_KEYS, _EXPECTED)
     names = a["feature_names"]
     if names.dtype.kind != "U" or names.shape != (N_FEATURES,):
         raise ShapeError(f"{_WHAT}: feature_names in '{p}' must be {N_FEATURES} strings; got {names.dtype} "

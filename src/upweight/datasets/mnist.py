@@ -80,7 +80,7 @@ def _read_raw(p: Path) -> dict[str, np.ndarray]:
     elif p.name.split(".")[0] in IDX_FILES.values():
         raise InputError(f"{_WHAT}: '{p}' is a single IDX file; pass the folder that holds all four "
                          f"({p.parent}), or read this one with read_idx.")
-    arrays = load_npz(p, _WHAT, tuple(IDX_FILES))
+    arrays = load_npz(p, _WHAT, tuple(IDX_FILES), _EXPECTED)
     return {k: arrays[k] for k in IDX_FILES}
 
 

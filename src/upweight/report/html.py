@@ -28,6 +28,7 @@ import matplotlib.image
 import numpy as np
 
 from ..errors import InputError
+from ._files import check_output_file, os_error_fix, write_text_atomic
 from .plots import HARMFUL_COLOR, HELPFUL_COLOR, _as_image, loo_scatter, new_figure
 
 __all__ = [
@@ -121,6 +122,12 @@ def _num(x: Any, spec: str) -> str:
         shown = format(v, spec) if math.isfinite(v) else str(v)
         exact = repr(v)
     return f'<td class="num" data-value="{_e(exact)}">{_e(shown)}</td>'
+
+
+def _integer(x: Any, what: str) -> None:
+    """Ids and indices go into the page as integers; anything else is refused, not written."""
+    if isinstance(x, (bool, np.bool_)) or not isinstance(x, (int, np.integer)):
+        raise InputError(f"explain_report: {what} must be an integer; got {type(x).__name__} {x!r}.")
 
 
 def _setting(v: Any) -> str:
@@ -283,6 +290,9 @@ def explain_report(
         extra_diagnostics: more ``(label, number, format spec)`` rows for the solver table.
         cmap: colour map for 2-D images; all images share one intensity scale.
     """
+    _integer(test.index, "ReportTest.index")
+    for pt in (*helpful, *harmful):
+        _integer(pt.train_id, "ReportPoint.train_id")
     every = [test.image] + [p.image for p in helpful] + [p.image for p in harmful]
     arrays = [None if im is None else _as_image(im, image_shape) for im in every]
     finite = [a[np.isfinite(a)] for a in arrays if a is not None]
@@ -343,31 +353,31 @@ def explain_report(
 def check_report_path(path: str | os.PathLike[str], *, what: str = "report") -> Path:
     """Check before any work that ``path`` can become an HTML report; returns it as a ``Path``.
 
+    Nothing is written.
+
     Raises:
-        InputError: the name does not end in ``.html``, it is an existing folder, a parent is a
-            file, or the nearest existing parent folder is not writable.
+        InputError: the name does not end in ``.html`` or ``.htm``, it is an existing folder, a
+            parent is a file, or the nearest existing parent folder is not writable.
     """
-    p = Path(path)
-    if p.suffix.lower() != ".html":
-        raise InputError(f"{what} {path}: the file name must end in .html (e.g. out/report.html).")
-    if p.is_dir():
-        raise InputError(f"{what} {path}: that is a folder; give a file name ending in .html inside it.")
-    parent = p.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise InputError(f"{what} {path}: cannot create the folder {p.parent}, because {parent} is a file, not a folder.")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise InputError(f"{what} {path}: no permission to write in {parent}; choose another place.")
-    return p
+    return check_output_file(path, what=what, suffixes=(".html", ".htm"), example="out/report.html")
 
 
 def write_report(page: str, path: str | os.PathLike[str], *, what: str = "report") -> Path:
-    """Write ``page`` (from ``explain_report``) to ``path`` as UTF-8, creating parent folders."""
+    """Write ``page`` (from ``explain_report``) to ``path`` as UTF-8, creating parent folders.
+
+    The page goes to a temporary file in the same folder, is fsynced and moved onto ``path``
+    with ``os.replace``: a failed write (full disk, permissions) removes the temporary file and
+    leaves ``path`` as it was — absent or with its previous content, never a partial page.
+
+    Raises:
+        InputError: ``path`` is not a usable ``.html``/``.htm`` file name (``check_report_path``),
+            or writing it failed (the message carries the operating system's reason).
+    """
     p = check_report_path(path, what=what)
     try:
         p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(page, encoding="utf-8")
+        write_text_atomic(p, page)
     except OSError as exc:
-        raise InputError(f"{what} {path}: cannot write it ({exc.strerror or exc}); choose another place.") from exc
+        raise InputError(f"{what} {path}: cannot write it ({exc.strerror or exc}); nothing was written there: "
+                         f"{os_error_fix(exc)}.") from exc
     return p

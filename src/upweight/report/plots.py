@@ -19,6 +19,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
+from ..errors import InputError
+
 Captioned = tuple[Any, str]  # (image, caption)
 
 HELPFUL_COLOR = "#1a7f37"
@@ -180,10 +182,29 @@ def explain_figure(
 
 
 def save_figure(fig: Figure, path: str | Path, *, dpi: float | None = None) -> Path:
-    """Write ``fig`` to ``path`` (format from the suffix, e.g. PNG), creating parent folders."""
+    """Write ``fig`` to ``path`` atomically, creating parent folders; returns the file written.
+
+    The format comes from the suffix (``.png``, ``.pdf``, ``.svg``, … any format matplotlib can
+    write); a name without a suffix gets ``.png`` appended, and the returned path says so. The
+    figure is rendered into a temporary file in the same folder, fsynced and moved onto ``path``
+    with ``os.replace``: if writing fails (e.g. ``OSError`` for a full disk) the temporary file is
+    removed and ``path`` keeps its previous content, or stays absent — never a partial file.
+
+    Raises:
+        InputError: the suffix names a format matplotlib cannot write.
+        OSError: the folder cannot be created or the file cannot be written.
+    """
+    from ._files import figure_formats, write_atomic
+
     path = Path(path)
+    if not path.suffix:
+        path = path.with_name(path.name + ".png")
+    fmt = path.suffix[1:].lower()
+    formats = figure_formats()
+    if fmt not in formats:
+        raise InputError(f"save_figure: cannot write a figure as '{path.suffix}' ({path}); use one of the "
+                         f"suffixes {', '.join('.' + f for f in formats)}, e.g. {path.with_suffix('.png')}.")
     path.parent.mkdir(parents=True, exist_ok=True)
     if fig.canvas is None or not isinstance(fig.canvas, FigureCanvasAgg):
         FigureCanvasAgg(fig)
-    fig.savefig(path, dpi=dpi or fig.dpi, facecolor="white")
-    return path
+    return write_atomic(path, lambda fh: fig.savefig(fh, format=fmt, dpi=dpi or fig.dpi, facecolor="white"))

@@ -6,9 +6,18 @@ Each experiment is one module of this package defining
   (what ``--data`` takes),
 - ``add_arguments(parser)``: its own options (``--data``, ``--out`` and ``--no-progress`` are added
   here for every experiment),
-- ``run(args, out) -> dict``: computes, prints progress, writes its PNG(s) and ``report.md`` into
-  ``out`` and returns the JSON-able results, which are written to ``out/results.json`` here
-  together with the seconds the run took.
+- ``OUTPUTS``: the names of the files it writes into ``out`` (its PNG(s) and ``report.md``), and
+  ``FOLDERS`` those of the folders it keeps there, if any,
+- ``run(args, out) -> dict``: computes, prints progress, writes its PNG(s) (``save_figure``) and
+  ``report.md`` (``write_text_atomic``) into ``out`` and returns the JSON-able results, which are
+  written to ``out/results.json`` here together with the seconds the run took.
+
+Before ``run`` starts, ``--out`` is checked (a writable folder, or one that can be created, in
+which none of ``OUTPUTS`` nor ``results.json`` is a folder and none of ``FOLDERS`` a file) and so
+is ``--scheduler`` where the experiment has it: a bad value is reported at once, not after the
+experiment has run. Every file is written atomically (a temporary file in the same folder, fsync,
+``os.replace``), so an interrupted or failed run never leaves a partial figure, report or
+``results.json``.
 
 Modules are discovered, so adding an experiment touches no other file. Heavy imports (torch work,
 matplotlib) stay inside ``run``.
@@ -63,16 +72,22 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
 
 def _runner(mod: ModuleType) -> Any:
     def run(args: argparse.Namespace) -> int:
+        from ...report._files import check_output_folder, write_text_atomic
+        from .._scheduler import check_scheduler
+
         t0 = time.perf_counter()
-        out = Path(args.out)
+        out = check_output_folder(args.out, what="--out", inside=(*getattr(mod, "OUTPUTS", ()), "results.json"),
+                                  folders=getattr(mod, "FOLDERS", ()))
+        check_scheduler(getattr(args, "scheduler", None))
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise errors.InputError(f"--out {out}: cannot create the folder ({exc}).") from exc
+            raise errors.InputError(f"--out {out}: cannot create the folder ({exc.strerror or exc}); "
+                                    "choose another place.") from exc
         results = mod.run(args, out)
         seconds = time.perf_counter() - t0
         results = {"experiment": mod.NAME, **results, "seconds": seconds}
-        (out / "results.json").write_text(json.dumps(results, indent=1, default=_jsonable))
+        write_text_atomic(out / "results.json", json.dumps(results, indent=1, default=_jsonable))
         say(f"wrote {', '.join(sorted(p.name for p in out.iterdir() if p.is_file()))} to {out} ({seconds:.1f}s)")
         return 0
 

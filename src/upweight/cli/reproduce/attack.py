@@ -18,6 +18,7 @@ from .compare_models import add_feature_arguments, build_setup
 NAME = "attack"
 HELP = "§5.2 training-set attacks: perturb training images by sign(I_pert,loss), retrain, flip a test prediction"
 DATA_HELP = "MNIST: a folder with the four IDX files, or mnist.npz"
+OUTPUTS = ("attack.png", "report.md")  # written into --out (results.json is written by the runner)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -40,6 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     from ...apps.attack import PAPER, run_attack
+    from ...report._files import write_text_atomic
 
     if args.targets is not None and args.targets < 1:
         raise errors.InputError(f"--targets must be ≥ 1; got {args.targets}.")
@@ -58,7 +60,7 @@ def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         _say(f"multi-target: group of {len(r.multi['group'])} test images; flipped "
              + ", ".join(f"{v['flipped']} with {k} image(s)" for k, v in r.multi["by_k"].items()))
     _figure(r, setup.task, out / "attack.png")
-    (out / "report.md").write_text(_report(r, PAPER))
+    write_text_atomic(out / "report.md", _report(r, PAPER))
     return {"paper_section": "5.2", "paper": PAPER, **r.to_json()}
 
 

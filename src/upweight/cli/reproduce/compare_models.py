@@ -16,6 +16,7 @@ from ._common import say as _say
 NAME = "compare-models"
 HELP = "§5.1 understanding model behaviour: frozen CNN features + logistic regression vs an RBF SVM (Fig. 4)"
 DATA_HELP = "MNIST: a folder with the four IDX files, or mnist.npz"
+OUTPUTS = ("compare_models.png", "report.md")  # written into --out (results.json is written by the runner)
 
 
 def add_feature_arguments(p: argparse.ArgumentParser) -> None:
@@ -85,6 +86,7 @@ def build_setup(args: argparse.Namespace) -> Any:
 
 def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     from ...apps.compare_models import PAPER, run_compare_models
+    from ...report._files import write_text_atomic
 
     setup = build_setup(args)
     r = run_compare_models(setup, test_index=args.test_index, gamma_scale=args.gamma_scale, t=args.t,
@@ -98,7 +100,7 @@ def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
              f"{m.median_mass_nearest_decile:.2f}; helpful points of the other label {m.helpful_other_label_fraction:.2f}, "
              f"in the top 10: {m.top10_helpful_other_label}")
     _figure(r, setup.task, out / "compare_models.png")
-    (out / "report.md").write_text(_report(r, PAPER))
+    write_text_atomic(out / "report.md", _report(r, PAPER))
     return {"paper_section": "5.1", "paper": PAPER, **r.to_json()}
 
 

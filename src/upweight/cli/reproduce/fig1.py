@@ -16,6 +16,7 @@ NAME = "fig1"
 HELP = "§2.3 / Fig. 1 components of influence: I_up,loss vs its variants without train loss and H⁻¹ (MNIST 1 vs 7)"
 DATA_HELP = ("'bundled' (the MNIST 1-vs-7 set shipped with upweight) or your MNIST copy: the folder with the four "
              "IDX files or mnist.npz, split as load_mnist(path, subset='1v7')")
+OUTPUTS = ("fig1.png", "report.md")  # written into --out (results.json is written by the runner)
 
 
 def load_1v7(spec: str) -> Any:
@@ -36,6 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     from ...apps.fig1 import PAPER, run_fig1
+    from ...report._files import write_text_atomic
 
     if args.l2 <= 0:
         raise errors.InputError(f"--l2 must be > 0; got {args.l2}.")
@@ -58,7 +60,7 @@ def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
          f"rank {r.harmful_same_label_variant_rank['no_both']} by the inner-product variant)")
 
     fig1_figure(r, out / "fig1.png")
-    (out / "report.md").write_text(fig1_report(r, PAPER))
+    write_text_atomic(out / "report.md", fig1_report(r, PAPER))
     return {"paper_section": "2.3", "paper": PAPER, **r.to_json()}
 
 

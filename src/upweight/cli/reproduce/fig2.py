@@ -16,6 +16,8 @@ from ._common import say as _say
 NAME = "fig2"
 HELP = "Fig. 2 (§4.1–4.2): predicted vs actual leave-one-out change in test loss — CG, LiSSA, non-convex CNN"
 DATA_HELP = "MNIST: a folder with the four IDX files, a folder holding mnist.npz, or the .npz"
+OUTPUTS = ("fig2.png", "report.md")  # written into --out (results.json is written by the runner)
+FOLDERS = ("retrainings",)  # kept in --out: the leave-one-out retrainings (--fresh discards them)
 
 _RETRAIN_TEXT = {
     "momentum": "full-batch heavy-ball steps",
@@ -81,11 +83,14 @@ def _check(args: argparse.Namespace) -> tuple[str, ...]:
 def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     from ...apps.fig2 import PAPER, run_fig2
     from ...datasets import load_mnist
+    from ...report._files import write_text_atomic
 
     panels = _check(args)
     merge = Path(args.merge) / "results.json" if args.merge else None
     if merge is not None and not merge.parent.is_dir():
         raise errors.InputError(f"--merge {args.merge}: no such folder; pass the --out folder of another fig2 run.")
+    if merge is not None and merge.is_file():
+        _read_merge(args.merge, merge)  # a file that is there already must be readable, before any work
     logreg = any(p in panels for p in ("cg", "lissa"))
     mnist = load_mnist(args.data) if logreg else None
     small = load_mnist(args.data, subset="small10pct") if "cnn" in panels else None
@@ -116,7 +121,7 @@ def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     if merge is not None:  # read at the end, so that a run in parallel may finish meanwhile
         if not merge.is_file():
             raise errors.InputError(f"--merge {args.merge}: no results.json there; pass the --out folder of a finished fig2 run.")
-        merged = json.loads(merge.read_text())
+        merged = _read_merge(args.merge, merge)
     for name, value in merged.get("panels", {}).items():
         res["panels"].setdefault(name, value)
     if merged:
@@ -137,8 +142,21 @@ def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
             p = res["panels"][name]
             _say(f"{name:5s}: {p['k']} points, Pearson {p['pearson']:.4f}, Spearman {p['spearman']:.4f}, slope {p['slope']:.3f}")
     _figure(res["panels"], out / "fig2.png")
-    (out / "report.md").write_text(_report(res, PAPER, args))
+    write_text_atomic(out / "report.md", _report(res, PAPER, args))
     return {"paper_section": "4.1-4.2", "paper": PAPER, **res}
+
+
+def _read_merge(given: str, merge: Path) -> dict[str, Any]:
+    """The results.json of another fig2 run, or an InputError saying why it cannot be used."""
+    try:
+        merged = json.loads(merge.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise errors.InputError(f"--merge {given}: {merge} is not a results.json written by fig2 ({exc}); "
+                                "pass the --out folder of a finished fig2 run.") from exc
+    if not isinstance(merged, dict) or not isinstance(merged.get("panels", {}), dict):
+        raise errors.InputError(f"--merge {given}: {merge} is not a results.json written by fig2 (no 'panels' "
+                                "mapping); pass the --out folder of a finished fig2 run.")
+    return merged
 
 
 def _figure(panels: dict[str, Any], path: Path) -> Path:

@@ -19,6 +19,7 @@ HELP = ("§4.3 / Fig. 3 non-differentiable losses: hinge-loss SVM on MNIST 1 vs 
         "and SmoothHinge(t) vs exact leave-one-out retraining")
 DATA_HELP = ("'bundled' (the MNIST 1-vs-7 set shipped with upweight) or your MNIST copy: the folder with the four "
              "IDX files or mnist.npz, split as load_mnist(path, subset='1v7')")
+OUTPUTS = ("fig3.png", "report.md")  # written into --out (results.json is written by the runner)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -33,6 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     from ...apps.fig3 import PAPER, run_fig3
+    from ...report._files import write_text_atomic
 
     if args.l2 <= 0:
         raise errors.InputError(f"--l2 must be > 0; got {args.l2}.")
@@ -55,7 +57,7 @@ def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
              f"slope {r.slope[name]:.3f} (‖∇R‖ at the hinge weights {r.grad_norm[name]:.1e})")
 
     fig3_figure(r, out / "fig3.png")
-    (out / "report.md").write_text(fig3_report(r, PAPER))
+    write_text_atomic(out / "report.md", fig3_report(r, PAPER))
     return {"paper_section": "4.3", "paper": PAPER, **r.to_json()}
 
 

@@ -15,6 +15,7 @@ from ._common import say as _say
 NAME = "mislabel"
 HELP = "§5.4 fixing mislabeled examples: check training emails by self-influence, loss or at random (Enron1 spam)"
 DATA_HELP = "enron1.tar.gz, enron1.csv.gz, or a folder holding ham/ and spam/"
+OUTPUTS = ("mislabel.png", "report.md")  # written into --out (results.json is written by the runner)
 
 _COLORS = {"influence": "#1f5fa8", "loss": "#2e8b57", "random": "#c62828"}
 _LABELS = {"influence": "self-influence |I_up,loss(z, z)|", "loss": "training loss", "random": "random"}
@@ -48,6 +49,7 @@ def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
 
     from ...apps.mislabel import PAPER, run_mislabel
     from ...datasets import load_enron
+    from ...report._files import write_text_atomic
 
     if args.repeats < 1:
         raise errors.InputError(f"--repeats must be ≥ 1; got {args.repeats}.")
@@ -72,7 +74,7 @@ def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         _say(f"checked {f:.0%}: " + "; ".join(
             f"{o} found {at[o]['found']:.3f}, accuracy {at[o]['accuracy']:.4f}" for o in at))
     _figure(r, out / "mislabel.png")
-    (out / "report.md").write_text(_report(r, PAPER, args))
+    write_text_atomic(out / "report.md", _report(r, PAPER, args))
     return {"paper_section": "5.4", "paper": PAPER, **r.to_json()}
 
 

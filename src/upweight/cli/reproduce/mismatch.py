@@ -14,6 +14,7 @@ from ._common import say as _say
 NAME = "mismatch"
 HELP = "§5.3 debugging domain mismatch on hospital readmission (Diabetes 130-US hospitals)"
 DATA_HELP = "hospital_koh2017.npz, diabetic_data.csv[.gz], dataset_diabetes.zip or their folder"
+OUTPUTS = ("mismatch.png", "report.md")  # written into --out (results.json is written by the runner)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -28,6 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     from ...apps.mismatch import PAPER, run_mismatch
     from ...datasets import load_hospital
+    from ...report._files import write_text_atomic
 
     if args.l2 < 0:
         raise errors.InputError(f"--l2 must be ≥ 0; got {args.l2}.")
@@ -50,7 +52,7 @@ def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
          f"among the child's non-zero features {r.pert_child_rank_active}; largest overall: {r.pert_top_feature}")
 
     _mismatch_figure(r, out / "mismatch.png")
-    (out / "report.md").write_text(_mismatch_report(r, PAPER))
+    write_text_atomic(out / "report.md", _mismatch_report(r, PAPER))
     return {"paper_section": "5.3", "paper": PAPER, **r.to_json()}
 
 
