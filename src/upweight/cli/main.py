@@ -432,7 +432,7 @@ def _explain_in(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
         _say(f"leave-one-out retraining on the {min(args.loo_k, n)} most influential points …")
         with _store_hint(args):
             comparison = uw.leave_one_out(
-                inf, test_point, k=args.loo_k, scores=scores, progress_bar=not args.no_progress, executor=executor,
+                inf, test_point, k=args.loo_k, scores=scores, progress=not args.no_progress, executor=executor,
                 store=stores[1],
             )
         _say(f"  Pearson {comparison.pearson:.4f}   Spearman {comparison.spearman:.4f}   "

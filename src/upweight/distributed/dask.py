@@ -130,6 +130,11 @@ class DaskExecutor:
                     "Check that `dask scheduler` runs there and the port is open, or use DaskExecutor('local') "
                     "to start a cluster on this machine."
                 ) from exc
+            except (ValueError, TypeError) as exc:  # a malformed address (no port, a port out of range, …)
+                raise InputError(
+                    f"{address!r} is not a Dask scheduler address ({exc}). Use the form 'tcp://host:8786', or "
+                    "DaskExecutor('local') to start a cluster on this machine."
+                ) from exc
         else:
             raise InputError(
                 f"address must be None, 'local', a scheduler address like 'tcp://host:8786', or a distributed.Client; "
