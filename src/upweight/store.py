@@ -45,7 +45,6 @@ Distributed workers return their chunks to the process that owns the store; they
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
@@ -196,16 +195,21 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _open_subfolder(root_fd: int, name: str) -> int | None:
+def _open_subfolder(root_fd: int, name: str, store: Path, *, warn: bool = True) -> int | None:
     """A descriptor of the real folder ``name`` inside ``root_fd`` (never through a symbolic link),
-    or None when there is none; anything else under that name is logged and left alone."""
+    or None when there is none; anything else under that name is left alone (and logged)."""
     try:
         return os.open(name, os.O_RDONLY | _DIRECTORY | _NOFOLLOW | _CLOEXEC, dir_fd=root_fd)
     except FileNotFoundError:
         return None
     except OSError as exc:
-        why = "a symbolic link" if exc.errno == errno.ELOOP else "not a folder" if exc.errno == errno.ENOTDIR else str(exc)
-        logger.warning("store: '%s' is %s, not a folder the store wrote; it was left alone", name, why)
+        if warn:
+            try:
+                mode = os.stat(name, dir_fd=root_fd, follow_symlinks=False).st_mode
+                why = "a symbolic link" if stat.S_ISLNK(mode) else "not a folder"
+            except OSError:
+                why = str(exc)
+            logger.warning("store %s: '%s' is %s, not a folder the store wrote; it was left alone", store, name, why)
         return None
 
 
@@ -507,7 +511,7 @@ class Store:
         try:
             _remove_own_files(root, lambda n: orphan(root, n, lambda t: t == MANIFEST or t in assembled))
             for name in names:
-                fd = _open_subfolder(root, name)
+                fd = _open_subfolder(root, name, self.path, warn=False)
                 if fd is not None:
                     try:
                         _remove_own_files(fd, lambda n, fd=fd: orphan(fd, n, _CHUNK_FILE.fullmatch))  # type: ignore[misc]
@@ -596,7 +600,7 @@ class Store:
         root = os.open(self.path, os.O_RDONLY | _DIRECTORY | _CLOEXEC)
         try:
             for name in names:  # identifiers: validated when the manifest was read
-                fd = _open_subfolder(root, name)
+                fd = _open_subfolder(root, name, self.path)
                 if fd is not None:
                     try:
                         left = _remove_own_files(fd, lambda n: bool(
