@@ -465,8 +465,13 @@ class Store:
             raise StoreError(f"Cannot create the store folder {self.path} ({exc}); give a folder you can write.") from exc
         lock = _lock_folder(self.path)
         self._lock, self._release = lock, weakref.finalize(self, _unlock_folder, lock)
-        self._reload(same_computation)
-        self._remove_orphans()
+        try:
+            self._reload(same_computation)
+            if lock.count == 1:  # just taken by this process (a shared lock has nothing new to clean)
+                self._remove_orphans()
+        except BaseException:
+            self.close()  # this Store cannot write: another run may use the folder
+            raise
 
     def _reload(self, same_computation: bool) -> None:
         before = self._manifest
