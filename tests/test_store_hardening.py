@@ -13,6 +13,7 @@ import gc
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -123,17 +124,41 @@ def test_symlinked_array_folder_is_neither_followed_nor_written_through(tmp_path
     (folder / "scores").rmdir()
     (folder / "scores").symlink_to(victim, target_is_directory=True)
 
+    with pytest.raises(StoreError, match=r"scores is a symbolic link; the store keeps array 'scores' only in a folder"):
+        Store.open(folder).get("scores")  # not read through the link either
     with caplog.at_level(logging.WARNING, logger="upweight"):
         s = Store(folder, overwrite=True)
         s.bind(FP)
     assert_victim_intact(victim)
     assert (folder / "scores").is_symlink() and "'scores' is a symbolic link" in caplog.text
-    with pytest.raises(StoreError, match=r"scores is a symbolic link; the store writes array 'scores' only into a folder"):
+    with pytest.raises(StoreError, match=r"scores is a symbolic link; the store keeps array 'scores' only in a folder"):
         s.chunked("scores", shape=(2, 4), axis=1, chunk_size=2, dtype="float64")
     with pytest.raises(StoreError, match="scores is a symbolic link"):
         s.put("scores", np.zeros(3))
     s.close()
     assert_victim_intact(victim)
+
+
+def test_a_chunk_file_that_is_a_symbolic_link_is_recomputed_not_read(tmp_path, caplog):
+    folder = tmp_path / "store"
+    with Store(folder) as s:
+        s.bind(FP)
+        a = s.chunked("x", shape=(4,), axis=0, chunk_size=2, dtype="float64")
+        a.write(0, np.array([1.0, 2.0]))
+        a.write(1, np.array([3.0, 4.0]))
+    # chunk 1 swapped for a link to an identical file outside the store: its checksum still matches
+    outside = tmp_path / "outside.npy"
+    shutil.copy(folder / "x" / "000001.npy", outside)
+    before = outside.read_bytes()
+    (folder / "x" / "000001.npy").unlink()
+    (folder / "x" / "000001.npy").symlink_to(outside)
+    with caplog.at_level(logging.WARNING, logger="upweight"), Store.open(folder) as s:
+        a = s.chunked("x", shape=(4,), axis=0, chunk_size=2, dtype="float64")
+        assert a.missing() == [1]
+        a.write(1, np.array([3.0, 4.0]))
+        assert a.assemble().tolist() == [1.0, 2.0, 3.0, 4.0]
+    assert "chunk 1 of 'x' is damaged (a symbolic link)" in caplog.text
+    assert not (folder / "x" / "000001.npy").is_symlink() and outside.read_bytes() == before
 
 
 def test_clear_deletes_only_the_files_the_store_wrote(tmp_path):

@@ -648,8 +648,8 @@ class Store:
         folder = self.path / name
         if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
             raise StoreError(
-                f"{folder} is {'a symbolic link' if folder.is_symlink() else 'not a folder'}; the store writes array "
-                f"'{name}' only into a folder of its own inside {self.path}. Move it away, or use a new folder."
+                f"{folder} is {'a symbolic link' if folder.is_symlink() else 'not a folder'}; the store keeps array "
+                f"'{name}' only in a folder of its own inside {self.path}. Move it away, or use a new folder."
             )
         if create:
             folder.mkdir(exist_ok=True)
@@ -743,6 +743,7 @@ class ChunkedArray:
         self.store = store
         self.name = name
         spec = store._require_bound()["arrays"][name]
+        store._array_folder(name, create=False)  # chunks are read only from a real folder of the store
         self.shape = tuple(spec["shape"])
         self.axis = spec["axis"]
         self.chunk_size = spec["chunk_size"]
@@ -769,9 +770,9 @@ class ChunkedArray:
 
     def _valid(self, i: int, entry: Mapping[str, Any]) -> bool:
         path = self._file(i)
-        head = _npy_header(path)
+        head = None if path.is_symlink() else _npy_header(path)
         if head is None:
-            why = "missing or unreadable"
+            why = "a symbolic link" if path.is_symlink() else "missing or unreadable"
         elif head[0] != self.chunk_shape(i) or head[1] != self.dtype:
             why = f"shape {head[0]} / dtype {head[1]} instead of {self.chunk_shape(i)} / {self.dtype}"
         elif path.stat().st_size != head[2]:
