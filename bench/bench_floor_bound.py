@@ -149,7 +149,7 @@ def timed_in_child(state: dict, n: int, q: int, k: int, args: argparse.Namespace
 
 def child(path: str, args: argparse.Namespace) -> None:
     """``--child``: time the floor and the bare products for the state in ``path``; print them as JSON."""
-    state = torch.load(path, weights_only=False)
+    state = torch.load(path, weights_only=True)  # tensors, str and numbers: no code unpickled
     n, q, k = state["n"], state["q"], state["k"]
     floors = time_floor(state, repeats=args.floor_repeats)
     direct = C * q <= 10_000 and n * q * q * 55 <= 2e11  # forming H bare is timed where it takes seconds at most

@@ -72,7 +72,7 @@ def median_time(fn, repeats: int) -> tuple[float, list[float]]:
 def train(X: torch.Tensor, y: torch.Tensor, cache: Path | None) -> dict[str, torch.Tensor]:
     """θ̂ of the float64 model (cached to ``cache`` keyed by n so reruns skip the fit)."""
     if cache is not None and cache.is_file():
-        got = torch.load(cache)
+        got = torch.load(cache, weights_only=True)  # {"n": int, "params": tensors}: no code unpickled
         if got.get("n") == len(X):
             log(f"θ̂ read from {cache}")
             return got["params"]

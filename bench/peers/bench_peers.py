@@ -49,6 +49,7 @@ import importlib
 import importlib.metadata as md
 import json
 import os
+import pickle
 import platform
 import shlex
 import signal
@@ -606,7 +607,7 @@ def worker(key: str, state_dir: str, threads: int) -> int:
     f = lambda w: (w ** 2).sum()  # noqa: E731
     torch.func.vmap(torch.func.grad(f))(torch.ones(2, 3))
     torch.func.jvp(torch.func.grad(f), (torch.ones(3),), (torch.ones(3),))
-    state = torch.load(os.path.join(state_dir, "state.pt"))
+    state = torch.load(os.path.join(state_dir, "state.pt"), weights_only=True)  # tensors, str and numbers only
     workdir = tempfile.mkdtemp(prefix=f"{key}-", dir=state_dir)
     pb = make_problem(state, workdir)
     # Δ memory = the method's own peak above the RSS it starts from: loading may have peaked higher
@@ -795,16 +796,26 @@ def _network_setup_key(wl: Workload, args: argparse.Namespace) -> str:
 def network_setup(wl: Workload, args: argparse.Namespace) -> tuple[dict[str, torch.Tensor], np.ndarray, float]:
     """W3's θ̂, reference and damping — from ``--cache`` when it holds this set-up (same data, test
     points and training/reference settings), else computed and, with ``--cache``, kept there: the
-    K = 100 reference is half an hour of CG, not worth repeating when only the timed part is rerun."""
+    K = 100 reference is half an hour of CG, not worth repeating when only the timed part is rerun.
+
+    The cache file holds tensors, strings and a number only (the reference as a tensor, the notes
+    as JSON text) and is read with ``torch.load(weights_only=True)``, which unpickles no code: a
+    file that needs more (planted, or of another format) is ignored and the set-up recomputed."""
     path = None
     if args.cache:
         path = Path(args.cache) / f"{wl.data_key.replace(':', '-')}-K{len(wl.Xt)}-{_network_setup_key(wl, args)}.pt"
         if path.is_file():
-            got = torch.load(path, weights_only=False)
-            wl.info.update(got["info"])
-            wl.info["set-up read from cache"] = f"{path} (computed {got['date']})"
-            log(f"  training and reference read from {path}")
-            return got["params"], got["ref"], got["damping"]
+            try:
+                got = torch.load(path, weights_only=True)
+                info, params, ref = json.loads(got["info_json"]), got["params"], got["ref"].numpy()
+                damping, date = float(got["damping"]), str(got["date"])
+            except (pickle.UnpicklingError, RuntimeError, KeyError, TypeError, ValueError, AttributeError) as exc:
+                log(f"  cache {path} not used ({type(exc).__name__}: {str(exc)[:120]}); computing the set-up")
+            else:
+                wl.info.update(info)
+                wl.info["set-up read from cache"] = f"{path} (computed {date})"
+                log(f"  training and reference read from {path}")
+                return params, ref, damping
     before = dict(wl.info)
     torch.set_num_threads(args.setup_threads)  # untimed set-up: training, curvature check, reference
     try:
@@ -817,7 +828,8 @@ def network_setup(wl: Workload, args: argparse.Namespace) -> tuple[dict[str, tor
         path.parent.mkdir(parents=True, exist_ok=True)
         info = {k: v for k, v in wl.info.items() if before.get(k) != v}
         tmp = path.with_suffix(".tmp")
-        torch.save({"params": params, "ref": ref, "damping": damping, "info": info,
+        torch.save({"params": params, "ref": torch.from_numpy(np.ascontiguousarray(ref)), "damping": float(damping),
+                    "info_json": json.dumps(info),
                     "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}, tmp)
         os.replace(tmp, path)
     return params, ref, damping
@@ -835,7 +847,7 @@ def run_workload(wl: Workload, methods: list[Method], args: argparse.Namespace) 
     wl.info["sizes"] = (f"n_train = {n:,}, d = {d}, classes = 10, p = {p:,}, λ = {L2}"
                         + (f", damping δ = {damping:.3g}" if damping else "") + f", K = {len(wl.Xt)} test points")
     state = {"arch": wl.arch, "params": params, "X": torch.from_numpy(wl.X).float(), "y": torch.from_numpy(wl.y),
-             "Xt": torch.from_numpy(wl.Xt).float(), "yt": torch.from_numpy(wl.yt), "l2": L2, "damping": damping}
+             "Xt": torch.from_numpy(wl.Xt).float(), "yt": torch.from_numpy(wl.yt), "l2": L2, "damping": float(damping)}
     with tempfile.TemporaryDirectory(prefix="bench-peers-") as tmp:
         state_dir = args.keep or tmp
         os.makedirs(state_dir, exist_ok=True)
