@@ -56,7 +56,8 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +81,7 @@ FORMAT_VERSION = 1
 ASSEMBLE_FRACTION = 0.5
 
 _CHUNK_FILE = re.compile(r"\d{6,}\.npy")
-# the temporary files of ``_atomic_write``: ".<target>.<pid>.<8 hex digits>.tmp"
+# the temporary files of ``atomic_write``: ".<target>.<pid>.<8 hex digits>.tmp"
 _TEMP_FILE = re.compile(r"\.(?P<target>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp")
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _DIRECTORY = getattr(os, "O_DIRECTORY", 0)
@@ -142,11 +143,11 @@ def describe_differences(stored: Mapping[str, Any], now: Mapping[str, Any]) -> l
 
 # ── files ────────────────────────────────────────────────────────────────────────────────
 def _temp_name(target: str) -> str:
-    """The name ``_atomic_write`` and ``assemble`` give the temporary file of ``target``."""
+    """The name ``atomic_write`` and ``assemble`` give the temporary file of ``target``."""
     return f".{target}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
 
 
-def _atomic_write(path: Path, write: Any) -> None:
+def atomic_write(path: Path, write: Any) -> None:
     """Write through ``write(fh)`` to a temporary file next to ``path``, fsync, then ``os.replace``."""
     tmp = path.with_name(_temp_name(path.name))
     try:
@@ -551,7 +552,7 @@ class Store:
         # manifest of a store with thousands of arrays — a leave-one-out store has one per retraining)
         self._acquire()
         text = json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
-        _atomic_write(self.path / MANIFEST, lambda fh: fh.write(text))
+        atomic_write(self.path / MANIFEST, lambda fh: fh.write(text))
         self._manifest = manifest
         self._changed_manifest()
 
@@ -703,7 +704,7 @@ class Store:
         # the file first, then one manifest update that declares the array and lists its chunk
         self._array_folder(name, create=True)
         path = folder / f"{0:06d}.npy"
-        _atomic_write(path, lambda fh: np.save(fh, np.ascontiguousarray(array.reshape(shape)), allow_pickle=False))
+        atomic_write(path, lambda fh: np.save(fh, np.ascontiguousarray(array.reshape(shape)), allow_pickle=False))
         entry = {**spec, "chunks": {"0": {"sha256": _sha256_file(path)}},
                  "meta": _jsonable(dict(meta)) if meta is not None else {}}
         self._write_array_entry(name, entry)
@@ -720,6 +721,18 @@ class Store:
 
     def __repr__(self) -> str:
         return f"Store({str(self.path)!r})"
+
+
+@contextmanager
+def opened_store(store: str | os.PathLike[str] | Store | None) -> Iterator[Store | None]:
+    """``as_store(store)`` for the length of a ``with`` block; a ``Store`` opened here from a path is
+    closed at its end (its writer's lock released), one passed in is left open for its owner."""
+    st = as_store(store)
+    try:
+        yield st
+    finally:
+        if st is not None and st is not store:
+            st.close()
 
 
 def as_store(store: str | os.PathLike[str] | Store | None) -> Store | None:
@@ -803,7 +816,7 @@ class ChunkedArray:
             raise StoreError(f"Chunk {i} of '{self.name}' must have shape {self.chunk_shape(i)}; got {values.shape}.")
         self.store._acquire()
         path = self.store._array_folder(self.name, create=True) / f"{i:06d}.npy"
-        _atomic_write(path, lambda fh: np.save(fh, values, allow_pickle=False))
+        atomic_write(path, lambda fh: np.save(fh, values, allow_pickle=False))
         spec = self._spec
         entry = {**spec, "chunks": {**spec["chunks"], str(i): {"sha256": _sha256_file(path)}}}
         if meta is not None:

@@ -38,6 +38,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -605,8 +606,9 @@ def run_cnn_panel(
     return panel, info
 
 
-def _panel_store(store: str | os.PathLike[str] | None, panel: str, fresh: bool) -> Store | None:
-    return None if store is None else Store(Path(store) / panel, overwrite=fresh)
+def _panel_store(store: str | os.PathLike[str] | None, panel: str, fresh: bool) -> AbstractContextManager[Store | None]:
+    """The panel's retraining store for a ``with`` block (closed at its end), or ``None``."""
+    return nullcontext(None) if store is None else Store(Path(store) / panel, overwrite=fresh)
 
 
 def run_fig2(
@@ -652,19 +654,21 @@ def run_fig2(
     if "cg" in panels or "lissa" in panels:
         if mnist is None:
             raise InputError("the cg/lissa panels need the 55,000-image MNIST split (load_mnist(path)).")
-        res, logreg = run_logreg_panels(
-            mnist, panels=panels, loo_k=loo_k, train_size=train_size, test_index=test_index, lissa_depth=lissa_depth,
-            lissa_repeats=lissa_repeats, lissa_batch_size=lissa_batch_size, refit_method=refit_method, seed=seed,
-            progress=progress, store=_panel_store(store, "logreg", fresh), executor=executor)
+        with _panel_store(store, "logreg", fresh) as st:
+            res, logreg = run_logreg_panels(
+                mnist, panels=panels, loo_k=loo_k, train_size=train_size, test_index=test_index, lissa_depth=lissa_depth,
+                lissa_repeats=lissa_repeats, lissa_batch_size=lissa_batch_size, refit_method=refit_method, seed=seed,
+                progress=progress, store=st, executor=executor)
         out.update(res)
     if "cnn" in panels:
         if mnist_small is None:
             raise InputError("the cnn panel needs the 10 % subset (load_mnist(path, subset='small10pct')).")
-        out["cnn"], cnn = run_cnn_panel(
-            mnist_small, loo_k=cnn_loo_k, train_size=cnn_train_size, damping=cnn_damping, train_steps=cnn_train_steps,
-            train_lr=cnn_train_lr, retrain_steps=cnn_retrain_steps, retrain_lr=cnn_retrain_lr, retrain=cnn_retrain,
-            test_index=cnn_test_index, seed=seed, progress=progress, store=_panel_store(store, "cnn", fresh),
-            executor=executor)
+        with _panel_store(store, "cnn", fresh) as st:
+            out["cnn"], cnn = run_cnn_panel(
+                mnist_small, loo_k=cnn_loo_k, train_size=cnn_train_size, damping=cnn_damping,
+                train_steps=cnn_train_steps, train_lr=cnn_train_lr, retrain_steps=cnn_retrain_steps,
+                retrain_lr=cnn_retrain_lr, retrain=cnn_retrain, test_index=cnn_test_index, seed=seed, progress=progress,
+                store=st, executor=executor)
     settings = {
         "panels": list(panels), "loo_k": loo_k, "train_size": train_size, "test_index": test_index,
         "lissa_depth": lissa_depth, "lissa_repeats": lissa_repeats, "lissa_batch_size": lissa_batch_size,

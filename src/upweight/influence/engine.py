@@ -61,7 +61,7 @@ from ..errors import (
 )
 from ..solvers import CG, InverseHVPSolver, Solution
 from ..solvers.base import relative_residual
-from ..store import ChunkedArray, Store, array_digest, as_store
+from ..store import ChunkedArray, Store, array_digest, opened_store
 from .group import GroupInfluence, compute_group_influence
 from .results import InfluenceScores, ParamInfluence, PertScores, SelfInfluence
 
@@ -383,11 +383,9 @@ class Influence:
             fp["hvp"] = "structured"  # s_test equal to the generic one up to rounding, so kept apart
         return fp
 
-    def _bind_store(self, store: StoreLike, quantity: str, positions: np.ndarray, test: Data | None = None) -> Store | None:
-        st = as_store(store)
+    def _bind_store(self, st: Store | None, quantity: str, positions: np.ndarray, test: Data | None = None) -> None:
         if st is not None:
             st.bind(self._fingerprint(quantity, positions, test))
-        return st
 
     def _store_array(self, st: Store, name: str, shape: tuple[int, ...], *, axis: int) -> ChunkedArray:
         chunk = self._grad_chunk()
@@ -601,26 +599,27 @@ class Influence:
         if store is None:  # the chunks and their concatenation are held in memory
             self._check_result_memory(2 * tensor_bytes((len(test_data), len(positions)), self._np_dtype()),
                                       f"I_up,loss of shape ({len(test_data)}, {len(positions)})", store_helps=True)
-        st = self._bind_store(store, "up_loss", positions, test_data)
-        sol = self._stored_s_test(st, test_data)
-        ex = self._executor(executor)
-        shape = (len(test_data), len(positions))
-        arr = None if st is None else self._store_array(st, "scores", shape, axis=1)
-        ctx = self._context(ex, "structured" if self.scoring_ == "structured" else "grads")
-        rank = getattr(self, "_query_rank", None)
-        args: tuple[Any, ...] = (sol.value,)
-        if self.scoring_ == "structured":  # split s_test by layer (and truncate it) once, not per chunk
-            assert self._scoring_plan is not None
-            S = sol.value.reshape(-1, self.objective.p)
-            args = (prepare_queries(self._scoring_plan, S, self.objective.dtype, rank),)
-        values = self._sweep(_up_loss_chunk, positions, ex, ctx, args, arr, shape, axis=1,
-                             desc="I_up,loss over training points")
-        prov = self._provenance(sol, t0)
-        if rank is not None:
-            prov.update(query_rank=rank, query_rank_layers=self._query_rank_layers(),
-                        query_rank_approximates="each layer block of s_test replaced by its best rank-r approximation "
-                                                "(truncated SVD, Eckart–Young)")
-        return InfluenceScores(values, test_data.ids.numpy(), self.data_.ids.numpy()[positions], self.n_train_, "up_loss", prov)
+        with opened_store(store) as st:
+            self._bind_store(st, "up_loss", positions, test_data)
+            sol = self._stored_s_test(st, test_data)
+            ex = self._executor(executor)
+            shape = (len(test_data), len(positions))
+            arr = None if st is None else self._store_array(st, "scores", shape, axis=1)
+            ctx = self._context(ex, "structured" if self.scoring_ == "structured" else "grads")
+            rank = getattr(self, "_query_rank", None)
+            args: tuple[Any, ...] = (sol.value,)
+            if self.scoring_ == "structured":  # split s_test by layer (and truncate it) once, not per chunk
+                assert self._scoring_plan is not None
+                S = sol.value.reshape(-1, self.objective.p)
+                args = (prepare_queries(self._scoring_plan, S, self.objective.dtype, rank),)
+            values = self._sweep(_up_loss_chunk, positions, ex, ctx, args, arr, shape, axis=1,
+                                 desc="I_up,loss over training points")
+            prov = self._provenance(sol, t0)
+            if rank is not None:
+                prov.update(query_rank=rank, query_rank_layers=self._query_rank_layers(),
+                            query_rank_approximates="each layer block of s_test replaced by its best rank-r approximation "
+                                                    "(truncated SVD, Eckart–Young)")
+            return InfluenceScores(values, test_data.ids.numpy(), self.data_.ids.numpy()[positions], self.n_train_, "up_loss", prov)
 
     def removal_effect(
         self, test: Any, train: TrainSelection = None, *, store: StoreLike = None, executor: Executor | None = None
@@ -660,24 +659,25 @@ class Influence:
         """
         t0 = time.perf_counter()
         positions = self._positions(train)
-        st = self._bind_store(store, "self_influence", positions)
-        ex = self._executor(executor)
-        # row 0: I_up,loss(z, z); row 1: the relative residual of z's solve (for provenance)
-        shape = (2, len(positions))
-        arr = None if st is None else self._store_array(st, "self_influence", shape, axis=1)
-        last: list[Solution] = []
-        out = self._sweep(_self_influence_chunk, positions, ex, self._context(ex, "solve"), (), arr, shape, axis=1,
-                          desc="self-influence", on_result=lambda res: self._accept_chunk_solution(res, last))
-        residual = torch.from_numpy(out[1])
-        summary = Solution(  # each chunk's solve was checked as it arrived; NaN marks an unmeasured one
-            value=torch.empty(0, self.objective.p), residual=residual, converged=torch.ones(len(residual), dtype=torch.bool),
-            iterations=last[-1].iterations if last else 0, seconds=sum(s.seconds for s in last),
-            stats=dict(last[-1].stats) if last else {"resumed_from_store": True}, measured=~torch.isnan(residual),
-        )
-        prov = self._provenance(summary, t0)
-        if getattr(self, "_query_rank", None) is not None:
-            prov["query_rank"] = "not used: each training point is its own query, scored exactly"
-        return SelfInfluence(out[0].copy(), self.data_.ids.numpy()[positions], self.n_train_, prov)
+        with opened_store(store) as st:
+            self._bind_store(st, "self_influence", positions)
+            ex = self._executor(executor)
+            # row 0: I_up,loss(z, z); row 1: the relative residual of z's solve (for provenance)
+            shape = (2, len(positions))
+            arr = None if st is None else self._store_array(st, "self_influence", shape, axis=1)
+            last: list[Solution] = []
+            out = self._sweep(_self_influence_chunk, positions, ex, self._context(ex, "solve"), (), arr, shape, axis=1,
+                              desc="self-influence", on_result=lambda res: self._accept_chunk_solution(res, last))
+            residual = torch.from_numpy(np.array(out[1]))  # a copy: the store may return a read-only memmap
+            summary = Solution(  # each chunk's solve was checked as it arrived; NaN marks an unmeasured one
+                value=torch.empty(0, self.objective.p), residual=residual, converged=torch.ones(len(residual), dtype=torch.bool),
+                iterations=last[-1].iterations if last else 0, seconds=sum(s.seconds for s in last),
+                stats=dict(last[-1].stats) if last else {"resumed_from_store": True}, measured=~torch.isnan(residual),
+            )
+            prov = self._provenance(summary, t0)
+            if getattr(self, "_query_rank", None) is not None:
+                prov["query_rank"] = "not used: each training point is its own query, scored exactly"
+            return SelfInfluence(out[0].copy(), self.data_.ids.numpy()[positions], self.n_train_, prov)
 
     def _accept_chunk_solution(self, result: tuple[np.ndarray, Solution], seen: list[Solution]) -> np.ndarray:
         values, sol = result

@@ -17,7 +17,7 @@ import numpy as np
 
 from .._checks import check_interval
 from ..errors import InputError
-from ..store import _atomic_write as atomic_write
+from ..store import atomic_write
 
 
 @dataclass(frozen=True)

@@ -135,10 +135,14 @@ def leave_one_out(
     obj = influence.objective
     removed = [chosen[j : j + 1] for j in range(len(chosen))]
     st = bind_store(store, influence, "leave_one_out", test_data, describe_train_fn(train_fn, gtol))
-    base_params, base_grad_norm = baseline(obj, data, train_fn, gtol)
-    ctx = RetrainContext(obj, data, test_data, base_params, measure_sum(obj, test_data, base_params), removed, train_fn, gtol)
-    rows, resumed = run_retrainings(ctx, store=st, executor=executor, desc="leave-one-out retraining",
-                                    show_progress=progress)
+    try:
+        base_params, base_grad_norm = baseline(obj, data, train_fn, gtol)
+        ctx = RetrainContext(obj, data, test_data, base_params, measure_sum(obj, test_data, base_params), removed, train_fn, gtol)
+        rows, resumed = run_retrainings(ctx, store=st, executor=executor, desc="leave-one-out retraining",
+                                        show_progress=progress)
+    finally:  # a store opened here from a path releases its lock
+        if st is not None and st is not store:
+            st.close()
     actual = rows[:, 0]
     grad_norms = [g for g in [base_grad_norm, *rows[:, 1]] if np.isfinite(g)]
     iters = rows[:, 2][np.isfinite(rows[:, 2])]

@@ -157,21 +157,25 @@ def leave_group_out(
     test_data = Data.from_any(test, what="test data")
     removed = [np.asarray(p, dtype=np.int64) for p in positions]
     st = bind_store(store, influence, "leave_group_out", test_data, describe_train_fn(None, gtol, newton))
+    try:
 
-    predicted, provs = {}, {}
-    for o in orders:
-        gi = influence.group_influence(
-            test_data, positions, order=o, third_derivative=third_derivative, measure_hessian=measure_hessian
-        )
-        predicted[o] = gi.total()
-        provs[o] = gi.provenance
+        predicted, provs = {}, {}
+        for o in orders:
+            gi = influence.group_influence(
+                test_data, positions, order=o, third_derivative=third_derivative, measure_hessian=measure_hessian
+            )
+            predicted[o] = gi.total()
+            provs[o] = gi.provenance
 
-    obj = influence.objective
-    base_params, base_grad_norm = baseline(obj, data, None, gtol, newton)
-    ctx = RetrainContext(obj, data, test_data, base_params, measure_sum(obj, test_data, base_params), removed,
-                         gtol=gtol, newton=newton)
-    rows, resumed = run_retrainings(ctx, store=st, executor=executor, desc="leave-group-out retraining",
-                                    show_progress=progress)
+        obj = influence.objective
+        base_params, base_grad_norm = baseline(obj, data, None, gtol, newton)
+        ctx = RetrainContext(obj, data, test_data, base_params, measure_sum(obj, test_data, base_params), removed,
+                             gtol=gtol, newton=newton)
+        rows, resumed = run_retrainings(ctx, store=st, executor=executor, desc="leave-group-out retraining",
+                                        show_progress=progress)
+    finally:  # a store opened here from a path releases its lock
+        if st is not None and st is not store:
+            st.close()
     actual = rows[:, 0]
     grad_norms = [base_grad_norm, *rows[:, 1]]
 

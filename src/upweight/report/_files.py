@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from ..errors import InputError
-from ..store import _atomic_write
+from ..store import atomic_write
 
 __all__ = [
     "check_output_file",
@@ -133,7 +133,7 @@ def write_atomic(path: str | os.PathLike[str], write: Callable[[BinaryIO], Any])
     """
     p = Path(path)
     try:
-        _atomic_write(p, write)
+        atomic_write(p, write)
     except OSError as exc:
         if exc.filename is None or Path(os.fsdecode(exc.filename)) != p:
             # a failed write or fsync names no file, a failed open names the temporary one: name the target
