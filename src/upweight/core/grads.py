@@ -44,14 +44,14 @@ def vmap_model_error(exc: BaseException) -> UnsupportedModelError | None:
     msg = str(exc)
     if "randomness" in msg and "vmap" in msg:
         return UnsupportedModelError(
-            "The model is random in this mode (dropout?): torch.func.vmap refused a random operation while computing "
-            "per-sample gradients. Call model.eval(); a custom module must pass training=self.training to F.dropout "
-            f"(its default is training=True). torch said: {msg}"
+            "The model is random in this mode (dropout?) — call model.eval(): torch.func.vmap refused a random operation "
+            "while computing per-sample gradients. A custom module must pass training=self.training to F.dropout (its "
+            f"default is training=True). torch said: {msg}"
         )
     if "in-place operation" in msg and "captured Tensor" in msg:
         return UnsupportedModelError(
             "The model updates a tensor in place during its forward (BatchNorm in training mode updating its running "
-            "statistics?), which per-sample gradients cannot follow. Call model.eval(). torch said: " + msg
+            "statistics?), which per-sample gradients cannot follow — call model.eval(). torch said: " + msg
         )
     return None
 

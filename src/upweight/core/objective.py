@@ -277,9 +277,9 @@ class Objective:
             again = self._checked_forward(batch.X, data, what)
         if not _same_output(out, again):
             raise UnsupportedModelError(
-                f"The model is random in this mode (dropout?): two forward passes on the same {b} {what} points gave "
-                "different outputs. Influence needs a deterministic model: call model.eval(), and in custom modules pass "
-                "training=self.training to F.dropout (its default is training=True)."
+                f"The model is random in this mode (dropout?) — call model.eval(): two forward passes on the same {b} "
+                f"{what} points gave different outputs, and influence needs a deterministic model. A custom module must "
+                "pass training=self.training to F.dropout (its default is training=True)."
             )
         check = getattr(fn, "check_targets", None)
         if check is not None and isinstance(out, torch.Tensor) and out.ndim >= 1 and out.shape[0] == b:
