@@ -113,7 +113,8 @@ def _check_class_labels(y: torch.Tensor, output_shape: tuple[int, ...], what: st
         )
     lo, hi = int(y.min()), int(y.max())
     if lo < 0 or hi >= n_classes:
-        bad = (y < 0) | (y >= n_classes)
+        wide = y.long()  # compared in int64: torch wraps a bound too large for int8 / uint8 labels
+        bad = (wide < 0) | (wide >= n_classes)
         i = _first(bad)
         raise InputError(
             f"{what} y[{i}] = {_entry(y, i)} is not a class of the model: cross_entropy needs labels in [0, {n_classes}) "
