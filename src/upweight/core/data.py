@@ -13,6 +13,7 @@ Unsigned integers wider than 8 bits become int64, since torch supports few opera
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -148,9 +149,15 @@ class Data:
         return Data(self.X[keep], self.y[keep], self.ids[keep])
 
     def batches(self, batch_size: int) -> Iterator[Data]:
-        """Consecutive slices of at most ``batch_size`` points."""
-        for s in range(0, len(self), batch_size):
-            yield Data(self.X[s : s + batch_size], self.y[s : s + batch_size], self.ids[s : s + batch_size])
+        """Consecutive slices of at most ``batch_size`` points (an int ≥ 1)."""
+        try:
+            size = operator.index(batch_size)  # int, NumPy or torch integer scalars
+        except TypeError:
+            size = None
+        if size is None or size < 1 or isinstance(batch_size, bool):
+            raise InputError(f"Data.batches: batch_size must be an integer ≥ 1; got {batch_size!r}.")
+        for s in range(0, len(self), size):
+            yield Data(self.X[s : s + size], self.y[s : s + size], self.ids[s : s + size])
 
     def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> Data:
         """Cast floating-point X and y to ``dtype`` (integer token ids and class labels keep theirs)."""
