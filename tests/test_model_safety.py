@@ -204,6 +204,7 @@ class AlwaysDropout(torch.nn.Module):
         return F.dropout(self.fc(x), 0.5)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # raised inside torch's jvp
 def test_random_forward_is_refused_and_vmaps_randomness_error_is_translated():
     model = AlwaysDropout().double().eval()
     obj = uw.Objective(model, "cross_entropy")
