@@ -4,13 +4,14 @@ I_pert,loss — all streamed over the data in chunks so n × p is never held unl
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch.func import grad, jvp, vmap
 
 from .._checks import check_finite
-from ..errors import InputError
+from ..errors import InputError, UnsupportedModelError
 from . import batching
 from .data import Data
 from .objective import Objective
@@ -32,13 +33,48 @@ def _measure(objective: Objective, params: Params, X: torch.Tensor, y: torch.Ten
     return objective.measurements(params, X, y)
 
 
+def vmap_model_error(exc: BaseException) -> UnsupportedModelError | None:
+    """The model-level cause of a torch.func error raised while vmapping the model, or ``None``.
+
+    vmap refuses a random operation (dropout in training mode, or F.dropout without
+    ``training=self.training``) and grad refuses an in-place update of a captured tensor (a
+    BatchNorm in training mode updating its running statistics); both mean the model is not one
+    fixed function of θ.
+    """
+    msg = str(exc)
+    if "randomness" in msg and "vmap" in msg:
+        return UnsupportedModelError(
+            "The model is random in this mode (dropout?) — call model.eval(): torch.func.vmap refused a random operation "
+            "while computing per-sample gradients. A custom module must pass training=self.training to F.dropout (its "
+            f"default is training=True). torch said: {msg}"
+        )
+    if "in-place operation" in msg and "captured Tensor" in msg:
+        return UnsupportedModelError(
+            "The model updates a tensor in place during its forward (BatchNorm in training mode updating its running "
+            "statistics?), which per-sample gradients cannot follow — call model.eval(). torch said: " + msg
+        )
+    return None
+
+
+def _vmapped(fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)``, with torch.func's errors that mean a random or self-modifying model re-raised
+    as ``UnsupportedModelError`` (the original kept as ``__cause__``)."""
+    try:
+        return fn(*args)
+    except RuntimeError as exc:
+        err = vmap_model_error(exc)
+        if err is None:
+            raise
+        raise err from exc
+
+
 def per_sample_grads(objective: Objective, params: Params, batch: Data, *, measure: bool = False) -> torch.Tensor:
     """Rows ∇θL(zᵢ, θ) (or ∇θf(zᵢ, θ) with ``measure=True``) for one batch, shape (b, p).
 
     The regulariser is not included: upweighting z adds ε·L(z, θ) to R (Koh & Liang 2017, §2.1).
     """
     f = _single(_measure if measure else _loss, objective)
-    g = vmap(grad(f), in_dims=(None, 0, 0))(params, batch.X, batch.y)
+    g = _vmapped(vmap(grad(f), in_dims=(None, 0, 0)), params, batch.X, batch.y)
     return objective.space.flatten(g, batch_dims=1)
 
 
@@ -103,6 +139,6 @@ def pert_directions(objective: Objective, params: Params, batch: Data, S: torch.
 
     per_point = grad(directional)  # ∇x of the directional derivative
     over_points = vmap(per_point, in_dims=(0, 0, None))
-    out = vmap(over_points, in_dims=(None, None, 0))(batch.X.to(S.dtype), batch.y, tangents)
+    out = _vmapped(vmap(over_points, in_dims=(None, None, 0)), batch.X.to(S.dtype), batch.y, tangents)
     check_finite(out, "∇x∇θL")
     return out
