@@ -203,7 +203,7 @@ def _factorisation_refusals(objective: Objective, blocks: Sequence[LayerBlock], 
             rebuilt = torch.einsum("bto,btc->oc", g, cap.a[blk.name].double())
         true = flat[blk.index]
         err, scale = float((rebuilt - true).norm()), float(true.norm())
-        if err > FACTORISATION_RTOL.get(blk.module.weight.dtype, 1e-3) * scale:
+        if err > FACTORISATION_RTOL.get(objective.dtype, 1e-3) * scale:  # the dtype θ is evaluated in
             rel = f"{err / scale:.1e} relative" if scale > 0 else f"{err:.1e} where autograd's is 0"
             out[blk.name] = (f"{type(blk.module).__name__} '{blk.name}': its gradient rebuilt from the layer's inputs "
                              f"and output gradients differs from autograd's ({rel}, on {len(batch)} probe points) — "
@@ -402,7 +402,7 @@ def _layer_input(blk: LayerBlock, x: torch.Tensor, dtype: torch.dtype | None = N
     the token ids (in ``dtype``, default the module weight's), zero at ``padding_idx``."""
     if blk.kind == "embedding":
         ids = x.reshape(x.shape[0], -1).long()
-        a = F.one_hot(ids, blk.in_dim).to(dtype or blk.module.weight.dtype)
+        a = F.one_hot(ids, blk.in_dim).to(dtype or (x.dtype if x.is_floating_point() else torch.get_default_dtype()))
         if blk.padding_idx is not None:
             a[..., blk.padding_idx] = 0  # torch gives the padding row no gradient
         return a

@@ -38,6 +38,7 @@ from torch.func import grad, hessian, vmap
 
 from ..errors import InputError, UnsupportedModelError
 from .data import Data
+from .grads import _vmapped
 from .layers import LayerBlock, LayerPlan, _layer_input, capture, find_layers
 from .losses import SmoothHinge, cross_entropy, logistic, squared
 from .objective import Objective
@@ -54,7 +55,7 @@ def subset_per_sample_grads(objective: Objective, params: Params, names: Sequenc
     def one(s: Params, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return objective.losses({**rest, **s}, x.unsqueeze(0), y.unsqueeze(0))[0]
 
-    g = vmap(grad(one), in_dims=(None, 0, 0))(sub, batch.X, batch.y)
+    g = _vmapped(vmap(grad(one), in_dims=(None, 0, 0)), sub, batch.X, batch.y)
     return torch.cat([g[n].reshape(len(batch), -1) for n in names], dim=1)
 
 
@@ -391,7 +392,7 @@ class LinearOutputHVP:
                 out = self.objective.outputs(self.params, batch.X)
         finally:
             h.remove()
-        A = _layer_input(self.block, seen["inp"]).reshape(len(batch), self.block.cols)
+        A = _layer_input(self.block, seen["inp"], self.dtype).reshape(len(batch), self.block.cols)
         return A.to(self.dtype), output_curvature(self.objective, out.to(self.dtype), batch.y)
 
     def _iter_factors(self) -> Iterator[tuple[torch.Tensor, OutputCurvature]]:

@@ -15,11 +15,12 @@ import scipy.optimize
 import scipy.sparse.linalg
 import torch
 
-from .._checks import check_interval
+from .._checks import check_finite, check_interval
 from ..core.data import Data
 from ..core.grads import risk
 from ..core.objective import Objective
 from ..core.params import Params
+from ..errors import ShapeError
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,12 @@ def refit(
             costs several full-data HVPs per step.
     """
     check_interval("refit", "gtol", gtol, 0.0, None)
+    objective.check_data(data, what="training")
+    if weights is not None:
+        wt = torch.as_tensor(weights)
+        if wt.shape != (len(data),):
+            raise ShapeError(f"refit: weights must have one entry per training point, shape ({len(data)},); got {tuple(wt.shape)}.")
+        check_finite(wt, "refit weights", "Use 0 to remove a point and 1 + nε to upweight it.")
     space = objective.space
     start = init if init is not None else objective.params
     x0 = space.flatten({n: start[n].to(dtype) for n in space.names}).detach().numpy().astype(np.float64)
