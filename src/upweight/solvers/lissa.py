@@ -150,38 +150,36 @@ def _hvps_finite(curv: Curvature, batch_size: int, seed: int, n_batches: int = 4
     return True
 
 
+def _minibatch_rayleigh(curv: Curvature, batch_size: int, op: Any, *, n_batches: int, n_iter: int,
+                        seed: int) -> list[float]:
+    """Per random minibatch b, the Rayleigh quotient vᵀ op(v, b) after ``n_iter`` power-iteration steps
+    with the operator ``op(v, batch)`` — its dominant eigenvalue."""
+    gen = torch.Generator().manual_seed(seed)
+    found = []
+    for _ in range(n_batches):
+        batch = curv.data.subset(torch.randint(curv.n, (min(batch_size, curv.n),), generator=gen))
+        v = torch.randn(curv.p, generator=gen, dtype=curv.dtype)
+        v /= v.norm()
+        rq = 0.0
+        for _ in range(n_iter):
+            w = op(v, batch)
+            rq = float(v @ w)
+            v = w / w.norm().clamp_min(1e-300)
+        found.append(rq)
+    return found
+
+
 def minibatch_lambda_min(curv: Curvature, batch_size: int, *, sigma: float, n_batches: int = 4, n_iter: int = 30,
                          seed: int = 0) -> float:
     """Smallest eigenvalue of (H_batch + (l2 + δ)I) over a few random minibatches, by power
     iteration on σI − H_batch with σ ≥ λmax (a rough estimate, for error messages)."""
-    gen = torch.Generator().manual_seed(seed + 7927)
     sigma = abs(sigma) * 1.05 + 1e-12
-    worst = math.inf
-    for _ in range(n_batches):
-        batch = curv.data.subset(torch.randint(curv.n, (min(batch_size, curv.n),), generator=gen))
-        v = torch.randn(curv.p, generator=gen, dtype=curv.dtype)
-        v /= v.norm()
-        mu = 0.0
-        for _ in range(n_iter):
-            w = sigma * v - curv.batch_matvec(v, batch)
-            mu = float(v @ w)
-            v = w / w.norm().clamp_min(1e-300)
-        worst = min(worst, sigma - mu)
-    return worst
+    mus = _minibatch_rayleigh(curv, batch_size, lambda v, b: sigma * v - curv.batch_matvec(v, b),
+                              n_batches=n_batches, n_iter=n_iter, seed=seed + 7927)
+    return min(sigma - mu for mu in mus)
 
 
 def minibatch_lambda_max(curv: Curvature, batch_size: int, *, n_batches: int = 4, n_iter: int = 20, seed: int = 0) -> float:
     """Largest eigenvalue of (H_batch + (l2 + δ)I) over a few random minibatches, by power iteration."""
-    gen = torch.Generator().manual_seed(seed + 7919)
-    best = 0.0
-    for _ in range(n_batches):
-        batch = curv.data.subset(torch.randint(curv.n, (min(batch_size, curv.n),), generator=gen))
-        v = torch.randn(curv.p, generator=gen, dtype=curv.dtype)
-        v /= v.norm()
-        lam = 0.0
-        for _ in range(n_iter):
-            w = curv.batch_matvec(v, batch)
-            lam = float(v @ w)
-            v = w / w.norm().clamp_min(1e-300)
-        best = max(best, abs(lam))
-    return best
+    lams = _minibatch_rayleigh(curv, batch_size, curv.batch_matvec, n_batches=n_batches, n_iter=n_iter, seed=seed + 7919)
+    return max([0.0, *(abs(lam) for lam in lams)])
