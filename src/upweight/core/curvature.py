@@ -345,13 +345,35 @@ def hvp_sum(obj: Objective, params: Params, V: torch.Tensor, batch: Data, *,
             return out
         for j in range(len(V)):
             tangent = obj.space.unflatten(V[j])
-            hv = torch.autograd.grad([grads[i] for i in live], list(leaves.values()),
-                                     [tangent[names[i]] for i in live], retain_graph=j < len(V) - 1,
-                                     allow_unused=True, materialize_grads=True)
+            try:
+                hv = torch.autograd.grad([grads[i] for i in live], list(leaves.values()),
+                                         [tangent[names[i]] for i in live], retain_graph=j < len(V) - 1,
+                                         allow_unused=True, materialize_grads=True)
+            except RuntimeError as exc:
+                raise _no_second_derivative(exc) from exc
             hv_of = dict(zip(names, hv))
             for part, name in zip(out[j].split(obj.space.sizes), obj.space.names):  # views of out[j]
                 part.add_(hv_of[name].reshape(-1))
     return out
+
+
+def _no_second_derivative(exc: RuntimeError) -> Exception:
+    """An operator without a double backward (PyTorch's fused attention kernels on CPU) as an
+    ``UnsupportedModelError`` that says how to get one; any other error unchanged."""
+    msg = str(exc)
+    if "derivative for" not in msg or "not implemented" not in msg:
+        return exc
+    attention = "attention" in msg
+    return UnsupportedModelError(
+        "A Hessian-vector product needs the second derivative of every operation in the model, and PyTorch has none for "
+        f"one of them ({msg.splitlines()[0]})."
+        + (" It is a fused attention kernel: build the model with eager attention — for Hugging Face models "
+           "attn_implementation='eager' in from_config/from_pretrained, or model.set_attn_implementation('eager') — "
+           "which computes the same function with differentiable operations." if attention else
+           " Replace that operation by a twice-differentiable one.")
+        + " K-FAC/EK-FAC need no second derivative: KFAC(residual_sample=0) / EKFAC(residual_sample=0) skip the "
+          "residual check that would take one."
+    )
 
 
 def power_iteration(apply, p: int, dtype: torch.dtype, *, n_iter: int, rtol: float, seed: int) -> float:

@@ -11,16 +11,17 @@ import torch
 from torch.func import grad, jvp, vmap
 
 from .._checks import check_finite
+from .._progress import logger
 from ..errors import InputError, UnsupportedModelError
 from . import batching
-from .data import Data
+from .data import Data, Inputs, map_inputs
 from .objective import Objective
 from .params import Params
 
 
 def _single(fn, objective: Objective):
-    def f(params: Params, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return fn(objective, params, x.unsqueeze(0), y.unsqueeze(0))[0]
+    def f(params: Params, x: Inputs, y: torch.Tensor) -> torch.Tensor:
+        return fn(objective, params, map_inputs(x, lambda t: t.unsqueeze(0)), y.unsqueeze(0))[0]
 
     return f
 
@@ -74,8 +75,38 @@ def per_sample_grads(objective: Objective, params: Params, batch: Data, *, measu
     The regulariser is not included: upweighting z adds ε·L(z, θ) to R (Koh & Liang 2017, §2.1).
     """
     f = _single(_measure if measure else _loss, objective)
-    g = _vmapped(vmap(grad(f), in_dims=(None, 0, 0)), params, batch.X, batch.y)
-    return objective.space.flatten(g, batch_dims=1)
+    return objective.space.flatten(point_grads(f, params, batch, objective), batch_dims=1)
+
+
+def point_grads(f: Callable[..., torch.Tensor], params: Params, batch: Data, objective: Objective) -> Params:
+    """∇ of ``f(params, xᵢ, yᵢ)`` (one point's scalar) with respect to ``params``, for every point of
+    ``batch``: a dict of (b, *shape) tensors. By ``vmap`` over the points; for a model ``vmap`` cannot
+    batch (Hugging Face encoders build their attention masks with data-dependent branches) by one
+    backward pass per point, decided once per objective and logged."""
+    if getattr(objective, "_vmap_refused", None) is None:
+        try:
+            return _vmapped(vmap(grad(f), in_dims=(None, 0, 0)), params, batch.X, batch.y)
+        except RuntimeError as exc:
+            if not _vmap_unsupported(exc):
+                raise
+            objective._vmap_refused = str(exc).split("\n")[0]  # type: ignore[attr-defined]
+            logger.info("per-sample gradients: torch.func.vmap cannot batch this model (%s); one backward pass per "
+                        "point from now on", objective._vmap_refused)  # type: ignore[attr-defined]
+    rows = []
+    for i in range(len(batch)):
+        one = batch.subset([i])
+        rows.append(grad(f)(params, map_inputs(one.X, lambda t: t[0]), one.y[0]))
+    if not rows:
+        return {k: t.new_zeros((0, *t.shape)) for k, t in params.items()}
+    return {k: torch.stack([r[k] for r in rows]) for k in params}
+
+
+def _vmap_unsupported(exc: RuntimeError) -> bool:
+    """Whether vmap refused the model itself (data-dependent control flow, ``.item()``, an operator
+    without a batching rule) rather than the model being wrong — then a loop over points works."""
+    msg = str(exc)
+    return "vmap" in msg and any(k in msg for k in ("data-dependent", ".item()", "Batching rule not implemented",
+                                                   "not supported with vmap", "does not support"))
 
 
 def grad_chunk_size(p: int, batch_size: int, dtype: torch.dtype, max_bytes: int | None = None) -> int:
@@ -126,6 +157,11 @@ def pert_directions(objective: Objective, params: Params, batch: Data, S: torch.
     sᵀ∇θL(x, θ) is the directional derivative of L along s, a JVP in θ; its gradient in x is the
     mixed derivative sᵀ∇x∇θL that I_pert,loss needs (Koh & Liang 2017, Eq. 5).
     """
+    if batch.is_dict:
+        raise InputError(
+            "I_pert,loss differentiates the loss with respect to one continuous input tensor, but these inputs are a "
+            f"dict {sorted(batch.X)} (e.g. token ids and masks). Use up_loss instead."
+        )
     if not batch.X.is_floating_point():
         raise InputError(
             f"I_pert,loss differentiates the loss with respect to the inputs, but X has dtype {batch.X.dtype} "

@@ -291,13 +291,17 @@ def find_layers(objective: Objective, probe: Data | None = None, *, embeddings: 
         blocks.append(LayerBlock(mname, kind, wname, bias, out_dim, in_dim, w_idx, mod, conv))
         claimed.update({wname} | ({bias} if bias else set()))
     if probe is not None and blocks:
-        calls = _count_calls(objective, blocks, probe)
+        calls, rows = _count_calls(objective, blocks, probe)
         kept = []
         for blk in blocks:
-            if calls[blk.name] == 1:
+            if calls[blk.name] == 1 and rows[blk.name] == min(2, len(probe)):
                 kept.append(blk)
                 continue
             why = f"{type(blk.module).__name__} '{blk.name}' is called {calls[blk.name]} times per forward pass (shared or unused)"
+            if calls[blk.name] == 1:
+                why = (f"{type(blk.module).__name__} '{blk.name}' sees inputs with {rows[blk.name]} row(s) for "
+                       f"{min(2, len(probe))} points: one input shared across the batch (e.g. position ids built inside "
+                       "the model), so its per-point gradient is not Σₜ bₜãₜᵀ of its own rows")
             for n in (blk.weight, blk.bias):
                 if n is not None:
                     reasons[n] = why
@@ -319,22 +323,26 @@ def find_layers(objective: Objective, probe: Data | None = None, *, embeddings: 
     return LayerPlan(tuple(blocks), other, reasons, other_index)
 
 
-def _count_calls(objective: Objective, blocks: Sequence[LayerBlock], probe: Data) -> dict[str, int]:
+def _count_calls(objective: Objective, blocks: Sequence[LayerBlock], probe: Data) -> tuple[dict[str, int], dict[str, int]]:
+    """Per block, how often its module runs in one forward pass on (at most) two probe points, and the
+    leading size of its input there (the number of points, unless the input is shared by the batch)."""
     calls = {blk.name: 0 for blk in blocks}
+    rows = {blk.name: -1 for blk in blocks}
     handles = []
     for blk in blocks:
 
-        def hook(_m, _inp, _out, name=blk.name):
+        def hook(_m, inp, _out, name=blk.name):
             calls[name] += 1
+            rows[name] = int(inp[0].shape[0]) if inp and isinstance(inp[0], torch.Tensor) and inp[0].ndim else -1
 
         handles.append(blk.module.register_forward_hook(hook))
     try:
         with torch.no_grad():
-            objective.outputs(objective.params, probe.X[:2])
+            objective.outputs(objective.params, probe.subset(range(min(2, len(probe)))).X)
     finally:
         for h in handles:
             h.remove()
-    return calls
+    return calls, rows
 
 
 # ── the loss's Hessian in the model output ─────────────────────────────────────────────

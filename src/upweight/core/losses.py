@@ -229,9 +229,88 @@ class SmoothHinge:
         _check_smooth_hinge_labels(y, output_shape, what)
 
 
+#: the label of a token that no loss reads (padding, a prompt in a completion measure) — the
+#: Hugging Face convention
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class TokenCrossEntropy:
+    """The loss of a sequence: L(z) = Σₜ −log softmax(logitsₜ)[labelₜ] over the tokens t whose label
+    is not ``IGNORE_INDEX`` (−100), per sequence — the sum, or with ``reduction="mean"`` the mean
+    over those tokens. Padding (label −100) contributes nothing, to the loss or to its gradient.
+
+    With ``shift=True`` (a causal language model) the logits at position t predict the label at
+    t + 1, as Hugging Face's ``…ForCausalLM`` models compute their loss: pass the input ids as
+    labels, −100 at padding. As a test measurement (``Objective(measure=…)``) on labels that mask
+    the prompt with −100 it is −log p(completion | prompt), the negative log-probability of a
+    given continuation.
+
+    Model output: logits of shape (b, T, V); labels (b, T) integers in [0, V) or −100.
+
+    Examples:
+        >>> import torch
+        >>> logits = torch.zeros(1, 3, 4)                     # uniform over 4 tokens
+        >>> loss = TokenCrossEntropy()(logits, torch.tensor([[1, 2, -100]]))
+        >>> round(float(loss[0]), 4) == round(2 * float(torch.log(torch.tensor(4.0))), 4)
+        True
+    """
+
+    shift: bool = False
+    reduction: str = "sum"
+
+    def __post_init__(self) -> None:
+        if self.reduction not in ("sum", "mean"):
+            raise InputError(f"The 'reduction' parameter of TokenCrossEntropy must be 'sum' or 'mean'. Got {self.reduction!r}.")
+
+    def __call__(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if output.ndim != 3:
+            raise ValueError(f"TokenCrossEntropy needs logits of shape (b, T, V); got {tuple(output.shape)}.")
+        labels = target.long()
+        if self.shift:
+            output, labels = output[:, :-1], labels[:, 1:]
+        b, t, v = output.shape
+        tok = F.cross_entropy(output.reshape(b * t, v), labels.reshape(b * t), ignore_index=IGNORE_INDEX,
+                              reduction="none").reshape(b, t)
+        total = tok.sum(dim=1)
+        if self.reduction == "sum":
+            return total
+        return total / (labels != IGNORE_INDEX).sum(dim=1).clamp_min(1).to(total.dtype)
+
+    def check_targets(self, y: torch.Tensor, output_shape: tuple[int, ...], what: str) -> None:
+        """Integer token labels of shape (n, T) matching the logits, each in [0, V) or −100."""
+        if len(output_shape) != 2:
+            raise ShapeError(f"TokenCrossEntropy needs the model's logits per token, shape (n, T, V); the model outputs "
+                             f"(n, {', '.join(map(str, output_shape))}). For one label per sequence use 'cross_entropy'.")
+        T, V = output_shape
+        if y.ndim != 2 or y.shape[1] != T:
+            raise ShapeError(f"{what} y has shape {tuple(y.shape)} but the model outputs {T} positions per sequence: token "
+                             f"labels need shape (n, {T}), −100 where no token is scored (padding).")
+        if y.is_floating_point():
+            raise DtypeError(f"{what} y has dtype {y.dtype}: token labels are integer ids. Pass y.long().")
+        wide = y.long()
+        bad = ((wide < 0) | (wide >= V)) & (wide != IGNORE_INDEX)
+        if bool(bad.any()):
+            i = _first(bad)
+            raise InputError(f"{what} y[{i}] = {_entry(y, i)} holds a token id outside the vocabulary [0, {V}) (−100 marks "
+                             "an ignored position). Check the tokenizer's vocabulary size against the model's.")
+        scored = (wide[:, 1:] if self.shift else wide) != IGNORE_INDEX
+        empty = ~scored.any(dim=1)
+        if bool(empty.any()):
+            i = _first(empty)
+            raise InputError(f"{what} sequence {i} has no scored token (all labels −100"
+                             + (", or only its first, which a causal model never predicts" if self.shift else "")
+                             + "): its loss and gradient would be 0. Drop it, or give it labels.")
+
+
+token_cross_entropy = TokenCrossEntropy()
+causal_lm = TokenCrossEntropy(shift=True)
+
 LOSSES: dict[str, PerSampleLoss] = {
     "cross_entropy": cross_entropy,
     "logistic": logistic,
     "squared": squared,
     "hinge": hinge,
+    "token_cross_entropy": token_cross_entropy,
+    "causal_lm": causal_lm,
 }

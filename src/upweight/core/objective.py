@@ -11,8 +11,8 @@ import functools
 import inspect
 import re
 import textwrap
-from collections.abc import Callable, Sequence
-from typing import Union
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Union
 
 import torch
 from torch import nn
@@ -21,7 +21,7 @@ from torch.utils._pytree import tree_leaves
 
 from .._checks import check_finite, check_interval
 from ..errors import DtypeError, InputError, UnsupportedModelError, UpweightError
-from .data import Data
+from .data import Data, Inputs, map_inputs
 from .losses import LOSSES, PerSampleLoss
 from .params import Params, ParamSpace
 
@@ -117,6 +117,10 @@ class Objective:
             defaults to the loss (I_up,loss). E.g. a logit margin.
         l2_exclude: names or name prefixes of parameters in θ that the L2 term leaves out (an
             unpenalised intercept, as scikit-learn does): they get no l2 in R nor in H.
+        output: which tensor of the model's return value the loss and measure read: ``None``
+            (default) — a tensor as is, the ``logits`` of a Hugging Face ``ModelOutput`` (or of
+            any mapping or object that has them), the first element of a tuple — an attribute
+            or key name, or a callable ``output(returned) -> tensor``.
 
     Examples:
         >>> import torch
@@ -136,6 +140,7 @@ class Objective:
         params: ParamSelector = None,
         measure: PerSampleLoss | None = None,
         l2_exclude: Sequence[str] = (),
+        output: str | Callable[[Any], torch.Tensor] | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise InputError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
@@ -156,6 +161,9 @@ class Objective:
             raise InputError(f"loss must be a name or a callable; got {type(loss).__name__}.")
         self.loss_fn: PerSampleLoss = loss_fn
         self.measure_fn: PerSampleLoss = measure if measure is not None else loss_fn
+        if not (output is None or isinstance(output, str) or callable(output)):
+            raise InputError(f"output must be None, an attribute/key name such as 'logits', or a callable; got {output!r}.")
+        self.output = output
         self.l2 = float(l2)
 
         chosen = _select(model, params)
@@ -227,23 +235,39 @@ class Objective:
             self._fixed_cache[dtype] = {n: t.to(dtype) if t.is_floating_point() else t for n, t in self._fixed.items()}
         return self._fixed_cache[dtype]
 
-    def outputs(self, params: Params, X: torch.Tensor) -> torch.Tensor:
+    def outputs(self, params: Params, X: Inputs) -> torch.Tensor:
         """Model outputs f(X; θ) with the fixed parameters and buffers filled in.
+
+        X is moved to θ's device (and floating inputs cast to θ's dtype); a dict of inputs is
+        passed as keyword arguments. What the model returns is reduced to one tensor by
+        ``output``: by default a tensor as is, a Hugging Face ``ModelOutput`` (or any mapping or
+        object with ``logits``) by its logits, a tuple by its first element.
 
         Raises ``UnsupportedModelError`` if the model was switched to training mode."""
         self._check_mode_fast()
-        dtype = next(iter(params.values())).dtype
-        if X.is_floating_point() and X.dtype != dtype:
-            X = X.to(dtype)
-        return functional_call(self.model, {**self._fixed_as(dtype), **params}, (X,))
+        ref = next(iter(params.values()))
+        dtype, device = ref.dtype, ref.device
 
-    def losses(self, params: Params, X: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        def placed(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+
+        X = map_inputs(X, placed)
+        values = {**self._fixed_as(dtype), **params}
+        if isinstance(X, Mapping):
+            out = functional_call(self.model, values, args=(), kwargs=X)
+        else:
+            out = functional_call(self.model, values, (X,))
+        return _select_output(out, self.output)
+
+    def losses(self, params: Params, X: Inputs, y: torch.Tensor) -> torch.Tensor:
         """Per-sample training losses L(zᵢ, θ), shape (b,)."""
-        return self.loss_fn(self.outputs(params, X), y)
+        out = self.outputs(params, X)
+        return self.loss_fn(out, y.to(out.device))
 
-    def measurements(self, params: Params, X: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def measurements(self, params: Params, X: Inputs, y: torch.Tensor) -> torch.Tensor:
         """Per-sample test measurements f(z, θ) (default: the loss), shape (b,)."""
-        return self.measure_fn(self.outputs(params, X), y)
+        out = self.outputs(params, X)
+        return self.measure_fn(out, y.to(out.device))
 
     def regularizer(self, params: Params) -> torch.Tensor:
         """(l2/2)‖θ‖² over the penalised parameters, folded into R and H."""
@@ -302,13 +326,16 @@ class Objective:
                 f"per sample, shape ({b},). For a torch.nn loss, construct it with reduction='none'."
             )
 
-    def _checked_forward(self, X: torch.Tensor, data: Data, what: str) -> torch.Tensor:
+    def _checked_forward(self, X: Inputs, data: Data, what: str) -> torch.Tensor:
         """``outputs`` at θ̂, with a failure explained (dtype fixes for wrong input dtypes)."""
         try:
             out = self.outputs(self.params, X)
         except UpweightError:
             raise
         except Exception as exc:  # noqa: BLE001 — re-raised with the shapes and the fix that explain it
+            if data.is_dict:  # keyword inputs: name them all
+                raise InputError(f"The model failed on {what} inputs {data.input_shapes} (keyword arguments "
+                                 f"{sorted(data.X)}): {exc}") from exc
             shape, dt = tuple(data.X.shape), data.X.dtype
             if _DTYPE_FAILURE.search(str(exc)):
                 if not dt.is_floating_point:
@@ -324,11 +351,38 @@ class Objective:
                 ) from exc
             raise InputError(f"The model failed on {what} X of shape {shape} (dtype {dt}): {exc}") from exc
         if isinstance(out, torch.Tensor) and out.ndim == 0:
+            b = len(data.subset(range(min(len(data), 4))))
             raise UnsupportedModelError(
-                f"The model returned a scalar for {X.shape[0]} {what} points; forward(X) must return one row of outputs "
-                f"per point, shape ({X.shape[0]}, ...)."
+                f"The model returned a scalar for {b} {what} points; forward(X) must return one row of outputs "
+                f"per point, shape ({b}, ...)."
             )
         return out
+
+
+def _select_output(out: Any, how: str | Callable[[Any], torch.Tensor] | None) -> torch.Tensor:
+    """The tensor the loss reads from what the model returned (see ``Objective.outputs``)."""
+    if callable(how):
+        got = how(out)
+    elif isinstance(how, str):
+        got = out[how] if isinstance(out, Mapping) and how in out else getattr(out, how, None)
+        if got is None:
+            raise UnsupportedModelError(f"Objective(output={how!r}): the model returned a {type(out).__name__} without "
+                                        f"{how!r}.")
+    elif isinstance(out, torch.Tensor):
+        got = out
+    elif isinstance(out, Mapping) and "logits" in out:  # a Hugging Face ModelOutput is an ordered dict
+        got = out["logits"]
+    elif getattr(out, "logits", None) is not None:
+        got = out.logits
+    elif isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        got = out[0]
+    else:
+        raise UnsupportedModelError(
+            f"The model returned a {type(out).__name__}, not a tensor, and upweight cannot tell which part the loss "
+            "reads. Pass Objective(..., output='logits') (an attribute or key) or output=lambda out: ….")
+    if not isinstance(got, torch.Tensor):
+        raise UnsupportedModelError(f"The model output selected by output={how!r} is a {type(got).__name__}, not a tensor.")
+    return got
 
 
 def _same_output(a: object, b: object) -> bool:

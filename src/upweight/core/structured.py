@@ -34,11 +34,11 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from torch.func import grad, hessian, vmap
+from torch.func import hessian, vmap
 
 from ..errors import InputError, UnsupportedModelError
-from .data import Data
-from .grads import _vmapped
+from .data import Data, Inputs, map_inputs
+from .grads import point_grads
 from .layers import LayerBlock, LayerPlan, _layer_input, capture, find_layers
 from .losses import SmoothHinge, cross_entropy, logistic, squared
 from .objective import Objective
@@ -52,10 +52,10 @@ def subset_per_sample_grads(objective: Objective, params: Params, names: Sequenc
     sub = {n: params[n] for n in names}
     rest = {n: t for n, t in params.items() if n not in sub}
 
-    def one(s: Params, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return objective.losses({**rest, **s}, x.unsqueeze(0), y.unsqueeze(0))[0]
+    def one(s: Params, x: Inputs, y: torch.Tensor) -> torch.Tensor:
+        return objective.losses({**rest, **s}, map_inputs(x, lambda t: t.unsqueeze(0)), y.unsqueeze(0))[0]
 
-    g = _vmapped(vmap(grad(one), in_dims=(None, 0, 0)), sub, batch.X, batch.y)
+    g = point_grads(one, sub, batch, objective)
     return torch.cat([g[n].reshape(len(batch), -1) for n in names], dim=1)
 
 
@@ -336,7 +336,7 @@ def linear_output_layer(objective: Objective, probe: Data) -> tuple[LayerBlock |
     blk = plan.blocks[0]
     if blk.kind != "linear":
         return None, f"θ is the parameters of a {blk.kind} layer, not an nn.Linear"
-    inp, out, model_out, depends = _forward_with_input(objective, blk, objective.params, probe.X[:2])
+    inp, out, model_out, depends = _forward_with_input(objective, blk, objective.params, probe.subset(range(min(2, len(probe)))).X)
     if out is not model_out:
         return None, f"the output of nn.Linear '{blk.name}' is not returned unchanged as the model's output"
     if depends:

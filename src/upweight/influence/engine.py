@@ -296,7 +296,11 @@ class Influence:
         self._ready()
         assert self.data_ is not None
         data = Data.from_any(test, what="test data").to(self.objective.dtype)
-        if data.feature_shape != self.data_.feature_shape:
+        if data.is_dict or self.data_.is_dict:  # keyword inputs: the same names (sequence lengths may differ)
+            if not (data.is_dict and self.data_.is_dict) or sorted(data.X) != sorted(self.data_.X):
+                raise ShapeError(f"Test inputs {data.input_shapes} do not match the training inputs {self.data_.input_shapes}: "
+                                 "pass the same keyword inputs.")
+        elif data.feature_shape != self.data_.feature_shape:
             raise ShapeError(
                 f"Test x has shape {tuple(data.feature_shape)} per point but training x has "
                 f"{tuple(self.data_.feature_shape)} (test batch of shape {tuple(data.X.shape)})."
@@ -694,6 +698,9 @@ class Influence:
         t0 = time.perf_counter()
         test_data = self._test(test)
         data = self._train(train)
+        if data.is_dict:
+            raise InputError(f"I_pert,loss differentiates the loss with respect to one continuous input tensor, but these "
+                             f"inputs are a dict {sorted(data.X)} (token ids, masks, …). Use up_loss instead.")
         shape = (len(test_data), len(data), *data.feature_shape)
         self._check_result_memory(2 * tensor_bytes(shape, self._np_dtype()), f"I_pert,loss of shape {shape}")
         sol = self.s_test(test_data)
@@ -878,7 +885,8 @@ def _digest_tensor(t: torch.Tensor) -> dict[str, Any]:
 
 
 def _digest_data(data: Data) -> dict[str, Any]:
-    return {"X": _digest_tensor(data.X), "y": _digest_tensor(data.y), "ids_sha256": _digest_tensor(data.ids)["sha256"]}
+    X = {k: _digest_tensor(t) for k, t in data.X.items()} if data.is_dict else _digest_tensor(data.X)
+    return {"X": X, "y": _digest_tensor(data.y), "ids_sha256": _digest_tensor(data.ids)["sha256"]}
 
 
 def _model_sha256(objective: Objective) -> str:

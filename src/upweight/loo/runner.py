@@ -63,11 +63,9 @@ class RetrainContext:
 def measure_sum(objective: Objective, test: Data, params: Params) -> float:
     """Σ_test f(z_test, θ), in the dtype of ``params``."""
     dtype = next(iter(params.values())).dtype
-    X, y = test.X, test.y
-    with torch.no_grad():
-        X = X.to(dtype) if X.is_floating_point() else X
-        y = y.to(dtype) if y.is_floating_point() else y
-        return float(objective.measurements(params, X, y).sum())
+    y = test.y.to(dtype) if test.y.is_floating_point() else test.y
+    with torch.no_grad():  # outputs() casts floating inputs to the dtype of params
+        return float(objective.measurements(params, test.X, y).sum())
 
 
 def baseline(objective: Objective, data: Data, train_fn: TrainFn | None, gtol: float,
