@@ -1,40 +1,41 @@
 """Influence functions on real text: a small BERT spam filter and a small GPT-2 language model
 trained here, from configs, on the Enron-Spam e-mails (subset enron1).
 
-What it does (Koh & Liang 2017 on "today's black boxes"):
+What it does (Koh & Liang 2017, applied to today's black boxes):
 
-1. Reads the raw e-mails (``enron1.csv.gz``), splits them 80/20 with ``--seed``, builds a word-level
-   vocabulary from the training e-mails and tokenises every e-mail (truncated, padded, with an
+1. Reads the raw e-mails (``enron1.csv.gz``), splits them 80/20 with ``--seed``, builds word-level
+   vocabularies from the training e-mails and tokenises every e-mail (truncated, padded, with an
    attention mask).
 2. **Classifier.** Trains a 2-layer ``BertForSequenceClassification`` (eager attention) on spam/ham
-   and reports its test accuracy. θ is the classification head (``classifier``: one linear layer on
-   the frozen pooled features), refitted to the exact minimum of the L2-regularised training risk
-   so that θ̂ is the minimiser the influence function assumes. For one test e-mail (by default the
-   test e-mail with the largest loss) it prints the top helpful and harmful training e-mails
-   (I_up,loss and the predicted effect of removing each), then checks the predictions against
-   actual retraining: ``uw.leave_one_out`` on the top-|I| training e-mails (exact float64 refits
-   of θ) and ``uw.leave_group_out`` on clusters of similar e-mails (k-means on the pooled
-   features), and reports Pearson, Spearman and the slope.
-   With ``--pooler`` it also scores θ = pooler + head with EK-FAC (the Gauss–Newton approximation;
-   that θ is not convex) and compares its ranking with the exact head-only one.
+   and reports its accuracy. θ is the classification head (``classifier``: one linear layer on the
+   frozen pooled features), refitted to the exact minimum of its L2-regularised training risk so
+   that θ̂ is the minimiser the influence function assumes; then H is positive definite and
+   ``Direct`` solves exactly. For one test e-mail (by default the one with the largest loss) it
+   lists the most helpful and most harmful training e-mails (I_up,loss and the predicted effect of
+   removing each), and checks the predictions against actual retraining: ``uw.leave_one_out`` on
+   the top-|I| training e-mails and ``uw.leave_group_out`` on groups of similar e-mails (nearest
+   neighbours in the pooled feature space), both with exact float64 refits of θ; it reports
+   Pearson, Spearman and the slope. With ``--pooler`` it also scores θ = pooler + head, which is
+   not convex: CG on the exact Hessian with damping, and EK-FAC (Gauss–Newton), against each other
+   and against the head-only scores.
 3. **Language model.** Trains a 2-layer ``GPT2LMHeadModel`` on the training e-mails and reports
-   train and test loss per token. For a prompt taken from a test e-mail it generates a greedy
-   continuation and computes the influence of every training e-mail on the measure
-   −log p(continuation | prompt) (the ``causal_lm`` loss with the prompt labelled −100), with
-   θ = the last transformer block's MLP and the final layer norm, solved by CG with the damping
-   that makes the (indefinite) Hessian positive definite; it prints the top helpful and harmful
-   training e-mails.
-4. Writes ``results.json`` (every number, the solvers' provenance and the timings),
-   ``report.md`` and the two trained models' weights (``classifier.pt``, ``lm.pt``, with their
-   configs in ``results.json``) into ``--out``.
+   the train and test loss per token. For a prompt taken from a test e-mail it generates a greedy
+   continuation and computes the influence of every training e-mail on −log p(continuation |
+   prompt) (the ``causal_lm`` loss with the prompt labelled −100). θ is the last transformer
+   block's MLP and the final layer norm; their Hessian is indefinite, so the damping comes from a
+   Lanczos estimate of its smallest eigenvalue, and CG solves with it.
+4. Writes ``results.json`` (every number, the solvers' provenance and the timings), ``report.md``,
+   the scores of every training e-mail (``scores_classifier.npz``, ``scores_lm.npz``,
+   ``uw.InfluenceScores.load``) and both models' weights (``classifier.pt``, ``lm.pt``; their
+   configs are in ``results.json``) into ``--out``.
 
-Run (about a minute with ``--tiny``; the measured numbers of a full run are in
+Run it from the repository root (the command, run time and numbers of a full run are in
 docs/transformers.md)::
 
     PYTHONPATH=src python examples/transformers_enron.py --data /work/shared/data/enron1 --out out/transformers_enron
 
 No network is used: the models are built from configs with random initial weights and the
-vocabulary is built from the training e-mails.
+vocabularies are built from the training e-mails.
 """
 
 from __future__ import annotations
@@ -42,10 +43,12 @@ from __future__ import annotations
 import argparse
 import collections
 import csv
+import dataclasses
 import gzip
 import io
 import json
 import math
+import os
 import platform
 import re
 import sys
@@ -107,14 +110,13 @@ TINY = Sizes(n_train=240, n_test=120, vocab=600, cls_len=32, cls_hidden=32, cls_
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
         description="Influence of training e-mails on a small BERT spam classifier and a small GPT-2 language model "
-                    "(Enron-Spam enron1), both trained here from configs. Numbers of a full run: docs/transformers.md.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    "(Enron-Spam enron1), both trained here from configs. Numbers of a full run: docs/transformers.md.")
     ap.add_argument("--data", type=Path, default=None,
                     help="the enron1 folder (holding enron1.csv.gz) or the CSV itself; default: shared/data/enron1 "
                          "next to or above the repository")
-    ap.add_argument("--out", type=Path, default=Path("out/transformers_enron"), help="output folder")
+    ap.add_argument("--out", type=Path, default=Path("out/transformers_enron"), help="output folder (default: out/transformers_enron)")
     ap.add_argument("--tiny", action="store_true", help="a seconds-long version: few e-mails, tiny models (for tests)")
-    ap.add_argument("--seed", type=int, default=0, help="seed of the split, the initial weights and the training")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the split, the initial weights and the training (default: 0)")
     ap.add_argument("--n-train", type=int, default=None, help="training e-mails (default 4137 = all of the 80 %% split; tiny 240)")
     ap.add_argument("--n-test", type=int, default=None, help="test e-mails (default 1035; tiny 120)")
     ap.add_argument("--test-index", type=int, default=None,
@@ -122,15 +124,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                          "(default: the test e-mail with the largest loss)")
     ap.add_argument("--lm-test-index", type=int, default=None,
                     help="position in the test split of the e-mail whose start is the LM prompt "
-                         "(default: the first long enough)")
-    ap.add_argument("--l2", type=float, default=1e-3, help="L2 penalty of the classifier head's training risk")
+                         "(default: the first long enough with no [UNK] in its prompt)")
+    ap.add_argument("--l2", type=float, default=1e-3, help="L2 penalty of the classifier head's training risk (default: 1e-3)")
     ap.add_argument("--lm-damping", type=float, default=None,
                     help="damping δ of the LM's Hessian (default: from a Lanczos estimate of its spectrum, "
                          "max(1.5·|λmin|, 0.01·λmax) rounded)")
     ap.add_argument("--lm-float64", action="store_true", help="the LM's influence in float64 (default float32)")
-    ap.add_argument("--pooler", action="store_true", help="also score θ = pooler + head with EK-FAC")
-    ap.add_argument("--top", type=int, default=5, help="helpful / harmful training e-mails printed")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--pooler", action="store_true", help="also score θ = pooler + head (CG with damping, and EK-FAC)")
+    ap.add_argument("--top", type=int, default=5, help="helpful / harmful training e-mails listed (default: 5)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's; on a busy 2-core machine 1 is fastest)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     return ap.parse_args(argv)
 
@@ -421,7 +423,8 @@ def run_classifier(args, sz: Sizes, vocab: Vocab, train: list[Email], test: list
     # the same head on cached features: the plain-tensor path must give the same scores
     with timer("classifier_features_influence"):
         finf = uw.Influence(head_obj, solver=uw.Direct(), progress=False, grad_tol=1e-6).fit(fdata)
-        fscores = finf.up_loss((feats_test := feats_of(model, tids[t_pos : t_pos + 1], tmask[t_pos : t_pos + 1]), ty[t_pos : t_pos + 1]))
+        feats_test = feats_of(model, tids[t_pos : t_pos + 1], tmask[t_pos : t_pos + 1])
+        fscores = finf.up_loss((feats_test, ty[t_pos : t_pos + 1]))
     same = float(np.abs(fscores.values - scores.values).max() / np.abs(scores.values).max())
 
     # leave-one-out: exact refits of θ without each of the top-|I| e-mails
@@ -429,6 +432,13 @@ def run_classifier(args, sz: Sizes, vocab: Vocab, train: list[Email], test: list
         loo = uw.leave_one_out(inf, test_point, k=min(sz.loo_k, len(train)), scores=scores, progress=not quiet,
                                train_fn=HeadRefit(head_obj, fdata, "classifier.", gtol))
     print(f"[classifier] {loo}")
+    # the same removals to second order, with the third-derivative term that Basu et al. drop: the largest
+    # removals move θ̂ far enough for the curvature of the other e-mails to change along the way
+    with timer("classifier_leave_one_out_second_order"):
+        loo2 = uw.leave_group_out(finf, (feats_test, ty[t_pos : t_pos + 1]), [[int(i)] for i in loo.train_ids],
+                                  orders=(1, 2), third_derivative=True, gtol=gtol, progress=not quiet)
+    print(f"[classifier] the same {len(loo.train_ids)} removals, second order (with ∇³R): Pearson "
+          f"{loo2.pearson[2]:.4f}, slope {loo2.slope[2]:.3f} (first order through leave_group_out: slope {loo2.slope[1]:.3f})")
 
     # leave-group-out: groups of similar e-mails — a random training e-mail and its nearest neighbours in the
     # pooled feature space — removed at once, against the first- and second-order group influence
@@ -438,8 +448,8 @@ def run_classifier(args, sz: Sizes, vocab: Vocab, train: list[Email], test: list
         size = min(sz.group_size, len(train) // 4)
         dist = torch.cdist(feats[centres], feats)
         groups = [np.sort(dist[j].topk(size, largest=False).indices.numpy()) for j in range(len(centres))]
-        lgo = uw.leave_group_out(finf, (feats_test, ty[t_pos : t_pos + 1]), groups, orders=(1, 2), gtol=gtol,
-                                 progress=not quiet)
+        lgo = uw.leave_group_out(finf, (feats_test, ty[t_pos : t_pos + 1]), groups, orders=(1, 2), third_derivative=True,
+                                 gtol=gtol, progress=not quiet)
     print("[classifier] " + str(lgo).replace("\n", "\n[classifier] "))
 
     result: dict[str, Any] = {
@@ -456,7 +466,12 @@ def run_classifier(args, sz: Sizes, vocab: Vocab, train: list[Email], test: list
         "top": rows,
         "leave_one_out": {**agreement(loo), "select": "top |I_up,loss|",
                           "retraining": "float64 L-BFGS refit of the head on the cached pooled features (HeadRefit)"},
-        "leave_group_out": {
+        "leave_one_out_second_order": {
+            "what": "the same removals by leave_group_out with singleton groups: order 1, and order 2 with the "
+                    "third-derivative term (third_derivative=True)",
+            "actual": loo2.actual.tolist(), "retrain_grad_norm": loo2.retrain_grad_norm,
+            **{f"order{o}": {**loo2.agreement(o), "predicted": loo2.predicted[o].tolist()} for o in loo2.orders}},
+        "leave_group_out": {"third_derivative": True,
             "groups": len(groups), "group_size": size,
             "grouping": f"{len(groups)} random training e-mails, each with its {size - 1} nearest neighbours "
                         "(Euclidean, pooled features)",
@@ -661,7 +676,8 @@ def write_report(out: Path, res: dict[str, Any]) -> None:
     lines = [
         "# Influence on a small BERT and a small GPT-2 trained on Enron-Spam (enron1)",
         "",
-        f"Run {res['started']} on {res['machine']['cpu_count']} CPU(s), torch {res['machine']['torch']}, "
+        f"Run {res['started']} on {res['machine']['cpu_count']} CPU(s) ({res['machine']['torch_threads']} torch "
+        f"thread(s)), torch {res['machine']['torch']}, "
         f"transformers {res['machine']['transformers']}; {'--tiny' if res['tiny'] else 'full'} mode, seed {res['seed']}; "
         f"wall time {res['timings']['total']:.0f} s.",
         "",
@@ -675,7 +691,9 @@ def write_report(out: Path, res: dict[str, Any]) -> None:
         f"* explained test e-mail: `{c['test_email']['file']}` (p(spam) = {c['test_email']['p_spam']:.3f}): "
         f"{c['test_email']['snippet']}",
         f"* leave-one-out ({loo['k']} exact refits): Pearson {loo['pearson']:.4f}, Spearman {loo['spearman']:.4f}, "
-        f"slope {loo['slope']:.3f}",
+        f"slope {loo['slope']:.3f}; to second order (with the third-derivative term) Pearson "
+        f"{res['classifier']['leave_one_out_second_order']['order2']['pearson']:.4f}, slope "
+        f"{res['classifier']['leave_one_out_second_order']['order2']['slope']:.3f}",
         f"* leave-group-out ({lgo['grouping']}): order 1 Pearson {lgo['order1']['pearson']:.4f}, slope {lgo['order1']['slope']:.3f}; "
         f"order 2 Pearson {lgo['order2']['pearson']:.4f}, slope {lgo['order2']['slope']:.3f}",
         "",
@@ -714,10 +732,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     sz = TINY if args.tiny else FULL
-    if args.n_train:
-        sz.n_train = args.n_train
-    if args.n_test:
-        sz.n_test = args.n_test
+    sz = dataclasses.replace(sz, n_train=args.n_train or sz.n_train, n_test=args.n_test or sz.n_test,
+                             lm_n_train=min(sz.lm_n_train, args.n_train or sz.n_train))
     quiet = args.no_progress
     data_path = args.data or default_data_path()
     if data_path is None:
@@ -738,7 +754,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     res: dict[str, Any] = {
         "started": time.strftime("%Y-%m-%d %H:%M:%S"), "tiny": args.tiny, "seed": args.seed,
         "argv": sys.argv[1:] if argv is None else list(argv),
-        "machine": {"cpu_count": torch.get_num_threads(), "platform": platform.platform(), "python": platform.python_version(),
+        "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform(), "python": platform.python_version(),
                     "torch": torch.__version__, "transformers": transformers.__version__, "upweight": uw.__version__},
         "sizes": vars(sz),
         "data": {"path": str(data_path), "n_emails": len(emails), "n_train": len(train), "n_test": len(test),

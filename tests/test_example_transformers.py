@@ -43,7 +43,7 @@ def run(tmp_path_factory):
     sys.modules[spec.name] = mod  # dataclasses look their module up there
     spec.loader.exec_module(mod)
     out = tmp_path_factory.mktemp("transformers_enron")
-    returned = mod.main(["--tiny", "--data", str(data), "--out", str(out), "--seed", "0", "--no-progress"])
+    returned = mod.main(["--tiny", "--data", str(data), "--out", str(out), "--seed", "0", "--no-progress", "--pooler"])
     saved = json.loads((out / "results.json").read_text(encoding="utf-8"))
     return returned, saved, out
 
@@ -87,9 +87,27 @@ def test_classifier_influence_agrees_with_leave_one_out_retraining(run):
     assert 0.8 < loo["slope"] < 1.25
     pred, act = np.array(loo["predicted"]), np.array(loo["actual"])
     assert np.all(np.sign(pred) == np.sign(act)) or np.corrcoef(pred, act)[0, 1] > 0.99
+    # the same removals to second order (with the third-derivative term): closer to the refits
+    so = c["leave_one_out_second_order"]
+    np.testing.assert_allclose(so["actual"], loo["actual"], rtol=1e-6, atol=1e-12)  # the same retrainings
+    np.testing.assert_allclose(so["order1"]["predicted"], loo["predicted"], rtol=1e-8)  # Σ of one = the one
+    assert so["order2"]["pearson"] > 0.9 and so["order2"]["mae"] < so["order1"]["mae"]
     lgo = c["leave_group_out"]
-    assert lgo["groups"] == res["sizes"]["groups"] and lgo["order1"]["pearson"] > 0.9
+    assert lgo["groups"] == res["sizes"]["groups"] and len(lgo["actual"]) == lgo["groups"]
+    assert lgo["order1"]["pearson"] > 0.9 and lgo["order2"]["mae"] < lgo["order1"]["mae"]
     assert lgo["retrain_grad_norm"] < 1e-6
+
+
+def test_pooler_and_head_cg_and_ekfac(run):
+    """θ = pooler + head is not convex: the damping makes H + δI positive definite on the Lanczos estimate,
+    CG's solve is accepted, and EK-FAC (Gauss–Newton) ranks like the exact damped Hessian."""
+    _, res, _ = run
+    pool = res["classifier"]["pooler"]
+    assert pool["p"] == res["classifier"]["p"] + res["classifier"]["config"]["hidden_size"] * (res["classifier"]["config"]["hidden_size"] + 1)
+    assert pool["damping"] + pool["spectrum"]["lambda_min"] > 0
+    assert pool["cg"]["provenance"]["accepted"] and pool["cg"]["provenance"]["damping"] == pool["damping"]
+    assert pool["ekfac"]["provenance"]["solver"]["name"] == "ekfac"
+    assert pool["ekfac_vs_cg"]["pearson_vs_cg"] > 0.5
 
 
 @pytest.mark.parametrize("model", ["classifier", "lm"])
