@@ -204,7 +204,7 @@ class Curvature:
         V = V.reshape(-1, self.p).to(self.dtype)
         acc = torch.zeros_like(V)
         for chunk in batch.to(self.dtype).batches(self.hvp_batch_size):
-            PRODUCTS[self.kind](self.objective, self.params, V, chunk, out=acc)
+            batch_product(self.kind)(self.objective, self.params, V, chunk, out=acc)
         return acc
 
     def matvec(self, V: torch.Tensor, *, operand_dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -229,7 +229,7 @@ class Curvature:
         elif self.executor is None or inside_task():
             acc = torch.zeros_like(V)
             for batch in self.data.batches(self.hvp_batch_size):
-                PRODUCTS[self.kind](self.objective, self.params, V, batch, out=acc)
+                batch_product(self.kind)(self.objective, self.params, V, batch, out=acc)
         else:
             acc = self._distributed_hvp_sum(V)
         self.n_matvecs += 1
@@ -344,7 +344,7 @@ def _hvp_partition(indices: np.ndarray, ctx: _HVPContext, V: torch.Tensor) -> to
     part = ctx.data.subset(torch.from_numpy(np.asarray(indices, dtype=np.int64)))
     acc = torch.zeros_like(V)
     for batch in part.batches(ctx.batch_size):
-        PRODUCTS[ctx.kind](ctx.objective, ctx.params, V, batch, out=acc)
+        batch_product(ctx.kind)(ctx.objective, ctx.params, V, batch, out=acc)
     return acc
 
 
@@ -420,8 +420,9 @@ def ggn_sum(obj: Objective, params: Params, V: torch.Tensor, batch: Data, *,
     return out
 
 
-#: the per-batch product of each kind of curvature: Σ_{i∈batch} (∇²θLᵢ or Jᵢᵀ∇²_zLᵢJᵢ) V
-PRODUCTS = {"hessian": hvp_sum, "gauss-newton": ggn_sum}
+def batch_product(kind: CurvatureKind) -> Any:
+    """The per-batch product of each kind of curvature: Σ_{i∈batch} (∇²θLᵢ or Jᵢᵀ∇²_zLᵢJᵢ) V."""
+    return ggn_sum if kind == "gauss-newton" else hvp_sum
 
 
 def _no_forward_derivative(exc: RuntimeError) -> Exception:
