@@ -557,3 +557,31 @@ def test_factors_from_a_subset_keep_the_preconditioned_solve_exact(shift_mlp):
     for bad in (0, -3, 2.5):
         with pytest.raises(InputError, match="max_points"):
             KFAC(max_points=bad)
+
+
+def test_factor_eigendecomposition_survives_lapack_failures(monkeypatch):
+    """A rank-deficient PSD factor (rank 3 of 6, like the factors of zero-padded convolutions) whose eigh fails
+    to converge is decomposed with a tiny shift, then through an SVD; never LAPACK's raw error."""
+    from upweight.core import kfac as kfac_module
+    from upweight.errors import CurvatureError
+
+    g = torch.Generator().manual_seed(0)
+    B = torch.randn(6, 3, dtype=torch.float64, generator=g)
+    M = B @ B.T  # rank 3 of 6, PSD
+    real = torch.linalg.eigh
+    for fail_first in (1, 2):
+        calls = {"n": 0}
+
+        def flaky(A, calls=calls, fail_first=fail_first):
+            calls["n"] += 1
+            if calls["n"] <= fail_first:
+                raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge because the input matrix is ill-conditioned")
+            return real(A)
+
+        monkeypatch.setattr(torch.linalg, "eigh", flaky)
+        e, Q = kfac_module.stable_eigh(M, "a test factor")
+        monkeypatch.setattr(torch.linalg, "eigh", real)
+        torch.testing.assert_close(Q @ torch.diag(e) @ Q.T, M, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(e, real(M)[0], rtol=1e-9, atol=1e-9)
+    with pytest.raises(CurvatureError, match="a test factor has NaN"):
+        kfac_module.stable_eigh(torch.full((2, 2), float("nan"), dtype=torch.float64), "a test factor")

@@ -223,3 +223,51 @@ def test_fused_attention_without_second_derivative_says_use_eager():
         uw.Influence(obj, damping=1.0, progress=False, grad_tol=1e9, structured=False).fit(
             ({"input_ids": ids, "attention_mask": mask}, torch.arange(6) % 3)).up_loss(
             ({"input_ids": ids[:1], "attention_mask": mask[:1]}, torch.tensor([0])))
+
+
+def test_kfac_on_a_per_token_loss_says_what_to_use_instead():
+    lm = _gpt()
+    ids, mask = _tokens(6)
+    labels = ids.masked_fill(mask == 0, IGNORE_INDEX)
+    obj = uw.Objective(lm, "causal_lm", l2=0.1)
+    with pytest.raises(UnsupportedModelError, match=r"per-token loss.*curvature='gauss-newton'"):
+        uw.Influence(obj, solver=uw.KFAC(), progress=False, grad_tol=1e9).fit(({"input_ids": ids, "attention_mask": mask}, labels))
+
+
+def test_whole_bert_with_gauss_newton_kfac_and_ekfac():
+    """All parameters of the classifier: K-FAC/EK-FAC over its Linear and Embedding layers, the rest
+    (LayerNorms, position embeddings) in their exact Gauss–Newton block; CG on the Gauss–Newton
+    matrix is exact, so the approximations are compared with it."""
+    model = _bert()
+    ids, mask = _tokens(16)
+    train = ({"input_ids": ids, "attention_mask": mask}, torch.arange(16) % 3)
+    test = ({"input_ids": ids[:4], "attention_mask": mask[:4]}, torch.arange(4) % 3)
+    obj = uw.Objective(model, "cross_entropy", l2=0.01)
+    exact = uw.Influence(obj, solver=uw.CG(rtol=1e-10), curvature="gauss-newton", progress=False, grad_tol=1e9).fit(train)
+    ref = exact.up_loss(test).values
+    for solver in (uw.KFAC(), uw.EKFAC()):
+        approx = uw.Influence(obj, solver=solver, curvature="gauss-newton", progress=False, grad_tol=1e9).fit(train)
+        got = approx.up_loss(test)
+        assert np.isfinite(got.values).all() and got.values.shape == ref.shape
+        for j in range(len(ref)):  # approximations of the same matrix: scores agree in sign and rank
+            assert np.corrcoef(got.values[j], ref[j])[0, 1] > 0.5, (type(solver).__name__, j)
+
+
+def test_gpt2_conv1d_layers_are_factored_as_linear_layers():
+    """GPT-2's Conv1D stores its weight as (in, out): structured scoring through those blocks equals
+    per-sample gradients (each score −s_testᵀ∇L(zᵢ) checked against the generic path)."""
+    lm = _gpt()
+    ids, mask = _tokens(8, seed=5)
+    labels = ids.masked_fill(mask == 0, IGNORE_INDEX)
+    obj = uw.Objective(lm, "causal_lm", l2=0.1, params=["transformer.h.0.mlp", "transformer.h.0.attn.c_attn"])
+    from upweight.core.structured import scoring_plan
+
+    data = uw.Data.from_any(({"input_ids": ids, "attention_mask": mask}, labels))
+    plan, why = scoring_plan(obj, data)
+    assert why is None and sorted(b.name for b in plan.blocks) == [
+        "transformer.h.0.attn.c_attn", "transformer.h.0.mlp.c_fc", "transformer.h.0.mlp.c_proj"]
+    kw = dict(solver=uw.CG(rtol=1e-12), curvature="gauss-newton", progress=False, grad_tol=1e9)
+    test = ({"input_ids": ids[:2], "attention_mask": mask[:2]}, labels[:2])
+    fast = uw.Influence(obj, structured=True, **kw).fit(data).up_loss(test).values
+    slow = uw.Influence(obj, structured=False, **kw).fit(data).up_loss(test).values
+    np.testing.assert_allclose(fast, slow, rtol=1e-9, atol=1e-12)

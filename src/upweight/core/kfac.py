@@ -43,6 +43,7 @@ import torch
 
 from .._executor import Executor, inside_task, resolve, split_indices, thread_private
 from .._memory import check_memory
+from ..errors import CurvatureError
 from . import batching
 from .data import Data
 from .layers import LayerBlock, capture
@@ -367,8 +368,8 @@ def fit_factors(
             A, QA = None, None
         else:
             A = _sym(sums.tensors["A:" + blk.name] / n)
-            eA, QA = torch.linalg.eigh(A)
-        eS, QS = torch.linalg.eigh(S)
+            eA, QA = stable_eigh(A, f"the input factor A of '{blk.name}' ({A.shape[0]}×{A.shape[0]})")
+        eS, QS = stable_eigh(S, f"the output-gradient factor S of '{blk.name}' ({S.shape[0]}×{S.shape[0]})")
         factors.append(LayerFactors(blk, A, S, eA.clamp_min(0), QA, eS.clamp_min(0), QS, sums.locations[blk.name],
                                     identity_A=identity_A))
     if eigen_correction:
@@ -402,6 +403,35 @@ def _correct(passes: _Passes, factors: Sequence[LayerFactors], max_elements: int
     n = len(passes.ctx.data)
     for f in factors:
         f.corrected = sums.tensors[f.block.name] / n
+
+
+def stable_eigh(M: torch.Tensor, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigendecomposition of a symmetric PSD factor in float64, robust to the rank-deficient and
+    ill-conditioned factors of real networks (zero-padded convolutions, dead units, constant inputs):
+    LAPACK's divide-and-conquer ``eigh`` first; if it fails to converge, the same matrix with a shift
+    of 1e-10·(trace/dim) on the diagonal (removed again from the eigenvalues) and then ``eigh``
+    through an SVD (exact for a symmetric PSD matrix). Raises ``CurvatureError`` naming the factor
+    only if all three fail — never LAPACK's raw error."""
+    M = _sym(M.to(torch.float64))
+    if not bool(torch.isfinite(M).all()):
+        raise CurvatureError(f"{what} has NaN or infinite entries: the layer's inputs or output gradients overflow.")
+    try:
+        return torch.linalg.eigh(M)
+    except RuntimeError:  # torch.linalg.LinAlgError: the algorithm failed to converge
+        pass
+    shift = 1e-10 * float(torch.diagonal(M).abs().mean().clamp_min(1e-300))
+    try:
+        e, Q = torch.linalg.eigh(M + shift * torch.eye(len(M), dtype=M.dtype))
+        return e - shift, Q
+    except RuntimeError:
+        pass
+    try:
+        U, sv, _ = torch.linalg.svd(M)
+        order = torch.argsort(sv)
+        return sv[order], U[:, order]
+    except RuntimeError as exc:
+        raise CurvatureError(f"The eigendecomposition of {what} failed ({exc}). Add damping, or leave that layer out "
+                             "of θ (Objective(params=...)).") from exc
 
 
 def _sym(M: torch.Tensor) -> torch.Tensor:

@@ -50,7 +50,7 @@ from torch.func import hessian, vmap
 
 from ..errors import InputError, UnsupportedModelError
 from .data import Data
-from .losses import cross_entropy, squared
+from .losses import TokenCrossEntropy, cross_entropy, squared
 from .objective import Objective
 from .params import Params
 
@@ -240,7 +240,8 @@ def find_layers(objective: Objective, probe: Data | None = None, *, embeddings: 
     reasons: dict[str, str] = {}
     claimed: set[str] = set()
     for mname, mod in objective.model.named_modules():
-        if not isinstance(mod, (nn.Linear, nn.Conv2d, nn.Embedding)):
+        transposed = _is_transposed_linear(mod)
+        if not (isinstance(mod, (nn.Linear, nn.Conv2d, nn.Embedding)) or transposed):
             continue
         prefix = f"{mname}." if mname else ""
         wname, bname = prefix + "weight", prefix + "bias"
@@ -281,10 +282,15 @@ def find_layers(objective: Objective, probe: Data | None = None, *, embeddings: 
                 continue
             conv = (_pair(mod.kernel_size), _pair(mod.dilation), pad, _pair(mod.stride))
             out_dim, in_dim = mod.out_channels, mod.weight[0].numel()
+        elif transposed:  # y = x W + b with W of shape (in, out): the linear weight is Wᵀ
+            in_dim, out_dim = mod.weight.shape
         else:
             out_dim, in_dim = mod.out_features, mod.in_features
         bias = bname if has_bias and bname in in_theta else None
-        w_idx = offsets[wname] + torch.arange(out_dim * in_dim).reshape(out_dim, in_dim)
+        if transposed:
+            w_idx = (offsets[wname] + torch.arange(in_dim * out_dim).reshape(in_dim, out_dim)).T.contiguous()
+        else:
+            w_idx = offsets[wname] + torch.arange(out_dim * in_dim).reshape(out_dim, in_dim)
         if bias is not None:
             w_idx = torch.cat([w_idx, offsets[bias] + torch.arange(out_dim)[:, None]], dim=1)
         kind: Literal["linear", "conv2d"] = "conv2d" if conv is not None else "linear"
@@ -323,6 +329,14 @@ def find_layers(objective: Objective, probe: Data | None = None, *, embeddings: 
     return LayerPlan(tuple(blocks), other, reasons, other_index)
 
 
+def _is_transposed_linear(mod: nn.Module) -> bool:
+    """Hugging Face's ``Conv1D`` (GPT-2 and its relatives): a linear layer y = x W + b whose weight is
+    stored as (in, out), recognised by its name and shape without importing transformers."""
+    w = getattr(mod, "weight", None)
+    return (type(mod).__name__ == "Conv1D" and isinstance(w, torch.Tensor) and w.ndim == 2
+            and getattr(mod, "nf", None) == w.shape[1])
+
+
 def _count_calls(objective: Objective, blocks: Sequence[LayerBlock], probe: Data) -> tuple[dict[str, int], dict[str, int]]:
     """Per block, how often its module runs in one forward pass on (at most) two probe points, and the
     leading size of its input there (the number of points, unless the input is shared by the batch)."""
@@ -346,6 +360,10 @@ def _count_calls(objective: Objective, blocks: Sequence[LayerBlock], probe: Data
 
 
 # ── the loss's Hessian in the model output ─────────────────────────────────────────────
+#: the most output-Hessian factors (backward passes per batch) K-FAC computes for one output
+MAX_OUTPUT_FACTORS = 4096
+
+
 def output_hessian_factors(objective: Objective, out: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Vectors cᵢₖ with Σₖ cᵢₖcᵢₖᵀ = ∇²_z L(zᵢ, yᵢ) (clamped to PSD), shape (K, b, *out.shape[1:]).
 
@@ -368,6 +386,14 @@ def output_hessian_factors(objective: Objective, out: torch.Tensor, y: torch.Ten
         C = torch.eye(c, dtype=z.dtype)[:, None, :].expand(c, b, c)
         return C.reshape(c, *out.shape).clone(), 0
     shape = out.shape[1:]
+    if isinstance(objective.loss_fn, TokenCrossEntropy) or c > MAX_OUTPUT_FACTORS:
+        raise UnsupportedModelError(
+            f"K-FAC/EK-FAC take the exact Gauss–Newton factors of the loss in the model output, one backward pass per "
+            f"factor: {c} of them for outputs of shape {tuple(shape)} per point"
+            + (" (a per-token loss: sequence length × vocabulary)" if isinstance(objective.loss_fn, TokenCrossEntropy) else "")
+            + f", above {MAX_OUTPUT_FACTORS}. Use CG with Influence(..., curvature='gauss-newton') — the same matrix, "
+            "exactly, without factors — or restrict θ (Objective(params=...)) and use Direct/CG."
+        )
 
     def one(zi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
         return objective.loss_fn(zi.reshape(1, *shape), yi.unsqueeze(0))[0]

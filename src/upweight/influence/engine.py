@@ -79,6 +79,12 @@ class Influence:
         solver: inverse-HVP solver (``Direct()``, ``CG()``, ``CG(preconditioner=KFAC())``, ``LiSSA()``,
             ``Arnoldi(rank)``, ``KFAC()``, ``EKFAC()``, ``Nystrom(rank)``, ``DataInf()``, ``Auto()``); default ``CG()``.
         damping: δ ≥ 0 added to H (Koh & Liang 2017, §4.2); needed when H is not positive definite.
+        curvature: "hessian" (default; the paper's H = ∇²R(θ̂)) or "gauss-newton": H replaced by the
+            generalised Gauss–Newton matrix G = (1/n) Σᵢ Jᵢᵀ∇²_zL(zᵢ)Jᵢ + l2·I (``core.curvature``),
+            positive semi-definite for losses convex in the model output, so whole-network influence
+            of a non-convex net is well posed; equal to H where the output is linear in θ. Its
+            products need no second derivative of the model. K-FAC/EK-FAC approximate G either way.
+            Recorded in provenance (``curvature``) and store fingerprints.
         batch_size: points per vectorised chunk for HVPs and per-sample gradients (gradient chunks are
             further capped so one holds at most ``core.batching.TENSOR_BYTES`` = 16 MiB, K-FAC's captured
             layer blocks likewise, generic HVP batches so that their autograd graph stays within
@@ -147,6 +153,7 @@ class Influence:
         progress: bool = True,
         structured: bool | Literal["auto"] = "auto",
         query_rank: int | None = None,
+        curvature: Literal["hessian", "gauss-newton"] = "hessian",
     ) -> None:
         self.objective = objective
         self.solver = solver if solver is not None else CG()
@@ -158,6 +165,7 @@ class Influence:
         self.progress = progress
         self.structured = structured
         self.query_rank = query_rank
+        self.curvature = curvature
         self.data_: Data | None = None
         self._shared: dict[tuple[int, str], tuple[Executor, Any]] = {}
 
@@ -188,6 +196,7 @@ class Influence:
             raise InputError(f"The 'structured' parameter of Influence must be 'auto', True or False. Got {self.structured!r}.")
         if self.query_rank is not None:
             check_interval("Influence", "query_rank", self.query_rank, 1, None, closed="left", integer=True)
+        check_choice("Influence", "curvature", self.curvature, ("hessian", "gauss-newton"))
         if executor is not None:
             executor = resolve(executor)
 
@@ -214,11 +223,8 @@ class Influence:
             )
         self._scoring_plan, self.scoring_, self.scoring_reason_ = self._resolve_scoring(data)
         self._query_rank = self._check_query_rank()
-        if self.structured is False:
-            self.curvature_ = Curvature(self.objective, data, damping=self.damping, batch_size=self.batch_size, executor=executor,
-                                        structured=False)
-        else:
-            self.curvature_ = Curvature(self.objective, data, damping=self.damping, batch_size=self.batch_size, executor=executor)
+        self.curvature_ = Curvature(self.objective, data, damping=self.damping, batch_size=self.batch_size, executor=executor,
+                                    structured=False if self.structured is False else "auto", kind=self.curvature)
         with progress_enabled(self.progress):
             self.state_ = self.solver.prepare(self.curvature_)
         self.executor_ = executor
@@ -385,6 +391,8 @@ class Influence:
         curv = self.curvature_
         if curv.uses_structured:
             fp["hvp"] = "structured"  # s_test equal to the generic one up to rounding, so kept apart
+        if curv.kind != "hessian":
+            fp["curvature"] = curv.kind
         return fp
 
     def _bind_store(self, st: Store | None, quantity: str, positions: np.ndarray, test: Data | None = None) -> None:
@@ -552,6 +560,7 @@ class Influence:
         prov: dict[str, Any] = {
             "solver": self.solver.config(),
             "damping": self.damping,
+            "curvature": self.curvature_.describes,
             "l2": self.objective.l2,
             "p": self.objective.p,
             "dtype": str(self.objective.dtype),

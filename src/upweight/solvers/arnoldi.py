@@ -23,7 +23,7 @@ import torch
 from .._checks import check_choice, check_finite, check_interval
 from ..core.curvature import Curvature
 from ..errors import IndefiniteCurvatureWarning, NotPositiveDefiniteError
-from .base import InverseHVPSolver, Solution, non_numerical, relative_residual
+from .base import InverseHVPSolver, Solution, gauss_newton_hint, non_numerical, relative_residual
 from .direct import suggest_damping
 from .krylov import krylov_decomposition
 
@@ -220,7 +220,8 @@ class Arnoldi(InverseHVPSolver):
         raise NotPositiveDefiniteError(
             f"The Hessian (damping={curv.damping:g}) is not positive definite {where} "
             f"(Ritz values from {ritz_min:.3e} to {ritz_max:.3e}). Arnoldi(on_indefinite='warn') accepts it. "
-            f"Pass damping ≥ {fix:.2g} (e.g. Influence(..., damping={fix:.2g})), or train the model closer to a minimum.",
+            f"Pass damping ≥ {fix:.2g} (e.g. Influence(..., damping={fix:.2g})), or train the model closer to a minimum."
+            + gauss_newton_hint(curv),
             min_eigenvalue=lmin,
             suggested_damping=fix,
         )

@@ -231,6 +231,5 @@ class Auto(InverseHVPSolver):
 
 
 def _with_damping(curvature: Curvature, damping: float) -> Curvature:
-    return Curvature(curvature.objective, curvature.data, damping=damping, batch_size=curvature.batch_size, dtype=curvature.dtype,
-                     executor=curvature.executor, structured=curvature.structured)
+    return curvature.replace(damping=damping)
 

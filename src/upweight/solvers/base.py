@@ -99,6 +99,15 @@ def non_numerical(default: Any) -> Any:
     return field(default=default, compare=False, metadata={"non_numerical": True})
 
 
+def gauss_newton_hint(curvature: Any = None) -> str:
+    """The sentence a not-positive-definite error adds for the exact Hessian: the Gauss–Newton
+    curvature is positive semi-definite by construction (``core.curvature``)."""
+    if curvature is not None and getattr(curvature, "kind", "hessian") != "hessian":
+        return ""
+    return (" For a non-convex model, Influence(..., curvature='gauss-newton') uses the Gauss–Newton matrix instead, "
+            "positive semi-definite by construction.")
+
+
 def relative_residual(AX: torch.Tensor, X_rhs: torch.Tensor) -> torch.Tensor:
     """‖A xⱼ − vⱼ‖ / ‖vⱼ‖ per row (0 where vⱼ = 0 and A xⱼ = 0)."""
     num = (AX - X_rhs).norm(dim=1)

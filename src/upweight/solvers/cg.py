@@ -12,7 +12,7 @@ import torch
 from .._checks import check_finite, check_interval
 from ..core.curvature import Curvature
 from ..errors import InputError, NotConvergedWarning, NotPositiveDefiniteError, SolverError
-from .base import InverseHVPSolver, Solution, relative_residual
+from .base import InverseHVPSolver, Solution, gauss_newton_hint, relative_residual
 from .direct import suggest_damping
 
 
@@ -296,7 +296,7 @@ class CG(InverseHVPSolver):
         raise NotPositiveDefiniteError(
             f"CG met negative curvature: pᵀ(H + δI)p/‖p‖² = {rayleigh:.3e} along a search direction, so the Hessian "
             f"(damping={curv.damping:g}) is not positive definite (smallest eigenvalue ≈ {lmin:.3e}). Pass damping ≥ "
-            f"{fix:.2g} (e.g. Influence(..., damping={fix:.2g})).{rounding}",
+            f"{fix:.2g} (e.g. Influence(..., damping={fix:.2g})).{rounding}{gauss_newton_hint(curv)}",
             min_eigenvalue=lmin,
             suggested_damping=fix,
         )

@@ -13,7 +13,7 @@ from .._checks import check_interval
 from .._memory import check_memory, format_bytes
 from ..core.curvature import Curvature
 from ..errors import CurvatureTooLargeError, NotPositiveDefiniteError
-from .base import InverseHVPSolver, Solution, relative_residual
+from .base import InverseHVPSolver, Solution, gauss_newton_hint, relative_residual
 
 #: peak bytes per p² entry while Direct forms and factorises a float64 H: the column blocks, their
 #: concatenation, the symmetrised copy (2 temporaries) and then H and its Cholesky factor.
@@ -86,7 +86,7 @@ class Direct(InverseHVPSolver):
             raise NotPositiveDefiniteError(
                 f"The Hessian (damping={curvature.damping:g}) is not positive definite: smallest eigenvalue "
                 f"{lmin:.3e}. Pass damping ≥ {fix:.2g} (e.g. Influence(..., damping={fix:.2g})), or train the "
-                "model closer to a minimum.",
+                "model closer to a minimum." + gauss_newton_hint(curvature),
                 min_eigenvalue=lmin,
                 suggested_damping=fix,
             )
@@ -108,7 +108,4 @@ class Direct(InverseHVPSolver):
 
 
 def _recast(curvature: Curvature, dtype: torch.dtype) -> Curvature:
-    return Curvature(
-        curvature.objective, curvature.data, damping=curvature.damping, batch_size=curvature.batch_size, dtype=dtype,
-        executor=curvature.executor, structured=curvature.structured,
-    )
+    return curvature.replace(dtype=dtype, structured_cache_bytes=2**30)

@@ -23,6 +23,7 @@ import torch
 from .._checks import check_interval
 from ..core.curvature import Curvature
 from ..errors import InputError, NotPositiveDefiniteError
+from .base import gauss_newton_hint
 from .direct import suggest_damping
 from .krylov import krylov_decomposition
 from .lissa import LiSSA, minibatch_lambda_max
@@ -240,7 +241,8 @@ def raise_not_positive_definite(spec: Spectrum, damping: float, why: str = "") -
     raise NotPositiveDefiniteError(
         f"The Hessian (damping={damping:g}) is not positive definite: Lanczos finds an eigenvalue "
         f"≈ {spec.lambda_min:.3e} (λmax ≈ {spec.lambda_max:.3e}). {why + ' ' if why else ''}"
-        f"Pass damping ≥ {fix:.2g} (e.g. Influence(..., damping={fix:.2g})), or train the model closer to a minimum.",
+        f"Pass damping ≥ {fix:.2g} (e.g. Influence(..., damping={fix:.2g})), or train the model closer to a minimum."
+        + gauss_newton_hint(),
         min_eigenvalue=spec.lambda_min,
         suggested_damping=fix,
     )
