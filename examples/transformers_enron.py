@@ -15,18 +15,19 @@ What it does (Koh & Liang 2017, applied to today's black boxes):
    removing each), and checks the predictions against actual retraining: ``uw.leave_one_out`` on
    the top-|I| training e-mails and ``uw.leave_group_out`` on groups of similar e-mails (nearest
    neighbours in the pooled feature space), both with exact float64 refits of θ; it reports
-   Pearson, Spearman and the slope. With ``--pooler`` it also scores θ = pooler + head, which is
-   not convex: CG on the exact Hessian with damping, and EK-FAC (Gauss–Newton), against each other
-   and against the head-only scores.
+   Pearson, Spearman and the slope, to first and to second order. With ``--pooler`` it also scores
+   θ = pooler + head, which is not convex: CG on the Hessian with damping, CG on the Gauss–Newton
+   matrix and EK-FAC, against each other and against the head-only scores.
 3. **Language model.** Trains a 2-layer ``GPT2LMHeadModel`` on the training e-mails and reports
    the train and test loss per token. For a prompt taken from a test e-mail it generates a greedy
    continuation and computes the influence of every training e-mail on −log p(continuation |
    prompt) (the ``causal_lm`` loss with the prompt labelled −100). θ is the last transformer
    block's MLP and the final layer norm; their Hessian is indefinite, so the damping comes from a
-   Lanczos estimate of its smallest eigenvalue, and CG solves with it.
+   Lanczos estimate of its smallest eigenvalue, and CG solves with it. The same θ and damping with
+   the Gauss–Newton matrix (``Influence(curvature="gauss-newton")``) is compared with it.
 4. Writes ``results.json`` (every number, the solvers' provenance and the timings), ``report.md``,
    the scores of every training e-mail (``scores_classifier.npz``, ``scores_lm.npz``,
-   ``uw.InfluenceScores.load``) and both models' weights (``classifier.pt``, ``lm.pt``; their
+   ``scores_lm_gauss_newton.npz``; ``uw.InfluenceScores.load``) and both models' weights (``classifier.pt``, ``lm.pt``; their
    configs are in ``results.json``) into ``--out``.
 
 Run it from the repository root (the command, run time and numbers of a full run are in
@@ -501,32 +502,40 @@ def pooler_influence(model, args, sz: Sizes, train_data, test_point, head_scores
     out.update(spectrum=spec.as_stats(""), damping=damping)
     ref = head_scores.values[0]
     got = {}
-    for name, solver in (("cg", uw.CG(rtol=1e-4)), ("ekfac", uw.EKFAC())):
+    for name, solver, curvature in (("cg", uw.CG(rtol=1e-4), "hessian"), ("gn_cg", uw.CG(rtol=1e-4), "gauss-newton"),
+                                    ("ekfac", uw.EKFAC(), "gauss-newton")):
         with timer(f"classifier_pooler_{name}"):
-            inf, scores, damping, tries = fit_damped(obj, data, test_point, solver, damping, quiet, "[classifier]")
+            inf, scores, damping, tries = fit_damped(obj, data, test_point, solver, damping, quiet, "[classifier]",
+                                                     curvature)
         got[name] = scores.values[0]
         out[name] = {"provenance": dict(scores.provenance), "damping_tries": tries, **compare_scores(got[name], ref, "head_only")}
     out["damping"] = damping
     out["grad_norm"] = inf.grad_norm_
-    out["ekfac_vs_cg"] = compare_scores(got["ekfac"], got["cg"], "cg")
+    out["ekfac_vs_cg"] = compare_scores(got["ekfac"], got["cg"], "cg")  # Kronecker factors + Gauss–Newton vs exact H
+    out["ekfac_vs_gn_cg"] = compare_scores(got["ekfac"], got["gn_cg"], "gn_cg")  # the Kronecker factors alone
+    out["gn_cg_vs_cg"] = compare_scores(got["gn_cg"], got["cg"], "cg")  # Gauss–Newton vs Hessian, both exact
     print(f"[classifier] θ = pooler + head (p = {obj.p}, damping {damping:g} from Lanczos λmin ≈ {spec.lambda_min:.2g}): "
-          f"CG vs head-only Pearson {out['cg']['pearson_vs_head_only']:.3f}, top-10 overlap "
-          f"{out['cg']['top10_overlap_vs_head_only']:.1f}; EK-FAC vs CG Pearson {out['ekfac_vs_cg']['pearson_vs_cg']:.4f}, "
-          f"Spearman {out['ekfac_vs_cg']['spearman_vs_cg']:.3f}, top-10 overlap {out['ekfac_vs_cg']['top10_overlap_vs_cg']:.1f}")
+          f"Hessian-CG vs head-only Pearson {out['cg']['pearson_vs_head_only']:.3f}, top-10 overlap "
+          f"{out['cg']['top10_overlap_vs_head_only']:.1f}; Gauss–Newton-CG vs Hessian-CG Pearson "
+          f"{out['gn_cg_vs_cg']['pearson_vs_cg']:.4f}, top-10 overlap {out['gn_cg_vs_cg']['top10_overlap_vs_cg']:.1f}; "
+          f"EK-FAC vs Gauss–Newton-CG Pearson {out['ekfac_vs_gn_cg']['pearson_vs_gn_cg']:.4f}, Spearman "
+          f"{out['ekfac_vs_gn_cg']['spearman_vs_gn_cg']:.3f}, top-10 overlap {out['ekfac_vs_gn_cg']['top10_overlap_vs_gn_cg']:.1f}")
     return out
 
 
 def fit_damped(obj: uw.Objective, data: uw.Data, test_point: Any, solver: Any, damping: float, quiet: bool,
-               tag: str) -> tuple[uw.Influence, uw.InfluenceScores, float, list[dict[str, Any]]]:
-    """``Influence(obj, solver, damping).fit(data).up_loss(test_point)``; where the solver still meets negative
-    curvature (the Lanczos estimate of λmin was too optimistic) again with the damping the error names."""
+               tag: str, curvature: str = "hessian") -> tuple[uw.Influence, uw.InfluenceScores, float, list[dict[str, Any]]]:
+    """``Influence(obj, solver, damping, curvature).fit(data).up_loss(test_point)``; where the solver still
+    meets negative curvature (the Lanczos estimate of λmin was too optimistic) again with the damping the
+    error names."""
     tries: list[dict[str, Any]] = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NotAtMinimumWarning)  # θ̂ is no minimum here; ‖∇R(θ̂)‖ is recorded instead
         for _ in range(3):
             t0 = time.perf_counter()
             try:
-                inf = uw.Influence(obj, solver=solver, damping=damping, progress=not quiet, grad_tol=1e9).fit(data)
+                inf = uw.Influence(obj, solver=solver, damping=damping, progress=not quiet, grad_tol=1e9,
+                                   curvature=curvature).fit(data)
                 scores = inf.up_loss(test_point)
                 tries.append({"damping": damping, "outcome": "ok", "seconds": round(time.perf_counter() - t0, 2)})
                 return inf, scores, damping, tries
@@ -635,15 +644,24 @@ def run_lm(args, sz: Sizes, train: list[Email], test: list[Email], timer: Timer,
         inf, scores, damping, tries = fit_damped(obj, train_data, test_point, uw.CG(rtol=1e-3, maxiter=300), damping,
                                                  quiet, "[lm]")
     scores.save(args.out / "scores_lm.npz")
+    # the same θ and damping with the Gauss–Newton matrix (positive semi-definite) in place of the Hessian
+    with timer("lm_influence_gauss_newton"):
+        _, gn_scores, gn_damping, gn_tries = fit_damped(obj, train_data, test_point, uw.CG(rtol=1e-3, maxiter=300),
+                                                        damping, quiet, "[lm]", "gauss-newton")
+    gn_scores.save(args.out / "scores_lm_gauss_newton.npz")
+    gn = {"damping": gn_damping, "damping_tries": gn_tries, "provenance": dict(gn_scores.provenance),
+          "top": ranked(gn_scores, train, args.top), **compare_scores(gn_scores.values[0], scores.values[0], "hessian")}
     rows = ranked(scores, train, args.top)
     print_ranked(f"θ = last MLP + ln_f, CG, damping {damping:g}", rows)
 
-    # how often the first generated bigram occurs in the most helpful e-mails, against all e-mails
-    bigram = (vocab.itos[int(prompt[-1])], vocab.itos[int(cont[0])])
-    has = np.array([_has_bigram(ids[i], mask[i], prompt[-1], cont[0]) for i in range(len(train))])
+    # how many of the most helpful / harmful e-mails contain a word pair of the generated text (the last prompt
+    # word and the continuation), against all training e-mails
+    gen_ids = [int(prompt[-1])] + cont.tolist()
+    pairs = {(a, b) for a, b in zip(gen_ids[:-1], gen_ids[1:])}
+    has = np.array([_has_pair(ids[i][mask[i].bool()].tolist(), pairs) for i in range(len(train))])
     k = min(20, len(train))
-    helpful = np.argsort(scores.values[0])[:k]
-    harmful = np.argsort(-scores.values[0])[:k]
+    helpful = np.argsort(scores.values[0], kind="stable")[:k]
+    harmful = np.argsort(-scores.values[0], kind="stable")[:k]
     result = {
         "config": cfg.to_dict(), "dtype": str(dtype), "vocab": len(vocab), "vocab_coverage": vocab.coverage,
         "n_train": len(train), "train_loss_per_epoch": history,
@@ -656,18 +674,37 @@ def run_lm(args, sz: Sizes, train: list[Email], test: list[Email], timer: Timer,
                       "up_loss_min": float(scores.values.min()), "up_loss_max": float(scores.values.max()),
                       "all_finite": bool(np.isfinite(scores.values).all())},
         "top": rows,
-        "bigram": {"bigram": " ".join(bigram), f"in_top{k}_helpful": int(has[helpful].sum()),
-                   f"in_top{k}_harmful": int(has[harmful].sum()), "in_all_training": int(has.sum()), "n_train": len(train)},
+        "word_pairs": {"pairs": sorted(f"{vocab.itos[a]} {vocab.itos[b]}" for a, b in pairs), "k": k,
+                       "in_top_helpful": int(has[helpful].sum()), "in_top_harmful": int(has[harmful].sum()),
+                       "in_all_training": int(has.sum()), "n_train": len(train)},
+        "gauss_newton": gn,
         "vocab_itos": vocab.itos,
     }
-    print(f"[lm] the bigram {' '.join(bigram)!r} occurs in {int(has[helpful].sum())} of the top-{k} helpful e-mails, "
-          f"{int(has[harmful].sum())} of the top-{k} harmful, {int(has.sum())} of all {len(train)}")
+    print(f"[lm] {int(has[helpful].sum())} of the top-{k} helpful e-mails contain a word pair of the generated text, "
+          f"{int(has[harmful].sum())} of the top-{k} harmful, {int(has.sum())} of all {len(train)} "
+          f"({100 * has.mean():.1f} %)")
+    print(f"[lm] Gauss–Newton instead of the Hessian (same θ, damping {gn_damping:g}): Pearson "
+          f"{gn['pearson_vs_hessian']:.3f}, Spearman {gn['spearman_vs_hessian']:.3f}, top-10 overlap "
+          f"{gn['top10_overlap_vs_hessian']:.1f}; its most helpful {[r['train_id'] for r in gn['top']['helpful']]}, "
+          f"most harmful {[r['train_id'] for r in gn['top']['harmful']]}")
     return result, lm
 
 
-def _has_bigram(ids: torch.Tensor, mask: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> bool:
-    row = ids[mask.bool()]
-    return bool(((row[:-1] == a) & (row[1:] == b)).any())
+def _has_pair(row: list[int], pairs: set[tuple[int, int]]) -> bool:
+    return any((a, b) in pairs for a, b in zip(row[:-1], row[1:]))
+
+
+def _tables(top: dict[str, list[dict[str, Any]]]) -> list[str]:
+    lines = []
+    for kind in ("helpful", "harmful"):
+        if not top[kind]:
+            lines += [f"No training e-mail is {kind} (I_up,loss {'< 0' if kind == 'helpful' else '> 0'}).", ""]
+            continue
+        lines += [f"| {kind} | label | I_up,loss | removal Δ | text |", "|---:|---|---:|---:|---|"]
+        lines += [f"| {r['train_id']} | {r['label']} | {r['up_loss']:.3e} | {r['removal_effect']:.3e} | "
+                  f"{r['snippet'].replace('|', '/')} |" for r in top[kind]]
+        lines.append("")
+    return lines
 
 
 def write_report(out: Path, res: dict[str, Any]) -> None:
@@ -698,11 +735,18 @@ def write_report(out: Path, res: dict[str, Any]) -> None:
         f"order 2 Pearson {lgo['order2']['pearson']:.4f}, slope {lgo['order2']['slope']:.3f}",
         "",
     ]
-    for kind in ("helpful", "harmful"):
-        lines += [f"| {kind} | label | I_up,loss | removal Δ | text |", "|---:|---|---:|---:|---|"]
-        lines += [f"| {r['train_id']} | {r['label']} | {r['up_loss']:.3e} | {r['removal_effect']:.3e} | "
-                  f"{r['snippet'].replace('|', '/')} |" for r in c["top"][kind]]
-        lines.append("")
+    lines += _tables(c["top"])
+    if "pooler" in c:
+        pool = c["pooler"]
+        lines += [f"θ = pooler + head (p = {pool['p']:,}, not convex; damping {pool['damping']:g} from Lanczos λmin ≈ "
+                  f"{pool['spectrum']['lambda_min']:.2g}): CG vs the head-only scores Pearson "
+                  f"{pool['cg']['pearson_vs_head_only']:.3f}, top-10 overlap {pool['cg']['top10_overlap_vs_head_only']:.1f}; "
+                  f"EK-FAC vs CG Pearson {pool['ekfac_vs_cg']['pearson_vs_cg']:.3f}, Spearman "
+                  f"{pool['ekfac_vs_cg']['spearman_vs_cg']:.3f}, top-10 overlap {pool['ekfac_vs_cg']['top10_overlap_vs_cg']:.1f}; "
+                  f"Gauss–Newton-CG vs Hessian-CG Pearson {pool['gn_cg_vs_cg']['pearson_vs_cg']:.3f}, top-10 overlap "
+                  f"{pool['gn_cg_vs_cg']['top10_overlap_vs_cg']:.1f}; EK-FAC vs Gauss–Newton-CG Pearson "
+                  f"{pool['ekfac_vs_gn_cg']['pearson_vs_gn_cg']:.3f}, top-10 overlap "
+                  f"{pool['ekfac_vs_gn_cg']['top10_overlap_vs_gn_cg']:.1f}.", ""]
     lines += [
         "## Language model (GPT2LMHeadModel)",
         "",
@@ -712,13 +756,15 @@ def write_report(out: Path, res: dict[str, Any]) -> None:
         f"* θ = {lm['theta']} (p = {lm['p']:,}), CG with damping {lm['damping']:g} "
         f"(tries: {', '.join(str(t['damping']) + ' ' + t['outcome'].split(':')[0] for t in lm['damping_tries'])}); "
         f"‖∇R(θ̂)‖ = {lm['grad_norm']:.2e}",
+        f"* the same with the Gauss–Newton matrix: Pearson {lm['gauss_newton']['pearson_vs_hessian']:.3f}, Spearman "
+        f"{lm['gauss_newton']['spearman_vs_hessian']:.3f}, top-10 overlap {lm['gauss_newton']['top10_overlap_vs_hessian']:.1f} "
+        "with the Hessian's scores",
+        f"* {lm['word_pairs']['in_top_helpful']} of the top-{lm['word_pairs']['k']} helpful and "
+        f"{lm['word_pairs']['in_top_harmful']} of the top-{lm['word_pairs']['k']} harmful e-mails contain a word pair of the "
+        f"generated text ({lm['word_pairs']['in_all_training']} of all {lm['word_pairs']['n_train']})",
         "",
     ]
-    for kind in ("helpful", "harmful"):
-        lines += [f"| {kind} | label | I_up,loss | removal Δ | text |", "|---:|---|---:|---:|---|"]
-        lines += [f"| {r['train_id']} | {r['label']} | {r['up_loss']:.3e} | {r['removal_effect']:.3e} | "
-                  f"{r['snippet'].replace('|', '/')} |" for r in lm["top"][kind]]
-        lines.append("")
+    lines += _tables(lm["top"])
     lines += ["## Timings (s)", "", *[f"* {k}: {v:.1f}" for k, v in res["timings"].items()], ""]
     text = "\n".join(lines)
     atomic_write(out / "report.md", lambda fh: fh.write(text.encode()))

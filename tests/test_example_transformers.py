@@ -106,8 +106,9 @@ def test_pooler_and_head_cg_and_ekfac(run):
     assert pool["p"] == res["classifier"]["p"] + res["classifier"]["config"]["hidden_size"] * (res["classifier"]["config"]["hidden_size"] + 1)
     assert pool["damping"] + pool["spectrum"]["lambda_min"] > 0
     assert pool["cg"]["provenance"]["accepted"] and pool["cg"]["provenance"]["damping"] == pool["damping"]
+    assert pool["gn_cg"]["provenance"]["accepted"] and "Gauss–Newton" in pool["gn_cg"]["provenance"]["curvature"]
     assert pool["ekfac"]["provenance"]["solver"]["name"] == "ekfac"
-    assert pool["ekfac_vs_cg"]["pearson_vs_cg"] > 0.5
+    assert pool["ekfac_vs_gn_cg"]["pearson_vs_gn_cg"] > 0.5 and pool["gn_cg_vs_cg"]["pearson_vs_cg"] > 0.5
 
 
 @pytest.mark.parametrize("model", ["classifier", "lm"])
@@ -160,3 +161,10 @@ def test_lm_measure_is_minus_log_probability_of_the_greedy_continuation(run):
         assert int(allowed.argmax()) == t
     assert lm_res["damping"] + lm_res["spectrum"]["lambda_min"] > 0  # H + δI positive on the Lanczos estimate
     assert lm_res["influence"]["all_finite"]
+    gn = lm_res["gauss_newton"]
+    assert "Gauss–Newton" in gn["provenance"]["curvature"] and gn["provenance"]["accepted"]
+    assert "Hessian" in lm_res["influence"]["provenance"]["curvature"]
+    assert gn["pearson_vs_hessian"] > 0.5  # the same θ and damping: the two curvatures rank alike
+    saved = np.load(out / "scores_lm_gauss_newton.npz")["values"][0]
+    assert np.all(np.isfinite(saved)) and [r["train_id"] for r in gn["top"]["helpful"]] == \
+        np.argsort(saved, kind="stable")[: len(gn["top"]["helpful"])].tolist()
