@@ -95,17 +95,17 @@ class Sizes:
     lanczos_k: int  # its steps
     loo_k: int  # leave-one-out retrainings
     groups: int  # leave-group-out retrainings
-    group_size: int  # target e-mails per k-means cluster
+    group_size: int  # e-mails per removed group: a random training e-mail and its nearest neighbours
     prompt_len: int  # prompt tokens ([BOS] + words) for the generation
     gen_len: int  # greedily generated tokens
 
 
-FULL = Sizes(n_train=4137, n_test=1035, vocab=3000, cls_len=96, cls_hidden=64, cls_epochs=4, cls_lr=1e-3, batch=32, lm_n_train=4137,
-             lm_vocab=1500, lm_len=32, lm_hidden=64, lm_epochs=6, lanczos_points=256, lanczos_k=20, loo_k=60, groups=30,
-             group_size=40, prompt_len=10, gen_len=6)
-TINY = Sizes(n_train=240, n_test=120, vocab=600, cls_len=32, cls_hidden=32, cls_epochs=6, cls_lr=3e-3, batch=16, lm_n_train=240, lm_vocab=400,
-             lm_len=24, lm_hidden=32, lm_epochs=2, lanczos_points=64, lanczos_k=10, loo_k=16, groups=8, group_size=12,
-             prompt_len=6, gen_len=4)
+FULL = Sizes(n_train=4137, n_test=1035, vocab=3000, cls_len=96, cls_hidden=64, cls_epochs=4, cls_lr=1e-3, batch=32,
+             lm_n_train=4137, lm_vocab=1500, lm_len=32, lm_hidden=64, lm_epochs=6, lanczos_points=256, lanczos_k=20,
+             loo_k=60, groups=30, group_size=40, prompt_len=10, gen_len=6)
+TINY = Sizes(n_train=240, n_test=120, vocab=600, cls_len=32, cls_hidden=32, cls_epochs=6, cls_lr=3e-3, batch=16,
+             lm_n_train=240, lm_vocab=400, lm_len=24, lm_hidden=32, lm_epochs=2, lanczos_points=64, lanczos_k=10,
+             loo_k=16, groups=8, group_size=12, prompt_len=6, gen_len=4)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -131,7 +131,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="damping δ of the LM's Hessian (default: from a Lanczos estimate of its spectrum, "
                          "max(1.5·|λmin|, 0.01·λmax) rounded)")
     ap.add_argument("--lm-float64", action="store_true", help="the LM's influence in float64 (default float32)")
-    ap.add_argument("--pooler", action="store_true", help="also score θ = pooler + head (CG with damping, and EK-FAC)")
+    ap.add_argument("--pooler", action="store_true", help="also score θ = pooler + head (CG on the damped Hessian and on the Gauss–Newton matrix, and EK-FAC)")
     ap.add_argument("--top", type=int, default=5, help="helpful / harmful training e-mails listed (default: 5)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's; on a busy 2-core machine 1 is fastest)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
