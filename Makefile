@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 VENV_BENCH  := .venv-bench
 BENCH_STAMP := $(VENV_BENCH)/.installed
 
-.PHONY: demo test bench bench-solvers bench-hvp bench-hvp-batch bench-batch-budget bench-embedding bench-floor-bound bench-peers bench-peers-w1 bench-peers-w2 bench-peers-w2-full bench-peers-w3-mlp bench-peers-w3-cnn bench-peers-w3-full lint clean
+.PHONY: demo test example-transformers bench bench-solvers bench-hvp bench-hvp-batch bench-batch-budget bench-embedding bench-floor-bound bench-peers bench-peers-w1 bench-peers-w2 bench-peers-w2-full bench-peers-w3-mlp bench-peers-w3-cnn bench-peers-w3-full lint clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# influence on a small BERT spam filter and a small GPT-2 trained here on the Enron e-mails
+# (docs/transformers.md; about 13 minutes on 2 cores, ENRON=… to point elsewhere, ARGS=--tiny for a quick run)
+ENRON ?= ../shared/data/enron1
+example-transformers: $(STAMP)
+	$(PY) examples/transformers_enron.py --data $(ENRON) --out out/transformers_enron --threads 1 --pooler $(ARGS)
 
 # all benchmark tables go to bench/RESULTS.md, each run replacing only its own section
 bench: bench-solvers bench-hvp bench-hvp-batch bench-batch-budget bench-embedding bench-floor-bound bench-peers

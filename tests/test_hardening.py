@@ -378,3 +378,14 @@ def test_rankings_validate_k_and_the_test_row(tmp_path):
     np.savez(tmp_path / "obj.npz", values=np.array([object()], dtype=object))
     with pytest.raises(uw.errors.InputError, match="not a file written by InfluenceScores.save"):
         uw.InfluenceScores.load(tmp_path / "obj.npz")
+
+
+def test_cgs_negative_curvature_error_is_cheap_and_bounds_lambda_min():
+    """Explaining negative curvature takes a short Lanczos run (at most 20 products), and the λmin it
+    names is a true Rayleigh quotient: at least the exact smallest eigenvalue."""
+    curv = _indefinite_curvature((10.0, 5.0, 2.0, -5.0))  # eigenvalues 2.5, 1.25, 0.5, −1.25
+    before = curv.n_matvecs
+    with pytest.raises(NotPositiveDefiniteError, match="curvature='gauss-newton'") as err:
+        uw.CG(rtol=1e-10).solve(curv, torch.ones(1, 4, dtype=torch.float64))
+    assert curv.n_matvecs - before <= 4 + 20
+    assert -1.25 - 1e-9 <= err.value.min_eigenvalue < 0

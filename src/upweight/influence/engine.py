@@ -94,7 +94,7 @@ class Influence:
             low-rank projection's residual is the dropped fraction of v; KFAC/EKFAC, Nystrom, DataInf 10 —
             approximations of other matrices); ``None`` accepts any.
         on_inaccurate: "raise" an ``InaccurateSolveError`` (default) or "warn" and record it.
-        grad_tol: ‖∇R(θ̂)‖ above which ``fit`` warns that θ̂ is not a minimum.
+        grad_tol: ‖∇R(θ̂)‖ above which ``fit`` warns that θ̂ is not a minimum (``math.inf``: never).
         progress: show progress bars on long sweeps.
         structured: how ``up_loss`` scores the training points and how H is multiplied.
             "auto" (default): structured scoring (each ``nn.Linear`` / ``nn.Conv2d`` layer's
@@ -188,7 +188,8 @@ class Influence:
             raise InputError(f"solver must be an upweight solver (Auto, Direct, CG, LiSSA, Arnoldi, KFAC, EKFAC, Nystrom, DataInf); got {type(self.solver).__name__}.")
         check_interval("Influence", "damping", self.damping, 0.0, None, closed="left")
         check_interval("Influence", "batch_size", self.batch_size, 1, None, closed="left", integer=True)
-        check_interval("Influence", "grad_tol", self.grad_tol, 0.0, None)
+        if self.grad_tol != math.inf:  # inf: never warn
+            check_interval("Influence", "grad_tol", self.grad_tol, 0.0, None)
         if self.max_residual not in (None, "auto"):
             check_interval("Influence", "max_residual", self.max_residual, 0.0, None)
         check_choice("Influence", "on_inaccurate", self.on_inaccurate, ("raise", "warn"))
