@@ -408,16 +408,38 @@ def ggn_sum(obj: Objective, params: Params, V: torch.Tensor, batch: Data, *,
         gz = torch.autograd.grad(obj.loss_fn(zl, batch.y.to(zl.device)).sum(), zl, create_graph=True)[0]
         if not gz.requires_grad:  # the loss is linear in z: no Gauss–Newton term
             return out
+
+        def jvp(t: Params) -> torch.Tensor:
+            return torch.func.jvp(f, (params,), (t,))[1]
+
+        tangents = obj.space.unflatten(V)
+        try:
+            if getattr(obj, "_tangent_vmap_refused", False):
+                raise _LoopInstead
+            # all k tangents in one batched pass (the inputs are not batched, so a model whose
+            # attention masks defeat vmap over points still runs here), then all k VJPs at once
+            Jv = torch.func.vmap(jvp)(tangents)
+            HJv = torch.stack([torch.autograd.grad(gz, zl, Jv[j], retain_graph=True)[0] for j in range(len(V))])
+            g = torch.func.vmap(lambda u: pull(u)[0])(HJv)
+            out.add_(obj.space.flatten(g, batch_dims=1))
+            return out
+        except (_LoopInstead, RuntimeError) as exc:
+            if isinstance(exc, RuntimeError):
+                if "vmap" not in str(exc) and "Batching rule" not in str(exc):
+                    raise _no_forward_derivative(exc) from exc
+                obj._tangent_vmap_refused = True  # type: ignore[attr-defined]
         for j in range(len(V)):
             try:
-                _, Jv = torch.func.jvp(f, (params,), (obj.space.unflatten(V[j]),))
+                Jv_j = jvp(obj.space.unflatten(V[j]))
             except RuntimeError as exc:
                 raise _no_forward_derivative(exc) from exc
-            HJv = torch.autograd.grad(gz, zl, Jv, retain_graph=True)[0]
-            (g,) = pull(HJv)
-            for part, name in zip(out[j].split(obj.space.sizes), obj.space.names):
-                part.add_(g[name].reshape(-1))
+            (gj,) = pull(torch.autograd.grad(gz, zl, Jv_j, retain_graph=True)[0])
+            out[j].add_(obj.space.flatten(gj))
     return out
+
+
+class _LoopInstead(Exception):
+    """Internal: this model's tangents are pushed one at a time (vmap over them failed once)."""
 
 
 def batch_product(kind: CurvatureKind) -> Any:
