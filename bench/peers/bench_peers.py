@@ -1059,7 +1059,7 @@ def machine_info(args: argparse.Namespace) -> dict[str, str]:
         "limits per method": f"timeout {args.timeout:g} s, address space {args.mem_limit_gb:g} GiB (RLIMIT_AS)",
         "Python": platform.python_version(),
         "libraries": ", ".join(f"{d} {_version(d)}" for d in ("torch", "upweight", "pydvl", "captum", "kronfluence",
-                                                               "dattri", "numpy", "scipy")),
+                                                               "dattri", "transformers", "numpy", "scipy")),
         "upweight git": commit,
         "load average at start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
