@@ -1237,8 +1237,8 @@ def w5_target(d: dict) -> str:
     return (head + f"upweight {uw['name']} ({uw['settings']}) vs kronfluence {kron['name']}: accuracy "
             f"{'met' if acc else 'NOT met'} (Spearman mean {uw['spearman']:.4f} vs {kron['spearman']:.4f}, min "
             f"{uw['spearman_min']:.4f} vs {kron['spearman_min']:.4f}); speed ≥ 3× {'met' if speed >= 3 else 'NOT met'} "
-            f"({uw['time_s']:.2f} s vs {kron['time_s']:.2f} s: upweight {speed:.2f}× "
-            f"{'faster' if speed >= 1 else 'as fast'}); peak memory {'met' if mem else 'NOT met'} "
+            f"({uw['time_s']:.2f} s vs {kron['time_s']:.2f} s: upweight "
+            f"{f'{speed:.1f}× faster' if speed >= 1 else f'{1 / speed:.1f}× slower'}); peak memory {'met' if mem else 'NOT met'} "
             f"({uw['peak_mb']:.0f} MB vs {kron['peak_mb']:.0f} MB; Δ over the loaded process {uw['delta_mb']:+.0f} vs "
             f"{kron['delta_mb']:+.0f} MB).")
 
