@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 VENV_BENCH  := .venv-bench
 BENCH_STAMP := $(VENV_BENCH)/.installed
 
-.PHONY: demo test example-transformers bench bench-solvers bench-hvp bench-hvp-batch bench-batch-budget bench-embedding bench-floor-bound bench-peers bench-peers-w1 bench-peers-w2 bench-peers-w2-full bench-peers-w3-mlp bench-peers-w3-cnn bench-peers-w3-full lint clean
+.PHONY: demo test example-transformers bench bench-solvers bench-hvp bench-hvp-batch bench-batch-budget bench-embedding bench-floor-bound bench-peers bench-peers-w1 bench-peers-w2 bench-peers-w2-full bench-peers-w3-mlp bench-peers-w3-cnn bench-peers-w3-full bench-peers-w5 bench-peers-w5-k100 lint clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -55,7 +55,7 @@ $(BENCH_STAMP): bench/peers/requirements.txt bench/peers/constraints.txt pyproje
 
 PEERS := $(VENV_BENCH)/bin/python bench/peers/bench_peers.py --out bench/RESULTS.md
 
-bench-peers: bench-peers-w1 bench-peers-w2 bench-peers-w2-full bench-peers-w3-mlp bench-peers-w3-cnn
+bench-peers: bench-peers-w1 bench-peers-w2 bench-peers-w2-full bench-peers-w3-mlp bench-peers-w3-cnn bench-peers-w5
 
 bench-peers-w1: $(BENCH_STAMP)
 	$(PEERS) --workloads W1 --n-test 100 --timeout 120
@@ -88,6 +88,18 @@ bench-peers-w3-full: $(BENCH_STAMP)
 	  --methods uw-cg-1e-3,uw-bcg-1e-3,uw-pcg-nystrom-1e-3,uw-pbcg-nystrom-1e-3,uw-kfac,pydvl-cg-block,pydvl-ekfac,kron-kfac,dattri-cg-10
 	$(PEERS) --workloads W3-cnn:1000 $(W3_FULL) --damping 0.01 --ref-precond-rank 100 \
 	  --methods uw-bcg-1e-3,uw-pbcg-nystrom-1e-3,uw-kfac,uw-ekfac,pydvl-cg-block,kron-kfac,kron-ekfac,dattri-cg-10
+
+# W5: a 2-layer BERT-style classifier on Enron spam/ham (n = 1,000, every parameter, Gauss–Newton curvature,
+# δ = 0.01): upweight's K-FAC/EK-FAC/GGN block CG against kronfluence's K-FAC/EK-FAC. Set-up on one thread
+# (the machine is shared), kept in bench/.cache: training 2 s, float64 GGN block-CG reference 17 iterations
+# in 374 s at K = 10 (≈ 22 s an iteration, one GGN product per right-hand side); then ≈ 5 min of methods.
+# K = 100 (not in `make bench`): ten times the products per reference iteration, ≈ 1 h of set-up (estimated).
+W5 := --workloads W5 --timeout 900 --setup-threads 1 --cache bench/.cache
+bench-peers-w5: $(BENCH_STAMP)
+	$(PEERS) $(W5) --n-test 10
+
+bench-peers-w5-k100: $(BENCH_STAMP)
+	$(PEERS) $(W5) --n-test 100
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests bench

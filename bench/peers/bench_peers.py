@@ -9,12 +9,18 @@ all parameters (float32 models):
 * W2 — the same on real MNIST, Koh & Liang's split (train = official train rows 5,000..), cut to
   its first ``--n-train`` rows (p = 7,850); ``W2:2000`` sets n for that workload alone;
 * W3-mlp — an MLP 784-1024-256-10 (tanh, p = 1,068,810) on MNIST, n = 5,000 by default;
-* W3-cnn — a small CNN (2 × Conv2d + average pooling, 2 × Linear, tanh, p = 46,730), n = 10,000.
+* W3-cnn — a small CNN (2 × Conv2d + average pooling, 2 × Linear, tanh, p = 46,730), n = 10,000;
+* W5 — a small BERT-style classifier (``transformers.BertForSequenceClassification`` from a config: 2 layers,
+  hidden 64, 2 heads, eager attention, word-level vocabulary of the training split) on spam/ham e-mails of
+  Enron-Spam ``enron1``, n = 1,000 by default (``W5:<n>``); θ = every parameter; no L2 and a damping δ,
+  with the **Gauss–Newton** matrix G + δI as the curvature of every method and of the reference.
 
 W1/W2: θ̂ by ``upweight.refit`` (float64 L-BFGS) cast to float32; the **reference** is closed-form
 float64 linear algebra, independent of every library: ∇L(z) = (p − e_y) ⊗ x̃ and
 H = (1/n) Σᵢ (diag pᵢ − pᵢpᵢᵀ) ⊗ x̃ᵢx̃ᵢᵀ + λI (x̃ = [x, 1]), formed densely and solved by
 Cholesky; cross-checked against upweight's float64 Direct (p ≤ 2,000) or CG (rtol 1e-10).
+W5: θ̂ by a few epochs of AdamW (not timed; not a minimum — influence is taken with the damped GGN, as
+kronfluence does); the **reference** is upweight's float64 CG on the damped GGN of the float64 copy.
 W3: θ̂ by Adam then full-batch L-BFGS in float32 (not timed); a Lanczos run checks that H + λI is
 positive definite at θ̂ (else a damping δ is added for every method and the reference); the
 **reference** is long-run plain CG in float64 on the float64 copy of θ̂ (rtol 1e-10 or
@@ -70,7 +76,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path.insert(0, str(HERE))
-from methods import Method, Problem, all_methods, build_model  # noqa: E402
+from methods import NO_TRANSFORMER, Method, Problem, all_methods, build_model  # noqa: E402
 
 sys.path.insert(0, str(REPO / "bench"))
 from _sections import embed_json, read_sections, replace_section, section_json  # noqa: E402
@@ -96,6 +102,12 @@ def set_threads(n: int) -> None:
 # ── workloads ────────────────────────────────────────────────────────────────────────────
 #: default n_train of the W3 workloads (overridden by W3-mlp:<n> / W3-cnn:<n>)
 W3_DEFAULT_N = {"mlp": 5000, "cnn": 10000}
+#: W5: default n_train, tokens per sequence ([CLS] + words, truncated, padded), vocabulary cap, damping δ
+W5_DEFAULT_N, W5_TOKENS, W5_VOCAB, W5_DAMPING = 1000, 32, 3000, 1e-2
+#: W5's model: BertConfig fields (vocab_size is the vocabulary built from the training split)
+W5_CONFIG = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 128,
+             "max_position_embeddings": W5_TOKENS, "num_labels": 2, "hidden_dropout_prob": 0.0,
+             "attention_probs_dropout_prob": 0.0, "pad_token_id": 0}
 
 
 @dataclass
@@ -112,6 +124,10 @@ class Workload:
     Xte_all: np.ndarray | None = None  # W3: the whole official test set, for the accuracy
     yte_all: np.ndarray | None = None
     data_key: str = ""  # the key without K: data set and n ("W3-mlp:1000")
+    mask: np.ndarray | None = None  # W5: attention masks of X and Xt (X, Xt are token ids, int64)
+    mask_t: np.ndarray | None = None
+    config: str = ""  # W5: the BertConfig as JSON
+    mask_te_all: np.ndarray | None = None  # W5: attention masks of Xte_all
 
     def __post_init__(self) -> None:
         """Queries of another K on the same data get their own section: ":K<k>" in the key and the title."""
@@ -128,10 +144,57 @@ def _mnist(args: argparse.Namespace) -> tuple[Path, np.ndarray, np.ndarray, np.n
         return path, f["x_train"], f["y_train"], f["x_test"], f["y_test"]
 
 
+def _enron(args: argparse.Namespace, n: int, k: int) -> Workload:
+    """W5: enron1's 5,172 messages (1 = spam) shuffled with seed 0; train = the first n, test = the first K of
+    the last 1,000 (the same test points for every n ≤ 4,172). Words = the lower-cased text split on white
+    space (the corpus has punctuation separated already); a sequence = [CLS] + its first T − 1 words, padded;
+    vocabulary = the words occurring ≥ 2 times in the training sequences, the most frequent 3,000 − 3
+    (0 = [PAD], 1 = [UNK], 2 = [CLS])."""
+    import collections
+    import csv
+    import gzip
+
+    path = Path(args.enron)
+    path = (path if path.is_absolute() else (REPO / path)).resolve()
+    with gzip.open(path, "rt", encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not 1 <= n <= len(rows) - 1000:
+        raise SystemExit(f"W5:{n}: n_train must be in 1..{len(rows) - 1000}")
+    perm = np.random.default_rng(0).permutation(len(rows))
+    words = [r["text"].lower().split()[:W5_TOKENS - 1] for r in rows]
+    labels = np.array([int(r["label"]) for r in rows], np.int64)
+    train, test = perm[:n], perm[len(rows) - 1000:][:k]
+    counts = collections.Counter(w for i in train for w in words[i])
+    vocab = {w: j + 3 for j, (w, c) in enumerate(counts.most_common(W5_VOCAB - 3)) if c >= 2}
+
+    def encode(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        ids, mask = np.zeros((len(idx), W5_TOKENS), np.int64), np.zeros((len(idx), W5_TOKENS), np.int64)
+        for r, i in enumerate(idx):
+            seq = [2] + [vocab.get(w, 1) for w in words[i]]
+            ids[r, :len(seq)], mask[r, :len(seq)] = seq, 1
+        return ids, mask
+
+    X, M = encode(train)
+    Xt, Mt = encode(test)
+    config = json.dumps({**W5_CONFIG, "vocab_size": len(vocab) + 3}, sort_keys=True)
+    wl = Workload(f"W5:{n}", f"W5 — Enron spam/ham, BERT-style classifier (2 layers, hidden 64), n = {n:,}",
+                  f"{path} (Enron-Spam enron1, 1 = spam); shuffled with seed 0, train = first {n:,}, test = first K of "
+                  f"the last 1,000; [CLS] + the first {W5_TOKENS - 1} words, word-level vocabulary of {len(vocab) + 3:,} "
+                  f"(words ≥ 2× in the training sequences, [PAD] [UNK] [CLS]); {100 * float((X == 1).sum() / M.sum()):.1f} % "
+                  f"of the training tokens [UNK], {float(M.sum(1).mean()):.1f} tokens a sequence on average, "
+                  f"{100 * float(labels[train].mean()):.0f} % spam",
+                  X, labels[train], Xt, labels[test], "bert", mask=M, mask_t=Mt, config=config)
+    wl.Xte_all, wl.mask_te_all = encode(perm[len(rows) - 1000:])
+    wl.yte_all = labels[perm[len(rows) - 1000:]]
+    return wl
+
+
 def load_workload(spec: str, args: argparse.Namespace) -> Workload:
     name, _, n_txt = spec.partition(":")
-    name = {"digits": "W1", "mnist": "W2", "mlp": "W3-MLP", "cnn": "W3-CNN"}.get(name.lower(), name.upper())
+    name = {"digits": "W1", "mnist": "W2", "mlp": "W3-MLP", "cnn": "W3-CNN", "enron": "W5"}.get(name.lower(), name.upper())
     k = args.n_test
+    if name == "W5":
+        return _enron(args, int(n_txt) if n_txt else W5_DEFAULT_N, k)
     if name == "W1":
         from sklearn.datasets import load_digits
 
@@ -156,7 +219,7 @@ def load_workload(spec: str, args: argparse.Namespace) -> Workload:
         if arch != "linear":
             wl.Xte_all, wl.yte_all = xte.reshape(-1, 784).astype(np.float64) / 255.0, yte.astype(np.int64)
         return wl
-    raise SystemExit(f"unknown workload {spec!r}: use W1, W2[:n], W3-mlp[:n] or W3-cnn[:n]")
+    raise SystemExit(f"unknown workload {spec!r}: use W1, W2[:n], W3-mlp[:n], W3-cnn[:n] or W5[:n]")
 
 
 # ── training and the closed-form reference ───────────────────────────────────────────────
@@ -378,6 +441,77 @@ def train_network(wl: Workload, args: argparse.Namespace) -> dict[str, torch.Ten
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+def _bert_inputs(ids: np.ndarray, mask: np.ndarray) -> dict[str, torch.Tensor]:
+    return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
+
+
+def train_transformer(wl: Workload, args: argparse.Namespace) -> dict[str, torch.Tensor]:
+    """W5's θ̂ in float32: AdamW (no weight decay) for ``--w5-epochs`` epochs, batch 32. Not timed; not a
+    minimum of the training risk (influence here is taken with the damped Gauss–Newton matrix)."""
+    torch.manual_seed(0)
+    model = build_model("bert", config=wl.config)
+    X, y = _bert_inputs(wl.X, wl.mask), torch.from_numpy(wl.y)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.w5_lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(0)
+    t0 = time.perf_counter()
+    model.train()
+    for _ in range(args.w5_epochs):
+        for idx in torch.randperm(len(y), generator=gen).split(32):
+            opt.zero_grad()
+            out = model(input_ids=X["input_ids"][idx], attention_mask=X["attention_mask"][idx])
+            torch.nn.functional.cross_entropy(out.logits, y[idx]).backward()
+            opt.step()
+    model.eval()
+    secs = time.perf_counter() - t0
+    assert wl.Xte_all is not None and wl.mask_te_all is not None and wl.yte_all is not None
+    with torch.no_grad():
+        logits = model(**X).logits
+        loss = float(torch.nn.functional.cross_entropy(logits, y))
+        acc_tr = float((logits.argmax(1) == y).double().mean())
+        acc_te = float((model(**_bert_inputs(wl.Xte_all, wl.mask_te_all)).logits.argmax(1)
+                        == torch.from_numpy(wl.yte_all)).double().mean())
+    p = sum(t.numel() for t in model.parameters())
+    wl.info["training (not counted)"] = (
+        f"float32, seed 0: AdamW (lr {args.w5_lr:g}, no weight decay, batch 32) {args.w5_epochs} epochs, {secs:.0f} s; "
+        f"training loss {loss:.4f}, accuracy train {acc_tr:.4f} / held-out test {acc_te:.4f} (1,000 messages); p = {p:,}")
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def transformer_reference(wl: Workload, sd: dict[str, torch.Tensor], args: argparse.Namespace) -> tuple[np.ndarray, float]:
+    """W5's reference I_up,loss (K, n) = −∇L_testᵀ(G + δI)⁻¹∇L(zᵢ) with G the Gauss–Newton matrix (the
+    curvature every W5 method approximates): upweight's CG on the float64 copy of θ̂, tight rtol."""
+    import upweight as uw
+
+    damping = W5_DAMPING if args.damping is None else args.damping
+    model = build_model("bert", config=wl.config).double()
+    model.load_state_dict({k: (v.double() if v.is_floating_point() else v) for k, v in sd.items()})
+    model.eval()
+    train = (_bert_inputs(wl.X, wl.mask), torch.from_numpy(wl.y))
+    test = (_bert_inputs(wl.Xt, wl.mask_t), torch.from_numpy(wl.yt))
+    obj = uw.Objective(model, "cross_entropy", l2=0.0)
+    t0 = time.perf_counter()
+    inf = uw.Influence(obj, solver=uw.CG(rtol=args.w5_ref_rtol, maxiter=args.ref_maxiter), curvature="gauss-newton",
+                       damping=damping, grad_tol=1e9, progress=False, on_inaccurate="warn")
+    inf.fit(train)
+    scores = inf.up_loss(test)
+    t_ref = time.perf_counter() - t0
+    prov = scores.provenance
+    wl.info["training (not counted)"] += f"; ‖∇R(θ̂)‖₂ = {inf.grad_norm_:.1e} (float64)"
+    wl.info["curvature"] = (
+        f"the generalised Gauss–Newton matrix G = (1/n) Σᵢ Jᵢᵀ∇²_zL Jᵢ (PSD) + damping δ = {damping:g}, no L2 — for every "
+        "method and the reference (upweight: `Influence(curvature='gauss-newton', damping=δ)`; kronfluence: "
+        "`damping_factor=δ`, its K-FAC/EK-FAC approximate the same G (true Fisher, labels sampled from the model))")
+    wl.info["reference"] = (
+        f"upweight `CG(rtol={args.w5_ref_rtol:g})` (block CG, {len(wl.yt)} right-hand sides), `curvature='gauss-newton'`, "
+        f"on the float64 copy of θ̂ (all {obj.p:,} parameters): {prov.get('iterations')} iterations, final relative "
+        f"residual ‖(G + δI)x − ∇L_test‖/‖∇L_test‖ = {float(prov.get('residual_max') or float('nan')):.1e} max; "
+        f"{t_ref:.0f} s with {torch.get_num_threads()} thread(s)")
+    if float(prov.get("residual_max") or 1.0) > 1e-4:
+        wl.info["⚠ reference not converged"] = f"largest relative residual {prov.get('residual_max')} > 1e-4"
+    log(f"  reference: {wl.info['reference']}")
+    return np.asarray(scores.values, np.float64), damping
+
+
 def lanczos_min(matvec, p: int, steps: int, dtype: torch.dtype, seed: int = 0) -> tuple[float, float]:  # noqa: ANN001
     """Extreme Ritz values (θ_min, θ_max) of a symmetric operator after ``steps`` Lanczos steps
     from a random start, with full reorthogonalisation. θ_min ≥ λmin: an upper bound on it."""
@@ -552,7 +686,7 @@ def time_floor(state: dict, repeats: int = 3) -> list[float]:
     from upweight.core.grads import iter_per_sample_grads
 
     pb = make_problem(state, "")
-    obj = uw.Objective(pb.model, "cross_entropy", l2=L2)  # chunks are cut to TENSOR_BYTES of gradients (p ≈ 1M: 3 points)
+    obj = uw.Objective(pb.model, "cross_entropy", l2=pb.l2)  # chunks are cut to TENSOR_BYTES of gradients (p ≈ 1M: 3 points)
     data = uw.Data.from_any((pb.X, pb.y))
     for _ in iter_per_sample_grads(obj, obj.params, data, 2048):
         pass
@@ -567,6 +701,12 @@ def time_floor(state: dict, repeats: int = 3) -> list[float]:
 
 # ── the worker: one method in a fresh process ────────────────────────────────────────────
 def make_problem(state: dict, workdir: str) -> Problem:
+    if state["arch"] == "bert":  # X, Xt: {"input_ids", "attention_mask"}
+        model = build_model("bert", config=state["config"])
+        model.load_state_dict(state["params"])
+        model.eval()
+        return Problem(model, state["X"], state["y"], state["Xt"], state["yt"], float(state["l2"]), workdir,
+                       float(state["damping"]), curvature="gauss-newton")
     model = build_model(state["arch"], state["X"].shape[1])
     model.load_state_dict(state["params"])
     return Problem(model, state["X"], state["y"], state["Xt"], state["yt"], float(state["l2"]), workdir,
@@ -782,8 +922,12 @@ def _network_setup_key(wl: Workload, args: argparse.Namespace) -> str:
     import hashlib
 
     h = hashlib.sha256()
-    for a in (wl.X, wl.y, wl.Xt, wl.yt):
+    for a in (wl.X, wl.y, wl.Xt, wl.yt) + ((wl.mask, wl.mask_t) if wl.arch == "bert" else ()):
         h.update(np.ascontiguousarray(a).tobytes())
+    if wl.arch == "bert":
+        h.update(json.dumps({"config": wl.config, "epochs": args.w5_epochs, "lr": args.w5_lr, "rtol": args.w5_ref_rtol,
+                             "damping": W5_DAMPING if args.damping is None else args.damping,
+                             "transformers": _version("transformers")}, sort_keys=True).encode())
     h.update(json.dumps({"arch": wl.arch, "torch": torch.__version__, "l2": L2, **{
         k: getattr(args, k) for k in ("adam_epochs", "lbfgs_iter", "lbfgs_gtol", "lanczos_steps", "damping",
                                       "ref_rtol", "ref_maxiter", "ref_max_seconds")},
@@ -819,9 +963,14 @@ def network_setup(wl: Workload, args: argparse.Namespace) -> tuple[dict[str, tor
     before = dict(wl.info)
     torch.set_num_threads(args.setup_threads)  # untimed set-up: training, curvature check, reference
     try:
-        params = train_network(wl, args)
-        log("  trained; " + wl.info["training (not counted)"])
-        ref, damping = network_reference(wl, params, args)
+        if wl.arch == "bert":
+            params = train_transformer(wl, args)
+            log("  trained; " + wl.info["training (not counted)"])
+            ref, damping = transformer_reference(wl, params, args)
+        else:
+            params = train_network(wl, args)
+            log("  trained; " + wl.info["training (not counted)"])
+            ref, damping = network_reference(wl, params, args)
     finally:
         torch.set_num_threads(args.threads)
     if path is not None:
@@ -837,17 +986,25 @@ def network_setup(wl: Workload, args: argparse.Namespace) -> tuple[dict[str, tor
 
 def run_workload(wl: Workload, methods: list[Method], args: argparse.Namespace) -> Result:
     n, d = wl.X.shape
-    p = sum(t.numel() for t in build_model(wl.arch, d).parameters())
+    p = sum(t.numel() for t in build_model(wl.arch, d, config=wl.config).parameters())
     log(f"{wl.title}: n = {n:,}, d = {d}, p = {p:,}, K = {len(wl.Xt)}")
     damping = 0.0
     if wl.arch == "linear":
         params, ref = linear_reference(wl)
     else:
         params, ref, damping = network_setup(wl, args)
-    wl.info["sizes"] = (f"n_train = {n:,}, d = {d}, classes = 10, p = {p:,}, λ = {L2}"
-                        + (f", damping δ = {damping:.3g}" if damping else "") + f", K = {len(wl.Xt)} test points")
-    state = {"arch": wl.arch, "params": params, "X": torch.from_numpy(wl.X).float(), "y": torch.from_numpy(wl.y),
-             "Xt": torch.from_numpy(wl.Xt).float(), "yt": torch.from_numpy(wl.yt), "l2": L2, "damping": float(damping)}
+    if wl.arch == "bert":
+        assert wl.mask is not None and wl.mask_t is not None
+        wl.info["sizes"] = (f"n_train = {n:,}, {d} tokens a sequence, classes = 2, p = {p:,} (every parameter, "
+                            f"embeddings and LayerNorms included), no L2, damping δ = {damping:g}, K = {len(wl.Xt)} test points")
+        state = {"arch": "bert", "config": wl.config, "params": params, "X": _bert_inputs(wl.X, wl.mask),
+                 "y": torch.from_numpy(wl.y), "Xt": _bert_inputs(wl.Xt, wl.mask_t), "yt": torch.from_numpy(wl.yt),
+                 "l2": 0.0, "damping": float(damping)}
+    else:
+        wl.info["sizes"] = (f"n_train = {n:,}, d = {d}, classes = 10, p = {p:,}, λ = {L2}"
+                            + (f", damping δ = {damping:.3g}" if damping else "") + f", K = {len(wl.Xt)} test points")
+        state = {"arch": wl.arch, "params": params, "X": torch.from_numpy(wl.X).float(), "y": torch.from_numpy(wl.y),
+                 "Xt": torch.from_numpy(wl.Xt).float(), "yt": torch.from_numpy(wl.yt), "l2": L2, "damping": float(damping)}
     with tempfile.TemporaryDirectory(prefix="bench-peers-") as tmp:
         state_dir = args.keep or tmp
         os.makedirs(state_dir, exist_ok=True)
@@ -859,6 +1016,11 @@ def run_workload(wl: Workload, methods: list[Method], args: argparse.Namespace) 
                                  f"`iter_per_sample_grads`, {floor_chunks(state)})")
         log(f"  floor {floor:.3f}s")
         rows = []
+        if wl.arch == "bert":  # only the methods that run on it, and one line for each library without one
+            libs = {m.library for m in methods if m.transformer}
+            rows += [Row(Method(f"{lib}-none", lib, "–", "–", -1, lambda pb: np.zeros(0)), status=f"not run: {why}")
+                     for lib, why in NO_TRANSFORMER.items() if lib not in libs and any(m.library == lib for m in methods)]
+            methods = [m for m in methods if m.transformer]
         for m in methods:
             why = m.skipped(p, wl.arch) or available(m)
             if why:
@@ -897,7 +1059,7 @@ def machine_info(args: argparse.Namespace) -> dict[str, str]:
         "limits per method": f"timeout {args.timeout:g} s, address space {args.mem_limit_gb:g} GiB (RLIMIT_AS)",
         "Python": platform.python_version(),
         "libraries": ", ".join(f"{d} {_version(d)}" for d in ("torch", "upweight", "pydvl", "captum", "kronfluence",
-                                                               "dattri", "numpy", "scipy")),
+                                                               "dattri", "transformers", "numpy", "scipy")),
         "upweight git": commit,
         "load average at start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -919,7 +1081,9 @@ LEGEND = (
     "logistic regression (`nn.Linear`, float32, θ̂ from float64 L-BFGS, exact closed-form float64 reference); W3: an "
     "MLP (784-1024-256-10, tanh, p = 1,068,810) and a small CNN (2 × Conv2d + average pooling + 2 × Linear, tanh, "
     "p = 46,730), float32, θ̂ from Adam + full-batch L-BFGS in float32, reference = long-run float64 CG (its final "
-    "residual is in the workload's header). Cross-entropy, L2 λ = 0.01 on all parameters everywhere; every method "
+    "residual is in the workload's header); W5: a 2-layer BERT-style classifier on Enron spam/ham (dict batches, every "
+    "parameter, no L2, Gauss–Newton curvature G + δI for every method, reference = upweight's float64 GGN CG). "
+    "Cross-entropy, L2 λ = 0.01 on all parameters on W1–W3; every method "
     "gets the damping/regularisation that makes its curvature H + λI (+ δI where a workload needs a damping δ; see "
     "bench/peers/methods.py). Columns: *wall s* = the method's **cold** run in a fresh process, from constructing "
     "the library's object through fit/preprocessing to the scores of all n training points (imports and data "
@@ -1049,16 +1213,41 @@ def render_summary(path: Path) -> str:
             out.append(f"- **whole exact query ≤ {bound:g}× floor** ({d['title']}): **{'met' if x <= bound else 'NOT met'}**"
                        f" — upweight's fastest method with Spearman ≥ {ACCURATE}, {uw['name']} ({uw['settings']}), "
                        f"{uw['time_s']:.2f} s = {x:.1f}× the floor ({d['floor_s']:.3f} s).{why}")
+    for d in (d for d in data if d["key"].startswith("W5")):
+        out.append(w5_target(d))
     out += ["", "### Fastest accurate method per library, per workload", ""]
     for d in data:
         out += [f"#### {d['title']}", "", *best_table(d["rows"])]
     return "\n".join(out)
 
 
+def w5_target(d: dict) -> str:
+    """W5's target: upweight's EK-FAC at least as accurate as kronfluence's (mean and min Spearman), ≥ 3× faster
+    end to end, in no more peak memory — against upweight's faster EK-FAC row (with or without the residual check)."""
+    rows = {r["key"]: r for r in d["rows"] if r["status"] == "ok"}
+    kron = rows.get("kron-ekfac")
+    uws = [rows[k] for k in ("uw-ekfac", "uw-ekfac-unchecked") if k in rows]
+    head = f"- **W5: upweight EK-FAC vs kronfluence EK-FAC** ({d['title']}): "
+    if kron is None or not uws:
+        return head + "not measured (a row is missing or failed)."
+    uw = min(uws, key=lambda r: r["time_s"])
+    acc = uw["spearman"] >= kron["spearman"] and uw["spearman_min"] >= kron["spearman_min"]
+    speed = kron["time_s"] / uw["time_s"]
+    mem = uw["peak_mb"] <= kron["peak_mb"]
+    return (head + f"upweight {uw['name']} ({uw['settings']}) vs kronfluence {kron['name']}: accuracy "
+            f"{'met' if acc else 'NOT met'} (Spearman mean {uw['spearman']:.4f} vs {kron['spearman']:.4f}, min "
+            f"{uw['spearman_min']:.4f} vs {kron['spearman_min']:.4f}); speed ≥ 3× {'met' if speed >= 3 else 'NOT met'} "
+            f"({uw['time_s']:.2f} s vs {kron['time_s']:.2f} s: upweight "
+            f"{f'{speed:.1f}× faster' if speed >= 1 else f'{1 / speed:.1f}× slower'}); peak memory {'met' if mem else 'NOT met'} "
+            f"({uw['peak_mb']:.0f} MB vs {kron['peak_mb']:.0f} MB; Δ over the loaded process {uw['delta_mb']:+.0f} vs "
+            f"{kron['delta_mb']:+.0f} MB).")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workloads", default="W1,W2",
-                    help="comma list of W1, W2[:n_train], W3-mlp[:n_train] (default n 5,000), W3-cnn[:n_train] (10,000)")
+                    help="comma list of W1, W2[:n_train], W3-mlp[:n_train] (default n 5,000), W3-cnn[:n_train] (10,000), "
+                         f"W5[:n_train] ({W5_DEFAULT_N:,})")
     ap.add_argument("--n-train", type=int, default=20000, help="MNIST training points for W2 (default 20,000)")
     ap.add_argument("--n-test", type=int, default=DEFAULT_K, help=f"K, the number of test points (default {DEFAULT_K})")
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds per method before it is stopped (default 300)")
@@ -1070,6 +1259,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mnist", default="../shared/data/mnist/mnist.npz", help="mnist.npz; relative to the repo root")
     ap.add_argument("--out", default="bench/RESULTS.md",
                     help="Markdown file: each workload replaces its section peers-<workload>, then peers-summary is rebuilt")
+    ap.add_argument("--enron", default="../shared/data/enron1/enron1.csv.gz",
+                    help="enron1.csv.gz (W5); relative to the repo root")
     ap.add_argument("--keep", default="", help="keep the workers' logs and scores in this folder (for debugging)")
     w3 = ap.add_argument_group("W3 (networks)")
     w3.add_argument("--adam-epochs", type=int, default=10, help="Adam epochs before L-BFGS (default 10)")
@@ -1091,6 +1282,11 @@ def main(argv: list[str] | None = None) -> int:
     w3.add_argument("--ref-precond-rank", type=int, default=0,
                     help="precondition the CG reference by a randomized Nyström sketch of this rank (default 0: plain CG; "
                          "the answer is the same, certified by its residual; fewer iterations on an ill-conditioned H)")
+    w5 = ap.add_argument_group(f"W5 (transformer; --damping sets its δ too, default {W5_DAMPING:g})")
+    w5.add_argument("--w5-epochs", type=int, default=2, help="AdamW epochs of the W5 classifier (default 2)")
+    w5.add_argument("--w5-lr", type=float, default=2e-3, help="AdamW learning rate (default 2e-3)")
+    w5.add_argument("--w5-ref-rtol", type=float, default=1e-8,
+                    help="rtol of W5's float64 Gauss–Newton CG reference (default 1e-8)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--state", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)

@@ -43,13 +43,16 @@ class _Flat(torch.nn.Module):
         return x.reshape(-1, 1, 28, 28)
 
 
-def build_model(arch: str, d: int = 784, classes: int = 10) -> torch.nn.Module:
+def build_model(arch: str, d: int = 784, classes: int = 10, config: str = "") -> torch.nn.Module:
     """The benchmark's models (float32, eval mode; parameters as initialised by torch):
 
     * ``linear``: ``nn.Linear(d, classes)`` (W1, W2; p = (d + 1)·classes);
     * ``mlp``: 784 → 1024 → 256 → 10 with tanh (W3; p = 1,068,810);
     * ``cnn``: Conv2d(1, 16, 5) → tanh → AvgPool 2 → Conv2d(16, 32, 5) → tanh → AvgPool 2 →
-      Linear(512, 64) → tanh → Linear(64, 10) (W3; p = 46,730).
+      Linear(512, 64) → tanh → Linear(64, 10) (W3; p = 46,730);
+    * ``bert``: ``transformers.BertForSequenceClassification`` from the JSON ``config`` (W5), with
+      eager attention (PyTorch's fused attention kernel has no forward-mode derivative, which
+      Gauss–Newton products need; the config's JSON does not keep the choice, so it is set here).
 
     tanh and average pooling keep the loss smooth in θ, so H = ∇²R exists everywhere and a finite
     difference of ∇R checks the HVPs (Koh & Liang §4.2 smooth the ReLU for the same reason); with
@@ -63,8 +66,15 @@ def build_model(arch: str, d: int = 784, classes: int = 10) -> torch.nn.Module:
     elif arch == "cnn":
         model = nn.Sequential(_Flat(), nn.Conv2d(1, 16, 5), nn.Tanh(), nn.AvgPool2d(2), nn.Conv2d(16, 32, 5), nn.Tanh(),
                               nn.AvgPool2d(2), nn.Flatten(), nn.Linear(512, 64), nn.Tanh(), nn.Linear(64, classes))
+    elif arch == "bert":
+        import json
+
+        import transformers
+
+        cfg = transformers.BertConfig.from_dict(json.loads(config), attn_implementation="eager")
+        model = transformers.BertForSequenceClassification(cfg)
     else:
-        raise ValueError(f"unknown architecture {arch!r}: use linear, mlp or cnn")
+        raise ValueError(f"unknown architecture {arch!r}: use linear, mlp, cnn or bert")
     return model.float().eval()
 
 
@@ -76,17 +86,22 @@ class Problem:
     for everyone when H + λI is not positive definite at θ̂ (0 otherwise)."""
 
     model: torch.nn.Module
-    X: torch.Tensor
+    X: torch.Tensor | dict[str, torch.Tensor]  # W5: {"input_ids", "attention_mask"}, (n, T) each
     y: torch.Tensor
-    Xt: torch.Tensor
+    Xt: torch.Tensor | dict[str, torch.Tensor]
     yt: torch.Tensor
     l2: float
     workdir: str
     damping: float = 0.0
+    curvature: str = "hessian"  # upweight's Influence(curvature=…): "gauss-newton" on W5
 
     @property
     def n(self) -> int:
-        return len(self.X)
+        return len(self.y)
+
+    @property
+    def k(self) -> int:
+        return len(self.yt)
 
     @property
     def p(self) -> int:
@@ -115,9 +130,12 @@ class Method:
     max_p: int | None = None  # above this p the method is not run …
     skip_reason: str = ""  # … and its row says this
     linear_only: bool = False  # only for softmax regression (W1, W2): it needs θ = one output nn.Linear
+    transformer: bool = False  # also run on W5 (the BERT classifier, dict batches)
 
     def skipped(self, p: int, arch: str = "linear") -> str | None:
         """Why the method is not run at this p on this architecture, or ``None``."""
+        if arch == "bert" and not self.transformer:
+            return "skipped: not run on the transformer workload"
         if self.linear_only and arch != "linear":
             return "skipped: needs θ = one output nn.Linear (structured HVP)"
         return f"skipped: {self.skip_reason}" if self.max_p is not None and p > self.max_p else None
@@ -135,7 +153,9 @@ def _uw(make_solver: Callable[[], Any]) -> Callable[[Problem], np.ndarray]:
         import upweight as uw
 
         obj = uw.Objective(pb.model, "cross_entropy", l2=pb.l2)
-        inf = uw.Influence(obj, solver=make_solver(), damping=pb.damping, progress=False, on_inaccurate="warn")
+        # W5 (θ̂ after a few epochs, no L2): not a minimum, and known not to be — no NotAtMinimumWarning there
+        extra = {"curvature": pb.curvature, "grad_tol": 1e9} if pb.curvature != "hessian" else {}
+        inf = uw.Influence(obj, solver=make_solver(), damping=pb.damping, progress=False, on_inaccurate="warn", **extra)
         inf.fit(uw.Data.from_any((pb.X, pb.y)))
         scores = inf.up_loss((pb.Xt, pb.yt))
         prov = scores.provenance  # into the worker's log (bench_peers.py --keep DIR keeps it)
@@ -159,7 +179,8 @@ def upweight_methods() -> list[Method]:
         Method("uw-direct", "upweight", "Direct", "float64 H + Cholesky", 1, _uw(uw.Direct), req, DENSE_MAX_P, DENSE),
         Method("uw-cg-1e-3", "upweight", "CG", "rtol=1e-3, block=False", 1, _uw(lambda: uw.CG(rtol=1e-3, block=False)), req),
         Method("uw-cg-1e-6", "upweight", "CG", "rtol=1e-6, block=False", 1, _uw(lambda: uw.CG(rtol=1e-6, block=False)), req),
-        Method("uw-bcg-1e-3", "upweight", "block CG", "rtol=1e-3, block=True", 1, _uw(lambda: uw.CG(rtol=1e-3, block=True)), req),
+        Method("uw-bcg-1e-3", "upweight", "block CG", "rtol=1e-3, block=True", 1, _uw(lambda: uw.CG(rtol=1e-3, block=True)), req,
+               transformer=True),
         Method("uw-bcg-1e-2", "upweight", "block CG", "rtol=1e-2, block=True", 1, _uw(lambda: uw.CG(rtol=1e-2, block=True)), req),
         # mixed precision: bfloat16 operands in the iterations' structured HVP products, the residual exact
         Method("uw-bcg-bf16-1e-2", "upweight", "block CG, bfloat16 HVPs", "rtol=1e-2, block=True, hvp_dtype=bfloat16", 1,
@@ -177,12 +198,12 @@ def upweight_methods() -> list[Method]:
     else:
         req = ("upweight", "upweight.solvers.kfac")
         out += [
-            Method("uw-kfac", "upweight", "KFAC", "defaults", 1, _uw(KFAC), req),
-            Method("uw-ekfac", "upweight", "EKFAC", "defaults", 1, _uw(EKFAC), req),
+            Method("uw-kfac", "upweight", "KFAC", "defaults", 1, _uw(KFAC), req, transformer=True),
+            Method("uw-ekfac", "upweight", "EKFAC", "defaults", 1, _uw(EKFAC), req, transformer=True),
             Method("uw-kfac-unchecked", "upweight", "KFAC", "residual_sample=0 (no residual check)", 1,
-                   _uw(lambda: KFAC(residual_sample=0)), req),
+                   _uw(lambda: KFAC(residual_sample=0)), req, transformer=True),
             Method("uw-ekfac-unchecked", "upweight", "EKFAC", "residual_sample=0 (no residual check)", 1,
-                   _uw(lambda: EKFAC(residual_sample=0)), req),
+                   _uw(lambda: EKFAC(residual_sample=0)), req, transformer=True),
             Method("uw-pcg-kfac-1e-3", "upweight", "CG + KFAC precond.", "rtol=1e-3", 1,
                    _uw(lambda: uw.CG(rtol=1e-3, preconditioner=KFAC(), block=False)), req),
             Method("uw-pcg-kfac-1e-6", "upweight", "CG + KFAC precond.", "rtol=1e-6", 1,
@@ -356,29 +377,66 @@ def _kronfluence(strategy: str) -> Callable[[Problem], np.ndarray]:
                 x, y = batch
                 return F.cross_entropy(model(x), y, reduction="sum")
 
+        class HFClassification(Task):
+            """W5: dict batches {"input_ids", "attention_mask", "labels"} of a Hugging Face classifier."""
+
+            def compute_train_loss(self, batch: Any, model: torch.nn.Module, sample: bool = False) -> torch.Tensor:
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                y = batch["labels"]
+                if sample:
+                    with torch.no_grad():
+                        y = torch.multinomial(torch.softmax(logits, -1), num_samples=1).flatten()
+                return F.cross_entropy(logits, y, reduction="sum")
+
+            def compute_measurement(self, batch: Any, model: torch.nn.Module) -> torch.Tensor:
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                return F.cross_entropy(logits, batch["labels"], reduction="sum")
+
+            def get_attention_mask(self, batch: Any) -> torch.Tensor:  # padded tokens out of the statistics
+                return batch["attention_mask"]
+
         torch.manual_seed(0)
-        task = Classification()
-        # prepare_model wraps the supported layers inside their parent: the Linear needs one
-        model = prepare_model(torch.nn.Sequential(pb.model), task)
+        if isinstance(pb.X, dict):
+            task: Task = HFClassification()
+            model = prepare_model(pb.model, task)  # its nn.Linear layers sit inside modules already
+            train, test = _DictRows(pb.X, pb.y), _DictRows(pb.Xt, pb.yt)
+        else:
+            task = Classification()
+            # prepare_model wraps the supported layers inside their parent: the Linear needs one
+            model = prepare_model(torch.nn.Sequential(pb.model), task)
+            train, test = TensorDataset(pb.X, pb.y), TensorDataset(pb.Xt, pb.yt)
         an = Analyzer(analysis_name="bench", model=model, task=task, cpu=True, disable_tqdm=True,
                       output_dir=os.path.join(pb.workdir, "kronfluence"), log_level=logging.WARNING)
-        train, test = TensorDataset(pb.X, pb.y), TensorDataset(pb.Xt, pb.yt)
         an.fit_all_factors(factors_name=strategy, dataset=train, per_device_batch_size=pb.grad_batch,
                            factor_args=FactorArguments(strategy=strategy), overwrite_output_dir=True)
         an.compute_pairwise_scores(scores_name="s", factors_name=strategy, query_dataset=test, train_dataset=train,
-                                   per_device_query_batch_size=len(pb.Xt), per_device_train_batch_size=pb.grad_batch,
+                                   per_device_query_batch_size=pb.k, per_device_train_batch_size=pb.grad_batch,
                                    score_args=ScoreArguments(damping_factor=pb.reg), overwrite_output_dir=True)
         return _np(an.load_pairwise_scores("s")["all_modules"])
 
     return run
 
 
+class _DictRows(torch.utils.data.Dataset):
+    """Rows of a dict batch as dicts {"input_ids", "attention_mask", "labels"} (collated back by the default collate)."""
+
+    def __init__(self, X: dict[str, torch.Tensor], y: torch.Tensor) -> None:
+        self.X, self.y = X, y
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {**{k: v[i] for k, v in self.X.items()}, "labels": self.y[i]}
+
+
 def kronfluence_methods() -> list[Method]:
     lib, req = "kronfluence", ("kronfluence.analyzer", "kronfluence.arguments", "kronfluence.task")
     return [
-        Method("kron-kfac", lib, "Analyzer, K-FAC", "strategy='kfac', damping_factor=λ", -1, _kronfluence("kfac"), req),
+        Method("kron-kfac", lib, "Analyzer, K-FAC", "strategy='kfac', damping_factor=λ", -1, _kronfluence("kfac"), req,
+               transformer=True),
         Method("kron-ekfac", lib, "Analyzer, EK-FAC", "strategy='ekfac' (default), damping_factor=λ", -1,
-               _kronfluence("ekfac"), req),
+               _kronfluence("ekfac"), req, transformer=True),
     ]
 
 
@@ -436,6 +494,20 @@ def dattri_methods() -> list[Method]:
         Method("dattri-ekfac", lib, "IFAttributorEKFAC", "damping=λ", -1,
                _dattri("IFAttributorEKFAC", damping=lam), req),
     ]
+
+
+#: Why a peer library has no row on W5 (a Hugging Face BertForSequenceClassification on dict batches)
+#: — checked against the installed releases; not forced through wrappers.
+NO_TRANSFORMER = {
+    "pyDVL": "its influence models call model(x) on one tensor x per batch (functional_call(model, params, (x,))), so "
+             "dict batches (input_ids, attention_mask) of an HF model are not accepted; its EkfacInfluence factors nn.Linear "
+             "only (NotImplementedLayerRepresentationException for nn.Embedding/LayerNorm parameters); and it has no "
+             "Gauss–Newton curvature (CG/LiSSA/Arnoldi use the Hessian, indefinite here)",
+    "captum": "its influence classes call model(*batch[:-1]) on tuple batches (positional tensors), so a dict batch's "
+              "input_ids/attention_mask keywords cannot be passed; its curvature is the Hessian (no Gauss–Newton option)",
+    "dattri": "its attributors move each batch to the device as `tuple(data.to(device) for data in batch)`, which fails on a "
+              "dict batch (no .to on dict); its EK-FAC hooks nn.Linear layers only",
+}
 
 
 def all_methods() -> list[Method]:

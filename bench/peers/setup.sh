@@ -35,9 +35,16 @@ while read -r req; do
         status=1
     fi
 done < "$PEERS/requirements.txt"
+# kronfluence requires torchvision, and pip takes PyPI's torchvision (a CUDA build) whose ops do not load
+# against the CPU torch; nothing benchmarked imports it, but transformers (W5) imports it when it is
+# installed and then fails. Remove it when it cannot be imported.
+if "$VENV/bin/python" -m pip show -q torchvision >/dev/null 2>&1 && ! "$VENV/bin/python" -c "import torchvision" >/dev/null 2>&1; then
+    echo "== torchvision $("$VENV/bin/python" -c "import importlib.metadata as m; print(m.version('torchvision'))") does not import with this torch: uninstalled (nothing benchmarked needs it)" | tee -a "$LOG"
+    "${PIP[@]}" uninstall -q -y torchvision >>"$LOG" 2>&1
+fi
 "$VENV/bin/python" - <<'PY' | tee -a "$LOG"
 import importlib.metadata as md
-for name in ("torch", "upweight", "pydvl", "captum", "kronfluence", "dattri", "numpy", "scipy"):
+for name in ("torch", "upweight", "pydvl", "captum", "kronfluence", "dattri", "transformers", "numpy", "scipy"):
     try:
         print(f"{name} {md.version(name)}")
     except md.PackageNotFoundError:

@@ -244,7 +244,7 @@ class DataInf(OneShotSolver):
             "mean_sq_grad_norm": tuple(float(m) for m in mean_sq),
             "max_grad_sq_over_lambda": tuple(float(m) for m in e.max(0).values) if n else (),
             "swap_error_bound": tuple(float(x) for x in bound),
-            "residual_against": "the exact Hessian H + δI (one full-data HVP per solve)",
+            "residual_against": f"the exact {curvature.describes} (one full-data product per solve)",
             "prepare_seconds": time.perf_counter() - t0,
         }
         return DataInfState(curvature, blocks, lam, stats)

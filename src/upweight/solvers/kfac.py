@@ -281,7 +281,7 @@ class KFAC(OneShotSolver):
             "fit_where": fit.where,
             "fit_points_per_capture": fit.points_per_capture,
             "clamped_output_eigenvalues": fit.clamped_output_eigenvalues,
-            "residual_against": "the exact Hessian H + δI (one full-data HVP per solve)",
+            "residual_against": f"the exact {curvature.describes} (one full-data product per solve)",
             "prepare_seconds": time.perf_counter() - t0,
         }
         return KFACState(curvature, plan, factors, inv_eigs, fallback, stats)

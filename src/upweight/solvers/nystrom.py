@@ -244,7 +244,7 @@ class Nystrom(OneShotSolver):
             "core_min_eigenvalue": float(theta[0]) if theta.numel() else 0.0,
             "core_factorisation": how,
             "hvp_passes": passes,
-            "residual_against": "the exact Hessian H + δI (one full-data HVP per solve)",
+            "residual_against": f"the exact {curvature.describes} (one full-data product per solve)",
             "prepare_seconds": time.perf_counter() - t0,
         }
         return NystromState(curvature, U, lam, mu, omega, stats)
