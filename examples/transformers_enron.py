@@ -33,7 +33,7 @@ What it does (Koh & Liang 2017, applied to today's black boxes):
 Run it from the repository root (the command, run time and numbers of a full run are in
 docs/transformers.md)::
 
-    PYTHONPATH=src python examples/transformers_enron.py --data /work/shared/data/enron1 --out out/transformers_enron
+    python examples/transformers_enron.py --data ../shared/data/enron1 --out out/transformers_enron   # or: make example-transformers
 
 No network is used: the models are built from configs with random initial weights and the
 vocabularies are built from the training e-mails.
