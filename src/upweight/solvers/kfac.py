@@ -140,6 +140,20 @@ class KFAC(OneShotSolver):
     (``fallback_rtol``); one full-data HVP per CG iteration. ``stats["fallback_params"]`` names
     them. A model with no factorable layer in θ is refused: use ``CG`` there.
 
+    **Memory.** Per layer with ``cols`` input columns (inputs + 1 for a bias) and ``out`` outputs, the
+    float64 factors take 8·(cols² + out²) bytes for A and S, as much again for their eigenvectors
+    Q_A and Q_S, and 8·out·cols for the eigenvalues (Λ for EK-FAC) — an embedding keeps V token
+    counts instead of a V × V factor. ``core.kfac.factor_bytes`` adds up the peak of building
+    them, and ``fit_factors`` checks it against the available memory before any pass
+    (``InsufficientMemoryError`` naming the widest layer). A factor pass holds at most
+    ``core.batching.TENSOR_BYTES`` per captured tensor (``core.kfac.capture_batch_size``); the
+    train-side scores are computed per chunk of training points (``Influence``'s sweep).
+
+    **Per-token losses.** The output-Hessian factors are exact (no sampled labels), one backward pass
+    each: a loss over T tokens of a V-word vocabulary would need T·V of them per batch, so K-FAC
+    refuses such losses (``core.layers.MAX_OUTPUT_FACTORS``) and names CG on the Gauss–Newton
+    matrix (``Influence(curvature="gauss-newton")``), which is the same matrix without factors.
+
     **On a cluster.** With ``Influence.fit(data, executor=…)`` (the curvature's executor) the
     passes over the data that build A, S (and Λ for EK-FAC) run as map-reduces over partitions of
     the training points (``core.kfac.fit_factors``); the eigendecompositions stay on the client.
