@@ -28,7 +28,7 @@ even with an executor), off with ``structured=False``.
 from __future__ import annotations
 
 import operator
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 import numpy as np
 import torch
@@ -382,7 +382,10 @@ def hvp_sum(obj: Objective, params: Params, V: torch.Tensor, batch: Data, *,
                                          [tangent[names[i]] for i in live], retain_graph=j < len(V) - 1,
                                          allow_unused=True, materialize_grads=True)
             except RuntimeError as exc:
-                raise _no_second_derivative(exc) from exc
+                err = _no_second_derivative(exc)
+                if err is None:
+                    raise
+                raise err from exc
             hv_of = dict(zip(names, hv))
             for part, name in zip(out[j].split(obj.space.sizes), obj.space.names):  # views of out[j]
                 part.add_(hv_of[name].reshape(-1))
@@ -412,34 +415,26 @@ def ggn_sum(obj: Objective, params: Params, V: torch.Tensor, batch: Data, *,
         def jvp(t: Params) -> torch.Tensor:
             return torch.func.jvp(f, (params,), (t,))[1]
 
-        tangents = obj.space.unflatten(V)
-        try:
-            if getattr(obj, "_tangent_vmap_refused", False):
-                raise _LoopInstead
-            # all k tangents in one batched pass (the inputs are not batched, so a model whose
-            # attention masks defeat vmap over points still runs here), then all k VJPs at once
-            Jv = torch.func.vmap(jvp)(tangents)
-            HJv = torch.stack([torch.autograd.grad(gz, zl, Jv[j], retain_graph=True)[0] for j in range(len(V))])
-            g = torch.func.vmap(lambda u: pull(u)[0])(HJv)
-            out.add_(obj.space.flatten(g, batch_dims=1))
-            return out
-        except (_LoopInstead, RuntimeError) as exc:
-            if isinstance(exc, RuntimeError):
+        if not getattr(obj, "_tangent_vmap_refused", False):
+            try:
+                # all k tangents in one batched pass (the inputs are not batched, so a model whose
+                # attention masks defeat vmap over points still runs here), then all k VJPs at once
+                Jv = torch.func.vmap(jvp)(obj.space.unflatten(V))
+                HJv = torch.stack([torch.autograd.grad(gz, zl, Jv[j], retain_graph=True)[0] for j in range(len(V))])
+                g = torch.func.vmap(lambda u: pull(u)[0])(HJv)
+                return out.add_(obj.space.flatten(g, batch_dims=1))
+            except RuntimeError as exc:
                 if "vmap" not in str(exc) and "Batching rule" not in str(exc):
-                    raise _no_forward_derivative(exc) from exc
-                obj._tangent_vmap_refused = True  # type: ignore[attr-defined]
+                    _raise_without_forward_derivative(exc)
+                obj._tangent_vmap_refused = True  # type: ignore[attr-defined]  # one tangent at a time from now on
         for j in range(len(V)):
             try:
                 Jv_j = jvp(obj.space.unflatten(V[j]))
             except RuntimeError as exc:
-                raise _no_forward_derivative(exc) from exc
+                _raise_without_forward_derivative(exc)
             (gj,) = pull(torch.autograd.grad(gz, zl, Jv_j, retain_graph=True)[0])
             out[j].add_(obj.space.flatten(gj))
     return out
-
-
-class _LoopInstead(Exception):
-    """Internal: this model's tangents are pushed one at a time (vmap over them failed once)."""
 
 
 def batch_product(kind: CurvatureKind) -> Any:
@@ -447,24 +442,25 @@ def batch_product(kind: CurvatureKind) -> Any:
     return ggn_sum if kind == "gauss-newton" else hvp_sum
 
 
-def _no_forward_derivative(exc: RuntimeError) -> Exception:
-    """An operator without a forward-mode derivative, as an ``UnsupportedModelError`` with the fix."""
+def _raise_without_forward_derivative(exc: RuntimeError) -> NoReturn:
+    """Re-raise ``exc``: as an ``UnsupportedModelError`` with the fix when an operator has no
+    forward-mode derivative, else unchanged."""
     msg = str(exc)
     if "forward AD" not in msg and "forward-mode" not in msg and "not implemented" not in msg:
-        return exc
-    return UnsupportedModelError(
+        raise exc
+    raise UnsupportedModelError(
         f"Gauss–Newton products take one forward-mode derivative (JVP) of the model, and PyTorch has none for one of its "
         f"operations ({msg.splitlines()[0]}). For Hugging Face models build them with attn_implementation='eager'; "
         "or use KFAC()/EKFAC(), which approximate the same Gauss–Newton matrix from layer statistics."
-    )
+    ) from exc
 
 
-def _no_second_derivative(exc: RuntimeError) -> Exception:
+def _no_second_derivative(exc: RuntimeError) -> UnsupportedModelError | None:
     """An operator without a double backward (PyTorch's fused attention kernels on CPU) as an
-    ``UnsupportedModelError`` that says how to get one; any other error unchanged."""
+    ``UnsupportedModelError`` that says how to get one; ``None`` for any other error."""
     msg = str(exc)
     if "derivative for" not in msg or "not implemented" not in msg:
-        return exc
+        return None
     attention = "attention" in msg
     return UnsupportedModelError(
         "A Hessian-vector product needs the second derivative of every operation in the model, and PyTorch has none for "
