@@ -415,7 +415,7 @@ def ggn_sum(obj: Objective, params: Params, V: torch.Tensor, batch: Data, *,
         def jvp(t: Params) -> torch.Tensor:
             return torch.func.jvp(f, (params,), (t,))[1]
 
-        if not getattr(obj, "_tangent_vmap_refused", False):
+        if not obj._tangent_vmap_refused:
             try:
                 # all k tangents in one batched pass (the inputs are not batched, so a model whose
                 # attention masks defeat vmap over points still runs here), then all k VJPs at once
@@ -426,7 +426,7 @@ def ggn_sum(obj: Objective, params: Params, V: torch.Tensor, batch: Data, *,
             except RuntimeError as exc:
                 if "vmap" not in str(exc) and "Batching rule" not in str(exc):
                     _raise_without_forward_derivative(exc)
-                obj._tangent_vmap_refused = True  # type: ignore[attr-defined]  # one tangent at a time from now on
+                obj._tangent_vmap_refused = True  # one tangent at a time from now on
         for j in range(len(V)):
             try:
                 Jv_j = jvp(obj.space.unflatten(V[j]))

@@ -83,15 +83,15 @@ def point_grads(f: Callable[..., torch.Tensor], params: Params, batch: Data, obj
     ``batch``: a dict of (b, *shape) tensors. By ``vmap`` over the points; for a model ``vmap`` cannot
     batch (Hugging Face encoders build their attention masks with data-dependent branches) by one
     backward pass per point, decided once per objective and logged."""
-    if getattr(objective, "_vmap_refused", None) is None:
+    if objective._vmap_refused is None:
         try:
             return _vmapped(vmap(grad(f), in_dims=(None, 0, 0)), params, batch.X, batch.y)
         except RuntimeError as exc:
             if not _vmap_unsupported(exc):
                 raise
-            objective._vmap_refused = str(exc).split("\n")[0]  # type: ignore[attr-defined]
+            objective._vmap_refused = str(exc).split("\n")[0]
             logger.info("per-sample gradients: torch.func.vmap cannot batch this model (%s); one backward pass per "
-                        "point from now on", objective._vmap_refused)  # type: ignore[attr-defined]
+                        "point from now on", objective._vmap_refused)
     rows = []
     for i in range(len(batch)):
         one = batch.subset([i])

@@ -185,6 +185,10 @@ class Objective:
         self._fixed: Params = {n: t.detach() for n, t in named.items() if n not in self.params}
         self._fixed.update({n: b.detach().clone() for n, b in model.named_buffers()})
         self._fixed_cache: dict[torch.dtype, Params] = {}
+        # what torch.func.vmap refused on this model, learnt on first use (core.grads, core.curvature):
+        # then per-sample gradients / Gauss–Newton tangents go one at a time
+        self._vmap_refused: str | None = None
+        self._tangent_vmap_refused = False
 
     # ── shape of θ ────────────────────────────────────────────────────────────────────
     @property

@@ -201,9 +201,8 @@ class Influence:
         if executor is not None:
             executor = resolve(executor)
 
-        self.objective.check_eval_mode()
         data = Data.from_any(train, what="training data").to(self.objective.dtype)
-        self.objective.check_data(data, what="training")
+        self.objective.check_data(data, what="training")  # also refuses a model in training mode
         t0 = time.perf_counter()
         params = self.objective.params
         g = risk_grad(self.objective, params, data, self.batch_size)
@@ -295,9 +294,9 @@ class Influence:
         self.objective.check_eval_mode()
 
     def _train(self, train: TrainSelection) -> Data:
-        self._ready()
+        positions = self._positions(train)
         assert self.data_ is not None
-        return self.data_ if train is None else self.data_.subset(self._positions(train))
+        return self.data_ if train is None else self.data_.subset(positions)
 
     def _test(self, test: Any) -> Data:
         self._ready()
