@@ -39,11 +39,6 @@ def map_inputs(X: Inputs, fn: Callable[[torch.Tensor], torch.Tensor]) -> Inputs:
     return {k: fn(v) for k, v in X.items()} if isinstance(X, Mapping) else fn(X)
 
 
-def input_tensors(X: Inputs) -> list[torch.Tensor]:
-    """The tensors of ``X`` (itself, or the dict's values in key order)."""
-    return [X[k] for k in sorted(X)] if isinstance(X, Mapping) else [X]
-
-
 _WIDE_UNSIGNED = tuple(getattr(torch, n) for n in ("uint16", "uint32", "uint64") if hasattr(torch, n))
 
 
