@@ -14,7 +14,7 @@ from ..core.curvature import Curvature
 from ..errors import InputError, NotConvergedWarning, NotPositiveDefiniteError, SolverError
 from .base import InverseHVPSolver, Solution, gauss_newton_hint, relative_residual
 from .direct import suggest_damping
-from .krylov import krylov_decomposition
+from .spectrum import lanczos
 
 
 @runtime_checkable
@@ -288,7 +288,8 @@ class CG(InverseHVPSolver):
     @staticmethod
     def _raise_not_pd(curv: Curvature, rayleigh: float) -> None:
         """``rayleigh``: the smallest pᵀ(H + δI)p/‖p‖² met along a search direction (≤ 0)."""
-        lmin = min(_lanczos_lambda_min(curv), rayleigh)
+        # a short Lanczos run: its smallest Ritz value is a Rayleigh quotient, so an upper bound on λmin
+        lmin = min(lanczos(curv.matvec, curv.p, k=LANCZOS_STEPS_FOR_ERRORS, dtype=curv.dtype).lambda_min, rayleigh)
         fix = suggest_damping(min(lmin, 0.0), curv.damping)
         rounding = ""
         if curv.dtype != torch.float64:
@@ -305,15 +306,6 @@ class CG(InverseHVPSolver):
 
 #: Lanczos steps (full-data products) behind the smallest-eigenvalue estimate of a not-positive-definite error
 LANCZOS_STEPS_FOR_ERRORS = 20
-
-
-def _lanczos_lambda_min(curv: Any) -> float:
-    """The smallest Ritz value of a short Lanczos run on H + δI: an upper bound on λmin (a Rayleigh
-    quotient) that converges to it far faster per product than power iteration, so explaining a
-    failure costs a few products, not a hundred."""
-    steps = min(LANCZOS_STEPS_FOR_ERRORS, curv.p)
-    kd = krylov_decomposition(curv.matvec, curv.p, steps=steps, dtype=curv.dtype, seed=0)
-    return float(torch.linalg.eigvalsh((kd.T + kd.T.T) / 2)[0])
 
 
 def _orthonormal_rows(W: torch.Tensor) -> torch.Tensor:
