@@ -251,14 +251,16 @@ def test_preconditioned_cg_with_layernorm_and_a_bare_scale_is_exact(norm_mlp):
     pcg = CG(rtol=1e-10, preconditioner=EKFAC())
     sol = pcg.solve(pcg.prepare(curv), V)
     assert rel(sol.value, torch.linalg.solve(H, V.T).T) < 1e-8
-    assert set(sol.stats["preconditioner_fallback_params"]) == {"scale", "ln.weight"}
+    assert sol.stats["preconditioner_fallback_params"] == ("scale",)  # a parameter of the model itself
+    assert sol.stats["preconditioner_local_blocks"] == ("ln (dense 8: exact GGN block)",)
 
 
 def test_non_factorable_parameters_are_solved_exactly_not_dropped(norm_mlp):
-    """KFAC alone: on the LayerNorm weight and the bare scale, x_f = H_ff⁻¹v_f (exact restricted Hessian)."""
+    """KFAC alone, without module-local blocks: on the LayerNorm weight and the bare scale,
+    x_f = H_ff⁻¹v_f (exact restricted Hessian)."""
     H = norm_mlp[-1]
     curv = _curv(norm_mlp)
-    solver = KFAC(fallback_rtol=1e-12)
+    solver = KFAC(fallback_rtol=1e-12, max_local=0)
     state = solver.prepare(curv)
     f_idx = state.plan.other_index
     assert len(f_idx) == 3 + 8 and state.stats["fallback_method"].startswith("CG on the exact HVP")
@@ -477,10 +479,12 @@ def test_errors_name_the_problem():
     curv = Curvature(uw.Objective(model, "cross_entropy", params="ln"), uw.Data.from_any((X, y)))
     with pytest.raises(UnsupportedModelError, match=r"no factorable layer.*ln\.weight.*CG\(\)"):
         KFAC().prepare(curv)
-    # with the weight frozen, the Linear's bias cannot be factored either
+    # with the weight frozen, the Linear's bias has no Kronecker factors either (only a module-local block)
     curv = Curvature(uw.Objective(model, "cross_entropy", params=["fc.bias", "ln"]), uw.Data.from_any((X, y)))
-    with pytest.raises(UnsupportedModelError, match="fc.bias: bias of Linear 'fc' whose weight is not in θ"):
+    with pytest.raises(UnsupportedModelError, match="fc.bias: module-local"):
         EKFAC().prepare(curv)
+    with pytest.raises(UnsupportedModelError, match="fc.bias: bias of Linear 'fc' whose weight is not in θ"):
+        EKFAC(max_local=0).prepare(curv)
 
 
 def test_singular_factor_names_a_damping_that_fixes_it():
@@ -526,8 +530,10 @@ def test_tied_weights_go_to_the_fallback_block_and_the_preconditioned_solve_stay
     state = pcg.prepare(curv)
     kstate = state.preconditioner_state
     assert [b.name for b in kstate.plan.blocks] == ["4"]
-    assert set(kstate.plan.other) == {"0.weight", "0.bias", "2.bias"}
+    assert kstate.plan.other == ("0.weight",)
     assert "tied weights" in kstate.plan.reasons["0.weight"]
+    # the biases of the two layers sharing the weight are their modules' own: exact GGN blocks
+    assert [(lm.name, lm.params) for lm in kstate.plan.local] == [("0", ("0.bias",)), ("2", ("2.bias",))]
     V = torch.randn(2, curv.p, generator=torch.Generator().manual_seed(3), dtype=D64)
     H = explicit_H(net, ce, X, y, 0.1, damping=1.0)
     assert rel(pcg.solve(state, V).value, torch.linalg.solve(H, V.T).T) < 1e-8

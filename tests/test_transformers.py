@@ -160,17 +160,22 @@ def test_bert_classifier_influence_equals_the_explicit_hessian(structured):
     np.testing.assert_allclose(scores, exact, rtol=1e-7, atol=1e-10)
 
 
-def test_bert_structured_plan_leaves_broadcast_position_embeddings_to_autograd():
+def test_bert_structured_plan_scores_broadcast_position_embeddings_inside_their_module():
+    """Position ids are built inside the model and shared by the batch: the embedding is no factorable
+    layer (its rows are not the points'), but its per-point gradients come from its own module."""
     model = _bert()
     ids, mask = _tokens(4)
     obj = uw.Objective(model, "cross_entropy")
+    from upweight.core.layers import find_layers
     from upweight.core.structured import scoring_plan
 
-    plan, why = scoring_plan(obj, uw.Data.from_any(({"input_ids": ids, "attention_mask": mask}, torch.zeros(4, dtype=torch.long))))
-    assert why is None
-    assert "bert.embeddings.position_embeddings.weight" in plan.other
-    assert "shared across the batch" in plan.reasons["bert.embeddings.position_embeddings.weight"]
+    data = uw.Data.from_any(({"input_ids": ids, "attention_mask": mask}, torch.zeros(4, dtype=torch.long)))
+    plan, why = scoring_plan(obj, data)
+    assert why is None and plan.other == ()
+    assert "bert.embeddings.position_embeddings" in [lm.name for lm in plan.local]
     assert "bert.embeddings.word_embeddings" in [b.name for b in plan.blocks]
+    layers_only = find_layers(obj, data, embeddings=True)
+    assert "shared across the batch" in layers_only.reasons["bert.embeddings.position_embeddings.weight"]
 
 
 def test_causal_lm_influence_with_direct_equals_the_explicit_hessian():

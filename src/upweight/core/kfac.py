@@ -47,6 +47,7 @@ from ..errors import CurvatureError
 from . import batching
 from .data import Data
 from .layers import LayerBlock, capture
+from .local import LocalModule
 from .objective import Objective
 from .params import Params
 
@@ -114,6 +115,7 @@ class FitStats:
         where: "in-process", or the executor that ran the map-reduce passes and how many
             partitions each pass had.
         points_per_capture: training points per forward/backward capture (``capture_batch_size``).
+        local_ggn: the exact GGN block of each local module's parameters (module docstring).
     """
 
     passes: int
@@ -121,6 +123,8 @@ class FitStats:
     clamped_output_eigenvalues: int
     where: str = "in-process"
     points_per_capture: int = 0
+    #: per local module (``core.local``), its dense Gauss–Newton block G_φφ (float64), from pass 1
+    local_ggn: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
 
 class _Sums:
@@ -145,14 +149,14 @@ class _FactorContext:
     (``capture_batch_size``)."""
 
     def __init__(self, objective: Objective, data: Data, blocks: Sequence[LayerBlock], params: Params | None,
-                 batch_size: int) -> None:
-        self.objective, self.data, self.blocks = objective, data, list(blocks)
+                 batch_size: int, local: Sequence[LocalModule] = ()) -> None:
+        self.objective, self.data, self.blocks, self.local = objective, data, list(blocks), list(local)
         self.params, self.batch_size = params, batch_size
-        self.step = capture_batch_size(objective, data, self.blocks, params, batch_size)
+        self.step = capture_batch_size(objective, data, self.blocks, params, batch_size, self.local)
 
 
 def capture_batch_size(objective: Objective, data: Data, blocks: Sequence[LayerBlock], params: Params | None,
-                       batch_size: int) -> int:
+                       batch_size: int, local: Sequence[LocalModule] = ()) -> int:
     """Points per capture in the factor passes: at most ``batch_size``, and so few that the largest
     captured tensor — a layer's GGN cotangents (K, b, T, out) or inputs (b, T, cols) — holds at most
     ``core.batching.TENSOR_BYTES`` counted at 8 bytes per value (float64, the widest dtype a pass
@@ -166,8 +170,8 @@ def capture_batch_size(objective: Objective, data: Data, blocks: Sequence[LayerB
     """
     if len(data) < 2:
         return max(1, batch_size)
-    cap = capture(objective, blocks, data.subset([0]), params=params, cotangents="ggn", token_ids=True)
-    per_point = max(t.numel() for t in (*cap.a.values(), *cap.g.values())) * 8
+    cap = capture(objective, blocks, data.subset([0]), params=params, cotangents="ggn", token_ids=True, local=local)
+    per_point = max(t.numel() for t in (*cap.a.values(), *cap.g.values(), *cap.local.values())) * 8
     return batching.points_within(batching.TENSOR_BYTES, per_point, batch_size)
 
 
@@ -181,13 +185,18 @@ def _subset(ctx: _FactorContext, indices: np.ndarray) -> Data:
 
 
 def _moment_sums(ctx: _FactorContext, data: Data) -> _Sums:
-    """Σᵢ Σₜ ãᵢₜãᵢₜᵀ and Σᵢ Σₖ (1/T) Σₜ bᵢₖₜbᵢₖₜᵀ per layer over ``data`` (pass 1), in float64."""
+    """Σᵢ Σₜ ãᵢₜãᵢₜᵀ and Σᵢ Σₖ (1/T) Σₜ bᵢₖₜbᵢₖₜᵀ per layer over ``data`` (pass 1), and Σᵢₖ uᵢₖuᵢₖᵀ per
+    local module (its pseudo-gradients, ``core.local``), in float64."""
     sums: dict[str, torch.Tensor] = {}
     locs: dict[str, int] = {}
     clamped = 0
     for batch in data.batches(ctx.step):
-        cap = capture(ctx.objective, ctx.blocks, batch, params=ctx.params, cotangents="ggn", token_ids=True)
+        cap = capture(ctx.objective, ctx.blocks, batch, params=ctx.params, cotangents="ggn", token_ids=True,
+                      local=ctx.local)
         clamped += cap.clamped
+        for lm in ctx.local:
+            u = cap.local[lm.name].reshape(-1, lm.size)
+            sums["L:" + lm.name] = sums.get("L:" + lm.name, 0) + (u.T @ u).to(torch.float64)
         for blk in ctx.blocks:
             a = cap.a[blk.name]  # (b, T, cols); an embedding's token ids (b, T), −1 = padding
             g = cap.g[blk.name]  # (K, b, T, out)
@@ -313,12 +322,13 @@ class _Passes:
                                         max_elements)
 
 
-def factor_bytes(blocks: Sequence[LayerBlock], *, eigen_correction: bool = False) -> int:
+def factor_bytes(blocks: Sequence[LayerBlock], *, eigen_correction: bool = False, local: Sequence[LocalModule] = ()) -> int:
     """Peak bytes of the float64 factors of ``blocks`` while ``fit_factors`` builds them: per layer the
     sums and then A, Q_A (cols² each, three copies at the eigendecomposition) and S, Q_S (out² each,
     likewise), plus the (out, cols) EK-FAC eigenvalues Λ with ``eigen_correction``. An embedding's A
-    is a vector of V token counts, never V × V."""
-    total = 0
+    is a vector of V token counts, never V × V. Per local module, its dense block and a Cholesky
+    factor of it (size² each, three copies)."""
+    total = sum(3 * lm.size * lm.size for lm in local)
     for blk in blocks:
         a = blk.cols if blk.kind == "embedding" else 3 * blk.cols * blk.cols
         total += a + 3 * blk.out_dim * blk.out_dim + (2 * blk.out_dim * blk.cols if eigen_correction else 0)
@@ -334,6 +344,7 @@ def fit_factors(
     batch_size: int = 512,
     eigen_correction: bool = False,
     executor: Executor | None = None,
+    local: Sequence[LocalModule] = (),
 ) -> tuple[list[LayerFactors], FitStats]:
     """A and S for every block in one pass over ``data``, their eigendecompositions, and — with
     ``eigen_correction`` — the EK-FAC eigenvalues Λ in a second pass.
@@ -348,14 +359,17 @@ def fit_factors(
     and the eigendecompositions stay there. The result equals the in-process one up to the order
     of the float64 additions (bit-identical when the partitions are the in-process batches, as
     with ``LocalExecutor``). Inside an executor task the passes run in-process.
+
+    ``local``: modules (``core.local``) whose exact Gauss–Newton block G_φφ is summed in pass 1
+    from their module-local pseudo-gradients (``FitStats.local_ggn``).
     """
     n = len(data)
     widest = max(blocks, key=lambda b: b.cols if b.kind != "embedding" else 0, default=None)
-    check_memory(factor_bytes(blocks, eigen_correction=eigen_correction),
+    check_memory(factor_bytes(blocks, eigen_correction=eigen_correction, local=local),
                  f"the Kronecker factors of {len(blocks)} layer(s)"
                  + (f" (the widest, '{widest.name}', has {widest.cols} input columns: a {widest.cols}² factor)" if widest else ""),
                  alternatives="Leave the widest layers out of θ (Objective(params=...)), or use CG/Arnoldi, which need no factors.")
-    passes = _Passes(_FactorContext(objective, data, blocks, params, batch_size), executor)
+    passes = _Passes(_FactorContext(objective, data, blocks, params, batch_size, local), executor)
     sums = passes.moments()
     factors = []
     for blk in blocks:
@@ -374,7 +388,8 @@ def fit_factors(
                                     identity_A=identity_A))
     if eigen_correction:
         _correct(passes, factors)
-    return factors, FitStats(2 if eigen_correction else 1, n, sums.clamped, passes.where, passes.ctx.step)
+    local_ggn = {lm.name: _sym(sums.tensors["L:" + lm.name] / n) for lm in local}
+    return factors, FitStats(2 if eigen_correction else 1, n, sums.clamped, passes.where, passes.ctx.step, local_ggn)
 
 
 def correct_eigenvalues(

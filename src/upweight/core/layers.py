@@ -50,6 +50,7 @@ from torch.func import hessian, vmap
 
 from ..errors import InputError, UnsupportedModelError
 from .data import Data
+from .local import DEFAULT_MAX_LOCAL, LocalModule, Recorder, candidates, module_state
 from .losses import TokenCrossEntropy, cross_entropy, squared
 from .objective import Objective
 from .params import Params
@@ -102,15 +103,19 @@ class LayerPlan:
 
     Attributes:
         blocks: the factorable layers, in module order.
-        other: names of the parameters of θ in no block (solved another way by the caller).
+        other: names of the parameters of θ in no block and no local module (solved another way
+            by the caller).
         reasons: for each name in ``other``, why it is not in a block.
         other_index: their positions in the flat θ, ascending.
+        local: modules whose parameters get module-local per-point gradients (``core.local``;
+            only with ``find_layers(local=True)``), none of their parameters in ``other``.
     """
 
     blocks: tuple[LayerBlock, ...]
     other: tuple[str, ...]
     reasons: dict[str, str]
     other_index: torch.Tensor
+    local: tuple[LocalModule, ...] = ()
 
 
 def _pair(v) -> tuple[int, int]:
@@ -212,7 +217,8 @@ def _factorisation_refusals(objective: Objective, blocks: Sequence[LayerBlock], 
 
 
 def find_layers(objective: Objective, probe: Data | None = None, *, embeddings: bool = False,
-                max_vocab: int | None = DEFAULT_MAX_VOCAB) -> LayerPlan:
+                max_vocab: int | None = DEFAULT_MAX_VOCAB, local: bool = False,
+                max_local: int | None = DEFAULT_MAX_LOCAL) -> LayerPlan:
     """Split θ into factorable ``nn.Linear`` / ``nn.Conv2d`` (/ ``nn.Embedding``) layers and the
     remaining parameters.
 
@@ -226,6 +232,10 @@ def find_layers(objective: Objective, probe: Data | None = None, *, embeddings: 
             docstring); off by default, so a consumer that does not handle that kind never sees it.
         max_vocab: with ``embeddings``, the largest vocabulary factored (``None``: no cap); a
             larger embedding is left over with a reason naming its size and this cap.
+        local: give the remaining parameters module-local per-point gradients where their module
+            allows (``core.local``; needs ``probe``, on which each module's rebuilt gradient must
+            equal autograd's); off by default, so a consumer that does not handle them never sees them.
+        max_local: with ``local``, the most parameters of one such module (``None``: no cap).
 
     Returns:
         A ``LayerPlan``.
@@ -239,6 +249,7 @@ def find_layers(objective: Objective, probe: Data | None = None, *, embeddings: 
     blocks: list[LayerBlock] = []
     reasons: dict[str, str] = {}
     claimed: set[str] = set()
+    final: set[str] = set()  # refused for what the module does to its weight: not module-local either
     for mname, mod in objective.model.named_modules():
         transposed = _is_transposed_linear(mod)
         if not (isinstance(mod, (nn.Linear, nn.Conv2d, nn.Embedding)) or transposed):
@@ -251,7 +262,10 @@ def find_layers(objective: Objective, probe: Data | None = None, *, embeddings: 
             if not embeddings:
                 reasons[wname] = f"weight of nn.Embedding '{mname}' (embeddings are factored only with embeddings=True, as by K-FAC)"
                 continue
-            why = _embedding_refusal(mod, mname, max_vocab) or _tie_refusal(mod, mname, tied)
+            why = _embedding_refusal(mod, mname, max_vocab)
+            if why is not None:
+                final.add(wname)
+            why = why or _tie_refusal(mod, mname, tied)
             if why is not None:
                 reasons[wname] = why
                 continue
@@ -320,13 +334,68 @@ def find_layers(objective: Objective, probe: Data | None = None, *, embeddings: 
                     if n is not None:
                         reasons[n] = bad[blk.name]
                         claimed.discard(n)
+    locals_: tuple[LocalModule, ...] = ()
+    if local and probe is not None:
+        left = [n for n in objective.space.names if n not in claimed and n not in final]
+        found, why_not = candidates(objective, left, offsets, max_size=max_local)
+        refused = _local_refusals(objective, found, probe)
+        locals_ = tuple(lm for lm in found if lm.name not in refused)
+        for n, why in why_not.items():  # a layer's own reason, where it has one, says more
+            reasons.setdefault(n, why)
+        for lm in found:
+            for n in lm.params:
+                if lm.name in refused:
+                    reasons.setdefault(n, refused[lm.name])
+                else:
+                    claimed.add(n)
+                    reasons.pop(n, None)
     other = tuple(n for n in objective.space.names if n not in claimed)
     for n in other:
         reasons.setdefault(n, "not the weight or bias of an nn.Linear / nn.Conv2d" + (" / nn.Embedding" if embeddings else ""))
     reasons = {n: reasons[n] for n in other}
     idx = [offsets[n] + torch.arange(size) for n, size in zip(objective.space.names, objective.space.sizes) if n in other]
     other_index = torch.cat(idx) if idx else torch.zeros(0, dtype=torch.long)
-    return LayerPlan(tuple(blocks), other, reasons, other_index)
+    return LayerPlan(tuple(blocks), other, reasons, other_index, locals_)
+
+
+def _local_refusals(objective: Objective, modules: Sequence[LocalModule], probe: Data) -> dict[str, str]:
+    """Local modules whose per-point gradients on (at most) two probe points, summed, differ from
+    autograd's gradient of θ in the same pass — or that cannot be run point by point, or are not
+    called exactly once. By module name → why."""
+    if not modules:
+        return {}
+    batch = probe.subset(range(min(2, len(probe))))
+    try:
+        caps = [(list(modules), capture(objective, (), batch, cotangents="loss", theta_grad=True, local=modules))]
+    except Exception:  # noqa: BLE001 — find the module(s) responsible, one at a time
+        caps = []
+        out: dict[str, str] = {}
+        for lm in modules:
+            try:
+                caps.append(([lm], capture(objective, (), batch, cotangents="loss", theta_grad=True, local=[lm])))
+            except Exception as exc:  # noqa: BLE001 — the reason is reported, the parameter stays generic
+                out[lm.name] = (f"{type(lm.module).__name__} '{lm.name}' cannot be run point by point on its own "
+                                f"({type(exc).__name__}: {str(exc)[:200]})")
+    else:
+        out = {}
+    for mods, cap in caps:
+        assert cap.theta_grad is not None
+        flat = objective.space.flatten(cap.theta_grad).double()
+        for lm in mods:
+            if lm.name not in cap.local:
+                out[lm.name] = (f"{type(lm.module).__name__} '{lm.name}' is not called once per forward pass with one "
+                                "tensor output")
+                continue
+            rebuilt, true = cap.local[lm.name][0].double().sum(0), flat[lm.index]
+            if rebuilt.shape != true.shape:
+                out[lm.name] = f"{type(lm.module).__name__} '{lm.name}' gives per-point gradients of the wrong size"
+                continue
+            err, scale = float((rebuilt - true).norm()), float(true.norm())
+            if err > FACTORISATION_RTOL.get(objective.dtype, 1e-3) * max(scale, 1e-30):
+                out[lm.name] = (f"{type(lm.module).__name__} '{lm.name}': its per-point gradients computed inside the "
+                                f"module differ from autograd's ({err / max(scale, 1e-30):.1e} relative, on {len(batch)} "
+                                "probe points) — its parameters are also used outside the module's forward")
+    return out
 
 
 def _is_transposed_linear(mod: nn.Module) -> bool:
@@ -429,6 +498,8 @@ class Captured:
     g: dict[str, torch.Tensor]
     clamped: int = 0
     theta_grad: dict[str, torch.Tensor] | None = None  # ∇θ Σᵢ L(zᵢ) from the same pass (``theta_grad=True``)
+    #: per local module (``capture(local=...)``), its per-point (pseudo-)gradients (K, b, size)
+    local: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def _layer_input(blk: LayerBlock, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -474,6 +545,7 @@ def capture(
     cotangents: Literal["loss", "ggn"] = "ggn",
     theta_grad: bool = False,
     token_ids: bool = False,
+    local: Sequence[LocalModule] = (),
 ) -> Captured:
     """Run the model on ``batch`` once with hooks and return each layer's ã and cotangents.
 
@@ -484,7 +556,9 @@ def capture(
     ``theta_grad=True`` (with ``cotangents="loss"``) also returns autograd's gradient of the summed
     loss in every parameter of θ, from the same backward pass. ``token_ids=True`` returns an
     Embedding's ã as its token ids (b, T) instead of one-hot vectors (b, T, V), −1 at
-    ``padding_idx`` (``token_ids_of``).
+    ``padding_idx`` (``token_ids_of``). ``local``: modules whose own parameters get module-local
+    per-point gradients from the same backward pass(es) (``core.local``), returned in
+    ``Captured.local``; a module not called (or without one tensor output) is absent there.
     """
     if theta_grad and cotangents != "loss":
         raise InputError("capture: theta_grad=True needs cotangents='loss'.")
@@ -503,8 +577,9 @@ def capture(
             outputs[blk.name] = out
 
         handles.append(blk.module.register_forward_hook(hook))
+    recorder = Recorder(local, len(batch))
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), recorder.hooks():
             out = objective.outputs(params, batch.X)
     finally:
         for h in handles:
@@ -513,7 +588,8 @@ def capture(
     if missing:
         raise UnsupportedModelError(f"Layers {missing} were not called in the forward pass; K-FAC cannot factor them.")
     names = [blk.name for blk in blocks]
-    outs = [outputs[n] for n in names]
+    recorded = [lm for lm in local if recorder.calls[lm.name] == 1 and lm.name in recorder.outputs]
+    outs = [outputs[n] for n in names] + [recorder.outputs[lm.name] for lm in recorded]
     clamped = 0
     theta: dict[str, torch.Tensor] | None = None
     with torch.enable_grad():
@@ -534,4 +610,9 @@ def capture(
     for j, blk in enumerate(blocks):
         rows = [gr[j] if gr[j] is not None else torch.zeros_like(outs[j]) for gr in per]
         g[blk.name] = torch.stack([_layer_cotangent(blk, r.detach()) for r in rows])
-    return Captured(a, g, clamped, theta)
+    loc = {}
+    if recorded:
+        state = module_state(objective, params, recorded)
+        for j, lm in enumerate(recorded, start=len(blocks)):
+            loc[lm.name] = recorder.point_grads(lm, state, [gr[j] for gr in per])
+    return Captured(a, g, clamped, theta, loc)

@@ -234,7 +234,8 @@ class Objective:
                 self.check_eval_mode()
 
     # ── pure functions of θ ───────────────────────────────────────────────────────────
-    def _fixed_as(self, dtype: torch.dtype) -> Params:
+    def fixed_as(self, dtype: torch.dtype) -> Params:
+        """The parameters outside θ and the buffers, floating ones cast to ``dtype`` (cached per dtype)."""
         if dtype not in self._fixed_cache:
             self._fixed_cache[dtype] = {n: t.to(dtype) if t.is_floating_point() else t for n, t in self._fixed.items()}
         return self._fixed_cache[dtype]
@@ -256,7 +257,7 @@ class Objective:
             return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
 
         X = map_inputs(X, placed)
-        values = {**self._fixed_as(dtype), **params}
+        values = {**self.fixed_as(dtype), **params}
         if isinstance(X, Mapping):
             out = functional_call(self.model, values, args=(), kwargs=X)
         else:

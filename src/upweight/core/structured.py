@@ -9,8 +9,10 @@ query row q (a row of s_test, reshaped to the layer's (out, cols) block Q)
 
 a batched contraction of the captured inputs ã and output cotangents b with Q: the (n, p) matrix
 of per-sample gradients is never formed. For an ``nn.Embedding`` (ã one-hot, W = Eᵀ) the
-contraction is a gather, Σₜ bᵢₜᵀ Q[:, xᵢₜ]. Parameters in no factorable layer keep the per-sample
-(vmap∘grad) path, restricted to them, and the two parts are summed.
+contraction is a gather, Σₜ bᵢₜᵀ Q[:, xᵢₜ]. Parameters in no factorable layer get their per-point
+gradients inside their own module from the same backward pass where it allows (``core.local``:
+LayerNorms, position embeddings, …), else the per-sample (vmap∘grad) path restricted to them; the
+parts are summed.
 
 **Structured HVP** (exact). When θ is exactly the weight (and bias) of ONE ``nn.Linear`` whose
 output is the model's output and whose input does not depend on θ (softmax / logistic / linear
@@ -97,23 +99,23 @@ def _embedding_block_scores(table: torch.Tensor, ids: torch.Tensor, B: torch.Ten
 def _capture_bytes_per_point(objective: Objective, plan: LayerPlan, point: Data, params: Params, k: int) -> int:
     """Bytes that scoring one point holds: its captured inputs and cotangents, and the larger
     contraction intermediate, per layer (measured on ``point``)."""
-    cap = capture(objective, plan.blocks, point, params=params, cotangents="loss", token_ids=True)
-    total = 0
+    cap = capture(objective, plan.blocks, point, params=params, cotangents="loss", token_ids=True, local=plan.local)
+    total = sum(lm.size * (1 + k) for lm in plan.local)
     for blk in plan.blocks:
         T = cap.a[blk.name].shape[1]
         if blk.kind == "embedding":  # ids, cotangents and the gathered columns
             total += T * (1 + blk.out_dim) + T * k * blk.out_dim
         else:
             total += T * (blk.cols + blk.out_dim) + max(T * k * blk.out_dim, blk.out_dim * blk.cols)
-    return total * cap.g[plan.blocks[0].name].element_size()
+    return total * next(iter(params.values())).element_size()
 
 
 @dataclass(frozen=True)
 class Queries:
     """Query rows S (k, p) split once for scoring many batches of training points
     (``prepare_queries``): per factorable layer its block Qⱼ (k, out, cols) — for an embedding the
-    gather table, for a layer scored at reduced rank its truncated SVD factors — and S on the
-    parameters in no factorable layer. Gathering a layer's block from S copies k·out·cols
+    gather table, for a layer scored at reduced rank its truncated SVD factors — S on each local
+    module's parameters, and S on the remaining parameters in no factorable layer. Gathering a layer's block from S copies k·out·cols
     numbers; a sweep over many chunks does it once, not per chunk."""
 
     k: int
@@ -121,6 +123,7 @@ class Queries:
     tables: dict[str, torch.Tensor]
     lowrank: dict[str, tuple[torch.Tensor, torch.Tensor]]
     other: torch.Tensor
+    local: dict[str, torch.Tensor]
 
 
 def factor_queries(plan: LayerPlan, S: torch.Tensor, rank: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -150,7 +153,8 @@ def prepare_queries(plan: LayerPlan, S: torch.Tensor, dtype: torch.dtype, rank: 
             tables[blk.name] = _embedding_table(S[:, blk.index])
         else:
             dense[blk.name] = S[:, blk.index]
-    return Queries(S.shape[0], dense, tables, lowrank, S[:, plan.other_index])
+    local = {lm.name: S[:, lm.index] for lm in plan.local}
+    return Queries(S.shape[0], dense, tables, lowrank, S[:, plan.other_index], local)
 
 
 def _block_scores_lowrank(Us: torch.Tensor, Vh: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
@@ -184,15 +188,17 @@ def structured_scores(objective: Objective, plan: LayerPlan, batch: Data, S: tor
         if S is None:
             raise InputError("structured_scores: give the query rows S (k, p) or their prepare_queries(...).")
         queries = prepare_queries(plan, S.reshape(-1, objective.p), dtype, rank)
-    if plan.blocks and len(batch) > 1:
+    if (plan.blocks or plan.local) and len(batch) > 1:
         per_point = _capture_bytes_per_point(objective, plan, batch.subset([0]), params, queries.k)
         step = max(1, max_bytes // max(per_point, 1))
         if step < len(batch):
             return torch.cat([structured_scores(objective, plan, sub, params=params, max_bytes=max_bytes, queries=queries)
                               for sub in batch.batches(step)], dim=1)
     out = torch.zeros(queries.k, len(batch), dtype=dtype)
-    if plan.blocks:
-        cap = capture(objective, plan.blocks, batch, params=params, cotangents="loss", token_ids=True)
+    if plan.blocks or plan.local:
+        cap = capture(objective, plan.blocks, batch, params=params, cotangents="loss", token_ids=True, local=plan.local)
+        for lm in plan.local:
+            out += queries.local[lm.name].to(dtype) @ cap.local[lm.name][0].to(dtype).T
         for blk in plan.blocks:
             B = cap.g[blk.name][0].to(dtype)
             if blk.name in queries.tables:
@@ -241,7 +247,8 @@ def scoring_plan(objective: Objective, data: Data) -> tuple[LayerPlan, str | Non
     Returns the plan of ``find_layers`` and a reason string when there is no factorable layer or
     the factorisation fails the probe check.
     """
-    plan = find_layers(objective, data, embeddings=True, max_vocab=None)  # token ids: any vocabulary
+    # token ids: any vocabulary; module-local gradients for the rest where their module allows
+    plan = find_layers(objective, data, embeddings=True, max_vocab=None, local=True, max_local=None)
     if not plan.blocks:
         reasons = "; ".join(f"{n}: {r}" for n, r in plan.reasons.items())
         return plan, f"no parameter of θ is in a factorable nn.Linear / nn.Conv2d / nn.Embedding ({reasons})"

@@ -257,7 +257,10 @@ class Influence:
                 return plan, "structured", (f"query_rank={self.query_rank} with structured='auto': factorable layers "
                                             f"structured, per-sample gradients for {list(plan.other)}")
             return None, "generic", f"parameters outside factorable layers: {list(plan.other)} (structured=True would mix)"
-        return plan, "structured", "every parameter of θ is in a factorable nn.Linear / nn.Conv2d / nn.Embedding"
+        why = "every parameter of θ is in a factorable nn.Linear / nn.Conv2d / nn.Embedding"
+        if plan.local:
+            why += f" or has module-local per-point gradients ({', '.join(lm.name for lm in plan.local)})"
+        return plan, "structured", why
 
     def _check_query_rank(self) -> int | None:
         """The fitted ``query_rank``; ``UnsupportedModelError`` when it is set but structured
@@ -282,6 +285,7 @@ class Influence:
             full = min(blk.out_dim, blk.cols)
             what = f"rank {r} of {full} (truncated SVD)" if r < full else f"exact (query_rank {r} ≥ min(out, cols) = {full})"
             rows.append(f"{blk.name or '<model>'} ({blk.kind} {blk.out_dim}×{blk.cols}): {what}")
+        rows += [f"{lm.name} (module-local, {lm.size} parameters): exact" for lm in plan.local]
         if plan.other:
             rows.append(f"{list(plan.other)}: exact (per-sample gradients, no factorable layer)")
         return tuple(rows)
@@ -316,6 +320,12 @@ class Influence:
 
     def _grad_chunk(self) -> int:
         return grad_chunk_size(self.objective.p, self.batch_size, self.objective.dtype)
+
+    def _score_chunk(self) -> int:
+        """Training points per chunk of ``up_loss``: structured scoring holds no (chunk, p) gradients
+        and bounds its own captures (``core.structured.structured_scores``), so ``batch_size``;
+        the generic path holds per-sample gradients, so ``_grad_chunk()``."""
+        return self.batch_size if self.scoring_ == "structured" else self._grad_chunk()
 
     def _train_grad_chunks(self, data: Data, desc: str) -> Iterator[tuple[Data, torch.Tensor]]:
         """Per-sample training gradients in memory-bounded chunks, with a progress bar."""
@@ -399,8 +409,8 @@ class Influence:
         if st is not None:
             st.bind(self._fingerprint(quantity, positions, test))
 
-    def _store_array(self, st: Store, name: str, shape: tuple[int, ...], *, axis: int) -> ChunkedArray:
-        chunk = self._grad_chunk()
+    def _store_array(self, st: Store, name: str, shape: tuple[int, ...], *, axis: int, chunk: int | None = None) -> ChunkedArray:
+        chunk = chunk or self._grad_chunk()
         return st.chunked(
             name, shape=shape, axis=axis, chunk_size=chunk, dtype=str(torch.empty((), dtype=self.objective.dtype).numpy().dtype),
             hint=f"This run scores {chunk} training points per chunk (Influence(batch_size={self.batch_size}), p={self.objective.p}).",
@@ -481,13 +491,15 @@ class Influence:
         axis: int,
         desc: str,
         on_result: Callable[[Any], np.ndarray] | None = None,
+        chunk: int | None = None,
     ) -> np.ndarray:
         """Run ``fn(chunk_positions, ctx, *args)`` over chunks of the training positions through ``ex``.
 
-        Chunks are ``_grad_chunk()`` points (memory-bounded), so results do not depend on the
-        executor. With a store only its missing chunks are computed, each written as it arrives.
+        Chunks are ``chunk`` points (default ``_grad_chunk()``, memory-bounded), so results do not
+        depend on the executor. With a store only its missing chunks are computed, each written as
+        it arrives.
         """
-        chunk = self._grad_chunk() if arr is None else arr.chunk_size
+        chunk = (chunk or self._grad_chunk()) if arr is None else arr.chunk_size
         parts = [positions[s : s + chunk] for s in range(0, len(positions), chunk)]
         todo = list(range(len(parts))) if arr is None else arr.missing()
         if arr is not None and len(todo) < len(parts):
@@ -617,7 +629,7 @@ class Influence:
             sol = self._stored_s_test(st, test_data)
             ex = self._executor(executor)
             shape = (len(test_data), len(positions))
-            arr = None if st is None else self._store_array(st, "scores", shape, axis=1)
+            arr = None if st is None else self._store_array(st, "scores", shape, axis=1, chunk=self._score_chunk())
             ctx = self._context(ex, "structured" if self.scoring_ == "structured" else "grads")
             rank = getattr(self, "_query_rank", None)
             args: tuple[Any, ...] = (sol.value,)
@@ -626,7 +638,7 @@ class Influence:
                 S = sol.value.reshape(-1, self.objective.p)
                 args = (prepare_queries(self._scoring_plan, S, self.objective.dtype, rank),)
             values = self._sweep(_up_loss_chunk, positions, ex, ctx, args, arr, shape, axis=1,
-                                 desc="I_up,loss over training points")
+                                 desc="I_up,loss over training points", chunk=self._score_chunk())
             prov = self._provenance(sol, t0)
             if rank is not None:
                 prov.update(query_rank=rank, query_rank_layers=self._query_rank_layers(),

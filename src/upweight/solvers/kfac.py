@@ -9,8 +9,11 @@ Per factorable layer (``core.layers``) the block of H + δI is approximated by
 with Λ = σ ⊗ α (K-FAC) or the eigenvalue correction (EK-FAC, ``core.kfac``), and d the diagonal
 of H that the GGN does not hold: the L2 term l2 (Koh & Liang 2017 §2: H = ∇²R includes l2·I),
 the curvature's damping δ, and the solver's own extra ``damping``. The parameters of θ in no
-factorable layer form one more block, solved by CG on the exact HVP restricted to it — never
-dropped. Cross-layer blocks of H are ignored. Factorable layers are ``nn.Linear``, ``nn.Conv2d``
+factorable layer whose module gives module-local per-point gradients (LayerNorm scales and
+shifts, position embeddings, …; ``core.local``) get one dense block per module, the exact GGN
+restricted to them, built in the same pass as the factors and inverted by Cholesky; any other
+parameter forms one more block, solved by CG on the exact HVP restricted to it — never dropped.
+Cross-layer blocks of H are ignored. Factorable layers are ``nn.Linear``, ``nn.Conv2d``
 and ``nn.Embedding`` (a bias-free Linear on one-hot token vectors, W̃ = Eᵀ; its activation factor
 is diagonal, Q_A = I, kept as V token counts — see ``core.layers``; ``max_vocab`` can cap V).
 """
@@ -27,6 +30,7 @@ from .._checks import check_finite, check_interval
 from ..core.curvature import Curvature, power_iteration
 from ..core.kfac import LayerFactors, fit_factors
 from ..core.layers import DEFAULT_MAX_VOCAB, LayerPlan, find_layers
+from ..core.local import DEFAULT_MAX_LOCAL, LocalModule
 from ..errors import NotPositiveDefiniteError, UnsupportedModelError
 from .base import OneShotSolver, Solution, one_shot_solution
 from .cg import CG
@@ -83,6 +87,7 @@ class KFACState:
         fallback: the restricted exact operator on the non-factorable parameters, or ``None``.
         fallback_chol: its Cholesky factor (preconditioner use, small blocks), or ``None``.
         fallback_scale: the scalar that preconditions a large fallback block, or ``None``.
+        local: per local module, (the module, the Cholesky factor of its block of G + d).
         stats: the numbers every ``Solution.stats`` of this fit carries.
     """
 
@@ -94,6 +99,7 @@ class KFACState:
     stats: dict[str, Any]
     fallback_chol: torch.Tensor | None = None
     fallback_scale: float | None = None
+    local: list[tuple[LocalModule, torch.Tensor]] = field(default_factory=list)
     #: (Q_S, Q_A, 1/(Λ + d)) per layer cast to a lower working dtype, made on first use (``precondition``)
     cast_blocks: dict[torch.dtype, list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]]] = field(default_factory=dict)
 
@@ -134,11 +140,18 @@ class KFAC(OneShotSolver):
     (``l2_exclude``) the diagonal is not a multiple of I and its diagonal in the Kronecker
     eigenbasis is used instead (``stats["l2_fold"]`` says which).
 
-    **Parameters in no factorable layer** (LayerNorm, a bare ``nn.Parameter``, an embedding over
+    **Parameters in no factorable layer.** Those of a module (not the model itself) of at most
+    ``max_local`` parameters whose per-point gradients can be computed inside the module — a
+    LayerNorm's scale and shift, a learned position embedding shared by the batch, a small custom
+    module (``core.local``; checked against autograd on probe points) — get one dense block per
+    module: the exact GGN restricted to them, G_φφ = (1/n) Σᵢₖ uᵢₖuᵢₖᵀ from their module-local
+    pseudo-gradients, summed in the factor pass and solved by Cholesky with d on its diagonal
+    (``stats["local_blocks"]``). The rest (a bare ``nn.Parameter`` of the model, an embedding over
     ``max_vocab`` tokens (when set) or with ``max_norm`` / ``scale_grad_by_freq`` / ``sparse``, tied weights, a
     shared layer, …) form one block, solved by CG on the exact HVP of H + δI restricted to it
-    (``fallback_rtol``); one full-data HVP per CG iteration. ``stats["fallback_params"]`` names
-    them. A model with no factorable layer in θ is refused: use ``CG`` there.
+    (``fallback_rtol``); one full-data HVP per CG iteration and right-hand side, the cost that
+    dominates on a transformer when it is needed. ``stats["fallback_params"]`` names them. A model
+    with no factorable layer in θ is refused: use ``CG`` there.
 
     **Memory.** Per layer with ``cols`` input columns (inputs + 1 for a bias) and ``out`` outputs, the
     float64 factors take 8·(cols² + out²) bytes for A and S, as much again for their eigenvectors
@@ -187,6 +200,9 @@ class KFAC(OneShotSolver):
             iteration count can change (MNIST softmax regression, n = 20,000: the factor pass
             drops from all 20,000 points to 4,096 while CG still takes 19 iterations).
         seed: seeds the subset of ``max_points``.
+        max_local: the most parameters of one module given a dense module-local block (its
+            memory is 8·p_m² bytes and three times that while it is built and factored); a larger
+            module's parameters go to the CG fallback block. ``None``: no cap; 0: no local blocks.
         max_vocab: the largest ``nn.Embedding`` vocabulary V that is factored, or ``None`` (the
             default, ``core.layers.DEFAULT_MAX_VOCAB``): no cap — an embedding costs its d × V
             block (eigenvalues, inverse) and V token counts, never a V × V matrix or one-hot
@@ -214,6 +230,7 @@ class KFAC(OneShotSolver):
     max_points: int | None = None
     seed: int = 0
     max_vocab: int | None = DEFAULT_MAX_VOCAB
+    max_local: int | None = DEFAULT_MAX_LOCAL
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -223,6 +240,8 @@ class KFAC(OneShotSolver):
         check_interval(owner, "seed", self.seed, 0, None, closed="left", integer=True)
         if self.max_vocab is not None:
             check_interval(owner, "max_vocab", self.max_vocab, 1, None, closed="left", integer=True)
+        if self.max_local is not None:
+            check_interval(owner, "max_local", self.max_local, 0, None, closed="left", integer=True)
         check_interval(owner, "damping", self.damping, 0.0, None, closed="left")
         check_interval(owner, "fallback_rtol", self.fallback_rtol, 0.0, 1.0)
         if self.fallback_maxiter is not None:
@@ -233,9 +252,11 @@ class KFAC(OneShotSolver):
     def prepare(self, curvature: Curvature) -> KFACState:
         t0 = time.perf_counter()
         obj = curvature.objective
-        plan = find_layers(obj, curvature.data, embeddings=True, max_vocab=self.max_vocab)
+        plan = find_layers(obj, curvature.data, embeddings=True, max_vocab=self.max_vocab,
+                           local=self.max_local != 0, max_local=self.max_local)
         if not plan.blocks:
-            reasons = "; ".join(f"{n}: {r}" for n, r in plan.reasons.items())
+            reasons = "; ".join([f"{n}: {r}" for n, r in plan.reasons.items()]
+                                + [f"{n}: module-local (no Kronecker factors)" for lm in plan.local for n in lm.params])
             raise UnsupportedModelError(
                 f"{type(self).__name__} found no factorable layer in θ (an nn.Linear, nn.Conv2d or nn.Embedding whose weight is in θ, "
                 f"called once per forward pass), so it would be plain CG. Parameters: {reasons}. "
@@ -247,7 +268,7 @@ class KFAC(OneShotSolver):
             data = data.subset(torch.randperm(len(data), generator=gen)[: self.max_points].sort().values)
         factors, fit = fit_factors(
             obj, data, plan.blocks, params=curvature.params, batch_size=curvature.batch_size,
-            eigen_correction=self.eigen_correction, executor=curvature.executor,
+            eigen_correction=self.eigen_correction, executor=curvature.executor, local=plan.local,
         )
         diag = curvature.diagonal.to(torch.float64) + self.damping
         inv_eigs, folds = [], []
@@ -275,6 +296,7 @@ class KFAC(OneShotSolver):
                     suggested_damping=fix,
                 )
             inv_eigs.append(1.0 / denom)
+        local = [(lm, self._local_cholesky(lm, fit.local_ggn[lm.name], diag, curvature)) for lm in plan.local]
         fallback = BlockOperator(curvature, plan.other_index) if plan.other else None
         fold = "exact" if all(x == "exact" for x in folds) else "eigenbasis-diagonal on " + ", ".join(
             f.block.name for f, x in zip(factors, folds) if x != "exact"
@@ -284,6 +306,7 @@ class KFAC(OneShotSolver):
             "curvature_approximated": APPROXIMATES,
             "layers": tuple(f"{f.block.name or '<model>'} ({f.block.kind} {f.block.out_dim}×{f.block.cols})" for f in factors),
             "factored_params": sum(f.block.size for f in factors),
+            "local_blocks": tuple(f"{lm.name} (dense {lm.size}: exact GGN block)" for lm in plan.local),
             "fallback_params": plan.other,
             "fallback_size": fallback.p if fallback else 0,
             "fallback_method": "CG on the exact HVP restricted to the block" if fallback else "none",
@@ -298,7 +321,24 @@ class KFAC(OneShotSolver):
             "residual_against": f"the exact {curvature.describes} (one full-data product per solve)",
             "prepare_seconds": time.perf_counter() - t0,
         }
-        return KFACState(curvature, plan, factors, inv_eigs, fallback, stats)
+        return KFACState(curvature, plan, factors, inv_eigs, fallback, stats, local=local)
+
+    def _local_cholesky(self, lm: LocalModule, ggn: torch.Tensor, diag: torch.Tensor, curvature: Curvature) -> torch.Tensor:
+        """The Cholesky factor of a local module's block G_φφ + d (d: L2, δ and this solver's damping)."""
+        M = ggn + torch.diag(diag[lm.index])
+        L, info = torch.linalg.cholesky_ex(M)
+        if int(info) == 0:
+            return L
+        ev = torch.linalg.eigvalsh(M)
+        fix = suggest_damping(float(ev[0]), curvature.damping + self.damping, float(ev[-1]))
+        raise NotPositiveDefiniteError(
+            f"The Gauss–Newton block of module '{lm.name}' ({lm.size} parameters) plus l2 + damping is singular "
+            f"(smallest eigenvalue {float(ev[0]):.3e}): e.g. a position that never occurs, with l2 + δ = 0. Pass "
+            f"damping ≥ {fix:.2g} (Influence(..., damping={fix:.2g}) or {type(self).__name__}(damping={fix:.2g})), "
+            "or an l2 term.",
+            min_eigenvalue=float(ev[0]),
+            suggested_damping=fix,
+        )
 
     def prepare_preconditioner(self, curvature: Curvature) -> KFACState:
         """``prepare``, plus a fixed linear inverse for the fallback block (CG needs a fixed SPD
@@ -339,9 +379,12 @@ class KFAC(OneShotSolver):
     # ── apply ─────────────────────────────────────────────────────────────────────────
     @staticmethod
     def apply_blocks(state: KFACState, V: torch.Tensor) -> torch.Tensor:
-        """The layer blocks of the approximate inverse applied to V (k, p), in V's dtype (for
-        ``solve``: the model's, float32 or float64); the fallback coordinates are left 0."""
+        """The layer blocks (and local modules' dense blocks, in float64) of the approximate inverse
+        applied to V (k, p), in V's dtype (for ``solve``: the model's, float32 or float64); the
+        fallback coordinates are left 0."""
         X = torch.zeros_like(V)
+        for lm, L in state.local:
+            X[:, lm.index] = torch.cholesky_solve(V[:, lm.index].T.to(L.dtype), L).T.to(V.dtype)
         for f, (Q_S, Q_A, inv) in zip(state.factors, state.blocks_in(V.dtype)):
             idx = f.block.index
             Y = Q_S.T @ V[:, idx]  # rotate into the Kronecker eigenbasis
