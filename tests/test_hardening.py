@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -309,9 +310,9 @@ def test_influence_progress_false_silences_its_solvers_bars(monkeypatch):
 
     shown: list[str] = []
 
-    def fake_tqdm(iterable, desc, **kw):
+    def fake_tqdm(iterable=None, desc=None, **kw):
         shown.append(desc)
-        return iterable
+        return iterable if iterable is not None else mock.MagicMock()  # a bar the loop updates itself
 
     monkeypatch.setattr(prog, "tqdm", fake_tqdm)
     model, (X, y) = _softmax_problem()

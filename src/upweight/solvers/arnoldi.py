@@ -148,7 +148,7 @@ class Arnoldi(InverseHVPSolver):
         p = curvature.p
         rank = min(self.rank, p)
         steps = min(rank + (rank if self.oversampling is None else self.oversampling), p)
-        kd = krylov_decomposition(curvature.matvec, p, steps=steps, dtype=curvature.dtype, seed=self.seed)
+        kd = krylov_decomposition(curvature.matvec, p, steps=steps, dtype=curvature.dtype, seed=self.seed, desc="Arnoldi")
         theta, S = torch.linalg.eigh(kd.T)  # ascending
         keep = torch.argsort(theta.abs(), descending=True, stable=True)[:rank]
         lam, Sr = theta[keep], S[:, keep]

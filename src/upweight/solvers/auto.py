@@ -12,6 +12,7 @@ import torch
 
 from .._checks import check_choice, check_interval
 from .._memory import available_memory
+from .._progress import progress_enabled
 from ..core.curvature import Curvature
 from ..errors import NotPositiveDefiniteError
 from .base import InverseHVPSolver, Solution, non_numerical
@@ -97,7 +98,7 @@ class Auto(InverseHVPSolver):
         spectrum_sample: training points in the subsample the LiSSA path estimates the spectrum on.
         on_indefinite: "raise" (default) or "damp" when H + δI is not positive definite.
         seed: seeds Lanczos, the subsample and LiSSA.
-        progress: LiSSA's progress bar.
+        progress: the progress bars of the work it runs (Lanczos, CG or LiSSA; ``_progress``).
 
     Raises:
         InputError: an invalid setting, naming the parameter.
@@ -152,6 +153,10 @@ class Auto(InverseHVPSolver):
         return limit, why + (f", capped at {DENSE_P_CAP}" if limit == DENSE_P_CAP else "")
 
     def prepare(self, curvature: Curvature) -> AutoState:
+        with progress_enabled(self.progress):
+            return self._prepare(curvature)
+
+    def _prepare(self, curvature: Curvature) -> AutoState:
         t0 = time.perf_counter()
         p, n = curvature.p, curvature.n
         limit, limit_why = self.dense_limit()
@@ -226,7 +231,8 @@ class Auto(InverseHVPSolver):
     # ── the solves ───────────────────────────────────────────────────────────────────
     def solve(self, state: AutoState, rhs: torch.Tensor) -> Solution:
         t0 = time.perf_counter()
-        sol = state.solver.solve(state.inner, rhs)
+        with progress_enabled(self.progress):
+            sol = state.solver.solve(state.inner, rhs)
         return dataclasses.replace(sol, seconds=time.perf_counter() - t0, stats={**sol.stats, **state.stats})
 
 

@@ -10,6 +10,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 from .._checks import check_finite, check_interval
+from .._progress import NoBar, ProgressBar, progress_bar
 from ..core.curvature import Curvature
 from ..errors import InputError, NotConvergedWarning, NotPositiveDefiniteError, SolverError
 from .base import InverseHVPSolver, Solution, gauss_newton_hint, relative_residual
@@ -158,12 +159,14 @@ class CG(InverseHVPSolver):
                      "Check the gradients it was built from (e.g. the test points' outputs may overflow at θ̂).")
         maxiter = self.maxiter or min(2 * curv.p, 10_000)
         tol = torch.clamp(self.rtol * B.norm(dim=1), min=self.atol)
-        if self.block:
-            X, rnorm, it = self._block_cg(curv, B, tol, maxiter, precondition)
-        else:
-            X, rnorm, it = self._cg(curv, B, tol, maxiter, precondition)
         what = ("CG" if pre is None else "Preconditioned CG") if not self.block else (
             "Block CG" if pre is None else "Preconditioned block CG")
+        target = {"residual": 1.0, "rtol": self.rtol} | ({"atol": self.atol} if self.atol > 0 else {})
+        with progress_bar(desc=what, total=maxiter, postfix=target) as bar:
+            if self.block:
+                X, rnorm, it = self._block_cg(curv, B, tol, maxiter, precondition, bar)
+            else:
+                X, rnorm, it = self._cg(curv, B, tol, maxiter, precondition, bar)
         check_finite(X, f"The {what} solution", "Check the model and loss at θ̂, or add damping.")
         res = relative_residual(curv.matvec(X), B)
         if not bool(torch.isfinite(res).all()):
@@ -194,8 +197,9 @@ class CG(InverseHVPSolver):
         return Solution(X.to(rhs.dtype), res, converged, it, time.perf_counter() - t0, stats)
 
     def _cg(self, curv: Curvature, B: torch.Tensor, tol: torch.Tensor, maxiter: int,
-            precondition: Any) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """k independent (preconditioned) CG recurrences sharing each HVP block: (X, ‖R‖ per row, iterations)."""
+            precondition: Any, bar: ProgressBar | NoBar) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """k independent (preconditioned) CG recurrences sharing each HVP block: (X, ‖R‖ per row, iterations);
+        ``bar`` advances once per iteration, showing the largest relative residual ‖rⱼ‖/‖vⱼ‖."""
         X = torch.zeros_like(B)
         R = B.clone()
         Z = precondition(R)
@@ -225,15 +229,16 @@ class CG(InverseHVPSolver):
             self._check_spd_preconditioner(rz_new, rnorm[idx])
             P[idx] = Za + (rz_new / rz[idx])[:, None] * Pa
             rz[idx] = rz_new
+            bar.update(1, residual=lambda: _max_relative(rnorm, B))
         return X, rnorm, it
 
     def _block_cg(self, curv: Curvature, B: torch.Tensor, tol: torch.Tensor, maxiter: int,
-                  precondition: Any) -> tuple[torch.Tensor, torch.Tensor, int]:
+                  precondition: Any, bar: ProgressBar | NoBar) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Block CG (O'Leary 1980), breakdown-free (Ji & Li 2017): the search block P (s, p) has
         orthonormal rows spanning Z + βP_prev (Z = M⁻¹R of the unconverged columns), so PAPᵀ is
         well conditioned whatever the residuals' rank; with Q = AP (one HVP block),
         α = (PAPᵀ)⁻¹PRᵀ, X += αᵀP, R −= αᵀQ, β = −(PAPᵀ)⁻¹QZᵀ (A-conjugacy to the last block).
-        Rows as vectors throughout: (X, ‖R‖ per row, iterations)."""
+        Rows as vectors throughout: (X, ‖R‖ per row, iterations); ``bar`` as in ``_cg``."""
         X = torch.zeros_like(B)
         R = B.clone()
         Z = precondition(R)
@@ -261,6 +266,7 @@ class CG(InverseHVPSolver):
             Ra -= alpha.T @ Q
             R[idx] = Ra
             rnorm[idx] = Ra.norm(dim=1)
+            bar.update(1, residual=lambda: _max_relative(rnorm, B))
             Z = precondition(Ra)
             self._check_spd_preconditioner((Ra * Z).sum(1), rnorm[idx])
             still = rnorm[idx] > tol[idx]
@@ -314,3 +320,10 @@ def _orthonormal_rows(W: torch.Tensor) -> torch.Tensor:
     never loses rank — the "breakdown-free" part."""
     Q, _ = torch.linalg.qr(W.T)
     return Q.T.contiguous()
+
+
+def _max_relative(rnorm: torch.Tensor, B: torch.Tensor) -> float:
+    """The largest relative residual maxⱼ ‖rⱼ‖/‖vⱼ‖ of the iteration (for the progress bar)."""
+    if not len(B):
+        return 0.0
+    return float((rnorm / B.norm(dim=1).clamp_min(torch.finfo(B.dtype).tiny)).max())

@@ -23,8 +23,9 @@ from typing import Any
 import torch
 
 from .._checks import check_finite, check_interval
+from .._progress import progress
 from ..core.curvature import Curvature
-from ..core.grads import iter_per_sample_grads
+from ..core.grads import grad_chunk_size, iter_per_sample_grads
 from ..errors import InputError, NotPositiveDefiniteError
 from .base import OneShotSolver, Solution, one_shot_solution, relative_residual
 
@@ -199,7 +200,7 @@ class DataInf(OneShotSolver):
         n = curvature.n
         sq = torch.zeros(n, len(blocks), dtype=torch.float64)  # ‖gᵢₗ‖² per point and block
         s = 0
-        for G in self._grads(curvature):
+        for G in self._grads(curvature, "DataInf: gradient norms"):
             for j, b in enumerate(blocks):
                 sq[s : s + len(G), j] = (G[:, b.index] ** 2).sum(1)
             s += len(G)
@@ -250,9 +251,11 @@ class DataInf(OneShotSolver):
         return DataInfState(curvature, blocks, lam, stats)
 
     @staticmethod
-    def _grads(curv: Curvature) -> Iterator[torch.Tensor]:
-        """The per-sample gradients ∇θL(zᵢ, θ̂) in memory-bounded chunks (b, p), float64."""
-        for _, G in iter_per_sample_grads(curv.objective, curv.params, curv.data, curv.batch_size):
+    def _grads(curv: Curvature, desc: str) -> Iterator[torch.Tensor]:
+        """The per-sample gradients ∇θL(zᵢ, θ̂) in memory-bounded chunks (b, p), float64, with a progress bar."""
+        chunks = -(-curv.n // grad_chunk_size(curv.objective.p, curv.batch_size, curv.objective.dtype))
+        it = iter_per_sample_grads(curv.objective, curv.params, curv.data, curv.batch_size)
+        for _, G in progress(it, desc=desc, total=chunks):
             yield G.to(torch.float64)
 
     # ── solve ─────────────────────────────────────────────────────────────────────────
@@ -262,7 +265,7 @@ class DataInf(OneShotSolver):
         V = rhs.reshape(-1, curv.p).to(torch.float64)
         inv = 1.0 / state.lam
         acc = torch.zeros_like(V)
-        for G in self._grads(curv):
+        for G in self._grads(curv, "DataInf: solve"):
             W = G * inv  # Λ⁻¹gᵢ
             for b in state.blocks:
                 Wb = W[:, b.index]
@@ -273,7 +276,7 @@ class DataInf(OneShotSolver):
         stats = dict(state.stats)
         if self.fisher_residual:
             FX = X * state.lam
-            for G in self._grads(curv):
+            for G in self._grads(curv, "DataInf: Fisher residual"):
                 for b in state.blocks:
                     Gb = G[:, b.index]
                     FX[:, b.index] += (X[:, b.index] @ Gb.T) @ Gb / curv.n

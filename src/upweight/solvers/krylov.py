@@ -8,10 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
 from .._checks import check_finite, check_interval
+from .._progress import progress_bar
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,7 @@ def krylov_decomposition(
     steps: int,
     dtype: torch.dtype = torch.float64,
     seed: int = 0,
+    desc: str = "Krylov",
 ) -> KrylovDecomposition:
     """``steps`` Arnoldi steps with full reorthogonalisation on a symmetric operator A of size p.
 
@@ -63,6 +66,7 @@ def krylov_decomposition(
         steps: number of steps = products with A; at most p.
         dtype: dtype of the vectors handed to ``matvec``; the recurrence runs in float64.
         seed: seeds the random start (and restart) vectors.
+        desc: the label of its progress bar (one update per step, with the current range of Ritz values).
 
     Returns:
         A ``KrylovDecomposition``.
@@ -80,28 +84,30 @@ def krylov_decomposition(
     q = torch.randn(p, generator=gen, dtype=torch.float64)
     q /= q.norm()
     restarts, scale = 0, 0.0
-    for j in range(steps):
-        Q[j] = q
-        w = matvec(q.to(dtype)).reshape(p).to(torch.float64)
-        check_finite(w, "A Hessian-vector product in a Krylov iteration", "Check the model and loss for overflow at θ̂.")
-        AQ[j] = w
-        basis = Q[: j + 1]
-        h = torch.zeros(j + 1, dtype=torch.float64)
-        for _ in range(2):
-            c = basis @ w
-            w = w - basis.T @ c
-            h += c
-        Hc[: j + 1, j] = h
-        beta = float(w.norm())
-        scale = max(scale, float(h.abs().max()), beta)
-        if j + 1 == steps:
-            break
-        if beta > 1e-10 * max(scale, 1e-300):
-            q = w / beta
-            continue
-        # invariant subspace: continue from a random direction orthogonal to it
-        restarts += 1
-        q = _fresh_direction(Q[: j + 1], gen)
+    with progress_bar(desc=desc, total=steps) as bar:
+        for j in range(steps):
+            Q[j] = q
+            w = matvec(q.to(dtype)).reshape(p).to(torch.float64)
+            check_finite(w, "A Hessian-vector product in a Krylov iteration", "Check the model and loss for overflow at θ̂.")
+            AQ[j] = w
+            basis = Q[: j + 1]
+            h = torch.zeros(j + 1, dtype=torch.float64)
+            for _ in range(2):
+                c = basis @ w
+                w = w - basis.T @ c
+                h += c
+            Hc[: j + 1, j] = h
+            beta = float(w.norm())
+            scale = max(scale, float(h.abs().max()), beta)
+            bar.update(1, ritz=partial(_ritz_range, Hc, j + 1))
+            if j + 1 == steps:
+                break
+            if beta > 1e-10 * max(scale, 1e-300):
+                q = w / beta
+                continue
+            # invariant subspace: continue from a random direction orthogonal to it
+            restarts += 1
+            q = _fresh_direction(Q[: j + 1], gen)
     T = torch.triu(Hc) + torch.triu(Hc, 1).T
     return KrylovDecomposition(Q=Q, AQ=AQ, T=T, restarts=restarts)
 
@@ -115,3 +121,10 @@ def _fresh_direction(basis: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         norm = float(q.norm())
         if norm > 1e-8:
             return q / norm
+
+
+def _ritz_range(Hc: torch.Tensor, m: int) -> str:
+    """"[θ_min, θ_max]" of the Ritz values after m steps, from the coefficients' upper triangle (for the progress bar)."""
+    Hm = Hc[:m, :m]
+    theta = torch.linalg.eigvalsh(torch.triu(Hm) + torch.triu(Hm, 1).T)
+    return f"[{float(theta[0]):.3g}, {float(theta[-1]):.3g}]"

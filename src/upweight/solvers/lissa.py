@@ -11,7 +11,7 @@ from typing import Any, Literal
 import torch
 
 from .._checks import check_interval
-from .._progress import progress
+from .._progress import progress_bar
 from ..core.curvature import Curvature
 from ..errors import DivergenceError, InputError
 from .base import InverseHVPSolver, Solution, non_numerical, relative_residual
@@ -38,7 +38,7 @@ class LiSSA(InverseHVPSolver):
             minibatch Hessians (which over-estimate the full one: the safe side).
         seed: seeds a local ``torch.Generator``; same seed, same answer.
         check_every: steps between divergence checks.
-        progress: show a progress bar over the steps.
+        progress: show a progress bar over the steps (the recursion depth of each repeat).
 
     Raises:
         DivergenceError: ‖hⱼ‖ grew beyond 10·(j+1)·‖v‖ (impossible while the series converges)
@@ -86,19 +86,19 @@ class LiSSA(InverseHVPSolver):
         n = curv.n
         gen = torch.Generator().manual_seed(self.seed)
         total = torch.zeros_like(V)
-        steps = progress(range(self.repeats * self.depth), desc="LiSSA", enabled=self.progress)
-        it = iter(steps)
-        for rep in range(self.repeats):
-            h = V.clone()
-            for j in range(1, self.depth + 1):
-                next(it, None)
-                idx = torch.randint(n, (min(self.batch_size, n),), generator=gen)
-                h = V + h - curv.batch_matvec(h, curv.data.subset(idx)) / s
-                if j % self.check_every == 0 or j == self.depth:
-                    hn = h.norm(dim=1)
-                    if not bool(torch.isfinite(hn).all()) or bool((hn > 10.0 * (j + 1) * vnorm).any()):
-                        self._raise_divergence(curv, s, rep, j, float(hn.max()))
-            total += h / s
+        with progress_bar(desc="LiSSA", total=self.repeats * self.depth, enabled=self.progress) as bar:
+            for rep in range(self.repeats):
+                h = V.clone()
+                bar.set_postfix(repeat=f"{rep + 1}/{self.repeats}")
+                for j in range(1, self.depth + 1):
+                    idx = torch.randint(n, (min(self.batch_size, n),), generator=gen)
+                    h = V + h - curv.batch_matvec(h, curv.data.subset(idx)) / s
+                    if j % self.check_every == 0 or j == self.depth:
+                        hn = h.norm(dim=1)
+                        if not bool(torch.isfinite(hn).all()) or bool((hn > 10.0 * (j + 1) * vnorm).any()):
+                            self._raise_divergence(curv, s, rep, j, float(hn.max()))
+                    bar.update(1)
+                total += h / s
         X = total / self.repeats
         res = relative_residual(curv.matvec(X), V)
         return Solution(

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from .._checks import check_finite, check_interval
+from .._progress import progress_bar
 from ..core.curvature import Curvature
 from ..errors import InputError, NotPositiveDefiniteError
 from .base import OneShotSolver, Solution, one_shot_solution
@@ -191,13 +192,15 @@ class Nystrom(OneShotSolver):
         del gauss
         passes = 0
         Y: torch.Tensor | None = None  # allocated after the first product: the HVPs' own workspace comes first
-        for s in range(0, r, self.block_size):
-            block = curvature.matvec(omega[s : s + self.block_size])
-            if Y is None:
-                Y = torch.empty(r, p, dtype=f64)
-            Y[s : s + self.block_size].copy_(block)
-            del block
-            passes += 1
+        with progress_bar(desc=f"Nyström sketch (rank {r})", total=-(-r // self.block_size), unit="pass") as bar:
+            for s in range(0, r, self.block_size):
+                block = curvature.matvec(omega[s : s + self.block_size])
+                if Y is None:
+                    Y = torch.empty(r, p, dtype=f64)
+                Y[s : s + self.block_size].copy_(block)
+                del block
+                passes += 1
+                bar.update(1)
         assert Y is not None
         Y.add_(omega, alpha=-mu)  # rows A ωⱼ = (H + δI)ωⱼ − μωⱼ
         check_finite(Y, "The Nyström sketch AΩ", "Check the model and loss for overflow at θ̂.")

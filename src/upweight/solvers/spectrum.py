@@ -137,7 +137,7 @@ def lanczos(
     check_interval("lanczos", "k", k, 1, None, closed="left", integer=True)
     check_interval("lanczos", "p", p, 1, None, closed="left", integer=True)
     steps = min(k, p)
-    kd = krylov_decomposition(matvec, p, steps=steps, dtype=dtype, seed=seed)
+    kd = krylov_decomposition(matvec, p, steps=steps, dtype=dtype, seed=seed, desc="Lanczos")
     theta, S = torch.linalg.eigh(kd.T)  # ascending Ritz values
     # ‖A y − θ y‖ of each Ritz pair, measured with the recorded products (A is linear)
     resid = (S.T @ kd.AQ - theta[:, None] * (S.T @ kd.Q)).norm(dim=1)
