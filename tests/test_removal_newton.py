@@ -85,6 +85,46 @@ def test_woodbury_equals_the_explicit_newton_step(loss, C, squeeze, solver):
     assert sub.train_ids.tolist() == [5, 0]
 
 
+def test_network_non_linear_in_theta_takes_the_gauss_newton_step():
+    """A tanh MLP with Influence(curvature="gauss-newton"): the estimate is (G − Gᵢ/n)⁻¹∇L(zᵢ)/n with
+    G = (1/n)Σ Jⱼᵀ∇²_zL Jⱼ + l2·I and Gᵢ = Jᵢᵀ∇²_zL Jᵢ from explicit Jacobians of the outputs."""
+    torch.manual_seed(2)
+    n, d, h, C, l2 = 16, 3, 4, 3, 0.05
+    X = torch.randn(n, d, dtype=torch.float64)
+    y = torch.randint(0, C, (n,))
+    Xt, yt = torch.randn(2, d, dtype=torch.float64), torch.tensor([0, 2])
+    model = torch.nn.Sequential(torch.nn.Linear(d, h), torch.nn.Tanh(), torch.nn.Linear(h, C)).double().eval()
+    names = [k for k, _ in model.named_parameters()]
+    shapes = [t.shape for _, t in model.named_parameters()]
+    theta = torch.cat([t.detach().reshape(-1) for t in model.parameters()])
+
+    def outputs(t, Xs):
+        parts, s = {}, 0
+        for name, shape in zip(names, shapes):
+            parts[name] = t[s : s + shape.numel()].reshape(shape)
+            s += shape.numel()
+        return torch.func.functional_call(model, parts, (Xs,))
+
+    def ggn(i):
+        J = torch.autograd.functional.jacobian(lambda t: outputs(t, X[i : i + 1])[0], theta)  # (C, p)
+        prob = torch.softmax(outputs(theta, X[i : i + 1])[0], 0)
+        return J.T @ (torch.diag(prob) - torch.outer(prob, prob)) @ J
+
+    def grad_loss(Xs, ys):
+        return torch.func.grad(lambda t: F.cross_entropy(outputs(t, Xs), ys))(theta)
+
+    Gi = [ggn(i) for i in range(n)]
+    G = sum(Gi) / n + l2 * torch.eye(len(theta), dtype=torch.float64)
+    gt = torch.stack([grad_loss(Xt[j : j + 1], yt[j : j + 1]) for j in range(2)])
+    inf = uw.Influence(uw.Objective(model, "cross_entropy", l2=l2), solver=uw.Direct(), curvature="gauss-newton",
+                       grad_tol=math.inf, progress=False).fit((X, y))
+    eff = inf.removal_effect_newton((Xt, yt))
+    for i in range(n):
+        g = grad_loss(X[i : i + 1], y[i : i + 1])
+        np.testing.assert_allclose(eff.values[:, i], (gt @ torch.linalg.solve(G - Gi[i] / n, g / n)).numpy(),
+                                   rtol=1e-7, atol=1e-12)
+
+
 def test_singular_leave_one_out_curvature_is_refused():
     """Least squares without L2, one point alone carrying a feature: removing it leaves H − Hᵢ/n
     singular (leverage 1), where no Newton step exists."""

@@ -16,8 +16,9 @@ The point's curvature is taken as its Gauss–Newton matrix Hᵢ = Jᵢᵀ Aᵢ 
 of the model output zᵢ ∈ ℝᶜ and Aᵢ = ∇²_z L(zᵢ) the loss's Hessian in the output (C×C). Where the
 output is linear in θ (logistic / softmax / linear regression, a linear head on fixed features)
 this *is* ∇²θL(zᵢ, θ̂); for a network that is non-linear in θ it drops Σ_c ∂L/∂z_c ∇²θz_c and the
-step is an approximation (exactly consistent with ``Influence(curvature="gauss-newton")``). The
-L2 term stays in R₋ᵢ, so it is not part of Hᵢ.
+step is an approximation of the Newton step (with ``Influence(curvature="gauss-newton")``, where H
+is the Gauss–Newton matrix too, it is exactly the Gauss–Newton step on R₋ᵢ). The L2 term stays in
+R₋ᵢ, so it is not part of Hᵢ.
 
 With the eigendecomposition Aᵢ = Qᵢ Λᵢ Qᵢᵀ, Uᵢ = Jᵢᵀ Qᵢ |Λᵢ|^½ (p × rᵢ, zero eigenvalues dropped,
 rᵢ ≤ C) and Dᵢ = sign(Λᵢ), Hᵢ = Uᵢ Dᵢ Uᵢᵀ and the Woodbury identity gives
