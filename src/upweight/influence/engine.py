@@ -651,7 +651,7 @@ class Influence:
         output is linear in θ), applied by Woodbury: one block solve with at most C right-hand sides
         per point (C outputs) plus one s_test solve. It corrects the first order's shrinkage by up to
         1/(1 − leverage) for high-leverage points. ``CurvatureError`` where H + δI − Hᵢ/n is not
-        positive definite. Derivation: ``upweight.influence.removal``.
+        positive definite to the accuracy of the solves. Derivation: ``upweight.influence.removal``.
 
         Args:
             test: test points ``(X, y)``; f is the objective's measure.

@@ -226,10 +226,11 @@ def newton_removal_effect(influence: Influence, test: Any, train: TrainSelection
         shown = ", ".join(f"id {i} (leverage {h:.3g})" for i, h in bad[:10])
         more = f" and {len(bad) - 10} more" if len(bad) > 10 else ""
         raise CurvatureError(
-            f"Removing training point(s) {shown}{more} leaves a leave-one-out curvature H + δI − Hᵢ/n that is not "
-            "positive definite (leverage ≥ 1: the point alone supplies the curvature of some direction of θ), so one "
-            "Newton step on the leave-one-out objective is meaningless there. Add l2 or damping, or leave those points "
-            "out of the selection; the first-order removal_effect is still defined."
+            f"Removing training point(s) {shown}{more} leaves a leave-one-out curvature H + δI − Hᵢ/n that is "
+            "indefinite, or singular to the accuracy of the solves (leverage 1 or above: the point alone supplies the "
+            "curvature of some direction of θ), so one Newton step on the leave-one-out objective is undefined there. "
+            "Add l2 or damping, or leave those points out of the selection; the first-order removal_effect is still "
+            "defined."
         )
     check_finite(torch.from_numpy(values), "The leverage-corrected removal effect")
     prov = influence._provenance(sol_test, t0)
