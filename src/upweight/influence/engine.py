@@ -63,6 +63,7 @@ from ..solvers import CG, InverseHVPSolver, Solution
 from ..solvers.base import relative_residual
 from ..store import ChunkedArray, Store, array_digest, opened_store
 from .group import GroupInfluence, compute_group_influence
+from .removal import RemovalEffect, newton_removal_effect
 from .results import InfluenceScores, ParamInfluence, PertScores, SelfInfluence
 
 TrainSelection = Any  # None (all) or indices into the fitted training data
@@ -668,6 +669,28 @@ class Influence:
     ) -> InfluenceScores:
         """Predicted change of the test measurement when each training point is removed: −I_up,loss / n."""
         return self.up_loss(test, train, store=store, executor=executor).as_removal_effect()
+
+    def removal_effect_newton(self, test: Any, train: TrainSelection = None) -> RemovalEffect:
+        """Predicted change of the test measurement when each training point zᵢ is removed, by one
+        Newton step on the leave-one-out objective R − L(zᵢ)/n instead of the first-order −I_up,loss/n:
+
+            Δθᵢ = (H + δI − Hᵢ/n)⁻¹ ∇θL(zᵢ, θ̂)/n,    Δf = ∇θf(z_test, θ̂)ᵀ Δθᵢ,
+
+        with Hᵢ the point's Gauss–Newton curvature Jᵢᵀ∇²_zL Jᵢ (its exact Hessian where the model
+        output is linear in θ), applied by Woodbury: one block solve with at most C right-hand sides
+        per point (C outputs) plus one s_test solve. It corrects the first order's shrinkage by up to
+        1/(1 − leverage) for high-leverage points. ``CurvatureError`` where H + δI − Hᵢ/n is not
+        positive definite to the accuracy of the solves. Derivation: ``upweight.influence.removal``.
+
+        Args:
+            test: test points ``(X, y)``; f is the objective's measure.
+            train: indices into the fitted training data, or ``None`` for all.
+
+        Returns:
+            ``RemovalEffect`` with ``values`` (n_test, k), the first-order ``first_order`` beside them
+            and each point's ``leverage``.
+        """
+        return newton_removal_effect(self, test, train)
 
     def up_params(self, train: TrainSelection = None) -> ParamInfluence:
         """I_up,params(z) = −H⁻¹∇θL(z, θ̂) — Koh & Liang (2017) Eq. 1; shape (n_selected, p).
