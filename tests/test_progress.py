@@ -119,9 +119,23 @@ def test_datainf_gradient_passes(instant, capsys):
         assert updates(err, desc) == chunks
 
 
+def test_kfac_factor_eigen_and_correction_passes(instant, capsys):
+    from upweight.solvers.kfac import EKFAC
+
+    inf = influence(EKFAC(residual_sample=0), max_residual=None)
+    err = capsys.readouterr().err
+    captures = inf.state_.stats["fit_passes"], -(-N // inf.state_.stats["fit_points_per_capture"])
+    assert captures[0] == 2
+    assert updates(err, "K-FAC factors") == captures[1]
+    assert updates(err, "EK-FAC eigenvalue correction") == captures[1]
+    assert updates(err, "K-FAC eigendecompositions") == len(inf.state_.factors) == 1
+
+
 def everything(progress: bool = True) -> None:
     test = problem()[2]
-    for solver in (CG(rtol=1e-10), CG(rtol=1e-10, block=False, preconditioner=Nystrom(rank=4)), Arnoldi(rank=4),
+    from upweight.solvers.kfac import EKFAC
+
+    for solver in (CG(rtol=1e-10), CG(rtol=1e-10, block=False, preconditioner=Nystrom(rank=4)), Arnoldi(rank=4), EKFAC(),
                    Auto(max_dense_p=0, lanczos_steps=5), LiSSA(depth=5, repeats=1, batch_size=BATCH)):
         influence(solver, progress=progress, max_residual=None).up_loss(test)
 

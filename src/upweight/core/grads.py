@@ -11,7 +11,7 @@ import torch
 from torch.func import grad, jvp, vmap
 
 from .._checks import check_finite
-from .._progress import logger
+from .._progress import logger, progress_bar
 from ..errors import InputError, UnsupportedModelError
 from . import batching
 from .data import Data, Inputs, map_inputs
@@ -145,10 +145,27 @@ def risk(objective: Objective, params: Params, data: Data, batch_size: int, weig
     return total / n + objective.regularizer(params)
 
 
-def risk_grad(objective: Objective, params: Params, data: Data, batch_size: int, weights: torch.Tensor | None = None) -> torch.Tensor:
-    """∇R(θ) as a flat vector (p,)."""
-    g = grad(lambda p: risk(objective, p, data, batch_size, weights))(params)
-    return objective.space.flatten(g)
+def risk_grad(objective: Objective, params: Params, data: Data, batch_size: int, weights: torch.Tensor | None = None,
+              *, progress: bool = False) -> torch.Tensor:
+    """∇R(θ) as a flat vector (p,), one batch of ``batch_size`` points (and its autograd graph) at a
+    time; ``progress``: a bar over the batches (``upweight._progress``)."""
+    n = len(data)
+    g: torch.Tensor | None = None
+    with progress_bar(desc="∇R(θ̂) over the training points", total=-(-n // batch_size), unit="batch",
+                      enabled=progress) as bar:
+        for s, batch in zip(range(0, n, batch_size), data.batches(batch_size)):
+            w = None if weights is None else weights[s : s + len(batch)]
+
+            def part(p: Params, batch: Data = batch, w: torch.Tensor | None = w, first: bool = s == 0) -> torch.Tensor:
+                losses = objective.losses(p, batch.X, batch.y)
+                total = (losses if w is None else losses * w.to(losses.dtype)).sum() / n
+                return total + objective.regularizer(p) if first else total
+
+            gb = objective.space.flatten(grad(part)(params))
+            g = gb if g is None else g + gb
+            bar.update(1)
+    assert g is not None, "risk_grad needs at least one training point"
+    return g
 
 
 def pert_directions(objective: Objective, params: Params, batch: Data, S: torch.Tensor) -> torch.Tensor:

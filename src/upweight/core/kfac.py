@@ -34,7 +34,7 @@ in the solvers). S and Λ are as for any layer.
 from __future__ import annotations
 
 import operator
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +43,7 @@ import torch
 
 from .._executor import Executor, inside_task, resolve, split_indices, thread_private
 from .._memory import check_memory
+from .._progress import progress, progress_bar
 from ..errors import CurvatureError
 from . import batching
 from .data import Data
@@ -175,6 +176,11 @@ def capture_batch_size(objective: Objective, data: Data, blocks: Sequence[LayerB
     return batching.points_within(batching.TENSOR_BYTES, per_point, batch_size)
 
 
+def _batches(ctx: _FactorContext, data: Data, desc: str) -> Iterator[Data]:
+    """The captures of one pass, with a progress bar in-process (not in an executor's tasks)."""
+    return progress(data.batches(ctx.step), desc=desc, total=-(-len(data) // ctx.step), enabled=not inside_task())
+
+
 def _private(ctx: _FactorContext) -> _FactorContext:
     d = ctx.data
     return thread_private(ctx, share=(d, d.X, d.y, d.ids))
@@ -190,7 +196,7 @@ def _moment_sums(ctx: _FactorContext, data: Data) -> _Sums:
     sums: dict[str, torch.Tensor] = {}
     locs: dict[str, int] = {}
     clamped = 0
-    for batch in data.batches(ctx.step):
+    for batch in _batches(ctx, data, "K-FAC factors"):
         cap = capture(ctx.objective, ctx.blocks, batch, params=ctx.params, cotangents="ggn", token_ids=True,
                       local=ctx.local)
         clamped += cap.clamped
@@ -235,7 +241,7 @@ def _correction_sums(ctx: _FactorContext, data: Data, bases: Sequence[tuple[torc
     thread, 1,000 images). A float64 model keeps float64 throughout."""
     sums = {blk.name: torch.zeros(blk.out_dim, blk.cols, dtype=torch.float64) for blk in ctx.blocks}
     cast: dict[torch.dtype, list[tuple[torch.Tensor | None, torch.Tensor]]] = {}
-    for batch in data.batches(ctx.step):
+    for batch in _batches(ctx, data, "EK-FAC eigenvalue correction"):
         cap = capture(ctx.objective, ctx.blocks, batch, params=ctx.params, cotangents="ggn", token_ids=True)
         for i, blk in enumerate(ctx.blocks):
             name = blk.name
@@ -372,24 +378,31 @@ def fit_factors(
     passes = _Passes(_FactorContext(objective, data, blocks, params, batch_size, local), executor)
     sums = passes.moments()
     factors = []
-    for blk in blocks:
-        S = _sym(sums.tensors["S:" + blk.name] / n)
-        identity_A = blk.kind == "embedding"
-        A: torch.Tensor | None
-        QA: torch.Tensor | None
-        if identity_A:  # A = diag(token counts)/n: its eigendecomposition is exact and free, nothing V × V
-            eA = sums.tensors["A:" + blk.name] / n
-            A, QA = None, None
-        else:
-            A = _sym(sums.tensors["A:" + blk.name] / n)
-            eA, QA = stable_eigh(A, f"the input factor A of '{blk.name}' ({A.shape[0]}×{A.shape[0]})")
-        eS, QS = stable_eigh(S, f"the output-gradient factor S of '{blk.name}' ({S.shape[0]}×{S.shape[0]})")
-        factors.append(LayerFactors(blk, A, S, eA.clamp_min(0), QA, eS.clamp_min(0), QS, sums.locations[blk.name],
-                                    identity_A=identity_A))
+    with progress_bar(desc="K-FAC eigendecompositions", total=len(blocks), unit="layer") as bar:
+        for blk in blocks:
+            factors.append(_eigen_factors(blk, sums, n))
+            bar.update(1)
     if eigen_correction:
         _correct(passes, factors)
     local_ggn = {lm.name: _sym(sums.tensors["L:" + lm.name] / n) for lm in local}
     return factors, FitStats(2 if eigen_correction else 1, n, sums.clamped, passes.where, passes.ctx.step, local_ggn)
+
+
+def _eigen_factors(blk: LayerBlock, sums: _Sums, n: int) -> LayerFactors:
+    """A layer's factors A, S from pass 1's sums, and their eigendecompositions."""
+    S = _sym(sums.tensors["S:" + blk.name] / n)
+    identity_A = blk.kind == "embedding"
+    A: torch.Tensor | None
+    QA: torch.Tensor | None
+    if identity_A:  # A = diag(token counts)/n: its eigendecomposition is exact and free, nothing V × V
+        eA = sums.tensors["A:" + blk.name] / n
+        A, QA = None, None
+    else:
+        A = _sym(sums.tensors["A:" + blk.name] / n)
+        eA, QA = stable_eigh(A, f"the input factor A of '{blk.name}' ({A.shape[0]}×{A.shape[0]})")
+    eS, QS = stable_eigh(S, f"the output-gradient factor S of '{blk.name}' ({S.shape[0]}×{S.shape[0]})")
+    return LayerFactors(blk, A, S, eA.clamp_min(0), QA, eS.clamp_min(0), QS, sums.locations[blk.name],
+                        identity_A=identity_A)
 
 
 def correct_eigenvalues(

@@ -33,12 +33,11 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from torch.func import grad as torch_grad
 
 from .._checks import check_choice, check_finite, check_interval, check_is_fitted, check_rows_finite
 from .._executor import Executor, resolve, thread_private
 from .._memory import check_memory, tensor_bytes
-from .._progress import logger, progress, progress_bar, progress_enabled
+from .._progress import logger, progress, progress_enabled
 from ..core.curvature import Curvature
 from ..core.data import Data
 from ..core.grads import (
@@ -46,6 +45,7 @@ from ..core.grads import (
     iter_per_sample_grads,
     per_sample_grads,
     pert_directions,
+    risk_grad,
 )
 from ..core.layers import LayerPlan
 from ..core.objective import Objective
@@ -205,7 +205,7 @@ class Influence:
         data = Data.from_any(train, what="training data").to(self.objective.dtype)
         self.objective.check_data(data, what="training")  # also refuses a model in training mode
         t0 = time.perf_counter()
-        g = self._risk_grad(data)
+        g = risk_grad(self.objective, self.objective.params, data, self.batch_size, progress=self.progress)
         self.grad_norm_ = float(g.norm())
         if not math.isfinite(self.grad_norm_):  # name the training points that make it so
             for batch, G in self._train_grad_chunks(data, "locating non-finite gradients"):
@@ -235,24 +235,6 @@ class Influence:
         self.fit_seconds_ = time.perf_counter() - t0
         logger.info("fitted %s on n=%d, p=%d in %.2fs", type(self.solver).__name__, self.n_train_, self.objective.p, self.fit_seconds_)
         return self
-
-    def _risk_grad(self, data: Data) -> torch.Tensor:
-        """∇R(θ̂) = (1/n) Σᵢ ∇θL(zᵢ, θ̂) + ∇(l2/2)‖θ‖², flat (p,): one batch of ``batch_size`` points
-        (and its autograd graph) at a time, with a progress bar over the batches."""
-        obj, n = self.objective, len(data)
-        g: torch.Tensor | None = None
-        with progress_bar(desc="∇R(θ̂) over the training points", total=-(-n // self.batch_size), unit="batch",
-                          enabled=self.progress) as bar:
-            for i, batch in enumerate(data.batches(self.batch_size)):
-                def part(params: Any, batch: Data = batch, first: bool = i == 0) -> torch.Tensor:
-                    loss = obj.losses(params, batch.X, batch.y).sum() / n
-                    return loss + obj.regularizer(params) if first else loss
-
-                gb = obj.space.flatten(torch_grad(part)(obj.params))
-                g = gb if g is None else g + gb
-                bar.update(1)
-        assert g is not None  # Data holds at least one point
-        return g
 
     def _resolve_scoring(self, data: Data) -> tuple[LayerPlan | None, str, str]:
         """(plan, "structured" | "generic", why) for the train-side sweep of ``up_loss``."""
