@@ -1,6 +1,10 @@
-"""Shared fixtures: real data (the bundled MNIST 1-vs-7 set), fitted models, tiny MLPs."""
+"""Shared fixtures: real data (the bundled MNIST 1-vs-7 set), fitted models, tiny MLPs; and
+``shared_data``, where the tests on the larger real data sets find them."""
 
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +18,17 @@ from upweight.datasets import load_mnist_1v7
 # The suite's problems are small: one thread avoids OpenMP spin-waiting, which on a busy
 # 2-core machine made tiny tensor ops take milliseconds instead of microseconds.
 torch.set_num_threads(1)
+
+#: the environment variable naming the real-data folder (holding mnist/, enron1/, hospital/)
+DATA_ENV = "UPWEIGHT_DATA"
+
+
+def shared_data(*parts: str) -> Path:
+    """A path in the real-data folder: ``$UPWEIGHT_DATA`` when it is set (and not empty), else
+    ``../shared/data`` beside the repository. Tests that need a file there skip when it is absent."""
+    env = os.environ.get(DATA_ENV, "").strip()
+    root = Path(env).expanduser() if env else Path(__file__).resolve().parents[2] / "shared" / "data"
+    return root.joinpath(*parts)
 
 
 @pytest.fixture(scope="session")

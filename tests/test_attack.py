@@ -8,16 +8,16 @@ flips with one perturbed training image after 25 iterations; ε = 8/255 flips ne
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 import upweight as uw
+from conftest import shared_data
 from upweight.cli.main import main
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
+DATA = shared_data("mnist")
 pytestmark = pytest.mark.skipif(not (DATA / "mnist.npz").is_file(), reason=f"the MNIST data is not at {DATA}")
 
 SETUP = {"n_per_class": 100, "n_test_per_class": 50, "cnn_images": 2000, "cnn_epochs": 1, "n_features": 32}

@@ -232,11 +232,13 @@ def test_bad_data_files(capsys, tmp_path, mnist) -> None:
     rc = main(["explain", "--data", str(tmp_path / "partial.npz"), "--no-progress"])
     err = capsys.readouterr().err
     assert rc == 2 and "lacks array(s) x_test, y_test" in err
-    np.savez(tmp_path / "multi.npz", x_train=np.zeros((3, 4)), y_train=np.array([0, 1, 2]),
+    np.savez(tmp_path / "fractional.npz", x_train=np.zeros((3, 4)), y_train=np.array([0.0, 1.5, 2.0]),
              x_test=np.zeros((2, 4)), y_test=np.array([0, 1]))
-    rc = main(["explain", "--data", str(tmp_path / "multi.npz"), "--no-progress"])
+    rc = main(["explain", "--data", str(tmp_path / "fractional.npz"), "--no-progress",
+               "--out", str(tmp_path / "x.png")])
     err = capsys.readouterr().err
-    assert rc == 2 and "labels must be in {-1, +1} or {0, 1}" in err
+    assert rc == 2 and "labels must be integers" in err and "1.5" in err and "--model" in err
+    assert not (tmp_path / "x.png").exists()
 
 
 def test_library_errors_become_messages(capsys, tmp_path, mnist) -> None:

@@ -59,7 +59,7 @@ def files_under(root: Path) -> set[str]:
 
 
 def tiny_npz(path: Path, n: int = 60, n_test: int = 12, d: int = 16, seed: int = 0) -> Path:
-    """A small binary problem (labels 0/1 with some noise): 16 features, shown as 4×4 images."""
+    """A small binary problem (labels 0/1 with some noise): 16 tabular features."""
     rng = np.random.default_rng(seed)
     w = rng.normal(size=d)
     x = rng.normal(size=(n + n_test, d))

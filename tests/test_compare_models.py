@@ -9,16 +9,16 @@ RBF SVM puts ~0.8 of Σ|I_up,loss| on the nearest 10% of training images, the fe
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 import upweight as uw
+from conftest import shared_data
 from upweight.cli.main import main
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
+DATA = shared_data("mnist")
 pytestmark = pytest.mark.skipif(not (DATA / "mnist.npz").is_file(), reason=f"the MNIST data is not at {DATA}")
 
 FAST = ["--n-per-class", "100", "--n-test-per-class", "50", "--cnn-images", "2000", "--cnn-epochs", "1",

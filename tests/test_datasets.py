@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import shared_data
 from upweight.datasets import (
     SplitData,
     TextSplitData,
@@ -25,13 +26,13 @@ from upweight.datasets import (
 from upweight.datasets.hospital import balanced_split
 from upweight.errors import DtypeError, InputError, ShapeError
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"  # the repo's ../shared/data
+DATA = shared_data()  # $UPWEIGHT_DATA, else the repository's ../shared/data
 
 
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     if not DATA.is_dir():
-        pytest.skip(f"real data folder {DATA} (the repository's ../shared/data) is absent")
+        pytest.skip(f"real data folder {DATA} ($UPWEIGHT_DATA, else the repository's ../shared/data) is absent")
     return DATA
 
 

@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import shared_data
+
 transformers = pytest.importorskip("transformers", reason="transformers is a dev dependency (pip install -e '.[dev]')")
 
 # torch's own deprecation of jit.script, raised inside transformers' BERT (as in test_model_safety)
@@ -25,19 +27,16 @@ SCRIPT = ROOT / "examples" / "transformers_enron.py"
 
 
 def _enron() -> Path | None:
-    for cand in (Path("/work/shared/data/enron1"), ROOT.parent / "shared" / "data" / "enron1",
-                 ROOT.parent.parent / "shared" / "data" / "enron1"):
-        if (cand / "enron1.csv.gz").exists():
-            return cand
-    return None
+    cand = shared_data("enron1")
+    return cand if (cand / "enron1.csv.gz").exists() else None
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     data = _enron()
     if data is None:
-        pytest.skip("the Enron-Spam data (enron1/enron1.csv.gz) is not at /work/shared/data/enron1 nor at "
-                    "../shared/data/enron1 relative to the repository root")
+        pytest.skip(f"the Enron-Spam data (enron1/enron1.csv.gz) is not at {shared_data('enron1')} "
+                    "($UPWEIGHT_DATA, else ../shared/data relative to the repository root)")
     spec = importlib.util.spec_from_file_location("transformers_enron", SCRIPT)
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod  # dataclasses look their module up there

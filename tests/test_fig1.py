@@ -11,17 +11,17 @@ harmful shared 1, 6, 1; 220 of 477 training 7s are harmful, 0 under either varia
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import scipy.stats
 
+from conftest import shared_data
 from upweight.apps.fig1 import Fig1Result
 from upweight.cli.main import main
 from upweight.datasets import load_mnist
 
-MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
+MNIST = shared_data("mnist")
 N = 1000
 
 pytestmark = pytest.mark.skipif(not (MNIST / "train-images-idx3-ubyte.gz").is_file(),

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 import upweight as uw
+from conftest import shared_data
 from upweight.apps.fig2 import (
     AllConvTanh,
     MinibatchAdamRetrainer,
@@ -35,7 +35,7 @@ from upweight.apps.fig2 import (
 )
 from upweight.cli.main import main
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
+DATA = shared_data("mnist")
 pytestmark = pytest.mark.skipif(not (DATA / "mnist.npz").is_file(), reason=f"the MNIST data is not at {DATA}")
 
 

@@ -17,15 +17,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 from scipy.special import expit
 
+from conftest import shared_data
 from upweight.errors import InputError
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "enron1"
+DATA = shared_data("enron1")
 CSV = DATA / "enron1.csv.gz"
 
 pytestmark = pytest.mark.skipif(not CSV.is_file(), reason=f"the Enron1 data is not at {CSV}")

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
 
 import pytest
 
+from conftest import shared_data
 from upweight.apps import MismatchResult
 from upweight.cli.main import main
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "hospital"
+DATA = shared_data("hospital")
 NPZ = DATA / "hospital_koh2017.npz"
 
 pytestmark = pytest.mark.skipif(not NPZ.is_file(), reason=f"the hospital data is not at {NPZ}")

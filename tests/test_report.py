@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from matplotlib.figure import Figure
 
+from upweight.errors import InputError
 from upweight.loo import LOOComparison
-from upweight.report import explain_figure, loo_scatter, new_figure, save_figure
+from upweight.report import explain_figure, loo_scatter, new_figure, ranking_figure, save_figure
 
 
 def _comparison(k: int = 7, scale: float = 1e-2, seed: int = 0) -> LOOComparison:
@@ -95,6 +96,29 @@ def test_explain_figure_without_comparison_and_odd_shapes(tmp_path) -> None:
     assert len(fig.axes) == 3 and fig.axes[0].images[0].get_array().shape == (5, 7)
     save_figure(fig, tmp_path / "x.png")
     assert matplotlib.image.imread(tmp_path / "x.png").shape[0] > 100
+
+
+def test_explain_figure_wraps_long_rows(tmp_path) -> None:
+    """23 images per kind wrap onto rows of max_columns: the PNG is as wide as for 10."""
+    widths = {}
+    for k in (10, 23):
+        fig = explain_figure(np.linspace(0, 1, 784), "t", _images(k), _images(k, seed=2), None, (28, 28), max_columns=10)
+        assert len(fig.axes) == 1 + 2 * k
+        rows = {round(ax.get_position().y0, 4) for ax in fig.axes[1:]}
+        assert len(rows) == 2 * -(-k // 10)
+        widths[k] = matplotlib.image.imread(save_figure(fig, tmp_path / f"w{k}.png")).shape[1]
+    assert widths[23] == widths[10]
+    with pytest.raises(InputError, match="max_columns"):
+        explain_figure(np.zeros(4), "t", [], [], max_columns=0)
+
+
+def test_ranking_figure_bars_are_the_scores(tmp_path) -> None:
+    fig = ranking_figure("Test point 3", [("#4", -2.0), ("#9", -1.0)], [("#1", 3.0)], _comparison(), title="x")
+    bars = fig.axes[1].patches
+    assert [b.get_width() for b in bars] == [-2.0, -1.0, 3.0]
+    assert [t.get_text() for t in fig.axes[1].get_yticklabels()] == ["#4", "#9", "#1"]
+    assert len(fig.axes) == 3
+    assert matplotlib.image.imread(save_figure(fig, tmp_path / "r.png")).shape[0] > 300
 
 
 def test_importing_upweight_does_not_import_matplotlib() -> None:

@@ -28,7 +28,7 @@ from PIL import Image
 from upweight.cli.main import main
 from upweight.datasets import load_mnist_1v7
 from upweight.errors import InputError
-from upweight.report.html import ReportPoint, ReportTest, explain_report, write_report
+from upweight.report.html import OverviewRow, ReportPoint, ReportTest, explain_report, write_report
 
 LOO_K = 3
 ROW = re.compile(r"^\s*(\d+)\s+(\d+)\s+([+-]1 \([^)]*\))\s+(\S+)\s+(\S+)\s*$")
@@ -318,6 +318,49 @@ def test_report_escapes_every_string(evil) -> None:
     assert rows[evil] == "2.00"  # an extra diagnostics row: its label is text too
 
 
+@pytest.mark.parametrize("evil", HOSTILE)
+def test_report_escapes_features_text_and_overview(evil) -> None:
+    """Feature names, texts of points and every label of the overview are shown as text too."""
+    feats = np.array([1.5, -2.0])
+    pts = [ReportPoint(3, evil, 2.5, -0.25, features=feats, text=evil), ReportPoint(7, evil, 1.0, -0.1, features=feats)]
+    rows = [OverviewRow(1, evil, evil + "!", 0.7, pts, pts), OverviewRow(4, evil, evil, 0.2, pts[:1], [])]
+    page = explain_report(
+        title="t", provenance={}, n_train=10, feature_names=[evil, "b"], overview=rows,
+        test=ReportTest(index=1, true_label=evil, predicted_label=evil + "!", loss=0.7, features=feats, text=evil),
+        helpful=pts, harmful=pts,
+    )
+    dom = parse(page)
+    _assert_inert(page, dom, evil)
+    assert [th.all_text() for th in dom.one("table", id="test-features").find_all("th")] == [evil, "b"]
+    assert [float(td.attrs["data-value"]) for td in dom.one("table", id="test-features").find_all("td")] == [1.5, -2.0]
+    assert dom.one("p", id="test-text").all_text() == evil
+    assert [td.all_text() for td in dom.one("table", id="harmful").find_all("td", class_="text")] == [evil]
+    overview = dom.one("table", id="overview").find_all("tr", class_="overview-row")
+    assert [[c for c in tr.children if c.tag == "td"][1].all_text() for tr in overview] == [evil, evil]
+    recurring = dom.one("table", id="recurring").find_all("tr", class_="recurring")
+    assert [(int(tr.one("td", class_="train-id").all_text()), tr.one("td", class_="helpful-count").all_text(),
+             tr.one("td", class_="harmful-count").all_text()) for tr in recurring] == [(3, "2", "1"), (7, "1", "1")]
+    assert [c for c in recurring[0].children if c.tag == "td"][1].all_text() == evil
+
+
+def test_report_pages_long_rankings() -> None:
+    pts = [ReportPoint(j, "a", float(-j), float(j) / 10, image=np.full(4, j, dtype=float)) for j in range(1, 9)]
+    page = explain_report(title="t", test=ReportTest(index=0, true_label="a", predicted_label="a", loss=0.1),
+                          helpful=pts, harmful=[], provenance={}, n_train=10, image_shape=(2, 2), page_size=3)
+    dom = parse(page)
+    pages = dom.one("div", id="helpful-pages")
+    assert [d.one("summary").all_text() for d in pages.find_all("details")] == ["ranks 4–6 of 8", "ranks 7–8 of 8"]
+    assert [int(td.attrs["data-value"]) for td in pages.find_all("td", class_="train-id")] == list(range(1, 9))
+    assert len(dom.one("table", id="helpful").find_all("tr", class_="point")) == 3
+    assert len(pages.find_all("img")) == 8 and not dom.find_all("table", id="overview")
+    with pytest.raises(InputError, match="feature_names has 3 names but the points have 2 features"):
+        explain_report(title="t", test=ReportTest(0, "a", "a", 0.1, features=[1.0, 2.0]), helpful=[], harmful=[],
+                       provenance={}, n_train=1, feature_names=["x", "y", "z"])
+    with pytest.raises(InputError, match="page_size must be an integer ≥ 1"):
+        explain_report(title="t", test=ReportTest(0, "a", "a", 0.1), helpful=[], harmful=[], provenance={},
+                       n_train=1, page_size=0)
+
+
 @pytest.mark.parametrize("evil", HOSTILE[:2])
 def test_report_refuses_ids_that_are_not_integers(evil, tmp_path) -> None:
     """Training ids and the test index go into the page (and its attributes) only as integers."""
@@ -347,7 +390,9 @@ def test_report_escapes_the_data_file_name(tmp_path, capsys) -> None:
     _assert_inert(page, dom, name)
     assert dom.one("title").all_text() == f"Why does the model predict this? Test point 0 of {name}"
     assert dom.one("h1").all_text() == dom.one("title").all_text()
-    assert len(dom.find_all("img")) == 1 + 2 + 2  # the test point and the 3×3 training images, nothing injected
+    # 9 features in one axis are tabular: their values in tables, no pictures, nothing injected
+    assert not dom.find_all("img")
+    assert len(dom.one("table", id="test-features").find_all("td")) == 9
 
 
 @pytest.mark.parametrize("case", ["suffix", "under_a_file", "folder"])

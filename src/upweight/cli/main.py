@@ -1,10 +1,12 @@
-"""``upweight explain``: why did the model get this test image wrong? (Koh & Liang 2017, §5.1–5.2)
+"""``upweight explain``: why did the model get this test point wrong? (Koh & Liang 2017, §5.1–5.2)
 
-Trains binary logistic regression (no bias, L2 = 0.01 as in the paper) on the bundled MNIST
-1-vs-7 data — or on an ``.npz`` you pass — to the minimum in float64, picks a misclassified
-test image, lists the training images that helped and hurt it most (I_up,loss and the predicted
-change in test loss if each were removed), checks those predictions against actual
-leave-one-out retraining (the paper's Fig. 2) and writes a PNG of it all.
+Trains a linear model without bias (L2 = 0.01 as in the paper) on the bundled MNIST 1-vs-7 data
+— or on an ``.npz`` you pass: binary logistic regression for two labels, softmax regression for
+more — to the minimum in float64, or takes your own trained model and data (``--model
+FILE.py:FUNCTION``, see ``user_model``). It picks a misclassified test point, lists the training
+points that helped and hurt it most (I_up,loss and the predicted change in test loss if each
+were removed), checks those predictions against actual leave-one-out retraining (the paper's
+Fig. 2) and writes a figure, and optionally an HTML report with an overview of several test points.
 
 This module is the only place in upweight that prints.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import math
 import os
 import re
@@ -21,102 +24,18 @@ import time
 import traceback
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from .. import errors
 from .._version import __version__
+from ._problem import Predictions, Problem
 from ._scheduler import check_scheduler, open_executor
 
-# ── data ──────────────────────────────────────────────────────────────────────────────
-
-
-@dataclass(frozen=True)
-class _Split:
-    """Features float64 (n, d), labels int64 in {−1, +1}, and how to show them."""
-
-    name: str
-    x_train: np.ndarray
-    y_train: np.ndarray
-    x_test: np.ndarray
-    y_test: np.ndarray
-    image_shape: tuple[int, ...] | None
-    class_names: dict[int, str]  # label (−1/+1) → what it stands for, e.g. {+1: "1", −1: "7"}
-
-
-def _load_bundled() -> _Split:
-    from ..datasets import load_mnist_1v7
-
-    d = load_mnist_1v7()
-    return _Split(
-        "MNIST 1 vs 7 (bundled)", d.x_train.astype(np.float64), d.y_train.astype(np.int64),
-        d.x_test.astype(np.float64), d.y_test.astype(np.int64), d.image_shape, {1: "digit 1", -1: "digit 7"},
-    )
-
-
-_DATA_EXPECTED = ("an .npz written by np.savez with numeric arrays x_train, y_train, x_test, y_test "
-                  "(labels in {-1, +1} or {0, 1}); leave --data out for the bundled MNIST 1-vs-7 set")
-
-
-def _load_npz(path: str) -> _Split:
-    from ..datasets._base import load_npz
-
-    p = Path(path)
-    if not p.exists():
-        raise errors.InputError(f"--data {path}: no such file. Pass {_DATA_EXPECTED}.")
-    if not p.is_file():
-        raise errors.InputError(f"--data {path}: that is a folder, not a file. Pass {_DATA_EXPECTED}.")
-    arrays = load_npz(p, "--data", ("x_train", "y_train", "x_test", "y_test"), _DATA_EXPECTED)
-    xs, ys = {}, {}
-    for part in ("train", "test"):
-        x, y = arrays[f"x_{part}"], arrays[f"y_{part}"]
-        if x.dtype.kind not in "biuf" or y.dtype.kind not in "biuf":
-            raise errors.DtypeError(f"--data {path}: x_{part} and y_{part} must be numeric; got {x.dtype} and {y.dtype}.")
-        if x.ndim < 2 or len(x) == 0:
-            raise errors.ShapeError(f"--data {path}: x_{part} must have shape (n, features…) with n ≥ 1; got {x.shape}.")
-        y = y.reshape(len(y), -1) if y.ndim > 1 else y
-        if y.ndim > 1 and y.shape[1] != 1:
-            raise errors.ShapeError(f"--data {path}: y_{part} must hold one label per point; got shape {arrays[f'y_{part}'].shape}.")
-        y = y.reshape(-1)
-        if len(y) != len(x):
-            raise errors.ShapeError(f"--data {path}: x_{part} has {len(x)} rows but y_{part} has {len(y)}.")
-        xs[part], ys[part] = x, y
-    if xs["train"].shape[1:] != xs["test"].shape[1:]:
-        raise errors.ShapeError(
-            f"--data {path}: x_train has points of shape {xs['train'].shape[1:]} but x_test {xs['test'].shape[1:]}."
-        )
-    labels = set(np.unique(np.concatenate([ys["train"], ys["test"]])).tolist())
-    if labels <= {-1, 1}:
-        names: dict[int, str] = {}
-    elif labels <= {0, 1}:
-        names = {1: "was 1", -1: "was 0"}
-    else:
-        shown = sorted(labels)[:6]
-        raise errors.InputError(
-            f"--data {path}: labels must be in {{-1, +1}} or {{0, 1}} (binary logistic regression); found {shown}"
-            f"{' …' if len(labels) > 6 else ''}."
-        )
-
-    def feats(x: np.ndarray) -> np.ndarray:
-        out = x.reshape(len(x), -1).astype(np.float64)
-        return out / 255.0 if x.dtype == np.uint8 else out
-
-    def labs(y: np.ndarray) -> np.ndarray:
-        return np.where(y == 1, 1, -1).astype(np.int64)
-
-    shape = tuple(int(s) for s in xs["train"].shape[1:])
-    d = int(np.prod(shape))
-    if len(shape) == 1:
-        side = math.isqrt(d)
-        image_shape: tuple[int, ...] | None = (side, side) if side * side == d else None
-    else:
-        image_shape = shape
-    return _Split(p.name, feats(xs["train"]), labs(ys["train"]), feats(xs["test"]), labs(ys["test"]), image_shape, names)
-
+FIGURE_TOP = 10  # training points per kind drawn in the --out figure (the tables and the report list all --top)
+OVERVIEW_TOP = 5  # helpful and harmful ids per test point in the overview
 
 # ── argument parsing ──────────────────────────────────────────────────────────────────
 
@@ -152,8 +71,24 @@ def _int_at_least(low: int):
     return parse
 
 
+def _index_list(s: str) -> list[int]:
+    parts = [p.strip() for p in s.split(",")]
+    try:
+        return [int(p) for p in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or integers separated by commas (e.g. 3 or 3,8,12), "
+                                         f"got {s!r}") from None
+
+
 def _scale(s: str) -> float | str:
     return "auto" if s == "auto" else _pos_float(s)
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except ``None`` (no value: the help says what happens)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        return action.help if action.default is None else super()._get_help_string(action)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -168,37 +103,62 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     ex = sub.add_parser(
         "explain",
-        help="explain a misclassified test image of binary logistic regression (bundled MNIST 1 vs 7)",
+        help="explain a test prediction: of logistic / softmax regression trained here, or of your own model (--model)",
         description=(
-            "Train binary logistic regression (no bias) to the minimum in float64, pick a misclassified "
-            "test point, list the most helpful and most harmful training points by I_up,loss, compare the "
-            "predicted removal effects with actual leave-one-out retraining, and write a PNG. "
+            "Train a linear model without bias to the minimum in float64 (binary logistic regression for two "
+            "labels, softmax regression for more; on the bundled MNIST 1-vs-7 set or --data), or take your own "
+            "trained model and data (--model), pick a misclassified test point, list the most helpful and most "
+            "harmful training points by I_up,loss, compare the predicted removal effects with actual "
+            "leave-one-out retraining, and write a figure (and with --report an HTML page). "
             "I_up,loss > 0: upweighting the training point raises the test loss (harmful); "
             "removal effect = −I_up,loss/n: predicted change in the test loss if the point is removed."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog=("--model FILE.py:FUNCTION or MODULE:FUNCTION imports that Python module and calls FUNCTION(), which "
+                "returns upweight.cli.ModelSpec(model=…, train=…, test=…, loss='cross_entropy', l2=…, kind=…, "
+                "feature_names=…) or a dict of those keys; see docs/cli.md. Importing and calling it runs that code "
+                "in this process with your rights: only name code you trust."),
+        formatter_class=_HelpFormatter,
     )
-    ex.add_argument("--data", metavar="PATH.npz", default=None,
-                    help="npz with x_train, y_train, x_test, y_test; labels in {-1,+1} or {0,1} (0 → -1); "
-                         "uint8 features are scaled to [0, 1]. Default: the bundled MNIST 1-vs-7 set")
-    ex.add_argument("--test-index", type=int, default=None, metavar="I",
-                    help="test point to explain (default: the first misclassified one)")
-    ex.add_argument("--l2", type=_nonneg_float, default=0.01, help="L2 strength λ in R(θ) = mean loss + λ/2‖θ‖²")
+    src = ex.add_mutually_exclusive_group()
+    src.add_argument("--data", metavar="PATH.npz", default=None,
+                     help="npz with x_train, y_train, x_test, y_test; labels in {-1,+1} or {0,1} (0 → -1) train "
+                          "logistic regression, C ≥ 3 integer labels softmax regression; uint8 features are scaled "
+                          "to [0, 1]; optional string arrays feature_names, class_names, kind (image|tabular). "
+                          "Default: the bundled MNIST 1-vs-7 set")
+    src.add_argument("--model", metavar="FILE.py:FUNCTION", default=None,
+                     help="explain your own trained model: FUNCTION() in FILE.py (or in an importable MODULE, "
+                          "MODULE:FUNCTION) returns the model, its loss and l2, its training and test data "
+                          "(upweight.cli.ModelSpec); runs that code — only name code you trust")
+    ex.add_argument("--test-index", type=_index_list, default=None, metavar="I[,J,…]",
+                    help="test point(s) to explain: the first is explained in detail, all of them (when more than "
+                         "one) in an overview (default: the first misclassified one, or the one with the highest "
+                         "loss when none is misclassified)")
+    ex.add_argument("--n-test", type=_int_at_least(1), default=None, metavar="K",
+                    help="explain the first K misclassified test points (then the first correct ones if fewer "
+                         "are misclassified): the first in detail, all K in an overview")
+    ex.add_argument("--l2", type=_nonneg_float, default=None,
+                    help="L2 strength λ in R(θ) = mean loss + λ/2‖θ‖² of the built-in model (default 0.01); "
+                         "with --model, the function returns it")
     ex.add_argument("--solver", choices=("direct", "cg", "kfac-cg", "nystrom-cg", "lissa", "auto", "arnoldi",
                                           "kfac", "ekfac", "nystrom", "datainf"), default="cg",
                     help="inverse-HVP solver (auto: chosen from p, n, memory and a Lanczos spectrum estimate; "
                          "kfac-cg / nystrom-cg: CG preconditioned with EK-FAC / a rank-64 Nyström sketch; kfac/ekfac: the "
                          "Kronecker-factored GGN alone; nystrom: the sketch alone; datainf: the DataInf closed form)")
     ex.add_argument("--damping", type=_nonneg_float, default=0.0, help="δ added to the Hessian")
-    ex.add_argument("--top", type=_int_at_least(1), default=5, help="how many helpful and harmful points to list")
-    ex.add_argument("--loo-k", type=_int_at_least(0), default=20,
-                    help="retrain without each of the k most influential points (0 skips leave-one-out)")
+    ex.add_argument("--top", type=_int_at_least(1), default=5,
+                    help=f"how many helpful and harmful points to list (the figure draws at most {FIGURE_TOP} of each; "
+                         "the report lists all, in pages)")
+    ex.add_argument("--loo-k", type=_int_at_least(0), default=None,
+                    help="retrain without each of the k most influential points (0 skips leave-one-out; default 20, "
+                         "and 0 with --model, whose retraining is L-BFGS from θ̂ unless the function returns retrain)")
     ex.add_argument("--out", default="out/explain.png", metavar="PATH.png",
                     help="where to write the figure; the suffix picks the format (.png, .pdf, .svg, …), "
                          "a name without one gets .png")
     ex.add_argument("--report", default=None, metavar="PATH.html",
-                    help="also write one self-contained HTML page (.html or .htm; inline images, no network): the "
-                         "test point, the ranked training images, the leave-one-out scatter and the solver diagnostics")
+                    help="also write one self-contained HTML page (.html or .htm; inline images, no network, no "
+                         "scripts): an overview of the test points, the test point, the ranked training points "
+                         "(images, feature values or text; long rankings in pages), the leave-one-out scatter and "
+                         "the solver diagnostics")
     ex.add_argument("--no-progress", action="store_true", help="no progress bars")
     ex.add_argument("--store", default=None, metavar="DIR",
                     help="keep s_test, the scores chunk by chunk and each leave-one-out retraining (in "
@@ -234,10 +194,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _say(*parts: Any) -> None:
     print(*parts, flush=True)
-
-
-def _label(y: int, names: dict[int, str]) -> str:
-    return f"{int(y):+d} ({names[int(y)]})" if int(y) in names else f"{int(y):+d}"
 
 
 def _make_solver(args: argparse.Namespace) -> Any:
@@ -328,72 +284,117 @@ def _explain(args: argparse.Namespace) -> int:
         return _explain_in(args, stack)
 
 
+def _problem(args: argparse.Namespace) -> Problem:
+    """The model and data to explain: ``--model``'s, or the built-in model trained on ``--data``."""
+    from . import _problem as pb
+
+    if args.model is not None:
+        if args.l2 is not None:
+            raise errors.InputError("--l2 sets the L2 strength of the built-in model; with --model the function "
+                                    "returns the l2 its model was trained with (ModelSpec.l2). Leave --l2 out.")
+        from .user_model import load_model_spec
+
+        return pb.user_problem(load_model_spec(args.model), args.model)
+    split = pb.load_bundled() if args.data is None else pb.load_npz(args.data)
+    if args.test_index is not None:  # a wrong index is refused before training
+        _check_test_indices(args.test_index, len(split.x_test))
+    return pb.builtin_problem(split, 0.01 if args.l2 is None else args.l2)
+
+
+def _check_test_indices(indices: list[int], n_test: int) -> None:
+    for i in indices:
+        if not 0 <= i < n_test:
+            raise errors.InputError(
+                f"--test-index {i} is out of range: the test set has {n_test} points, "
+                f"so it must be between 0 and {n_test - 1}."
+            )
+    if len(set(indices)) != len(indices):
+        raise errors.InputError(f"--test-index {','.join(map(str, indices))}: a test point is named twice; name each once.")
+
+
+def _choose_tests(args: argparse.Namespace, pred: Predictions) -> tuple[list[int], str]:
+    """The test points to explain (the first in detail) and how the first was chosen."""
+    n_test = len(pred.loss)
+    if args.test_index is not None:
+        _check_test_indices(args.test_index, n_test)
+        i = args.test_index[0]
+        how = "chosen" if pred.wrong is None else ("misclassified" if pred.wrong[i] else "correctly classified")
+        return list(args.test_index), how
+    if pred.wrong is None:  # no classes: the points with the highest loss
+        order = np.argsort(-pred.loss, kind="stable")
+        return [int(j) for j in order[: args.n_test or 1]], "highest test loss"
+    wrong = np.flatnonzero(pred.wrong)
+    if args.n_test is not None:
+        right = np.flatnonzero(~pred.wrong)
+        chosen = [int(j) for j in np.concatenate([wrong, right])[: args.n_test]]
+        return chosen, "first misclassified" if len(wrong) else "correctly classified"
+    if len(wrong) == 0:
+        return [int(np.argmax(pred.loss))], "highest test loss; none is misclassified"
+    return [int(wrong[0])], "first misclassified"
+
+
+def _verdict(pred: Predictions, i: int) -> str:
+    return "" if pred.wrong is None else ("MISCLASSIFIED" if pred.wrong[i] else "correct")
+
+
+def _test_line(problem: Problem, pred: Predictions, i: int, how: str) -> str:
+    head = f"test point {i} ({how}): "
+    tail = f"test loss {pred.loss[i]:.4f}"
+    if problem.task == "other":
+        return head + f"target {pred.true[i]}, model output {pred.predicted[i]}, " + tail
+    if pred.p_positive is not None:
+        shown = f"predicted P(y=+1) = {pred.p_positive[i]:.4f}"
+    elif pred.p_predicted is not None:
+        shown = f"predicted {pred.predicted[i]} with P = {pred.p_predicted[i]:.4f}"
+    else:
+        shown = f"predicted {pred.predicted[i]}"
+    return head + f"true label {pred.true[i]}, {shown} → {_verdict(pred, i)}, " + tail
+
+
 def _explain_in(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
     import upweight as uw
 
     t_start = time.perf_counter()
     figure_path, stores = _check_explain_outputs(args)  # a bad path is an error now, not after training
     check_scheduler(args.scheduler)
-    split = _load_bundled() if args.data is None else _load_npz(args.data)
-    n, n_test, d = len(split.x_train), len(split.x_test), split.x_train.shape[1]
-    if args.test_index is not None and not 0 <= args.test_index < n_test:
-        raise errors.InputError(
-            f"--test-index {args.test_index} is out of range: the test set has {n_test} points, "
-            f"so it must be between 0 and {n_test - 1}."
-        )
-    _say(f"upweight explain — binary logistic regression on {split.name}: "
-         f"{n:,} training / {n_test:,} test points, {d} features")
-
-    # Train θ̂ = argmin (1/n)Σ log(1 + exp(−y·wᵀx)) + (λ/2)‖w‖² to ‖∇R‖ ≈ 1e-9, in float64.
-    X = torch.from_numpy(split.x_train)
-    y = torch.from_numpy(split.y_train)
-    Xt = torch.from_numpy(split.x_test)
-    yt = torch.from_numpy(split.y_test)
-    model = torch.nn.Linear(d, 1, bias=False).double().eval()
-    with torch.no_grad():
-        model.weight.zero_()
-    t0 = time.perf_counter()
-    fit = uw.refit(uw.Objective(model, "logistic", l2=args.l2), uw.Data.from_any((X, y), what="training data"))
-    with torch.no_grad():
-        model.weight.copy_(fit.params["weight"])
-    objective = uw.Objective(model, "logistic", l2=args.l2)  # θ̂ is read at construction
-    with torch.no_grad():
-        s_train = model(X).squeeze(1)
-        s_test = model(Xt).squeeze(1)
-    pred_test = torch.where(s_test > 0, 1, -1)
-    wrong = torch.nonzero(pred_test != yt).squeeze(1)
-    acc_train = float((torch.where(s_train > 0, 1, -1) == y).double().mean())
-    _say(f"model: Linear({d} → 1, no bias), logistic loss, l2 = {args.l2:g}; L-BFGS in float64: "
-         f"{fit.iterations} iterations, ‖∇R(θ̂)‖ = {fit.grad_norm:.2e}, {time.perf_counter() - t0:.2f} s")
-    _say(f"accuracy: train {100 * acc_train:.2f}%, test {100 * (1 - len(wrong) / n_test):.2f}% "
-         f"({len(wrong)} of {n_test:,} test points misclassified)")
-
-    if args.test_index is None:
-        if len(wrong) == 0:
-            raise errors.InputError("No test point is misclassified; pass --test-index to explain a correct prediction.")
-        i, how = int(wrong[0]), "first misclassified"
+    if args.test_index is not None and args.n_test is not None:
+        raise errors.InputError("--test-index names the test points and --n-test counts them; pass one of the two.")
+    problem = _problem(args)
+    n, n_test = len(problem.train), len(problem.test)
+    shapes = problem.train.input_shapes
+    d = int(np.prod(shapes["X"])) if list(shapes) == ["X"] else None
+    _say(f"upweight explain — {_task_text(problem, args)} on {problem.name}: {n:,} training / {n_test:,} test points"
+         + (f", {d} features" if d is not None else f", inputs {', '.join(shapes)}"))
+    _say(f"model: {problem.model_text}" + (f"; {problem.fit_text}" if problem.fit_text else ""))
+    pred = _predict(problem)
+    if pred.wrong is not None:
+        train_wrong = _predict(problem, train=True).wrong
+        assert train_wrong is not None
+        n_wrong = int(pred.wrong.sum())
+        _say(f"accuracy: train {100 * (1 - float(np.mean(train_wrong))):.2f}%, test "
+             f"{100 * (1 - n_wrong / n_test):.2f}% ({n_wrong} of {n_test:,} test points misclassified)")
     else:
-        i = args.test_index
-        how = "misclassified" if bool(pred_test[i] != yt[i]) else "correctly classified"
-    p_pos = float(torch.sigmoid(s_test[i]))
-    y_i = int(yt[i])
-    status = "MISCLASSIFIED" if int(pred_test[i]) != y_i else "correct"
-    loss_i = float(torch.nn.functional.softplus(-y_i * s_test[i]))  # log(1 + exp(−y·wᵀx))
-    _say()
-    _say(f"test point {i} ({how}): true label {_label(y_i, split.class_names)}, "
-         f"predicted P(y=+1) = {p_pos:.4f} → {status}, test loss {loss_i:.4f}")
+        _say(f"mean test loss {float(np.mean(pred.loss)):.4g}")
 
-    # Influence of every training point on this test point's loss.
+    indices, how = _choose_tests(args, pred)
+    i = indices[0]
+    _say()
+    _say(_test_line(problem, pred, i, how))
+    if len(indices) > 1:
+        _say(f"and {len(indices) - 1} more test point(s) for the overview: {_short_list(indices[1:])}")
+
+    # Influence of every training point on these test points' losses.
     solver = _make_solver(args)
     bound_kw = {} if args.max_residual is None else {"max_residual": args.max_residual}
     executor = open_executor(stack, args.scheduler, _say)
     inf = uw.Influence(
-        objective, solver=solver, damping=args.damping, on_inaccurate=args.on_inaccurate,
+        problem.objective, solver=solver, damping=args.damping, on_inaccurate=args.on_inaccurate,
         progress=not args.no_progress, **bound_kw,
-    ).fit((X, y), executor=executor)
-    test_point = (Xt[i : i + 1], yt[i : i + 1])
+    ).fit(problem.train, executor=executor)
+    tests = problem.test.subset(indices)
     with _store_hint(args):
-        scores = inf.up_loss(test_point, store=stores[0])
+        all_scores = inf.up_loss(tests, store=stores[0])
+    scores = dataclasses.replace(all_scores, values=all_scores.values[:1], test_ids=all_scores.test_ids[:1])
     up = scores.values[0]
     removal = scores.as_removal_effect().values[0]
     prov = scores.provenance
@@ -405,14 +406,19 @@ def _explain_in(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
         "helpful": "most helpful (I_up,loss < 0: upweighting lowers the test loss; removing raises it)",
         "harmful": "most harmful (I_up,loss > 0: upweighting raises the test loss; removing lowers it)",
     }
+    y_train = problem.train.y
     for kind in ("helpful", "harmful"):
         _say()
         _say(f"top {len(rankings[kind])} {blurbs[kind]}")
         _say(f"{'rank':>4}  {'train index':>11}  {'label':<14}  {'I_up,loss':>12}  {'removal effect':>14}")
         for r, tid in enumerate(rankings[kind].train_ids, 1):
             j = int(tid)
-            _say(f"{r:>4}  {j:>11}  {_label(int(y[j]), split.class_names):<14}  {up[j]:>+12.4e}  {removal[j]:>+14.4e}")
+            _say(f"{r:>4}  {j:>11}  {problem.label_text(y_train[j]):<14}  {up[j]:>+12.4e}  {removal[j]:>+14.4e}")
     _say(f"(removal effect = −I_up,loss / n with n = {n}: predicted change in the test loss if the point is removed)")
+
+    overview = _overview(problem, pred, indices, all_scores) if len(indices) > 1 else []
+    if overview:
+        _print_overview(problem, pred, overview)
 
     _say()
     _say("solver diagnostics")
@@ -427,13 +433,14 @@ def _explain_in(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
     _say(f"  seconds     {prov['solve_seconds']:.2f} solve, {inf.fit_seconds_:.2f} fit")
 
     comparison = None
-    if args.loo_k > 0:
+    loo_k = args.loo_k if args.loo_k is not None else (0 if args.model is not None else 20)
+    if loo_k > 0:
         _say()
-        _say(f"leave-one-out retraining on the {min(args.loo_k, n)} most influential points …")
+        _say(f"leave-one-out retraining on the {min(loo_k, n)} most influential points …")
         with _store_hint(args):
             comparison = uw.leave_one_out(
-                inf, test_point, k=args.loo_k, scores=scores, progress=not args.no_progress, executor=executor,
-                store=stores[1],
+                inf, problem.test.subset([i]), k=loo_k, scores=scores, progress=not args.no_progress,
+                executor=executor, store=stores[1], train_fn=problem.retrain,
             )
         _say(f"  Pearson {comparison.pearson:.4f}   Spearman {comparison.spearman:.4f}   "
              f"slope {comparison.slope:.4f}   (intercept {comparison.intercept:+.2e})")
@@ -442,72 +449,164 @@ def _explain_in(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
             _say(f"  {comparison.provenance['resumed_from_store']} of {len(comparison.train_ids)} retrainings read "
                  f"from {Path(args.store) / 'leave_one_out'}")
 
-    out = _figure(args, split, i, p_pos, X, rankings, up, removal, comparison, Xt[i], figure_path)
+    out = _figure(args, problem, pred, i, rankings, up, removal, comparison, figure_path)
     _say()
-    _say(f"figure written to {out}" + (f" (--out {args.out} has no suffix: a PNG)" if not Path(args.out).suffix else ""))
+    shown = min(args.top, FIGURE_TOP)
+    _say(f"figure written to {out}" + (f" (--out {args.out} has no suffix: a PNG)" if not Path(args.out).suffix else "")
+         + (f" (the top {shown} of each kind; all {args.top} are listed above and in --report)" if args.top > shown else ""))
     if args.report is not None:
         extra = [("Influence.fit time (solver set-up) [s]", inf.fit_seconds_, ".2f")]
-        report = _report(args, split, i, p_pos, X, rankings, up, removal, comparison, Xt[i], loss_i, prov, extra)
+        report = _report(args, problem, pred, i, rankings, up, removal, comparison, prov, extra, overview)
         _say(f"report written to {report}")
     _say(f"done in {time.perf_counter() - t_start:.1f} s")
     return 0
 
 
+def _task_text(problem: Problem, args: argparse.Namespace) -> str:
+    if args.model is not None:
+        return f"your {type(problem.objective.model).__name__}"
+    return {"binary": "binary logistic regression", "multiclass": "softmax regression"}[problem.task]
+
+
+def _predict(problem: Problem, *, train: bool = False) -> Predictions:
+    from ._problem import predict
+
+    return predict(problem, problem.train if train else problem.test)
+
+
+def _short_list(ids: Sequence[int], limit: int = 12) -> str:
+    shown = ", ".join(str(int(j)) for j in ids[:limit])
+    return shown + (f", … ({len(ids)} in all)" if len(ids) > limit else "")
+
+
+@dataclasses.dataclass(frozen=True)
+class _OverviewEntry:
+    index: int
+    helpful: list[int]
+    harmful: list[int]
+    up: np.ndarray  # I_up,loss of every training point on this test point
+    removal: np.ndarray
+
+
+def _overview(problem: Problem, pred: Predictions, indices: list[int], scores: Any) -> list[_OverviewEntry]:
+    k = OVERVIEW_TOP
+    removal = scores.as_removal_effect().values
+    entries = []
+    for row, i in enumerate(indices):
+        entries.append(_OverviewEntry(
+            i, [int(t) for t in scores.top_k(k, test=row, harmful=False).train_ids],
+            [int(t) for t in scores.top_k(k, test=row, harmful=True).train_ids], scores.values[row], removal[row]))
+    return entries
+
+
+def _recurring(entries: list[_OverviewEntry]) -> list[tuple[int, list[int], list[int]]]:
+    seen: dict[int, tuple[list[int], list[int]]] = {}
+    for e in entries:
+        for j in e.helpful:
+            seen.setdefault(j, ([], []))[0].append(e.index)
+        for j in e.harmful:
+            seen.setdefault(j, ([], []))[1].append(e.index)
+    rows = [(j, h, m) for j, (h, m) in seen.items() if len(h) + len(m) >= 2]
+    return sorted(rows, key=lambda r: (-(len(r[1]) + len(r[2])), r[0]))
+
+
+def _print_overview(problem: Problem, pred: Predictions, entries: list[_OverviewEntry]) -> None:
+    _say()
+    _say(f"overview of {len(entries)} test points (top {OVERVIEW_TOP} helpful / harmful training ids of each)")
+    _say(f"{'test':>6}  {'true label':<14}  {'prediction':<14}  {'loss':>8}  {'helpful':<34}  harmful")
+    for e in entries:
+        true, predicted, loss = pred.true[e.index], pred.predicted[e.index], pred.loss[e.index]
+        _say(f"{e.index:>6}  {true:<14}  {predicted:<14}  {loss:>8.4f}  {' '.join(map(str, e.helpful)):<34}  "
+             f"{' '.join(map(str, e.harmful))}")
+    rec = _recurring(entries)
+    if not rec:
+        _say("no training point is in the lists of two or more of these test points")
+        return
+    _say("training points in the lists of two or more of these test points")
+    for j, helped, harmed in rec[:10]:
+        _say(f"  {j:>8}  {problem.label_text(problem.train.y[j]):<14}  helpful to {len(helped)}"
+             + (f" ({_short_list(helped, 6)})" if helped else "") + f", harmful to {len(harmed)}"
+             + (f" ({_short_list(harmed, 6)})" if harmed else ""))
+    if len(rec) > 10:
+        _say(f"  … and {len(rec) - 10} more (all in --report)")
+
+
 def _figure(
-    args: argparse.Namespace, split: _Split, i: int, p_pos: float, X: torch.Tensor, rankings: dict[str, Any],
-    up: np.ndarray, removal: np.ndarray, comparison: Any, x_test: torch.Tensor, path: Path,
+    args: argparse.Namespace, problem: Problem, pred: Predictions, i: int, rankings: dict[str, Any],
+    up: np.ndarray, removal: np.ndarray, comparison: Any, path: Path,
 ) -> Path:
-    from ..report import explain_figure, save_figure
+    from ..report import explain_figure, ranking_figure, save_figure
 
-    def captioned(kind: str) -> list[tuple[np.ndarray, str]]:
-        items = []
-        for tid in rankings[kind].train_ids:
-            j = int(tid)
-            cap = f"#{j}  y = {int(split.y_train[j]):+d}\nI = {up[j]:+.3g}\nremoved: {removal[j]:+.2g}"
-            items.append((X[j].numpy(), cap))
-        return items
+    top = {kind: [int(t) for t in rankings[kind].train_ids[:FIGURE_TOP]] for kind in ("helpful", "harmful")}
+    y_train = problem.train.y
+    verdict = _verdict(pred, i).lower()
+    lines = [f"Test point {i}"]
+    if problem.task == "other":
+        lines += [f"target {pred.true[i]}", f"output {pred.predicted[i]}"]
+    else:
+        lines.append(f"true y = {pred.true[i]}")
+        if pred.p_positive is not None:
+            lines.append(f"P(y=+1) = {pred.p_positive[i]:.3f}")
+        else:
+            lines.append(f"predicted {pred.predicted[i]}")
+            if pred.p_predicted is not None:
+                lines.append(f"P = {pred.p_predicted[i]:.3f}")
+    if verdict:
+        lines.append(verdict)
+    shown = f"; top {FIGURE_TOP} of {args.top} shown" if args.top > FIGURE_TOP else ""
+    model = _task_text(problem, args) + " on " if args.model is None else ""
+    title = (f"Influence on the test loss of point {i} — {model}{problem.name}, l2 = {problem.l2:g}, {args.solver}"
+             + (f", damping {args.damping:g}" if args.damping else "") + shown)
+    if problem.kind == "image":
+        def captioned(kind: str) -> list[tuple[np.ndarray, str]]:
+            return [(problem.point_input("train", j)["image"],
+                     f"#{j}  y = {problem.label_text(y_train[j]).split(' ')[0]}\nI = {up[j]:+.3g}\nremoved: {removal[j]:+.2g}")
+                    for j in top[kind]]
 
-    y_i = int(split.y_test[i])
-    verdict = "misclassified" if (p_pos > 0.5) != (y_i > 0) else "correct"
-    test_title = f"Test point {i}\ntrue y = {_label(y_i, split.class_names)}\nP(y=+1) = {p_pos:.3f}\n{verdict}"
-    fig = explain_figure(
-        x_test.numpy(), test_title, captioned("helpful"), captioned("harmful"), comparison, split.image_shape,
-        title=(f"Influence on the test loss of point {i} — logistic regression on {split.name}, "
-               f"l2 = {args.l2:g}, {args.solver}"
-               + (f", damping {args.damping:g}" if args.damping else "")),
-    )
+        fig = explain_figure(problem.point_input("test", i)["image"], "\n".join(lines), captioned("helpful"),
+                             captioned("harmful"), comparison, None, title=title, max_columns=FIGURE_TOP)
+    else:
+        def bars(kind: str) -> list[tuple[str, float]]:
+            return [(f"#{j} ({problem.label_text(y_train[j])})", float(up[j])) for j in top[kind]]
+
+        fig = ranking_figure("\n".join(lines), bars("helpful"), bars("harmful"), comparison, title=title)
     return save_figure(fig, path)
 
 
+def _report_point(problem: Problem, j: int, up: np.ndarray, removal: np.ndarray, with_input: bool = True) -> Any:
+    from ..report.html import ReportPoint
+
+    shown = problem.point_input("train", j) if with_input else {}
+    return ReportPoint(j, problem.label_text(problem.train.y[j]), float(up[j]), float(removal[j]), **shown)
+
+
 def _report(
-    args: argparse.Namespace, split: _Split, i: int, p_pos: float, X: torch.Tensor, rankings: dict[str, Any],
-    up: np.ndarray, removal: np.ndarray, comparison: Any, x_test: torch.Tensor, test_loss: float, provenance: Any,
-    extra: list[tuple[str, Any, str]],
+    args: argparse.Namespace, problem: Problem, pred: Predictions, i: int, rankings: dict[str, Any],
+    up: np.ndarray, removal: np.ndarray, comparison: Any, provenance: Any, extra: list[tuple[str, Any, str]],
+    overview: list[_OverviewEntry],
 ) -> Path:
     """Write the ``--report`` page (upweight.report.html) from what the command computed."""
-    from ..report.html import ReportPoint, ReportTest, explain_report, write_report
+    from ..report.html import OverviewRow, ReportTest, explain_report, write_report
 
-    images = split.image_shape is not None
-    points = {
-        kind: [
-            ReportPoint(int(t), _label(int(split.y_train[int(t)]), split.class_names), float(up[int(t)]),
-                        float(removal[int(t)]), X[int(t)].numpy() if images else None)
-            for t in rankings[kind].train_ids
-        ]
-        for kind in ("helpful", "harmful")
-    }
-    y_i = int(split.y_test[i])
+    points = {kind: [_report_point(problem, int(t), up, removal) for t in rankings[kind].train_ids]
+              for kind in ("helpful", "harmful")}
     test = ReportTest(
-        index=i, true_label=_label(y_i, split.class_names), predicted_label=_label(1 if p_pos > 0.5 else -1, split.class_names),
-        loss=test_loss, p_positive=p_pos, image=x_test.numpy() if images else None,
+        index=i, true_label=pred.true[i], predicted_label=pred.predicted[i], loss=float(pred.loss[i]),
+        p_positive=None if pred.p_positive is None else float(pred.p_positive[i]),
+        p_predicted=None if pred.p_predicted is None else float(pred.p_predicted[i]),
+        **problem.point_input("test", i),
     )
-    n, d = len(split.x_train), split.x_train.shape[1]
+    rows = [OverviewRow(e.index, pred.true[e.index], pred.predicted[e.index], float(pred.loss[e.index]),
+                        [_report_point(problem, j, e.up, e.removal, False) for j in e.helpful],
+                        [_report_point(problem, j, e.up, e.removal, False) for j in e.harmful]) for e in overview]
+    n = len(problem.train)
+    how = ("trained to the minimum in float64" if args.model is None else "as returned by --model")
     page = explain_report(
-        title=f"Why does the model predict this? Test point {i} of {split.name}",
-        subtitle=(f"Binary logistic regression (Linear({d} → 1), no bias), l2 = {args.l2:g}, trained to the minimum "
-                  f"in float64 on {n:,} training points; upweight {__version__}."),
+        title=f"Why does the model predict this? Test point {i} of {problem.name}",
+        subtitle=f"{problem.model_text}, {how}, on {n:,} training points; upweight {__version__}.",
         test=test, helpful=points["helpful"], harmful=points["harmful"], provenance=provenance, n_train=n,
-        comparison=comparison, image_shape=split.image_shape, extra_diagnostics=extra,
+        comparison=comparison, image_shape=None, extra_diagnostics=extra,
+        feature_names=problem.feature_names if problem.kind == "tabular" else None, overview=rows,
     )
     return write_report(page, args.report, what="--report")
 

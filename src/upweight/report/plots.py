@@ -120,6 +120,7 @@ def explain_figure(
     cmap: str = "gray",
     helpful_label: str = "Most helpful\n(I_up,loss < 0)",
     harmful_label: str = "Most harmful\n(I_up,loss > 0)",
+    max_columns: int = 10,
 ) -> Figure:
     """The test image, its most helpful and most harmful training images, and the LOO scatter.
 
@@ -133,11 +134,15 @@ def explain_figure(
             otherwise a 1-pixel-high strip).
         title: optional figure title.
         cmap: colour map of the images (grey by default); all images share one intensity scale.
+        max_columns: images per row; longer lists wrap onto more rows, so the width is bounded
+            and only the height grows with the number of images.
 
     Returns:
         A ``Figure`` with 1 + len(helpful) + len(harmful) (+ 1 with a comparison) axes, in that
         order: test image, helpful images, harmful images, scatter. Save it with ``save_figure``.
     """
+    if isinstance(max_columns, bool) or not isinstance(max_columns, int) or max_columns < 1:
+        raise InputError(f"explain_figure: max_columns must be an integer ≥ 1; got {max_columns!r}.")
     test_img = _as_image(test_image, image_shape)
     helpful_imgs = [(_as_image(img, image_shape), str(cap)) for img, cap in helpful]
     harmful_imgs = [(_as_image(img, image_shape), str(cap)) for img, cap in harmful]
@@ -147,10 +152,12 @@ def explain_figure(
     if vmax <= vmin:
         vmax = vmin + 1.0
 
-    cols = max(len(helpful_imgs), len(harmful_imgs), 1)
+    cols = min(max(len(helpful_imgs), len(harmful_imgs), 1), max_columns)
+    row_counts = [max(1, math.ceil(len(imgs) / cols)) for imgs in (helpful_imgs, harmful_imgs)]
     with_scatter = comparison is not None
     widths = [2.1, 1.3 * cols] + ([3.9] if with_scatter else [])
-    fig = new_figure(figsize=(sum(widths) + 0.9, 4.4 + (0.35 if title else 0.0)), dpi=110)
+    extra_rows = sum(row_counts) - 2
+    fig = new_figure(figsize=(sum(widths) + 0.9, 4.4 + 1.7 * extra_rows + (0.35 if title else 0.0)), dpi=110)
     outer = fig.add_gridspec(
         1, len(widths), width_ratios=widths, wspace=0.3, left=0.02, right=0.975, bottom=0.12,
         top=0.85 if title else 0.9,
@@ -161,12 +168,12 @@ def explain_figure(
     ax_test.set_title(test_title, fontsize=10, fontweight="bold")
     ax_test.set_xlabel("")
 
-    grid = outer[0, 1].subgridspec(2, cols, hspace=0.5, wspace=0.16)
-    for row, (imgs, label, color) in enumerate(
-        ((helpful_imgs, helpful_label, HELPFUL_COLOR), (harmful_imgs, harmful_label, HARMFUL_COLOR))
+    grid = outer[0, 1].subgridspec(sum(row_counts), cols, hspace=0.5, wspace=0.16)
+    for first_row, (imgs, label, color) in zip(
+        (0, row_counts[0]), ((helpful_imgs, helpful_label, HELPFUL_COLOR), (harmful_imgs, harmful_label, HARMFUL_COLOR))
     ):
         for j, (img, caption) in enumerate(imgs):
-            ax = fig.add_subplot(grid[row, j])
+            ax = fig.add_subplot(grid[first_row + j // cols, j % cols])
             _show(ax, img, caption, cmap=cmap, vmin=vmin, vmax=vmax, fontsize=7.5)
             for side in ax.spines.values():
                 side.set_color(color)
@@ -174,6 +181,53 @@ def explain_figure(
             if j == 0:
                 ax.set_ylabel(label, fontsize=9, color=color, fontweight="bold")
 
+    if with_scatter:
+        loo_scatter(comparison, fig.add_subplot(outer[0, 2]))
+    if title:
+        fig.suptitle(title, fontsize=11)
+    return fig
+
+
+def ranking_figure(
+    test_text: str,
+    helpful: Sequence[tuple[str, float]],
+    harmful: Sequence[tuple[str, float]],
+    comparison: Any | None = None,
+    *,
+    title: str | None = None,
+) -> Figure:
+    """The explain figure for inputs that are not images (tabular, text): bars of I_up,loss.
+
+    Args:
+        test_text: a few lines about the test point (index, labels, prediction), drawn at the left.
+        helpful: ``(name, I_up,loss)`` pairs, most helpful first (negative values, green bars).
+        harmful: ``(name, I_up,loss)`` pairs, most harmful first (positive values, red bars).
+        comparison: an ``LOOComparison`` for the scatter panel, or ``None`` to leave it out.
+        title: optional figure title.
+
+    Returns:
+        A ``Figure`` with 2 axes (the text panel and the bars), plus the scatter with a
+        comparison. The bars run top to bottom: helpful in rank order, then harmful in rank order.
+    """
+    items = [(str(nm), float(v), HELPFUL_COLOR) for nm, v in helpful]
+    items += [(str(nm), float(v), HARMFUL_COLOR) for nm, v in harmful]
+    with_scatter = comparison is not None
+    widths = [2.2, 5.2] + ([3.9] if with_scatter else [])
+    height = max(4.4, 1.3 + 0.27 * len(items)) + (0.35 if title else 0.0)
+    fig = new_figure(figsize=(sum(widths) + 2.4, height), dpi=110)
+    outer = fig.add_gridspec(1, len(widths), width_ratios=widths, wspace=0.45, left=0.02, right=0.975,
+                             bottom=0.1, top=0.88 if title else 0.92)
+    ax_text = fig.add_subplot(outer[0, 0])
+    ax_text.axis("off")
+    ax_text.text(0.0, 1.0, test_text, va="top", ha="left", fontsize=9.5, transform=ax_text.transAxes)
+    ax = fig.add_subplot(outer[0, 1])
+    ys = np.arange(len(items))
+    ax.barh(ys, [v for _, v, _ in items], color=[c for _, _, c in items], height=0.7)
+    ax.set_yticks(ys, [nm for nm, _, _ in items], fontsize=8)
+    ax.invert_yaxis()
+    ax.axvline(0.0, color="0.4", lw=0.8)
+    ax.set_xlabel("I_up,loss  (< 0 helpful, > 0 harmful)")
+    ax.grid(True, axis="x", color="0.93", lw=0.6)
     if with_scatter:
         loo_scatter(comparison, fig.add_subplot(outer[0, 2]))
     if title:
