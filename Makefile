@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 VENV_BENCH  := .venv-bench
 BENCH_STAMP := $(VENV_BENCH)/.installed
 
-.PHONY: demo test example-transformers bench bench-solvers bench-hvp bench-hvp-batch bench-batch-budget bench-embedding bench-floor-bound bench-peers bench-peers-w1 bench-peers-w2 bench-peers-w2-full bench-peers-w3-mlp bench-peers-w3-cnn bench-peers-w3-full bench-peers-w5 bench-peers-w5-k100 lint clean
+.PHONY: demo test docs docs-check example-transformers bench bench-solvers bench-hvp bench-hvp-batch bench-batch-budget bench-embedding bench-floor-bound bench-peers bench-peers-w1 bench-peers-w2 bench-peers-w2-full bench-peers-w3-mlp bench-peers-w3-cnn bench-peers-w3-full bench-peers-w5 bench-peers-w5-k100 lint clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,15 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# the documentation site (mkdocs.yml, docs/): built into site/; --strict turns every warning (a broken
+# link, a docstring the API reference cannot read) into an error. tests/test_docs.py builds it too.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict -d site
+
+# the docs check alone: the strict build and the code of README.md and the guide pages
+docs-check: $(STAMP)
+	$(PY) -m pytest -q tests/test_docs.py
 
 # influence on a small BERT spam filter and a small GPT-2 trained here on the Enron e-mails
 # (docs/transformers.md; about 13 minutes on 2 cores, ENRON=… to point elsewhere, ARGS=--tiny for a quick run)
