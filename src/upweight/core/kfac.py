@@ -94,7 +94,9 @@ class LayerFactors:
 
     def activation_basis(self) -> torch.Tensor:
         """Q_A, dense (cols, cols) — the identity when ``identity_A``."""
-        return torch.eye(len(self.eig_A), dtype=self.eig_A.dtype) if self.Q_A is None else self.Q_A
+        if self.Q_A is None:
+            return torch.eye(len(self.eig_A), dtype=self.eig_A.dtype, device=self.eig_A.device)
+        return self.Q_A
 
     def kronecker(self) -> torch.Tensor:
         """S ⊗ A as a dense (size, size) matrix in vec(W̃) row-major order (small layers; tests)."""
@@ -239,7 +241,8 @@ def _correction_sums(ctx: _FactorContext, data: Data, bases: Sequence[tuple[torc
     far below the gap between EK-FAC and the GGN it approximates, and on the W3 CNN of bench/ (where this
     pass is most of an EK-FAC fit) the rotations and squares took 1.6 s against 2.8 s in float64 (one
     thread, 1,000 images). A float64 model keeps float64 throughout."""
-    sums = {blk.name: torch.zeros(blk.out_dim, blk.cols, dtype=torch.float64) for blk in ctx.blocks}
+    device = ctx.objective.device
+    sums = {blk.name: torch.zeros(blk.out_dim, blk.cols, dtype=torch.float64, device=device) for blk in ctx.blocks}
     cast: dict[torch.dtype, list[tuple[torch.Tensor | None, torch.Tensor]]] = {}
     for batch in _batches(ctx, data, "EK-FAC eigenvalue correction"):
         cap = capture(ctx.objective, ctx.blocks, batch, params=ctx.params, cotangents="ggn", token_ids=True)
@@ -275,7 +278,7 @@ def _add_one_hot_correction(acc: torch.Tensor, ids: torch.Tensor, g: torch.Tenso
     V = acc.shape[1]
     flat = ids.reshape(b * T)
     hit = flat >= 0
-    keys = (torch.arange(b).repeat_interleave(T) * V + flat)[hit]
+    keys = (torch.arange(b, device=ids.device).repeat_interleave(T) * V + flat)[hit]
     uniq, inv = torch.unique(keys, return_inverse=True)
     seg = g.reshape(K, b * T, out)[:, hit].new_zeros(K, len(uniq), out)
     seg.index_add_(1, inv, g.reshape(K, b * T, out)[:, hit])
@@ -449,7 +452,7 @@ def stable_eigh(M: torch.Tensor, what: str) -> tuple[torch.Tensor, torch.Tensor]
         pass
     shift = 1e-10 * float(torch.diagonal(M).abs().mean().clamp_min(1e-300))
     try:
-        e, Q = torch.linalg.eigh(M + shift * torch.eye(len(M), dtype=M.dtype))
+        e, Q = torch.linalg.eigh(M + shift * torch.eye(len(M), dtype=M.dtype, device=M.device))
         return e - shift, Q
     except RuntimeError:
         pass

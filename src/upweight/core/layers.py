@@ -448,11 +448,11 @@ def output_hessian_factors(objective: Objective, out: torch.Tensor, y: torch.Ten
     c = z.shape[1]
     if objective.loss_fn is cross_entropy and out.ndim == 2:
         p = torch.softmax(z, dim=1)
-        eye = torch.eye(c, dtype=z.dtype)
+        eye = torch.eye(c, dtype=z.dtype, device=z.device)
         C = p.sqrt().T[:, :, None] * (eye[:, None, :] - p[None, :, :])  # (K=c, b, c)
         return C.reshape(c, *out.shape), 0
     if objective.loss_fn is squared:
-        C = torch.eye(c, dtype=z.dtype)[:, None, :].expand(c, b, c)
+        C = torch.eye(c, dtype=z.dtype, device=z.device)[:, None, :].expand(c, b, c)
         return C.reshape(c, *out.shape).clone(), 0
     shape = out.shape[1:]
     if isinstance(objective.loss_fn, TokenCrossEntropy) or c > MAX_OUTPUT_FACTORS:

@@ -201,6 +201,11 @@ class Objective:
         """The dtype θ is evaluated in (float32 for a half-precision model)."""
         return next(iter(self.params.values())).dtype
 
+    @property
+    def device(self) -> torch.device:
+        """The device θ lives on (the model's): inputs are moved there, results are computed there."""
+        return next(iter(self.params.values())).device
+
     # ── the model's mode ──────────────────────────────────────────────────────────────
     def check_eval_mode(self) -> None:
         """Raise ``UnsupportedModelError`` if a module whose forward can depend on the training

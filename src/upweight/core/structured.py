@@ -194,7 +194,7 @@ def structured_scores(objective: Objective, plan: LayerPlan, batch: Data, S: tor
         if step < len(batch):
             return torch.cat([structured_scores(objective, plan, sub, params=params, max_bytes=max_bytes, queries=queries)
                               for sub in batch.batches(step)], dim=1)
-    out = torch.zeros(queries.k, len(batch), dtype=dtype)
+    out = torch.zeros(queries.k, len(batch), dtype=dtype, device=next(iter(params.values())).device)
     if plan.blocks or plan.local:
         cap = capture(objective, plan.blocks, batch, params=params, cotangents="loss", token_ids=True, local=plan.local)
         for lm in plan.local:
@@ -424,7 +424,7 @@ class LinearOutputHVP:
         Vm = V[:, self.index].reshape(k * blk.out_dim, blk.cols)
         if operand_dtype is not None:
             Vm = Vm.to(operand_dtype)
-        acc = torch.zeros(k * blk.out_dim, blk.cols, dtype=self.dtype)
+        acc = V.new_zeros(k * blk.out_dim, blk.cols, dtype=self.dtype)
         for A, oc in factors:
             U = (A @ Vm.T).to(self.dtype).reshape(len(A), k, blk.out_dim)  # uᵢⱼ = Vⱼãᵢ: output tangents
             W = oc.apply(U).reshape(len(A), k * blk.out_dim).to(A.dtype)
@@ -474,7 +474,7 @@ class LinearOutputHVP:
         """
         blk = self.block
         c, cols = blk.out_dim, blk.cols
-        acc = torch.zeros(c, cols, c, cols, dtype=self.dtype)
+        acc = torch.zeros(c, cols, c, cols, dtype=self.dtype, device=self.objective.device)
         for A, oc in self._iter_factors():
             b = len(A)
             for i in range(c):

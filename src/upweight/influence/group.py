@@ -166,7 +166,7 @@ def normalize_groups(groups: Any, n: int) -> list[np.ndarray]:
 def _group_loss_grad(inf: Influence, data: Data, chunk: int) -> torch.Tensor:
     """Σ_{z∈data} ∇θL(z, θ̂) as a flat vector (p,), streamed in chunks."""
     obj = inf.objective
-    acc = torch.zeros(obj.p, dtype=obj.dtype)
+    acc = torch.zeros(obj.p, dtype=obj.dtype, device=obj.device)
     for batch in data.batches(chunk):
         g = grad(lambda p, b=batch: obj.losses(p, b.X, b.y).sum())(obj.params)
         acc += obj.space.flatten(g)
@@ -175,7 +175,7 @@ def _group_loss_grad(inf: Influence, data: Data, chunk: int) -> torch.Tensor:
 
 def _group_hvp(curv: Curvature, v: torch.Tensor, data: Data) -> torch.Tensor:
     """Σ_{z∈data} ∇²θL(z, θ̂) v for one vector v (p,) — ``Curvature.hvp_sum`` over U's points only."""
-    acc = torch.zeros(1, curv.p, dtype=curv.dtype)
+    acc = v.new_zeros(1, curv.p, dtype=curv.dtype)
     for batch in data.batches(curv.batch_size):
         acc += curv.hvp_sum(v.reshape(1, -1), batch)
     return acc[0]

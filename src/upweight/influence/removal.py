@@ -204,7 +204,7 @@ def newton_removal_effect(influence: Influence, test: Any, train: TrainSelection
             W, solves = sol.value.to(torch.float64), solves + 1
             residual_max = max(residual_max, sol.max_residual)
         U = U.to(torch.float64)
-        first[:, start : start + len(part)] = (S @ G.T).numpy() / n
+        first[:, start : start + len(part)] = (S @ G.T).cpu().numpy() / n
         for j in range(len(part)):
             cols = (owner == j).nonzero().reshape(-1)
             a = first[:, start + j]
@@ -221,7 +221,7 @@ def newton_removal_effect(influence: Influence, test: Any, train: TrainSelection
                 bad.append((int(data.ids[int(part[j])]), leverage[start + j]))
                 continue
             coef = torch.linalg.solve(K, Wj @ G[j])  # Kᵢ⁻¹ Uᵢᵀ H⁻¹ gᵢ
-            values[:, start + j] = a + (S @ Uj.T @ coef).numpy() / n
+            values[:, start + j] = a + (S @ Uj.T @ coef).cpu().numpy() / n
     if bad:
         shown = ", ".join(f"id {i} (leverage {h:.3g})" for i, h in bad[:10])
         more = f" and {len(bad) - 10} more" if len(bad) > 10 else ""

@@ -69,22 +69,23 @@ def refit(
         check_finite(wt, "refit weights", "Use 0 to remove a point and 1 + nε to upweight it.")
     space = objective.space
     start = init if init is not None else objective.params
-    x0 = space.flatten({n: start[n].to(dtype) for n in space.names}).detach().numpy().astype(np.float64)
+    x0 = space.flatten({n: start[n].to(dtype) for n in space.names}).detach().cpu().numpy().astype(np.float64)
+    device = objective.device  # θ lives (and the risk is evaluated) where the model is
     data = data.to(dtype)
-    w = None if weights is None else torch.as_tensor(weights, dtype=dtype)
+    w = None if weights is None else torch.as_tensor(weights, dtype=dtype, device=device)
 
     def fun(x: np.ndarray) -> tuple[float, np.ndarray]:
-        theta = torch.from_numpy(x).to(dtype).requires_grad_(True)
+        theta = torch.from_numpy(x).to(device, dtype).requires_grad_(True)
         r = risk(objective, space.unflatten(theta), data, batch_size, w)
         (g,) = torch.autograd.grad(r, theta)
-        return float(r.detach()), g.detach().numpy().astype(np.float64)
+        return float(r.detach()), g.detach().cpu().numpy().astype(np.float64)
 
     def hessp(x: np.ndarray, v: np.ndarray) -> np.ndarray:
-        theta = torch.from_numpy(x).to(dtype).requires_grad_(True)
+        theta = torch.from_numpy(x).to(device, dtype).requires_grad_(True)
         r = risk(objective, space.unflatten(theta), data, batch_size, w)
         (g,) = torch.autograd.grad(r, theta, create_graph=True)
-        (hv,) = torch.autograd.grad(g @ torch.from_numpy(v).to(dtype), theta)
-        return hv.detach().numpy().astype(np.float64)
+        (hv,) = torch.autograd.grad(g @ torch.from_numpy(v).to(device, dtype), theta)
+        return hv.detach().cpu().numpy().astype(np.float64)
 
     res = scipy.optimize.minimize(
         fun, x0, jac=True, method="L-BFGS-B",
@@ -107,5 +108,5 @@ def refit(
                 break
             x, g = x - step, g_new
             nit += 1
-    theta = space.unflatten(torch.from_numpy(x).to(dtype))
+    theta = space.unflatten(torch.from_numpy(x).to(device, dtype))
     return RefitResult(theta, float(np.linalg.norm(g)), nit)

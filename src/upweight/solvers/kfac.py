@@ -61,7 +61,7 @@ class BlockOperator:
     def matvec(self, V: torch.Tensor) -> torch.Tensor:
         squeeze = V.ndim == 1
         V = V.reshape(-1, self.p).to(self.dtype)
-        full = torch.zeros(len(V), self.curvature.p, dtype=self.dtype)
+        full = V.new_zeros(len(V), self.curvature.p)
         full[:, self.index] = V
         out = self.curvature.matvec(full)[:, self.index]
         return out[0] if squeeze else out
@@ -350,7 +350,7 @@ class KFAC(OneShotSolver):
             return state
         t0 = time.perf_counter()
         if op.p <= self.fallback_dense_max:
-            eye = torch.eye(op.p, dtype=op.dtype)
+            eye = torch.eye(op.p, dtype=op.dtype, device=op.curvature.objective.device)
             Hf = torch.cat([op.matvec(eye[s : s + 256]) for s in range(0, op.p, 256)]).to(torch.float64)
             Hf = 0.5 * (Hf + Hf.T)
             L, info = torch.linalg.cholesky_ex(Hf)
@@ -368,7 +368,7 @@ class KFAC(OneShotSolver):
             state.stats["fallback_preconditioner"] = "exact inverse of the restricted Hessian (dense Cholesky)"
         else:
             gen = torch.Generator().manual_seed(0)
-            Z = (torch.randint(0, 2, (8, op.p), generator=gen) * 2 - 1).to(op.dtype)
+            Z = (torch.randint(0, 2, (8, op.p), generator=gen) * 2 - 1).to(op.curvature.objective.device, op.dtype)
             mean_eig = float((Z * op.matvec(Z)).sum(1).mean()) / op.p
             scale = 1.0 / mean_eig if mean_eig > 0 else 1.0 / max(float(curvature.diagonal.max()), 1e-12)
             state.fallback_scale = scale
