@@ -23,12 +23,16 @@ model output from θ-independent inputs (softmax / logistic regression, a frozen
 extractor with a linear head), the output is linear in θ and the exact product is two matrix
 products per batch with cached layer inputs — used automatically (``structured="auto"``; in-process
 even with an executor), off with ``structured=False``.
+
+``LinearOperator`` is the protocol the solvers work against: ``Curvature`` implements it, and so does
+any restriction of it (K-FAC's ``BlockOperator``), which lets ``CG`` solve on either.
 """
 
 from __future__ import annotations
 
 import operator
-from typing import Any, Literal, NoReturn
+from collections.abc import Callable
+from typing import Any, Literal, NoReturn, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -43,6 +47,52 @@ from .params import Params
 
 CurvatureKind = Literal["hessian", "gauss-newton"]
 KINDS: tuple[str, ...] = ("hessian", "gauss-newton")
+
+
+@runtime_checkable
+class LinearOperator(Protocol):
+    """A symmetric linear operator A = (a matrix of the form) H + δI of size p, known only through its
+    products — what the iterative solvers (``CG``, the Lanczos/Arnoldi recurrences) need of it.
+
+    Implemented by ``Curvature`` (the full H + δI) and by ``solvers.kfac.BlockOperator`` (H + δI
+    restricted to some coordinates).
+
+    Attributes:
+        p: the dimension of A.
+        dtype: the dtype its products are computed in.
+        damping: δ, the damping included in A (for error messages that suggest a larger one).
+    """
+
+    p: int
+    dtype: torch.dtype
+    damping: float
+
+    def matvec(self, V: torch.Tensor) -> torch.Tensor:
+        """AV for V of shape (p,) or (k, p) (rows as vectors)."""
+        ...
+
+    def lambda_max(self, *, n_iter: int = 30, seed: int = 0) -> float:
+        """Largest-magnitude eigenvalue of A (an estimate)."""
+        ...
+
+    def lambda_min(self, *, n_iter: int = 100, seed: int = 0) -> float:
+        """Smallest eigenvalue of A (a rough estimate, for error messages)."""
+        ...
+
+
+def operator_lambda_max(matvec: Callable[[torch.Tensor], torch.Tensor], p: int, dtype: torch.dtype, *,
+                        n_iter: int = 30, seed: int = 0) -> float:
+    """Largest-magnitude eigenvalue of the symmetric operator ``matvec`` by power iteration."""
+    return power_iteration(matvec, p, dtype, n_iter=n_iter, rtol=1e-3, seed=seed)
+
+
+def operator_lambda_min(matvec: Callable[[torch.Tensor], torch.Tensor], p: int, dtype: torch.dtype, *,
+                        n_iter: int = 100, seed: int = 0) -> float:
+    """Smallest eigenvalue of the symmetric operator A = ``matvec``, by power iteration on σI − A with
+    σ = 1.05·|λmax| ≥ λmax, whose dominant eigenvalue is σ − λmin (a rough estimate)."""
+    sigma = abs(operator_lambda_max(matvec, p, dtype, seed=seed)) * 1.05 + 1e-12
+    mu = power_iteration(lambda v: sigma * v - matvec(v), p, dtype, n_iter=n_iter, rtol=1e-4, seed=seed + 1)
+    return sigma - mu
 
 
 class Curvature:
@@ -60,9 +110,10 @@ class Curvature:
         structured: "auto" (default) computes the in-process products with the exact structured
             HVP of ``core.structured.LinearOutputHVP`` when θ is exactly one output ``nn.Linear``
             with θ-independent inputs (in-process, also when an executor is given: it is a few
-            matrix products over cached inputs), else forward-over-reverse;
-            ``True`` requires the structured path (``UnsupportedModelError`` naming why it does
-            not apply); ``False`` always uses forward-over-reverse.
+            matrix products over cached inputs), else the generic products of ``kind`` (``hvp_sum``:
+            Pearlmutter's reverse over reverse; ``ggn_sum`` for Gauss–Newton); ``True`` requires the
+            structured path (``UnsupportedModelError`` naming why it does not apply); ``False`` always
+            uses the generic products.
         structured_cache_bytes: memory budget for caching the layer inputs and output-Hessian
             data across products (structured path only); above it they are recomputed per product.
 
@@ -184,11 +235,8 @@ class Curvature:
         (``graph_bytes_per_point``). Why it pays: glibc's malloc serves every allocation above its mmap
         threshold (at most 32 MiB) with a fresh mapping and unmaps it on free, so a tensor of that size
         made in every tangent pass is page-faulted in anew each time; with every tensor of the graph
-        below 32 MiB the allocator's caches are reused. Measured (``bench/bench_hvp_batch.py``, section
-        ``hvp-batch`` of bench/RESULTS.md; 16 products over 1,000 MNIST images, one thread): the W3 CNN
-        (151 kB per point) 1.83× faster in batches of 223 than in one batch of 1,000 — 1.02× with glibc's
-        mmap threshold raised to 4 GiB, which confirms the cause —, Koh & Liang's all-conv CNN 1.30×, the
-        1M-parameter MLP (15 kB per point) keeps its batch (0.99×). The cap also bounds the graph's memory.
+        below 32 MiB the allocator's caches are reused (timings: section ``hvp-batch`` of
+        bench/RESULTS.md). The cap also bounds the graph's memory.
         """
         if self._hvp_batch_size is None:
             per_point = graph_bytes_per_point(self.objective, self.params, self.data)
@@ -270,7 +318,6 @@ class Curvature:
             return 0.5 * (H + H.T)
         eye = torch.eye(self.p, dtype=self.dtype)
         # with `chunk` tangents in flight, smaller data batches keep the working set in cache
-        # (MNIST, p = 7,850: 28% faster with 512 points per batch than with 2,048)
         dense_op = self.replace(batch_size=min(self.batch_size, 512))
         cols = [dense_op.matvec(eye[s : s + chunk]) for s in range(0, self.p, chunk)]
         H = torch.cat(cols, dim=0)
@@ -279,16 +326,14 @@ class Curvature:
 
     def lambda_max(self, *, n_iter: int = 30, seed: int = 0) -> float:
         """Largest-magnitude eigenvalue of H + δI by power iteration (a few full-data HVPs)."""
-        return power_iteration(self.matvec, self.p, self.dtype, n_iter=n_iter, rtol=1e-3, seed=seed)
+        return operator_lambda_max(self.matvec, self.p, self.dtype, n_iter=n_iter, seed=seed)
 
     def lambda_min(self, *, n_iter: int = 100, seed: int = 0) -> float:
         """Smallest eigenvalue of H + δI, by power iteration on σI − (H + δI) with σ ≥ λmax.
 
         Only used to explain failures (a non-positive-definite H), so a rough estimate will do.
         """
-        sigma = abs(self.lambda_max(seed=seed)) * 1.05 + 1e-12
-        mu = power_iteration(lambda v: sigma * v - self.matvec(v), self.p, self.dtype, n_iter=n_iter, rtol=1e-4, seed=seed + 1)
-        return sigma - mu
+        return operator_lambda_min(self.matvec, self.p, self.dtype, n_iter=n_iter, seed=seed)
 
 
 #: the autograd graph one generic HVP batch may hold (``Curvature.hvp_batch_size``): forward activations and
@@ -356,10 +401,9 @@ def hvp_sum(obj: Objective, params: Params, V: torch.Tensor, batch: Data, *,
     One forward and backward pass builds g = ∇θ Σᵢ L(zᵢ, θ) with its graph; each vⱼ is then one
     more backward pass through that graph, ∇θ⟨g, vⱼ⟩ = H vⱼ. The k tangents share the forward
     pass and the first backward pass, and memory stays that of one double-backward pass whatever k
-    is. Against the previous path, ``vmap`` of forward over reverse (``bench/bench_hvp.py``, section
-    ``hvp`` of bench/RESULTS.md): 1.6–2.2× faster on convolutions and 1.1–1.6× on a 1M-parameter MLP
-    for 10–100 vectors, equal for one; slower (0.74×) on a bare linear layer with 100 vectors, which
-    takes the structured HVP instead. Double backward also covers more operators than forward-mode AD.
+    is; it also covers more operators than forward-mode AD. A bare linear layer takes the structured
+    HVP instead (``core.structured``). Timings against ``vmap`` of forward over reverse: section
+    ``hvp`` of bench/RESULTS.md.
     """
     with torch.enable_grad():
         leaves = {name: t.detach().requires_grad_(True) for name, t in params.items()}

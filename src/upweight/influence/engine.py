@@ -552,7 +552,7 @@ class Influence:
             msg = (
                 f"The {self.solver.name} solve is inaccurate: relative residual ‖(H+δI)x − v‖/‖v‖ = "
                 f"{max_residual:.2e} > max_residual={bound:g}. "
-                + _accuracy_advice(getattr(self.state_, "chosen", self.solver.name))
+                + self.solver.accuracy_advice(self.state_)
             )
             if self.on_inaccurate == "raise":
                 raise InaccurateSolveError(msg)
@@ -944,13 +944,3 @@ def _model_sha256(objective: Objective) -> str:
 def _fn_name(fn: Callable[..., Any]) -> str:
     return getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or type(fn).__name__
 
-
-def _accuracy_advice(name: str) -> str:
-    if name == "arnoldi":
-        return ("A residual above 1 means the kept Ritz pairs are wrong (see solver_max_ritz_residual): "
-                "raise Arnoldi's oversampling, or add damping.")
-    if name == "lissa":
-        return "Increase LiSSA's depth (t) or repeats (r), or add damping."
-    if name == "cg":
-        return "Raise CG's maxiter or add damping to improve the conditioning."
-    return "Add damping to improve the conditioning, or use Direct in float64."

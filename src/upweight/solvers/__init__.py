@@ -1,13 +1,14 @@
-"""Inverse-HVP solvers sharing one protocol: ``prepare(curvature)``, ``solve(state, V)``."""
+"""Inverse-HVP solvers sharing one protocol: ``prepare(curvature) -> state``, ``solve(state, V)``;
+each solver's state is a dataclass (``DirectState``, ``CGState``, ``LiSSAState``, …)."""
 
 from .arnoldi import Arnoldi, ArnoldiState
 from .auto import Auto, AutoState
 from .base import InverseHVPSolver, Solution
-from .cg import CG
+from .cg import CG, CGState
 from .datainf import DataInf, DataInfState
-from .direct import Direct
+from .direct import Direct, DirectState
 from .kfac import EKFAC, KFAC
-from .lissa import LiSSA
+from .lissa import LiSSA, LiSSAState
 from .nystrom import Nystrom, NystromState
 from .spectrum import Spectrum, estimate_spectrum, lanczos, lissa_from_spectrum
 
@@ -22,13 +23,16 @@ __all__ = [
     "ArnoldiState",
     "Auto",
     "AutoState",
+    "CGState",
     "DataInf",
     "DataInfState",
     "Direct",
+    "DirectState",
     "EKFAC",
     "InverseHVPSolver",
     "KFAC",
     "LiSSA",
+    "LiSSAState",
     "Nystrom",
     "NystromState",
     "Solution",

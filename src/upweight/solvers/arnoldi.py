@@ -51,7 +51,7 @@ class ArnoldiState:
 
 
 @dataclass(frozen=True)
-class Arnoldi(InverseHVPSolver):
+class Arnoldi(InverseHVPSolver[ArnoldiState]):
     """Low-rank inverse on the top-r eigenspace of H + δI — Schioppa et al. (2022), AAAI.
 
     **What it approximates** (``approximates = "hessian-lowrank"``): the exact Hessian
@@ -73,9 +73,9 @@ class Arnoldi(InverseHVPSolver):
     matrix T = QAQᵀ is tridiagonal, and its eigenpairs (θᵢ, sᵢ) give the Ritz pairs (θᵢ, Qᵀsᵢ).
     The r Ritz values of largest magnitude are kept: the dominant eigenpairs converge first,
     and the extra ``oversampling`` steps are what make the r-th one accurate. How many are
-    needed depends on the gaps in the spectrum; on MNIST 1-vs-7 logistic regression (p = 784)
-    m = r + 16 left λ₆₄ 4 % off and its eigenvector mixed with its neighbours, while m = 2r
-    gave all 64 pairs to 1e-13 — hence the default ``oversampling = rank``. ``solve`` then
+    needed depends on the gaps in the spectrum: with clustered eigenvalues a few extra steps
+    leave the r-th pair inaccurate and its eigenvector mixed with its neighbours, which m = 2r
+    resolves — hence the default ``oversampling = rank``. ``solve`` then
     costs O(k·r·p); memory is 2·m·p float64 numbers while preparing and 2·r·p after.
 
     **Residual.** (H + δI)x is computed exactly, by linearity, from the HVPs recorded in
@@ -209,6 +209,10 @@ class Arnoldi(InverseHVPSolver):
             seconds=time.perf_counter() - t0,
             stats=stats,
         )
+
+    def accuracy_advice(self, state: ArnoldiState | None = None) -> str:
+        return ("A residual above 1 means the kept Ritz pairs are wrong (see solver_max_ritz_residual): "
+                "raise Arnoldi's oversampling, or add damping.")
 
     @staticmethod
     def _raise_not_pd(curv: Curvature, ritz_min: float, kept_min: float, ritz_max: float, rank: int,

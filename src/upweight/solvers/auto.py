@@ -16,8 +16,9 @@ from .._progress import progress_enabled
 from ..core.curvature import Curvature
 from ..errors import NotPositiveDefiniteError
 from .base import InverseHVPSolver, Solution, non_numerical
-from .cg import CG
-from .direct import DENSE_BYTES_PER_ENTRY, Direct
+from .cg import CG, CGState
+from .direct import DENSE_BYTES_PER_ENTRY, Direct, DirectState
+from .lissa import LiSSAState
 from .spectrum import (
     Spectrum,
     estimate_spectrum,
@@ -55,8 +56,8 @@ class AutoState:
     """
 
     chosen: str
-    solver: InverseHVPSolver
-    inner: Any
+    solver: InverseHVPSolver[Any]
+    inner: DirectState | CGState | LiSSAState
     reason: str
     spectrum: Spectrum | None
     damping: float
@@ -65,7 +66,7 @@ class AutoState:
 
 
 @dataclass(frozen=True)
-class Auto(InverseHVPSolver):
+class Auto(InverseHVPSolver[AutoState]):
     """Chooses the inverse-HVP solver from p, n, the memory at hand and the spectrum of H + δI.
 
     The rule, in order:
@@ -185,8 +186,8 @@ class Auto(InverseHVPSolver):
             damping = err.suggested_damping
             why += (f"; H + δI was indefinite (λmin = {err.min_eigenvalue:.3e}), so damping was raised "
                     f"from {curvature.damping:g} to {damping:g}")
-            inner = direct.prepare(_with_damping(curvature, damping))
-        H = inner["H"]
+            inner = direct.prepare(curvature.replace(damping=damping))
+        H = inner.H
         spec = lanczos(lambda v: H @ v, curvature.p, k=self.lanczos_steps, seed=self.seed,
                        source="Lanczos on the dense H + δI formed by Direct")
         return self._state("direct", direct, inner, why, spec, damping)
@@ -222,9 +223,10 @@ class Auto(InverseHVPSolver):
         damping = spec.needed_damping(curvature.damping)
         why += (f"; H + δI was indefinite (Lanczos λmin ≈ {spec.lambda_min:.3e}), so damping was raised "
                 f"from {curvature.damping:g} to {damping:g}")
-        return _with_damping(curvature, damping), spec.shifted(damping - curvature.damping), damping, why
+        return curvature.replace(damping=damping), spec.shifted(damping - curvature.damping), damping, why
 
-    def _state(self, chosen: str, solver: InverseHVPSolver, inner: Any, why: str, spec: Spectrum, damping: float) -> AutoState:
+    def _state(self, chosen: str, solver: InverseHVPSolver[Any], inner: DirectState | CGState | LiSSAState, why: str,
+               spec: Spectrum, damping: float) -> AutoState:
         stats: dict[str, Any] = {"chosen": chosen, "reason": why, "damping_used": damping, **spec.as_stats()}
         return AutoState(chosen, solver, inner, why, spec, damping, solver.default_max_residual, stats)
 
@@ -235,7 +237,9 @@ class Auto(InverseHVPSolver):
             sol = state.solver.solve(state.inner, rhs)
         return dataclasses.replace(sol, seconds=time.perf_counter() - t0, stats={**sol.stats, **state.stats})
 
-
-def _with_damping(curvature: Curvature, damping: float) -> Curvature:
-    return curvature.replace(damping=damping)
+    def accuracy_advice(self, state: AutoState | None = None) -> str:
+        """The advice of the solver ``prepare`` chose (the generic advice without a state)."""
+        if state is None:
+            return super().accuracy_advice()
+        return state.solver.accuracy_advice(state.inner)
 

@@ -1,5 +1,8 @@
-"""The inverse-HVP solver protocol: ``prepare(curvature)`` once, ``solve(state, V)`` for each
-block of right-hand sides; every solve returns a ``Solution`` with its measured residual.
+"""The inverse-HVP solver protocol: ``prepare(curvature) -> state`` once, ``solve(state, V)`` for
+each block of right-hand sides; every solve returns a ``Solution`` with its measured residual.
+
+``InverseHVPSolver`` is generic in its state type: each solver's ``prepare`` returns a dataclass of
+named fields (``DirectState``, ``CGState``, ``LiSSAState``, …), which its ``solve`` reads back.
 """
 
 from __future__ import annotations
@@ -8,7 +11,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, is_dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 import torch
 
@@ -68,8 +71,18 @@ class Solution:
         return float("nan") if self.residual.numel() else 0.0
 
 
-class InverseHVPSolver(ABC):
-    """Computes (H + δI)⁻¹V. Concrete solvers are frozen dataclasses of their settings."""
+#: the type of a solver's prepared state (what ``prepare`` returns and ``solve`` takes)
+StateT = TypeVar("StateT")
+
+#: the advice an inaccurate solve's error or warning ends with, unless the solver knows better
+GENERIC_ACCURACY_ADVICE = "Add damping to improve the conditioning, or use Direct in float64."
+
+
+class InverseHVPSolver(ABC, Generic[StateT]):
+    """Computes (H + δI)⁻¹V in two steps: ``prepare`` does the once-per-fit work and returns the
+    solver's state (a ``StateT``), ``solve`` uses it for each block of right-hand sides. Concrete
+    solvers are frozen dataclasses of their settings; their states are dataclasses with named fields.
+    """
 
     name: ClassVar[str]
     approximates: ClassVar[str] = "exact"
@@ -77,12 +90,18 @@ class InverseHVPSolver(ABC):
     default_max_residual: ClassVar[float] = 0.05
 
     @abstractmethod
-    def prepare(self, curvature: Curvature) -> Any:
+    def prepare(self, curvature: Curvature) -> StateT:
         """Do the once-per-fit work (factorise, estimate λmax, …) and return the solver state."""
 
     @abstractmethod
-    def solve(self, state: Any, rhs: torch.Tensor) -> Solution:
+    def solve(self, state: StateT, rhs: torch.Tensor) -> Solution:
         """Solve (H + δI)X = rhs for rhs of shape (k, p); returns a ``Solution``."""
+
+    def accuracy_advice(self, state: StateT | None = None) -> str:
+        """What to change when a solve's residual exceeds ``Influence``'s ``max_residual``: the sentence
+        its ``InaccurateSolveError`` / ``InaccurateSolveWarning`` ends with. ``state`` is the prepared
+        state (``Auto`` advises on the solver it chose)."""
+        return GENERIC_ACCURACY_ADVICE
 
     def config(self) -> dict[str, Any]:
         """The solver's numerical settings — its identity in provenance and store fingerprints.
@@ -115,12 +134,26 @@ def relative_residual(AX: torch.Tensor, X_rhs: torch.Tensor) -> torch.Tensor:
     return torch.where(den > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny), num)
 
 
+class ItemAccess:
+    """``state["name"]`` as ``state.name`` for a solver state that was once a dict (Direct's, LiSSA's),
+    so that code indexing it by the old keys keeps working; ``_item_keys`` maps a renamed key to its
+    field. New code reads the fields."""
+
+    _item_keys: ClassVar[dict[str, str]] = {}
+
+    def __getitem__(self, key: str) -> Any:
+        try:
+            return getattr(self, self._item_keys.get(key, key))
+        except AttributeError:
+            raise KeyError(key) from None
+
+
 #: right-hand sides of a block whose residual a one-shot approximate solver measures by default
 RESIDUAL_SAMPLE = 16
 
 
 @dataclass(frozen=True)
-class OneShotSolver(InverseHVPSolver):
+class OneShotSolver(InverseHVPSolver[StateT]):
     """An approximate solver without iterations, X = M⁻¹V for a fixed approximation M of H + δI
     (KFAC, EKFAC, Nystrom, DataInf), whose solves measure the true residual on a sample of the
     right-hand sides (``one_shot_solution``).
@@ -128,10 +161,9 @@ class OneShotSolver(InverseHVPSolver):
     Args:
         residual_sample: right-hand sides per block whose true relative residual
             ‖(H + δI)x − v‖/‖v‖ is measured (evenly spaced; keyword only). They cost one full-data HVP
-            of that many vectors per solve — on a small CNN with 1,000 training points more than the
-            K-FAC solve itself (≈ 5 s of ≈ 8 s for 100 test points, ``bench/RESULTS.md``). The residual
-            varies between right-hand sides (K-FAC on that CNN: 9 to 49 over 100 test gradients), so
-            fewer samples can miss the worst. ``0`` measures none: the solve is then unchecked —
+            of that many vectors per solve, which can exceed the cost of an approximate solve itself
+            (``bench/RESULTS.md``). The residual varies between right-hand sides, so fewer samples can
+            miss the worst. ``0`` measures none: the solve is then unchecked —
             ``Influence``'s ``max_residual`` cannot reject it, and its provenance says
             ``residual_max = nan``, ``accepted = None``.
     """
@@ -150,9 +182,9 @@ def one_shot_solution(curvature: Curvature, X: torch.Tensor, V: torch.Tensor, rh
     of at most ``sample`` evenly spaced columns, NaN at the others and marked unmeasured in
     ``Solution.measured`` (all of them for ``sample`` = 0: no HVP).
 
-    Checking every column would cost one full-data HVP per vector — more than the solve itself (K-FAC on a
-    1M-parameter MLP, 100 test points: 8 s against 13 s); self-influence, one solve per chunk of training
-    points, would pay a pass over all n points for every training point."""
+    Checking every column would cost one full-data HVP per vector — often more than the solve itself;
+    self-influence, one solve per chunk of training points, would pay a pass over all n points for every
+    training point."""
     Xc = X.to(curvature.dtype)
     k = len(V)
     res = torch.full((k,), float("nan"), dtype=V.dtype)

@@ -11,7 +11,7 @@ import torch
 
 from .._checks import check_finite, check_interval
 from .._progress import NoBar, ProgressBar, progress_bar
-from ..core.curvature import Curvature
+from ..core.curvature import Curvature, LinearOperator
 from ..errors import InputError, NotConvergedWarning, NotPositiveDefiniteError, SolverError
 from .base import InverseHVPSolver, Solution, gauss_newton_hint, relative_residual
 from .direct import suggest_damping
@@ -32,16 +32,28 @@ class Preconditioner(Protocol):
 
 
 @dataclass(frozen=True)
-class PCGState:
-    """``CG.prepare`` with a preconditioner: the operator and the preconditioner's state."""
+class CGState:
+    """What ``CG.prepare`` returns; passed back to ``CG.solve``.
 
-    curvature: Curvature
-    preconditioner_state: Any
-    prepare_seconds: float
+    Attributes:
+        curvature: the operator A = H + δI of the system Ax = v (a ``Curvature``, or any
+            ``LinearOperator`` such as K-FAC's ``BlockOperator``).
+        preconditioner_state: what ``preconditioner.prepare_preconditioner`` returned, or ``None``
+            for plain CG.
+        prepare_seconds: wall time of preparing the preconditioner (0 for plain CG).
+    """
+
+    curvature: LinearOperator
+    preconditioner_state: Any = None
+    prepare_seconds: float = 0.0
+
+
+#: the former name of ``CGState`` (which then held only preconditioned CG's state)
+PCGState = CGState
 
 
 @dataclass(frozen=True)
-class CG(InverseHVPSolver):
+class CG(InverseHVPSolver[CGState]):
     """Conjugate gradients with one full-data HVP block per iteration — Koh & Liang (2017) §3.
 
     By default the k right-hand sides run as one block CG (``block=True``): they share each HVP
@@ -62,12 +74,10 @@ class CG(InverseHVPSolver):
             Ji & Li 2017): the k right-hand sides share one Krylov space — each iteration searches
             along an orthonormal block of directions built from every unconverged residual, so
             the largest eigenvalues are resolved once for all of them and many right-hand sides
-            converge in far fewer HVP blocks (MNIST softmax regression, n = 20,000, rtol 1e-3:
-            37 → 15 iterations for 10 test points, 38 → 7 for 100; self-influence of 1,024
-            points in chunks of 256 at n = 5,000: 48 → 7 per chunk, 5.6× faster). Each iteration
-            adds dense work of O(k²p) (a QR of the block and k×k products). For k = 1 it is
-            plain CG. ``False``: k independent recurrences (the behaviour before block CG).
-            Same stopping rule per column; a converged column leaves the block.
+            converge in far fewer HVP blocks (timings: bench/RESULTS.md). Each iteration adds
+            dense work of O(k²p) (a QR of the block and k×k products). For k = 1 it is plain CG.
+            ``False``: k independent recurrences sharing each HVP pass. Same stopping rule per
+            column; a converged column leaves the block.
 
         hvp_dtype: ``None`` (default), or a lower-precision dtype such as ``torch.bfloat16`` for the
             HVP products of the iterations (mixed precision; only where the structured HVP applies —
@@ -78,11 +88,10 @@ class CG(InverseHVPSolver):
             reach to about 1e-2 whatever rtol says — use rtol ≥ 1e-2 (an rtol below the dtype's machine
             epsilon, 7.8e-3 for bfloat16, is refused). The final residual is measured
             with exact products, so ``Solution.residual`` (and ``Influence``'s ``max_residual``) judge
-            the real solve. Measured (bench/RESULTS.md; one thread, AVX512-BF16 CPU; MNIST softmax
-            regression, n = 55,000, 100 test points, rtol 1e-2, the whole query): 9.9 s, Spearman 0.997
-            with exact influence, against 13.7 s and 0.9992 with float32 products (8 iterations instead
-            of 5, each ≈ 2.2× cheaper). On CPUs without bfloat16 instructions the products are slower
-            than in float32.
+            the real solve. It pays only where the hardware multiplies bfloat16 natively: each
+            iteration is cheaper, but more of them are needed (timings and rank agreement:
+            bench/RESULTS.md); on CPUs without bfloat16 instructions the products are slower than in
+            float32.
 
     Raises:
         NotPositiveDefiniteError: a search direction with pᵀ(H + δI)p ≤ 0 was met; the message
@@ -127,20 +136,24 @@ class CG(InverseHVPSolver):
             cfg.pop("hvp_dtype", None)
         return cfg
 
-    def prepare(self, curvature: Curvature) -> Any:
+    def prepare(self, curvature: LinearOperator) -> CGState:
+        """Plain CG has nothing to prepare; with a preconditioner, its ``prepare_preconditioner``.
+        ``curvature`` may be any ``LinearOperator`` (the preconditioner may need a ``Curvature``)."""
         if self.preconditioner is None:
-            return curvature
+            return CGState(curvature)
         t0 = time.perf_counter()
         pstate = self.preconditioner.prepare_preconditioner(curvature)
-        return PCGState(curvature, pstate, time.perf_counter() - t0)
+        return CGState(curvature, pstate, time.perf_counter() - t0)
 
-    def solve(self, state: Any, rhs: torch.Tensor) -> Solution:
+    def solve(self, state: CGState | LinearOperator, rhs: torch.Tensor) -> Solution:
         """(Preconditioned) CG on the block of right-hand sides — block CG (``_block_cg``) or k
         independent recurrences (``_cg``); a column stops once ‖rⱼ‖ ≤ max(rtol·‖vⱼ‖, atol) and
         drops out of the block's HVPs. The residual is then measured with one more HVP (exact products,
-        also with ``hvp_dtype``)."""
+        also with ``hvp_dtype``). ``state`` may also be the operator itself, which is then prepared here."""
+        if not isinstance(state, CGState):
+            state = self.prepare(state)
         pre = self.preconditioner
-        curv: Curvature = state.curvature if isinstance(state, PCGState) else state
+        curv = state.curvature
         t0 = time.perf_counter()
         t_pre = 0.0
 
@@ -196,7 +209,10 @@ class CG(InverseHVPSolver):
             }
         return Solution(X.to(rhs.dtype), res, converged, it, time.perf_counter() - t0, stats)
 
-    def _cg(self, curv: Curvature, B: torch.Tensor, tol: torch.Tensor, maxiter: int,
+    def accuracy_advice(self, state: CGState | None = None) -> str:
+        return "Raise CG's maxiter or add damping to improve the conditioning."
+
+    def _cg(self, curv: LinearOperator, B: torch.Tensor, tol: torch.Tensor, maxiter: int,
             precondition: Any, bar: ProgressBar | NoBar) -> tuple[torch.Tensor, torch.Tensor, int]:
         """k independent (preconditioned) CG recurrences sharing each HVP block: (X, ‖R‖ per row, iterations);
         ``bar`` advances once per iteration, showing the largest relative residual ‖rⱼ‖/‖vⱼ‖."""
@@ -232,7 +248,7 @@ class CG(InverseHVPSolver):
             bar.update(1, residual=lambda: _max_relative(rnorm, B))
         return X, rnorm, it
 
-    def _block_cg(self, curv: Curvature, B: torch.Tensor, tol: torch.Tensor, maxiter: int,
+    def _block_cg(self, curv: LinearOperator, B: torch.Tensor, tol: torch.Tensor, maxiter: int,
                   precondition: Any, bar: ProgressBar | NoBar) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Block CG (O'Leary 1980), breakdown-free (Ji & Li 2017): the search block P (s, p) has
         orthonormal rows spanning Z + βP_prev (Z = M⁻¹R of the unconverged columns), so PAPᵀ is
@@ -278,7 +294,7 @@ class CG(InverseHVPSolver):
             P = _orthonormal_rows(Z + beta.T @ P)
         return X, rnorm, it
 
-    def _product(self, curv: Curvature, P: torch.Tensor) -> torch.Tensor:
+    def _product(self, curv: LinearOperator, P: torch.Tensor) -> torch.Tensor:
         """(H + δI)P for the iterations: in ``hvp_dtype`` where set (any operator with ``matvec`` otherwise,
         e.g. K-FAC's fallback block)."""
         return curv.matvec(P) if self.hvp_dtype is None else curv.matvec(P, operand_dtype=self.hvp_dtype)
@@ -292,7 +308,7 @@ class CG(InverseHVPSolver):
             )
 
     @staticmethod
-    def _raise_not_pd(curv: Curvature, rayleigh: float) -> None:
+    def _raise_not_pd(curv: LinearOperator, rayleigh: float) -> None:
         """``rayleigh``: the smallest pᵀ(H + δI)p/‖p‖² met along a search direction (≤ 0)."""
         # a short Lanczos run: its smallest Ritz value is a Rayleigh quotient, so an upper bound on λmin
         lmin = min(lanczos(curv.matvec, curv.p, k=LANCZOS_STEPS_FOR_ERRORS, dtype=curv.dtype).lambda_min, rayleigh)

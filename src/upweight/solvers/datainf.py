@@ -98,7 +98,7 @@ def module_blocks(names: tuple[str, ...], sizes: tuple[int, ...]) -> tuple[DataI
 
 
 @dataclass(frozen=True)
-class DataInf(OneShotSolver):
+class DataInf(OneShotSolver[DataInfState]):
     """Closed-form block-diagonal inverse of the damped empirical Fisher — Kwon et al. (2024), ICLR.
 
     **What it approximates** (``approximates = "empirical-fisher-datainf"``): not the Hessian
@@ -137,14 +137,12 @@ class DataInf(OneShotSolver):
     **Residual.** Like every solver, each solve measures ‖(H + δI)x − v‖/‖v‖ against the *true*
     Hessian with one full-data HVP: the approximation's error, not convergence, and not
     bounded by 1. ``default_max_residual`` is 10 (as ``KFAC``): ``Influence(max_residual="auto")``
-    rejects an answer off by more than an order of magnitude. Measured on MNIST 10-class softmax
-    regression (n = 5 000, p = 7 850 in one block, l2 = 0.01, 5 test gradients, against CG to
-    rtol 1e-8): with λ = l2 = 0.01 the residual was up to 90 (so "auto" refuses it; pass
-    ``max_residual=None`` to accept it, as the paper does), and the Spearman ρ of I_up,loss over
-    the training points 0.05. The swap is the cause (maxᵢ ‖gᵢ‖²/λ = 2.1e4): the exact inverse of
-    the same damped empirical Fisher reaches ρ = 0.68 against H (DataInf against it: 0.11).
-    DataInf's rule (``lam="datainf"``, λ = 1.5e-4) makes the swap worse: residual 5.9e3, ρ 0.05.
-    Read its scores as the paper's approximation, not as Koh & Liang's influence.
+    rejects an answer off by more than an order of magnitude. On a large block with a small λ
+    (‖gᵢ‖²/λ ≫ 1) the swap's error dominates — the residual can then be far above 10, so "auto"
+    refuses it (pass ``max_residual=None`` to accept it, as the paper does) — and a smaller λ,
+    such as DataInf's own rule gives there, makes it worse (bench/RESULTS.md compares the
+    rankings with exact influence). Read its scores as the paper's approximation, not as Koh &
+    Liang's influence.
     With ``fisher_residual=True`` each solve also reports ``stats["fisher_residual_max"]`` =
     maxⱼ ‖(G_bd + Λ)xⱼ − vⱼ‖/‖vⱼ‖ against the block-diagonal damped empirical Fisher it
     approximates — the swap's own error (one more gradient pass).

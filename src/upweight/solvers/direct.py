@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import ClassVar
 
 import torch
 
@@ -13,7 +13,7 @@ from .._checks import check_interval
 from .._memory import check_memory, format_bytes
 from ..core.curvature import Curvature
 from ..errors import CurvatureTooLargeError, NotPositiveDefiniteError
-from .base import InverseHVPSolver, Solution, gauss_newton_hint, relative_residual
+from .base import InverseHVPSolver, ItemAccess, Solution, gauss_newton_hint, relative_residual
 
 #: peak bytes per p² entry while Direct forms and factorises a float64 H: the column blocks, their
 #: concatenation, the symmetrised copy (2 temporaries) and then H and its Cholesky factor.
@@ -29,7 +29,24 @@ def suggest_damping(min_eig: float, current: float, max_eig: float = 0.0) -> flo
 
 
 @dataclass(frozen=True)
-class Direct(InverseHVPSolver):
+class DirectState(ItemAccess):
+    """What ``Direct.prepare`` computed; passed back to ``Direct.solve``.
+
+    Attributes:
+        H: the dense, symmetrised H + δI, shape (p, p), in ``Direct.dtype``.
+        L: its lower Cholesky factor, H + δI = LLᵀ.
+        prepare_seconds: wall time of ``prepare`` (forming H and factorising it).
+    """
+
+    _item_keys: ClassVar[dict[str, str]] = {"seconds": "prepare_seconds"}
+
+    H: torch.Tensor
+    L: torch.Tensor
+    prepare_seconds: float
+
+
+@dataclass(frozen=True)
+class Direct(InverseHVPSolver[DirectState]):
     """Forms H + δI explicitly (float64 by default) and solves with its Cholesky factor.
 
     Exact up to rounding; costs p full-data HVPs and O(p³) once, then O(p²) per right-hand side.
@@ -63,7 +80,7 @@ class Direct(InverseHVPSolver):
         if self.max_p is not None:
             check_interval("Direct", "max_p", self.max_p, 1, None, closed="left", integer=True)
 
-    def prepare(self, curvature: Curvature) -> Any:
+    def prepare(self, curvature: Curvature) -> DirectState:
         t0 = time.perf_counter()
         p = curvature.p
         alternatives = ("Use an iterative solver instead (CG(), or Arnoldi/KFAC for rough answers), or fewer parameters "
@@ -76,7 +93,7 @@ class Direct(InverseHVPSolver):
         check_memory(DENSE_BYTES_PER_ENTRY // 8 * itemsize * p * p,
                      f"Direct's dense {str(self.dtype).removeprefix('torch.')} Hessian for p = {p} (with its Cholesky "
                      "factor and temporaries)", alternatives=alternatives)
-        work = curvature if curvature.dtype == self.dtype else _recast(curvature, self.dtype)
+        work = curvature if curvature.dtype == self.dtype else curvature.replace(dtype=self.dtype)
         H = work.dense(max_p=p)
         L, info = torch.linalg.cholesky_ex(H)
         if int(info) != 0:
@@ -90,22 +107,18 @@ class Direct(InverseHVPSolver):
                 min_eigenvalue=lmin,
                 suggested_damping=fix,
             )
-        return {"H": H, "L": L, "seconds": time.perf_counter() - t0}
+        return DirectState(H=H, L=L, prepare_seconds=time.perf_counter() - t0)
 
-    def solve(self, state: Any, rhs: torch.Tensor) -> Solution:
+    def solve(self, state: DirectState, rhs: torch.Tensor) -> Solution:
         t0 = time.perf_counter()
         V = rhs.to(self.dtype)
-        X = torch.cholesky_solve(V.T, state["L"]).T
-        res = relative_residual(X @ state["H"], V)
+        X = torch.cholesky_solve(V.T, state.L).T
+        res = relative_residual(X @ state.H, V)
         return Solution(
             value=X.to(rhs.dtype),
             residual=res,
             converged=torch.ones(len(V), dtype=torch.bool),
             iterations=0,
             seconds=time.perf_counter() - t0,
-            stats={"prepare_seconds": state["seconds"]},
+            stats={"prepare_seconds": state.prepare_seconds},
         )
-
-
-def _recast(curvature: Curvature, dtype: torch.dtype) -> Curvature:
-    return curvature.replace(dtype=dtype, structured_cache_bytes=2**30)

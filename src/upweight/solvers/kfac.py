@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 import torch
 
 from .._checks import check_finite, check_interval
-from ..core.curvature import Curvature, power_iteration
+from ..core.curvature import Curvature, operator_lambda_max, operator_lambda_min
 from ..core.kfac import LayerFactors, fit_factors
 from ..core.layers import DEFAULT_MAX_VOCAB, LayerPlan, find_layers
 from ..core.local import DEFAULT_MAX_LOCAL, LocalModule
@@ -47,8 +47,8 @@ class BlockOperator:
     """P(H + δI)Pᵀ: the exact Hessian-vector product restricted to the coordinates ``index``
     (the vector is zero-padded to p, multiplied by the full H + δI, and read back on ``index``).
 
-    Has what ``CG`` reads from a ``Curvature``: ``p``, ``dtype``, ``damping``, ``matvec``,
-    ``lambda_min``.
+    A ``core.curvature.LinearOperator`` (``p``, ``dtype``, ``damping``, ``matvec``, ``lambda_max``,
+    ``lambda_min``), so ``CG`` solves on it as on a ``Curvature``.
     """
 
     def __init__(self, curvature: Curvature, index: torch.Tensor) -> None:
@@ -67,12 +67,10 @@ class BlockOperator:
         return out[0] if squeeze else out
 
     def lambda_max(self, *, n_iter: int = 30, seed: int = 0) -> float:
-        return power_iteration(self.matvec, self.p, self.dtype, n_iter=n_iter, rtol=1e-3, seed=seed)
+        return operator_lambda_max(self.matvec, self.p, self.dtype, n_iter=n_iter, seed=seed)
 
     def lambda_min(self, *, n_iter: int = 100, seed: int = 0) -> float:
-        sigma = abs(self.lambda_max(seed=seed)) * 1.05 + 1e-12
-        mu = power_iteration(lambda v: sigma * v - self.matvec(v), self.p, self.dtype, n_iter=n_iter, rtol=1e-4, seed=seed + 1)
-        return sigma - mu
+        return operator_lambda_min(self.matvec, self.p, self.dtype, n_iter=n_iter, seed=seed)
 
 
 @dataclass

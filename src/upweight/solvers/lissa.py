@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 
@@ -14,12 +14,32 @@ from .._checks import check_interval
 from .._progress import progress_bar
 from ..core.curvature import Curvature
 from ..errors import DivergenceError, InputError
-from .base import InverseHVPSolver, Solution, non_numerical, relative_residual
+from .base import InverseHVPSolver, ItemAccess, Solution, non_numerical, relative_residual
 from .direct import suggest_damping
 
 
 @dataclass(frozen=True)
-class LiSSA(InverseHVPSolver):
+class LiSSAState(ItemAccess):
+    """What ``LiSSA.prepare`` decided; passed back to ``LiSSA.solve``.
+
+    Attributes:
+        curvature: the operator H + δI whose minibatch estimates drive the recursion (and against
+            which the residual is measured).
+        scale: s, the scale the series divides by (``LiSSA.scale`` or 1.1 × ``lambda_max``).
+        lambda_max: the minibatch λmax estimate behind ``scale="auto"``; ``None`` for a given scale.
+        prepare_seconds: wall time of ``prepare``.
+    """
+
+    _item_keys: ClassVar[dict[str, str]] = {"seconds": "prepare_seconds"}
+
+    curvature: Curvature
+    scale: float
+    lambda_max: float | None
+    prepare_seconds: float
+
+
+@dataclass(frozen=True)
+class LiSSA(InverseHVPSolver[LiSSAState]):
     """Stochastic inverse-HVP: h₀ = v,  hⱼ = v + (I − Ãⱼ/s) hⱼ₋₁,  x ≈ h_t / s.
 
     Ãⱼ is the Hessian of R on a fresh minibatch plus (l2 + δ)I, an unbiased estimate of
@@ -32,8 +52,7 @@ class LiSSA(InverseHVPSolver):
         depth: t, recursion steps per repeat (paper: 5 000 for MNIST).
         repeats: r, independent estimates averaged (paper: 10).
         batch_size: points per minibatch Hessian (the paper's footnote 3). Each step's cost is
-            mostly fixed overhead, so larger batches buy variance cheaply: on MNIST, 256 points
-            cost 1.5× as much per step as 64 and gave a 3× smaller residual.
+            mostly fixed overhead, so larger batches buy a smaller variance cheaply.
         scale: s, or "auto": 1.1 × the largest eigenvalue found by power iteration on a few
             minibatch Hessians (which over-estimate the full one: the safe side).
         seed: seeds a local ``torch.Generator``; same seed, same answer.
@@ -46,9 +65,9 @@ class LiSSA(InverseHVPSolver):
     """
 
     name = "lissa"
-    # A stochastic estimate: in our tests residuals near 0.1 still ranked training points with
-    # Spearman ≥ 0.99 against exact, and 0.3 gave 0.93; a diverged or far-from-converged series
-    # sits near or above 1. Ask for a tighter max_residual when magnitudes matter.
+    # A stochastic estimate: a residual of a few tenths can still rank training points well, while a
+    # diverged or far-from-converged series sits near or above 1. Ask for a tighter max_residual
+    # when magnitudes matter.
     default_max_residual = 0.5
     depth: int = 1000
     repeats: int = 4
@@ -68,18 +87,18 @@ class LiSSA(InverseHVPSolver):
                 raise InputError(f"The 'scale' parameter of LiSSA must be a positive float or 'auto'. Got {self.scale!r}.")
             check_interval("LiSSA", "scale", self.scale, 0.0, None)
 
-    def prepare(self, curvature: Curvature) -> Any:
+    def prepare(self, curvature: Curvature) -> LiSSAState:
         t0 = time.perf_counter()
         lam = None
         scale = self.scale
         if scale == "auto":
             lam = minibatch_lambda_max(curvature, self.batch_size, seed=self.seed)
             scale = 1.1 * lam
-        return {"curvature": curvature, "scale": float(scale), "lambda_max": lam, "seconds": time.perf_counter() - t0}
+        return LiSSAState(curvature, float(scale), lam, time.perf_counter() - t0)
 
-    def solve(self, state: Any, rhs: torch.Tensor) -> Solution:
-        curv: Curvature = state["curvature"]
-        s: float = state["scale"]
+    def solve(self, state: LiSSAState, rhs: torch.Tensor) -> Solution:
+        curv = state.curvature
+        s = state.scale
         t0 = time.perf_counter()
         V = rhs.to(curv.dtype).reshape(-1, curv.p)
         vnorm = V.norm(dim=1)
@@ -107,8 +126,11 @@ class LiSSA(InverseHVPSolver):
             torch.ones(len(V), dtype=torch.bool),
             self.repeats * self.depth,
             time.perf_counter() - t0,
-            {"scale": s, "lambda_max": state["lambda_max"], "hvp_samples": self.repeats * self.depth * self.batch_size},
+            {"scale": s, "lambda_max": state.lambda_max, "hvp_samples": self.repeats * self.depth * self.batch_size},
         )
+
+    def accuracy_advice(self, state: LiSSAState | None = None) -> str:
+        return "Increase LiSSA's depth (t) or repeats (r), or add damping."
 
     def _raise_divergence(self, curv: Curvature, s: float, rep: int, step: int, hnorm: float) -> None:
         """Explain why the series diverged. The recursion hⱼ = v + (I − H_b/s)hⱼ₋₁ converges only while
