@@ -54,7 +54,7 @@ def test_dask_matches_single_process_and_closed_form(ex, problem):
     hv_local, hv_dist = local.curvature_.matvec(V), dist.curvature_.matvec(V)
     assert rel_err(hv_dist, hv_local) < RTOL
     assert rel_err(hv_dist, V.numpy() @ H) < 1e-12
-    assert rel_err(dist.state_["H"], H) < 1e-12  # Direct's dense H built from distributed HVPs
+    assert rel_err(dist.state_.H, H) < 1e-12  # Direct's dense H built from distributed HVPs
     u_local, u_dist = local.up_loss(test).values, dist.up_loss(test).values
     assert_not_constant(u_dist)
     assert rel_err(u_dist, u_local) < RTOL

@@ -229,7 +229,7 @@ def test_direct_limit_comes_from_memory_and_max_p_still_caps(monkeypatch):
     with pytest.raises(CurvatureTooLargeError, match=r"max_p=10.*p = 18"):
         uw.Direct(max_p=10).prepare(curv)
     state = uw.Direct().prepare(curv)
-    torch.testing.assert_close(state["H"], _explicit_hessian(obj, X, y), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(state.H, _explicit_hessian(obj, X, y), rtol=1e-10, atol=1e-12)
 
 
 def test_kfac_factors_check_memory_first(monkeypatch):

@@ -134,20 +134,6 @@ def relative_residual(AX: torch.Tensor, X_rhs: torch.Tensor) -> torch.Tensor:
     return torch.where(den > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny), num)
 
 
-class ItemAccess:
-    """``state["name"]`` as ``state.name`` for a solver state that was once a dict (Direct's, LiSSA's),
-    so that code indexing it by the old keys keeps working; ``_item_keys`` maps a renamed key to its
-    field. New code reads the fields."""
-
-    _item_keys: ClassVar[dict[str, str]] = {}
-
-    def __getitem__(self, key: str) -> Any:
-        try:
-            return getattr(self, self._item_keys.get(key, key))
-        except AttributeError:
-            raise KeyError(key) from None
-
-
 #: right-hand sides of a block whose residual a one-shot approximate solver measures by default
 RESIDUAL_SAMPLE = 16
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 
@@ -13,7 +12,7 @@ from .._checks import check_interval
 from .._memory import check_memory, format_bytes
 from ..core.curvature import Curvature
 from ..errors import CurvatureTooLargeError, NotPositiveDefiniteError
-from .base import InverseHVPSolver, ItemAccess, Solution, gauss_newton_hint, relative_residual
+from .base import InverseHVPSolver, Solution, gauss_newton_hint, relative_residual
 
 #: peak bytes per p² entry while Direct forms and factorises a float64 H: the column blocks, their
 #: concatenation, the symmetrised copy (2 temporaries) and then H and its Cholesky factor.
@@ -29,7 +28,7 @@ def suggest_damping(min_eig: float, current: float, max_eig: float = 0.0) -> flo
 
 
 @dataclass(frozen=True)
-class DirectState(ItemAccess):
+class DirectState:
     """What ``Direct.prepare`` computed; passed back to ``Direct.solve``.
 
     Attributes:
@@ -37,8 +36,6 @@ class DirectState(ItemAccess):
         L: its lower Cholesky factor, H + δI = LLᵀ.
         prepare_seconds: wall time of ``prepare`` (forming H and factorising it).
     """
-
-    _item_keys: ClassVar[dict[str, str]] = {"seconds": "prepare_seconds"}
 
     H: torch.Tensor
     L: torch.Tensor

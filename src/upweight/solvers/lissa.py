@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import torch
 
@@ -14,12 +14,12 @@ from .._checks import check_interval
 from .._progress import progress_bar
 from ..core.curvature import Curvature
 from ..errors import DivergenceError, InputError
-from .base import InverseHVPSolver, ItemAccess, Solution, non_numerical, relative_residual
+from .base import InverseHVPSolver, Solution, non_numerical, relative_residual
 from .direct import suggest_damping
 
 
 @dataclass(frozen=True)
-class LiSSAState(ItemAccess):
+class LiSSAState:
     """What ``LiSSA.prepare`` decided; passed back to ``LiSSA.solve``.
 
     Attributes:
@@ -29,8 +29,6 @@ class LiSSAState(ItemAccess):
         lambda_max: the minibatch λmax estimate behind ``scale="auto"``; ``None`` for a given scale.
         prepare_seconds: wall time of ``prepare``.
     """
-
-    _item_keys: ClassVar[dict[str, str]] = {"seconds": "prepare_seconds"}
 
     curvature: Curvature
     scale: float
