@@ -163,13 +163,11 @@ def capture_batch_size(objective: Objective, data: Data, blocks: Sequence[LayerB
     """Points per capture in the factor passes: at most ``batch_size``, and so few that the largest
     captured tensor — a layer's GGN cotangents (K, b, T, out) or inputs (b, T, cols) — holds at most
     ``core.batching.TENSOR_BYTES`` counted at 8 bytes per value (float64, the widest dtype a pass
-    uses), so a float32 model's captures stay within half of it; on the CNN below 22 points per
-    capture ran within 10% of 44–128.
+    uses), so a float32 model's captures stay within half of it.
 
     Measured on one point. Why: tensors above glibc's mmap threshold are page-faulted in anew in every
-    batch (``core.batching``); the W3 CNN of bench/ (conv cotangents of 10 output-Hessian factors at
-    576 locations: 0.74 MB per point in float64) takes 22 points per capture, and its factor pass runs
-    ≈ 1.2× and EK-FAC's correction pass ≈ 1.8× faster than with 512 (``bench/bench_batch_budget.py``).
+    batch (``core.batching``), so a convolution's large captures run faster in small batches than in
+    one big one (``bench/bench_batch_budget.py``; its numbers are in bench/RESULTS.md).
     """
     if len(data) < 2:
         return max(1, batch_size)
@@ -237,10 +235,9 @@ def _correction_sums(ctx: _FactorContext, data: Data, bases: Sequence[tuple[torc
     embedding).
 
     Each batch's rotations, squares and sums run in the captured cotangents' dtype (the model's): in
-    float32 their rounding (≈ 1e-7 relative per term; every term is a square, so nothing cancels) is
-    far below the gap between EK-FAC and the GGN it approximates, and on the W3 CNN of bench/ (where this
-    pass is most of an EK-FAC fit) the rotations and squares took 1.6 s against 2.8 s in float64 (one
-    thread, 1,000 images). A float64 model keeps float64 throughout."""
+    float32 their rounding (of the order of float32's epsilon per term; every term is a square, so
+    nothing cancels) is far below the gap between EK-FAC and the GGN it approximates, and float32
+    products cost about half of float64 ones. A float64 model keeps float64 throughout."""
     device = ctx.objective.device
     sums = {blk.name: torch.zeros(blk.out_dim, blk.cols, dtype=torch.float64, device=device) for blk in ctx.blocks}
     cast: dict[torch.dtype, list[tuple[torch.Tensor | None, torch.Tensor]]] = {}

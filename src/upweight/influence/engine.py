@@ -116,11 +116,7 @@ class Influence:
             It pays for wide layers and many test points: per chunk of b training points with
             T locations and k test points it costs b·T·k·r·(out + cols) multiply-adds instead
             of b·T·k·out·cols (the SVD of each query block is computed once per call,
-            ``core.structured.factor_queries``). On MNIST softmax regression (one 10×785 block,
-            n = 20,000, 100 test points, float32, one thread) ranks 1 / 2 / 5 take 0.28 / 0.40 /
-            0.68× the time of exact scoring (0.11 / 0.16 / 0.27 s against 0.40 s), with
-            per-test-point Spearman 0.76 / 0.83 / 0.94 against it for real s_test vectors.
-            It needs structured scoring: with ``structured="auto"`` and parameters outside
+            ``core.structured.factor_queries``). It needs structured scoring: with ``structured="auto"`` and parameters outside
             factorable layers it switches the mixed structured scoring on (as
             ``structured=True``); where structured scoring cannot be used (``structured=False``,
             no factorable layer, a factorisation that fails the probe check) ``fit`` raises
