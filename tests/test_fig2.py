@@ -25,7 +25,8 @@ import torch
 
 import upweight as uw
 from conftest import shared_data
-from upweight.apps.fig2 import (
+from upweight.cli.main import main
+from upweight.paper.fig2 import (
     AllConvTanh,
     MinibatchAdamRetrainer,
     NewtonRefitter,
@@ -33,7 +34,6 @@ from upweight.apps.fig2 import (
     multinomial_hessian,
     run_logreg_panels,
 )
-from upweight.cli.main import main
 
 DATA = shared_data("mnist")
 pytestmark = pytest.mark.skipif(not (DATA / "mnist.npz").is_file(), reason=f"the MNIST data is not at {DATA}")

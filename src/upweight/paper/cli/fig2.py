@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ... import errors
-from .._scheduler import open_executor
+from ...cli._scheduler import open_executor
 from ._common import markdown_table
 from ._common import say as _say
 
@@ -81,9 +81,9 @@ def _check(args: argparse.Namespace) -> tuple[str, ...]:
 
 
 def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
-    from ...apps.fig2 import PAPER, run_fig2
     from ...datasets import load_mnist
     from ...report._files import write_text_atomic
+    from ..fig2 import PAPER, run_fig2
 
     panels = _check(args)
     merge = Path(args.merge) / "results.json" if args.merge else None
