@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .attack import AttackResult, run_attack
     from .compare_models import CompareResult, run_compare_models
+    from .config import Fig2Config
     from .fig1 import Fig1Result, run_fig1
     from .fig2 import Fig2Result, run_fig2
     from .fig3 import Fig3Result, run_fig3
@@ -35,14 +36,14 @@ _WHERE = {
     "AttackResult": "attack", "run_attack": "attack",
     "CompareResult": "compare_models", "run_compare_models": "compare_models",
     "Fig1Result": "fig1", "run_fig1": "fig1",
-    "Fig2Result": "fig2", "run_fig2": "fig2",
+    "Fig2Config": "config", "Fig2Result": "fig2", "run_fig2": "fig2",
     "Fig3Result": "fig3", "run_fig3": "fig3",
     "MislabelResult": "mislabel", "run_mislabel": "mislabel",
     "MismatchResult": "mismatch", "run_mismatch": "mismatch",
 }
 
 __all__ = [
-    "AttackResult", "CompareResult", "Fig1Result", "Fig2Result", "Fig3Result", "MislabelResult", "MismatchResult",
+    "AttackResult", "CompareResult", "Fig1Result", "Fig2Config", "Fig2Result", "Fig3Result", "MislabelResult", "MismatchResult",
     "run_attack", "run_compare_models", "run_fig1", "run_fig2", "run_fig3", "run_mislabel", "run_mismatch",
 ]
 
