@@ -38,9 +38,9 @@ import torch
 from torch.func import grad, jvp, vmap
 
 import upweight as uw
-from upweight.apps.fig2 import AllConvTanh
 from upweight.core.curvature import hvp_sum
 from upweight.datasets.mnist import load_mnist
+from upweight.paper.fig2 import AllConvTanh
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))

@@ -65,8 +65,8 @@ def test_the_flip_holds_under_an_independent_retrain(run):
     """Rebuild the (deterministic) CNN and task, put the perturbed image in, retrain the top layer from θ = 0
     with upweight.refit (L-BFGS, not the attack's Newton steps): the target is misclassified; with the
     original image it is not."""
-    from upweight.apps.features import build_feature_model, features_of
     from upweight.datasets import load_mnist
+    from upweight.paper.features import build_feature_model, features_of
 
     _, _, r = run
     s = build_feature_model(load_mnist(DATA), **SETUP)
@@ -91,9 +91,9 @@ def test_the_flip_holds_under_an_independent_retrain(run):
 def test_targets_attacked_on_dask_workers_give_the_same_results(dask_executor):
     """Each target's attack is independent: partitions of targets on two Dask worker processes give
     what the in-process loop gives (same flips, same margins after each attack)."""
-    from upweight.apps.attack import run_attack
-    from upweight.apps.features import build_feature_model
     from upweight.datasets import load_mnist
+    from upweight.paper.attack import run_attack
+    from upweight.paper.features import build_feature_model
 
     s = build_feature_model(load_mnist(DATA), **SETUP)
     # 9 targets on 2 workers: partitions of 2, 2, 2, 2 and 1 targets

@@ -24,8 +24,8 @@ import upweight
 from upweight import errors
 from upweight.cli import main as cli_main
 from upweight.cli.main import main
-from upweight.cli.reproduce import experiments
 from upweight.datasets import load_enron, load_hospital, load_mnist
+from upweight.paper.cli import experiments
 from upweight.report import new_figure, save_figure
 from upweight.report.html import ReportTest, explain_report, write_report
 

@@ -64,9 +64,9 @@ def test_pert_loss_through_the_frozen_cnn_matches_finite_differences_of_retraini
     """I_pert,loss (Eq. 5) of the full model CNN + top layer with θ = the top layer: moving one pixel of one
     training image by ±h, recomputing its features through the CNN and retraining the top layer exactly
     changes the test loss by ≈ ±(h/n)·I_pert,loss[pixel]."""
-    from upweight.apps.attack import TopLayerAttack
-    from upweight.apps.features import build_feature_model, features_of
     from upweight.datasets import load_mnist
+    from upweight.paper.attack import TopLayerAttack
+    from upweight.paper.features import build_feature_model, features_of
 
     data = load_mnist(DATA)
     s = build_feature_model(data, n_per_class=40, n_test_per_class=5, cnn_images=600, cnn_epochs=1, n_features=16)

@@ -17,9 +17,9 @@ import pytest
 import scipy.stats
 
 from conftest import shared_data
-from upweight.apps.fig1 import Fig1Result
 from upweight.cli.main import main
 from upweight.datasets import load_mnist
+from upweight.paper.fig1 import Fig1Result
 
 MNIST = shared_data("mnist")
 N = 1000

@@ -25,7 +25,9 @@ import torch
 
 import upweight as uw
 from conftest import shared_data
-from upweight.apps.fig2 import (
+from upweight.cli.main import build_parser, main
+from upweight.paper.config import Fig2Config
+from upweight.paper.fig2 import (
     AllConvTanh,
     MinibatchAdamRetrainer,
     NewtonRefitter,
@@ -33,7 +35,6 @@ from upweight.apps.fig2 import (
     multinomial_hessian,
     run_logreg_panels,
 )
-from upweight.cli.main import main
 
 DATA = shared_data("mnist")
 pytestmark = pytest.mark.skipif(not (DATA / "mnist.npz").is_file(), reason=f"the MNIST data is not at {DATA}")
@@ -103,6 +104,9 @@ def test_cli_cnn_panel_writes_files_and_resumes_its_retrainings(tmp_path, capsys
     r = json.loads((out / "results.json").read_text())
     for key in ("panels", "cnn", "settings", "paper", "seconds", "experiment"):
         assert key in r, key
+    config = Fig2Config(panels=("cnn",), cnn_train_size=150, cnn_loo_k=8, cnn_train_steps=100, cnn_retrain_steps=20,
+                        cnn_retrain="momentum")
+    assert r["settings"] == {**dataclasses.asdict(config), "panels": ["cnn"]}
     cnn = r["panels"]["cnn"]
     assert cnn["k"] == 8 and len(cnn["predicted"]) == 8
     assert r["cnn"]["p"] == 2616 and r["cnn"]["grad_norm"] > 1e-3  # θ̃ is not a minimum
@@ -120,6 +124,28 @@ def test_cli_cnn_panel_writes_files_and_resumes_its_retrainings(tmp_path, capsys
     rc = main([*args, "--cnn-retrain", "adam"])
     err = capsys.readouterr().err
     assert rc == 2 and "--fresh" in err and "MinibatchAdamRetrainer" in err
+
+
+def test_cli_options_are_the_config_fields_with_its_defaults():
+    """``reproduce fig2``'s options give a Fig2Config: the defaults are the paper's settings, each option
+    sets its field (the config reaches run_fig2 and results.json's settings as it is)."""
+    from upweight.paper.cli.fig2 import _config
+
+    parse = build_parser().parse_args
+    assert _config(parse(["reproduce", "fig2", "--data", "x"])) == Fig2Config()
+    given = {"panels": ("lissa", "cg"), "loo_k": 7, "train_size": 99, "test_index": 3, "lissa_depth": 11,
+             "lissa_repeats": 2, "lissa_batch_size": 13, "refit_method": "lbfgs", "cnn_loo_k": 5,
+             "cnn_train_size": 40, "cnn_train_steps": 17, "cnn_retrain_steps": 19, "cnn_retrain_lr": 0.5,
+             "cnn_retrain": "momentum", "cnn_damping": 0.25, "cnn_test_index": 8, "seed": 4}
+    argv = ["reproduce", "fig2", "--data", "x", "--panels", "lissa,cg"]
+    for name, value in given.items():
+        if name != "panels":
+            argv += ["--refit" if name == "refit_method" else "--" + name.replace("_", "-"), str(value)]
+    assert _config(parse(argv)) == Fig2Config(**given)
+    # every field but the CNN's training rate (the paper's, fixed) is an option
+    assert {f.name for f in dataclasses.fields(Fig2Config)} - set(given) == {"cnn_train_lr"}
+    with pytest.raises(uw.errors.InputError, match="non-empty subset"):
+        Fig2Config(panels=("svm",))
 
 
 def test_bad_panel_name_is_an_input_error(tmp_path, capsys):

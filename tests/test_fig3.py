@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 import scipy.optimize
 
-from upweight.apps.fig3 import Fig3Result, HingeZeroAtKink, fit_hinge_svm, hinge_curves
 from upweight.cli.main import main
 from upweight.datasets import load_mnist_1v7
 from upweight.errors import InputError
+from upweight.paper.fig3 import Fig3Result, HingeZeroAtKink, fit_hinge_svm, hinge_curves
 
 N, K = 2000, 20
 
@@ -145,7 +145,7 @@ def test_bad_input_is_named(tmp_path, capsys):
     assert "--l2" in capsys.readouterr().err
     assert main(["reproduce", "fig1", "--data", "bundled", "--out", str(tmp_path / "o"), "--test-index", "5000"]) == 2
     assert "test_index" in capsys.readouterr().err
-    from upweight.apps.fig3 import run_fig3
+    from upweight.paper.fig3 import run_fig3
 
     with pytest.raises(InputError, match="k must be"):
         run_fig3(load_mnist_1v7(), n_train=100, k=0)

@@ -52,7 +52,7 @@ def small_spam():
 
 
 def test_cli_writes_figure_results_and_report(run):
-    from upweight.apps.mislabel import MislabelResult
+    from upweight.paper.mislabel import MislabelResult
 
     rc, out, r = run
     assert rc == 0
@@ -97,7 +97,7 @@ def test_self_influence_finds_flips_far_faster_than_random_checking(run):
 def test_self_influence_matches_the_logistic_closed_form(small_spam):
     """Influence.self_influence (Direct) against −σ(−y s)²·xᵀH⁻¹x from NumPy, on real emails."""
     from upweight import Influence
-    from upweight.apps.mislabel import _objective, fit_logreg, spam_tensors
+    from upweight.paper.mislabel import _objective, fit_logreg, spam_tensors
     from upweight.solvers import Direct
 
     X, y, _, _ = spam_tensors(small_spam)
@@ -122,7 +122,7 @@ def test_self_influence_matches_the_logistic_closed_form(small_spam):
 
 
 def test_check_orders_rank_by_magnitude_of_self_influence_and_by_loss():
-    from upweight.apps.mislabel import check_orders
+    from upweight.paper.mislabel import check_orders
 
     si = np.array([-0.1, -5.0, -0.0, -2.0])
     loss = np.array([0.3, 0.1, 2.0, 0.2])
@@ -133,8 +133,8 @@ def test_check_orders_rank_by_magnitude_of_self_influence_and_by_loss():
 
 
 def test_bad_options_are_input_errors(small_spam, tmp_path, capsys):
-    from upweight.apps.mislabel import run_mislabel
     from upweight.cli.main import main
+    from upweight.paper.mislabel import run_mislabel
 
     with pytest.raises(InputError, match="fractions"):
         run_mislabel(small_spam, fractions=[0.0, 1.5])

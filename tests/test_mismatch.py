@@ -15,8 +15,8 @@ import json
 import pytest
 
 from conftest import shared_data
-from upweight.apps import MismatchResult
 from upweight.cli.main import main
+from upweight.paper import MismatchResult
 
 DATA = shared_data("hospital")
 NPZ = DATA / "hospital_koh2017.npz"

@@ -1,4 +1,4 @@
-"""``apps.toplayer.LogisticTopLayer``: the attack's retrain and H solves, checked against autograd.
+"""``paper.toplayer.LogisticTopLayer``: the attack's retrain and H solves, checked against autograd.
 
 The reference is mathematics, not the module's closed forms: the risk R(w) written out in torch,
 its gradient and Hessian by autograd in float64, and the unique minimiser of a strictly convex R
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from upweight.apps.toplayer import LogisticTopLayer
 from upweight.errors import InaccurateSolveError, InputError
+from upweight.paper.toplayer import LogisticTopLayer
 
 L2 = 1e-2
 

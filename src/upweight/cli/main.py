@@ -183,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     acc.add_argument("--on-inaccurate", choices=("raise", "warn"), default="raise",
                      help="what to do when the solve's residual is above --max-residual")
     ex.set_defaults(func=_explain)
-    from .reproduce import add_parser as _add_reproduce
+    from ..paper.cli import add_parser as _add_reproduce
 
     _add_reproduce(sub)
     return parser

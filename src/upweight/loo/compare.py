@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
-import scipy.stats
 
 from .._checks import check_choice, check_interval
 from .._executor import Executor
@@ -211,6 +210,8 @@ def leave_one_out(
 
 
 def _agreement(predicted: np.ndarray, actual: np.ndarray) -> dict[str, float]:
+    import scipy.stats
+
     if len(predicted) < 3 or np.ptp(predicted) == 0 or np.ptp(actual) == 0:
         nan = float("nan")
         return {"pearson": nan, "spearman": nan, "slope": nan, "intercept": nan}

@@ -11,8 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import scipy.optimize
-import scipy.sparse.linalg
 import torch
 
 from .._checks import check_finite, check_interval
@@ -60,6 +58,9 @@ def refit(
             by double backward) to ‖∇R_w‖₂ ≤ gtol — for finite-difference-grade minimisers;
             costs several full-data HVPs per step.
     """
+    import scipy.optimize
+    import scipy.sparse.linalg
+
     check_interval("refit", "gtol", gtol, 0.0, None)
     objective.check_data(data, what="training")
     if weights is not None:

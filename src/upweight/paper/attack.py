@@ -1,7 +1,7 @@
 """§5.2 of Koh & Liang (2017), training-set attacks, on the frozen-feature model of §5.1.
 
 The paper's attack (§5.2; release code ``influence/dataset_poisoning.py``,
-``scripts/run_data_poisoning_indiv.py``), with the stand-in model of ``apps.features``:
+``scripts/run_data_poisoning_indiv.py``), with the stand-in model of ``paper.features``:
 
 1. θ̂ = the top layer (logistic regression on the frozen CNN features φ(x), l2 = 0.001, no
    intercept), trained to the minimum. Targets: correctly classified test images.
@@ -25,7 +25,7 @@ The paper's attack (§5.2; release code ``influence/dataset_poisoning.py``,
    training images perturbed to increase it; we count how many of the group flip.
 
 I_pert,loss at each step: H and ∇θf(z_test) involve only the top layer, so s_test = H⁻¹∇θf comes from
-the closed-form logistic top layer on the features (``apps.toplayer``: CG on closed-form products,
+the closed-form logistic top layer on the features (``paper.toplayer``: CG on closed-form products,
 preconditioned by H at the clean θ̂, since forming H at every step would dominate the run;
 ``TopLayerAttack.s_test`` computes the same with ``Influence`` + ``Direct``, the tests check they
 agree), and the mixed derivative ∇x∇θL(z̃) goes

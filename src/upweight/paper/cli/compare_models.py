@@ -20,7 +20,7 @@ OUTPUTS = ("compare_models.png", "report.md")  # written into --out (results.jso
 
 
 def add_feature_arguments(p: argparse.ArgumentParser) -> None:
-    """Options shared with ``reproduce attack``: the binary task and the feature CNN (apps/features.py)."""
+    """Options shared with ``reproduce attack``: the binary task and the feature CNN (paper/features.py)."""
     p.add_argument("--digits", default="4,9",
                    help="the two MNIST digits (first → +1); 4 vs 9: a visually similar pair")
     p.add_argument("--n-per-class", type=int, default=900, help="training images per class (paper: 900)")
@@ -55,8 +55,8 @@ def build_setup(args: argparse.Namespace) -> Any:
     """Load MNIST from --data and build the task, the CNN and the top-layer model (one thread, as documented)."""
     import torch
 
-    from ...apps.features import build_feature_model
     from ...datasets import load_mnist
+    from ..features import build_feature_model
 
     for name in ("n_per_class", "n_test_per_class", "cnn_images", "cnn_epochs", "n_features"):
         if getattr(args, name) < 1:
@@ -85,8 +85,8 @@ def build_setup(args: argparse.Namespace) -> Any:
 
 
 def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
-    from ...apps.compare_models import PAPER, run_compare_models
     from ...report._files import write_text_atomic
+    from ..compare_models import PAPER, run_compare_models
 
     setup = build_setup(args)
     r = run_compare_models(setup, test_index=args.test_index, gamma_scale=args.gamma_scale, t=args.t,

@@ -36,8 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
-    from ...apps.fig1 import PAPER, run_fig1
     from ...report._files import write_text_atomic
+    from ..fig1 import PAPER, run_fig1
 
     if args.l2 <= 0:
         raise errors.InputError(f"--l2 must be > 0; got {args.l2}.")
@@ -67,8 +67,8 @@ def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
 def fig1_figure(r: Any, path: Path) -> Path:
     """Panel (a): I_up,loss against each variant (green: the test label, red: the other);
     panel (b): the test image and the most harmful training image with its label."""
-    from ...apps.fig1 import VARIANT_LABELS
     from ...report import new_figure, save_figure
+    from ..fig1 import VARIANT_LABELS
 
     up = np.asarray(r.up_loss)
     same = np.asarray(r.train_labels) == r.test_label

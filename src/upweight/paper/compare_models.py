@@ -2,7 +2,7 @@
 
 The paper explains a test fish that two models both classify correctly: (a) Inception v3 with all
 but the top layer frozen (= logistic regression on its bottleneck features) and (b) an RBF-kernel
-SVM, on 1,800 dog/fish images. With the stand-in of ``apps.features``:
+SVM, on 1,800 dog/fish images. With the stand-in of ``paper.features``:
 
 (a) the **feature model**: logistic regression (l2 = 0.001, no intercept) on the 64 features of a
     CNN trained on 10-class MNIST; θ = the top layer only (``Objective(model, "logistic",

@@ -33,8 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
-    from ...apps.fig3 import PAPER, run_fig3
     from ...report._files import write_text_atomic
+    from ..fig3 import PAPER, run_fig3
 
     if args.l2 <= 0:
         raise errors.InputError(f"--l2 must be > 0; got {args.l2}.")

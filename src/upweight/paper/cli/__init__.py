@@ -72,8 +72,8 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
 
 def _runner(mod: ModuleType) -> Any:
     def run(args: argparse.Namespace) -> int:
+        from ...cli._scheduler import check_scheduler
         from ...report._files import check_output_folder, write_text_atomic
-        from .._scheduler import check_scheduler
 
         t0 = time.perf_counter()
         out = check_output_folder(args.out, what="--out", inside=(*getattr(mod, "OUTPUTS", ()), "results.json"),

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from ... import errors
-from .._scheduler import open_executor
+from ...cli._scheduler import open_executor
 from ._common import markdown_table
 from ._common import say as _say
 from .compare_models import add_feature_arguments, build_setup
@@ -40,8 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
-    from ...apps.attack import PAPER, run_attack
     from ...report._files import write_text_atomic
+    from ..attack import PAPER, run_attack
 
     if args.targets is not None and args.targets < 1:
         raise errors.InputError(f"--targets must be ≥ 1; got {args.targets}.")

@@ -61,8 +61,9 @@ from ..loo.compare import StoreLike
 from ..solvers import CG, LiSSA
 from ..solvers.spectrum import estimate_spectrum
 from ..store import Store
+from .config import PANELS as PANELS  # re-exported: fig2.PANELS
+from .config import Fig2Config
 
-PANELS = ("cg", "lissa", "cnn")
 PAPER: dict[str, Any] = {
     "logreg_n_train": 55_000,
     "logreg_p": 7_840,
@@ -116,13 +117,14 @@ class Fig2Result:
     """Every number of the Fig. 2 reproduction; ``panels`` maps "cg"/"lissa"/"cnn" to a panel."""
 
     panels: dict[str, Fig2Panel]
-    settings: dict[str, Any]
+    config: Fig2Config
     logreg: dict[str, Any]
     cnn: dict[str, Any]
 
     def to_json(self) -> dict[str, Any]:
-        """A JSON-ready dict (lists, floats, strings)."""
-        return {"panels": {k: asdict(v) for k, v in self.panels.items()}, "settings": self.settings,
+        """A JSON-ready dict (lists, floats, strings); ``settings`` is the run's ``Fig2Config``."""
+        settings = {**asdict(self.config), "panels": list(self.config.panels)}
+        return {"panels": {k: asdict(v) for k, v in self.panels.items()}, "settings": settings,
                 "logreg": self.logreg, "cnn": self.cnn}
 
 
@@ -614,66 +616,40 @@ def _panel_store(store: str | os.PathLike[str] | None, panel: str, fresh: bool) 
 def run_fig2(
     mnist: SplitData | None,
     mnist_small: SplitData | None,
+    config: Fig2Config | None = None,
     *,
-    panels: Sequence[str] = PANELS,
-    loo_k: int = 500,
-    train_size: int | None = None,
-    test_index: int | None = None,
-    lissa_depth: int = 5_000,
-    lissa_repeats: int = 10,
-    lissa_batch_size: int = 256,
-    refit_method: str = "auto",
-    cnn_loo_k: int = 100,
-    cnn_train_size: int | None = None,
-    cnn_train_steps: int = 3_000,
-    cnn_train_lr: float = 3e-3,
-    cnn_retrain_steps: int | None = None,
-    cnn_retrain_lr: float | None = None,
-    cnn_retrain: str = "adam",
-    cnn_damping: float = 0.01,
-    cnn_test_index: int | None = None,
-    seed: int = 0,
     progress: bool = True,
     store: str | os.PathLike[str] | None = None,
     fresh: bool = False,
     executor: Executor | None = None,
 ) -> Fig2Result:
-    """All requested panels of Fig. 2. ``mnist``: ``load_mnist(path)``; ``mnist_small``:
-    ``load_mnist(path, subset="small10pct")`` (either may be None if its panels are not requested).
+    """All panels of Fig. 2 that ``config`` (default ``Fig2Config()``: the paper's settings) asks for.
 
-    ``store``: a folder that keeps every leave-one-out retraining as it finishes, ``<store>/logreg``
-    and ``<store>/cnn``; a rerun resumes them (``fresh=True`` discards them first). ``executor``:
-    where the retrainings run (``upweight.distributed.DaskExecutor``: on its workers)."""
-    panels = tuple(panels)
-    bad = [p for p in panels if p not in PANELS]
-    if bad or not panels:
-        raise InputError(f"panels must be a non-empty subset of {', '.join(PANELS)}; got {', '.join(panels) or 'none'}.")
+    ``mnist``: ``load_mnist(path)``; ``mnist_small``: ``load_mnist(path, subset="small10pct")``
+    (either may be None if its panels are not requested). ``store``: a folder that keeps every
+    leave-one-out retraining as it finishes, ``<store>/logreg`` and ``<store>/cnn``; a rerun
+    resumes them (``fresh=True`` discards them first). ``executor``: where the retrainings run
+    (``upweight.distributed.DaskExecutor``: on its workers)."""
+    c = config if config is not None else Fig2Config()
     out: dict[str, Fig2Panel] = {}
     logreg: dict[str, Any] = {}
     cnn: dict[str, Any] = {}
-    if "cg" in panels or "lissa" in panels:
+    if "cg" in c.panels or "lissa" in c.panels:
         if mnist is None:
             raise InputError("the cg/lissa panels need the 55,000-image MNIST split (load_mnist(path)).")
         with _panel_store(store, "logreg", fresh) as st:
             res, logreg = run_logreg_panels(
-                mnist, panels=panels, loo_k=loo_k, train_size=train_size, test_index=test_index, lissa_depth=lissa_depth,
-                lissa_repeats=lissa_repeats, lissa_batch_size=lissa_batch_size, refit_method=refit_method, seed=seed,
-                progress=progress, store=st, executor=executor)
+                mnist, panels=c.panels, loo_k=c.loo_k, train_size=c.train_size, test_index=c.test_index,
+                lissa_depth=c.lissa_depth, lissa_repeats=c.lissa_repeats, lissa_batch_size=c.lissa_batch_size,
+                refit_method=c.refit_method, seed=c.seed, progress=progress, store=st, executor=executor)
         out.update(res)
-    if "cnn" in panels:
+    if "cnn" in c.panels:
         if mnist_small is None:
             raise InputError("the cnn panel needs the 10 % subset (load_mnist(path, subset='small10pct')).")
         with _panel_store(store, "cnn", fresh) as st:
             out["cnn"], cnn = run_cnn_panel(
-                mnist_small, loo_k=cnn_loo_k, train_size=cnn_train_size, damping=cnn_damping,
-                train_steps=cnn_train_steps, train_lr=cnn_train_lr, retrain_steps=cnn_retrain_steps,
-                retrain_lr=cnn_retrain_lr, retrain=cnn_retrain, test_index=cnn_test_index, seed=seed, progress=progress,
-                store=st, executor=executor)
-    settings = {
-        "panels": list(panels), "loo_k": loo_k, "train_size": train_size, "test_index": test_index,
-        "lissa_depth": lissa_depth, "lissa_repeats": lissa_repeats, "lissa_batch_size": lissa_batch_size,
-        "refit_method": refit_method, "cnn_loo_k": cnn_loo_k, "cnn_train_size": cnn_train_size,
-        "cnn_train_steps": cnn_train_steps, "cnn_train_lr": cnn_train_lr, "cnn_retrain_steps": cnn_retrain_steps,
-        "cnn_retrain_lr": cnn_retrain_lr, "cnn_retrain": cnn_retrain, "cnn_damping": cnn_damping, "seed": seed,
-    }
-    return Fig2Result(panels=out, settings=settings, logreg=logreg, cnn=cnn)
+                mnist_small, loo_k=c.cnn_loo_k, train_size=c.cnn_train_size, damping=c.cnn_damping,
+                train_steps=c.cnn_train_steps, train_lr=c.cnn_train_lr, retrain_steps=c.cnn_retrain_steps,
+                retrain_lr=c.cnn_retrain_lr, retrain=c.cnn_retrain, test_index=c.cnn_test_index, seed=c.seed,
+                progress=progress, store=st, executor=executor)
+    return Fig2Result(panels=out, config=c, logreg=logreg, cnn=cnn)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
 
 from ... import errors
-from .._scheduler import open_executor
+from ...cli._scheduler import open_executor
+from ..config import PANELS, Fig2Config
 from ._common import markdown_table
 from ._common import say as _say
 
@@ -27,35 +29,41 @@ _TITLES = {"cg": "Logistic regression, exact (CG)", "lissa": "Logistic regressio
            "cnn": "CNN, non-convex, not converged"}
 
 
+#: the options' defaults (the paper's settings)
+_D = Fig2Config()
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--panels", default="cg,lissa,cnn", help="comma-separated subset of cg, lissa, cnn")
-    p.add_argument("--loo-k", type=int, default=500, help="training points of largest |I_up,loss| retrained (logistic regression)")
-    p.add_argument("--train-size", type=int, default=None,
+    """The options of ``reproduce fig2``: one per ``Fig2Config`` field (same name, ``--refit`` for
+    ``refit_method``), and how the run is carried out (``--scheduler``, ``--fresh``, ``--merge``)."""
+    p.add_argument("--panels", default=",".join(_D.panels), help="comma-separated subset of cg, lissa, cnn")
+    p.add_argument("--loo-k", type=int, default=_D.loo_k, help="training points of largest |I_up,loss| retrained (logistic regression)")
+    p.add_argument("--train-size", type=int, default=_D.train_size,
                    help="random subsample of the 55,000 training images for the logistic regression (default: all)")
-    p.add_argument("--test-index", type=int, default=None, help="MNIST test point (default: the first misclassified)")
-    p.add_argument("--lissa-depth", type=int, default=5_000, help="LiSSA recursion depth t (paper: 5,000)")
-    p.add_argument("--lissa-repeats", type=int, default=10, help="LiSSA repeats r (paper: 10)")
-    p.add_argument("--lissa-batch-size", type=int, default=256, help="points per LiSSA minibatch Hessian")
-    p.add_argument("--refit", default="auto", choices=("auto", "newton", "lbfgs"),
+    p.add_argument("--test-index", type=int, default=_D.test_index, help="MNIST test point (default: the first misclassified)")
+    p.add_argument("--lissa-depth", type=int, default=_D.lissa_depth, help="LiSSA recursion depth t (paper: 5,000)")
+    p.add_argument("--lissa-repeats", type=int, default=_D.lissa_repeats, help="LiSSA repeats r (paper: 10)")
+    p.add_argument("--lissa-batch-size", type=int, default=_D.lissa_batch_size, help="points per LiSSA minibatch Hessian")
+    p.add_argument("--refit", dest="refit_method", default=_D.refit_method, choices=("auto", "newton", "lbfgs"),
                    help="LOO refits: Newton with the exact Hessian's Cholesky factor, or upweight.refit's "
                         "L-BFGS; auto = newton for --loo-k ≥ 50")
-    p.add_argument("--cnn-loo-k", type=int, default=100, help="CNN training points retrained (paper: 100)")
-    p.add_argument("--cnn-train-size", type=int, default=None,
+    p.add_argument("--cnn-loo-k", type=int, default=_D.cnn_loo_k, help="CNN training points retrained (paper: 100)")
+    p.add_argument("--cnn-train-size", type=int, default=_D.cnn_train_size,
                    help="first N points of the 5,500-image 10%% subset for the CNN (default: all 5,500)")
-    p.add_argument("--cnn-train-steps", type=int, default=3_000, help="Adam steps (minibatches of 500) to θ̃")
-    p.add_argument("--cnn-retrain", default="adam", choices=("adam", "momentum"),
+    p.add_argument("--cnn-train-steps", type=int, default=_D.cnn_train_steps, help="Adam steps (minibatches of 500) to θ̃")
+    p.add_argument("--cnn-retrain", default=_D.cnn_retrain, choices=("adam", "momentum"),
                    help="how each CNN retraining from θ̃ runs: adam = the release code's protocol, Adam resumed "
                         "from θ̃'s moment estimates on minibatches of 500 (the same batches in every run, z dropped "
                         "from them); momentum = deterministic full-batch heavy-ball steps")
-    p.add_argument("--cnn-retrain-steps", type=int, default=None,
+    p.add_argument("--cnn-retrain-steps", type=int, default=_D.cnn_retrain_steps,
                    help="steps of each retraining from θ̃ (default: 1,000 for adam — at the default rate the "
                         "paper's per-parameter budget of 30,000 steps at 1e-6 —, 100 for momentum)")
-    p.add_argument("--cnn-retrain-lr", type=float, default=None,
+    p.add_argument("--cnn-retrain-lr", type=float, default=_D.cnn_retrain_lr,
                    help="retraining step size (default: 1/λmax(H) for momentum, 1%% of the training lr for adam — "
                         "the release code's decayed rate)")
-    p.add_argument("--cnn-damping", type=float, default=0.01, help="damping δ of H + δI (paper: 0.01)")
-    p.add_argument("--cnn-test-index", type=int, default=None, help="test point for the CNN (default: first misclassified)")
-    p.add_argument("--seed", type=int, default=0, help="seeds subsampling, LiSSA and the CNN's initialisation and batches")
+    p.add_argument("--cnn-damping", type=float, default=_D.cnn_damping, help="damping δ of H + δI (paper: 0.01)")
+    p.add_argument("--cnn-test-index", type=int, default=_D.cnn_test_index, help="test point for the CNN (default: first misclassified)")
+    p.add_argument("--seed", type=int, default=_D.seed, help="seeds subsampling, LiSSA and the CNN's initialisation and batches")
     p.add_argument("--scheduler", default=None, metavar="local|tcp://HOST:PORT",
                    help="run the leave-one-out retrainings in parallel on Dask: 'local' starts a LocalCluster "
                         "(one worker per core), tcp://host:port uses a running scheduler "
@@ -67,9 +75,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="take the panels this run does not compute from DIR/results.json (an earlier fig2 run)")
 
 
-def _check(args: argparse.Namespace) -> tuple[str, ...]:
+def _config(args: argparse.Namespace) -> Fig2Config:
+    """The run's ``Fig2Config`` from the options, each checked (an InputError names the option)."""
     panels = tuple(s.strip() for s in args.panels.split(",") if s.strip())
-    bad = [s for s in panels if s not in _TITLES]
+    bad = [s for s in panels if s not in PANELS]
     if bad or not panels:
         raise errors.InputError(f"--panels: unknown {', '.join(bad) or 'empty list'}; use a comma-separated subset of cg, lissa, cnn.")
     for name in ("loo_k", "cnn_loo_k", "lissa_depth", "lissa_repeats", "lissa_batch_size", "cnn_train_steps", "cnn_retrain_steps"):
@@ -77,37 +86,31 @@ def _check(args: argparse.Namespace) -> tuple[str, ...]:
             raise errors.InputError(f"--{name.replace('_', '-')} must be ≥ 1; got {getattr(args, name)}.")
     if args.cnn_damping < 0:
         raise errors.InputError(f"--cnn-damping must be ≥ 0; got {args.cnn_damping}.")
-    return panels
+    given = vars(args)
+    return Fig2Config(panels=panels, **{f.name: given[f.name] for f in dataclasses.fields(Fig2Config)
+                                        if f.name != "panels" and f.name in given})
 
 
 def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
-    from ...apps.fig2 import PAPER, run_fig2
     from ...datasets import load_mnist
     from ...report._files import write_text_atomic
+    from ..fig2 import PAPER, run_fig2
 
-    panels = _check(args)
+    config = _config(args)
     merge = Path(args.merge) / "results.json" if args.merge else None
     if merge is not None and not merge.parent.is_dir():
         raise errors.InputError(f"--merge {args.merge}: no such folder; pass the --out folder of another fig2 run.")
     if merge is not None and merge.is_file():
         _read_merge(args.merge, merge)  # a file that is there already must be readable, before any work
-    logreg = any(p in panels for p in ("cg", "lissa"))
+    logreg = any(p in config.panels for p in ("cg", "lissa"))
     mnist = load_mnist(args.data) if logreg else None
-    small = load_mnist(args.data, subset="small10pct") if "cnn" in panels else None
-    _say(f"upweight reproduce fig2 — Koh & Liang (2017) Fig. 2, panels {', '.join(panels)}")
+    small = load_mnist(args.data, subset="small10pct") if "cnn" in config.panels else None
+    _say(f"upweight reproduce fig2 — Koh & Liang (2017) Fig. 2, panels {', '.join(config.panels)}")
     with contextlib.ExitStack() as stack:
         executor = open_executor(stack, args.scheduler, _say)
         try:
-            r = run_fig2(
-                mnist, small, panels=panels, loo_k=args.loo_k, train_size=args.train_size, test_index=args.test_index,
-                lissa_depth=args.lissa_depth, lissa_repeats=args.lissa_repeats, lissa_batch_size=args.lissa_batch_size,
-                refit_method=args.refit, cnn_loo_k=args.cnn_loo_k, cnn_train_size=args.cnn_train_size,
-                cnn_train_steps=args.cnn_train_steps, cnn_retrain_steps=args.cnn_retrain_steps,
-                cnn_retrain_lr=args.cnn_retrain_lr, cnn_retrain=args.cnn_retrain, cnn_damping=args.cnn_damping,
-                cnn_test_index=args.cnn_test_index,
-                seed=args.seed, progress=not args.no_progress, store=out / "retrainings", fresh=args.fresh,
-                executor=executor,
-            )
+            r = run_fig2(mnist, small, config, progress=not args.no_progress, store=out / "retrainings",
+                         fresh=args.fresh, executor=executor)
         except errors.StoreMismatchError as exc:
             raise errors.StoreMismatchError(
                 f"{exc} For this command: rerun with --fresh to discard the retrainings kept in "

@@ -27,9 +27,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
-    from ...apps.mismatch import PAPER, run_mismatch
     from ...datasets import load_hospital
     from ...report._files import write_text_atomic
+    from ..mismatch import PAPER, run_mismatch
 
     if args.l2 < 0:
         raise errors.InputError(f"--l2 must be ≥ 0; got {args.l2}.")

@@ -47,9 +47,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     from sklearn.feature_extraction.text import CountVectorizer
 
-    from ...apps.mislabel import PAPER, run_mislabel
     from ...datasets import load_enron
     from ...report._files import write_text_atomic
+    from ..mislabel import PAPER, run_mislabel
 
     if args.repeats < 1:
         raise errors.InputError(f"--repeats must be ≥ 1; got {args.repeats}.")
