@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 VENV_BENCH  := .venv-bench
 BENCH_STAMP := $(VENV_BENCH)/.installed
 
-.PHONY: demo test docs docs-check example-transformers bench bench-solvers bench-hvp bench-hvp-batch bench-batch-budget bench-embedding bench-floor-bound bench-peers bench-peers-w1 bench-peers-w2 bench-peers-w2-full bench-peers-w3-mlp bench-peers-w3-cnn bench-peers-w3-full bench-peers-w5 bench-peers-w5-k100 lint clean
+.PHONY: demo test docs docs-check gpu-check example-transformers bench bench-solvers bench-hvp bench-hvp-batch bench-batch-budget bench-embedding bench-floor-bound bench-peers bench-peers-w1 bench-peers-w2 bench-peers-w2-full bench-peers-w3-mlp bench-peers-w3-cnn bench-peers-w3-full bench-peers-w5 bench-peers-w5-k100 lint clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,12 @@ test: $(STAMP)
 # link, a docstring the API reference cannot read) into an error. tests/test_docs.py builds it too.
 docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict -d site
+
+# on a machine with a CUDA GPU (and a CUDA build of torch): the device tests, then the W2 and W5
+# queries on the GPU against the CPU, recorded in bench/RESULTS.md (section gpu-check; a few minutes)
+gpu-check: $(STAMP)
+	$(PY) -m pytest -q -rs tests/test_device.py
+	$(PY) bench/bench_gpu.py --out bench/RESULTS.md
 
 # the docs check alone: the strict build and the code of README.md and the guide pages
 docs-check: $(STAMP)
