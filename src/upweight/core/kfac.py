@@ -201,7 +201,7 @@ def _moment_sums(ctx: _FactorContext, data: Data) -> _Sums:
                       local=ctx.local)
         clamped += cap.clamped
         for lm in ctx.local:
-            u = cap.local[lm.name].reshape(-1, lm.size)
+            u = cap.local_grads(lm).reshape(-1, lm.size)
             sums["L:" + lm.name] = sums.get("L:" + lm.name, 0) + (u.T @ u).to(torch.float64)
         for blk in ctx.blocks:
             a = cap.a[blk.name]  # (b, T, cols); an embedding's token ids (b, T), −1 = padding

@@ -501,6 +501,17 @@ class Captured:
     #: per local module (``capture(local=...)``), its per-point (pseudo-)gradients (K, b, size)
     local: dict[str, torch.Tensor] = field(default_factory=dict)
 
+    def local_grads(self, lm: LocalModule) -> torch.Tensor:
+        """``local[lm.name]``, or ``UnsupportedModelError`` if this batch did not call the module
+        exactly once with one tensor output (it did on the probe points, e.g. a data-dependent branch)."""
+        if lm.name not in self.local:
+            raise UnsupportedModelError(
+                f"Module '{lm.name}' was not called exactly once with one tensor output on this batch, as it was on "
+                "the probe points, so its per-point gradients are unknown. Pass KFAC/EKFAC(max_local=0) or "
+                "Influence(structured=False) to leave it to the generic path."
+            )
+        return self.local[lm.name]
+
 
 def _layer_input(blk: LayerBlock, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """ã of shape (b, T, cols) from the layer's input x. For an Embedding: the one-hot vectors of

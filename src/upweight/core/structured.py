@@ -198,7 +198,7 @@ def structured_scores(objective: Objective, plan: LayerPlan, batch: Data, S: tor
     if plan.blocks or plan.local:
         cap = capture(objective, plan.blocks, batch, params=params, cotangents="loss", token_ids=True, local=plan.local)
         for lm in plan.local:
-            out += queries.local[lm.name].to(dtype) @ cap.local[lm.name][0].to(dtype).T
+            out += queries.local[lm.name].to(dtype) @ cap.local_grads(lm)[0].to(dtype).T
         for blk in plan.blocks:
             B = cap.g[blk.name][0].to(dtype)
             if blk.name in queries.tables:
