@@ -181,6 +181,22 @@ def test_explain_custom_npz_direct_without_loo(tmp_path, capsys, mnist) -> None:
     assert matplotlib.image.imread(out).shape[0] > 300
 
 
+def test_explain_check_accuracy_measures_an_approximate_solver(tmp_path, capsys, mnist) -> None:
+    """--check-accuracy prints the approximation's Spearman against CG (and the report shows it);
+    without it, an approximate solver's diagnostics say its accuracy was not estimated."""
+    data = _small_npz(tmp_path / "small.npz", mnist)
+    argv = ["explain", "--data", str(data), "--solver", "ekfac", "--damping", "0.01", "--test-index", "3",
+            "--loo-k", "0", "--no-progress", "--out", str(tmp_path / "e.png")]
+    assert main(argv) == 0
+    assert "accuracy    not estimated" in capsys.readouterr().out
+    report = tmp_path / "r.html"
+    assert main([*argv, "--check-accuracy", "--report", str(report)]) == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.strip().startswith("accuracy    Spearman"))
+    rho = float(line.split("Spearman")[1].split()[0])
+    assert 0.5 < rho <= 1.0  # EK-FAC of a linear model's Gauss–Newton matrix ranks much like CG
+    assert 'id="diag-accuracy-spearman"' in report.read_text()
+
+
 def test_explain_store_resumes_and_refuses_other_settings(tmp_path, capsys, mnist) -> None:
     data = _small_npz(tmp_path / "small.npz", mnist)
     store = tmp_path / "store"

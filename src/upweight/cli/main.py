@@ -159,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "scripts): an overview of the test points, the test point, the ranked training points "
                          "(images, feature values or text; long rankings in pages), the leave-one-out scatter and "
                          "the solver diagnostics")
+    ex.add_argument("--check-accuracy", action="store_true",
+                    help="for an approximate solver (arnoldi, kfac, ekfac, nystrom, datainf): measure its scores "
+                         "against CG on the same curvature (2 test points × 512 training points; about one CG solve)")
     ex.add_argument("--no-progress", action="store_true", help="no progress bars")
     ex.add_argument("--store", default=None, metavar="DIR",
                     help="keep s_test, the scores chunk by chunk and each leave-one-out retraining (in "
@@ -427,6 +430,15 @@ def _explain_in(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
     bound = prov.get("max_residual_accepted", inf.max_residual)
     bound_text = f"{bound:g}" if isinstance(bound, (int, float)) else "none"
     _say(f"  residual    {prov['residual_max']:.2e}  (relative ‖(H+δI)x − v‖/‖v‖; {accepted}, bound {bound_text})")
+    if "accuracy" in prov:
+        if args.check_accuracy:
+            est = inf.estimate_accuracy(tests)
+            prov = {**prov, "accuracy": est.summary()}
+            _say(f"  accuracy    Spearman {est.spearman_min:.4f} (min), relative error {est.relative_error_max:.3g} "
+                 f"(max) against CG on {len(est.test_ids)} test × {len(est.train_ids)} training points")
+        else:
+            _say("  accuracy    not estimated (an approximation's residual bounds its error loosely; "
+                 "--check-accuracy measures it)")
     _say(f"  iterations  {prov['iterations']}")
     if "solver_reason" in prov:
         _say(f"  chosen      {prov['solver_reason']}")

@@ -62,6 +62,7 @@ from ..errors import (
 from ..solvers import CG, InverseHVPSolver, Solution
 from ..solvers.base import relative_residual
 from ..store import ChunkedArray, Store, array_digest, opened_store
+from .accuracy import AccuracyEstimate, estimate_accuracy
 from .group import GroupInfluence, compute_group_influence
 from .removal import RemovalEffect, newton_removal_effect
 from .results import InfluenceScores, ParamInfluence, PertScores, SelfInfluence
@@ -585,6 +586,9 @@ class Influence:
                 iterations=sol.iterations,
                 solve_seconds=sol.seconds,
                 max_residual_accepted=self._residual_bound(),
+                **({} if self.solver.approximates.startswith("exact") else {"accuracy": (
+                    f"not estimated: the residual of an approximation ({self.solver.approximates}) bounds its error "
+                    "only loosely; Influence.estimate_accuracy(test) measures its scores against CG")}),
                 # None: not checked (a one-shot solver with residual_sample=0 measured no residual)
                 accepted=None if not sol.checked
                 else self._residual_bound() is None or sol.max_residual <= self._residual_bound(),
@@ -669,6 +673,18 @@ class Influence:
             and each point's ``leverage``.
         """
         return newton_removal_effect(self, test, train)
+
+    def estimate_accuracy(self, test: Any, *, n_test: int = 2, n_train: int = 512, rtol: float = 1e-6,
+                          maxiter: int | None = None, seed: int = 0) -> AccuracyEstimate:
+        """How close this influence's scores are to the exact ones: for the first ``n_test`` test
+        points, its solver's s_test and CG's (to ``rtol``, on the same curvature and damping) score
+        ``n_train`` training points drawn at random (``seed``); returns their Spearman and Pearson
+        correlations, the relative error of the scores and the share with the right sign, per test
+        point. Meant for the approximate solvers (K-FAC, EK-FAC, Arnoldi, Nyström, DataInf), whose
+        residual says little about the scores; costs about one CG solve with ``n_test`` right-hand
+        sides. ``InaccurateSolveError`` if CG does not reach its tolerance. See
+        ``upweight.influence.accuracy``."""
+        return estimate_accuracy(self, test, n_test=n_test, n_train=n_train, rtol=rtol, maxiter=maxiter, seed=seed)
 
     def up_params(self, train: TrainSelection = None) -> ParamInfluence:
         """I_up,params(z) = −H⁻¹∇θL(z, θ̂) — Koh & Liang (2017) Eq. 1; shape (n_selected, p).

@@ -371,6 +371,13 @@ def _diagnostics(provenance: Mapping[str, Any], n_train: int, extra: Sequence[tu
                     + (f"<td>{_e(note)}</td>" if note else "") + "</tr>")
 
     num_row("residual", "relative residual ‖(H+δI)x − v‖/‖v‖ (max)", prov.get("residual_max"), ".2e", verdict)
+    accuracy = prov.get("accuracy")
+    if isinstance(accuracy, Mapping):  # measured against CG (Influence.estimate_accuracy)
+        where = f"against CG on {accuracy.get('test_points')} test × {accuracy.get('train_points')} training points"
+        num_row("accuracy-spearman", "Spearman of the scores (min)", accuracy.get("spearman_min"), ".4f", where)
+        num_row("accuracy-error", "relative error of the scores (max)", accuracy.get("relative_error_max"), ".3g", where)
+    elif accuracy is not None:
+        rows.append(f'<tr id="diag-accuracy"><th>accuracy</th><td>{_e(accuracy)}</td></tr>')
     num_row("iterations", "iterations", prov.get("iterations"), "d")
     num_row("solve-seconds", "solve time [s]", prov.get("solve_seconds"), ".2f")
     num_row("seconds", "influence time (gradients + solve) [s]", prov.get("seconds"), ".2f")
