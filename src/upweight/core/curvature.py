@@ -40,8 +40,10 @@ import torch
 from .._checks import check_finite, check_interval
 from .._executor import Executor, inside_task, resolve, split_indices, thread_private
 from ..errors import CurvatureTooLargeError, InputError, UnsupportedModelError
+from . import batching
 from .batching import points_within
 from .data import Data
+from .grads import graph_bytes_per_point
 from .objective import Objective
 from .params import Params
 
@@ -336,43 +338,10 @@ class Curvature:
         return operator_lambda_min(self.matvec, self.p, self.dtype, n_iter=n_iter, seed=seed)
 
 
-#: the autograd graph one generic HVP batch may hold (``Curvature.hvp_batch_size``): forward activations and
-#: the first backward's intermediates; 32 MiB = glibc's largest mmap threshold, so no tensor of it exceeds that
-HVP_GRAPH_BYTES = 32 * 2**20
-#: the smallest batch the cap may choose (the per-batch forward and backward overhead grows as batches shrink)
-MIN_HVP_BATCH = 16
-
-
-def graph_bytes_per_point(obj: Objective, params: Params, data: Data) -> float:
-    """Bytes autograd saves per training point for ``hvp_sum``'s double-backward graph (the loss and its
-    gradient with ``create_graph=True``): the difference between the graphs of 8 points and of 1, / 7.
-
-    Each storage counts once (views and tensors saved by several operations); what does not grow with the
-    batch (the parameters themselves) cancels in the difference. 0 when the data has < 8 points.
-    """
-    if len(data) < 8:
-        return 0.0
-
-    def saved_bytes(batch: Data) -> int:
-        seen: dict[int, int] = {}
-
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            try:  # one entry per storage: views and repeated saves of one tensor count once
-                storage = t.untyped_storage()
-                seen[storage.data_ptr()] = storage.nbytes()
-            except (RuntimeError, NotImplementedError):  # no plain storage (e.g. sparse): count it by identity
-                seen[id(t)] = t.numel() * t.element_size()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.enable_grad():
-            leaves = {name: t.detach().requires_grad_(True) for name, t in params.items()}
-            loss = obj.losses(leaves, batch.X, batch.y).sum()
-            if loss.requires_grad:
-                torch.autograd.grad(loss, list(leaves.values()), create_graph=True, allow_unused=True)
-        return sum(seen.values())
-
-    one, eight = (saved_bytes(data.subset(torch.arange(m))) for m in (1, 8))
-    return max(eight - one, 0) / 7
+#: the autograd graph one generic HVP batch may hold (``Curvature.hvp_batch_size``; ``core.batching``)
+HVP_GRAPH_BYTES = batching.GRAPH_BYTES
+#: the smallest batch the cap may choose
+MIN_HVP_BATCH = batching.MIN_GRAPH_BATCH
 
 
 class _HVPContext:

@@ -145,15 +145,53 @@ def risk(objective: Objective, params: Params, data: Data, batch_size: int, weig
     return total / n + objective.regularizer(params)
 
 
+def graph_bytes_per_point(obj: Objective, params: Params, data: Data, *, second_order: bool = True) -> float:
+    """Bytes autograd saves per training point for a batch's graph: of the loss alone
+    (``second_order=False``: what one backward pass, e.g. ∇R, needs) or also of its gradient with
+    ``create_graph=True`` (``hvp_sum``'s double-backward graph) — the difference between the graphs
+    of 8 points and of 1, / 7.
+
+    Each storage counts once (views and tensors saved by several operations); what does not grow with the
+    batch (the parameters themselves) cancels in the difference. 0 when the data has < 8 points.
+    """
+    if len(data) < 8:
+        return 0.0
+
+    def saved_bytes(batch: Data) -> int:
+        seen: dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            try:  # one entry per storage: views and repeated saves of one tensor count once
+                storage = t.untyped_storage()
+                seen[storage.data_ptr()] = storage.nbytes()
+            except (RuntimeError, NotImplementedError):  # no plain storage (e.g. sparse): count it by identity
+                seen[id(t)] = t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.enable_grad():
+            leaves = {name: t.detach().requires_grad_(True) for name, t in params.items()}
+            loss = obj.losses(leaves, batch.X, batch.y).sum()
+            if second_order and loss.requires_grad:
+                torch.autograd.grad(loss, list(leaves.values()), create_graph=True, allow_unused=True)
+        return sum(seen.values())
+
+    one, eight = (saved_bytes(data.subset(torch.arange(m))) for m in (1, 8))
+    return max(eight - one, 0) / 7
+
+
 def risk_grad(objective: Objective, params: Params, data: Data, batch_size: int, weights: torch.Tensor | None = None,
               *, progress: bool = False) -> torch.Tensor:
-    """∇R(θ) as a flat vector (p,), one batch of ``batch_size`` points (and its autograd graph) at a
-    time; ``progress``: a bar over the batches (``upweight._progress``)."""
+    """∇R(θ) as a flat vector (p,), one batch at a time: at most ``batch_size`` points, and so few
+    that the batch's autograd graph stays within ``batching.GRAPH_BYTES`` (measured per point,
+    ``graph_bytes_per_point``; a transformer's activations make a batch of thousands of sequences
+    a large graph). ``progress``: a bar over the batches (``upweight._progress``)."""
     n = len(data)
+    step = batching.points_within(batching.GRAPH_BYTES, graph_bytes_per_point(objective, params, data, second_order=False),
+                                  batch_size, batching.MIN_GRAPH_BATCH)
     g: torch.Tensor | None = None
-    with progress_bar(desc="∇R(θ̂) over the training points", total=-(-n // batch_size), unit="batch",
+    with progress_bar(desc="∇R(θ̂) over the training points", total=-(-n // step), unit="batch",
                       enabled=progress) as bar:
-        for s, batch in zip(range(0, n, batch_size), data.batches(batch_size)):
+        for s, batch in zip(range(0, n, step), data.batches(step)):
             w = None if weights is None else weights[s : s + len(batch)]
 
             def part(p: Params, batch: Data = batch, w: torch.Tensor | None = w, first: bool = s == 0) -> torch.Tensor:

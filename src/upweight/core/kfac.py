@@ -47,6 +47,7 @@ from .._progress import progress, progress_bar
 from ..errors import CurvatureError
 from . import batching
 from .data import Data
+from .grads import graph_bytes_per_point
 from .layers import LayerBlock, capture
 from .local import LocalModule
 from .objective import Objective
@@ -163,7 +164,9 @@ def capture_batch_size(objective: Objective, data: Data, blocks: Sequence[LayerB
     """Points per capture in the factor passes: at most ``batch_size``, and so few that the largest
     captured tensor — a layer's GGN cotangents (K, b, T, out) or inputs (b, T, cols) — holds at most
     ``core.batching.TENSOR_BYTES`` counted at 8 bytes per value (float64, the widest dtype a pass
-    uses), so a float32 model's captures stay within half of it.
+    uses), so a float32 model's captures stay within half of it; and so few that all of a capture —
+    every layer's captured tensors and the forward pass's autograd graph (``graph_bytes_per_point``)
+    — holds at most ``CAPTURE_BYTES``: a transformer has many layers and large activations per point.
 
     Measured on one point. Why: tensors above glibc's mmap threshold are page-faulted in anew in every
     batch (``core.batching``), so a convolution's large captures run faster in small batches than in
@@ -172,8 +175,16 @@ def capture_batch_size(objective: Objective, data: Data, blocks: Sequence[LayerB
     if len(data) < 2:
         return max(1, batch_size)
     cap = capture(objective, blocks, data.subset([0]), params=params, cotangents="ggn", token_ids=True, local=local)
-    per_point = max(t.numel() for t in (*cap.a.values(), *cap.g.values(), *cap.local.values())) * 8
-    return batching.points_within(batching.TENSOR_BYTES, per_point, batch_size)
+    tensors = [*cap.a.values(), *cap.g.values(), *cap.local.values()]
+    widest = max(t.numel() for t in tensors) * 8
+    total = sum(t.numel() for t in tensors) * 8 + graph_bytes_per_point(objective, params or objective.params, data,
+                                                                         second_order=False)
+    return min(batching.points_within(batching.TENSOR_BYTES, widest, batch_size),
+               batching.points_within(CAPTURE_BYTES, total, batch_size, batching.MIN_GRAPH_BATCH))
+
+
+#: all that one capture of the factor passes may hold: its layers' inputs and cotangents and the forward graph
+CAPTURE_BYTES = 4 * batching.GRAPH_BYTES
 
 
 def _batches(ctx: _FactorContext, data: Data, desc: str) -> Iterator[Data]:
