@@ -106,9 +106,9 @@ bench-peers-w3-full: $(BENCH_STAMP)
 
 # W5: a 2-layer BERT-style classifier on Enron spam/ham (n = 1,000, every parameter, Gauss–Newton curvature,
 # δ = 0.01): upweight's K-FAC/EK-FAC/GGN block CG against kronfluence's K-FAC/EK-FAC. Set-up on one thread
-# (the machine is shared), kept in bench/.cache: training 2 s, float64 GGN block-CG reference 17 iterations
-# in 374 s at K = 10 (≈ 22 s an iteration, one GGN product per right-hand side); then ≈ 5 min of methods.
-# K = 100 (not in `make bench`): ten times the products per reference iteration, ≈ 1 h of set-up (estimated).
+# (the machine is shared), kept in bench/.cache; the float64 GGN block-CG reference (one GGN product per
+# right-hand side and iteration) is most of it, then upweight's block CG; the times are in bench/RESULTS.md.
+# K = 100 (not in `make bench`): ten times the products per reference iteration.
 W5 := --workloads W5 --timeout 900 --setup-threads 1 --cache bench/.cache
 bench-peers-w5: $(BENCH_STAMP)
 	$(PEERS) $(W5) --n-test 10

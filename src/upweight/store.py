@@ -548,8 +548,8 @@ class Store:
         raise StoreError(f"{why}. Use a new folder, or pass overwrite=True (Store(path, overwrite=True)) to discard it.")
 
     def _write_manifest(self, manifest: dict[str, Any]) -> None:
-        # compact: json's C encoder (an indent falls back to the pure-Python one, 4× slower on the
-        # manifest of a store with thousands of arrays — a leave-one-out store has one per retraining)
+        # compact: json's C encoder (an indent falls back to the much slower pure-Python one, which
+        # matters for a store with thousands of arrays — a leave-one-out store has one per retraining)
         self._acquire()
         text = json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
         atomic_write(self.path / MANIFEST, lambda fh: fh.write(text))

@@ -5,26 +5,23 @@ costs, between a floor and the caller's ``batch_size``.
 at most 32 MiB on 64-bit Linux) with a fresh mapping and unmaps it on free, so a batch whose
 tensors exceed the threshold page-faults each of them in anew, batch after batch; below it the
 allocator reuses its heap. Batches sized so that their largest tensor stays within
-``TENSOR_BYTES`` avoid most of that (``bench/bench_batch_budget.py``, section ``batch-budget`` of
-bench/RESULTS.md; one thread, MNIST): the per-sample-gradient sweeps of softmax regression over
-20,000 points ((b × 7,850) gradients per chunk), of the 1M-parameter MLP and of the small CNN run
-≈ 2.3×, 2.4× and 1.8× faster than in chunks of 256 MiB, EK-FAC's correction pass on the CNN 1.8×;
-with glibc's threshold raised to 4 GiB (no mmap) the large chunks are instead ≈ 15% faster than
-the small — the allocator is the cause, and the budget recovers most of the loss without changing
-a process-wide allocator setting. How much exactly depends on the allocator's history in the
-process (its threshold grows to the largest mapped chunk freed so far, at most 32 MiB, and its
-heap is trimmed above twice that). In fresh processes 16 MiB was the fastest of 2–256 MiB for the
-softmax-regression and CNN sweeps; the MLP's took 1.5–2.0 s at any budget of 2–32 MiB against 4.0 s at
-256 MiB. Users of the budgets:
+``TENSOR_BYTES`` avoid most of that: per-sample-gradient sweeps and EK-FAC's correction pass run
+markedly faster than in large chunks, while with glibc's threshold raised so that it never maps
+(no page faults) the large chunks are the faster ones — the allocator is the cause, and the budget
+recovers most of the loss without changing a process-wide allocator setting
+(``bench/bench_batch_budget.py``, section ``batch-budget`` of bench/RESULTS.md). How much exactly
+depends on the allocator's history in the process (its threshold grows to the largest mapped chunk
+freed so far, at most 32 MiB, and its heap is trimmed above twice that). Users of the budgets:
 
 * per-sample gradients (``core.grads.grad_chunk_size``): the (b, p) chunk ≤ ``TENSOR_BYTES``;
 * K-FAC/EK-FAC factor passes (``core.kfac``): each captured layer input / cotangent block and
   EK-FAC's rotated pseudo-gradients ≤ ``TENSOR_BYTES``;
-* generic HVPs (``Curvature.hvp_batch_size``): the whole autograd graph of a batch ≤
-  ``core.curvature.HVP_GRAPH_BYTES`` (32 MiB; its tensors are each far smaller).
+* generic HVPs (``Curvature.hvp_batch_size``), the gradient of the risk (``core.grads.risk_grad``)
+  and K-FAC's captures: the whole autograd graph of a batch ≤ ``GRAPH_BYTES`` (its tensors are each
+  far smaller; captures a small multiple of it, ``core.kfac.CAPTURE_BYTES``).
 
 Structured scoring (``core.structured.structured_scores``) keeps its larger budget: its batched
-contractions get faster with bigger batches (measured: 256 MiB is the fastest of 8–256 MiB).
+contractions get faster with bigger batches.
 """
 
 from __future__ import annotations

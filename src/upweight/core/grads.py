@@ -111,9 +111,8 @@ def _vmap_unsupported(exc: RuntimeError) -> bool:
 
 def grad_chunk_size(p: int, batch_size: int, dtype: torch.dtype, max_bytes: int | None = None) -> int:
     """Points per per-sample-gradient chunk: at most ``batch_size``, and b × p values ≤ ``max_bytes``
-    (default ``core.batching.TENSOR_BYTES``, 16 MiB: chunks below glibc's mmap threshold are not
-    page-faulted in anew each time — softmax regression on MNIST, p = 7,850: 534 points per chunk,
-    ≈ 2.3× faster than chunks of 256 MiB; see ``core.batching``)."""
+    (default ``core.batching.TENSOR_BYTES``: chunks below glibc's mmap threshold are not
+    page-faulted in anew each time; see ``core.batching``)."""
     itemsize = torch.empty((), dtype=dtype).element_size()
     budget = batching.TENSOR_BYTES if max_bytes is None else max_bytes
     return batching.points_within(budget, p * itemsize, batch_size)

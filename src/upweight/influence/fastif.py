@@ -23,11 +23,9 @@ Representations (``KNNPrefilter.representation``):
   the query is the same features of the test point; cosine distance by default.
 
 Koh & Liang (2017, §2.3) warn that influence is *not* nearest neighbours in input space: it weighs
-each point by its training loss (through ∇θL) and by H⁻¹. The measurements on real MNIST
-(``bench/FASTIF.md``; mean recall of the exact top-10 by |I_up,loss| at k = 1,000) agree: the
-default (projected gradients, inner product, gradient query) 1.000 on 1-vs-7 (n = 11,800) and
-0.970 on 10 classes (n = 55,000); pixels with cosine distance 0.35 / 0.70; cosine or Euclidean
-distance between projected gradients 0.38 / 0.62 and 0.31 / 0.23; the s_test query 0.98 / 0.82.
+each point by its training loss (through ∇θL) and by H⁻¹. Measured recall of the exact top-k
+agrees (``bench/FASTIF.md``): the default (projected gradients, inner product, gradient query)
+finds them far more often than pixel distances or cosine/Euclidean distances between gradients.
 
 Neighbour search: scikit-learn's ``NearestNeighbors`` (brute force; maximum inner-product search by
 the standard augmentation rᵢ ↦ [rᵢ, √(M² − ‖rᵢ‖²)], q ↦ [q, 0], M = maxᵢ‖rᵢ‖, under which the
@@ -35,8 +33,7 @@ Euclidean nearest neighbour is the largest inner product), or FAISS's exact flat
 is installed (``backend="auto"`` prefers it). Both are optional dependencies, imported lazily.
 
 Cost: the index is one sweep of per-sample gradients (or a forward pass for features) plus the
-projection — one to two exhaustive scoring sweeps (10-class MNIST, float32: 4.7 s against a 2.1 s
-sweep), so it pays off when it is reused for many test batches (pass the fitted ``FastIFIndex`` to
+projection — about one to two exhaustive scoring sweeps, so it pays off when it is reused for many test batches (pass the fitted ``FastIFIndex`` to
 ``fastif_up_loss``). Memory: n × m float32 keys, plus an n × (m + 1) float64 copy for the
 scikit-learn inner-product search. The s_test solve is the same as for exhaustive scoring;
 FastIF saves the scoring sweep over the non-candidates.
@@ -90,13 +87,13 @@ class KNNPrefilter:
         query: for gradients, what a test point is represented by: ``"gradient"`` (Ω∇θf(z_test);
             gradient similarity, needs no solve) or ``"s_test"`` (Ω H⁻¹∇θf(z_test); the influence up
             to the projection's error — which is large here: H⁻¹ inflates s_test along directions
-            the training gradients barely span, and on MNIST its recall was lower).
+            the training gradients barely span, so its recall is lower; ``bench/FASTIF.md``).
         direction: inner_product only — ``"both"`` (largest |approximate influence|), ``"harmful"``
             (largest) or ``"helpful"`` (most negative). Prefer ``"both"``: with ``query="gradient"``
-            the sign is that of −∇fᵀ∇L, which H⁻¹ can flip (on MNIST 1-vs-7 some exact top-10
-            harmful points are among the most *helpful* by gradient similarity), and with
-            ``query="s_test"`` the projection is noisier; on MNIST both one-sided searches found
-            fewer of the 10 most harmful points than the two-sided default (``bench/FASTIF.md``).
+            the sign is that of −∇fᵀ∇L, which H⁻¹ can flip (some of the most harmful points can be
+            among the most *helpful* by gradient similarity), and with ``query="s_test"`` the
+            projection is noisier; the one-sided searches find fewer of the most harmful points than
+            the two-sided default (``bench/FASTIF.md``).
         seed: seed of the Gaussian projection.
         backend: ``"sklearn"`` (``NearestNeighbors``, brute force), ``"faiss"`` (exact flat index), or
             ``"auto"``: FAISS if it is installed, else scikit-learn.
