@@ -44,7 +44,7 @@ from upweight.core.curvature import Curvature
 from upweight.core.grads import grad_chunk_size, iter_per_sample_grads
 from upweight.core.structured import prepare_queries
 from upweight.datasets.mnist import load_mnist
-from upweight.influence.engine import _up_loss_chunk
+from upweight.influence.tasks import _up_loss_chunk
 from upweight.solvers.kfac import EKFAC, KFAC
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

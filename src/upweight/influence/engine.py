@@ -19,12 +19,15 @@ Structured scoring (``Influence(structured=…)``, ``core.structured``): for ``n
 inputs and output cotangents, never forming the per-sample gradients. ``Influence(query_rank=r)``
 contracts with the best rank-r approximation of each layer's block of s_test instead (an
 approximation of Eq. 2 for wide layers and many test points; see ``Influence``).
+
+``Influence`` holds the estimator and the paper's quantities; the machinery around them lives
+beside it: ``influence.tasks`` (the executor tasks and the chunked sweep), ``influence.fingerprint``
+(what stored results depend on, and the re-verification of a stored s_test),
+``influence.selection`` (``train=``) and ``core.scoring`` (which train-side scoring is used).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import math
 import time
 import warnings
@@ -35,21 +38,15 @@ import numpy as np
 import torch
 
 from .._checks import check_choice, check_finite, check_interval, check_is_fitted, check_rows_finite
-from .._executor import Executor, resolve, thread_private
+from .._executor import Executor, resolve
 from .._memory import check_memory, tensor_bytes
 from .._progress import logger, progress, progress_enabled
 from ..core.curvature import Curvature
 from ..core.data import Data
-from ..core.grads import (
-    grad_chunk_size,
-    iter_per_sample_grads,
-    per_sample_grads,
-    pert_directions,
-    risk_grad,
-)
-from ..core.layers import LayerPlan
+from ..core.grads import grad_chunk_size, iter_per_sample_grads, pert_directions, risk_grad
 from ..core.objective import Objective
-from ..core.structured import Queries, prepare_queries, scoring_plan, structured_scores
+from ..core.scoring import check_query_rank, query_rank_layers, resolve_scoring
+from ..core.structured import prepare_queries
 from ..errors import (
     InaccurateSolveError,
     InaccurateSolveWarning,
@@ -57,19 +54,32 @@ from ..errors import (
     NonFiniteError,
     NotAtMinimumWarning,
     ShapeError,
-    UnsupportedModelError,
 )
 from ..solvers import CG, InverseHVPSolver, Solution
 from ..solvers.base import relative_residual
-from ..store import ChunkedArray, Store, array_digest, opened_store
+from ..store import ChunkedArray, Store, opened_store
 from .accuracy import AccuracyEstimate, estimate_accuracy
+from .fingerprint import (
+    digest_data,
+    fingerprint,
+    s_test_from_store,
+    s_test_meta,
+    verify_stored_s_test,
+)
 from .group import GroupInfluence, compute_group_influence
 from .removal import RemovalEffect, newton_removal_effect
 from .results import InfluenceScores, ParamInfluence, PertScores, SelfInfluence
+from .selection import TrainSelection, selection_positions
+from .tasks import (
+    TRAIN_FIX,
+    _GradContext,
+    _self_influence_chunk,
+    _SolveContext,
+    _StructuredContext,
+    _up_loss_chunk,
+    sweep,
+)
 
-TrainSelection = Any  # None (all) or indices into the fitted training data
-_TRAIN_FIX = ("Check that training point for extreme input values or a label the loss cannot take; its model output "
-              "may overflow at θ̂ (evaluate the model in float64: model.double()).")
 StoreLike = Any  # None, a folder path, or a Store
 
 
@@ -206,7 +216,7 @@ class Influence:
         self.grad_norm_ = float(g.norm())
         if not math.isfinite(self.grad_norm_):  # name the training points that make it so
             for batch, G in self._train_grad_chunks(data, "locating non-finite gradients"):
-                check_rows_finite(G.norm(dim=1), batch.ids, "The norm of the training-loss gradient ∇θL(z, θ̂)", _TRAIN_FIX)
+                check_rows_finite(G.norm(dim=1), batch.ids, "The norm of the training-loss gradient ∇θL(z, θ̂)", TRAIN_FIX)
             check_finite(g, "∇R(θ̂)", "Check the model and loss for overflow at θ̂.")
             raise NonFiniteError(f"‖∇R(θ̂)‖ overflows in {self.objective.dtype}. Check the model and loss for overflow "
                                  "at θ̂, or evaluate it in float64 (model.double()).")
@@ -218,8 +228,9 @@ class Influence:
                 NotAtMinimumWarning,
                 stacklevel=2,
             )
-        self._scoring_plan, self.scoring_, self.scoring_reason_ = self._resolve_scoring(data)
-        self._query_rank = self._check_query_rank()
+        choice = resolve_scoring(self.objective, data, self.structured, self.query_rank)
+        self._scoring_plan, self.scoring_, self.scoring_reason_ = choice.plan, choice.mode, choice.reason
+        self._query_rank = check_query_rank(self.query_rank, choice, self.structured)
         self.curvature_ = Curvature(self.objective, data, damping=self.damping, batch_size=self.batch_size, executor=executor,
                                     structured=False if self.structured is False else "auto", kind=self.curvature)
         with progress_enabled(self.progress):
@@ -232,60 +243,6 @@ class Influence:
         self.fit_seconds_ = time.perf_counter() - t0
         logger.info("fitted %s on n=%d, p=%d in %.2fs", type(self.solver).__name__, self.n_train_, self.objective.p, self.fit_seconds_)
         return self
-
-    def _resolve_scoring(self, data: Data) -> tuple[LayerPlan | None, str, str]:
-        """(plan, "structured" | "generic", why) for the train-side sweep of ``up_loss``."""
-        if self.structured is False:
-            return None, "generic", "structured=False"
-        try:
-            plan, why = scoring_plan(self.objective, data)
-        except Exception as exc:  # noqa: BLE001 — "auto" keeps the generic path; True reports why below
-            plan, why = None, f"{type(exc).__name__}: {exc}"
-        if self.structured is True:
-            if plan is None or why is not None:
-                raise UnsupportedModelError(
-                    f"Influence(structured=True): structured scoring cannot be used: {why}. Use structured='auto' or False."
-                )
-            return plan, "structured", "structured=True" + (f"; per-sample gradients for {list(plan.other)}" if plan.other else "")
-        if plan is None or why is not None:
-            return None, "generic", str(why)
-        if plan.other:
-            if self.query_rank is not None:  # the low-rank scoring is asked for: mix, as structured=True
-                return plan, "structured", (f"query_rank={self.query_rank} with structured='auto': factorable layers "
-                                            f"structured, per-sample gradients for {list(plan.other)}")
-            return None, "generic", f"parameters outside factorable layers: {list(plan.other)} (structured=True would mix)"
-        why = "every parameter of θ is in a factorable nn.Linear / nn.Conv2d / nn.Embedding"
-        if plan.local:
-            why += f" or has module-local per-point gradients ({', '.join(lm.name for lm in plan.local)})"
-        return plan, "structured", why
-
-    def _check_query_rank(self) -> int | None:
-        """The fitted ``query_rank``; ``UnsupportedModelError`` when it is set but structured
-        scoring, which it needs, does not apply."""
-        r = self.query_rank
-        if r is not None and self.scoring_ != "structured":
-            fix = ("Use structured='auto' (or True) with query_rank, or query_rank=None for exact scoring"
-                   if self.structured is False else "Use query_rank=None (exact scoring)")
-            raise UnsupportedModelError(
-                f"Influence(query_rank={r}) approximates the layer blocks of s_test in the structured train-side scoring, "
-                f"which cannot be used here: {self.scoring_reason_}. {fix}."
-            )
-        return r
-
-    def _query_rank_layers(self) -> tuple[str, ...]:
-        """Per layer, whether ``query_rank`` truncates its query blocks or leaves them exact."""
-        r = self._query_rank
-        plan = self._scoring_plan
-        assert r is not None and plan is not None
-        rows = []
-        for blk in plan.blocks:
-            full = min(blk.out_dim, blk.cols)
-            what = f"rank {r} of {full} (truncated SVD)" if r < full else f"exact (query_rank {r} ≥ min(out, cols) = {full})"
-            rows.append(f"{blk.name or '<model>'} ({blk.kind} {blk.out_dim}×{blk.cols}): {what}")
-        rows += [f"{lm.name} (module-local, {lm.size} parameters): exact" for lm in plan.local]
-        if plan.other:
-            rows.append(f"{list(plan.other)}: exact (per-sample gradients, no factorable layer)")
-        return tuple(rows)
 
     # ── building blocks ───────────────────────────────────────────────────────────────
     def _ready(self) -> None:
@@ -329,7 +286,7 @@ class Influence:
         chunk = self._grad_chunk()
         it = iter_per_sample_grads(self.objective, self.objective.params, data, chunk)
         for batch, G in progress(it, desc=desc, total=-(-len(data) // chunk), enabled=self.progress):
-            check_rows_finite(G, batch.ids, "The training-loss gradient ∇θL(z, θ̂)", _TRAIN_FIX)
+            check_rows_finite(G, batch.ids, "The training-loss gradient ∇θL(z, θ̂)", TRAIN_FIX)
             yield batch, G
 
     def test_grads(self, test: Any) -> torch.Tensor:
@@ -375,32 +332,14 @@ class Influence:
         return handle
 
     def _fingerprint(self, quantity: str, positions: np.ndarray, test: Data | None) -> dict[str, Any]:
-        """What the stored results depend on: θ̂, the objective, damping, solver and data."""
-        obj = self.objective
+        """What the stored results depend on: θ̂, the objective, damping, solver and data
+        (``influence.fingerprint``); the training data's digest is computed once per fit."""
         if self._train_digest is None:
             assert self.data_ is not None
-            self._train_digest = _digest_data(self.data_)
-        fp: dict[str, Any] = {
-            "quantity": quantity,
-            "model": {"parameters_sha256": _model_sha256(obj), "theta": list(obj.space.names), "dtype": str(obj.dtype)},
-            "objective": {"loss": obj.loss_name, "measure": _fn_name(obj.measure_fn), "l2": obj.l2, "l2_params": list(obj.l2_names)},
-            "damping": self.damping,
-            "solver": self.solver.config(),
-            "train_data": self._train_digest,
-            "train_selection": array_digest(positions)["sha256"],
-        }
-        if test is not None:
-            fp["test_data"] = _digest_data(test)
-        if quantity == "up_loss" and getattr(self, "scoring_", "generic") == "structured":
-            fp["scoring"] = "structured"  # equal to the generic scores up to rounding, so kept apart
-        if quantity == "up_loss" and getattr(self, "_query_rank", None) is not None:
-            fp["query_rank"] = self._query_rank  # an approximation: never mixed with exact or other-rank chunks
-        curv = self.curvature_
-        if curv.uses_structured:
-            fp["hvp"] = "structured"  # s_test equal to the generic one up to rounding, so kept apart
-        if curv.kind != "hessian":
-            fp["curvature"] = curv.kind
-        return fp
+            self._train_digest = digest_data(self.data_)
+        return fingerprint(self.objective, quantity, positions, test, damping=self.damping, solver=self.solver,
+                           train_digest=self._train_digest, scoring=getattr(self, "scoring_", "generic"),
+                           query_rank=getattr(self, "_query_rank", None), curvature=self.curvature_)
 
     def _bind_store(self, st: Store | None, quantity: str, positions: np.ndarray, test: Data | None = None) -> None:
         if st is not None:
@@ -426,13 +365,7 @@ class Influence:
                 value, meta = got
                 why = self._verify_stored_s_test(value, meta, test)
                 if why is None:
-                    sol = Solution(
-                        value=torch.from_numpy(np.array(value)), residual=torch.tensor(meta["residual"], dtype=torch.float64),
-                        converged=torch.tensor(meta["converged"], dtype=torch.bool), iterations=int(meta["iterations"]),
-                        seconds=float(meta["seconds"]), stats={**meta.get("stats", {}), "resumed_from_store": True,
-                                                               "store_reverified": True},
-                        measured=torch.tensor(meta.get("measured", [not math.isnan(r) for r in meta["residual"]]), dtype=torch.bool),
-                    )
+                    sol = s_test_from_store(value, meta)
                     self._check_residual(sol.max_residual, stacklevel=4)
                     logger.info("s_test read from store %s and re-verified", st.path)
                     return sol
@@ -440,40 +373,20 @@ class Influence:
                               UserWarning, stacklevel=3)
         sol = self.s_test(test)
         if st is not None:
-            st.put("s_test", sol.value.detach().cpu().numpy(), meta={
-                "residual": sol.residual.double().tolist(), "converged": sol.converged.tolist(),
-                "measured": sol.measured_mask.tolist(),
-                "iterations": sol.iterations, "seconds": sol.seconds, "stats": dict(sol.stats),
-            })
+            st.put("s_test", sol.value.detach().cpu().numpy(), meta=s_test_meta(sol))
         return sol
 
     def _verify_stored_s_test(self, value: np.ndarray, meta: dict[str, Any], test: Data) -> str | None:
-        """None when a stored s_test re-measures to its recorded residual, else the reason it does not."""
-        k, p = len(test), self.objective.p
-        try:
-            recorded = torch.tensor(meta["residual"], dtype=torch.float64).reshape(-1)
-            measured = torch.tensor(meta.get("measured", [not math.isnan(r) for r in meta["residual"]]),
-                                    dtype=torch.bool).reshape(-1)
-        except (KeyError, TypeError, ValueError) as exc:
-            return f"its metadata is unreadable: {exc}"
-        if value.shape != (k, p) or recorded.shape != (k,) or measured.shape != (k,):
-            return f"shape {value.shape} for {k} test points and p = {p}"
-        X = torch.from_numpy(np.array(value)).to(self.objective.dtype)
-        if not bool(torch.isfinite(X).all()):
-            return "it holds NaN or inf"
-        cols = measured.nonzero().reshape(-1)
-        if not len(cols):
-            return None  # the solve was unchecked (residual_sample=0): nothing to re-measure against
-        G = self.test_grads(test.subset(cols))
-        with progress_enabled(self.progress):
-            again = relative_residual(self.curvature_.matvec(X[cols].to(self.curvature_.dtype)).to(G.dtype), G).double()
-        before = recorded[cols]
-        tol = 1e-3 * before.abs() + 100 * torch.finfo(self.objective.dtype).eps
-        if not bool(torch.isfinite(again).all()) or bool(((again - before).abs() > tol).any()):
-            worst = int((again - before).abs().argmax())
-            return (f"test point {int(cols[worst])}: residual {float(again[worst]):.3e} now, "
-                    f"{float(before[worst]):.3e} recorded")
-        return None
+        """None when a stored s_test re-measures to its recorded residual, else the reason it does not
+        (``influence.fingerprint.verify_stored_s_test``; one HVP block on the measured columns)."""
+
+        def remeasure(cols: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+            G = self.test_grads(test.subset(cols))
+            with progress_enabled(self.progress):
+                return relative_residual(self.curvature_.matvec(X.to(self.curvature_.dtype)).to(G.dtype), G).double()
+
+        return verify_stored_s_test(value, meta, k=len(test), p=self.objective.p, dtype=self.objective.dtype,
+                                    remeasure=remeasure)
 
     def _sweep(
         self,
@@ -490,33 +403,15 @@ class Influence:
         on_result: Callable[[Any], np.ndarray] | None = None,
         chunk: int | None = None,
     ) -> np.ndarray:
-        """Run ``fn(chunk_positions, ctx, *args)`` over chunks of the training positions through ``ex``.
+        """Run ``fn(chunk_positions, ctx, *args)`` over chunks of the training positions through ``ex``
+        (``influence.tasks.sweep``).
 
         Chunks are ``chunk`` points (default ``_grad_chunk()``, memory-bounded), so results do not
         depend on the executor. With a store only its missing chunks are computed, each written as
         it arrives.
         """
-        chunk = (chunk or self._grad_chunk()) if arr is None else arr.chunk_size
-        parts = [positions[s : s + chunk] for s in range(0, len(positions), chunk)]
-        todo = list(range(len(parts))) if arr is None else arr.missing()
-        if arr is not None and len(todo) < len(parts):
-            logger.info("%s: %d of %d chunks already in store %s", desc, len(parts) - len(todo), len(parts), arr.store.path)
-        done: dict[int, np.ndarray] = {}
-        results = progress(ex.map(fn, [parts[i] for i in todo], ctx, *args), desc=desc, total=len(todo), enabled=self.progress)
-        try:
-            for i, res in zip(todo, results):
-                values = on_result(res) if on_result is not None else res
-                if arr is not None:
-                    arr.write(i, values)
-                else:
-                    done[i] = values
-        finally:
-            results.close()  # an error or interrupt cancels the chunks still queued on the executor
-        if arr is not None:
-            return arr.assemble()
-        if not parts:
-            return np.zeros(shape, dtype=self._np_dtype())
-        return np.concatenate([done[i] for i in range(len(parts))], axis=axis)
+        return sweep(fn, positions, ex, ctx, args, arr, shape, axis=axis, desc=desc, chunk=chunk or self._grad_chunk(),
+                     dtype=self._np_dtype(), show_progress=self.progress, on_result=on_result)
 
     def _np_dtype(self) -> str:
         return str(torch.empty((), dtype=self.objective.dtype).numpy().dtype)
@@ -641,7 +536,8 @@ class Influence:
                                  desc="I_up,loss over training points", chunk=self._score_chunk())
             prov = self._provenance(sol, t0)
             if rank is not None:
-                prov.update(query_rank=rank, query_rank_layers=self._query_rank_layers(),
+                assert self._scoring_plan is not None  # fit refuses query_rank without structured scoring
+                prov.update(query_rank=rank, query_rank_layers=query_rank_layers(self._scoring_plan, rank),
                             query_rank_approximates="each layer block of s_test replaced by its best rank-r approximation "
                                                     "(truncated SVD, Eckart–Young)")
             return InfluenceScores(values, test_data.ids.numpy(), self.data_.ids.numpy()[positions], self.n_train_, "up_loss", prov)
@@ -819,140 +715,4 @@ class Influence:
         return compute_group_influence(
             self, test, groups, order=order, third_derivative=third_derivative, measure_hessian=measure_hessian
         )
-
-
-def selection_positions(train: Any, n: int) -> np.ndarray:
-    """``train=`` as positions into n fitted training points: integer indices (negative ones count
-    from the end; repeats allowed) or a boolean mask of length n. Anything else — fractional
-    numbers, a mask of another length, indices outside [−n, n) — is an ``InputError``, never
-    silently truncated or read as 0/1 indices."""
-    try:
-        a = train.detach().cpu().numpy() if isinstance(train, torch.Tensor) else np.asarray(train)
-    except (TypeError, ValueError) as exc:
-        raise InputError(f"train= must be indices or a boolean mask; got {type(train).__name__} ({exc}).") from exc
-    a = a.reshape(-1) if a.ndim <= 1 else a
-    if a.ndim != 1:
-        raise InputError(f"train= must be one-dimensional (indices or a boolean mask); got shape {a.shape}.")
-    if a.dtype == bool:
-        if len(a) != n:
-            raise InputError(f"train= is a boolean mask of length {len(a)}, but {n} training points were fitted.")
-        return np.flatnonzero(a).astype(np.int64)
-    if a.size == 0:
-        return np.zeros(0, dtype=np.int64)
-    if not np.issubdtype(a.dtype, np.integer):
-        if not np.issubdtype(a.dtype, np.floating) or not np.all(np.isfinite(a)) or not np.all(a == np.round(a)):
-            raise InputError(f"train= must hold integer positions; got dtype {a.dtype} (e.g. {a.reshape(-1)[:3].tolist()}). "
-                             "Pass integer indices or a boolean mask.")
-    pos = a.astype(np.int64)
-    bad = (pos < -n) | (pos >= n)
-    if bad.any():
-        raise InputError(f"train= holds position {int(pos[bad][0])}, outside the {n} fitted training points [−{n}, {n}).")
-    return np.where(pos < 0, pos + n, pos)
-
-
-class _GradContext:
-    """What a scoring task needs, sent to each worker once: the objective (θ̂) and the training data."""
-
-    def __init__(self, objective: Objective, data: Data) -> None:
-        self.objective, self.data = objective, data
-
-
-class _SolveContext(_GradContext):
-    """A ``_GradContext`` plus the prepared solver, for tasks that solve (H + δI)x = ∇θL(z)."""
-
-    def __init__(self, objective: Objective, data: Data, solver: InverseHVPSolver, state: Any) -> None:
-        super().__init__(objective, data)
-        self.solver, self.state = solver, state
-
-
-class _StructuredContext(_GradContext):
-    """A ``_GradContext`` plus the layer plan for structured scoring (its blocks refer to modules of
-    this objective's model, so the two always travel together)."""
-
-    def __init__(self, objective: Objective, data: Data, plan: LayerPlan) -> None:
-        super().__init__(objective, data)
-        self.plan = plan
-
-
-def _private(ctx: _GradContext) -> Any:
-    d = ctx.data
-    return thread_private(ctx, share=(d, d.X, d.y, d.ids))
-
-
-def _chunk_grads(indices: np.ndarray, ctx: _GradContext) -> torch.Tensor:
-    batch = ctx.data.subset(torch.from_numpy(np.asarray(indices, dtype=np.int64)))
-    G = per_sample_grads(ctx.objective, ctx.objective.params, batch)
-    check_rows_finite(G, batch.ids, "The training-loss gradient ∇θL(z, θ̂)", _TRAIN_FIX)
-    return G
-
-
-def _up_loss_chunk(indices: np.ndarray, ctx: _GradContext, S: torch.Tensor | Queries) -> np.ndarray:
-    """−s_testⱼᵀ∇θL(zᵢ, θ̂) for the chunk's training points i, shape (k, b) — Eq. 2's train side.
-
-    A ``_StructuredContext`` scores by structured scoring (``_up_loss_chunk_structured``) with
-    s_test already split by layer (``Queries``, each layer's blocks at ``Influence(query_rank=…)``
-    when it is set); otherwise S is s_test (k, p), against per-sample gradients."""
-    if isinstance(ctx, _StructuredContext):
-        assert isinstance(S, Queries)
-        return _up_loss_chunk_structured(indices, ctx, S)
-    assert isinstance(S, torch.Tensor), "query_rank needs structured scoring"  # Influence.fit refuses it
-    G = _chunk_grads(indices, _private(ctx))
-    return (-(S.to(G.dtype) @ G.T)).detach().cpu().numpy()
-
-
-def _up_loss_chunk_structured(indices: np.ndarray, ctx: _StructuredContext, queries: Queries) -> np.ndarray:
-    """``_up_loss_chunk`` by structured scoring: each layer's s_testᵀ∇L(zᵢ) from its inputs and
-    output cotangents (``core.structured.structured_scores``), shape (k, b)."""
-    ctx = _private(ctx)
-    batch = ctx.data.subset(torch.from_numpy(np.asarray(indices, dtype=np.int64)))
-    scores = structured_scores(ctx.objective, ctx.plan, batch, queries=queries)
-    check_rows_finite(scores, batch.ids, "The score s_testᵀ∇θL(z, θ̂) of a training point", _TRAIN_FIX, dim=1)
-    return (-scores).detach().cpu().numpy()
-
-
-def _self_influence_chunk(indices: np.ndarray, ctx: _SolveContext) -> tuple[np.ndarray, Solution]:
-    """(2, b): −∇θL(zᵢ)ᵀ(H + δI)⁻¹∇θL(zᵢ) and each solve's relative residual; plus the Solution
-    without its (b, p) value, whose residual the caller checks."""
-    ctx = _private(ctx)
-    G = _chunk_grads(indices, ctx)
-    sol = ctx.solver.solve(ctx.state, G)
-    check_finite(sol.value, f"The {ctx.solver.name} solution", "Add damping or check the model at θ̂.")
-    vals = -(G * sol.value.to(G.dtype)).sum(1)
-    out = torch.stack([vals, sol.residual.to(vals.dtype).reshape(-1)]).detach().cpu().numpy()
-    return out, dataclasses.replace(sol, value=torch.empty(0, G.shape[1], dtype=G.dtype))
-
-
-def _tensor_bytes(t: torch.Tensor) -> memoryview:
-    flat = t.detach().cpu().contiguous().reshape(-1)
-    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
-
-
-def _digest_tensor(t: torch.Tensor) -> dict[str, Any]:
-    t = t.detach().cpu()
-    try:
-        a = t.numpy()
-    except TypeError:  # bfloat16 & co.: hash the raw bytes
-        a = np.frombuffer(_tensor_bytes(t), dtype=np.uint8)
-    d = array_digest(a)
-    d["dtype"] = str(t.dtype)
-    d["shape"] = list(t.shape)
-    return d
-
-
-def _digest_data(data: Data) -> dict[str, Any]:
-    X = {k: _digest_tensor(t) for k, t in data.X.items()} if data.is_dict else _digest_tensor(data.X)
-    return {"X": X, "y": _digest_tensor(data.y), "ids_sha256": _digest_tensor(data.ids)["sha256"]}
-
-
-def _model_sha256(objective: Objective) -> str:
-    """SHA-256 over every parameter and buffer of the model (θ̂ and the fixed part) with their names."""
-    h = hashlib.sha256()
-    for name, t in sorted(objective.model.state_dict().items()):
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
-        h.update(_tensor_bytes(t))
-    return h.hexdigest()
-
-
-def _fn_name(fn: Callable[..., Any]) -> str:
-    return getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or type(fn).__name__
 
