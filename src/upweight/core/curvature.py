@@ -12,7 +12,8 @@ cross-entropy, squared, logistic) G is positive semi-definite at every θ — wh
 influence of a non-convex net well posed (Martens 2010; Bae et al. 2022 call the resulting
 quantity the proximal Bregman response function) — and equals H where the output is linear in θ.
 Products need no second derivative of the model: one forward-mode JVP (Jv), the loss's own
-Hessian in z (a double backward through the loss only), one reverse VJP (Jᵀ·).
+Hessian in z (``core.output_hessian``: a closed form for the built-in losses, else a double
+backward through the loss only), one reverse VJP (Jᵀ·).
 
 The full-data product is a sum over the training points, so with an ``Executor`` it runs as a
 map-reduce over partitions of them (each partition's Σᵢ∇²θL(zᵢ)V, summed in partition order);
@@ -45,6 +46,7 @@ from .batching import points_within
 from .data import Data
 from .grads import graph_bytes_per_point
 from .objective import Objective
+from .output_hessian import output_hessian
 from .params import Params
 
 CurvatureKind = Literal["hessian", "gauss-newton"]
@@ -411,18 +413,22 @@ def ggn_sum(obj: Objective, params: Params, V: torch.Tensor, batch: Data, *,
     Gauss–Newton products (see the module docstring), added to ``out`` in place when it is given.
 
     Per batch: one forward with its VJP graph; per vector one forward-mode JVP (Jᵢvⱼ), the loss's
-    Hessian in z applied to it by a double backward through the loss alone, and one VJP."""
+    Hessian in z applied to it (``core.output_hessian``: in closed form for the built-in losses, else
+    by a double backward through the loss alone), and one VJP."""
     if out is None:
         out = torch.zeros_like(V)
 
     def f(p: Params) -> torch.Tensor:
         return obj.outputs(p, batch.X)
 
+    def apply_hz(Jv: torch.Tensor) -> torch.Tensor:  # (k, b, *shape) → ∇²_zL applied point by point
+        k, b = Jv.shape[:2]
+        return hz.apply(Jv.reshape(k, b, -1).transpose(0, 1)).transpose(0, 1).reshape(Jv.shape)
+
     with torch.enable_grad():
         z, pull = torch.func.vjp(f, params)
-        zl = z.detach().requires_grad_(True)
-        gz = torch.autograd.grad(obj.loss_fn(zl, batch.y.to(zl.device)).sum(), zl, create_graph=True)[0]
-        if not gz.requires_grad:  # the loss is linear in z: no Gauss–Newton term
+        hz = output_hessian(obj.loss_fn, z, batch.y, generic="implicit", name=obj.loss_name)
+        if hz.kind == "zero":  # the loss is linear in z: no Gauss–Newton term
             return out
 
         def jvp(t: Params) -> torch.Tensor:
@@ -433,7 +439,7 @@ def ggn_sum(obj: Objective, params: Params, V: torch.Tensor, batch: Data, *,
                 # all k tangents in one batched pass (the inputs are not batched, so a model whose
                 # attention masks defeat vmap over points still runs here), then all k VJPs at once
                 Jv = torch.func.vmap(jvp)(obj.space.unflatten(V))
-                HJv = torch.stack([torch.autograd.grad(gz, zl, Jv[j], retain_graph=True)[0] for j in range(len(V))])
+                HJv = apply_hz(Jv)
                 g = torch.func.vmap(lambda u: pull(u)[0])(HJv)
                 return out.add_(obj.space.flatten(g, batch_dims=1))
             except RuntimeError as exc:
@@ -445,7 +451,7 @@ def ggn_sum(obj: Objective, params: Params, V: torch.Tensor, batch: Data, *,
                 Jv_j = jvp(obj.space.unflatten(V[j]))
             except RuntimeError as exc:
                 _raise_without_forward_derivative(exc)
-            (gj,) = pull(torch.autograd.grad(gz, zl, Jv_j, retain_graph=True)[0])
+            (gj,) = pull(apply_hz(Jv_j[None])[0])
             out[j].add_(obj.space.flatten(gj))
     return out
 

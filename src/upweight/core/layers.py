@@ -46,13 +46,13 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import hessian, vmap
 
 from ..errors import InputError, UnsupportedModelError
 from .data import Data
 from .local import DEFAULT_MAX_LOCAL, LocalModule, Recorder, candidates, module_state
-from .losses import TokenCrossEntropy, cross_entropy, squared
+from .losses import TokenCrossEntropy
 from .objective import Objective
+from .output_hessian import closed_form, output_hessian
 from .params import Params
 
 
@@ -434,51 +434,29 @@ MAX_OUTPUT_FACTORS = 4096
 
 
 def output_hessian_factors(objective: Objective, out: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Vectors cᵢₖ with Σₖ cᵢₖcᵢₖᵀ = ∇²_z L(zᵢ, yᵢ) (clamped to PSD), shape (K, b, *out.shape[1:]).
+    """Vectors cᵢₖ with Σₖ cᵢₖcᵢₖᵀ = ∇²_z L(zᵢ, yᵢ) (clamped to PSD), shape (K, b, *out.shape[1:]), and the
+    number of negative eigenvalues clamped to 0 — ``core.output_hessian``'s ``psd_factors`` (closed
+    forms for the built-in losses, e.g. √pₖ(eₖ − p) for cross-entropy; an eigendecomposition of the
+    ``torch.func.hessian`` of any other loss, the GGN keeping only its PSD part).
 
-    Cross-entropy uses the closed form ∇²_z = diag(p) − ppᵀ = Σₖ pₖ(eₖ − p)(eₖ − p)ᵀ (p the softmax,
-    sample-free: the true-Fisher / GGN expectation over the model's own predictive distribution);
-    the squared loss has ∇²_z = I. Any other loss gets its per-sample Hessian in z by
-    ``torch.func.hessian`` and an eigendecomposition, with negative eigenvalues (a loss not convex
-    in z) set to 0 — the GGN keeps only the PSD part. Returns (factors, number of clamped
-    negative eigenvalues).
+    Each factor costs K-FAC one backward pass, so a loss whose factors are not in closed form is
+    refused above ``MAX_OUTPUT_FACTORS`` outputs per point, and a per-token loss always (sequence
+    length × vocabulary factors).
     """
-    b = out.shape[0]
-    z = out.detach().reshape(b, -1)
-    c = z.shape[1]
-    if objective.loss_fn is cross_entropy and out.ndim == 2:
-        p = torch.softmax(z, dim=1)
-        eye = torch.eye(c, dtype=z.dtype, device=z.device)
-        C = p.sqrt().T[:, :, None] * (eye[:, None, :] - p[None, :, :])  # (K=c, b, c)
-        return C.reshape(c, *out.shape), 0
-    if objective.loss_fn is squared:
-        C = torch.eye(c, dtype=z.dtype, device=z.device)[:, None, :].expand(c, b, c)
-        return C.reshape(c, *out.shape).clone(), 0
-    shape = out.shape[1:]
-    if isinstance(objective.loss_fn, TokenCrossEntropy) or c > MAX_OUTPUT_FACTORS:
+    shape = tuple(out.shape[1:])
+    c = out[0].numel()
+    fn = objective.loss_fn
+    if isinstance(fn, TokenCrossEntropy) or (c > MAX_OUTPUT_FACTORS and closed_form(fn, shape) is None):
         raise UnsupportedModelError(
             f"K-FAC/EK-FAC take the exact Gauss–Newton factors of the loss in the model output, one backward pass per "
-            f"factor: {c} of them for outputs of shape {tuple(shape)} per point"
-            + (" (a per-token loss: sequence length × vocabulary)" if isinstance(objective.loss_fn, TokenCrossEntropy) else "")
+            f"factor: {c} of them for outputs of shape {shape} per point"
+            + (" (a per-token loss: sequence length × vocabulary)" if isinstance(fn, TokenCrossEntropy) else "")
             + f", above {MAX_OUTPUT_FACTORS}. Use CG with Influence(..., curvature='gauss-newton') — the same matrix, "
             "exactly, without factors — or restrict θ (Objective(params=...)) and use Direct/CG."
         )
-
-    def one(zi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
-        return objective.loss_fn(zi.reshape(1, *shape), yi.unsqueeze(0))[0]
-
-    try:
-        Hz = vmap(hessian(one))(z, y)  # (b, c, c)
-    except Exception as exc:  # noqa: BLE001 — re-raised with the fix
-        raise UnsupportedModelError(
-            f"K-FAC needs the Hessian of the loss '{objective.loss_name}' in the model output, but "
-            f"torch.func.hessian failed on it: {exc}. Use a built-in loss or a twice-differentiable callable."
-        ) from exc
-    Hz = 0.5 * (Hz + Hz.transpose(1, 2))
-    ev, U = torch.linalg.eigh(Hz)
-    clamped = int((ev < -1e-12 * ev.abs().amax(dim=1, keepdim=True).clamp_min(1e-300)).sum())
-    C = (U * ev.clamp_min(0).sqrt()[:, None, :]).permute(2, 0, 1)  # (K=c, b, c): column k of U√λ
-    return C.reshape(c, *out.shape), clamped
+    oh = output_hessian(fn, out, y, name=objective.loss_name, purpose="K-FAC",
+                        fix="Use a built-in loss or a twice-differentiable callable.")
+    return oh.psd_factors()
 
 
 # ── capture ────────────────────────────────────────────────────────────────────────────

@@ -22,9 +22,9 @@ and, for a tangent V (out, cols),
 
     Σᵢ ∇²θL(zᵢ)[V] = Σᵢ (Hᵢ uᵢ) ãᵢᵀ,   uᵢ = V ãᵢ,   Hᵢ = ∇²_zL(zᵢ),
 
-two matrix products per batch. Hᵢ is applied in closed form for cross-entropy
-(diag(p) − ppᵀ), the binary logistic loss (σ(s)σ(−s)) and the squared loss (I); any other loss
-gets its per-sample output Hessian from ``torch.func.hessian`` once (it does not depend on V).
+two matrix products per batch. Hᵢ comes from ``core.output_hessian``: applied in closed form for
+the built-in losses, else the per-sample output Hessian from ``torch.func.hessian``, formed once
+(it does not depend on V).
 The layer inputs ã and the output-Hessian data are computed once and cached across the
 solver's iterations when they fit in the memory budget.
 """
@@ -33,17 +33,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
-from torch.func import hessian, vmap
 
 from ..errors import InputError, UnsupportedModelError
 from .data import Data, Inputs, map_inputs
 from .grads import point_grads
 from .layers import LayerBlock, LayerPlan, _layer_input, capture, find_layers
-from .losses import SmoothHinge, cross_entropy, logistic, squared
 from .objective import Objective
+from .output_hessian import OutputHessian, closed_form, output_hessian
 from .params import Params
 
 # ── structured scoring ─────────────────────────────────────────────────────────────────
@@ -256,60 +254,8 @@ def scoring_plan(objective: Objective, data: Data) -> tuple[LayerPlan, str | Non
 
 
 # ── structured HVP for a linear output layer ───────────────────────────────────────────
-OutputKind = Literal["softmax", "diagonal", "identity", "full"]
-
-
-@dataclass(frozen=True)
-class OutputCurvature:
-    """The loss's Hessian in the model output, ∇²_zL(zᵢ), for one batch, in applicable form.
-
-    kind "softmax": h = p (b, c), Hᵢu = pᵢ⊙u − pᵢ(pᵢᵀu) (cross-entropy);
-    "diagonal": h (b, c), Hᵢu = hᵢ⊙u (binary logistic, smooth hinge);
-    "identity": Hᵢ = I (squared loss), h unused; "full": h (b, c, c) from ``torch.func.hessian``.
-    """
-
-    kind: OutputKind
-    h: torch.Tensor
-
-    def apply(self, U: torch.Tensor) -> torch.Tensor:
-        """Hᵢuᵢⱼ for U of shape (b, k, c)."""
-        if self.kind == "softmax":
-            p = self.h[:, None, :]
-            return p * U - p * (U * p).sum(-1, keepdim=True)
-        if self.kind == "diagonal":
-            return self.h[:, None, :] * U
-        if self.kind == "identity":
-            return U
-        return torch.einsum("bcd,bkd->bkc", self.h, U)
-
-
-def output_curvature(objective: Objective, out: torch.Tensor, y: torch.Tensor) -> OutputCurvature:
-    """∇²_zL(zᵢ, yᵢ) for model outputs ``out`` (b, c): closed forms for the built-in convex losses,
-    else the exact per-sample Hessian by ``torch.func.hessian`` (not clamped: the HVP is exact)."""
-    z = out.detach()
-    fn = objective.loss_fn
-    if fn is cross_entropy:
-        return OutputCurvature("softmax", torch.softmax(z, dim=1))
-    if fn is squared:
-        return OutputCurvature("identity", z.new_zeros(0))
-    if fn is logistic and z.shape[1] == 1:  # d²/ds² softplus(−ys) = σ(s)σ(−s) for y = ±1
-        return OutputCurvature("diagonal", torch.sigmoid(z) * torch.sigmoid(-z))
-    if isinstance(fn, SmoothHinge) and z.shape[1] == 1:  # t·softplus(u), u = (1 − ys)/t: σ(u)σ(−u)/t
-        sign = torch.where(y.reshape(-1, 1) > 0, 1.0, -1.0).to(z.dtype)
-        u = (1.0 - sign * z) / fn.t
-        return OutputCurvature("diagonal", torch.sigmoid(u) * torch.sigmoid(-u) / fn.t)
-
-    def one(zi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
-        return fn(zi.unsqueeze(0), yi.unsqueeze(0))[0]
-
-    try:
-        Hz = vmap(hessian(one))(z, y)
-    except Exception as exc:  # noqa: BLE001 — re-raised with the fix
-        raise UnsupportedModelError(
-            f"The structured HVP needs the Hessian of the loss '{objective.loss_name}' in the model output, but "
-            f"torch.func.hessian failed on it: {exc}. Pass Curvature(structured=False) / Influence(structured=False)."
-        ) from exc
-    return OutputCurvature("full", Hz.reshape(len(z), z.shape[1], z.shape[1]))
+_PURPOSE = "The structured HVP"
+_FIX = "Pass Curvature(structured=False) / Influence(structured=False)."
 
 
 def _forward_with_input(objective: Objective, blk: LayerBlock, params: Params, X: torch.Tensor
@@ -377,16 +323,12 @@ class LinearOutputHVP:
         self.dtype = next(iter(params.values())).dtype
         itemsize = torch.empty((), dtype=self.dtype).element_size()
         c = block.out_dim
-        per_point = block.cols + (c * c if self._general_loss() else c)
+        per_point = block.cols + (c * c if closed_form(objective.loss_fn, (c,)) is None else c)
         self.cached = len(data) * per_point * itemsize <= cache_bytes
-        self._chunks: list[tuple[torch.Tensor, OutputCurvature]] | None = None
-        self._low_chunks: dict[torch.dtype, list[tuple[torch.Tensor, OutputCurvature]]] = {}  # ã in an operand dtype
+        self._chunks: list[tuple[torch.Tensor, OutputHessian]] | None = None
+        self._low_chunks: dict[torch.dtype, list[tuple[torch.Tensor, OutputHessian]]] = {}  # ã in an operand dtype
 
-    def _general_loss(self) -> bool:
-        fn = self.objective.loss_fn
-        return not (fn is cross_entropy or fn is squared or fn is logistic or isinstance(fn, SmoothHinge))
-
-    def factors(self, batch: Data) -> tuple[torch.Tensor, OutputCurvature]:
+    def factors(self, batch: Data) -> tuple[torch.Tensor, OutputHessian]:
         """ã (b, cols) and ∇²_zL for one batch, from one forward pass."""
         seen: dict[str, torch.Tensor] = {}
 
@@ -400,9 +342,10 @@ class LinearOutputHVP:
         finally:
             h.remove()
         A = _layer_input(self.block, seen["inp"], self.dtype).reshape(len(batch), self.block.cols)
-        return A.to(self.dtype), output_curvature(self.objective, out.to(self.dtype), batch.y)
+        return A.to(self.dtype), output_hessian(self.objective.loss_fn, out.to(self.dtype), batch.y,
+                                                name=self.objective.loss_name, purpose=_PURPOSE, fix=_FIX)
 
-    def _iter_factors(self) -> Iterator[tuple[torch.Tensor, OutputCurvature]]:
+    def _iter_factors(self) -> Iterator[tuple[torch.Tensor, OutputHessian]]:
         if self._chunks is not None:
             yield from self._chunks
             return
@@ -433,7 +376,7 @@ class LinearOutputHVP:
         out[:, self.index] = acc.reshape(k, -1)
         return out
 
-    def _iter_low_factors(self, dtype: torch.dtype) -> Iterator[tuple[torch.Tensor, OutputCurvature]]:
+    def _iter_low_factors(self, dtype: torch.dtype) -> Iterator[tuple[torch.Tensor, OutputHessian]]:
         """``_iter_factors`` with ã in ``dtype``, cached beside the compute-dtype chunks when those are."""
         if dtype in self._low_chunks:
             yield from self._low_chunks[dtype]
@@ -477,7 +420,7 @@ class LinearOutputHVP:
         for A, oc in self._iter_factors():
             b = len(A)
             for i in range(c):
-                pairs = [(j, w) for j in range(i, c) if (w := _pair_weight(oc, i, j, b)) is not None]
+                pairs = [(j, w) for j in range(i, c) if (w := oc.entry(i, j)) is not None]
                 if not pairs:
                     continue
                 W = torch.stack([w for _, w in pairs], dim=1)  # (b, m): Hᵢ[c, c'] per point
@@ -489,14 +432,3 @@ class LinearOutputHVP:
                 acc[j, :, i, :] = acc[i, :, j, :].T
         return acc.reshape(c * cols, c * cols)
 
-
-def _pair_weight(oc: OutputCurvature, i: int, j: int, b: int) -> torch.Tensor | None:
-    """Hₖ[i, j] for every point k of a batch (b,), or ``None`` where it is 0 for all of them."""
-    if oc.kind == "softmax":
-        w = -oc.h[:, i] * oc.h[:, j]
-        return w + oc.h[:, i] if i == j else w
-    if oc.kind == "diagonal":
-        return oc.h[:, i] if i == j else None
-    if oc.kind == "identity":
-        return oc.h.new_ones(b) if i == j else None
-    return oc.h[:, i, j]

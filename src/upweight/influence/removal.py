@@ -52,7 +52,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from torch.func import hessian, vmap
 
 from .._checks import check_finite
 from .._memory import check_memory, tensor_bytes
@@ -61,9 +60,9 @@ from ..core import batching
 from ..core.data import Data, map_inputs
 from ..core.grads import per_sample_grads, point_grads
 from ..core.objective import Objective
+from ..core.output_hessian import output_hessian
 from ..core.params import Params
-from ..core.structured import output_curvature
-from ..errors import CurvatureError, UnsupportedModelError
+from ..errors import CurvatureError
 
 if TYPE_CHECKING:
     from .engine import Influence, TrainSelection
@@ -116,37 +115,16 @@ def point_curvature_factors(objective: Objective, params: Params, batch: Data) -
 
     Returns ``(U, sign, owner)``: U (m, p) the columns Jᵢᵀ qᵢⱼ √|λᵢⱼ| over the non-zero eigenpairs
     (λᵢⱼ, qᵢⱼ) of each point's output Hessian Aᵢ, sign (m,) = sign(λᵢⱼ), owner (m,) the position in
-    ``batch`` of the point each column belongs to. Aᵢ comes from ``core.structured.output_curvature``
-    (closed forms for the built-in losses) for outputs of shape (b, C), else from ``torch.func.hessian``
-    of the loss in the flattened output; Jᵢᵀq is the gradient of θ ↦ qᵀzᵢ(θ) (``core.grads.point_grads``).
+    ``batch`` of the point each column belongs to. Aᵢ and its eigenpairs come from
+    ``core.output_hessian`` (``signed_factors``: closed forms for the built-in losses, else
+    ``torch.func.hessian`` of the loss in the flattened output); Jᵢᵀq is the gradient of
+    θ ↦ qᵀzᵢ(θ) (``core.grads.point_grads``).
     """
     with torch.no_grad():
         out = objective.outputs(params, batch.X)
-    b = len(batch)
-    c = out[0].numel()
-    y = batch.y.to(out.device)
-    if out.ndim == 2:
-        oc = output_curvature(objective, out, y)
-        A = oc.apply(torch.eye(c, dtype=out.dtype, device=out.device).expand(b, c, c))
-    else:
-        shape = out.shape[1:]
-
-        def one(zi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
-            return objective.loss_fn(zi.reshape(1, *shape), yi.unsqueeze(0))[0]
-
-        try:
-            A = vmap(hessian(one))(out.reshape(b, c).detach(), y)
-        except Exception as exc:  # noqa: BLE001 — re-raised with what failed
-            raise UnsupportedModelError(
-                f"The leverage-corrected removal effect needs the Hessian of the loss '{objective.loss_name}' in the "
-                f"model output (shape {tuple(out.shape)}), but torch.func.hessian failed on it: {exc}."
-            ) from exc
-    A = 0.5 * (A + A.transpose(1, 2)).to(torch.float64)
-    check_finite(A, "The loss's Hessian in the model output ∇²_zL", "Check the model outputs for overflow at θ̂.")
-    lam, Q = torch.linalg.eigh(A)  # (b, c), (b, c, c): columns of Q are the eigenvectors
-    scale = lam.abs().amax(dim=1, keepdim=True)
-    keep = lam.abs() > c * torch.finfo(torch.float64).eps * scale  # round-off of a zero eigenvalue dropped
-    B = (Q * lam.abs().sqrt()[:, None, :]).transpose(1, 2)  # (b, c, c): row j = qⱼ √|λⱼ|
+    oh = output_hessian(objective.loss_fn, out, batch.y, name=objective.loss_name,
+                        purpose="The leverage-corrected removal effect")
+    B, sign, keep = oh.signed_factors()  # row j of B[i] = qᵢⱼ √|λᵢⱼ|
     owner, col = keep.nonzero(as_tuple=True)
     if owner.numel() == 0:
         return out.new_zeros((0, objective.p)), out.new_zeros(0), owner
@@ -158,7 +136,7 @@ def point_curvature_factors(objective: Objective, params: Params, batch: Data) -
 
     grads = point_grads(directional, params, Data(rows.X, cot, rows.ids), objective)
     U = objective.space.flatten(grads, batch_dims=1)
-    return U, torch.sign(lam[owner, col]), owner
+    return U, sign[owner, col], owner
 
 
 def newton_removal_effect(influence: Influence, test: Any, train: TrainSelection = None) -> RemovalEffect:
