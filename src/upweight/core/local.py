@@ -17,8 +17,8 @@ exactly (K-FAC keeps it as one dense block per module, ``solvers.kfac``).
 
 An output shared by the batch (leading size 1 for b > 1 points, e.g. position embeddings added to
 every sequence) is expanded to b rows in the forward hook, so that its cotangent is per point;
-broadcasting made every later operation see those values anyway. ``find_local`` keeps only the
-modules whose rebuilt gradient Σᵢ ∇φL(zᵢ) equals autograd's on probe points, so a parameter also
+broadcasting made every later operation see those values anyway. ``core.layers.find_layers(local=True)``
+keeps only the modules whose rebuilt gradient Σᵢ ∇φL(zᵢ) equals autograd's on probe points, so a parameter also
 used outside its module, a module called twice, or a forward ``vmap`` cannot run, stays with the
 caller's generic path, with the reason.
 """
@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad, vmap
+from torch.func import functional_call, vjp, vmap
 
 from ..errors import UnsupportedModelError
 from .objective import Objective
@@ -143,26 +143,22 @@ class Recorder:
         arg_dims = tuple(0 if _per_point(a, b) else None for a in args)
         kw_dims = {k: 0 if _per_point(v, b) else None for k, v in kwargs.items()}
 
-        def contracted(p: Params, a: tuple[Any, ...], kw: dict[str, Any], c: torch.Tensor) -> torch.Tensor:
+        def pulled(p: Params, a: tuple[Any, ...], kw: dict[str, Any], cs: torch.Tensor) -> Params:
             a = tuple(x.unsqueeze(0) if d == 0 else x for x, d in zip(a, arg_dims))
             kw = {k: v.unsqueeze(0) if kw_dims[k] == 0 else v for k, v in kw.items()}
-            y = functional_call(lm.module, {**rest, **p}, a, kw)
-            return (y * c.reshape(y.shape)).sum()
+            y, pull = vjp(lambda q: functional_call(lm.module, {**rest, **q}, a, kw), p)
+            return vmap(pull)(cs.reshape(len(cs), *y.shape))[0]  # one forward, the K cotangents pulled back
 
-        per = vmap(grad(contracted), in_dims=(None, arg_dims, kw_dims, 0))
-        rows = []
         for c in cotangents:
-            if c is None:
-                rows.append(out.new_zeros(b, lm.size))
-                continue
-            if c.shape[0] != b:
+            if c is not None and c.shape[0] != b:
                 raise UnsupportedModelError(
                     f"Module '{lm.name}': its output cotangent has {c.shape[0]} rows for {b} points, so it has no "
                     "per-point gradients of its own."
                 )
-            g = per(local, args, kwargs, c.detach())
-            rows.append(torch.cat([g[n[len(prefix):]].reshape(b, -1) for n in lm.params], dim=1))
-        return torch.stack(rows)
+        cs = torch.stack([out.new_zeros(out.shape) if c is None else c.detach() for c in cotangents])  # (K, b, …)
+        g = vmap(pulled, in_dims=(None, arg_dims, kw_dims, 1))(local, args, kwargs, cs)  # each (b, K, …)
+        rows = torch.cat([g[n[len(prefix):]].reshape(b, len(cs), -1) for n in lm.params], dim=2)
+        return rows.transpose(0, 1)
 
 
 def _detached(v: Any) -> Any:

@@ -175,9 +175,11 @@ class KFAC(OneShotSolver):
     and it is not bounded by 1 (as Arnoldi's projection residual is): with μ the eigenvalues of
     (H + δI)M⁻¹ it is at most max|μ − 1|, so wherever K-FAC under-estimates the curvature by more
     than 2× it exceeds 1 although x may still be a usable approximation: a residual of a few
-    units does not by itself make the answer useless. ``default_max_residual`` is therefore 10: ``Influence(max_residual="auto")`` rejects only a
-    solve whose approximation is off by an order of magnitude (broken factors, or a Hessian far
-    from its Gauss–Newton part, e.g. an indefinite one). Pass a tighter ``max_residual`` where
+    units does not by itself make the answer useless. ``default_max_residual`` is therefore 10:
+    ``Influence(max_residual="auto")`` rejects only a solve whose approximation is off by an order
+    of magnitude (broken factors, or a Hessian far from its Gauss–Newton part, e.g. an indefinite
+    one). It says nothing about how good the scores are: ``Influence.estimate_accuracy(test)``
+    measures that against CG on the same curvature. Pass a tighter ``max_residual`` where
     magnitudes matter — or, for exact answers, use K-FAC as a preconditioner:
     ``CG(preconditioner=KFAC())`` solves the true system to ``rtol``.
 
