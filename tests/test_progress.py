@@ -131,6 +131,12 @@ def test_kfac_factor_eigen_and_correction_passes(instant, capsys):
     assert updates(err, "K-FAC eigendecompositions") == len(inf.state_.factors) == 1
 
 
+def test_direct_dense_hessian_columns(instant, capsys):
+    inf = influence(uw.Direct(), structured=False)  # HVP columns, not the closed form
+    err = capsys.readouterr().err
+    assert updates(err, f"dense {inf.curvature_.describes} ({P} columns)") == 1  # one block of ≤ 256 columns
+
+
 def everything(progress: bool = True) -> None:
     test = problem()[2]
     from upweight.solvers.kfac import EKFAC

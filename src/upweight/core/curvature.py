@@ -40,6 +40,7 @@ import torch
 
 from .._checks import check_finite, check_interval
 from .._executor import Executor, inside_task, resolve, split_indices, thread_private
+from .._progress import progress
 from ..errors import CurvatureTooLargeError, InputError, UnsupportedModelError
 from . import batching
 from .batching import points_within
@@ -314,16 +315,18 @@ class Curvature:
             )
         op = self._structured() if self.executor is None else None
         if op is not None:  # closed form Σᵢ Hᵢ ⊗ ãᵢãᵢᵀ: no HVPs (core/structured.py)
-            H = torch.zeros(self.p, self.p, dtype=self.dtype)
+            H = torch.zeros(self.p, self.p, dtype=self.dtype, device=self.objective.device)
             idx = op.index
             H[idx[:, None], idx[None, :]] = op.dense_sum().to(self.dtype) / self.n
             H += torch.diag(self.diagonal.to(self.dtype).expand(self.p))
             check_finite(H, "The Hessian", "Check the model and loss for overflow at θ̂.")
             return 0.5 * (H + H.T)
-        eye = torch.eye(self.p, dtype=self.dtype)
+        eye = torch.eye(self.p, dtype=self.dtype, device=self.objective.device)
         # with `chunk` tangents in flight, smaller data batches keep the working set in cache
         dense_op = self.replace(batch_size=min(self.batch_size, 512))
-        cols = [dense_op.matvec(eye[s : s + chunk]) for s in range(0, self.p, chunk)]
+        starts = range(0, self.p, chunk)
+        cols = [dense_op.matvec(eye[s : s + chunk])
+                for s in progress(starts, desc=f"dense {self.describes} ({self.p} columns)", total=len(starts))]
         H = torch.cat(cols, dim=0)
         check_finite(H, "The Hessian", "Check the model and loss for overflow at θ̂.")
         return 0.5 * (H + H.T)
