@@ -29,12 +29,18 @@ its diagonal, counted from the captured token ids (no one-hot vectors, no V × V
 and its eigendecomposition is exact and free,
 α = c/n, Q_A = I (``LayerFactors.identity_A``: the rotations by Q_A are skipped in EK-FAC's pass and
 in the solvers). S and Λ are as for any layer.
+
+**Kept in a store** (``FactorStore``, ``fit_factors(store=…)``): every factor tensor is written to an
+``upweight.Store`` as soon as it is computed (pass 1's factors and eigendecompositions per layer,
+the local blocks, then pass 2's Λ per layer), and a later fit of the same computation reads them back
+instead of running the passes — the same float64 tensors, bit for bit.
 """
 
 from __future__ import annotations
 
+import hashlib
 import operator
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,8 +49,9 @@ import torch
 
 from .._executor import Executor, inside_task, resolve, split_indices, thread_private
 from .._memory import check_memory
-from .._progress import progress, progress_bar
+from .._progress import logger, progress, progress_bar
 from ..errors import CurvatureError
+from ..store import Store, array_digest
 from . import batching
 from .data import Data
 from .grads import graph_bytes_per_point
@@ -129,6 +136,11 @@ class FitStats:
     points_per_capture: int = 0
     #: per local module (``core.local``), its dense Gauss–Newton block G_φφ (float64), from pass 1
     local_ggn: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    #: what was read from a ``FactorStore`` instead of computed: "moments" (pass 1: A, S, their
+    #: eigendecompositions, the local blocks) and/or "correction" (pass 2: EK-FAC's Λ)
+    loaded: tuple[str, ...] = ()
+    #: passes over the data this fit ran (``passes`` less those read from a store)
+    passes_run: int = 0
 
 
 class _Sums:
@@ -362,6 +374,7 @@ def fit_factors(
     eigen_correction: bool = False,
     executor: Executor | None = None,
     local: Sequence[LocalModule] = (),
+    store: FactorStore | None = None,
 ) -> tuple[list[LayerFactors], FitStats]:
     """A and S for every block in one pass over ``data``, their eigendecompositions, and — with
     ``eigen_correction`` — the EK-FAC eigenvalues Λ in a second pass.
@@ -379,6 +392,12 @@ def fit_factors(
 
     ``local``: modules (``core.local``) whose exact Gauss–Newton block G_φφ is summed in pass 1
     from their module-local pseudo-gradients (``FitStats.local_ggn``).
+
+    ``store``: a ``FactorStore`` (its ``Store`` bound to this computation by the caller). What it
+    holds complete is read back instead of computed — pass 1's factors, and Λ — after the same
+    memory check as a fit; what is computed is written to it as soon as it is (each layer's factors
+    after its eigendecomposition, the local blocks after pass 1, Λ after pass 2), so an
+    interrupted EK-FAC fit resumes after pass 1. ``FitStats.loaded`` says what was read.
     """
     n = len(data)
     widest = max(blocks, key=lambda b: b.cols if b.kind != "embedding" else 0, default=None)
@@ -386,17 +405,46 @@ def fit_factors(
                  f"the Kronecker factors of {len(blocks)} layer(s)"
                  + (f" (the widest, '{widest.name}', has {widest.cols} input columns: a {widest.cols}² factor)" if widest else ""),
                  alternatives="Leave the widest layers out of θ (Objective(params=...)), or use CG/Arnoldi, which need no factors.")
-    passes = _Passes(_FactorContext(objective, data, blocks, params, batch_size, local), executor)
-    sums = passes.moments()
-    factors = []
-    with progress_bar(desc="K-FAC eigendecompositions", total=len(blocks), unit="layer") as bar:
-        for blk in blocks:
-            factors.append(_eigen_factors(blk, sums, n))
-            bar.update(1)
+    device = objective.device
+    loaded: list[str] = []
+    run = 0
+    moments = store.load_moments(n, device) if store is not None else None
+    passes: _Passes | None = None
+    if moments is None:
+        if store is not None:
+            store.begin_moments()
+        passes = _Passes(_FactorContext(objective, data, blocks, params, batch_size, local), executor)
+        sums = passes.moments()
+        run += 1
+        factors = []
+        with progress_bar(desc="K-FAC eigendecompositions", total=len(blocks), unit="layer") as bar:
+            for i, blk in enumerate(blocks):
+                factors.append(_eigen_factors(blk, sums, n))
+                if store is not None:
+                    store.save_layer(i, factors[-1])
+                bar.update(1)
+        local_ggn = {lm.name: _sym(sums.tensors["L:" + lm.name] / n) for lm in local}
+        info = {"points": n, "clamped": sums.clamped, "where": passes.where, "points_per_capture": passes.ctx.step}
+        if store is not None:
+            store.save_moments(local_ggn, info)
+    else:
+        factors, local_ggn, info = moments
+        loaded.append("moments")
     if eigen_correction:
-        _correct(passes, factors)
-    local_ggn = {lm.name: _sym(sums.tensors["L:" + lm.name] / n) for lm in local}
-    return factors, FitStats(2 if eigen_correction else 1, n, sums.clamped, passes.where, passes.ctx.step, local_ggn)
+        # Λ is read back only with the bases it was computed in (pass 1 read back too)
+        if store is not None and moments is not None and store.load_correction(factors, device):
+            loaded.append("correction")
+        else:
+            if store is not None:
+                store.begin_correction()
+            if passes is None:  # pass 1 was read from the store
+                passes = _Passes(_FactorContext(objective, data, blocks, params, batch_size, local), executor)
+            _correct(passes, factors)
+            run += 1
+            if store is not None:
+                store.save_correction(factors)
+    return factors, FitStats(2 if eigen_correction else 1, n, int(info["clamped"]), str(info["where"]),
+                             int(info["points_per_capture"]), local_ggn, tuple(loaded), run)
 
 
 def _eigen_factors(blk: LayerBlock, sums: _Sums, n: int) -> LayerFactors:
@@ -475,3 +523,185 @@ def stable_eigh(M: torch.Tensor, what: str) -> tuple[torch.Tensor, torch.Tensor]
 
 def _sym(M: torch.Tensor) -> torch.Tensor:
     return 0.5 * (M + M.T)
+
+
+# ── kept in a store ────────────────────────────────────────────────────────────────────
+# The digests that key stored results: the factor store's (``solvers.kfac.KFAC.factor_fingerprint``)
+# and the score stores' (``influence.fingerprint``, which re-exports them). They live here, the
+# lowest layer that needs them, because a solver may not import ``influence``.
+def tensor_raw_bytes(t: torch.Tensor) -> memoryview:
+    """The bytes of a tensor's elements in row-major order (any dtype, bfloat16 included)."""
+    flat = t.detach().cpu().contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
+
+
+def digest_tensor(t: torch.Tensor) -> dict[str, Any]:
+    """``store.array_digest`` of a tensor, with its torch dtype and shape."""
+    t = t.detach().cpu()
+    try:
+        a = t.numpy()
+    except TypeError:  # bfloat16 & co.: hash the raw bytes
+        a = np.frombuffer(tensor_raw_bytes(t), dtype=np.uint8)
+    d = array_digest(a)
+    d["dtype"] = str(t.dtype)
+    d["shape"] = list(t.shape)
+    return d
+
+
+def digest_data(data: Data) -> dict[str, Any]:
+    """Digests of the inputs (each keyword input of a dict), the targets and the point ids."""
+    X = {k: digest_tensor(t) for k, t in data.X.items()} if data.is_dict else digest_tensor(data.X)
+    return {"X": X, "y": digest_tensor(data.y), "ids_sha256": digest_tensor(data.ids)["sha256"]}
+
+
+def model_sha256(objective: Objective) -> str:
+    """SHA-256 over every parameter and buffer of the model (θ̂ and the fixed part) with their names."""
+    h = hashlib.sha256()
+    for name, t in sorted(objective.model.state_dict().items()):
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+        h.update(tensor_raw_bytes(t))
+    return h.hexdigest()
+
+
+def fn_name(fn: Callable[..., Any]) -> str:
+    """A function's qualified name (its type's name for a callable object without one)."""
+    return getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or type(fn).__name__
+
+
+class FactorStore:
+    """The tensors of ``fit_factors`` in an ``upweight.Store`` the caller has bound to the computation
+    (``Store.bind``: θ̂, data, objective and the settings that change the factors; ``solvers.kfac``).
+
+    Arrays (float64, one ``.npy`` file each, listed in the store's manifest with their SHA-256;
+    never pickled), ``i`` the layer's position in ``blocks`` and ``j`` the local module's in ``local``:
+
+    * ``layer{i}_S``, ``layer{i}_eig_S``, ``layer{i}_Q_S``: S (out, out), its eigenvalues (clamped
+      ≥ 0) and eigenvectors;
+    * ``layer{i}_A``, ``layer{i}_eig_A``, ``layer{i}_Q_A``: likewise for A (cols, cols) — an
+      embedding keeps only ``eig_A`` (V token frequencies);
+    * ``local{j}_G``: the dense Gauss–Newton block of local module ``j``;
+    * ``moments_done``: [1] once pass 1 is complete; its JSON metadata hold the layer and module
+      names and shapes, the points, where the pass ran and its points per capture
+      (``layer{i}_eig_A``'s hold the layer's ``locations``);
+    * ``layer{i}_Lambda`` (out, cols): EK-FAC's eigenvalues, then ``correction_done`` = [1].
+
+    A pass counts as stored only once its ``*_done`` array holds 1 and every one of its arrays
+    passes the store's checks (header, size, checksum); otherwise it is computed again and
+    rewritten, its marker (and Λ's, whose bases it changes) first set to 0, so that a run
+    interrupted while rewriting never leaves old and new tensors to be read together. An eigenvector matrix is saved in the memory order it had (LAPACK returns it
+    column-major) and read back in that order, so the reloaded state multiplies exactly as the
+    fresh one.
+    """
+
+    def __init__(self, store: Store, blocks: Sequence[LayerBlock], local: Sequence[LocalModule] = ()) -> None:
+        self.store, self.blocks, self.local = store, list(blocks), list(local)
+
+    def _layout(self) -> dict[str, Any]:
+        return {"layers": [[b.name, b.kind, b.out_dim, b.cols] for b in self.blocks],
+                "local": [[lm.name, lm.size] for lm in self.local]}
+
+    def _put(self, name: str, t: torch.Tensor, meta: dict[str, Any] | None = None) -> None:
+        t = t.detach().to("cpu", torch.float64)
+        transposed = t.ndim == 2 and not t.is_contiguous() and t.mT.is_contiguous()
+        a = (t.mT if transposed else t.contiguous()).numpy()
+        self.store.put(name, a, {**(meta or {}), "transposed": transposed})
+
+    def _get(self, name: str, device: torch.device) -> tuple[torch.Tensor, dict[str, Any]] | None:
+        got = self.store.get(name)
+        if got is None:
+            return None
+        a, meta = got
+        if a.dtype != np.float64:
+            return None
+        t = torch.from_numpy(a if isinstance(a, np.ndarray) and not isinstance(a, np.memmap) else np.array(a))
+        if meta.get("transposed"):
+            t = t.mT
+        return t.to(device), meta
+
+    def save_layer(self, i: int, f: LayerFactors) -> None:
+        """Write one layer's factors of pass 1 (A, S and their eigendecompositions)."""
+        p = f"layer{i}_"
+        self._put(p + "S", f.S)
+        self._put(p + "eig_S", f.eig_S)
+        self._put(p + "Q_S", f.Q_S)
+        if f.A is not None:
+            self._put(p + "A", f.A)
+        if f.Q_A is not None:
+            self._put(p + "Q_A", f.Q_A)
+        self._put(p + "eig_A", f.eig_A, {"locations": f.locations, "identity_A": f.identity_A})
+
+    def _pending(self, name: str) -> None:
+        if self.store.get(name) is not None:  # listed and intact (a damaged one is dropped and never read)
+            self.store.put(name, np.zeros(1), self._layout())
+
+    def _complete(self, name: str) -> dict[str, Any] | None:
+        done = self.store.get(name)
+        if done is None or done[0].shape != (1,) or float(done[0][0]) != 1.0:
+            return None
+        return done[1]
+
+    def begin_moments(self) -> None:
+        """Before pass 1 is (re)computed: neither pass counts as stored until it is written again."""
+        self._pending("moments_done")
+        self._pending("correction_done")
+
+    def begin_correction(self) -> None:
+        """Before pass 2 is (re)computed: Λ does not count as stored until it is written again."""
+        self._pending("correction_done")
+
+    def save_moments(self, local_ggn: dict[str, torch.Tensor], info: dict[str, Any]) -> None:
+        """Write the local blocks, then the marker that pass 1 is complete (with ``info``)."""
+        for j, lm in enumerate(self.local):
+            self._put(f"local{j}_G", local_ggn[lm.name])
+        self.store.put("moments_done", np.ones(1), {**info, **self._layout()})
+
+    def load_moments(self, n: int, device: torch.device) -> tuple[list[LayerFactors], dict[str, torch.Tensor], dict[str, Any]] | None:
+        """Pass 1's factors, the local blocks and the pass's ``info``, or None when not all are stored
+        (or they were stored for another layer plan or number of points)."""
+        info = self._complete("moments_done")
+        if info is None:
+            return None
+        layout = self._layout()
+        if info.get("points") != n or {k: info.get(k) for k in layout} != layout:
+            logger.warning("store %s: its K-FAC factors are for another layer plan or number of points; computing them again",
+                           self.store.path)
+            return None
+        factors = []
+        for i, blk in enumerate(self.blocks):
+            p = f"layer{i}_"
+            got = {k: self._get(p + k, device) for k in ("S", "eig_S", "Q_S", "eig_A")}
+            identity_A = blk.kind == "embedding"
+            if not identity_A:
+                got.update({k: self._get(p + k, device) for k in ("A", "Q_A")})
+            if any(v is None for v in got.values()):
+                return None
+            t = {k: v[0] for k, v in got.items() if v is not None}
+            meta = got["eig_A"][1]  # type: ignore[index]
+            factors.append(LayerFactors(blk, t.get("A"), t["S"], t["eig_A"], t.get("Q_A"), t["eig_S"], t["Q_S"],
+                                        int(meta["locations"]), identity_A=identity_A))
+        local_ggn = {}
+        for j, lm in enumerate(self.local):
+            g = self._get(f"local{j}_G", device)
+            if g is None:
+                return None
+            local_ggn[lm.name] = g[0]
+        logger.info("store %s: K-FAC factors of %d layer(s) read back", self.store.path, len(factors))
+        return factors, local_ggn, info
+
+    def save_correction(self, factors: Sequence[LayerFactors]) -> None:
+        """Write EK-FAC's Λ per layer, then the marker that pass 2 is complete."""
+        for i, f in enumerate(factors):
+            assert f.corrected is not None
+            self._put(f"layer{i}_Lambda", f.corrected)
+        self.store.put("correction_done", np.ones(1), self._layout())
+
+    def load_correction(self, factors: Sequence[LayerFactors], device: torch.device) -> bool:
+        """Set ``corrected`` on every factor from the store; False (nothing set) when not all are stored."""
+        if self._complete("correction_done") != self._layout():
+            return False
+        got = [self._get(f"layer{i}_Lambda", device) for i in range(len(factors))]
+        if any(g is None for g in got):
+            return False
+        for f, g in zip(factors, got):
+            f.corrected = g[0]  # type: ignore[index]
+        return True

@@ -29,6 +29,7 @@ beside it: ``influence.tasks`` (the executor tasks and the chunked sweep), ``inf
 from __future__ import annotations
 
 import math
+import os
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -55,7 +56,7 @@ from ..errors import (
     NotAtMinimumWarning,
     ShapeError,
 )
-from ..solvers import CG, InverseHVPSolver, Solution
+from ..solvers import CG, KFAC, InverseHVPSolver, Solution
 from ..solvers.base import relative_residual
 from ..store import ChunkedArray, Store, opened_store
 from .accuracy import AccuracyEstimate, estimate_accuracy
@@ -178,7 +179,7 @@ class Influence:
         self._shared: dict[tuple[int, str], tuple[Executor, Any]] = {}
 
     # ── fitting ───────────────────────────────────────────────────────────────────────
-    def fit(self, train: Any, *, executor: Executor | None = None) -> Influence:
+    def fit(self, train: Any, *, executor: Executor | None = None, store: StoreLike = None) -> Influence:
         """Validate the training data, build H + δI and prepare the solver (factorise, …).
 
         Args:
@@ -187,6 +188,17 @@ class Influence:
                 as a map-reduce over partitions, e.g. ``upweight.distributed.DaskExecutor``; it is
                 also the default executor of the later ``up_loss`` / ``self_influence`` calls.
                 ``None``: in-process.
+            store: ``KFAC`` / ``EKFAC`` only — a folder (or ``Store``) that keeps the solver's factors
+                (A, S, their eigendecompositions, EK-FAC's Λ, the module-local blocks; float64
+                ``.npy`` files and a JSON manifest). A later fit of the same model, data, loss,
+                curvature kind and factor settings reads them back instead of passing over the
+                data, and gets bit-for-bit the same solver state; ``damping``, l2 and the solver's
+                own ``damping`` may differ (they enter after the factors). A store of another
+                computation raises ``StoreMismatchError`` naming what differs
+                (``KFAC.factor_fingerprint``). Give it a folder of its own: a folder holds one
+                computation, and ``up_loss(store=…)`` keeps scores under another fingerprint.
+                ``stats["factors_from_store"]`` of every solve says whether the factors were read.
+                Any other solver with a store raises ``InputError``.
 
         Sets ``data_``, ``n_train_``, ``curvature_``, ``state_``, ``grad_norm_``, ``executor_``.
         """
@@ -208,6 +220,8 @@ class Influence:
         check_choice("Influence", "curvature", self.curvature, ("hessian", "gauss-newton"))
         if executor is not None:
             executor = resolve(executor)
+        if store is not None:
+            self._check_factor_store(store)
 
         data = Data.from_any(train, what="training data").to(self.objective.dtype)
         self.objective.check_data(data, what="training")  # also refuses a model in training mode
@@ -233,8 +247,12 @@ class Influence:
         self._query_rank = check_query_rank(self.query_rank, choice, self.structured)
         self.curvature_ = Curvature(self.objective, data, damping=self.damping, batch_size=self.batch_size, executor=executor,
                                     structured=False if self.structured is False else "auto", kind=self.curvature)
-        with progress_enabled(self.progress):
-            self.state_ = self.solver.prepare(self.curvature_)
+        with progress_enabled(self.progress), opened_store(store) as st:
+            if st is None:
+                self.state_ = self.solver.prepare(self.curvature_)
+            else:
+                assert isinstance(self.solver, KFAC)  # _check_factor_store
+                self.state_ = self.solver.prepare(self.curvature_, store=st)
         self.executor_ = executor
         self._shared = {}
         self._train_digest: dict[str, Any] | None = None
@@ -243,6 +261,18 @@ class Influence:
         self.fit_seconds_ = time.perf_counter() - t0
         logger.info("fitted %s on n=%d, p=%d in %.2fs", type(self.solver).__name__, self.n_train_, self.objective.p, self.fit_seconds_)
         return self
+
+    def _check_factor_store(self, store: StoreLike) -> None:
+        """Refuse ``fit(store=…)`` for a solver with no factors to keep, or a store that is neither a
+        folder path nor a ``Store`` — before any pass over the data."""
+        if not isinstance(store, (str, os.PathLike, Store)):
+            raise InputError(f"store must be a folder path or an upweight.Store; got {type(store).__name__}.")
+        if not isinstance(self.solver, KFAC):
+            raise InputError(
+                f"fit(store=...) keeps the factors of KFAC / EKFAC; {type(self.solver).__name__} has none to keep "
+                "(nor does CG(preconditioner=KFAC()) yet). Use solver=KFAC() or EKFAC(), or drop store= from fit and "
+                "pass it to up_loss / self_influence, which keep their scores."
+            )
 
     # ── building blocks ───────────────────────────────────────────────────────────────
     def _ready(self) -> None:

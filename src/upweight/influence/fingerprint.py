@@ -13,7 +13,6 @@ residual again and compares it with the recorded one.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Callable
 from typing import Any
@@ -23,48 +22,16 @@ import torch
 
 from ..core.curvature import Curvature
 from ..core.data import Data
+
+# the digests live beside the factors they also key (a solver may not import this layer); re-exported here
+from ..core.kfac import digest_data as digest_data
+from ..core.kfac import digest_tensor as digest_tensor
+from ..core.kfac import fn_name as fn_name
+from ..core.kfac import model_sha256 as model_sha256
+from ..core.kfac import tensor_raw_bytes as tensor_raw_bytes
 from ..core.objective import Objective
 from ..solvers import InverseHVPSolver, Solution
 from ..store import array_digest
-
-
-def tensor_raw_bytes(t: torch.Tensor) -> memoryview:
-    """The bytes of a tensor's elements in row-major order (any dtype, bfloat16 included)."""
-    flat = t.detach().cpu().contiguous().reshape(-1)
-    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
-
-
-def digest_tensor(t: torch.Tensor) -> dict[str, Any]:
-    """``store.array_digest`` of a tensor, with its torch dtype and shape."""
-    t = t.detach().cpu()
-    try:
-        a = t.numpy()
-    except TypeError:  # bfloat16 & co.: hash the raw bytes
-        a = np.frombuffer(tensor_raw_bytes(t), dtype=np.uint8)
-    d = array_digest(a)
-    d["dtype"] = str(t.dtype)
-    d["shape"] = list(t.shape)
-    return d
-
-
-def digest_data(data: Data) -> dict[str, Any]:
-    """Digests of the inputs (each keyword input of a dict), the targets and the point ids."""
-    X = {k: digest_tensor(t) for k, t in data.X.items()} if data.is_dict else digest_tensor(data.X)
-    return {"X": X, "y": digest_tensor(data.y), "ids_sha256": digest_tensor(data.ids)["sha256"]}
-
-
-def model_sha256(objective: Objective) -> str:
-    """SHA-256 over every parameter and buffer of the model (θ̂ and the fixed part) with their names."""
-    h = hashlib.sha256()
-    for name, t in sorted(objective.model.state_dict().items()):
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
-        h.update(tensor_raw_bytes(t))
-    return h.hexdigest()
-
-
-def fn_name(fn: Callable[..., Any]) -> str:
-    """A function's qualified name (its type's name for a callable object without one)."""
-    return getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or type(fn).__name__
 
 
 def fingerprint(

@@ -20,6 +20,7 @@ is diagonal, Q_A = I, kept as V token counts — see ``core.layers``; ``max_voca
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -28,10 +29,11 @@ import torch
 
 from .._checks import check_finite, check_interval
 from ..core.curvature import Curvature, operator_lambda_max, operator_lambda_min
-from ..core.kfac import LayerFactors, fit_factors
+from ..core.kfac import FactorStore, LayerFactors, digest_data, fit_factors, fn_name, model_sha256
 from ..core.layers import DEFAULT_MAX_VOCAB, LayerPlan, find_layers
 from ..core.local import DEFAULT_MAX_LOCAL, LocalModule
 from ..errors import NotPositiveDefiniteError, UnsupportedModelError
+from ..store import Store, opened_store
 from .base import OneShotSolver, Solution, one_shot_solution
 from .cg import CG
 from .direct import suggest_damping
@@ -170,6 +172,13 @@ class KFAC(OneShotSolver):
     the training points (``core.kfac.fit_factors``); the eigendecompositions stay on the client.
     ``stats["fit_where"]`` says where they ran.
 
+    **Stored factors.** ``Influence.fit(train, store=FOLDER)`` (or ``prepare(curvature, store=…)``)
+    keeps every factor tensor in an ``upweight.Store`` as it is computed and reads them back on a
+    later fit of the same computation (``factor_fingerprint``), with no pass over the data and
+    bit-for-bit the same state; l2, δ and ``damping`` may change in between, another computation is
+    refused with ``StoreMismatchError`` (``core.kfac.FactorStore`` lists what is stored).
+    ``stats["factors_from_store"]`` says whether every factor was read back.
+
     **Residual.** Like every solver, each solve measures ‖(H + δI)x − v‖/‖v‖ against the *true*
     Hessian with one full-data HVP. It is the approximation's error, not a convergence failure,
     and it is not bounded by 1 (as Arnoldi's projection residual is): with μ the eigenvalues of
@@ -246,7 +255,45 @@ class KFAC(OneShotSolver):
         check_interval(owner, "fallback_dense_max", self.fallback_dense_max, 0, None, closed="left", integer=True)
 
     # ── prepare ───────────────────────────────────────────────────────────────────────
-    def prepare(self, curvature: Curvature) -> KFACState:
+    def prepare(self, curvature: Curvature, *, store: str | os.PathLike[str] | Store | None = None) -> KFACState:
+        """Fit the factors (or read them from ``store``) and fold l2, δ and ``damping`` into them.
+
+        ``store``: a folder or ``upweight.Store`` that keeps the factors (``core.kfac.FactorStore``):
+        bound to ``factor_fingerprint`` — θ̂, the training data, the loss and output selector, the
+        curvature kind, ``max_points``/``seed``/``max_vocab``/``max_local`` and the layer plan —
+        it supplies every factor tensor it holds complete and receives the others as they are
+        computed. K-FAC and EK-FAC share one store (Λ is added by the first EK-FAC fit). l2, δ,
+        ``damping`` and the fallback settings enter after the factors, so they may differ.
+
+        Raises:
+            StoreMismatchError: the store holds the factors of another computation (naming what differs).
+        """
+        with opened_store(store) as st:
+            return self._prepare(curvature, st)
+
+    def factor_fingerprint(self, curvature: Curvature, plan: LayerPlan) -> dict[str, Any]:
+        """What the factors depend on: the key of a factor store (``Store.bind``).
+
+        θ̂ (a SHA-256 over the model's parameters and buffers, as the score stores'), the
+        parameters of θ and the dtype, the loss and output selector, the training data's digests,
+        the curvature kind, the settings that choose the points and layers, and the resulting
+        layer plan. Not l2, δ, ``damping`` (added to the eigenvalues afterwards), the fallback
+        settings, nor ``eigen_correction`` (EK-FAC's Λ is stored next to the K-FAC factors)."""
+        obj = curvature.objective
+        output = obj.output if obj.output is None or isinstance(obj.output, str) else fn_name(obj.output)
+        return {
+            "quantity": "kfac_factors",
+            "model": {"parameters_sha256": model_sha256(obj), "theta": list(obj.space.names), "dtype": str(obj.dtype)},
+            "objective": {"loss": obj.loss_name, "output": output},
+            "curvature": curvature.kind,
+            "train_data": digest_data(curvature.data),
+            "factors": {"max_points": self.max_points, "seed": self.seed, "max_vocab": self.max_vocab,
+                        "max_local": self.max_local},
+            "layers": [f"{b.name} ({b.kind} {b.out_dim}×{b.cols})" for b in plan.blocks],
+            "local_blocks": [f"{lm.name} ({lm.size})" for lm in plan.local],
+        }
+
+    def _prepare(self, curvature: Curvature, store: Store | None) -> KFACState:
         t0 = time.perf_counter()
         obj = curvature.objective
         plan = find_layers(obj, curvature.data, embeddings=True, max_vocab=self.max_vocab,
@@ -263,9 +310,13 @@ class KFAC(OneShotSolver):
         if self.max_points is not None and self.max_points < len(data):
             gen = torch.Generator().manual_seed(self.seed)
             data = data.subset(torch.randperm(len(data), generator=gen)[: self.max_points].sort().values)
+        fstore = None
+        if store is not None:
+            store.bind(self.factor_fingerprint(curvature, plan))
+            fstore = FactorStore(store, plan.blocks, plan.local)
         factors, fit = fit_factors(
             obj, data, plan.blocks, params=curvature.params, batch_size=curvature.batch_size,
-            eigen_correction=self.eigen_correction, executor=curvature.executor, local=plan.local,
+            eigen_correction=self.eigen_correction, executor=curvature.executor, local=plan.local, store=fstore,
         )
         diag = curvature.diagonal.to(torch.float64) + self.damping
         inv_eigs, folds = [], []
@@ -315,6 +366,11 @@ class KFAC(OneShotSolver):
             "fit_where": fit.where,
             "fit_points_per_capture": fit.points_per_capture,
             "clamped_output_eigenvalues": fit.clamped_output_eigenvalues,
+            "factor_store": None if store is None else str(store.path),
+            # True: no pass over the data ran, every factor was read back from the store
+            "factors_from_store": fit.passes_run == 0,
+            "factors_loaded": fit.loaded,
+            "fit_passes_run": fit.passes_run,
             "residual_against": f"the exact {curvature.describes} (one full-data product per solve)",
             "prepare_seconds": time.perf_counter() - t0,
         }
@@ -337,11 +393,11 @@ class KFAC(OneShotSolver):
             suggested_damping=fix,
         )
 
-    def prepare_preconditioner(self, curvature: Curvature) -> KFACState:
-        """``prepare``, plus a fixed linear inverse for the fallback block (CG needs a fixed SPD
+    def prepare_preconditioner(self, curvature: Curvature, *, store: str | os.PathLike[str] | Store | None = None) -> KFACState:
+        """``prepare`` (with its ``store``), plus a fixed linear inverse for the fallback block (CG needs a fixed SPD
         preconditioner): its dense restricted Hessian's Cholesky factor if it has at most
         ``fallback_dense_max`` parameters, else 1/(its mean eigenvalue) from 8 Hutchinson probes."""
-        state = self.prepare(curvature)
+        state = self.prepare(curvature, store=store)
         op = state.fallback
         if op is None:
             return state
