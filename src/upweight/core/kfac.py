@@ -38,9 +38,8 @@ instead of running the passes — the same float64 tensors, bit for bit.
 
 from __future__ import annotations
 
-import hashlib
 import operator
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,7 +50,7 @@ from .._executor import Executor, inside_task, resolve, split_indices, thread_pr
 from .._memory import check_memory
 from .._progress import logger, progress, progress_bar
 from ..errors import CurvatureError
-from ..store import Store, array_digest
+from ..store import Store
 from . import batching
 from .data import Data
 from .grads import graph_bytes_per_point
@@ -526,48 +525,6 @@ def _sym(M: torch.Tensor) -> torch.Tensor:
 
 
 # ── kept in a store ────────────────────────────────────────────────────────────────────
-# The digests that key stored results: the factor store's (``solvers.kfac.KFAC.factor_fingerprint``)
-# and the score stores' (``influence.fingerprint``, which re-exports them). They live here, the
-# lowest layer that needs them, because a solver may not import ``influence``.
-def tensor_raw_bytes(t: torch.Tensor) -> memoryview:
-    """The bytes of a tensor's elements in row-major order (any dtype, bfloat16 included)."""
-    flat = t.detach().cpu().contiguous().reshape(-1)
-    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
-
-
-def digest_tensor(t: torch.Tensor) -> dict[str, Any]:
-    """``store.array_digest`` of a tensor, with its torch dtype and shape."""
-    t = t.detach().cpu()
-    try:
-        a = t.numpy()
-    except TypeError:  # bfloat16 & co.: hash the raw bytes
-        a = np.frombuffer(tensor_raw_bytes(t), dtype=np.uint8)
-    d = array_digest(a)
-    d["dtype"] = str(t.dtype)
-    d["shape"] = list(t.shape)
-    return d
-
-
-def digest_data(data: Data) -> dict[str, Any]:
-    """Digests of the inputs (each keyword input of a dict), the targets and the point ids."""
-    X = {k: digest_tensor(t) for k, t in data.X.items()} if data.is_dict else digest_tensor(data.X)
-    return {"X": X, "y": digest_tensor(data.y), "ids_sha256": digest_tensor(data.ids)["sha256"]}
-
-
-def model_sha256(objective: Objective) -> str:
-    """SHA-256 over every parameter and buffer of the model (θ̂ and the fixed part) with their names."""
-    h = hashlib.sha256()
-    for name, t in sorted(objective.model.state_dict().items()):
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
-        h.update(tensor_raw_bytes(t))
-    return h.hexdigest()
-
-
-def fn_name(fn: Callable[..., Any]) -> str:
-    """A function's qualified name (its type's name for a callable object without one)."""
-    return getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or type(fn).__name__
-
-
 class FactorStore:
     """The tensors of ``fit_factors`` in an ``upweight.Store`` the caller has bound to the computation
     (``Store.bind``: θ̂, data, objective and the settings that change the factors; ``solvers.kfac``).

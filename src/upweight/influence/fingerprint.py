@@ -22,13 +22,7 @@ import torch
 
 from ..core.curvature import Curvature
 from ..core.data import Data
-
-# the digests live beside the factors they also key (a solver may not import this layer); re-exported here
-from ..core.kfac import digest_data as digest_data
-from ..core.kfac import digest_tensor as digest_tensor
-from ..core.kfac import fn_name as fn_name
-from ..core.kfac import model_sha256 as model_sha256
-from ..core.kfac import tensor_raw_bytes as tensor_raw_bytes
+from ..core.digest import digest_data, digest_tensor, fn_name, model_sha256, tensor_raw_bytes  # noqa: F401
 from ..core.objective import Objective
 from ..solvers import InverseHVPSolver, Solution
 from ..store import array_digest

@@ -29,7 +29,8 @@ import torch
 
 from .._checks import check_finite, check_interval
 from ..core.curvature import Curvature, operator_lambda_max, operator_lambda_min
-from ..core.kfac import FactorStore, LayerFactors, digest_data, fit_factors, fn_name, model_sha256
+from ..core.digest import digest_data, fn_name, model_sha256
+from ..core.kfac import FactorStore, LayerFactors, fit_factors
 from ..core.layers import DEFAULT_MAX_VOCAB, LayerPlan, find_layers
 from ..core.local import DEFAULT_MAX_LOCAL, LocalModule
 from ..errors import NotPositiveDefiniteError, UnsupportedModelError
