@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 VENV_BENCH  := .venv-bench
 BENCH_STAMP := $(VENV_BENCH)/.installed
 
-.PHONY: demo test docs docs-check gpu-check example-transformers bench bench-solvers bench-hvp bench-hvp-batch bench-batch-budget bench-embedding bench-floor-bound bench-peers bench-peers-w1 bench-peers-w2 bench-peers-w2-full bench-peers-w3-mlp bench-peers-w3-cnn bench-peers-w3-full bench-peers-w5 bench-peers-w5-k100 lint clean
+.PHONY: demo test docs docs-check gpu-check example-transformers bench bench-solvers bench-hvp bench-hvp-batch bench-batch-budget bench-embedding bench-floor-bound bench-threads bench-peers bench-peers-w1 bench-peers-w2 bench-peers-w2-full bench-peers-w3-mlp bench-peers-w3-cnn bench-peers-w3-full bench-peers-w5 bench-peers-w5-k100 lint clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -63,6 +63,11 @@ bench-embedding: $(STAMP)
 # lower bounds of the whole query against the cost floor (W1, W2 n = 20,000 K = 10, W2 n = 55,000 K = 100; ≈ 4 min)
 bench-floor-bound: $(STAMP)
 	$(PY) bench/bench_floor_bound.py --out bench/RESULTS.md
+
+# digits and MNIST-5k queries with 1 and 2 torch threads, idle and under one busy process per core,
+# before/after upweight's thread setting; and CG's sampled final residual check (a few minutes)
+bench-threads: $(STAMP)
+	$(PY) bench/bench_threads.py --out bench/RESULTS.md
 
 # peers (pyDVL, captum, kronfluence, dattri) live in their own environment (pyDVL needs numpy<2)
 $(BENCH_STAMP): bench/peers/requirements.txt bench/peers/constraints.txt pyproject.toml

@@ -16,7 +16,7 @@ SRC = pathlib.Path(upweight.__file__).parent
 
 # lower number = lower layer; a module may import only its own layer or lower ones
 LAYERS = {
-    "errors": 0, "_checks": 0, "_progress": 0, "_version": 0, "_executor": 0, "_memory": 0, "store": 0,
+    "errors": 0, "_checks": 0, "_threads": 0, "_progress": 0, "_version": 0, "_executor": 0, "_memory": 0, "store": 0,
     "core": 1, "solvers": 2, "influence": 3, "loo": 4, "datasets": 4, "adapters": 4, "report": 5, "distributed": 5,
     "cli": 6, "__init__": 5, "__main__": 6,
     "paper": 7,  # the paper's experiments: built on the library, never imported by it

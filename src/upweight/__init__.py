@@ -9,6 +9,7 @@ H = ∇²R(θ̂), R(θ) = (1/n)ΣL(zᵢ, θ) + (l2/2)‖θ‖², plus optional d
 
 from . import errors
 from ._executor import Executor, LocalExecutor
+from ._threads import get_threads, set_threads, threads
 from ._version import __version__
 from .adapters import from_sklearn
 from .core import Curvature, Data, Objective, SmoothHinge
@@ -75,8 +76,11 @@ __all__ = [
     "errors",
     "fastif_up_loss",
     "from_sklearn",
+    "get_threads",
     "hinge",
     "leave_group_out",
     "leave_one_out",
     "refit",
+    "set_threads",
+    "threads",
 ]

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from .. import errors
+from .._threads import threads
 from .._version import __version__
 from ._problem import Predictions, Problem
 from ._scheduler import check_scheduler, open_executor
@@ -69,6 +70,13 @@ def _int_at_least(low: int):
 
     parse.__name__ = f"int≥{low}"
     return parse
+
+
+def _thread_setting(s: str) -> int | str:
+    v = s.strip().lower()
+    if v in ("auto", "torch"):
+        return v
+    return _int_at_least(1)(s)
 
 
 def _index_list(s: str) -> list[int]:
@@ -163,6 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="for an approximate solver (arnoldi, kfac, ekfac, nystrom, datainf): measure its scores "
                          "against CG on the same curvature (2 test points × 512 training points; about one CG solve)")
     ex.add_argument("--no-progress", action="store_true", help="no progress bars")
+    ex.add_argument("--threads", type=_thread_setting, default=None, metavar="N|auto|torch",
+                    help="torch intra-op threads for the whole command (N ≥ 1; on a busy machine 1 keeps small "
+                         "problems fast), 'auto' (one thread for small problems) or 'torch' (torch's default); "
+                         "default: the UPWEIGHT_THREADS environment variable, else 'auto' (upweight.set_threads)")
     ex.add_argument("--store", default=None, metavar="DIR",
                     help="keep s_test, the scores chunk by chunk and each leave-one-out retraining (in "
                          "DIR/leave_one_out) as they finish; rerunning resumes from them (a DIR written for other "
@@ -725,7 +737,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         with warnings.catch_warnings():
             warnings.filterwarnings("default", category=errors.UpweightWarning)
             warnings.showwarning = _print_warning
-            return int(args.func(args))
+            setting = getattr(args, "threads", None)
+            with threads(setting) if setting is not None else contextlib.nullcontext():
+                return int(args.func(args))
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
