@@ -140,3 +140,27 @@ def _with_func(parser, func):
         for sub in action.choices.values():
             sub.set_defaults(func=func)
     return parser
+
+
+def test_influence_runs_a_small_problem_on_one_thread_and_restores(small_logreg):
+    """Not only CG: ``Influence.fit`` and its quantities (gradients, Direct's dense H, scoring) run under
+    the same rule, seen from inside the loss; the caller's torch setting is back afterwards."""
+    model, l2, train, test = small_logreg
+    seen: list[int] = []
+
+    def loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        seen.append(torch.get_num_threads())
+        return uw.core.losses.logistic(out, y)
+
+    loss.check_targets = uw.core.losses.logistic.check_targets  # the built-in loss's label check
+    obj = uw.Objective(model, loss, l2=l2)
+    torch.set_num_threads(2)
+    inf = uw.Influence(obj, solver=uw.Direct(), progress=False).fit(train)
+    fitted = len(seen)
+    inf.up_loss(test)
+    assert fitted > 0 and len(seen) > fitted and set(seen) == {1}
+    assert torch.get_num_threads() == 2
+    uw.set_threads("torch")
+    seen.clear()
+    uw.Influence(obj, solver=uw.Direct(), progress=False).fit(train).up_loss(test)
+    assert set(seen) == {2}

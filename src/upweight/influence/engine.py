@@ -28,6 +28,7 @@ beside it: ``influence.tasks`` (the executor tasks and the chunked sweep), ``inf
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import time
@@ -42,6 +43,7 @@ from .._checks import check_choice, check_finite, check_interval, check_is_fitte
 from .._executor import Executor, resolve
 from .._memory import check_memory, tensor_bytes
 from .._progress import logger, progress, progress_enabled
+from .._threads import intra_op_threads
 from ..core.curvature import Curvature
 from ..core.data import Data
 from ..core.grads import grad_chunk_size, iter_per_sample_grads, pert_directions, risk_grad
@@ -82,6 +84,19 @@ from .tasks import (
 )
 
 StoreLike = Any  # None, a folder path, or a Store
+
+
+def _sized_threads(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Run a fitted ``Influence``'s method under ``upweight._threads.intra_op_threads`` for its size,
+    p parameters × n training points (one intra-op thread for a small problem on a busy machine)."""
+
+    @functools.wraps(method)
+    def run(self: Influence, *args: Any, **kwargs: Any) -> Any:
+        n = getattr(self, "n_train_", None)
+        with intra_op_threads(None if n is None else self.objective.p * n):
+            return method(self, *args, **kwargs)
+
+    return run
 
 
 class Influence:
@@ -224,6 +239,10 @@ class Influence:
             self._check_factor_store(store)
 
         data = Data.from_any(train, what="training data").to(self.objective.dtype)
+        with intra_op_threads(self.objective.p * len(data)):  # one thread for a small problem (upweight._threads)
+            return self._fit(data, executor, store)
+
+    def _fit(self, data: Data, executor: Executor | None, store: StoreLike) -> Influence:
         self.objective.check_data(data, what="training")  # also refuses a model in training mode
         t0 = time.perf_counter()
         g = risk_grad(self.objective, self.objective.params, data, self.batch_size, progress=self.progress)
@@ -522,6 +541,7 @@ class Influence:
         return prov
 
     # ── the paper's quantities ────────────────────────────────────────────────────────
+    @_sized_threads
     def up_loss(
         self, test: Any, train: TrainSelection = None, *, store: StoreLike = None, executor: Executor | None = None
     ) -> InfluenceScores:
@@ -578,6 +598,7 @@ class Influence:
         """Predicted change of the test measurement when each training point is removed: −I_up,loss / n."""
         return self.up_loss(test, train, store=store, executor=executor).as_removal_effect()
 
+    @_sized_threads
     def removal_effect_newton(self, test: Any, train: TrainSelection = None) -> RemovalEffect:
         """Predicted change of the test measurement when each training point zᵢ is removed, by one
         Newton step on the leave-one-out objective R − L(zᵢ)/n instead of the first-order −I_up,loss/n:
@@ -600,6 +621,7 @@ class Influence:
         """
         return newton_removal_effect(self, test, train)
 
+    @_sized_threads
     def estimate_accuracy(self, test: Any, *, n_test: int = 2, n_train: int = 512, rtol: float = 1e-6,
                           maxiter: int | None = None, seed: int = 0) -> AccuracyEstimate:
         """How close this influence's scores are to the exact ones: for the first ``n_test`` test
@@ -612,6 +634,7 @@ class Influence:
         ``upweight.influence.accuracy``."""
         return estimate_accuracy(self, test, n_test=n_test, n_train=n_train, rtol=rtol, maxiter=maxiter, seed=seed)
 
+    @_sized_threads
     def up_params(self, train: TrainSelection = None) -> ParamInfluence:
         """I_up,params(z) = −H⁻¹∇θL(z, θ̂) — Koh & Liang (2017) Eq. 1; shape (n_selected, p).
 
@@ -627,6 +650,7 @@ class Influence:
             rows.append(-last.value)
         return ParamInfluence(torch.cat(rows).cpu().numpy(), data.ids.numpy(), self.n_train_, self._provenance(last, t0))
 
+    @_sized_threads
     def self_influence(
         self, train: TrainSelection = None, *, store: StoreLike = None, executor: Executor | None = None
     ) -> SelfInfluence:
@@ -670,6 +694,7 @@ class Influence:
         seen.append(sol)
         return values
 
+    @_sized_threads
     def pert_loss(self, test: Any, train: TrainSelection = None) -> PertScores:
         """I_pert,loss(z, z_test) = −∇θf(z_test)ᵀ H⁻¹ ∇x∇θL(z) — Koh & Liang (2017) Eq. 5.
 
@@ -694,6 +719,7 @@ class Influence:
         values = torch.cat(parts, dim=1)
         return PertScores(values.detach().cpu().numpy(), test_data.ids.numpy(), data.ids.numpy(), self.n_train_, self._provenance(sol, t0))
 
+    @_sized_threads
     def group_influence(
         self,
         test: Any,
