@@ -12,9 +12,10 @@ Queries (softmax regression with bias, λ = l2 = 0.01, float32 model, trained fi
 Each query runs in a fresh child process (one warm-up, then the fastest of ``--repeats`` timed runs of
 ``Influence(...).fit(train).up_loss(test)``) under one thread setting:
 
-* ``torch 1`` / ``torch 2``: ``torch.set_num_threads(1 or 2)`` in the child before anything else;
-* ``before``: torch's default threads, the library of ``--before-src`` (the commit before this change);
-* ``after``: torch's default threads, this checkout's library (its default ``upweight`` thread rule).
+* ``torch 1`` / ``torch 2``: ``torch.set_num_threads(1 or 2)`` and ``upweight.set_threads("torch")``
+  in the child before anything else (upweight leaves torch's setting alone);
+* ``default``: torch's default threads and upweight's default rule (``upweight._threads``: one
+  intra-op thread inside upweight's work where p·n is small).
 
 Background load (``--load``): one busy child process per usable core, each multiplying 256×256 numpy
 matrices in a loop with a single BLAS thread, started before the query's child and stopped after it.
@@ -50,7 +51,7 @@ CACHE = REPO / "bench" / ".cache"
 L2 = 0.01
 N_TEST = 10
 QUERIES = ("digits-direct", "digits-cg", "mnist5k-cg")
-MODES = ("torch 1", "torch 2", "before", "after")
+MODES = ("torch 1", "torch 2", "default")
 T_START = time.perf_counter()
 
 
@@ -148,9 +149,10 @@ def stop_load(procs: list[subprocess.Popen]) -> None:
 
 
 def run_child(query: str, mode: str, params: Path, args: argparse.Namespace) -> dict:
-    src = args.before_src if mode == "before" else str(REPO / "src")
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "UPWEIGHT_THREADS")}
-    env["PYTHONPATH"] = src
+    env["PYTHONPATH"] = str(REPO / "src")
+    if mode.startswith("torch "):
+        env["UPWEIGHT_THREADS"] = "torch"
     cmd = [sys.executable, __file__, "--child", "--query", query, "--params", str(params), "--mnist", args.mnist,
            "--repeats", str(args.repeats)]
     if mode.startswith("torch "):
@@ -202,9 +204,9 @@ def render(results: dict, machine: dict[str, str], command: str) -> str:
     lines += [f"- **{k}**: {v}" for k, v in machine.items()]
     lines += ["", "Each cell: the fastest of "
               f"{results['repeats']} runs of `Influence(obj, solver).fit(train).up_loss(test)` (K = {N_TEST}), seconds, "
-              "in a fresh process after one warm-up run; `torch N` = `torch.set_num_threads(N)` first, `before` = torch's "
-              f"default threads with the library before this change (`{results['before_src']}`), `after` = torch's default "
-              "threads with this checkout. Loaded = one busy numpy process per usable core.", "",
+              "in a fresh process after one warm-up run; `torch N` = `torch.set_num_threads(N)` first and upweight leaving "
+              "it alone (`UPWEIGHT_THREADS=torch`), `default` = torch's default threads and upweight's default rule "
+              "(one intra-op thread where p·n is small). Loaded = one busy numpy process per usable core.", "",
               "| query | load | " + " | ".join(MODES) + " |", "|---|---|" + "---:|" * len(MODES)]
     for q in QUERIES:
         for load in ("idle", "loaded"):
@@ -229,9 +231,7 @@ def render(results: dict, machine: dict[str, str], command: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=str(REPO / "bench" / "RESULTS-quick.md"))
-    ap.add_argument("--mnist", default=str((REPO / ".." / "shared" / "data" / "mnist" / "mnist.npz").resolve()))
-    ap.add_argument("--before-src", default=None, help="the src/ of the library before this change (default: git "
-                    "worktree of main at /work/main/src if present)")
+    ap.add_argument("--mnist", default=str(Path(os.environ.get("UPWEIGHT_DATA", REPO.parent / "shared" / "data")) / "mnist" / "mnist.npz"))
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--queries", default=",".join(QUERIES))
     ap.add_argument("--modes", default=",".join(MODES))
@@ -248,13 +248,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         child(args)
         return 0
-    if args.before_src is None:
-        args.before_src = "/work/main/src"
     from _sections import replace_section
     from bench_solvers import machine_info
 
     machine = machine_info()
-    results: dict = {"repeats": args.repeats, "before_src": args.before_src, "runs": {}}
+    results: dict = {"repeats": args.repeats, "runs": {}}
     params = {w: trained(w, args.mnist) for w in ("digits", "mnist")}
     for load in args.loads.split(","):
         procs = start_load(args.load_procs) if load == "loaded" else []
