@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 VENV_BENCH  := .venv-bench
 BENCH_STAMP := $(VENV_BENCH)/.installed
 
-.PHONY: demo test docs docs-check gpu-check example-transformers bench bench-solvers bench-hvp bench-hvp-batch bench-batch-budget bench-embedding bench-floor-bound bench-threads bench-peers bench-peers-w1 bench-peers-w2 bench-peers-w2-full bench-peers-w3-mlp bench-peers-w3-cnn bench-peers-w3-full bench-peers-w5 bench-peers-w5-k100 lint clean
+.PHONY: demo test docs docs-check gpu-check example-transformers bench bench-solvers bench-hvp bench-hvp-batch bench-batch-budget bench-embedding bench-floor-bound bench-threads bench-peers bench-peers-check bench-peers-w1 bench-peers-w2 bench-peers-w2-full bench-peers-w3-mlp bench-peers-w3-cnn bench-peers-w3-full bench-peers-w5 bench-peers-w5-k100 lint clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -38,7 +38,8 @@ docs-check: $(STAMP)
 
 # influence on a small BERT spam filter and a small GPT-2 trained here on the Enron e-mails
 # (docs/transformers.md; about 13 minutes on 2 cores, ENRON=… to point elsewhere, ARGS=--tiny for a quick run)
-ENRON ?= ../shared/data/enron1
+UPWEIGHT_DATA ?= ../shared/data
+ENRON ?= $(UPWEIGHT_DATA)/enron1
 example-transformers: $(STAMP)
 	$(PY) examples/transformers_enron.py --data $(ENRON) --out out/transformers_enron --threads 1 --pooler $(ARGS)
 
@@ -75,7 +76,11 @@ $(BENCH_STAMP): bench/peers/requirements.txt bench/peers/constraints.txt pyproje
 
 PEERS := $(VENV_BENCH)/bin/python bench/peers/bench_peers.py --out bench/RESULTS.md
 
-bench-peers: bench-peers-w1 bench-peers-w2 bench-peers-w2-full bench-peers-w3-mlp bench-peers-w3-cnn bench-peers-w5
+# the benchmark's own reference checked against an explicit float64 Hessian before any peer runs
+bench-peers-check: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider bench/peers/test_reference.py
+
+bench-peers: bench-peers-check bench-peers-w1 bench-peers-w2 bench-peers-w2-full bench-peers-w3-mlp bench-peers-w3-cnn bench-peers-w5
 
 bench-peers-w1: $(BENCH_STAMP)
 	$(PEERS) --workloads W1 --n-test 100 --timeout 120

@@ -1,10 +1,12 @@
-"""The public surface and the layering of the package (DESIGN.md §1.3) cannot change by accident."""
+"""The public surface and the layering of the package (core → solvers → influence → applications
+→ CLI/report) cannot change by accident."""
 
 from __future__ import annotations
 
 import ast
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import textwrap
@@ -169,3 +171,12 @@ def test_paper_names_load_on_first_use():
     for name in paper.__all__:
         assert getattr(paper, name).__module__.startswith("upweight.paper.")
     assert set(paper.__all__) == set(paper._WHERE) and set(paper.__all__) <= set(dir(paper))
+
+
+def test_tests_do_not_import_the_benchmarks():
+    """The tests check the library; the benchmarks check themselves (``make bench-peers-check``)."""
+    tests = pathlib.Path(__file__).resolve().parent
+    bad = [f"{p.name}:{i}" for p in sorted(tests.rglob("*.py"))
+           for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
+           if re.search(r"^\s*(from|import)\s+bench\b|[\"'/]bench/[\w/]*\.py", line)]
+    assert not bad, f"tests import code from bench/: {bad}"

@@ -1,4 +1,4 @@
-"""The peer benchmark's W3 reference (bench/peers/bench_peers.py) against an explicit float64 Hessian.
+"""The peer benchmark's W3 reference (bench_peers.py beside it) against an explicit float64 Hessian.
 
 The reference is the ground truth every library's W3 scores are correlated with, so its HVPs and its
 (preconditioned) CG are checked here against ``torch.autograd.functional.hessian`` and a dense solve.
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "peers" / "bench_peers.py"
+BENCH = Path(__file__).resolve().parent / "bench_peers.py"
 
 
 @pytest.fixture(scope="module")
