@@ -25,10 +25,47 @@ DATA_ENV = "UPWEIGHT_DATA"
 
 def shared_data(*parts: str) -> Path:
     """A path in the real-data folder: ``$UPWEIGHT_DATA`` when it is set (and not empty), else
-    ``../shared/data`` beside the repository. Tests that need a file there skip when it is absent."""
+    ``../shared/data`` beside the repository. Tests that need a file there use ``requires_data`` or
+    ``skip_without_data``."""
     env = os.environ.get(DATA_ENV, "").strip()
     root = Path(env).expanduser() if env else Path(__file__).resolve().parents[2] / "shared" / "data"
     return root.joinpath(*parts)
+
+
+def _data_missing(path: Path, what: str) -> str:
+    return (f"{what} is not at {path} (set ${DATA_ENV} to the folder holding mnist/, enron1/ and "
+            "hospital/)")
+
+
+def requires_data(path: Path, what: str) -> pytest.MarkDecorator:
+    """A mark for tests that need a real-data file: they skip where it is absent, except when CI is
+    set, where they fail — CI runs beside the data, so a missing file there is a broken layout."""
+    if path.exists():
+        return pytest.mark.requires_data
+    if os.environ.get("CI"):
+        return pytest.mark.missing_data(reason=_data_missing(path, what))
+    return pytest.mark.skip(reason=_data_missing(path, what))
+
+
+def skip_without_data(path: Path, what: str) -> None:
+    """Inside a test or fixture: skip (fail when CI is set) if a real-data file is absent."""
+    if not path.exists():
+        if os.environ.get("CI"):
+            pytest.fail(_data_missing(path, what) + "; CI is set, so the real-data tests must run",
+                        pytrace=False)
+        pytest.skip(_data_missing(path, what))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "requires_data: the test reads the real data sets")
+    config.addinivalue_line("markers", "missing_data(reason): real data absent while CI is set")
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    mark = item.get_closest_marker("missing_data")
+    if mark is not None:
+        pytest.fail(mark.kwargs["reason"] + "; CI is set, so the real-data tests must run",
+                    pytrace=False)
 
 
 @pytest.fixture(scope="session")

@@ -14,11 +14,11 @@ import pytest
 import torch
 
 import upweight as uw
-from conftest import shared_data
+from conftest import requires_data, shared_data
 from upweight.cli.main import main
 
 DATA = shared_data("mnist")
-pytestmark = pytest.mark.skipif(not (DATA / "mnist.npz").is_file(), reason=f"the MNIST data is not at {DATA}")
+pytestmark = requires_data(DATA / "mnist.npz", "the MNIST data")
 
 SETUP = {"n_per_class": 100, "n_test_per_class": 50, "cnn_images": 2000, "cnn_epochs": 1, "n_features": 32}
 EPS = 32

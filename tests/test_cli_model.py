@@ -466,6 +466,28 @@ def test_shared_data_follows_the_environment(monkeypatch, tmp_path) -> None:
     assert shared_data() == ROOT.parent / "shared" / "data"
 
 
+@pytest.mark.parametrize("ci", ["", "true"])
+def test_real_data_tests_skip_without_the_data_but_fail_under_ci(tmp_path, ci) -> None:
+    """A real-data test module with ``$UPWEIGHT_DATA`` pointing at an empty folder: skipped
+    locally, failed (naming the folder) when CI is set."""
+    import os
+    import subprocess
+
+    env = {**os.environ, "UPWEIGHT_DATA": str(tmp_path), "CI": ci, "UPWEIGHT_PROGRESS": "0"}
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--no-header",
+         str(ROOT / "tests" / "test_mismatch.py")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    out = run.stdout + run.stderr
+    if ci:
+        assert run.returncode == 1 and re.search(r"\d+ (failed|errors?)", out), out[-2000:]
+        assert "skipped" not in out, out[-2000:]
+        assert str(tmp_path) in out and "CI is set" in out, out[-2000:]
+    else:
+        assert run.returncode == 0 and " skipped" in out and "failed" not in out, out[-2000:]
+
+
 def test_softmax_reference_matches_autograd() -> None:
     """The hand-written softmax-regression influence above equals autograd's on random numbers."""
     rng = np.random.default_rng(5)

@@ -15,11 +15,11 @@ import pytest
 import torch
 
 import upweight as uw
-from conftest import shared_data
+from conftest import requires_data, shared_data
 from upweight.cli.main import main
 
 DATA = shared_data("mnist")
-pytestmark = pytest.mark.skipif(not (DATA / "mnist.npz").is_file(), reason=f"the MNIST data is not at {DATA}")
+pytestmark = requires_data(DATA / "mnist.npz", "the MNIST data")
 
 FAST = ["--n-per-class", "100", "--n-test-per-class", "50", "--cnn-images", "2000", "--cnn-epochs", "1",
         "--n-features", "32", "--n-tests", "20"]

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import shared_data
+from conftest import shared_data, skip_without_data
 from upweight.datasets import (
     SplitData,
     TextSplitData,
@@ -31,15 +31,13 @@ DATA = shared_data()  # $UPWEIGHT_DATA, else the repository's ../shared/data
 
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
-    if not DATA.is_dir():
-        pytest.skip(f"real data folder {DATA} ($UPWEIGHT_DATA, else the repository's ../shared/data) is absent")
+    skip_without_data(DATA, "the real-data folder")
     return DATA
 
 
 def _sub(data_dir: Path, name: str) -> Path:
     p = data_dir / name
-    if not p.exists():
-        pytest.skip(f"{p} is absent")
+    skip_without_data(p, name)
     return p
 
 

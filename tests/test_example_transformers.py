@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import shared_data
+from conftest import shared_data, skip_without_data
 
 transformers = pytest.importorskip("transformers", reason="transformers is a dev dependency (pip install -e '.[dev]')")
 
@@ -33,10 +33,8 @@ def _enron() -> Path | None:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
+    skip_without_data(shared_data("enron1", "enron1.csv.gz"), "the Enron-Spam data")
     data = _enron()
-    if data is None:
-        pytest.skip(f"the Enron-Spam data (enron1/enron1.csv.gz) is not at {shared_data('enron1')} "
-                    "($UPWEIGHT_DATA, else ../shared/data relative to the repository root)")
     spec = importlib.util.spec_from_file_location("transformers_enron", SCRIPT)
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod  # dataclasses look their module up there

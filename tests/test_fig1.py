@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from conftest import shared_data
+from conftest import requires_data, shared_data
 from upweight.cli.main import main
 from upweight.datasets import load_mnist
 from upweight.paper.fig1 import Fig1Result
@@ -24,8 +24,7 @@ from upweight.paper.fig1 import Fig1Result
 MNIST = shared_data("mnist")
 N = 1000
 
-pytestmark = pytest.mark.skipif(not (MNIST / "train-images-idx3-ubyte.gz").is_file(),
-                                reason=f"the MNIST IDX files are not at {MNIST}")
+pytestmark = requires_data(MNIST / "train-images-idx3-ubyte.gz", "the MNIST IDX files")
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 import upweight as uw
-from conftest import shared_data
+from conftest import requires_data, shared_data
 from upweight.cli.main import build_parser, main
 from upweight.paper.config import Fig2Config
 from upweight.paper.fig2 import (
@@ -37,7 +37,7 @@ from upweight.paper.fig2 import (
 )
 
 DATA = shared_data("mnist")
-pytestmark = pytest.mark.skipif(not (DATA / "mnist.npz").is_file(), reason=f"the MNIST data is not at {DATA}")
+pytestmark = requires_data(DATA / "mnist.npz", "the MNIST data")
 
 
 def _pooled(x: np.ndarray, k: int = 4) -> np.ndarray:

@@ -22,13 +22,13 @@ import numpy as np
 import pytest
 from scipy.special import expit
 
-from conftest import shared_data
+from conftest import requires_data, shared_data
 from upweight.errors import InputError
 
 DATA = shared_data("enron1")
 CSV = DATA / "enron1.csv.gz"
 
-pytestmark = pytest.mark.skipif(not CSV.is_file(), reason=f"the Enron1 data is not at {CSV}")
+pytestmark = requires_data(CSV, "the Enron1 data")
 
 FAST = ["--vocab-size", "300", "--l2", "1e-2", "--repeats", "1", "--fractions", "0,0.1", "--no-progress"]
 

@@ -14,14 +14,14 @@ import json
 
 import pytest
 
-from conftest import shared_data
+from conftest import requires_data, shared_data
 from upweight.cli.main import main
 from upweight.paper import MismatchResult
 
 DATA = shared_data("hospital")
 NPZ = DATA / "hospital_koh2017.npz"
 
-pytestmark = pytest.mark.skipif(not NPZ.is_file(), reason=f"the hospital data is not at {NPZ}")
+pytestmark = requires_data(NPZ, "the hospital data")
 
 
 @pytest.fixture(scope="module")
