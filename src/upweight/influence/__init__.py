@@ -3,6 +3,9 @@
 from .engine import Influence
 from .fastif import FastIFIndex, FastIFScores, KNNPrefilter, fastif_up_loss
 from .group import GroupInfluence
+from .provenance import Provenance
 from .results import InfluenceScores, ParamInfluence, PertScores, Ranking, SelfInfluence
 
-__all__ = ["FastIFIndex", "FastIFScores", "GroupInfluence", "Influence", "InfluenceScores", "KNNPrefilter", "ParamInfluence", "PertScores", "Ranking", "SelfInfluence", "fastif_up_loss"]
+__all__ = ["FastIFIndex", "FastIFScores", "GroupInfluence", "Influence", "InfluenceScores",
+           "KNNPrefilter", "ParamInfluence", "PertScores", "Provenance", "Ranking", "SelfInfluence",
+           "fastif_up_loss"]
