@@ -34,6 +34,7 @@ from .._threads import threads
 from .._version import __version__
 from ._problem import Predictions, Problem
 from ._scheduler import check_scheduler, open_executor
+from ._solvers import make_solver, solver_choices
 
 FIGURE_TOP = 10  # training points per kind drawn in the --out figure (the tables and the report list all --top)
 OVERVIEW_TOP = 5  # helpful and harmful ids per test point in the overview
@@ -147,8 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--l2", type=_nonneg_float, default=None,
                     help="L2 strength λ in R(θ) = mean loss + λ/2‖θ‖² of the built-in model (default 0.01); "
                          "with --model, the function returns it")
-    ex.add_argument("--solver", choices=("direct", "cg", "kfac-cg", "nystrom-cg", "lissa", "auto", "arnoldi",
-                                          "kfac", "ekfac", "nystrom", "datainf"), default="cg",
+    ex.add_argument("--solver", choices=solver_choices(), default="cg",
                     help="inverse-HVP solver (auto: chosen from p, n, memory and a Lanczos spectrum estimate; "
                          "kfac-cg / nystrom-cg: CG preconditioned with EK-FAC / a rank-64 Nyström sketch; kfac/ekfac: the "
                          "Kronecker-factored GGN alone; nystrom: the sketch alone; datainf: the DataInf closed form)")
@@ -209,35 +209,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _say(*parts: Any) -> None:
     print(*parts, flush=True)
-
-
-def _make_solver(args: argparse.Namespace) -> Any:
-    import upweight as uw
-
-    if args.solver == "direct":
-        return uw.Direct()
-    if args.solver == "cg":
-        return uw.CG(rtol=args.cg_rtol)
-    if args.solver == "arnoldi":
-        return uw.Arnoldi()
-    if args.solver == "kfac":
-        return uw.KFAC()
-    if args.solver == "ekfac":
-        return uw.EKFAC()
-    if args.solver == "kfac-cg":
-        return uw.CG(rtol=args.cg_rtol, preconditioner=uw.EKFAC())
-    if args.solver == "nystrom-cg":
-        return uw.CG(rtol=args.cg_rtol, preconditioner=uw.Nystrom())
-    if args.solver == "nystrom":
-        return uw.Nystrom()
-    if args.solver == "datainf":
-        return uw.DataInf()
-    if args.solver == "auto":
-        return uw.Auto(rtol=args.cg_rtol, progress=not args.no_progress)
-    return uw.LiSSA(
-        depth=args.lissa_depth, repeats=args.lissa_repeats, batch_size=args.lissa_batch_size,
-        scale=args.lissa_scale, progress=not args.no_progress,
-    )
 
 
 def _solver_text(solver: Any) -> str:
@@ -399,7 +370,7 @@ def _explain_in(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
         _say(f"and {len(indices) - 1} more test point(s) for the overview: {_short_list(indices[1:])}")
 
     # Influence of every training point on these test points' losses.
-    solver = _make_solver(args)
+    solver = make_solver(args)
     bound_kw = {} if args.max_residual is None else {"max_residual": args.max_residual}
     executor = open_executor(stack, args.scheduler, _say)
     inf = uw.Influence(
