@@ -15,6 +15,7 @@ from .adapters import from_sklearn
 from .core import Curvature, Data, Objective, SmoothHinge
 from .core.losses import hinge
 from .influence import (
+    Explanation,
     FastIFScores,
     GroupInfluence,
     Influence,
@@ -22,8 +23,10 @@ from .influence import (
     KNNPrefilter,
     ParamInfluence,
     PertScores,
+    Provenance,
     Ranking,
     SelfInfluence,
+    explain,
     fastif_up_loss,
 )
 from .loo import GroupLOOComparison, LOOComparison, leave_group_out, leave_one_out, refit
@@ -52,6 +55,7 @@ __all__ = [
     "Direct",
     "EKFAC",
     "Executor",
+    "Explanation",
     "FastIFScores",
     "GroupInfluence",
     "GroupLOOComparison",
@@ -67,6 +71,7 @@ __all__ = [
     "Objective",
     "ParamInfluence",
     "PertScores",
+    "Provenance",
     "Ranking",
     "SelfInfluence",
     "SmoothHinge",
@@ -74,6 +79,7 @@ __all__ = [
     "Store",
     "__version__",
     "errors",
+    "explain",
     "fastif_up_loss",
     "from_sklearn",
     "get_threads",

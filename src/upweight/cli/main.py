@@ -34,6 +34,7 @@ from .._threads import threads
 from .._version import __version__
 from ._problem import Predictions, Problem
 from ._scheduler import check_scheduler, open_executor
+from ._solvers import make_solver, solver_choices
 
 FIGURE_TOP = 10  # training points per kind drawn in the --out figure (the tables and the report list all --top)
 OVERVIEW_TOP = 5  # helpful and harmful ids per test point in the overview
@@ -147,8 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--l2", type=_nonneg_float, default=None,
                     help="L2 strength λ in R(θ) = mean loss + λ/2‖θ‖² of the built-in model (default 0.01); "
                          "with --model, the function returns it")
-    ex.add_argument("--solver", choices=("direct", "cg", "kfac-cg", "nystrom-cg", "lissa", "auto", "arnoldi",
-                                          "kfac", "ekfac", "nystrom", "datainf"), default="cg",
+    ex.add_argument("--solver", choices=solver_choices(), default="cg",
                     help="inverse-HVP solver (auto: chosen from p, n, memory and a Lanczos spectrum estimate; "
                          "kfac-cg / nystrom-cg: CG preconditioned with EK-FAC / a rank-64 Nyström sketch; kfac/ekfac: the "
                          "Kronecker-factored GGN alone; nystrom: the sketch alone; datainf: the DataInf closed form)")
@@ -209,35 +209,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _say(*parts: Any) -> None:
     print(*parts, flush=True)
-
-
-def _make_solver(args: argparse.Namespace) -> Any:
-    import upweight as uw
-
-    if args.solver == "direct":
-        return uw.Direct()
-    if args.solver == "cg":
-        return uw.CG(rtol=args.cg_rtol)
-    if args.solver == "arnoldi":
-        return uw.Arnoldi()
-    if args.solver == "kfac":
-        return uw.KFAC()
-    if args.solver == "ekfac":
-        return uw.EKFAC()
-    if args.solver == "kfac-cg":
-        return uw.CG(rtol=args.cg_rtol, preconditioner=uw.EKFAC())
-    if args.solver == "nystrom-cg":
-        return uw.CG(rtol=args.cg_rtol, preconditioner=uw.Nystrom())
-    if args.solver == "nystrom":
-        return uw.Nystrom()
-    if args.solver == "datainf":
-        return uw.DataInf()
-    if args.solver == "auto":
-        return uw.Auto(rtol=args.cg_rtol, progress=not args.no_progress)
-    return uw.LiSSA(
-        depth=args.lissa_depth, repeats=args.lissa_repeats, batch_size=args.lissa_batch_size,
-        scale=args.lissa_scale, progress=not args.no_progress,
-    )
 
 
 def _solver_text(solver: Any) -> str:
@@ -399,7 +370,7 @@ def _explain_in(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
         _say(f"and {len(indices) - 1} more test point(s) for the overview: {_short_list(indices[1:])}")
 
     # Influence of every training point on these test points' losses.
-    solver = _make_solver(args)
+    solver = make_solver(args)
     bound_kw = {} if args.max_residual is None else {"max_residual": args.max_residual}
     executor = open_executor(stack, args.scheduler, _say)
     inf = uw.Influence(
@@ -408,53 +379,19 @@ def _explain_in(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
     ).fit(problem.train, executor=executor)
     tests = problem.test.subset(indices)
     with _store_hint(args):
-        all_scores = inf.up_loss(tests, store=stores[0])
+        expl = uw.explain(inf, tests, top=args.top, check_accuracy=args.check_accuracy,
+                          store=stores[0])
+    all_scores = expl.scores
     scores = dataclasses.replace(all_scores, values=all_scores.values[:1], test_ids=all_scores.test_ids[:1])
-    up = scores.values[0]
-    removal = scores.as_removal_effect().values[0]
-    prov = scores.provenance
-    rankings = {
-        "helpful": scores.top_k(args.top, harmful=False),
-        "harmful": scores.top_k(args.top, harmful=True),
-    }
-    blurbs = {
-        "helpful": "most helpful (I_up,loss < 0: upweighting lowers the test loss; removing raises it)",
-        "harmful": "most harmful (I_up,loss > 0: upweighting raises the test loss; removing lowers it)",
-    }
-    y_train = problem.train.y
-    for kind in ("helpful", "harmful"):
-        _say()
-        _say(f"top {len(rankings[kind])} {blurbs[kind]}")
-        _say(f"{'rank':>4}  {'train index':>11}  {'label':<14}  {'I_up,loss':>12}  {'removal effect':>14}")
-        for r, tid in enumerate(rankings[kind].train_ids, 1):
-            j = int(tid)
-            _say(f"{r:>4}  {j:>11}  {problem.label_text(y_train[j]):<14}  {up[j]:>+12.4e}  {removal[j]:>+14.4e}")
-    _say(f"(removal effect = −I_up,loss / n with n = {n}: predicted change in the test loss if the point is removed)")
+    up, removal = expl.up_loss[0], expl.removal_effect[0]
+    prov = expl.provenance
+    rankings = {"helpful": expl.helpful[0], "harmful": expl.harmful[0]}
+    _print_rankings(problem, rankings, up, removal)
 
     overview = _overview(problem, pred, indices, all_scores) if len(indices) > 1 else []
     if overview:
         _print_overview(problem, pred, overview)
-
-    _say()
-    _say("solver diagnostics")
-    _say(f"  solver      {_solver_text(solver)}, damping {args.damping:g}")
-    accepted = {None: "not checked", True: "accepted", False: "NOT accepted"}[prov.get("accepted", True)]
-    bound = prov.get("max_residual_accepted", inf.max_residual)
-    bound_text = f"{bound:g}" if isinstance(bound, (int, float)) else "none"
-    _say(f"  residual    {prov['residual_max']:.2e}  (relative ‖(H+δI)x − v‖/‖v‖; {accepted}, bound {bound_text})")
-    if "accuracy" in prov:
-        if args.check_accuracy:
-            est = inf.estimate_accuracy(tests)
-            prov = {**prov, "accuracy": est.summary()}
-            _say(f"  accuracy    Spearman {est.spearman_min:.4f} (min), relative error {est.relative_error_max:.3g} "
-                 f"(max) against CG on {len(est.test_ids)} test × {len(est.train_ids)} training points")
-        else:
-            _say("  accuracy    not estimated (an approximation's residual bounds its error loosely; "
-                 "--check-accuracy measures it)")
-    _say(f"  iterations  {prov['iterations']}")
-    if "solver_reason" in prov:
-        _say(f"  chosen      {prov['solver_reason']}")
-    _say(f"  seconds     {prov['solve_seconds']:.2f} solve, {inf.fit_seconds_:.2f} fit")
+    _print_diagnostics(args, solver, inf, expl)
 
     comparison = None
     loo_k = args.loo_k if args.loo_k is not None else (0 if args.model is not None else 20)
@@ -484,6 +421,52 @@ def _explain_in(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
         _say(f"report written to {report}")
     _say(f"done in {time.perf_counter() - t_start:.1f} s")
     return 0
+
+
+def _print_rankings(problem: Problem, rankings: dict[str, Any], up: np.ndarray,
+                    removal: np.ndarray) -> None:
+    blurbs = {
+        "helpful": "most helpful (I_up,loss < 0: upweighting lowers the test loss; "
+                   "removing raises it)",
+        "harmful": "most harmful (I_up,loss > 0: upweighting raises the test loss; "
+                   "removing lowers it)",
+    }
+    y_train = problem.train.y
+    for kind in ("helpful", "harmful"):
+        _say()
+        _say(f"top {len(rankings[kind])} {blurbs[kind]}")
+        _say(f"{'rank':>4}  {'train index':>11}  {'label':<14}  {'I_up,loss':>12}  "
+             f"{'removal effect':>14}")
+        for r, tid in enumerate(rankings[kind].train_ids, 1):
+            j = int(tid)
+            label = problem.label_text(y_train[j])
+            _say(f"{r:>4}  {j:>11}  {label:<14}  {up[j]:>+12.4e}  {removal[j]:>+14.4e}")
+    _say(f"(removal effect = −I_up,loss / n with n = {len(problem.train)}: predicted change in the "
+         "test loss if the point is removed)")
+
+
+def _print_diagnostics(args: argparse.Namespace, solver: Any, inf: Any, expl: Any) -> None:
+    prov = expl.provenance
+    _say()
+    _say("solver diagnostics")
+    _say(f"  solver      {_solver_text(solver)}, damping {args.damping:g}")
+    accepted = {None: "not checked", True: "accepted", False: "NOT accepted"}[prov.accepted]
+    bound = prov.max_residual_accepted
+    bound_text = f"{bound:g}" if isinstance(bound, (int, float)) else "none"
+    _say(f"  residual    {prov.residual_max:.2e}  (relative ‖(H+δI)x − v‖/‖v‖; {accepted}, "
+         f"bound {bound_text})")
+    est = expl.accuracy
+    if est is not None:
+        _say(f"  accuracy    Spearman {est.spearman_min:.4f} (min), relative error "
+             f"{est.relative_error_max:.3g} (max) against CG on {len(est.test_ids)} test × "
+             f"{len(est.train_ids)} training points")
+    elif prov.accuracy is not None:
+        _say("  accuracy    not estimated (an approximation's residual bounds its error loosely; "
+             "--check-accuracy measures it)")
+    _say(f"  iterations  {prov.iterations}")
+    if "reason" in prov.solver_stats:
+        _say(f"  chosen      {prov.solver_stats['reason']}")
+    _say(f"  seconds     {prov.solve_seconds:.2f} solve, {inf.fit_seconds_:.2f} fit")
 
 
 def _task_text(problem: Problem, args: argparse.Namespace) -> str:

@@ -34,6 +34,7 @@ import os
 import time
 import warnings
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from typing import Any, Literal
 
 import numpy as np
@@ -70,6 +71,7 @@ from .fingerprint import (
     verify_stored_s_test,
 )
 from .group import GroupInfluence, compute_group_influence
+from .provenance import Provenance
 from .removal import RemovalEffect, newton_removal_effect
 from .results import InfluenceScores, ParamInfluence, PertScores, SelfInfluence
 from .selection import TrainSelection, selection_positions
@@ -509,36 +511,41 @@ class Influence:
         """s_test = (H + δI)⁻¹∇θf(z_test, θ̂) for each test point, as one block solve (Koh & Liang §3)."""
         return self.inverse_hvp(self.test_grads(test))
 
-    def _provenance(self, sol: Solution | None, started: float) -> dict[str, Any]:
-        prov: dict[str, Any] = {
-            "solver": self.solver.config(),
-            "damping": self.damping,
-            "curvature": self.curvature_.describes,
-            "l2": self.objective.l2,
-            "p": self.objective.p,
-            "dtype": str(self.objective.dtype),
-            "grad_norm": self.grad_norm_,
-            "seconds": time.perf_counter() - started,
-        }
-        if getattr(self, "scoring_", "generic") == "structured":
-            prov["structured_scoring"] = self.scoring_reason_
-        if getattr(self.curvature_, "_structured_op", None):
-            prov["structured_hvp"] = self.curvature_.structured_reason_
-        if sol is not None:
-            prov.update(
-                residual_max=sol.max_residual,
-                iterations=sol.iterations,
-                solve_seconds=sol.seconds,
-                max_residual_accepted=self._residual_bound(),
-                **({} if self.solver.approximates.startswith("exact") else {"accuracy": (
-                    f"not estimated: the residual of an approximation ({self.solver.approximates}) bounds its error "
-                    "only loosely; Influence.estimate_accuracy(test) measures its scores against CG")}),
-                # None: not checked (a one-shot solver with residual_sample=0 measured no residual)
-                accepted=None if not sol.checked
-                else self._residual_bound() is None or sol.max_residual <= self._residual_bound(),
-                **{f"solver_{k}": v for k, v in sol.stats.items()},
-            )
-        return prov
+    def _provenance(self, sol: Solution | None, started: float) -> Provenance:
+        """What a result records (``influence.provenance``): the settings of this fit and, with
+        ``sol``, the solve — its residual against the accepted bound, iterations, time, stats."""
+        structured = getattr(self, "scoring_", "generic") == "structured"
+        base = Provenance(
+            solver=self.solver.config(),
+            damping=self.damping,
+            curvature=self.curvature_.describes,
+            l2=self.objective.l2,
+            p=self.objective.p,
+            dtype=str(self.objective.dtype),
+            grad_norm=self.grad_norm_,
+            seconds=time.perf_counter() - started,
+            structured_scoring=self.scoring_reason_ if structured else None,
+            structured_hvp=self.curvature_.structured_reason_
+            if getattr(self.curvature_, "_structured_op", None) else None,
+        )
+        if sol is None:
+            return base
+        bound = self._residual_bound()
+        exact = self.solver.approximates.startswith("exact")
+        return replace(
+            base,
+            residual_max=sol.max_residual,
+            iterations=sol.iterations,
+            solve_seconds=sol.seconds,
+            max_residual_accepted=bound,
+            accuracy=None if exact else (
+                f"not estimated: the residual of an approximation ({self.solver.approximates}) "
+                "bounds its error only loosely; Influence.estimate_accuracy(test) measures its "
+                "scores against CG"),
+            # None: not checked (a one-shot solver with residual_sample=0 measured no residual)
+            accepted=None if not sol.checked else bound is None or sol.max_residual <= bound,
+            solver_stats=sol.stats,
+        )
 
     # ── the paper's quantities ────────────────────────────────────────────────────────
     @_sized_threads
@@ -587,9 +594,10 @@ class Influence:
             prov = self._provenance(sol, t0)
             if rank is not None:
                 assert self._scoring_plan is not None  # fit refuses query_rank without structured scoring
-                prov.update(query_rank=rank, query_rank_layers=query_rank_layers(self._scoring_plan, rank),
-                            query_rank_approximates="each layer block of s_test replaced by its best rank-r approximation "
-                                                    "(truncated SVD, Eckart–Young)")
+                prov = prov.with_extras(
+                    query_rank=rank, query_rank_layers=query_rank_layers(self._scoring_plan, rank),
+                    query_rank_approximates="each layer block of s_test replaced by its best "
+                                            "rank-r approximation (truncated SVD, Eckart–Young)")
             return InfluenceScores(values, test_data.ids.numpy(), self.data_.ids.numpy()[positions], self.n_train_, "up_loss", prov)
 
     def removal_effect(
@@ -685,7 +693,8 @@ class Influence:
             )
             prov = self._provenance(summary, t0)
             if getattr(self, "_query_rank", None) is not None:
-                prov["query_rank"] = "not used: each training point is its own query, scored exactly"
+                prov = prov.with_extras(
+                    query_rank="not used: each training point is its own query, scored exactly")
             return SelfInfluence(out[0].copy(), self.data_.ids.numpy()[positions], self.n_train_, prov)
 
     def _accept_chunk_solution(self, result: tuple[np.ndarray, Solution], seen: list[Solution]) -> np.ndarray:

@@ -45,7 +45,7 @@ import copy
 import importlib
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Union
 
@@ -59,6 +59,7 @@ from ..core.data import Data
 from ..errors import InputError, NonFiniteError, ShapeError, UnsupportedModelError
 from ..solvers import Solution
 from .engine import Influence
+from .provenance import Provenance, as_provenance
 from .results import InfluenceScores, Ranking
 
 Representation = Union[Literal["gradients", "features"], Callable[[torch.Tensor], Any]]
@@ -444,10 +445,12 @@ class FastIFScores:
         train_ids: their ids, (n_test, k).
         test_ids: ids of the test points, (n_test,).
         n_train: n.
-        provenance: solver, residuals, the pre-filter, and timings: ``index_seconds`` (building the
-            index; ``index_reused`` says whether it was built in an earlier call), ``s_test_seconds``
-            (test gradients + the s_test solve; ≈ 0 with ``s_test_reused``), ``candidate_seconds`` (neighbour search), ``scoring_seconds``
-            (gradients of the candidates dotted with s_test), ``n_scored`` (distinct candidates).
+        provenance: a ``Provenance``: solver, residuals; its ``extras`` hold the pre-filter and
+            the timings: ``index_seconds`` (building the index; ``index_reused`` says whether it
+            was built in an earlier call), ``s_test_seconds`` (test gradients + the s_test solve;
+            ≈ 0 with ``s_test_reused``), ``candidate_seconds`` (neighbour search),
+            ``scoring_seconds`` (gradients of the candidates dotted with s_test), ``n_scored``
+            (distinct candidates).
     """
 
     values: np.ndarray
@@ -456,7 +459,10 @@ class FastIFScores:
     test_ids: np.ndarray
     n_train: int
     kind: Literal["up_loss"] = "up_loss"
-    provenance: Mapping[str, Any] = field(default_factory=dict)
+    provenance: Provenance = field(default_factory=Provenance)
+
+    def __post_init__(self) -> None:  # a mapping given by hand becomes the record it describes
+        object.__setattr__(self, "provenance", as_provenance(self.provenance))
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -556,8 +562,7 @@ def fastif_up_loss(
     values = np.take_along_axis(scores, np.searchsorted(union, cand), axis=1)
     t4 = time.perf_counter()
 
-    prov = influence._provenance(sol, t0)
-    prov.update(
+    prov = influence._provenance(sol, t0).with_extras(
         method="FastIF kNN pre-filter (Guo et al. 2021)",
         prefilter=index.prefilter.describe(),
         k=index.k,

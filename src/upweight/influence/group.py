@@ -49,7 +49,7 @@ References:
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -62,6 +62,7 @@ from .._memory import tensor_bytes
 from .._progress import progress
 from ..core.data import Data
 from ..errors import InputError
+from .provenance import Provenance, as_provenance
 
 if TYPE_CHECKING:
     from ..core.curvature import Curvature
@@ -86,7 +87,8 @@ class GroupInfluence:
         test_ids: ids of the test points (the rows).
         n_train: n, the size of the training set the model was fitted on.
         order: 1 or 2.
-        provenance: solver, residuals of each solve, which second-order terms were kept, timings.
+        provenance: a ``Provenance``: solver, residuals, timings; its ``extras`` hold the order,
+            the first solve's residual and which second-order terms were kept.
     """
 
     values: np.ndarray
@@ -96,7 +98,10 @@ class GroupInfluence:
     test_ids: np.ndarray
     n_train: int
     order: int
-    provenance: Mapping[str, Any] = field(default_factory=dict)
+    provenance: Provenance = field(default_factory=Provenance)
+
+    def __post_init__(self) -> None:  # a mapping given by hand becomes the record it describes
+        object.__setattr__(self, "provenance", as_provenance(self.provenance))
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -276,8 +281,7 @@ def compute_group_influence(
         values = values + 0.5 * _measure_quadratic(inf, test_data, D)
     check_finite(values, "The group influence")
 
-    prov = inf._provenance(sol2 if sol2 is not None else sol1, t0)
-    prov.update(
+    prov = inf._provenance(sol2 if sol2 is not None else sol1, t0).with_extras(
         order=order,
         n_groups=k,
         normalisation="removal at fixed n and l2: argmin (1/n)Σ_{i∉U} L(zᵢ,θ) + (l2/2)‖θ‖²",
@@ -285,7 +289,7 @@ def compute_group_influence(
         first_solve_iterations=sol1.iterations,
     )
     if order == 2:
-        prov.update(
+        prov = prov.with_extras(
             terms="Δθ⁽¹⁾ + H⁻¹H_UΔθ⁽¹⁾" + (" − ½H⁻¹∇³R[Δθ⁽¹⁾,Δθ⁽¹⁾]" if third_derivative else " (∇³R term dropped, as Basu et al. 2020)"),
             third_derivative=third_derivative,
             measure_hessian=measure_hessian,

@@ -46,8 +46,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -63,6 +62,7 @@ from ..core.objective import Objective
 from ..core.output_hessian import output_hessian
 from ..core.params import Params
 from ..errors import CurvatureError
+from .provenance import Provenance, as_provenance
 
 if TYPE_CHECKING:
     from .engine import Influence, TrainSelection
@@ -85,7 +85,7 @@ class RemovalEffect:
             in the output the correction multiplies the step by up to 1/(1 − hᵢ).
         test_ids, train_ids: ids of the rows and columns.
         n_train: n, the size of the training set the model was fitted on.
-        provenance: solver, residuals, what Hᵢ is, timings.
+        provenance: a ``Provenance``: solver, residuals, timings; its ``extras`` say what Hᵢ is.
     """
 
     values: np.ndarray
@@ -94,7 +94,10 @@ class RemovalEffect:
     test_ids: np.ndarray
     train_ids: np.ndarray
     n_train: int
-    provenance: Mapping[str, Any] = field(default_factory=dict)
+    provenance: Provenance = field(default_factory=Provenance)
+
+    def __post_init__(self) -> None:  # a mapping given by hand becomes the record it describes
+        object.__setattr__(self, "provenance", as_provenance(self.provenance))
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -211,12 +214,10 @@ def newton_removal_effect(influence: Influence, test: Any, train: TrainSelection
             "defined."
         )
     check_finite(torch.from_numpy(values), "The leverage-corrected removal effect")
-    prov = influence._provenance(sol_test, t0)
-    prov.update(
+    prov = replace(influence._provenance(sol_test, t0), residual_max=residual_max).with_extras(
         estimate="one Newton step on R − L(zᵢ)/n: Δθ = (H + δI − Hᵢ/n)⁻¹∇L(zᵢ)/n, by Woodbury",
         point_curvature="Gauss–Newton Jᵢᵀ∇²_zL Jᵢ (= ∇²θL(zᵢ) where the output is linear in θ)",
         normalisation="removal at fixed n and l2: argmin (1/n)Σ_{j≠i} L(z_j,θ) + (l2/2)‖θ‖²",
-        residual_max=residual_max,
         block_solves=solves,
     )
     ids = data.ids.numpy()

@@ -8,7 +8,6 @@ about −I_up,loss / n (the *removal effect*): a helpful point's removal raises 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -18,6 +17,7 @@ import numpy as np
 from .._checks import check_interval
 from ..errors import InputError
 from ..store import atomic_write
+from .provenance import Provenance, as_provenance, jsonable
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,8 @@ class InfluenceScores:
             measurement when z_train is removed, −I_up,loss / n (``kind="removal_effect"``).
         test_ids, train_ids: ids of the rows and columns.
         n_train: n, the size of the training set the model was fitted on.
-        provenance: solver, damping, residuals, timings, dtype.
+        provenance: a ``Provenance``: solver settings and statistics, damping, residual,
+            timings, dtype (also a read-only mapping of the flat keys, e.g. ``["residual_max"]``).
     """
 
     values: np.ndarray
@@ -55,7 +56,10 @@ class InfluenceScores:
     train_ids: np.ndarray
     n_train: int
     kind: Literal["up_loss", "removal_effect"] = "up_loss"
-    provenance: Mapping[str, Any] = field(default_factory=dict)
+    provenance: Provenance = field(default_factory=Provenance)
+
+    def __post_init__(self) -> None:  # a mapping given by hand becomes the record it describes
+        object.__setattr__(self, "provenance", as_provenance(self.provenance))
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -91,13 +95,16 @@ class InfluenceScores:
 
     def save(self, path: str | Path) -> None:
         """Write values, ids and provenance to a ``.npz`` file, atomically (no partial file on failure)."""
-        meta = json.dumps({"n_train": self.n_train, "kind": self.kind, "provenance": _jsonable(self.provenance)})
+        meta = json.dumps({"n_train": self.n_train, "kind": self.kind,
+                           "provenance": jsonable(self.provenance)})
         atomic_write(Path(path), lambda fh: np.savez_compressed(
             fh, values=np.asarray(self.values), test_ids=self.test_ids, train_ids=self.train_ids, meta=np.array(meta)))
 
     @classmethod
     def load(cls, path: str | Path) -> InfluenceScores:
-        """Read a file written by ``save`` (never unpickles: object arrays are refused)."""
+        """Read a file written by ``save`` (never unpickles: object arrays are refused); its
+        provenance comes back as the ``Provenance`` that was saved (a file whose provenance was
+        saved as a flat mapping is read into one, ``Provenance.from_mapping``)."""
         try:
             with open(path, "rb") as fh:
                 head = fh.read(4)
@@ -109,7 +116,9 @@ class InfluenceScores:
         try:
             with np.load(path, allow_pickle=False) as f:
                 meta = json.loads(str(f["meta"]))
-                return cls(f["values"], f["test_ids"], f["train_ids"], int(meta["n_train"]), meta["kind"], meta["provenance"])
+                prov = Provenance.from_json(meta["provenance"])
+                return cls(f["values"], f["test_ids"], f["train_ids"], int(meta["n_train"]),
+                           meta["kind"], prov)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise InputError(f"{path} is not a file written by InfluenceScores.save ({type(exc).__name__}: {exc}).") from exc
 
@@ -126,7 +135,10 @@ class PertScores:
     test_ids: np.ndarray
     train_ids: np.ndarray
     n_train: int
-    provenance: Mapping[str, Any] = field(default_factory=dict)
+    provenance: Provenance = field(default_factory=Provenance)
+
+    def __post_init__(self) -> None:  # a mapping given by hand becomes the record it describes
+        object.__setattr__(self, "provenance", as_provenance(self.provenance))
 
 
 @dataclass(frozen=True)
@@ -139,7 +151,10 @@ class ParamInfluence:
     values: np.ndarray
     train_ids: np.ndarray
     n_train: int
-    provenance: Mapping[str, Any] = field(default_factory=dict)
+    provenance: Provenance = field(default_factory=Provenance)
+
+    def __post_init__(self) -> None:  # a mapping given by hand becomes the record it describes
+        object.__setattr__(self, "provenance", as_provenance(self.provenance))
 
 
 @dataclass(frozen=True)
@@ -153,7 +168,10 @@ class SelfInfluence:
     values: np.ndarray
     train_ids: np.ndarray
     n_train: int
-    provenance: Mapping[str, Any] = field(default_factory=dict)
+    provenance: Provenance = field(default_factory=Provenance)
+
+    def __post_init__(self) -> None:  # a mapping given by hand becomes the record it describes
+        object.__setattr__(self, "provenance", as_provenance(self.provenance))
 
     def top_k(self, k: int) -> Ranking:
         check_interval("top_k", "k", k, 0, None, closed="left", integer=True)
@@ -166,15 +184,3 @@ def _row(test: Any, n_test: int) -> int:
     if isinstance(test, bool) or not isinstance(test, (int, np.integer)) or not -n_test <= int(test) < n_test:
         raise InputError(f"test={test!r} is not a row of these scores: they hold {n_test} test point(s), rows 0..{n_test - 1}.")
     return int(test)
-
-
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, Mapping):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, (str, int, float, bool)) or x is None:
-        return x
-    if isinstance(x, np.generic):
-        return x.item()
-    return str(x)

@@ -165,14 +165,14 @@ def leave_one_out(
         raise InputError(f"leave_one_out: ids must be positions 0 … {n - 1} of the training data; got {chosen.min()} … {chosen.max()}.")
     predicted = -total[chosen] / n
     newton_fields: dict[str, Any] = {}
-    newton_provenance: dict[str, Any] = {}
+    newton_provenance = None
     if newton:
         try:
             corrected = influence.removal_effect_newton(test_data, chosen)
         except CurvatureError as exc:
             raise CurvatureError(f"{exc} leave_one_out(..., newton=False) compares the first order only.") from exc
         newton_fields = {"predicted_newton": corrected.total(), "leverage": corrected.leverage}
-        newton_provenance = dict(corrected.provenance)
+        newton_provenance = corrected.provenance
 
     obj = influence.objective
     removed = [chosen[j : j + 1] for j in range(len(chosen))]
@@ -202,7 +202,7 @@ def leave_one_out(
             "select": select, "k": int(len(chosen)), "influence": scores.provenance,
             "retrain_iterations_mean": float(iters.mean()) if iters.size else float("nan"),
             "resumed_from_store": resumed,
-            **({"newton": newton_provenance} if newton_provenance else {}),
+            **({"newton": newton_provenance} if newton_provenance is not None else {}),
         },
         **_agreement(predicted, actual),
         **newton_fields,

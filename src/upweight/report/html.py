@@ -35,6 +35,7 @@ import matplotlib.image
 import numpy as np
 
 from ..errors import InputError
+from ..influence.provenance import as_provenance
 from ._files import check_output_file, os_error_fix, write_text_atomic
 from .plots import HARMFUL_COLOR, HELPFUL_COLOR, _as_image, loo_scatter, new_figure
 
@@ -349,12 +350,11 @@ def _overview(rows: Sequence[OverviewRow]) -> str:
 
 
 def _diagnostics(provenance: Mapping[str, Any], n_train: int, extra: Sequence[tuple[str, Any, str]]) -> str:
-    prov = dict(provenance)
-    cfg = prov.get("solver", {})
-    cfg = dict(cfg) if isinstance(cfg, Mapping) else {"name": str(cfg)}
+    prov = as_provenance(provenance)
+    cfg = dict(prov.solver)
     settings = ", ".join(f"{k}={_setting(v)}" for k, v in cfg.items() if k not in ("name", "progress")) or "—"
-    bound = prov.get("max_residual_accepted")
-    accepted = prov.get("accepted")
+    bound = prov.max_residual_accepted
+    accepted = prov.accepted
     verdict = "" if accepted is None else ("accepted" if accepted else "NOT accepted")
     if verdict:
         verdict += f" (bound {_setting(float(bound))})" if isinstance(bound, (int, float)) else " (no bound)"
@@ -362,41 +362,42 @@ def _diagnostics(provenance: Mapping[str, Any], n_train: int, extra: Sequence[tu
         f'<tr id="diag-solver"><th>solver</th><td>{_e(cfg.get("name", "?"))}</td></tr>',
         f'<tr id="diag-settings"><th>settings</th><td>{_e(settings)}</td></tr>',
     ]
-    for key, label in (("solver_chosen", "chosen"), ("solver_reason", "why")):
-        if key in prov:
-            rows.append(f"<tr><th>{label}</th><td>{_e(prov[key])}</td></tr>")
+    stats = prov.solver_stats
+    for key, label in (("chosen", "chosen"), ("reason", "why")):
+        if key in stats:
+            rows.append(f"<tr><th>{label}</th><td>{_e(stats[key])}</td></tr>")
 
     def num_row(rid: str, label: str, value: Any, spec: str, note: str = "") -> None:
         rows.append(f'<tr id="diag-{rid}"><th>{_e(label)}</th>{_num(value, spec)}'
                     + (f"<td>{_e(note)}</td>" if note else "") + "</tr>")
 
-    num_row("residual", "relative residual ‖(H+δI)x − v‖/‖v‖ (max)", prov.get("residual_max"), ".2e", verdict)
-    accuracy = prov.get("accuracy")
+    num_row("residual", "relative residual ‖(H+δI)x − v‖/‖v‖ (max)", prov.residual_max, ".2e",
+            verdict)
+    accuracy = prov.accuracy
     if isinstance(accuracy, Mapping):  # measured against CG (Influence.estimate_accuracy)
         where = f"against CG on {accuracy.get('test_points')} test × {accuracy.get('train_points')} training points"
         num_row("accuracy-spearman", "Spearman of the scores (min)", accuracy.get("spearman_min"), ".4f", where)
         num_row("accuracy-error", "relative error of the scores (max)", accuracy.get("relative_error_max"), ".3g", where)
     elif accuracy is not None:
         rows.append(f'<tr id="diag-accuracy"><th>accuracy</th><td>{_e(accuracy)}</td></tr>')
-    num_row("iterations", "iterations", prov.get("iterations"), "d")
-    num_row("solve-seconds", "solve time [s]", prov.get("solve_seconds"), ".2f")
-    num_row("seconds", "influence time (gradients + solve) [s]", prov.get("seconds"), ".2f")
+    num_row("iterations", "iterations", prov.iterations, "d")
+    num_row("solve-seconds", "solve time [s]", prov.solve_seconds, ".2f")
+    num_row("seconds", "influence time (gradients + solve) [s]", prov.seconds, ".2f")
     for j, (label, value, spec) in enumerate(extra):
         num_row(f"extra-{j}", label, value, spec)
     num_row("n", "n (training points)", int(n_train), "d")
-    num_row("p", "p (parameters)", prov.get("p"), "d")
-    num_row("l2", "l2 (λ)", prov.get("l2"), "g")
-    num_row("damping", "damping (δ)", prov.get("damping"), "g")
-    num_row("grad-norm", "‖∇R(θ̂)‖ at the fitted parameters", prov.get("grad_norm"), ".2e")
-    if "dtype" in prov:
-        rows.append(f'<tr id="diag-dtype"><th>dtype</th><td>{_e(prov["dtype"])}</td></tr>')
-    shown = {"solver_chosen", "solver_reason"}
-    for key in sorted(k for k in prov if k.startswith("solver_") and k not in shown):
-        v = prov[key]
+    num_row("p", "p (parameters)", prov.p, "d")
+    num_row("l2", "l2 (λ)", prov.l2, "g")
+    num_row("damping", "damping (δ)", prov.damping, "g")
+    num_row("grad-norm", "‖∇R(θ̂)‖ at the fitted parameters", prov.grad_norm, ".2e")
+    if prov.dtype is not None:
+        rows.append(f'<tr id="diag-dtype"><th>dtype</th><td>{_e(prov.dtype)}</td></tr>')
+    for key in sorted(k for k in stats if k not in ("chosen", "reason")):
+        v = stats[key]
         if isinstance(v, (bool, str)):
-            rows.append(f"<tr><th>solver statistic: {_e(key[7:])}</th><td>{_e(v)}</td></tr>")
+            rows.append(f"<tr><th>solver statistic: {_e(key)}</th><td>{_e(v)}</td></tr>")
         elif isinstance(v, (int, float, np.integer, np.floating)):
-            rows.append(f"<tr><th>solver statistic: {_e(key[7:])}</th>{_num(v, 'g')}</tr>")
+            rows.append(f"<tr><th>solver statistic: {_e(key)}</th>{_num(v, 'g')}</tr>")
     return f'<table class="diagnostics" id="diagnostics">{"".join(rows)}</table>'
 
 
@@ -459,8 +460,9 @@ def explain_report(
         test: the explained test point; its image, feature values or text is shown when given.
         helpful, harmful: the ranked training points, most influential first (I_up,loss < 0 and
             > 0 respectively, Eq. 2); their removal effects are −I_up,loss / n.
-        provenance: ``InfluenceScores.provenance`` — solver config, residual, iterations, times,
-            l2, damping, p, dtype (missing entries are shown as n/a).
+        provenance: ``InfluenceScores.provenance`` (a ``Provenance``: solver config, residual,
+            iterations, times, l2, damping, p, dtype), or a mapping of its flat keys; missing
+            entries are shown as n/a.
         n_train: n, the number of training points the model was fitted on.
         comparison: an ``LOOComparison`` (drawn as the Fig. 2 scatter with its statistics), or ``None``.
         image_shape: how to reshape flat inputs into images, e.g. ``(28, 28)``.

@@ -98,7 +98,7 @@ class Arnoldi(InverseHVPSolver[ArnoldiState]):
     fixes it, ``"warn"`` warns (``IndefiniteCurvatureWarning``) and records ``lambda_ritz_min``.
     A negative eigenvalue whose Ritz value has not appeared yet goes undetected.
 
-    Every ``Solution.stats`` (hence every result's provenance, as ``solver_*``) records
+    Every ``Solution.stats`` (hence every result's ``provenance.solver_stats``) records
     ``approximates``, ``complement``, ``rank``, ``krylov_steps``, ``restarts``, the kept
     eigenvalue range ``lambda_kept_max`` / ``lambda_kept_min``, the smallest Ritz value
     ``lambda_ritz_min``, ``max_ritz_residual`` (maxᵢ ‖(H + δI)uᵢ − λᵢuᵢ‖/|λᵢ|), the fraction f

@@ -87,7 +87,7 @@ class Auto(InverseHVPSolver[AutoState]):
     ``NotPositiveDefiniteError`` naming the damping that fixes it; ``"damp"`` applies that
     damping (Koh & Liang 2017, §4.2) and records it — the scores then describe H + δ'I.
 
-    Every ``Solution.stats`` (and so every result's provenance, as ``solver_*``) records
+    Every ``Solution.stats`` (and so every result's ``provenance.solver_stats``) records
     ``chosen``, ``reason``, ``damping_used`` and the spectrum estimates ``spectrum_*``.
 
     Args:
