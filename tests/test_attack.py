@@ -66,10 +66,11 @@ def test_the_flip_holds_under_an_independent_retrain(run):
     with upweight.refit (L-BFGS, not the attack's Newton steps): the target is misclassified; with the
     original image it is not."""
     from upweight.datasets import load_mnist
+    from upweight.paper.config import FeatureConfig
     from upweight.paper.features import build_feature_model, features_of
 
     _, _, r = run
-    s = build_feature_model(load_mnist(DATA), **SETUP)
+    s = build_feature_model(load_mnist(DATA), FeatureConfig(**SETUP))
     ex = r["example"]
     i, t = ex["train"][0], ex["target"]
     y = torch.as_tensor(s.task.y_train)
@@ -93,13 +94,14 @@ def test_targets_attacked_on_dask_workers_give_the_same_results(dask_executor):
     what the in-process loop gives (same flips, same margins after each attack)."""
     from upweight.datasets import load_mnist
     from upweight.paper.attack import run_attack
+    from upweight.paper.config import AttackConfig, FeatureConfig
     from upweight.paper.features import build_feature_model
 
-    s = build_feature_model(load_mnist(DATA), **SETUP)
+    s = build_feature_model(load_mnist(DATA), FeatureConfig(**SETUP))
     # 9 targets on 2 workers: partitions of 2, 2, 2, 2 and 1 targets
-    kw = dict(targets=9, epsilon=EPS, iterations=30, max_k=1, group_size=0, progress=False)
-    here = run_attack(s, **kw)
-    there = run_attack(s, executor=dask_executor, **kw)
+    config = AttackConfig(**SETUP, targets=9, epsilon=EPS, iterations=30, max_k=1, group_size=0)
+    here = run_attack(s, config, progress=False)
+    there = run_attack(s, config, progress=False, executor=dask_executor)
     assert here.flips_by_k["1"] >= 1
     assert there.targets == here.targets and there.solved_with == here.solved_with
     assert [r["train_indices"] for r in there.runs] == [r["train_indices"] for r in here.runs]

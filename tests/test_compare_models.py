@@ -66,10 +66,12 @@ def test_pert_loss_through_the_frozen_cnn_matches_finite_differences_of_retraini
     changes the test loss by ≈ ±(h/n)·I_pert,loss[pixel]."""
     from upweight.datasets import load_mnist
     from upweight.paper.attack import TopLayerAttack
+    from upweight.paper.config import FeatureConfig
     from upweight.paper.features import build_feature_model, features_of
 
     data = load_mnist(DATA)
-    s = build_feature_model(data, n_per_class=40, n_test_per_class=5, cnn_images=600, cnn_epochs=1, n_features=16)
+    s = build_feature_model(data, FeatureConfig(n_per_class=40, n_test_per_class=5, cnn_images=600,
+                                                cnn_epochs=1, n_features=16))
     X, y = torch.as_tensor(s.task.x_train), torch.as_tensor(s.task.y_train)
     obj = uw.Objective(s.model, "logistic", l2=s.l2, params="top")
     assert obj.space.names == ("top.weight",)

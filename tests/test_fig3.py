@@ -50,7 +50,8 @@ def test_cli_writes_figure_results_and_report(run):
     for name in ("fig3.png", "results.json", "report.md"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     assert (out / "fig3.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert {f.name for f in __import__("dataclasses").fields(Fig3Result)} <= set(r)
+    fields = {f.name for f in __import__("dataclasses").fields(Fig3Result)}
+    assert fields - {"config"} | {"settings"} <= set(r)
     assert r["experiment"] == "fig3" and r["paper"]["k"] == 100
     report = (out / "report.md").read_text()
     assert "| quantity | ours | paper |" in report and "0.95" in report and "0.91" in report
@@ -145,7 +146,10 @@ def test_bad_input_is_named(tmp_path, capsys):
     assert "--l2" in capsys.readouterr().err
     assert main(["reproduce", "fig1", "--data", "bundled", "--out", str(tmp_path / "o"), "--test-index", "5000"]) == 2
     assert "test_index" in capsys.readouterr().err
+    from upweight.paper.config import Fig3Config
     from upweight.paper.fig3 import run_fig3
 
     with pytest.raises(InputError, match="k must be"):
-        run_fig3(load_mnist_1v7(), n_train=100, k=0)
+        Fig3Config(n_train=100, k=0)
+    with pytest.raises(InputError, match="k must be"):
+        run_fig3(load_mnist_1v7(), Fig3Config(n_train=100, k=101))

@@ -59,7 +59,8 @@ def test_cli_writes_figure_results_and_report(run):
     for name in ("mislabel.png", "results.json", "report.md"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     assert (out / "mislabel.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert {f.name for f in dataclasses.fields(MislabelResult)} <= set(r)
+    fields = {f.name for f in dataclasses.fields(MislabelResult)}
+    assert fields - {"config"} | {"settings"} <= set(r)
     assert r["experiment"] == "mislabel" and r["fractions"] == [0.0, 0.1]
     for o in ("influence", "loss", "random"):
         c = r["curves"][o]
@@ -132,16 +133,19 @@ def test_check_orders_rank_by_magnitude_of_self_influence_and_by_loss():
     assert sorted(o["random"].tolist()) == [0, 1, 2, 3]
 
 
-def test_bad_options_are_input_errors(small_spam, tmp_path, capsys):
+def test_bad_options_are_input_errors(tmp_path, capsys):
     from upweight.cli.main import main
-    from upweight.paper.mislabel import run_mislabel
+    from upweight.paper.config import MislabelConfig
+    from upweight.paper.mislabel import make_solver
 
     with pytest.raises(InputError, match="fractions"):
-        run_mislabel(small_spam, fractions=[0.0, 1.5])
+        MislabelConfig(fractions=[0.0, 1.5])
     with pytest.raises(InputError, match="flip_fraction"):
-        run_mislabel(small_spam, flip_fraction=0.0)
+        MislabelConfig(flip_fraction=0.0)
     with pytest.raises(InputError, match="solver"):
-        run_mislabel(small_spam, solver="lissa")
+        MislabelConfig(solver="lissa")
+    with pytest.raises(InputError, match="solver"):
+        make_solver("lissa")
     assert main(["reproduce", "mislabel", "--data", str(CSV), "--out", str(tmp_path), "--repeats", "0"]) == 2
     assert "--repeats must be ≥ 1" in capsys.readouterr().err
 

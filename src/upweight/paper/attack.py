@@ -51,7 +51,8 @@ from ..core.grads import pert_directions
 from ..errors import InputError
 from ..influence import Influence
 from ..solvers import Direct
-from .features import FeatureSetup, features_of, fit_top_layer
+from .config import AttackConfig
+from .features import FeatureSetup, check_setup, features_of, fit_top_layer
 from .toplayer import LogisticTopLayer
 
 PAPER = {
@@ -238,9 +239,13 @@ class AttackResult:
     feature_to_centroid: float             # … the same in feature space
     multi: dict[str, Any] = field(default_factory=dict)
     example: dict[str, Any] = field(default_factory=dict)   # one successful 1-image attack, for the figure
+    config: AttackConfig = field(default_factory=AttackConfig)  # the settings of the run
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        """A JSON-ready dict of everything; ``settings`` is the run's ``AttackConfig``."""
+        d = asdict(self)
+        d["settings"] = d.pop("config")
+        return d
 
 
 def _mean_centroid_distance(X: np.ndarray, y: np.ndarray) -> float:
@@ -287,38 +292,26 @@ def _attack_partition(targets: Sequence[int], setup: FeatureSetup, schedule: Seq
 
 def run_attack(
     setup: FeatureSetup,
+    config: AttackConfig | None = None,
     *,
-    targets: int | None = None,
-    epsilon: int = 4,
-    step: int = 1,
-    iterations: int = 100,
-    max_k: int = 10,
-    group_size: int = 30,
-    multi_k: Sequence[int] = (1, 10),
     progress: bool = True,
     executor: Executor | None = None,
 ) -> AttackResult:
     """Run §5.2 (see the module docstring) on ``setup`` and return every number.
 
     Args:
-        setup: ``features.build_feature_model(...)``.
-        targets: how many correctly classified test images to attack (the first ones in test order,
-            alternating between the two classes); ``None`` = all of them (paper: 591).
-        epsilon: L∞ bound in 8-bit levels (|z̃ − z| ≤ ε/255 per pixel).
-        step: α in levels per iteration (α = step/255).
-        iterations: the cap per attack (paper: 100).
-        max_k: the largest number of perturbed training images tried per target (paper: 10).
-        group_size: test images in the multi-target attack (paper: 30; 0 skips it).
-        multi_k: numbers of training images perturbed in the multi-target attack.
+        setup: ``features.build_feature_model(data, config)``, built with ``config``'s
+            ``FeatureConfig`` settings.
+        config: the settings (default ``AttackConfig()``); ``targets`` attacks the first
+            correctly classified test images in test order, alternating between the two classes.
         executor: where the single-target attacks run (``None``: in this process, one after the
             other; ``upweight.distributed.DaskExecutor``: partitions of targets on its workers —
             each target's attack is independent, so the results are the same).
     """
-    for name, v, low in (("epsilon", epsilon, 1), ("step", step, 1), ("iterations", iterations, 1), ("max_k", max_k, 1)):
-        if int(v) != v or v < low:
-            raise InputError(f"run_attack: {name} must be an integer ≥ {low}; got {v!r}.")
-    if epsilon > 255:
-        raise InputError(f"run_attack: epsilon={epsilon} levels exceeds the 8-bit range (≤ 255).")
+    c = config if config is not None else AttackConfig()
+    check_setup(setup, c, "run_attack")
+    targets, epsilon, step, iterations = c.targets, c.epsilon, c.step, c.iterations
+    max_k, group_size, multi_k = c.max_k, c.group_size, c.multi_k
     atk, inf_full = _attacker(setup)
     task = setup.task
     scores = setup.test_scores()
@@ -368,6 +361,7 @@ def run_attack(
         cnn=asdict(setup.cnn), grad_norm=setup.grad_norm, targets=chosen, flips_by_k=flips,
         flip_rate={k: v / len(chosen) for k, v in flips.items()}, solved_with=solved, verified_all=verified_all,
         runs=runs, pixel_to_centroid=ratio_p, feature_to_centroid=ratio_f, multi=multi, example=example,
+        config=c,
     )
 
 

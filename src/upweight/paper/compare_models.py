@@ -40,7 +40,8 @@ from ..errors import InputError
 from ..influence import Influence
 from ..loo import refit
 from ..solvers import Direct
-from .features import FeatureSetup
+from .config import CompareModelsConfig
+from .features import FeatureSetup, check_setup
 
 PAPER = {
     "n_train": 1800,
@@ -155,9 +156,13 @@ class CompareResult:
     n_tests: int
     tests_used: list[int]
     cnn: dict[str, Any]
+    config: CompareModelsConfig          # the settings of the run
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        """A JSON-ready dict of everything; ``settings`` is the run's ``CompareModelsConfig``."""
+        d = asdict(self)
+        d["settings"] = d.pop("config")
+        return d
 
 
 def _rho_top(absu: np.ndarray, dist: np.ndarray) -> float:
@@ -201,27 +206,22 @@ def _explain(name: str, up: np.ndarray, up_many: np.ndarray, dist: np.ndarray, d
     )
 
 
-def run_compare_models(
-    setup: FeatureSetup,
-    *,
-    test_index: int | None = None,
-    gamma_scale: float = 4.0,
-    t: float = 0.001,
-    rbf_l2: float = 0.001,
-    n_tests: int = 100,
-    progress: bool = True,
-) -> CompareResult:
+def run_compare_models(setup: FeatureSetup, config: CompareModelsConfig | None = None, *,
+                       progress: bool = True) -> CompareResult:
     """Run §5.1 (see the module docstring) and return every number.
 
     Args:
-        setup: ``features.build_feature_model(...)`` (the task, the CNN and the feature model θ̂).
-        test_index: test image to explain (position in the task's test set); default the first one
-            both models classify correctly.
-        gamma_scale: γ·median‖x_i − x_j‖² of the RBF kernel.
-        t: smooth-hinge temperature (paper 0.001).
-        rbf_l2: the SVM's L2 strength (release code 0.001).
-        n_tests: how many test images both models get right enter the median correlation.
+        setup: ``features.build_feature_model(data, config)`` (the task, the CNN and the feature
+            model θ̂), built with ``config``'s ``FeatureConfig`` settings.
+        config: the settings (default ``CompareModelsConfig()``: the paper's); its ``test_index``
+            (default the first test image both models classify correctly inside the SVM's margin)
+            is a position in the task's test set.
+        progress: progress bars.
     """
+    c = config if config is not None else CompareModelsConfig()
+    check_setup(setup, c, "run_compare_models")
+    test_index, gamma_scale, t, rbf_l2 = c.test_index, c.gamma_scale, c.t, c.svm_l2
+    n_tests = c.n_tests
     task = setup.task
     X, y, Xt, yt = task.x_train, task.y_train, task.x_test, task.y_test
     rbf = fit_rbf_svm(X, y, gamma_scale=gamma_scale, t=t, l2=rbf_l2)
@@ -266,6 +266,7 @@ def run_compare_models(
         digits=list(task.digits), n_train=len(y), n_test=len(yt), test_index=int(test_index), test_label=yl,
         distances=dist.tolist(), train_labels=y.tolist(), feature=fe, rbf=rb, rbf_gamma=rbf.gamma,
         rbf_gamma_scale=float(gamma_scale), n_tests=len(tests), tests_used=tests, cnn=asdict(setup.cnn),
+        config=c,
     )
 
 

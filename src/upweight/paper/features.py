@@ -26,7 +26,8 @@ shuffling) on a fixed thread count; nothing is cached on disk.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,6 +38,7 @@ from ..core import Data, Objective
 from ..datasets._base import SplitData
 from ..errors import InputError
 from ..loo import refit
+from .config import FeatureConfig
 
 
 class FeatureCNN(nn.Module):
@@ -233,6 +235,7 @@ class FeatureSetup:
     F_test: torch.Tensor         # φ(x_test)
     model: TopLayerModel         # extractor + top layer at θ̂
     grad_norm: float             # ‖∇R(θ̂)‖ of the top-layer fit
+    config: FeatureConfig = field(default_factory=FeatureConfig)  # the settings it was built with
 
     def top_weight(self) -> torch.Tensor:
         return self.model.top.weight.detach().clone()
@@ -242,27 +245,40 @@ class FeatureSetup:
             return (self.F_test @ self.model.top.weight[0]).numpy()
 
 
-def build_feature_model(
-    data: SplitData,
-    *,
-    digits: tuple[int, int] = (4, 9),
-    n_per_class: int = 900,
-    n_test_per_class: int = 300,
-    cnn_images: int = 30_000,
-    cnn_epochs: int = 3,
-    n_features: int = 64,
-    l2: float = 1e-3,
-    seed: int = 0,
-) -> FeatureSetup:
+def build_feature_model(data: SplitData, config: FeatureConfig | None = None) -> FeatureSetup:
     """Build the binary task, train the feature CNN on other MNIST images (10 classes), and fit the
-    top layer (logistic regression on φ, no intercept, l2 = 0.001 as in the release code) to θ̂."""
+    top layer (logistic regression on φ, no intercept, l2 = 0.001 as in the release code) to θ̂.
+
+    ``config``: the task's and the CNN's settings (default ``FeatureConfig()``, the paper's;
+    ``CompareModelsConfig`` and ``AttackConfig`` are ``FeatureConfig`` too)."""
+    c = config if config is not None else FeatureConfig()
+    digits, n_per_class, n_test_per_class = c.digits, c.n_per_class, c.n_test_per_class
+    cnn_images, cnn_epochs, n_features = c.cnn_images, c.cnn_epochs, c.n_features
+    l2, seed = c.l2, c.seed
     task = binary_task(data, digits, n_per_class, n_test_per_class)
     rows = cnn_training_rows(data, task, cnn_images, seed)
     net, info = train_feature_cnn(data.x_train[rows], data.y_train[rows], n_features=n_features, epochs=cnn_epochs,
                                   seed=seed, x_eval=data.x_test, y_eval=data.y_test)
     F, Ft = features_of(net, task.x_train), features_of(net, task.x_test)
     model, g = fit_top_layer(net, F, task.y_train, l2)
-    return FeatureSetup(task, net, info, float(l2), F, Ft, model, g)
+    built = FeatureConfig(**feature_settings(c))
+    return FeatureSetup(task, net, info, float(l2), F, Ft, model, g, built)
 
 
-__all__ += ["FeatureSetup", "build_feature_model"]
+def feature_settings(config: FeatureConfig) -> dict[str, Any]:
+    """The ``FeatureConfig`` fields of ``config`` (which may be a ``CompareModelsConfig`` or an
+    ``AttackConfig``), by name."""
+    return {f.name: getattr(config, f.name) for f in fields(FeatureConfig)}
+
+
+def check_setup(setup: FeatureSetup, config: FeatureConfig, what: str) -> None:
+    """An InputError unless ``setup`` was built with the ``FeatureConfig`` settings of
+    ``config``."""
+    built, asked = feature_settings(setup.config), feature_settings(config)
+    diff = [f"{k}={asked[k]!r} (setup: {built[k]!r})" for k in built if built[k] != asked[k]]
+    if diff:
+        raise InputError(f"{what}: the setup was built with other settings than the config's: "
+                         f"{', '.join(diff)}; build it with build_feature_model(data, config).")
+
+
+__all__ += ["FeatureSetup", "build_feature_model", "check_setup", "feature_settings"]

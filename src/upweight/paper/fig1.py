@@ -36,8 +36,9 @@ from ..errors import InputError
 from ..influence import Influence
 from ..loo import refit
 from ..solvers import Direct
+from .config import Fig1Config
 
-RELEASE_TEST_INDEX = 30
+RELEASE_TEST_INDEX = 30  # the release code's test image (Fig1Config's default)
 VARIANTS = ("no_train_loss", "no_hessian", "no_both")
 VARIANT_LABELS = {
     "no_train_loss": "without the train-loss term σ(−yθᵀx)",
@@ -77,10 +78,13 @@ class Fig1Result:
     test_image: list[float]
     harmful_image: list[float]
     image_shape: list[int]
+    config: Fig1Config                        # the settings of the run
 
     def to_json(self) -> dict[str, Any]:
-        """A JSON-ready dict of everything."""
-        return asdict(self)
+        """A JSON-ready dict of everything; ``settings`` is the run's ``Fig1Config``."""
+        d = asdict(self)
+        d["settings"] = d.pop("config")
+        return d
 
 
 def _sigmoid(a: np.ndarray) -> np.ndarray:
@@ -123,32 +127,22 @@ def binary_arrays(data: SplitData, n_train: int | None, *, what: str) -> tuple[n
     return X, y, Xt, yt
 
 
-def run_fig1(
-    data: SplitData,
-    *,
-    l2: float = 0.01,
-    test_index: int = RELEASE_TEST_INDEX,
-    n_train: int | None = None,
-    top_k: int = 10,
-    progress: bool = True,
-) -> Fig1Result:
+def run_fig1(data: SplitData, config: Fig1Config | None = None, *,
+             progress: bool = True) -> Fig1Result:
     """Run Fig. 1 (see the module docstring) and return every number.
 
     Args:
         data: MNIST 1 vs 7 (``load_mnist_1v7()`` or ``load_mnist(path, subset="1v7")``), labels ±1.
-        l2: L2 strength (release code: 0.01).
-        test_index: the test image (release code: 30, a 7).
-        n_train: use the first n_train training images (default all 11,800).
-        top_k: size of the top-harmful / top-helpful sets compared.
+        config: the settings (default ``Fig1Config()``: the release code's).
         progress: progress bars.
     """
+    c = config if config is not None else Fig1Config()
+    l2, test_index, n_train, top_k = c.l2, c.test_index, c.n_train, c.top_k
     X, y, Xt, yt = binary_arrays(data, n_train, what="run_fig1")
     if not 0 <= test_index < len(Xt):
         raise InputError(f"run_fig1: test_index {test_index} is outside 0..{len(Xt) - 1}.")
-    if not 1 <= top_k <= len(X):
+    if top_k > len(X):
         raise InputError(f"run_fig1: top_k must be between 1 and n_train={len(X)}; got {top_k}.")
-    if not l2 > 0:
-        raise InputError(f"run_fig1: l2 must be > 0 (the paper's 0.01); got {l2}.")
     n = len(X)
 
     model = torch.nn.Linear(X.shape[1], 1, bias=False).double().eval()
@@ -201,6 +195,7 @@ def run_fig1(
         harmful_same_label_rank=rank_desc(up, harmful_same),
         harmful_same_label_variant_rank={k: rank_desc(v, harmful_same) for k, v in variants.items()},
         test_image=Xt[test_index].tolist(), harmful_image=X[harmful_same].tolist(), image_shape=img,
+        config=c,
     )
 
 

@@ -48,9 +48,10 @@ from ..datasets._base import SplitData
 from ..errors import InputError, NotAtMinimumWarning, SolverError
 from ..influence import Influence
 from ..solvers import Direct
+from .config import Fig3Config
 from .fig1 import binary_arrays
 
-RELEASE_TEST_INDEX = 1597
+RELEASE_TEST_INDEX = 1597  # the release code's test point (Fig3Config's default)
 PAPER: dict[str, Any] = {
     "n_train": 11_800,
     "l2": 0.01,  # 0.005‖w‖² = (l2/2)‖w‖²
@@ -307,10 +308,13 @@ class Fig3Result:
     influence_seconds: float
     curves_s: list[float]
     curves: dict[str, list[float]]
+    config: Fig3Config                        # the settings of the run
 
     def to_json(self) -> dict[str, Any]:
-        """A JSON-ready dict of everything."""
-        return asdict(self)
+        """A JSON-ready dict of everything; ``settings`` is the run's ``Fig3Config``."""
+        d = asdict(self)
+        d["settings"] = d.pop("config")
+        return d
 
 
 def _agreement(pred: np.ndarray, act: np.ndarray) -> tuple[float, float, float]:
@@ -320,36 +324,23 @@ def _agreement(pred: np.ndarray, act: np.ndarray) -> tuple[float, float, float]:
             float(scipy.stats.linregress(pred, act).slope))
 
 
-def run_fig3(
-    data: SplitData,
-    *,
-    l2: float = 0.01,
-    n_train: int | None = None,
-    test_index: int | None = RELEASE_TEST_INDEX,
-    k: int = 100,
-    ts: Sequence[float] = (0.001, 0.01, 0.1),
-    tol: float = 1e-9,
-    progress: bool = True,
-) -> Fig3Result:
+def run_fig3(data: SplitData, config: Fig3Config | None = None, *,
+             progress: bool = True) -> Fig3Result:
     """Run Fig. 3 (see the module docstring) and return every number.
 
     Args:
         data: MNIST 1 vs 7 (``load_mnist_1v7()`` or ``load_mnist(path, subset="1v7")``), labels ±1.
-        l2: L2 strength (paper: 0.005‖w‖² ⇒ 0.01).
-        n_train: use the first n_train training images (default all 11,800).
-        test_index: the test point; used if the SVM misclassifies it, else the misclassified test
-            point of smallest margin. ``None``: that point directly.
-        k: how many training points to remove and retrain without (paper: 100).
-        ts: the SmoothHinge temperatures.
-        tol: the KKT tolerance every SVM fit must meet.
+        config: the settings (default ``Fig3Config()``: the release code's); its ``test_index`` is
+            used if the SVM misclassifies that point, else the misclassified test point of
+            smallest margin.
         progress: progress bars.
     """
+    c = config if config is not None else Fig3Config()
+    l2, n_train, test_index, k, ts, tol = c.l2, c.n_train, c.test_index, c.k, c.ts, c.tol
     X, y, Xt, yt = binary_arrays(data, n_train, what="run_fig3")
     n = len(X)
-    if not 1 <= k <= n:
+    if k > n:
         raise InputError(f"run_fig3: k must be between 1 and n_train={n}; got {k}.")
-    if not ts or any(not (isinstance(t, (int, float)) and t > 0) for t in ts):
-        raise InputError(f"run_fig3: ts must be temperatures > 0; got {list(ts)}.")
 
     t0 = time.perf_counter()
     svm = fit_hinge_svm(X, y, l2, tol=tol)
@@ -414,7 +405,7 @@ def run_fig3(
         slope={name: v[2] for name, v in stats.items()}, grad_norm=grad_norm,
         loo_max_kkt=float(max(kkts)), loo_max_gap=float(max(gaps)), loo_max_rel_gap=float(max(rel)),
         loo_seconds=loo_seconds, influence_seconds=influence_seconds,
-        curves_s=s.tolist(), curves=hinge_curves(s, ts),
+        curves_s=s.tolist(), curves=hinge_curves(s, ts), config=c,
     )
 
 

@@ -37,24 +37,23 @@ as forming all of H once.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-from .._checks import check_interval
 from .._progress import progress as _progress
 from ..core import Data, Objective
 from ..datasets._base import SplitData
 from ..errors import InputError
 from ..influence import Influence
 from ..loo import refit
-from ..solvers import CG, Direct, InverseHVPSolver
+from ..solvers import SOLVERS, InverseHVPSolver
+from .config import MISLABEL_SOLVERS, MislabelConfig
 
 ORDERINGS = ("influence", "loss", "random")
-DEFAULT_FRACTIONS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3)
+DEFAULT_FRACTIONS = MislabelConfig().fractions
 PAPER = {
     "section": "5.4",
     "figure": 6,
@@ -105,6 +104,7 @@ class MislabelResult:
     gtol: float
     refit_gtol: float
     flipped_indices: list[list[int]] = field(default_factory=list)
+    config: MislabelConfig = field(default_factory=MislabelConfig)  # the settings of the run
 
     def mean(self, what: str, ordering: str) -> list[float]:
         """Mean over repeats of ``accuracy``/``found``/``found_grid`` for one ordering."""
@@ -124,8 +124,10 @@ class MislabelResult:
                     "found": self.mean("found", o)[j], "found_sem": self.sem("found", o)[j]} for o in ORDERINGS}
 
     def to_json(self) -> dict[str, Any]:
-        """A JSON-ready dict of everything, plus the mean and standard-error curves."""
+        """A JSON-ready dict of everything, plus the mean and standard-error curves; ``settings``
+        is the run's ``MislabelConfig``."""
         d = asdict(self)
+        d["settings"] = d.pop("config")
         d["curves"] = {
             o: {"accuracy_mean": self.mean("accuracy", o), "accuracy_sem": self.sem("accuracy", o),
                 "found_mean": self.mean("found", o), "found_sem": self.sem("found", o),
@@ -180,13 +182,17 @@ def logistic_losses(w: torch.Tensor, X: torch.Tensor, y: torch.Tensor) -> np.nda
     return torch.nn.functional.softplus(-(y.double() * (X @ w))).numpy()
 
 
+#: the solver ``run_mislabel`` uses under each name of ``MISLABEL_SOLVERS``: its
+#: ``upweight.solvers.SOLVERS`` class and arguments
+SOLVER_OPTIONS: dict[str, dict[str, Any]] = {"direct": {}, "cg": {"rtol": 1e-6}}
+
+
 def make_solver(name: str) -> InverseHVPSolver:
     """``"direct"`` (explicit float64 H, Cholesky) or ``"cg"`` (block conjugate gradients)."""
-    if name == "direct":
-        return Direct()
-    if name == "cg":
-        return CG(rtol=1e-6)
-    raise InputError(f"run_mislabel: solver must be 'direct' or 'cg'; got {name!r}.")
+    if name not in MISLABEL_SOLVERS:
+        raise InputError(f"run_mislabel: solver must be one of {', '.join(MISLABEL_SOLVERS)}; "
+                         f"got {name!r}.")
+    return SOLVERS[name](**SOLVER_OPTIONS[name])
 
 
 def check_orders(self_influence: np.ndarray, losses: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -198,49 +204,22 @@ def check_orders(self_influence: np.ndarray, losses: np.ndarray, rng: np.random.
     }
 
 
-def _fractions(fractions: Sequence[float]) -> list[float]:
-    fr = sorted({float(f) for f in fractions})
-    if not fr or fr[0] < 0 or fr[-1] > 1:
-        raise InputError(f"run_mislabel: fractions must be in [0, 1] (e.g. 0,0.05,0.1,…,0.3); got {list(fractions)}.")
-    return fr
-
-
-def run_mislabel(
-    data: SplitData,
-    *,
-    l2: float = 1e-4,
-    flip_fraction: float = 0.1,
-    fractions: Sequence[float] = DEFAULT_FRACTIONS,
-    repeats: int = 3,
-    seed: int = 0,
-    solver: str = "direct",
-    gtol: float = 1e-8,
-    refit_gtol: float = 1e-6,
-    progress: bool = True,
-) -> MislabelResult:
+def run_mislabel(data: SplitData, config: MislabelConfig | None = None, *,
+                 progress: bool = True) -> MislabelResult:
     """Run §5.4 (see the module docstring) and return every number.
 
     Args:
         data: ``load_enron(path)`` (bag-of-words counts, labels 0/1 or ±1, spam positive).
-        l2: L2 strength (release script: weight decay 1e-4).
-        flip_fraction: share of training labels flipped in each repeat (paper: 0.1).
-        fractions: checkpoints, as fractions of the training data checked (paper's Fig. 6: up to ~0.3).
-        repeats: independent random flips (paper: 40).
-        seed: seed of ``numpy.random.default_rng`` for the flips and the random order.
-        solver: ``"direct"`` (default; exact, fastest for thousands of features) or ``"cg"``.
-        gtol: tolerance on max |∂R/∂θ| for the clean and the flipped model (θ̂ of the influence).
-        refit_gtol: the same for the checkpoint refits, which only feed the test accuracy (at 1e-6
-            θ moves by ~1e-4 relative to a 1e-8 refit and no test prediction changed in our checks;
-            the raw-count features make L-BFGS need hundreds of iterations per refit).
+        config: the settings (default ``MislabelConfig()``; its ``min_df`` and ``vocab_size`` are
+            how ``data`` was vectorised and are only recorded here). ``refit_gtol`` of the
+            checkpoint refits, which only feed the test accuracy: at 1e-6 θ moves by ~1e-4
+            relative to a 1e-8 refit and no test prediction changed in our checks; the raw-count
+            features make L-BFGS need hundreds of iterations per refit.
         progress: progress bars.
     """
-    check_interval("run_mislabel", "l2", l2, 0.0, None)
-    check_interval("run_mislabel", "flip_fraction", flip_fraction, 0.0, 1.0)
-    check_interval("run_mislabel", "gtol", gtol, 0.0, None)
-    check_interval("run_mislabel", "refit_gtol", refit_gtol, 0.0, None)
-    check_interval("run_mislabel", "repeats", repeats, 1, None, closed="left", integer=True)
-    fr = _fractions(fractions)
-    make_solver(solver)  # validates the name before the slow part
+    c = config if config is not None else MislabelConfig()
+    l2, flip_fraction, repeats, seed, solver = c.l2, c.flip_fraction, c.repeats, c.seed, c.solver
+    gtol, refit_gtol, fr = c.gtol, c.refit_gtol, list(c.fractions)
     X, y, Xt, yt = spam_tensors(data)
     n, p = X.shape
     checks = [int(round(f * n)) for f in fr]
@@ -306,9 +285,9 @@ def run_mislabel(
         self_influence_min=si_min, self_influence_residual=si_res, seconds_prepare=t_prep,
         seconds_self_influence=t_si, seconds_refits=t_refit, refit_grad_norm_max=refit_g,
         gtol=float(gtol), refit_gtol=float(refit_gtol),
-        flipped_indices=flipped_idx,
+        flipped_indices=flipped_idx, config=c,
     )
 
 
 __all__ = ["DEFAULT_FRACTIONS", "ORDERINGS", "PAPER", "MislabelResult", "accuracy", "check_orders", "fit_logreg",
-           "logistic_losses", "make_solver", "run_mislabel", "spam_tensors"]
+           "logistic_losses", "SOLVER_OPTIONS", "make_solver", "run_mislabel", "spam_tensors"]

@@ -37,6 +37,7 @@ from ..errors import InputError
 from ..influence import Influence
 from ..loo import refit
 from ..solvers import Direct
+from .config import MismatchConfig
 
 CHILD_COLUMN = 17
 CHILD_FEATURE = "age_[0-10)"
@@ -93,10 +94,14 @@ class MismatchResult:
     pert_abs_mean: list[float]            # mean over the 4 children of |I_pert,loss| per feature (127)
     up_loss_all: list[float]              # I_up,loss for all n_train points (mismatch order)
     feature_names: list[str]
+    config: MismatchConfig                # the settings of the run
 
     def to_json(self) -> dict[str, Any]:
-        """A JSON-ready dict of everything (lists and floats only)."""
-        return asdict(self)
+        """A JSON-ready dict of everything (lists and floats only); ``settings`` is the run's
+        ``MismatchConfig``."""
+        d = asdict(self)
+        d["settings"] = d.pop("config")
+        return d
 
 
 def _fit(X: torch.Tensor, y: torch.Tensor, l2: float) -> tuple[torch.nn.Linear, Any]:
@@ -120,30 +125,18 @@ def _rank(values: np.ndarray, i: int) -> int:
     return int((a > a[i]).sum()) + 1
 
 
-def run_mismatch(
-    data: SplitData,
-    *,
-    l2: float = 1e-4,
-    seed: int | None = None,
-    test_index: int | None = None,
-    top: int = 20,
-    baseline: bool = False,
-    progress: bool = True,
-) -> MismatchResult:
+def run_mismatch(data: SplitData, config: MismatchConfig | None = None, *,
+                 progress: bool = True) -> MismatchResult:
     """Run §5.3 (see the module docstring) and return every number.
 
     Args:
         data: ``load_hospital(path)`` (labels ±1 or 0/1; feature 17 must be ``age_[0-10)``).
-        l2: L2 strength (release notebook: 1e-4).
-        seed: ``None`` keeps the last non-readmitted child in training order (the notebook's
-            choice); an int picks the one kept with ``numpy.random.default_rng(seed)``.
-        test_index: test child to explain; default 1742 if misclassified, else the first
-            misclassified test child.
-        top: how many of the most influential training points to record.
-        baseline: also train on all 20,000 points to count misclassified test children before
-            the mismatch (another ~10–20 s).
+        config: the settings (default ``MismatchConfig()``: the release notebook's); ``baseline``
+            costs another ~10–20 s.
         progress: progress bars in the influence sweeps.
     """
+    c = config if config is not None else MismatchConfig()
+    l2, seed, test_index, top, baseline = c.l2, c.seed, c.test_index, c.top, c.baseline
     names = list(data.feature_names or ())
     if len(names) <= CHILD_COLUMN or names[CHILD_COLUMN] != CHILD_FEATURE:
         raise InputError(f"run_mismatch: feature {CHILD_COLUMN} must be '{CHILD_FEATURE}' (load the data with "
@@ -224,7 +217,7 @@ def run_mismatch(
         coef_top_features=[names[i] for i in coef_order[:15]],
         pert_child_feature=pert[:, CHILD_COLUMN].tolist(), pert_child_rank=ranks, pert_child_rank_active=ranks_active,
         pert_top_feature=tops, pert_abs_mean=np.abs(pert).mean(0).tolist(),
-        up_loss_all=up.tolist(), feature_names=names,
+        up_loss_all=up.tolist(), feature_names=names, config=c,
     )
 
 

@@ -9,11 +9,11 @@ from typing import Any
 
 import numpy as np
 
-from ... import errors
 from ...cli._scheduler import open_executor
+from ..config import AttackConfig
 from ._common import markdown_table
 from ._common import say as _say
-from .compare_models import add_feature_arguments, build_setup
+from .compare_models import add_feature_arguments, build_setup, feature_config
 
 NAME = "attack"
 HELP = "§5.2 training-set attacks: perturb training images by sign(I_pert,loss), retrain, flip a test prediction"
@@ -21,17 +21,26 @@ DATA_HELP = "MNIST: a folder with the four IDX files, or mnist.npz"
 OUTPUTS = ("attack.png", "report.md")  # written into --out (results.json is written by the runner)
 
 
+#: the options' defaults
+_D = AttackConfig()
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``reproduce attack``: one per ``AttackConfig`` field but ``multi_k`` (same
+    name), and ``--scheduler``."""
     add_feature_arguments(p)
-    p.add_argument("--targets", type=int, default=None,
+    p.add_argument("--targets", type=int, default=_D.targets,
                    help="attack only the first N correctly classified test images (alternating classes); "
                         "default: all of them, as the paper (591)")
-    p.add_argument("--epsilon", type=int, default=8,
+    p.add_argument("--epsilon", type=int, default=_D.epsilon,
                    help="L∞ bound in 8-bit levels: each pixel stays within epsilon/255 of the original")
-    p.add_argument("--step", type=int, default=1, help="α in 8-bit levels per iteration (α = step/255)")
-    p.add_argument("--iterations", type=int, default=100, help="iterations per attack (paper: 100)")
-    p.add_argument("--max-k", type=int, default=10, help="most training images perturbed per target (paper: 10)")
-    p.add_argument("--group-size", type=int, default=30,
+    p.add_argument("--step", type=int, default=_D.step,
+                   help="α in 8-bit levels per iteration (α = step/255)")
+    p.add_argument("--iterations", type=int, default=_D.iterations,
+                   help="iterations per attack (paper: 100)")
+    p.add_argument("--max-k", type=int, default=_D.max_k,
+                   help="most training images perturbed per target (paper: 10)")
+    p.add_argument("--group-size", type=int, default=_D.group_size,
                    help="test images in the multi-target attack (paper: 30; 0 skips it)")
     p.add_argument("--scheduler", default=None, metavar="local|tcp://HOST:PORT",
                    help="attack the targets in parallel on Dask: 'local' starts a LocalCluster (one worker per "
@@ -39,20 +48,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "default: one after the other in this process")
 
 
+def _config(args: argparse.Namespace) -> AttackConfig:
+    """The run's ``AttackConfig`` from the options (an InputError names the option)."""
+    return feature_config(AttackConfig, args)
+
+
 def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     from ...report._files import write_text_atomic
     from ..attack import PAPER, run_attack
 
-    if args.targets is not None and args.targets < 1:
-        raise errors.InputError(f"--targets must be ≥ 1; got {args.targets}.")
-    setup = build_setup(args)
-    which = "all correctly classified" if args.targets is None else f"{args.targets}"
-    _say(f"attacking {which} test images: ε = {args.epsilon}/255, α = {args.step}/255, ≤ {args.iterations} "
+    c = _config(args)
+    setup = build_setup(c, args.data)
+    which = "all correctly classified" if c.targets is None else f"{c.targets}"
+    _say(f"attacking {which} test images: ε = {c.epsilon}/255, α = {c.step}/255, ≤ {c.iterations} "
          f"iterations, k = 1, 1 (2nd), 2, 3, 5, 10 training images, exact retrain of the top layer after each step")
     with contextlib.ExitStack() as stack:
         executor = open_executor(stack, args.scheduler, _say)
-        r = run_attack(setup, targets=args.targets, epsilon=args.epsilon, step=args.step, iterations=args.iterations,
-                       max_k=args.max_k, group_size=args.group_size, progress=not args.no_progress, executor=executor)
+        r = run_attack(setup, c, progress=not args.no_progress, executor=executor)
     n = len(r.targets)
     _say("flipped (cumulative, ≤ k images): " + ", ".join(f"k={k}: {v}/{n} ({v / n:.0%})" for k, v in r.flips_by_k.items())
          + f"; every flip verified by a cold retrain: {r.verified_all}")

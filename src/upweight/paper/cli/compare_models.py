@@ -10,7 +10,8 @@ from typing import Any
 import numpy as np
 
 from ... import errors
-from ._common import markdown_table
+from ..config import CompareModelsConfig, FeatureConfig
+from ._common import C, config_from_args, markdown_table
 from ._common import say as _say
 
 NAME = "compare-models"
@@ -19,50 +20,74 @@ DATA_HELP = "MNIST: a folder with the four IDX files, or mnist.npz"
 OUTPUTS = ("compare_models.png", "report.md")  # written into --out (results.json is written by the runner)
 
 
+#: the options' defaults (the paper's settings)
+_D = CompareModelsConfig()
+
+
 def add_feature_arguments(p: argparse.ArgumentParser) -> None:
-    """Options shared with ``reproduce attack``: the binary task and the feature CNN (paper/features.py)."""
-    p.add_argument("--digits", default="4,9",
+    """Options shared with ``reproduce attack``: the binary task and the feature CNN, one per
+    ``FeatureConfig`` field (same name; paper/features.py)."""
+    d = FeatureConfig()
+    p.add_argument("--digits", default=",".join(map(str, d.digits)),
                    help="the two MNIST digits (first → +1); 4 vs 9: a visually similar pair")
-    p.add_argument("--n-per-class", type=int, default=900, help="training images per class (paper: 900)")
-    p.add_argument("--n-test-per-class", type=int, default=300, help="test images per class (release code: 300)")
-    p.add_argument("--cnn-images", type=int, default=30_000,
+    p.add_argument("--n-per-class", type=int, default=d.n_per_class,
+                   help="training images per class (paper: 900)")
+    p.add_argument("--n-test-per-class", type=int, default=d.n_test_per_class,
+                   help="test images per class (release code: 300)")
+    p.add_argument("--cnn-images", type=int, default=d.cnn_images,
                    help="10-class MNIST images (outside the task's training set) the feature CNN is trained on")
-    p.add_argument("--cnn-epochs", type=int, default=3, help="epochs of feature-CNN training")
-    p.add_argument("--n-features", type=int, default=64, help="size of the CNN feature layer (the top layer's input)")
-    p.add_argument("--l2", type=float, default=1e-3, help="L2 strength of the top layer (release code: 0.001)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the CNN's initialisation, shuffling and image choice")
+    p.add_argument("--cnn-epochs", type=int, default=d.cnn_epochs,
+                   help="epochs of feature-CNN training")
+    p.add_argument("--n-features", type=int, default=d.n_features,
+                   help="size of the CNN feature layer (the top layer's input)")
+    p.add_argument("--l2", type=float, default=d.l2,
+                   help="L2 strength of the top layer (release code: 0.001)")
+    p.add_argument("--seed", type=int, default=d.seed,
+                   help="seed of the CNN's initialisation, shuffling and image choice")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``reproduce compare-models``: one per ``CompareModelsConfig`` field (same
+    name)."""
     add_feature_arguments(p)
-    p.add_argument("--test-index", type=int, default=None,
+    p.add_argument("--test-index", type=int, default=_D.test_index,
                    help="test image to explain (default: the first both models get right inside the SVM margin)")
-    p.add_argument("--gamma-scale", type=float, default=4.0, help="RBF γ = gamma_scale / median squared pixel distance")
-    p.add_argument("--t", type=float, default=0.001, help="smooth-hinge temperature of the SVM (paper: 0.001)")
-    p.add_argument("--svm-l2", type=float, default=1e-3, help="L2 strength of the SVM (release code: 0.001)")
-    p.add_argument("--n-tests", type=int, default=100, help="test images the median correlations are taken over")
+    p.add_argument("--gamma-scale", type=float, default=_D.gamma_scale,
+                   help="RBF γ = gamma_scale / median squared pixel distance")
+    p.add_argument("--t", type=float, default=_D.t,
+                   help="smooth-hinge temperature of the SVM (paper: 0.001)")
+    p.add_argument("--svm-l2", type=float, default=_D.svm_l2,
+                   help="L2 strength of the SVM (release code: 0.001)")
+    p.add_argument("--n-tests", type=int, default=_D.n_tests,
+                   help="test images the median correlations are taken over")
 
 
-def parse_digits(text: str) -> tuple[int, int]:
+def parse_digits(text: str) -> tuple[int, ...]:
     try:
-        a, b = (int(v) for v in text.split(","))
+        return tuple(int(v) for v in text.split(","))
     except ValueError as exc:
         raise errors.InputError(f"--digits must be two digits separated by a comma, e.g. 4,9; got {text!r}.") from exc
-    return a, b
 
 
-def build_setup(args: argparse.Namespace) -> Any:
-    """Load MNIST from --data and build the task, the CNN and the top-layer model (one thread, as documented)."""
+def feature_config(cls: type[C], args: argparse.Namespace) -> C:
+    """``cls`` (``CompareModelsConfig`` or ``AttackConfig``) from the options (an InputError names
+    the option)."""
+    return config_from_args(cls, args, digits=parse_digits(args.digits))
+
+
+def _config(args: argparse.Namespace) -> CompareModelsConfig:
+    """The run's ``CompareModelsConfig`` from the options (an InputError names the option)."""
+    return feature_config(CompareModelsConfig, args)
+
+
+def build_setup(config: FeatureConfig, data_path: str) -> Any:
+    """Load MNIST from ``data_path`` and build the task, the CNN and the top-layer model (one
+    thread, as documented)."""
     import torch
 
     from ...datasets import load_mnist
     from ..features import build_feature_model
 
-    for name in ("n_per_class", "n_test_per_class", "cnn_images", "cnn_epochs", "n_features"):
-        if getattr(args, name) < 1:
-            raise errors.InputError(f"--{name.replace('_', '-')} must be ≥ 1; got {getattr(args, name)}.")
-    if args.l2 <= 0:
-        raise errors.InputError(f"--l2 must be > 0; got {args.l2}.")
     torch.set_num_threads(1)  # the documented timings and the CNN's exact weights are for one thread
     try:  # scipy's L-BFGS spins OpenBLAS threads on a busy machine otherwise (10× slower refits)
         from threadpoolctl import threadpool_limits
@@ -70,17 +95,16 @@ def build_setup(args: argparse.Namespace) -> Any:
         threadpool_limits(1)
     except ImportError:
         pass
-    data = load_mnist(args.data)
-    digits = parse_digits(args.digits)
-    _say(f"training the feature CNN on {args.cnn_images:,} 10-class MNIST images ({args.cnn_epochs} epochs, "
-         f"{args.n_features} features, seed {args.seed}) …")
-    setup = build_feature_model(data, digits=digits, n_per_class=args.n_per_class,
-                                n_test_per_class=args.n_test_per_class, cnn_images=args.cnn_images,
-                                cnn_epochs=args.cnn_epochs, n_features=args.n_features, l2=args.l2, seed=args.seed)
+    data = load_mnist(data_path)
+    c = config
+    _say(f"training the feature CNN on {c.cnn_images:,} 10-class MNIST images "
+         f"({c.cnn_epochs} epochs, {c.n_features} features, seed {c.seed}) …")
+    setup = build_feature_model(data, c)
     acc = float((np.sign(setup.test_scores()) == setup.task.y_test).mean())
     _say(f"CNN: {setup.cnn.seconds:.1f}s, 10-class test accuracy {setup.cnn.test_accuracy_10class:.4f}; "
-         f"task {digits[0]} vs {digits[1]}: {len(setup.task.y_train):,} train / {len(setup.task.y_test):,} test; "
-         f"top layer (l2={args.l2:g}, ‖∇R‖ = {setup.grad_norm:.1e}) test accuracy {acc:.4f}")
+         f"task {c.digits[0]} vs {c.digits[1]}: {len(setup.task.y_train):,} train / "
+         f"{len(setup.task.y_test):,} test; "
+         f"top layer (l2={c.l2:g}, ‖∇R‖ = {setup.grad_norm:.1e}) test accuracy {acc:.4f}")
     return setup
 
 
@@ -88,10 +112,11 @@ def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     from ...report._files import write_text_atomic
     from ..compare_models import PAPER, run_compare_models
 
-    setup = build_setup(args)
-    r = run_compare_models(setup, test_index=args.test_index, gamma_scale=args.gamma_scale, t=args.t,
-                           rbf_l2=args.svm_l2, n_tests=args.n_tests, progress=not args.no_progress)
-    _say(f"RBF SVM (γ = {r.rbf_gamma:.4g}, SmoothHinge t={args.t:g}, ‖∇R‖ = {r.rbf.grad_norm:.1e}) test accuracy "
+    c = _config(args)
+    setup = build_setup(c, args.data)
+    r = run_compare_models(setup, c, progress=not args.no_progress)
+    _say(f"RBF SVM (γ = {r.rbf_gamma:.4g}, SmoothHinge t={c.t:g}, ‖∇R‖ = {r.rbf.grad_norm:.1e}) "
+         "test accuracy "
          f"{r.rbf.test_accuracy:.4f}; explaining test image {r.test_index} (label {r.test_label:+d})")
     for m in (r.feature, r.rbf):
         _say(f"{m.name:>7}: Spearman ρ(|I_up,loss|, distance) {m.spearman_abs_vs_distance:+.3f} (all), "

@@ -8,8 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from ... import errors
-from ._common import markdown_table
+from ..config import Fig1Config
+from ._common import config_from_args, markdown_table
 from ._common import say as _say
 
 NAME = "fig1"
@@ -28,25 +28,37 @@ def load_1v7(spec: str) -> Any:
     return load_mnist(spec, subset="1v7")
 
 
+#: the options' defaults (the release code's settings)
+_D = Fig1Config()
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--l2", type=float, default=0.01, help="L2 strength (release code: weight decay 0.01)")
-    p.add_argument("--test-index", type=int, default=30, help="test image of the 1-vs-7 test set (release code: 30, a 7)")
-    p.add_argument("--n-train", type=int, default=None, help="use the first N training images (default: all 11,800)")
-    p.add_argument("--top-k", type=int, default=10, help="size of the top-harmful/helpful sets compared")
+    """The options of ``reproduce fig1``: one per ``Fig1Config`` field (same name)."""
+    p.add_argument("--l2", type=float, default=_D.l2,
+                   help="L2 strength (release code: weight decay 0.01)")
+    p.add_argument("--test-index", type=int, default=_D.test_index,
+                   help="test image of the 1-vs-7 test set (release code: 30, a 7)")
+    p.add_argument("--n-train", type=int, default=_D.n_train,
+                   help="use the first N training images (default: all 11,800)")
+    p.add_argument("--top-k", type=int, default=_D.top_k,
+                   help="size of the top-harmful/helpful sets compared")
+
+
+def _config(args: argparse.Namespace) -> Fig1Config:
+    """The run's ``Fig1Config`` from the options (an InputError names the option)."""
+    return config_from_args(Fig1Config, args)
 
 
 def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     from ...report._files import write_text_atomic
     from ..fig1 import PAPER, run_fig1
 
-    if args.l2 <= 0:
-        raise errors.InputError(f"--l2 must be > 0; got {args.l2}.")
+    c = _config(args)
     data = load_1v7(args.data)
-    n = len(data.x_train) if args.n_train is None else args.n_train
+    n = len(data.x_train) if c.n_train is None else c.n_train
     _say(f"upweight reproduce fig1 — Koh & Liang (2017) §2.3 on {data.name}: {n:,} of {len(data.x_train):,} training "
-         f"images, test image {args.test_index}")
-    r = run_fig1(data, l2=args.l2, test_index=args.test_index, n_train=args.n_train, top_k=args.top_k,
-                 progress=not args.no_progress)
+         f"images, test image {c.test_index}")
+    r = run_fig1(data, c, progress=not args.no_progress)
     digit = "1" if r.test_label > 0 else "7"
     _say(f"logistic regression, no bias, l2={r.l2:g}: ‖∇R‖ = {r.grad_norm:.1e}; test image {r.test_index} is a {digit}, "
          f"p(correct) = {r.test_prob_correct:.3f}")

@@ -9,8 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from ... import errors
-from ._common import markdown_table
+from ..config import Fig3Config
+from ._common import config_from_args, markdown_table
 from ._common import say as _say
 from .fig1 import load_1v7
 
@@ -22,30 +22,43 @@ DATA_HELP = ("'bundled' (the MNIST 1-vs-7 set shipped with upweight) or your MNI
 OUTPUTS = ("fig3.png", "report.md")  # written into --out (results.json is written by the runner)
 
 
+#: the options' defaults (the release code's settings)
+_D = Fig3Config()
+#: the options not named after their Fig3Config field
+_OPTIONS = {"ts": "--t"}
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--l2", type=float, default=0.01, help="L2 strength: R = mean hinge + (l2/2)‖w‖² (paper: 0.005‖w‖²)")
-    p.add_argument("--test-index", type=int, default=1597,
-                   help="test point (release code: 1597); if the SVM gets it right, the misclassified one of smallest margin")
-    p.add_argument("--n-train", type=int, default=None, help="use the first N training images (default: all 11,800)")
-    p.add_argument("--k", type=int, default=100, help="training points removed one at a time (paper: 100)")
-    p.add_argument("--t", type=float, nargs="+", default=[0.001, 0.01, 0.1], metavar="T",
+    """The options of ``reproduce fig3``: one per ``Fig3Config`` field but ``tol`` (same name,
+    ``--t`` for ``ts``)."""
+    p.add_argument("--l2", type=float, default=_D.l2,
+                   help="L2 strength: R = mean hinge + (l2/2)‖w‖² (paper: 0.005‖w‖²)")
+    p.add_argument("--test-index", type=int, default=_D.test_index,
+                   help="test point (release code: 1597); if the SVM gets it right, the "
+                        "misclassified one of smallest margin")
+    p.add_argument("--n-train", type=int, default=_D.n_train,
+                   help="use the first N training images (default: all 11,800)")
+    p.add_argument("--k", type=int, default=_D.k,
+                   help="training points removed one at a time (paper: 100)")
+    p.add_argument("--t", dest="ts", type=float, nargs="+", default=list(_D.ts), metavar="T",
                    help="SmoothHinge temperatures")
+
+
+def _config(args: argparse.Namespace) -> Fig3Config:
+    """The run's ``Fig3Config`` from the options (an InputError names the option)."""
+    return config_from_args(Fig3Config, args, _OPTIONS)
 
 
 def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     from ...report._files import write_text_atomic
     from ..fig3 import PAPER, run_fig3
 
-    if args.l2 <= 0:
-        raise errors.InputError(f"--l2 must be > 0; got {args.l2}.")
-    if any(t <= 0 for t in args.t):
-        raise errors.InputError(f"--t temperatures must be > 0; got {args.t}.")
+    c = _config(args)
     data = load_1v7(args.data)
-    n = len(data.x_train) if args.n_train is None else args.n_train
+    n = len(data.x_train) if c.n_train is None else c.n_train
     _say(f"upweight reproduce fig3 — Koh & Liang (2017) §4.3 on {data.name}: {n:,} of {len(data.x_train):,} training "
-         f"images; hinge SVM without bias, l2={args.l2:g}; k={args.k}; t ∈ {args.t}")
-    r = run_fig3(data, l2=args.l2, n_train=args.n_train, test_index=args.test_index, k=args.k, ts=args.t,
-                 progress=not args.no_progress)
+         f"images; hinge SVM without bias, l2={c.l2:g}; k={c.k}; t ∈ {list(c.ts)}")
+    r = run_fig3(data, c, progress=not args.no_progress)
     _say(f"hinge SVM solved exactly in {r.svm_seconds:.1f}s: KKT violation {r.svm_kkt:.1e}, duality gap {r.svm_gap:.1e}; "
          f"{r.svm_n_margin} points on the margin, {r.svm_n_bound} inside; accuracy train {r.train_accuracy:.4f}, "
          f"test {r.test_accuracy:.4f}")

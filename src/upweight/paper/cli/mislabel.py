@@ -8,8 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from ... import errors
-from ._common import markdown_table
+from ..config import MISLABEL_SOLVERS, MislabelConfig
+from ._common import config_from_args, markdown_table
 from ._common import say as _say
 
 NAME = "mislabel"
@@ -28,20 +28,37 @@ def _floats(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 0,0.05,0.1; got {text!r}") from exc
 
 
+#: the options' defaults
+_D = MislabelConfig()
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--l2", type=float, default=1e-4, help="L2 strength (release script's weight decay: 1e-4)")
-    p.add_argument("--flip-fraction", type=float, default=0.1, help="share of training labels flipped (paper: 0.1)")
-    p.add_argument("--fractions", type=_floats, default="0,0.05,0.1,0.15,0.2,0.25,0.3",
+    """The options of ``reproduce mislabel``: one per ``MislabelConfig`` field but ``gtol`` (same
+    name)."""
+    p.add_argument("--l2", type=float, default=_D.l2,
+                   help="L2 strength (release script's weight decay: 1e-4)")
+    p.add_argument("--flip-fraction", type=float, default=_D.flip_fraction,
+                   help="share of training labels flipped (paper: 0.1)")
+    p.add_argument("--fractions", type=_floats, default=",".join(f"{f:g}" for f in _D.fractions),
                    help="checkpoints: fractions of the training data checked, where the model is retrained")
-    p.add_argument("--repeats", type=int, default=3, help="random flips to average over (paper: 40)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the flips and of the random checking order")
-    p.add_argument("--solver", choices=("direct", "cg"), default="direct",
+    p.add_argument("--repeats", type=int, default=_D.repeats,
+                   help="random flips to average over (paper: 40)")
+    p.add_argument("--seed", type=int, default=_D.seed,
+                   help="seed of the flips and of the random checking order")
+    p.add_argument("--solver", choices=MISLABEL_SOLVERS, default=_D.solver,
                    help="inverse-HVP solver for the self-influence of all n points (direct: far cheaper here)")
-    p.add_argument("--refit-gtol", type=float, default=1e-6,
-                   help="max |∂R/∂θ| of the checkpoint refits (the clean and flipped models use 1e-8)")
-    p.add_argument("--min-df", type=int, default=5, help="minimum document frequency of a vocabulary word (release: 5)")
-    p.add_argument("--vocab-size", type=int, default=None,
+    p.add_argument("--refit-gtol", type=float, default=_D.refit_gtol,
+                   help=f"max |∂R/∂θ| of the checkpoint refits (the clean and flipped models use "
+                        f"{_D.gtol:g})")
+    p.add_argument("--min-df", type=int, default=_D.min_df,
+                   help="minimum document frequency of a vocabulary word (release: 5)")
+    p.add_argument("--vocab-size", type=int, default=_D.vocab_size,
                    help="keep only the most frequent words (default: all with document frequency ≥ --min-df)")
+
+
+def _config(args: argparse.Namespace) -> MislabelConfig:
+    """The run's ``MislabelConfig`` from the options (an InputError names the option)."""
+    return config_from_args(MislabelConfig, args)
 
 
 def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
@@ -51,16 +68,12 @@ def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     from ...report._files import write_text_atomic
     from ..mislabel import PAPER, run_mislabel
 
-    if args.repeats < 1:
-        raise errors.InputError(f"--repeats must be ≥ 1; got {args.repeats}.")
-    if args.min_df < 1 or (args.vocab_size is not None and args.vocab_size < 1):
-        raise errors.InputError(f"--min-df and --vocab-size must be ≥ 1; got {args.min_df} and {args.vocab_size}.")
-    data = load_enron(args.data, vectorizer=CountVectorizer(min_df=args.min_df, max_features=args.vocab_size))
+    c = _config(args)
+    vectorizer = CountVectorizer(min_df=c.min_df, max_features=c.vocab_size)
+    data = load_enron(args.data, vectorizer=vectorizer)
     _say(f"upweight reproduce mislabel — Koh & Liang (2017) §5.4 on Enron1: {data.x_train.shape[0]:,} training / "
          f"{data.x_test.shape[0]:,} test emails, {data.x_train.shape[1]:,} bag-of-words features")
-    r = run_mislabel(data, l2=args.l2, flip_fraction=args.flip_fraction, fractions=args.fractions,
-                     repeats=args.repeats, seed=args.seed, solver=args.solver, refit_gtol=args.refit_gtol,
-                     progress=not args.no_progress)
+    r = run_mislabel(data, c, progress=not args.no_progress)
     _say(f"clean model: test accuracy {r.clean_test_accuracy:.4f} (‖∇R‖ = {r.clean_grad_norm:.1e}); "
          f"{r.n_flipped} labels flipped per repeat → test accuracy {np.mean(r.flipped_test_accuracy):.4f} "
          f"(mean of {r.repeats})")
@@ -74,7 +87,7 @@ def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         _say(f"checked {f:.0%}: " + "; ".join(
             f"{o} found {at[o]['found']:.3f}, accuracy {at[o]['accuracy']:.4f}" for o in at))
     _figure(r, out / "mislabel.png")
-    write_text_atomic(out / "report.md", _report(r, PAPER, args))
+    write_text_atomic(out / "report.md", _report(r, PAPER))
     return {"paper_section": "5.4", "paper": PAPER, **r.to_json()}
 
 
@@ -111,7 +124,8 @@ def _figure(r: Any, path: Path) -> Path:
     return save_figure(fig, path)
 
 
-def _report(r: Any, paper: dict[str, Any], args: argparse.Namespace) -> str:
+def _report(r: Any, paper: dict[str, Any]) -> str:
+    c = r.config
     j10 = [f for f in r.fractions if abs(f - 0.1) < 1e-12]
     rows = [
         ("training / test emails", f"{r.n_train:,} / {r.n_test:,}", "4,147 (typo for 4,137) / 1,035"),
@@ -143,8 +157,9 @@ def _report(r: Any, paper: dict[str, Any], args: argparse.Namespace) -> str:
     lines = [
         "# Fixing mislabeled examples (Koh & Liang 2017, §5.4, Fig. 6) — Enron1 spam",
         "",
-        f"Binary logistic regression without intercept on bag-of-words counts (CountVectorizer min_df={args.min_df}"
-        f"{'' if args.vocab_size is None else f', max_features={args.vocab_size}'}), l2 = {r.l2:g} "
+        "Binary logistic regression without intercept on bag-of-words counts (CountVectorizer "
+        f"min_df={c.min_df}{'' if c.vocab_size is None else f', max_features={c.vocab_size}'}), "
+        f"l2 = {r.l2:g} "
         f"(release script's weight decay), trained to the minimum in float64. Each repeat flips "
         f"{r.n_flipped} random training labels, retrains, ranks the training points by |self-influence| "
         f"(solver: {r.solver}), by training loss, or at random, fixes the flipped points among the first k "

@@ -8,7 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from ... import errors
+from ..config import MismatchConfig
+from ._common import config_from_args
 from ._common import say as _say
 
 NAME = "mismatch"
@@ -17,13 +18,24 @@ DATA_HELP = "hospital_koh2017.npz, diabetic_data.csv[.gz], dataset_diabetes.zip 
 OUTPUTS = ("mismatch.png", "report.md")  # written into --out (results.json is written by the runner)
 
 
+#: the options' defaults (the release notebook's settings)
+_D = MismatchConfig()
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--l2", type=float, default=1e-4, help="L2 strength (release notebook: 1e-4)")
-    p.add_argument("--seed", type=int, default=None,
+    """The options of ``reproduce mismatch``: one per ``MismatchConfig`` field but ``top`` and
+    ``baseline`` (same name)."""
+    p.add_argument("--l2", type=float, default=_D.l2, help="L2 strength (release notebook: 1e-4)")
+    p.add_argument("--seed", type=int, default=_D.seed,
                    help="pick the non-readmitted child kept at random with this seed "
                         "(default: the last in training order, as the release notebook)")
-    p.add_argument("--test-index", type=int, default=None,
+    p.add_argument("--test-index", type=int, default=_D.test_index,
                    help="test child to explain (default 1742, the notebook's, if misclassified)")
+
+
+def _config(args: argparse.Namespace) -> MismatchConfig:
+    """The run's ``MismatchConfig`` from the options (an InputError names the option)."""
+    return config_from_args(MismatchConfig, args)
 
 
 def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
@@ -31,12 +43,11 @@ def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     from ...report._files import write_text_atomic
     from ..mismatch import PAPER, run_mismatch
 
-    if args.l2 < 0:
-        raise errors.InputError(f"--l2 must be ≥ 0; got {args.l2}.")
+    c = _config(args)
     data = load_hospital(args.data)
     _say(f"upweight reproduce mismatch — Koh & Liang (2017) §5.3 on {data.name}: "
          f"{len(data.x_train):,} training / {len(data.x_test):,} test points, {data.x_train.shape[1]} features")
-    r = run_mismatch(data, l2=args.l2, seed=args.seed, test_index=args.test_index, progress=not args.no_progress)
+    r = run_mismatch(data, c, progress=not args.no_progress)
     _say(f"removed {len(r.removed)} of the non-readmitted training children → {r.n_train:,} points; "
          f"children kept {r.children_kept} (labels {r.children_kept_labels})")
     _say(f"trained logistic regression (l2={r.l2:g}, ‖∇R‖ = {r.grad_norm:.1e}); "
