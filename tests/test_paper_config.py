@@ -22,6 +22,7 @@ from upweight.paper.config import (
     CompareModelsConfig,
     FeatureConfig,
     Fig1Config,
+    Fig2Config,
     Fig3Config,
     MislabelConfig,
     MismatchConfig,
@@ -102,6 +103,14 @@ def test_configs_are_frozen_and_their_asdict_is_json(cls):
 
 
 BAD = [
+    (Fig2Config, {"panels": ()}, "panels must be a comma-separated subset"),
+    (Fig2Config, {"loo_k": 0}, "loo_k must be ≥ 1"),
+    (Fig2Config, {"lissa_depth": 0}, "lissa_depth must be ≥ 1"),
+    (Fig2Config, {"cnn_retrain_steps": 0}, "cnn_retrain_steps must be ≥ 1"),
+    (Fig2Config, {"cnn_damping": -0.1}, "cnn_damping must be a number ≥ 0"),
+    (Fig2Config, {"cnn_retrain_lr": 0.0}, "cnn_retrain_lr must be a number > 0"),
+    (Fig2Config, {"refit_method": "exact"}, "refit_method must be 'auto', 'newton' or 'lbfgs'"),
+    (Fig2Config, {"cnn_retrain": "sgd"}, "cnn_retrain must be 'adam' or 'momentum'"),
     (Fig1Config, {"l2": 0}, "l2 must be a number > 0"),
     (Fig1Config, {"test_index": -1}, "test_index must be ≥ 0"),
     (Fig1Config, {"n_train": 5}, "n_train must be ≥ 10"),

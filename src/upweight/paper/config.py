@@ -93,8 +93,26 @@ class Fig2Config:
         object.__setattr__(self, "panels", tuple(self.panels))
         bad = [p for p in self.panels if p not in PANELS]
         if bad or not self.panels:
-            raise InputError(f"panels must be a non-empty subset of {', '.join(PANELS)}; "
-                             f"got {', '.join(self.panels) or 'none'}.")
+            raise _invalid(self, "panels", f"must be a comma-separated subset of "
+                           f"{', '.join(PANELS)}; got {', '.join(self.panels) or 'none'}.")
+        for name in ("loo_k", "lissa_depth", "lissa_repeats", "lissa_batch_size", "cnn_loo_k",
+                     "cnn_train_steps"):
+            _count(self, name)
+        for name in ("train_size", "cnn_train_size", "cnn_retrain_steps"):
+            _count(self, name, optional=True)
+        _index(self, "test_index")
+        _index(self, "cnn_test_index")
+        _count(self, "seed", 0)
+        _positive(self, "cnn_train_lr")
+        if self.cnn_retrain_lr is not None:
+            _positive(self, "cnn_retrain_lr")
+        _positive(self, "cnn_damping", zero=True)
+        if self.refit_method not in ("auto", "newton", "lbfgs"):
+            raise _invalid(self, "refit_method",
+                           f"must be 'auto', 'newton' or 'lbfgs'; got {self.refit_method!r}.")
+        if self.cnn_retrain not in ("adam", "momentum"):
+            raise _invalid(self, "cnn_retrain",
+                           f"must be 'adam' or 'momentum'; got {self.cnn_retrain!r}.")
 
 
 @dataclass(frozen=True)

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 from pathlib import Path
 from typing import Any
 
 from ... import errors
 from ...cli._scheduler import open_executor
-from ..config import PANELS, Fig2Config
-from ._common import markdown_table
+from ..config import Fig2Config
+from ._common import config_from_args, markdown_table
 from ._common import say as _say
 
 NAME = "fig2"
@@ -76,19 +75,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _config(args: argparse.Namespace) -> Fig2Config:
-    """The run's ``Fig2Config`` from the options, each checked (an InputError names the option)."""
+    """The run's ``Fig2Config`` from the options (an InputError names the option it refuses)."""
     panels = tuple(s.strip() for s in args.panels.split(",") if s.strip())
-    bad = [s for s in panels if s not in PANELS]
-    if bad or not panels:
-        raise errors.InputError(f"--panels: unknown {', '.join(bad) or 'empty list'}; use a comma-separated subset of cg, lissa, cnn.")
-    for name in ("loo_k", "cnn_loo_k", "lissa_depth", "lissa_repeats", "lissa_batch_size", "cnn_train_steps", "cnn_retrain_steps"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise errors.InputError(f"--{name.replace('_', '-')} must be ≥ 1; got {getattr(args, name)}.")
-    if args.cnn_damping < 0:
-        raise errors.InputError(f"--cnn-damping must be ≥ 0; got {args.cnn_damping}.")
-    given = vars(args)
-    return Fig2Config(panels=panels, **{f.name: given[f.name] for f in dataclasses.fields(Fig2Config)
-                                        if f.name != "panels" and f.name in given})
+    return config_from_args(Fig2Config, args, {"refit_method": "--refit"}, panels=panels)
 
 
 def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
