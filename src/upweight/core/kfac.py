@@ -224,7 +224,7 @@ def _moment_sums(ctx: _FactorContext, data: Data) -> _Sums:
         clamped += cap.clamped
         for lm in ctx.local:
             u = cap.local_grads(lm).reshape(-1, lm.size)
-            sums["L:" + lm.name] = sums.get("L:" + lm.name, 0) + (u.T @ u).to(torch.float64)
+            _accumulate(sums, "L:" + lm.name, u.T @ u)
         for blk in ctx.blocks:
             a = cap.a[blk.name]  # (b, T, cols); an embedding's token ids (b, T), −1 = padding
             g = cap.g[blk.name]  # (K, b, T, out)
@@ -239,9 +239,20 @@ def _moment_sums(ctx: _FactorContext, data: Data) -> _Sums:
             else:
                 a2 = a.reshape(-1, a.shape[-1])
                 aa = a2.T @ a2
-            sums["A:" + blk.name] = sums.get("A:" + blk.name, 0) + aa.to(torch.float64)
-            sums["S:" + blk.name] = sums.get("S:" + blk.name, 0) + (g2.T @ g2).to(torch.float64) / T
+            _accumulate(sums, "A:" + blk.name, aa)
+            _accumulate(sums, "S:" + blk.name, (g2.T @ g2).to(torch.float64) / T)
     return _Sums(sums, locs, clamped)
+
+
+def _accumulate(sums: dict[str, torch.Tensor], key: str, batch_sum: torch.Tensor) -> None:
+    """``sums[key] += batch_sum`` in float64, in place after the first batch: a wide block (a
+    module-local GGN block of a few thousand parameters) then needs no float64 copy of each batch's
+    product and no new accumulator per batch."""
+    acc = sums.get(key)
+    if acc is None:
+        sums[key] = batch_sum.to(torch.float64, copy=True)
+    else:
+        acc.add_(batch_sum)  # promoted to the accumulator's float64, exactly
 
 
 def _moment_partition(indices: np.ndarray, ctx: _FactorContext) -> _Sums:
