@@ -314,18 +314,21 @@ class KFAC(OneShotSolver):
             return self._prepare(curvature, st)
 
     def factor_fingerprint(self, curvature: Curvature, plan: LayerPlan,
-                           output_factors: str = "exact") -> dict[str, Any]:
+                           output_factors: str | None = None) -> dict[str, Any]:
         """What the factors depend on: the key of a factor store (``Store.bind``).
 
         θ̂ (a SHA-256 over the model's parameters and buffers, as the score stores'), the
         parameters of θ and the dtype, the loss and output selector, the training data's digests,
         the curvature kind, the settings that choose the points and layers, the output factors
-        used (``output_factors``: "exact", or "sampled" with ``samples``; resolved, so "auto"
-        shares a store with what it chose), and the resulting layer plan. Not l2, δ, ``damping``
+        used (``output_factors``: "exact", or "sampled" with ``samples``; ``None``: resolved from
+        this solver's setting, so "auto" shares a store with what it chose), and the resulting
+        layer plan. Not l2, δ, ``damping``
         (added to the eigenvalues afterwards), the fallback settings, nor ``eigen_correction``
         (EK-FAC's Λ is stored next to the K-FAC factors)."""
         obj = curvature.objective
         output = obj.output if obj.output is None or isinstance(obj.output, str) else fn_name(obj.output)
+        if output_factors is None:
+            output_factors = resolve_output_factors(obj, curvature.data, self.output_factors)
         return {
             "quantity": "kfac_factors",
             "model": {"parameters_sha256": model_sha256(obj), "theta": list(obj.space.names), "dtype": str(obj.dtype)},
