@@ -24,11 +24,14 @@ What it does (Koh & Liang 2017, applied to today's black boxes):
    prompt) (the ``causal_lm`` loss with the prompt labelled −100). θ is the last transformer
    block's MLP and the final layer norm; their Hessian is indefinite, so the damping comes from a
    Lanczos estimate of its smallest eigenvalue, and CG solves with it. The same θ and damping with
-   the Gauss–Newton matrix (``Influence(curvature="gauss-newton")``) is compared with it.
+   the Gauss–Newton matrix (``Influence(curvature="gauss-newton")``) is compared with it, and so is
+   EK-FAC on that Gauss–Newton matrix (``--lm-samples``), its output Hessian over the T·V logits of
+   an e-mail sampled: labels drawn from the model at every position (``KFAC``'s output factors).
 4. Writes ``results.json`` (every number, the solvers' provenance and the timings), ``report.md``,
    the scores of every training e-mail (``scores_classifier.npz``, ``scores_lm.npz``,
-   ``scores_lm_gauss_newton.npz``; ``uw.InfluenceScores.load``) and both models' weights (``classifier.pt``, ``lm.pt``; their
-   configs are in ``results.json``) into ``--out``.
+   ``scores_lm_gauss_newton.npz``, ``scores_lm_ekfac.npz``; ``uw.InfluenceScores.load``) and
+   both models' weights (``classifier.pt``, ``lm.pt``; their configs are in ``results.json``) into
+   ``--out``.
 
 Run it from the repository root (the command, run time and numbers of a full run are in
 docs/transformers.md)::
@@ -131,6 +134,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="damping δ of the LM's Hessian (default: from a Lanczos estimate of its spectrum, "
                          "max(1.5·|λmin|, 0.01·λmax) rounded)")
     ap.add_argument("--lm-float64", action="store_true", help="the LM's influence in float64 (default float32)")
+    ap.add_argument("--lm-samples", type=int, default=1,
+                    help="also score the LM with EK-FAC on the Gauss-Newton matrix, its output "
+                         "Hessian sampled with this many label draws per e-mail "
+                         "(default: 1; 0: no EK-FAC)")
     ap.add_argument("--pooler", action="store_true", help="also score θ = pooler + head (CG on the damped Hessian and on the Gauss–Newton matrix, and EK-FAC)")
     ap.add_argument("--top", type=int, default=5, help="helpful / harmful training e-mails listed (default: 5)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's; on a busy 2-core machine 1 is fastest)")
@@ -651,6 +658,23 @@ def run_lm(args, sz: Sizes, train: list[Email], test: list[Email], timer: Timer,
     gn_scores.save(args.out / "scores_lm_gauss_newton.npz")
     gn = {"damping": gn_damping, "damping_tries": gn_tries, "provenance": dict(gn_scores.provenance),
           "top": ranked(gn_scores, train, args.top), **compare_scores(gn_scores.values[0], scores.values[0], "hessian")}
+    # EK-FAC on the same Gauss–Newton matrix and damping: its output Hessian (T·V logits per
+    # e-mail) is sampled, labels drawn from the model at every position (output_factors="auto")
+    ekfac = None
+    if args.lm_samples > 0:
+        with timer("lm_influence_ekfac"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotAtMinimumWarning)
+            ekfac_solver = uw.EKFAC(samples=args.lm_samples, seed=args.seed)
+            ek_scores = uw.Influence(obj, solver=ekfac_solver, damping=gn_damping,
+                                     curvature="gauss-newton", progress=not quiet, grad_tol=1e9,
+                                     max_residual=None).fit(train_data).up_loss(test_point)
+        ek_scores.save(args.out / "scores_lm_ekfac.npz")
+        ekfac = {"damping": gn_damping, "samples": args.lm_samples,
+                 "provenance": dict(ek_scores.provenance),
+                 "top": ranked(ek_scores, train, args.top),
+                 "seconds": timer.seconds["lm_influence_ekfac"],
+                 "gauss_newton_cg_seconds": timer.seconds["lm_influence_gauss_newton"],
+                 **compare_scores(ek_scores.values[0], gn_scores.values[0], "gn_cg")}
     rows = ranked(scores, train, args.top)
     print_ranked(f"θ = last MLP + ln_f, CG, damping {damping:g}", rows)
 
@@ -678,6 +702,7 @@ def run_lm(args, sz: Sizes, train: list[Email], test: list[Email], timer: Timer,
                        "in_top_helpful": int(has[helpful].sum()), "in_top_harmful": int(has[harmful].sum()),
                        "in_all_training": int(has.sum()), "n_train": len(train)},
         "gauss_newton": gn,
+        "ekfac": ekfac,
         "vocab_itos": vocab.itos,
     }
     print(f"[lm] {int(has[helpful].sum())} of the top-{k} helpful e-mails contain a word pair of the generated text, "
@@ -687,6 +712,14 @@ def run_lm(args, sz: Sizes, train: list[Email], test: list[Email], timer: Timer,
           f"{gn['pearson_vs_hessian']:.3f}, Spearman {gn['spearman_vs_hessian']:.3f}, top-10 overlap "
           f"{gn['top10_overlap_vs_hessian']:.1f}; its most helpful {[r['train_id'] for r in gn['top']['helpful']]}, "
           f"most harmful {[r['train_id'] for r in gn['top']['harmful']]}")
+    if ekfac is not None:
+        print(f"[lm] EK-FAC on the Gauss–Newton matrix "
+              f"({ekfac['provenance']['solver_output_factors']} output factors, {args.lm_samples} "
+              f"per e-mail): {ekfac['seconds']:.1f} s against "
+              f"{ekfac['gauss_newton_cg_seconds']:.1f} s for CG; Pearson "
+              f"{ekfac['pearson_vs_gn_cg']:.3f}, Spearman {ekfac['spearman_vs_gn_cg']:.3f}, "
+              "top-10 overlap "
+              f"{ekfac['top10_overlap_vs_gn_cg']:.1f} with Gauss–Newton CG")
     return result, lm
 
 
@@ -759,6 +792,12 @@ def write_report(out: Path, res: dict[str, Any]) -> None:
         f"* the same with the Gauss–Newton matrix: Pearson {lm['gauss_newton']['pearson_vs_hessian']:.3f}, Spearman "
         f"{lm['gauss_newton']['spearman_vs_hessian']:.3f}, top-10 overlap {lm['gauss_newton']['top10_overlap_vs_hessian']:.1f} "
         "with the Hessian's scores",
+        *([f"* EK-FAC on the Gauss–Newton matrix "
+           f"({lm['ekfac']['provenance']['solver_output_factors']} output factors): "
+           f"{lm['ekfac']['seconds']:.1f} s against {lm['ekfac']['gauss_newton_cg_seconds']:.1f} s "
+           f"for CG; Spearman {lm['ekfac']['spearman_vs_gn_cg']:.3f}, top-10 overlap "
+           f"{lm['ekfac']['top10_overlap_vs_gn_cg']:.1f} with Gauss–Newton CG"]
+          if lm.get("ekfac") else []),
         f"* {lm['word_pairs']['in_top_helpful']} of the top-{lm['word_pairs']['k']} helpful and "
         f"{lm['word_pairs']['in_top_harmful']} of the top-{lm['word_pairs']['k']} harmful e-mails contain a word pair of the "
         f"generated text ({lm['word_pairs']['in_all_training']} of all {lm['word_pairs']['n_train']})",

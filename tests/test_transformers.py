@@ -230,13 +230,24 @@ def test_fused_attention_without_second_derivative_says_use_eager():
             ({"input_ids": ids[:1], "attention_mask": mask[:1]}, torch.tensor([0])))
 
 
-def test_kfac_on_a_per_token_loss_says_what_to_use_instead():
+def test_exact_kfac_on_a_wide_per_token_loss_says_what_to_use_instead(monkeypatch):
+    """T·V = 320 exact output factors per sequence, above a cap of 100: "exact" is refused and
+    names the sampled factors and Gauss–Newton CG; the default ("auto") samples
+    (tests/test_kfac_sampled.py)."""
+    from upweight.core import layers
+
+    monkeypatch.setattr(layers, "MAX_OUTPUT_FACTORS", 100)
     lm = _gpt()
     ids, mask = _tokens(6)
     labels = ids.masked_fill(mask == 0, IGNORE_INDEX)
     obj = uw.Objective(lm, "causal_lm", l2=0.1)
-    with pytest.raises(UnsupportedModelError, match=r"per-token loss.*curvature='gauss-newton'"):
-        uw.Influence(obj, solver=uw.KFAC(), progress=False, grad_tol=1e9).fit(({"input_ids": ids, "attention_mask": mask}, labels))
+    match = r"per-token loss.*output_factors='sampled'.*curvature='gauss-newton'"
+    with pytest.raises(UnsupportedModelError, match=match):
+        uw.Influence(obj, solver=uw.KFAC(output_factors="exact"), progress=False, grad_tol=1e9).fit(
+            ({"input_ids": ids, "attention_mask": mask}, labels))
+    inf = uw.Influence(obj, solver=uw.KFAC(), progress=False, grad_tol=1e9, damping=1.0).fit(
+        ({"input_ids": ids, "attention_mask": mask}, labels))
+    assert inf.state_.stats["output_factors"] == "sampled"
 
 
 def test_whole_bert_with_gauss_newton_kfac_and_ekfac():

@@ -23,6 +23,13 @@ in batches; nothing of size n × p is held. Both passes are sums over the traini
 with an ``Executor`` (``upweight.distributed.DaskExecutor``) each is one map-reduce over index
 partitions of the data, the eigendecompositions staying on the client (``fit_factors``).
 
+**Sampled output-Hessian factors** (``fit_factors(sampling=…)``). Where the c exact factors cᵢₖ are
+too many (a language model: T positions × V words), M random cotangents uᵢₘ/√M per point with
+E[Σₘ uᵢₘuᵢₘᵀ]/M = ∇²_zL(zᵢ) (``core.output_hessian``; for cross-entropy uᵢₜ = pᵢₜ − e_ŷᵢₜ with ŷᵢₜ
+drawn from the model at every position — the Monte-Carlo Fisher, Martens & Grosse 2015) take
+their place, one backward pass each: S, Λ and the local blocks are then unbiased estimates of the
+sums above (A does not depend on them).
+
 **Embeddings** (``core.layers``: a bias-free Linear on one-hot token vectors, W̃ = Eᵀ). Every ã is
 one-hot (or 0 at ``padding_idx``), so A = diag(c)/n with c the token counts; it is accumulated as
 its diagonal, counted from the captured token ids (no one-hot vectors, no V × V product per batch),
@@ -54,7 +61,7 @@ from ..store import Store
 from . import batching
 from .data import Data
 from .grads import graph_bytes_per_point
-from .layers import LayerBlock, capture
+from .layers import LayerBlock, OutputSampling, capture
 from .local import LocalModule
 from .objective import Objective
 from .params import Params
@@ -160,18 +167,21 @@ class _Sums:
 class _FactorContext:
     """What a factor-statistics task needs, shipped to each worker once: the objective, the data,
     the layer blocks (whose modules are the objective's, so they travel together), θ̂, the batch
-    size (which also bounds an executor's partitions) and the points per capture within it
-    (``capture_batch_size``)."""
+    size (which also bounds an executor's partitions), the points per capture within it
+    (``capture_batch_size``) and the output-Hessian sampling (``None``: exact factors)."""
 
     def __init__(self, objective: Objective, data: Data, blocks: Sequence[LayerBlock], params: Params | None,
-                 batch_size: int, local: Sequence[LocalModule] = ()) -> None:
+                 batch_size: int, local: Sequence[LocalModule] = (),
+                 sampling: OutputSampling | None = None) -> None:
         self.objective, self.data, self.blocks, self.local = objective, data, list(blocks), list(local)
-        self.params, self.batch_size = params, batch_size
-        self.step = capture_batch_size(objective, data, self.blocks, params, batch_size, self.local)
+        self.params, self.batch_size, self.sampling = params, batch_size, sampling
+        self.step = capture_batch_size(objective, data, self.blocks, params, batch_size, self.local,
+                                       sampling)
 
 
 def capture_batch_size(objective: Objective, data: Data, blocks: Sequence[LayerBlock], params: Params | None,
-                       batch_size: int, local: Sequence[LocalModule] = ()) -> int:
+                       batch_size: int, local: Sequence[LocalModule] = (),
+                       sampling: OutputSampling | None = None) -> int:
     """Points per capture in the factor passes: at most ``batch_size``, and so few that the largest
     captured tensor — a layer's GGN cotangents (K, b, T, out) or inputs (b, T, cols) — holds at most
     ``core.batching.TENSOR_BYTES`` counted at 8 bytes per value (float64, the widest dtype a pass
@@ -185,7 +195,8 @@ def capture_batch_size(objective: Objective, data: Data, blocks: Sequence[LayerB
     """
     if len(data) < 2:
         return max(1, batch_size)
-    cap = capture(objective, blocks, data.subset([0]), params=params, cotangents="ggn", token_ids=True, local=local)
+    cap = capture(objective, blocks, data.subset([0]), params=params, cotangents="ggn",
+                  token_ids=True, local=local, sampling=sampling)
     tensors = [*cap.a.values(), *cap.g.values(), *cap.local.values()]
     widest = max(t.numel() for t in tensors) * 8
     total = sum(t.numel() for t in tensors) * 8 + graph_bytes_per_point(objective, params or objective.params, data,
@@ -219,8 +230,8 @@ def _moment_sums(ctx: _FactorContext, data: Data) -> _Sums:
     locs: dict[str, int] = {}
     clamped = 0
     for batch in _batches(ctx, data, "K-FAC factors"):
-        cap = capture(ctx.objective, ctx.blocks, batch, params=ctx.params, cotangents="ggn", token_ids=True,
-                      local=ctx.local)
+        cap = capture(ctx.objective, ctx.blocks, batch, params=ctx.params, cotangents="ggn",
+                      token_ids=True, local=ctx.local, sampling=ctx.sampling)
         clamped += cap.clamped
         for lm in ctx.local:
             u = cap.local_grads(lm).reshape(-1, lm.size)
@@ -275,7 +286,8 @@ def _correction_sums(ctx: _FactorContext, data: Data, bases: Sequence[tuple[torc
     sums = {blk.name: torch.zeros(blk.out_dim, blk.cols, dtype=torch.float64, device=device) for blk in ctx.blocks}
     cast: dict[torch.dtype, list[tuple[torch.Tensor | None, torch.Tensor]]] = {}
     for batch in _batches(ctx, data, "EK-FAC eigenvalue correction"):
-        cap = capture(ctx.objective, ctx.blocks, batch, params=ctx.params, cotangents="ggn", token_ids=True)
+        cap = capture(ctx.objective, ctx.blocks, batch, params=ctx.params, cotangents="ggn",
+                      token_ids=True, sampling=ctx.sampling)
         for i, blk in enumerate(ctx.blocks):
             name = blk.name
             dtype = cap.g[name].dtype
@@ -385,12 +397,18 @@ def fit_factors(
     executor: Executor | None = None,
     local: Sequence[LocalModule] = (),
     store: FactorStore | None = None,
+    sampling: OutputSampling | None = None,
 ) -> tuple[list[LayerFactors], FitStats]:
     """A and S for every block in one pass over ``data``, their eigendecompositions, and — with
     ``eigen_correction`` — the EK-FAC eigenvalues Λ in a second pass.
 
     The cotangents are the GGN's (``capture(..., cotangents="ggn")``): the exact, sample-free
-    output Hessian of the loss (for cross-entropy, the softmax covariance diag(p) − ppᵀ).
+    output Hessian of the loss (for cross-entropy, the softmax covariance diag(p) − ppᵀ) — or,
+    with ``sampling`` (``core.layers.OutputSampling``), ``sampling.samples`` random cotangents per
+    point whose outer products equal it in expectation (for cross-entropy, labels sampled from the
+    model at every position), so A is exact and S and Λ are unbiased estimates of the same sums.
+    Each point's samples depend only on the seed and its id: pass 2 reuses pass 1's, and batches
+    and partitions do not change them.
 
     ``executor`` (e.g. ``upweight.distributed.DaskExecutor``): both passes are sums over the
     training points, so each runs as one ``map_reduce`` over partitions of their indices (the
@@ -423,7 +441,8 @@ def fit_factors(
     if moments is None:
         if store is not None:
             store.begin_moments()
-        passes = _Passes(_FactorContext(objective, data, blocks, params, batch_size, local), executor)
+        ctx = _FactorContext(objective, data, blocks, params, batch_size, local, sampling)
+        passes = _Passes(ctx, executor)
         sums = passes.moments()
         run += 1
         factors = []
@@ -448,7 +467,8 @@ def fit_factors(
             if store is not None:
                 store.begin_correction()
             if passes is None:  # pass 1 was read from the store
-                passes = _Passes(_FactorContext(objective, data, blocks, params, batch_size, local), executor)
+                ctx = _FactorContext(objective, data, blocks, params, batch_size, local, sampling)
+                passes = _Passes(ctx, executor)
             _correct(passes, factors)
             run += 1
             if store is not None:
@@ -483,15 +503,18 @@ def correct_eigenvalues(
     batch_size: int = 512,
     max_elements: int = batching.TENSOR_BYTES // 8,
     executor: Executor | None = None,
+    sampling: OutputSampling | None = None,
 ) -> None:
     """Set ``corrected`` = Λ = (1/n) Σᵢ Σₖ (Q_Sᵀ Gᵢₖ Q_A)² on every factor (EK-FAC), one pass.
 
     Gᵢₖ = Σₜ bᵢₖₜãᵢₜᵀ is the GGN pseudo-gradient of W̃. For T = 1 the square of the rotated
     outer product is the outer product of the rotated vectors' squares, so Λ is one matrix
     product per batch; for T > 1 the rotated Gᵢₖ are formed in chunks of ``max_elements``.
-    With an ``executor`` the pass is a map-reduce over index partitions (see ``fit_factors``).
+    With an ``executor`` the pass is a map-reduce over index partitions (see ``fit_factors``);
+    ``sampling`` as there.
     """
-    ctx = _FactorContext(objective, data, [f.block for f in factors], params, batch_size)
+    ctx = _FactorContext(objective, data, [f.block for f in factors], params, batch_size,
+                         sampling=sampling)
     _correct(_Passes(ctx, executor), factors, max_elements)
 
 

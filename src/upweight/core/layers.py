@@ -34,7 +34,9 @@ linear heads only, sees them as non-factorable parameters.
 Besides the loss gradient (``cotangents="loss"``), ``capture`` back-propagates the factors of
 the loss's Hessian in the model output (``cotangents="ggn"``): with ∇²_z L(zᵢ) = Σₖ cᵢₖcᵢₖᵀ, the
 Gauss–Newton matrix of one point is Σₖ (Jᵢᵀcᵢₖ)(Jᵢᵀcᵢₖ)ᵀ, so the per-layer "pseudo-gradients"
-Σₜ bᵢₖₜ ãᵢₜᵀ give it exactly, without sampling labels.
+Σₜ bᵢₖₜ ãᵢₜᵀ give it exactly, without sampling labels — or, with ``capture(sampling=...)``, from
+random cotangents uᵢₘ with E[Σₘ uᵢₘuᵢₘᵀ] = ∇²_z L(zᵢ) (for cross-entropy the residuals of labels
+sampled from the model), unbiased and one backward pass per sample however wide the output.
 """
 
 from __future__ import annotations
@@ -429,34 +431,121 @@ def _count_calls(objective: Objective, blocks: Sequence[LayerBlock], probe: Data
 
 
 # ── the loss's Hessian in the model output ─────────────────────────────────────────────
-#: the most output-Hessian factors (backward passes per batch) K-FAC computes for one output
+#: the most exact output-Hessian factors (backward passes per batch) K-FAC computes for one output
 MAX_OUTPUT_FACTORS = 4096
 
+#: how K-FAC factors the output Hessian: ``resolve_output_factors``
+OutputFactors = Literal["auto", "exact", "sampled"]
 
-def output_hessian_factors(objective: Objective, out: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Vectors cᵢₖ with Σₖ cᵢₖcᵢₖᵀ = ∇²_z L(zᵢ, yᵢ) (clamped to PSD), shape (K, b, *out.shape[1:]), and the
-    number of negative eigenvalues clamped to 0 — ``core.output_hessian``'s ``psd_factors`` (closed
-    forms for the built-in losses, e.g. √pₖ(eₖ − p) for cross-entropy; an eigendecomposition of the
-    ``torch.func.hessian`` of any other loss, the GGN keeping only its PSD part).
+_MASK64 = (1 << 64) - 1
 
-    Each factor costs K-FAC one backward pass, so a loss whose factors are not in closed form is
-    refused above ``MAX_OUTPUT_FACTORS`` outputs per point, and a per-token loss always (sequence
-    length × vocabulary factors).
+
+def _point_seed(seed: int, point: int) -> int:
+    """A 63-bit seed for one training point: SplitMix64's finaliser (Steele, Lea & Flood 2014) of
+    the solver's seed and the point's id, so neighbouring ids get unrelated streams."""
+    x = (seed * 0x9E3779B97F4A7C15 + (point & _MASK64) + 0x632BE59BD9B4E019) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (x ^ (x >> 31)) >> 1
+
+
+@dataclass(frozen=True)
+class OutputSampling:
+    """Sampled output-Hessian factors: ``samples`` random cotangents per point with E[Σₘ uₘuₘᵀ] =
+    ∇²_zL (``OutputHessian.sampled_factors``), each one backward pass.
+
+    The uniform numbers of point i come from a CPU generator seeded by (``seed``, the point's id,
+    ``Data.ids``): the same draws whatever the batch, the partition of an executor, the pass
+    (EK-FAC's correction reuses pass 1's samples) or the device; the labels are then drawn on the
+    model's device."""
+
+    samples: int = 1
+    seed: int = 0
+
+    def uniforms(self, ids: torch.Tensor, width: int, device: torch.device) -> torch.Tensor:
+        """(samples, b, width) float64 uniform numbers in [0, 1), row i from point ``ids[i]``'s
+        stream."""
+        rows = [torch.rand(self.samples, width, dtype=torch.float64,
+                           generator=torch.Generator().manual_seed(_point_seed(self.seed, int(i))))
+                for i in ids.tolist()]
+        return torch.stack(rows, dim=1).to(device)
+
+
+def resolve_output_factors(objective: Objective, probe: Data,
+                           mode: OutputFactors) -> Literal["exact", "sampled"]:
+    """Which output-Hessian factors K-FAC uses for this loss and output (``output_factors_for``),
+    the output's per-point shape taken from one forward pass on the first point of ``probe``."""
+    with torch.no_grad():
+        shape = tuple(objective.outputs(objective.params, probe.subset([0]).X).shape[1:])
+    return output_factors_for(objective, shape, mode)
+
+
+def output_factors_for(objective: Objective, shape: tuple[int, ...],
+                       mode: OutputFactors) -> Literal["exact", "sampled"]:
+    """Which output-Hessian factors K-FAC uses for this loss on outputs of per-point ``shape`` (c
+    numbers).
+
+    "exact": the c closed-form or eigendecomposed factors, one backward pass each — refused above
+    ``MAX_OUTPUT_FACTORS`` (a per-token loss has T·V of them). "sampled": one backward pass per
+    sample; refused for a loss with no closed form above ``MAX_OUTPUT_FACTORS`` outputs (its
+    square root would need the dense c × c Hessian). "auto": exact up to ``MAX_OUTPUT_FACTORS``,
+    sampled above.
+
+    Raises:
+        UnsupportedModelError: the mode is refused for this output; the message names what works.
+    """
+    c = 1
+    for s in shape:
+        c *= s
+    fn = objective.loss_fn
+    if c <= MAX_OUTPUT_FACTORS and mode != "sampled":
+        return "exact"
+    token = isinstance(fn, TokenCrossEntropy)
+    what = " (a per-token loss: sequence length × vocabulary)" if token else ""
+    if closed_form(fn, shape) is None and c > MAX_OUTPUT_FACTORS:
+        raise UnsupportedModelError(
+            f"K-FAC/EK-FAC need factors of the Hessian of the loss '{objective.loss_name}' in the "
+            f"model output, {c} numbers per point (shape {shape}), above {MAX_OUTPUT_FACTORS}: "
+            "exact factors cost one backward pass each, and sampled ones need its square root, "
+            f"which for a loss with no closed form takes the dense {c}×{c} Hessian. Use a built-in "
+            "loss, or CG with Influence(..., curvature='gauss-newton') — the same matrix, exactly, "
+            "without factors."
+        )
+    if mode == "exact":
+        raise UnsupportedModelError(
+            "K-FAC/EK-FAC with output_factors='exact' take the exact Gauss–Newton factors of the "
+            f"loss in the model output, one backward pass per factor: {c} of them for outputs of "
+            f"shape {shape} per point{what}, above {MAX_OUTPUT_FACTORS}. Pass "
+            "output_factors='sampled' (or 'auto'): labels sampled from the model, one backward "
+            "pass per sample, unbiased for the same matrix — or use CG with "
+            "Influence(..., curvature='gauss-newton'), the same matrix, exactly, without factors."
+        )
+    return "sampled"
+
+
+def output_hessian_factors(objective: Objective, out: torch.Tensor, y: torch.Tensor, *,
+                           sampling: OutputSampling | None = None,
+                           ids: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+    """Vectors cᵢₖ with Σₖ cᵢₖcᵢₖᵀ = ∇²_z L(zᵢ, yᵢ) (clamped to PSD) — exactly, or in expectation
+    with ``sampling`` — shape (K, b, *out.shape[1:]), and the number of negative eigenvalues
+    clamped to 0 (``core.output_hessian``).
+
+    Exact (``sampling=None``): ``psd_factors``, K = c (closed forms for the built-in losses, e.g.
+    √pₖ(eₖ − p) for cross-entropy; an eigendecomposition of the ``torch.func.hessian`` of any other
+    loss, the GGN keeping only its PSD part). Sampled: ``sampled_factors`` on the uniform numbers
+    of the points ``ids`` (their ``Data.ids``), K = ``sampling.samples``. Each factor costs K-FAC
+    one backward pass; ``resolve_output_factors`` says which outputs each form accepts.
     """
     shape = tuple(out.shape[1:])
-    c = out[0].numel()
-    fn = objective.loss_fn
-    if isinstance(fn, TokenCrossEntropy) or (c > MAX_OUTPUT_FACTORS and closed_form(fn, shape) is None):
-        raise UnsupportedModelError(
-            f"K-FAC/EK-FAC take the exact Gauss–Newton factors of the loss in the model output, one backward pass per "
-            f"factor: {c} of them for outputs of shape {shape} per point"
-            + (" (a per-token loss: sequence length × vocabulary)" if isinstance(fn, TokenCrossEntropy) else "")
-            + f", above {MAX_OUTPUT_FACTORS}. Use CG with Influence(..., curvature='gauss-newton') — the same matrix, "
-            "exactly, without factors — or restrict θ (Objective(params=...)) and use Direct/CG."
-        )
-    oh = output_hessian(fn, out, y, name=objective.loss_name, purpose="K-FAC",
+    # refuses an output this form cannot factor
+    output_factors_for(objective, shape, "exact" if sampling is None else "sampled")
+    oh = output_hessian(objective.loss_fn, out, y, name=objective.loss_name, purpose="K-FAC",
                         fix="Use a built-in loss or a twice-differentiable callable.")
-    return oh.psd_factors()
+    if sampling is None:
+        return oh.psd_factors()
+    if ids is None:
+        raise InputError("output_hessian_factors: sampled factors need the points' ids (Data.ids).")
+    return oh.sampled_factors(sampling.uniforms(ids, oh.sample_width, out.device))
 
 
 # ── capture ────────────────────────────────────────────────────────────────────────────
@@ -535,12 +624,14 @@ def capture(
     theta_grad: bool = False,
     token_ids: bool = False,
     local: Sequence[LocalModule] = (),
+    sampling: OutputSampling | None = None,
 ) -> Captured:
     """Run the model on ``batch`` once with hooks and return each layer's ã and cotangents.
 
     ``cotangents="loss"``: bᵢₜ = ∂L(zᵢ)/∂(layer output)ᵢₜ (so Σₜ bᵢₜãᵢₜᵀ is the per-sample
     gradient of W̃). ``cotangents="ggn"``: one backward pass per output-Hessian factor cₖ (see
-    ``output_hessian_factors``), giving the GGN's pseudo-gradients. Samples are independent in
+    ``output_hessian_factors``; with ``sampling``, per sampled factor), giving the GGN's
+    pseudo-gradients. Samples are independent in
     eval mode, so one backward pass of the summed loss yields every per-sample cotangent.
     ``theta_grad=True`` (with ``cotangents="loss"``) also returns autograd's gradient of the summed
     loss in every parameter of θ, from the same backward pass. ``token_ids=True`` returns an
@@ -591,7 +682,8 @@ def capture(
                 theta = {n: torch.zeros_like(t) if gr is None else (gr.to_dense() if gr.is_sparse else gr).detach()
                          for (n, t), gr in zip(params.items(), grads[len(outs):])}
         else:
-            C, clamped = output_hessian_factors(objective, out, batch.y)
+            C, clamped = output_hessian_factors(objective, out, batch.y, sampling=sampling,
+                                                ids=batch.ids)
             per = [torch.autograd.grad(out, outs, grad_outputs=C[k].to(out.dtype), retain_graph=True, allow_unused=True) for k in range(len(C))]
     a = {blk.name: token_ids_of(blk, inputs[blk.name]) if token_ids and blk.kind == "embedding"
          else _layer_input(blk, inputs[blk.name], outputs[blk.name].dtype) for blk in blocks}

@@ -12,6 +12,9 @@ given here by ``OutputHessian`` (built by ``output_hessian``):
 * ``dense()``: Aᵢ as (b, c, c) matrices;
 * ``psd_factors()``: vectors cᵢₖ with Σₖ cᵢₖcᵢₖᵀ = Aᵢ, negative eigenvalues clamped to 0 and
   counted (the Gauss–Newton matrix keeps only the PSD part of a loss not convex in z);
+* ``sampled_factors(U)``: M random vectors with E[Σₘ uᵢₘuᵢₘᵀ]/M = Aᵢ from uniform numbers U — for
+  cross-entropy the residuals p − e_ŷ of labels ŷ sampled from the model (the Monte-Carlo Fisher),
+  one backward pass per sample however wide the output (K-FAC on a language model);
 * ``signed_factors()``: Aᵢ = Σⱼ sᵢⱼ rᵢⱼrᵢⱼᵀ with signs sᵢⱼ = ±1 and zero eigenvalues dropped,
   in float64 (the Woodbury identity of the removal needs the signs and the rank).
 
@@ -191,6 +194,47 @@ class OutputHessian:
         clamped = int((ev < -1e-12 * ev.abs().amax(dim=1, keepdim=True).clamp_min(1e-300)).sum())
         C = (Q * ev.clamp_min(0).sqrt()[:, None, :]).permute(2, 0, 1)  # (K=c, b, c): column k of Q√λ
         return C.reshape(c, b, *self.shape), clamped
+
+    @property
+    def sample_width(self) -> int:
+        """Uniform numbers ``sampled_factors`` needs per point and sample: one per position for
+        "softmax" (its sampled label), one per output coordinate otherwise (a random sign)."""
+        return self.h.shape[1] if self.kind == "softmax" else self.c
+
+    def sampled_factors(self, U: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """M random vectors uᵢₘ/√M per point, shape (M, b, *shape), with E[Σₘ uᵢₘuᵢₘᵀ]/M = Aᵢ (the
+        PSD part), from uniform numbers U of shape (M, b, ``sample_width``) in [0, 1); and the
+        number of negative eigenvalues clamped, as ``psd_factors``.
+
+        "softmax" (the Monte-Carlo Fisher, Martens & Grosse 2015): at every position t a label
+        ŷₜ ~ pₜ by inversion of U's number, uₜ = √wₜ (pₜ − e_ŷₜ). E[(pₜ − e_ŷ)(pₜ − e_ŷ)ᵀ] =
+        diag(pₜ) − pₜpₜᵀ, and the labels of two positions are independent, so the cross-position
+        terms vanish in expectation: E[uuᵀ] = blockdiagₜ wₜ(diag(pₜ) − pₜpₜᵀ) = Aᵢ. Any other
+        form: u = Σₖ εₖcₖ over the PSD factors cₖ with random signs εₖ (E[εₖεₗ] = δₖₗ, so E[uuᵀ] =
+        Σₖ cₖcₖᵀ): u = ε ⊙ √h for a diagonal Aᵢ, ε for the identity, without forming the factors.
+        """
+        M, b = U.shape[0], U.shape[1]
+        ref = self.h if self.kind != "implicit" else self.graph[0]  # type: ignore[index]
+        scale = M**-0.5
+        if self.kind == "softmax":
+            p = self.h  # (b, T, V)
+            V = p.shape[2]
+            cdf = p.to(torch.float64).cumsum(-1)
+            u = U.to(p.device, torch.float64).permute(1, 2, 0).contiguous()  # (b, T, M)
+            labels = torch.searchsorted(cdf, u, right=True).clamp_max(V - 1)  # #{k: cdfₖ ≤ u}
+            onehot = torch.nn.functional.one_hot(labels, V).to(p.dtype)  # (b, T, M, V)
+            out = (p[:, :, None, :] - onehot).permute(2, 0, 1, 3)  # (M, b, T, V)
+            if self.w is not None:
+                out = out * self.w.sqrt()[None, :, :, None]
+            return (out * scale).reshape(M, b, *self.shape), 0
+        sign = torch.where(U.to(ref.device) < 0.5, -1.0, 1.0).to(ref.dtype)  # (M, b, c)
+        if self.kind == "diagonal":
+            return (sign * self.h.sqrt()[None] * scale).reshape(M, b, *self.shape), 0
+        if self.kind == "identity":
+            return (sign * scale).reshape(M, b, *self.shape), 0
+        C, clamped = self.psd_factors()  # (K = c, b, *shape)
+        u = torch.einsum("mbk,kbc->mbc", sign.to(C.dtype), C.reshape(self.c, b, self.c))
+        return (u * scale).reshape(M, b, *self.shape), clamped
 
     def signed_factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Aᵢ = Σⱼ sᵢⱼ rᵢⱼrᵢⱼᵀ over its non-zero eigenpairs (λᵢⱼ, qᵢⱼ), in float64.

@@ -31,9 +31,16 @@ from .._checks import check_finite, check_interval
 from ..core.curvature import Curvature, operator_lambda_max, operator_lambda_min
 from ..core.digest import digest_data, fn_name, model_sha256
 from ..core.kfac import FactorStore, LayerFactors, fit_factors
-from ..core.layers import DEFAULT_MAX_VOCAB, LayerPlan, find_layers
+from ..core.layers import (
+    DEFAULT_MAX_VOCAB,
+    LayerPlan,
+    OutputFactors,
+    OutputSampling,
+    find_layers,
+    resolve_output_factors,
+)
 from ..core.local import DEFAULT_MAX_LOCAL, LocalModule
-from ..errors import NotPositiveDefiniteError, UnsupportedModelError
+from ..errors import InputError, NotPositiveDefiniteError, UnsupportedModelError
 from ..store import Store, opened_store
 from .base import OneShotSolver, Solution, one_shot_solution
 from .cg import CG
@@ -43,6 +50,12 @@ APPROXIMATES = (
     "the Gauss–Newton matrix G = (1/n) Σ Jᵢᵀ ∇²_zL(zᵢ) Jᵢ (exact output Hessian, sample-free: for cross-entropy "
     "the softmax covariance diag(p) − ppᵀ, i.e. the true Fisher under the model's own predictive distribution, "
     "not the empirical Fisher), layer-block-diagonal and Kronecker-factored, plus the L2 term and damping"
+)
+APPROXIMATES_SAMPLED = (
+    "the Gauss–Newton matrix G = (1/n) Σ Jᵢᵀ ∇²_zL(zᵢ) Jᵢ, its output Hessian estimated without "
+    "bias by {m} sampled cotangent(s) per point (for cross-entropy p − e_ŷ with labels ŷ drawn "
+    "from the model at every position: the Monte-Carlo Fisher, not the empirical Fisher), "
+    "layer-block-diagonal and Kronecker-factored, plus the L2 term and damping"
 )
 
 
@@ -121,10 +134,11 @@ class KFAC(OneShotSolver):
 
     **What it approximates** (``approximates = "ggn-kronecker"``): not the Hessian H = ∇²R(θ̂)
     but the Gauss–Newton matrix G = (1/n) Σᵢ Jᵢᵀ ∇²_zL(zᵢ) Jᵢ (J the Jacobian of the model
-    output z in θ), computed *exactly and without sampling*: the output Hessian ∇²_zL is
-    factored as Σₖ cₖcₖᵀ and each cₖ is back-propagated (cross-entropy: cₖ = √pₖ (eₖ − p), so
-    this is the true Fisher under the model's predictive distribution — not the empirical
-    Fisher of the observed labels). G = H for a linear model with a convex loss (logistic /
+    output z in θ), computed *exactly and without sampling* where the output is narrow: the output
+    Hessian ∇²_zL is factored as Σₖ cₖcₖᵀ and each cₖ is back-propagated (cross-entropy: cₖ =
+    √pₖ (eₖ − p), so this is the true Fisher under the model's predictive distribution — not the
+    empirical Fisher of the observed labels); for wide outputs (a language model) it is sampled
+    without bias (*Per-token losses* below). G = H for a linear model with a convex loss (logistic /
     softmax regression); for deeper models G drops the terms with the loss's curvature through
     the hidden layers and is positive semi-definite. G is then restricted to one block per
     factorable layer (``nn.Linear``, ``nn.Conv2d``, ``nn.Embedding`` — see ``max_vocab``;
@@ -163,10 +177,24 @@ class KFAC(OneShotSolver):
     ``core.batching.TENSOR_BYTES`` per captured tensor (``core.kfac.capture_batch_size``); the
     train-side scores are computed per chunk of training points (``Influence``'s sweep).
 
-    **Per-token losses.** The output-Hessian factors are exact (no sampled labels), one backward pass
-    each: a loss over T tokens of a V-word vocabulary would need T·V of them per batch, so K-FAC
-    refuses such losses (``core.layers.MAX_OUTPUT_FACTORS``) and names CG on the Gauss–Newton
-    matrix (``Influence(curvature="gauss-newton")``), which is the same matrix without factors.
+    **Per-token losses: sampled output factors.** The exact output-Hessian factors cost one
+    backward pass each, c per point for c outputs: a loss over T tokens of a V-word vocabulary
+    would need T·V of them. ``output_factors="auto"`` (the default) keeps them up to
+    ``core.layers.MAX_OUTPUT_FACTORS`` outputs and above that *samples*: per point, ``samples``
+    (M) cotangents u/√M with E[uuᵀ] = ∇²_zL, one backward pass each whatever T·V — for
+    cross-entropy u = p − e_ŷ at every position, ŷ drawn from the model's own softmax there
+    (positions with label −100 weigh 0). Since E[(p − e_ŷ)(p − e_ŷ)ᵀ] = diag(p) − ppᵀ and the
+    positions' labels are independent, Jᵀ E[uuᵀ] J is exactly the GGN: S, Λ and the local blocks
+    are unbiased (the Monte-Carlo Fisher; A is exact), with an error ∝ 1/√(M·n). Any other loss
+    with a closed form is sampled as Σₖ εₖcₖ with random signs εₖ; a loss without one is refused
+    above the cap (``UnsupportedModelError`` naming CG on the Gauss–Newton matrix,
+    ``Influence(curvature="gauss-newton")``, the same matrix without factors).
+    ``output_factors="exact"`` refuses outputs above the cap, ``"sampled"`` samples any output.
+    The draws of point i come from a generator seeded by ``seed`` and its id (``Data.ids``): the
+    same factors whatever the batching, an executor's partitions or the device, and EK-FAC's Λ
+    reuses the samples of S. ``stats["output_factors"]`` says which were used (and the store's
+    fingerprint, so sampled and exact factors never mix). Train-side gradients (the scores) are
+    the true loss gradients; only the curvature is sampled.
 
     **On a cluster.** With ``Influence.fit(data, executor=…)`` (the curvature's executor) the
     passes over the data that build A, S (and Λ for EK-FAC) run as map-reduces over partitions of
@@ -206,7 +234,11 @@ class KFAC(OneShotSolver):
             factors are means, so a few thousand points estimate them well; as a preconditioner
             (``CG(preconditioner=KFAC(max_points=…))``) the answer stays exact and only the
             iteration count can change.
-        seed: seeds the subset of ``max_points``.
+        seed: seeds the subset of ``max_points`` and the sampled output factors.
+        output_factors: "auto" (default), "exact" or "sampled": the output-Hessian factors (see
+            *Per-token losses* above).
+        samples: sampled cotangents per point with sampled output factors (≥ 1; one backward pass
+            each): the estimate's variance falls as 1/samples.
         max_local: the most parameters of one module given a dense module-local block (its
             memory is 8·p_m² bytes and three times that while it is built and factored); a larger
             module's parameters go to the CG fallback block. ``None``: no cap; 0: no local blocks.
@@ -220,7 +252,9 @@ class KFAC(OneShotSolver):
 
     Raises:
         InputError: a negative or non-finite setting.
-        UnsupportedModelError: no ``nn.Linear``/``nn.Conv2d``/``nn.Embedding`` weight in θ.
+        UnsupportedModelError: no ``nn.Linear``/``nn.Conv2d``/``nn.Embedding`` weight in θ; or
+            output factors of the chosen kind cannot be formed for the loss (the message names
+            what can).
         NotPositiveDefiniteError: an eigenvalue of the approximation + d is (numerically) 0 —
             e.g. always-zero input pixels with l2 + δ = 0; the message names a damping.
     """
@@ -238,6 +272,8 @@ class KFAC(OneShotSolver):
     seed: int = 0
     max_vocab: int | None = DEFAULT_MAX_VOCAB
     max_local: int | None = DEFAULT_MAX_LOCAL
+    output_factors: OutputFactors = "auto"
+    samples: int = 1
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -254,6 +290,10 @@ class KFAC(OneShotSolver):
         if self.fallback_maxiter is not None:
             check_interval(owner, "fallback_maxiter", self.fallback_maxiter, 1, None, closed="left", integer=True)
         check_interval(owner, "fallback_dense_max", self.fallback_dense_max, 0, None, closed="left", integer=True)
+        if self.output_factors not in ("auto", "exact", "sampled"):
+            raise InputError(f"{owner}: output_factors must be 'auto', 'exact' or 'sampled'; got "
+                             f"{self.output_factors!r}.")
+        check_interval(owner, "samples", self.samples, 1, None, closed="left", integer=True)
 
     # ── prepare ───────────────────────────────────────────────────────────────────────
     def prepare(self, curvature: Curvature, *, store: str | os.PathLike[str] | Store | None = None) -> KFACState:
@@ -261,7 +301,8 @@ class KFAC(OneShotSolver):
 
         ``store``: a folder or ``upweight.Store`` that keeps the factors (``core.kfac.FactorStore``):
         bound to ``factor_fingerprint`` — θ̂, the training data, the loss and output selector, the
-        curvature kind, ``max_points``/``seed``/``max_vocab``/``max_local`` and the layer plan —
+        curvature kind, ``max_points``/``seed``/``max_vocab``/``max_local``, the output factors
+        used (exact, or sampled with ``samples``) and the layer plan —
         it supplies every factor tensor it holds complete and receives the others as they are
         computed. K-FAC and EK-FAC share one store (Λ is added by the first EK-FAC fit). l2, δ,
         ``damping`` and the fallback settings enter after the factors, so they may differ.
@@ -272,16 +313,22 @@ class KFAC(OneShotSolver):
         with opened_store(store) as st:
             return self._prepare(curvature, st)
 
-    def factor_fingerprint(self, curvature: Curvature, plan: LayerPlan) -> dict[str, Any]:
+    def factor_fingerprint(self, curvature: Curvature, plan: LayerPlan,
+                           output_factors: str | None = None) -> dict[str, Any]:
         """What the factors depend on: the key of a factor store (``Store.bind``).
 
         θ̂ (a SHA-256 over the model's parameters and buffers, as the score stores'), the
         parameters of θ and the dtype, the loss and output selector, the training data's digests,
-        the curvature kind, the settings that choose the points and layers, and the resulting
-        layer plan. Not l2, δ, ``damping`` (added to the eigenvalues afterwards), the fallback
-        settings, nor ``eigen_correction`` (EK-FAC's Λ is stored next to the K-FAC factors)."""
+        the curvature kind, the settings that choose the points and layers, the output factors
+        used (``output_factors``: "exact", or "sampled" with ``samples``; ``None``: resolved from
+        this solver's setting, so "auto" shares a store with what it chose), and the resulting
+        layer plan. Not l2, δ, ``damping``
+        (added to the eigenvalues afterwards), the fallback settings, nor ``eigen_correction``
+        (EK-FAC's Λ is stored next to the K-FAC factors)."""
         obj = curvature.objective
         output = obj.output if obj.output is None or isinstance(obj.output, str) else fn_name(obj.output)
+        if output_factors is None:
+            output_factors = resolve_output_factors(obj, curvature.data, self.output_factors)
         return {
             "quantity": "kfac_factors",
             "model": {"parameters_sha256": model_sha256(obj), "theta": list(obj.space.names), "dtype": str(obj.dtype)},
@@ -289,7 +336,8 @@ class KFAC(OneShotSolver):
             "curvature": curvature.kind,
             "train_data": digest_data(curvature.data),
             "factors": {"max_points": self.max_points, "seed": self.seed, "max_vocab": self.max_vocab,
-                        "max_local": self.max_local},
+                        "max_local": self.max_local, "output_factors": output_factors,
+                        "samples": self.samples if output_factors == "sampled" else None},
             "layers": [f"{b.name} ({b.kind} {b.out_dim}×{b.cols})" for b in plan.blocks],
             "local_blocks": [f"{lm.name} ({lm.size})" for lm in plan.local],
         }
@@ -311,13 +359,16 @@ class KFAC(OneShotSolver):
         if self.max_points is not None and self.max_points < len(data):
             gen = torch.Generator().manual_seed(self.seed)
             data = data.subset(torch.randperm(len(data), generator=gen)[: self.max_points].sort().values)
+        mode = resolve_output_factors(obj, data, self.output_factors)
+        sampling = OutputSampling(self.samples, self.seed) if mode == "sampled" else None
         fstore = None
         if store is not None:
-            store.bind(self.factor_fingerprint(curvature, plan))
+            store.bind(self.factor_fingerprint(curvature, plan, mode))
             fstore = FactorStore(store, plan.blocks, plan.local)
         factors, fit = fit_factors(
             obj, data, plan.blocks, params=curvature.params, batch_size=curvature.batch_size,
             eigen_correction=self.eigen_correction, executor=curvature.executor, local=plan.local, store=fstore,
+            sampling=sampling,
         )
         diag = curvature.diagonal.to(torch.float64) + self.damping
         inv_eigs, folds = [], []
@@ -352,7 +403,10 @@ class KFAC(OneShotSolver):
         )
         stats: dict[str, Any] = {
             "approximates": self.approximates,
-            "curvature_approximated": APPROXIMATES,
+            "curvature_approximated": (APPROXIMATES if sampling is None
+                                       else APPROXIMATES_SAMPLED.format(m=self.samples)),
+            "output_factors": mode,
+            "output_samples": None if sampling is None else self.samples,
             "layers": tuple(f"{f.block.name or '<model>'} ({f.block.kind} {f.block.out_dim}×{f.block.cols})" for f in factors),
             "factored_params": sum(f.block.size for f in factors),
             "local_blocks": tuple(f"{lm.name} (dense {lm.size}: exact GGN block)" for lm in plan.local),
@@ -501,7 +555,8 @@ class EKFAC(KFAC):
     """K-FAC with the eigenvalue correction — George et al. (2018), NeurIPS; Grosse et al. (2023).
 
     **What it approximates** (``approximates = "ggn-ekfac"``): the same layer-block-diagonal
-    Gauss–Newton matrix as ``KFAC`` (exact, sample-free output Hessian), in the same Kronecker
+    Gauss–Newton matrix as ``KFAC`` (its output Hessian exact, or sampled: see ``KFAC``'s *Per-token
+    losses*; Λ then uses the same sampled pseudo-gradients as S), in the same Kronecker
     eigenbasis Q_S ⊗ Q_A, but with the eigenvalues σ ⊗ α replaced by the diagonal of the GGN
     block in that basis, Λ = (1/n) Σᵢₖ ((Q_S ⊗ Q_A)ᵀ gᵢₖ)², gᵢₖ the per-point GGN
     pseudo-gradients. Λ is the Frobenius-closest matrix to the GGN block with that eigenbasis,
