@@ -452,7 +452,7 @@ def fit_factors(
                 if store is not None:
                     store.save_layer(i, factors[-1])
                 bar.update(1)
-        local_ggn = {lm.name: _sym(sums.tensors["L:" + lm.name] / n) for lm in local}
+        local_ggn = {lm.name: _mean_sym(sums.tensors.pop("L:" + lm.name), n) for lm in local}
         info = {"points": n, "clamped": sums.clamped, "where": passes.where, "points_per_capture": passes.ctx.step}
         if store is not None:
             store.save_moments(local_ggn, info)
@@ -479,7 +479,7 @@ def fit_factors(
 
 def _eigen_factors(blk: LayerBlock, sums: _Sums, n: int) -> LayerFactors:
     """A layer's factors A, S from pass 1's sums, and their eigendecompositions."""
-    S = _sym(sums.tensors["S:" + blk.name] / n)
+    S = _mean_sym(sums.tensors.pop("S:" + blk.name), n)
     identity_A = blk.kind == "embedding"
     A: torch.Tensor | None
     QA: torch.Tensor | None
@@ -487,7 +487,7 @@ def _eigen_factors(blk: LayerBlock, sums: _Sums, n: int) -> LayerFactors:
         eA = sums.tensors["A:" + blk.name] / n
         A, QA = None, None
     else:
-        A = _sym(sums.tensors["A:" + blk.name] / n)
+        A = _mean_sym(sums.tensors.pop("A:" + blk.name), n)
         eA, QA = stable_eigh(A, f"the input factor A of '{blk.name}' ({A.shape[0]}×{A.shape[0]})")
     eS, QS = stable_eigh(S, f"the output-gradient factor S of '{blk.name}' ({S.shape[0]}×{S.shape[0]})")
     return LayerFactors(blk, A, S, eA.clamp_min(0), QA, eS.clamp_min(0), QS, sums.locations[blk.name],
@@ -532,7 +532,9 @@ def stable_eigh(M: torch.Tensor, what: str) -> tuple[torch.Tensor, torch.Tensor]
     of 1e-10·(trace/dim) on the diagonal (removed again from the eigenvalues) and then ``eigh``
     through an SVD (exact for a symmetric PSD matrix). Raises ``CurvatureError`` naming the factor
     only if all three fail — never LAPACK's raw error."""
-    M = _sym(M.to(torch.float64))
+    M = M.to(torch.float64)
+    if not torch.equal(M, M.mT):  # a factor of fit_factors is symmetric already: no copy
+        M = _sym(M)
     if not bool(torch.isfinite(M).all()):
         raise CurvatureError(f"{what} has NaN or infinite entries: the layer's inputs or output gradients overflow.")
     try:
@@ -556,6 +558,22 @@ def stable_eigh(M: torch.Tensor, what: str) -> tuple[torch.Tensor, torch.Tensor]
 
 def _sym(M: torch.Tensor) -> torch.Tensor:
     return 0.5 * (M + M.T)
+
+
+def _mean_sym(total: torch.Tensor, n: int) -> torch.Tensor:
+    """``_sym(total / n)``, bit for bit, computed in ``total``'s own memory (which it overwrites):
+    a wide factor (a convolution's input factor, a module-local block) then needs one row block of
+    extra memory, not two more copies of itself."""
+    M = total.div_(n)
+    if M.ndim != 2:
+        return M
+    rows = max(1, (1 << 22) // max(1, M.shape[0]))  # row blocks of at most 4M entries
+    for i in range(0, M.shape[0], rows):
+        j = min(M.shape[0], i + rows)
+        avg = 0.5 * (M[i:j, i:] + M[i:, i:j].T)
+        M[i:j, i:] = avg
+        M[i:, i:j] = avg.T
+    return M
 
 
 # ── kept in a store ────────────────────────────────────────────────────────────────────

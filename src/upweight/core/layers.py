@@ -684,13 +684,26 @@ def capture(
         else:
             C, clamped = output_hessian_factors(objective, out, batch.y, sampling=sampling,
                                                 ids=batch.ids)
-            per = [torch.autograd.grad(out, outs, grad_outputs=C[k].to(out.dtype), retain_graph=True, allow_unused=True) for k in range(len(C))]
-    a = {blk.name: token_ids_of(blk, inputs[blk.name]) if token_ids and blk.kind == "embedding"
-         else _layer_input(blk, inputs[blk.name], outputs[blk.name].dtype) for blk in blocks}
+            # the last backward pass frees the forward graph: the captures below then hold the
+            # memory alone
+            per = [torch.autograd.grad(out, outs, grad_outputs=C[k].to(out.dtype),
+                                       retain_graph=k < len(C) - 1, allow_unused=True)
+                   for k in range(len(C))]
+    per = [list(gr) for gr in per]
     g = {}
     for j, blk in enumerate(blocks):
         rows = [gr[j] if gr[j] is not None else torch.zeros_like(outs[j]) for gr in per]
         g[blk.name] = torch.stack([_layer_cotangent(blk, r.detach()) for r in rows])
+        for gr in per:  # each layer's cotangents held once: stacked, not also as K tensors
+            gr[j] = None
+        del rows
+    dtypes = {blk.name: outputs[blk.name].dtype for blk in blocks}
+    a = {}
+    for blk in blocks:  # a layer's input is dropped once its ã is formed (a copy with a bias)
+        x = inputs.pop(blk.name)
+        a[blk.name] = (token_ids_of(blk, x) if token_ids and blk.kind == "embedding"
+                       else _layer_input(blk, x, dtypes[blk.name]))
+        del x
     loc = {}
     if recorded:
         state = module_state(objective, params, recorded)

@@ -433,7 +433,8 @@ class KFAC(OneShotSolver):
 
     def _local_cholesky(self, lm: LocalModule, ggn: torch.Tensor, diag: torch.Tensor, curvature: Curvature) -> torch.Tensor:
         """The Cholesky factor of a local module's block G_φφ + d (d: L2, δ and this solver's damping)."""
-        M = ggn + torch.diag(diag[lm.index])
+        M = ggn.clone()
+        M.diagonal().add_(diag[lm.index])
         L, info = torch.linalg.cholesky_ex(M)
         if int(info) == 0:
             return L
