@@ -205,8 +205,11 @@ def capture_batch_size(objective: Objective, data: Data, blocks: Sequence[LayerB
                batching.points_within(CAPTURE_BYTES, total, batch_size, batching.MIN_GRAPH_BATCH))
 
 
-#: all that one capture of the factor passes may hold: its layers' inputs and cotangents and the forward graph
-CAPTURE_BYTES = 4 * batching.GRAPH_BYTES
+#: all that one capture of the factor passes may hold: its layers' inputs and cotangents and the
+#: forward graph. Twice the graph budget: a transformer's captures are of the graph's own size; a
+#: larger budget buys fewer, larger batches at a higher peak (peak memory and time against
+#: kronfluence's: ``bench/RESULTS.md``, section ``peers-W5:1000``)
+CAPTURE_BYTES = 2 * batching.GRAPH_BYTES
 
 
 def _batches(ctx: _FactorContext, data: Data, desc: str) -> Iterator[Data]:
