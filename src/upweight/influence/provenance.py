@@ -16,7 +16,7 @@ a flat mapping of the same keys (the ``Mapping`` view, e.g. a file's JSON of it)
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
@@ -38,9 +38,11 @@ _SOLVE_KEYS = (
 )
 
 
-@dataclass(frozen=True, eq=False)
-class Provenance(Mapping[str, Any]):
-    """What a result records about its computation; a read-only ``Mapping`` of its flat view.
+@dataclass(frozen=True, eq=False, repr=False)
+class Provenance(dict):  # type: ignore[type-arg]
+    """What a result records about its computation; a read-only ``dict`` of its flat view (so
+    ``json.dumps``, ``dict(...)`` and ``isinstance(..., dict)`` treat it as the plain dict of
+    keys that results carry).
 
     Attributes:
         solver: the solver's settings, ``InverseHVPSolver.config()`` (its ``name`` among them).
@@ -98,6 +100,7 @@ class Provenance(Mapping[str, Any]):
                 f"Provenance extras {clash} would hide a field of the record or a solver "
                 f"statistic in its flat view; set the field, or use solver_stats."
             )
+        dict.update(self, self._flat())
 
     # ── the flat, read-only Mapping view ──────────────────────────────────────────────
     def _flat(self) -> dict[str, Any]:
@@ -113,23 +116,30 @@ class Provenance(Mapping[str, Any]):
         flat.update(self.extras)
         return flat
 
-    def __getitem__(self, key: str) -> Any:
-        return self._flat()[key]
+    def _read_only(self, *args: Any, **kwargs: Any) -> Any:
+        raise TypeError("A Provenance is read-only; build another (dataclasses.replace, "
+                        "with_extras).")
 
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._flat())
-
-    def __len__(self) -> int:
-        return len(self._flat())
+    __setitem__ = __delitem__ = update = pop = popitem = clear = setdefault = _read_only
+    __ior__ = _read_only
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, Provenance):
             return all(getattr(self, f.name) == getattr(other, f.name) for f in fields(self))
         if isinstance(other, Mapping):
-            return self._flat() == dict(other)
+            return dict(self) == dict(other)
         return NotImplemented
 
     __hash__ = None  # type: ignore[assignment]  # holds mappings
+
+    def __copy__(self) -> Provenance:
+        return self  # immutable
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Provenance:
+        return self
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Provenance.from_json, (self.to_json(),))
 
     def __repr__(self) -> str:
         set_ = ", ".join(
