@@ -128,13 +128,36 @@ def _mismatch_report(r: Any, paper: dict[str, Any]) -> str:
         "| --- | --- | --- |",
         *[f"| {a} | {b} | {c} |" for a, b, c in rows],
         "",
-        f"Largest abs(I_pert,loss) over all 127 features, per child: {', '.join(r.pert_top_feature)}. "
-        "I_pert,loss scores a small change of each feature. A feature that is 0 for the child but "
-        "carries a large coefficient (discharge_disposition_id_11, 'expired', has the largest) can "
-        "outscore age_[0-10); among the features each child actually has, age_[0-10) comes first.",
+        _pert_reading(r),
         "",
         "Figure: `mismatch.png` (left: −I_up,loss over the training points, children in red; "
         "right: mean abs(I_pert,loss) per feature over the 4 children).",
         "",
     ]
     return "\n".join(lines)
+
+
+def _pert_reading(r: Any) -> str:
+    """What the I_pert,loss ranks say, written from them (the paper: the child indicator stands out)."""
+    from ..mismatch import CHILD_COLUMN
+
+    child = r.feature_names[CHILD_COLUMN]
+    n = len(r.pert_child_rank)
+    text = (f"Largest abs(I_pert,loss) over all {len(r.feature_names)} features, per child: "
+            f"{', '.join(r.pert_top_feature)}. ")
+    beaten = sum(rank > 1 for rank in r.pert_child_rank)
+    if beaten == 0:
+        text += f"{child} has the largest abs(I_pert,loss) for every child, as in the paper."
+    else:
+        others = sorted({f for f in r.pert_top_feature if f != child})
+        text += (f"For {beaten} of the {n} children another feature ({', '.join(others)}) outscores "
+                 f"{child} (ranks {', '.join(map(str, r.pert_child_rank))}): I_pert,loss scores a "
+                 "small change of each feature, and a feature that is 0 for a child can still "
+                 "carry a large coefficient.")
+    active = r.pert_child_rank_active
+    if all(rank == 1 for rank in active):
+        text += f" Among the features each child actually has, {child} comes first."
+    else:
+        text += (f" Among the features each child actually has, {child} ranks "
+                 f"{', '.join(map(str, active))}.")
+    return text
