@@ -127,7 +127,8 @@ bench-peers-w5-k100: $(BENCH_STAMP)
 	$(PEERS) $(W5) --n-test 100
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff check src tests bench examples tools
+	$(VENV)/bin/ruff format --check src tests bench examples tools
 
 clean:
 	rm -rf $(VENV) $(VENV_BENCH) out .pytest_cache

@@ -98,7 +98,7 @@ class Provenance(dict):  # type: ignore[type-arg]
         if clash:
             raise InputError(
                 f"Provenance extras {clash} would hide a field of the record or a solver "
-                f"statistic in its flat view; set the field, or use solver_stats."
+                "statistic in its flat view; set the field, or use solver_stats."
             )
         dict.update(self, self._flat())
 
@@ -117,8 +117,9 @@ class Provenance(dict):  # type: ignore[type-arg]
         return flat
 
     def _read_only(self, *args: Any, **kwargs: Any) -> Any:
-        raise TypeError("A Provenance is read-only; build another (dataclasses.replace, "
-                        "with_extras).")
+        raise TypeError(
+            "A Provenance is read-only; build another (dataclasses.replace, with_extras)."
+        )
 
     __setitem__ = __delitem__ = update = pop = popitem = clear = setdefault = _read_only
     __ior__ = _read_only
