@@ -1526,12 +1526,26 @@ def w4_target(d: dict) -> str:
     rows = {r["key"]: r for r in d["rows"] if r["status"] == "ok"}
     kron = rows.get("kron-ekfac")
     head = f"- **W4: upweight's fastest method vs kronfluence EK-FAC** ({d['title']}): "
+    uws = [rows[k] for k in W4_UW if k in rows]
+    kfac = _w4_kfac(rows)
     if kron is None:
         late = [r for r in d["rows"]
                 if r["key"] == "kron-ekfac" and r["status"].startswith("timeout")]
-        return head + ("kronfluence's EK-FAC " + late[0]["status"] + "." if late
-                       else "not measured (kronfluence's EK-FAC row is missing or failed).")
-    uws = [rows[k] for k in W4_UW if k in rows]
+        if not late:
+            return head + "not measured (kronfluence's EK-FAC row is missing or failed)."
+        if not uws:
+            return head + f"kronfluence's EK-FAC {late[0]['status']}; no upweight row finished."
+        uw = min(uws, key=lambda r: r["time_s"])
+        ek = [rows[k] for k in ("uw-ekfac", "uw-ekfac-unchecked", "uw-ekfac-sampled",
+                                "uw-ekfac-sampled-unchecked") if k in rows]
+        eks = "; ".join(f"{r['name']} ({r['settings']}) {r['time_s']:.0f} s" for r in ek)
+        return head + (
+            f"kronfluence's EK-FAC {late[0]['status']}, so it gave no scores (no agreement "
+            f"either); upweight's fastest row, {uw['name']} ({uw['settings']}), "
+            f"{uw['time_s']:.0f} s — **faster** than that"
+            + (f"; upweight's EK-FAC: {eks}" if eks else "") + "." + kfac
+            + _w4_bound(d, {**late[0], "time_s": late[0]["wall_s"]}).replace(
+                "kronfluence's EK-FAC took", "kronfluence's EK-FAC ran for more than"))
     if not uws:
         return head + "not measured (no upweight row finished)."
     ks, kmin = kron["spearman"], kron["spearman_min"]
@@ -1564,7 +1578,20 @@ def w4_target(d: dict) -> str:
         f"peak memory {uw['peak_mb']:.0f} MB vs {kron['peak_mb']:.0f} MB."
         + (f" Agreement (Spearman with kronfluence EK-FAC's scores, not accuracy): {agree}."
            if agree else "")
-        + _w4_bound(d, kron))
+        + kfac + _w4_bound(d, kron))
+
+
+def _w4_kfac(rows: dict[str, dict]) -> str:
+    """W4: upweight's K-FAC rows against kronfluence's K-FAC, time and peak memory."""
+    kk = rows.get("kron-kfac")
+    uk = [rows[k] for k in ("uw-kfac", "uw-kfac-unchecked", "uw-kfac-sampled",
+                            "uw-kfac-sampled-unchecked") if k in rows]
+    if kk is None or not uk:
+        return ""
+    parts = [f"{r['name']} ({r['settings']}) {r['time_s']:.0f} s, {r['peak_mb']:.0f} MB "
+             f"({_x(kk['time_s'] / r['time_s'])})" for r in uk]
+    return (f" K-FAC: kronfluence {kk['time_s']:.0f} s, {kk['peak_mb']:.0f} MB; upweight "
+            + "; ".join(parts) + ".")
 
 
 def _w4_bound(d: dict, kron: dict) -> str:
