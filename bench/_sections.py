@@ -1,4 +1,5 @@
-"""Keyed sections of one Markdown file (bench/RESULTS.md), so that each benchmark rewrites only its own part.
+"""Keyed sections of one Markdown file (bench/RESULTS.md), so that each benchmark rewrites only its
+own part.
 
 A section is the text between ``<!-- section:KEY -->`` and ``<!-- /section:KEY -->``; everything
 outside the markers (the file's hand-written introduction, other sections) is kept as it is. A
@@ -15,7 +16,9 @@ from typing import Any
 
 _BEGIN = "<!-- section:{key} -->"
 _END = "<!-- /section:{key} -->"
-_ANY = re.compile(r"<!-- section:(?P<key>[^ >]+) -->\n(?P<body>.*?)\n?<!-- /section:(?P=key) -->", re.S)
+_ANY = re.compile(
+    r"<!-- section:(?P<key>[^ >]+) -->\n(?P<body>.*?)\n?<!-- /section:(?P=key) -->", re.S
+)
 _DATA = re.compile(r"<!-- data:(?P<json>.*?) -->", re.S)
 
 
@@ -38,8 +41,10 @@ def replace_section(path: str | Path, key: str, markdown: str) -> None:
     if i >= 0:
         j = text.find(end, i)
         if j < 0:
-            raise ValueError(f"{path}: section {key!r} has no closing marker {end!r}; fix the file by hand")
-        text = text[:i] + block + text[j + len(end):]
+            raise ValueError(
+                f"{path}: section {key!r} has no closing marker {end!r}; fix the file by hand"
+            )
+        text = text[:i] + block + text[j + len(end) :]
     else:
         text = (text.rstrip("\n") + "\n\n" if text.strip() else "") + block + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -55,8 +60,13 @@ def read_sections(path: str | Path) -> dict[str, str]:
 
 
 def embed_json(data: Any) -> str:
-    """``data`` as an HTML comment that Markdown renderers hide (``>`` escaped so it cannot close it)."""
-    return "<!-- data:" + json.dumps(data, ensure_ascii=False, allow_nan=True).replace(">", "\\u003e") + " -->"
+    """``data`` as an HTML comment that Markdown renderers hide (``>`` escaped so it cannot close
+    it)."""
+    return (
+        "<!-- data:"
+        + json.dumps(data, ensure_ascii=False, allow_nan=True).replace(">", "\\u003e")
+        + " -->"
+    )
 
 
 def section_json(text: str) -> Any | None:

@@ -11,8 +11,8 @@ method has to do at least:
 * **scoring**: every training gradient gᵢ = rᵢ ⊗ x̃ᵢ against every sⱼ = H⁻¹∇L(z_test,ⱼ):
   ⟨gᵢ, sⱼ⟩ = rᵢᵀSⱼx̃ᵢ, the product X̃ [S₁ᵀ … S_Kᵀ] — n·q·cK multiply-adds, structured or not;
 * **s_test**, one of
-  - *direct*: H in closed form, ½c(c+1) weighted Gram blocks X̃ᵀdiag(w)X̃ (½c(c+1)·n·q² multiply-adds,
-    as c products X̃ᵀ[w ⊙ X̃ …] of widths (c − i)·q) and a Cholesky solve of p × p;
+  - *direct*: H in closed form, ½c(c+1) weighted Gram blocks X̃ᵀdiag(w)X̃ (½c(c+1)·n·q²
+    multiply-adds, as c products X̃ᵀ[w ⊙ X̃ …] of widths (c − i)·q) and a Cholesky solve of p × p;
   - *Krylov*: j* HVP passes over the data for the K vectors, each the two products X̃Vᵀ and WᵀX̃
     (2·n·q·cK multiply-adds), where j* is the fewest block-CG iterations whose scores reach mean
     Spearman ≥ 0.99 — measured here by stopping upweight's block CG after j = 1, 2, … iterations.
@@ -75,10 +75,13 @@ def bare_time(fn, repeats: int) -> float:
     return min(times)
 
 
-def product_times(n: int, q: int, k: int, dtype: torch.dtype, repeats: int, direct: bool) -> dict[str, float]:
-    """Seconds of the bare products: ``score`` X̃ (n, q) @ (q, cK); ``pass`` X̃Vᵀ and WᵀX̃ of one HVP pass
-    for K vectors; with ``direct``, ``H`` the c products X̃ᵀ (n, (c − i)·q) of the closed-form Hessian and
-    ``chol`` a Cholesky factorisation and solve of p × p with K right-hand sides."""
+def product_times(
+    n: int, q: int, k: int, dtype: torch.dtype, repeats: int, direct: bool
+) -> dict[str, float]:
+    """Seconds of the bare products: ``score`` X̃ (n, q) @ (q, cK); ``pass`` X̃Vᵀ and WᵀX̃ of one
+    HVP pass for K vectors; with ``direct``, ``H`` the c products X̃ᵀ (n, (c − i)·q) of the
+    closed-form Hessian and ``chol`` a Cholesky factorisation and solve of p × p with K right-hand
+    sides."""
     gen = torch.Generator().manual_seed(0)
     A = torch.rand(n, q, generator=gen).to(dtype)
     V = torch.randn(C * k, q, generator=gen).to(dtype)
@@ -103,14 +106,26 @@ def spearman(values: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
     return float(np.mean(rho)), float(np.min(rho))
 
 
-def cg_curve(model: torch.nn.Module, X: torch.Tensor, y: torch.Tensor, Xt: torch.Tensor, yt: torch.Tensor,
-             ref: np.ndarray, max_iter: int) -> list[tuple[int, float, float, float]]:
-    """(j, seconds, mean Spearman, min Spearman) of upweight's block CG stopped after j iterations, float32,
-    for j = 1, 2, … until the mean Spearman reaches 0.99 (at most ``max_iter``)."""
+def cg_curve(
+    model: torch.nn.Module,
+    X: torch.Tensor,
+    y: torch.Tensor,
+    Xt: torch.Tensor,
+    yt: torch.Tensor,
+    ref: np.ndarray,
+    max_iter: int,
+) -> list[tuple[int, float, float, float]]:
+    """(j, seconds, mean Spearman, min Spearman) of upweight's block CG stopped after j iterations,
+    float32, for j = 1, 2, … until the mean Spearman reaches 0.99 (at most ``max_iter``)."""
+
     def query(j: int) -> np.ndarray:
-        inf = uw.Influence(uw.Objective(model, "cross_entropy", l2=L2),
-                           solver=uw.CG(rtol=1e-12, maxiter=j, block=True), progress=False,
-                           on_inaccurate="warn", grad_tol=1e9)
+        inf = uw.Influence(
+            uw.Objective(model, "cross_entropy", l2=L2),
+            solver=uw.CG(rtol=1e-12, maxiter=j, block=True),
+            progress=False,
+            on_inaccurate="warn",
+            grad_tol=1e9,
+        )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             inf.fit(uw.Data.from_any((X, y)))
@@ -124,15 +139,18 @@ def cg_curve(model: torch.nn.Module, X: torch.Tensor, y: torch.Tensor, Xt: torch
         secs = time.perf_counter() - t0
         mean, low = spearman(values, ref)
         rows.append((j, secs, mean, low))
-        print(f"    block CG stopped after {j}: {secs:.2f} s, Spearman {mean:.4f} (min {low:.4f})", flush=True)
+        print(
+            f"    block CG stopped after {j}: {secs:.2f} s, Spearman {mean:.4f} (min {low:.4f})",
+            flush=True,
+        )
         if mean >= ACCURATE:
             break
     return rows
 
 
 def timed_in_child(state: dict, n: int, q: int, k: int, args: argparse.Namespace) -> dict:
-    """The floor sweeps and the bare products, timed in a fresh process (``--child``) whose glibc malloc
-    neither serves big blocks by mmap nor trims the heap (``MALLOC_MMAP_THRESHOLD_`` and
+    """The floor sweeps and the bare products, timed in a fresh process (``--child``) whose glibc
+    malloc neither serves big blocks by mmap nor trims the heap (``MALLOC_MMAP_THRESHOLD_`` and
     ``MALLOC_TRIM_THRESHOLD_`` = 4 GiB): otherwise each timing depends on what the process allocated
     before — the same W2 sweep took 0.19 s (peer benchmark, after training), 0.40–0.46 s (after this
     script's training and reference, or in a fresh process) and at n = 55,000 0.49 s or 0.89 s — and
@@ -140,19 +158,33 @@ def timed_in_child(state: dict, n: int, q: int, k: int, args: argparse.Namespace
     with tempfile.TemporaryDirectory(prefix="floor-bound-") as tmp:
         path = os.path.join(tmp, "state.pt")
         torch.save({**state, "n": n, "q": q, "k": k}, path)
-        cmd = [sys.executable, __file__, "--child", path, "--repeats", str(args.repeats),
-               "--floor-repeats", str(args.floor_repeats)]
-        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(2**32), "MALLOC_TRIM_THRESHOLD_": str(2**32)}
+        cmd = [
+            sys.executable,
+            __file__,
+            "--child",
+            path,
+            "--repeats",
+            str(args.repeats),
+            "--floor-repeats",
+            str(args.floor_repeats),
+        ]
+        env = {
+            **os.environ,
+            "MALLOC_MMAP_THRESHOLD_": str(2**32),
+            "MALLOC_TRIM_THRESHOLD_": str(2**32),
+        }
         out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
 def child(path: str, args: argparse.Namespace) -> None:
-    """``--child``: time the floor and the bare products for the state in ``path``; print them as JSON."""
+    """``--child``: time the floor and the bare products for the state in ``path``; print them as
+    JSON."""
     state = torch.load(path, weights_only=True)  # tensors, str and numbers: no code unpickled
     n, q, k = state["n"], state["q"], state["k"]
     floors = time_floor(state, repeats=args.floor_repeats)
-    direct = C * q <= 10_000 and n * q * q * 55 <= 2e11  # forming H bare is timed where it takes seconds at most
+    # forming H bare is timed where it takes seconds at most
+    direct = C * q <= 10_000 and n * q * q * 55 <= 2e11
     f32 = product_times(n, q, k, torch.float32, args.repeats, direct)
     bf16 = product_times(n, q, k, torch.bfloat16, args.repeats, direct=False)
     print(json.dumps({"floors": floors, "f32": f32, "bf16": bf16}))
@@ -170,26 +202,51 @@ def run_workload(spec: str, k: int, args: argparse.Namespace) -> dict:
     with torch.no_grad():
         model.weight.copy_(torch.from_numpy(W))
         model.bias.copy_(torch.from_numpy(b))
-    state = {"arch": "linear", "params": {"weight": model.weight.detach().clone(), "bias": model.bias.detach().clone()},
-             "X": torch.from_numpy(wl.X).float(), "y": torch.from_numpy(wl.y), "Xt": torch.from_numpy(wl.Xt).float(),
-             "yt": torch.from_numpy(wl.yt), "l2": L2}
+    state = {
+        "arch": "linear",
+        "params": {"weight": model.weight.detach().clone(), "bias": model.bias.detach().clone()},
+        "X": torch.from_numpy(wl.X).float(),
+        "y": torch.from_numpy(wl.y),
+        "Xt": torch.from_numpy(wl.Xt).float(),
+        "yt": torch.from_numpy(wl.yt),
+        "l2": L2,
+    }
     timings = timed_in_child(state, n, q, k, args)
     floors, f32, bf16 = timings["floors"], timings["f32"], timings["bf16"]
     floor = min(floors)  # the cheapest sweep: what the work costs, not the allocator's slow mode
-    print(f"  floor {floor:.4f} s (median {statistics.median(floors):.4f} s); float32 {f32}; bfloat16 {bf16}", flush=True)
+    print(
+        f"  floor {floor:.4f} s (median {statistics.median(floors):.4f} s); float32 {f32}; bfloat16"
+        f" {bf16}",
+        flush=True,
+    )
     curve = cg_curve(model, state["X"], state["y"], state["Xt"], state["yt"], ref, args.max_iter)
     j_star = curve[-1][0] if curve[-1][2] >= ACCURATE else None
-    return {"key": wl.key, "title": wl.title, "name": spec.split(":")[0].upper(), "n": n, "q": q, "k": k, "floor": floor,
-            "floor_median": statistics.median(floors), "floor_repeats": len(floors),
-            "f32": f32, "bf16": bf16, "curve": curve, "j_star": j_star}
+    return {
+        "key": wl.key,
+        "title": wl.title,
+        "name": spec.split(":")[0].upper(),
+        "n": n,
+        "q": q,
+        "k": k,
+        "floor": floor,
+        "floor_median": statistics.median(floors),
+        "floor_repeats": len(floors),
+        "f32": f32,
+        "bf16": bf16,
+        "curve": curve,
+        "j_star": j_star,
+    }
 
 
 def lower_bounds(r: dict) -> list[tuple[str, float]]:
-    """(method, seconds) of each lower bound of workload ``r``: the sum of the bare products it needs."""
+    """(method, seconds) of each lower bound of workload ``r``: the sum of the bare products it
+    needs."""
     f32, bf, j = r["f32"], r["bf16"], r["j_star"]
     out = []
     if "H" in f32:
-        out.append(("direct (H + Cholesky + scoring), float32", f32["H"] + f32["chol"] + f32["score"]))
+        out.append(
+            ("direct (H + Cholesky + scoring), float32", f32["H"] + f32["chol"] + f32["score"])
+        )
     if j is not None:
         out.append((f"Krylov, j* = {j} passes + scoring, float32", j * f32["pass"] + f32["score"]))
         out.append((f"Krylov, j* = {j} passes + scoring, bfloat16", j * bf["pass"] + bf["score"]))
@@ -197,20 +254,29 @@ def lower_bounds(r: dict) -> list[tuple[str, float]]:
 
 
 def summary_data(results: list[dict]) -> dict:
-    """What ``bench/peers/bench_peers.py``'s summary quotes, per peer-benchmark workload key: the floor and
-    the lowest bound in float32 and overall (bfloat16 included), in units of the floor."""
+    """What ``bench/peers/bench_peers.py``'s summary quotes, per peer-benchmark workload key: the
+    floor and the lowest bound in float32 and overall (bfloat16 included), in units of the floor."""
     out = {}
     for r in results:
         b = lower_bounds(r)
         f32 = [s for what, s in b if "float32" in what]
-        out[r["key"]] = {"floor_s": r["floor"], "j_star": r["j_star"],
-                         "bound_float32": min(f32) / r["floor"] if f32 else None,
-                         "bound_any": min(s for _, s in b) / r["floor"] if b else None}
+        out[r["key"]] = {
+            "floor_s": r["floor"],
+            "j_star": r["j_star"],
+            "bound_float32": min(f32) / r["floor"] if f32 else None,
+            "bound_any": min(s for _, s in b) / r["floor"] if b else None,
+        }
     return out
 
 
 def render(results: list[dict], machine: dict[str, str], command: str) -> str:
-    lines = ["## Lower bounds of the exact-accuracy query against the cost floor (issue 4's ≤ 3× / ≤ 10×)", ""]
+    lines = [
+        (
+            "## Lower bounds of the exact-accuracy query against the cost floor (issue 4's ≤ 3× / ≤"
+            " 10×)"
+        ),
+        "",
+    ]
     for para in __doc__.split("\n\n")[1:4]:
         lines += [para.strip("\n"), ""]
     lines += [f"Command: `{command}`", "", "| machine | |", "|---|---|"]
@@ -218,30 +284,62 @@ def render(results: list[dict], machine: dict[str, str], command: str) -> str:
     for r in results:
         fl, f32, bf = r["floor"], r["f32"], r["bf16"]
         target = TARGETS.get(r["name"], float("nan"))
-        lines += ["", f"### {r['title']}" + ("" if "K =" in r["title"] else f", K = {r['k']}"), "",
-                  f"n = {r['n']:,}, q = d + 1 = {r['q']}, p = {C * r['q']:,}, K = {r['k']}; cost floor "
-                  f"{fl * 1e3:.1f} ms (fastest of {r['floor_repeats']} sweeps; median {r['floor_median'] * 1e3:.1f} ms); "
-                  f"target ≤ {target:g}× the floor = {target * fl * 1e3:.1f} ms.", "",
-                  "| upweight's block CG stopped after j iterations (float32) | seconds | × floor | Spearman mean (min) |",
-                  "|---|--:|--:|--:|"]
-        lines += [f"| j = {j} | {s:.3f} | {s / fl:.1f} | {m:.4f} ({lo:.4f}) |" for j, s, m, lo in r["curve"]]
+        lines += [
+            "",
+            f"### {r['title']}" + ("" if "K =" in r["title"] else f", K = {r['k']}"),
+            "",
+            (
+                f"n = {r['n']:,}, q = d + 1 = {r['q']}, p = {C * r['q']:,}, K = {r['k']}; cost"
+                f" floor {fl * 1e3:.1f} ms (fastest of {r['floor_repeats']} sweeps; median"
+                f" {r['floor_median'] * 1e3:.1f} ms); target ≤ {target:g}× the floor ="
+                f" {target * fl * 1e3:.1f} ms."
+            ),
+            "",
+            (
+                "| upweight's block CG stopped after j iterations (float32) | seconds | × floor |"
+                " Spearman mean (min) |"
+            ),
+            "|---|--:|--:|--:|",
+        ]
+        lines += [
+            f"| j = {j} | {s:.3f} | {s / fl:.1f} | {m:.4f} ({lo:.4f}) |"
+            for j, s, m, lo in r["curve"]
+        ]
         j = r["j_star"]
-        lines += ["", "| bare products | float32 ms | bfloat16 ms | × floor (float32) |", "|---|--:|--:|--:|",
-                  f"| scoring: X̃ (n, q) @ (q, cK) | {f32['score'] * 1e3:.1f} | {bf['score'] * 1e3:.1f} | "
-                  f"{f32['score'] / fl:.1f} |",
-                  f"| one HVP pass for K vectors: X̃Vᵀ and WᵀX̃ | {f32['pass'] * 1e3:.1f} | {bf['pass'] * 1e3:.1f} | "
-                  f"{f32['pass'] / fl:.1f} |"]
+        lines += [
+            "",
+            "| bare products | float32 ms | bfloat16 ms | × floor (float32) |",
+            "|---|--:|--:|--:|",
+            (
+                f"| scoring: X̃ (n, q) @ (q, cK) | {f32['score'] * 1e3:.1f} |"
+                f" {bf['score'] * 1e3:.1f} | {f32['score'] / fl:.1f} |"
+            ),
+            (
+                f"| one HVP pass for K vectors: X̃Vᵀ and WᵀX̃ | {f32['pass'] * 1e3:.1f} |"
+                f" {bf['pass'] * 1e3:.1f} | {f32['pass'] / fl:.1f} |"
+            ),
+        ]
         if "H" in f32:
-            lines += [f"| closed-form H: c products X̃ᵀ (n, (c − i)·q) | {f32['H'] * 1e3:.1f} | – | {f32['H'] / fl:.1f} |",
-                      f"| Cholesky + solve, p × p, K right-hand sides | {f32['chol'] * 1e3:.1f} | – | "
-                      f"{f32['chol'] / fl:.1f} |"]
+            lines += [
+                (
+                    f"| closed-form H: c products X̃ᵀ (n, (c − i)·q) | {f32['H'] * 1e3:.1f} | – |"
+                    f" {f32['H'] / fl:.1f} |"
+                ),
+                (
+                    f"| Cholesky + solve, p × p, K right-hand sides | {f32['chol'] * 1e3:.1f} | – |"
+                    f" {f32['chol'] / fl:.1f} |"
+                ),
+            ]
         bounds = lower_bounds(r)
         lines += ["", "| lower bound | ms | × floor | target |", "|---|--:|--:|---|"]
         for what, secs in bounds:
             ok = "within" if secs <= target * fl else "**above**"
             lines.append(f"| {what} | {secs * 1e3:.1f} | {secs / fl:.1f} | {ok} ≤ {target:g}× |")
         if j is None:
-            lines.append(f"| Krylov | – | – | block CG did not reach Spearman {ACCURATE} in {len(r['curve'])} iterations |")
+            lines.append(
+                f"| Krylov | – | – | block CG did not reach Spearman {ACCURATE} in"
+                f" {len(r['curve'])} iterations |"
+            )
     lines += ["", embed_json({"bounds": summary_data(results)})]
     return "\n".join(lines) + "\n"
 
@@ -249,13 +347,26 @@ def render(results: list[dict], machine: dict[str, str], command: str) -> str:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--mnist", default="../shared/data/mnist/mnist.npz", help="mnist.npz")
-    ap.add_argument("--workloads", default="W1:100,W2:20000:10,W2:55000:100",
-                    help="comma-separated WORKLOAD[:n]:K (W1:K, W2:n:K)")
-    ap.add_argument("--repeats", type=int, default=5, help="runs of each bare product (the fastest counts)")
-    ap.add_argument("--floor-repeats", type=int, default=10, help="per-sample-gradient sweeps (the fastest counts)")
+    ap.add_argument(
+        "--workloads",
+        default="W1:100,W2:20000:10,W2:55000:100",
+        help="comma-separated WORKLOAD[:n]:K (W1:K, W2:n:K)",
+    )
+    ap.add_argument(
+        "--repeats", type=int, default=5, help="runs of each bare product (the fastest counts)"
+    )
+    ap.add_argument(
+        "--floor-repeats",
+        type=int,
+        default=10,
+        help="per-sample-gradient sweeps (the fastest counts)",
+    )
     ap.add_argument("--max-iter", type=int, default=15, help="stop the block-CG curve here")
-    ap.add_argument("--out", default=None, help=f"Markdown file whose section {SECTION!r} is (re)written")
-    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)  # a state file: time it, print JSON
+    ap.add_argument(
+        "--out", default=None, help=f"Markdown file whose section {SECTION!r} is (re)written"
+    )
+    # a state file: time it, print JSON
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     if args.child:
@@ -266,7 +377,9 @@ def main(argv: list[str] | None = None) -> None:
     for item in args.workloads.split(","):
         parts = item.split(":")
         results.append(run_workload(":".join(parts[:-1]), int(parts[-1]), args))
-    text = render(results, machine, "python bench/bench_floor_bound.py " + " ".join(argv or sys.argv[1:]))
+    text = render(
+        results, machine, "python bench/bench_floor_bound.py " + " ".join(argv or sys.argv[1:])
+    )
     print(text)
     if args.out:
         replace_section(args.out, SECTION, text)

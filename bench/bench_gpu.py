@@ -62,7 +62,10 @@ def timed(device: str, run: Any) -> tuple[float, np.ndarray]:
 
 def w2(args: argparse.Namespace) -> tuple[str, Any]:
     with np.load(args.mnist) as f:
-        X = torch.from_numpy(f["x_train"][: args.n_mnist].reshape(args.n_mnist, -1)).double() / 255.0
+        X = (
+            torch.from_numpy(f["x_train"][: args.n_mnist].reshape(args.n_mnist, -1)).double()
+            / 255.0
+        )
         y = torch.from_numpy(f["y_train"][: args.n_mnist]).long()
         Xt = torch.from_numpy(f["x_test"][:10].reshape(10, -1)).double() / 255.0
         yt = torch.from_numpy(f["y_test"][:10]).long()
@@ -77,7 +80,10 @@ def w2(args: argparse.Namespace) -> tuple[str, Any]:
         inf = uw.Influence(o, solver=uw.CG(rtol=1e-3), progress=False).fit(train)
         return inf.up_loss(test).values
 
-    return f"W2 — MNIST softmax regression, n = {args.n_mnist:,}, K = 10, block CG rtol 1e-3, float32", run
+    return (
+        f"W2 — MNIST softmax regression, n = {args.n_mnist:,}, K = 10, block CG rtol 1e-3, float32",
+        run,
+    )
 
 
 def w5(args: argparse.Namespace) -> tuple[str, Any]:
@@ -97,23 +103,41 @@ def w5(args: argparse.Namespace) -> tuple[str, Any]:
 
     def run(device: str) -> np.ndarray:
         o = uw.Objective(copy.deepcopy(model).to(device), "cross_entropy")
-        inf = uw.Influence(o, solver=EKFAC(), curvature="gauss-newton", damping=bp.W5_DAMPING, progress=False,
-                           grad_tol=1e9, max_residual=None).fit(train)
+        inf = uw.Influence(
+            o,
+            solver=EKFAC(),
+            curvature="gauss-newton",
+            damping=bp.W5_DAMPING,
+            progress=False,
+            grad_tol=1e9,
+            max_residual=None,
+        ).fit(train)
         return inf.up_loss(test).values
 
-    return "W5 — BERT-style classifier (2 layers, hidden 64) on Enron, n = 1,000, K = 10, EK-FAC, Gauss–Newton", run
+    return (
+        (
+            "W5 — BERT-style classifier (2 layers, hidden 64) on Enron, n = 1,000, K = 10, EK-FAC,"
+            " Gauss–Newton"
+        ),
+        run,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--device", default="cuda", help="the device to check against the CPU (default cuda)")
+    ap.add_argument(
+        "--device", default="cuda", help="the device to check against the CPU (default cuda)"
+    )
     ap.add_argument("--out", default="bench/RESULTS.md")
     ap.add_argument("--mnist", default=str(DATA / "mnist" / "mnist.npz"))
     ap.add_argument("--enron", default=str(DATA / "enron1" / "enron1.csv.gz"))
     ap.add_argument("--n-mnist", type=int, default=20000)
     args = ap.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
-        print(f"bench_gpu: no CUDA device here (torch {torch.__version__}); run it where a GPU is.", file=sys.stderr)
+        print(
+            f"bench_gpu: no CUDA device here (torch {torch.__version__}); run it where a GPU is.",
+            file=sys.stderr,
+        )
         return 2
     info = machine_info()
     if args.device.startswith("cuda"):
@@ -125,18 +149,25 @@ def main(argv: list[str] | None = None) -> int:
         t_cpu, v_cpu = timed("cpu", run)
         rho = min(scipy.stats.spearmanr(a, b)[0] for a, b in zip(v_dev, v_cpu))
         rel = float(np.abs(v_dev - v_cpu).max() / np.abs(v_cpu).max())
-        rows.append(f"| {title} | {t_dev:.2f} | {t_cpu:.2f} | {t_cpu / t_dev:.1f}× | {rho:.4f} | {rel:.1e} |")
+        rows.append(
+            f"| {title} | {t_dev:.2f} | {t_cpu:.2f} | {t_cpu / t_dev:.1f}× | {rho:.4f} |"
+            f" {rel:.1e} |"
+        )
         print(rows[-1], flush=True)
+    command = [os.path.relpath(__file__, HERE.parent), *sys.argv[1:]]
     lines = [
         "## GPU check (`make gpu-check`)",
         "",
-        f"Command: `python {' '.join(shlex.quote(a) for a in [os.path.relpath(__file__, HERE.parent), *sys.argv[1:]])}`",
+        "Command: `python " + " ".join(shlex.quote(a) for a in command) + "`",
         "",
         "| machine | |",
         "|---|---|",
         *(f"| {k} | {v} |" for k, v in info.items()),
         "",
-        f"| query | {args.device} s | cpu s | speed-up | Spearman {args.device} vs cpu (min) | max rel. difference |",
+        (
+            f"| query | {args.device} s | cpu s | speed-up | Spearman {args.device} vs cpu (min) |"
+            " max rel. difference |"
+        ),
         "|---|--:|--:|--:|--:|--:|",
         *rows,
     ]

@@ -53,12 +53,18 @@ from methods import build_model  # noqa: E402
 OLD_MAX_TANGENT_POINTS = 8192
 
 
-def hvp_sum_vmap_forward_over_reverse(obj: uw.Objective, params: dict, V: torch.Tensor, batch: uw.Data) -> torch.Tensor:
+def hvp_sum_vmap_forward_over_reverse(
+    obj: uw.Objective, params: dict, V: torch.Tensor, batch: uw.Data
+) -> torch.Tensor:
     """The product as upweight computed it before: vmap over tangents of jvp(grad(loss))."""
     group = max(1, OLD_MAX_TANGENT_POINTS // max(len(batch), 1))
     if len(V) > group:
-        return torch.cat([hvp_sum_vmap_forward_over_reverse(obj, params, V[s : s + group], batch)
-                          for s in range(0, len(V), group)])
+        return torch.cat(
+            [
+                hvp_sum_vmap_forward_over_reverse(obj, params, V[s : s + group], batch)
+                for s in range(0, len(V), group)
+            ]
+        )
 
     def batch_loss(p: dict) -> torch.Tensor:
         return obj.losses(p, batch.X, batch.y).sum()
@@ -100,10 +106,14 @@ def model_for(name: str) -> torch.nn.Module:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--mnist", default="../shared/data/mnist/mnist.npz", help="mnist.npz (or the IDX folder)")
+    ap.add_argument(
+        "--mnist", default="../shared/data/mnist/mnist.npz", help="mnist.npz (or the IDX folder)"
+    )
     ap.add_argument("--out", default=None, help="Markdown file whose section 'hvp' is (re)written")
     ap.add_argument("--models", default="linear,mlp,cnn,fig2-cnn")
-    ap.add_argument("--cases", default="1x512,10x512,100x256", help="k×b pairs: k tangents over b images")
+    ap.add_argument(
+        "--cases", default="1x512,10x512,100x256", help="k×b pairs: k tangents over b images"
+    )
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -121,24 +131,41 @@ def main(argv: list[str] | None = None) -> None:
             y = torch.tensor(data.y_train[:b], dtype=torch.int64)
             batch = uw.Data.from_any((X, y))
             V = torch.randn(k, obj.p, generator=torch.Generator().manual_seed(1))
-            t_old, old = median_time(hvp_sum_vmap_forward_over_reverse, (obj, params, V, batch), args.repeats)
+            t_old, old = median_time(
+                hvp_sum_vmap_forward_over_reverse, (obj, params, V, batch), args.repeats
+            )
             t_new, new = median_time(hvp_sum, (obj, params, V, batch), args.repeats)
             agree = float(((new - old).norm(dim=1) / old.norm(dim=1)).max())
             rows.append((name, obj.p, k, b, t_old, t_new, agree))
-            print(f"{name:9s} p={obj.p:>9,} k={k:>3} b={b:>4}: before {t_old:8.3f}s  now {t_new:8.3f}s  "
-                  f"speed-up {t_old / t_new:5.2f}×  agree {agree:.1e}", flush=True)
+            print(
+                f"{name:9s} p={obj.p:>9,} k={k:>3} b={b:>4}: before {t_old:8.3f}s  now"
+                f" {t_new:8.3f}s  speed-up {t_old / t_new:5.2f}×  agree {agree:.1e}",
+                flush=True,
+            )
     wall = time.perf_counter() - t_start
     machine["load average at end"] = " ".join(f"{x:.2f}" for x in __import__("os").getloadavg())
     machine["wall time of the script"] = f"{wall:.0f} s"
-    command = "python bench/bench_hvp.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-    lines = ["## Generic HVPs: reverse over reverse (now) vs vmap of forward over reverse (before)", "",
-             f"Command: `{command}`", "", "| machine | |", "|---|---|"]
+    command = "python bench/bench_hvp.py " + " ".join(shlex.quote(a) for a in argv or sys.argv[1:])
+    lines = [
+        "## Generic HVPs: reverse over reverse (now) vs vmap of forward over reverse (before)",
+        "",
+        f"Command: `{command}`",
+        "",
+        "| machine | |",
+        "|---|---|",
+    ]
     lines += [f"| {key} | {value} |" for key, value in machine.items()]
-    lines += ["", *_what_is_measured(), "",
-              "| model | p | k tangents | b images | before s | now s | speed-up | agree |",
-              "|---|--:|--:|--:|--:|--:|--:|--:|"]
-    lines += [f"| {n} | {p:,} | {k} | {b} | {to:.4f} | {tn:.4f} | {to / tn:.2f}× | {a:.1e} |"
-              for n, p, k, b, to, tn, a in rows]
+    lines += [
+        "",
+        *_what_is_measured(),
+        "",
+        "| model | p | k tangents | b images | before s | now s | speed-up | agree |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    lines += [
+        f"| {n} | {p:,} | {k} | {b} | {to:.4f} | {tn:.4f} | {to / tn:.2f}× | {a:.1e} |"
+        for n, p, k, b, to, tn, a in rows
+    ]
     if args.out:
         replace_section(args.out, "hvp", "\n".join(lines))
         print(f"wrote section 'hvp' of {args.out}")

@@ -3,14 +3,16 @@
 without a controlled background load; and the cost of CG's final residual check.
 
 Queries (softmax regression with bias, λ = l2 = 0.01, float32 model, trained first in float64 with
-``uw.refit``, not timed; I_up,loss of every training point for the first 10 test points, i.e. K = 10):
+``uw.refit``, not timed; I_up,loss of every training point for the first 10 test points, i.e. K =
+10):
 
 * ``digits-direct`` / ``digits-cg``: scikit-learn's 8×8 digits, pixels / 16, train = rows 0..1499
   (p = 650, n = 1,500), ``Direct()`` / ``CG()``.
-* ``mnist5k-cg``: MNIST, the first 5,000 rows of the Koh & Liang training split (p = 7,850), ``CG()``.
+* ``mnist5k-cg``: MNIST, the first 5,000 rows of the Koh & Liang training split (p = 7,850),
+  ``CG()``.
 
-Each query runs in a fresh child process (one warm-up, then the fastest of ``--repeats`` timed runs of
-``Influence(...).fit(train).up_loss(test)``) under one thread setting:
+Each query runs in a fresh child process (one warm-up, then the fastest of ``--repeats`` timed runs
+of ``Influence(...).fit(train).up_loss(test)``) under one thread setting:
 
 * ``torch 1`` / ``torch 2``: ``torch.set_num_threads(1 or 2)`` and ``upweight.set_threads("torch")``
   in the child before anything else (upweight leaves torch's setting alone);
@@ -20,12 +22,12 @@ Each query runs in a fresh child process (one warm-up, then the fastest of ``--r
 Background load (``--load``): one busy child process per usable core, each multiplying 256×256 numpy
 matrices in a loop with a single BLAS thread, started before the query's child and stopped after it.
 
-Section ``cg-residual``: block CG (K = 100 right-hand sides, the MNIST-5k problem) with the final true
-residual measured on all K columns (``residual_sample=K``) against the default sample, and the largest
-gap |true − recurrence| found on the measured columns.
+Section ``cg-residual``: block CG (K = 100 right-hand sides, the MNIST-5k problem) with the final
+true residual measured on all K columns (``residual_sample=K``) against the default sample, and the
+largest gap |true − recurrence| found on the measured columns.
 
-Usage (from the repository root; the machine should otherwise be idle, which a shared machine may not be —
-the load average is recorded)::
+Usage (from the repository root; the machine should otherwise be idle, which a shared machine may
+not be — the load average is recorded)::
 
     .venv/bin/python bench/bench_threads.py --out bench/RESULTS.md
 """
@@ -66,7 +68,7 @@ def load_arrays(workload: str, mnist: str) -> tuple[np.ndarray, np.ndarray, np.n
 
         d = load_digits()
         X, y = d.data.astype(np.float64) / 16.0, d.target.astype(np.int64)
-        return X[:1500], y[:1500], X[1500:1500 + N_TEST], y[1500:1500 + N_TEST]
+        return X[:1500], y[:1500], X[1500 : 1500 + N_TEST], y[1500 : 1500 + N_TEST]
     with np.load(mnist) as f:
         x_train, y_train, x_test, y_test = f["x_train"], f["y_train"], f["x_test"], f["y_test"]
     X = x_train[5000:10000].reshape(-1, 784).astype(np.float64) / 255.0
@@ -121,8 +123,16 @@ def child(args: argparse.Namespace) -> None:
 
     query()
     times = [query() for _ in range(args.repeats)]
-    print(json.dumps({"times": times, "torch_threads": threads_before, "threads_after": torch.get_num_threads(),
-                      "load": os.getloadavg()[0]}))
+    print(
+        json.dumps(
+            {
+                "times": times,
+                "torch_threads": threads_before,
+                "threads_after": torch.get_num_threads(),
+                "load": os.getloadavg()[0],
+            }
+        )
+    )
 
 
 # ── background load ───────────────────────────────────────────────────────────────────────
@@ -135,7 +145,12 @@ while True:
 
 
 def start_load(n: int) -> list[subprocess.Popen]:
-    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "OPENBLAS_NUM_THREADS": "1",
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+    }
     procs = [subprocess.Popen([sys.executable, "-c", LOAD_CODE], env=env) for _ in range(n)]
     time.sleep(1.0)
     return procs
@@ -153,8 +168,19 @@ def run_child(query: str, mode: str, params: Path, args: argparse.Namespace) -> 
     env["PYTHONPATH"] = str(REPO / "src")
     if mode.startswith("torch "):
         env["UPWEIGHT_THREADS"] = "torch"
-    cmd = [sys.executable, __file__, "--child", "--query", query, "--params", str(params), "--mnist", args.mnist,
-           "--repeats", str(args.repeats)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        "--query",
+        query,
+        "--params",
+        str(params),
+        "--mnist",
+        args.mnist,
+        "--repeats",
+        str(args.repeats),
+    ]
     if mode.startswith("torch "):
         cmd += ["--torch-threads", mode.split()[1]]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
@@ -186,11 +212,18 @@ def cg_residual(args: argparse.Namespace, params: Path) -> dict:
             sol = cg.solve(cg.prepare(curv), V)
             if best is None or sol.seconds < best.seconds:
                 best = sol
-        rows.append({"residual_sample": sample, "seconds": best.seconds, "iterations": best.iterations,
-                     "check_seconds": best.stats.get("residual_check_seconds"),
-                     "measured": int(best.measured_mask.sum()), "max_residual": best.max_residual,
-                     "recurrence_max": best.stats.get("recurrence_residual_max"),
-                     "gap_max": best.stats.get("residual_gap_max")})
+        rows.append(
+            {
+                "residual_sample": sample,
+                "seconds": best.seconds,
+                "iterations": best.iterations,
+                "check_seconds": best.stats.get("residual_check_seconds"),
+                "measured": int(best.measured_mask.sum()),
+                "max_residual": best.max_residual,
+                "recurrence_max": best.stats.get("recurrence_residual_max"),
+                "gap_max": best.stats.get("residual_gap_max"),
+            }
+        )
         log(f"  cg-residual sample={sample}: {rows[-1]}")
     return {"K": K, "n": len(train), "p": curv.p, "rows": rows}
 
@@ -199,15 +232,27 @@ def cg_residual(args: argparse.Namespace, params: Path) -> dict:
 def render(results: dict, machine: dict[str, str], command: str) -> str:
     from _sections import embed_json
 
-    lines = ["## Intra-op threads on a busy machine (`bench/bench_threads.py`)", "",
-             f"Command: `{command}`", ""]
+    lines = [
+        "## Intra-op threads on a busy machine (`bench/bench_threads.py`)",
+        "",
+        f"Command: `{command}`",
+        "",
+    ]
     lines += [f"- **{k}**: {v}" for k, v in machine.items()]
-    lines += ["", "Each cell: the fastest of "
-              f"{results['repeats']} runs of `Influence(obj, solver).fit(train).up_loss(test)` (K = {N_TEST}), seconds, "
-              "in a fresh process after one warm-up run; `torch N` = `torch.set_num_threads(N)` first and upweight leaving "
-              "it alone (`UPWEIGHT_THREADS=torch`), `default` = torch's default threads and upweight's default rule "
-              "(one intra-op thread where p·n is small). Loaded = one busy numpy process per usable core.", "",
-              "| query | load | " + " | ".join(MODES) + " |", "|---|---|" + "---:|" * len(MODES)]
+    lines += [
+        "",
+        (
+            f"Each cell: the fastest of {results['repeats']} runs of `Influence(obj,"
+            f" solver).fit(train).up_loss(test)` (K = {N_TEST}), seconds, in a fresh process after"
+            " one warm-up run; `torch N` = `torch.set_num_threads(N)` first and upweight leaving"
+            " it alone (`UPWEIGHT_THREADS=torch`), `default` = torch's default threads and"
+            " upweight's default rule (one intra-op thread where p·n is small). Loaded = one busy"
+            " numpy process per usable core."
+        ),
+        "",
+        "| query | load | " + " | ".join(MODES) + " |",
+        "|---|---|" + "---:|" * len(MODES),
+    ]
     for q in QUERIES:
         for load in ("idle", "loaded"):
             cells = []
@@ -217,13 +262,26 @@ def render(results: dict, machine: dict[str, str], command: str) -> str:
             lines.append(f"| {q} | {load} | " + " | ".join(cells) + " |")
     cg = results.get("cg_residual")
     if cg:
-        lines += ["", f"CG's final residual check, block CG on the MNIST-5k curvature (n = {cg['n']:,}, p = {cg['p']:,}), "
-                  f"K = {cg['K']} random right-hand sides, rtol = 1e-5, one thread, fastest of {results['repeats']}:", "",
-                  "| residual_sample | measured | solve s | of which check s | iterations | max measured residual "
-                  "| max recurrence residual | max gap true − recurrence |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += [
+            "",
+            (
+                f"CG's final residual check, block CG on the MNIST-5k curvature (n = {cg['n']:,}, p"
+                f" = {cg['p']:,}), K = {cg['K']} random right-hand sides, rtol = 1e-5, one thread,"
+                f" fastest of {results['repeats']}:"
+            ),
+            "",
+            (
+                "| residual_sample | measured | solve s | of which check s | iterations | max"
+                " measured residual | max recurrence residual | max gap true − recurrence |"
+            ),
+            "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
         for r in cg["rows"]:
-            lines.append(f"| {r['residual_sample']} | {r['measured']} | {r['seconds']:.3f} | {r['check_seconds']:.3f} | "
-                         f"{r['iterations']} | {r['max_residual']:.2e} | {r['recurrence_max']:.2e} | {r['gap_max']:.1e} |")
+            lines.append(
+                f"| {r['residual_sample']} | {r['measured']} | {r['seconds']:.3f} |"
+                f" {r['check_seconds']:.3f} | {r['iterations']} | {r['max_residual']:.2e} |"
+                f" {r['recurrence_max']:.2e} | {r['gap_max']:.1e} |"
+            )
     lines += ["", embed_json(results)]
     return "\n".join(lines)
 
@@ -231,7 +289,14 @@ def render(results: dict, machine: dict[str, str], command: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=str(REPO / "bench" / "RESULTS-quick.md"))
-    ap.add_argument("--mnist", default=str(Path(os.environ.get("UPWEIGHT_DATA", REPO.parent / "shared" / "data")) / "mnist" / "mnist.npz"))
+    ap.add_argument(
+        "--mnist",
+        default=str(
+            Path(os.environ.get("UPWEIGHT_DATA", REPO.parent / "shared" / "data"))
+            / "mnist"
+            / "mnist.npz"
+        ),
+    )
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--queries", default=",".join(QUERIES))
     ap.add_argument("--modes", default=",".join(MODES))
@@ -259,15 +324,19 @@ def main(argv: list[str] | None = None) -> int:
         try:
             for q in args.queries.split(","):
                 for m in args.modes.split(","):
-                    r = run_child(q, m, params["digits" if q.startswith("digits") else "mnist"], args)
+                    r = run_child(
+                        q, m, params["digits" if q.startswith("digits") else "mnist"], args
+                    )
                     results["runs"][f"{q}|{load}|{m}"] = r
-                    log(f"{q:14s} {load:6s} {m:8s} fastest {min(r['times']):.3f}s of "
-                        f"{', '.join(f'{t:.3f}' for t in r['times'])} (load avg {r['load']:.2f})")
+                    log(
+                        f"{q:14s} {load:6s} {m:8s} fastest {min(r['times']):.3f}s of "
+                        f"{', '.join(f'{t:.3f}' for t in r['times'])} (load avg {r['load']:.2f})"
+                    )
         finally:
             stop_load(procs)
     if not args.skip_cg_residual:
         results["cg_residual"] = cg_residual(args, params["mnist"])
-    command = "python bench/bench_threads.py " + " ".join(a for a in (argv or sys.argv[1:]))
+    command = "python bench/bench_threads.py " + " ".join(a for a in argv or sys.argv[1:])
     replace_section(args.out, "threads", render(results, machine, command))
     log(f"wrote section 'threads' of {args.out}")
     return 0

@@ -26,7 +26,8 @@ L2 = 0.01
 def build() -> ModelSpec:
     wine = load_wine()
     x_train, x_test, y_train, y_test = train_test_split(
-        wine.data, wine.target, test_size=0.3, random_state=0, stratify=wine.target)
+        wine.data, wine.target, test_size=0.3, random_state=0, stratify=wine.target
+    )
     mean, std = x_train.mean(axis=0), x_train.std(axis=0)
     X = torch.tensor((x_train - mean) / std, dtype=torch.float64)
     Xt = torch.tensor((x_test - mean) / std, dtype=torch.float64)
@@ -34,8 +35,15 @@ def build() -> ModelSpec:
 
     torch.manual_seed(0)
     model = torch.nn.Linear(X.shape[1], 3).double()
-    opt = torch.optim.LBFGS(model.parameters(), lr=1.0, max_iter=500, tolerance_grad=1e-12,
-                            tolerance_change=0.0, history_size=50, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(
+        model.parameters(),
+        lr=1.0,
+        max_iter=500,
+        tolerance_grad=1e-12,
+        tolerance_change=0.0,
+        history_size=50,
+        line_search_fn="strong_wolfe",
+    )
 
     def risk() -> torch.Tensor:
         opt.zero_grad()
@@ -47,7 +55,13 @@ def build() -> ModelSpec:
     opt.step(risk)
     model.eval()
     return ModelSpec(
-        model=model, train=(X, y), test=(Xt, yt), loss="cross_entropy", l2=L2, kind="tabular",
-        feature_names=list(wine.feature_names), class_names=[str(c) for c in np.asarray(wine.target_names)],
+        model=model,
+        train=(X, y),
+        test=(Xt, yt),
+        loss="cross_entropy",
+        l2=L2,
+        kind="tabular",
+        feature_names=list(wine.feature_names),
+        class_names=[str(c) for c in np.asarray(wine.target_names)],
         name="scikit-learn wine (softmax regression)",
     )

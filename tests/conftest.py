@@ -28,13 +28,17 @@ def shared_data(*parts: str) -> Path:
     ``../shared/data`` beside the repository. Tests that need a file there use ``requires_data`` or
     ``skip_without_data``."""
     env = os.environ.get(DATA_ENV, "").strip()
-    root = Path(env).expanduser() if env else Path(__file__).resolve().parents[2] / "shared" / "data"
+    root = (
+        Path(env).expanduser() if env else Path(__file__).resolve().parents[2] / "shared" / "data"
+    )
     return root.joinpath(*parts)
 
 
 def _data_missing(path: Path, what: str) -> str:
-    return (f"{what} is not at {path} (set ${DATA_ENV} to the folder holding mnist/, enron1/ and "
-            "hospital/)")
+    return (
+        f"{what} is not at {path} (set ${DATA_ENV} to the folder holding mnist/, enron1/ and "
+        "hospital/)"
+    )
 
 
 def requires_data(path: Path, what: str) -> pytest.MarkDecorator:
@@ -51,8 +55,10 @@ def skip_without_data(path: Path, what: str) -> None:
     """Inside a test or fixture: skip (fail when CI is set) if a real-data file is absent."""
     if not path.exists():
         if os.environ.get("CI"):
-            pytest.fail(_data_missing(path, what) + "; CI is set, so the real-data tests must run",
-                        pytrace=False)
+            pytest.fail(
+                _data_missing(path, what) + "; CI is set, so the real-data tests must run",
+                pytrace=False,
+            )
         pytest.skip(_data_missing(path, what))
 
 
@@ -64,8 +70,9 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_runtest_setup(item: pytest.Item) -> None:
     mark = item.get_closest_marker("missing_data")
     if mark is not None:
-        pytest.fail(mark.kwargs["reason"] + "; CI is set, so the real-data tests must run",
-                    pytrace=False)
+        pytest.fail(
+            mark.kwargs["reason"] + "; CI is set, so the real-data tests must run", pytrace=False
+        )
 
 
 @pytest.fixture(scope="session")
@@ -79,7 +86,15 @@ def pooled(x: np.ndarray, k: int) -> np.ndarray:
     return imgs.mean(axis=(2, 4)).reshape(len(x), -1)
 
 
-def fit_linear(X: torch.Tensor, y: torch.Tensor, loss: str, l2: float, out: int = 1, bias: bool = False, gtol: float = 1e-11):
+def fit_linear(
+    X: torch.Tensor,
+    y: torch.Tensor,
+    loss: str,
+    l2: float,
+    out: int = 1,
+    bias: bool = False,
+    gtol: float = 1e-11,
+):
     """A float64 linear model trained to the minimum of R (so θ̂ is the paper's θ̂)."""
     model = torch.nn.Linear(X.shape[1], out, bias=bias).double().eval()
     with torch.no_grad():
@@ -132,9 +147,11 @@ class ConvNet(torch.nn.Module):
 def dask_executor():
     """One Dask LocalCluster of 2 worker processes (1 thread each) for every test that needs one.
 
-    Workers start with the ``forkserver`` method: with ``spawn`` (Dask's default) closing the cluster
-    took 3.7 s instead of 0.1 s here once the workers had imported torch."""
-    pytest.importorskip("distributed", reason="dask.distributed is not installed (pip install upweight[dask])")
+    Workers start with the ``forkserver`` method: with ``spawn`` (Dask's default) closing the
+    cluster took 3.7 s instead of 0.1 s here once the workers had imported torch."""
+    pytest.importorskip(
+        "distributed", reason="dask.distributed is not installed (pip install upweight[dask])"
+    )
     dask = pytest.importorskip("dask")
     from upweight.distributed import DaskExecutor
 
@@ -149,7 +166,8 @@ def dask_executor():
 
 @pytest.fixture(scope="session")
 def untrained_mlp(mnist_1v7):
-    """A small tanh MLP far from any minimum on real pooled MNIST (p = 116): its Hessian is indefinite.
+    """A small tanh MLP far from any minimum on real pooled MNIST (p = 116): its Hessian is
+    indefinite.
 
     Returns (model, X, y, H) with H the explicit float64 Hessian of the mean loss (no L2).
     """

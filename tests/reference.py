@@ -18,7 +18,15 @@ def sigmoid(t: np.ndarray) -> np.ndarray:
     return scipy.special.expit(t)
 
 
-def logistic_closed_form(theta: np.ndarray, X: np.ndarray, y: np.ndarray, Xt: np.ndarray, yt: np.ndarray, l2: float, damping: float = 0.0):
+def logistic_closed_form(
+    theta: np.ndarray,
+    X: np.ndarray,
+    y: np.ndarray,
+    Xt: np.ndarray,
+    yt: np.ndarray,
+    l2: float,
+    damping: float = 0.0,
+):
     """Koh & Liang (2017) §2.3 for p(y|x) = σ(y θᵀx), y ∈ {−1, +1}, in float64.
 
     Returns (I_up,loss (n_test, n), I_up,params (n, p), H (p, p)) with
@@ -45,7 +53,9 @@ def explicit_hessian(risk_of_flat, theta: torch.Tensor) -> torch.Tensor:
     return torch.autograd.functional.hessian(risk_of_flat, theta.detach().clone())
 
 
-def loop_grads(loss_of_flat_one, theta: torch.Tensor, X: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def loop_grads(
+    loss_of_flat_one, theta: torch.Tensor, X: torch.Tensor, y: torch.Tensor
+) -> torch.Tensor:
     """Per-sample ∇θ L(zᵢ, θ) by a Python loop of ``torch.autograd.grad`` calls, (n, p)."""
     rows = []
     for i in range(len(X)):
@@ -64,7 +74,9 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
 def assert_not_constant(a: np.ndarray) -> None:
     """Guard against trivially passing comparisons (all zeros, all equal)."""
     a = np.asarray(a)
-    assert np.ptp(a) > 0 and np.abs(a).max() > 0, "values are constant: the comparison would prove nothing"
+    assert np.ptp(a) > 0 and np.abs(a).max() > 0, (
+        "values are constant: the comparison would prove nothing"
+    )
 
 
 # ── explicit matrices of small torch models (K-FAC tests) ─────────────────────────────────
@@ -85,7 +97,9 @@ def explicit_H(model, loss, X, y, l2: float, damping: float = 0.0) -> torch.Tens
     theta, unflat = flat_fns(model)
 
     def risk(flat):
-        return loss(functional_call(model, unflat(flat), (X,)), y).mean() + 0.5 * l2 * (flat**2).sum()
+        return (
+            loss(functional_call(model, unflat(flat), (X,)), y).mean() + 0.5 * l2 * (flat**2).sum()
+        )
 
     return explicit_hessian(risk, theta) + damping * torch.eye(len(theta), dtype=theta.dtype)
 
@@ -95,7 +109,8 @@ def explicit_ggn_ce(model, X) -> torch.Tensor:
     theta, unflat = flat_fns(model)
     G = torch.zeros(len(theta), len(theta), dtype=torch.float64)
     for i in range(len(X)):
-        J = jacrev(lambda f, x=X[i : i + 1]: functional_call(model, unflat(f), (x,))[0])(theta)  # (c, p)
+        # (c, p)
+        J = jacrev(lambda f, x=X[i : i + 1]: functional_call(model, unflat(f), (x,))[0])(theta)
         p = torch.softmax(functional_call(model, unflat(theta), (X[i : i + 1],))[0], 0).detach()
         G += J.T @ (torch.diag(p) - torch.outer(p, p)) @ J
     return G / len(X)

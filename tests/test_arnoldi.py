@@ -20,7 +20,9 @@ from upweight.solvers import SOLVERS, Arnoldi
 def logistic_hessian(model: torch.nn.Linear, X: torch.Tensor, l2: float) -> torch.Tensor:
     """H = (1/n) Σ σ(θᵀxᵢ)σ(−θᵀxᵢ) xᵢxᵢᵀ + l2·I for the bias-free logistic model (closed form)."""
     s = X @ model.weight.detach().reshape(-1)
-    return (X * (torch.sigmoid(s) * torch.sigmoid(-s))[:, None]).T @ X / len(X) + l2 * torch.eye(X.shape[1], dtype=X.dtype)
+    return (X * (torch.sigmoid(s) * torch.sigmoid(-s))[:, None]).T @ X / len(X) + l2 * torch.eye(
+        X.shape[1], dtype=X.dtype
+    )
 
 
 def logistic_grads(model: torch.nn.Linear, X: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -77,7 +79,11 @@ def test_full_rank_equals_the_exact_solve(logreg, k):
     true_res = (sol.value @ H - V).norm(dim=1) / V.norm(dim=1)
     np.testing.assert_allclose(sol.residual.numpy(), true_res.numpy(), rtol=1e-6, atol=1e-13)
     assert sol.max_residual < 1e-10
-    assert sol.stats["rank"] == curv.p and sol.stats["krylov_steps"] == curv.p and sol.stats["restarts"] > 0
+    assert (
+        sol.stats["rank"] == curv.p
+        and sol.stats["krylov_steps"] == curv.p
+        and sol.stats["restarts"] > 0
+    )
     np.testing.assert_allclose(sol.stats["span_fraction"], 1.0, rtol=1e-12)
     assert sol.stats["approximates"] == "hessian-lowrank" == Arnoldi.approximates
     # the default rank 64 > p = 49 is capped at p: the same exact solve
@@ -88,7 +94,9 @@ def test_full_rank_equals_the_exact_solve(logreg, k):
 def test_kept_eigenvalues_are_the_top_of_eigvalsh(logreg):
     obj, curv, H, _, _, _ = logreg
     ev = torch.linalg.eigvalsh(H).flip(0)
-    assert float(ev[0] / ev[-1]) > 5, "the spectrum must not be flat, or the comparison proves little"
+    assert float(ev[0] / ev[-1]) > 5, (
+        "the spectrum must not be flat, or the comparison proves little"
+    )
     full = Arnoldi(rank=curv.p, oversampling=0).prepare(curv)
     np.testing.assert_allclose(full.eigenvalues.numpy(), ev.numpy(), rtol=1e-10)  # measured 2e-15
     torch.testing.assert_close(full.ritz_values, ev.flip(0), rtol=1e-10, atol=0)
@@ -96,7 +104,9 @@ def test_kept_eigenvalues_are_the_top_of_eigvalsh(logreg):
     top = Arnoldi(rank=10, oversampling=20).prepare(curv)
     np.testing.assert_allclose(top.eigenvalues.numpy(), ev[:10].numpy(), rtol=1e-10)
     # the Ritz vectors are orthonormal eigenvectors: ‖H uᵢ − λᵢ uᵢ‖ from the explicit H
-    torch.testing.assert_close(top.U @ top.U.T, torch.eye(10, dtype=torch.float64), rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        top.U @ top.U.T, torch.eye(10, dtype=torch.float64), rtol=0, atol=1e-12
+    )
     true_resid = (top.U @ H - top.eigenvalues[:, None] * top.U).norm(dim=1)
     assert float(true_resid.max()) < 1e-8 * float(ev[0])
     assert top.stats["lambda_kept_max"] == pytest.approx(float(ev[0]), rel=1e-10)
@@ -114,7 +124,12 @@ def test_low_rank_is_the_exact_inverse_on_the_top_eigenspace(logreg_784):
     assert float((ev[r - 1] - ev[r]) / ev[r - 1]) < 0.01
     np.testing.assert_allclose(state.eigenvalues.numpy(), ev[:r].numpy(), rtol=1e-10)
     # solution: U_r Λ_r⁻¹ U_rᵀ v with U_r, Λ_r from torch.linalg.eigh (measured to 3e-13)
-    G = torch.cat([logistic_grads(model, *test), torch.randn(2, 784, dtype=torch.float64, generator=torch.Generator().manual_seed(0))])
+    G = torch.cat(
+        [
+            logistic_grads(model, *test),
+            torch.randn(2, 784, dtype=torch.float64, generator=torch.Generator().manual_seed(0)),
+        ]
+    )
     Er = E[:, :r]
     ref = (G @ Er) / ev[:r] @ Er.T
     sol = solver.solve(state, G)
@@ -138,9 +153,14 @@ def test_too_little_oversampling_is_visible_in_the_diagnostics(logreg_784):
     curv = Curvature(uw.Objective(model, "logistic", l2=l2), uw.Data.from_any(train))
     state = Arnoldi(rank=64, oversampling=16).prepare(curv)
     true_resid = (state.U @ H - state.eigenvalues[:, None] * state.U).norm(dim=1)
-    np.testing.assert_allclose(state.ritz_residuals.numpy(), true_resid.numpy(), rtol=1e-6, atol=1e-14)
-    assert state.stats["max_ritz_residual"] == pytest.approx(float((true_resid / state.eigenvalues).max()), rel=1e-6)
-    assert state.stats["max_ritz_residual"] > 1e-3  # measured 1.1e-2 (vs 6e-14 with the default 2·rank steps)
+    np.testing.assert_allclose(
+        state.ritz_residuals.numpy(), true_resid.numpy(), rtol=1e-6, atol=1e-14
+    )
+    assert state.stats["max_ritz_residual"] == pytest.approx(
+        float((true_resid / state.eigenvalues).max()), rel=1e-6
+    )
+    # measured 1.1e-2 (vs 6e-14 with the default 2·rank steps)
+    assert state.stats["max_ritz_residual"] > 1e-3
     # each kept Ritz value is within its residual of an eigenvalue of H, and below the true λᵢ
     dist = (state.eigenvalues[:, None] - ev[None, :]).abs().min(dim=1).values
     assert bool((dist <= state.ritz_residuals + 1e-14).all())
@@ -152,20 +172,27 @@ def test_low_rank_influence_against_the_closed_form(logreg_784):
     r = 64
     obj = uw.Objective(model, "logistic", l2=l2)
     theta = model.weight.detach().numpy().ravel()
-    exact, _, _ = logistic_closed_form(theta, train[0].numpy(), train[1].numpy(), test[0].numpy(), test[1].numpy(), l2)
+    exact, _, _ = logistic_closed_form(
+        theta, train[0].numpy(), train[1].numpy(), test[0].numpy(), test[1].numpy(), l2
+    )
     assert_not_constant(exact)
     # the mathematical target: −∇L(z_test)ᵀ U_r Λ_r⁻¹ U_rᵀ ∇L(z) from eigh
     Gt, G = logistic_grads(model, *test), logistic_grads(model, *train)
     Er = E[:, :r]
     projected = -((Gt @ Er) / ev[:r]) @ (G @ Er).T
-    inf = uw.Influence(obj, solver=Arnoldi(rank=r), progress=False).fit(train)  # max_residual="auto" accepts it
+    # max_residual="auto" accepts it
+    inf = uw.Influence(obj, solver=Arnoldi(rank=r), progress=False).fit(train)
     scores = inf.up_loss(test)
     assert scores.values.shape == exact.shape
-    np.testing.assert_allclose(scores.values, projected.numpy(), rtol=1e-7, atol=1e-9 * np.abs(exact).max())
-    # against the exact influence: rankings largely agree, magnitudes shrink (the complement is dropped)
+    np.testing.assert_allclose(
+        scores.values, projected.numpy(), rtol=1e-7, atol=1e-9 * np.abs(exact).max()
+    )
+    # against the exact influence: rankings largely agree, magnitudes shrink (the complement is
+    # dropped)
     rho = [spearman(scores.values[j], exact[j]) for j in range(len(exact))]
     assert min(rho) >= 0.9  # measured: min 0.914, mean 0.946 (rank 16: 0.58; rank 128: 0.987)
-    assert float(np.linalg.norm(scores.values - exact) / np.linalg.norm(exact)) < 0.2  # measured 0.108
+    # measured 0.108
+    assert float(np.linalg.norm(scores.values - exact) / np.linalg.norm(exact)) < 0.2
     prov = scores.provenance
     assert prov["solver"]["name"] == "arnoldi" and prov["solver_approximates"] == "hessian-lowrank"
     assert prov["max_residual_accepted"] == 1.0 and prov["accepted"]
@@ -181,8 +208,14 @@ def test_low_rank_influence_against_the_closed_form(logreg_784):
 # ── settings and failures ─────────────────────────────────────────────────────────────
 @pytest.mark.parametrize(
     "kwargs, param",
-    [({"rank": 0}, "rank"), ({"rank": 2.5}, "rank"), ({"rank": True}, "rank"),
-     ({"oversampling": -1}, "oversampling"), ({"oversampling": 1.0}, "oversampling"), ({"seed": -3}, "seed")],
+    [
+        ({"rank": 0}, "rank"),
+        ({"rank": 2.5}, "rank"),
+        ({"rank": True}, "rank"),
+        ({"oversampling": -1}, "oversampling"),
+        ({"oversampling": 1.0}, "oversampling"),
+        ({"seed": -3}, "seed"),
+    ],
 )
 def test_invalid_settings_name_the_parameter(kwargs, param):
     with pytest.raises(InputError, match=f"'{param}' parameter of Arnoldi"):
@@ -191,7 +224,12 @@ def test_invalid_settings_name_the_parameter(kwargs, param):
 
 def test_registry_and_config():
     assert SOLVERS["arnoldi"] is Arnoldi
-    assert Arnoldi(rank=8, oversampling=4).config() == {"name": "arnoldi", "rank": 8, "oversampling": 4, "seed": 0}
+    assert Arnoldi(rank=8, oversampling=4).config() == {
+        "name": "arnoldi",
+        "rank": 8,
+        "oversampling": 4,
+        "seed": 0,
+    }
 
 
 def test_indefinite_hessian_raises_with_damping_advice(untrained_mlp):

@@ -2,7 +2,8 @@
 
 Small setting: 4 vs 9, 100 training images per class, a feature CNN trained for one epoch on 2,000
 other MNIST images, ε = 32/255. Measured (seed 0): the second target (test image 2, margin 1.87)
-flips with one perturbed training image after 25 iterations; ε = 8/255 flips neither of the first six.
+flips with one perturbed training image after 25 iterations; ε = 8/255 flips neither of the first
+six.
 """
 
 from __future__ import annotations
@@ -20,7 +21,13 @@ from upweight.cli.main import main
 DATA = shared_data("mnist")
 pytestmark = requires_data(DATA / "mnist.npz", "the MNIST data")
 
-SETUP = {"n_per_class": 100, "n_test_per_class": 50, "cnn_images": 2000, "cnn_epochs": 1, "n_features": 32}
+SETUP = {
+    "n_per_class": 100,
+    "n_test_per_class": 50,
+    "cnn_images": 2000,
+    "cnn_epochs": 1,
+    "n_features": 32,
+}
 EPS = 32
 
 
@@ -28,8 +35,28 @@ EPS = 32
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("attack")
     args = [f"--{k.replace('_', '-')}={v}" for k, v in SETUP.items()]
-    rc = main(["reproduce", "attack", "--data", str(DATA), "--out", str(out), "--no-progress", *args,
-               "--targets", "2", "--max-k", "1", "--iterations", "30", "--epsilon", str(EPS), "--group-size", "3"])
+    rc = main(
+        [
+            "reproduce",
+            "attack",
+            "--data",
+            str(DATA),
+            "--out",
+            str(out),
+            "--no-progress",
+            *args,
+            "--targets",
+            "2",
+            "--max-k",
+            "1",
+            "--iterations",
+            "30",
+            "--epsilon",
+            str(EPS),
+            "--group-size",
+            "3",
+        ]
+    )
     return rc, out, json.loads((out / "results.json").read_text())
 
 
@@ -37,7 +64,16 @@ def test_cli_writes_figure_results_and_report(run):
     rc, out, r = run
     assert rc == 0
     assert (out / "attack.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    for key in ("flips_by_k", "flip_rate", "targets", "runs", "example", "multi", "paper", "verified_all"):
+    for key in (
+        "flips_by_k",
+        "flip_rate",
+        "targets",
+        "runs",
+        "example",
+        "multi",
+        "paper",
+        "verified_all",
+    ):
         assert key in r, key
     assert len(r["targets"]) == 2 and set(r["multi"]["by_k"]) == {"1", "10"}
     report = (out / "report.md").read_text()
@@ -48,7 +84,11 @@ def test_one_perturbed_training_image_flips_a_test_prediction(run):
     _, _, r = run
     assert r["flips_by_k"]["1"] >= 1 and r["verified_all"]
     ex = r["example"]
-    assert ex and ex["run"]["flipped"] == [True] and ex["run"]["margin_before"][0] > 0 > ex["run"]["margin_after"][0]
+    assert (
+        ex
+        and ex["run"]["flipped"] == [True]
+        and ex["run"]["margin_before"][0] > 0 > ex["run"]["margin_after"][0]
+    )
 
 
 def test_the_perturbed_image_is_a_valid_8bit_image_within_epsilon(run):
@@ -62,9 +102,9 @@ def test_the_perturbed_image_is_a_valid_8bit_image_within_epsilon(run):
 
 
 def test_the_flip_holds_under_an_independent_retrain(run):
-    """Rebuild the (deterministic) CNN and task, put the perturbed image in, retrain the top layer from θ = 0
-    with upweight.refit (L-BFGS, not the attack's Newton steps): the target is misclassified; with the
-    original image it is not."""
+    """Rebuild the (deterministic) CNN and task, put the perturbed image in, retrain the top layer
+    from θ = 0 with upweight.refit (L-BFGS, not the attack's Newton steps): the target is
+    misclassified; with the original image it is not."""
     from upweight.datasets import load_mnist
     from upweight.paper.config import FeatureConfig
     from upweight.paper.features import build_feature_model, features_of
@@ -74,7 +114,7 @@ def test_the_flip_holds_under_an_independent_retrain(run):
     ex = r["example"]
     i, t = ex["train"][0], ex["target"]
     y = torch.as_tensor(s.task.y_train)
-    ft = features_of(s.net, s.task.x_test[t:t + 1])[0]
+    ft = features_of(s.net, s.task.x_test[t : t + 1])[0]
 
     def margin_after_retrain(image: np.ndarray) -> float:
         F = s.F.clone()
@@ -105,6 +145,10 @@ def test_targets_attacked_on_dask_workers_give_the_same_results(dask_executor):
     assert here.flips_by_k["1"] >= 1
     assert there.targets == here.targets and there.solved_with == here.solved_with
     assert [r["train_indices"] for r in there.runs] == [r["train_indices"] for r in here.runs]
-    np.testing.assert_allclose([r["margin_after"][0] for r in there.runs], [r["margin_after"][0] for r in here.runs],
-                               rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(
+        [r["margin_after"][0] for r in there.runs],
+        [r["margin_after"][0] for r in here.runs],
+        rtol=1e-8,
+        atol=1e-10,
+    )
     assert there.example["target"] == here.example["target"]

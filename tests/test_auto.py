@@ -20,7 +20,9 @@ from upweight.solvers.auto import DENSE_BYTES_PER_ENTRY, DENSE_P_CAP, dense_p_li
 def logistic_hessian(model: torch.nn.Linear, X: torch.Tensor, l2: float) -> torch.Tensor:
     """H = (1/n) Σ σ(θᵀxᵢ)σ(−θᵀxᵢ) xᵢxᵢᵀ + l2·I for the bias-free logistic model (closed form)."""
     s = X @ model.weight.detach().reshape(-1)
-    return (X * (torch.sigmoid(s) * torch.sigmoid(-s))[:, None]).T @ X / len(X) + l2 * torch.eye(X.shape[1], dtype=X.dtype)
+    return (X * (torch.sigmoid(s) * torch.sigmoid(-s))[:, None]).T @ X / len(X) + l2 * torch.eye(
+        X.shape[1], dtype=X.dtype
+    )
 
 
 @pytest.fixture(scope="module")
@@ -78,18 +80,23 @@ def test_lanczos_finds_the_negative_eigenvalue_of_an_untrained_mlp(untrained_mlp
     assert spec.condition_number == math.inf
     # the suggested damping makes H + δI positive definite, with the promised margin
     fix = spec.needed_damping(0.0)
-    assert float(torch.linalg.eigvalsh(H + fix * torch.eye(len(H), dtype=H.dtype))[0]) >= 0.4 * abs(float(ev[0]))
+    assert float(torch.linalg.eigvalsh(H + fix * torch.eye(len(H), dtype=H.dtype))[0]) >= 0.4 * abs(
+        float(ev[0])
+    )
 
 
 def test_lanczos_on_a_matrix_with_known_spectrum_is_exact_at_k_equal_p():
     eig = torch.linspace(-2.0, 7.0, 40, dtype=torch.float64)
-    Qm, _ = torch.linalg.qr(torch.randn(40, 40, dtype=torch.float64, generator=torch.Generator().manual_seed(0)))
+    Qm, _ = torch.linalg.qr(
+        torch.randn(40, 40, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    )
     A = Qm @ torch.diag(eig) @ Qm.T
     full = lanczos(lambda v: A @ v, 40, k=100)  # capped at p = 40 steps
     assert full.exact and full.iterations == 40
     np.testing.assert_allclose(full.ritz_values, eig.numpy(), atol=1e-9)
     short = lanczos(lambda v: A @ v, 40, k=15)
-    assert -2.0 <= short.lambda_min < -1.5 and 6.5 < short.lambda_max <= 7.0  # extremes converge first
+    # extremes converge first
+    assert -2.0 <= short.lambda_min < -1.5 and 6.5 < short.lambda_max <= 7.0
 
 
 def test_subsample_spectrum_estimates_the_full_one(logreg_784):
@@ -145,13 +152,17 @@ def test_auto_picks_cg_above_the_threshold_and_matches_direct(logreg):
     obj, curv, H, _, _ = logreg
     state = Auto(max_dense_p=10, rtol=1e-9).prepare(curv)
     assert state.chosen == "cg"
-    assert state.reason.startswith("p = 49 > max_dense_p = 10 (set by the caller) and n = 400 ≤ cg_max_n")
+    assert state.reason.startswith(
+        "p = 49 > max_dense_p = 10 (set by the caller) and n = 400 ≤ cg_max_n"
+    )
     V = torch.randn(4, curv.p, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     sol = Auto(max_dense_p=10, rtol=1e-9).solve(state, V)
     d = Direct()
     assert rel(sol.value, d.solve(d.prepare(curv), V).value) < 1e-6
     assert 0 < sol.iterations <= sol.stats["expected_iterations"]
-    assert sol.stats["spectrum_lambda_max"] == pytest.approx(float(torch.linalg.eigvalsh(H)[-1]), rel=1e-6)
+    assert sol.stats["spectrum_lambda_max"] == pytest.approx(
+        float(torch.linalg.eigvalsh(H)[-1]), rel=1e-6
+    )
     # p exactly at the threshold is still Direct
     assert Auto(max_dense_p=49).prepare(curv).chosen == "direct"
 
@@ -165,13 +176,19 @@ def test_auto_picks_spectrum_lissa_above_cg_max_n(logreg):
     V = torch.randn(2, curv.p, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     sol = Auto().solve(state, V)
     assert rel(sol.value, torch.linalg.solve(H, V.T).T) < 0.1
-    assert sol.stats["scale"] == state.solver.scale and "subsample" not in sol.stats["spectrum_source"]  # n < 4096
+    # n < 4096
+    assert (
+        sol.stats["scale"] == state.solver.scale and "subsample" not in sol.stats["spectrum_source"]
+    )
 
 
 def test_dense_limit_is_what_fits_in_the_memory_fraction():
     for mem in (2**30, 5 * 2**30):
         p = dense_p_limit(0.25, memory=mem)
-        assert DENSE_BYTES_PER_ENTRY * p**2 <= 0.25 * mem < DENSE_BYTES_PER_ENTRY * (p + 1) ** 2 or p == DENSE_P_CAP
+        assert (
+            DENSE_BYTES_PER_ENTRY * p**2 <= 0.25 * mem < DENSE_BYTES_PER_ENTRY * (p + 1) ** 2
+            or p == DENSE_P_CAP
+        )
     assert dense_p_limit(0.25, memory=2**30) == 2896  # ⌊√(2²⁸ / 32)⌋
     assert dense_p_limit(1.0, memory=2**40) == DENSE_P_CAP
     limit, why = Auto().dense_limit()
@@ -181,7 +198,12 @@ def test_dense_limit_is_what_fits_in_the_memory_fraction():
 def test_auto_cg_path_refuses_an_indefinite_hessian_before_any_solve(untrained_mlp):
     model, X, y, H = untrained_mlp
     lmin = float(torch.linalg.eigvalsh(H)[0])
-    inf = uw.Influence(uw.Objective(model, "cross_entropy"), solver=Auto(max_dense_p=0), progress=False, grad_tol=1e3)
+    inf = uw.Influence(
+        uw.Objective(model, "cross_entropy"),
+        solver=Auto(max_dense_p=0),
+        progress=False,
+        grad_tol=1e3,
+    )
     with pytest.raises(NotPositiveDefiniteError, match=r"Lanczos.*damping") as info:
         inf.fit((X, y))
     assert info.value.min_eigenvalue == pytest.approx(lmin, rel=0.02)
@@ -206,13 +228,29 @@ def test_auto_can_apply_the_damping_it_needs_and_records_it(untrained_mlp, max_d
 
 def test_auto_reason_and_spectrum_reach_the_result_provenance(logreg):
     obj, curv, H, train, test = logreg
-    res = uw.Influence(obj, solver=Auto(), progress=False).fit(train).up_loss((test[0][:3], test[1][:3]))
+    res = (
+        uw.Influence(obj, solver=Auto(), progress=False)
+        .fit(train)
+        .up_loss((test[0][:3], test[1][:3]))
+    )
     prov = res.provenance
     assert prov["solver"]["name"] == "auto"
-    assert prov["solver_chosen"] == "direct" and prov["solver_reason"].startswith("p = 49 ≤ max_dense_p")
-    assert prov["solver_spectrum_lambda_max"] == pytest.approx(float(torch.linalg.eigvalsh(H)[-1]), rel=1e-8)
-    assert {"solver_spectrum_lambda_min", "solver_spectrum_condition_number", "solver_damping_used"} <= set(prov)
-    ref = uw.Influence(obj, solver=Direct(), progress=False).fit(train).up_loss((test[0][:3], test[1][:3]))
+    assert prov["solver_chosen"] == "direct" and prov["solver_reason"].startswith(
+        "p = 49 ≤ max_dense_p"
+    )
+    assert prov["solver_spectrum_lambda_max"] == pytest.approx(
+        float(torch.linalg.eigvalsh(H)[-1]), rel=1e-8
+    )
+    assert {
+        "solver_spectrum_lambda_min",
+        "solver_spectrum_condition_number",
+        "solver_damping_used",
+    } <= set(prov)
+    ref = (
+        uw.Influence(obj, solver=Direct(), progress=False)
+        .fit(train)
+        .up_loss((test[0][:3], test[1][:3]))
+    )
     np.testing.assert_allclose(res.values, ref.values, rtol=1e-10, atol=1e-14)
 
 

@@ -1,5 +1,5 @@
-"""CG's final residual check: the true residual ‖(H + δI)x − v‖/‖v‖ of a sample of the right-hand sides
-(every one of a block of ≤ 16) and of every unconverged one, against an explicit float64 H."""
+"""CG's final residual check: the true residual ‖(H + δI)x − v‖/‖v‖ of a sample of the right-hand
+sides (every one of a block of ≤ 16) and of every unconverged one, against an explicit float64 H."""
 
 from __future__ import annotations
 
@@ -39,15 +39,19 @@ def test_measured_residuals_are_the_true_ones(curvature, block, k):
     sol = uw.CG(rtol=1e-8, block=block).solve(curvature, V)
     assert bool(sol.converged.all())
     mask = sol.measured_mask
-    expected = torch.linspace(0, k - 1, RESIDUAL_SAMPLE).round().long().unique() if k > RESIDUAL_SAMPLE \
+    expected = (
+        torch.linspace(0, k - 1, RESIDUAL_SAMPLE).round().long().unique()
+        if k > RESIDUAL_SAMPLE
         else torch.arange(k)
+    )
     assert mask.nonzero().reshape(-1).tolist() == expected.tolist()
     assert int(mask.sum()) == min(k, RESIDUAL_SAMPLE)
     true = _true_residual(H, sol.value, V)
     torch.testing.assert_close(sol.residual[mask], true[mask], rtol=1e-6, atol=1e-13)
     assert bool(torch.isnan(sol.residual[~mask]).all())
     assert sol.max_residual == pytest.approx(float(true[mask].max()), rel=1e-6)
-    # every column met rtol, measured or not; the recurrence and the true residual agree to rounding here
+    # every column met rtol, measured or not; the recurrence and the true residual agree to rounding
+    # here
     assert float(true.max()) < 1e-7
     assert sol.stats["residual_measured"].startswith(f"{int(mask.sum())} of {k} right-hand sides")
     assert 0 <= sol.stats["residual_gap_max"] < 1e-10
@@ -80,12 +84,19 @@ def test_unconverged_columns_are_measured_even_with_residual_sample_zero(curvatu
     assert math.isnan(float(sol.residual[1]))
 
 
-def test_true_residual_above_rtol_is_detected_where_the_recurrence_claims_convergence(curvature, small_logreg):
-    """float32: the recurrence residual keeps falling below rtol while the true one stalls at rounding
-    level — the measured (true) residual shows it, and Influence's max_residual can reject it."""
+def test_true_residual_above_rtol_is_detected_where_the_recurrence_claims_convergence(
+    curvature, small_logreg
+):
+    """float32: the recurrence residual keeps falling below rtol while the true one stalls at
+    rounding level — the measured (true) residual shows it, and Influence's max_residual can reject
+    it."""
     model, l2, train, _ = small_logreg
     m32 = copy.deepcopy(model).float()
-    c32 = Curvature(uw.Objective(m32, "logistic", l2=l2), uw.Data.from_any((train[0].float(), train[1])), damping=0.01)
+    c32 = Curvature(
+        uw.Objective(m32, "logistic", l2=l2),
+        uw.Data.from_any((train[0].float(), train[1])),
+        damping=0.01,
+    )
     V = _rhs(20, c32.p, 3).float()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NotConvergedWarning)

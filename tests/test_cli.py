@@ -42,8 +42,13 @@ def reference(mnist):
         g = -(X.T @ (y * scipy.special.expit(-m))) / n + L2 * w
         return np.logaddexp(0.0, -m).mean() + 0.5 * L2 * w @ w, g
 
-    w = scipy.optimize.minimize(risk, np.zeros(X.shape[1]), jac=True, method="L-BFGS-B",
-                                options={"gtol": 1e-11, "ftol": 0.0, "maxiter": 2000, "maxcor": 30}).x
+    w = scipy.optimize.minimize(
+        risk,
+        np.zeros(X.shape[1]),
+        jac=True,
+        method="L-BFGS-B",
+        options={"gtol": 1e-11, "ftol": 0.0, "maxiter": 2000, "maxcor": 30},
+    ).x
     s = X @ w
     sig = scipy.special.expit(s)
     H = (X * (sig * (1 - sig))[:, None]).T @ X / n + L2 * np.eye(X.shape[1])
@@ -105,12 +110,16 @@ def test_explain_prints_consistent_tables(explain_run, mnist, reference) -> None
         for _, j, lab, _, _ in rows:
             assert lab == mnist.y_train[j]
         if kind == "helpful":
-            assert (iup < 0).all() and (np.diff(iup) >= 0).all()  # most helpful (most negative) first
+            # most helpful (most negative) first
+            assert (iup < 0).all() and (np.diff(iup) >= 0).all()
         else:
             assert (iup > 0).all() and (np.diff(iup) <= 0).all()
 
     # the test point: the first misclassified one, really misclassified, with the right P(y=+1)
-    m = re.search(r"test point (\d+) \(first misclassified\): true label ([+-]1).*P\(y=\+1\) = ([0-9.]+)", text)
+    m = re.search(
+        r"test point (\d+) \(first misclassified\): true label ([+-]1).*P\(y=\+1\) = ([0-9.]+)",
+        text,
+    )
     assert m, text
     i, y_i, p = int(m.group(1)), int(m.group(2)), float(m.group(3))
     scores = mnist.x_test.astype(np.float64) @ reference["w"]
@@ -133,7 +142,9 @@ def test_explain_prints_solver_and_loo(explain_run) -> None:
     assert re.search(r"solver\s+cg \(rtol=1e-08", text)
     residual = float(re.search(r"residual\s+(\S+)", text).group(1))
     iterations = int(re.search(r"iterations\s+(\d+)", text).group(1))
-    solve_s, fit_s = (float(v) for v in re.search(r"seconds\s+(\S+) solve, (\S+) fit", text).groups())
+    solve_s, fit_s = (
+        float(v) for v in re.search(r"seconds\s+(\S+) solve, (\S+) fit", text).groups()
+    )
     assert 0 <= residual < 1e-6 and iterations > 0 and solve_s > 0 and fit_s > 0
     assert "leave-one-out retraining on the 5 most influential points" in text
     m = re.search(r"Pearson (\S+)\s+Spearman (\S+)\s+slope (\S+)", text)
@@ -150,23 +161,47 @@ def test_explain_writes_png(explain_run) -> None:
     assert img[..., :3].std() > 0.05  # not blank
 
 
-def _small_npz(path: Path, mnist, *, labels01: bool = True, n_train: int = 600, n_test: int = 200) -> Path:
+def _small_npz(
+    path: Path, mnist, *, labels01: bool = True, n_train: int = 600, n_test: int = 200
+) -> Path:
     """A tiny 14×14 uint8 version of the bundled data with {0, 1} labels."""
+
     def shrink(x):
         img = (x.reshape(-1, 28, 28) * 255).round().astype(np.uint8)
         return img.reshape(-1, 14, 2, 14, 2).max(axis=(2, 4))
 
     lab = (lambda y: (y > 0).astype(np.int64)) if labels01 else (lambda y: y)
-    np.savez(path, x_train=shrink(mnist.x_train[:n_train]), y_train=lab(mnist.y_train[:n_train]),
-             x_test=shrink(mnist.x_test[:n_test]), y_test=lab(mnist.y_test[:n_test]))
+    np.savez(
+        path,
+        x_train=shrink(mnist.x_train[:n_train]),
+        y_train=lab(mnist.y_train[:n_train]),
+        x_test=shrink(mnist.x_test[:n_test]),
+        y_test=lab(mnist.y_test[:n_test]),
+    )
     return path
 
 
 def test_explain_custom_npz_direct_without_loo(tmp_path, capsys, mnist) -> None:
     data = _small_npz(tmp_path / "small.npz", mnist)
     out = tmp_path / "e.png"
-    rc = main(["explain", "--data", str(data), "--solver", "direct", "--test-index", "3", "--top", "3",
-               "--loo-k", "0", "--no-progress", "--out", str(out)])
+    rc = main(
+        [
+            "explain",
+            "--data",
+            str(data),
+            "--solver",
+            "direct",
+            "--test-index",
+            "3",
+            "--top",
+            "3",
+            "--loo-k",
+            "0",
+            "--no-progress",
+            "--out",
+            str(out),
+        ]
+    )
     cap = capsys.readouterr()
     assert rc == 0, cap.err
     assert "600 training / 200 test points, 196 features" in cap.out
@@ -185,13 +220,31 @@ def test_explain_check_accuracy_measures_an_approximate_solver(tmp_path, capsys,
     """--check-accuracy prints the approximation's Spearman against CG (and the report shows it);
     without it, an approximate solver's diagnostics say its accuracy was not estimated."""
     data = _small_npz(tmp_path / "small.npz", mnist)
-    argv = ["explain", "--data", str(data), "--solver", "ekfac", "--damping", "0.01", "--test-index", "3",
-            "--loo-k", "0", "--no-progress", "--out", str(tmp_path / "e.png")]
+    argv = [
+        "explain",
+        "--data",
+        str(data),
+        "--solver",
+        "ekfac",
+        "--damping",
+        "0.01",
+        "--test-index",
+        "3",
+        "--loo-k",
+        "0",
+        "--no-progress",
+        "--out",
+        str(tmp_path / "e.png"),
+    ]
     assert main(argv) == 0
     assert "accuracy    not estimated" in capsys.readouterr().out
     report = tmp_path / "r.html"
     assert main([*argv, "--check-accuracy", "--report", str(report)]) == 0
-    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.strip().startswith("accuracy    Spearman"))
+    line = next(
+        ln
+        for ln in capsys.readouterr().out.splitlines()
+        if ln.strip().startswith("accuracy    Spearman")
+    )
     rho = float(line.split("Spearman")[1].split()[0])
     assert 0.5 < rho <= 1.0  # EK-FAC of a linear model's Gauss–Newton matrix ranks much like CG
     assert 'id="diag-accuracy-spearman"' in report.read_text()
@@ -200,8 +253,22 @@ def test_explain_check_accuracy_measures_an_approximate_solver(tmp_path, capsys,
 def test_explain_store_resumes_and_refuses_other_settings(tmp_path, capsys, mnist) -> None:
     data = _small_npz(tmp_path / "small.npz", mnist)
     store = tmp_path / "store"
-    argv = ["explain", "--data", str(data), "--test-index", "3", "--top", "3", "--loo-k", "0", "--no-progress",
-            "--out", str(tmp_path / "e.png"), "--store", str(store)]
+    argv = [
+        "explain",
+        "--data",
+        str(data),
+        "--test-index",
+        "3",
+        "--top",
+        "3",
+        "--loo-k",
+        "0",
+        "--no-progress",
+        "--out",
+        str(tmp_path / "e.png"),
+        "--store",
+        str(store),
+    ]
     assert main(argv) == 0
     first = _tables(capsys.readouterr().out)
     manifest = json.loads((store / "manifest.json").read_text())
@@ -225,8 +292,20 @@ def test_explain_store_resumes_and_refuses_other_settings(tmp_path, capsys, mnis
 def test_explain_unreachable_scheduler_is_a_clear_error(tmp_path, capsys, mnist) -> None:
     pytest.importorskip("distributed")
     data = _small_npz(tmp_path / "small.npz", mnist)
-    rc = main(["explain", "--data", str(data), "--loo-k", "0", "--no-progress", "--out", str(tmp_path / "e.png"),
-               "--scheduler", "tcp://127.0.0.1:9"])
+    rc = main(
+        [
+            "explain",
+            "--data",
+            str(data),
+            "--loo-k",
+            "0",
+            "--no-progress",
+            "--out",
+            str(tmp_path / "e.png"),
+            "--scheduler",
+            "tcp://127.0.0.1:9",
+        ]
+    )
     assert rc == 2
     assert "Could not reach the Dask scheduler" in capsys.readouterr().err
 
@@ -236,7 +315,11 @@ def test_out_of_range_test_index(index, capsys, tmp_path) -> None:
     rc = main(["explain", "--test-index", index, "--no-progress", "--out", str(tmp_path / "x.png")])
     cap = capsys.readouterr()
     assert rc == 2
-    assert cap.err.startswith("upweight: error: --test-index") and "out of range" in cap.err and "2099" in cap.err
+    assert (
+        cap.err.startswith("upweight: error: --test-index")
+        and "out of range" in cap.err
+        and "2099" in cap.err
+    )
     assert "Traceback" not in cap.err
     assert not (tmp_path / "x.png").exists()
 
@@ -248,10 +331,23 @@ def test_bad_data_files(capsys, tmp_path, mnist) -> None:
     rc = main(["explain", "--data", str(tmp_path / "partial.npz"), "--no-progress"])
     err = capsys.readouterr().err
     assert rc == 2 and "lacks array(s) x_test, y_test" in err
-    np.savez(tmp_path / "fractional.npz", x_train=np.zeros((3, 4)), y_train=np.array([0.0, 1.5, 2.0]),
-             x_test=np.zeros((2, 4)), y_test=np.array([0, 1]))
-    rc = main(["explain", "--data", str(tmp_path / "fractional.npz"), "--no-progress",
-               "--out", str(tmp_path / "x.png")])
+    np.savez(
+        tmp_path / "fractional.npz",
+        x_train=np.zeros((3, 4)),
+        y_train=np.array([0.0, 1.5, 2.0]),
+        x_test=np.zeros((2, 4)),
+        y_test=np.array([0, 1]),
+    )
+    rc = main(
+        [
+            "explain",
+            "--data",
+            str(tmp_path / "fractional.npz"),
+            "--no-progress",
+            "--out",
+            str(tmp_path / "x.png"),
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and "labels must be integers" in err and "1.5" in err and "--model" in err
     assert not (tmp_path / "x.png").exists()
@@ -260,11 +356,31 @@ def test_bad_data_files(capsys, tmp_path, mnist) -> None:
 def test_library_errors_become_messages(capsys, tmp_path, mnist) -> None:
     """An error raised deep in the library (an inaccurate LiSSA solve) is one line, exit code 2."""
     data = _small_npz(tmp_path / "small.npz", mnist, labels01=False)
-    rc = main(["explain", "--data", str(data), "--solver", "lissa", "--lissa-depth", "2", "--lissa-repeats", "1", "--max-residual", "0.01",
-               "--test-index", "0", "--no-progress", "--out", str(tmp_path / "x.png")])
+    rc = main(
+        [
+            "explain",
+            "--data",
+            str(data),
+            "--solver",
+            "lissa",
+            "--lissa-depth",
+            "2",
+            "--lissa-repeats",
+            "1",
+            "--max-residual",
+            "0.01",
+            "--test-index",
+            "0",
+            "--no-progress",
+            "--out",
+            str(tmp_path / "x.png"),
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2
-    assert err.startswith("upweight: error: The lissa solve is inaccurate") and "--lissa-depth" in err
+    assert (
+        err.startswith("upweight: error: The lissa solve is inaccurate") and "--lissa-depth" in err
+    )
     assert "Traceback" not in err
 
 
@@ -276,29 +392,70 @@ def test_usage_errors(capsys) -> None:
     assert main([]) == 2
     assert main(["explain", "--help"]) == 0
     help_text = capsys.readouterr().out
-    for opt in ("--solver", "--damping", "--l2", "--test-index", "--top", "--loo-k", "--out", "--data", "--no-progress"):
+    for opt in (
+        "--solver",
+        "--damping",
+        "--l2",
+        "--test-index",
+        "--top",
+        "--loo-k",
+        "--out",
+        "--data",
+        "--no-progress",
+    ):
         assert opt in help_text
 
 
 def test_python_dash_m(tmp_path) -> None:
-    # the child imports the same upweight as this test (a relative PYTHONPATH would not survive cwd=tmp_path)
+    # the child imports the same upweight as this test (a relative PYTHONPATH would not survive
+    # cwd=tmp_path)
     env = {**os.environ, "PYTHONPATH": str(Path(upweight.__file__).resolve().parents[1])}
-    proc = subprocess.run([sys.executable, "-m", "upweight", "--version"], capture_output=True, text=True, timeout=120,
-                          env=env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "upweight", "--version"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert proc.returncode == 0 and proc.stdout.startswith("upweight ")
-    proc = subprocess.run([sys.executable, "-m", "upweight", "explain", "--test-index", "5000", "--no-progress"],
-                          capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
-    assert proc.returncode == 2 and proc.stderr.startswith("upweight: error: --test-index 5000 is out of range")
+    proc = subprocess.run(
+        [sys.executable, "-m", "upweight", "explain", "--test-index", "5000", "--no-progress"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env=env,
+    )
+    assert proc.returncode == 2 and proc.stderr.startswith(
+        "upweight: error: --test-index 5000 is out of range"
+    )
 
 
 @pytest.mark.parametrize("solver", ["nystrom-cg", "kfac-cg"])
 def test_explain_preconditioned_cg_gives_directs_answer(tmp_path, capsys, mnist, solver) -> None:
-    """The preconditioned CG choices are exact solvers: the same tables as Direct's (float64 Cholesky)."""
+    """The preconditioned CG choices are exact solvers: the same tables as Direct's (float64
+    Cholesky)."""
     data = _small_npz(tmp_path / "small.npz", mnist)
     tables = {}
     for s in ("direct", solver):
-        rc = main(["explain", "--data", str(data), "--solver", s, "--test-index", "3", "--top", "3", "--loo-k", "0",
-                   "--no-progress", "--out", str(tmp_path / f"{s}.png")])
+        rc = main(
+            [
+                "explain",
+                "--data",
+                str(data),
+                "--solver",
+                s,
+                "--test-index",
+                "3",
+                "--top",
+                "3",
+                "--loo-k",
+                "0",
+                "--no-progress",
+                "--out",
+                str(tmp_path / f"{s}.png"),
+            ]
+        )
         cap = capsys.readouterr()
         assert rc == 0, cap.err
         tables[s] = _tables(cap.out)

@@ -39,7 +39,8 @@ def run(argv: list[str], capsys) -> tuple[int, str, str]:
     """``main(argv)`` → (exit status, stdout, stderr); a ``SystemExit`` counts as its code."""
     try:
         rc = main(argv)
-    except SystemExit as exc:  # the entry point returns its status; this keeps the test honest if it exits
+    # the entry point returns its status; this keeps the test honest if it exits
+    except SystemExit as exc:
         rc = exc.code if isinstance(exc.code, int) else 2
     cap = capsys.readouterr()
     return rc, cap.out, cap.err
@@ -73,7 +74,8 @@ FAST = ["--solver", "direct", "--test-index", "0", "--top", "2", "--loo-k", "0",
 
 @pytest.fixture
 def no_training(monkeypatch):
-    """Fails the test (through the recorded calls) if explain trains or a reproduce experiment runs."""
+    """Fails the test (through the recorded calls) if explain trains or a reproduce
+    experiment runs."""
     calls: list[str] = []
 
     def refit(*args, **kwargs):
@@ -82,6 +84,7 @@ def no_training(monkeypatch):
 
     monkeypatch.setattr(upweight, "refit", refit)
     for mod in experiments():
+
         def fake_run(args, out, _name=mod.NAME):
             calls.append(f"reproduce {_name}")
             raise AssertionError("the experiment ran although an argument was bad")
@@ -120,31 +123,83 @@ def _bad_explain_path(case: str, tmp: Path, monkeypatch) -> tuple[list[str], lis
     if case == "readonly":
         (tmp / "ro").mkdir()
         real = os.access
-        monkeypatch.setattr(os, "access", lambda p, mode, *a, **k: Path(p) != tmp / "ro" and real(p, mode, *a, **k))
+        monkeypatch.setattr(
+            os, "access", lambda p, mode, *a, **k: Path(p) != tmp / "ro" and real(p, mode, *a, **k)
+        )
     return {
-        "out_folder": (["--out", str(tmp / "adir")], ["--out", "that is a folder", "adir/explain.png"]),
-        "out_trailing_sep": (["--out", str(tmp / "new") + os.sep], ["--out", "that names a folder"]),
-        "out_under_file": (["--out", str(tmp / "file.txt" / "sub" / "e.png")], ["--out", "is a file, not a folder"]),
-        "out_bad_suffix": (["--out", str(tmp / "e.xyz")], ["--out", "'.xyz'", ".png", ".pdf", ".svg"]),
-        "readonly": (["--out", str(tmp / "ro" / "e.png")], ["--out", "no permission to write in", "choose another"]),
-        "report_suffix": (["--out", ok, "--report", str(tmp / "r.txt")], ["--report", ".html or .htm"]),
-        "report_folder": (["--out", ok, "--report", str(tmp / "dir.html")], ["--report", "that is a folder"]),
-        "report_under_file": (["--out", ok, "--report", str(tmp / "file.txt" / "r.html")],
-                              ["--report", "is a file, not a folder"]),
-        "store_is_file": (["--out", ok, "--store", str(tmp / "file.txt")], ["--store", "a folder is needed"]),
-        "store_under_file": (["--out", ok, "--store", str(tmp / "file.txt" / "s")], ["--store", "is a file, not a folder"]),
-        "store_loo_is_file": (["--out", ok, "--store", str(tmp / "store")], ["--store", "leave_one_out is a file"]),
+        "out_folder": (
+            ["--out", str(tmp / "adir")],
+            ["--out", "that is a folder", "adir/explain.png"],
+        ),
+        "out_trailing_sep": (
+            ["--out", str(tmp / "new") + os.sep],
+            ["--out", "that names a folder"],
+        ),
+        "out_under_file": (
+            ["--out", str(tmp / "file.txt" / "sub" / "e.png")],
+            ["--out", "is a file, not a folder"],
+        ),
+        "out_bad_suffix": (
+            ["--out", str(tmp / "e.xyz")],
+            ["--out", "'.xyz'", ".png", ".pdf", ".svg"],
+        ),
+        "readonly": (
+            ["--out", str(tmp / "ro" / "e.png")],
+            ["--out", "no permission to write in", "choose another"],
+        ),
+        "report_suffix": (
+            ["--out", ok, "--report", str(tmp / "r.txt")],
+            ["--report", ".html or .htm"],
+        ),
+        "report_folder": (
+            ["--out", ok, "--report", str(tmp / "dir.html")],
+            ["--report", "that is a folder"],
+        ),
+        "report_under_file": (
+            ["--out", ok, "--report", str(tmp / "file.txt" / "r.html")],
+            ["--report", "is a file, not a folder"],
+        ),
+        "store_is_file": (
+            ["--out", ok, "--store", str(tmp / "file.txt")],
+            ["--store", "a folder is needed"],
+        ),
+        "store_under_file": (
+            ["--out", ok, "--store", str(tmp / "file.txt" / "s")],
+            ["--store", "is a file, not a folder"],
+        ),
+        "store_loo_is_file": (
+            ["--out", ok, "--store", str(tmp / "store")],
+            ["--store", "leave_one_out is a file"],
+        ),
         "fresh_without_store": (["--out", ok, "--fresh"], ["--fresh", "no --store was given"]),
     }[case]
 
 
-@pytest.mark.parametrize("case", ["out_folder", "out_trailing_sep", "out_under_file", "out_bad_suffix", "readonly",
-                                  "report_suffix", "report_folder", "report_under_file", "store_is_file",
-                                  "store_under_file", "store_loo_is_file", "fresh_without_store"])
-def test_explain_refuses_a_bad_output_path_before_training(case, tmp_path, capsys, monkeypatch, no_training) -> None:
+@pytest.mark.parametrize(
+    "case",
+    [
+        "out_folder",
+        "out_trailing_sep",
+        "out_under_file",
+        "out_bad_suffix",
+        "readonly",
+        "report_suffix",
+        "report_folder",
+        "report_under_file",
+        "store_is_file",
+        "store_under_file",
+        "store_loo_is_file",
+        "fresh_without_store",
+    ],
+)
+def test_explain_refuses_a_bad_output_path_before_training(
+    case, tmp_path, capsys, monkeypatch, no_training
+) -> None:
     args, words = _bad_explain_path(case, tmp_path, monkeypatch)
     before = files_under(tmp_path)
-    rc, out, err = run(["explain", "--data", str(tiny_npz(tmp_path / "d.npz")), *FAST, *args], capsys)
+    rc, out, err = run(
+        ["explain", "--data", str(tiny_npz(tmp_path / "d.npz")), *FAST, *args], capsys
+    )
     assert_one_line_error(rc, err, *words)
     assert out == ""  # refused before the data were even loaded
     assert no_training == []
@@ -155,7 +210,9 @@ def test_explain_refuses_a_bad_output_path_before_training(case, tmp_path, capsy
 def test_reproduce_refuses_a_bad_out_before_running(mod, tmp_path, capsys, no_training) -> None:
     (tmp_path / "file.txt").write_text("x")
     before = files_under(tmp_path)
-    rc, out, err = run(["reproduce", mod.NAME, "--data", "bundled", "--out", str(tmp_path / "file.txt")], capsys)
+    rc, out, err = run(
+        ["reproduce", mod.NAME, "--data", "bundled", "--out", str(tmp_path / "file.txt")], capsys
+    )
     assert_one_line_error(rc, err, "--out", "file.txt", "a folder is needed")
     taken = tmp_path / "taken"
     (taken / mod.OUTPUTS[0]).mkdir(parents=True)  # a folder where the figure is to go
@@ -165,7 +222,9 @@ def test_reproduce_refuses_a_bad_out_before_running(mod, tmp_path, capsys, no_tr
     assert files_under(tmp_path) == before | {"taken", f"taken/{mod.OUTPUTS[0]}"}
 
 
-def test_reproduce_fig2_refuses_a_file_where_its_retrainings_go(tmp_path, capsys, no_training) -> None:
+def test_reproduce_fig2_refuses_a_file_where_its_retrainings_go(
+    tmp_path, capsys, no_training
+) -> None:
     (tmp_path / "retrainings").write_text("not a folder")
     rc, _, err = run(["reproduce", "fig2", "--data", "bundled", "--out", str(tmp_path)], capsys)
     assert_one_line_error(rc, err, "retrainings is a file")
@@ -176,9 +235,22 @@ def test_reproduce_fig2_refuses_an_unreadable_merge_before_loading_data(tmp_path
     other = tmp_path / "other"
     other.mkdir()
     (other / "results.json").write_text("{half a json")
-    rc, out, err = run(["reproduce", "fig2", "--data", str(tmp_path / "mnist"), "--out", str(tmp_path / "o"),
-                        "--merge", str(other)], capsys)
-    assert_one_line_error(rc, err, "--merge", "is not a results.json written by fig2", "finished fig2 run")
+    rc, out, err = run(
+        [
+            "reproduce",
+            "fig2",
+            "--data",
+            str(tmp_path / "mnist"),
+            "--out",
+            str(tmp_path / "o"),
+            "--merge",
+            str(other),
+        ],
+        capsys,
+    )
+    assert_one_line_error(
+        rc, err, "--merge", "is not a results.json written by fig2", "finished fig2 run"
+    )
     assert out == "" and os.listdir(tmp_path / "o") == []
 
 
@@ -187,6 +259,7 @@ def test_reproduce_fig2_refuses_an_unreadable_merge_before_loading_data(tmp_path
 
 def _full_disk_after(nbytes: int):
     """A ``savefig`` that writes ``nbytes`` and then fails as a full disk does."""
+
     def savefig(self, fh, **kwargs):
         fh.write(b"\x89PNG partial" + b"\0" * nbytes)
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -216,8 +289,14 @@ def test_save_figure_on_a_full_disk_leaves_no_partial_file(existing, tmp_path, m
 
 
 def test_write_report_on_a_full_disk_leaves_no_partial_page(tmp_path, monkeypatch) -> None:
-    page = explain_report(title="t", test=ReportTest(index=0, true_label="+1", predicted_label="+1", loss=0.1),
-                          helpful=[], harmful=[], provenance={}, n_train=3)
+    page = explain_report(
+        title="t",
+        test=ReportTest(index=0, true_label="+1", predicted_label="+1", loss=0.1),
+        helpful=[],
+        harmful=[],
+        provenance={},
+        n_train=3,
+    )
     target = tmp_path / "r.html"
     target.write_text("previous page")
 
@@ -225,7 +304,9 @@ def test_write_report_on_a_full_disk_leaves_no_partial_page(tmp_path, monkeypatc
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(os, "fsync", fsync)
-    with pytest.raises(errors.InputError, match=r"r\.html: cannot write it \(No space left on device\).*disk space"):
+    with pytest.raises(
+        errors.InputError, match=r"r\.html: cannot write it \(No space left on device\).*disk space"
+    ):
         write_report(page, target)
     assert os.listdir(tmp_path) == ["r.html"] and target.read_text() == "previous page"
     new = tmp_path / "sub" / "new.htm"
@@ -234,7 +315,9 @@ def test_write_report_on_a_full_disk_leaves_no_partial_page(tmp_path, monkeypatc
     assert not new.exists() and os.listdir(tmp_path / "sub") == []
 
 
-def test_explain_on_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, capsys, monkeypatch) -> None:
+def test_explain_on_a_full_disk_is_one_line_and_leaves_nothing(
+    tmp_path, capsys, monkeypatch
+) -> None:
     data = tiny_npz(tmp_path / "d.npz")
     out = tmp_path / "figs" / "e.png"
 
@@ -242,8 +325,19 @@ def test_explain_on_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, capsys,
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(os, "fsync", fsync)
-    rc, stdout, err = run(["explain", "--data", str(data), *FAST, "--out", str(out),
-                           "--report", str(tmp_path / "figs" / "r.html")], capsys)
+    rc, stdout, err = run(
+        [
+            "explain",
+            "--data",
+            str(data),
+            *FAST,
+            "--out",
+            str(out),
+            "--report",
+            str(tmp_path / "figs" / "r.html"),
+        ],
+        capsys,
+    )
     assert_one_line_error(rc, err, "No space left on device", str(out), "free some disk space")
     assert "test point 0" in stdout  # it failed at the end, when writing
     assert os.listdir(tmp_path / "figs") == []  # no figure, no report, no temporary file
@@ -263,7 +357,10 @@ def test_reproduce_writes_results_atomically(tmp_path, capsys, monkeypatch) -> N
     rc, stdout, err = run(["reproduce", "fig1", "--data", "bundled", "--out", str(out)], capsys)
     assert rc == 0, err
     assert json.loads((out / "results.json").read_text())["answer"] == 4.5
-    assert sorted(os.listdir(out)) == ["report.md", "results.json"] and "wrote report.md, results.json" in stdout
+    assert (
+        sorted(os.listdir(out)) == ["report.md", "results.json"]
+        and "wrote report.md, results.json" in stdout
+    )
 
     full = []
 
@@ -291,26 +388,45 @@ def test_reproduce_writes_results_atomically(tmp_path, capsys, monkeypatch) -> N
 # ── 3. one-line errors, exit status 2, in one place; bugs keep their traceback ────────
 
 
-@pytest.mark.parametrize("exc, words", [
-    (PermissionError(errno.EACCES, "Permission denied", "/data/out/e.png"),
-     ["Permission denied", "/data/out/e.png", "choose a place you may write to"]),
-    (OSError(errno.ENOSPC, "No space left on device"), ["No space left on device", "free some disk space"]),
-    (FileNotFoundError(errno.ENOENT, "No such file or directory", "/nowhere/x.npz"),
-     ["No such file or directory", "/nowhere/x.npz", "check the path"]),
-    (OSError(errno.ENOSPC, "No space left on device", "/d/.e.png.123.0123abcd.tmp"), ["(/d/e.png)"]),
-    (BrokenPipeError(errno.EPIPE, "Broken pipe"), ["Broken pipe", "output was closed"]),
-    (errors.InputError("bad input\nsecond line"), ["bad input second line"]),
-    (errors.DtypeError("float labels"), ["float labels"]),
-    (errors.StoreError("manifest unreadable"), ["manifest unreadable"]),
-    (errors.StoreMismatchError("other computation"), ["other computation"]),
-    (errors.ExecutorConnectionError("cannot reach tcp://h:1"), ["cannot reach tcp://h:1"]),
-    (errors.InaccurateSolveError("residual 0.5"), ["residual 0.5", "--on-inaccurate warn"]),
-    (errors.NotPositiveDefiniteError("not PD", -1.0, 0.5), ["not PD", "--damping"]),
-    (errors.InsufficientMemoryError("needs 9 GiB"), ["needs 9 GiB"]),
-    (errors.DivergenceError("LiSSA diverged"), ["LiSSA diverged"]),
-    (ModuleNotFoundError("No module named 'distributed'", name="distributed"), ["'distributed'", "upweight[dask]"]),
-    (ModuleNotFoundError("No module named 'sklearn'", name="sklearn"), ["'sklearn'", "upweight[sklearn]"]),
-])
+@pytest.mark.parametrize(
+    "exc, words",
+    [
+        (
+            PermissionError(errno.EACCES, "Permission denied", "/data/out/e.png"),
+            ["Permission denied", "/data/out/e.png", "choose a place you may write to"],
+        ),
+        (
+            OSError(errno.ENOSPC, "No space left on device"),
+            ["No space left on device", "free some disk space"],
+        ),
+        (
+            FileNotFoundError(errno.ENOENT, "No such file or directory", "/nowhere/x.npz"),
+            ["No such file or directory", "/nowhere/x.npz", "check the path"],
+        ),
+        (
+            OSError(errno.ENOSPC, "No space left on device", "/d/.e.png.123.0123abcd.tmp"),
+            ["(/d/e.png)"],
+        ),
+        (BrokenPipeError(errno.EPIPE, "Broken pipe"), ["Broken pipe", "output was closed"]),
+        (errors.InputError("bad input\nsecond line"), ["bad input second line"]),
+        (errors.DtypeError("float labels"), ["float labels"]),
+        (errors.StoreError("manifest unreadable"), ["manifest unreadable"]),
+        (errors.StoreMismatchError("other computation"), ["other computation"]),
+        (errors.ExecutorConnectionError("cannot reach tcp://h:1"), ["cannot reach tcp://h:1"]),
+        (errors.InaccurateSolveError("residual 0.5"), ["residual 0.5", "--on-inaccurate warn"]),
+        (errors.NotPositiveDefiniteError("not PD", -1.0, 0.5), ["not PD", "--damping"]),
+        (errors.InsufficientMemoryError("needs 9 GiB"), ["needs 9 GiB"]),
+        (errors.DivergenceError("LiSSA diverged"), ["LiSSA diverged"]),
+        (
+            ModuleNotFoundError("No module named 'distributed'", name="distributed"),
+            ["'distributed'", "upweight[dask]"],
+        ),
+        (
+            ModuleNotFoundError("No module named 'sklearn'", name="sklearn"),
+            ["'sklearn'", "upweight[sklearn]"],
+        ),
+    ],
+)
 def test_user_errors_are_one_line(exc, words, capsys, monkeypatch) -> None:
     def fail(args, stack):
         raise exc
@@ -321,8 +437,16 @@ def test_user_errors_are_one_line(exc, words, capsys, monkeypatch) -> None:
     assert out == ""
 
 
-@pytest.mark.parametrize("exc", [RuntimeError("boom"), TypeError("boom"), KeyError("boom"), ValueError("boom"),
-                                 ImportError("cannot import name 'x' from 'upweight.core'", name="upweight.core")])
+@pytest.mark.parametrize(
+    "exc",
+    [
+        RuntimeError("boom"),
+        TypeError("boom"),
+        KeyError("boom"),
+        ValueError("boom"),
+        ImportError("cannot import name 'x' from 'upweight.core'", name="upweight.core"),
+    ],
+)
 def test_bugs_keep_their_traceback(exc, capsys, monkeypatch) -> None:
     def fail(args, stack):
         raise exc
@@ -335,50 +459,93 @@ def test_bugs_keep_their_traceback(exc, capsys, monkeypatch) -> None:
     assert "upweight: error:" not in err
 
 
-@pytest.mark.parametrize("address, words", [
-    ("nonsense::", ["'nonsense:' is not a host name"]),
-    ("tcp://", ["no host"]),
-    ("tcp://127.0.0.1:70000", ["port 70000 is out of range"]),
-    ("tcp://127.0.0.1:0", ["port 0 is out of range"]),
-    ("tcp://scheduler", ["no port"]),
-    ("tcp://h:port", ["'port' is not a number"]),
-    ("udp://h:8786", ["unknown scheme 'udp'"]),
-    ("[::1:8786", ["[ADDRESS]:PORT"]),
-])
-@pytest.mark.parametrize("command", [["explain"], ["reproduce", "fig2", "--data", "bundled"],
-                                     ["reproduce", "attack", "--data", "bundled"]], ids=lambda c: c[-3] if len(c) > 1 else c[0])
-def test_bad_scheduler_address_before_any_work(address, words, command, tmp_path, capsys, no_training) -> None:
-    rc, out, err = run([*command, "--out", str(tmp_path / ("e.png" if command == ["explain"] else "o")),
-                        "--scheduler", address], capsys)
+@pytest.mark.parametrize(
+    "address, words",
+    [
+        ("nonsense::", ["'nonsense:' is not a host name"]),
+        ("tcp://", ["no host"]),
+        ("tcp://127.0.0.1:70000", ["port 70000 is out of range"]),
+        ("tcp://127.0.0.1:0", ["port 0 is out of range"]),
+        ("tcp://scheduler", ["no port"]),
+        ("tcp://h:port", ["'port' is not a number"]),
+        ("udp://h:8786", ["unknown scheme 'udp'"]),
+        ("[::1:8786", ["[ADDRESS]:PORT"]),
+    ],
+)
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["explain"],
+        ["reproduce", "fig2", "--data", "bundled"],
+        ["reproduce", "attack", "--data", "bundled"],
+    ],
+    ids=lambda c: c[-3] if len(c) > 1 else c[0],
+)
+def test_bad_scheduler_address_before_any_work(
+    address, words, command, tmp_path, capsys, no_training
+) -> None:
+    rc, out, err = run(
+        [
+            *command,
+            "--out",
+            str(tmp_path / ("e.png" if command == ["explain"] else "o")),
+            "--scheduler",
+            address,
+        ],
+        capsys,
+    )
     assert_one_line_error(rc, err, "--scheduler", repr(address), "tcp://127.0.0.1:8786", *words)
     assert out == "" and no_training == [] and os.listdir(tmp_path) == []
 
 
-def test_missing_dask_is_one_line_before_training(tmp_path, capsys, monkeypatch, no_training) -> None:
-    monkeypatch.setitem(sys.modules, "distributed", None)  # `import distributed` fails as if not installed
-    for argv in (["explain", "--out", str(tmp_path / "e.png")],
-                 ["reproduce", "fig2", "--data", "bundled", "--out", str(tmp_path / "o")]):
+def test_missing_dask_is_one_line_before_training(
+    tmp_path, capsys, monkeypatch, no_training
+) -> None:
+    # `import distributed` fails as if not installed
+    monkeypatch.setitem(sys.modules, "distributed", None)
+    for argv in (
+        ["explain", "--out", str(tmp_path / "e.png")],
+        ["reproduce", "fig2", "--data", "bundled", "--out", str(tmp_path / "o")],
+    ):
         rc, out, err = run([*argv, "--scheduler", "local"], capsys)
-        assert_one_line_error(rc, err, "'distributed'", "not installed", "pip install 'upweight[dask]'")
+        assert_one_line_error(
+            rc, err, "'distributed'", "not installed", "pip install 'upweight[dask]'"
+        )
         assert out == ""
     assert no_training == [] and os.listdir(tmp_path) == []
 
 
 def test_missing_scikit_learn_is_one_line(tmp_path, capsys, monkeypatch) -> None:
-    for name in [m for m in sys.modules if m == "sklearn" or m.startswith("sklearn.")] or ["sklearn"]:
+    for name in [m for m in sys.modules if m == "sklearn" or m.startswith("sklearn.")] or [
+        "sklearn"
+    ]:
         monkeypatch.setitem(sys.modules, name, None)
-    rc, _, err = run(["reproduce", "mislabel", "--data", str(tmp_path / "enron1.csv"), "--out", str(tmp_path / "o")],
-                     capsys)
+    rc, _, err = run(
+        [
+            "reproduce",
+            "mislabel",
+            "--data",
+            str(tmp_path / "enron1.csv"),
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        capsys,
+    )
     assert_one_line_error(rc, err, "'sklearn'", "pip install 'upweight[sklearn]'")
     assert os.listdir(tmp_path / "o") == []
 
 
 def test_missing_data_files_are_one_line(tmp_path, capsys) -> None:
-    rc, _, err = run(["explain", "--data", str(tmp_path / "none.npz"), "--out", str(tmp_path / "e.png")], capsys)
+    rc, _, err = run(
+        ["explain", "--data", str(tmp_path / "none.npz"), "--out", str(tmp_path / "e.png")], capsys
+    )
     assert_one_line_error(rc, err, "--data", "none.npz", "no such file", "x_train")
     rc, _, err = run(["explain", "--data", str(tmp_path), "--out", str(tmp_path / "e.png")], capsys)
     assert_one_line_error(rc, err, "--data", "that is a folder, not a file")
-    rc, _, err = run(["reproduce", "fig1", "--data", str(tmp_path / "mnist"), "--out", str(tmp_path / "o")], capsys)
+    rc, _, err = run(
+        ["reproduce", "fig1", "--data", str(tmp_path / "mnist"), "--out", str(tmp_path / "o")],
+        capsys,
+    )
     assert_one_line_error(rc, err, "load_mnist", "no such file or folder", "IDX files")
     assert not (tmp_path / "e.png").exists() and os.listdir(tmp_path / "o") == []
 
@@ -387,9 +554,24 @@ def test_python_dash_m_errors_are_one_line(tmp_path) -> None:
     env = {**os.environ, "PYTHONPATH": str(Path(upweight.__file__).resolve().parents[1])}
     csv = tmp_path / "data.csv"
     csv.write_text("a,b,c\n1,2,3\n")
-    proc = subprocess.run([sys.executable, "-m", "upweight", "explain", "--no-progress", "--data", str(csv),
-                           "--out", str(tmp_path / "e.png")], capture_output=True, text=True, timeout=120, cwd=tmp_path,
-                          env=env)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "upweight",
+            "explain",
+            "--no-progress",
+            "--data",
+            str(csv),
+            "--out",
+            str(tmp_path / "e.png"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env=env,
+    )
     assert_one_line_error(proc.returncode, proc.stderr, "--data", "'a,b,c'", "x_train")
     assert "allow_pickle" not in proc.stderr and proc.stdout == ""
     assert os.listdir(tmp_path) == ["data.csv"]
@@ -401,8 +583,19 @@ def test_python_dash_m_errors_are_one_line(tmp_path) -> None:
 def test_explain_fresh_discards_the_store(tmp_path, capsys) -> None:
     data = tiny_npz(tmp_path / "d.npz")
     store = tmp_path / "store"
-    base = ["explain", "--data", str(data), *FAST[:-3], "--loo-k", "2", "--no-progress", "--out", str(tmp_path / "e.png"),
-            "--store", str(store)]
+    base = [
+        "explain",
+        "--data",
+        str(data),
+        *FAST[:-3],
+        "--loo-k",
+        "2",
+        "--no-progress",
+        "--out",
+        str(tmp_path / "e.png"),
+        "--store",
+        str(store),
+    ]
     rc, _, err = run(base, capsys)
     assert rc == 0, err
     (store / "notes.txt").write_text("mine")  # not upweight's: --fresh must leave it alone
@@ -411,7 +604,9 @@ def test_explain_fresh_discards_the_store(tmp_path, capsys) -> None:
     rc, out, err = run([*base, "--l2", "0.02", "--fresh"], capsys)
     assert rc == 0, err
     assert "read from" not in out  # nothing resumed: started over
-    assert json.loads((store / "manifest.json").read_text())["fingerprint"]["objective"]["l2"] == 0.02
+    assert (
+        json.loads((store / "manifest.json").read_text())["fingerprint"]["objective"]["l2"] == 0.02
+    )
     assert (store / "notes.txt").read_text() == "mine"
     rc, out, err = run([*base, "--l2", "0.02"], capsys)  # without --fresh the new store resumes
     assert rc == 0, err
@@ -423,8 +618,14 @@ def test_explain_unreadable_store_before_training(tmp_path, capsys, no_training)
     store.mkdir()
     (store / "manifest.json").write_text("{broken")
     rc, out, err = run(["explain", "--out", str(tmp_path / "e.png"), "--store", str(store)], capsys)
-    assert_one_line_error(rc, err, "manifest", "cannot be read", "pass another --store", f"move {store} away")
-    assert out == "" and no_training == [] and files_under(tmp_path) == {"store", "store/manifest.json"}
+    assert_one_line_error(
+        rc, err, "manifest", "cannot be read", "pass another --store", f"move {store} away"
+    )
+    assert (
+        out == ""
+        and no_training == []
+        and files_under(tmp_path) == {"store", "store/manifest.json"}
+    )
     assert (store / "manifest.json").read_text() == "{broken"
 
 
@@ -433,20 +634,30 @@ def test_explain_unreadable_store_before_training(tmp_path, capsys, no_training)
 
 def test_out_without_suffix_writes_a_png_and_says_so(tmp_path, capsys, monkeypatch) -> None:
     data = tiny_npz(tmp_path / "d.npz")
-    rc, out, err = run(["explain", "--data", str(data), *FAST, "--out", str(tmp_path / "out" / "explain")], capsys)
+    rc, out, err = run(
+        ["explain", "--data", str(data), *FAST, "--out", str(tmp_path / "out" / "explain")], capsys
+    )
     assert rc == 0, err
     png = tmp_path / "out" / "explain.png"
     assert png.read_bytes()[:8] == PNG_MAGIC
-    assert f"figure written to {png} (--out {tmp_path / 'out' / 'explain'} has no suffix: a PNG)" in out
+    assert (
+        f"figure written to {png} (--out {tmp_path / 'out' / 'explain'} has no suffix: a PNG)"
+        in out
+    )
     assert os.listdir(tmp_path / "out") == ["explain.png"]
-    rc, out, err = run(["explain", "--data", str(data), *FAST, "--out", str(tmp_path / "out" / "e.pdf")], capsys)
+    rc, out, err = run(
+        ["explain", "--data", str(data), *FAST, "--out", str(tmp_path / "out" / "e.pdf")], capsys
+    )
     assert rc == 0, err
     assert (tmp_path / "out" / "e.pdf").read_bytes()[:5] == b"%PDF-"
     assert f"figure written to {tmp_path / 'out' / 'e.pdf'}\n" in out
-    monkeypatch.chdir(tmp_path)  # a relative --out with ./ is written as given, and not taken for a name without suffix
+    # a relative --out with ./ is written as given, and not taken for a name without suffix
+    monkeypatch.chdir(tmp_path)
     rc, out, err = run(["explain", "--data", str(data), *FAST, "--out", "./out/e.svg"], capsys)
     assert rc == 0, err
-    assert "figure written to out/e.svg\n" in out and (tmp_path / "out" / "e.svg").read_text().startswith("<?xml")
+    assert "figure written to out/e.svg\n" in out and (
+        tmp_path / "out" / "e.svg"
+    ).read_text().startswith("<?xml")
 
 
 # ── 6. data files that are not .npz archives ──────────────────────────────────────────
@@ -457,14 +668,25 @@ def _not_npz_files(tmp: Path) -> dict[str, tuple[Path, str]]:
     csv.write_text("a,b,c\n1,2,3\n")
     txt = tmp / "notes.npz"
     txt.write_text("hello world\nsecond line\n")
-    return {"csv": (csv, "it is text starting with 'a,b,c'"), "text": (txt, "it is text starting with 'hello world'")}
+    return {
+        "csv": (csv, "it is text starting with 'a,b,c'"),
+        "text": (txt, "it is text starting with 'hello world'"),
+    }
 
 
 def test_explain_describes_files_that_are_not_npz(tmp_path, capsys, no_training) -> None:
     for path, looks in _not_npz_files(tmp_path).values():
         rc, _, err = run(["explain", "--data", str(path), "--out", str(tmp_path / "e.png")], capsys)
-        assert_one_line_error(rc, err, "--data", str(path), "as an .npz archive", looks,
-                              "x_train, y_train, x_test, y_test", "bundled")
+        assert_one_line_error(
+            rc,
+            err,
+            "--data",
+            str(path),
+            "as an .npz archive",
+            looks,
+            "x_train, y_train, x_test, y_test",
+            "bundled",
+        )
         assert "allow_pickle" not in err and "trust" not in err
     assert no_training == [] and not (tmp_path / "e.png").exists()
 
@@ -473,21 +695,30 @@ def test_explain_refuses_pickled_arrays_without_unpickling(tmp_path, capsys, no_
     marker = tmp_path / "code-ran"
     data = pickled_npz(tmp_path / "evil.npz", marker)
     rc, _, err = run(["explain", "--data", str(data), "--out", str(tmp_path / "e.png")], capsys)
-    assert_one_line_error(rc, err, "--data", "Python objects (x_train)", "does not load", "np.savez")
+    assert_one_line_error(
+        rc, err, "--data", "Python objects (x_train)", "does not load", "np.savez"
+    )
     assert "allow_pickle" not in err
     assert not marker.exists() and no_training == []
     # the payload is live: x_train is a pickled object array whose stream names the marker file
     import zipfile
 
     raw = zipfile.ZipFile(data).read("x_train.npy")
-    assert b"'descr': '|O'" in raw and marker.name.encode() in raw  # a pickle stream that reaches the marker
+    # a pickle stream that reaches the marker
+    assert b"'descr': '|O'" in raw and marker.name.encode() in raw
 
 
-@pytest.mark.parametrize("loader, names, expected", [
-    (load_mnist, ("x_train", "y_train", "x_test", "y_test"), "four MNIST IDX files"),
-    (load_hospital, ("X_train", "y_train", "X_test", "y_test", "train_rows", "test_rows", "feature_names"),
-     "hospital_koh2017.npz"),
-])
+@pytest.mark.parametrize(
+    "loader, names, expected",
+    [
+        (load_mnist, ("x_train", "y_train", "x_test", "y_test"), "four MNIST IDX files"),
+        (
+            load_hospital,
+            ("X_train", "y_train", "X_test", "y_test", "train_rows", "test_rows", "feature_names"),
+            "hospital_koh2017.npz",
+        ),
+    ],
+)
 def test_dataset_loaders_describe_files_that_are_not_npz(loader, names, expected, tmp_path) -> None:
     for path, looks in _not_npz_files(tmp_path).values():
         target = path.with_suffix(".npz")  # load_hospital picks the format by name: an .npz

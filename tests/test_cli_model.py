@@ -44,9 +44,18 @@ def png_size(path: Path) -> tuple[int, int]:
     return struct.unpack(">II", head[16:24])
 
 
-def softmax_influence(W: np.ndarray, X: np.ndarray, y: np.ndarray, Xt: np.ndarray, yt: np.ndarray, l2: float,
-                      bias: np.ndarray | None = None) -> np.ndarray:
-    """I_up,loss (n_test, n) of softmax regression, by hand: g(z) = (p − e_y) ⊗ x̃, H = mean (diag p − ppᵀ) ⊗ x̃x̃ᵀ + l2·I."""
+def softmax_influence(
+    W: np.ndarray,
+    X: np.ndarray,
+    y: np.ndarray,
+    Xt: np.ndarray,
+    yt: np.ndarray,
+    l2: float,
+    bias: np.ndarray | None = None,
+) -> np.ndarray:
+    """I_up,loss (n_test, n) of softmax regression, by hand: g(z) = (p − e_y) ⊗ x̃, H = mean (diag p
+    − ppᵀ) ⊗ x̃x̃ᵀ + l2·I."""
+
     def aug(A):
         return A if bias is None else np.hstack([A, np.ones((len(A), 1))])
 
@@ -76,11 +85,30 @@ def softmax_influence(W: np.ndarray, X: np.ndarray, y: np.ndarray, Xt: np.ndarra
 def wine(tmp_path_factory):
     """The example model explained once, through the real entry point, from the repository root."""
     tmp = tmp_path_factory.mktemp("wine")
-    argv = ["explain", "--model", EXAMPLE, "--solver", "direct", "--test-index", ",".join(map(str, TESTS)),
-            "--top", str(TOP), "--loo-k", "0", "--no-progress", "--out", str(tmp / "w.png"),
-            "--report", str(tmp / "w.html")]
+    argv = [
+        "explain",
+        "--model",
+        EXAMPLE,
+        "--solver",
+        "direct",
+        "--test-index",
+        ",".join(map(str, TESTS)),
+        "--top",
+        str(TOP),
+        "--loo-k",
+        "0",
+        "--no-progress",
+        "--out",
+        str(tmp / "w.png"),
+        "--report",
+        str(tmp / "w.html"),
+    ]
     out, err = io.StringIO(), io.StringIO()
-    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    with (
+        pytest.MonkeyPatch.context() as mp,
+        contextlib.redirect_stdout(out),
+        contextlib.redirect_stderr(err),
+    ):
         mp.chdir(ROOT)
         rc = main(argv)
         sys.path.insert(0, str(ROOT / "examples"))
@@ -92,8 +120,14 @@ def wine(tmp_path_factory):
             sys.path.remove(str(ROOT / "examples"))
     assert rc == 0, err.getvalue()
     page = (tmp / "w.html").read_text(encoding="utf-8")
-    return {"out": out.getvalue(), "err": err.getvalue(), "page": page, "dom": parse(page), "png": tmp / "w.png",
-            "spec": spec}
+    return {
+        "out": out.getvalue(),
+        "err": err.getvalue(),
+        "page": page,
+        "dom": parse(page),
+        "png": tmp / "w.png",
+        "spec": spec,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -102,9 +136,18 @@ def wine_reference(wine):
     (X, y), (Xt, yt) = spec.train, spec.test
     W = spec.model.weight.detach().numpy()
     b = spec.model.bias.detach().numpy()
-    ref = softmax_influence(W, X.numpy(), y.numpy(), Xt.numpy()[TESTS], yt.numpy()[TESTS], spec.l2, bias=b)
+    ref = softmax_influence(
+        W, X.numpy(), y.numpy(), Xt.numpy()[TESTS], yt.numpy()[TESTS], spec.l2, bias=b
+    )
     probs = scipy.special.softmax(Xt.numpy() @ W.T + b, axis=1)
-    return {"I": ref, "probs": probs, "X": X.numpy(), "Xt": Xt.numpy(), "y": y.numpy(), "yt": yt.numpy()}
+    return {
+        "I": ref,
+        "probs": probs,
+        "X": X.numpy(),
+        "Xt": Xt.numpy(),
+        "y": y.numpy(),
+        "yt": yt.numpy(),
+    }
 
 
 def _ranked(dom, kind: str) -> tuple[list[int], list[float]]:
@@ -119,11 +162,19 @@ def _ranked(dom, kind: str) -> tuple[list[int], list[float]]:
 
 
 def test_model_report_ranks_as_the_closed_form_and_direct(wine, wine_reference) -> None:
-    """The report's top points for test point 3 are those of I_up,loss by hand and of Influence(Direct)."""
+    """The report's top points for test point 3 are those of I_up,loss by hand and of
+    Influence(Direct)."""
     dom, ref = wine["dom"], wine_reference["I"][0]
     spec = wine["spec"]
-    direct = uw.Influence(uw.Objective(spec.model, "cross_entropy", l2=spec.l2), solver=uw.Direct(),
-                          progress=False).fit(spec.train).up_loss((spec.test[0][TESTS[:1]], spec.test[1][TESTS[:1]]))
+    direct = (
+        uw.Influence(
+            uw.Objective(spec.model, "cross_entropy", l2=spec.l2),
+            solver=uw.Direct(),
+            progress=False,
+        )
+        .fit(spec.train)
+        .up_loss((spec.test[0][TESTS[:1]], spec.test[1][TESTS[:1]]))
+    )
     for kind, order in (("helpful", np.argsort(ref)), ("harmful", np.argsort(-ref))):
         ids, values = _ranked(dom, kind)
         assert ids == order[:TOP].tolist()
@@ -139,14 +190,18 @@ def test_model_report_shows_tabular_feature_values(wine, wine_reference) -> None
     assert not dom.find_all("img")  # tabular: values, not pictures
     header = [th.all_text() for th in dom.one("table", id="test-features").find_all("th")]
     assert header == list(spec.feature_names) and len(header) == 13
-    shown = [float(td.attrs["data-value"]) for td in dom.one("table", id="test-features").find_all("td")]
+    shown = [
+        float(td.attrs["data-value"]) for td in dom.one("table", id="test-features").find_all("td")
+    ]
     np.testing.assert_allclose(shown, wine_reference["Xt"][TESTS[0]], rtol=1e-12)
     table = dom.one("table", id="harmful")
     assert [th.all_text() for th in table.find_all("th")][-13:] == list(spec.feature_names)
     for tr in table.find_all("tr", class_="point"):
         tds = [c for c in tr.children if c.tag == "td"]
         j = int(tds[1].attrs["data-value"])
-        np.testing.assert_allclose([float(td.attrs["data-value"]) for td in tds[-13:]], wine_reference["X"][j], rtol=1e-12)
+        np.testing.assert_allclose(
+            [float(td.attrs["data-value"]) for td in tds[-13:]], wine_reference["X"][j], rtol=1e-12
+        )
         assert tds[2].all_text() == f"{wine_reference['y'][j]} (class_{wine_reference['y'][j]})"
     w, h = png_size(wine["png"])
     assert 600 < w < 2000 and 300 < h < 1200
@@ -163,10 +218,15 @@ def test_model_overview_lists_every_test_point(wine, wine_reference) -> None:
         assert tds[1].all_text() == f"{wine_reference['yt'][i]} (class_{wine_reference['yt'][i]})"
         c = int(np.argmax(probs[i]))
         assert tds[2].all_text().startswith(f"{c} (class_{c}) — ")
-        assert float(tds[3].attrs["data-value"]) == pytest.approx(-np.log(probs[i, wine_reference["yt"][i]]), rel=1e-9)
+        assert float(tds[3].attrs["data-value"]) == pytest.approx(
+            -np.log(probs[i, wine_reference["yt"][i]]), rel=1e-9
+        )
         helpful = [int(s.attrs["data-value"]) for s in tds[4].find_all("span")]
         harmful = [int(s.attrs["data-value"]) for s in tds[5].find_all("span")]
-        assert helpful == np.argsort(ref[r])[:5].tolist() and harmful == np.argsort(-ref[r])[:5].tolist()
+        assert (
+            helpful == np.argsort(ref[r])[:5].tolist()
+            and harmful == np.argsort(-ref[r])[:5].tolist()
+        )
         tops.append((i, helpful, harmful))
     # the recurring training points: every id in the lists of ≥ 2 test points, with its counts
     counts: dict[int, list[int]] = {}
@@ -179,7 +239,10 @@ def test_model_overview_lists_every_test_point(wine, wine_reference) -> None:
     got = {}
     for tr in dom.one("table", id="recurring").find_all("tr", class_="recurring"):
         j = int(tr.one("td", class_="train-id").attrs["data-value"])
-        got[j] = [int(tr.one("td", class_="helpful-count").all_text()), int(tr.one("td", class_="harmful-count").all_text())]
+        got[j] = [
+            int(tr.one("td", class_="helpful-count").all_text()),
+            int(tr.one("td", class_="harmful-count").all_text()),
+        ]
     assert got == want and want
     assert "overview of 4 test points" in wine["out"]
 
@@ -193,8 +256,14 @@ def _three_class_npz(path: Path, seed: int = 0) -> dict[str, np.ndarray]:
     lab = rng.integers(0, 3, size=120)
     x = centres[lab] + rng.normal(size=(120, 6))
     values = np.array([3, 5, 8])[lab]  # labels as in the file: not 0 … C−1
-    arrays = {"x_train": x[:90], "y_train": values[:90], "x_test": x[90:], "y_test": values[90:],
-              "feature_names": np.array([f"f<{k}>" for k in range(6)]), "class_names": np.array(["three", "five", "eight"])}
+    arrays = {
+        "x_train": x[:90],
+        "y_train": values[:90],
+        "x_test": x[90:],
+        "y_test": values[90:],
+        "feature_names": np.array([f"f<{k}>" for k in range(6)]),
+        "class_names": np.array(["three", "five", "eight"]),
+    }
     np.savez(path, **arrays)
     return arrays
 
@@ -219,9 +288,27 @@ def _printed(text: str) -> dict[str, list[tuple[int, float]]]:
 def test_multiclass_npz_is_softmax_regression(tmp_path, capsys) -> None:
     a = _three_class_npz(tmp_path / "three.npz")
     l2 = 0.01
-    rc, out, err = run(["explain", "--data", str(tmp_path / "three.npz"), "--solver", "direct", "--test-index", "4",
-                        "--top", "4", "--loo-k", "0", "--no-progress", "--out", str(tmp_path / "e.png"),
-                        "--report", str(tmp_path / "r.html")], capsys)
+    rc, out, err = run(
+        [
+            "explain",
+            "--data",
+            str(tmp_path / "three.npz"),
+            "--solver",
+            "direct",
+            "--test-index",
+            "4",
+            "--top",
+            "4",
+            "--loo-k",
+            "0",
+            "--no-progress",
+            "--out",
+            str(tmp_path / "e.png"),
+            "--report",
+            str(tmp_path / "r.html"),
+        ],
+        capsys,
+    )
     assert rc == 0, err
     assert "softmax regression" in out and "Linear(6 → 3, no bias)" in out
 
@@ -235,8 +322,13 @@ def test_multiclass_npz_is_softmax_regression(tmp_path, capsys) -> None:
         loss = -np.log(P[np.arange(len(y)), y]).mean() + 0.5 * l2 * w @ w
         return loss, ((P - np.eye(3)[y]).T @ X / len(y) + l2 * W).ravel()
 
-    W = scipy.optimize.minimize(risk, np.zeros(18), jac=True, method="L-BFGS-B",
-                                options={"gtol": 1e-12, "ftol": 0.0, "maxiter": 5000}).x.reshape(3, 6)
+    W = scipy.optimize.minimize(
+        risk,
+        np.zeros(18),
+        jac=True,
+        method="L-BFGS-B",
+        options={"gtol": 1e-12, "ftol": 0.0, "maxiter": 5000},
+    ).x.reshape(3, 6)
     ref = softmax_influence(W, X, y, Xt[[4]], yt[[4]], l2)[0]
     tables = _printed(out)
     for kind, order in (("helpful", np.argsort(ref)), ("harmful", np.argsort(-ref))):
@@ -245,10 +337,17 @@ def test_multiclass_npz_is_softmax_regression(tmp_path, capsys) -> None:
     p = scipy.special.softmax(Xt[4] @ W.T)
     c = int(np.argmax(p))
     names = ["three", "five", "eight"]
-    assert f"true label {a['y_test'][4]} ({names[yt[4]]}), predicted {[3, 5, 8][c]} ({names[c]}) with P = {p[c]:.4f}" in out
+    assert (
+        f"true label {a['y_test'][4]} ({names[yt[4]]}), predicted {[3, 5, 8][c]} ({names[c]}) with"
+        f" P = {p[c]:.4f}" in out
+    )
     dom = parse((tmp_path / "r.html").read_text(encoding="utf-8"))
-    assert [th.all_text() for th in dom.one("table", id="test-features").find_all("th")] == [f"f<{k}>" for k in range(6)]
-    assert float(dom.one("tr", id="test-p-predicted").one("td").attrs["data-value"]) == pytest.approx(p[c], rel=1e-6)
+    assert [th.all_text() for th in dom.one("table", id="test-features").find_all("th")] == [
+        f"f<{k}>" for k in range(6)
+    ]
+    assert float(
+        dom.one("tr", id="test-p-predicted").one("td").attrs["data-value"]
+    ) == pytest.approx(p[c], rel=1e-6)
 
 
 # ── long rankings ────────────────────────────────────────────────────────────────────
@@ -258,13 +357,42 @@ def test_top_200_is_paged_and_no_picture_grows(tmp_path, capsys, mnist_1v7) -> N
     d = mnist_1v7
 
     def shrink(x):
-        return (x.reshape(-1, 28, 28) * 255).round().astype(np.uint8).reshape(-1, 14, 2, 14, 2).max(axis=(2, 4))
+        return (
+            (x.reshape(-1, 28, 28) * 255)
+            .round()
+            .astype(np.uint8)
+            .reshape(-1, 14, 2, 14, 2)
+            .max(axis=(2, 4))
+        )
 
-    np.savez(tmp_path / "small.npz", x_train=shrink(d.x_train[:500]), y_train=d.y_train[:500],
-             x_test=shrink(d.x_test[:20]), y_test=d.y_test[:20])
-    rc, out, err = run(["explain", "--data", str(tmp_path / "small.npz"), "--solver", "direct", "--test-index", "2",
-                        "--top", "200", "--loo-k", "0", "--no-progress", "--out", str(tmp_path / "e.png"),
-                        "--report", str(tmp_path / "r.html")], capsys)
+    np.savez(
+        tmp_path / "small.npz",
+        x_train=shrink(d.x_train[:500]),
+        y_train=d.y_train[:500],
+        x_test=shrink(d.x_test[:20]),
+        y_test=d.y_test[:20],
+    )
+    rc, out, err = run(
+        [
+            "explain",
+            "--data",
+            str(tmp_path / "small.npz"),
+            "--solver",
+            "direct",
+            "--test-index",
+            "2",
+            "--top",
+            "200",
+            "--loo-k",
+            "0",
+            "--no-progress",
+            "--out",
+            str(tmp_path / "e.png"),
+            "--report",
+            str(tmp_path / "r.html"),
+        ],
+        capsys,
+    )
     assert rc == 0, err
     w, h = png_size(tmp_path / "e.png")
     assert w <= 2000 and h <= 1200  # the figure draws the top 10 of each kind, whatever --top
@@ -272,7 +400,8 @@ def test_top_200_is_paged_and_no_picture_grows(tmp_path, capsys, mnist_1v7) -> N
     page = (tmp_path / "r.html").read_text(encoding="utf-8")
     dom = parse(page)
     for img in dom.find_all("img"):
-        assert png_of(img).size == (14, 14)  # each training image at its own resolution: no strip of 200
+        # each training image at its own resolution: no strip of 200
+        assert png_of(img).size == (14, 14)
     printed = _printed(out)
     for kind in ("helpful", "harmful"):
         ids, _ = _ranked(dom, kind)
@@ -280,13 +409,16 @@ def test_top_200_is_paged_and_no_picture_grows(tmp_path, capsys, mnist_1v7) -> N
         pages = dom.one("div", id=f"{kind}-pages")
         assert len(pages.find_all("details")) == 7  # ranks 26–50, …, 176–200 folded
         assert len(dom.one("table", id=kind).find_all("tr", class_="point")) == 25
-        ranks = [int([c for c in tr.children if c.tag == "td"][0].all_text()) for tr in pages.find_all("tr", class_="point")]
+        ranks = [
+            int([c for c in tr.children if c.tag == "td"][0].all_text())
+            for tr in pages.find_all("tr", class_="point")
+        ]
         assert ranks == list(range(1, 201))
 
 
 # ── user models of other forms ──────────────────────────────────────────────────────
 
-USER_MODULE = '''
+USER_MODULE = """
 import torch
 import upweight as uw
 
@@ -314,7 +446,8 @@ def binary():
     x = torch.randn(70, 9, generator=g, dtype=torch.float64)
     y = (x[:, 0] + 0.5 * torch.randn(70, generator=g, dtype=torch.float64) > 0).long()
     model = _fitted(torch.nn.Linear(9, 1, bias=False).double(), "logistic", 0.1, (x[:50], y[:50]))
-    return {"model": model, "train": (x[:50], y[:50]), "test": (x[50:], y[50:]), "loss": "logistic", "l2": 0.1,
+    return {"model": model, "train": (x[:50], y[:50]), "test": (x[50:], y[50:]),
+            "loss": "logistic", "l2": 0.1,
             "kind": "image", "image_shape": (3, 3), "class_names": {0: "no", 1: "yes"}}
 
 
@@ -338,7 +471,7 @@ def text(with_text=True):
 
 def token_ids():
     return text(with_text=False)
-'''
+"""
 
 
 @pytest.fixture
@@ -352,22 +485,60 @@ def user_module(tmp_path, monkeypatch):
 
 
 def test_dotted_module_returning_a_dict_binary(user_module, tmp_path, capsys) -> None:
-    rc, out, err = run(["explain", "--model", f"{user_module}:binary", "--solver", "direct", "--top", "3",
-                        "--loo-k", "3", "--no-progress", "--out", str(tmp_path / "b.png"),
-                        "--report", str(tmp_path / "b.html")], capsys)
+    rc, out, err = run(
+        [
+            "explain",
+            "--model",
+            f"{user_module}:binary",
+            "--solver",
+            "direct",
+            "--top",
+            "3",
+            "--loo-k",
+            "3",
+            "--no-progress",
+            "--out",
+            str(tmp_path / "b.png"),
+            "--report",
+            str(tmp_path / "b.html"),
+        ],
+        capsys,
+    )
     assert rc == 0, err
-    m = re.search(r"test point (\d+) \((\w+ \w+|first misclassified)[^)]*\): true label (\d) \((no|yes)\), "
-                  r"predicted P\(y=\+1\) = (\S+) → (MISCLASSIFIED|correct)", out)
+    m = re.search(
+        r"test point (\d+) \((\w+ \w+|first misclassified)[^)]*\): true label (\d) \((no|yes)\), "
+        r"predicted P\(y=\+1\) = (\S+) → (MISCLASSIFIED|correct)",
+        out,
+    )
     assert m, out
     assert "Pearson" in out  # --loo-k given: retrained with the default convex refit
     dom = parse((tmp_path / "b.html").read_text(encoding="utf-8"))
-    assert {png_of(img).size for img in dom.find_all("img", class_="px")} == {(3, 3)}  # kind="image", image_shape
+    # kind="image", image_shape
+    assert {png_of(img).size for img in dom.find_all("img", class_="px")} == {(3, 3)}
 
 
 def test_text_inputs_show_their_text_escaped(user_module, tmp_path, capsys) -> None:
-    rc, out, err = run(["explain", "--model", f"{user_module}:text", "--solver", "direct", "--damping", "0.01",
-                        "--test-index", "0,1,2", "--top", "3", "--no-progress", "--out", str(tmp_path / "t.png"),
-                        "--report", str(tmp_path / "t.html")], capsys)
+    rc, out, err = run(
+        [
+            "explain",
+            "--model",
+            f"{user_module}:text",
+            "--solver",
+            "direct",
+            "--damping",
+            "0.01",
+            "--test-index",
+            "0,1,2",
+            "--top",
+            "3",
+            "--no-progress",
+            "--out",
+            str(tmp_path / "t.png"),
+            "--report",
+            str(tmp_path / "t.html"),
+        ],
+        capsys,
+    )
     assert rc == 0, err
     page = (tmp_path / "t.html").read_text(encoding="utf-8")
     dom = parse(page)
@@ -375,12 +546,31 @@ def test_text_inputs_show_their_text_escaped(user_module, tmp_path, capsys) -> N
     assert dom.one("p", id="test-text").all_text() == "<b>spam</b> & offer 100"
     for tr in dom.one("table", id="harmful").find_all("tr", class_="point"):
         j = int(tr.one("td", class_="train-id").attrs["data-value"])
-        assert tr.one("td", class_="text").all_text() == ["<b>spam</b> & offer %d", "hello <i>friend</i> %d"][j % 2] % j
+        assert (
+            tr.one("td", class_="text").all_text()
+            == ["<b>spam</b> & offer %d", "hello <i>friend</i> %d"][j % 2] % j
+        )
     assert len(dom.one("table", id="overview").find_all("tr", class_="overview-row")) == 3
 
-    rc, out, err = run(["explain", "--model", f"{user_module}:token_ids", "--solver", "direct", "--damping", "0.01",
-                        "--top", "2", "--no-progress", "--out", str(tmp_path / "u.png"),
-                        "--report", str(tmp_path / "u.html")], capsys)
+    rc, out, err = run(
+        [
+            "explain",
+            "--model",
+            f"{user_module}:token_ids",
+            "--solver",
+            "direct",
+            "--damping",
+            "0.01",
+            "--top",
+            "2",
+            "--no-progress",
+            "--out",
+            str(tmp_path / "u.png"),
+            "--report",
+            str(tmp_path / "u.html"),
+        ],
+        capsys,
+    )
     assert rc == 0, err
     dom = parse((tmp_path / "u.html").read_text(encoding="utf-8"))
     assert dom.one("p", id="test-text").all_text().startswith("token ids: ")
@@ -391,61 +581,119 @@ def test_text_inputs_show_their_text_escaped(user_module, tmp_path, capsys) -> N
 BAD_MODULES = {
     "raises_on_import.py": "raise RuntimeError('boom at import')\n",
     "bad_returns.py": (
-        "import torch\n"
-        "def number():\n    return 42\n"
-        "def unknown_key():\n    return {'model': torch.nn.Linear(2, 2), 'train': 1, 'test': 1, 'lr': 0.1}\n"
-        "def missing():\n    return {'model': torch.nn.Linear(2, 2)}\n"
-        "def not_a_module():\n    return {'model': 'linear', 'train': 1, 'test': 1}\n"
-        "def bad_kind():\n    return {'model': torch.nn.Linear(2, 2), 'train': 1, 'test': 1, 'kind': 'video'}\n"
-        "def raises():\n    raise ValueError('no data here')\n"
-        "not_callable = 3\n"
+        "import torch\ndef number():\n    return 42\ndef unknown_key():\n    return {'model':"
+        " torch.nn.Linear(2, 2), 'train': 1, 'test': 1, 'lr': 0.1}\ndef missing():\n    return"
+        " {'model': torch.nn.Linear(2, 2)}\ndef not_a_module():\n    return {'model': 'linear',"
+        " 'train': 1, 'test': 1}\ndef bad_kind():\n    return {'model': torch.nn.Linear(2, 2),"
+        " 'train': 1, 'test': 1, 'kind': 'video'}\ndef raises():\n    raise ValueError('no data"
+        " here')\nnot_callable = 3\n"
     ),
 }
 
 
-@pytest.mark.parametrize("case", [
-    "no_colon", "missing_file", "not_py", "no_function", "bad_name", "no_module", "raises_on_import", "raises_in_call",
-    "returns_number", "unknown_key", "missing_keys", "not_a_module", "bad_kind", "not_callable", "l2_with_model",
-    "index_out_of_range", "index_and_n_test",
-])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "no_colon",
+        "missing_file",
+        "not_py",
+        "no_function",
+        "bad_name",
+        "no_module",
+        "raises_on_import",
+        "raises_in_call",
+        "returns_number",
+        "unknown_key",
+        "missing_keys",
+        "not_a_module",
+        "bad_kind",
+        "not_callable",
+        "l2_with_model",
+        "index_out_of_range",
+        "index_and_n_test",
+    ],
+)
 def test_model_mistakes_are_one_line(case, tmp_path, capsys, monkeypatch) -> None:
     for name, text in BAD_MODULES.items():
         (tmp_path / name).write_text(text)
     (tmp_path / "notes.txt").write_text("x")
     bad = str(tmp_path / "bad_returns.py")
     argv, words = {
-        "no_colon": (["--model", "examples/cli_model.py"], ["expected FILE.py:FUNCTION or MODULE:FUNCTION"]),
+        "no_colon": (
+            ["--model", "examples/cli_model.py"],
+            ["expected FILE.py:FUNCTION or MODULE:FUNCTION"],
+        ),
         "missing_file": (["--model", "nothere/model.py:build"], ["no such file nothere/model.py"]),
         "not_py": (["--model", f"{tmp_path / 'notes.txt'}:build"], ["is not a .py file"]),
-        "no_function": (["--model", "examples/cli_model.py:nope"], ["has no function 'nope'", "(it defines build)"]),
+        "no_function": (
+            ["--model", "examples/cli_model.py:nope"],
+            ["has no function 'nope'", "(it defines build)"],
+        ),
         "bad_name": (["--model", "examples/cli_model.py:9x"], ["is not a Python function name"]),
-        "no_module": (["--model", "no_such_module_xyz.models:build"], ["no module named 'no_such_module_xyz'"]),
-        "raises_on_import": (["--model", f"{tmp_path / 'raises_on_import.py'}:build"],
-                             ["raised RuntimeError: boom at import at ", "raises_on_import.py:1"]),
-        "raises_in_call": (["--model", f"{bad}:raises"], ["calling raises() raised ValueError: no data here", "bad_returns.py:"]),
+        "no_module": (
+            ["--model", "no_such_module_xyz.models:build"],
+            ["no module named 'no_such_module_xyz'"],
+        ),
+        "raises_on_import": (
+            ["--model", f"{tmp_path / 'raises_on_import.py'}:build"],
+            ["raised RuntimeError: boom at import at ", "raises_on_import.py:1"],
+        ),
+        "raises_in_call": (
+            ["--model", f"{bad}:raises"],
+            ["calling raises() raised ValueError: no data here", "bad_returns.py:"],
+        ),
         "returns_number": (["--model", f"{bad}:number"], ["returned a int", "ModelSpec"]),
         "unknown_key": (["--model", f"{bad}:unknown_key"], ["unknown key(s) lr"]),
         "missing_keys": (["--model", f"{bad}:missing"], ["lacks train, test"]),
-        "not_a_module": (["--model", f"{bad}:not_a_module"], ["'model' must be a trained torch.nn.Module; got str"]),
-        "bad_kind": (["--model", f"{bad}:bad_kind"], ["kind must be one of image, tabular, text", "'video'"]),
+        "not_a_module": (
+            ["--model", f"{bad}:not_a_module"],
+            ["'model' must be a trained torch.nn.Module; got str"],
+        ),
+        "bad_kind": (
+            ["--model", f"{bad}:bad_kind"],
+            ["kind must be one of image, tabular, text", "'video'"],
+        ),
         "not_callable": (["--model", f"{bad}:not_callable"], ["is a int, not a function"]),
-        "l2_with_model": (["--model", EXAMPLE, "--l2", "0.1"], ["--l2 sets the L2 strength", "Leave --l2 out"]),
-        "index_out_of_range": (["--model", EXAMPLE, "--test-index", "2,54"], ["--test-index 54 is out of range", "53"]),
-        "index_and_n_test": (["--model", EXAMPLE, "--test-index", "2", "--n-test", "3"], ["pass one of the two"]),
+        "l2_with_model": (
+            ["--model", EXAMPLE, "--l2", "0.1"],
+            ["--l2 sets the L2 strength", "Leave --l2 out"],
+        ),
+        "index_out_of_range": (
+            ["--model", EXAMPLE, "--test-index", "2,54"],
+            ["--test-index 54 is out of range", "53"],
+        ),
+        "index_and_n_test": (
+            ["--model", EXAMPLE, "--test-index", "2", "--n-test", "3"],
+            ["pass one of the two"],
+        ),
     }[case]
     monkeypatch.chdir(ROOT)
     out_png = tmp_path / "e.png"
-    rc, out, err = run(["explain", *argv, "--no-progress", "--out", str(out_png), "--report", str(tmp_path / "r.html")],
-                       capsys)
+    rc, out, err = run(
+        [
+            "explain",
+            *argv,
+            "--no-progress",
+            "--out",
+            str(out_png),
+            "--report",
+            str(tmp_path / "r.html"),
+        ],
+        capsys,
+    )
     assert rc == 2, (out, err)
-    assert err.startswith("upweight: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    assert (
+        err.startswith("upweight: error: ") and err.count("\n") == 1 and "Traceback" not in err
+    ), err
     for w in words:
         assert w in err, (w, err)
     assert not out_png.exists() and not (tmp_path / "r.html").exists()
 
 
 def test_model_and_data_together_is_a_usage_error(capsys, tmp_path) -> None:
-    rc, out, err = run(["explain", "--model", EXAMPLE, "--data", "x.npz", "--out", str(tmp_path / "e.png")], capsys)
+    rc, out, err = run(
+        ["explain", "--model", EXAMPLE, "--data", "x.npz", "--out", str(tmp_path / "e.png")], capsys
+    )
     assert rc == 2 and "not allowed with argument" in err and not (tmp_path / "e.png").exists()
 
 
@@ -453,7 +701,11 @@ def test_help_describes_model_and_warns_that_it_runs_code(capsys) -> None:
     rc, out, _ = run(["explain", "--help"], capsys)
     text = " ".join(out.split())
     assert rc == 0
-    assert "--model FILE.py:FUNCTION" in text and "ModelSpec" in text and "only name code you trust" in text
+    assert (
+        "--model FILE.py:FUNCTION" in text
+        and "ModelSpec" in text
+        and "only name code you trust" in text
+    )
     assert "--n-test" in text and "--test-index I[,J,…]" in text
 
 
@@ -475,9 +727,21 @@ def test_real_data_tests_skip_without_the_data_but_fail_under_ci(tmp_path, ci) -
 
     env = {**os.environ, "UPWEIGHT_DATA": str(tmp_path), "CI": ci, "UPWEIGHT_PROGRESS": "0"}
     run = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--no-header",
-         str(ROOT / "tests" / "test_mismatch.py")],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "--no-header",
+            str(ROOT / "tests" / "test_mismatch.py"),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     out = run.stdout + run.stderr
     if ci:
@@ -497,11 +761,22 @@ def test_softmax_reference_matches_autograd() -> None:
 
     def loss(A, labels, t):
         V = t.reshape(4, 4)
-        return torch.nn.functional.cross_entropy(torch.tensor(A) @ V[:, :3].T + V[:, 3], torch.tensor(labels),
-                                                 reduction="none")
+        return torch.nn.functional.cross_entropy(
+            torch.tensor(A) @ V[:, :3].T + V[:, 3], torch.tensor(labels), reduction="none"
+        )
 
-    H = torch.autograd.functional.hessian(lambda t: loss(X, y, t).mean() + 0.05 * (t**2).sum(), theta).numpy()
-    G = np.stack([torch.autograd.grad(li, theta, retain_graph=True)[0].numpy() for li in loss(X, y, theta)])
-    Gt = np.stack([torch.autograd.grad(li, theta, retain_graph=True)[0].numpy() for li in loss(Xt, yt, theta)])
-    np.testing.assert_allclose(softmax_influence(W, X, y, Xt, yt, 0.1, bias=b), -Gt @ np.linalg.solve(H, G.T),
-                               rtol=1e-10, atol=1e-12)
+    H = torch.autograd.functional.hessian(
+        lambda t: loss(X, y, t).mean() + 0.05 * (t**2).sum(), theta
+    ).numpy()
+    G = np.stack(
+        [torch.autograd.grad(li, theta, retain_graph=True)[0].numpy() for li in loss(X, y, theta)]
+    )
+    Gt = np.stack(
+        [torch.autograd.grad(li, theta, retain_graph=True)[0].numpy() for li in loss(Xt, yt, theta)]
+    )
+    np.testing.assert_allclose(
+        softmax_influence(W, X, y, Xt, yt, 0.1, bias=b),
+        -Gt @ np.linalg.solve(H, G.T),
+        rtol=1e-10,
+        atol=1e-12,
+    )

@@ -18,7 +18,9 @@ import upweight.influence.engine as engine
 from reference import assert_not_constant, logistic_closed_form
 from upweight.errors import InputError
 
-distributed = pytest.importorskip("distributed", reason="dask.distributed is not installed (pip install upweight[dask])")
+distributed = pytest.importorskip(
+    "distributed", reason="dask.distributed is not installed (pip install upweight[dask])"
+)
 dask = pytest.importorskip("dask")
 
 from upweight.distributed import DaskExecutor, ExecutorConnectionError  # noqa: E402
@@ -36,7 +38,9 @@ def problem(small_logreg):
     model, l2, (X, y), (Xt, yt) = small_logreg
     theta = model.weight.detach().numpy().ravel()
     up, _, H = logistic_closed_form(theta, X.numpy(), y.numpy(), Xt[:5].numpy(), yt[:5].numpy(), l2)
-    self_cf = np.diag(logistic_closed_form(theta, X.numpy(), y.numpy(), X.numpy(), y.numpy(), l2)[0])
+    self_cf = np.diag(
+        logistic_closed_form(theta, X.numpy(), y.numpy(), X.numpy(), y.numpy(), l2)[0]
+    )
     return uw.Objective(model, "logistic", l2=l2), (X, y), (Xt[:5], yt[:5]), up, self_cf, H
 
 
@@ -48,7 +52,9 @@ def test_dask_matches_single_process_and_closed_form(ex, problem):
     obj, train, test, up_cf, self_cf, H = problem
     assert ex.parallelism == 2
     local = uw.Influence(obj, solver=uw.Direct(), batch_size=100, progress=False).fit(train)
-    dist = uw.Influence(obj, solver=uw.Direct(), batch_size=100, progress=False).fit(train, executor=ex)
+    dist = uw.Influence(obj, solver=uw.Direct(), batch_size=100, progress=False).fit(
+        train, executor=ex
+    )
     # HVPs: the full-data sum over 2 partitions on the workers
     V = torch.randn(4, obj.p, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     hv_local, hv_dist = local.curvature_.matvec(V), dist.curvature_.matvec(V)
@@ -100,12 +106,15 @@ def test_local_crash_then_dask_resume_is_identical(ex, problem, tmp_path, monkey
     out = inf.up_loss(test, store=tmp_path / "run", executor=ex)  # chunks 2–4 on the workers
     assert calls == [0, 80]
     assert rel_err(out.values, ref) < RTOL
-    assert np.array_equal(out.values[:, :160], ref[:, :160])  # the stored chunks are returned as written
+    # the stored chunks are returned as written
+    assert np.array_equal(out.values[:, :160], ref[:, :160])
 
 
 def test_unreachable_scheduler_fails_fast_with_a_clear_error():
     t0 = time.perf_counter()
-    with pytest.raises(ExecutorConnectionError, match=r"tcp://127\.0\.0\.1:9.*within 2 s.*DaskExecutor\('local'\)"):
+    with pytest.raises(
+        ExecutorConnectionError, match=r"tcp://127\.0\.0\.1:9.*within 2 s.*DaskExecutor\('local'\)"
+    ):
         DaskExecutor("tcp://127.0.0.1:9", connect_timeout=2)
     assert time.perf_counter() - t0 < 10
 
@@ -119,7 +128,8 @@ def test_bad_arguments():
 
 def test_workers_of_a_local_cluster_leave_ctrl_c_to_the_client(ex):
     """Ctrl-C reaches the whole process group: the workers of a cluster the executor started ignore
-    it (the client cancels the tasks and closes the cluster) instead of each printing a traceback."""
+    it (the client cancels the tasks and closes the cluster) instead of each printing a traceback.
+    """
     import signal
 
     def sigint_ignored() -> bool:

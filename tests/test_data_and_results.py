@@ -11,7 +11,9 @@ from upweight.core.curvature import Curvature
 
 
 def _influence(model, l2, train, **kw):
-    return uw.Influence(uw.Objective(model, "logistic", l2=l2), solver=uw.Direct(), progress=False, **kw).fit(train)
+    return uw.Influence(
+        uw.Objective(model, "logistic", l2=l2), solver=uw.Direct(), progress=False, **kw
+    ).fit(train)
 
 
 def test_tensors_numpy_dataset_and_dataloader_give_the_same_scores(small_logreg):
@@ -49,9 +51,16 @@ def test_measure_other_than_the_loss(small_logreg):
         return torch.where(target > 0, 1.0, -1.0).to(out.dtype) * out[:, 0]
 
     obj = uw.Objective(model, "logistic", l2=l2, measure=margin)
-    got = uw.Influence(obj, solver=uw.Direct(), progress=False).fit((X, y)).up_loss((Xt[:3], yt[:3])).values
+    got = (
+        uw.Influence(obj, solver=uw.Direct(), progress=False)
+        .fit((X, y))
+        .up_loss((Xt[:3], yt[:3]))
+        .values
+    )
     theta = model.weight.detach().numpy().ravel()
-    _, up_params, _ = logistic_closed_form(theta, X.numpy(), y.numpy(), Xt[:1].numpy(), yt[:1].numpy(), l2)
+    _, up_params, _ = logistic_closed_form(
+        theta, X.numpy(), y.numpy(), Xt[:1].numpy(), yt[:1].numpy(), l2
+    )
     ref = (yt[:3, None].double().numpy() * Xt[:3].numpy()) @ up_params.T  # ∇margin · I_up,params
     np.testing.assert_allclose(got, ref, rtol=1e-8)
 
@@ -60,8 +69,14 @@ def test_smooth_hinge_values_limit_and_influence(small_logreg):
     s = torch.linspace(-2, 3, 11, dtype=torch.float64)
     ones = torch.ones(11, dtype=torch.long)
     for t in (1.0, 0.1, 0.001):
-        np.testing.assert_allclose(uw.SmoothHinge(t)(s, ones).numpy(), t * np.logaddexp(0.0, (1 - s.numpy()) / t), rtol=1e-12)
-    np.testing.assert_allclose(uw.SmoothHinge(1e-4)(s, ones).numpy(), np.maximum(0, 1 - s.numpy()), atol=1e-4)
+        np.testing.assert_allclose(
+            uw.SmoothHinge(t)(s, ones).numpy(),
+            t * np.logaddexp(0.0, (1 - s.numpy()) / t),
+            rtol=1e-12,
+        )
+    np.testing.assert_allclose(
+        uw.SmoothHinge(1e-4)(s, ones).numpy(), np.maximum(0, 1 - s.numpy()), atol=1e-4
+    )
     np.testing.assert_allclose(uw.hinge(s, -ones).numpy(), np.maximum(0, 1 + s.numpy()))
 
     # influence under SmoothHinge(t) for a linear model, against its closed-form Hessian
@@ -69,7 +84,12 @@ def test_smooth_hinge_values_limit_and_influence(small_logreg):
     t, l2 = 0.1, 0.05
     sh = uw.SmoothHinge(t)
     obj = uw.Objective(model, sh, l2=l2)
-    got = uw.Influence(obj, solver=uw.Direct(), progress=False, grad_tol=1e9).fit((X, y)).up_loss((Xt[:2], yt[:2])).values
+    got = (
+        uw.Influence(obj, solver=uw.Direct(), progress=False, grad_tol=1e9)
+        .fit((X, y))
+        .up_loss((Xt[:2], yt[:2]))
+        .values
+    )
     w = model.weight.detach().numpy().ravel()
     Xn, yn = X.numpy(), np.where(y.numpy() > 0, 1.0, -1.0)
     m = yn * (Xn @ w)
@@ -92,7 +112,9 @@ def test_results_save_load_and_removal_roundtrip(small_logreg, tmp_path):
     back = uw.InfluenceScores.load(path)
     np.testing.assert_array_equal(back.values, scores.values)
     assert back.n_train == scores.n_train and back.provenance["solver"]["name"] == "direct"
-    np.testing.assert_allclose(scores.as_removal_effect().as_up_loss().values, scores.values, rtol=1e-14)
+    np.testing.assert_allclose(
+        scores.as_removal_effect().as_up_loss().values, scores.values, rtol=1e-14
+    )
     assert "harmful for test id 1" in str(scores.top_k(3, test=1))
 
 
@@ -118,8 +140,12 @@ def test_cross_entropy_curvature_with_measure_and_float32_matches_float64(mnist_
         m64.bias.copy_(fit.params["bias"])
     m32 = torch.nn.Linear(49, 2).eval()
     m32.load_state_dict({k: v.float() for k, v in m64.state_dict().items()})
-    a = uw.Influence(uw.Objective(m64, "cross_entropy", l2=0.01), solver=uw.Direct(), progress=False).fit((X.double(), y))
-    b = uw.Influence(uw.Objective(m32, "cross_entropy", l2=0.01), solver=uw.CG(rtol=1e-5), progress=False).fit((X, y))
+    a = uw.Influence(
+        uw.Objective(m64, "cross_entropy", l2=0.01), solver=uw.Direct(), progress=False
+    ).fit((X.double(), y))
+    b = uw.Influence(
+        uw.Objective(m32, "cross_entropy", l2=0.01), solver=uw.CG(rtol=1e-5), progress=False
+    ).fit((X, y))
     va, vb = a.up_loss((X[:3].double(), y[:3])).values, b.up_loss((X[:3], y[:3])).values
     assert vb.dtype == np.float32
     assert np.linalg.norm(va - vb) / np.linalg.norm(va) < 1e-4

@@ -61,7 +61,11 @@ def mnist_paper(mnist_dir):
 def test_mnist_paper_split_from_idx(mnist_paper):
     d = mnist_paper
     assert isinstance(d, SplitData) and d.name == "mnist" and d.image_shape == (28, 28)
-    assert d.x_train.shape == (55000, 784) and d.x_val.shape == (5000, 784) and d.x_test.shape == (10000, 784)
+    assert (
+        d.x_train.shape == (55000, 784)
+        and d.x_val.shape == (5000, 784)
+        and d.x_test.shape == (10000, 784)
+    )
     assert d.x_train.dtype == np.float32 and d.y_train.dtype == np.int64
     assert 0.0 <= d.x_train.min() and d.x_train.max() == 1.0
     np.testing.assert_array_equal(d.source_index_train, np.arange(5000, 60000))
@@ -72,7 +76,9 @@ def test_mnist_paper_split_from_idx(mnist_paper):
     assert d.y_val[:10].tolist() == [5, 0, 4, 1, 9, 2, 1, 3, 1, 4]  # first MNIST training labels
     assert d.y_test[:10].tolist() == [7, 2, 1, 0, 4, 1, 4, 9, 5, 9]
     pixels = np.rint(np.concatenate([d.x_val, d.x_train]).astype(np.float64) * 255)  # back to 0–255
-    np.testing.assert_allclose(pixels / 255, np.concatenate([d.x_val, d.x_train]), rtol=0, atol=1e-7)
+    np.testing.assert_allclose(
+        pixels / 255, np.concatenate([d.x_val, d.x_train]), rtol=0, atol=1e-7
+    )
     assert abs(pixels.mean() / 255 - 0.1306604762738429) < 1e-12  # the README's 60k pixel mean
 
 
@@ -95,7 +101,14 @@ def test_mnist_1v7_reproduces_the_bundled_set(mnist_dir):
     d, b = load_mnist(mnist_dir, subset="1v7"), load_mnist_1v7()
     assert d.name == "mnist_1v7" and d.x_val is None
     assert d.x_train.shape == (11800, 784) and d.x_test.shape == (2100, 784)
-    for field in ("x_train", "y_train", "x_test", "y_test", "source_index_train", "source_index_test"):
+    for field in (
+        "x_train",
+        "y_train",
+        "x_test",
+        "y_test",
+        "source_index_train",
+        "source_index_test",
+    ):
         np.testing.assert_array_equal(getattr(d, field), getattr(b, field), err_msg=field)
     assert set(d.y_train.tolist()) == {-1, 1}
 
@@ -123,7 +136,9 @@ def test_mnist_small10pct_matches_release_code(mnist_dir, mnist_paper):
 
 def test_read_idx(mnist_dir):
     y = read_idx(mnist_dir / "t10k-labels-idx1-ubyte.gz")
-    assert y.shape == (10000,) and y.dtype == np.uint8 and np.bincount(y).tolist() == MNIST_TEST_COUNTS
+    assert (
+        y.shape == (10000,) and y.dtype == np.uint8 and np.bincount(y).tolist() == MNIST_TEST_COUNTS
+    )
 
 
 def _write_npz(path, **arrays):
@@ -139,7 +154,9 @@ def test_mnist_errors(tmp_path, mnist_dir):
         load_mnist(tmp_path / "empty")
     part = tmp_path / "part"
     part.mkdir()
-    (part / "train-labels-idx1-ubyte.gz").write_bytes((mnist_dir / "train-labels-idx1-ubyte.gz").read_bytes())
+    (part / "train-labels-idx1-ubyte.gz").write_bytes(
+        (mnist_dir / "train-labels-idx1-ubyte.gz").read_bytes()
+    )
     with pytest.raises(InputError, match="lacks train-images-idx3-ubyte.*t10k-labels"):
         load_mnist(part)
     with pytest.raises(InputError, match="single IDX file.*read_idx"):
@@ -151,17 +168,27 @@ def test_mnist_errors(tmp_path, mnist_dir):
     np.save(tmp_path / "one.npy", np.zeros(3))
     with pytest.raises(InputError, match="single .npy array"):
         load_mnist(tmp_path / "one.npy")
-    with pytest.raises(InputError, match="lacks array\\(s\\) y_test.*it has x_test, x_train, y_train"):
+    with pytest.raises(
+        InputError, match="lacks array\\(s\\) y_test.*it has x_test, x_train, y_train"
+    ):
         load_mnist(_write_npz(tmp_path / "k.npz", x_train=0, y_train=0, x_test=0))
     x, y = np.zeros((6000, 28, 28), np.uint8), np.zeros(6000, np.uint8)
     with pytest.raises(DtypeError, match="x_train .* float32; expected the raw uint8"):
-        load_mnist(_write_npz(tmp_path / "f.npz", x_train=x.astype(np.float32), y_train=y, x_test=x, y_test=y))
+        load_mnist(
+            _write_npz(
+                tmp_path / "f.npz", x_train=x.astype(np.float32), y_train=y, x_test=x, y_test=y
+            )
+        )
     with pytest.raises(ShapeError, match=r"x_test .* shape \(6000, 28, 27\)"):
-        load_mnist(_write_npz(tmp_path / "s.npz", x_train=x, y_train=y, x_test=x[:, :, :27], y_test=y))
+        load_mnist(
+            _write_npz(tmp_path / "s.npz", x_train=x, y_train=y, x_test=x[:, :, :27], y_test=y)
+        )
     with pytest.raises(ShapeError, match=r"y_train .* expected \(6000,\)"):
         load_mnist(_write_npz(tmp_path / "y.npz", x_train=x, y_train=y[:10], x_test=x, y_test=y))
     with pytest.raises(ShapeError, match="needs more than 5000"):
-        load_mnist(_write_npz(tmp_path / "small.npz", x_train=x[:100], y_train=y[:100], x_test=x, y_test=y))
+        load_mnist(
+            _write_npz(tmp_path / "small.npz", x_train=x[:100], y_train=y[:100], x_test=x, y_test=y)
+        )
     with pytest.raises(InputError, match="split must be 'paper'"):
         load_mnist(mnist_dir, split="train")
     with pytest.raises(InputError, match="subset must be None, '1v7' or 'small10pct'"):
@@ -177,7 +204,9 @@ def test_read_idx_errors(tmp_path):
         read_idx(bad)
     cut = tmp_path / "cut-idx1-ubyte"
     cut.write_bytes(bytes([0, 0, 8, 1]) + (100).to_bytes(4, "big") + bytes(10))
-    with pytest.raises(InputError, match=r"truncated or damaged: its header gives shape \(100,\) but it holds 10"):
+    with pytest.raises(
+        InputError, match=r"truncated or damaged: its header gives shape \(100,\) but it holds 10"
+    ):
         read_idx(cut)
     fake = tmp_path / "fake.gz"
     fake.write_bytes(b"\x1f\x8b" + b"garbage")
@@ -224,8 +253,12 @@ def test_enron_from_tarball(enron_tar):
         np.random.shuffle(order)
     finally:
         np.random.set_state(state)
-    np.testing.assert_array_equal(np.concatenate([d.source_index_train, d.source_index_test]), order)
-    listing = sorted(f for f in files if f.startswith("spam/")) + sorted(f for f in files if f.startswith("ham/"))
+    np.testing.assert_array_equal(
+        np.concatenate([d.source_index_train, d.source_index_test]), order
+    )
+    listing = sorted(f for f in files if f.startswith("spam/")) + sorted(
+        f for f in files if f.startswith("ham/")
+    )
     assert [listing[i] for i in d.source_index_train[:50]] == list(d.files_train[:50])
 
 
@@ -244,7 +277,8 @@ def _tiny_enron(root: Path) -> Path:
         (root / "enron9" / kind).mkdir(parents=True)
         for i in range(5):
             (root / "enron9" / kind / f"{i:04d}.x.{kind}.txt").write_bytes(
-                f"Subject: {words.split()[i % 3]}\r\n{words} caf\xe9\r\n".encode("latin-1"))
+                f"Subject: {words.split()[i % 3]}\r\n{words} caf\xe9\r\n".encode("latin-1")
+            )
     return root
 
 
@@ -290,7 +324,9 @@ def test_enron_errors(tmp_path, monkeypatch):
         load_enron(csv_bad)
     csv_label = tmp_path / "mail2.csv"
     csv_label.write_text("file,label,text\nham/a.txt,ham,hi\n")
-    with pytest.raises(InputError, match="row 2 has label 'ham'; expected 1 \\(spam\\) or 0 \\(ham\\)"):
+    with pytest.raises(
+        InputError, match="row 2 has label 'ham'; expected 1 \\(spam\\) or 0 \\(ham\\)"
+    ):
         load_enron(csv_label)
     one_class = tmp_path / "mail3.csv"
     one_class.write_text("file,label,text\nham/a.txt,0,hi\nham/b.txt,0,yo\n")
@@ -325,17 +361,30 @@ def hospital_npz(hospital_dir):
 def test_hospital_prepared_npz(hospital_npz, hospital_dir):
     d = hospital_npz
     assert d.name == "hospital" and d.x_val is None
-    assert d.x_train.shape == (20000, 127) and d.x_test.shape == (81766, 127) and d.x_train.dtype == np.float32
+    assert (
+        d.x_train.shape == (20000, 127)
+        and d.x_test.shape == (81766, 127)
+        and d.x_train.dtype == np.float32
+    )
     assert len(d.feature_names) == 127 and d.feature_names[17] == "age_[0-10)"
-    assert d.feature_names[:8] == ("time_in_hospital", "num_lab_procedures", "num_procedures", "num_medications",
-                                   "number_outpatient", "number_emergency", "number_inpatient", "number_diagnoses")
+    assert d.feature_names[:8] == (
+        "time_in_hospital",
+        "num_lab_procedures",
+        "num_procedures",
+        "num_medications",
+        "number_outpatient",
+        "number_emergency",
+        "number_inpatient",
+        "number_diagnoses",
+    )
     assert (d.y_train == 1).sum() == 10000 and (d.y_train == -1).sum() == 10000  # balanced 20K
     assert (d.y_test == 1).sum() == 1357 and (d.y_test == -1).sum() == 80409
     kids = d.x_train[:, 17] == 1
     assert kids.sum() == 24 and (d.y_train[kids] == 1).sum() == 3  # "3/24 children were readmitted"
     assert (kids & (d.y_train == -1)).sum() == 21  # the mismatch experiment removes 20 of these 21
     assert (d.x_test[:, 17] == 1).sum() == 137  # the notebook's 137 test children
-    assert d.x_test[1742, 17] == 1 and d.y_test[1742] == -1  # the paper's test child, not readmitted
+    # the paper's test child, not readmitted
+    assert d.x_test[1742, 17] == 1 and d.y_test[1742] == -1
     rows = np.concatenate([d.source_index_train, d.source_index_test])
     assert np.array_equal(np.sort(rows), np.arange(101766))  # every CSV row exactly once
     raw = np.load(hospital_dir / "hospital_koh2017.npz")
@@ -356,7 +405,9 @@ def test_hospital_from_raw_equals_prepared(hospital_dir, hospital_npz, name):
     d = load_hospital(hospital_dir / name)  # encodes the 101,766 × 50 CSV and re-splits it
     assert d.feature_names == hospital_npz.feature_names
     for field in SPLIT_FIELDS:
-        np.testing.assert_array_equal(getattr(d, field), getattr(hospital_npz, field), err_msg=field)
+        np.testing.assert_array_equal(
+            getattr(d, field), getattr(hospital_npz, field), err_msg=field
+        )
     kids = np.concatenate([d.x_train[:, 17], d.x_test[:, 17]]) == 1
     assert kids.sum() == 161  # README: "[0-10) has 161 rows"
 
@@ -373,10 +424,19 @@ def test_hospital_errors(tmp_path, hospital_dir):
     with pytest.raises(InputError, match="lacks array\\(s\\) y_train.*feature_names"):
         load_hospital(_write_npz(tmp_path / "k.npz", X_train=np.zeros((2, 127), np.float32)))
     names = np.array([f"f{i}" for i in range(127)])
-    ok = dict(X_train=np.zeros((4, 127), np.float32), y_train=np.zeros(4, np.int8), X_test=np.zeros((2, 127), np.float32),
-              y_test=np.zeros(2, np.int8), train_rows=np.arange(4), test_rows=np.arange(2), feature_names=names)
+    ok = dict(
+        X_train=np.zeros((4, 127), np.float32),
+        y_train=np.zeros(4, np.int8),
+        X_test=np.zeros((2, 127), np.float32),
+        y_test=np.zeros(2, np.int8),
+        train_rows=np.arange(4),
+        test_rows=np.arange(2),
+        feature_names=names,
+    )
     with pytest.raises(ShapeError, match=r"X_train must be \(n, 127\).*\(4, 126\)"):
-        load_hospital(_write_npz(tmp_path / "s.npz", **{**ok, "X_train": np.zeros((4, 126), np.float32)}))
+        load_hospital(
+            _write_npz(tmp_path / "s.npz", **{**ok, "X_train": np.zeros((4, 126), np.float32)})
+        )
     with pytest.raises(DtypeError, match="must be float, integer 0/1 and integer"):
         load_hospital(_write_npz(tmp_path / "d.npz", **{**ok, "y_train": np.array(["a"] * 4)}))
     assert load_hospital(_write_npz(tmp_path / "good.npz", **ok)).x_train.shape == (4, 127)

@@ -16,8 +16,13 @@ from upweight.solvers.kfac import EKFAC, KFAC
 
 DEVICES = [
     "cpu",
-    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
-                                                  reason="no CUDA device here: the GPU path is checked by make gpu-check")),
+    pytest.param(
+        "cuda",
+        marks=pytest.mark.skipif(
+            not torch.cuda.is_available(),
+            reason="no CUDA device here: the GPU path is checked by make gpu-check",
+        ),
+    ),
 ]
 
 
@@ -26,8 +31,13 @@ def _softmax_problem():
     X = torch.randn(120, 6, generator=g, dtype=torch.float64)
     W = torch.randn(6, 3, generator=g, dtype=torch.float64)
     y = (X @ W + 0.5 * torch.randn(120, 3, generator=g, dtype=torch.float64)).argmax(1)
-    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.LayerNorm(5),
-                                torch.nn.Linear(5, 3)).double().eval()
+    model = (
+        torch.nn.Sequential(
+            torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.LayerNorm(5), torch.nn.Linear(5, 3)
+        )
+        .double()
+        .eval()
+    )
     return model, (X, y), (X[:4], y[:4])
 
 
@@ -38,9 +48,17 @@ def _on(model: torch.nn.Module, device: str) -> torch.nn.Module:
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("make_solver", [lambda: uw.Direct(), lambda: uw.CG(rtol=1e-10), lambda: KFAC(),
-                                         lambda: EKFAC(), lambda: uw.Arnoldi(rank=20)],
-                         ids=["direct", "cg", "kfac", "ekfac", "arnoldi"])
+@pytest.mark.parametrize(
+    "make_solver",
+    [
+        lambda: uw.Direct(),
+        lambda: uw.CG(rtol=1e-10),
+        lambda: KFAC(),
+        lambda: EKFAC(),
+        lambda: uw.Arnoldi(rank=20),
+    ],
+    ids=["direct", "cg", "kfac", "ekfac", "arnoldi"],
+)
 def test_scores_on_the_models_device_equal_the_cpus(device, make_solver):
     model, train, test = _softmax_problem()
     results = []
@@ -48,11 +66,19 @@ def test_scores_on_the_models_device_equal_the_cpus(device, make_solver):
         m = _on(model, where)
         before = {k: v.clone() for k, v in m.state_dict().items()}
         obj = uw.Objective(m, "cross_entropy", l2=0.05)
-        inf = uw.Influence(obj, solver=make_solver(), curvature="gauss-newton", damping=0.01, progress=False,
-                           grad_tol=1e9, max_residual=None).fit(train)  # data given on the CPU
+        inf = uw.Influence(
+            obj,
+            solver=make_solver(),
+            curvature="gauss-newton",
+            damping=0.01,
+            progress=False,
+            grad_tol=1e9,
+            max_residual=None,
+        ).fit(train)  # data given on the CPU
         scores = inf.up_loss(test)
         assert isinstance(scores.values, np.ndarray) and np.isfinite(scores.values).all()
-        assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())  # the model is not changed
+        # the model is not changed
+        assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())
         assert next(m.parameters()).device.type == torch.device(where).type
         results.append(scores.values)
     np.testing.assert_allclose(results[1], results[0], rtol=1e-6, atol=1e-9)
@@ -62,9 +88,16 @@ def test_scores_on_the_models_device_equal_the_cpus(device, make_solver):
 def test_transformer_dict_batches_on_the_models_device(device):
     transformers = pytest.importorskip("transformers", reason="transformers is a dev dependency")
     torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=30, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
-                                  intermediate_size=16, max_position_embeddings=8, num_labels=2,
-                                  attn_implementation="eager")
+    cfg = transformers.BertConfig(
+        vocab_size=30,
+        hidden_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=16,
+        max_position_embeddings=8,
+        num_labels=2,
+        attn_implementation="eager",
+    )
     model = transformers.BertForSequenceClassification(cfg).double().eval()
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(3, 30, (10, 8), generator=g)
@@ -75,8 +108,14 @@ def test_transformer_dict_batches_on_the_models_device(device):
     results = []
     for where in ("cpu", device):
         obj = uw.Objective(_on(model, where), "cross_entropy", l2=0.01)
-        inf = uw.Influence(obj, solver=EKFAC(), curvature="gauss-newton", progress=False, grad_tol=1e9,
-                           max_residual=None).fit(train)
+        inf = uw.Influence(
+            obj,
+            solver=EKFAC(),
+            curvature="gauss-newton",
+            progress=False,
+            grad_tol=1e9,
+            max_residual=None,
+        ).fit(train)
         assert inf.scoring_ == "structured"
         results.append(inf.up_loss(test).values)
     np.testing.assert_allclose(results[1], results[0], rtol=1e-6, atol=1e-9)

@@ -61,21 +61,31 @@ def test_code_blocks_run(page: str, tmp_path: Path, monkeypatch: pytest.MonkeyPa
         try:
             exec(compile(code, f"{page} (python block {i + 1})", "exec"), namespace)
         except Exception as e:  # name the page and block in the failure
-            raise AssertionError(f"{page}, python block {i + 1} failed: {type(e).__name__}: {e}") from e
+            raise AssertionError(
+                f"{page}, python block {i + 1} failed: {type(e).__name__}: {e}"
+            ) from e
 
 
 def _own_pages() -> list[Path]:
     """README.md and the docs pages of this site, less the reproduction records (kept elsewhere)."""
     pages = [ROOT / "README.md", *sorted(DOCS.rglob("*.md"))]
-    return [p for p in pages if "reproduction" not in p.relative_to(ROOT).parts[:2]
-            and not p.name.startswith("reproduction")]
+    return [
+        p
+        for p in pages
+        if "reproduction" not in p.relative_to(ROOT).parts[:2]
+        and not p.name.startswith("reproduction")
+    ]
 
 
 def test_readme_shape() -> None:
     lines = (ROOT / "README.md").read_text(encoding="utf-8").splitlines()
-    assert len(lines) <= 200, f"README.md has {len(lines)} lines; keep it under 200 (details go to docs/)"
+    assert len(lines) <= 200, (
+        f"README.md has {len(lines)} lines; keep it under 200 (details go to docs/)"
+    )
     first_code = next(i for i, line in enumerate(lines, 1) if line.startswith("```"))
-    assert first_code <= 25, f"README.md's first code block starts on line {first_code}; keep it within 25"
+    assert first_code <= 25, (
+        f"README.md's first code block starts on line {first_code}; keep it within 25"
+    )
     wide = [i for i, line in enumerate(lines, 1) if len(line) > 100]
     assert not wide, f"README.md lines over 100 columns: {wide}"
 
@@ -84,22 +94,47 @@ def test_no_paths_outside_the_repository() -> None:
     """Every page (the reproduction records too) and every source file name data by
     ``$UPWEIGHT_DATA``, never by a folder outside the repository."""
     files = [ROOT / "README.md", *sorted(DOCS.rglob("*.md")), *sorted((ROOT / "src").rglob("*.py"))]
-    bad = [f"{p.relative_to(ROOT)}:{i}" for p in files
-           for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
-           if "../shared" in line or "/work/" in line]
+    bad = [
+        f"{p.relative_to(ROOT)}:{i}"
+        for p in files
+        for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
+        if "../shared" in line or "/work/" in line
+    ]
     assert not bad, f"files refer to folders outside the repository (use $UPWEIGHT_DATA): {bad}"
 
 
 def test_mkdocs_build_strict(tmp_path: Path) -> None:
-    if importlib.util.find_spec("mkdocs") is None or importlib.util.find_spec("mkdocstrings") is None:
+    if (
+        importlib.util.find_spec("mkdocs") is None
+        or importlib.util.find_spec("mkdocstrings") is None
+    ):
         pytest.skip('mkdocs and mkdocstrings are not installed (pip install -e ".[docs]")')
     env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
     run = subprocess.run(
-        [sys.executable, "-m", "mkdocs", "build", "--strict", "-q", "-f", str(ROOT / "mkdocs.yml"),
-         "-d", str(tmp_path / "site")],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "mkdocs",
+            "build",
+            "--strict",
+            "-q",
+            "-f",
+            str(ROOT / "mkdocs.yml"),
+            "-d",
+            str(tmp_path / "site"),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert run.returncode == 0, f"mkdocs build --strict failed:\n{run.stdout}\n{run.stderr}"
-    for page in ("index.html", "solvers/index.html", "api/index.html", "api/solvers/index.html",
-                 "reproduction/index.html"):
+    for page in (
+        "index.html",
+        "solvers/index.html",
+        "api/index.html",
+        "api/solvers/index.html",
+        "reproduction/index.html",
+    ):
         assert (tmp_path / "site" / page).is_file(), f"the site lacks {page}"

@@ -1,8 +1,8 @@
-"""examples/transformers_enron.py end to end (``--tiny``) on the real Enron e-mails: the structure of
-results.json, and checks that cannot pass by accident — leave-one-out retraining agrees with the
-predicted removal effects, the Hugging Face (dict-batch) path agrees with the plain-tensor path,
-the ranked lists carry the signs of the paper's convention, and the LM measure equals
-−Σ log-softmax of the continuation tokens recomputed here from the saved model."""
+"""examples/transformers_enron.py end to end (``--tiny``) on the real Enron e-mails: the structure
+of results.json, and checks that cannot pass by accident — leave-one-out retraining agrees with the
+predicted removal effects, the Hugging Face (dict-batch) path agrees with the plain-tensor path, the
+ranked lists carry the signs of the paper's convention, and the LM measure equals −Σ log-softmax of
+the continuation tokens recomputed here from the saved model."""
 
 from __future__ import annotations
 
@@ -17,10 +17,14 @@ import torch
 
 from conftest import shared_data, skip_without_data
 
-transformers = pytest.importorskip("transformers", reason="transformers is a dev dependency (pip install -e '.[dev]')")
+transformers = pytest.importorskip(
+    "transformers", reason="transformers is a dev dependency (pip install -e '.[dev]')"
+)
 
 # torch's own deprecation of jit.script, raised inside transformers' BERT (as in test_model_safety)
-pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:`torch.jit.script` is deprecated:DeprecationWarning"
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "transformers_enron.py"
@@ -40,7 +44,19 @@ def run(tmp_path_factory):
     sys.modules[spec.name] = mod  # dataclasses look their module up there
     spec.loader.exec_module(mod)
     out = tmp_path_factory.mktemp("transformers_enron")
-    returned = mod.main(["--tiny", "--data", str(data), "--out", str(out), "--seed", "0", "--no-progress", "--pooler"])
+    returned = mod.main(
+        [
+            "--tiny",
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--seed",
+            "0",
+            "--no-progress",
+            "--pooler",
+        ]
+    )
     saved = json.loads((out / "results.json").read_text(encoding="utf-8"))
     return returned, saved, out
 
@@ -57,11 +73,18 @@ def test_results_json_holds_every_number(run):
     assert all(v >= 0 for v in res["timings"].values()) and res["timings"]["total"] > 0
     c, lm = res["classifier"], res["lm"]
     assert 0.5 <= c["test_accuracy"] <= 1 and 0.5 <= c["train_accuracy"] <= 1
-    assert c["influence"]["provenance"]["solver"]["name"] == "direct" and c["influence"]["provenance"]["accepted"]
-    assert lm["influence"]["provenance"]["solver"]["name"] == "cg" and lm["influence"]["provenance"]["accepted"]
+    assert (
+        c["influence"]["provenance"]["solver"]["name"] == "direct"
+        and c["influence"]["provenance"]["accepted"]
+    )
+    assert (
+        lm["influence"]["provenance"]["solver"]["name"] == "cg"
+        and lm["influence"]["provenance"]["accepted"]
+    )
     assert lm["influence"]["provenance"]["damping"] == lm["damping"] > 0
     assert np.isfinite(lm["train_loss_per_token"]) and np.isfinite(lm["test_loss_per_token"])
-    assert lm["train_loss_per_token"] < np.log(lm["vocab"])  # it learned something beyond the uniform distribution
+    # it learned something beyond the uniform distribution
+    assert lm["train_loss_per_token"] < np.log(lm["vocab"])
     for name in ("report.md", "classifier.pt", "lm.pt"):
         assert (out / name).stat().st_size > 0
     report = (out / "report.md").read_text(encoding="utf-8")
@@ -86,8 +109,10 @@ def test_classifier_influence_agrees_with_leave_one_out_retraining(run):
     assert np.all(np.sign(pred) == np.sign(act)) or np.corrcoef(pred, act)[0, 1] > 0.99
     # the same removals to second order (with the third-derivative term): closer to the refits
     so = c["leave_one_out_second_order"]
-    np.testing.assert_allclose(so["actual"], loo["actual"], rtol=1e-6, atol=1e-12)  # the same retrainings
-    np.testing.assert_allclose(so["order1"]["predicted"], loo["predicted"], rtol=1e-8)  # Σ of one = the one
+    # the same retrainings
+    np.testing.assert_allclose(so["actual"], loo["actual"], rtol=1e-6, atol=1e-12)
+    # Σ of one = the one
+    np.testing.assert_allclose(so["order1"]["predicted"], loo["predicted"], rtol=1e-8)
     assert so["order2"]["pearson"] > 0.9 and so["order2"]["mae"] < so["order1"]["mae"]
     lgo = c["leave_group_out"]
     assert lgo["groups"] == res["sizes"]["groups"] and len(lgo["actual"]) == lgo["groups"]
@@ -96,42 +121,64 @@ def test_classifier_influence_agrees_with_leave_one_out_retraining(run):
 
 
 def test_pooler_and_head_cg_and_ekfac(run):
-    """θ = pooler + head is not convex: the damping makes H + δI positive definite on the Lanczos estimate,
-    CG's solve is accepted, and EK-FAC (Gauss–Newton) ranks like the exact damped Hessian."""
+    """θ = pooler + head is not convex: the damping makes H + δI positive definite on the Lanczos
+    estimate, CG's solve is accepted, and EK-FAC (Gauss–Newton) ranks like the exact damped Hessian.
+    """
     _, res, _ = run
     pool = res["classifier"]["pooler"]
-    assert pool["p"] == res["classifier"]["p"] + res["classifier"]["config"]["hidden_size"] * (res["classifier"]["config"]["hidden_size"] + 1)
+    assert pool["p"] == res["classifier"]["p"] + res["classifier"]["config"]["hidden_size"] * (
+        res["classifier"]["config"]["hidden_size"] + 1
+    )
     assert pool["damping"] + pool["spectrum"]["lambda_min"] > 0
-    assert pool["cg"]["provenance"]["accepted"] and pool["cg"]["provenance"]["damping"] == pool["damping"]
-    assert pool["gn_cg"]["provenance"]["accepted"] and "Gauss–Newton" in pool["gn_cg"]["provenance"]["curvature"]
+    assert (
+        pool["cg"]["provenance"]["accepted"]
+        and pool["cg"]["provenance"]["damping"] == pool["damping"]
+    )
+    assert (
+        pool["gn_cg"]["provenance"]["accepted"]
+        and "Gauss–Newton" in pool["gn_cg"]["provenance"]["curvature"]
+    )
     assert pool["ekfac"]["provenance"]["solver"]["name"] == "ekfac"
-    assert pool["ekfac_vs_gn_cg"]["pearson_vs_gn_cg"] > 0.5 and pool["gn_cg_vs_cg"]["pearson_vs_cg"] > 0.5
+    assert (
+        pool["ekfac_vs_gn_cg"]["pearson_vs_gn_cg"] > 0.5
+        and pool["gn_cg_vs_cg"]["pearson_vs_cg"] > 0.5
+    )
 
 
 @pytest.mark.parametrize("model", ["classifier", "lm"])
 def test_helpful_and_harmful_lists_have_the_paper_signs(run, model):
-    """Helpful: the most negative I_up,loss (removing them raises the test measure); harmful: the most
-    positive; each list is the extreme of that sign among all n saved scores."""
+    """Helpful: the most negative I_up,loss (removing them raises the test measure); harmful: the
+    most positive; each list is the extreme of that sign among all n saved scores."""
     _, res, out = run
     part = res[model]
     saved = np.load(out / f"scores_{model}.npz")
     values, train_ids = saved["values"][0], saved["train_ids"]
     n = part.get("n_train", res["data"]["n_train"])
     assert values.shape == (n,) and np.all(np.isfinite(values)) and part["influence"]["all_finite"]
-    assert part["influence"]["up_loss_min"] == values.min() and part["influence"]["up_loss_max"] == values.max()
+    assert (
+        part["influence"]["up_loss_min"] == values.min()
+        and part["influence"]["up_loss_max"] == values.max()
+    )
     helpful, harmful = part["top"]["helpful"], part["top"]["harmful"]
     k = 5
-    assert len(helpful) == min(k, int((values < 0).sum())) and len(harmful) == min(k, int((values > 0).sum()))
+    assert len(helpful) == min(k, int((values < 0).sum())) and len(harmful) == min(
+        k, int((values > 0).sum())
+    )
     assert helpful or harmful
-    assert [r["train_id"] for r in helpful] == train_ids[np.argsort(values, kind="stable")[: len(helpful)]].tolist()
-    assert [r["train_id"] for r in harmful] == train_ids[np.argsort(-values, kind="stable")[: len(harmful)]].tolist()
+    assert [r["train_id"] for r in helpful] == train_ids[
+        np.argsort(values, kind="stable")[: len(helpful)]
+    ].tolist()
+    assert [r["train_id"] for r in harmful] == train_ids[
+        np.argsort(-values, kind="stable")[: len(harmful)]
+    ].tolist()
     for r in helpful:  # upweighting lowers the test measure, removal raises it by −I_up,loss / n
         assert r["up_loss"] < 0 < r["removal_effect"]
     for r in harmful:
         assert r["removal_effect"] < 0 < r["up_loss"]
     for r in helpful + harmful:
         assert r["up_loss"] == values[r["train_id"]]
-        np.testing.assert_allclose(r["removal_effect"], -r["up_loss"] / n, rtol=1e-6)  # the LM scores are float32
+        # the LM scores are float32
+        np.testing.assert_allclose(r["removal_effect"], -r["up_loss"] / n, rtol=1e-6)
 
 
 def test_lm_measure_is_minus_log_probability_of_the_greedy_continuation(run):
@@ -156,12 +203,16 @@ def test_lm_measure_is_minus_log_probability_of_the_greedy_continuation(run):
         allowed = logits[P - 1 + j].clone()
         allowed[banned] = -torch.inf
         assert int(allowed.argmax()) == t
-    assert lm_res["damping"] + lm_res["spectrum"]["lambda_min"] > 0  # H + δI positive on the Lanczos estimate
+    # H + δI positive on the Lanczos estimate
+    assert lm_res["damping"] + lm_res["spectrum"]["lambda_min"] > 0
     assert lm_res["influence"]["all_finite"]
     gn = lm_res["gauss_newton"]
     assert "Gauss–Newton" in gn["provenance"]["curvature"] and gn["provenance"]["accepted"]
     assert "Hessian" in lm_res["influence"]["provenance"]["curvature"]
     assert gn["pearson_vs_hessian"] > 0.5  # the same θ and damping: the two curvatures rank alike
     saved = np.load(out / "scores_lm_gauss_newton.npz")["values"][0]
-    assert np.all(np.isfinite(saved)) and [r["train_id"] for r in gn["top"]["helpful"]] == \
-        np.argsort(saved, kind="stable")[: len(gn["top"]["helpful"])].tolist()
+    assert (
+        np.all(np.isfinite(saved))
+        and [r["train_id"] for r in gn["top"]["helpful"]]
+        == np.argsort(saved, kind="stable")[: len(gn["top"]["helpful"])].tolist()
+    )

@@ -53,8 +53,14 @@ TEST = _data(3, seed=5)
 
 
 def _influence(model, solver, *, l2: float = 0.1, damping: float = 0.01) -> uw.Influence:
-    return uw.Influence(uw.Objective(model, "cross_entropy", l2=l2), solver=solver, damping=damping,
-                        grad_tol=math.inf, progress=False, max_residual=None)
+    return uw.Influence(
+        uw.Objective(model, "cross_entropy", l2=l2),
+        solver=solver,
+        damping=damping,
+        grad_tol=math.inf,
+        progress=False,
+        max_residual=None,
+    )
 
 
 @pytest.fixture
@@ -82,7 +88,11 @@ def _same_state(a, b) -> None:
             ta, tb = getattr(fa, name), getattr(fb, name)
             assert (ta is None) == (tb is None), name
             if ta is not None:
-                assert ta.dtype == tb.dtype == D64 and torch.equal(ta, tb) and ta.stride() == tb.stride(), name
+                assert (
+                    ta.dtype == tb.dtype == D64
+                    and torch.equal(ta, tb)
+                    and ta.stride() == tb.stride()
+                ), name
         assert fa.locations == fb.locations
     for ia, ib in zip(a.inv_eigs, b.inv_eigs, strict=True):
         assert torch.equal(ia, ib)
@@ -108,7 +118,9 @@ def test_reloaded_factors_give_bit_for_bit_scores_without_a_factor_pass(tmp_path
     assert captures[0] == 0  # no factor pass
     st = _stats(again)
     assert st["factors_from_store"] is True and st["fit_passes_run"] == 0
-    assert st["factors_loaded"] == (("moments", "correction") if solver.eigen_correction else ("moments",))
+    assert st["factors_loaded"] == (
+        ("moments", "correction") if solver.eigen_correction else ("moments",)
+    )
     assert st["factor_store"] == str(tmp_path / "f")
     _same_state(again.state_, fresh.state_)
     assert np.array_equal(again.up_loss(TEST).values, expected)
@@ -121,7 +133,9 @@ def test_damping_l2_and_the_solvers_damping_reuse_the_stored_factors(tmp_path, c
     for l2, damping, extra in [(0.1, 0.2, 0.0), (0.3, 0.01, 0.05)]:
         captures[0] = 0
         with uw.Store(tmp_path) as st:  # a Store works as a folder path does
-            reused = _influence(_model(), EKFAC(damping=extra), l2=l2, damping=damping).fit(train, store=st)
+            reused = _influence(_model(), EKFAC(damping=extra), l2=l2, damping=damping).fit(
+                train, store=st
+            )
         assert captures[0] == 0 and _stats(reused)["factors_from_store"] is True
         fresh = _influence(_model(), EKFAC(damping=extra), l2=l2, damping=damping).fit(train)
         _same_state(reused.state_, fresh.state_)
@@ -137,10 +151,24 @@ def test_another_computation_is_refused_naming_what_differs(tmp_path):
     cases = [
         (lambda: _influence(other, KFAC()).fit(train, store=tmp_path), "model.parameters_sha256"),
         (lambda: _influence(_model(), KFAC()).fit(_data(seed=2), store=tmp_path), "train_data."),
-        (lambda: _influence(_model(), KFAC(max_points=10)).fit(train, store=tmp_path), "factors.max_points: stored None, now 10"),
-        (lambda: _influence(_model(), KFAC(max_local=0)).fit(train, store=tmp_path), "factors.max_local"),
-        (lambda: uw.Influence(uw.Objective(_model(), "cross_entropy", l2=0.1), solver=KFAC(), curvature="gauss-newton",
-                              grad_tol=math.inf, progress=False).fit(train, store=tmp_path), "curvature: stored 'hessian'"),
+        (
+            lambda: _influence(_model(), KFAC(max_points=10)).fit(train, store=tmp_path),
+            "factors.max_points: stored None, now 10",
+        ),
+        (
+            lambda: _influence(_model(), KFAC(max_local=0)).fit(train, store=tmp_path),
+            "factors.max_local",
+        ),
+        (
+            lambda: uw.Influence(
+                uw.Objective(_model(), "cross_entropy", l2=0.1),
+                solver=KFAC(),
+                curvature="gauss-newton",
+                grad_tol=math.inf,
+                progress=False,
+            ).fit(train, store=tmp_path),
+            "curvature: stored 'hessian'",
+        ),
         (lambda: _influence(_model().float(), KFAC()).fit(train, store=tmp_path), "model.dtype"),
     ]
     for fit, what in cases:
@@ -148,13 +176,17 @@ def test_another_computation_is_refused_naming_what_differs(tmp_path):
             fit()
         assert what in str(exc.value)
     # refused without touching it: the original computation still reads back
-    assert _stats(_influence(_model(), KFAC()).fit(train, store=tmp_path))["factors_from_store"] is True
+    assert (
+        _stats(_influence(_model(), KFAC()).fit(train, store=tmp_path))["factors_from_store"]
+        is True
+    )
 
 
 def test_kfac_and_ekfac_share_a_store(tmp_path, captures):
     train = _data()
     _influence(_model(), KFAC()).fit(train, store=tmp_path)
-    ek = _influence(_model(), EKFAC()).fit(train, store=tmp_path)  # pass 1 read back, pass 2 run and stored
+    # pass 1 read back, pass 2 run and stored
+    ek = _influence(_model(), EKFAC()).fit(train, store=tmp_path)
     assert _stats(ek)["factors_loaded"] == ("moments",) and _stats(ek)["fit_passes_run"] == 1
     fresh = _influence(_model(), EKFAC()).fit(train)
     _same_state(ek.state_, fresh.state_)
@@ -178,7 +210,9 @@ def test_an_interrupted_ekfac_fit_resumes_after_pass_one(tmp_path, monkeypatch, 
         _influence(_model(), EKFAC()).fit(train, store=tmp_path)
     monkeypatch.setattr(core_kfac, "_correct", real)
     resumed = _influence(_model(), EKFAC()).fit(train, store=tmp_path)
-    assert _stats(resumed)["factors_loaded"] == ("moments",) and _stats(resumed)["fit_passes_run"] == 1
+    assert (
+        _stats(resumed)["factors_loaded"] == ("moments",) and _stats(resumed)["fit_passes_run"] == 1
+    )
     _same_state(resumed.state_, _influence(_model(), EKFAC()).fit(train).state_)
 
 
@@ -192,11 +226,17 @@ def test_a_damaged_factor_file_is_recomputed(tmp_path):
     again = _influence(_model(), KFAC()).fit(train, store=tmp_path)
     assert _stats(again)["factors_from_store"] is False
     _same_state(again.state_, _influence(_model(), KFAC()).fit(train).state_)
-    assert _stats(_influence(_model(), KFAC()).fit(train, store=tmp_path))["factors_from_store"] is True
+    assert (
+        _stats(_influence(_model(), KFAC()).fit(train, store=tmp_path))["factors_from_store"]
+        is True
+    )
 
 
-@pytest.mark.parametrize("solver", [uw.CG(), uw.Auto(), uw.CG(preconditioner=KFAC()), uw.Direct()],
-                         ids=["cg", "auto", "cg-kfac", "direct"])
+@pytest.mark.parametrize(
+    "solver",
+    [uw.CG(), uw.Auto(), uw.CG(preconditioner=KFAC()), uw.Direct()],
+    ids=["cg", "auto", "cg-kfac", "direct"],
+)
 def test_solvers_without_factors_refuse_a_store(tmp_path, solver):
     with pytest.raises(InputError, match=r"fit\(store=...\) keeps the factors of KFAC / EKFAC"):
         _influence(_model(), solver).fit(_data(), store=tmp_path / "f")
@@ -219,17 +259,23 @@ def test_store_holds_float64_npy_files_and_json_only(tmp_path):
     train = _data()
     inf = _influence(_model(), EKFAC()).fit(train, store=tmp_path)
     files = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file())
-    assert set(files) - {"manifest.json", ".lock"} == {f"{n}/000000.npy" for n in json.loads(
-        (tmp_path / "manifest.json").read_text())["arrays"]}
+    assert set(files) - {"manifest.json", ".lock"} == {
+        f"{n}/000000.npy" for n in json.loads((tmp_path / "manifest.json").read_text())["arrays"]
+    }
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["fingerprint"]["quantity"] == "kfac_factors"
-    assert "damping" not in manifest["fingerprint"] and "l2" not in json.dumps(manifest["fingerprint"]["objective"])
+    assert "damping" not in manifest["fingerprint"] and "l2" not in json.dumps(
+        manifest["fingerprint"]["objective"]
+    )
     names = set(manifest["arrays"])
     n_layers = len(inf.state_.factors)
     assert {"moments_done", "correction_done", "local0_G"} <= names
-    assert {f"layer{i}_{k}" for i in range(n_layers) for k in ("S", "eig_S", "Q_S", "eig_A", "Lambda")} <= names
+    assert {
+        f"layer{i}_{k}" for i in range(n_layers) for k in ("S", "eig_S", "Q_S", "eig_A", "Lambda")
+    } <= names
     emb = [i for i, f in enumerate(inf.state_.factors) if f.identity_A]
-    assert emb and all(f"layer{i}_Q_A" not in names and f"layer{i}_A" not in names for i in emb)  # no V × V
+    # no V × V
+    assert emb and all(f"layer{i}_Q_A" not in names and f"layer{i}_A" not in names for i in emb)
     for name in names:
         a = np.load(tmp_path / name / "000000.npy", allow_pickle=False)
         assert a.dtype == np.float64

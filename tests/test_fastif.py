@@ -46,10 +46,22 @@ def setting(mnist_1v7):
     wrong = np.flatnonzero(np.sign((Xt @ model.weight.detach().T).numpy().ravel()) != yt.numpy())
     sel = np.unique(np.r_[wrong, np.arange(20)])
     test = (Xt[sel], yt[sel])
-    inf = uw.Influence(uw.Objective(model, "logistic", l2=L2), solver=uw.CG(rtol=1e-8), progress=False).fit((X, y))
+    inf = uw.Influence(
+        uw.Objective(model, "logistic", l2=L2), solver=uw.CG(rtol=1e-8), progress=False
+    ).fit((X, y))
     exact = inf.up_loss(test)
     s_test = inf.s_test(test)
-    return {"model": model, "X": X, "y": y, "test": test, "sel": sel, "n_wrong": len(wrong), "inf": inf, "exact": exact, "s_test": s_test}
+    return {
+        "model": model,
+        "X": X,
+        "y": y,
+        "test": test,
+        "sel": sel,
+        "n_wrong": len(wrong),
+        "inf": inf,
+        "exact": exact,
+        "s_test": s_test,
+    }
 
 
 def closed_form_grads(theta: np.ndarray, X: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -65,7 +77,8 @@ def test_candidate_scores_equal_exhaustive_scores_and_closed_form(setting):
     m, n = len(setting["sel"]), inf.n_train_
     assert isinstance(fs, FastIFScores)
     assert fs.shape == (m, 1000) and fs.train_positions.shape == (m, 1000)
-    np.testing.assert_array_equal(fs.train_ids, fs.train_positions)  # ids of the fitted data are 0..n−1
+    # ids of the fitted data are 0..n−1
+    np.testing.assert_array_equal(fs.train_ids, fs.train_positions)
     np.testing.assert_array_equal(fs.test_ids, np.arange(m))
     assert fs.n_train == n == 11800
     want = np.take_along_axis(exact.values, fs.train_positions, axis=1)
@@ -74,13 +87,27 @@ def test_candidate_scores_equal_exhaustive_scores_and_closed_form(setting):
     assert np.all(np.abs(fs.values - want) <= 1e-10 * scale)
 
     theta = setting["model"].weight.detach().numpy().ravel()
-    cf, _, _ = logistic_closed_form(theta, setting["X"].numpy(), setting["y"].numpy(), test[0].numpy(), test[1].numpy(), L2)
-    np.testing.assert_allclose(fs.values, np.take_along_axis(cf, fs.train_positions, axis=1), rtol=1e-6, atol=1e-6 * np.abs(cf).max())
+    cf, _, _ = logistic_closed_form(
+        theta, setting["X"].numpy(), setting["y"].numpy(), test[0].numpy(), test[1].numpy(), L2
+    )
+    np.testing.assert_allclose(
+        fs.values,
+        np.take_along_axis(cf, fs.train_positions, axis=1),
+        rtol=1e-6,
+        atol=1e-6 * np.abs(cf).max(),
+    )
 
     prov = fs.provenance
-    assert prov["k"] == 1000 and prov["backend"] == "sklearn" and prov["metric"] == "inner_product" and prov["projection_dim"] == 256
+    assert (
+        prov["k"] == 1000
+        and prov["backend"] == "sklearn"
+        and prov["metric"] == "inner_product"
+        and prov["projection_dim"] == 256
+    )
     assert prov["index_reused"] is False and prov["s_test_reused"] is False
-    assert 0 < prov["n_scored"] <= m * 1000 and prov["n_scored"] == len(np.unique(fs.train_positions))
+    assert 0 < prov["n_scored"] <= m * 1000 and prov["n_scored"] == len(
+        np.unique(fs.train_positions)
+    )
     for key in ("index_seconds", "s_test_seconds", "candidate_seconds", "scoring_seconds"):
         assert prov[key] >= 0
 
@@ -109,18 +136,24 @@ def test_recall_of_exact_top10_at_k_1000(setting):
     # the ranking of the scored candidates is then the exhaustive ranking
     for i in (0, len(setting["sel"]) - 1):
         for harmful in (True, False):
-            got, want = fs.top_k(5, test=i, harmful=harmful), exact.top_k(5, test=i, harmful=harmful)
+            got, want = (
+                fs.top_k(5, test=i, harmful=harmful),
+                exact.top_k(5, test=i, harmful=harmful),
+            )
             np.testing.assert_array_equal(got.train_ids, want.train_ids)
             np.testing.assert_allclose(got.values, want.values, rtol=1e-10)
 
-    control = fastif_up_loss(inf, test, KNNPrefilter(k=1000, representation="features", metric="cosine"), s_test=s_test)
+    control = fastif_up_loss(
+        inf, test, KNNPrefilter(k=1000, representation="features", metric="cosine"), s_test=s_test
+    )
     rc = control.recall(exact, 10)
     assert_not_constant(rc)
     assert rc.mean() < 0.6
 
 
 def test_k_at_least_n_scores_every_point(setting):
-    """k ≥ n: every training point is a candidate (nothing is indexed), recall 1, values = exhaustive."""
+    """k ≥ n: every training point is a candidate (nothing is indexed), recall 1, values =
+    exhaustive."""
     inf, exact, test, s_test = setting["inf"], setting["exact"], setting["test"], setting["s_test"]
     n = inf.n_train_
     for k in (n, n + 7):
@@ -130,7 +163,12 @@ def test_k_at_least_n_scores_every_point(setting):
         assert fs.shape == (len(setting["sel"]), n)
         for row in fs.train_positions:
             np.testing.assert_array_equal(np.sort(row), np.arange(n))
-        np.testing.assert_allclose(fs.values, np.take_along_axis(exact.values, fs.train_positions, 1), rtol=1e-10, atol=1e-14)
+        np.testing.assert_allclose(
+            fs.values,
+            np.take_along_axis(exact.values, fs.train_positions, 1),
+            rtol=1e-10,
+            atol=1e-14,
+        )
         assert fs.provenance["index_reused"] is True and fs.provenance["n_scored"] == n
         for by in ("abs", "harmful", "helpful"):
             np.testing.assert_array_equal(fs.recall(exact, 10, by=by), 1.0)
@@ -140,25 +178,36 @@ def test_k_at_least_n_scores_every_point(setting):
 
 def test_gradient_keys_and_search_against_closed_form(setting):
     """The index keys are Ω∇θL(z) with the closed-form gradients, and the candidates are the exact
-    top-k of |approximate influence| (brute force over all n), for both-sided and one-sided search."""
+    top-k of |approximate influence| (brute force over all n), for both-sided and one-sided search.
+    """
     inf, test = setting["inf"], setting["test"]
     theta = setting["model"].weight.detach().numpy().ravel()
     X, y = setting["X"].numpy(), setting["y"].numpy()
     index = KNNPrefilter(k=300).fit(inf)
-    assert isinstance(index, FastIFIndex) and index.keys.shape == (11800, 256) and index.keys.dtype == np.float32
+    assert (
+        isinstance(index, FastIFIndex)
+        and index.keys.shape == (11800, 256)
+        and index.keys.dtype == np.float32
+    )
     Omega = index.projection._full().numpy()
     keys = closed_form_grads(theta, X, y) @ Omega
     assert_not_constant(keys)
     np.testing.assert_allclose(index.keys, keys, rtol=1e-5, atol=1e-6 * np.abs(keys).max())
-    Q = closed_form_grads(theta, test[0].numpy(), test[1].numpy()) @ Omega  # the test-loss gradients, projected
+    # the test-loss gradients, projected
+    Q = closed_form_grads(theta, test[0].numpy(), test[1].numpy()) @ Omega
     approx = -(Q @ keys.T)  # ≈ −∇f_testᵀ∇L (H ≈ I)
     for direction, key in (("both", -np.abs(approx)), ("harmful", -approx), ("helpful", approx)):
-        c = index.with_k(300).candidates(test) if direction == "both" else KNNPrefilter(k=300, direction=direction).fit(inf).candidates(test)
+        c = (
+            index.with_k(300).candidates(test)
+            if direction == "both"
+            else KNNPrefilter(k=300, direction=direction).fit(inf).candidates(test)
+        )
         assert c.shape == (len(Q), 300) and c.dtype == np.int64
         assert all(len(np.unique(row)) == 300 for row in c) and c.min() >= 0 and c.max() < 11800
         want = np.argsort(key, axis=1, kind="stable")[:, :300]
         overlap = np.mean([len(np.intersect1d(a, b)) / 300 for a, b in zip(c, want)])
-        assert overlap >= 0.995, (direction, overlap)  # float32 keys: swaps only at near-ties of the 300th place
+        # float32 keys: swaps only at near-ties of the 300th place
+        assert overlap >= 0.995, (direction, overlap)
         np.testing.assert_array_equal(c[:, :5], want[:, :5])  # best first
 
 
@@ -198,18 +247,27 @@ def test_features_representation(setting, small_logreg):
     """Default features = the input to the last nn.Linear: the pixels for a linear model, the hidden
     activations tanh(W₁x + b₁) for an MLP; a callable is applied to the inputs as given."""
     model, l2, train, test = small_logreg
-    inf = uw.Influence(uw.Objective(model, "logistic", l2=l2), solver=uw.Direct(), progress=False).fit(train)
+    inf = uw.Influence(
+        uw.Objective(model, "logistic", l2=l2), solver=uw.Direct(), progress=False
+    ).fit(train)
     idx = KNNPrefilter(k=50, representation="features").fit(inf)
     assert idx.metric == "cosine"
     np.testing.assert_allclose(idx.keys, train[0].numpy(), rtol=1e-6)
-    cos = (test[0] / test[0].norm(dim=1, keepdim=True)) @ (train[0] / train[0].norm(dim=1, keepdim=True)).T
+    cos = (test[0] / test[0].norm(dim=1, keepdim=True)) @ (
+        train[0] / train[0].norm(dim=1, keepdim=True)
+    ).T
     want = torch.argsort(-cos, dim=1, stable=True)[:, :5].numpy()
     np.testing.assert_array_equal(idx.candidates(test)[:, :5], want)
 
     torch.manual_seed(0)
-    mlp = torch.nn.Sequential(torch.nn.Linear(49, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)).double().eval()
+    mlp = (
+        torch.nn.Sequential(torch.nn.Linear(49, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+        .double()
+        .eval()
+    )
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", NotAtMinimumWarning)  # an untrained MLP: only the features are checked
+        # an untrained MLP: only the features are checked
+        warnings.simplefilter("ignore", NotAtMinimumWarning)
         inf2 = uw.Influence(uw.Objective(mlp, "logistic", l2=l2), progress=False).fit(train)
     idx2 = KNNPrefilter(k=50, representation="features", metric="euclidean").fit(inf2)
     with torch.no_grad():
@@ -219,14 +277,28 @@ def test_features_representation(setting, small_logreg):
 
     idx3 = KNNPrefilter(k=50, representation=lambda X: X[:, :10] * 2).fit(inf)
     np.testing.assert_allclose(idx3.keys, 2 * train[0][:, :10].numpy(), rtol=1e-6)
-    assert fastif_up_loss(inf, test, idx3).provenance["representation"].startswith("features (callable")
+    assert (
+        fastif_up_loss(inf, test, idx3)
+        .provenance["representation"]
+        .startswith("features (callable")
+    )
 
 
 def test_invalid_arguments(setting):
     inf, test, s_test = setting["inf"], setting["test"], setting["s_test"]
-    for kwargs in ({"k": 0}, {"k": 2.5}, {"metric": "manhattan"}, {"representation": "pixels"}, {"projection_dim": 0},
-                   {"query": "hessian"}, {"direction": "up"}, {"backend": "annoy"}, {"seed": -1},
-                   {"representation": "features", "query": "s_test"}, {"metric": "cosine", "direction": "harmful"}):
+    for kwargs in (
+        {"k": 0},
+        {"k": 2.5},
+        {"metric": "manhattan"},
+        {"representation": "pixels"},
+        {"projection_dim": 0},
+        {"query": "hessian"},
+        {"direction": "up"},
+        {"backend": "annoy"},
+        {"seed": -1},
+        {"representation": "features", "query": "s_test"},
+        {"metric": "cosine", "direction": "harmful"},
+    ):
         with pytest.raises(InputError):
             KNNPrefilter(**kwargs)
     try:
@@ -246,8 +318,11 @@ def test_invalid_arguments(setting):
     with pytest.raises(uw.errors.NotFittedError):
         KNNPrefilter().fit(uw.Influence(inf.objective))
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", NotAtMinimumWarning)  # θ̂ of the full data, fitted on a subset
-        other = uw.Influence(inf.objective, solver=uw.CG(rtol=1e-8), progress=False).fit((setting["X"][:500], setting["y"][:500]))
+        # θ̂ of the full data, fitted on a subset
+        warnings.simplefilter("ignore", NotAtMinimumWarning)
+        other = uw.Influence(inf.objective, solver=uw.CG(rtol=1e-8), progress=False).fit(
+            (setting["X"][:500], setting["y"][:500])
+        )
         index = KNNPrefilter(k=10).fit(other)
         with pytest.raises(InputError, match="another Influence"):
             fastif_up_loss(inf, test, index)
@@ -257,7 +332,8 @@ def test_invalid_arguments(setting):
 
 
 class _FakeFlat:
-    """A stand-in for FAISS's exact flat indexes (brute force in NumPy), to exercise the FAISS glue."""
+    """A stand-in for FAISS's exact flat indexes (brute force in NumPy), to exercise the
+    FAISS glue."""
 
     def __init__(self, d: int, inner: bool) -> None:
         self.d, self.inner, self.x = d, inner, None
@@ -276,7 +352,8 @@ class _FakeFlat:
 
 def test_faiss_backend_glue(setting, small_logreg, monkeypatch):
     """backend='auto' takes FAISS when it is importable; with a brute-force stand-in for its flat
-    indexes the candidates are those of the scikit-learn path (FAISS itself is not installed here)."""
+    indexes the candidates are those of the scikit-learn path (FAISS itself is not installed here).
+    """
     import sys
     import types
 
@@ -284,9 +361,20 @@ def test_faiss_backend_glue(setting, small_logreg, monkeypatch):
     fake.IndexFlatL2 = lambda d: _FakeFlat(d, inner=False)
     fake.IndexFlatIP = lambda d: _FakeFlat(d, inner=True)
     model, l2, train, test = small_logreg
-    inf = uw.Influence(uw.Objective(model, "logistic", l2=l2), solver=uw.Direct(), progress=False).fit(train)
-    specs = [{}, {"direction": "harmful"}, {"metric": "cosine"}, {"metric": "euclidean"}, {"representation": "features"}]
-    ref = [KNNPrefilter(k=40, backend="sklearn", projection_dim=16, **kw).fit(inf).candidates(test) for kw in specs]
+    inf = uw.Influence(
+        uw.Objective(model, "logistic", l2=l2), solver=uw.Direct(), progress=False
+    ).fit(train)
+    specs = [
+        {},
+        {"direction": "harmful"},
+        {"metric": "cosine"},
+        {"metric": "euclidean"},
+        {"representation": "features"},
+    ]
+    ref = [
+        KNNPrefilter(k=40, backend="sklearn", projection_dim=16, **kw).fit(inf).candidates(test)
+        for kw in specs
+    ]
     monkeypatch.setitem(sys.modules, "faiss", fake)
     for kw, want in zip(specs, ref):
         idx = KNNPrefilter(k=40, projection_dim=16, **kw).fit(inf)

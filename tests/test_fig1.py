@@ -1,4 +1,5 @@
-"""Fig. 1 of Koh & Liang (2017), components of influence: ``upweight reproduce fig1`` (fast: 1,000 training images).
+"""Fig. 1 of Koh & Liang (2017), components of influence: ``upweight reproduce fig1`` (fast: 1,000
+training images).
 
 Checked against mathematics computed here in NumPy, not against the code's own output: θ̂ is
 a minimum (‖∇R‖ from the explicit gradient), I_up,loss equals the paper's closed form
@@ -30,7 +31,19 @@ pytestmark = requires_data(MNIST / "train-images-idx3-ubyte.gz", "the MNIST IDX 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("fig1")
-    rc = main(["reproduce", "fig1", "--data", str(MNIST), "--out", str(out), "--n-train", str(N), "--no-progress"])
+    rc = main(
+        [
+            "reproduce",
+            "fig1",
+            "--data",
+            str(MNIST),
+            "--out",
+            str(out),
+            "--n-train",
+            str(N),
+            "--no-progress",
+        ]
+    )
     data = load_mnist(MNIST, subset="1v7")
     return rc, out, json.loads((out / "results.json").read_text()), data
 
@@ -58,9 +71,15 @@ def test_cli_writes_figure_results_and_report(run):
     assert (out / "fig1.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     fields = {f.name for f in __import__("dataclasses").fields(Fig1Result)}
     assert fields - {"config"} | {"settings"} <= set(r)
-    assert r["experiment"] == "fig1" and r["paper"]["test_index"] == 30 and r["paper"]["n_train"] == 11_800
+    assert (
+        r["experiment"] == "fig1"
+        and r["paper"]["test_index"] == 30
+        and r["paper"]["n_train"] == 11_800
+    )
     report = (out / "report.md").read_text()
-    assert "| quantity | ours | paper |" in report and "11,800" in report and "closed form" in report
+    assert (
+        "| quantity | ours | paper |" in report and "11,800" in report and "closed form" in report
+    )
 
 
 def test_the_paper_setting(run):
@@ -105,12 +124,15 @@ def test_the_variants_miss_the_influential_points(run):
         assert r["top_harmful_overlap"][k] <= 7, k  # measured 1, 6, 1 of 10
         assert r["spearman"][k] < 0.95, k  # measured 0.89, 0.40, 0.47
     assert r["spearman"]["no_hessian"] < 0.6 and r["spearman"]["no_both"] < 0.6
-    assert r["top_harmful_overlap"]["no_train_loss"] <= 3 and r["top_harmful_overlap"]["no_both"] <= 3
+    assert (
+        r["top_harmful_overlap"]["no_train_loss"] <= 3 and r["top_harmful_overlap"]["no_both"] <= 3
+    )
     assert max(r["pearson"].values()) < 0.6  # measured 0.39, 0.32, 0.18
 
 
 def test_without_the_hessian_no_same_label_point_is_harmful(run):
-    """x ≥ 0 (pixels), so without H⁻¹ every training 7 helps the test 7; the full influence finds many harmful 7s."""
+    """x ≥ 0 (pixels), so without H⁻¹ every training 7 helps the test 7; the full influence finds
+    many harmful 7s."""
     _, _, r, _ = run
     same = np.asarray(r["train_labels"]) == r["test_label"]
     assert r["n_same_label"] == int(same.sum())
@@ -119,5 +141,6 @@ def test_without_the_hessian_no_same_label_point_is_harmful(run):
     up = np.asarray(r["up_loss"])
     i = r["harmful_same_label_index"]
     assert same[i] and up[i] == up[same].max() and up[i] > 0
-    assert r["harmful_same_label_variant_rank"]["no_both"] > 100  # the inner product ranks it low (measured 728)
+    # the inner product ranks it low (measured 728)
+    assert r["harmful_same_label_variant_rank"]["no_both"] > 100
     assert len(r["harmful_image"]) == 784 and len(r["test_image"]) == 784

@@ -53,8 +53,15 @@ def pooled_mnist():
 
 
 def test_logreg_influence_matches_leave_one_out(pooled_mnist):
-    panels, info = run_logreg_panels(pooled_mnist, train_size=2000, loo_k=20, lissa_depth=400, lissa_repeats=1,
-                                     refit_method="newton", progress=False)
+    panels, info = run_logreg_panels(
+        pooled_mnist,
+        train_size=2000,
+        loo_k=20,
+        lissa_depth=400,
+        lissa_repeats=1,
+        refit_method="newton",
+        progress=False,
+    )
     assert info["test_misclassified"] and info["grad_norm"] < 1e-7
     # Newton alone gets there in a few gradient evaluations (an L-BFGS fallback would add 40–60)
     assert info["refit_grad_norm_max"] < 1e-8 and info["refit_evaluations_mean"] <= 8, info
@@ -96,16 +103,41 @@ def test_all_conv_network_has_the_papers_2616_parameters():
 
 def test_cli_cnn_panel_writes_files_and_resumes_its_retrainings(tmp_path, capsys):
     out = tmp_path / "fig2"
-    args = ["reproduce", "fig2", "--data", str(DATA), "--out", str(out), "--no-progress", "--panels", "cnn",
-            "--cnn-train-size", "150", "--cnn-loo-k", "8", "--cnn-train-steps", "100", "--cnn-retrain-steps", "20", "--cnn-retrain", "momentum"]
+    args = [
+        "reproduce",
+        "fig2",
+        "--data",
+        str(DATA),
+        "--out",
+        str(out),
+        "--no-progress",
+        "--panels",
+        "cnn",
+        "--cnn-train-size",
+        "150",
+        "--cnn-loo-k",
+        "8",
+        "--cnn-train-steps",
+        "100",
+        "--cnn-retrain-steps",
+        "20",
+        "--cnn-retrain",
+        "momentum",
+    ]
     rc = main(args)
     assert rc == 0
     assert (out / "fig2.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     r = json.loads((out / "results.json").read_text())
     for key in ("panels", "cnn", "settings", "paper", "seconds", "experiment"):
         assert key in r, key
-    config = Fig2Config(panels=("cnn",), cnn_train_size=150, cnn_loo_k=8, cnn_train_steps=100, cnn_retrain_steps=20,
-                        cnn_retrain="momentum")
+    config = Fig2Config(
+        panels=("cnn",),
+        cnn_train_size=150,
+        cnn_loo_k=8,
+        cnn_train_steps=100,
+        cnn_retrain_steps=20,
+        cnn_retrain="momentum",
+    )
     assert r["settings"] == {**dataclasses.asdict(config), "panels": ["cnn"]}
     cnn = r["panels"]["cnn"]
     assert cnn["k"] == 8 and len(cnn["predicted"]) == 8
@@ -119,28 +151,51 @@ def test_cli_cnn_panel_writes_files_and_resumes_its_retrainings(tmp_path, capsys
     # the same command again: every retraining comes from OUT/retrainings, with the same numbers
     assert main(args) == 0
     again = json.loads((out / "results.json").read_text())["panels"]["cnn"]
-    assert again["resumed"] == 8 and again["actual"] == cnn["actual"] and again["train_ids"] == cnn["train_ids"]
-    # another retraining (the release code's minibatch Adam) is another computation: refused, with the way out
+    assert (
+        again["resumed"] == 8
+        and again["actual"] == cnn["actual"]
+        and again["train_ids"] == cnn["train_ids"]
+    )
+    # another retraining (the release code's minibatch Adam) is another computation: refused, with
+    # the way out
     rc = main([*args, "--cnn-retrain", "adam"])
     err = capsys.readouterr().err
     assert rc == 2 and "--fresh" in err and "MinibatchAdamRetrainer" in err
 
 
 def test_cli_options_are_the_config_fields_with_its_defaults():
-    """``reproduce fig2``'s options give a Fig2Config: the defaults are the paper's settings, each option
-    sets its field (the config reaches run_fig2 and results.json's settings as it is)."""
+    """``reproduce fig2``'s options give a Fig2Config: the defaults are the paper's settings, each
+    option sets its field (the config reaches run_fig2 and results.json's settings as it is)."""
     from upweight.paper.cli.fig2 import _config
 
     parse = build_parser().parse_args
     assert _config(parse(["reproduce", "fig2", "--data", "x"])) == Fig2Config()
-    given = {"panels": ("lissa", "cg"), "loo_k": 7, "train_size": 99, "test_index": 3, "lissa_depth": 11,
-             "lissa_repeats": 2, "lissa_batch_size": 13, "refit_method": "lbfgs", "cnn_loo_k": 5,
-             "cnn_train_size": 40, "cnn_train_steps": 17, "cnn_retrain_steps": 19, "cnn_retrain_lr": 0.5,
-             "cnn_retrain": "momentum", "cnn_damping": 0.25, "cnn_test_index": 8, "seed": 4}
+    given = {
+        "panels": ("lissa", "cg"),
+        "loo_k": 7,
+        "train_size": 99,
+        "test_index": 3,
+        "lissa_depth": 11,
+        "lissa_repeats": 2,
+        "lissa_batch_size": 13,
+        "refit_method": "lbfgs",
+        "cnn_loo_k": 5,
+        "cnn_train_size": 40,
+        "cnn_train_steps": 17,
+        "cnn_retrain_steps": 19,
+        "cnn_retrain_lr": 0.5,
+        "cnn_retrain": "momentum",
+        "cnn_damping": 0.25,
+        "cnn_test_index": 8,
+        "seed": 4,
+    }
     argv = ["reproduce", "fig2", "--data", "x", "--panels", "lissa,cg"]
     for name, value in given.items():
         if name != "panels":
-            argv += ["--refit" if name == "refit_method" else "--" + name.replace("_", "-"), str(value)]
+            argv += [
+                "--refit" if name == "refit_method" else "--" + name.replace("_", "-"),
+                str(value),
+            ]
     assert _config(parse(argv)) == Fig2Config(**given)
     # every field but the CNN's training rate (the paper's, fixed) is an option
     assert {f.name for f in dataclasses.fields(Fig2Config)} - set(given) == {"cnn_train_lr"}
@@ -149,7 +204,9 @@ def test_cli_options_are_the_config_fields_with_its_defaults():
 
 
 def test_bad_panel_name_is_an_input_error(tmp_path, capsys):
-    rc = main(["reproduce", "fig2", "--data", str(DATA), "--out", str(tmp_path), "--panels", "cg,svm"])
+    rc = main(
+        ["reproduce", "fig2", "--data", str(DATA), "--out", str(tmp_path), "--panels", "cg,svm"]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and "--panels must be a comma-separated subset" in err and "svm" in err
 
@@ -178,7 +235,9 @@ def test_minibatch_adam_retraining_moves_theta_as_the_exact_leave_one_out(pooled
     θ₋z − θ_kept against argmin R₋z − argmin R: cosine > 0.99, norms within 5%."""
     n, l2, z = 200, 0.01, 7
     X, y, model, state, obj, data, init = _adam_warm_start(pooled_mnist, n, l2)
-    retrain = MinibatchAdamRetrainer(model, state, np.arange(n), l2, steps=1500, lr=1e-3, batch_size=n)
+    retrain = MinibatchAdamRetrainer(
+        model, state, np.arange(n), l2, steps=1500, lr=1e-3, batch_size=n
+    )
     kept = retrain(obj, data, init)
     removed = retrain(obj, data.subset(np.setdiff1d(np.arange(n), [z])), init)
     assert all(torch.equal(p, init[k]) for k, p in model.named_parameters())  # θ̃ put back
@@ -186,7 +245,9 @@ def test_minibatch_adam_retraining_moves_theta_as_the_exact_leave_one_out(pooled
     def flat(p):
         return torch.cat([p["weight"].reshape(-1), p["bias"]]).double()
 
-    obj64 = uw.Objective(torch.nn.Linear(X.shape[1], 10).double(), "cross_entropy", l2=l2, l2_exclude=["bias"])
+    obj64 = uw.Objective(
+        torch.nn.Linear(X.shape[1], 10).double(), "cross_entropy", l2=l2, l2_exclude=["bias"]
+    )
     d64 = uw.Data.from_any((X.double(), y))
     full = uw.refit(obj64, d64, gtol=1e-12).params
     w = torch.ones(n, dtype=torch.float64)
@@ -203,7 +264,9 @@ def test_minibatch_adam_retraining_shares_its_batches_between_runs(pooled_mnist)
     the kept run bit for bit; without a point that was drawn, it differs."""
     n, l2, b, steps = 50, 0.01, 5, 4
     _, _, model, state, obj, data, init = _adam_warm_start(pooled_mnist, n, l2)
-    retrain = MinibatchAdamRetrainer(model, state, np.arange(n), l2, steps=steps, lr=1e-3, batch_size=b, seed=3)
+    retrain = MinibatchAdamRetrainer(
+        model, state, np.arange(n), l2, steps=steps, lr=1e-3, batch_size=b, seed=3
+    )
     gen = torch.Generator().manual_seed(3)
     drawn = set(torch.cat([torch.randint(n, (b,), generator=gen) for _ in range(steps)]).tolist())
     never = min(set(range(n)) - drawn)

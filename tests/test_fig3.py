@@ -1,4 +1,5 @@
-"""Fig. 3 of Koh & Liang (2017), influence for the hinge loss: ``upweight reproduce fig3`` (fast: 2,000 images, k = 20).
+"""Fig. 3 of Koh & Liang (2017), influence for the hinge loss: ``upweight reproduce fig3`` (fast:
+2,000 images, k = 20).
 
 The exact hinge-SVM solver is checked here against scipy's SLSQP on the slack formulation and by
 an independent KKT certificate (β ∈ [0, 1] solving l2·n·w = Σβᵢyᵢxᵢ with the right β on each side
@@ -27,13 +28,30 @@ N, K = 2000, 20
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("fig3")
-    rc = main(["reproduce", "fig3", "--data", "bundled", "--out", str(out), "--n-train", str(N), "--k", str(K),
-               "--t", "0.001", "0.1", "--no-progress"])
+    rc = main(
+        [
+            "reproduce",
+            "fig3",
+            "--data",
+            "bundled",
+            "--out",
+            str(out),
+            "--n-train",
+            str(N),
+            "--k",
+            str(K),
+            "--t",
+            "0.001",
+            "0.1",
+            "--no-progress",
+        ]
+    )
     return rc, out, json.loads((out / "results.json").read_text())
 
 
 def _kkt_certificate(X, y, w, l2, keep, tol=1e-8):
-    """Independent optimality check of w for mean-hinge + (l2/2)‖w‖²: returns the stationarity residual."""
+    """Independent optimality check of w for mean-hinge + (l2/2)‖w‖²: returns the stationarity
+    residual."""
     Z = X * np.where(y > 0, 1.0, -1.0)[:, None]
     m = Z @ w
     E = keep & (m < 1 - tol)
@@ -60,11 +78,13 @@ def test_cli_writes_figure_results_and_report(run):
 def test_smooth_hinge_predicts_hinge_retraining_and_the_raw_hinge_does_not(run):
     _, _, r = run
     assert r["n_train"] == N and r["k"] == K and set(r["predicted"]) == {"hinge", "0.001", "0.1"}
-    assert r["test_index"] == 1597 and r["test_margin"] < 0  # the release code's wrongly classified test point
+    # the release code's wrongly classified test point
+    assert r["test_index"] == 1597 and r["test_margin"] < 0
     assert r["pearson"]["0.001"] > 0.9  # measured 0.98 (paper 0.95)
     assert r["pearson"]["0.001"] > r["pearson"]["hinge"] + 0.2  # raw hinge measured 0.68
     assert r["pearson"]["0.1"] > r["pearson"]["hinge"]  # measured 0.91 (paper 0.91)
-    assert r["slope"]["hinge"] < 0.2  # the raw hinge's predictions are far too large (measured slope 0.03)
+    # the raw hinge's predictions are far too large (measured slope 0.03)
+    assert r["slope"]["hinge"] < 0.2
     assert 0.7 < r["slope"]["0.001"] < 1.4
     pred = np.asarray(r["predicted"]["0.001"])
     assert np.corrcoef(pred, r["actual"])[0, 1] == pytest.approx(r["pearson"]["0.001"], abs=1e-12)
@@ -85,17 +105,34 @@ def test_exact_solver_matches_slsqp_and_an_independent_kkt_check():
     fit = fit_hinge_svm(X, y, l2)
     Z = X * y[:, None]
 
-    # min (l2/2)‖w‖² + (1/n)Σξ  s.t.  ξ ≥ 0, ξ ≥ 1 − zᵢᵀw   (the hinge SVM as a smooth constrained problem)
+    # min (l2/2)‖w‖² + (1/n)Σξ  s.t.  ξ ≥ 0, ξ ≥ 1 − zᵢᵀw   (the hinge SVM as a smooth constrained
+    # problem)
     def f(v):
         return 0.5 * l2 * v[:p] @ v[:p] + v[p:].sum() / n
 
     def jac(v):
         return np.concatenate([l2 * v[:p], np.full(n, 1.0 / n)])
 
-    cons = [{"type": "ineq", "fun": lambda v: Z @ v[:p] - 1 + v[p:], "jac": lambda v: np.hstack([Z, np.eye(n)])},
-            {"type": "ineq", "fun": lambda v: v[p:], "jac": lambda v: np.hstack([np.zeros((n, p)), np.eye(n)])}]
-    ref = scipy.optimize.minimize(f, np.concatenate([np.zeros(p), np.ones(n)]), jac=jac, constraints=cons,
-                                  method="SLSQP", options={"ftol": 1e-14, "maxiter": 500})
+    cons = [
+        {
+            "type": "ineq",
+            "fun": lambda v: Z @ v[:p] - 1 + v[p:],
+            "jac": lambda v: np.hstack([Z, np.eye(n)]),
+        },
+        {
+            "type": "ineq",
+            "fun": lambda v: v[p:],
+            "jac": lambda v: np.hstack([np.zeros((n, p)), np.eye(n)]),
+        },
+    ]
+    ref = scipy.optimize.minimize(
+        f,
+        np.concatenate([np.zeros(p), np.ones(n)]),
+        jac=jac,
+        constraints=cons,
+        method="SLSQP",
+        options={"ftol": 1e-14, "maxiter": 500},
+    )
     assert ref.success
     assert fit.primal == pytest.approx(ref.fun, rel=1e-7)
     assert np.abs(fit.w - ref.x[:p]).max() < 1e-4 * np.abs(ref.x[:p]).max()
@@ -110,7 +147,8 @@ def test_exact_solver_matches_slsqp_and_an_independent_kkt_check():
 
 
 def test_smooth_hinge_tends_to_the_hinge_as_t_goes_to_zero(run):
-    """SmoothHinge(s, t) − Hinge(s) = t·log(1 + exp(−|1 − s|/t)) ∈ (0, t·log 2], the maximum at s = 1."""
+    """SmoothHinge(s, t) − Hinge(s) = t·log(1 + exp(−|1 − s|/t)) ∈ (0, t·log 2], the maximum at
+    s = 1."""
     _, _, r = run
     s = np.linspace(-1.0, 3.0, 4001)  # contains s = 1
     ts = [0.1, 0.01, 0.001, 1e-4]
@@ -122,7 +160,9 @@ def test_smooth_hinge_tends_to_the_hinge_as_t_goes_to_zero(run):
         assert gap.max() == pytest.approx(t * math.log(2), rel=1e-9)
         assert s[np.argmax(gap)] == pytest.approx(1.0)
         # atol: torch's softplus returns x itself for x > 20, an error of t·log(1 + e⁻²⁰) ≈ 2e-9·t
-        np.testing.assert_allclose(gap, t * np.log1p(np.exp(-np.abs(1 - s) / t)), rtol=1e-9, atol=3e-9 * t)
+        np.testing.assert_allclose(
+            gap, t * np.log1p(np.exp(-np.abs(1 - s) / t)), rtol=1e-9, atol=3e-9 * t
+        )
         gaps.append(gap.max())
     assert all(a > b for a, b in zip(gaps, gaps[1:])) and gaps[-1] < 1e-4
     for t in r["ts"]:  # the curves drawn in panel (a)
@@ -140,11 +180,33 @@ def test_raw_hinge_has_zero_derivative_at_the_kink():
 
 
 def test_bad_input_is_named(tmp_path, capsys):
-    assert main(["reproduce", "fig3", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
+    assert (
+        main(
+            ["reproduce", "fig3", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]
+        )
+        == 2
+    )
     assert "load_mnist" in capsys.readouterr().err
-    assert main(["reproduce", "fig3", "--data", "bundled", "--out", str(tmp_path / "o"), "--l2", "0"]) == 2
+    assert (
+        main(["reproduce", "fig3", "--data", "bundled", "--out", str(tmp_path / "o"), "--l2", "0"])
+        == 2
+    )
     assert "--l2" in capsys.readouterr().err
-    assert main(["reproduce", "fig1", "--data", "bundled", "--out", str(tmp_path / "o"), "--test-index", "5000"]) == 2
+    assert (
+        main(
+            [
+                "reproduce",
+                "fig1",
+                "--data",
+                "bundled",
+                "--out",
+                str(tmp_path / "o"),
+                "--test-index",
+                "5000",
+            ]
+        )
+        == 2
+    )
     assert "test_index" in capsys.readouterr().err
     from upweight.paper.config import Fig3Config
     from upweight.paper.fig3 import run_fig3

@@ -21,9 +21,12 @@ sigmoid = scipy.special.expit
 
 @pytest.fixture(scope="module")
 def fitted(small_logreg):
-    """400 real 1-vs-7 images (7×7 pooled, 49 features), l2 = 0.01, logistic regression at its minimum."""
+    """400 real 1-vs-7 images (7×7 pooled, 49 features), l2 = 0.01, logistic regression at its
+    minimum."""
     model, l2, (X, y), (Xt, yt) = small_logreg
-    inf = uw.Influence(uw.Objective(model, "logistic", l2=l2), solver=uw.Direct(), progress=False).fit((X, y))
+    inf = uw.Influence(
+        uw.Objective(model, "logistic", l2=l2), solver=uw.Direct(), progress=False
+    ).fit((X, y))
     return inf, model, l2, (X, y), (Xt, yt)
 
 
@@ -48,7 +51,8 @@ def coherent_and_random_groups(X: np.ndarray, y: np.ndarray, min_frac: float = 0
 def closed_form_group(theta, X, y, Xt, yt, l2, U, *, third: bool, quad: bool):
     """Order 1 and 2 of the group removal effect for logistic regression, y ∈ {−1, +1}, in NumPy.
 
-    With s = θᵀx and D = σ(s)σ(−s):  ∇L = −σ(−ys)·y·x,  ∇²L = D·xxᵀ,  ∇³L[v, v] = D(1 − 2σ(s))(xᵀv)²·x.
+    With s = θᵀx and D = σ(s)σ(−s):  ∇L = −σ(−ys)·y·x,  ∇²L = D·xxᵀ,  ∇³L[v, v] = D(1 −
+    2σ(s))(xᵀv)²·x.
       g_U = (1/n)Σ_U ∇L,  H_U = (1/n)Σ_U ∇²L,  Δθ₁ = H⁻¹g_U,
       Δθ₂ = Δθ₁ + H⁻¹H_UΔθ₁ [− ½H⁻¹(1/n)Σᵢ∇³Lᵢ[Δθ₁, Δθ₁]],
       Δf₂ = ∇fᵀΔθ₂ [+ ½Δθ₂ᵀ∇²f Δθ₂] for each test loss f.
@@ -86,9 +90,12 @@ def test_order_one_is_the_sum_of_individual_influences(fitted):
     assert gi.values.shape == (len(Xt), 4) and gi.param_change.shape == (4, 49)
     np.testing.assert_array_equal(gi.group_sizes, [1, 5, 80, 25])
 
-    # closed form (Koh & Liang 2017 §2.3): Σ_{z∈U} −I_up,loss(z, z_test)/n and Σ_{z∈U} −I_up,params(z)/n
+    # closed form (Koh & Liang 2017 §2.3): Σ_{z∈U} −I_up,loss(z, z_test)/n and Σ_{z∈U}
+    # −I_up,params(z)/n
     theta = model.weight.detach().numpy().ravel()
-    up_loss, up_params, _ = logistic_closed_form(theta, X.numpy(), y.numpy(), Xt.numpy(), yt.numpy(), l2)
+    up_loss, up_params, _ = logistic_closed_form(
+        theta, X.numpy(), y.numpy(), Xt.numpy(), yt.numpy(), l2
+    )
     idx = [np.flatnonzero(mask) if g.dtype == bool else g for g in groups]
     expected = np.stack([-up_loss[:, U].sum(1) / n for U in idx], axis=1)
     expected_params = np.stack([-up_params[U].sum(0) / n for U in idx])
@@ -97,7 +104,9 @@ def test_order_one_is_the_sum_of_individual_influences(fitted):
     np.testing.assert_allclose(gi.param_change, expected_params, rtol=1e-8, atol=1e-14)
     # and the sum of the library's individual removal effects
     single = inf.removal_effect((Xt, yt)).values
-    np.testing.assert_allclose(gi.values, np.stack([single[:, U].sum(1) for U in idx], axis=1), rtol=1e-8, atol=1e-14)
+    np.testing.assert_allclose(
+        gi.values, np.stack([single[:, U].sum(1) for U in idx], axis=1), rtol=1e-8, atol=1e-14
+    )
     assert gi.provenance["order"] == 1 and gi.provenance["accepted"]
 
 
@@ -110,13 +119,30 @@ def test_order_two_matches_explicit_closed_form(fitted, solver, third, quad):
         inf = uw.Influence(inf.objective, solver=uw.CG(rtol=1e-10), progress=False).fit((X, y))
     n = len(X)
     rng = np.random.default_rng(5)
-    groups = [rng.choice(n, 60, replace=False), np.flatnonzero(y.numpy() > 0)[:50], np.array([3, 9])]
-    gi = inf.group_influence((Xt[:6], yt[:6]), groups, order=2, third_derivative=third, measure_hessian=quad)
+    groups = [
+        rng.choice(n, 60, replace=False),
+        np.flatnonzero(y.numpy() > 0)[:50],
+        np.array([3, 9]),
+    ]
+    gi = inf.group_influence(
+        (Xt[:6], yt[:6]), groups, order=2, third_derivative=third, measure_hessian=quad
+    )
     theta = model.weight.detach().numpy().ravel()
     for j, U in enumerate(groups):
-        d1, d2, f1, f2 = closed_form_group(theta, X.numpy(), y.numpy(), Xt[:6].numpy(), yt[:6].numpy(), l2, U, third=third, quad=quad)
+        d1, d2, f1, f2 = closed_form_group(
+            theta,
+            X.numpy(),
+            y.numpy(),
+            Xt[:6].numpy(),
+            yt[:6].numpy(),
+            l2,
+            U,
+            third=third,
+            quad=quad,
+        )
         assert_not_constant(f2)
-        assert np.abs(d2 - d1).max() > 1e-3 * np.abs(d1).max()  # the second-order term is not negligible here
+        # the second-order term is not negligible here
+        assert np.abs(d2 - d1).max() > 1e-3 * np.abs(d1).max()
         tol = 1e-8 if solver == "direct" else 1e-6
         np.testing.assert_allclose(gi.param_change[j], d2, rtol=tol, atol=tol * np.abs(d2).max())
         np.testing.assert_allclose(gi.values[:, j], f2, rtol=tol, atol=tol * np.abs(f2).max())
@@ -125,8 +151,9 @@ def test_order_two_matches_explicit_closed_form(fitted, solver, third, quad):
 
 # ── against actual retraining ─────────────────────────────────────────────────────────────────
 def test_small_group_second_order_is_nearly_exact(fitted):
-    """For a small group, θ̂₋U − θ̂ from an exact refit: order 2 errs far less than order 1; with the
-    third-derivative term (the full second-order expansion) less still than Basu's truncation."""
+    """For a small group, θ̂₋U − θ̂ from an exact refit: order 2 errs far less than order 1; with
+    the third-derivative term (the full second-order expansion) less still than Basu's truncation.
+    """
     inf, model, l2, (X, y), _ = fitted
     n = len(X)
     labels = KMeans(6, n_init=4, random_state=0).fit(X.numpy()).labels_
@@ -139,7 +166,11 @@ def test_small_group_second_order_is_nearly_exact(fitted):
     true = (res.params["weight"] - model.weight.detach()).numpy().ravel()
     assert_not_constant(true)
     err = {}
-    for name, kw in {"o1": dict(order=1), "basu": dict(order=2), "full": dict(order=2, third_derivative=True)}.items():
+    for name, kw in {
+        "o1": dict(order=1),
+        "basu": dict(order=2),
+        "full": dict(order=2, third_derivative=True),
+    }.items():
         d = inf.group_influence((X[:1], y[:1]), [U], **kw).param_change[0]
         err[name] = np.linalg.norm(d - true) / np.linalg.norm(true)
     assert err["o1"] > 0.01  # the first-order error is real…
@@ -155,7 +186,9 @@ def group_retraining(fitted):
     groups = coherent + random
     labels = ["coherent"] * len(coherent) + ["random"] * len(random)
     check = leave_group_out(inf, (Xt, yt), groups, labels=labels, gtol=1e-10, progress=False)
-    basu = leave_group_out(inf, (Xt, yt), coherent, orders=(2,), measure_hessian=False, gtol=1e-10, progress=False)
+    basu = leave_group_out(
+        inf, (Xt, yt), coherent, orders=(2,), measure_hessian=False, gtol=1e-10, progress=False
+    )
     return check, basu, len(coherent), len(X)
 
 
@@ -246,24 +279,41 @@ def test_bad_options_and_unfitted(fitted):
     with pytest.raises(InputError, match="labels"):
         leave_group_out(inf, (Xt[:1], yt[:1]), [[0, 1]], labels=["a", "b"], progress=False)
     with pytest.raises(NotFittedError):
-        uw.Influence(uw.Objective(model, "logistic", l2=l2)).group_influence((Xt[:1], yt[:1]), [[0]])
+        uw.Influence(uw.Objective(model, "logistic", l2=l2)).group_influence(
+            (Xt[:1], yt[:1]), [[0]]
+        )
 
 
-def test_leave_group_out_on_dask_workers_and_from_a_store(fitted, group_retraining, dask_executor, tmp_path):
+def test_leave_group_out_on_dask_workers_and_from_a_store(
+    fitted, group_retraining, dask_executor, tmp_path
+):
     """The coherent groups' retrainings as tasks on a 2-worker LocalCluster give the in-process
     actual changes; kept in a store, a second call reads them all back instead of retraining."""
     inf, _, _, (X, y), (Xt, yt) = fitted
     check, _, k, _ = group_retraining
     coherent, _ = coherent_and_random_groups(X.numpy(), y.numpy())
-    remote = leave_group_out(inf, (Xt, yt), coherent, orders=(1,), gtol=1e-10, progress=False,
-                             executor=dask_executor, store=tmp_path)
+    remote = leave_group_out(
+        inf,
+        (Xt, yt),
+        coherent,
+        orders=(1,),
+        gtol=1e-10,
+        progress=False,
+        executor=dask_executor,
+        store=tmp_path,
+    )
     np.testing.assert_allclose(remote.actual, check.actual[:k], rtol=1e-9, atol=1e-14)
     assert remote.provenance["resumed_from_store"] == 0
-    again = leave_group_out(inf, (Xt, yt), coherent, orders=(1,), gtol=1e-10, progress=False, store=tmp_path)
+    again = leave_group_out(
+        inf, (Xt, yt), coherent, orders=(1,), gtol=1e-10, progress=False, store=tmp_path
+    )
     assert again.provenance["resumed_from_store"] == k
     np.testing.assert_array_equal(again.actual, remote.actual)
-    # a group is the set of its positions: the same groups reversed, in another order, are found again
+    # a group is the set of its positions: the same groups reversed, in another order, are found
+    # again
     shuffled = [np.asarray(g)[::-1] for g in coherent[::-1]]
-    back = leave_group_out(inf, (Xt, yt), shuffled, orders=(1,), gtol=1e-10, progress=False, store=tmp_path)
+    back = leave_group_out(
+        inf, (Xt, yt), shuffled, orders=(1,), gtol=1e-10, progress=False, store=tmp_path
+    )
     assert back.provenance["resumed_from_store"] == k
     np.testing.assert_array_equal(back.actual, remote.actual[::-1])

@@ -54,7 +54,9 @@ def _explicit_hessian(obj: uw.Objective, X, y) -> torch.Tensor:
     flat0 = torch.cat([obj.params[n].reshape(-1) for n in names]).double()
 
     def risk(flat):
-        parts = dict(zip(names, [t.reshape(obj.params[n].shape) for t, n in zip(flat.split(sizes), names)]))
+        parts = dict(
+            zip(names, [t.reshape(obj.params[n].shape) for t, n in zip(flat.split(sizes), names)])
+        )
         return obj.losses(parts, X, y).mean() + obj.regularizer(parts)
 
     return torch.autograd.functional.hessian(risk, flat0)
@@ -118,7 +120,8 @@ class _NaNOnLastProduct:
 
 
 def test_cg_raises_on_a_nonfinite_measured_residual():
-    op = _NaNOnLastProduct(6, good=6)  # 6 iterations solve diag(1..6) exactly; the 7th call measures
+    # 6 iterations solve diag(1..6) exactly; the 7th call measures
+    op = _NaNOnLastProduct(6, good=6)
     with pytest.raises(SolverError, match="residual of right-hand side.*not finite"):
         uw.CG(rtol=1e-12, block=False).solve(op, torch.ones(1, 6, dtype=torch.float64))
     assert op.calls == 7
@@ -126,13 +129,27 @@ def test_cg_raises_on_a_nonfinite_measured_residual():
 
 def test_solution_tells_unmeasured_from_measured_nan():
     v = torch.zeros(3, 2)
-    unmeasured = Solution(v, torch.tensor([0.1, float("nan"), 0.2]), torch.ones(3, dtype=torch.bool), 0, 0.0,
-                          measured=torch.tensor([True, False, True]))
+    unmeasured = Solution(
+        v,
+        torch.tensor([0.1, float("nan"), 0.2]),
+        torch.ones(3, dtype=torch.bool),
+        0,
+        0.0,
+        measured=torch.tensor([True, False, True]),
+    )
     assert unmeasured.max_residual == pytest.approx(0.2) and unmeasured.checked
-    nothing = Solution(v, torch.full((3,), float("nan")), torch.ones(3, dtype=torch.bool), 0, 0.0,
-                       measured=torch.zeros(3, dtype=torch.bool))
+    nothing = Solution(
+        v,
+        torch.full((3,), float("nan")),
+        torch.ones(3, dtype=torch.bool),
+        0,
+        0.0,
+        measured=torch.zeros(3, dtype=torch.bool),
+    )
     assert math.isnan(nothing.max_residual) and not nothing.checked
-    failed = Solution(v, torch.tensor([0.1, float("nan"), 0.2]), torch.ones(3, dtype=torch.bool), 0, 0.0)
+    failed = Solution(
+        v, torch.tensor([0.1, float("nan"), 0.2]), torch.ones(3, dtype=torch.bool), 0, 0.0
+    )
     assert failed.max_residual == math.inf and failed.checked
 
 
@@ -155,7 +172,8 @@ def test_influence_rejects_a_measured_nan_residual_whatever_on_inaccurate(on_ina
 
 
 def test_one_shot_unchecked_solve_stays_unchecked_not_failed():
-    """residual_sample=0 leaves every residual unmeasured: provenance says accepted=None, not True."""
+    """residual_sample=0 leaves every residual unmeasured: provenance says accepted=None,
+    not True."""
     model, (X, y) = _softmax_problem()
     inf = _influence(model, (X, y), solver=uw.KFAC(residual_sample=0))
     prov = inf.up_loss((X[:2], y[:2])).provenance
@@ -164,7 +182,8 @@ def test_one_shot_unchecked_solve_stays_unchecked_not_failed():
 
 # ── stored s_test is re-verified ──────────────────────────────────────────────────────────
 def test_forged_stored_s_test_is_detected_and_solved_again(tmp_path):
-    """A chunk replaced by 3 × s_test with an updated checksum used to give scores exactly 3× too large."""
+    """A chunk replaced by 3 × s_test with an updated checksum used to give scores exactly 3× too
+    large."""
     model, (X, y) = _softmax_problem()
     test = (X[:4], y[:4])
     inf = _influence(model, (X, y))
@@ -180,7 +199,9 @@ def test_forged_stored_s_test_is_detected_and_solved_again(tmp_path):
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     import hashlib
 
-    manifest["arrays"]["s_test"]["chunks"]["0"]["sha256"] = hashlib.sha256(chunk.read_bytes()).hexdigest()
+    manifest["arrays"]["s_test"]["chunks"]["0"]["sha256"] = hashlib.sha256(
+        chunk.read_bytes()
+    ).hexdigest()
     del manifest["arrays"]["scores"]  # make the scores be recomputed from the (forged) s_test
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
 
@@ -202,7 +223,9 @@ def test_dense_up_loss_over_memory_budget_raises_before_any_solve(monkeypatch):
     calls = []
     monkeypatch.setattr(type(inf.solver), "solve", lambda *a, **k: calls.append(1))
     monkeypatch.setenv("UPWEIGHT_MEMORY_LIMIT", "1K")  # (10, 40) float64 × 2 = 6.4 KB > 0.8 KiB
-    with pytest.raises(InsufficientMemoryError, match=r"I_up,loss of shape \(10, 40\) needs 6.2 KiB.*store=") as err:
+    with pytest.raises(
+        InsufficientMemoryError, match=r"I_up,loss of shape \(10, 40\) needs 6.2 KiB.*store="
+    ) as err:
         inf.up_loss((X[:10], y[:10]))
     assert err.value.required_bytes == 2 * 10 * 40 * 8 and calls == []
 
@@ -223,7 +246,9 @@ def test_direct_limit_comes_from_memory_and_max_p_still_caps(monkeypatch):
     obj = uw.Objective(model, "cross_entropy", l2=0.1)
     curv = Curvature(obj, uw.Data.from_any((X, y)))
     monkeypatch.setenv("UPWEIGHT_MEMORY_LIMIT", "10K")  # 32 · 18² = 10,368 B > 0.8 · 10 KiB
-    with pytest.raises(InsufficientMemoryError, match=r"Direct's dense float64 Hessian for p = 18.*CG"):
+    with pytest.raises(
+        InsufficientMemoryError, match=r"Direct's dense float64 Hessian for p = 18.*CG"
+    ):
         uw.Direct().prepare(curv)
     monkeypatch.delenv("UPWEIGHT_MEMORY_LIMIT")
     with pytest.raises(CurvatureTooLargeError, match=r"max_p=10.*p = 18"):
@@ -235,8 +260,11 @@ def test_direct_limit_comes_from_memory_and_max_p_still_caps(monkeypatch):
 def test_kfac_factors_check_memory_first(monkeypatch):
     model, (X, y) = _softmax_problem()
     curv = Curvature(uw.Objective(model, "cross_entropy", l2=0.1), uw.Data.from_any((X, y)))
-    monkeypatch.setenv("UPWEIGHT_MEMORY_LIMIT", "256")  # cols = 6, out = 3: 8·(3·36 + 3·9) = 1,080 B
-    with pytest.raises(InsufficientMemoryError, match=r"Kronecker factors of 1 layer.*6 input columns"):
+    # cols = 6, out = 3: 8·(3·36 + 3·9) = 1,080 B
+    monkeypatch.setenv("UPWEIGHT_MEMORY_LIMIT", "256")
+    with pytest.raises(
+        InsufficientMemoryError, match=r"Kronecker factors of 1 layer.*6 input columns"
+    ):
         uw.KFAC().prepare(curv)
 
 
@@ -246,20 +274,25 @@ def _indefinite_curvature(weights=(10.0, 5.0, 2.0, -0.5)):
     n = len(weights)
     model = torch.nn.Linear(n, 1, bias=False).double().eval()
     obj = uw.Objective(model, lambda out, y: 0.5 * y * out.squeeze(-1) ** 2)
-    data = uw.Data.from_any((torch.eye(n, dtype=torch.float64), torch.tensor(weights, dtype=torch.float64)))
+    data = uw.Data.from_any(
+        (torch.eye(n, dtype=torch.float64), torch.tensor(weights, dtype=torch.float64))
+    )
     return Curvature(obj, data)
 
 
 def test_arnoldi_refuses_or_warns_on_a_negative_ritz_value_it_does_not_keep():
     curv = _indefinite_curvature()  # eigenvalues 2.5, 1.25, 0.5, −0.125
-    with pytest.raises(NotPositiveDefiniteError, match=r"Ritz value -1.250e-01.*on_indefinite='warn'") as err:
+    with pytest.raises(
+        NotPositiveDefiniteError, match=r"Ritz value -1.250e-01.*on_indefinite='warn'"
+    ) as err:
         uw.Arnoldi(rank=2).prepare(curv)
     assert err.value.min_eigenvalue == pytest.approx(-0.125)
     with pytest.warns(IndefiniteCurvatureWarning, match="indefinite"):
         solver = uw.Arnoldi(rank=2, on_indefinite="warn")
         state = solver.prepare(curv)
     x = solver.solve(state, torch.tensor([[1.0, 1.0, 1.0, 1.0]], dtype=torch.float64)).value
-    torch.testing.assert_close(x, torch.tensor([[0.4, 0.8, 0.0, 0.0]], dtype=torch.float64))  # top-2 inverse
+    # top-2 inverse
+    torch.testing.assert_close(x, torch.tensor([[0.4, 0.8, 0.0, 0.0]], dtype=torch.float64))
     assert uw.Arnoldi(rank=2).config() == uw.Arnoldi(rank=2, on_indefinite="warn").config()
 
 
@@ -285,9 +318,13 @@ def test_lissa_blames_the_model_when_its_hvps_are_nan():
     with torch.no_grad():
         model.weight.copy_(torch.tensor([[1.0, 2.0, 3.0, 4.0]], dtype=torch.float64))
     obj = uw.Objective(model, lambda out, y: (out.squeeze(-1) - y).abs() ** 1.5)
-    data = uw.Data.from_any((torch.eye(4, dtype=torch.float64), torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64)))
+    data = uw.Data.from_any(
+        (torch.eye(4, dtype=torch.float64), torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64))
+    )
     solver = uw.LiSSA(scale=10.0, depth=50, repeats=1, progress=False)
-    with pytest.raises(DivergenceError, match="Hessian-vector products are NaN or infinite.*no scale can help"):
+    with pytest.raises(
+        DivergenceError, match="Hessian-vector products are NaN or infinite.*no scale can help"
+    ):
         solver.solve(solver.prepare(Curvature(obj, data)), torch.ones(1, 4, dtype=torch.float64))
 
 
@@ -298,11 +335,17 @@ def test_progress_is_not_part_of_a_solvers_identity(tmp_path):
     assert uw.Auto(progress=True).config() == uw.Auto(progress=False).config()
     test = (X[:2], y[:2])
     solver = dict(depth=300, repeats=1, scale=10.0)
-    a = _influence(model, (X, y), solver=uw.LiSSA(progress=True, **solver)).up_loss(test, store=tmp_path)
-    b = _influence(model, (X, y), solver=uw.LiSSA(progress=False, **solver)).up_loss(test, store=tmp_path)
+    a = _influence(model, (X, y), solver=uw.LiSSA(progress=True, **solver)).up_loss(
+        test, store=tmp_path
+    )
+    b = _influence(model, (X, y), solver=uw.LiSSA(progress=False, **solver)).up_loss(
+        test, store=tmp_path
+    )
     np.testing.assert_array_equal(a.values, b.values)
     with pytest.raises(StoreMismatchError, match="solver.depth"):  # a numerical setting still is
-        _influence(model, (X, y), solver=uw.LiSSA(progress=False, **{**solver, "depth": 301})).up_loss(test, store=tmp_path)
+        _influence(
+            model, (X, y), solver=uw.LiSSA(progress=False, **{**solver, "depth": 301})
+        ).up_loss(test, store=tmp_path)
 
 
 def test_influence_progress_false_silences_its_solvers_bars(monkeypatch):
@@ -312,7 +355,8 @@ def test_influence_progress_false_silences_its_solvers_bars(monkeypatch):
 
     def fake_tqdm(iterable=None, desc=None, **kw):
         shown.append(desc)
-        return iterable if iterable is not None else mock.MagicMock()  # a bar the loop updates itself
+        # a bar the loop updates itself
+        return iterable if iterable is not None else mock.MagicMock()
 
     monkeypatch.setattr(prog, "tqdm", fake_tqdm)
     model, (X, y) = _softmax_problem()
@@ -320,20 +364,32 @@ def test_influence_progress_false_silences_its_solvers_bars(monkeypatch):
     _influence(model, (X, y), solver=lissa, max_residual=None).up_loss((X[:1], y[:1]))
     assert "LiSSA" not in shown
     obj = uw.Objective(model, "cross_entropy", l2=0.1)
-    uw.Influence(obj, solver=lissa, grad_tol=1e9, max_residual=None).fit((X, y)).up_loss((X[:1], y[:1]))
+    uw.Influence(obj, solver=lissa, grad_tol=1e9, max_residual=None).fit((X, y)).up_loss(
+        (X[:1], y[:1])
+    )
     assert "LiSSA" in shown
 
 
 # ── the user's model ────────────────────────────────────────────────────────────────────────
 def test_model_switched_to_train_mode_after_fit_is_refused():
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Dropout(0.5), torch.nn.Linear(8, 3)).double().eval()
+    model = (
+        torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Dropout(0.5), torch.nn.Linear(8, 3))
+        .double()
+        .eval()
+    )
     _, (X, y) = _softmax_problem()
-    inf = uw.Influence(uw.Objective(model, "cross_entropy", l2=0.1, params="2"), progress=False, grad_tol=1e9).fit((X, y))
+    inf = uw.Influence(
+        uw.Objective(model, "cross_entropy", l2=0.1, params="2"), progress=False, grad_tol=1e9
+    ).fit((X, y))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     inf.up_loss((X[:2], y[:2]))
     model.train()
-    for call in (lambda: inf.up_loss((X[:2], y[:2])), lambda: inf.self_influence(), lambda: inf.up_params()):
+    for call in (
+        lambda: inf.up_loss((X[:2], y[:2])),
+        lambda: inf.self_influence(),
+        lambda: inf.up_params(),
+    ):
         with pytest.raises(UnsupportedModelError, match="model.eval()"):
             call()
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
@@ -349,10 +405,16 @@ def test_train_selection_is_never_truncated_or_misread():
     mask = np.zeros(12, dtype=bool)
     mask[[2, 5, 9]] = True
     np.testing.assert_array_equal(inf.up_loss(test, train=mask).values, full[:, [2, 5, 9]])
-    np.testing.assert_array_equal(inf.up_loss(test, train=torch.tensor([-1, 3.0])).values, full[:, [11, 3]])
+    np.testing.assert_array_equal(
+        inf.up_loss(test, train=torch.tensor([-1, 3.0])).values, full[:, [11, 3]]
+    )
     assert inf.self_influence(train=mask).values.shape == (3,)
-    for bad, words in [([0.5], "integer positions"), (mask[:5], "mask of length 5"), ([12], "position 12"),
-                       ([[1, 2]], "one-dimensional")]:
+    for bad, words in [
+        ([0.5], "integer positions"),
+        (mask[:5], "mask of length 5"),
+        ([12], "position 12"),
+        ([[1, 2]], "one-dimensional"),
+    ]:
         with pytest.raises(uw.errors.InputError, match=words):
             inf.up_loss(test, train=bad)
         with pytest.raises(uw.errors.InputError, match=words):
@@ -366,14 +428,18 @@ def test_rankings_validate_k_and_the_test_row(tmp_path):
         scores.top_k(-1)
     with pytest.raises(uw.errors.InputError, match="test=2 is not a row.*2 test point"):
         scores.top_k(3, test=2)
-    assert list(scores.top_k(3, test=-1).train_ids) == list(np.argsort(-scores.values[1], kind="stable")[:3])
+    assert list(scores.top_k(3, test=-1).train_ids) == list(
+        np.argsort(-scores.values[1], kind="stable")[:3]
+    )
     path = tmp_path / "s.npz"
     scores.save(path)
     back = uw.InfluenceScores.load(path)
     np.testing.assert_array_equal(back.values, scores.values)
     assert [p.name for p in tmp_path.iterdir()] == ["s.npz"]  # no temporary file left
     (tmp_path / "t.csv").write_text("a,b\n1,2\n")
-    with pytest.raises(uw.errors.InputError, match=r"not an .npz archive \(it starts with b'a,b") as err:
+    with pytest.raises(
+        uw.errors.InputError, match=r"not an .npz archive \(it starts with b'a,b"
+    ) as err:
         uw.InfluenceScores.load(tmp_path / "t.csv")
     assert "allow_pickle" not in str(err.value)
     np.savez(tmp_path / "obj.npz", values=np.array([object()], dtype=object))
@@ -382,8 +448,8 @@ def test_rankings_validate_k_and_the_test_row(tmp_path):
 
 
 def test_cgs_negative_curvature_error_is_cheap_and_bounds_lambda_min():
-    """Explaining negative curvature takes a short Lanczos run (at most 20 products), and the λmin it
-    names is a true Rayleigh quotient: at least the exact smallest eigenvalue."""
+    """Explaining negative curvature takes a short Lanczos run (at most 20 products), and the λmin
+    it names is a true Rayleigh quotient: at least the exact smallest eigenvalue."""
     curv = _indefinite_curvature((10.0, 5.0, 2.0, -5.0))  # eigenvalues 2.5, 1.25, 0.5, −1.25
     before = curv.n_matvecs
     with pytest.raises(NotPositiveDefiniteError, match="curvature='gauss-newton'") as err:

@@ -41,7 +41,9 @@ def multinomial_risk(X, y, l2):
     def risk(theta):
         W, b = theta[:640].reshape(10, 64), theta[640:]
         logits = X @ W.T + b
-        return -(logits.log_softmax(1)[torch.arange(len(y)), y]).mean() + 0.5 * l2 * (theta**2).sum()
+        return (
+            -(logits.log_softmax(1)[torch.arange(len(y)), y]).mean() + 0.5 * l2 * (theta**2).sum()
+        )
 
     def loss_one(theta, x, t):
         W, b = theta[:640].reshape(10, 64), theta[640:]
@@ -63,7 +65,9 @@ def test_multinomial_up_loss_against_explicit_hessian(digits10, solver):
     ref = -(Gt @ torch.linalg.solve(H, G.T)).numpy()
     assert_not_constant(ref)
 
-    inf = uw.Influence(uw.Objective(model, "cross_entropy", l2=l2), solver=solver, progress=False).fit((X, y))
+    inf = uw.Influence(
+        uw.Objective(model, "cross_entropy", l2=l2), solver=solver, progress=False
+    ).fit((X, y))
     got = inf.up_loss((Xt, yt)).values
     assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 1e-6
 
@@ -72,14 +76,28 @@ def test_dense_curvature_and_hvp_match_explicit_hessian(digits10):
     model, X, y = digits10
     theta = torch.cat([model.weight.detach().reshape(-1), model.bias.detach()])
     H = explicit_hessian(multinomial_risk(X, y, 0.05)[0], theta)
-    curv = Curvature(uw.Objective(model, "cross_entropy", l2=0.05), uw.Data.from_any((X, y)), damping=0.3, batch_size=64)
-    torch.testing.assert_close(curv.dense(), H + 0.3 * torch.eye(650, dtype=torch.float64), rtol=1e-9, atol=1e-12)
+    curv = Curvature(
+        uw.Objective(model, "cross_entropy", l2=0.05),
+        uw.Data.from_any((X, y)),
+        damping=0.3,
+        batch_size=64,
+    )
+    torch.testing.assert_close(
+        curv.dense(), H + 0.3 * torch.eye(650, dtype=torch.float64), rtol=1e-9, atol=1e-12
+    )
     V = torch.randn(3, 650, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(curv.matvec(V), V @ (H + 0.3 * torch.eye(650, dtype=torch.float64)), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(
+        curv.matvec(V), V @ (H + 0.3 * torch.eye(650, dtype=torch.float64)), rtol=1e-9, atol=1e-12
+    )
     # a minibatch product is the Hessian of the minibatch mean loss, plus the L2 and damping terms
     batch = uw.Data.from_any((X, y)).subset(range(40, 90))
     Hb = explicit_hessian(multinomial_risk(X[40:90], y[40:90], 0.05)[0], theta)
-    torch.testing.assert_close(curv.batch_matvec(V, batch), V @ (Hb + 0.3 * torch.eye(650, dtype=torch.float64)), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(
+        curv.batch_matvec(V, batch),
+        V @ (Hb + 0.3 * torch.eye(650, dtype=torch.float64)),
+        rtol=1e-9,
+        atol=1e-12,
+    )
 
 
 def mlp_flat_risk(model, X, y, l2, names):
@@ -90,7 +108,9 @@ def mlp_flat_risk(model, X, y, l2, names):
         return {n: t.reshape(s) for n, t, s in zip(names, theta.split(sizes), shapes)}
 
     def risk(theta):
-        out = torch.func.functional_call(model, {**dict(model.named_parameters()), **unflat(theta)}, (X,))
+        out = torch.func.functional_call(
+            model, {**dict(model.named_parameters()), **unflat(theta)}, (X,)
+        )
         return F.cross_entropy(out, y) + 0.5 * l2 * (theta**2).sum()
 
     return risk
@@ -111,10 +131,14 @@ def test_non_pd_hessian_raises_with_damping_advice_then_solves_with_damping(untr
     assert f"{lmin:.3e}" in str(err) and "damping" in str(err)
     assert err.suggested_damping > -lmin
     # with the suggested damping it solves, and matches (H + δI)⁻¹ computed independently
-    inf = uw.Influence(obj, solver=uw.Direct(), damping=err.suggested_damping, progress=False, grad_tol=1e3).fit((X, y))
+    inf = uw.Influence(
+        obj, solver=uw.Direct(), damping=err.suggested_damping, progress=False, grad_tol=1e3
+    ).fit((X, y))
     V = torch.randn(2, len(theta), dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     sol = inf.inverse_hvp(V)
-    ref = torch.linalg.solve(H + err.suggested_damping * torch.eye(len(theta), dtype=torch.float64), V.T).T
+    ref = torch.linalg.solve(
+        H + err.suggested_damping * torch.eye(len(theta), dtype=torch.float64), V.T
+    ).T
     # both are float64 solves of a matrix with condition number ~1e6: agree to ~1e-10·cond
     assert float((sol.value - ref).norm() / ref.norm()) < 1e-6
 
@@ -122,19 +146,30 @@ def test_non_pd_hessian_raises_with_damping_advice_then_solves_with_damping(untr
 @pytest.mark.parametrize("block", [False, True], ids=["cg", "block-cg"])
 def test_cg_detects_negative_curvature(untrained_mlp, block):
     model, X, y, _ = untrained_mlp
-    inf = uw.Influence(uw.Objective(model, "cross_entropy"), solver=uw.CG(block=block), progress=False, grad_tol=1e3).fit((X, y))
+    inf = uw.Influence(
+        uw.Objective(model, "cross_entropy"),
+        solver=uw.CG(block=block),
+        progress=False,
+        grad_tol=1e3,
+    ).fit((X, y))
     Xt, yt = X[:3], y[:3]
     with pytest.raises(NotPositiveDefiniteError, match="damping"):
         inf.up_loss((Xt, yt))
 
 
 def test_frozen_layers_use_the_hessian_block_of_the_chosen_parameters(untrained_mlp):
-    """The paper's "all but the top layer frozen": θ = fc2 only; H is the fc2 block of the full Hessian."""
+    """The paper's "all but the top layer frozen": θ = fc2 only; H is the fc2 block of the full
+    Hessian."""
     model, X, y, _ = untrained_mlp
     names = ["fc2.weight", "fc2.bias"]
     theta = torch.cat([dict(model.named_parameters())[n].detach().reshape(-1) for n in names])
     H = explicit_hessian(mlp_flat_risk(model, X, y, 0.1, names), theta)
-    for selector in ("fc2", model.fc2, ["fc2.weight", "fc2.bias"], lambda name, t: name.startswith("fc2")):
+    for selector in (
+        "fc2",
+        model.fc2,
+        ["fc2.weight", "fc2.bias"],
+        lambda name, t: name.startswith("fc2"),
+    ):
         obj = uw.Objective(model, "cross_entropy", l2=0.1, params=selector)
         assert obj.space.names == tuple(names)
         curv = Curvature(obj, uw.Data.from_any((X, y)))
@@ -148,7 +183,9 @@ def test_per_sample_grads_with_batchnorm_in_eval_mode(mnist_1v7):
     d = mnist_1v7
     X = torch.tensor(pooled(d.x_train[:20], 7), dtype=torch.float64)
     y = torch.tensor((d.y_train[:20] > 0).astype(np.int64))
-    model = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.BatchNorm1d(8), torch.nn.Tanh(), torch.nn.Linear(8, 2)).double()
+    model = torch.nn.Sequential(
+        torch.nn.Linear(16, 8), torch.nn.BatchNorm1d(8), torch.nn.Tanh(), torch.nn.Linear(8, 2)
+    ).double()
     model.train()
     model(X)  # populate running statistics
     model.eval()
@@ -189,7 +226,10 @@ def test_integer_token_inputs_and_float32_models():
 
     def risk(th):
         prm = {n: t.reshape(s) for n, t, s in zip(names, th.split(sizes), shapes)}
-        return F.cross_entropy(torch.func.functional_call(m64, prm, (tokens,)), y) + 0.5 * 0.1 * (th**2).sum()
+        return (
+            F.cross_entropy(torch.func.functional_call(m64, prm, (tokens,)), y)
+            + 0.5 * 0.1 * (th**2).sum()
+        )
 
     def loss_one(th, x, t):
         prm = {n: a.reshape(s) for n, a, s in zip(names, th.split(sizes), shapes)}
@@ -199,10 +239,18 @@ def test_integer_token_inputs_and_float32_models():
     lmin = float(torch.linalg.eigvalsh(H)[0])
     damping = max(0.0, -lmin) + 0.05
     G = loop_grads(loss_one, theta, tokens, y)
-    ref = -(G[:4] @ torch.linalg.solve(H + damping * torch.eye(len(theta), dtype=torch.float64), G.T)).numpy()
+    ref = -(
+        G[:4] @ torch.linalg.solve(H + damping * torch.eye(len(theta), dtype=torch.float64), G.T)
+    ).numpy()
     assert_not_constant(ref)
     for model, tol in ((m64, 1e-8), (m32, 1e-3)):
-        inf = uw.Influence(uw.Objective(model, "cross_entropy", l2=0.1), solver=uw.Direct(), damping=damping, progress=False, grad_tol=1e3)
+        inf = uw.Influence(
+            uw.Objective(model, "cross_entropy", l2=0.1),
+            solver=uw.Direct(),
+            damping=damping,
+            progress=False,
+            grad_tol=1e3,
+        )
         got = inf.fit((tokens, y)).up_loss((tokens[:4], y[:4])).values
         assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < tol
     # I_pert,loss needs continuous inputs: token ids get a clear error
@@ -223,19 +271,22 @@ def test_unpenalised_intercept_is_left_out_of_r_and_h(digits10):
     curv = Curvature(obj, uw.Data.from_any((X, y)), damping=0.01)
     ref = explicit_hessian(risk, theta) + 0.01 * torch.eye(650, dtype=torch.float64)
     torch.testing.assert_close(curv.dense(), ref, rtol=1e-9, atol=1e-12)
-    assert float(obj.regularizer({"weight": model.weight.detach(), "bias": model.bias.detach()})) == float(
-        0.5 * 0.05 * (model.weight.detach() ** 2).sum()
-    )
+    assert float(
+        obj.regularizer({"weight": model.weight.detach(), "bias": model.bias.detach()})
+    ) == float(0.5 * 0.05 * (model.weight.detach() ** 2).sum())
     with pytest.raises(uw.errors.InputError, match="l2_exclude"):
         uw.Objective(model, "cross_entropy", l2=0.05, l2_exclude=["intercept"])
 
 
 class _WithUnusedParameter(torch.nn.Module):
-    """A tanh MLP with a parameter that the forward pass never touches (its gradient has no graph)."""
+    """A tanh MLP with a parameter that the forward pass never touches (its gradient has no
+    graph)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.net = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3))
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3)
+        )
         self.unused = torch.nn.Parameter(torch.ones(2))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -264,11 +315,16 @@ def test_many_tangents_through_one_graph_equal_the_explicit_hessian():
 
     H = explicit_hessian(risk, theta) + 0.2 * torch.eye(len(theta), dtype=torch.float64)
     assert names[0] == "unused"  # a module's own parameters come before its children's
-    assert float(H[:2, 2:].abs().max()) == 0.0  # the unused parameter's rows: only l2 + δ on the diagonal
+    # the unused parameter's rows: only l2 + δ on the diagonal
+    assert float(H[:2, 2:].abs().max()) == 0.0
     V = torch.randn(23, len(theta), dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    got = Curvature(obj, uw.Data.from_any((X, y)), damping=0.2, batch_size=16, structured=False).matvec(V)
+    got = Curvature(
+        obj, uw.Data.from_any((X, y)), damping=0.2, batch_size=16, structured=False
+    ).matvec(V)
     assert float((got - V @ H).norm() / (V @ H).norm()) < 1e-12
-    one = Curvature(obj, uw.Data.from_any((X, y)), damping=0.2, batch_size=16, structured=False).matvec(V[:1])
+    one = Curvature(
+        obj, uw.Data.from_any((X, y)), damping=0.2, batch_size=16, structured=False
+    ).matvec(V[:1])
     assert float((one - V[:1] @ H).norm() / (V[:1] @ H).norm()) < 1e-12
 
 
@@ -297,7 +353,8 @@ class _TinyCNN(torch.nn.Module):
 def test_hvp_batches_capped_by_the_graph_budget_still_give_the_explicit_hessian(monkeypatch):
     """Curvature.hvp_batch_size caps generic HVP batches by the bytes autograd saves per point: the
     measurement covers at least the activations the chain rule needs, the cap is budget // bytes per
-    point, and the products over the smaller batches are still (H + δI)V of the explicit float64 H."""
+    point, and the products over the smaller batches are still (H + δI)V of the explicit float64 H.
+    """
     import upweight.core.curvature as curvature_module
     from upweight.core.curvature import graph_bytes_per_point
     from upweight.core.curvature import hvp_sum as module_hvp_sum
@@ -308,7 +365,8 @@ def test_hvp_batches_capped_by_the_graph_budget_still_give_the_explicit_hessian(
     obj = uw.Objective(model, "cross_entropy", l2=0.1)
     data = uw.Data.from_any((X, y))
     per_point = graph_bytes_per_point(obj, obj.params, data)
-    # the backward needs at least each point's input (for the conv weight) and its tanh output: 8 B × (36 + 64)
+    # the backward needs at least each point's input (for the conv weight) and its tanh output: 8 B
+    # × (36 + 64)
     assert 8 * (36 + 64) <= per_point <= 20 * 8 * (36 + 64)
 
     monkeypatch.setattr(curvature_module, "MIN_HVP_BATCH", 1)
@@ -331,14 +389,16 @@ def test_hvp_batches_capped_by_the_graph_budget_still_give_the_explicit_hessian(
     H20 = explicit_H(model, ce, X[:20], y[:20], l2=0.0) * 20  # Σ over the 20 points of ∇²L
     assert float((curv.hvp_sum(V, part) - V @ H20).norm() / (V @ H20).norm()) < 1e-12
     assert batches == [7, 7, 6]
-    monkeypatch.setattr(curvature_module, "HVP_GRAPH_BYTES", 2**40)  # a generous budget keeps batch_size
+    # a generous budget keeps batch_size
+    monkeypatch.setattr(curvature_module, "HVP_GRAPH_BYTES", 2**40)
     assert Curvature(obj, data, batch_size=32, structured=False).hvp_batch_size == 32
 
 
 def test_per_sample_gradient_chunks_stay_within_the_tensor_budget(digits10, monkeypatch):
-    """``grad_chunk_size``: b × p × itemsize ≤ ``core.batching.TENSOR_BYTES`` (16 MiB: MNIST softmax regression,
-    p = 7,850 float32, 534 points per chunk); with the budget set to 3.5 points' worth the sweep yields chunks of 3,
-    and every row is still the closed-form multinomial gradient (softmax(Wx + b) − e_y) ⊗ [x, 1]."""
+    """``grad_chunk_size``: b × p × itemsize ≤ ``core.batching.TENSOR_BYTES`` (16 MiB: MNIST softmax
+    regression, p = 7,850 float32, 534 points per chunk); with the budget set to 3.5 points' worth
+    the sweep yields chunks of 3, and every row is still the closed-form multinomial gradient
+    (softmax(Wx + b) − e_y) ⊗ [x, 1]."""
     import upweight.core.batching as batching
     from upweight.core.grads import grad_chunk_size, iter_per_sample_grads
 
@@ -354,5 +414,6 @@ def test_per_sample_gradient_chunks_stay_within_the_tensor_budget(digits10, monk
     G = torch.cat([g for _, g in chunks])
     with torch.no_grad():
         r = torch.softmax(model(X[:20]), 1) - F.one_hot(y[:20], 10).double()  # (n, 10)
-    closed = torch.cat([(r[:, :, None] * X[:20, None, :]).reshape(20, -1), r], 1)  # θ = [W row-major, b]
+    # θ = [W row-major, b]
+    closed = torch.cat([(r[:, :, None] * X[:20, None, :]).reshape(20, -1), r], 1)
     assert float((G - closed).abs().max()) < 1e-12 * float(closed.abs().max())

@@ -56,9 +56,12 @@ class NormMLP(torch.nn.Module):
 
 # ── (1) exactness where S ⊗ A is the Gauss–Newton block ──────────────────────────────────
 def _linear_squared():
-    """Squared loss of a linear model: G = H_loss = I ⊗ (1/n)Σ ããᵀ exactly (constant output Hessian)."""
+    """Squared loss of a linear model: G = H_loss = I ⊗ (1/n)Σ ããᵀ exactly (constant output
+    Hessian)."""
     g = torch.Generator().manual_seed(0)
-    X = torch.randn(40, 5, generator=g, dtype=D64) * torch.tensor([3.0, 1.0, 0.3, 0.1, 2.0], dtype=D64)
+    X = torch.randn(40, 5, generator=g, dtype=D64) * torch.tensor(
+        [3.0, 1.0, 0.3, 0.1, 2.0], dtype=D64
+    )
     Y = torch.randn(40, 3, generator=g, dtype=D64)
     model = torch.nn.Linear(5, 3).double().eval()
     return model, "squared", sq, X, Y
@@ -85,13 +88,21 @@ def _softmax_one_point():
     return model, "cross_entropy", ce, X, torch.tensor([2])
 
 
-@pytest.mark.parametrize("case", [_linear_squared, _softmax_shared_probs, _softmax_one_point], ids=["squared", "ce-shared-p", "ce-n1"])
+@pytest.mark.parametrize(
+    "case",
+    [_linear_squared, _softmax_shared_probs, _softmax_one_point],
+    ids=["squared", "ce-shared-p", "ce-n1"],
+)
 @pytest.mark.parametrize("solver_cls", [KFAC, EKFAC])
 def test_kfac_equals_explicit_inverse_where_the_kronecker_form_is_exact(case, solver_cls):
     model, loss_name, loss, X, y = case()
     l2, damping = 0.1, 0.01
-    H = explicit_H(model, loss, X, y, l2) + damping * torch.eye(sum(t.numel() for t in model.parameters()), dtype=D64)
-    curv = Curvature(uw.Objective(model, loss_name, l2=l2), uw.Data.from_any((X, y)), damping=damping)
+    H = explicit_H(model, loss, X, y, l2) + damping * torch.eye(
+        sum(t.numel() for t in model.parameters()), dtype=D64
+    )
+    curv = Curvature(
+        uw.Objective(model, loss_name, l2=l2), uw.Data.from_any((X, y)), damping=damping
+    )
     solver = solver_cls()
     state = solver.prepare(curv)
     V = torch.randn(3, curv.p, generator=torch.Generator().manual_seed(5), dtype=D64)
@@ -102,7 +113,9 @@ def test_kfac_equals_explicit_inverse_where_the_kronecker_form_is_exact(case, so
     assert sol.stats["approximates"] == solver.approximates
 
 
-@pytest.mark.parametrize("case", [_linear_squared, _softmax_shared_probs], ids=["squared", "ce-shared-p"])
+@pytest.mark.parametrize(
+    "case", [_linear_squared, _softmax_shared_probs], ids=["squared", "ce-shared-p"]
+)
 @pytest.mark.parametrize("solver_cls", [KFAC, EKFAC])
 def test_kfac_solve_of_a_float32_model_is_the_exact_inverse_to_float32_rounding(case, solver_cls):
     """A float32 model's K-FAC solve rotates in float32 (the eigenbases are fitted in float64 and
@@ -110,14 +123,21 @@ def test_kfac_solve_of_a_float32_model_is_the_exact_inverse_to_float32_rounding(
     float32 rounding times the block's condition number (< 1e3 here), and comes back in float32."""
     model, loss_name, loss, X, y = case()
     l2, damping = 0.1, 0.01
-    H = explicit_H(model, loss, X, y, l2) + damping * torch.eye(sum(t.numel() for t in model.parameters()), dtype=D64)
+    H = explicit_H(model, loss, X, y, l2) + damping * torch.eye(
+        sum(t.numel() for t in model.parameters()), dtype=D64
+    )
     y32 = y.float() if y.is_floating_point() else y
-    curv = Curvature(uw.Objective(model.float(), loss_name, l2=l2), uw.Data.from_any((X.float(), y32)), damping=damping)
+    curv = Curvature(
+        uw.Objective(model.float(), loss_name, l2=l2),
+        uw.Data.from_any((X.float(), y32)),
+        damping=damping,
+    )
     solver = solver_cls()
     V = torch.randn(3, curv.p, generator=torch.Generator().manual_seed(5), dtype=D64)
     sol = solver.solve(solver.prepare(curv), V.float())
     assert sol.value.dtype == torch.float32
-    assert float(torch.linalg.cond(H)) < 1e3  # so float32 rounding bounds the error by ~1e-4; it is ~1e-7
+    # so float32 rounding bounds the error by ~1e-4; it is ~1e-7
+    assert float(torch.linalg.cond(H)) < 1e3
     assert rel(sol.value.double(), torch.linalg.solve(H, V.T).T) < 1e-5
 
 
@@ -129,7 +149,8 @@ def test_extra_kfac_damping_is_added_to_every_eigenvalue():
     V = torch.randn(2, curv.p, generator=torch.Generator().manual_seed(6), dtype=D64)
     sol = solver.solve(solver.prepare(curv), V)
     assert rel(sol.value, torch.linalg.solve(H + 0.5 * torch.eye(curv.p, dtype=D64), V.T).T) < 1e-8
-    assert sol.max_residual > 1e-3  # measured against H (damping 0), which the extra damping perturbs
+    # measured against H (damping 0), which the extra damping perturbs
+    assert sol.max_residual > 1e-3
 
 
 # ── (2) EK-FAC's correction is the GGN's diagonal in the Kronecker basis ─────────────────
@@ -153,26 +174,37 @@ def test_ekfac_eigenvalues_are_the_ggn_diagonal_in_the_kfac_basis(mlp_ggn):
         idx = f.block.index.reshape(-1)
         Gb = G[idx][:, idx]
         B = torch.kron(f.Q_S, f.Q_A)
-        assert torch.allclose(f.corrected.reshape(-1), torch.diagonal(B.T @ Gb @ B), rtol=1e-9, atol=1e-12)
+        assert torch.allclose(
+            f.corrected.reshape(-1), torch.diagonal(B.T @ Gb @ B), rtol=1e-9, atol=1e-12
+        )
         # EK-FAC is the Frobenius projection onto matrices with this eigenbasis, K-FAC one of them
         err_ekfac = float((B @ torch.diag(f.corrected.reshape(-1)) @ B.T - Gb).norm())
         err_kfac = float((torch.kron(f.S, f.A) - Gb).norm())
         assert err_ekfac < err_kfac
         # and K-FAC's eigenvalues in that basis are σ ⊗ α
-        assert torch.allclose(torch.diagonal(B.T @ torch.kron(f.S, f.A) @ B), (f.eig_S[:, None] * f.eig_A).reshape(-1), atol=1e-12)
+        assert torch.allclose(
+            torch.diagonal(B.T @ torch.kron(f.S, f.A) @ B),
+            (f.eig_S[:, None] * f.eig_A).reshape(-1),
+            atol=1e-12,
+        )
 
 
 def test_ekfac_is_closer_to_the_ggn_than_kfac_as_an_operator(mlp_ggn):
-    """On the whole factored part: ‖M − G_blocks‖_F for the solvers' own inverses (M = inverse⁻¹)."""
+    """On the whole factored part: ‖M − G_blocks‖_F for the solvers' own inverses (M =
+    inverse⁻¹)."""
     model, X, y, G = mlp_ggn
     l2 = 0.05
-    curv = Curvature(uw.Objective(model, "cross_entropy", l2=l2), uw.Data.from_any((X, y)), dtype=D64)
+    curv = Curvature(
+        uw.Objective(model, "cross_entropy", l2=l2), uw.Data.from_any((X, y)), dtype=D64
+    )
     eye = torch.eye(curv.p, dtype=D64)
     errs = {}
     for solver in (KFAC(), EKFAC()):
         st = solver.prepare(curv)
         Minv = solver.apply_blocks(st, eye)  # block-diagonal: the whole θ is in fc1, fc2
-        mask = torch.block_diag(*[torch.ones(f.block.size, f.block.size, dtype=D64) for f in st.factors])
+        mask = torch.block_diag(
+            *[torch.ones(f.block.size, f.block.size, dtype=D64) for f in st.factors]
+        )
         errs[solver.name] = float(((torch.linalg.inv(Minv) - l2 * eye) - G * mask).norm())
     assert errs["ekfac"] < errs["kfac"]
 
@@ -201,9 +233,14 @@ def teacher_problem(model: torch.nn.Module, l2: float, delta: float, seed: int =
     with torch.no_grad():
         for name, prm in model.named_parameters():
             if name in ("shift", "scale"):
-                prm.copy_(torch.randn(prm.shape, generator=g, dtype=D64) + (1.0 if name == "scale" else 0.0))
+                prm.copy_(
+                    torch.randn(prm.shape, generator=g, dtype=D64)
+                    + (1.0 if name == "scale" else 0.0)
+                )
         Y = model(X)
-    H = explicit_H(model, sq, X, Y, l2) + delta * torch.eye(sum(t.numel() for t in model.parameters()), dtype=D64)
+    H = explicit_H(model, sq, X, Y, l2) + delta * torch.eye(
+        sum(t.numel() for t in model.parameters()), dtype=D64
+    )
     assert float(torch.linalg.eigvalsh(H)[0]) > 0
     return model, X, Y, l2, delta, H
 
@@ -222,7 +259,9 @@ def norm_mlp():
 
 def _curv(problem, **kw) -> Curvature:
     model, X, Y, l2, delta, _ = problem
-    return Curvature(uw.Objective(model, "squared", l2=l2, **kw), uw.Data.from_any((X, Y)), damping=delta)
+    return Curvature(
+        uw.Objective(model, "squared", l2=l2, **kw), uw.Data.from_any((X, Y)), damping=delta
+    )
 
 
 def test_kfac_preconditioned_cg_reaches_direct_in_half_the_iterations(shift_mlp):
@@ -251,7 +290,8 @@ def test_preconditioned_cg_with_layernorm_and_a_bare_scale_is_exact(norm_mlp):
     pcg = CG(rtol=1e-10, preconditioner=EKFAC())
     sol = pcg.solve(pcg.prepare(curv), V)
     assert rel(sol.value, torch.linalg.solve(H, V.T).T) < 1e-8
-    assert sol.stats["preconditioner_fallback_params"] == ("scale",)  # a parameter of the model itself
+    # a parameter of the model itself
+    assert sol.stats["preconditioner_fallback_params"] == ("scale",)
     assert sol.stats["preconditioner_local_blocks"] == ("ln (dense 8: exact GGN block)",)
 
 
@@ -270,7 +310,9 @@ def test_non_factorable_parameters_are_solved_exactly_not_dropped(norm_mlp):
     assert rel(sol.value[:, f_idx], torch.linalg.solve(H_ff, V[:, f_idx].T).T) < 1e-9
     assert sol.stats["fallback_iterations"] > 0
     # the residual is measured against the true H + δI and is that of the approximation
-    assert torch.allclose(sol.residual, ((sol.value @ H - V).norm(dim=1) / V.norm(dim=1)), rtol=1e-8)
+    assert torch.allclose(
+        sol.residual, ((sol.value @ H - V).norm(dim=1) / V.norm(dim=1)), rtol=1e-8
+    )
     assert float(sol.residual.min()) > 1e-3
 
 
@@ -294,18 +336,29 @@ def test_one_shot_residual_is_measured_on_evenly_spaced_right_hand_sides(norm_ml
     assert sol.max_residual == pytest.approx(float(true[measured].max()), rel=1e-8)
     assert sol.stats["residual_measured"] == "16 of 40 right-hand sides (evenly spaced)"
     small = solver.solve(state, V[:5])  # a block of ≤ 16: every residual measured
-    assert torch.allclose(small.residual, (small.value @ H - V[:5]).norm(dim=1) / V[:5].norm(dim=1), rtol=1e-8)
+    assert torch.allclose(
+        small.residual, (small.value @ H - V[:5]).norm(dim=1) / V[:5].norm(dim=1), rtol=1e-8
+    )
     model, X, Y, l2, delta, _ = norm_mlp
-    Yn = Y + 0.02 * torch.randn(Y.shape, generator=torch.Generator().manual_seed(11), dtype=D64)  # nonzero gradients
-    inf = uw.Influence(uw.Objective(model, "squared", l2=l2), solver=KFAC(), damping=delta, batch_size=50,
-                       progress=False, grad_tol=1e3).fit((X, Yn))
+    # nonzero gradients
+    Yn = Y + 0.02 * torch.randn(Y.shape, generator=torch.Generator().manual_seed(11), dtype=D64)
+    inf = uw.Influence(
+        uw.Objective(model, "squared", l2=l2),
+        solver=KFAC(),
+        damping=delta,
+        batch_size=50,
+        progress=False,
+        grad_tol=1e3,
+    ).fit((X, Yn))
     si = inf.self_influence()  # two chunks of 50 training points, 16 residuals measured in each
     assert 1e-3 < si.provenance["residual_max"] < KFAC.default_max_residual
 
 
 def test_residual_sample_sets_how_many_right_hand_sides_are_checked(norm_mlp):
-    """KFAC(residual_sample=4) measures 4 evenly spaced true residuals with one HVP block; 0 measures none
-    (one HVP block fewer, the same solution), so Influence cannot reject it: its provenance says not checked."""
+    """KFAC(residual_sample=4) measures 4 evenly spaced true residuals with one HVP block; 0
+    measures none (one HVP block fewer, the same solution), so Influence cannot reject it: its
+    provenance says not checked.
+    """
     H = norm_mlp[-1]
     curv = _curv(norm_mlp)
     V = torch.randn(40, curv.p, generator=torch.Generator().manual_seed(9), dtype=D64)
@@ -317,23 +370,33 @@ def test_residual_sample_sets_how_many_right_hand_sides_are_checked(norm_mlp):
     assert torch.allclose(four.residual[measured], true[measured], rtol=1e-8)
     state = KFAC().prepare(curv)
     hvp_blocks = []
-    for solver in (KFAC(), KFAC(residual_sample=0)):  # the fallback block (LayerNorm, scale) is solved by CG in both
+    # the fallback block (LayerNorm, scale) is solved by CG in both
+    for solver in (KFAC(), KFAC(residual_sample=0)):
         before = curv.n_matvecs
         none = solver.solve(state, V)
         hvp_blocks.append(curv.n_matvecs - before)
-    assert hvp_blocks[0] - hvp_blocks[1] == 1  # the residual check is the one HVP block that 0 skips
+    # the residual check is the one HVP block that 0 skips
+    assert hvp_blocks[0] - hvp_blocks[1] == 1
     assert torch.equal(none.value, full.value) and bool(torch.isnan(none.residual).all())
     assert none.max_residual != none.max_residual  # NaN: not measured
-    assert none.stats["residual_measured"] == "0 of 40 right-hand sides (residual_sample=0: not checked)"
+    assert (
+        none.stats["residual_measured"]
+        == "0 of 40 right-hand sides (residual_sample=0: not checked)"
+    )
     with pytest.raises(InputError, match="'residual_sample' parameter of EKFAC"):
         EKFAC(residual_sample=-1)
     model, X, Y, l2, delta, _ = norm_mlp
     Yn = Y + 0.02 * torch.randn(Y.shape, generator=torch.Generator().manual_seed(11), dtype=D64)
     obj = uw.Objective(model, "squared", l2=l2)
-    strict = dict(damping=delta, progress=False, grad_tol=1e3, max_residual=1e-6)  # K-FAC's residual here is ≫ 1e-6
+    # K-FAC's residual here is ≫ 1e-6
+    strict = dict(damping=delta, progress=False, grad_tol=1e3, max_residual=1e-6)
     with pytest.raises(uw.errors.InaccurateSolveError):
         uw.Influence(obj, solver=KFAC(), **strict).fit((X, Yn)).up_loss((X[:3], Yn[:3]))
-    unchecked = uw.Influence(obj, solver=KFAC(residual_sample=0), **strict).fit((X, Yn)).up_loss((X[:3], Yn[:3]))
+    unchecked = (
+        uw.Influence(obj, solver=KFAC(residual_sample=0), **strict)
+        .fit((X, Yn))
+        .up_loss((X[:3], Yn[:3]))
+    )
     prov = unchecked.provenance
     assert prov["accepted"] is None and prov["residual_max"] != prov["residual_max"]
     assert prov["solver"]["residual_sample"] == 0
@@ -341,12 +404,15 @@ def test_residual_sample_sets_how_many_right_hand_sides_are_checked(norm_mlp):
 
 def test_influence_with_preconditioned_cg_matches_direct(shift_mlp):
     model, X, Y, l2, _, _ = shift_mlp
-    Yn = Y + 0.02 * torch.randn(Y.shape, generator=torch.Generator().manual_seed(10), dtype=D64)  # nonzero gradients
+    # nonzero gradients
+    Yn = Y + 0.02 * torch.randn(Y.shape, generator=torch.Generator().manual_seed(10), dtype=D64)
     obj = uw.Objective(model, "squared", l2=l2)
     kw = dict(damping=0.01, progress=False, grad_tol=1e3)
     a = uw.Influence(obj, solver=uw.Direct(), **kw).fit((X, Yn)).up_loss((X[:3], Yn[:3] + 0.1))
     for block in (False, True):
-        b = uw.Influence(obj, solver=CG(rtol=1e-10, preconditioner=KFAC(), block=block), **kw).fit((X, Yn))
+        b = uw.Influence(obj, solver=CG(rtol=1e-10, preconditioner=KFAC(), block=block), **kw).fit(
+            (X, Yn)
+        )
         scores = b.up_loss((X[:3], Yn[:3] + 0.1))
         assert float(abs(scores.values).max()) > 0
         assert rel(torch.as_tensor(scores.values), torch.as_tensor(a.values)) < 1e-7
@@ -361,7 +427,11 @@ def test_influence_with_preconditioned_cg_matches_direct(shift_mlp):
 def test_unpenalised_bias_folds_approximately_and_pcg_stays_exact(shift_mlp):
     model, X, Y, l2, delta, _ = shift_mlp
     obj = uw.Objective(model, "squared", l2=l2, l2_exclude=["fc2.bias"])
-    H = explicit_H(model, sq, X, Y, 0.0) + torch.diag(obj.l2_diagonal(D64)) + delta * torch.eye(obj.p, dtype=D64)
+    H = (
+        explicit_H(model, sq, X, Y, 0.0)
+        + torch.diag(obj.l2_diagonal(D64))
+        + delta * torch.eye(obj.p, dtype=D64)
+    )
     curv = Curvature(obj, uw.Data.from_any((X, Y)), damping=delta)
     pcg = CG(rtol=1e-10, preconditioner=KFAC())
     state = pcg.prepare(curv)
@@ -387,14 +457,24 @@ class TinyConv(torch.nn.Module):
 
 def _explicit_patches(x, conv: torch.nn.Conv2d, bias: bool) -> torch.Tensor:
     """ã of every output pixel by slicing the zero-padded input, (b, T, C·kh·kw [+1])."""
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = conv.kernel_size, conv.stride, conv.padding, conv.dilation
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (
+        conv.kernel_size,
+        conv.stride,
+        conv.padding,
+        conv.dilation,
+    )
     xp = F.pad(x, (pw, pw, ph, ph))
     Ho = (xp.shape[2] - dh * (kh - 1) - 1) // sh + 1
     Wo = (xp.shape[3] - dw * (kw - 1) - 1) // sw + 1
     rows = []
     for i in range(Ho):
         for j in range(Wo):
-            patch = xp[:, :, i * sh : i * sh + dh * (kh - 1) + 1 : dh, j * sw : j * sw + dw * (kw - 1) + 1 : dw]
+            patch = xp[
+                :,
+                :,
+                i * sh : i * sh + dh * (kh - 1) + 1 : dh,
+                j * sw : j * sw + dw * (kw - 1) + 1 : dw,
+            ]
             rows.append(patch.reshape(len(x), -1))
     a = torch.stack(rows, 1)
     return torch.cat([a, torch.ones(*a.shape[:2], 1, dtype=a.dtype)], 2) if bias else a
@@ -402,7 +482,10 @@ def _explicit_patches(x, conv: torch.nn.Conv2d, bias: bool) -> torch.Tensor:
 
 @pytest.mark.parametrize(
     "conv_kw",
-    [dict(kernel_size=3, stride=2, padding=1, bias=True), dict(kernel_size=2, stride=1, padding=0, dilation=2, bias=False)],
+    [
+        dict(kernel_size=3, stride=2, padding=1, bias=True),
+        dict(kernel_size=2, stride=1, padding=0, dilation=2, bias=False),
+    ],
     ids=["k3s2p1", "k2d2-nobias"],
 )
 def test_conv2d_factors_from_unfolded_patches_equal_explicit_statistics(conv_kw, monkeypatch):
@@ -432,20 +515,30 @@ def test_conv2d_factors_from_unfolded_patches_equal_explicit_statistics(conv_kw,
     theta = torch.cat([dict(model.named_parameters())[n].detach().reshape(-1) for n in names])
 
     def loss_one(flat, xi, yi):
-        params = dict(zip(names, [t.reshape(s) for t, s in zip(flat.split([s.numel() for s in shapes]), shapes)]))
+        params = dict(
+            zip(
+                names,
+                [t.reshape(s) for t, s in zip(flat.split([s.numel() for s in shapes]), shapes)],
+            )
+        )
         return sq(functional_call(model, params, (xi,)), yi).sum()
 
     g_ref = loop_grads(loss_one, theta, x, y)  # (n, p) by autograd, per point
     g_cap = torch.einsum("bto,btj->boj", cap.g[blk.name][0], cap.a[blk.name])  # (n, out, cols)
-    assert torch.allclose(g_cap.reshape(len(x), -1)[:, blk.index.reshape(-1).argsort()], g_ref, atol=1e-12)
+    assert torch.allclose(
+        g_cap.reshape(len(x), -1)[:, blk.index.reshape(-1).argsort()], g_ref, atol=1e-12
+    )
     # (b) KFC factors: A = (1/n) Σᵢₜ ããᵀ, S = (1/n)(1/T) Σᵢₜ bbᵀ with b = ∂z/∂(conv output)
     h = conv(x).detach().requires_grad_(True)
     (b_ref,) = torch.autograd.grad(model.rest(h).sum(), h)
     b_ref = b_ref.reshape(len(x), 3, -1).transpose(1, 2)  # (n, T, out)
-    # the passes capture as many points as keep the largest captured tensor — here max(T·out, T·cols) values per
-    # point, K = 1 output-Hessian factor, 8 B each — within the byte budget: set to 2.5 points' worth, 2 per capture
+    # the passes capture as many points as keep the largest captured tensor — here max(T·out,
+    # T·cols) values per point, K = 1 output-Hessian factor, 8 B each — within the byte budget: set
+    # to 2.5 points' worth, 2 per capture
     monkeypatch.setattr(batching, "TENSOR_BYTES", int(2.5 * 8 * T * max(3, a_ref.shape[2])))
-    factors, stats = fit_factors(obj, uw.Data.from_any((x, y)), plan.blocks, batch_size=512, eigen_correction=True)
+    factors, stats = fit_factors(
+        obj, uw.Data.from_any((x, y)), plan.blocks, batch_size=512, eigen_correction=True
+    )
     assert stats.points_per_capture == 2
     f = factors[0]
     assert f.locations == T > 1
@@ -469,7 +562,11 @@ class OnlyNorm(torch.nn.Module):
 
 
 def test_errors_name_the_problem():
-    for bad in (lambda: KFAC(damping=-1.0), lambda: EKFAC(damping=float("nan")), lambda: KFAC(fallback_rtol=0.0)):
+    for bad in (
+        lambda: KFAC(damping=-1.0),
+        lambda: EKFAC(damping=float("nan")),
+        lambda: KFAC(fallback_rtol=0.0),
+    ):
         with pytest.raises(InputError, match="damping|fallback_rtol"):
             bad()
     with pytest.raises(InputError, match="preconditioner"):
@@ -479,11 +576,16 @@ def test_errors_name_the_problem():
     curv = Curvature(uw.Objective(model, "cross_entropy", params="ln"), uw.Data.from_any((X, y)))
     with pytest.raises(UnsupportedModelError, match=r"no factorable layer.*ln\.weight.*CG\(\)"):
         KFAC().prepare(curv)
-    # with the weight frozen, the Linear's bias has no Kronecker factors either (only a module-local block)
-    curv = Curvature(uw.Objective(model, "cross_entropy", params=["fc.bias", "ln"]), uw.Data.from_any((X, y)))
+    # with the weight frozen, the Linear's bias has no Kronecker factors either (only a module-local
+    # block)
+    curv = Curvature(
+        uw.Objective(model, "cross_entropy", params=["fc.bias", "ln"]), uw.Data.from_any((X, y))
+    )
     with pytest.raises(UnsupportedModelError, match="fc.bias: module-local"):
         EKFAC().prepare(curv)
-    with pytest.raises(UnsupportedModelError, match="fc.bias: bias of Linear 'fc' whose weight is not in θ"):
+    with pytest.raises(
+        UnsupportedModelError, match="fc.bias: bias of Linear 'fc' whose weight is not in θ"
+    ):
         EKFAC(max_local=0).prepare(curv)
 
 
@@ -495,7 +597,11 @@ def test_singular_factor_names_a_damping_that_fixes_it():
     curv = Curvature(uw.Objective(model, "cross_entropy"), uw.Data.from_any((X, y)))
     with pytest.raises(NotPositiveDefiniteError, match="damping ≥") as info:
         KFAC().prepare(curv)
-    fixed = Curvature(uw.Objective(model, "cross_entropy"), uw.Data.from_any((X, y)), damping=info.value.suggested_damping)
+    fixed = Curvature(
+        uw.Objective(model, "cross_entropy"),
+        uw.Data.from_any((X, y)),
+        damping=info.value.suggested_damping,
+    )
     sol = KFAC().solve(KFAC().prepare(fixed), torch.ones(1, 12, dtype=D64))
     assert bool(torch.isfinite(sol.value).all())
 
@@ -511,7 +617,9 @@ def test_shared_layer_goes_to_the_fallback_block_with_its_reason():
             return self.b(torch.tanh(self.a(torch.tanh(self.a(x)))))
 
     X, y = torch.randn(12, 3, dtype=D64), torch.randint(0, 2, (12,))
-    curv = Curvature(uw.Objective(Twice().double().eval(), "cross_entropy", l2=0.1), uw.Data.from_any((X, y)))
+    curv = Curvature(
+        uw.Objective(Twice().double().eval(), "cross_entropy", l2=0.1), uw.Data.from_any((X, y))
+    )
     state = KFAC().prepare(curv)
     assert state.plan.other == ("a.weight", "a.bias")
     assert "called 2 times" in state.stats["fallback_reasons"][0]
@@ -521,11 +629,23 @@ def test_shared_layer_goes_to_the_fallback_block_with_its_reason():
 
 def test_tied_weights_go_to_the_fallback_block_and_the_preconditioned_solve_stays_exact():
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Tanh(), torch.nn.Linear(3, 3), torch.nn.Tanh(),
-                              torch.nn.Linear(3, 2)).double().eval()
-    net[2].weight = net[0].weight  # one parameter used by two layers: no single layer's factors describe it
+    net = (
+        torch.nn.Sequential(
+            torch.nn.Linear(3, 3),
+            torch.nn.Tanh(),
+            torch.nn.Linear(3, 3),
+            torch.nn.Tanh(),
+            torch.nn.Linear(3, 2),
+        )
+        .double()
+        .eval()
+    )
+    # one parameter used by two layers: no single layer's factors describe it
+    net[2].weight = net[0].weight
     X, y = torch.randn(12, 3, dtype=D64), torch.randint(0, 2, (12,))
-    curv = Curvature(uw.Objective(net, "cross_entropy", l2=0.1), uw.Data.from_any((X, y)), damping=1.0)
+    curv = Curvature(
+        uw.Objective(net, "cross_entropy", l2=0.1), uw.Data.from_any((X, y)), damping=1.0
+    )
     pcg = CG(rtol=1e-10, preconditioner=KFAC())
     state = pcg.prepare(curv)
     kstate = state.preconditioner_state
@@ -533,20 +653,30 @@ def test_tied_weights_go_to_the_fallback_block_and_the_preconditioned_solve_stay
     assert kstate.plan.other == ("0.weight",)
     assert "tied weights" in kstate.plan.reasons["0.weight"]
     # the biases of the two layers sharing the weight are their modules' own: exact GGN blocks
-    assert [(lm.name, lm.params) for lm in kstate.plan.local] == [("0", ("0.bias",)), ("2", ("2.bias",))]
+    assert [(lm.name, lm.params) for lm in kstate.plan.local] == [
+        ("0", ("0.bias",)),
+        ("2", ("2.bias",)),
+    ]
     V = torch.randn(2, curv.p, generator=torch.Generator().manual_seed(3), dtype=D64)
     H = explicit_H(net, ce, X, y, 0.1, damping=1.0)
     assert rel(pcg.solve(state, V).value, torch.linalg.solve(H, V.T).T) < 1e-8
 
 
 def test_plain_cg_is_unchanged_by_the_preconditioner_option():
-    assert CG().config() == {"name": "cg", "rtol": 1e-6, "atol": 0.0, "maxiter": None, "block": True}
+    assert CG().config() == {
+        "name": "cg",
+        "rtol": 1e-6,
+        "atol": 0.0,
+        "maxiter": None,
+        "block": True,
+    }
     assert CG(block=False).config()["block"] is False  # kept apart in store fingerprints
     assert "KFAC" in CG(preconditioner=KFAC()).config()["preconditioner"]
 
 
 def test_factors_from_a_subset_keep_the_preconditioned_solve_exact(shift_mlp):
-    """KFAC(max_points=m): statistics from m points; as a preconditioner CG still solves H + δI exactly."""
+    """KFAC(max_points=m): statistics from m points; as a preconditioner CG still solves H + δI
+    exactly."""
     H = shift_mlp[-1]
     curv = _curv(shift_mlp)
     V = torch.randn(3, curv.p, generator=torch.Generator().manual_seed(8), dtype=D64)
@@ -566,8 +696,9 @@ def test_factors_from_a_subset_keep_the_preconditioned_solve_exact(shift_mlp):
 
 
 def test_factor_eigendecomposition_survives_lapack_failures(monkeypatch):
-    """A rank-deficient PSD factor (rank 3 of 6, like the factors of zero-padded convolutions) whose eigh fails
-    to converge is decomposed with a tiny shift, then through an SVD; never LAPACK's raw error."""
+    """A rank-deficient PSD factor (rank 3 of 6, like the factors of zero-padded convolutions) whose
+    eigh fails to converge is decomposed with a tiny shift, then through an SVD; never LAPACK's raw
+    error."""
     from upweight.core import kfac as kfac_module
     from upweight.errors import CurvatureError
 
@@ -581,7 +712,10 @@ def test_factor_eigendecomposition_survives_lapack_failures(monkeypatch):
         def flaky(A, calls=calls, fail_first=fail_first):
             calls["n"] += 1
             if calls["n"] <= fail_first:
-                raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge because the input matrix is ill-conditioned")
+                raise torch.linalg.LinAlgError(
+                    "linalg.eigh: The algorithm failed to converge because the input matrix is"
+                    " ill-conditioned"
+                )
             return real(A)
 
         monkeypatch.setattr(torch.linalg, "eigh", flaky)
@@ -590,4 +724,6 @@ def test_factor_eigendecomposition_survives_lapack_failures(monkeypatch):
         torch.testing.assert_close(Q @ torch.diag(e) @ Q.T, M, rtol=1e-9, atol=1e-9)
         torch.testing.assert_close(e, real(M)[0], rtol=1e-9, atol=1e-9)
     with pytest.raises(CurvatureError, match="a test factor has NaN"):
-        kfac_module.stable_eigh(torch.full((2, 2), float("nan"), dtype=torch.float64), "a test factor")
+        kfac_module.stable_eigh(
+            torch.full((2, 2), float("nan"), dtype=torch.float64), "a test factor"
+        )

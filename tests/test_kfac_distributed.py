@@ -9,8 +9,8 @@ the points differently (partitions of 30 or 75 instead of batches of 32 or 100),
 differ by the rounding of a regrouped float64 sum, at most about n·ε ≈ 3e-14 relative: asserted
 1e-12. The EK-FAC operator (Q_S ⊗ Q_A) diag(Λ) (Q_S ⊗ Q_A)ᵀ and the influence scores also go
 through eigenvectors, whose perturbation is amplified by 1/(eigenvalue gap); measured here at
-≤ 5e-15 relative (the sums at ≤ 6e-16), asserted 1e-10. With the in-process batches as partitions the result is
-bit-identical (asserted with ``torch.equal``).
+≤ 5e-15 relative (the sums at ≤ 6e-16), asserted 1e-10. With the in-process batches as partitions
+the result is bit-identical (asserted with ``torch.equal``).
 """
 
 from __future__ import annotations
@@ -107,11 +107,15 @@ def test_local_executor_partitions_equal_in_process(images, kind, ekfac):
     got, stats = fit_factors(obj, data, blocks, batch_size=32, eigen_correction=ekfac, executor=ex)
     n_parts = len(split_indices(N, 32, min_parts=5))
     assert n_parts == 5
-    assert ex.calls == [("_moment_partition", 5)] + ([("_correction_partition", 5)] if ekfac else [])
+    assert ex.calls == [("_moment_partition", 5)] + (
+        [("_correction_partition", 5)] if ekfac else []
+    )
     assert stats.passes == ref_stats.passes == (2 if ekfac else 1)
     assert "5 partitions" in stats.where and ref_stats.where == "in-process"
     assert_same_factors(got, ref)
-    assert any(float((g.A - r.A).abs().max()) > 0 for g, r in zip(got, ref)), "regrouped sums should differ in rounding"
+    assert any(float((g.A - r.A).abs().max()) > 0 for g, r in zip(got, ref)), (
+        "regrouped sums should differ in rounding"
+    )
     if kind == "mlp":
         check_closed_forms(obj, X, got)
     else:
@@ -124,9 +128,15 @@ def test_local_executor_with_the_batches_as_partitions_is_bit_identical(images):
     data = uw.Data.from_any((X, y))
     blocks = find_layers(obj, data).blocks
     ref, _ = fit_factors(obj, data, blocks, batch_size=32, eigen_correction=True)
-    got, _ = fit_factors(obj, data, blocks, batch_size=32, eigen_correction=True, executor=LocalExecutor())
+    got, _ = fit_factors(
+        obj, data, blocks, batch_size=32, eigen_correction=True, executor=LocalExecutor()
+    )
     for g, r in zip(got, ref):
-        assert torch.equal(g.A, r.A) and torch.equal(g.S, r.S) and torch.equal(g.corrected, r.corrected)
+        assert (
+            torch.equal(g.A, r.A)
+            and torch.equal(g.S, r.S)
+            and torch.equal(g.corrected, r.corrected)
+        )
 
 
 def test_inside_a_task_the_passes_stay_in_process(images):
@@ -145,12 +155,29 @@ def test_kfac_prepare_passes_the_curvature_executor(images):
     ex = CountingExecutor(4)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", uw.errors.NotAtMinimumWarning)
-        inf = uw.Influence(obj, solver=EKFAC(), damping=0.1, batch_size=64, max_residual=None, progress=False,
-                           structured=False).fit((X, y), executor=ex)
-        ref = uw.Influence(obj, solver=EKFAC(), damping=0.1, batch_size=64, max_residual=None, progress=False,
-                           structured=False).fit((X, y))
+        inf = uw.Influence(
+            obj,
+            solver=EKFAC(),
+            damping=0.1,
+            batch_size=64,
+            max_residual=None,
+            progress=False,
+            structured=False,
+        ).fit((X, y), executor=ex)
+        ref = uw.Influence(
+            obj,
+            solver=EKFAC(),
+            damping=0.1,
+            batch_size=64,
+            max_residual=None,
+            progress=False,
+            structured=False,
+        ).fit((X, y))
     assert ("_moment_partition", 4) in ex.calls and ("_correction_partition", 4) in ex.calls
-    assert "4 partitions" in inf.state_.stats["fit_where"] and ref.state_.stats["fit_where"] == "in-process"
+    assert (
+        "4 partitions" in inf.state_.stats["fit_where"]
+        and ref.state_.stats["fit_where"] == "in-process"
+    )
     assert_same_factors(inf.state_.factors, ref.state_.factors)
 
 
@@ -173,9 +200,13 @@ def test_dask_factors_equal_in_process_and_closed_forms(images, dask_ex):
         for ekfac in (False, True):
             ref, _ = fit_factors(obj, data, blocks, batch_size=100, eigen_correction=ekfac)
             with distributed.get_task_stream(client=dask_ex.client) as ts:
-                got, stats = fit_factors(obj, data, blocks, batch_size=100, eigen_correction=ekfac, executor=dask_ex)
-            assert len(ts.data) == 2 * (2 if ekfac else 1)  # one task per partition per pass, on the workers
-            assert {t["worker"] for t in ts.data} == set(dask_ex.client.nthreads())  # both workers took part
+                got, stats = fit_factors(
+                    obj, data, blocks, batch_size=100, eigen_correction=ekfac, executor=dask_ex
+                )
+            # one task per partition per pass, on the workers
+            assert len(ts.data) == 2 * (2 if ekfac else 1)
+            # both workers took part
+            assert {t["worker"] for t in ts.data} == set(dask_ex.client.nthreads())
             assert "DaskExecutor" in stats.where and "2 partitions" in stats.where
             assert_same_factors(got, ref)
             if kind == "mlp":
@@ -202,7 +233,9 @@ def test_dask_low_rank_query_scoring_equals_in_process(images, dask_ex):
     """Influence(query_rank=1): the rank travels with s_test to the workers' scoring tasks."""
     (X, y), (Xt, yt) = images
     obj = make("conv")
-    kw = dict(solver=EKFAC(), damping=0.1, batch_size=100, max_residual=None, progress=False, query_rank=1)
+    kw = dict(
+        solver=EKFAC(), damping=0.1, batch_size=100, max_residual=None, progress=False, query_rank=1
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", uw.errors.NotAtMinimumWarning)
         ref = uw.Influence(obj, **kw).fit((X, y)).up_loss((Xt, yt))
@@ -210,4 +243,5 @@ def test_dask_low_rank_query_scoring_equals_in_process(images, dask_ex):
         dist = uw.Influence(obj, **kw).fit((X, y), executor=dask_ex).up_loss((Xt, yt))
     assert dist.provenance["query_rank"] == 1
     assert np.abs(dist.values - ref.values).max() <= EIG_TOL * np.abs(ref.values).max()
-    assert np.abs(dist.values - exact).max() > 1e-3 * np.abs(exact).max()  # rank 1 is an approximation here
+    # rank 1 is an approximation here
+    assert np.abs(dist.values - exact).max() > 1e-3 * np.abs(exact).max()

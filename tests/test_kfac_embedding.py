@@ -81,7 +81,12 @@ def test_embedding_factor_statistics_equal_explicit_one_hot_statistics():
     obj = uw.Objective(model, "cross_entropy")
     plan = find_layers(obj, data, embeddings=True)
     emb = next(b for b in plan.blocks if b.kind == "embedding")
-    assert (emb.out_dim, emb.in_dim, emb.bias, emb.padding_idx) == (d, V, None, pad) and plan.other == ()
+    assert (emb.out_dim, emb.in_dim, emb.bias, emb.padding_idx) == (
+        d,
+        V,
+        None,
+        pad,
+    ) and plan.other == ()
     theta, _ = flat_fns(model)
     assert torch.equal(emb.index, transposed_index(V, d))
     assert torch.equal(theta[emb.index], model.emb.weight.detach().T)  # v[..., index] is Eᵀ
@@ -98,9 +103,13 @@ def test_embedding_factor_statistics_equal_explicit_one_hot_statistics():
     def loss_one(flat, xi, yi):
         return ce(functional_call(model, {"emb.weight": flat.reshape(V, d)}, (xi,)), yi).sum()
 
-    g_ref = loop_grads(loss_one, model.emb.weight.detach().reshape(-1), X, y)  # torch: padding row gets 0
-    assert float(g_ref.reshape(n, V, d)[:, pad].abs().max()) == 0.0 and float(g_ref[0].abs().max()) > 0
-    g_cap = torch.einsum("bto,btj->boj", cap.g["emb"][0], cap.a["emb"])  # (n, d, V) = per-sample ∇Eᵀ
+    # torch: padding row gets 0
+    g_ref = loop_grads(loss_one, model.emb.weight.detach().reshape(-1), X, y)
+    assert (
+        float(g_ref.reshape(n, V, d)[:, pad].abs().max()) == 0.0 and float(g_ref[0].abs().max()) > 0
+    )
+    # (n, d, V) = per-sample ∇Eᵀ
+    g_cap = torch.einsum("bto,btj->boj", cap.g["emb"][0], cap.a["emb"])
     assert torch.allclose(g_cap, g_ref.reshape(n, V, d).transpose(1, 2), atol=1e-13)
 
     # (b) A = (1/n) Σᵢₜ ããᵀ = diag(token counts)/n; S = (1/(nT)) Σᵢₜ Jᵢₜᵀ (diag pᵢ − pᵢpᵢᵀ) Jᵢₜ,
@@ -120,7 +129,9 @@ def test_embedding_factor_statistics_equal_explicit_one_hot_statistics():
     assert f.identity_A and f.locations == T and fit.points == n
     assert f.A is None and f.Q_A is None  # nothing V × V is stored
     assert torch.allclose(f.activation(), torch.diag(counts / n), atol=1e-15)
-    assert torch.allclose(f.activation(), torch.einsum("bti,btj->ij", onehot, onehot) / n, atol=1e-15)
+    assert torch.allclose(
+        f.activation(), torch.einsum("bti,btj->ij", onehot, onehot) / n, atol=1e-15
+    )
     assert torch.allclose(f.S, S_ref, rtol=1e-10, atol=1e-14)
     # the eigendecomposition of the diagonal A is exact
     Q_A = f.activation_basis()
@@ -128,8 +139,12 @@ def test_embedding_factor_statistics_equal_explicit_one_hot_statistics():
     # (c) EK-FAC with padding and repeated tokens: Λ is the explicit GGN's diagonal in the basis
     idx = emb.index.reshape(-1)
     B = f.basis()
-    assert torch.allclose(f.corrected.reshape(-1), torch.diagonal(B.T @ explicit_ggn_ce(model, X)[idx][:, idx] @ B),
-                          rtol=1e-9, atol=1e-13)
+    assert torch.allclose(
+        f.corrected.reshape(-1),
+        torch.diagonal(B.T @ explicit_ggn_ce(model, X)[idx][:, idx] @ B),
+        rtol=1e-9,
+        atol=1e-13,
+    )
     assert float(f.corrected[:, pad].abs().max()) == 0.0
 
 
@@ -157,18 +172,27 @@ def _emb_one_point(padding_idx: int | None):
     return model, torch.tensor([2]), torch.tensor([1])
 
 
-@pytest.mark.parametrize("case,padding_idx", [(_emb_shared_probs, None), (_emb_shared_probs, 1), (_emb_one_point, None)],
-                         ids=["shared-p", "shared-p-padding", "n1"])
+@pytest.mark.parametrize(
+    "case,padding_idx",
+    [(_emb_shared_probs, None), (_emb_shared_probs, 1), (_emb_one_point, None)],
+    ids=["shared-p", "shared-p-padding", "n1"],
+)
 @pytest.mark.parametrize("solver_cls", [KFAC, EKFAC])
-def test_kfac_on_an_embedding_equals_the_explicit_inverse_where_exact(case, padding_idx, solver_cls):
+def test_kfac_on_an_embedding_equals_the_explicit_inverse_where_exact(
+    case, padding_idx, solver_cls
+):
     model, X, y = case(padding_idx)
     l2, damping = 0.1, 0.01
     H = explicit_H(model, ce, X, y, l2, damping)
-    curv = Curvature(uw.Objective(model, "cross_entropy", l2=l2), uw.Data.from_any((X, y)), damping=damping)
+    curv = Curvature(
+        uw.Objective(model, "cross_entropy", l2=l2), uw.Data.from_any((X, y)), damping=damping
+    )
     solver = solver_cls()
     state = solver.prepare(curv)
     assert state.stats["fallback_size"] == 0 and state.stats["l2_fold"] == "exact"
-    assert state.stats["layers"] == (f"<model> (embedding {model.embedding_dim}×{model.num_embeddings})",)
+    assert state.stats["layers"] == (
+        f"<model> (embedding {model.embedding_dim}×{model.num_embeddings})",
+    )
     V = torch.randn(3, curv.p, generator=torch.Generator().manual_seed(5), dtype=D64)
     sol = solver.solve(state, V)
     assert rel(sol.value, torch.linalg.solve(H, V.T).T) < 1e-8
@@ -192,7 +216,9 @@ def test_ekfac_embedding_eigenvalues_are_the_ggn_diagonal_in_the_kfac_basis():
     G = explicit_ggn_ce(model, X)
     obj = uw.Objective(model, "cross_entropy")
     plan = find_layers(obj, uw.Data.from_any((X, y)), embeddings=True)
-    factors, fit = fit_factors(obj, uw.Data.from_any((X, y)), plan.blocks, batch_size=10, eigen_correction=True)
+    factors, fit = fit_factors(
+        obj, uw.Data.from_any((X, y)), plan.blocks, batch_size=10, eigen_correction=True
+    )
     assert fit.passes == 2 and [f.block.kind for f in factors] == ["embedding", "linear"]
     f = factors[0]
     assert f.locations == T > 1
@@ -200,19 +226,32 @@ def test_ekfac_embedding_eigenvalues_are_the_ggn_diagonal_in_the_kfac_basis():
     assert torch.equal(f.block.index.reshape(-1), idx)
     Gb = G[idx][:, idx]
     B = f.basis()
-    assert torch.allclose(f.corrected.reshape(-1), torch.diagonal(B.T @ Gb @ B), rtol=1e-9, atol=1e-13)
+    assert torch.allclose(
+        f.corrected.reshape(-1), torch.diagonal(B.T @ Gb @ B), rtol=1e-9, atol=1e-13
+    )
     assert float(f.corrected.max()) > 1e-3
     # EK-FAC is the Frobenius projection onto matrices with this eigenbasis, K-FAC one of them
     err_ekfac = float((B @ torch.diag(f.corrected.reshape(-1)) @ B.T - Gb).norm())
     assert err_ekfac < float((f.kronecker() - Gb).norm())
     # and the identity basis of A: K-FAC's eigenvalues in the basis are σ ⊗ (token frequencies)
     freq = torch.bincount(X.reshape(-1), minlength=V).to(D64) / n
-    assert torch.allclose(torch.diagonal(B.T @ f.kronecker() @ B), (f.eig_S[:, None] * freq).reshape(-1), atol=1e-13)
-    # the same sums as a map-reduce over index partitions (pass 2 ships Q_A = None for the embedding)
-    fd, fit_d = fit_factors(obj, uw.Data.from_any((X, y)), plan.blocks, batch_size=7, eigen_correction=True,
-                            executor=LocalExecutor())
+    assert torch.allclose(
+        torch.diagonal(B.T @ f.kronecker() @ B), (f.eig_S[:, None] * freq).reshape(-1), atol=1e-13
+    )
+    # the same sums as a map-reduce over index partitions (pass 2 ships Q_A = None for the
+    # embedding)
+    fd, fit_d = fit_factors(
+        obj,
+        uw.Data.from_any((X, y)),
+        plan.blocks,
+        batch_size=7,
+        eigen_correction=True,
+        executor=LocalExecutor(),
+    )
     assert "map-reduce" in fit_d.where and fd[0].identity_A
-    assert torch.allclose(fd[0].corrected.reshape(-1), torch.diagonal(B.T @ Gb @ B), rtol=1e-9, atol=1e-13)
+    assert torch.allclose(
+        fd[0].corrected.reshape(-1), torch.diagonal(B.T @ Gb @ B), rtol=1e-9, atol=1e-13
+    )
 
 
 # ── (4) K-FAC-preconditioned CG on an embedding model is exact ───────────────────────────
@@ -256,7 +295,11 @@ def test_kfac_preconditioned_cg_on_an_embedding_model_is_exact():
     obj = uw.Objective(model, "squared", l2=l2)
     kw = dict(damping=0.01, progress=False, grad_tol=1e3)
     a = uw.Influence(obj, solver=uw.Direct(), **kw).fit((X, Yn)).up_loss((X[:2], Yn[:2] + 0.1))
-    b = uw.Influence(obj, solver=CG(rtol=1e-10, preconditioner=KFAC()), **kw).fit((X, Yn)).up_loss((X[:2], Yn[:2] + 0.1))
+    b = (
+        uw.Influence(obj, solver=CG(rtol=1e-10, preconditioner=KFAC()), **kw)
+        .fit((X, Yn))
+        .up_loss((X[:2], Yn[:2] + 0.1))
+    )
     assert float(abs(torch.as_tensor(a.values)).max()) > 0
     assert rel(torch.as_tensor(b.values), torch.as_tensor(a.values)) < 1e-7
 
@@ -278,7 +321,10 @@ class TwoEmbeddings(torch.nn.Module):
     [
         (dict(num_embeddings=11, embedding_dim=2), "vocabulary of 11 > max_vocab=10"),
         (dict(num_embeddings=5, embedding_dim=2, max_norm=1.0), "max_norm=1"),
-        (dict(num_embeddings=5, embedding_dim=2, scale_grad_by_freq=True), "scale_grad_by_freq=True"),
+        (
+            dict(num_embeddings=5, embedding_dim=2, scale_grad_by_freq=True),
+            "scale_grad_by_freq=True",
+        ),
         (dict(num_embeddings=5, embedding_dim=2, sparse=True), "sparse=True"),
     ],
     ids=["over-cap", "max_norm", "scale_grad_by_freq", "sparse"],
@@ -288,7 +334,9 @@ def test_unfactorable_embeddings_land_in_the_fallback_block_with_their_reason(em
     model = TwoEmbeddings(torch.nn.Embedding(**emb2)).double().eval()
     X = torch.stack([_tokens(20, 1, 4, 14)[:, 0], _tokens(20, 1, 5, 15)[:, 0]], 1)
     y = torch.randint(0, 3, (20,), generator=torch.Generator().manual_seed(16))
-    curv = Curvature(uw.Objective(model, "cross_entropy", l2=0.1), uw.Data.from_any((X, y)), damping=0.01)
+    curv = Curvature(
+        uw.Objective(model, "cross_entropy", l2=0.1), uw.Data.from_any((X, y)), damping=0.01
+    )
     state = KFAC(max_vocab=10).prepare(curv)
     assert state.plan.other == ("other.weight",)
     assert state.stats["layers"] == ("small (embedding 2×4)", "fc (linear 3×3)")
@@ -298,8 +346,11 @@ def test_unfactorable_embeddings_land_in_the_fallback_block_with_their_reason(em
 
 
 def test_vocab_cap_default_tied_weights_and_bad_settings():
-    assert KFAC().max_vocab is DEFAULT_MAX_VOCAB is None  # no cap: A is V token counts, nothing V × V
-    big = torch.nn.Sequential(torch.nn.Embedding(5000, 1), torch.nn.Flatten(), torch.nn.Linear(1, 2))
+    # no cap: A is V token counts, nothing V × V
+    assert KFAC().max_vocab is DEFAULT_MAX_VOCAB is None
+    big = torch.nn.Sequential(
+        torch.nn.Embedding(5000, 1), torch.nn.Flatten(), torch.nn.Linear(1, 2)
+    )
     obj = uw.Objective(big.double().eval(), "cross_entropy")
     assert [b.name for b in find_layers(obj, embeddings=True).blocks] == ["0", "2"]
     plan = find_layers(obj, embeddings=True, max_vocab=4096)
@@ -318,17 +369,21 @@ def test_vocab_cap_default_tied_weights_and_bad_settings():
 
     plan = find_layers(uw.Objective(Tied().double().eval(), "cross_entropy"), embeddings=True)
     assert plan.blocks == () and plan.other == ("emb.weight",)
-    assert "tied weights" in plan.reasons["emb.weight"] and "dec.weight" in plan.reasons["emb.weight"]
+    assert (
+        "tied weights" in plan.reasons["emb.weight"] and "dec.weight" in plan.reasons["emb.weight"]
+    )
     for bad in (0, -1, 2.5):
         with pytest.raises(InputError, match="max_vocab"):
             KFAC(max_vocab=bad)
 
 
 # ── the other consumers of find_layers ───────────────────────────────────────────────────
-def test_structured_scoring_gathers_embedding_columns_exactly_and_the_structured_hvp_leaves_them_out():
-    """Structured scoring factors embeddings (one-hot ã, scored by gathering the query's columns at the
-    tokens): sⱼᵀ∇θL(zᵢ) against an autograd loop, padding tokens included, and I_up,loss equal to the
-    generic path's; the structured HVP (linear heads only) still sees an embedding as a generic parameter."""
+def test_structured_scoring_gathers_embedding_columns_and_the_hvp_leaves_them_out():
+    """Structured scoring factors embeddings (one-hot ã, scored by gathering the query's columns at
+    the tokens): sⱼᵀ∇θL(zᵢ) against an autograd loop, padding tokens included, and I_up,loss equal
+    to the generic path's; the structured HVP (linear heads only) still sees an embedding as a
+    generic parameter.
+    """
     torch.manual_seed(17)
     V, d, c, T, n = 6, 2, 3, 3, 8
     model = EmbMeanLinear(V, d, c, padding_idx=0).double().eval()
@@ -338,18 +393,28 @@ def test_structured_scoring_gathers_embedding_columns_exactly_and_the_structured
     data = uw.Data.from_any((X, y))
     obj = uw.Objective(model, "cross_entropy", l2=0.1)
     plan, why = scoring_plan(obj, data)
-    assert [b.kind for b in plan.blocks] == ["embedding", "linear"] and plan.other == () and why is None
+    assert (
+        [b.kind for b in plan.blocks] == ["embedding", "linear"]
+        and plan.other == ()
+        and why is None
+    )
     S = torch.randn(4, obj.p, generator=torch.Generator().manual_seed(20), dtype=D64)
     theta, unflat = flat_fns(model)
-    G = loop_grads(lambda f, xi, yi: ce(functional_call(model, unflat(f), (xi,)), yi).sum(), theta, X, y)
+    G = loop_grads(
+        lambda f, xi, yi: ce(functional_call(model, unflat(f), (xi,)), yi).sum(), theta, X, y
+    )
     assert torch.allclose(structured_scores(obj, plan, data, S), S @ G.T, rtol=1e-10, atol=1e-12)
     # the gather at the token ids equals the dense product with the one-hots, query by query
     blk = plan.blocks[0]
     hot = capture(obj, [blk], data, cotangents="loss")
     ids = capture(obj, [blk], data, cotangents="loss", token_ids=True)
-    assert ids.a[blk.name].shape == (n, T) and int((ids.a[blk.name] == -1).sum()) == int((X == 0).sum())
+    assert ids.a[blk.name].shape == (n, T) and int((ids.a[blk.name] == -1).sum()) == int(
+        (X == 0).sum()
+    )
     dense = torch.einsum("btv,kdv,btd->kb", hot.a[blk.name], S[:, blk.index], hot.g[blk.name][0])
-    got = _embedding_block_scores(_embedding_table(S[:, blk.index]), ids.a[blk.name], ids.g[blk.name][0])
+    got = _embedding_block_scores(
+        _embedding_table(S[:, blk.index]), ids.a[blk.name], ids.g[blk.name][0]
+    )
     assert torch.allclose(got, dense, rtol=1e-12, atol=1e-14)
     kw = dict(solver=uw.Direct(), damping=0.5, progress=False)
     with warnings.catch_warnings():
@@ -378,8 +443,12 @@ def test_structured_scoring_has_no_vocabulary_cap():
     obj = uw.Objective(model, "cross_entropy")
     plan, why = scoring_plan(obj, data)
     assert why is None and [b.kind for b in plan.blocks] == ["embedding", "linear"]
-    assert "max_vocab" in find_layers(obj, data, embeddings=True, max_vocab=4096).reasons["emb.weight"]
+    assert (
+        "max_vocab" in find_layers(obj, data, embeddings=True, max_vocab=4096).reasons["emb.weight"]
+    )
     S = torch.randn(3, obj.p, generator=torch.Generator().manual_seed(26), dtype=D64)
     theta, unflat = flat_fns(model)
-    G = loop_grads(lambda f, xi, yi: ce(functional_call(model, unflat(f), (xi,)), yi).sum(), theta, X, y)
+    G = loop_grads(
+        lambda f, xi, yi: ce(functional_call(model, unflat(f), (xi,)), yi).sum(), theta, X, y
+    )
     assert torch.allclose(structured_scores(obj, plan, data, S), S @ G.T, rtol=1e-10, atol=1e-12)

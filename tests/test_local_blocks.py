@@ -15,7 +15,9 @@ from upweight.core.layers import find_layers
 from upweight.core.structured import structured_scores
 from upweight.solvers.kfac import EKFAC, KFAC
 
-transformers = pytest.importorskip("transformers", reason="transformers is a dev dependency (pip install -e '.[dev]')")
+transformers = pytest.importorskip(
+    "transformers", reason="transformers is a dev dependency (pip install -e '.[dev]')"
+)
 
 V, T = 40, 8
 D64 = torch.float64
@@ -25,22 +27,38 @@ def _tokens(n: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, V, (n, T), generator=g)
     mask = torch.ones(n, T, dtype=torch.long)
-    mask[::2, T - 3:] = 0
+    mask[::2, T - 3 :] = 0
     ids[mask == 0] = 0
     return ids, mask
 
 
 def _bert():
     torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=V, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
-                                  intermediate_size=16, max_position_embeddings=16, num_labels=3, attn_implementation="eager")
+    cfg = transformers.BertConfig(
+        vocab_size=V,
+        hidden_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=16,
+        max_position_embeddings=16,
+        num_labels=3,
+        attn_implementation="eager",
+    )
     return transformers.BertForSequenceClassification(cfg).double().eval()
 
 
 def _gpt_classifier():
     torch.manual_seed(1)
-    cfg = transformers.GPT2Config(vocab_size=V, n_embd=8, n_layer=1, n_head=2, n_positions=16, num_labels=2,
-                                  pad_token_id=0, attn_implementation="eager")
+    cfg = transformers.GPT2Config(
+        vocab_size=V,
+        n_embd=8,
+        n_layer=1,
+        n_head=2,
+        n_positions=16,
+        num_labels=2,
+        pad_token_id=0,
+        attn_implementation="eager",
+    )
     return transformers.GPT2ForSequenceClassification(cfg).double().eval()
 
 
@@ -58,7 +76,8 @@ def explicit_ggn(obj: uw.Objective, data: uw.Data) -> torch.Tensor:
     def unflat(f):
         return {k: t.reshape(s) for k, t, s in zip(names, f.split(sizes), shapes)}
 
-    J = torch.autograd.functional.jacobian(lambda f: obj.outputs(unflat(f), data.X), flat0)  # (n, c, p)
+    # (n, c, p)
+    J = torch.autograd.functional.jacobian(lambda f: obj.outputs(unflat(f), data.X), flat0)
     z = obj.outputs(obj.params, data.X).detach()
     G = torch.zeros(len(flat0), len(flat0), dtype=D64)
     for i in range(len(z)):
@@ -74,7 +93,9 @@ def test_bert_leftover_parameters_are_module_local_and_checked():
     assert plan.other == ()  # every parameter: a Kronecker block or a module-local one
     assert "bert.embeddings.position_embeddings" in local  # input shared by the batch (1, T)
     assert {"bert.embeddings.LayerNorm", "bert.encoder.layer.0.output.LayerNorm"} <= set(local)
-    covered = torch.cat([*(b.index.reshape(-1) for b in plan.blocks), *(lm.index for lm in plan.local)])
+    covered = torch.cat(
+        [*(b.index.reshape(-1) for b in plan.blocks), *(lm.index for lm in plan.local)]
+    )
     assert sorted(covered.tolist()) == list(range(obj.p))  # each coordinate exactly once
 
 
@@ -129,13 +150,26 @@ def test_local_blocks_are_the_exact_gauss_newton_blocks_and_kfac_inverts_them():
     data = _bert_data(6)
     obj = uw.Objective(model, "cross_entropy")
     plan = find_layers(obj, data, embeddings=True, local=True)
-    _, fit = fit_factors(obj, data, plan.blocks, batch_size=4, local=plan.local)  # two captures: sums over batches
+    # two captures: sums over batches
+    _, fit = fit_factors(obj, data, plan.blocks, batch_size=4, local=plan.local)
     for lm in plan.local:
         sub = uw.Objective(model, "cross_entropy", params=list(lm.params))
-        torch.testing.assert_close(fit.local_ggn[lm.name], explicit_ggn(sub, data), rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(
+            fit.local_ggn[lm.name], explicit_ggn(sub, data), rtol=1e-9, atol=1e-12
+        )
     delta = 0.3
-    curv = uw.Influence(obj, solver=KFAC(), curvature="gauss-newton", damping=delta, progress=False,
-                        grad_tol=1e9).fit(data).curvature_
+    curv = (
+        uw.Influence(
+            obj,
+            solver=KFAC(),
+            curvature="gauss-newton",
+            damping=delta,
+            progress=False,
+            grad_tol=1e9,
+        )
+        .fit(data)
+        .curvature_
+    )
     solver = KFAC(residual_sample=0)
     state = solver.prepare(curv)
     assert state.stats["fallback_size"] == 0 and len(state.stats["local_blocks"]) == len(plan.local)
@@ -143,25 +177,39 @@ def test_local_blocks_are_the_exact_gauss_newton_blocks_and_kfac_inverts_them():
     v = torch.zeros(1, obj.p, dtype=D64)
     v[0, lm.index] = torch.randn(lm.size, generator=torch.Generator().manual_seed(0), dtype=D64)
     x = solver.solve(state, v).value
-    exact = torch.linalg.solve(fit.local_ggn[lm.name] + delta * torch.eye(lm.size, dtype=D64), v[0, lm.index])
+    exact = torch.linalg.solve(
+        fit.local_ggn[lm.name] + delta * torch.eye(lm.size, dtype=D64), v[0, lm.index]
+    )
     torch.testing.assert_close(x[0, lm.index], exact, rtol=1e-9, atol=1e-12)
     outside = torch.ones(obj.p, dtype=torch.bool)
     outside[lm.index] = False
-    assert float(x[0, outside].abs().max()) == 0.0  # block-diagonal: nothing leaks into other blocks
+    # block-diagonal: nothing leaks into other blocks
+    assert float(x[0, outside].abs().max()) == 0.0
 
 
 def test_whole_bert_ekfac_has_no_cg_fallback_and_scores_structurally():
     data = _bert_data(12)
     test = data.subset(range(3))
     obj = uw.Objective(_bert(), "cross_entropy", l2=0.01)
-    inf = uw.Influence(obj, solver=EKFAC(), curvature="gauss-newton", progress=False, grad_tol=1e9).fit(data)
+    inf = uw.Influence(
+        obj, solver=EKFAC(), curvature="gauss-newton", progress=False, grad_tol=1e9
+    ).fit(data)
     got = inf.up_loss(test)
     assert inf.scoring_ == "structured" and "module-local" in inf.scoring_reason_
     assert got.provenance["iterations"] == 0  # no CG on a fallback block
     assert np.isfinite(got.values).all()
-    ref = uw.Influence(obj, solver=uw.CG(rtol=1e-10), curvature="gauss-newton", progress=False,
-                       grad_tol=1e9).fit(data).up_loss(test).values
+    ref = (
+        uw.Influence(
+            obj, solver=uw.CG(rtol=1e-10), curvature="gauss-newton", progress=False, grad_tol=1e9
+        )
+        .fit(data)
+        .up_loss(test)
+        .values
+    )
     for j in range(len(ref)):  # an approximation of the same matrix: it ranks like the exact scores
         assert np.corrcoef(got.values[j], ref[j])[0, 1] > 0.5
-    off = uw.Influence(obj, solver=EKFAC(max_local=0), curvature="gauss-newton", progress=False, grad_tol=1e9).fit(data)
-    assert off.up_loss(test).provenance["iterations"] > 0  # max_local=0: the CG fallback block again
+    off = uw.Influence(
+        obj, solver=EKFAC(max_local=0), curvature="gauss-newton", progress=False, grad_tol=1e9
+    ).fit(data)
+    # max_local=0: the CG fallback block again
+    assert off.up_loss(test).provenance["iterations"] > 0

@@ -30,7 +30,17 @@ CSV = DATA / "enron1.csv.gz"
 
 pytestmark = requires_data(CSV, "the Enron1 data")
 
-FAST = ["--vocab-size", "300", "--l2", "1e-2", "--repeats", "1", "--fractions", "0,0.1", "--no-progress"]
+FAST = [
+    "--vocab-size",
+    "300",
+    "--l2",
+    "1e-2",
+    "--repeats",
+    "1",
+    "--fractions",
+    "0,0.1",
+    "--no-progress",
+]
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +86,11 @@ def test_the_setup(run):
     _, _, r = run
     assert (r["n_train"], r["n_test"], r["p"]) == (4137, 1035, 300)
     assert r["n_flipped"] == 414 and len(set(r["flipped_indices"][0])) == 414
-    assert r["clean_grad_norm"] < 1e-6 and r["flipped_grad_norm"][0] < 1e-6 and r["refit_grad_norm_max"] < 1e-4
+    assert (
+        r["clean_grad_norm"] < 1e-6
+        and r["flipped_grad_norm"][0] < 1e-6
+        and r["refit_grad_norm_max"] < 1e-4
+    )
     assert r["self_influence_residual"][0] < 1e-8  # Direct in float64
     assert r["self_influence_min"][0] < 0  # I_up,loss(z, z) ≤ 0 for a positive-definite H
 
@@ -89,7 +103,8 @@ def test_self_influence_finds_flips_far_faster_than_random_checking(run):
     assert found["influence"] > 3 * found["random"]
     assert 0.03 < found["random"] < 0.2
     acc = {o: r["accuracy"][o][0][1] for o in ("influence", "loss", "random")}
-    # fixing the flips found by influence recovers most of the accuracy lost (0.9034 → 0.9488; clean 0.9498)
+    # fixing the flips found by influence recovers most of the accuracy lost (0.9034 → 0.9488; clean
+    # 0.9498)
     assert r["flipped_test_accuracy"][0] < r["clean_test_accuracy"] - 0.02
     assert acc["influence"] > r["flipped_test_accuracy"][0] + 0.02
     assert acc["influence"] > acc["random"] + 0.02
@@ -116,7 +131,7 @@ def test_self_influence_matches_the_logistic_closed_form(small_spam):
     H = (Xn * (expit(s) * expit(-s))[:, None]).T @ Xn / len(Xn) + l2 * np.eye(Xn.shape[1])
     pts = idx + [top]
     quad = np.einsum("ij,ji->i", Xn[pts], np.linalg.solve(H, Xn[pts].T))
-    ref = -expit(-yn[pts] * s[pts]) ** 2 * quad
+    ref = -(expit(-yn[pts] * s[pts]) ** 2) * quad
     np.testing.assert_allclose(ours, ref[:-1], rtol=1e-6, atol=0)
     np.testing.assert_allclose(inf.self_influence(train=[top]).values, ref[-1:], rtol=1e-6, atol=0)
     assert np.all(ref < 0) and abs(ref[-1]) >= np.abs(ref[:-1]).max()
@@ -146,6 +161,10 @@ def test_bad_options_are_input_errors(tmp_path, capsys):
         MislabelConfig(solver="lissa")
     with pytest.raises(InputError, match="solver"):
         make_solver("lissa")
-    assert main(["reproduce", "mislabel", "--data", str(CSV), "--out", str(tmp_path), "--repeats", "0"]) == 2
+    assert (
+        main(
+            ["reproduce", "mislabel", "--data", str(CSV), "--out", str(tmp_path), "--repeats", "0"]
+        )
+        == 2
+    )
     assert "--repeats must be ≥ 1" in capsys.readouterr().err
-

@@ -1,4 +1,5 @@
-"""§5.3 domain mismatch (Koh & Liang 2017) on the real hospital data: ``upweight reproduce mismatch``.
+"""§5.3 domain mismatch (Koh & Liang 2017) on the real hospital data: ``upweight reproduce
+mismatch``.
 
 Measured (l2 = 1e-4, test child 1742): the 4 training children are the top 4 by |I_up,loss|, each
 24.5–36.9× the largest non-child (paper: 30–40×); 12/127 coefficients are larger in magnitude than
@@ -37,8 +38,16 @@ def test_cli_writes_figure_results_and_report(run):
     for name in ("mismatch.png", "results.json", "report.md"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     assert (out / "mismatch.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    for key in ("children_kept", "top_indices", "children_ratio", "ratio_min", "coef_larger_than_child",
-                "pert_child_rank", "test_index", "paper"):
+    for key in (
+        "children_kept",
+        "top_indices",
+        "children_ratio",
+        "ratio_min",
+        "coef_larger_than_child",
+        "pert_child_rank",
+        "test_index",
+        "paper",
+    ):
         assert key in r, key
     fields = {f.name for f in dataclasses.fields(MismatchResult)}
     assert fields - {"config"} | {"settings"} <= set(r)
@@ -51,7 +60,8 @@ def test_the_paper_setup(run):
     assert len(r["children_original"]) == 24 and len(r["removed"]) == 20 and r["n_train"] == 19_980
     assert sorted(r["children_kept_labels"]) == [-1, 1, 1, 1]
     assert r["grad_norm"] < 1e-6
-    assert r["test_index"] == 1742 and r["test_label"] == -1 and r["test_score"] > 0  # a misclassified child
+    # a misclassified child
+    assert r["test_index"] == 1742 and r["test_label"] == -1 and r["test_score"] > 0
 
 
 def test_the_four_children_are_the_top_four_by_abs_up_loss(run):
@@ -60,7 +70,8 @@ def test_the_four_children_are_the_top_four_by_abs_up_loss(run):
     assert all(r["top_is_child"][:4]) and not any(r["top_is_child"][4:])
     assert sorted(r["children_rank"]) == [1, 2, 3, 4]
     assert r["ratio_min"] > 10  # measured 24.5 (paper: 30–40)
-    # −I_up,loss: the non-readmitted child helps the test child (label −1), the readmitted ones hurt it
+    # −I_up,loss: the non-readmitted child helps the test child (label −1), the readmitted ones hurt
+    # it
     for u, lab in zip(r["children_up_loss"], r["children_kept_labels"]):
         assert (-u > 0) == (lab == -1)
 

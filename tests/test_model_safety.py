@@ -1,5 +1,6 @@
 """upweight never changes the user's model, refuses a model whose forward depends on training mode
-or on random draws, and evaluates half-precision models in float32 (checked against float64 solves)."""
+or on random draws, and evaluates half-precision models in float32 (checked against float64 solves).
+"""
 
 from __future__ import annotations
 
@@ -63,15 +64,26 @@ def test_batchnorm_buffers_of_a_model_switched_to_train_are_never_updated(monkey
     before = _snapshot(model)
     X, y = _data()
     model.train()
-    for call in (lambda: obj.outputs(obj.params, X), lambda: obj.losses(obj.params, X, y), obj.check_eval_mode):
-        with pytest.raises(UnsupportedModelError, match=r"Module 'bn' \(BatchNorm1d\) of the model is in training mode.*model.eval\(\)"):
+    for call in (
+        lambda: obj.outputs(obj.params, X),
+        lambda: obj.losses(obj.params, X, y),
+        obj.check_eval_mode,
+    ):
+        with pytest.raises(
+            UnsupportedModelError,
+            match=r"Module 'bn' \(BatchNorm1d\) of the model is in training mode.*model.eval\(\)",
+        ):
             call()
     _assert_unchanged(model, before)
 
-    monkeypatch.setattr(obj, "_check_mode_fast", lambda: None)  # the guard off: the buffer copies alone protect the model
+    # the guard off: the buffer copies alone protect the model
+    monkeypatch.setattr(obj, "_check_mode_fast", lambda: None)
     obj.outputs(obj.params, X)
     obj.losses(obj.params, X, y)
-    with pytest.raises(UnsupportedModelError, match=r"updates a tensor in place.*BatchNorm in training mode.*call model.eval\(\)") as info:
+    with pytest.raises(
+        UnsupportedModelError,
+        match=r"updates a tensor in place.*BatchNorm in training mode.*call model.eval\(\)",
+    ) as info:
         per_sample_grads(obj, obj.params, uw.Data.from_any((X[:5], y[:5])))
     assert isinstance(info.value.__cause__, RuntimeError)
     _assert_unchanged(model, before)
@@ -88,7 +100,9 @@ def test_fit_and_scores_leave_every_tensor_of_the_model_unchanged():
     X, y = _data()
     for params in (None, "out"):
         obj = uw.Objective(model, "cross_entropy", l2=0.5, params=params)
-        inf = uw.Influence(obj, solver=uw.Direct(), damping=0.5, progress=False, grad_tol=1e9).fit((X, y))
+        inf = uw.Influence(obj, solver=uw.Direct(), damping=0.5, progress=False, grad_tol=1e9).fit(
+            (X, y)
+        )
         scores = inf.up_loss((X[:3], y[:3])).values
         inf.up_params([0, 1])
         inf.self_influence([2, 3])
@@ -150,11 +164,16 @@ class Net(torch.nn.Module):
 @pytest.mark.parametrize("act, cls", [(FlagDropout(), "FlagDropout"), (FlagByName(), "FlagByName")])
 def test_custom_module_reading_the_training_flag_is_refused_by_path(act, cls):
     model = Net(act).double()  # training mode, as after construction
-    with pytest.raises(UnsupportedModelError, match=rf"Module 'body.act' \({cls}\) of the model is in training mode.*Call model.eval\(\)"):
+    with pytest.raises(
+        UnsupportedModelError,
+        match=rf"Module 'body.act' \({cls}\) of the model is in training mode.*Call model.eval\(\)",
+    ):
         uw.Objective(model, "cross_entropy")
     obj = uw.Objective(model.eval(), "cross_entropy")  # accepted once in eval mode
     X, y = _data()
-    inf = uw.Influence(obj, solver=uw.Direct(), damping=0.1, progress=False, grad_tol=1e9).fit((X, y))
+    inf = uw.Influence(obj, solver=uw.Direct(), damping=0.1, progress=False, grad_tol=1e9).fit(
+        (X, y)
+    )
     model.train()  # switched back after the objective was built
     with pytest.raises(UnsupportedModelError, match=r"'body.act'.*model.eval\(\)"):
         obj.check_eval_mode()
@@ -169,14 +188,29 @@ def test_modules_that_ignore_the_training_flag_may_stay_in_training_mode():
     both modes: accepted in training mode, with scores equal to the eval-mode ones."""
     torch.manual_seed(0)
     X, y = _data()
-    for make in (lambda: torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.LayerNorm(5), torch.nn.Tanh(), torch.nn.Linear(5, 3)),
-                 lambda: Net(torch.nn.Tanh())):
+    for make in (
+        lambda: torch.nn.Sequential(
+            torch.nn.Linear(4, 5), torch.nn.LayerNorm(5), torch.nn.Tanh(), torch.nn.Linear(5, 3)
+        ),
+        lambda: Net(torch.nn.Tanh()),
+    ):
         torch.manual_seed(0)
         train_mode = make().double()
         assert train_mode.training
         eval_mode = copy.deepcopy(train_mode).eval()
-        got = [uw.Influence(uw.Objective(m, "cross_entropy", l2=0.1), solver=uw.Direct(), damping=2.0, progress=False,
-                            grad_tol=1e9).fit((X, y)).up_loss((X[:2], y[:2])).values for m in (train_mode, eval_mode)]
+        got = [
+            uw.Influence(
+                uw.Objective(m, "cross_entropy", l2=0.1),
+                solver=uw.Direct(),
+                damping=2.0,
+                progress=False,
+                grad_tol=1e9,
+            )
+            .fit((X, y))
+            .up_loss((X[:2], y[:2]))
+            .values
+            for m in (train_mode, eval_mode)
+        ]
         np.testing.assert_array_equal(got[0], got[1])
         assert np.ptp(got[0]) > 0
 
@@ -185,7 +219,8 @@ def test_module_without_readable_source_is_refused_in_training_mode():
     """When the code of a module's class cannot be read, upweight cannot tell whether it reads
     .training, so training mode is refused (and eval mode accepted)."""
     ns: dict = {"torch": torch}
-    exec("class Opaque(torch.nn.Module):\n    def forward(self, x):\n        return x\n", ns)  # no source file
+    # no source file
+    exec("class Opaque(torch.nn.Module):\n    def forward(self, x):\n        return x\n", ns)
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), ns["Opaque"]()).double()
     with pytest.raises(UnsupportedModelError, match=r"Module '1' \(Opaque\).*model.eval\(\)"):
         uw.Objective(model)
@@ -194,7 +229,8 @@ def test_module_without_readable_source_is_refused_in_training_mode():
 
 # ── (4) random forwards ──────────────────────────────────────────────────────────────────
 class AlwaysDropout(torch.nn.Module):
-    """F.dropout's default is training=True: random in eval mode too, and it never reads the flag."""
+    """F.dropout's default is training=True: random in eval mode too, and it never reads
+    the flag."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -204,19 +240,29 @@ class AlwaysDropout(torch.nn.Module):
         return F.dropout(self.fc(x), 0.5)
 
 
-@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # raised inside torch's jvp
+# raised inside torch's jvp
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 def test_random_forward_is_refused_and_vmaps_randomness_error_is_translated():
     model = AlwaysDropout().double().eval()
     obj = uw.Objective(model, "cross_entropy")
     X, y = _data()
     state = torch.get_rng_state()
-    with pytest.raises(UnsupportedModelError, match=r"random in this mode \(dropout\?\) — call model.eval\(\): two forward passes"):
+    with pytest.raises(
+        UnsupportedModelError,
+        match=r"random in this mode \(dropout\?\) — call model.eval\(\): two forward passes",
+    ):
         uw.Influence(obj, progress=False).fit((X, y))
-    assert torch.equal(torch.get_rng_state(), state)  # the check's forwards leave the caller's random state alone
+    # the check's forwards leave the caller's random state alone
+    assert torch.equal(torch.get_rng_state(), state)
     batch = uw.Data.from_any((X[:4], y[:4]))
-    with pytest.raises(UnsupportedModelError, match=r"random in this mode \(dropout\?\) — call model.eval\(\): torch.func.vmap") as info:
+    with pytest.raises(
+        UnsupportedModelError,
+        match=r"random in this mode \(dropout\?\) — call model.eval\(\): torch.func.vmap",
+    ) as info:
         per_sample_grads(obj, obj.params, batch)
-    assert isinstance(info.value.__cause__, RuntimeError) and "randomness" in str(info.value.__cause__)
+    assert isinstance(info.value.__cause__, RuntimeError) and "randomness" in str(
+        info.value.__cause__
+    )
     with pytest.raises(UnsupportedModelError, match=r"random in this mode \(dropout\?\)"):
         pert_directions(obj, obj.params, batch, torch.ones(2, obj.p, dtype=D64))
 
@@ -224,9 +270,9 @@ def test_random_forward_is_refused_and_vmaps_randomness_error_is_translated():
 # ── (7) half precision: evaluated in float32 ─────────────────────────────────────────────
 @pytest.mark.parametrize("half", [torch.bfloat16, torch.float16])
 def test_half_precision_model_gives_the_float32_and_float64_scores(half):
-    """A bfloat16 / float16 softmax regression: θ̂ in float32, CG scores equal to those of its float32
-    copy and to an explicit float64 Direct solve at the same (half-precision) θ̂; the user's model
-    keeps its dtype and values."""
+    """A bfloat16 / float16 softmax regression: θ̂ in float32, CG scores equal to those of its
+    float32 copy and to an explicit float64 Direct solve at the same (half-precision) θ̂; the user's
+    model keeps its dtype and values."""
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 3).to(half).eval()
     before = _snapshot(model)
@@ -235,10 +281,17 @@ def test_half_precision_model_gives_the_float32_and_float64_scores(half):
 
     obj = uw.Objective(model, "cross_entropy", l2=0.1)
     assert obj.dtype == torch.float32 and all(t.dtype == torch.float32 for t in obj.params.values())
-    assert torch.equal(obj.params["weight"], model.weight.float())  # half values are exact in float32
+    # half values are exact in float32
+    assert torch.equal(obj.params["weight"], model.weight.float())
 
     def scores(m, solver, X_, Xt_):
-        inf = uw.Influence(uw.Objective(m, "cross_entropy", l2=0.1), solver=solver, damping=0.01, progress=False, grad_tol=1e9)
+        inf = uw.Influence(
+            uw.Objective(m, "cross_entropy", l2=0.1),
+            solver=solver,
+            damping=0.01,
+            progress=False,
+            grad_tol=1e9,
+        )
         return inf.fit((X_, y)).up_loss((Xt_, yt)).values
 
     got = scores(model, uw.CG(rtol=1e-8), Xf, Xt)
@@ -259,5 +312,7 @@ def test_half_precision_fixed_layers_and_buffers_are_cast_to_float32():
     obj = uw.Objective(model, "cross_entropy", params="out")
     ref = uw.Objective(copy.deepcopy(model).float(), "cross_entropy", params="out")
     assert obj.dtype == torch.float32
-    torch.testing.assert_close(obj.losses(obj.params, X.float(), y), ref.losses(ref.params, X.float(), y), rtol=0, atol=0)
+    torch.testing.assert_close(
+        obj.losses(obj.params, X.float(), y), ref.losses(ref.params, X.float(), y), rtol=0, atol=0
+    )
     assert model.bn.running_mean.dtype == torch.bfloat16

@@ -1,6 +1,8 @@
-"""``core.output_hessian``: every form of ∇²_z L(z, y) — applied, entries, dense, PSD factors, signed
-factors — against ``torch.autograd.functional.hessian`` of the loss in z, in float64, for each
-built-in loss and for callable losses (a non-convex one: clamped and counted negative eigenvalues)."""
+"""``core.output_hessian``: every form of ∇²_z L(z, y) — applied, entries, dense, PSD factors,
+signed factors — against ``torch.autograd.functional.hessian`` of the loss in z, in float64, for
+each built-in loss and for callable losses (a non-convex one: clamped and counted negative
+eigenvalues).
+"""
 
 from __future__ import annotations
 
@@ -28,7 +30,8 @@ def _nonconvex(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def _convex(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """log Σ exp over the flattened output minus its first entry, plus a quartic term: convex, not built in."""
+    """log Σ exp over the flattened output minus its first entry, plus a quartic term: convex, not
+    built in."""
     f = z.reshape(len(z), -1)
     return torch.logsumexp(f, 1) - f[:, 0] * y + 0.1 * (f**2).sum(1) ** 2
 
@@ -36,11 +39,26 @@ def _convex(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def _case(name: str, g: torch.Generator):
     """(loss, outputs (b, *shape), targets, kind of closed form or None)."""
     if name == "cross_entropy":
-        return cross_entropy, torch.randn(B, 4, dtype=D64, generator=g), torch.randint(0, 4, (B,), generator=g), "softmax"
+        return (
+            cross_entropy,
+            torch.randn(B, 4, dtype=D64, generator=g),
+            torch.randint(0, 4, (B,), generator=g),
+            "softmax",
+        )
     if name == "cross_entropy_probabilities":  # targets need not sum to 1: the Hessian scales by Σy
-        return cross_entropy, torch.randn(B, 4, dtype=D64, generator=g), torch.rand(B, 4, dtype=D64, generator=g), "softmax"
+        return (
+            cross_entropy,
+            torch.randn(B, 4, dtype=D64, generator=g),
+            torch.rand(B, 4, dtype=D64, generator=g),
+            "softmax",
+        )
     if name == "logistic":
-        return logistic, torch.randn(B, 1, dtype=D64, generator=g), torch.randint(0, 2, (B,), generator=g), "diagonal"
+        return (
+            logistic,
+            torch.randn(B, 1, dtype=D64, generator=g),
+            torch.randint(0, 2, (B,), generator=g),
+            "diagonal",
+        )
     if name == "logistic_flat_pm1":
         y = torch.randint(0, 2, (B,), generator=g) * 2 - 1
         return logistic, 3 * torch.randn(B, dtype=D64, generator=g), y, "diagonal"
@@ -48,35 +66,76 @@ def _case(name: str, g: torch.Generator):
         y = torch.randint(0, 2, (B,), generator=g) * 2 - 1
         return SmoothHinge(0.5), torch.randn(B, 1, dtype=D64, generator=g), y, "diagonal"
     if name == "squared":
-        return squared, torch.randn(B, 3, dtype=D64, generator=g), torch.randn(B, 3, dtype=D64, generator=g), "identity"
+        return (
+            squared,
+            torch.randn(B, 3, dtype=D64, generator=g),
+            torch.randn(B, 3, dtype=D64, generator=g),
+            "identity",
+        )
     if name == "squared_image":
-        return squared, torch.randn(B, 2, 2, dtype=D64, generator=g), torch.randn(B, 4, dtype=D64, generator=g), "identity"
+        return (
+            squared,
+            torch.randn(B, 2, 2, dtype=D64, generator=g),
+            torch.randn(B, 4, dtype=D64, generator=g),
+            "identity",
+        )
     if name.startswith("token"):
-        loss = {"token": TokenCrossEntropy(), "token_mean": TokenCrossEntropy(reduction="mean"),
-                "token_shift": TokenCrossEntropy(shift=True), "token_shift_mean": TokenCrossEntropy(shift=True, reduction="mean")}[name]
+        loss = {
+            "token": TokenCrossEntropy(),
+            "token_mean": TokenCrossEntropy(reduction="mean"),
+            "token_shift": TokenCrossEntropy(shift=True),
+            "token_shift_mean": TokenCrossEntropy(shift=True, reduction="mean"),
+        }[name]
         y = torch.randint(0, 3, (B, 4), generator=g)
         y[0, 2:] = -100  # padding
         y[1, 0] = -100
         return loss, torch.randn(B, 4, 3, dtype=D64, generator=g), y, "softmax"
     if name == "custom_convex":
-        return _convex, torch.randn(B, 2, 2, dtype=D64, generator=g), torch.randn(B, dtype=D64, generator=g), None
+        return (
+            _convex,
+            torch.randn(B, 2, 2, dtype=D64, generator=g),
+            torch.randn(B, dtype=D64, generator=g),
+            None,
+        )
     if name == "custom_nonconvex":
-        return _nonconvex, torch.randn(B, 3, dtype=D64, generator=g), torch.randn(B, 3, dtype=D64, generator=g), None
+        return (
+            _nonconvex,
+            torch.randn(B, 3, dtype=D64, generator=g),
+            torch.randn(B, 3, dtype=D64, generator=g),
+            None,
+        )
     raise AssertionError(name)
 
 
-CASES = ["cross_entropy", "cross_entropy_probabilities", "logistic", "logistic_flat_pm1", "smooth_hinge", "squared",
-         "squared_image", "token", "token_mean", "token_shift", "token_shift_mean", "custom_convex",
-         "custom_nonconvex"]
+CASES = [
+    "cross_entropy",
+    "cross_entropy_probabilities",
+    "logistic",
+    "logistic_flat_pm1",
+    "smooth_hinge",
+    "squared",
+    "squared_image",
+    "token",
+    "token_mean",
+    "token_shift",
+    "token_shift_mean",
+    "custom_convex",
+    "custom_nonconvex",
+]
 
 
 def reference(loss, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """∇²_z L(zᵢ, yᵢ) per point, (b, c, c), from torch.autograd.functional.hessian of the loss in the flattened zᵢ."""
+    """∇²_z L(zᵢ, yᵢ) per point, (b, c, c), from torch.autograd.functional.hessian of the loss in
+    the flattened zᵢ."""
     shape = z.shape[1:]
-    return torch.stack([
-        torch.autograd.functional.hessian(lambda zi, i=i: loss(zi.reshape(1, *shape), y[i : i + 1]).sum(), z[i].reshape(-1))
-        for i in range(len(z))
-    ])
+    return torch.stack(
+        [
+            torch.autograd.functional.hessian(
+                lambda zi, i=i: loss(zi.reshape(1, *shape), y[i : i + 1]).sum(), z[i].reshape(-1)
+            )
+            for i in range(len(z))
+        ]
+    )
 
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> None:
@@ -113,7 +172,8 @@ def test_every_form_equals_the_autograd_hessian(name, generic):
     R, sign, keep = oh.signed_factors()
     assert R.dtype == D64
     _close(torch.einsum("bj,bjc,bjd->bcd", sign * keep, R, R), H)
-    assert bool((keep == (ev.abs() > 1e-12)).all())  # the rank: zero eigenvalues dropped, none other
+    # the rank: zero eigenvalues dropped, none other
+    assert bool((keep == (ev.abs() > 1e-12)).all())
 
 
 def test_a_nonconvex_loss_has_its_negative_eigenvalues_clamped_and_counted():
@@ -161,5 +221,10 @@ def test_a_loss_torch_func_cannot_differentiate_is_refused_with_the_purpose_and_
     def opaque(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return z.sum(1) * float(z.sum().item())
 
-    with pytest.raises(UnsupportedModelError, match=r"(?s)K-FAC needs the Hessian of the loss 'opaque'.*Use another loss"):
-        output_hessian(opaque, torch.randn(2, 3), torch.zeros(2), purpose="K-FAC", fix="Use another loss.")
+    with pytest.raises(
+        UnsupportedModelError,
+        match=r"(?s)K-FAC needs the Hessian of the loss 'opaque'.*Use another loss",
+    ):
+        output_hessian(
+            opaque, torch.randn(2, 3), torch.zeros(2), purpose="K-FAC", fix="Use another loss."
+        )

@@ -42,19 +42,49 @@ EXPERIMENTS = {
     "mislabel": ("mislabel", MislabelConfig, {"gtol"}),
 }
 
-_FEATURES = {"digits": (3, 5), "n_per_class": 11, "n_test_per_class": 12, "cnn_images": 13,
-             "cnn_epochs": 2, "n_features": 14, "l2": 0.5, "seed": 6}
+_FEATURES = {
+    "digits": (3, 5),
+    "n_per_class": 11,
+    "n_test_per_class": 12,
+    "cnn_images": 13,
+    "cnn_epochs": 2,
+    "n_features": 14,
+    "l2": 0.5,
+    "seed": 6,
+}
 #: experiment → a value other than the default for every field that has an option
 GIVEN = {
     "fig1": {"l2": 0.5, "test_index": 3, "n_train": 50, "top_k": 4},
     "fig3": {"l2": 0.5, "test_index": 3, "n_train": 50, "k": 4, "ts": (0.5, 0.25)},
-    "compare-models": {**_FEATURES, "test_index": 2, "gamma_scale": 2.0, "t": 0.5, "svm_l2": 0.25,
-                       "n_tests": 7},
-    "attack": {**_FEATURES, "targets": 2, "epsilon": 9, "step": 2, "iterations": 7, "max_k": 3,
-               "group_size": 0},
+    "compare-models": {
+        **_FEATURES,
+        "test_index": 2,
+        "gamma_scale": 2.0,
+        "t": 0.5,
+        "svm_l2": 0.25,
+        "n_tests": 7,
+    },
+    "attack": {
+        **_FEATURES,
+        "targets": 2,
+        "epsilon": 9,
+        "step": 2,
+        "iterations": 7,
+        "max_k": 3,
+        "group_size": 0,
+    },
     "mismatch": {"l2": 0.5, "seed": 3, "test_index": 4},
-    "mislabel": {"l2": 0.5, "flip_fraction": 0.2, "fractions": (0.0, 0.5), "repeats": 2, "seed": 3,
-                 "solver": "cg", "refit_gtol": 1e-4, "min_df": 2, "vocab_size": 100},
+    "mislabel": {
+        "l2": 0.5,
+        "flip_fraction": 0.2,
+        "fractions": (0.0, 0.5),
+        "repeats": 2,
+        "seed": 3,
+        "solver": "cg",
+        "refit_gtol": 1e-4,
+        "min_df": 2,
+        "vocab_size": 100,
+    },
 }
 #: the options not named ``--field-with-dashes``
 OPTIONS = {("fig3", "ts"): "--t"}
@@ -93,8 +123,18 @@ def test_each_option_sets_its_field(name):
     assert _cli(name)._config(build_parser().parse_args(_argv(name, given))) == cls(**given)
 
 
-@pytest.mark.parametrize("cls", [Fig1Config, Fig3Config, FeatureConfig, CompareModelsConfig,
-                                 AttackConfig, MismatchConfig, MislabelConfig])
+@pytest.mark.parametrize(
+    "cls",
+    [
+        Fig1Config,
+        Fig3Config,
+        FeatureConfig,
+        CompareModelsConfig,
+        AttackConfig,
+        MismatchConfig,
+        MislabelConfig,
+    ],
+)
 def test_configs_are_frozen_and_their_asdict_is_json(cls):
     c = cls()
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -142,21 +182,25 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize("cls, kwargs, match", BAD,
-                         ids=lambda v: getattr(v, "__name__", None) or str(v)[:40])
+@pytest.mark.parametrize(
+    "cls, kwargs, match", BAD, ids=lambda v: getattr(v, "__name__", None) or str(v)[:40]
+)
 def test_bad_values_are_input_errors_naming_the_setting(cls, kwargs, match):
     with pytest.raises(InputError, match=f"^{cls.__name__}: {match}"):
         cls(**kwargs)
 
 
-@pytest.mark.parametrize("name, argv, option", [
-    ("fig1", ["--top-k", "0"], "--top-k"),
-    ("fig3", ["--t", "0.1", "-1"], "--t"),
-    ("compare-models", ["--digits", "4,4"], "--digits"),
-    ("attack", ["--epsilon", "300"], "--epsilon"),
-    ("mismatch", ["--l2", "-1"], "--l2"),
-    ("mislabel", ["--fractions", "0,2"], "--fractions"),
-])
+@pytest.mark.parametrize(
+    "name, argv, option",
+    [
+        ("fig1", ["--top-k", "0"], "--top-k"),
+        ("fig3", ["--t", "0.1", "-1"], "--t"),
+        ("compare-models", ["--digits", "4,4"], "--digits"),
+        ("attack", ["--epsilon", "300"], "--epsilon"),
+        ("mismatch", ["--l2", "-1"], "--l2"),
+        ("mislabel", ["--fractions", "0,2"], "--fractions"),
+    ],
+)
 def test_the_cli_names_the_option_of_a_bad_setting(name, argv, option, tmp_path, capsys):
     assert main(["reproduce", name, "--data", "x", "--out", str(tmp_path / "o"), *argv]) == 2
     assert f"error: {option} must be" in capsys.readouterr().err
@@ -175,17 +219,32 @@ def _settings_of_a_run(tmp_path, name: str, data: str, config, argv: list[str]) 
 
 
 def test_fig1_results_record_the_config(tmp_path):
-    _settings_of_a_run(tmp_path, "fig1", "bundled", Fig1Config(n_train=60, top_k=5),
-                       ["--n-train", "60", "--top-k", "5"])
+    _settings_of_a_run(
+        tmp_path,
+        "fig1",
+        "bundled",
+        Fig1Config(n_train=60, top_k=5),
+        ["--n-train", "60", "--top-k", "5"],
+    )
 
 
 def test_fig3_results_record_the_config(tmp_path):
-    _settings_of_a_run(tmp_path, "fig3", "bundled", Fig3Config(n_train=200, k=5, ts=(0.01,)),
-                       ["--n-train", "200", "--k", "5", "--t", "0.01"])
+    _settings_of_a_run(
+        tmp_path,
+        "fig3",
+        "bundled",
+        Fig3Config(n_train=200, k=5, ts=(0.01,)),
+        ["--n-train", "200", "--k", "5", "--t", "0.01"],
+    )
 
 
-_TINY_FEATURES = {"n_per_class": 60, "n_test_per_class": 30, "cnn_images": 600, "cnn_epochs": 1,
-                  "n_features": 16}
+_TINY_FEATURES = {
+    "n_per_class": 60,
+    "n_test_per_class": 30,
+    "cnn_images": 600,
+    "cnn_epochs": 1,
+    "n_features": 16,
+}
 
 
 def _tiny_feature_argv(extra: dict) -> list[str]:
@@ -203,14 +262,20 @@ def test_compare_models_results_record_the_config(tmp_path):
 @pytest.mark.skipif(not (MNIST / "mnist.npz").is_file(), reason=f"the MNIST data is not at {MNIST}")
 def test_attack_results_record_the_config(tmp_path):
     extra = {"targets": 1, "max_k": 1, "iterations": 3, "group_size": 0}
-    _settings_of_a_run(tmp_path, "attack", str(MNIST), AttackConfig(**_TINY_FEATURES, **extra),
-                       _tiny_feature_argv(extra))
+    _settings_of_a_run(
+        tmp_path,
+        "attack",
+        str(MNIST),
+        AttackConfig(**_TINY_FEATURES, **extra),
+        _tiny_feature_argv(extra),
+    )
 
 
 @pytest.mark.skipif(not HOSPITAL.is_file(), reason=f"the hospital data is not at {HOSPITAL}")
 def test_mismatch_results_record_the_config(tmp_path):
-    _settings_of_a_run(tmp_path, "mismatch", str(HOSPITAL), MismatchConfig(l2=1e-3),
-                       ["--l2", "1e-3"])
+    _settings_of_a_run(
+        tmp_path, "mismatch", str(HOSPITAL), MismatchConfig(l2=1e-3), ["--l2", "1e-3"]
+    )
 
 
 @pytest.mark.skipif(not ENRON.is_file(), reason=f"the Enron1 data is not at {ENRON}")

@@ -35,7 +35,9 @@ def instant(monkeypatch):
 
 def problem(l2: float = 0.1):
     gen = torch.Generator().manual_seed(0)
-    X = torch.randn(N, P, dtype=torch.float64, generator=gen) * torch.linspace(0.2, 3.0, P, dtype=torch.float64)
+    X = torch.randn(N, P, dtype=torch.float64, generator=gen) * torch.linspace(
+        0.2, 3.0, P, dtype=torch.float64
+    )
     y = torch.randn(N, 1, dtype=torch.float64, generator=gen)
     model = torch.nn.Linear(P, 1, bias=False).double().eval()
     return uw.Objective(model, "squared", l2=l2), (X, y), (X[:3], y[:3])
@@ -43,12 +45,17 @@ def problem(l2: float = 0.1):
 
 def influence(solver, progress: bool = True, **kw) -> uw.Influence:
     obj, train, _ = problem()
-    return uw.Influence(obj, solver=solver, progress=progress, batch_size=BATCH, grad_tol=math.inf, **kw).fit(train)
+    return uw.Influence(
+        obj, solver=solver, progress=progress, batch_size=BATCH, grad_tol=math.inf, **kw
+    ).fit(train)
 
 
 def counts(err: str, desc: str) -> list[tuple[int, int]]:
     """Every (n, total) the bar ``desc`` drew."""
-    return [(int(a), int(b)) for a, b in re.findall(re.escape(desc) + r":\s*\d+%\|[^|]*\|\s*(\d+)/(\d+)", err)]
+    return [
+        (int(a), int(b))
+        for a, b in re.findall(re.escape(desc) + r":\s*\d+%\|[^|]*\|\s*(\d+)/(\d+)", err)
+    ]
 
 
 def updates(err: str, desc: str) -> int:
@@ -69,7 +76,9 @@ def test_cg_bar_counts_iterations_and_shows_the_residual(instant, capsys, block,
     assert it >= 3
     assert updates(err, desc) == it
     assert {t for _, t in counts(err, desc)} == {res.provenance["solver_maxiter"]}
-    residuals = [float(r) for r in re.findall(re.escape(desc) + r":[^\r\n]*residual=([0-9.e+-]+)", err)]
+    residuals = [
+        float(r) for r in re.findall(re.escape(desc) + r":[^\r\n]*residual=([0-9.e+-]+)", err)
+    ]
     assert residuals and residuals[-1] < 1e-10 < residuals[0]  # the live value, down to the target
     assert "rtol=1.00e-10" in err
 
@@ -102,7 +111,9 @@ def test_lanczos_and_auto(instant, capsys):
 
 
 def test_lissa_bar_counts_steps(instant, capsys):
-    inf = influence(LiSSA(depth=20, repeats=2, batch_size=BATCH), on_inaccurate="warn", max_residual=None)
+    inf = influence(
+        LiSSA(depth=20, repeats=2, batch_size=BATCH), on_inaccurate="warn", max_residual=None
+    )
     res = inf.up_loss(problem()[2])
     err = capsys.readouterr().err
     assert updates(err, "LiSSA") == res.provenance["iterations"] == 40
@@ -134,15 +145,22 @@ def test_kfac_factor_eigen_and_correction_passes(instant, capsys):
 def test_direct_dense_hessian_columns(instant, capsys):
     inf = influence(uw.Direct(), structured=False)  # HVP columns, not the closed form
     err = capsys.readouterr().err
-    assert updates(err, f"dense {inf.curvature_.describes} ({P} columns)") == 1  # one block of ≤ 256 columns
+    # one block of ≤ 256 columns
+    assert updates(err, f"dense {inf.curvature_.describes} ({P} columns)") == 1
 
 
 def everything(progress: bool = True) -> None:
     test = problem()[2]
     from upweight.solvers.kfac import EKFAC
 
-    for solver in (CG(rtol=1e-10), CG(rtol=1e-10, block=False, preconditioner=Nystrom(rank=4)), Arnoldi(rank=4), EKFAC(),
-                   Auto(max_dense_p=0, lanczos_steps=5), LiSSA(depth=5, repeats=1, batch_size=BATCH)):
+    for solver in (
+        CG(rtol=1e-10),
+        CG(rtol=1e-10, block=False, preconditioner=Nystrom(rank=4)),
+        Arnoldi(rank=4),
+        EKFAC(),
+        Auto(max_dense_p=0, lanczos_steps=5),
+        LiSSA(depth=5, repeats=1, batch_size=BATCH),
+    ):
         influence(solver, progress=progress, max_residual=None).up_loss(test)
 
 

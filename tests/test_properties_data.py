@@ -27,7 +27,9 @@ def _tensor(rng: np.random.Generator, shape: tuple[int, ...], dtype: torch.dtype
     if dtype == torch.bool:
         return torch.from_numpy(rng.random(shape) < 0.5)
     if dtype.is_complex:
-        return torch.from_numpy(rng.standard_normal(shape) + 1j * rng.standard_normal(shape)).to(dtype)
+        return torch.from_numpy(rng.standard_normal(shape) + 1j * rng.standard_normal(shape)).to(
+            dtype
+        )
     if dtype.is_floating_point:
         return torch.from_numpy(rng.standard_normal(shape)).to(dtype)
     low = 0 if dtype == torch.uint8 else -5
@@ -41,7 +43,9 @@ def _expect(exc_type, fn):
         out = fn()
     except UpweightError as err:
         assert exc_type is not None, f"unexpected {type(err).__name__}: {err}"
-        assert isinstance(err, exc_type), f"expected {exc_type.__name__}, got {type(err).__name__}: {err}"
+        assert isinstance(err, exc_type), (
+            f"expected {exc_type.__name__}, got {type(err).__name__}: {err}"
+        )
         return err
     assert exc_type is None, f"expected {exc_type.__name__}, nothing raised"
     return out
@@ -61,7 +65,9 @@ def _expect(exc_type, fn):
     bad_y=st.sampled_from([None, None, float("nan")]),
     seed=st.integers(0, 2**32 - 1),
 )
-def test_from_any_gives_valid_data_or_the_predicted_upweight_error(n, feat, x_dtype, y_dtype, y_cols, dn, form, bad_x, bad_y, seed):
+def test_from_any_gives_valid_data_or_the_predicted_upweight_error(
+    n, feat, x_dtype, y_dtype, y_cols, dn, form, bad_x, bad_y, seed
+):
     rng = np.random.default_rng(seed)
     dn = 0 if form == "dataset" else dn  # a Dataset yields pairs: lengths cannot differ
     X = _tensor(rng, (n, *feat), x_dtype)
@@ -108,7 +114,9 @@ def test_batches_partition_the_points_in_order(n, batch_size, seed):
     got = _expect(InputError if batch_size < 1 else None, lambda: list(data.batches(batch_size)))
     if batch_size >= 1:
         assert len(got) == -(-n // batch_size) and all(1 <= len(b) <= batch_size for b in got)
-        assert torch.equal(torch.cat([b.X for b in got]), data.X) and torch.equal(torch.cat([b.ids for b in got]), data.ids)
+        assert torch.equal(torch.cat([b.X for b in got]), data.X) and torch.equal(
+            torch.cat([b.ids for b in got]), data.ids
+        )
 
 
 # ── Objective construction ──────────────────────────────────────────────────────────────
@@ -149,7 +157,9 @@ def _oracle(loss: str, y: np.ndarray, out: int) -> tuple[type | None, int | None
         bad = (y.astype(np.int64) < 0) | (y.astype(np.int64) >= out)
         return (InputError, int(bad.argmax())) if bad.any() else (None, None)
     if loss == "squared":
-        return (None, None) if int(np.prod(y.shape[1:], dtype=np.int64)) == out else (ShapeError, None)
+        return (
+            (None, None) if int(np.prod(y.shape[1:], dtype=np.int64)) == out else (ShapeError, None)
+        )
     # binary losses
     if out != 1 or not (y.ndim == 1 or (y.ndim == 2 and y.shape[1] == 1)):
         return ShapeError, None
@@ -159,7 +169,15 @@ def _oracle(loss: str, y: np.ndarray, out: int) -> tuple[type | None, int | None
     return (InputError, int(bad.argmax())) if bad.any() else (None, None)
 
 
-LABEL_KINDS = ["classes", "binary01", "binarypm1", "fraction", "whole_float", "probabilities", "wide"]
+LABEL_KINDS = [
+    "classes",
+    "binary01",
+    "binarypm1",
+    "fraction",
+    "whole_float",
+    "probabilities",
+    "wide",
+]
 
 
 @SETTINGS
@@ -203,18 +221,29 @@ def test_check_data_accepts_exactly_the_targets_the_loss_rule_accepts(
     if corrupt is not None:
         i = int(rng.integers(n))
         y = y.copy()
-        y.reshape(n, -1)[i, 0] = {"high": out + 3, "negative": -1 - int(rng.integers(3)), "two": 2, "half": 0.5}[corrupt]
+        y.reshape(n, -1)[i, 0] = {
+            "high": out + 3,
+            "negative": -1 - int(rng.integers(3)),
+            "two": 2,
+            "half": 0.5,
+        }[corrupt]
     y_t = torch.from_numpy(np.asarray(y))
-    y_t = y_t.to(float_dtype) if y_t.is_floating_point() else y_t.to(int_dtype)  # uint8 wraps negatives: the oracle sees that
+    # uint8 wraps negatives: the oracle sees that
+    y_t = y_t.to(float_dtype) if y_t.is_floating_point() else y_t.to(int_dtype)
     X = _tensor(rng, (n, d), x_dtype)
     data = uw.Data.from_any((X, y_t))
     what = "test" if test_side else "training"
 
     if not x_dtype.is_floating_point:
-        expected, index = DtypeError, None  # integer X for a float model: refused before the targets
+        # integer X for a float model: refused before the targets
+        expected, index = DtypeError, None
     else:
         oracle_loss = "binary" if loss in ("logistic", "hinge", "smooth_hinge") else loss
-        expected, index = _oracle(oracle_loss, y_t.to(torch.float64).numpy() if y_t.is_floating_point() else y_t.numpy(), out)
+        expected, index = _oracle(
+            oracle_loss,
+            y_t.to(torch.float64).numpy() if y_t.is_floating_point() else y_t.numpy(),
+            out,
+        )
     got = _expect(expected, lambda: obj.check_data(data, what=what, measure=test_side))
     if expected is DtypeError and not x_dtype.is_floating_point:
         assert "X.float()" in str(got)
@@ -224,7 +253,8 @@ def test_check_data_accepts_exactly_the_targets_the_loss_rule_accepts(
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_inputs_reach_a_float32_objective(dtype):
-    """Half-precision X (a halved copy of float32 data) is cast to the objective's dtype, not refused."""
+    """Half-precision X (a halved copy of float32 data) is cast to the objective's dtype, not
+    refused."""
     torch.manual_seed(0)
     obj = uw.Objective(torch.nn.Linear(3, 2).to(dtype).eval(), "cross_entropy")
     X = torch.randn(5, 3).to(dtype)

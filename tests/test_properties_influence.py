@@ -20,7 +20,8 @@ SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[Healt
 
 
 def _explicit_scores(obj: uw.Objective, X, y, Xt, yt) -> np.ndarray:
-    """−∇f(z_test)ᵀ H⁻¹ ∇L(z) with H = ∇²R(θ̂) from torch.autograd.functional.hessian, in float64."""
+    """−∇f(z_test)ᵀ H⁻¹ ∇L(z) with H = ∇²R(θ̂) from torch.autograd.functional.hessian, in
+    float64."""
     names = list(obj.params)
     shapes = [obj.params[n].shape for n in names]
     sizes = [obj.params[n].numel() for n in names]
@@ -35,7 +36,9 @@ def _explicit_scores(obj: uw.Objective, X, y, Xt, yt) -> np.ndarray:
 
     def grads(Xs, ys, fn):
         def one(i):
-            return torch.func.grad(lambda f: fn(unflat(f), Xs[i : i + 1], ys[i : i + 1]).sum())(flat0)
+            return torch.func.grad(lambda f: fn(unflat(f), Xs[i : i + 1], ys[i : i + 1]).sum())(
+                flat0
+            )
 
         return torch.stack([one(i) for i in range(len(Xs))])
 
@@ -51,7 +54,9 @@ def problems(draw):
     d = draw(st.integers(1, 6))
     c = draw(st.integers(2, 4))
     loss = draw(st.sampled_from(["cross_entropy", "logistic", "squared"]))
-    x_dtype = draw(st.sampled_from([np.float32, np.float64, np.float64, np.float32, np.int64, np.uint8]))
+    x_dtype = draw(
+        st.sampled_from([np.float32, np.float64, np.float64, np.float32, np.int64, np.uint8])
+    )
     seed = draw(st.integers(0, 2**16))
     rng = np.random.default_rng(seed)
     X = rng.normal(size=(n, d))
@@ -60,14 +65,20 @@ def problems(draw):
     X = X.astype(x_dtype)
     if loss == "cross_entropy":
         low, extra = draw(st.sampled_from([(0, 0), (0, 0), (0, 0), (-1, 0), (0, 1)]))
-        y = rng.integers(low, c + extra, size=n).astype(draw(st.sampled_from([np.int64, np.int64, np.int32, np.float64])))
+        y = rng.integers(low, c + extra, size=n).astype(
+            draw(st.sampled_from([np.int64, np.int64, np.int32, np.float64]))
+        )
     elif loss == "logistic":
-        y = rng.choice(draw(st.sampled_from([(0, 1), (0, 1), (-1, 1), (1, 2), (0, 2)])), size=n).astype(np.float64)
+        y = rng.choice(
+            draw(st.sampled_from([(0, 1), (0, 1), (-1, 1), (1, 2), (0, 2)])), size=n
+        ).astype(np.float64)
     else:
         y = rng.normal(size=(n, 1))
     poison = draw(st.sampled_from([None, None, None, None, "nan_x", "inf_x", "nan_y"]))
     if poison and np.issubdtype(X.dtype, np.floating) and poison != "nan_y":
-        X[draw(st.integers(0, n - 1)), draw(st.integers(0, d - 1))] = np.nan if poison == "nan_x" else np.inf
+        X[draw(st.integers(0, n - 1)), draw(st.integers(0, d - 1))] = (
+            np.nan if poison == "nan_x" else np.inf
+        )
     if poison == "nan_y" and np.issubdtype(y.dtype, np.floating):
         y.reshape(-1)[draw(st.integers(0, n - 1))] = np.nan
     out = c if loss == "cross_entropy" else 1
@@ -76,8 +87,18 @@ def problems(draw):
     batch_size = draw(st.integers(1, 64))
     n_test = draw(st.integers(1, 4))
     train_sel = draw(st.sampled_from([None, "slice", "out_of_range"]))
-    return dict(X=X, y=y, out=out, loss=loss, model_dtype=model_dtype, solver=solver, batch_size=batch_size,
-                n_test=min(n_test, n), train_sel=train_sel, seed=seed)
+    return dict(
+        X=X,
+        y=y,
+        out=out,
+        loss=loss,
+        model_dtype=model_dtype,
+        solver=solver,
+        batch_size=batch_size,
+        n_test=min(n_test, n),
+        train_sel=train_sel,
+        seed=seed,
+    )
 
 
 @SETTINGS
@@ -86,7 +107,11 @@ def test_fit_and_up_loss_give_finite_scores_or_an_upweight_error(pb):
     torch.manual_seed(pb["seed"])
     d = pb["X"].shape[1]
     model = torch.nn.Linear(d, pb["out"]).to(pb["model_dtype"]).eval()
-    solver = {"direct": uw.Direct(), "cg": uw.CG(rtol=1e-10), "cg-columns": uw.CG(rtol=1e-10, block=False)}[pb["solver"]]
+    solver = {
+        "direct": uw.Direct(),
+        "cg": uw.CG(rtol=1e-10),
+        "cg-columns": uw.CG(rtol=1e-10, block=False),
+    }[pb["solver"]]
     X, y = pb["X"], pb["y"]
     test = (X[: pb["n_test"]], y[: pb["n_test"]])
     train = None if pb["train_sel"] is None else ([0] if pb["train_sel"] == "slice" else [len(X)])
@@ -94,8 +119,14 @@ def test_fit_and_up_loss_give_finite_scores_or_an_upweight_error(pb):
         warnings.simplefilter("ignore")  # θ̂ is a random init here: NotAtMinimumWarning is expected
         try:
             obj = uw.Objective(model, pb["loss"], l2=0.5)
-            inf = uw.Influence(obj, solver=solver, batch_size=pb["batch_size"], progress=False, grad_tol=1e9,
-                               max_residual=None).fit((X, y))
+            inf = uw.Influence(
+                obj,
+                solver=solver,
+                batch_size=pb["batch_size"],
+                progress=False,
+                grad_tol=1e9,
+                max_residual=None,
+            ).fit((X, y))
             scores = inf.up_loss(test, train=train)
         except UpweightError:
             return  # refused with upweight's own error: fine (the message is tested elsewhere)
@@ -107,15 +138,20 @@ def test_fit_and_up_loss_give_finite_scores_or_an_upweight_error(pb):
         yd = inf.data_.y
         Xt = Xd[: pb["n_test"]]
         exact = _explicit_scores(obj, Xd, yd, Xt, yd[: pb["n_test"]])
-        np.testing.assert_allclose(scores.values, exact, rtol=1e-6, atol=1e-8 * max(1.0, np.abs(exact).max()))
+        np.testing.assert_allclose(
+            scores.values, exact, rtol=1e-6, atol=1e-8 * max(1.0, np.abs(exact).max())
+        )
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 def test_nonfinite_test_inputs_are_refused_not_scored(bad):
     X = np.random.default_rng(0).normal(size=(10, 3))
     y = np.arange(10) % 2
-    inf = uw.Influence(uw.Objective(torch.nn.Linear(3, 2).double().eval(), "cross_entropy", l2=0.5), progress=False,
-                       grad_tol=1e9).fit((X, y))
+    inf = uw.Influence(
+        uw.Objective(torch.nn.Linear(3, 2).double().eval(), "cross_entropy", l2=0.5),
+        progress=False,
+        grad_tol=1e9,
+    ).fit((X, y))
     Xt = X[:2].copy()
     Xt[1, 2] = bad
     with pytest.raises(UpweightError, match="test data X"):

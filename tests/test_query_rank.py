@@ -50,7 +50,8 @@ class ConvNet(torch.nn.Module):
 
 
 class TiedLinear(torch.nn.Module):
-    """fc's weight is also used outside fc: fc cannot be factored (find_layers checks it on probe points)."""
+    """fc's weight is also used outside fc: fc cannot be factored (find_layers checks it on probe
+    points)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -74,13 +75,19 @@ class BareLinear(torch.nn.Module):
 
 def make(kind: str) -> uw.Objective:
     torch.manual_seed(0)
-    model = {"mlp": lambda: TanhMLP(49, 8, 3), "scaled": ScaledMLP, "conv": ConvNet, "tied": TiedLinear}[kind]()
+    model = {
+        "mlp": lambda: TanhMLP(49, 8, 3),
+        "scaled": ScaledMLP,
+        "conv": ConvNet,
+        "tied": TiedLinear,
+    }[kind]()
     return uw.Objective(model.double().eval(), "cross_entropy", l2=0.01)
 
 
 @pytest.fixture(scope="module")
 def digits(mnist_1v7):
-    """Real MNIST 1-vs-7 images pooled to 7×7, three classes (7, 1 with ink below / above the median)."""
+    """Real MNIST 1-vs-7 images pooled to 7×7, three classes (7, 1 with ink below / above the
+    median)."""
     d = mnist_1v7
     X = torch.tensor(pooled(d.x_train[:80], 4), dtype=D64)
     ink = X.sum(1)
@@ -98,7 +105,10 @@ def flat(obj: uw.Objective):
     fixed = {n: t.detach() for n, t in obj.model.named_parameters()}
 
     def params(f):
-        return {**fixed, **{n: t.reshape(obj.params[n].shape) for n, t in zip(names, f.split(sizes))}}
+        return {
+            **fixed,
+            **{n: t.reshape(obj.params[n].shape) for n, t in zip(names, f.split(sizes))},
+        }
 
     return theta, params
 
@@ -118,7 +128,10 @@ def exact_parts(obj: uw.Objective, train, test) -> tuple[np.ndarray, np.ndarray]
             return obj.loss_fn(functional_call(obj.model, params(t), (x,)), yy)[0]
 
         def risk(t):
-            return obj.loss_fn(functional_call(obj.model, params(t), (X,)), y).mean() + 0.5 * obj.l2 * (t**2).sum()
+            return (
+                obj.loss_fn(functional_call(obj.model, params(t), (X,)), y).mean()
+                + 0.5 * obj.l2 * (t**2).sum()
+            )
 
         H = explicit_hessian(risk, theta) + DAMPING * torch.eye(len(theta), dtype=D64)
         G, Gt = loop_grads(loss_one, theta, X, y), loop_grads(loss_one, theta, Xt, yt)
@@ -137,7 +150,9 @@ def reference(obj: uw.Objective, train, test, rank: int | None) -> np.ndarray:
             for j in range(len(S)):
                 u, s, vt = np.linalg.svd(S[j, idx], full_matrices=False)
                 if rank < len(s):
-                    assert s[rank - 1] - s[rank] > 1e-3 * s[0], "σ_r ≈ σ_r+1: the truncation would be ill-posed"
+                    assert s[rank - 1] - s[rank] > 1e-3 * s[0], (
+                        "σ_r ≈ σ_r+1: the truncation would be ill-posed"
+                    )
                 S[j, idx] = (u[:, :rank] * s[:rank]) @ vt[:rank]
     return -S @ G.T
 
@@ -145,7 +160,9 @@ def reference(obj: uw.Objective, train, test, rank: int | None) -> np.ndarray:
 def fitted(obj: uw.Objective, train, **kw) -> uw.Influence:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", uw.errors.NotAtMinimumWarning)
-        return uw.Influence(obj, solver=uw.Direct(), damping=DAMPING, progress=False, **kw).fit(train)
+        return uw.Influence(obj, solver=uw.Direct(), damping=DAMPING, progress=False, **kw).fit(
+            train
+        )
 
 
 def close(a: np.ndarray, b: np.ndarray) -> bool:
@@ -164,10 +181,15 @@ def test_low_rank_scores_equal_the_truncated_svd_reference(digits, kind, rank):
     assert close(got.values, ref)
     assert not close(got.values, exact)  # an approximation: rank r truncates some layer
     layers = got.provenance["query_rank_layers"]
-    assert got.provenance["query_rank"] == rank and "Eckart–Young" in got.provenance["query_rank_approximates"]
+    assert (
+        got.provenance["query_rank"] == rank
+        and "Eckart–Young" in got.provenance["query_rank_approximates"]
+    )
     if kind == "mlp":  # fc1 8×50, fc2 3×9
-        assert layers == (f"fc1 (linear 8×50): rank {rank} of 8 (truncated SVD)",
-                          f"fc2 (linear 3×9): rank {rank} of 3 (truncated SVD)")
+        assert layers == (
+            f"fc1 (linear 8×50): rank {rank} of 8 (truncated SVD)",
+            f"fc2 (linear 3×9): rank {rank} of 3 (truncated SVD)",
+        )
     if kind == "scaled":  # the bare scale is scored exactly, from per-sample gradients
         assert layers[-1] == "['scale']: exact (per-sample gradients, no factorable layer)"
         assert "per-sample gradients for ['scale']" in got.provenance["structured_scoring"]
@@ -182,16 +204,22 @@ def test_full_rank_equals_exact_up_loss(digits, kind):
     exact = fitted(obj, train, structured=True).up_loss(test).values
     ref = reference(obj, train, test, None)
     assert close(got.values, exact) and close(got.values, ref)
-    assert got.provenance["query_rank_layers"][1] == "fc2 (linear 3×9): exact (query_rank 8 ≥ min(out, cols) = 3)"
+    assert (
+        got.provenance["query_rank_layers"][1]
+        == "fc2 (linear 3×9): exact (query_rank 8 ≥ min(out, cols) = 3)"
+    )
 
 
 def test_mlp_with_one_layer_truncated_and_one_exact(digits):
-    """rank 3: fc1 (8×50) truncated, fc2 (3×9) exact — the reference truncates only where r < min."""
+    """rank 3: fc1 (8×50) truncated, fc2 (3×9) exact — the reference truncates only where
+    r < min."""
     train, test = digits
     obj = make("mlp")
     got = fitted(obj, train, query_rank=3).up_loss(test)
     assert close(got.values, reference(obj, train, test, 3))
-    assert got.provenance["query_rank_layers"][1].endswith("exact (query_rank 3 ≥ min(out, cols) = 3)")
+    assert got.provenance["query_rank_layers"][1].endswith(
+        "exact (query_rank 3 ≥ min(out, cols) = 3)"
+    )
 
 
 # ── what query_rank does not touch, and errors ──────────────────────────────────────────
@@ -224,10 +252,19 @@ def test_bad_query_rank_is_an_input_error(digits, bad):
 
 def test_query_rank_without_structured_scoring_is_refused(digits):
     train, _ = digits
-    with pytest.raises(UnsupportedModelError, match=r"query_rank=2.*structured=False.*Use structured='auto'"):
+    with pytest.raises(
+        UnsupportedModelError, match=r"query_rank=2.*structured=False.*Use structured='auto'"
+    ):
         fitted(make("mlp"), train, query_rank=2, structured=False)
-    with pytest.raises(UnsupportedModelError, match=r"query_rank=2.*no parameter of θ is in a factorable.*query_rank=None"):
-        fitted(uw.Objective(BareLinear().double().eval(), "cross_entropy", l2=0.01), train, query_rank=2)
+    with pytest.raises(
+        UnsupportedModelError,
+        match=r"query_rank=2.*no parameter of θ is in a factorable.*query_rank=None",
+    ):
+        fitted(
+            uw.Objective(BareLinear().double().eval(), "cross_entropy", l2=0.01),
+            train,
+            query_rank=2,
+        )
     # a weight also used outside its layer: find_layers leaves that layer to per-sample gradients,
     # and the low-rank scoring applies to the layer that is factorable
     tied = fitted(make("tied"), train, query_rank=2)

@@ -19,9 +19,11 @@ from upweight.errors import CurvatureError, InputError
 # ── against explicit linear algebra ──────────────────────────────────────────────────
 
 
-def _reference(loss: str, X, y, Xt, yt, theta, l2: float, damping: float, C: int, d: int, squeeze: bool):
-    """(first order, Newton step) Δf for every test point and training point, shape (n_test, n) each,
-    from dense Hessians by ``torch.autograd.functional.hessian`` — nothing from upweight."""
+def _reference(
+    loss: str, X, y, Xt, yt, theta, l2: float, damping: float, C: int, d: int, squeeze: bool
+):
+    """(first order, Newton step) Δf for every test point and training point, shape (n_test, n)
+    each, from dense Hessians by ``torch.autograd.functional.hessian`` — nothing from upweight."""
     n = len(X)
 
     def outputs(t, Xs):
@@ -38,8 +40,18 @@ def _reference(loss: str, X, y, Xt, yt, theta, l2: float, damping: float, C: int
         return losses(t, X, y).mean() + 0.5 * l2 * (t * t).sum()
 
     H = explicit_hessian(risk, theta) + damping * torch.eye(len(theta), dtype=torch.float64)
-    G = torch.stack([torch.func.grad(lambda t, i=i: losses(t, X[i : i + 1], y[i : i + 1])[0])(theta) for i in range(n)])
-    Gt = torch.stack([torch.func.grad(lambda t, j=j: losses(t, Xt[j : j + 1], yt[j : j + 1])[0])(theta) for j in range(len(Xt))])
+    G = torch.stack(
+        [
+            torch.func.grad(lambda t, i=i: losses(t, X[i : i + 1], y[i : i + 1])[0])(theta)
+            for i in range(n)
+        ]
+    )
+    Gt = torch.stack(
+        [
+            torch.func.grad(lambda t, j=j: losses(t, Xt[j : j + 1], yt[j : j + 1])[0])(theta)
+            for j in range(len(Xt))
+        ]
+    )
     first = Gt @ torch.linalg.solve(H, G.T / n)
     newton = torch.empty_like(first)
     for i in range(n):
@@ -52,7 +64,8 @@ def _reference(loss: str, X, y, Xt, yt, theta, l2: float, damping: float, C: int
     "loss, C, squeeze, solver",
     [
         ("logistic", 1, False, "direct"),  # rank one: Sherman–Morrison
-        ("logistic", 1, True, "cg"),  # a (b,) output: the loss's output Hessian by torch.func.hessian
+        # a (b,) output: the loss's output Hessian by torch.func.hessian
+        ("logistic", 1, True, "cg"),
         ("cross_entropy", 3, False, "direct"),  # softmax: rank C − 1 per point
     ],
 )
@@ -70,7 +83,9 @@ def test_woodbury_equals_the_explicit_newton_step(loss, C, squeeze, solver):
     model = torch.nn.Sequential(lin, torch.nn.Flatten(0)) if squeeze else lin
     theta = torch.cat([lin.weight.detach().reshape(-1), lin.bias.detach()])
     solve = uw.Direct() if solver == "direct" else uw.CG(rtol=1e-12)
-    inf = uw.Influence(uw.Objective(model, loss, l2=l2), solver=solve, damping=damping, progress=False).fit((X, y))
+    inf = uw.Influence(
+        uw.Objective(model, loss, l2=l2), solver=solve, damping=damping, progress=False
+    ).fit((X, y))
 
     eff = inf.removal_effect_newton((Xt, yt))
     first, newton = _reference(loss, X, y, Xt, yt, theta, l2, damping, C, d, squeeze)
@@ -86,14 +101,19 @@ def test_woodbury_equals_the_explicit_newton_step(loss, C, squeeze, solver):
 
 
 def test_network_non_linear_in_theta_takes_the_gauss_newton_step():
-    """A tanh MLP with Influence(curvature="gauss-newton"): the estimate is (G − Gᵢ/n)⁻¹∇L(zᵢ)/n with
-    G = (1/n)Σ Jⱼᵀ∇²_zL Jⱼ + l2·I and Gᵢ = Jᵢᵀ∇²_zL Jᵢ from explicit Jacobians of the outputs."""
+    """A tanh MLP with Influence(curvature="gauss-newton"): the estimate is (G − Gᵢ/n)⁻¹∇L(zᵢ)/n
+    with G = (1/n)Σ Jⱼᵀ∇²_zL Jⱼ + l2·I and Gᵢ = Jᵢᵀ∇²_zL Jᵢ from explicit Jacobians of the outputs.
+    """
     torch.manual_seed(2)
     n, d, h, C, l2 = 16, 3, 4, 3, 0.05
     X = torch.randn(n, d, dtype=torch.float64)
     y = torch.randint(0, C, (n,))
     Xt, yt = torch.randn(2, d, dtype=torch.float64), torch.tensor([0, 2])
-    model = torch.nn.Sequential(torch.nn.Linear(d, h), torch.nn.Tanh(), torch.nn.Linear(h, C)).double().eval()
+    model = (
+        torch.nn.Sequential(torch.nn.Linear(d, h), torch.nn.Tanh(), torch.nn.Linear(h, C))
+        .double()
+        .eval()
+    )
     names = [k for k, _ in model.named_parameters()]
     shapes = [t.shape for _, t in model.named_parameters()]
     theta = torch.cat([t.detach().reshape(-1) for t in model.parameters()])
@@ -106,7 +126,8 @@ def test_network_non_linear_in_theta_takes_the_gauss_newton_step():
         return torch.func.functional_call(model, parts, (Xs,))
 
     def ggn(i):
-        J = torch.autograd.functional.jacobian(lambda t: outputs(t, X[i : i + 1])[0], theta)  # (C, p)
+        # (C, p)
+        J = torch.autograd.functional.jacobian(lambda t: outputs(t, X[i : i + 1])[0], theta)
         prob = torch.softmax(outputs(theta, X[i : i + 1])[0], 0)
         return J.T @ (torch.diag(prob) - torch.outer(prob, prob)) @ J
 
@@ -116,13 +137,22 @@ def test_network_non_linear_in_theta_takes_the_gauss_newton_step():
     Gi = [ggn(i) for i in range(n)]
     G = sum(Gi) / n + l2 * torch.eye(len(theta), dtype=torch.float64)
     gt = torch.stack([grad_loss(Xt[j : j + 1], yt[j : j + 1]) for j in range(2)])
-    inf = uw.Influence(uw.Objective(model, "cross_entropy", l2=l2), solver=uw.Direct(), curvature="gauss-newton",
-                       grad_tol=math.inf, progress=False).fit((X, y))
+    inf = uw.Influence(
+        uw.Objective(model, "cross_entropy", l2=l2),
+        solver=uw.Direct(),
+        curvature="gauss-newton",
+        grad_tol=math.inf,
+        progress=False,
+    ).fit((X, y))
     eff = inf.removal_effect_newton((Xt, yt))
     for i in range(n):
         g = grad_loss(X[i : i + 1], y[i : i + 1])
-        np.testing.assert_allclose(eff.values[:, i], (gt @ torch.linalg.solve(G - Gi[i] / n, g / n)).numpy(),
-                                   rtol=1e-7, atol=1e-12)
+        np.testing.assert_allclose(
+            eff.values[:, i],
+            (gt @ torch.linalg.solve(G - Gi[i] / n, g / n)).numpy(),
+            rtol=1e-7,
+            atol=1e-12,
+        )
 
 
 def test_singular_leave_one_out_curvature_is_refused():
@@ -162,7 +192,9 @@ def _softmax_regression(name: str, l2: float, n_test: int = 20):
     train = (torch.tensor(X[tr]), torch.tensor(y[tr]))
     test = (torch.tensor(X[te]), torch.tensor(y[te]))
     model = fit_linear(*train, "cross_entropy", l2, out=int(y.max()) + 1, bias=True)
-    inf = uw.Influence(uw.Objective(model, "cross_entropy", l2=l2), solver=uw.Direct(), progress=False).fit(train)
+    inf = uw.Influence(
+        uw.Objective(model, "cross_entropy", l2=l2), solver=uw.Direct(), progress=False
+    ).fit(train)
     return inf, test
 
 
@@ -175,18 +207,22 @@ def test_corrected_removal_effect_has_the_magnitude_of_exact_refits(name, l2):
     cmp = uw.leave_one_out(inf, test, k=20, progress=False)
     assert cmp.retrain_grad_norm < 1e-6
     assert cmp.predicted_newton is not None and cmp.leverage is not None
-    assert np.isfinite(cmp.predicted_newton).all() and ((cmp.leverage > 0) & (cmp.leverage < 1)).all()
+    assert (
+        np.isfinite(cmp.predicted_newton).all() and ((cmp.leverage > 0) & (cmp.leverage < 1)).all()
+    )
     assert cmp.slope > 1.8  # the issue: first-order removal effects 1.7–3.4× too small
     assert abs(cmp.slope_newton - 1) < 0.5 * abs(cmp.slope - 1)
     assert cmp.pearson_newton >= cmp.pearson + 0.03
     assert cmp.pearson_newton > 0.97 and cmp.spearman_newton >= cmp.spearman - 0.01
-    # the correction only ever enlarges a step here (leverage in (0, 1), a loss convex in the output)
+    # the correction only ever enlarges a step here (leverage in (0, 1), a loss convex in the
+    # output)
     assert (np.abs(cmp.predicted_newton) >= np.abs(cmp.predicted) * (1 - 1e-9)).all()
     assert "leverage-corrected" in str(cmp) and f"slope {cmp.slope_newton:.3f}" in str(cmp)
 
 
 def test_leave_one_out_without_the_correction():
-    """Off on request, and by default with a user's train_fn (a model not necessarily at a minimum)."""
+    """Off on request, and by default with a user's train_fn (a model not necessarily at a
+    minimum)."""
     inf, test = _softmax_regression("wine", 0.01, n_test=5)
     cmp = uw.leave_one_out(inf, test, k=4, newton=False, progress=False)
     assert cmp.predicted_newton is None and cmp.leverage is None
@@ -195,7 +231,9 @@ def test_leave_one_out_without_the_correction():
     def train_fn(objective, data, init):
         return uw.refit(objective, data, init=init)
 
-    assert uw.leave_one_out(inf, test, k=3, train_fn=train_fn, progress=False).predicted_newton is None
+    assert (
+        uw.leave_one_out(inf, test, k=3, train_fn=train_fn, progress=False).predicted_newton is None
+    )
     forced = uw.leave_one_out(inf, test, k=3, train_fn=train_fn, newton=True, progress=False)
     assert forced.predicted_newton.shape == (3,) and np.isfinite(forced.slope_newton)
     with pytest.raises(InputError, match="newton"):

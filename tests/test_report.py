@@ -20,8 +20,16 @@ def _comparison(k: int = 7, scale: float = 1e-2, seed: int = 0) -> LOOComparison
     predicted = rng.normal(0.0, scale, k)
     actual = 1.05 * predicted + rng.normal(0.0, 0.05 * scale, k)
     return LOOComparison(
-        train_ids=np.arange(k) * 3, predicted=predicted, actual=actual, test_ids=np.array([4]),
-        pearson=0.987654, spearman=0.95, slope=1.05, intercept=1e-6, retrain_grad_norm=1e-10, seconds=0.1,
+        train_ids=np.arange(k) * 3,
+        predicted=predicted,
+        actual=actual,
+        test_ids=np.array([4]),
+        pearson=0.987654,
+        spearman=0.95,
+        slope=1.05,
+        intercept=1e-6,
+        retrain_grad_norm=1e-10,
+        seconds=0.1,
     )
 
 
@@ -42,7 +50,9 @@ def test_loo_scatter_plots_the_comparison(scale: float) -> None:
     # the y = x reference line, spanning every point
     xs, ys = ax.lines[0].get_data()
     np.testing.assert_array_equal(xs, ys)
-    assert min(xs) <= min(c.predicted.min(), c.actual.min()) and max(xs) >= max(c.predicted.max(), c.actual.max())
+    assert min(xs) <= min(c.predicted.min(), c.actual.min()) and max(xs) >= max(
+        c.predicted.max(), c.actual.max()
+    )
     assert "Pearson R = 0.9877" in ax.get_title() and "slope = 1.050" in ax.get_title()
     assert "Predicted" in ax.get_xlabel() and "Actual" in ax.get_ylabel()
     if scale < 1e-3:  # tiny effects get a power-of-ten unit in the labels, not unreadable ticks
@@ -51,8 +61,18 @@ def test_loo_scatter_plots_the_comparison(scale: float) -> None:
 
 def test_loo_scatter_nan_statistics() -> None:
     c = _comparison(k=2)
-    c = LOOComparison(c.train_ids, c.predicted, c.actual, c.test_ids, float("nan"), float("nan"),
-                      float("nan"), float("nan"), 0.0, 0.0)
+    c = LOOComparison(
+        c.train_ids,
+        c.predicted,
+        c.actual,
+        c.test_ids,
+        float("nan"),
+        float("nan"),
+        float("nan"),
+        float("nan"),
+        0.0,
+        0.0,
+    )
     fig = new_figure()
     ax = loo_scatter(c, fig.add_subplot())
     assert "n/a" in ax.get_title()
@@ -62,7 +82,9 @@ def test_explain_figure_axes_and_png(tmp_path) -> None:
     c = _comparison()
     helpful, harmful = _images(5), _images(4, seed=2)
     test_img = np.linspace(0, 1, 784)
-    fig = explain_figure(test_img, "Test point 4\ntrue y = -1", helpful, harmful, c, (28, 28), title="demo")
+    fig = explain_figure(
+        test_img, "Test point 4\ntrue y = -1", helpful, harmful, c, (28, 28), title="demo"
+    )
     assert isinstance(fig, Figure)
     axes = fig.axes
     assert len(axes) == 1 + 5 + 4 + 1
@@ -102,7 +124,15 @@ def test_explain_figure_wraps_long_rows(tmp_path) -> None:
     """23 images per kind wrap onto rows of max_columns: the PNG is as wide as for 10."""
     widths = {}
     for k in (10, 23):
-        fig = explain_figure(np.linspace(0, 1, 784), "t", _images(k), _images(k, seed=2), None, (28, 28), max_columns=10)
+        fig = explain_figure(
+            np.linspace(0, 1, 784),
+            "t",
+            _images(k),
+            _images(k, seed=2),
+            None,
+            (28, 28),
+            max_columns=10,
+        )
         assert len(fig.axes) == 1 + 2 * k
         rows = {round(ax.get_position().y0, 4) for ax in fig.axes[1:]}
         assert len(rows) == 2 * -(-k // 10)
@@ -113,7 +143,9 @@ def test_explain_figure_wraps_long_rows(tmp_path) -> None:
 
 
 def test_ranking_figure_bars_are_the_scores(tmp_path) -> None:
-    fig = ranking_figure("Test point 3", [("#4", -2.0), ("#9", -1.0)], [("#1", 3.0)], _comparison(), title="x")
+    fig = ranking_figure(
+        "Test point 3", [("#4", -2.0), ("#9", -1.0)], [("#1", 3.0)], _comparison(), title="x"
+    )
     bars = fig.axes[1].patches
     assert [b.get_width() for b in bars] == [-2.0, -1.0, 3.0]
     assert [t.get_text() for t in fig.axes[1].get_yticklabels()] == ["#4", "#9", "#1"]

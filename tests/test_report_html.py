@@ -135,7 +135,18 @@ def explained(tmp_path_factory):
     report = tmp / "not" / "yet" / "explain.html"  # its folders do not exist yet
     stdout, stderr = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-        rc = main(["explain", "--loo-k", str(LOO_K), "--no-progress", "--out", str(tmp / "e.png"), "--report", str(report)])
+        rc = main(
+            [
+                "explain",
+                "--loo-k",
+                str(LOO_K),
+                "--no-progress",
+                "--out",
+                str(tmp / "e.png"),
+                "--report",
+                str(report),
+            ]
+        )
     assert rc == 0, stderr.getvalue()
     page = report.read_text(encoding="utf-8")
     return {"out": stdout.getvalue(), "path": report, "page": page, "dom": parse(page)}
@@ -194,7 +205,10 @@ def test_report_numbers_are_the_printed_ones(explained, mnist) -> None:
             assert int(id_td.attrs["data-value"]) == int(id_td.all_text()) == j
             assert lab_td.all_text() == lab
             assert up_td.all_text() == iup and rem_td.all_text() == rem  # as printed
-            assert format(cell_value(up_td), "+.4e") == iup and format(cell_value(rem_td), "+.4e") == rem
+            assert (
+                format(cell_value(up_td), "+.4e") == iup
+                and format(cell_value(rem_td), "+.4e") == rem
+            )
             assert lab.startswith(f"{int(mnist.y_train[j]):+d}")
             ups.append(cell_value(up_td))
             rems.append(cell_value(rem_td))
@@ -208,8 +222,12 @@ def test_report_numbers_are_the_printed_ones(explained, mnist) -> None:
     top_id, top_score = printed["harmful"][0][0], printed["harmful"][0][2]
     assert f">{top_id}<" in explained["page"] and top_score in harm.all_text()
 
-    m = re.search(r"test point (\d+) \(first misclassified\): true label ([^,]+), predicted P\(y=\+1\) = (\S+) → "
-                  r"MISCLASSIFIED, test loss (\S+)", out)
+    m = re.search(
+        r"test point (\d+) \(first misclassified\): true label ([^,]+), predicted P\(y=\+1\) ="
+        r" (\S+) → "
+        r"MISCLASSIFIED, test loss (\S+)",
+        out,
+    )
     i, label, p, loss = m.groups()
     assert dom.one(id="test-index").all_text() == i
     assert dom.one(id="test-label").all_text() == label
@@ -218,19 +236,29 @@ def test_report_numbers_are_the_printed_ones(explained, mnist) -> None:
     assert dom.one("tr", id="test-p").one("td").all_text() == p
     assert dom.one("tr", id="test-loss").one("td").all_text() == loss
 
-    stats = re.search(r"Pearson (\S+)\s+Spearman (\S+)\s+slope (\S+)\s+\(intercept (\S+)\)", out).groups()
+    stats = re.search(
+        r"Pearson (\S+)\s+Spearman (\S+)\s+slope (\S+)\s+\(intercept (\S+)\)", out
+    ).groups()
     for name, value in zip(("pearson", "spearman", "slope", "intercept"), stats):
         assert dom.one("tr", id=f"loo-{name}").one("td").all_text() == value, name
     assert int(dom.one("tr", id="loo-k").one("td").all_text()) == LOO_K
 
-    diag = {tr.attrs["id"]: tr for tr in dom.one("table", id="diagnostics").find_all("tr") if "id" in tr.attrs}
+    diag = {
+        tr.attrs["id"]: tr
+        for tr in dom.one("table", id="diagnostics").find_all("tr")
+        if "id" in tr.attrs
+    }
     assert diag["diag-solver"].find_all("td")[0].all_text() == "cg"
     assert "rtol=1e-08" in diag["diag-settings"].all_text()
     residual = re.search(r"residual\s+(\S+)", out).group(1)
     assert diag["diag-residual"].find_all("td")[0].all_text() == residual
     assert "accepted" in diag["diag-residual"].all_text()
-    assert diag["diag-iterations"].find_all("td")[0].all_text() == re.search(r"iterations\s+(\d+)", out).group(1)
-    assert diag["diag-solve-seconds"].find_all("td")[0].all_text() == re.search(r"seconds\s+(\S+) solve", out).group(1)
+    assert diag["diag-iterations"].find_all("td")[0].all_text() == re.search(
+        r"iterations\s+(\d+)", out
+    ).group(1)
+    assert diag["diag-solve-seconds"].find_all("td")[0].all_text() == re.search(
+        r"seconds\s+(\S+) solve", out
+    ).group(1)
     assert int(cell_value(diag["diag-p"].find_all("td")[0])) == 784
     assert cell_value(diag["diag-l2"].find_all("td")[0]) == 0.01
     assert cell_value(diag["diag-damping"].find_all("td")[0]) == 0.0
@@ -257,8 +285,12 @@ def test_report_escapes_text_and_omits_missing_parts(tmp_path) -> None:
     evil = '<script>alert("x")</script> & "q"'
     pts = [ReportPoint(3, evil, 2.5, -0.25), ReportPoint(7, "b", 1.0, -0.1)]
     page = explain_report(
-        title=evil, test=ReportTest(index=1, true_label="+1", predicted_label="-1", loss=0.7),
-        helpful=[], harmful=pts, provenance={"solver": {"name": evil}, "residual_max": 1e-9}, n_train=10,
+        title=evil,
+        test=ReportTest(index=1, true_label="+1", predicted_label="-1", loss=0.7),
+        helpful=[],
+        harmful=pts,
+        provenance={"solver": {"name": evil}, "residual_max": 1e-9},
+        n_train=10,
     )
     dom = parse(page)
     assert not dom.find_all("script") and not dom.find_all("img")
@@ -291,14 +323,26 @@ def test_report_escapes_every_string(evil) -> None:
     img = np.arange(4.0)
     pts = [ReportPoint(3, evil, 2.5, -0.25, img), ReportPoint(np.int64(7), evil, 1.0, -0.1, img)]
     provenance = {
-        "solver": {"name": evil, "mode": evil, evil: 1.5}, "solver_chosen": evil, "solver_reason": evil,
-        "dtype": evil, f"solver_{evil}": evil, "solver_note": evil, "residual_max": 1e-9, "accepted": True,
+        "solver": {"name": evil, "mode": evil, evil: 1.5},
+        "solver_chosen": evil,
+        "solver_reason": evil,
+        "dtype": evil,
+        f"solver_{evil}": evil,
+        "solver_note": evil,
+        "residual_max": 1e-9,
+        "accepted": True,
         "max_residual_accepted": 1e-6,
     }
     page = explain_report(
-        title=evil, subtitle=evil, image_shape=(2, 2), provenance=provenance, n_train=10,
+        title=evil,
+        subtitle=evil,
+        image_shape=(2, 2),
+        provenance=provenance,
+        n_train=10,
         test=ReportTest(index=1, true_label=evil, predicted_label=evil + "!", loss=0.7, image=img),
-        helpful=pts, harmful=pts, extra_diagnostics=[(evil, 2.0, ".2f")],
+        helpful=pts,
+        harmful=pts,
+        extra_diagnostics=[(evil, 2.0, ".2f")],
     )
     dom = parse(page)
     _assert_inert(page, dom, evil)
@@ -307,12 +351,22 @@ def test_report_escapes_every_string(evil) -> None:
     assert dom.one(id="test-label").all_text() == evil
     assert dom.one(id="test-prediction").all_text().startswith(evil + "! — ")
     for kind in ("helpful", "harmful"):
-        labels = [[c for c in tr.children if c.tag == "td"][3].all_text()
-                  for tr in dom.one("table", id=kind).find_all("tr", class_="point")]
+        labels = [
+            [c for c in tr.children if c.tag == "td"][3].all_text()
+            for tr in dom.one("table", id=kind).find_all("tr", class_="point")
+        ]
         assert labels == [evil, evil]
     diag = dom.one("table", id="diagnostics")
-    rows = {tr.find_all("th")[0].all_text(): tr.find_all("td")[0].all_text() for tr in diag.find_all("tr")}
-    assert rows["solver"] == evil and rows["chosen"] == evil and rows["why"] == evil and rows["dtype"] == evil
+    rows = {
+        tr.find_all("th")[0].all_text(): tr.find_all("td")[0].all_text()
+        for tr in diag.find_all("tr")
+    }
+    assert (
+        rows["solver"] == evil
+        and rows["chosen"] == evil
+        and rows["why"] == evil
+        and rows["dtype"] == evil
+    )
     assert rows["settings"] == f"mode={evil}, {evil}=1.5"
     assert rows[f"solver statistic: {evil}"] == evil and rows["solver statistic: note"] == evil
     assert rows[evil] == "2.00"  # an extra diagnostics row: its label is text too
@@ -322,43 +376,109 @@ def test_report_escapes_every_string(evil) -> None:
 def test_report_escapes_features_text_and_overview(evil) -> None:
     """Feature names, texts of points and every label of the overview are shown as text too."""
     feats = np.array([1.5, -2.0])
-    pts = [ReportPoint(3, evil, 2.5, -0.25, features=feats, text=evil), ReportPoint(7, evil, 1.0, -0.1, features=feats)]
-    rows = [OverviewRow(1, evil, evil + "!", 0.7, pts, pts), OverviewRow(4, evil, evil, 0.2, pts[:1], [])]
+    pts = [
+        ReportPoint(3, evil, 2.5, -0.25, features=feats, text=evil),
+        ReportPoint(7, evil, 1.0, -0.1, features=feats),
+    ]
+    rows = [
+        OverviewRow(1, evil, evil + "!", 0.7, pts, pts),
+        OverviewRow(4, evil, evil, 0.2, pts[:1], []),
+    ]
     page = explain_report(
-        title="t", provenance={}, n_train=10, feature_names=[evil, "b"], overview=rows,
-        test=ReportTest(index=1, true_label=evil, predicted_label=evil + "!", loss=0.7, features=feats, text=evil),
-        helpful=pts, harmful=pts,
+        title="t",
+        provenance={},
+        n_train=10,
+        feature_names=[evil, "b"],
+        overview=rows,
+        test=ReportTest(
+            index=1,
+            true_label=evil,
+            predicted_label=evil + "!",
+            loss=0.7,
+            features=feats,
+            text=evil,
+        ),
+        helpful=pts,
+        harmful=pts,
     )
     dom = parse(page)
     _assert_inert(page, dom, evil)
-    assert [th.all_text() for th in dom.one("table", id="test-features").find_all("th")] == [evil, "b"]
-    assert [float(td.attrs["data-value"]) for td in dom.one("table", id="test-features").find_all("td")] == [1.5, -2.0]
+    assert [th.all_text() for th in dom.one("table", id="test-features").find_all("th")] == [
+        evil,
+        "b",
+    ]
+    assert [
+        float(td.attrs["data-value"]) for td in dom.one("table", id="test-features").find_all("td")
+    ] == [1.5, -2.0]
     assert dom.one("p", id="test-text").all_text() == evil
-    assert [td.all_text() for td in dom.one("table", id="harmful").find_all("td", class_="text")] == [evil]
+    assert [
+        td.all_text() for td in dom.one("table", id="harmful").find_all("td", class_="text")
+    ] == [evil]
     overview = dom.one("table", id="overview").find_all("tr", class_="overview-row")
-    assert [[c for c in tr.children if c.tag == "td"][1].all_text() for tr in overview] == [evil, evil]
+    assert [[c for c in tr.children if c.tag == "td"][1].all_text() for tr in overview] == [
+        evil,
+        evil,
+    ]
     recurring = dom.one("table", id="recurring").find_all("tr", class_="recurring")
-    assert [(int(tr.one("td", class_="train-id").all_text()), tr.one("td", class_="helpful-count").all_text(),
-             tr.one("td", class_="harmful-count").all_text()) for tr in recurring] == [(3, "2", "1"), (7, "1", "1")]
+    assert [
+        (
+            int(tr.one("td", class_="train-id").all_text()),
+            tr.one("td", class_="helpful-count").all_text(),
+            tr.one("td", class_="harmful-count").all_text(),
+        )
+        for tr in recurring
+    ] == [(3, "2", "1"), (7, "1", "1")]
     assert [c for c in recurring[0].children if c.tag == "td"][1].all_text() == evil
 
 
 def test_report_pages_long_rankings() -> None:
-    pts = [ReportPoint(j, "a", float(-j), float(j) / 10, image=np.full(4, j, dtype=float)) for j in range(1, 9)]
-    page = explain_report(title="t", test=ReportTest(index=0, true_label="a", predicted_label="a", loss=0.1),
-                          helpful=pts, harmful=[], provenance={}, n_train=10, image_shape=(2, 2), page_size=3)
+    pts = [
+        ReportPoint(j, "a", float(-j), float(j) / 10, image=np.full(4, j, dtype=float))
+        for j in range(1, 9)
+    ]
+    page = explain_report(
+        title="t",
+        test=ReportTest(index=0, true_label="a", predicted_label="a", loss=0.1),
+        helpful=pts,
+        harmful=[],
+        provenance={},
+        n_train=10,
+        image_shape=(2, 2),
+        page_size=3,
+    )
     dom = parse(page)
     pages = dom.one("div", id="helpful-pages")
-    assert [d.one("summary").all_text() for d in pages.find_all("details")] == ["ranks 4–6 of 8", "ranks 7–8 of 8"]
-    assert [int(td.attrs["data-value"]) for td in pages.find_all("td", class_="train-id")] == list(range(1, 9))
+    assert [d.one("summary").all_text() for d in pages.find_all("details")] == [
+        "ranks 4–6 of 8",
+        "ranks 7–8 of 8",
+    ]
+    assert [int(td.attrs["data-value"]) for td in pages.find_all("td", class_="train-id")] == list(
+        range(1, 9)
+    )
     assert len(dom.one("table", id="helpful").find_all("tr", class_="point")) == 3
     assert len(pages.find_all("img")) == 8 and not dom.find_all("table", id="overview")
-    with pytest.raises(InputError, match="feature_names has 3 names but the points have 2 features"):
-        explain_report(title="t", test=ReportTest(0, "a", "a", 0.1, features=[1.0, 2.0]), helpful=[], harmful=[],
-                       provenance={}, n_train=1, feature_names=["x", "y", "z"])
+    with pytest.raises(
+        InputError, match="feature_names has 3 names but the points have 2 features"
+    ):
+        explain_report(
+            title="t",
+            test=ReportTest(0, "a", "a", 0.1, features=[1.0, 2.0]),
+            helpful=[],
+            harmful=[],
+            provenance={},
+            n_train=1,
+            feature_names=["x", "y", "z"],
+        )
     with pytest.raises(InputError, match="page_size must be an integer ≥ 1"):
-        explain_report(title="t", test=ReportTest(0, "a", "a", 0.1), helpful=[], harmful=[], provenance={},
-                       n_train=1, page_size=0)
+        explain_report(
+            title="t",
+            test=ReportTest(0, "a", "a", 0.1),
+            helpful=[],
+            harmful=[],
+            provenance={},
+            n_train=1,
+            page_size=0,
+        )
 
 
 @pytest.mark.parametrize("evil", HOSTILE[:2])
@@ -366,23 +486,54 @@ def test_report_refuses_ids_that_are_not_integers(evil, tmp_path) -> None:
     """Training ids and the test index go into the page (and its attributes) only as integers."""
     test = ReportTest(index=1, true_label="+1", predicted_label="-1", loss=0.7)
     with pytest.raises(InputError, match=r"ReportPoint\.train_id must be an integer; got str"):
-        explain_report(title="t", test=test, helpful=[ReportPoint(evil, "a", 1.0, -0.1)], harmful=[], provenance={},
-                       n_train=3)
+        explain_report(
+            title="t",
+            test=test,
+            helpful=[ReportPoint(evil, "a", 1.0, -0.1)],
+            harmful=[],
+            provenance={},
+            n_train=3,
+        )
     with pytest.raises(InputError, match=r"ReportTest\.index must be an integer; got str"):
-        explain_report(title="t", test=ReportTest(index=evil, true_label="+1", predicted_label="-1", loss=0.7),
-                       helpful=[], harmful=[], provenance={}, n_train=3)
+        explain_report(
+            title="t",
+            test=ReportTest(index=evil, true_label="+1", predicted_label="-1", loss=0.7),
+            helpful=[],
+            harmful=[],
+            provenance={},
+            n_train=3,
+        )
 
 
 def test_report_escapes_the_data_file_name(tmp_path, capsys) -> None:
-    """``explain --data`` with a hostile file name: the name reaches the page's title only as text."""
-    name = "<img src=x onerror=alert(1)>\" onload=\"x.npz"
+    """``explain --data`` with a hostile file name: the name reaches the page's title only
+    as text."""
+    name = '<img src=x onerror=alert(1)>" onload="x.npz'
     rng = np.random.default_rng(0)
     x, w = rng.normal(size=(50, 9)), rng.normal(size=9)
     y = (x @ w + rng.normal(size=50) > 0).astype(np.int64)
     np.savez(tmp_path / name, x_train=x[:40], y_train=y[:40], x_test=x[40:], y_test=y[40:])
     report = tmp_path / "r.html"
-    rc = main(["explain", "--data", str(tmp_path / name), "--solver", "direct", "--test-index", "0", "--top", "2",
-               "--loo-k", "0", "--no-progress", "--out", str(tmp_path / "e.png"), "--report", str(report)])
+    rc = main(
+        [
+            "explain",
+            "--data",
+            str(tmp_path / name),
+            "--solver",
+            "direct",
+            "--test-index",
+            "0",
+            "--top",
+            "2",
+            "--loo-k",
+            "0",
+            "--no-progress",
+            "--out",
+            str(tmp_path / "e.png"),
+            "--report",
+            str(report),
+        ]
+    )
     cap = capsys.readouterr()
     assert rc == 0, cap.err
     page = report.read_text(encoding="utf-8")
@@ -399,12 +550,21 @@ def test_report_escapes_the_data_file_name(tmp_path, capsys) -> None:
 def test_bad_report_path_fails_before_any_work(case, tmp_path, capsys) -> None:
     (tmp_path / "file.txt").write_text("x")
     (tmp_path / "dir.html").mkdir()
-    path = {"suffix": tmp_path / "report.txt", "under_a_file": tmp_path / "file.txt" / "sub" / "r.html",
-            "folder": tmp_path / "dir.html"}[case]
-    expect = {"suffix": "must end in .html", "under_a_file": "is a file, not a folder", "folder": "that is a folder"}[case]
+    path = {
+        "suffix": tmp_path / "report.txt",
+        "under_a_file": tmp_path / "file.txt" / "sub" / "r.html",
+        "folder": tmp_path / "dir.html",
+    }[case]
+    expect = {
+        "suffix": "must end in .html",
+        "under_a_file": "is a file, not a folder",
+        "folder": "that is a folder",
+    }[case]
     rc = main(["explain", "--no-progress", "--out", str(tmp_path / "e.png"), "--report", str(path)])
     cap = capsys.readouterr()
-    assert rc == 2 and cap.err.startswith(f"upweight: error: --report {path}:") and expect in cap.err
+    assert (
+        rc == 2 and cap.err.startswith(f"upweight: error: --report {path}:") and expect in cap.err
+    )
     assert "Traceback" not in cap.err and cap.out == ""  # refused before loading data or training
     assert not (tmp_path / "e.png").exists()
 
@@ -435,34 +595,52 @@ def chromium() -> str:
     if exe is None:
         reason = "headless Chromium is not installed (Debian: apt-get install chromium)"
         if os.environ.get("CI"):
-            pytest.fail(f"{reason}; CI is set, so the browser check must run (.ci/run installs it).")
+            pytest.fail(
+                f"{reason}; CI is set, so the browser check must run (.ci/run installs it)."
+            )
         pytest.skip(reason)
     return exe
 
 
 def _run_chromium(exe: str, *args: str) -> subprocess.CompletedProcess:
     with tempfile.TemporaryDirectory(prefix="upweight-chromium-") as profile:
-        cmd = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--hide-scrollbars",
-               "--no-first-run", "--force-device-scale-factor=1", f"--window-size={WINDOW[0]},{WINDOW[1]}",
-               f"--user-data-dir={profile}", *args]
+        cmd = [
+            exe,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--hide-scrollbars",
+            "--no-first-run",
+            "--force-device-scale-factor=1",
+            f"--window-size={WINDOW[0]},{WINDOW[1]}",
+            f"--user-data-dir={profile}",
+            *args,
+        ]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=90)
         except subprocess.TimeoutExpired:
             pytest.fail(f"headless Chromium did not finish within 90 s: {' '.join(cmd)}")
     if proc.returncode != 0:
-        pytest.fail(f"headless Chromium failed (exit {proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-2000:]}")
+        pytest.fail(
+            f"headless Chromium failed (exit {proc.returncode}):"
+            f" {' '.join(cmd)}\n{proc.stderr[-2000:]}"
+        )
     return proc
 
 
 def test_report_renders_in_chromium(chromium, explained, tmp_path) -> None:
-    """Chromium decodes every image at the PNG's size, and the screenshot shows those pixels where they are."""
+    """Chromium decodes every image at the PNG's size, and the screenshot shows those pixels where
+    they are."""
     exe = chromium
     pngs = [png_of(img) for img in explained["dom"].find_all("img")]
 
     # A copy of the page with a probe that writes each image's decoded size and on-screen box into
     # the DOM, and one deliberately broken PNG to show that the probe can tell.
     probed = tmp_path / "probed.html"
-    probed.write_text(explained["page"].replace("</body>", BROKEN + PROBE + "</body>"), encoding="utf-8")
+    probed.write_text(
+        explained["page"].replace("</body>", BROKEN + PROBE + "</body>"), encoding="utf-8"
+    )
     proc = _run_chromium(exe, "--virtual-time-budget=10000", "--dump-dom", probed.as_uri())
     m = re.search(r'<pre id="probe">(.*?)</pre>', proc.stdout, re.S)
     assert m, f"the probe did not run; Chromium's DOM starts with {proc.stdout[:300]!r}"
@@ -490,7 +668,11 @@ def test_report_renders_in_chromium(chromium, explained, tmp_path) -> None:
         else:  # the scatter, scaled to fit: compare with the PNG resampled to the same box
             # on a coarse 8-px grid, where thin lines survive whichever filter scaled them
             ref = png.convert("L").resize((w // 8, h // 8), Image.Resampling.BOX)
-            got = Image.fromarray(crop.astype(np.uint8)).resize((w // 8, h // 8), Image.Resampling.BOX)
+            got = Image.fromarray(crop.astype(np.uint8)).resize(
+                (w // 8, h // 8), Image.Resampling.BOX
+            )
             ref, got = np.asarray(ref, dtype=float), np.asarray(got, dtype=float)
             assert got.std() > 5  # not blank
-            assert np.corrcoef(got.ravel(), ref.ravel())[0, 1] > 0.95 and np.abs(got - ref).mean() < 3
+            assert (
+                np.corrcoef(got.ravel(), ref.ravel())[0, 1] > 0.95 and np.abs(got - ref).mean() < 3
+            )

@@ -15,7 +15,9 @@ from upweight.errors import StoreMismatchError
 
 def refit_params(model, loss, l2, X, y, weights=None, init=None):
     obj = uw.Objective(model, loss, l2=l2)
-    res = uw.refit(obj, uw.Data.from_any((X, y)), weights=weights, init=init, gtol=1e-13, newton=True)
+    res = uw.refit(
+        obj, uw.Data.from_any((X, y)), weights=weights, init=init, gtol=1e-13, newton=True
+    )
     assert res.grad_norm < 1e-12
     return res.params
 
@@ -24,7 +26,9 @@ def test_up_params_matches_finite_difference_reoptimisation(small_logreg):
     """dθ̂/dε at ε = 0 for R(θ) + ε·L(z, θ), by central differences of two exact refits."""
     model, l2, (X, y), _ = small_logreg
     n = len(X)
-    inf = uw.Influence(uw.Objective(model, "logistic", l2=l2), solver=uw.Direct(), progress=False).fit((X, y))
+    inf = uw.Influence(
+        uw.Objective(model, "logistic", l2=l2), solver=uw.Direct(), progress=False
+    ).fit((X, y))
     eps = 1e-4
     for i in (5, 123):
         got = inf.up_params([i]).values[0]
@@ -39,10 +43,13 @@ def test_up_params_matches_finite_difference_reoptimisation(small_logreg):
 
 
 def test_pert_loss_matches_finite_difference_reoptimisation(small_logreg):
-    """d/dh of the test loss after retraining with x_i moved to x_i + h·u equals (1/n)⟨I_pert,loss, u⟩."""
+    """d/dh of the test loss after retraining with x_i moved to x_i + h·u equals (1/n)⟨I_pert,loss,
+    u⟩."""
     model, l2, (X, y), (Xt, yt) = small_logreg
     n = len(X)
-    inf = uw.Influence(uw.Objective(model, "logistic", l2=l2), solver=uw.Direct(), progress=False).fit((X, y))
+    inf = uw.Influence(
+        uw.Objective(model, "logistic", l2=l2), solver=uw.Direct(), progress=False
+    ).fit((X, y))
     test = (Xt[:2], yt[:2])
     sel = [7, 42]
     pert = inf.pert_loss(test, train=sel)
@@ -63,8 +70,13 @@ def test_pert_loss_matches_finite_difference_reoptimisation(small_logreg):
         assert_not_constant(fd)
         np.testing.assert_allclose(predicted, fd, rtol=1e-4)
     # a batch of 3 with 2 test points: one training point per call (pairs ≤ batch), the same values
-    small = uw.Influence(uw.Objective(model, "logistic", l2=l2), solver=uw.Direct(), progress=False,
-                         batch_size=3).fit((X, y)).pert_loss(test, train=[*sel, 100])
+    small = (
+        uw.Influence(
+            uw.Objective(model, "logistic", l2=l2), solver=uw.Direct(), progress=False, batch_size=3
+        )
+        .fit((X, y))
+        .pert_loss(test, train=[*sel, 100])
+    )
     np.testing.assert_allclose(small.values[:, :2], pert.values, rtol=1e-12, atol=0)
 
 
@@ -87,7 +99,9 @@ def test_leave_one_out_matches_influence_on_top_20(paper_logreg):
     """Paper Fig. 2 (left), on 1-vs-7: Pearson ≥ 0.99 and slope in [0.9, 1.1] over the top 20."""
     model, train, (Xt, yt), wrong = paper_logreg
     i = int(wrong[0])  # a wrongly classified test image, as in the paper
-    inf = uw.Influence(uw.Objective(model, "logistic", l2=0.01), solver=uw.CG(rtol=1e-8), progress=False).fit(train)
+    inf = uw.Influence(
+        uw.Objective(model, "logistic", l2=0.01), solver=uw.CG(rtol=1e-8), progress=False
+    ).fit(train)
     check = uw.leave_one_out(inf, (Xt[i : i + 1], yt[i : i + 1]), k=20, progress=False)
     assert len(check.actual) == 20
     assert_not_constant(check.actual)
@@ -102,7 +116,9 @@ def test_leave_one_out_matches_influence_on_top_20(paper_logreg):
 def test_leave_one_out_with_random_points_and_user_train_fn(small_logreg):
     """select='random' and a user-supplied train_fn (here an exact refit written by the user)."""
     model, l2, train, (Xt, yt) = small_logreg
-    inf = uw.Influence(uw.Objective(model, "logistic", l2=l2), solver=uw.Direct(), progress=False).fit(train)
+    inf = uw.Influence(
+        uw.Objective(model, "logistic", l2=l2), solver=uw.Direct(), progress=False
+    ).fit(train)
     n = len(train[0])
 
     def train_fn(objective, data, init):
@@ -112,9 +128,12 @@ def test_leave_one_out_with_random_points_and_user_train_fn(small_logreg):
         return uw.refit(obj, data, init=init, gtol=1e-12).params
 
     a = uw.leave_one_out(inf, (Xt[:1], yt[:1]), k=8, select="random", seed=1, progress=False)
-    b = uw.leave_one_out(inf, (Xt[:1], yt[:1]), k=8, select="random", seed=1, train_fn=train_fn, progress=False)
+    b = uw.leave_one_out(
+        inf, (Xt[:1], yt[:1]), k=8, select="random", seed=1, train_fn=train_fn, progress=False
+    )
     np.testing.assert_array_equal(a.train_ids, b.train_ids)
-    np.testing.assert_allclose(a.actual, b.actual, rtol=1e-4, atol=1e-8)  # baselines: θ̂ vs its refit
+    # baselines: θ̂ vs its refit
+    np.testing.assert_allclose(a.actual, b.actual, rtol=1e-4, atol=1e-8)
     assert a.pearson > 0.95
 
 
@@ -138,13 +157,16 @@ def test_leave_one_out_resumes_from_its_store_after_a_crash(small_logreg, tmp_pa
     import upweight.loo.runner as runner
 
     model, l2, train, (Xt, yt) = small_logreg
-    inf = uw.Influence(uw.Objective(model, "logistic", l2=l2), solver=uw.Direct(), progress=False).fit(train)
+    inf = uw.Influence(
+        uw.Objective(model, "logistic", l2=l2), solver=uw.Direct(), progress=False
+    ).fit(train)
     test = (Xt[:1], yt[:1])
     whole = uw.leave_one_out(inf, test, k=8, progress=False)
     assert whole.pearson > 0.99  # the retrainings are real (and agree with influence)
 
     real = runner.refit
-    monkeypatch.setattr(runner, "refit", _CrashAfter(real, after=4))  # the full refit + 3 leave-one-outs
+    # the full refit + 3 leave-one-outs
+    monkeypatch.setattr(runner, "refit", _CrashAfter(real, after=4))
     with pytest.raises(KeyboardInterrupt):
         uw.leave_one_out(inf, test, k=8, progress=False, store=tmp_path / "loo")
     counting = _CrashAfter(real, after=10**9)
@@ -165,11 +187,14 @@ def test_leave_one_out_resumes_from_its_store_after_a_crash(small_logreg, tmp_pa
 
 
 def test_leave_one_out_store_records_a_train_fns_settings(small_logreg, tmp_path):
-    """A retraining function's plain settings are part of the fingerprint: changing one is refused."""
+    """A retraining function's plain settings are part of the fingerprint: changing one is
+    refused."""
     from dataclasses import dataclass
 
     model, l2, train, (Xt, yt) = small_logreg
-    inf = uw.Influence(uw.Objective(model, "logistic", l2=l2), solver=uw.Direct(), progress=False).fit(train)
+    inf = uw.Influence(
+        uw.Objective(model, "logistic", l2=l2), solver=uw.Direct(), progress=False
+    ).fit(train)
     n = len(train[0])
 
     @dataclass
@@ -178,19 +203,27 @@ def test_leave_one_out_store_records_a_train_fns_settings(small_logreg, tmp_path
 
         def __call__(self, objective, data, init):
             obj = uw.Objective(model, "logistic", l2=l2 * n / len(data))
-            return uw.refit(obj, data, init=init, gtol=self.gtol)  # a RefitResult: its ‖∇R‖ is recorded
+            # a RefitResult: its ‖∇R‖ is recorded
+            return uw.refit(obj, data, init=init, gtol=self.gtol)
 
-    a = uw.leave_one_out(inf, (Xt[:1], yt[:1]), k=4, train_fn=UserRefit(1e-11), progress=False, store=tmp_path)
-    assert 0 < a.retrain_grad_norm < 1e-8 and a.provenance["retrain_iterations_mean"] >= 1  # recorded, not NaN
+    a = uw.leave_one_out(
+        inf, (Xt[:1], yt[:1]), k=4, train_fn=UserRefit(1e-11), progress=False, store=tmp_path
+    )
+    # recorded, not NaN
+    assert 0 < a.retrain_grad_norm < 1e-8 and a.provenance["retrain_iterations_mean"] >= 1
     with pytest.raises(StoreMismatchError, match="retraining.gtol"):
-        uw.leave_one_out(inf, (Xt[:1], yt[:1]), k=4, train_fn=UserRefit(1e-6), progress=False, store=tmp_path)
+        uw.leave_one_out(
+            inf, (Xt[:1], yt[:1]), k=4, train_fn=UserRefit(1e-6), progress=False, store=tmp_path
+        )
 
 
 def test_leave_one_out_on_dask_workers_equals_in_process(small_logreg, dask_executor, tmp_path):
-    """Each retraining a task on a 2-worker LocalCluster: the in-process numbers; a store half filled
-    in-process is finished on the workers."""
+    """Each retraining a task on a 2-worker LocalCluster: the in-process numbers; a store half
+    filled in-process is finished on the workers."""
     model, l2, train, (Xt, yt) = small_logreg
-    inf = uw.Influence(uw.Objective(model, "logistic", l2=l2), solver=uw.Direct(), progress=False).fit(train)
+    inf = uw.Influence(
+        uw.Objective(model, "logistic", l2=l2), solver=uw.Direct(), progress=False
+    ).fit(train)
     test = (Xt[2:3], yt[2:3])
     local = uw.leave_one_out(inf, test, k=6, progress=False)
     remote = uw.leave_one_out(inf, test, k=6, progress=False, executor=dask_executor)
@@ -199,19 +232,25 @@ def test_leave_one_out_on_dask_workers_equals_in_process(small_logreg, dask_exec
 
     ids = local_ids(inf, local)
     uw.leave_one_out(inf, test, ids=ids[:3], progress=False, store=tmp_path)  # 3 in-process
-    both = uw.leave_one_out(inf, test, ids=ids, progress=False, store=tmp_path, executor=dask_executor)
+    both = uw.leave_one_out(
+        inf, test, ids=ids, progress=False, store=tmp_path, executor=dask_executor
+    )
     assert both.provenance["resumed_from_store"] == 3  # and the 3 others on the workers
     np.testing.assert_array_equal(both.actual[:3], local.actual[:3])
     np.testing.assert_allclose(both.actual, local.actual, rtol=1e-10, atol=1e-15)
 
 
-def test_leave_one_out_store_is_reused_by_a_larger_k_and_other_ids(small_logreg, tmp_path, monkeypatch):
+def test_leave_one_out_store_is_reused_by_a_larger_k_and_other_ids(
+    small_logreg, tmp_path, monkeypatch
+):
     """Retrainings are kept under the point they removed: k = 8 after k = 5 retrains only 3 points,
     a reordered subset none, and each number is the one a fresh run computes."""
     import upweight.loo.runner as runner
 
     model, l2, train, (Xt, yt) = small_logreg
-    inf = uw.Influence(uw.Objective(model, "logistic", l2=l2), solver=uw.Direct(), progress=False).fit(train)
+    inf = uw.Influence(
+        uw.Objective(model, "logistic", l2=l2), solver=uw.Direct(), progress=False
+    ).fit(train)
     test = (Xt[:1], yt[:1])
     fresh = uw.leave_one_out(inf, test, k=8, progress=False)
     counting = _CrashAfter(runner.refit, after=10**9)

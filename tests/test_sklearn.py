@@ -46,8 +46,10 @@ def mnist(mnist_1v7):
     """2,000 real 1-vs-7 training images pooled to 7×7 = 49 features, 300 test images."""
     d = mnist_1v7
     return (
-        pooled(d.x_train[:2000], 4).astype(np.float64), d.y_train[:2000],
-        pooled(d.x_test[:300], 4).astype(np.float64), d.y_test[:300],
+        pooled(d.x_train[:2000], 4).astype(np.float64),
+        d.y_train[:2000],
+        pooled(d.x_test[:300], 4).astype(np.float64),
+        d.y_test[:300],
     )
 
 
@@ -88,7 +90,8 @@ def squared_hinge_loss(est, X, y):
 
 
 def compare_with_refits(prob, est, X, y, Xt, yt, measure, *, k=10, refit=None, grad_tol=1e-3):
-    """Removal effects predicted by upweight vs actual refits of clones of the scikit-learn estimator.
+    """Removal effects predicted by upweight vs actual refits of clones of the scikit-learn
+    estimator.
 
     The test point is the one with the largest loss (the paper's wrongly classified point); the k
     training points are those with the largest predicted |effect| (Koh & Liang 2017, Fig. 2).
@@ -96,7 +99,9 @@ def compare_with_refits(prob, est, X, y, Xt, yt, measure, *, k=10, refit=None, g
     """
     j = int(np.argmax(measure(est, Xt, yt)))
     xt, ytj = Xt[j : j + 1], yt[j : j + 1]
-    inf = uw.Influence(prob.objective, solver=uw.Direct(), progress=False, grad_tol=grad_tol).fit(prob.train)
+    inf = uw.Influence(prob.objective, solver=uw.Direct(), progress=False, grad_tol=grad_tol).fit(
+        prob.train
+    )
     scores = inf.removal_effect(prob.transform(xt, ytj)).values[0]
     ids = np.argsort(-np.abs(scores))[:k]
     refit = refit or (lambda i: clone(est).fit(np.delete(X, i, axis=0), np.delete(y, i)))
@@ -105,7 +110,12 @@ def compare_with_refits(prob, est, X, y, Xt, yt, measure, *, k=10, refit=None, g
     predicted = scores[ids]
     assert_not_constant(actual)
     assert_not_constant(predicted)
-    return predicted, actual, float(scipy.stats.pearsonr(predicted, actual)[0]), float(scipy.stats.linregress(predicted, actual).slope)
+    return (
+        predicted,
+        actual,
+        float(scipy.stats.pearsonr(predicted, actual)[0]),
+        float(scipy.stats.linregress(predicted, actual).slope),
+    )
 
 
 # ── reference gradients written from the formulas (NumPy, float64) ──────────────────────
@@ -160,7 +170,8 @@ def test_three_line_example(mnist):
 # ── LogisticRegression ──────────────────────────────────────────────────────────────────
 @pytest.mark.parametrize("solver", ["lbfgs", "newton-cg", "liblinear"])
 def test_binary_logistic_gradient_is_zero(mnist, solver):
-    """½‖w‖² + CΣ log(1+e^(−ys)) ↦ l2 = 1/(C·n); liblinear penalises the intercept, the others do not."""
+    """½‖w‖² + CΣ log(1+e^(−ys)) ↦ l2 = 1/(C·n); liblinear penalises the intercept, the others do
+    not."""
     X, y, Xt, _ = mnist
     n, C = len(X), 0.1
     clf = LogisticRegression(C=C, solver=solver, **TIGHT).fit(X, y)
@@ -171,7 +182,10 @@ def test_binary_logistic_gradient_is_zero(mnist, solver):
     g = logistic_grad(w, b, X, y01, 1 / (C * n), penalise_b=lib)
     assert np.linalg.norm(g) < 1e-6 and prob.grad_norm < 1e-6
     # the other intercept treatment, or another l2 scaling, is not a minimum
-    assert np.linalg.norm(logistic_grad(w, b, X, y01, 1 / (C * n), penalise_b=not lib)) > 100 * np.linalg.norm(g) + 1e-7
+    assert (
+        np.linalg.norm(logistic_grad(w, b, X, y01, 1 / (C * n), penalise_b=not lib))
+        > 100 * np.linalg.norm(g) + 1e-7
+    )
     assert np.linalg.norm(logistic_grad(w, b, X, y01, 2 / (C * n), penalise_b=lib)) > 1e-4
     # θ̂ reproduces scikit-learn's scores
     out = prob.objective.outputs(prob.objective.params, torch.as_tensor(Xt)).numpy().ravel()
@@ -195,15 +209,21 @@ def test_sklearn_train_fn_refits_the_estimator(mnist):
     prob = from_sklearn(clf, X, y)
     assert repr(prob).startswith("SklearnProblem(LogisticRegression(C=0.1")
     inf = uw.Influence(prob.objective, solver=uw.Direct(), progress=False).fit(prob.train)
-    check = uw.leave_one_out(inf, prob.transform(Xt[:1], yt[:1]), k=4, train_fn=prob.sklearn_train_fn, progress=False)
+    check = uw.leave_one_out(
+        inf, prob.transform(Xt[:1], yt[:1]), k=4, train_fn=prob.sklearn_train_fn, progress=False
+    )
     base = log_loss(clf, Xt[:1], yt[:1])[0]
-    by_hand = [log_loss(clone(clf).fit(np.delete(X, i, 0), np.delete(y, i)), Xt[:1], yt[:1])[0] - base for i in check.train_ids]
+    by_hand = [
+        log_loss(clone(clf).fit(np.delete(X, i, 0), np.delete(y, i)), Xt[:1], yt[:1])[0] - base
+        for i in check.train_ids
+    ]
     assert_not_constant(check.actual)
     np.testing.assert_allclose(check.actual, by_hand, rtol=1e-6, atol=1e-12)
 
 
 def test_multinomial_logistic(digits):
-    """Softmax over 10 classes: l2 = 1/(C·n), intercept unpenalised, θ in sum-zero class coordinates."""
+    """Softmax over 10 classes: l2 = 1/(C·n), intercept unpenalised, θ in sum-zero class
+    coordinates."""
     X, y, Xt, yt = (a / 16.0 if a.dtype.kind == "f" else a for a in digits)
     n, C = len(X), 0.03
     clf = LogisticRegression(C=C, **TIGHT).fit(X, y)
@@ -212,7 +232,9 @@ def test_multinomial_logistic(digits):
     assert np.linalg.norm(g) < 1e-6 and prob.grad_norm < 1e-6
     assert np.linalg.norm(softmax_grad(clf.coef_, clf.intercept_, X, y, 0.5 / (C * n))) > 1e-3
     assert prob.objective.p == 9 * 64 + 9  # K − 1 class coordinates: the Hessian is non-singular
-    logp = torch.log_softmax(prob.objective.outputs(prob.objective.params, torch.as_tensor(Xt)), 1).numpy()
+    logp = torch.log_softmax(
+        prob.objective.outputs(prob.objective.params, torch.as_tensor(Xt)), 1
+    ).numpy()
     np.testing.assert_allclose(logp, np.log(clf.predict_proba(Xt)), atol=1e-10)
     np.testing.assert_allclose(prob.objective.model.coef, clf.coef_ - clf.coef_.mean(0), atol=1e-12)
     _, _, r, slope = compare_with_refits(prob, clf, X, y, Xt, yt, log_loss)
@@ -225,7 +247,10 @@ def test_no_penalty_maps_to_zero_l2(diabetes):
     clf = LogisticRegression(C=np.inf, **TIGHT).fit(X, y)
     prob = from_sklearn(clf, X, y)
     assert prob.l2 == 0.0
-    assert np.linalg.norm(logistic_grad(clf.coef_[0], clf.intercept_[0], X, y.astype(float), 0.0)) < 1e-6
+    assert (
+        np.linalg.norm(logistic_grad(clf.coef_[0], clf.intercept_[0], X, y.astype(float), 0.0))
+        < 1e-6
+    )
     assert prob.grad_norm < 1e-6
 
 
@@ -252,7 +277,11 @@ def test_pipeline_scaler_then_logistic(digits):
 
 
 # ── Ridge / LinearRegression ────────────────────────────────────────────────────────────
-@pytest.mark.parametrize("est", [Ridge(alpha=1.0), Ridge(alpha=0.1, solver="lsqr", tol=1e-12), LinearRegression()], ids=repr)
+@pytest.mark.parametrize(
+    "est",
+    [Ridge(alpha=1.0), Ridge(alpha=0.1, solver="lsqr", tol=1e-12), LinearRegression()],
+    ids=repr,
+)
 def test_least_squares(diabetes, est):
     """‖y − Xw − b‖² + α‖w‖² ↦ squared loss ½r², l2 = α/n, intercept unpenalised."""
     X, y, Xt, yt = diabetes
@@ -264,7 +293,10 @@ def test_least_squares(diabetes, est):
     scale = np.linalg.norm(squared_grad(np.zeros(10), 0.0, X, y, 0.0))
     assert np.linalg.norm(g) < 1e-8 * scale and prob.grad_norm < 1e-8 * scale
     if alpha:
-        assert np.linalg.norm(squared_grad(est.coef_, est.intercept_, X, y, 2 * alpha / len(X))) > 1e-3 * scale
+        assert (
+            np.linalg.norm(squared_grad(est.coef_, est.intercept_, X, y, 2 * alpha / len(X)))
+            > 1e-3 * scale
+        )
     _, _, r, slope = compare_with_refits(prob, est, X, y, Xt, yt, half_squared)
     assert r >= 0.99 and 0.9 <= slope <= 1.1
 
@@ -276,7 +308,10 @@ def test_ridge_multi_output(diabetes):
     prob = from_sklearn(est, X, Y)
     assert prob.train[1].shape == (len(X), 2)
     for k in range(2):
-        assert np.linalg.norm(squared_grad(est.coef_[k], est.intercept_[k], X, Y[:, k], 0.5 / len(X))) < 1e-8 * np.abs(Y[:, k]).mean()
+        assert (
+            np.linalg.norm(squared_grad(est.coef_[k], est.intercept_[k], X, Y[:, k], 0.5 / len(X)))
+            < 1e-8 * np.abs(Y[:, k]).mean()
+        )
     assert prob.grad_norm < 1e-8 * np.abs(Y).mean()
 
 
@@ -318,7 +353,9 @@ def test_linear_svc_one_vs_rest_is_one_sum(digits):
     prob = from_sklearn(svc, X, y)
     assert prob.objective.p == 10 * 65
     for k in (0, 7):
-        gk = squared_hinge_grad(svc.coef_[k], svc.intercept_[k], 1.0, X, (y == k).astype(float), 1 / (C * len(X)))
+        gk = squared_hinge_grad(
+            svc.coef_[k], svc.intercept_[k], 1.0, X, (y == k).astype(float), 1 / (C * len(X))
+        )
         assert np.linalg.norm(gk) < 1e-6
     assert prob.grad_norm < 1e-6
 
@@ -338,7 +375,9 @@ def test_linear_svc_hinge_subgradient_and_refits(mnist):
     n = len(X)
     svc = LinearSVC(C=0.1, loss="hinge", tol=1e-12, max_iter=100_000, random_state=0).fit(X, y)
     prob = from_sklearn(svc, X, y)
-    theta = np.r_[prob.objective.params["weight"].numpy().ravel(), prob.objective.params["bias"].numpy()]
+    theta = np.r_[
+        prob.objective.params["weight"].numpy().ravel(), prob.objective.params["bias"].numpy()
+    ]
     Xa = np.c_[X, np.ones(n)]  # intercept_scaling = 1
     sgn = np.where(y == svc.classes_[1], 1.0, -1.0)
     m = sgn * (Xa @ theta)
@@ -363,7 +402,9 @@ def test_sgd_log_loss_l2_is_alpha(mnist):
     """(1/n)Σ L + α/2‖w‖² ↦ l2 = α. SGD stops near, not at, the minimum: the gradient under
     l2 = α is far smaller than under α/2 or 2α."""
     X, y, _, _ = mnist
-    sgd = SGDClassifier(loss="log_loss", alpha=1e-3, tol=None, max_iter=200, average=True, random_state=0).fit(X, y)
+    sgd = SGDClassifier(
+        loss="log_loss", alpha=1e-3, tol=None, max_iter=200, average=True, random_state=0
+    ).fit(X, y)
     prob = from_sklearn(sgd, X, y)
     assert prob.l2 == 1e-3
     y01 = (y == sgd.classes_[1]).astype(float)
@@ -377,7 +418,9 @@ def test_sgd_hinge_influence_correlates_with_refits(mnist):
     """SGD's weights are only near the hinge minimum and a refit averages over n − 1 points
     (so the penalty shifts too): the honest claim is correlation, not magnitude."""
     X, y, Xt, yt = mnist
-    sgd = SGDClassifier(loss="hinge", alpha=1e-3, tol=None, max_iter=200, average=True, random_state=0).fit(X, y)
+    sgd = SGDClassifier(
+        loss="hinge", alpha=1e-3, tol=None, max_iter=200, average=True, random_state=0
+    ).fit(X, y)
     prob = from_sklearn(sgd, X, y)
     assert any("averages its losses" in note for note in prob.notes)
     _, _, r, _ = compare_with_refits(prob, sgd, X, y, Xt, yt, hinge_loss, grad_tol=1.0)
@@ -408,5 +451,8 @@ def test_errors_name_the_fix(mnist):
     with pytest.raises(uw.errors.ShapeError, match="features"):
         from_sklearn(clf, X[:, :10], y)
     prob = from_sklearn(clf, X, y)
-    with pytest.raises(uw.errors.InputError, match=r"y has labels \[3\] that are not among the estimator's classes_"):
+    with pytest.raises(
+        uw.errors.InputError,
+        match=r"y has labels \[3\] that are not among the estimator's classes_",
+    ):
         prob.transform(X[:2], np.array([1, 3]))

@@ -61,16 +61,27 @@ class Problem:
     V: torch.Tensor  # K right-hand sides
 
 
-def _problem(model: torch.nn.Module, loss: str, X: torch.Tensor, y: torch.Tensor, l2: float, damping: float,
-             kind: str = "hessian") -> Problem:
+def _problem(
+    model: torch.nn.Module,
+    loss: str,
+    X: torch.Tensor,
+    y: torch.Tensor,
+    l2: float,
+    damping: float,
+    kind: str = "hessian",
+) -> Problem:
     model = model.eval()
     if kind == "hessian":
         H = explicit_H(model, {"squared": sq, "cross_entropy": ce}[loss], X, y, l2, damping)
     else:
         assert loss == "cross_entropy"
-        H = explicit_ggn_ce(model, X) + (l2 + damping) * torch.eye(sum(t.numel() for t in model.parameters()), dtype=D64)
+        H = explicit_ggn_ce(model, X) + (l2 + damping) * torch.eye(
+            sum(t.numel() for t in model.parameters()), dtype=D64
+        )
     assert float(torch.linalg.eigvalsh(H)[0]) > 0  # positive definite: every solver applies
-    curv = Curvature(uw.Objective(model, loss, l2=l2), uw.Data.from_any((X, y)), damping=damping, kind=kind)
+    curv = Curvature(
+        uw.Objective(model, loss, l2=l2), uw.Data.from_any((X, y)), damping=damping, kind=kind
+    )
     V = torch.randn(K, curv.p, dtype=D64, generator=torch.Generator().manual_seed(1))
     return Problem(model, curv, H, V)
 
@@ -120,12 +131,18 @@ def mlp() -> Problem:
 
 
 def mlp_gauss_newton() -> Problem:
-    """The same MLP with ``Curvature(kind="gauss-newton")``: G + (l2 + δ)I, G from explicit Jacobians."""
+    """The same MLP with ``Curvature(kind="gauss-newton")``: G + (l2 + δ)I, G from explicit
+    Jacobians."""
     return _mlp("gauss-newton")
 
 
-PROBLEMS: dict[str, Callable[[], Problem]] = {"linear-squared": linear_squared, "one-point": one_point,
-                                              "softmax": softmax, "mlp": mlp, "mlp-gauss-newton": mlp_gauss_newton}
+PROBLEMS: dict[str, Callable[[], Problem]] = {
+    "linear-squared": linear_squared,
+    "one-point": one_point,
+    "softmax": softmax,
+    "mlp": mlp,
+    "mlp-gauss-newton": mlp_gauss_newton,
+}
 
 
 @pytest.fixture(scope="module")
@@ -171,12 +188,15 @@ ROWS = [
     Row("kfac-one-point", lambda: KFAC(), "one-point", 1e-8),
     Row("arnoldi-full-rank", lambda: uw.Arnoldi(rank=FULL), "linear-squared", 1e-8),
     Row("nystrom-full-rank", lambda: uw.Nystrom(rank=FULL), "linear-squared", 1e-8),
-    Row("lissa-one-point", lambda: uw.LiSSA(depth=400, repeats=1, progress=False), "one-point", 1e-8),
+    Row(
+        "lissa-one-point", lambda: uw.LiSSA(depth=400, repeats=1, progress=False), "one-point", 1e-8
+    ),
     Row("datainf-one-point", lambda: uw.DataInf(), "one-point", 1e-8),
     # approximations, where they are not
     Row("kfac-mlp", lambda: KFAC(), "mlp"),  # the scale by CG on its BlockOperator
     Row("ekfac-mlp", lambda: EKFAC(), "mlp"),
-    Row("kfac-sampled-residual", lambda: KFAC(residual_sample=2), "mlp"),  # 2 of K residuals measured
+    # 2 of K residuals measured
+    Row("kfac-sampled-residual", lambda: KFAC(residual_sample=2), "mlp"),
     Row("kfac-unchecked", lambda: KFAC(residual_sample=0), "linear-squared", 1e-8),
     Row("kfac-softmax", lambda: KFAC(), "softmax"),
     Row("kfac-gauss-newton", lambda: KFAC(), "mlp-gauss-newton"),
@@ -213,7 +233,9 @@ def test_solver_conformance(problems, row):
     # the model is untouched
     after = prob.model.state_dict()
     assert before.keys() == after.keys()
-    assert all(torch.equal(before[n], after[n]) for n in before), "prepare/solve changed the model's parameters"
+    assert all(torch.equal(before[n], after[n]) for n in before), (
+        "prepare/solve changed the model's parameters"
+    )
     assert solver.config() == config
 
     # a finite solution of the right shape and dtype
@@ -258,26 +280,43 @@ def test_curvature_and_kfac_block_operator_are_linear_operators_cg_solves_on(pro
         assert isinstance(op, LinearOperator)
         assert isinstance(op.p, int) and op.dtype == D64 and op.damping == curv.damping
     H_block = prob.H[index][:, index]
-    torch.testing.assert_close(block.matvec(torch.eye(3, dtype=D64)), H_block, rtol=1e-8, atol=1e-10)
-    # rough power-iteration estimates (Rayleigh quotients, so inside the spectrum), as for a Curvature
+    torch.testing.assert_close(
+        block.matvec(torch.eye(3, dtype=D64)), H_block, rtol=1e-8, atol=1e-10
+    )
+    # rough power-iteration estimates (Rayleigh quotients, so inside the spectrum), as for a
+    # Curvature
     ev = torch.linalg.eigvalsh(H_block)
     lo, hi = float(ev[0]) * (1 - 1e-9), float(ev[-1]) * (1 + 1e-9)
     assert 0.5 * hi < block.lambda_max() <= hi and lo <= block.lambda_min() < hi
-    assert 0.5 * float(torch.linalg.eigvalsh(prob.H)[-1]) < curv.lambda_max() <= float(torch.linalg.eigvalsh(prob.H)[-1]) * (1 + 1e-9)
+    assert (
+        0.5 * float(torch.linalg.eigvalsh(prob.H)[-1])
+        < curv.lambda_max()
+        <= float(torch.linalg.eigvalsh(prob.H)[-1]) * (1 + 1e-9)
+    )
     # CG takes the operator itself or its prepared state
     rhs = prob.V[:, index]
     cg = CG(rtol=1e-12)
     state = cg.prepare(block)
-    assert isinstance(state, CGState) and state.curvature is block and state.preconditioner_state is None
+    assert (
+        isinstance(state, CGState)
+        and state.curvature is block
+        and state.preconditioner_state is None
+    )
     for s in (state, block):
-        torch.testing.assert_close(cg.solve(s, rhs).value, torch.linalg.solve(H_block, rhs.T).T, rtol=1e-8, atol=1e-10)
+        torch.testing.assert_close(
+            cg.solve(s, rhs).value, torch.linalg.solve(H_block, rhs.T).T, rtol=1e-8, atol=1e-10
+        )
 
 
 def test_states_are_dataclasses_with_named_fields(problems):
     """Direct's and LiSSA's states are dataclasses read by their fields."""
     curv = problems["linear-squared"].curvature
     direct = uw.Direct().prepare(curv)
-    assert dataclasses.is_dataclass(direct) and direct.H.shape == (curv.p, curv.p) and direct.prepare_seconds >= 0
+    assert (
+        dataclasses.is_dataclass(direct)
+        and direct.H.shape == (curv.p, curv.p)
+        and direct.prepare_seconds >= 0
+    )
     torch.testing.assert_close(direct.L @ direct.L.T, direct.H)
     lissa = uw.LiSSA(scale=10.0, progress=False).prepare(curv)
     assert lissa.scale == 10.0 and lissa.lambda_max is None and lissa.curvature is curv

@@ -20,8 +20,12 @@ def curvature(small_logreg):
 @pytest.mark.parametrize("k", [1, 8])
 @pytest.mark.parametrize(
     "solver, tol",
-    [(uw.Direct(), 1e-10), (uw.CG(rtol=1e-10, block=False), 1e-8), (uw.CG(rtol=1e-10), 1e-8),
-     (uw.LiSSA(depth=300, repeats=4, batch_size=200, progress=False), 0.1)],
+    [
+        (uw.Direct(), 1e-10),
+        (uw.CG(rtol=1e-10, block=False), 1e-8),
+        (uw.CG(rtol=1e-10), 1e-8),
+        (uw.LiSSA(depth=300, repeats=4, batch_size=200, progress=False), 0.1),
+    ],
     ids=["direct", "cg", "block-cg", "lissa"],
 )
 def test_solver_conformance(curvature, solver, tol, k):
@@ -50,7 +54,9 @@ def test_block_cg_shares_one_krylov_space_and_needs_fewer_iterations(curvature):
     """Block CG on 40 right-hand sides (real-data Hessian): each column meets the same rtol as
     independent CG, against torch.linalg.solve, in far fewer HVP blocks."""
     H = curvature.dense()
-    V = torch.randn(40, curvature.p, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    V = torch.randn(
+        40, curvature.p, dtype=torch.float64, generator=torch.Generator().manual_seed(9)
+    )
     ref = torch.linalg.solve(H, V.T).T
     plain = uw.CG(rtol=1e-8, block=False).solve(curvature, V)
     block = uw.CG(rtol=1e-8, block=True).solve(curvature, V)
@@ -61,7 +67,8 @@ def test_block_cg_shares_one_krylov_space_and_needs_fewer_iterations(curvature):
 
 def test_block_cg_with_dependent_and_zero_right_hand_sides(curvature):
     """A rank-deficient block — a repeated column, a multiple of another, a zero column — does not
-    break block CG (its search block stays orthonormal): each column is still its own exact solve."""
+    break block CG (its search block stays orthonormal): each column is still its own exact solve.
+    """
     H = curvature.dense()
     g = torch.Generator().manual_seed(3)
     a, b = torch.randn(2, curvature.p, dtype=torch.float64, generator=g)
@@ -89,7 +96,9 @@ def test_lissa_too_small_scale_diverges_with_advice_and_auto_converges(small_log
     with pytest.raises(DivergenceError, match=r"scale > λmax/2") as info:
         inf.up_loss((test[0][:2], test[1][:2]))
     assert "LiSSA(scale=" in str(info.value)
-    good = uw.Influence(obj, solver=uw.LiSSA(depth=500, repeats=2, progress=False), progress=False).fit(train)
+    good = uw.Influence(
+        obj, solver=uw.LiSSA(depth=500, repeats=2, progress=False), progress=False
+    ).fit(train)
     sol = good.s_test((test[0][:2], test[1][:2]))
     assert sol.stats["scale"] > lmax
     ref = torch.linalg.solve(H, good.test_grads((test[0][:2], test[1][:2])).T).T

@@ -28,7 +28,9 @@ N_CHUNKS = 5
 
 def make_inf(model, l2, train, **kw):
     kw.setdefault("solver", uw.Direct())
-    return uw.Influence(uw.Objective(model, "logistic", l2=l2), batch_size=80, progress=False, **kw).fit(train)
+    return uw.Influence(
+        uw.Objective(model, "logistic", l2=l2), batch_size=80, progress=False, **kw
+    ).fit(train)
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +43,8 @@ def setup(small_logreg):
 
 
 class CountingChunks:
-    """Wraps a chunk function: records the chunk positions it computes, fails on call ``fail_at``."""
+    """Wraps a chunk function: records the chunk positions it computes, fails on call
+    ``fail_at``."""
 
     def __init__(self, fn, fail_at=None, exc=RuntimeError):
         self.fn, self.fail_at, self.exc, self.calls = fn, fail_at, exc, []
@@ -66,18 +69,25 @@ def test_scores_match_closed_form_and_local_executor_is_the_plain_path(setup):
     np.testing.assert_allclose(ref_up, up, rtol=1e-8, atol=1e-10 * np.abs(up).max())
     np.testing.assert_allclose(ref_self, np.diag(self_cf), rtol=1e-8)
     # an explicit LocalExecutor (fit and sweep) gives bit-for-bit the default results
-    loc = uw.Influence(inf.objective, solver=uw.Direct(), batch_size=80, progress=False).fit((X, y), executor=LocalExecutor())
+    loc = uw.Influence(inf.objective, solver=uw.Direct(), batch_size=80, progress=False).fit(
+        (X, y), executor=LocalExecutor()
+    )
     assert np.array_equal(loc.up_loss((Xt, yt), executor=LocalExecutor()).values, ref_up)
     assert np.array_equal(loc.self_influence().values, ref_self)
-    V = torch.randn(3, inf.objective.p, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    V = torch.randn(
+        3, inf.objective.p, dtype=torch.float64, generator=torch.Generator().manual_seed(0)
+    )
     assert torch.equal(loc.curvature_.matvec(V), inf.curvature_.matvec(V))
     sel = [5, 399, 17, 200]
     part = inf.up_loss((Xt, yt), sel)
     assert part.train_ids.tolist() == sel
-    np.testing.assert_allclose(part.values, ref_up[:, sel], rtol=1e-12, atol=1e-15)  # other chunking: rounding only
+    # other chunking: rounding only
+    np.testing.assert_allclose(part.values, ref_up[:, sel], rtol=1e-12, atol=1e-15)
 
 
-def test_resume_after_crash_is_identical_and_computes_only_missing_chunks(setup, tmp_path, monkeypatch):
+def test_resume_after_crash_is_identical_and_computes_only_missing_chunks(
+    setup, tmp_path, monkeypatch
+):
     *_, test, inf, ref_up, _ = setup
     folder = tmp_path / "run"
     crash = CountingChunks(engine._up_loss_chunk, fail_at=2)
@@ -91,7 +101,9 @@ def test_resume_after_crash_is_identical_and_computes_only_missing_chunks(setup,
 
     rerun = CountingChunks(engine._up_loss_chunk.fn)
     monkeypatch.setattr(engine, "_up_loss_chunk", rerun)
-    monkeypatch.setattr(uw.Influence, "s_test", lambda *a, **k: pytest.fail("s_test was solved again"))
+    monkeypatch.setattr(
+        uw.Influence, "s_test", lambda *a, **k: pytest.fail("s_test was solved again")
+    )
     out = inf.up_loss(test, store=folder)
     assert chunk_starts(rerun.calls) == [160, 240, 320]
     assert np.array_equal(out.values, ref_up)
@@ -171,15 +183,30 @@ def test_store_refuses_a_different_computation(setup, tmp_path):
     folder = tmp_path / "run"
     inf.up_loss((Xt, yt), store=folder)
     cases = {
-        "model.parameters_sha256": lambda: make_inf(_changed_model(model, 1e-3), l2, (X, y)).up_loss((Xt, yt), store=folder),
-        "objective.l2: stored 0.01, now 0.02": lambda: make_inf(model, 0.02, (X, y)).up_loss((Xt, yt), store=folder),
-        "train_data.X.sha256": lambda: make_inf(model, l2, (X + (torch.arange(len(X)) == 7)[:, None] * 0.01, y)).up_loss(
-            (Xt, yt), store=folder),
+        "model.parameters_sha256": (
+            lambda: make_inf(_changed_model(model, 1e-3), l2, (X, y)).up_loss(
+                (Xt, yt), store=folder
+            )
+        ),
+        "objective.l2: stored 0.01, now 0.02": (
+            lambda: make_inf(model, 0.02, (X, y)).up_loss((Xt, yt), store=folder)
+        ),
+        "train_data.X.sha256": (
+            lambda: make_inf(
+                model, l2, (X + (torch.arange(len(X)) == 7)[:, None] * 0.01, y)
+            ).up_loss((Xt, yt), store=folder)
+        ),
         "test_data.y.sha256": lambda: inf.up_loss((Xt, -yt), store=folder),
-        "solver.name: stored 'direct', now 'cg'": lambda: make_inf(model, l2, (X, y), solver=uw.CG()).up_loss((Xt, yt), store=folder),
-        "quantity: stored 'up_loss', now 'self_influence'": lambda: inf.self_influence(store=folder),
+        "solver.name: stored 'direct', now 'cg'": (
+            lambda: make_inf(model, l2, (X, y), solver=uw.CG()).up_loss((Xt, yt), store=folder)
+        ),
+        "quantity: stored 'up_loss', now 'self_influence'": lambda: inf.self_influence(
+            store=folder
+        ),
         "train_selection": lambda: inf.up_loss((Xt, yt), list(range(10)), store=folder),
-        "damping: stored 0.0, now 0.1": lambda: make_inf(model, l2, (X, y), damping=0.1).up_loss((Xt, yt), store=folder),
+        "damping: stored 0.0, now 0.1": (
+            lambda: make_inf(model, l2, (X, y), damping=0.1).up_loss((Xt, yt), store=folder)
+        ),
     }
     for phrase, call in cases.items():
         with pytest.raises(StoreMismatchError) as err:
@@ -195,12 +222,16 @@ def test_other_chunk_size_is_refused_and_overwrite_starts_afresh(setup, tmp_path
     model, l2, train, test, inf, ref_up, _ = setup
     folder = tmp_path / "run"
     inf.up_loss(test, store=folder)
-    other = uw.Influence(inf.objective, solver=uw.Direct(), batch_size=50, progress=False).fit(train)
+    other = uw.Influence(inf.objective, solver=uw.Direct(), batch_size=50, progress=False).fit(
+        train
+    )
     with pytest.raises(StoreMismatchError, match=r"chunk_size: stored 80, now 50.*batch_size=50"):
         other.up_loss(test, store=folder)
     out = other.up_loss(test, store=Store(folder, overwrite=True))
     np.testing.assert_allclose(out.values, ref_up, rtol=1e-12, atol=1e-15)
-    assert json.loads((folder / "manifest.json").read_text())["arrays"]["scores"]["chunk_size"] == 50
+    assert (
+        json.loads((folder / "manifest.json").read_text())["arrays"]["scores"]["chunk_size"] == 50
+    )
     with pytest.warns(NotAtMinimumWarning):
         new = make_inf(model, 0.05, train)
     fresh = new.up_loss(test, store=Store(folder, overwrite=True)).values

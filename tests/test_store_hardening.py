@@ -52,12 +52,20 @@ def assert_victim_intact(victim: Path) -> None:
 
 def write_manifest(folder: Path, arrays: dict) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "manifest.json").write_text(json.dumps({"format": 1, "fingerprint": FP, "arrays": arrays, "created": 0.0}))
+    (folder / "manifest.json").write_text(
+        json.dumps({"format": 1, "fingerprint": FP, "arrays": arrays, "created": 0.0})
+    )
 
 
 def entry(chunks: int = 0) -> dict:
-    return {"shape": [4], "axis": 0, "chunk_size": 4, "dtype": "float64",
-            "chunks": {str(i): {"sha256": "0" * 64} for i in range(chunks)}, "meta": {}}
+    return {
+        "shape": [4],
+        "axis": 0,
+        "chunk_size": 4,
+        "dtype": "float64",
+        "chunks": {str(i): {"sha256": "0" * 64} for i in range(chunks)},
+        "meta": {},
+    }
 
 
 def lock_is_free(folder: Path) -> bool:
@@ -75,25 +83,42 @@ def lock_is_free(folder: Path) -> bool:
 
 def spawn(code: str, *args: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(SRC) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    return subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env)
+    return subprocess.Popen(
+        [sys.executable, "-c", code, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
 
 
 def dead_pid() -> int:
     """The pid of a process that has exited (and been reaped)."""
-    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    done = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return int(done.stdout)
 
 
 # ── 1. confinement ───────────────────────────────────────────────────────────────────────
 @pytest.mark.parametrize("kind", ["parent", "absolute", "slash", "dotdot"])
-def test_hostile_manifest_names_are_refused_and_overwrite_deletes_nothing_outside(tmp_path, caplog, kind):
+def test_hostile_manifest_names_are_refused_and_overwrite_deletes_nothing_outside(
+    tmp_path, caplog, kind
+):
     victim = make_victim(tmp_path)
     folder = tmp_path / "deep" / "store"
     folder.mkdir(parents=True)
     (folder / "sub" / "inner").mkdir(parents=True)
     (folder / "sub" / "inner" / "000000.npy").write_bytes(b"user data")
-    name = {"parent": "../../victim", "absolute": str(victim), "slash": "sub/inner", "dotdot": ".."}[kind]
+    name = {
+        "parent": "../../victim",
+        "absolute": str(victim),
+        "slash": "sub/inner",
+        "dotdot": "..",
+    }[kind]
     write_manifest(folder, {name: entry(chunks=1), "ok": entry()})
 
     with pytest.raises(StoreError) as err:
@@ -117,21 +142,29 @@ def test_symlinked_array_folder_is_neither_followed_nor_written_through(tmp_path
     folder = tmp_path / "store"
     with Store(folder) as s:
         s.bind(FP)
-        s.chunked("scores", shape=(2, 4), axis=1, chunk_size=2, dtype="float64").write(0, np.ones((2, 2)))
+        s.chunked("scores", shape=(2, 4), axis=1, chunk_size=2, dtype="float64").write(
+            0, np.ones((2, 2))
+        )
     # the array folder is swapped for a link to the victim (the manifest stays valid)
     for f in (folder / "scores").iterdir():
         f.unlink()
     (folder / "scores").rmdir()
     (folder / "scores").symlink_to(victim, target_is_directory=True)
 
-    with pytest.raises(StoreError, match=r"scores is a symbolic link; the store keeps array 'scores' only in a folder"):
+    with pytest.raises(
+        StoreError,
+        match=r"scores is a symbolic link; the store keeps array 'scores' only in a folder",
+    ):
         Store.open(folder).get("scores")  # not read through the link either
     with caplog.at_level(logging.WARNING, logger="upweight"):
         s = Store(folder, overwrite=True)
         s.bind(FP)
     assert_victim_intact(victim)
     assert (folder / "scores").is_symlink() and "'scores' is a symbolic link" in caplog.text
-    with pytest.raises(StoreError, match=r"scores is a symbolic link; the store keeps array 'scores' only in a folder"):
+    with pytest.raises(
+        StoreError,
+        match=r"scores is a symbolic link; the store keeps array 'scores' only in a folder",
+    ):
         s.chunked("scores", shape=(2, 4), axis=1, chunk_size=2, dtype="float64")
     with pytest.raises(StoreError, match="scores is a symbolic link"):
         s.put("scores", np.zeros(3))
@@ -186,14 +219,17 @@ def test_clear_deletes_only_the_files_the_store_wrote(tmp_path):
     s.close()
 
 
-@pytest.mark.parametrize(("field", "value", "words"), [
-    ("shape", "x", "has shape 'x', not a list of sizes"),
-    ("axis", 3, "has axis 3, not an axis of its shape [4]"),
-    ("chunk_size", 0, "has chunk_size 0, not a positive integer"),
-    ("dtype", "O", "has dtype 'O', not a numeric NumPy dtype"),
-    ("chunks", {"../0": {"sha256": "0"}}, "lists its chunks as"),
-    ("meta", [1], "has meta [1], not a JSON object"),
-])
+@pytest.mark.parametrize(
+    ("field", "value", "words"),
+    [
+        ("shape", "x", "has shape 'x', not a list of sizes"),
+        ("axis", 3, "has axis 3, not an axis of its shape [4]"),
+        ("chunk_size", 0, "has chunk_size 0, not a positive integer"),
+        ("dtype", "O", "has dtype 'O', not a numeric NumPy dtype"),
+        ("chunks", {"../0": {"sha256": "0"}}, "lists its chunks as"),
+        ("meta", [1], "has meta [1], not a JSON object"),
+    ],
+)
 def test_malformed_manifest_entries_are_refused(tmp_path, field, value, words):
     folder = tmp_path / "store"
     write_manifest(folder, {"scores": {**entry(), field: value}})
@@ -203,13 +239,18 @@ def test_malformed_manifest_entries_are_refused(tmp_path, field, value, words):
 
 
 # ── 2. overwrite=True on an unusable manifest ────────────────────────────────────────────
-@pytest.mark.parametrize(("raw", "words"), [
-    (b"{not json", "cannot be read"),
-    (b"\xff\xfe\x00garbage", "cannot be read"),
-    (b"[1, 2]", "is not an upweight store manifest"),
-    (b'{"format": 99, "fingerprint": {}, "arrays": {}}', "is not an upweight store manifest"),
-])
-def test_overwrite_discards_an_unreadable_manifest_and_leaves_unknown_folders(tmp_path, caplog, raw, words):
+@pytest.mark.parametrize(
+    ("raw", "words"),
+    [
+        (b"{not json", "cannot be read"),
+        (b"\xff\xfe\x00garbage", "cannot be read"),
+        (b"[1, 2]", "is not an upweight store manifest"),
+        (b'{"format": 99, "fingerprint": {}, "arrays": {}}', "is not an upweight store manifest"),
+    ],
+)
+def test_overwrite_discards_an_unreadable_manifest_and_leaves_unknown_folders(
+    tmp_path, caplog, raw, words
+):
     folder = tmp_path / "store"
     (folder / "old").mkdir(parents=True)
     (folder / "old" / "000000.npy").write_bytes(b"unknown owner")
@@ -221,7 +262,11 @@ def test_overwrite_discards_an_unreadable_manifest_and_leaves_unknown_folders(tm
     with caplog.at_level(logging.WARNING, logger="upweight"), Store(folder, overwrite=True) as s:
         s.bind(FP)
         s.put("v", np.arange(3.0))
-    assert "discarded its manifest" in caplog.text and words in caplog.text and "left the folders old alone" in caplog.text
+    assert (
+        "discarded its manifest" in caplog.text
+        and words in caplog.text
+        and "left the folders old alone" in caplog.text
+    )
     assert (folder / "old" / "000000.npy").read_bytes() == b"unknown owner"
     with Store.open(folder) as again:
         assert again.fingerprint == FP
@@ -235,12 +280,23 @@ def test_store_path_that_is_a_file_is_refused_before_any_work(tmp_path, small_lo
     f.write_text("a file")
     with pytest.raises(StoreError, match=r"store='.*results\.txt' is a file; a store is a folder"):
         Store(f)
-    with pytest.raises(StoreError, match=r"store='.*results\.txt/run' cannot be created: '.*results\.txt' is a file"):
+    with pytest.raises(
+        StoreError,
+        match=r"store='.*results\.txt/run' cannot be created: '.*results\.txt' is a file",
+    ):
         as_store(str(f / "run"))
     model, l2, train, test = small_logreg
-    inf = uw.Influence(uw.Objective(model, "logistic", l2=l2), solver=uw.Direct(), batch_size=80, progress=False).fit(train)
-    monkeypatch.setattr(uw.Influence, "s_test", lambda *a, **k: pytest.fail("s_test ran before the store was checked"))
-    monkeypatch.setattr(engine, "_up_loss_chunk", lambda *a: pytest.fail("a chunk ran before the store was checked"))
+    inf = uw.Influence(
+        uw.Objective(model, "logistic", l2=l2), solver=uw.Direct(), batch_size=80, progress=False
+    ).fit(train)
+    monkeypatch.setattr(
+        uw.Influence,
+        "s_test",
+        lambda *a, **k: pytest.fail("s_test ran before the store was checked"),
+    )
+    monkeypatch.setattr(
+        engine, "_up_loss_chunk", lambda *a: pytest.fail("a chunk ran before the store was checked")
+    )
     with pytest.raises(StoreError, match=r"results\.txt' is a file"):
         inf.up_loss(test, store=f)
     assert f.read_text() == "a file"
@@ -253,12 +309,21 @@ def test_orphaned_temp_files_are_removed_when_the_store_is_opened_for_writing(tm
         s.bind(FP)
         s.chunked("a", shape=(4,), axis=0, chunk_size=2, dtype="float64").write(0, np.ones(2))
     dead, me, alive = dead_pid(), os.getpid(), os.getppid()
-    removed = [f".manifest.json.{dead}.deadbeef.tmp", f"a/.000001.npy.{dead}.0badc0de.tmp",
-               f".a.assembled.npy.{dead}.12345678.tmp", f".manifest.json.{me}.00000001.tmp"]  # own pid, before the lock
-    kept = [f".manifest.json.{alive}.feedface.tmp",  # a live process (e.g. assembling)
-            f".manifest.json.{me}.00000002.tmp",  # this process, after the lock: in flight
-            f".notes.txt.{dead}.deadbeef.tmp", f"a/.notes.{dead}.deadbeef.tmp",  # not store files
-            ".manifest.json.bak", "notes.tmp"]
+    removed = [
+        f".manifest.json.{dead}.deadbeef.tmp",
+        f"a/.000001.npy.{dead}.0badc0de.tmp",
+        # own pid, before the lock
+        f".a.assembled.npy.{dead}.12345678.tmp",
+        f".manifest.json.{me}.00000001.tmp",
+    ]
+    kept = [
+        f".manifest.json.{alive}.feedface.tmp",  # a live process (e.g. assembling)
+        f".manifest.json.{me}.00000002.tmp",  # this process, after the lock: in flight
+        f".notes.txt.{dead}.deadbeef.tmp",
+        f"a/.notes.{dead}.deadbeef.tmp",  # not store files
+        ".manifest.json.bak",
+        "notes.tmp",
+    ]
     for name in removed + kept:
         (folder / name).write_bytes(b"partial")
     past = time.time() - 3600
@@ -314,14 +379,20 @@ def test_stores_of_one_process_share_the_lock_and_keep_each_others_chunks(tmp_pa
     xa.write(0, np.array([0.0, 1.0]))
     xb.write(1, np.array([2.0, 3.0]))
     xa.write(2, np.array([4.0, 5.0]))
-    assert sorted(json.loads((folder / "manifest.json").read_text())["arrays"]["x"]["chunks"]) == ["0", "1", "2"]
+    assert sorted(json.loads((folder / "manifest.json").read_text())["arrays"]["x"]["chunks"]) == [
+        "0",
+        "1",
+        "2",
+    ]
     assert xb.assemble().tolist() == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
     a.close()
     assert not lock_is_free(folder)  # b still holds it
     # a Store that another one of the process rebound to another computation refuses to write
     c = Store(folder, overwrite=True)
     c.bind({"what": "other"})
-    with pytest.raises(StoreError, match="was discarded or bound to another computation after this Store read it"):
+    with pytest.raises(
+        StoreError, match="was discarded or bound to another computation after this Store read it"
+    ):
         xb.write(0, np.zeros(2))
     b.close()
     c.close()
@@ -348,7 +419,9 @@ def test_a_second_writer_process_is_refused_at_once_naming_the_holder(tmp_path):
             Store(folder).bind(FP)
         assert time.perf_counter() - t0 < 10  # refused, not waiting for the holder's two minutes
         msg = str(err.value)
-        assert str(folder) in msg and f"pid {child.pid} on " in msg and "one writer at a time" in msg
+        assert (
+            str(folder) in msg and f"pid {child.pid} on " in msg and "one writer at a time" in msg
+        )
     finally:
         child.kill()
         child.wait()
@@ -395,8 +468,14 @@ def test_assemble_uses_a_memmap_in_the_store_when_the_array_does_not_fit(tmp_pat
         assert not [p.name for p in folder.rglob("*.tmp")]
         del out
 
-        monkeypatch.setattr("upweight.store.shutil.disk_usage", lambda p: SimpleNamespace(total=10**6, used=0, free=1000))
-        with pytest.raises(InsufficientMemoryError, match=r"scores.*needs 93\.8 KiB.*on disk instead needs 93\.8 KiB.*1000 B free"):
+        monkeypatch.setattr(
+            "upweight.store.shutil.disk_usage",
+            lambda p: SimpleNamespace(total=10**6, used=0, free=1000),
+        )
+        with pytest.raises(
+            InsufficientMemoryError,
+            match=r"scores.*needs 93\.8 KiB.*on disk instead needs 93\.8 KiB.*1000 B free",
+        ):
             a.assemble()
     s.clear()
     assert sorted(os.listdir(folder)) == [".lock"]
@@ -433,9 +512,14 @@ def test_sigkill_mid_run_leaves_a_store_that_resumes_exactly(tmp_path):
     listed = sorted(int(k) for k in manifest["arrays"]["x"]["chunks"])
     assert listed[:3] == [0, 1, 2] and listed == list(range(len(listed))) and len(listed) < 10
     for i in listed:
-        assert _sha256_file(folder / "x" / f"{i:06d}.npy") == manifest["arrays"]["x"]["chunks"][str(i)]["sha256"]
+        assert (
+            _sha256_file(folder / "x" / f"{i:06d}.npy")
+            == manifest["arrays"]["x"]["chunks"][str(i)]["sha256"]
+        )
 
-    expected = np.concatenate([np.arange(120.0).reshape(3, 40)[:, 4 * i: 4 * i + 4] * (i + 1) for i in range(10)], axis=1)
+    expected = np.concatenate(
+        [np.arange(120.0).reshape(3, 40)[:, 4 * i : 4 * i + 4] * (i + 1) for i in range(10)], axis=1
+    )
     with Store.open(folder) as s:
         s.bind(FP)
         assert not [p.name for p in folder.rglob("*.tmp")]
@@ -448,8 +532,20 @@ def test_sigkill_mid_run_leaves_a_store_that_resumes_exactly(tmp_path):
 
 # ── 8. no unpickling ─────────────────────────────────────────────────────────────────────
 #: loaders that unpickle whatever file they are given (and so run code planted in it)
-UNPICKLERS = {"pickle.load", "pickle.loads", "pickle.Unpickler", "cPickle.load", "cPickle.loads", "dill.load",
-              "dill.loads", "cloudpickle.load", "cloudpickle.loads", "joblib.load", "pd.read_pickle", "pandas.read_pickle"}
+UNPICKLERS = {
+    "pickle.load",
+    "pickle.loads",
+    "pickle.Unpickler",
+    "cPickle.load",
+    "cPickle.loads",
+    "dill.load",
+    "dill.loads",
+    "cloudpickle.load",
+    "cloudpickle.loads",
+    "joblib.load",
+    "pd.read_pickle",
+    "pandas.read_pickle",
+}
 #: "file:line" → why the call there is safe; empty: every hit must be fixed, none is waved through
 ALLOWED: dict[str, str] = {}
 
@@ -475,7 +571,9 @@ def unpickling_calls(source: str, filename: str) -> list[tuple[str, str]]:
         literal = {k: v.value for k, v in kw.items() if isinstance(v, ast.Constant)}
         if "allow_pickle" in kw and literal.get("allow_pickle", True) is not False:
             what = f"{name}(allow_pickle=...)"
-        elif (name == "torch.load" or name.endswith(".torch.load")) and literal.get("weights_only") is not True:
+        elif (name == "torch.load" or name.endswith(".torch.load")) and literal.get(
+            "weights_only"
+        ) is not True:
             what = "torch.load without weights_only=True"
         elif name in UNPICKLERS:
             what = name
@@ -486,22 +584,36 @@ def unpickling_calls(source: str, filename: str) -> list[tuple[str, str]]:
 
 
 def test_the_scanner_finds_planted_unpickling():
-    planted = ("import pickle, torch, numpy as np\n"
-               "a = torch.load(p)\nb = torch.load(p, weights_only=False)\nc = torch.load(p, weights_only=True)\n"
-               "d = np.load(p, allow_pickle=True)\ne = np.load(p)\nf = pickle.loads(b'')\n"
-               "g = torch.load(\n    p,\n    map_location='cpu',\n)\nh = np.load(p, allow_pickle=flag)\n")
+    planted = (
+        "import pickle, torch, numpy as np\na = torch.load(p)\nb = torch.load(p,"
+        " weights_only=False)\nc = torch.load(p, weights_only=True)\nd = np.load(p,"
+        " allow_pickle=True)\ne = np.load(p)\nf = pickle.loads(b'')\ng = torch.load(\n    p,\n   "
+        " map_location='cpu',\n)\nh = np.load(p, allow_pickle=flag)\n"
+    )
     assert unpickling_calls(planted, "x.py") == [
-        ("x.py:2", "torch.load without weights_only=True"), ("x.py:3", "torch.load without weights_only=True"),
-        ("x.py:5", "np.load(allow_pickle=...)"), ("x.py:7", "pickle.loads"),
-        ("x.py:8", "torch.load without weights_only=True"), ("x.py:12", "np.load(allow_pickle=...)")]
+        ("x.py:2", "torch.load without weights_only=True"),
+        ("x.py:3", "torch.load without weights_only=True"),
+        ("x.py:5", "np.load(allow_pickle=...)"),
+        ("x.py:7", "pickle.loads"),
+        ("x.py:8", "torch.load without weights_only=True"),
+        ("x.py:12", "np.load(allow_pickle=...)"),
+    ]
 
 
 def test_nothing_in_the_repository_unpickles_a_file():
-    files = sorted(p for top in ("src", "tests", "bench", "tools") for p in (REPO / top).rglob("*.py"))
+    files = sorted(
+        p for top in ("src", "tests", "bench", "tools") for p in (REPO / top).rglob("*.py")
+    )
     assert len(files) > 50 and REPO / "bench" / "peers" / "bench_peers.py" in files
     found = []
     for p in files:
         rel = p.relative_to(REPO).as_posix()
-        found += [f"{where}: {what}" for where, what in unpickling_calls(p.read_text(), rel) if where not in ALLOWED]
-    assert found == [], ("calls that may unpickle a file (pass weights_only=True / allow_pickle=False, or keep "
-                         "tensors + JSON):\n" + "\n".join(found))
+        found += [
+            f"{where}: {what}"
+            for where, what in unpickling_calls(p.read_text(), rel)
+            if where not in ALLOWED
+        ]
+    assert found == [], (
+        "calls that may unpickle a file (pass weights_only=True / allow_pickle=False, or keep "
+        "tensors + JSON):\n" + "\n".join(found)
+    )

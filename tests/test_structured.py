@@ -27,7 +27,8 @@ TOL = 1e-10
 
 # ── helpers (independent of upweight's derivative code) ─────────────────────────────────
 def theta_of(obj: uw.Objective) -> tuple[torch.Tensor, callable]:
-    """θ flat in the objective's order and a map flat → full parameter dict (fixed ones filled in)."""
+    """θ flat in the objective's order and a map flat → full parameter dict (fixed ones
+    filled in)."""
     names = list(obj.params)
     sizes = [obj.params[n].numel() for n in names]
     theta = torch.cat([obj.params[n].reshape(-1) for n in names])
@@ -43,16 +44,31 @@ def theta_of(obj: uw.Objective) -> tuple[torch.Tensor, callable]:
 
 def ref_grads(obj: uw.Objective, X: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     theta, params = theta_of(obj)
-    return loop_grads(lambda t, x, yy: obj.loss_fn(functional_call(obj.model, params(t), (x,)), yy)[0], theta, X, y)
+    return loop_grads(
+        lambda t, x, yy: obj.loss_fn(functional_call(obj.model, params(t), (x,)), yy)[0],
+        theta,
+        X,
+        y,
+    )
 
 
-def ref_hessian(obj: uw.Objective, X: torch.Tensor, y: torch.Tensor, damping: float) -> torch.Tensor:
+def ref_hessian(
+    obj: uw.Objective, X: torch.Tensor, y: torch.Tensor, damping: float
+) -> torch.Tensor:
     """∇²R(θ̂) + δI with R = mean loss + (l2/2)Σ_{penalised}θ², explicit (p, p)."""
     theta, params = theta_of(obj)
-    pen = torch.cat([torch.full((obj.params[n].numel(),), float(n in obj.l2_names), dtype=D64) for n in obj.params])
+    pen = torch.cat(
+        [
+            torch.full((obj.params[n].numel(),), float(n in obj.l2_names), dtype=D64)
+            for n in obj.params
+        ]
+    )
 
     def risk(flat):
-        return obj.loss_fn(functional_call(obj.model, params(flat), (X,)), y).mean() + 0.5 * obj.l2 * (pen * flat**2).sum()
+        return (
+            obj.loss_fn(functional_call(obj.model, params(flat), (X,)), y).mean()
+            + 0.5 * obj.l2 * (pen * flat**2).sum()
+        )
 
     return explicit_hessian(risk, theta) + damping * torch.eye(len(theta), dtype=D64)
 
@@ -107,8 +123,16 @@ class Aliased(torch.nn.Module):
 
 def _model(kind: str) -> torch.nn.Module:
     torch.manual_seed(0)
-    return {"logreg": lambda: torch.nn.Linear(49, 2), "mlp": lambda: TanhMLP(49, 5, 2), "conv": ConvNet,
-            "scaled": ScaledMLP}[kind]().double().eval()
+    return (
+        {
+            "logreg": lambda: torch.nn.Linear(49, 2),
+            "mlp": lambda: TanhMLP(49, 5, 2),
+            "conv": ConvNet,
+            "scaled": ScaledMLP,
+        }[kind]()
+        .double()
+        .eval()
+    )
 
 
 # ── (1) structured scoring ──────────────────────────────────────────────────────────────
@@ -137,7 +161,8 @@ def test_up_loss_structured_equals_generic_path(images, kind):
         off = uw.Influence(obj, structured=False, **kw).fit((X, y))
         auto = uw.Influence(obj, **kw).fit((X, y))
     assert on.scoring_ == "structured" and off.scoring_ == "generic"
-    assert auto.scoring_ == ("generic" if kind == "scaled" else "structured")  # auto needs every θ in a layer
+    # auto needs every θ in a layer
+    assert auto.scoring_ == ("generic" if kind == "scaled" else "structured")
     a, b = on.up_loss(test).values, off.up_loss(test).values
     assert_not_constant(b)
     assert np.abs(a - b).max() <= TOL * np.abs(b).max()
@@ -164,7 +189,8 @@ def test_weight_used_outside_its_layer_is_caught_by_the_probe(images):
         warnings.simplefilter("ignore", uw.errors.NotAtMinimumWarning)
         on = uw.Influence(obj, structured=True, **kw).fit(data)
         off = uw.Influence(obj, structured=False, **kw).fit(data)
-    assert on.scoring_ == "structured"  # the out layer factored, fc's weight by per-sample gradients
+    # the out layer factored, fc's weight by per-sample gradients
+    assert on.scoring_ == "structured"
     a, b = on.up_loss((X[:3], y[:3])).values, off.up_loss((X[:3], y[:3])).values
     assert_not_constant(b)
     assert np.abs(a - b).max() <= TOL * np.abs(b).max()
@@ -173,25 +199,44 @@ def test_weight_used_outside_its_layer_is_caught_by_the_probe(images):
 def test_tied_module_weights_are_not_factored_and_an_alias_is(images):
     X, y = images
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Linear(49, 49), torch.nn.Tanh(), torch.nn.Linear(49, 49), torch.nn.Tanh(),
-                              torch.nn.Linear(49, 2)).double().eval()
+    net = (
+        torch.nn.Sequential(
+            torch.nn.Linear(49, 49),
+            torch.nn.Tanh(),
+            torch.nn.Linear(49, 49),
+            torch.nn.Tanh(),
+            torch.nn.Linear(49, 2),
+        )
+        .double()
+        .eval()
+    )
     net[2].weight = net[0].weight  # tied: one parameter, gradient from two layers
     obj = uw.Objective(net, "cross_entropy")
     plan = find_layers(obj, uw.Data.from_any((X, y)))
     assert {b.name for b in plan.blocks} == {"4"}
     assert "tied weights" in plan.reasons["0.weight"] and "2.weight" in plan.reasons["0.weight"]
     # a module registered under a second name is still one module, called once: factorable
-    plan = find_layers(uw.Objective(Aliased().double().eval(), "cross_entropy"), uw.Data.from_any((X, y)))
+    plan = find_layers(
+        uw.Objective(Aliased().double().eval(), "cross_entropy"), uw.Data.from_any((X, y))
+    )
     assert [b.name for b in plan.blocks] == ["fc"] and not plan.other
 
 
 def test_structured_switch_errors():
     # an embedding that renormalises its weight in the forward pass (max_norm): nothing factorable
-    model = torch.nn.Sequential(torch.nn.Embedding(5, 2, max_norm=1.0), torch.nn.Flatten()).double().eval()
+    model = (
+        torch.nn.Sequential(torch.nn.Embedding(5, 2, max_norm=1.0), torch.nn.Flatten())
+        .double()
+        .eval()
+    )
     obj = uw.Objective(model, "squared")
     data = (torch.tensor([[0], [1], [2]]), torch.zeros(3, 2, dtype=D64))
-    with pytest.raises(UnsupportedModelError, match="no parameter of θ is in a factorable.*max_norm"), \
-            warnings.catch_warnings():
+    with (
+        pytest.raises(
+            UnsupportedModelError, match="no parameter of θ is in a factorable.*max_norm"
+        ),
+        warnings.catch_warnings(),
+    ):
         warnings.simplefilter("ignore", uw.errors.NotAtMinimumWarning)
         uw.Influence(obj, structured=True).fit(data)
     with pytest.raises(InputError, match="'structured' parameter of Influence"):
@@ -205,25 +250,60 @@ def _hvp_case(case: str, images):
     X, y = images
     torch.manual_seed(2)
     if case == "logistic":  # binary, ±1 labels
-        return uw.Objective(torch.nn.Linear(49, 1).double().eval(), "logistic", l2=0.05), X, y * 2 - 1
+        return (
+            uw.Objective(torch.nn.Linear(49, 1).double().eval(), "logistic", l2=0.05),
+            X,
+            y * 2 - 1,
+        )
     if case == "softmax":
         yy = (X[:, 20] * 7).long() % 4
-        return uw.Objective(torch.nn.Linear(49, 4).double().eval(), "cross_entropy", l2=0.05, l2_exclude=["bias"]), X, yy
+        return (
+            uw.Objective(
+                torch.nn.Linear(49, 4).double().eval(),
+                "cross_entropy",
+                l2=0.05,
+                l2_exclude=["bias"],
+            ),
+            X,
+            yy,
+        )
     if case == "squared":
-        return uw.Objective(torch.nn.Linear(49, 3).double().eval(), "squared", l2=0.05), X, X[:, :3] * 2
+        return (
+            uw.Objective(torch.nn.Linear(49, 3).double().eval(), "squared", l2=0.05),
+            X,
+            X[:, :3] * 2,
+        )
     if case == "smooth_hinge":
-        return uw.Objective(torch.nn.Linear(49, 1).double().eval(), SmoothHinge(0.1), l2=0.05), X, y * 2 - 1
-    if case == "general":  # log-cosh regression: a loss with no closed form here (torch.func.hessian)
+        return (
+            uw.Objective(torch.nn.Linear(49, 1).double().eval(), SmoothHinge(0.1), l2=0.05),
+            X,
+            y * 2 - 1,
+        )
+    # log-cosh regression: a loss with no closed form here (torch.func.hessian)
+    if case == "general":
+
         def logcosh(out, t):
             return torch.log(torch.cosh(out - t)).sum(1)
-        return uw.Objective(torch.nn.Linear(49, 2).double().eval(), logcosh, l2=0.05), X, X[:, :2] * 3
-    assert case == "frozen_head"  # frozen tanh features, trained linear head (bias excluded from l2)
+
+        return (
+            uw.Objective(torch.nn.Linear(49, 2).double().eval(), logcosh, l2=0.05),
+            X,
+            X[:, :2] * 3,
+        )
+    # frozen tanh features, trained linear head (bias excluded from l2)
+    assert case == "frozen_head"
     model = TanhMLP(49, 6, 3).double().eval()
     yy = (X[:, 20] * 7).long() % 3
-    return uw.Objective(model, "cross_entropy", l2=0.05, params="fc2", l2_exclude=["fc2.bias"]), X, yy
+    return (
+        uw.Objective(model, "cross_entropy", l2=0.05, params="fc2", l2_exclude=["fc2.bias"]),
+        X,
+        yy,
+    )
 
 
-@pytest.mark.parametrize("case", ["logistic", "softmax", "squared", "smooth_hinge", "general", "frozen_head"])
+@pytest.mark.parametrize(
+    "case", ["logistic", "softmax", "squared", "smooth_hinge", "general", "frozen_head"]
+)
 def test_structured_hvp_equals_explicit_hessian(images, case):
     obj, X, y = _hvp_case(case, images)
     data = uw.Data.from_any((X, y))
@@ -274,10 +354,14 @@ def test_structured_hvp_only_where_the_output_is_linear_in_theta(images):
 def test_influence_with_structured_paths_matches_the_logistic_closed_form(small_logreg):
     """Koh & Liang (2017) §2.3 closed form, with CG running on the structured HVP and scoring."""
     model, l2, (X, y), (Xt, yt) = small_logreg
-    inf = uw.Influence(uw.Objective(model, "logistic", l2=l2), solver=uw.CG(rtol=1e-12), progress=False).fit((X, y))
+    inf = uw.Influence(
+        uw.Objective(model, "logistic", l2=l2), solver=uw.CG(rtol=1e-12), progress=False
+    ).fit((X, y))
     assert inf.curvature_.uses_structured and inf.scoring_ == "structured"
     got = inf.up_loss((Xt[:5], yt[:5]))
-    ref, _, _ = logistic_closed_form(model.weight.detach().numpy()[0], X.numpy(), y.numpy(), Xt[:5].numpy(), yt[:5].numpy(), l2)
+    ref, _, _ = logistic_closed_form(
+        model.weight.detach().numpy()[0], X.numpy(), y.numpy(), Xt[:5].numpy(), yt[:5].numpy(), l2
+    )
     assert np.abs(got.values - ref).max() <= 1e-9 * np.abs(ref).max()
     assert "structured_hvp" in got.provenance and "structured_scoring" in got.provenance
 
@@ -299,7 +383,8 @@ def test_default_is_bit_identical_where_nothing_is_structured(untrained_mlp):
 
 
 def test_frozen_feature_head_influence_equals_direct_on_explicit_hessian(images):
-    """A trained head on frozen features: structured CG + scoring against H⁻¹ from the explicit Hessian."""
+    """A trained head on frozen features: structured CG + scoring against H⁻¹ from the explicit
+    Hessian."""
     X, y = images
     torch.manual_seed(4)
     model = TanhMLP(49, 6, 2).double().eval()
@@ -335,8 +420,8 @@ def test_conv_scoring_uses_both_contraction_orders(images):
 
 
 def test_store_keeps_structured_and_generic_runs_apart(small_logreg, tmp_path):
-    """Structured and generic scores agree only to rounding, so a store of one is refused by the other;
-    an explicit LocalExecutor takes the same structured paths, bit for bit."""
+    """Structured and generic scores agree only to rounding, so a store of one is refused by the
+    other; an explicit LocalExecutor takes the same structured paths, bit for bit."""
     from upweight._executor import LocalExecutor
     from upweight.errors import StoreMismatchError
 
@@ -345,12 +430,19 @@ def test_store_keeps_structured_and_generic_runs_apart(small_logreg, tmp_path):
     auto = uw.Influence(obj, solver=uw.Direct(), batch_size=80, progress=False).fit(train)
     first = auto.up_loss((Xt[:3], yt[:3]), store=tmp_path / "s")
     assert np.array_equal(auto.up_loss((Xt[:3], yt[:3]), store=tmp_path / "s").values, first.values)
-    loc = uw.Influence(obj, solver=uw.Direct(), batch_size=80, progress=False).fit(train, executor=LocalExecutor())
+    loc = uw.Influence(obj, solver=uw.Direct(), batch_size=80, progress=False).fit(
+        train, executor=LocalExecutor()
+    )
     assert np.array_equal(loc.up_loss((Xt[:3], yt[:3])).values, first.values)
-    off = uw.Influence(obj, solver=uw.Direct(), batch_size=80, progress=False, structured=False).fit(train)
+    off = uw.Influence(
+        obj, solver=uw.Direct(), batch_size=80, progress=False, structured=False
+    ).fit(train)
     with pytest.raises(StoreMismatchError):
         off.up_loss((Xt[:3], yt[:3]), store=tmp_path / "s")
-    assert np.abs(off.up_loss((Xt[:3], yt[:3])).values - first.values).max() <= 1e-10 * np.abs(first.values).max()
+    assert (
+        np.abs(off.up_loss((Xt[:3], yt[:3])).values - first.values).max()
+        <= 1e-10 * np.abs(first.values).max()
+    )
 
 
 def test_low_rank_query_factors_score_with_the_truncated_svd(images):
@@ -387,7 +479,8 @@ def test_bfloat16_products_are_the_explicit_hessian_to_bfloat16_precision(images
     got = curv.matvec(V, operand_dtype=torch.bfloat16)
     err = rel(got - V * obj.l2_diagonal(D64), V @ H_data)
     assert 1e-5 < err < 2e-2  # bfloat16 operands (8-bit significand), not float64, and not far off
-    assert torch.equal(curv.matvec(V, operand_dtype=torch.bfloat16), got)  # from the cached bfloat16 inputs
+    # from the cached bfloat16 inputs
+    assert torch.equal(curv.matvec(V, operand_dtype=torch.bfloat16), got)
     assert torch.bfloat16 in curv._structured_op._low_chunks
     uncached = Curvature(obj, data, batch_size=50, structured_cache_bytes=0)
     assert torch.equal(uncached.matvec(V, operand_dtype=torch.bfloat16), got)
@@ -406,10 +499,13 @@ def test_cg_with_bfloat16_products_measures_its_residual_with_exact_products(ima
         curv = Curvature(obj, data, damping=damping, batch_size=50)
         sol = mixed.solve(mixed.prepare(curv), B)
         true_res = (sol.value @ H - B).norm(dim=1) / B.norm(dim=1)  # explicit float64 H
-        assert torch.allclose(sol.residual, true_res, rtol=1e-8, atol=0)  # the check is not in bfloat16
+        # the check is not in bfloat16
+        assert torch.allclose(sol.residual, true_res, rtol=1e-8, atol=0)
         assert float(true_res.max()) < 5e-2
         exact = uw.CG(rtol=1e-2, block=block)
-        X_exact = exact.solve(exact.prepare(Curvature(obj, data, damping=damping, batch_size=50)), B).value
+        X_exact = exact.solve(
+            exact.prepare(Curvature(obj, data, damping=damping, batch_size=50)), B
+        ).value
         assert not torch.equal(sol.value, X_exact)  # the iterations did use bfloat16 products
         X_true = torch.linalg.solve(H, B.T).T
         assert rel(sol.value, X_true) < 0.1
@@ -425,7 +521,9 @@ def test_hvp_dtype_errors(images):
     uw.CG(rtol=1e-3, hvp_dtype=torch.float16)  # its epsilon is 2⁻¹⁰
     X, y = images
     obj = uw.Objective(_model("mlp"), "cross_entropy", l2=0.05)  # θ is not one output nn.Linear
-    inf = uw.Influence(obj, solver=uw.CG(rtol=1e-2, hvp_dtype=torch.bfloat16), progress=False, grad_tol=1e9)
+    inf = uw.Influence(
+        obj, solver=uw.CG(rtol=1e-2, hvp_dtype=torch.bfloat16), progress=False, grad_tol=1e9
+    )
     inf.fit((X, y))
     with pytest.raises(UnsupportedModelError, match="need the structured HVP"):
         inf.up_loss((X[:2], y[:2]))
@@ -434,4 +532,5 @@ def test_hvp_dtype_errors(images):
     with pytest.raises(UnsupportedModelError, match="structured=False"):
         generic.matvec(torch.zeros(1, obj.p, dtype=D64), operand_dtype=torch.bfloat16)
     V = torch.randn(2, obj.p, generator=torch.Generator().manual_seed(5), dtype=D64)
-    assert torch.equal(generic.matvec(V, operand_dtype=D64), generic.matvec(V))  # the compute dtype: no-op
+    # the compute dtype: no-op
+    assert torch.equal(generic.matvec(V, operand_dtype=D64), generic.matvec(V))

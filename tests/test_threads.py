@@ -1,4 +1,5 @@
-"""upweight's intra-op thread setting: applied inside upweight's work, torch's own setting restored after."""
+"""upweight's intra-op thread setting: applied inside upweight's work, torch's own setting restored
+after."""
 
 from __future__ import annotations
 
@@ -143,8 +144,9 @@ def _with_func(parser, func):
 
 
 def test_influence_runs_a_small_problem_on_one_thread_and_restores(small_logreg):
-    """Not only CG: ``Influence.fit`` and its quantities (gradients, Direct's dense H, scoring) run under
-    the same rule, seen from inside the loss; the caller's torch setting is back afterwards."""
+    """Not only CG: ``Influence.fit`` and its quantities (gradients, Direct's dense H, scoring) run
+    under the same rule, seen from inside the loss; the caller's torch setting is back afterwards.
+    """
     model, l2, train, test = small_logreg
     seen: list[int] = []
 

@@ -101,8 +101,12 @@ def test_an_unreachable_tolerance_raises_instead_of_returning_an_inexact_solve()
     ],
 )
 def test_bad_input_names_the_problem(kwargs, match):
-    args = {"F": torch.zeros(5, 3, dtype=torch.float64), "y": torch.ones(5), "l2": L2,
-            "w_ref": torch.zeros(3, dtype=torch.float64)}
+    args = {
+        "F": torch.zeros(5, 3, dtype=torch.float64),
+        "y": torch.ones(5),
+        "l2": L2,
+        "w_ref": torch.zeros(3, dtype=torch.float64),
+    }
     args.update(kwargs)
     with pytest.raises(InputError, match=match):
         LogisticTopLayer(args["F"], args["y"], args["l2"], args["w_ref"])

@@ -21,7 +21,12 @@ def main() -> None:
     for name in ORDER:
         text = (PAGES / f"{name}.md").read_text().rstrip() + "\n"
         text = re.sub(r"^# ", "## ", text, count=1)
-        text = re.sub(r"^(#{2,5}) ", lambda m: m.group(1) + "# " if m.start() > 0 else m.group(0), text, flags=re.M)
+        text = re.sub(
+            r"^(#{2,5}) ",
+            lambda m: m.group(1) + "# " if m.start() > 0 else m.group(0),
+            text,
+            flags=re.M,
+        )
         text = re.sub(r"\]\(((?!http)[^)/]+\.(?:png|md))\)", r"](reproduction/\1)", text)
         parts.append(f'<a id="{name}"></a>\n\n' + text)
     (ROOT / "docs" / "reproduction.md").write_text("\n".join(parts))

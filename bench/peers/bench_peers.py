@@ -10,21 +10,22 @@ all parameters (float32 models):
   its first ``--n-train`` rows (p = 7,850); ``W2:2000`` sets n for that workload alone;
 * W3-mlp — an MLP 784-1024-256-10 (tanh, p = 1,068,810) on MNIST, n = 5,000 by default;
 * W3-cnn — a small CNN (2 × Conv2d + average pooling, 2 × Linear, tanh, p = 46,730), n = 10,000;
-* W5 — a small BERT-style classifier (``transformers.BertForSequenceClassification`` from a config: 2 layers,
-  hidden 64, 2 heads, eager attention, word-level vocabulary of the training split) on spam/ham e-mails of
-  Enron-Spam ``enron1``, n = 1,000 by default (``W5:<n>``); θ = every parameter; no L2 and a damping δ,
-  with the **Gauss–Newton** matrix G + δI as the curvature of every method and of the reference.
+* W5 — a small BERT-style classifier (``transformers.BertForSequenceClassification`` from a config:
+  2 layers, hidden 64, 2 heads, eager attention, word-level vocabulary of the training split) on
+  spam/ham e-mails of Enron-Spam ``enron1``, n = 1,000 by default (``W5:<n>``); θ = every parameter;
+  no L2 and a damping δ, with the **Gauss–Newton** matrix G + δI as the curvature of every method
+  and of the reference.
 
 W1/W2: θ̂ by ``upweight.refit`` (float64 L-BFGS) cast to float32; the **reference** is closed-form
 float64 linear algebra, independent of every library: ∇L(z) = (p − e_y) ⊗ x̃ and
 H = (1/n) Σᵢ (diag pᵢ − pᵢpᵢᵀ) ⊗ x̃ᵢx̃ᵢᵀ + λI (x̃ = [x, 1]), formed densely and solved by
 Cholesky; cross-checked against upweight's float64 Direct (p ≤ 2,000) or CG (rtol 1e-10).
-W5: θ̂ by a few epochs of AdamW (not timed; not a minimum — influence is taken with the damped GGN, as
-kronfluence does); the **reference** is upweight's float64 CG on the damped GGN of the float64 copy.
-W3: θ̂ by Adam then full-batch L-BFGS in float32 (not timed); a Lanczos run checks that H + λI is
-positive definite at θ̂ (else a damping δ is added for every method and the reference); the
-**reference** is long-run plain CG in float64 on the float64 copy of θ̂ (rtol 1e-10 or
-stagnation), with Pearlmutter HVPs written here with torch.func, its final residual reported.
+W5: θ̂ by a few epochs of AdamW (not timed; not a minimum — influence is taken with the damped GGN,
+as kronfluence does); the **reference** is upweight's float64 CG on the damped GGN of the float64
+copy. W3: θ̂ by Adam then full-batch L-BFGS in float32 (not timed); a Lanczos run checks that H + λI
+is positive definite at θ̂ (else a damping δ is added for every method and the reference); the
+**reference** is long-run plain CG in float64 on the float64 copy of θ̂ (rtol 1e-10 or stagnation),
+with Pearlmutter HVPs written here with torch.func, its final residual reported.
 
 Each method runs in a **fresh worker process** (imports and data loading are not timed; the
 library's own construction, fit/preprocessing and the scoring of all training points are), so
@@ -44,7 +45,8 @@ which the section ``peers-summary`` (per-library bests, the issue's targets) is 
 Usage (from the repository root, in the bench environment made by bench/peers/setup.sh)::
 
     .venv-bench/bin/python bench/peers/bench_peers.py --workloads W1 --n-test 100
-    .venv-bench/bin/python bench/peers/bench_peers.py --workloads W3-mlp:500 --methods upweight --out /tmp/w3.md
+    .venv-bench/bin/python bench/peers/bench_peers.py --workloads W3-mlp:500 --methods upweight
+    --out /tmp/w3.md
 """
 
 from __future__ import annotations
@@ -93,7 +95,8 @@ from _sections import embed_json, read_sections, replace_section, section_json  
 L2 = 0.01
 ACCURATE = 0.99  # the Spearman bar of the issue's target
 DEFAULT_K = 10  # test points of a workload whose section key does not name K
-WARM_BELOW_S = 20.0  # a method whose cold run took less runs once more in the same process (warm time)
+# a method whose cold run took less runs once more in the same process (warm time)
+WARM_BELOW_S = 20.0
 T_START = time.perf_counter()
 
 
@@ -111,21 +114,31 @@ def set_threads(n: int) -> None:
 # ── workloads ────────────────────────────────────────────────────────────────────────────
 #: default n_train of the W3 workloads (overridden by W3-mlp:<n> / W3-cnn:<n>)
 W3_DEFAULT_N = {"mlp": 5000, "cnn": 10000}
-#: W5: default n_train, tokens per sequence ([CLS] + words, truncated, padded), vocabulary cap, damping δ
+#: W5: default n_train, tokens per sequence ([CLS] + words, truncated, padded), vocabulary cap,
+#: damping δ
 W5_DEFAULT_N, W5_TOKENS, W5_VOCAB, W5_DAMPING = 1000, 32, 3000, 1e-2
 #: W4: default n_train, ResNet width (64 = ResNet-18 itself), damping δ of the Gauss–Newton matrix;
 #: θ̂ by SGD (steps, batch, learning rate, momentum)
 W4_DEFAULT_N, W4_WIDTH, W4_DAMPING = 2000, 64, 1e-2
 W4_STEPS, W4_BATCH, W4_LR, W4_MOMENTUM = 300, 64, 0.05, 0.9
 #: W5's model: BertConfig fields (vocab_size is the vocabulary built from the training split)
-W5_CONFIG = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 128,
-             "max_position_embeddings": W5_TOKENS, "num_labels": 2, "hidden_dropout_prob": 0.0,
-             "attention_probs_dropout_prob": 0.0, "pad_token_id": 0}
+W5_CONFIG = {
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 128,
+    "max_position_embeddings": W5_TOKENS,
+    "num_labels": 2,
+    "hidden_dropout_prob": 0.0,
+    "attention_probs_dropout_prob": 0.0,
+    "pad_token_id": 0,
+}
 
 
 @dataclass
 class Workload:
-    key: str  # the report section's key: "W2:20000", "W3-mlp:1000", …, with ":K<k>" unless K = 10 ("W1:K100")
+    # the report section's key: "W2:20000", "W3-mlp:1000", …, with ":K<k>" unless K = 10 ("W1:K100")
+    key: str
     title: str
     source: str
     X: np.ndarray  # float64 (n, d)
@@ -144,7 +157,8 @@ class Workload:
     width: int = 64  # W4: the ResNet's base width
 
     def __post_init__(self) -> None:
-        """Queries of another K on the same data get their own section: ":K<k>" in the key and the title."""
+        """Queries of another K on the same data get their own section: ":K<k>" in the key and the
+        title."""
         self.data_key = self.key
         if len(self.Xt) != DEFAULT_K:
             self.key += f":K{len(self.Xt)}"
@@ -159,11 +173,11 @@ def _mnist(args: argparse.Namespace) -> tuple[Path, np.ndarray, np.ndarray, np.n
 
 
 def _enron(args: argparse.Namespace, n: int, k: int) -> Workload:
-    """W5: enron1's 5,172 messages (1 = spam) shuffled with seed 0; train = the first n, test = the first K of
-    the last 1,000 (the same test points for every n ≤ 4,172). Words = the lower-cased text split on white
-    space (the corpus has punctuation separated already); a sequence = [CLS] + its first T − 1 words, padded;
-    vocabulary = the words occurring ≥ 2 times in the training sequences, the most frequent 3,000 − 3
-    (0 = [PAD], 1 = [UNK], 2 = [CLS])."""
+    """W5: enron1's 5,172 messages (1 = spam) shuffled with seed 0; train = the first n, test = the
+    first K of the last 1,000 (the same test points for every n ≤ 4,172). Words = the lower-cased
+    text split on white space (the corpus has punctuation separated already); a sequence = [CLS] +
+    its first T − 1 words, padded; vocabulary = the words occurring ≥ 2 times in the training
+    sequences, the most frequent 3,000 − 3 (0 = [PAD], 1 = [UNK], 2 = [CLS])."""
     import collections
     import csv
     import gzip
@@ -175,31 +189,45 @@ def _enron(args: argparse.Namespace, n: int, k: int) -> Workload:
     if not 1 <= n <= len(rows) - 1000:
         raise SystemExit(f"W5:{n}: n_train must be in 1..{len(rows) - 1000}")
     perm = np.random.default_rng(0).permutation(len(rows))
-    words = [r["text"].lower().split()[:W5_TOKENS - 1] for r in rows]
+    words = [r["text"].lower().split()[: W5_TOKENS - 1] for r in rows]
     labels = np.array([int(r["label"]) for r in rows], np.int64)
-    train, test = perm[:n], perm[len(rows) - 1000:][:k]
+    train, test = perm[:n], perm[len(rows) - 1000 :][:k]
     counts = collections.Counter(w for i in train for w in words[i])
     vocab = {w: j + 3 for j, (w, c) in enumerate(counts.most_common(W5_VOCAB - 3)) if c >= 2}
 
     def encode(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        ids, mask = np.zeros((len(idx), W5_TOKENS), np.int64), np.zeros((len(idx), W5_TOKENS), np.int64)
+        ids, mask = (
+            np.zeros((len(idx), W5_TOKENS), np.int64),
+            np.zeros((len(idx), W5_TOKENS), np.int64),
+        )
         for r, i in enumerate(idx):
             seq = [2] + [vocab.get(w, 1) for w in words[i]]
-            ids[r, :len(seq)], mask[r, :len(seq)] = seq, 1
+            ids[r, : len(seq)], mask[r, : len(seq)] = seq, 1
         return ids, mask
 
     X, M = encode(train)
     Xt, Mt = encode(test)
     config = json.dumps({**W5_CONFIG, "vocab_size": len(vocab) + 3}, sort_keys=True)
-    wl = Workload(f"W5:{n}", f"W5 — Enron spam/ham, BERT-style classifier (2 layers, hidden 64), n = {n:,}",
-                  f"{path} (Enron-Spam enron1, 1 = spam); shuffled with seed 0, train = first {n:,}, test = first K of "
-                  f"the last 1,000; [CLS] + the first {W5_TOKENS - 1} words, word-level vocabulary of {len(vocab) + 3:,} "
-                  f"(words ≥ 2× in the training sequences, [PAD] [UNK] [CLS]); {100 * float((X == 1).sum() / M.sum()):.1f} % "
-                  f"of the training tokens [UNK], {float(M.sum(1).mean()):.1f} tokens a sequence on average, "
-                  f"{100 * float(labels[train].mean()):.0f} % spam",
-                  X, labels[train], Xt, labels[test], "bert", mask=M, mask_t=Mt, config=config)
-    wl.Xte_all, wl.mask_te_all = encode(perm[len(rows) - 1000:])
-    wl.yte_all = labels[perm[len(rows) - 1000:]]
+    wl = Workload(
+        f"W5:{n}",
+        f"W5 — Enron spam/ham, BERT-style classifier (2 layers, hidden 64), n = {n:,}",
+        f"{path} (Enron-Spam enron1, 1 = spam); shuffled with seed 0, train = first {n:,}, test ="
+        f" first K of the last 1,000; [CLS] + the first {W5_TOKENS - 1} words, word-level"
+        f" vocabulary of {len(vocab) + 3:,} (words ≥ 2× in the training sequences, [PAD] [UNK]"
+        f" [CLS]); {100 * float((X == 1).sum() / M.sum()):.1f} % of the training tokens [UNK],"
+        f" {float(M.sum(1).mean()):.1f} tokens a sequence on average,"
+        f" {100 * float(labels[train].mean()):.0f} % spam",
+        X,
+        labels[train],
+        Xt,
+        labels[test],
+        "bert",
+        mask=M,
+        mask_t=Mt,
+        config=config,
+    )
+    wl.Xte_all, wl.mask_te_all = encode(perm[len(rows) - 1000 :])
+    wl.yte_all = labels[perm[len(rows) - 1000 :]]
     return wl
 
 
@@ -208,26 +236,39 @@ def _mnist_resnet(args: argparse.Namespace, n: int, k: int) -> Workload:
     train rows 5,000.., the first n; test = the first K of the official test set); key ``W4:<n>``,
     or ``W4-w<width>:<n>`` at another width than ResNet-18's 64."""
     path, xtr, ytr, xte, yte = _mnist(args)
-    X = xtr[5000:5000 + n].reshape(-1, 784).astype(np.float64) / 255.0
+    X = xtr[5000 : 5000 + n].reshape(-1, 784).astype(np.float64) / 255.0
     w = args.w4_width
     key = f"W4:{len(X)}" if w == 64 else f"W4-w{w}:{len(X)}"
-    what = ("ResNet-18" if w == 64
-            else f"ResNet-18 at width {w} (widths {w}-{2 * w}-{4 * w}-{8 * w})")
-    wl = Workload(key, f"W4 — MNIST, {what}, every parameter, n = {len(X):,}",
-                  f"{path}; train = official train rows 5000..{5000 + len(X) - 1} (Koh & Liang "
-                  f"split, first {len(X):,}), /255, 1 channel 28 × 28; test = first K of the "
-                  "official test set",
-                  X, ytr[5000:5000 + n].astype(np.int64),
-                  xte[:k].reshape(-1, 784).astype(np.float64) / 255.0, yte[:k].astype(np.int64),
-                  "resnet", width=w)
+    what = (
+        "ResNet-18" if w == 64 else f"ResNet-18 at width {w} (widths {w}-{2 * w}-{4 * w}-{8 * w})"
+    )
+    wl = Workload(
+        key,
+        f"W4 — MNIST, {what}, every parameter, n = {len(X):,}",
+        f"{path}; train = official train rows 5000..{5000 + len(X) - 1} (Koh & Liang "
+        f"split, first {len(X):,}), /255, 1 channel 28 × 28; test = first K of the "
+        "official test set",
+        X,
+        ytr[5000 : 5000 + n].astype(np.int64),
+        xte[:k].reshape(-1, 784).astype(np.float64) / 255.0,
+        yte[:k].astype(np.int64),
+        "resnet",
+        width=w,
+    )
     wl.Xte_all, wl.yte_all = xte.reshape(-1, 784).astype(np.float64) / 255.0, yte.astype(np.int64)
     return wl
 
 
 def load_workload(spec: str, args: argparse.Namespace) -> Workload:
     name, _, n_txt = spec.partition(":")
-    name = {"digits": "W1", "mnist": "W2", "mlp": "W3-MLP", "cnn": "W3-CNN", "enron": "W5",
-            "resnet": "W4"}.get(name.lower(), name.upper())
+    name = {
+        "digits": "W1",
+        "mnist": "W2",
+        "mlp": "W3-MLP",
+        "cnn": "W3-CNN",
+        "enron": "W5",
+        "resnet": "W4",
+    }.get(name.lower(), name.upper())
     k = args.n_test
     if name == "W4":
         return _mnist_resnet(args, int(n_txt) if n_txt else W4_DEFAULT_N, k)
@@ -238,27 +279,46 @@ def load_workload(spec: str, args: argparse.Namespace) -> Workload:
 
         d = load_digits()
         X, y = d.data.astype(np.float64) / 16.0, d.target.astype(np.int64)
-        return Workload("W1", "W1 — scikit-learn digits (8×8)",
-                        "sklearn load_digits, X/16; train = rows 0..1499, test = rows 1500.. (first K scored)",
-                        X[:1500], y[:1500], X[1500:1500 + k], y[1500:1500 + k])
+        return Workload(
+            "W1",
+            "W1 — scikit-learn digits (8×8)",
+            "sklearn load_digits, X/16; train = rows 0..1499, test = rows 1500.. (first K scored)",
+            X[:1500],
+            y[:1500],
+            X[1500 : 1500 + k],
+            y[1500 : 1500 + k],
+        )
     if name in ("W2", "W3-MLP", "W3-CNN"):
         arch = {"W2": "linear", "W3-MLP": "mlp", "W3-CNN": "cnn"}[name]
         n = int(n_txt) if n_txt else (args.n_train if arch == "linear" else W3_DEFAULT_N[arch])
         path, xtr, ytr, xte, yte = _mnist(args)
-        X = xtr[5000:5000 + n].reshape(-1, 784).astype(np.float64) / 255.0
+        X = xtr[5000 : 5000 + n].reshape(-1, 784).astype(np.float64) / 255.0
         key = f"{'W2' if arch == 'linear' else 'W3-' + arch}:{len(X)}"
-        what = {"linear": "W2 — MNIST (28×28)", "mlp": "W3-mlp — MNIST, MLP 784-1024-256-10 (tanh)",
-                "cnn": "W3-cnn — MNIST, small CNN"}[arch]
-        wl = Workload(key, f"{what}, n = {len(X):,}",
-                      f"{path}; train = official train rows 5000..{5000 + len(X) - 1} (Koh & Liang split, "
-                      f"first {len(X):,}), /255; test = first K of the official test set",
-                      X, ytr[5000:5000 + n].astype(np.int64),
-                      xte[:k].reshape(-1, 784).astype(np.float64) / 255.0, yte[:k].astype(np.int64), arch)
+        what = {
+            "linear": "W2 — MNIST (28×28)",
+            "mlp": "W3-mlp — MNIST, MLP 784-1024-256-10 (tanh)",
+            "cnn": "W3-cnn — MNIST, small CNN",
+        }[arch]
+        wl = Workload(
+            key,
+            f"{what}, n = {len(X):,}",
+            f"{path}; train = official train rows 5000..{5000 + len(X) - 1} (Koh & Liang split, "
+            f"first {len(X):,}), /255; test = first K of the official test set",
+            X,
+            ytr[5000 : 5000 + n].astype(np.int64),
+            xte[:k].reshape(-1, 784).astype(np.float64) / 255.0,
+            yte[:k].astype(np.int64),
+            arch,
+        )
         if arch != "linear":
-            wl.Xte_all, wl.yte_all = xte.reshape(-1, 784).astype(np.float64) / 255.0, yte.astype(np.int64)
+            wl.Xte_all, wl.yte_all = (
+                xte.reshape(-1, 784).astype(np.float64) / 255.0,
+                yte.astype(np.int64),
+            )
         return wl
-    raise SystemExit(f"unknown workload {spec!r}: use W1, W2[:n], W3-mlp[:n], W3-cnn[:n], W4[:n] "
-                     "or W5[:n]")
+    raise SystemExit(
+        f"unknown workload {spec!r}: use W1, W2[:n], W3-mlp[:n], W3-cnn[:n], W4[:n] or W5[:n]"
+    )
 
 
 # ── training and the closed-form reference ───────────────────────────────────────────────
@@ -274,8 +334,10 @@ def train(wl: Workload) -> tuple[np.ndarray, np.ndarray, float]:
     t0 = time.perf_counter()
     fit = uw.refit(obj, uw.Data.from_any((torch.from_numpy(wl.X), torch.from_numpy(wl.y))))
     secs = time.perf_counter() - t0
-    wl.info["training (not counted)"] = (f"uw.refit, float64 L-BFGS from zero: {secs:.1f} s, {fit.iterations} iterations, "
-                                         f"‖∇R(θ̂)‖₂ = {fit.grad_norm:.1e}")
+    wl.info["training (not counted)"] = (
+        f"uw.refit, float64 L-BFGS from zero: {secs:.1f} s, {fit.iterations} iterations, "
+        f"‖∇R(θ̂)‖₂ = {fit.grad_norm:.1e}"
+    )
     return fit.params["weight"].numpy().copy(), fit.params["bias"].numpy().copy(), secs
 
 
@@ -300,9 +362,9 @@ def closed_form_reference(wl: Workload, W: np.ndarray, b: np.ndarray) -> np.ndar
         for c2 in range(c, C):
             w = P[:, c] * ((c == c2) - P[:, c2])
             blk = Xa.T @ (Xa * w[:, None]) / n
-            H[c * q:(c + 1) * q, c2 * q:(c2 + 1) * q] = blk
+            H[c * q : (c + 1) * q, c2 * q : (c2 + 1) * q] = blk
             if c2 != c:
-                H[c2 * q:(c2 + 1) * q, c * q:(c + 1) * q] = blk.T
+                H[c2 * q : (c2 + 1) * q, c * q : (c + 1) * q] = blk.T
     H[np.diag_indices_from(H)] += L2
     Xta = np.hstack([wl.Xt, np.ones((len(wl.Xt), 1))])
     Rt = softmax(wl.Xt @ W.T + b) - np.eye(C)[wl.yt]
@@ -314,7 +376,8 @@ def closed_form_reference(wl: Workload, W: np.ndarray, b: np.ndarray) -> np.ndar
 
 
 def upweight_float64(wl: Workload, W: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, str]:
-    """The cross-check of the reference: upweight on the float64 model (Direct, or CG rtol 1e-10)."""
+    """The cross-check of the reference: upweight on the float64 model (Direct, or CG rtol
+    1e-10)."""
     import upweight as uw
 
     model = torch.nn.Linear(wl.X.shape[1], 10).double().eval()
@@ -322,12 +385,17 @@ def upweight_float64(wl: Workload, W: np.ndarray, b: np.ndarray) -> tuple[np.nda
         model.weight.copy_(torch.from_numpy(W))
         model.bias.copy_(torch.from_numpy(b))
     p = model.weight.numel() + model.bias.numel()
-    # Direct forms H in closed form (one GEMM per class pair, like the reference, but through upweight):
-    # cheaper than a float64 CG to 1e-10 for K = 100 right-hand sides at n = 55,000
+    # Direct forms H in closed form (one GEMM per class pair, like the reference, but through
+    # upweight): cheaper than a float64 CG to 1e-10 for K = 100 right-hand sides at n = 55,000
     solver, label = (uw.Direct(), "Direct") if p <= 10_000 else (uw.CG(rtol=1e-10), "CG rtol=1e-10")
     inf = uw.Influence(uw.Objective(model, "cross_entropy", l2=L2), solver=solver, progress=False)
     inf.fit(uw.Data.from_any((torch.from_numpy(wl.X), torch.from_numpy(wl.y))))
-    return np.asarray(inf.up_loss((torch.from_numpy(wl.Xt), torch.from_numpy(wl.yt))).values, np.float64), label
+    return (
+        np.asarray(
+            inf.up_loss((torch.from_numpy(wl.Xt), torch.from_numpy(wl.yt))).values, np.float64
+        ),
+        label,
+    )
 
 
 # ── W3: a network, trained in float32, and a long-run float64 CG reference ───────────────
@@ -341,7 +409,9 @@ class NetProblem:
     losses (forward mode, ``torch.func.jvp``) — independent of every benchmarked library. Data are
     processed in chunks of ``chunk`` points."""
 
-    def __init__(self, model: torch.nn.Module, X: np.ndarray, y: np.ndarray, l2: float, chunk: int = 500) -> None:
+    def __init__(
+        self, model: torch.nn.Module, X: np.ndarray, y: np.ndarray, l2: float, chunk: int = 500
+    ) -> None:
         self.model = model
         self.dtype = next(model.parameters()).dtype
         self.names = [k for k, _ in model.named_parameters()]
@@ -357,20 +427,22 @@ class NetProblem:
         out, i = {}, 0
         for name, shape in zip(self.names, self.shapes):
             m = int(np.prod(shape))
-            out[name] = V[:, i:i + m].reshape(len(V), *shape)
+            out[name] = V[:, i : i + m].reshape(len(V), *shape)
             i += m
         return out
 
     def flat_params(self) -> torch.Tensor:
         return torch.cat([self.params[k].reshape(-1) for k in self.names])
 
-    def _loss_sum(self, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def _loss_sum(
+        self, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor
+    ) -> torch.Tensor:
         out = torch.func.functional_call(self.model, params, (x,))
         return torch.nn.functional.cross_entropy(out, y, reduction="sum")
 
     def _chunks(self):  # noqa: ANN202
         for i in range(0, len(self.X), self.chunk):
-            yield self.X[i:i + self.chunk], self.y[i:i + self.chunk]
+            yield self.X[i : i + self.chunk], self.y[i : i + self.chunk]
 
     def grad_risk(self) -> torch.Tensor:
         """∇R(θ̂), flat."""
@@ -391,15 +463,19 @@ class NetProblem:
                 loss = self._loss_sum(dict(zip(self.names, leaves)), x, y)
                 g = torch.autograd.grad(loss, leaves, create_graph=True)
                 for j in range(len(V)):
-                    v = self.unflat(V[j:j + 1])
-                    hv = torch.autograd.grad(g, leaves, [v[k][0] for k in self.names], retain_graph=j < len(V) - 1)
+                    v = self.unflat(V[j : j + 1])
+                    hv = torch.autograd.grad(
+                        g, leaves, [v[k][0] for k in self.names], retain_graph=j < len(V) - 1
+                    )
                     out[j] += torch.cat([t.reshape(-1) for t in hv])
         return out / len(self.X) + (self.l2 + damping) * V
 
     def test_grads(self, Xt: np.ndarray, yt: np.ndarray) -> torch.Tensor:
         """∇θL(z_test, θ̂) per test point, (K, p)."""
         rows = []
-        for x, y in zip(torch.as_tensor(Xt, dtype=self.dtype), torch.as_tensor(yt, dtype=torch.long)):
+        for x, y in zip(
+            torch.as_tensor(Xt, dtype=self.dtype), torch.as_tensor(yt, dtype=torch.long)
+        ):
             gd = torch.func.grad(self._loss_sum)(self.params, x[None], y[None])
             rows.append(torch.cat([gd[k].reshape(-1) for k in self.names]))
         return torch.stack(rows)
@@ -409,20 +485,22 @@ class NetProblem:
         ``jvp`` of the per-point losses along sₖ (no per-sample gradient is formed)."""
         out = []
         for x, y in self._chunks():
+
             def losses(prm: dict[str, torch.Tensor]) -> torch.Tensor:
                 o = torch.func.functional_call(self.model, prm, (x,))  # noqa: B023
                 return torch.nn.functional.cross_entropy(o, y, reduction="none")  # noqa: B023
+
             rows = []
             for k in range(len(S)):
-                tangent = {name: v[0] for name, v in self.unflat(S[k:k + 1]).items()}
+                tangent = {name: v[0] for name, v in self.unflat(S[k : k + 1]).items()}
                 rows.append(torch.func.jvp(losses, (self.params,), (tangent,))[1])
             out.append(torch.stack(rows))
         return torch.cat(out, dim=1)
 
 
 def train_network(wl: Workload, args: argparse.Namespace) -> dict[str, torch.Tensor]:
-    """θ̂ of a W3 network in float32: Adam on minibatches of R, then full-batch L-BFGS (strong Wolfe)
-    until ‖∇R‖₂ ≤ ``--lbfgs-gtol`` or ``--lbfgs-iter`` iterations. Not timed as a method."""
+    """θ̂ of a W3 network in float32: Adam on minibatches of R, then full-batch L-BFGS (strong
+    Wolfe) until ‖∇R‖₂ ≤ ``--lbfgs-gtol`` or ``--lbfgs-iter`` iterations. Not timed as a method."""
     torch.manual_seed(0)
     model = build_model(wl.arch)
     X, y = torch.as_tensor(wl.X, dtype=torch.float32), torch.as_tensor(wl.y)
@@ -437,7 +515,9 @@ def train_network(wl: Workload, args: argparse.Namespace) -> dict[str, torch.Ten
     for _ in range(args.adam_epochs):
         for idx in torch.randperm(len(X), generator=gen).split(128):
             opt.zero_grad()
-            loss = risk(X[idx], y[idx], 1.0 / len(idx)) + 0.5 * L2 * sum((t * t).sum() for t in params)
+            loss = risk(X[idx], y[idx], 1.0 / len(idx)) + 0.5 * L2 * sum(
+                (t * t).sum() for t in params
+            )
             loss.backward()
             opt.step()
     t_adam = time.perf_counter() - t0
@@ -449,16 +529,24 @@ def train_network(wl: Workload, args: argparse.Namespace) -> dict[str, torch.Ten
         total.backward()
         total = total.detach()
         for i in range(0, len(X), chunk):  # the full-data loss in chunks (bounded activations)
-            part = risk(X[i:i + chunk], y[i:i + chunk], 1.0 / len(X))
+            part = risk(X[i : i + chunk], y[i : i + chunk], 1.0 / len(X))
             part.backward()
             total = total + part.detach()
         return total
 
-    lbfgs = torch.optim.LBFGS(params, lr=1.0, max_iter=args.lbfgs_iter, history_size=20, tolerance_grad=0.0,
-                              tolerance_change=0.0, line_search_fn="strong_wolfe")
+    lbfgs = torch.optim.LBFGS(
+        params,
+        lr=1.0,
+        max_iter=args.lbfgs_iter,
+        history_size=20,
+        tolerance_grad=0.0,
+        tolerance_change=0.0,
+        line_search_fn="strong_wolfe",
+    )
     it = 0
     t1 = time.perf_counter()
-    while it < args.lbfgs_iter:  # LBFGS.step runs max_iter iterations; check ‖∇R‖₂ between blocks of 25
+    # LBFGS.step runs max_iter iterations; check ‖∇R‖₂ between blocks of 25
+    while it < args.lbfgs_iter:
         lbfgs.param_groups[0]["max_iter"] = min(25, args.lbfgs_iter - it)
         lbfgs.step(closure)
         it += lbfgs.param_groups[0]["max_iter"]
@@ -471,12 +559,20 @@ def train_network(wl: Workload, args: argparse.Namespace) -> dict[str, torch.Ten
     with torch.no_grad():
         acc_tr = float((model(X).argmax(1) == y).double().mean())
         assert wl.Xte_all is not None and wl.yte_all is not None
-        acc_te = float((model(torch.as_tensor(wl.Xte_all, dtype=torch.float32)).argmax(1)
-                        == torch.as_tensor(wl.yte_all)).double().mean())
+        acc_te = float(
+            (
+                model(torch.as_tensor(wl.Xte_all, dtype=torch.float32)).argmax(1)
+                == torch.as_tensor(wl.yte_all)
+            )
+            .double()
+            .mean()
+        )
     wl.info["training (not counted)"] = (
-        f"float32, seed 0: Adam (lr 1e-3, batch 128) {args.adam_epochs} epochs {t_adam:.0f} s, then full-batch L-BFGS "
-        f"(strong Wolfe, history 20) {it} iterations {t_lbfgs:.0f} s; ‖∇R(θ̂)‖₂ = {gnorm:.1e} (float32); "
-        f"accuracy train {acc_tr:.4f} / test {acc_te:.4f} (official test set, 10,000)")
+        f"float32, seed 0: Adam (lr 1e-3, batch 128) {args.adam_epochs} epochs {t_adam:.0f} s, then"
+        f" full-batch L-BFGS (strong Wolfe, history 20) {it} iterations {t_lbfgs:.0f} s; ‖∇R(θ̂)‖₂"
+        f" = {gnorm:.1e} (float32); accuracy train {acc_tr:.4f} / test {acc_te:.4f} (official test"
+        " set, 10,000)"
+    )
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
@@ -485,8 +581,9 @@ def _bert_inputs(ids: np.ndarray, mask: np.ndarray) -> dict[str, torch.Tensor]:
 
 
 def train_transformer(wl: Workload, args: argparse.Namespace) -> dict[str, torch.Tensor]:
-    """W5's θ̂ in float32: AdamW (no weight decay) for ``--w5-epochs`` epochs, batch 32. Not timed; not a
-    minimum of the training risk (influence here is taken with the damped Gauss–Newton matrix)."""
+    """W5's θ̂ in float32: AdamW (no weight decay) for ``--w5-epochs`` epochs, batch 32. Not timed;
+    not a minimum of the training risk (influence here is taken with the damped Gauss–Newton
+    matrix)."""
     torch.manual_seed(0)
     model = build_model("bert", config=wl.config)
     X, y = _bert_inputs(wl.X, wl.mask), torch.from_numpy(wl.y)
@@ -507,12 +604,20 @@ def train_transformer(wl: Workload, args: argparse.Namespace) -> dict[str, torch
         logits = model(**X).logits
         loss = float(torch.nn.functional.cross_entropy(logits, y))
         acc_tr = float((logits.argmax(1) == y).double().mean())
-        acc_te = float((model(**_bert_inputs(wl.Xte_all, wl.mask_te_all)).logits.argmax(1)
-                        == torch.from_numpy(wl.yte_all)).double().mean())
+        acc_te = float(
+            (
+                model(**_bert_inputs(wl.Xte_all, wl.mask_te_all)).logits.argmax(1)
+                == torch.from_numpy(wl.yte_all)
+            )
+            .double()
+            .mean()
+        )
     p = sum(t.numel() for t in model.parameters())
     wl.info["training (not counted)"] = (
-        f"float32, seed 0: AdamW (lr {args.w5_lr:g}, no weight decay, batch 32) {args.w5_epochs} epochs, {secs:.0f} s; "
-        f"training loss {loss:.4f}, accuracy train {acc_tr:.4f} / held-out test {acc_te:.4f} (1,000 messages); p = {p:,}")
+        f"float32, seed 0: AdamW (lr {args.w5_lr:g}, no weight decay, batch 32) {args.w5_epochs}"
+        f" epochs, {secs:.0f} s; training loss {loss:.4f}, accuracy train {acc_tr:.4f} / held-out"
+        f" test {acc_te:.4f} (1,000 messages); p = {p:,}"
+    )
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
@@ -542,23 +647,25 @@ def train_resnet(wl: Workload, args: argparse.Namespace) -> dict[str, torch.Tens
     secs = time.perf_counter() - t0
     assert wl.Xte_all is not None and wl.yte_all is not None
     with torch.no_grad():
-        logits = torch.cat([model(X[i:i + 500]) for i in range(0, len(X), 500)])
+        logits = torch.cat([model(X[i : i + 500]) for i in range(0, len(X), 500)])
         loss = float(torch.nn.functional.cross_entropy(logits, y))
         acc_tr = float((logits.argmax(1) == y).double().mean())
         Xte = torch.as_tensor(wl.Xte_all, dtype=torch.float32)
-        pred = torch.cat([model(Xte[i:i + 500]).argmax(1) for i in range(0, len(Xte), 500)])
+        pred = torch.cat([model(Xte[i : i + 500]).argmax(1) for i in range(0, len(Xte), 500)])
         acc_te = float((pred == torch.from_numpy(wl.yte_all)).double().mean())
     p = sum(t.numel() for t in model.parameters())
     wl.info["training (not counted)"] = (
         f"float32, seed 0: SGD (lr {W4_LR:g}, momentum {W4_MOMENTUM:g}, no weight decay, batch "
         f"{W4_BATCH}, BatchNorm in training mode) {W4_STEPS} steps, {secs:.0f} s; then eval mode. "
         f"Training loss {loss:.4f} (eval mode), accuracy train {acc_tr:.4f} / test {acc_te:.4f} "
-        f"(official test set, 10,000); p = {p:,}")
+        f"(official test set, 10,000); p = {p:,}"
+    )
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def _ggn_problem(wl: Workload, sd: dict[str, torch.Tensor],
-                 dtype: torch.dtype) -> tuple[torch.nn.Module, Any, Any]:
+def _ggn_problem(
+    wl: Workload, sd: dict[str, torch.Tensor], dtype: torch.dtype
+) -> tuple[torch.nn.Module, Any, Any]:
     """W4/W5: the model at θ̂ in ``dtype`` (eval mode) and the train and test batches."""
     if wl.arch == "bert":
         model = build_model("bert", config=wl.config)
@@ -569,7 +676,7 @@ def _ggn_problem(wl: Workload, sd: dict[str, torch.Tensor],
         train = (torch.as_tensor(wl.X, dtype=dtype), torch.from_numpy(wl.y))
         test = (torch.as_tensor(wl.Xt, dtype=dtype), torch.from_numpy(wl.yt))
     model = model.to(dtype)
-    model.load_state_dict({k: (v.to(dtype) if v.is_floating_point() else v) for k, v in sd.items()})
+    model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()})
     return model.eval(), train, test
 
 
@@ -587,13 +694,17 @@ def _ggn_curvature(wl: Workload, damping: float) -> str:
     """The curvature line of W4's and W5's header."""
     covers = "its K-FAC/EK-FAC approximate the same G (true Fisher, labels sampled from the model)"
     if wl.arch == "resnet":
-        covers += (" on the Conv2d and Linear layers only — the BatchNorm scales and shifts are "
-                   "left out of its scores; upweight's K-FAC/EK-FAC factor the Conv2d/Linear "
-                   "layers and give each BatchNorm its exact dense GGN block")
-    return (f"the generalised Gauss–Newton matrix G = (1/n) Σᵢ Jᵢᵀ∇²_zL Jᵢ (PSD) + damping δ = "
-            f"{damping:g}, no L2 — for every method and the reference (upweight: "
-            "`Influence(curvature='gauss-newton', damping=δ)`; kronfluence: "
-            f"`damping_factor=δ`, {covers})")
+        covers += (
+            " on the Conv2d and Linear layers only — the BatchNorm scales and shifts are "
+            "left out of its scores; upweight's K-FAC/EK-FAC factor the Conv2d/Linear "
+            "layers and give each BatchNorm its exact dense GGN block"
+        )
+    return (
+        "the generalised Gauss–Newton matrix G = (1/n) Σᵢ Jᵢᵀ∇²_zL Jᵢ (PSD) + damping δ = "
+        f"{damping:g}, no L2 — for every method and the reference (upweight: "
+        "`Influence(curvature='gauss-newton', damping=δ)`; kronfluence: "
+        f"`damping_factor=δ`, {covers})"
+    )
 
 
 def reference_cost(wl: Workload, sd: dict[str, torch.Tensor], args: argparse.Namespace) -> None:
@@ -605,8 +716,14 @@ def reference_cost(wl: Workload, sd: dict[str, torch.Tensor], args: argparse.Nam
 
     model, train, _ = _ggn_problem(wl, sd, torch.float64)
     obj = uw.Objective(model, "cross_entropy", l2=0.0)
-    inf = uw.Influence(obj, solver=uw.CG(), curvature="gauss-newton",
-                       damping=_ggn_damping(wl, args), grad_tol=1e9, progress=False)
+    inf = uw.Influence(
+        obj,
+        solver=uw.CG(),
+        curvature="gauss-newton",
+        damping=_ggn_damping(wl, args),
+        grad_tol=1e9,
+        progress=False,
+    )
     inf.fit(train)
     V = torch.randn(1, obj.p, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     t0 = time.perf_counter()
@@ -615,17 +732,20 @@ def reference_cost(wl: Workload, sd: dict[str, torch.Tensor], args: argparse.Nam
     k = len(wl.yt)
     fits = int(args.ref_max_seconds // (k * t))
     wl.info["reference"] = (
-        f"none (--no-reference). Measured here: one float64 Gauss–Newton product of one vector "
+        "none (--no-reference). Measured here: one float64 Gauss–Newton product of one vector "
         f"over the {len(wl.y):,} training images (upweight's, as its CG reference takes them; "
         f"{torch.get_num_threads()} thread(s)) takes {t:.0f} s, so one block-CG iteration at "
         f"K = {k} takes ≈ {k * t:.0f} s and the reference's time cap of {args.ref_max_seconds:g} s "
         f"holds {fits} iteration(s) — against the tens to hundreds a damped-GGN CG needs (the "
         "width-8 W4 section gives the count measured there). No accuracy is measured at this "
-        f"size: the rows are compared with {AGREE_WITH}'s scores (agreement, not accuracy)")
+        f"size: the rows are compared with {AGREE_WITH}'s scores (agreement, not accuracy)"
+    )
     log(f"  {wl.info['reference']}")
 
 
-def transformer_reference(wl: Workload, sd: dict[str, torch.Tensor], args: argparse.Namespace) -> tuple[np.ndarray, float]:
+def transformer_reference(
+    wl: Workload, sd: dict[str, torch.Tensor], args: argparse.Namespace
+) -> tuple[np.ndarray, float]:
     """W4's and W5's reference I_up,loss (K, n) = −∇L_testᵀ(G + δI)⁻¹∇L(zᵢ) with G the
     Gauss–Newton matrix (the curvature every W4/W5 method approximates): upweight's CG on the
     float64 copy of θ̂, tight rtol."""
@@ -636,9 +756,15 @@ def transformer_reference(wl: Workload, sd: dict[str, torch.Tensor], args: argpa
     model, train, test = _ggn_problem(wl, sd, torch.float64)
     obj = uw.Objective(model, "cross_entropy", l2=0.0)
     t0 = time.perf_counter()
-    inf = uw.Influence(obj, solver=uw.CG(rtol=rtol, maxiter=args.ref_maxiter),
-                       curvature="gauss-newton", damping=damping, grad_tol=1e9,
-                       progress=wl.arch == "resnet", on_inaccurate="warn")
+    inf = uw.Influence(
+        obj,
+        solver=uw.CG(rtol=rtol, maxiter=args.ref_maxiter),
+        curvature="gauss-newton",
+        damping=damping,
+        grad_tol=1e9,
+        progress=wl.arch == "resnet",
+        on_inaccurate="warn",
+    )
     inf.fit(train)
     scores = inf.up_loss(test)
     t_ref = time.perf_counter() - t0
@@ -646,18 +772,23 @@ def transformer_reference(wl: Workload, sd: dict[str, torch.Tensor], args: argpa
     wl.info["training (not counted)"] += f"; ‖∇R(θ̂)‖₂ = {inf.grad_norm_:.1e} (float64)"
     wl.info["curvature"] = _ggn_curvature(wl, damping)
     wl.info["reference"] = (
-        f"upweight `CG(rtol={rtol:g})` (block CG, {len(wl.yt)} right-hand sides), "
-        "`curvature='gauss-newton'`, "
-        f"on the float64 copy of θ̂ (all {obj.p:,} parameters): {prov.get('iterations')} iterations, final relative "
-        f"residual ‖(G + δI)x − ∇L_test‖/‖∇L_test‖ = {float(prov.get('residual_max') or float('nan')):.1e} max; "
-        f"{t_ref:.0f} s with {torch.get_num_threads()} thread(s)")
+        f"upweight `CG(rtol={rtol:g})` (block CG, {len(wl.yt)} right-hand sides),"
+        f" `curvature='gauss-newton'`, on the float64 copy of θ̂ (all {obj.p:,} parameters):"
+        f" {prov.get('iterations')} iterations, final relative residual ‖(G + δI)x −"
+        f" ∇L_test‖/‖∇L_test‖ = {float(prov.get('residual_max') or float('nan')):.1e} max;"
+        f" {t_ref:.0f} s with {torch.get_num_threads()} thread(s)"
+    )
     if float(prov.get("residual_max") or 1.0) > 1e-4:
-        wl.info["⚠ reference not converged"] = f"largest relative residual {prov.get('residual_max')} > 1e-4"
+        wl.info["⚠ reference not converged"] = (
+            f"largest relative residual {prov.get('residual_max')} > 1e-4"
+        )
     log(f"  reference: {wl.info['reference']}")
     return np.asarray(scores.values, np.float64), damping
 
 
-def lanczos_min(matvec, p: int, steps: int, dtype: torch.dtype, seed: int = 0) -> tuple[float, float]:  # noqa: ANN001
+def lanczos_min(
+    matvec, p: int, steps: int, dtype: torch.dtype, seed: int = 0
+) -> tuple[float, float]:  # noqa: ANN001
     """Extreme Ritz values (θ_min, θ_max) of a symmetric operator after ``steps`` Lanczos steps
     from a random start, with full reorthogonalisation. θ_min ≥ λmin: an upper bound on it."""
     g = torch.Generator().manual_seed(seed)
@@ -677,7 +808,7 @@ def lanczos_min(matvec, p: int, steps: int, dtype: torch.dtype, seed: int = 0) -
             break
         betas.append(b)
         Q.append(w / b)
-    ev = scipy.linalg.eigvalsh_tridiagonal(np.array(alphas), np.array(betas[:len(alphas) - 1]))
+    ev = scipy.linalg.eigvalsh_tridiagonal(np.array(alphas), np.array(betas[: len(alphas) - 1]))
     return float(ev[0]), float(ev[-1])
 
 
@@ -688,18 +819,18 @@ def nystrom_preconditioner(hvp, p: int, rank: int, dtype: torch.dtype, seed: int
     converges, not its answer: the reference is still certified by its final residual."""
     g = torch.Generator().manual_seed(seed)
     Q, _ = torch.linalg.qr(torch.randn(p, rank, generator=g, dtype=dtype))
-    Y = hvp(Q.T.contiguous()).T                           # (p, rank) = A Ω
-    nu = torch.finfo(dtype).eps * float(Y.norm())         # shift for a stable Cholesky
+    Y = hvp(Q.T.contiguous()).T  # (p, rank) = A Ω
+    nu = torch.finfo(dtype).eps * float(Y.norm())  # shift for a stable Cholesky
     Yn = Y + nu * Q
-    C = torch.linalg.cholesky(Q.T @ Yn)                   # lower, C Cᵀ = Ωᵀ A Ω + ν I
+    C = torch.linalg.cholesky(Q.T @ Yn)  # lower, C Cᵀ = Ωᵀ A Ω + ν I
     B = torch.linalg.solve_triangular(C, Yn.T, upper=False).T
     U, sig, _ = torch.linalg.svd(B, full_matrices=False)
-    lam = (sig ** 2 - nu).clamp_min(0)
+    lam = (sig**2 - nu).clamp_min(0)
     keep = lam > lam[0] * 1e-8
     U, lam = U[:, keep], lam[keep]
     lam_r = float(lam[-1])
 
-    def apply(R: torch.Tensor) -> torch.Tensor:          # rows of R (k, p)
+    def apply(R: torch.Tensor) -> torch.Tensor:  # rows of R (k, p)
         c = R @ U
         return R - c @ U.T + (c * (lam_r / lam)) @ U.T
 
@@ -707,22 +838,30 @@ def nystrom_preconditioner(hvp, p: int, rank: int, dtype: torch.dtype, seed: int
 
 
 def _orthonormal_rows(W: torch.Tensor, rtol: float = 1e-12) -> torch.Tensor:
-    """An orthonormal basis (rows) of the row space of W, dropping directions whose singular value is
-    below ``rtol`` times the largest (thin SVD): how block CG stays breakdown-free when its residuals
-    become linearly dependent (Ji & Li 2017)."""
+    """An orthonormal basis (rows) of the row space of W, dropping directions whose singular value
+    is below ``rtol`` times the largest (thin SVD): how block CG stays breakdown-free when its
+    residuals become linearly dependent (Ji & Li 2017)."""
     _, sig, Vh = torch.linalg.svd(W, full_matrices=False)
     return Vh[sig > rtol * sig[0]] if float(sig[0]) > 0 else Vh[:0]
 
 
-def cg_reference(hvp, B: torch.Tensor, rtol: float, maxiter: int, max_seconds: float,  # noqa: ANN001
-                 stall: int = 50, precond=None, verbose: bool = False) -> tuple[torch.Tensor, dict[str, Any]]:  # noqa: ANN001
+def cg_reference(
+    hvp,
+    B: torch.Tensor,
+    rtol: float,
+    maxiter: int,
+    max_seconds: float,  # noqa: ANN001
+    stall: int = 50,
+    precond=None,
+    verbose: bool = False,
+) -> tuple[torch.Tensor, dict[str, Any]]:  # noqa: ANN001
     """X = (H + δI)⁻¹B for the rows of B by breakdown-free block PCG (O'Leary 1980; Ji & Li 2017,
     Alg. 2): the k right-hand sides share one Krylov space, so each iteration's k HVPs serve every
     row. With an orthonormal search block P (rows) and Z = P⁻¹R (``precond``, a map of rows, if
     given): α = (PAPᵀ)⁻¹PRᵀ, X += αᵀP, R −= αᵀAP, β = −(PAPᵀ)⁻¹(AP)Zᵀ, P ← orth(Z + βᵀP). For
     k = 1 this is plain PCG. Runs until ‖r‖ ≤ rtol·‖b‖ for every row, stagnation (no 1 % gain of
-    the largest relative residual in ``stall`` iterations), ``maxiter`` or ``max_seconds``. Returns X
-    and what stopped it, with the final relative residual ‖(H + δI)x − b‖/‖b‖ measured by one more
+    the largest relative residual in ``stall`` iterations), ``maxiter`` or ``max_seconds``. Returns
+    X and what stopped it, with the final relative residual ‖(H + δI)x − b‖/‖b‖ measured by one more
     HVP (not the recurrence's). ``verbose`` logs the largest residual every 5 iterations."""
     t0 = time.perf_counter()
     M = precond if precond is not None else (lambda R: R)
@@ -748,10 +887,12 @@ def cg_reference(hvp, B: torch.Tensor, rtol: float, maxiter: int, max_seconds: f
         PAP = P @ AP.T
         lam, U = torch.linalg.eigh((PAP + PAP.T) / 2)
         if float(lam[0]) <= 0:
-            raise RuntimeError(f"CG reference: pᵀ(H + δI)p ≤ 0 at iteration {it}: H + δI is not positive definite; "
-                               "rerun with a larger --damping")
+            raise RuntimeError(
+                f"CG reference: pᵀ(H + δI)p ≤ 0 at iteration {it}: H + δI is not positive definite;"
+                " rerun with a larger --damping"
+            )
         PAP_inv = (U / lam) @ U.T
-        alpha = PAP_inv @ (P @ R.T)                        # (s, k)
+        alpha = PAP_inv @ (P @ R.T)  # (s, k)
         X += alpha.T @ P
         R -= alpha.T @ AP
         Z = M(R)
@@ -760,14 +901,24 @@ def cg_reference(hvp, B: torch.Tensor, rtol: float, maxiter: int, max_seconds: f
         if float(rel.max()) < 0.99 * best:
             best, last = float(rel.max()), it
         if verbose and it % 5 == 0:
-            log(f"  reference CG iteration {it}: largest relative residual {float(rel.max()):.1e}, search block "
-                f"{len(P)}, {time.perf_counter() - t0:.0f} s")
-    res = ((hvp(X) - B).norm(dim=1) / bn)
-    return X, {"iterations": it, "stopped": why, "residual_max": float(res.max()), "residual_median": float(res.median()),
-               "recurrence_max": float(rel.max()), "seconds": time.perf_counter() - t0}
+            log(
+                f"  reference CG iteration {it}: largest relative residual {float(rel.max()):.1e},"
+                f" search block {len(P)}, {time.perf_counter() - t0:.0f} s"
+            )
+    res = (hvp(X) - B).norm(dim=1) / bn
+    return X, {
+        "iterations": it,
+        "stopped": why,
+        "residual_max": float(res.max()),
+        "residual_median": float(res.median()),
+        "recurrence_max": float(rel.max()),
+        "seconds": time.perf_counter() - t0,
+    }
 
 
-def network_reference(wl: Workload, sd: dict[str, torch.Tensor], args: argparse.Namespace) -> tuple[np.ndarray, float]:
+def network_reference(
+    wl: Workload, sd: dict[str, torch.Tensor], args: argparse.Namespace
+) -> tuple[np.ndarray, float]:
     """The W3 reference I_up,loss (K, n) by long-run float64 CG on the float64 copy of θ̂, and the
     damping δ every method gets (0 unless the Lanczos check finds H + λI not positive definite)."""
     model32 = build_model(wl.arch)
@@ -780,11 +931,15 @@ def network_reference(wl: Workload, sd: dict[str, torch.Tensor], args: argparse.
     if damping is None:
         damping = 0.0 if th_min > 0.1 * L2 else (L2 - th_min)
     wl.info["curvature check"] = (
-        f"{args.lanczos_steps} Lanczos steps on H + λI (float32, random start, {t_lz:.0f} s): Ritz values in "
-        f"[{th_min:.3g}, {th_max:.3g}] (θ_min ≥ λmin(H + λI), an upper bound); "
-        + (f"damping δ = {damping:.3g} added for every method and the reference"
-           + (" (--damping)" if args.damping is not None else " (θ_min ≤ 0.1 λ)") if damping else
-           "positive at λ = 0.01, no damping added (δ = 0)"))
+        f"{args.lanczos_steps} Lanczos steps on H + λI (float32, random start, {t_lz:.0f} s): Ritz"
+        f" values in [{th_min:.3g}, {th_max:.3g}] (θ_min ≥ λmin(H + λI), an upper bound); "
+        + (
+            f"damping δ = {damping:.3g} added for every method and the reference"
+            + (" (--damping)" if args.damping is not None else " (θ_min ≤ 0.1 λ)")
+            if damping
+            else "positive at λ = 0.01, no damping added (δ = 0)"
+        )
+    )
     model = build_model(wl.arch).double()
     model.load_state_dict({k: v.double() for k, v in sd.items()})
     prob = NetProblem(model, wl.X, wl.y, L2)
@@ -797,32 +952,50 @@ def network_reference(wl: Workload, sd: dict[str, torch.Tensor], args: argparse.
     if args.ref_precond_rank:
         t1 = time.perf_counter()
         precond, pi = nystrom_preconditioner(A, prob.p, args.ref_precond_rank, torch.float64)
-        how = (f"block CG preconditioned by a rank-{pi['rank']} randomized Nyström sketch of H + δI (eigenvalues "
-               f"{pi['lambda_max']:.3g} … {pi['lambda_r']:.3g}; {time.perf_counter() - t1:.0f} s, counted below)")
-    S, st = cg_reference(A, Gt, args.ref_rtol, args.ref_maxiter, args.ref_max_seconds, precond=precond, verbose=True)
-    ref = -prob.train_directional(S).numpy()  # I_up,loss = −∇L_testᵀ(H + δI)⁻¹∇L(zᵢ), Koh & Liang eq. 2
+        how = (
+            f"block CG preconditioned by a rank-{pi['rank']} randomized Nyström sketch of H + δI"
+            f" (eigenvalues {pi['lambda_max']:.3g} … {pi['lambda_r']:.3g};"
+            f" {time.perf_counter() - t1:.0f} s, counted below)"
+        )
+    S, st = cg_reference(
+        A, Gt, args.ref_rtol, args.ref_maxiter, args.ref_max_seconds, precond=precond, verbose=True
+    )
+    # I_up,loss = −∇L_testᵀ(H + δI)⁻¹∇L(zᵢ), Koh & Liang eq. 2
+    ref = -prob.train_directional(S).numpy()
     t_ref = time.perf_counter() - t0
     wl.info["reference"] = (
-        f"float64 CG on the float64 copy of θ̂ ({how}, {len(Gt)} right-hand sides sharing one Krylov space; Pearlmutter "
-        f"HVPs with torch.autograd, independent of every library): {st['iterations']} iterations, stopped by "
-        f"{st['stopped']} (rtol {args.ref_rtol:g}), final relative residual ‖(H + δI)x − ∇L_test‖/‖∇L_test‖ = "
-        f"{st['residual_max']:.1e} max, {st['residual_median']:.1e} median (one more HVP); scores by forward-mode "
-        f"directional derivatives of the per-point losses; {t_ref:.0f} s with {torch.get_num_threads()} threads")
+        f"float64 CG on the float64 copy of θ̂ ({how}, {len(Gt)} right-hand sides sharing one"
+        " Krylov space; Pearlmutter HVPs with torch.autograd, independent of every library):"
+        f" {st['iterations']} iterations, stopped by {st['stopped']} (rtol {args.ref_rtol:g}),"
+        f" final relative residual ‖(H + δI)x − ∇L_test‖/‖∇L_test‖ = {st['residual_max']:.1e} max,"
+        f" {st['residual_median']:.1e} median (one more HVP); scores by forward-mode directional"
+        f" derivatives of the per-point losses; {t_ref:.0f} s with {torch.get_num_threads()}"
+        " threads"
+    )
     if st["residual_max"] > 1e-4:
         wl.info["⚠ reference not converged"] = (
-            f"its largest relative residual is {st['residual_max']:.1e} > 1e-4: the correlations below are against an "
-            "inexact answer; rerun with a larger --ref-max-seconds / --ref-maxiter (or a smaller n)")
-    log(f"  Lanczos θ ∈ [{th_min:.3g}, {th_max:.3g}] ({t_lz:.0f}s), δ = {damping:g}; reference CG {st}")
+            f"its largest relative residual is {st['residual_max']:.1e} > 1e-4: the correlations"
+            " below are against an inexact answer; rerun with a larger --ref-max-seconds /"
+            " --ref-maxiter (or a smaller n)"
+        )
+    log(
+        f"  Lanczos θ ∈ [{th_min:.3g}, {th_max:.3g}] ({t_lz:.0f}s), δ = {damping:g}; reference CG"
+        f" {st}"
+    )
     return ref, damping
 
 
 def floor_chunks(state: dict) -> str:
-    """How the cost-floor sweep chunks the training set (``grad_chunk_size`` for the workload's p, float32)."""
+    """How the cost-floor sweep chunks the training set (``grad_chunk_size`` for the workload's p,
+    float32)."""
     from upweight.core.batching import TENSOR_BYTES
     from upweight.core.grads import grad_chunk_size
 
     p = sum(t.numel() for t in state["params"].values())
-    return f"chunks of {grad_chunk_size(p, 2048, torch.float32)} points (≤ 2048, ≤ {TENSOR_BYTES / 2**20:g} MiB of gradients)"
+    return (
+        f"chunks of {grad_chunk_size(p, 2048, torch.float32)} points (≤ 2048, ≤"
+        f" {TENSOR_BYTES / 2**20:g} MiB of gradients)"
+    )
 
 
 def time_floor(state: dict, repeats: int = 3) -> list[float]:
@@ -831,7 +1004,8 @@ def time_floor(state: dict, repeats: int = 3) -> list[float]:
     from upweight.core.grads import iter_per_sample_grads
 
     pb = make_problem(state, "")
-    obj = uw.Objective(pb.model, "cross_entropy", l2=pb.l2)  # chunks are cut to TENSOR_BYTES of gradients (p ≈ 1M: 3 points)
+    # chunks are cut to TENSOR_BYTES of gradients (p ≈ 1M: 3 points)
+    obj = uw.Objective(pb.model, "cross_entropy", l2=pb.l2)
     data = uw.Data.from_any((pb.X, pb.y))
     for _ in iter_per_sample_grads(obj, obj.params, data, 2048):
         pass
@@ -869,19 +1043,45 @@ def make_problem(state: dict, workdir: str) -> Problem:
         model = build_model("resnet", width=int(state["width"]))
         model.load_state_dict(state["params"])
         model.eval()
-        return Problem(model, state["X"], state["y"], state["Xt"], state["yt"], float(state["l2"]),
-                       workdir, float(state["damping"]), curvature="gauss-newton",
-                       peer_batch=int(state["peer_batch"]))
+        return Problem(
+            model,
+            state["X"],
+            state["y"],
+            state["Xt"],
+            state["yt"],
+            float(state["l2"]),
+            workdir,
+            float(state["damping"]),
+            curvature="gauss-newton",
+            peer_batch=int(state["peer_batch"]),
+        )
     if state["arch"] == "bert":  # X, Xt: {"input_ids", "attention_mask"}
         model = build_model("bert", config=state["config"])
         model.load_state_dict(state["params"])
         model.eval()
-        return Problem(model, state["X"], state["y"], state["Xt"], state["yt"], float(state["l2"]), workdir,
-                       float(state["damping"]), curvature="gauss-newton")
+        return Problem(
+            model,
+            state["X"],
+            state["y"],
+            state["Xt"],
+            state["yt"],
+            float(state["l2"]),
+            workdir,
+            float(state["damping"]),
+            curvature="gauss-newton",
+        )
     model = build_model(state["arch"], state["X"].shape[1])
     model.load_state_dict(state["params"])
-    return Problem(model, state["X"], state["y"], state["Xt"], state["yt"], float(state["l2"]), workdir,
-                   float(state.get("damping", 0.0)))
+    return Problem(
+        model,
+        state["X"],
+        state["y"],
+        state["Xt"],
+        state["yt"],
+        float(state["l2"]),
+        workdir,
+        float(state.get("damping", 0.0)),
+    )
 
 
 def _proc_status_kb(field: str) -> int | None:
@@ -915,17 +1115,22 @@ def worker(key: str, state_dir: str, threads: int) -> int:
     for mod in method.requires:
         importlib.import_module(mod)
     # torch.func's first call imports torch._dynamo (seconds): a one-off of torch, not of any method
-    f = lambda w: (w ** 2).sum()  # noqa: E731
+    f = lambda w: (w**2).sum()  # noqa: E731
     torch.func.vmap(torch.func.grad(f))(torch.ones(2, 3))
     torch.func.jvp(torch.func.grad(f), (torch.ones(3),), (torch.ones(3),))
-    state = torch.load(os.path.join(state_dir, "state.pt"), weights_only=True)  # tensors, str and numbers only
+    # tensors, str and numbers only
+    state = torch.load(os.path.join(state_dir, "state.pt"), weights_only=True)
     workdir = tempfile.mkdtemp(prefix=f"{key}-", dir=state_dir)
     pb = make_problem(state, workdir)
     # Δ memory = the method's own peak above the RSS it starts from: loading may have peaked higher
     # (temporary copies), so the peak is reset here and read back as VmHWM after the runs
     reset = _reset_peak_rss()
     rss0 = _proc_status_kb("VmRSS") if reset else None
-    out: dict = {"rss_start_kb": rss0 if rss0 is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}
+    out: dict = {
+        "rss_start_kb": (
+            rss0 if rss0 is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        )
+    }
 
     def method_peak() -> None:
         if reset and (hwm := _proc_status_kb("VmHWM")) is not None:
@@ -939,7 +1144,8 @@ def worker(key: str, state_dir: str, threads: int) -> int:
             out["wall_s"] = time.perf_counter() - t0
             np.save(os.path.join(state_dir, f"{key}.npy"), scores)
             method_peak()
-            Path(state_dir, f"{key}.json").write_text(json.dumps(out))  # the cold result survives a timeout
+            # the cold result survives a timeout
+            Path(state_dir, f"{key}.json").write_text(json.dumps(out))
             if out["wall_s"] < WARM_BELOW_S:  # once more in the same process: the warm time
                 pb = make_problem(state, tempfile.mkdtemp(prefix=f"{key}-warm-", dir=state_dir))
                 t0 = time.perf_counter()
@@ -947,12 +1153,18 @@ def worker(key: str, state_dir: str, threads: int) -> int:
                 out["warm_s"] = time.perf_counter() - t0
         except Exception as exc:  # noqa: BLE001 — reported in the table, the run goes on
             if "wall_s" in out:
-                out["warm_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+                out["warm_error"] = (
+                    f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+                )
             else:
                 out["wall_s"] = time.perf_counter() - t0
-                out["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+                out["error"] = (
+                    f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+                )
             traceback.print_exc()
-    out["warnings"] = sorted({f"{w.category.__name__}: {str(w.message).splitlines()[0][:160]}" for w in caught})[:5]
+    out["warnings"] = sorted(
+        {f"{w.category.__name__}: {str(w.message).splitlines()[0][:160]}" for w in caught}
+    )[:5]
     method_peak()
     Path(state_dir, f"{key}.json").write_text(json.dumps(out))
     return 0
@@ -976,26 +1188,49 @@ class Row:
 
     @property
     def time_s(self) -> float:
-        """The time compared across methods: the warm run's where there is one, else the cold run's."""
+        """The time compared across methods: the warm run's where there is one, else the
+        cold run's."""
         return self.warm_s if self.warm_s == self.warm_s else self.wall_s
 
 
-def run_method(m: Method, state_dir: str, args: argparse.Namespace) -> tuple[Row, np.ndarray | None]:
+def run_method(
+    m: Method, state_dir: str, args: argparse.Namespace
+) -> tuple[Row, np.ndarray | None]:
     row = Row(m)
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", m.key, "--state", state_dir,
-           "--threads", str(args.threads)]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--worker",
+        m.key,
+        "--state",
+        state_dir,
+        "--threads",
+        str(args.threads),
+    ]
     logf = open(os.path.join(state_dir, f"{m.key}.log"), "w")  # noqa: SIM115
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
-               OPENBLAS_NUM_THREADS=str(args.threads), TQDM_DISABLE="1")
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS=str(args.threads),
+        MKL_NUM_THREADS=str(args.threads),
+        OPENBLAS_NUM_THREADS=str(args.threads),
+        TQDM_DISABLE="1",
+    )
     t0 = time.perf_counter()
     limit = int(args.mem_limit_gb * 2**30)
 
     def cap_memory() -> None:  # a method that needs more address space fails alone, not the machine
         import resource
+
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
-    proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-                            preexec_fn=cap_memory if limit > 0 else None)
+    proc = subprocess.Popen(
+        cmd,
+        stdout=logf,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+        preexec_fn=cap_memory if limit > 0 else None,
+    )
     rusage = None
     while True:
         pid, status, rusage = os.wait4(proc.pid, os.WNOHANG)
@@ -1012,10 +1247,16 @@ def run_method(m: Method, state_dir: str, args: argparse.Namespace) -> tuple[Row
     row.peak_mb = rusage.ru_maxrss / 1024 if rusage else float("nan")
     res_path = Path(state_dir, f"{m.key}.json")
     if row.status.startswith("timeout"):
-        if res_path.exists() and "wall_s" in (res := json.loads(res_path.read_text())) and "error" not in res:
+        if (
+            res_path.exists()
+            and "wall_s" in (res := json.loads(res_path.read_text()))
+            and "error" not in res
+        ):
             row.status = "ok"  # the cold run finished; the warm one did not
             row.wall_s = res["wall_s"]
-            row.delta_mb = (res["hwm_kb"] / 1024 if "hwm_kb" in res else row.peak_mb) - res["rss_start_kb"] / 1024
+            row.delta_mb = (res["hwm_kb"] / 1024 if "hwm_kb" in res else row.peak_mb) - res[
+                "rss_start_kb"
+            ] / 1024
             row.notes.append(f"warm run stopped by the {args.timeout:g} s timeout")
             return row, np.load(os.path.join(state_dir, f"{m.key}.npy"))
         row.wall_s = float(args.timeout)
@@ -1029,7 +1270,9 @@ def run_method(m: Method, state_dir: str, args: argparse.Namespace) -> tuple[Row
     row.warm_s = res.get("warm_s", float("nan"))
     if "warm_error" in res:
         row.notes.append(f"warm run failed: {res['warm_error']}")
-    row.delta_mb = (res["hwm_kb"] / 1024 if "hwm_kb" in res else row.peak_mb) - res["rss_start_kb"] / 1024
+    row.delta_mb = (res["hwm_kb"] / 1024 if "hwm_kb" in res else row.peak_mb) - res[
+        "rss_start_kb"
+    ] / 1024
     row.notes += res.get("warnings", [])
     if "error" in res:
         row.status = f"error: {res['error']}"
@@ -1047,10 +1290,16 @@ def score(row: Row, values: np.ndarray, ref: np.ndarray) -> None:
         return
     sp = [float(scipy.stats.spearmanr(a, r)[0]) for a, r in zip(v, ref)]
     pe = [float(np.corrcoef(a, r)[0, 1]) for a, r in zip(v, ref)]
-    row.spearman, row.spearman_min, row.pearson = float(np.mean(sp)), float(np.min(sp)), float(np.mean(pe))
+    row.spearman, row.spearman_min, row.pearson = (
+        float(np.mean(sp)),
+        float(np.min(sp)),
+        float(np.mean(pe)),
+    )
     row.sign_ok = row.spearman >= 0
     if not row.sign_ok:
-        row.notes.append("sign opposite to the documented convention (correlations shown as measured)")
+        row.notes.append(
+            "sign opposite to the documented convention (correlations shown as measured)"
+        )
 
 
 def available(m: Method) -> str | None:
@@ -1067,11 +1316,13 @@ class Result:
     wl: Workload
     floor_s: float
     rows: list[Row]
-    pass_s: float = float("nan")  # W5: one batched forward + backward pass of the loss over the training set
+    # W5: one batched forward + backward pass of the loss over the training set
+    pass_s: float = float("nan")
 
 
 def linear_reference(wl: Workload) -> tuple[dict[str, torch.Tensor], np.ndarray]:
-    """W1/W2: θ̂ by float64 L-BFGS, the closed-form reference, and its cross-check by upweight float64."""
+    """W1/W2: θ̂ by float64 L-BFGS, the closed-form reference, and its cross-check by upweight
+    float64."""
     n, d = wl.X.shape
     W, b, _ = train(wl)
     log("  trained; " + wl.info["training (not counted)"])
@@ -1082,11 +1333,18 @@ def linear_reference(wl: Workload) -> tuple[dict[str, torch.Tensor], np.ndarray]
     chk, chk_label = upweight_float64(wl, W, b)
     t_chk = time.perf_counter() - t0
     rel = float(np.max(np.linalg.norm(chk - ref, axis=1) / np.linalg.norm(ref, axis=1)))
-    log(f"  reference {t_ref:.1f}s; upweight float64 {chk_label} {t_chk:.1f}s, max rel. difference {rel:.1e}")
+    log(
+        f"  reference {t_ref:.1f}s; upweight float64 {chk_label} {t_chk:.1f}s, max rel. difference"
+        f" {rel:.1e}"
+    )
     if rel > 1e-6:
-        raise RuntimeError(f"closed-form reference and upweight float64 {chk_label} disagree: {rel:.1e}")
-    wl.info["reference"] = (f"closed-form float64 H (dense) + Cholesky, {t_ref:.1f} s; agrees with upweight's float64 "
-                            f"{chk_label} ({t_chk:.1f} s) to a max relative L2 difference of {rel:.1e}")
+        raise RuntimeError(
+            f"closed-form reference and upweight float64 {chk_label} disagree: {rel:.1e}"
+        )
+    wl.info["reference"] = (
+        f"closed-form float64 H (dense) + Cholesky, {t_ref:.1f} s; agrees with upweight's float64 "
+        f"{chk_label} ({t_chk:.1f} s) to a max relative L2 difference of {rel:.1e}"
+    )
     return {"weight": torch.from_numpy(W).float(), "bias": torch.from_numpy(b).float()}, ref
 
 
@@ -1098,25 +1356,66 @@ def _network_setup_key(wl: Workload, args: argparse.Namespace) -> str:
     for a in (wl.X, wl.y, wl.Xt, wl.yt) + ((wl.mask, wl.mask_t) if wl.arch == "bert" else ()):
         h.update(np.ascontiguousarray(a).tobytes())
     if wl.arch == "bert":
-        h.update(json.dumps({"config": wl.config, "epochs": args.w5_epochs, "lr": args.w5_lr, "rtol": args.w5_ref_rtol,
-                             "damping": W5_DAMPING if args.damping is None else args.damping,
-                             "transformers": _version("transformers")}, sort_keys=True).encode())
+        h.update(
+            json.dumps(
+                {
+                    "config": wl.config,
+                    "epochs": args.w5_epochs,
+                    "lr": args.w5_lr,
+                    "rtol": args.w5_ref_rtol,
+                    "damping": W5_DAMPING if args.damping is None else args.damping,
+                    "transformers": _version("transformers"),
+                },
+                sort_keys=True,
+            ).encode()
+        )
     if wl.arch == "resnet":
-        h.update(json.dumps({"width": wl.width, "steps": W4_STEPS, "batch": W4_BATCH, "lr": W4_LR,
-                             "momentum": W4_MOMENTUM, "rtol": args.w4_ref_rtol,
-                             "damping": _ggn_damping(wl, args), "reference": not args.no_reference},
-                            sort_keys=True).encode())
-    h.update(json.dumps({"arch": wl.arch, "torch": torch.__version__, "l2": L2, **{
-        k: getattr(args, k) for k in ("adam_epochs", "lbfgs_iter", "lbfgs_gtol", "lanczos_steps", "damping",
-                                      "ref_rtol", "ref_maxiter", "ref_max_seconds")},
-                             # only when set: keys computed before the option existed stay valid
-                             **({"ref_precond_rank": args.ref_precond_rank} if args.ref_precond_rank else {})},
-                            sort_keys=True).encode())
+        h.update(
+            json.dumps(
+                {
+                    "width": wl.width,
+                    "steps": W4_STEPS,
+                    "batch": W4_BATCH,
+                    "lr": W4_LR,
+                    "momentum": W4_MOMENTUM,
+                    "rtol": args.w4_ref_rtol,
+                    "damping": _ggn_damping(wl, args),
+                    "reference": not args.no_reference,
+                },
+                sort_keys=True,
+            ).encode()
+        )
+    h.update(
+        json.dumps(
+            {
+                "arch": wl.arch,
+                "torch": torch.__version__,
+                "l2": L2,
+                **{
+                    k: getattr(args, k)
+                    for k in (
+                        "adam_epochs",
+                        "lbfgs_iter",
+                        "lbfgs_gtol",
+                        "lanczos_steps",
+                        "damping",
+                        "ref_rtol",
+                        "ref_maxiter",
+                        "ref_max_seconds",
+                    )
+                },
+                # only when set: keys computed before the option existed stay valid
+                **({"ref_precond_rank": args.ref_precond_rank} if args.ref_precond_rank else {}),
+            },
+            sort_keys=True,
+        ).encode()
+    )
     return h.hexdigest()[:16]
 
 
-def network_setup(wl: Workload, args: argparse.Namespace
-                  ) -> tuple[dict[str, torch.Tensor], np.ndarray | None, float]:
+def network_setup(
+    wl: Workload, args: argparse.Namespace
+) -> tuple[dict[str, torch.Tensor], np.ndarray | None, float]:
     """W3's θ̂, reference and damping — from ``--cache`` when it holds this set-up (same data, test
     points and training/reference settings), else computed and, with ``--cache``, kept there: the
     K = 100 reference is half an hour of CG, not worth repeating when only the timed part is rerun.
@@ -1126,22 +1425,36 @@ def network_setup(wl: Workload, args: argparse.Namespace
     file that needs more (planted, or of another format) is ignored and the set-up recomputed."""
     path = None
     if args.cache:
-        path = Path(args.cache) / f"{wl.data_key.replace(':', '-')}-K{len(wl.Xt)}-{_network_setup_key(wl, args)}.pt"
+        path = (
+            Path(args.cache)
+            / f"{wl.data_key.replace(':', '-')}-K{len(wl.Xt)}-{_network_setup_key(wl, args)}.pt"
+        )
         if path.is_file():
             try:
                 got = torch.load(path, weights_only=True)
                 info, params, ref = json.loads(got["info_json"]), got["params"], got["ref"].numpy()
                 damping, date = float(got["damping"]), str(got["date"])
                 ref = None if ref.size == 0 else ref  # W4 --no-reference: θ̂ only
-            except (pickle.UnpicklingError, RuntimeError, KeyError, TypeError, ValueError, AttributeError) as exc:
-                log(f"  cache {path} not used ({type(exc).__name__}: {str(exc)[:120]}); computing the set-up")
+            except (
+                pickle.UnpicklingError,
+                RuntimeError,
+                KeyError,
+                TypeError,
+                ValueError,
+                AttributeError,
+            ) as exc:
+                log(
+                    f"  cache {path} not used ({type(exc).__name__}: {str(exc)[:120]}); computing"
+                    " the set-up"
+                )
             else:
                 wl.info.update(info)
                 wl.info["set-up read from cache"] = f"{path} (computed {date})"
                 log(f"  training and reference read from {path}")
                 return params, ref, damping
     before = dict(wl.info)
-    torch.set_num_threads(args.setup_threads)  # untimed set-up: training, curvature check, reference
+    # untimed set-up: training, curvature check, reference
+    torch.set_num_threads(args.setup_threads)
     try:
         if wl.arch == "bert":
             params = train_transformer(wl, args)
@@ -1166,17 +1479,25 @@ def network_setup(wl: Workload, args: argparse.Namespace
         info = {k: v for k, v in wl.info.items() if before.get(k) != v}
         tmp = path.with_suffix(".tmp")
         ref_t = torch.zeros(0) if ref is None else torch.from_numpy(np.ascontiguousarray(ref))
-        torch.save({"params": params, "ref": ref_t, "damping": float(damping),
-                    "info_json": json.dumps(info),
-                    "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}, tmp)
+        torch.save(
+            {
+                "params": params,
+                "ref": ref_t,
+                "damping": float(damping),
+                "info_json": json.dumps(info),
+                "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            },
+            tmp,
+        )
         os.replace(tmp, path)
     return params, ref, damping
 
 
 def run_workload(wl: Workload, methods: list[Method], args: argparse.Namespace) -> Result:
     n, d = wl.X.shape
-    p = sum(t.numel() for t in build_model(wl.arch, d, config=wl.config,
-                                           width=wl.width).parameters())
+    p = sum(
+        t.numel() for t in build_model(wl.arch, d, config=wl.config, width=wl.width).parameters()
+    )
     log(f"{wl.title}: n = {n:,}, d = {d}, p = {p:,}, K = {len(wl.Xt)}")
     damping = 0.0
     if wl.arch == "linear":
@@ -1185,45 +1506,82 @@ def run_workload(wl: Workload, methods: list[Method], args: argparse.Namespace) 
         params, ref, damping = network_setup(wl, args)
     if wl.arch == "bert":
         assert wl.mask is not None and wl.mask_t is not None
-        wl.info["sizes"] = (f"n_train = {n:,}, {d} tokens a sequence, classes = 2, p = {p:,} (every parameter, "
-                            f"embeddings and LayerNorms included), no L2, damping δ = {damping:g}, K = {len(wl.Xt)} test points")
-        state = {"arch": "bert", "config": wl.config, "params": params, "X": _bert_inputs(wl.X, wl.mask),
-                 "y": torch.from_numpy(wl.y), "Xt": _bert_inputs(wl.Xt, wl.mask_t), "yt": torch.from_numpy(wl.yt),
-                 "l2": 0.0, "damping": float(damping)}
+        wl.info["sizes"] = (
+            f"n_train = {n:,}, {d} tokens a sequence, classes = 2, p = {p:,} (every parameter,"
+            f" embeddings and LayerNorms included), no L2, damping δ = {damping:g}, K ="
+            f" {len(wl.Xt)} test points"
+        )
+        state = {
+            "arch": "bert",
+            "config": wl.config,
+            "params": params,
+            "X": _bert_inputs(wl.X, wl.mask),
+            "y": torch.from_numpy(wl.y),
+            "Xt": _bert_inputs(wl.Xt, wl.mask_t),
+            "yt": torch.from_numpy(wl.yt),
+            "l2": 0.0,
+            "damping": float(damping),
+        }
     elif wl.arch == "resnet":
-        wl.info["sizes"] = (f"n_train = {n:,} images 1 × 28 × 28, classes = 10, p = {p:,} (every "
-                            "parameter: Conv2d, BatchNorm scales and shifts, fc), no L2, damping "
-                            f"δ = {damping:g}, K = {len(wl.Xt)} test points")
-        state = {"arch": "resnet", "width": wl.width, "params": params,
-                 "X": torch.from_numpy(wl.X).float(), "y": torch.from_numpy(wl.y),
-                 "Xt": torch.from_numpy(wl.Xt).float(), "yt": torch.from_numpy(wl.yt),
-                 "l2": 0.0, "damping": float(damping), "peer_batch": W4_BATCH}
+        wl.info["sizes"] = (
+            f"n_train = {n:,} images 1 × 28 × 28, classes = 10, p = {p:,} (every "
+            "parameter: Conv2d, BatchNorm scales and shifts, fc), no L2, damping "
+            f"δ = {damping:g}, K = {len(wl.Xt)} test points"
+        )
+        state = {
+            "arch": "resnet",
+            "width": wl.width,
+            "params": params,
+            "X": torch.from_numpy(wl.X).float(),
+            "y": torch.from_numpy(wl.y),
+            "Xt": torch.from_numpy(wl.Xt).float(),
+            "yt": torch.from_numpy(wl.yt),
+            "l2": 0.0,
+            "damping": float(damping),
+            "peer_batch": W4_BATCH,
+        }
         wl.info["curvature"] = _ggn_curvature(wl, damping)
-        wl.info["batches"] = (f"kronfluence's per-device batch (factor and score passes): "
-                              f"{W4_BATCH} images, the training batch (the benchmark's "
-                              "per-sample-gradient budget would give it a few points at p = 11M); "
-                              "upweight chooses its own")
+        wl.info["batches"] = (
+            "kronfluence's per-device batch (factor and score passes): "
+            f"{W4_BATCH} images, the training batch (the benchmark's "
+            "per-sample-gradient budget would give it a few points at p = 11M); "
+            "upweight chooses its own"
+        )
     else:
-        wl.info["sizes"] = (f"n_train = {n:,}, d = {d}, classes = 10, p = {p:,}, λ = {L2}"
-                            + (f", damping δ = {damping:.3g}" if damping else "") + f", K = {len(wl.Xt)} test points")
-        state = {"arch": wl.arch, "params": params, "X": torch.from_numpy(wl.X).float(), "y": torch.from_numpy(wl.y),
-                 "Xt": torch.from_numpy(wl.Xt).float(), "yt": torch.from_numpy(wl.yt), "l2": L2, "damping": float(damping)}
+        wl.info["sizes"] = (
+            f"n_train = {n:,}, d = {d}, classes = 10, p = {p:,}, λ = {L2}"
+            + (f", damping δ = {damping:.3g}" if damping else "")
+            + f", K = {len(wl.Xt)} test points"
+        )
+        state = {
+            "arch": wl.arch,
+            "params": params,
+            "X": torch.from_numpy(wl.X).float(),
+            "y": torch.from_numpy(wl.y),
+            "Xt": torch.from_numpy(wl.Xt).float(),
+            "yt": torch.from_numpy(wl.yt),
+            "l2": L2,
+            "damping": float(damping),
+        }
     with tempfile.TemporaryDirectory(prefix="bench-peers-") as tmp:
         state_dir = args.keep or tmp
         os.makedirs(state_dir, exist_ok=True)
         torch.save(state, os.path.join(state_dir, "state.pt"))
         if wl.arch == "resnet":  # 4 per-sample-gradient sweeps of 11M parameters: one pass instead
             floor = float("nan")
-            wl.info["cost floor"] = ("not measured on W4 (a per-sample-gradient sweep of every "
-                                     "parameter, four times, on a shared machine); the unit of "
-                                     "cost here is the training pass below")
+            wl.info["cost floor"] = (
+                "not measured on W4 (a per-sample-gradient sweep of every "
+                "parameter, four times, on a shared machine); the unit of "
+                "cost here is the training pass below"
+            )
         else:
             floors = time_floor(state)
             floor = float(np.median(floors))
             wl.info["cost floor"] = (
                 f"one per-sample-gradient sweep, float32: {floor:.3f} s (median of "
                 f"{', '.join(f'{t:.3f}' for t in floors)} after a warm-up; upweight "
-                f"`iter_per_sample_grads`, {floor_chunks(state)})")
+                f"`iter_per_sample_grads`, {floor_chunks(state)})"
+            )
             log(f"  floor {floor:.3f}s")
         pass_s = float("nan")
         if wl.arch in ("bert", "resnet"):
@@ -1236,22 +1594,35 @@ def run_workload(wl: Workload, methods: list[Method], args: argparse.Namespace) 
                 f"{what}, float32: {pass_s:.3f} s (median of {each} after a warm-up). EK-FAC "
                 "needs at least three passes over the data (factors, eigenvalue correction, "
                 "scores), the first two with one backward pass per output-Hessian factor"
-                + (" (upweight's exact factors: one per class; kronfluence: one, with a sampled "
-                   "label)" if wl.arch == "resnet" else ""))
+                + (
+                    " (upweight's exact factors: one per class; kronfluence: one, with a sampled "
+                    "label)"
+                    if wl.arch == "resnet"
+                    else ""
+                )
+            )
             log(f"  one pass {pass_s:.3f}s")
         rows = []
         scored: dict[str, np.ndarray] = {}  # no reference: each method's signed scores
-        if wl.arch == "bert":  # only the methods that run on it, and one line for each library without one
+        # only the methods that run on it, and one line for each library without one
+        if wl.arch == "bert":
             libs = {m.library for m in methods if m.transformer}
-            rows += [Row(Method(f"{lib}-none", lib, "–", "–", -1, lambda pb: np.zeros(0)), status=f"not run: {why}")
-                     for lib, why in NO_TRANSFORMER.items() if lib not in libs and any(m.library == lib for m in methods)]
+            rows += [
+                Row(
+                    Method(f"{lib}-none", lib, "–", "–", -1, lambda pb: np.zeros(0)),
+                    status=f"not run: {why}",
+                )
+                for lib, why in NO_TRANSFORMER.items()
+                if lib not in libs and any(m.library == lib for m in methods)
+            ]
             methods = [m for m in methods if m.transformer]
         if wl.arch == "resnet":  # the methods that run on it; a line per library's others, with why
             for lib, (keys, why) in NO_RESNET.items():
                 names = list(dict.fromkeys(m.name for m in methods if m.key in keys))
                 if names:
-                    none = Method(f"{lib}-none", lib, ", ".join(names), "–", -1,
-                                  lambda pb: np.zeros(0))
+                    none = Method(
+                        f"{lib}-none", lib, ", ".join(names), "–", -1, lambda pb: np.zeros(0)
+                    )
                     rows.append(Row(none, status=f"not run: {why}"))
             methods = [m for m in methods if m.key in W4_METHODS]
         for m in methods:
@@ -1268,8 +1639,11 @@ def run_workload(wl: Workload, methods: list[Method], args: argparse.Namespace) 
                 score(row, values, ref)
             elif values is not None:
                 scored[m.key] = m.sign * values
-            log(f"    {row.status}; wall {row.wall_s:.2f}s, warm {row.warm_s:.2f}s, peak {row.peak_mb:.0f} MB, "
-                f"Spearman {row.spearman:.4f} (min {row.spearman_min:.4f}), Pearson {row.pearson:.4f}")
+            log(
+                f"    {row.status}; wall {row.wall_s:.2f}s, warm {row.warm_s:.2f}s, peak"
+                f" {row.peak_mb:.0f} MB, Spearman {row.spearman:.4f} (min {row.spearman_min:.4f}),"
+                f" Pearson {row.pearson:.4f}"
+            )
             rows.append(row)
     if ref is None:
         agreement(rows, scored, AGREE_WITH)
@@ -1293,9 +1667,11 @@ def agreement(rows: list[Row], scored: dict[str, np.ndarray], key: str) -> None:
             continue
         sp = [float(scipy.stats.spearmanr(a, b)[0]) for a, b in zip(v, base)]
         r.agree = (float(np.mean(sp)), float(np.min(sp)))
-        r.notes.append(f"agreement (not accuracy: no reference at this size): Spearman with "
-                       f"{key}'s scores {np.mean(sp):.4f} mean, {np.min(sp):.4f} min over the "
-                       "test points")
+        r.notes.append(
+            "agreement (not accuracy: no reference at this size): Spearman with "
+            f"{key}'s scores {np.mean(sp):.4f} mean, {np.min(sp):.4f} min over the "
+            "test points"
+        )
 
 
 # ── report ───────────────────────────────────────────────────────────────────────────────
@@ -1307,21 +1683,56 @@ def _version(dist: str) -> str:
 
 
 def machine_info(args: argparse.Namespace) -> dict[str, str]:
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
+    cpu = (
+        next(
+            (
+                ln.split(":", 1)[1].strip()
+                for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")
+            ),
+            platform.processor(),
+        )
+        if Path("/proc/cpuinfo").exists()
+        else platform.processor()
+    )
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                                timeout=10).stdout.strip() or "unknown"
+        commit = (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"],
+                cwd=REPO,
+                capture_output=True,
+                text=True,
+                timeout=10,
+            ).stdout.strip()
+            or "unknown"
+        )
     except (OSError, subprocess.SubprocessError):
         commit = "unknown"
     return {
         "CPU": cpu,
         "cores": f"{os.cpu_count()} logical, {len(os.sched_getaffinity(0))} usable",
-        "threads": f"{args.threads} (torch.set_num_threads and OMP/MKL/OpenBLAS_NUM_THREADS, every process)",
-        "limits per method": f"timeout {args.timeout:g} s, address space {args.mem_limit_gb:g} GiB (RLIMIT_AS)",
+        "threads": (
+            f"{args.threads} (torch.set_num_threads and OMP/MKL/OpenBLAS_NUM_THREADS, every"
+            " process)"
+        ),
+        "limits per method": (
+            f"timeout {args.timeout:g} s, address space {args.mem_limit_gb:g} GiB (RLIMIT_AS)"
+        ),
         "Python": platform.python_version(),
-        "libraries": ", ".join(f"{d} {_version(d)}" for d in ("torch", "upweight", "pydvl", "captum", "kronfluence",
-                                                               "dattri", "transformers", "numpy", "scipy")),
+        "libraries": ", ".join(
+            f"{d} {_version(d)}"
+            for d in (
+                "torch",
+                "upweight",
+                "pydvl",
+                "captum",
+                "kronfluence",
+                "dattri",
+                "transformers",
+                "numpy",
+                "scipy",
+            )
+        ),
         "upweight git": commit,
         "load average at start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -1339,125 +1750,224 @@ def _corr(x: float) -> str:
 
 
 LEGEND = (
-    "Influence I_up,loss of **all** training points on K test points (Koh & Liang 2017, eq. 2). W1/W2: multinomial "
-    "logistic regression (`nn.Linear`, float32, θ̂ from float64 L-BFGS, exact closed-form float64 reference); W3: an "
-    "MLP (784-1024-256-10, tanh, p = 1,068,810) and a small CNN (2 × Conv2d + average pooling + 2 × Linear, tanh, "
-    "p = 46,730), float32, θ̂ from Adam + full-batch L-BFGS in float32, reference = long-run float64 CG (its final "
-    "residual is in the workload's header); W5: a 2-layer BERT-style classifier on Enron spam/ham (dict batches, every "
-    "parameter, no L2, Gauss–Newton curvature G + δI for every method, reference = upweight's float64 GGN CG). "
-    "Cross-entropy, L2 λ = 0.01 on all parameters on W1–W3; every method "
-    "gets the damping/regularisation that makes its curvature H + λI (+ δI where a workload needs a damping δ; see "
-    "bench/peers/methods.py). Columns: *wall s* = the method's **cold** run in a fresh process, from constructing "
-    "the library's object through fit/preprocessing to the scores of all n training points (imports and data "
-    f"loading not counted); *warm s* = a second run in the same process, done when the cold one took < "
-    f"{WARM_BELOW_S:g} s (one-off costs — lazy imports, torch.func tracing, allocator growth — gone); *peak MB* = "
-    "peak RSS of that process over both runs (`ru_maxrss`), Δ = the method's own peak (VmHWM, reset after imports and data loading) above its RSS at that point; "
-    "*Spearman*, *Pearson* = correlation with the reference per test point after the library's documented sign "
-    "(pyDVL, captum, kronfluence and dattri document ∇L_testᵀH⁻¹∇L_train = −I_up,loss), mean (min) over the K test "
-    "points; *sign* ✗ = negative correlation after that; *× floor* = time / one per-sample-gradient sweep over the "
-    "training set (the cost floor, measured warm in the same run), with time = the **warm** time where there is "
-    "one, else the cold; *× upweight best* = the same time / that of upweight's fastest method with Spearman ≥ "
-    f"{ACCURATE}. Speed comparisons below use that same time (warm where available).")
+    "Influence I_up,loss of **all** training points on K test points (Koh & Liang 2017, eq. 2)."
+    " W1/W2: multinomial logistic regression (`nn.Linear`, float32, θ̂ from float64 L-BFGS, exact"
+    " closed-form float64 reference); W3: an MLP (784-1024-256-10, tanh, p = 1,068,810) and a"
+    " small CNN (2 × Conv2d + average pooling + 2 × Linear, tanh, p = 46,730), float32, θ̂ from"
+    " Adam + full-batch L-BFGS in float32, reference = long-run float64 CG (its final residual is"
+    " in the workload's header); W5: a 2-layer BERT-style classifier on Enron spam/ham (dict"
+    " batches, every parameter, no L2, Gauss–Newton curvature G + δI for every method, reference ="
+    " upweight's float64 GGN CG). Cross-entropy, L2 λ = 0.01 on all parameters on W1–W3; every"
+    " method gets the damping/regularisation that makes its curvature H + λI (+ δI where a"
+    " workload needs a damping δ; see bench/peers/methods.py). Columns: *wall s* = the method's"
+    " **cold** run in a fresh process, from constructing the library's object through"
+    " fit/preprocessing to the scores of all n training points (imports and data loading not"
+    " counted); *warm s* = a second run in the same process, done when the cold one took <"
+    f" {WARM_BELOW_S:g} s (one-off costs — lazy imports, torch.func tracing, allocator growth —"
+    " gone); *peak MB* = peak RSS of that process over both runs (`ru_maxrss`), Δ = the method's"
+    " own peak (VmHWM, reset after imports and data loading) above its RSS at that point;"
+    " *Spearman*, *Pearson* = correlation with the reference per test point after the library's"
+    " documented sign (pyDVL, captum, kronfluence and dattri document ∇L_testᵀH⁻¹∇L_train ="
+    " −I_up,loss), mean (min) over the K test points; *sign* ✗ = negative correlation after that;"
+    " *× floor* = time / one per-sample-gradient sweep over the training set (the cost floor,"
+    " measured warm in the same run), with time = the **warm** time where there is one, else the"
+    " cold; *× upweight best* = the same time / that of upweight's fastest method with Spearman ≥"
+    f" {ACCURATE}. Speed comparisons below use that same time (warm where available)."
+)
 
 
 def best_accurate(rows: list[dict], library: str) -> dict | None:
-    ok = [r for r in rows if r["library"] == library and r["status"] == "ok" and abs(r["spearman"]) >= ACCURATE]
+    ok = [
+        r
+        for r in rows
+        if r["library"] == library and r["status"] == "ok" and abs(r["spearman"]) >= ACCURATE
+    ]
     return min(ok, key=lambda r: r["time_s"]) if ok else None
 
 
 def row_data(r: Row) -> dict:
     """The machine-readable form of a row (embedded in the report section)."""
-    return {"key": r.method.key, "library": r.method.library, "name": r.method.name, "settings": r.method.settings,
-            "status": r.status, "wall_s": r.wall_s, "warm_s": r.warm_s, "time_s": r.time_s, "peak_mb": r.peak_mb,
-            "delta_mb": r.delta_mb, "spearman": r.spearman, "spearman_min": r.spearman_min, "pearson": r.pearson,
-            "sign_ok": r.sign_ok, "notes": r.notes, **({"agree": list(r.agree)} if r.agree else {})}
+    return {
+        "key": r.method.key,
+        "library": r.method.library,
+        "name": r.method.name,
+        "settings": r.method.settings,
+        "status": r.status,
+        "wall_s": r.wall_s,
+        "warm_s": r.warm_s,
+        "time_s": r.time_s,
+        "peak_mb": r.peak_mb,
+        "delta_mb": r.delta_mb,
+        "spearman": r.spearman,
+        "spearman_min": r.spearman_min,
+        "pearson": r.pearson,
+        "sign_ok": r.sign_ok,
+        "notes": r.notes,
+        **({"agree": list(r.agree)} if r.agree else {}),
+    }
 
 
 def render_section(res: Result, machine: dict[str, str], command: str, seconds: float) -> str:
     """One workload's section: its machine table, header, all rows, and the per-library bests."""
     rows = [row_data(r) for r in res.rows]
     wl = res.wl
-    out = [f"### {wl.title}", "", f"Command: `{command}`", "", "| machine | |", "|---|---|",
-           *[f"| {k} | {v} |" for k, v in machine.items()],
-           f"| load average at end | {' '.join(f'{x:.2f}' for x in os.getloadavg())} |",
-           f"| wall time of this workload | {seconds:.0f} s |", "", f"- **data**: {wl.source}"]
+    out = [
+        f"### {wl.title}",
+        "",
+        f"Command: `{command}`",
+        "",
+        "| machine | |",
+        "|---|---|",
+        *[f"| {k} | {v} |" for k, v in machine.items()],
+        f"| load average at end | {' '.join(f'{x:.2f}' for x in os.getloadavg())} |",
+        f"| wall time of this workload | {seconds:.0f} s |",
+        "",
+        f"- **data**: {wl.source}",
+    ]
     out += [f"- **{k}**: {v}" for k, v in wl.info.items()]
     uw_best = best_accurate(rows, "upweight")
-    out += [f"- **upweight's fastest method with Spearman ≥ {ACCURATE}**: "
-            + (f"{uw_best['name']} ({uw_best['settings']}), {uw_best['time_s']:.2f} s" if uw_best else "none"), ""]
-    out += ["| method | library | settings | wall s | warm s | peak MB (Δ) | Spearman mean (min) | Pearson mean | sign | "
-            "× floor | × upweight best | status |", "|---|---|---|--:|--:|--:|--:|--:|:-:|--:|--:|---|"]
+    out += [
+        f"- **upweight's fastest method with Spearman ≥ {ACCURATE}**: "
+        + (
+            f"{uw_best['name']} ({uw_best['settings']}), {uw_best['time_s']:.2f} s"
+            if uw_best
+            else "none"
+        ),
+        "",
+    ]
+    out += [
+        (
+            "| method | library | settings | wall s | warm s | peak MB (Δ) | Spearman mean (min) |"
+            " Pearson mean | sign | × floor | × upweight best | status |"
+        ),
+        "|---|---|---|--:|--:|--:|--:|--:|:-:|--:|--:|---|",
+    ]
     notes = []
     for i, r in enumerate(rows, 1):
         mark = f" [{i}]" if r["notes"] else ""
         sign = "–" if r["sign_ok"] is None else ("✓" if r["sign_ok"] else "✗ flipped")
         vs = r["time_s"] / uw_best["time_s"] if (uw_best and r["status"] == "ok") else float("nan")
         gt = "> " if r["status"].startswith("timeout") else ""
-        out.append(f"| {r['name']}{mark} | {r['library']} | {r['settings']} | {gt}{_f(r['wall_s'], '.2f')} | "
-                   f"{_f(r['warm_s'], '.2f')} | {_f(r['peak_mb'], '.0f')} ({_f(r['delta_mb'], '+.0f')}) | "
-                   f"{_corr(r['spearman'])} ({_corr(r['spearman_min'])}) | {_corr(r['pearson'])} | {sign} | "
-                   f"{gt}{_f(r['time_s'] / res.floor_s, '.1f')} | {_f(vs, '.2f')} | {r['status']} |")
+        out.append(
+            f"| {r['name']}{mark} | {r['library']} | {r['settings']} | {gt}{_f(r['wall_s'], '.2f')}"
+            f" | {_f(r['warm_s'], '.2f')} | {_f(r['peak_mb'], '.0f')} ({_f(r['delta_mb'], '+.0f')})"
+            f" | {_corr(r['spearman'])} ({_corr(r['spearman_min'])}) | {_corr(r['pearson'])} |"
+            f" {sign} | {gt}{_f(r['time_s'] / res.floor_s, '.1f')} | {_f(vs, '.2f')} |"
+            f" {r['status']} |"
+        )
         if r["notes"]:
             notes.append(f"[{i}] " + "; ".join(r["notes"]))
     out += ["", *[f"- {n}" for n in notes], ""] if notes else [""]
     out += best_table(rows)
-    data = {"key": wl.key, "title": wl.title, "floor_s": res.floor_s, "machine": machine, "rows": rows,
-            **({} if res.pass_s != res.pass_s else {"pass_s": res.pass_s})}
+    data = {
+        "key": wl.key,
+        "title": wl.title,
+        "floor_s": res.floor_s,
+        "machine": machine,
+        "rows": rows,
+        **({} if res.pass_s != res.pass_s else {"pass_s": res.pass_s}),
+    }
     return "\n".join(out + ["", embed_json(data)])
 
 
 def best_table(rows: list[dict]) -> list[str]:
     uw_best = best_accurate(rows, "upweight")
-    out = [f"**Fastest method with |Spearman| ≥ {ACCURATE}, per library** (time = warm where available):", "",
-           "| library | method | wall s | warm s | Spearman | upweight's speed-up |", "|---|---|--:|--:|--:|--:|"]
+    out = [
+        (
+            f"**Fastest method with |Spearman| ≥ {ACCURATE}, per library** (time = warm where"
+            " available):"
+        ),
+        "",
+        "| library | method | wall s | warm s | Spearman | upweight's speed-up |",
+        "|---|---|--:|--:|--:|--:|",
+    ]
     for lib in dict.fromkeys(r["library"] for r in rows):
         b = best_accurate(rows, lib)
         if b is None:
             out.append(f"| {lib} | none reached {ACCURATE} | – | – | – | – |")
         else:
             sp = f"{b['time_s'] / uw_best['time_s']:.1f}×" if uw_best else "–"
-            out.append(f"| {lib} | {b['name']} ({b['settings']}) | {b['wall_s']:.2f} | {_f(b['warm_s'], '.2f')} | "
-                       f"{_corr(b['spearman'])} | {sp} |")
+            out.append(
+                f"| {lib} | {b['name']} ({b['settings']}) | {b['wall_s']:.2f} |"
+                f" {_f(b['warm_s'], '.2f')} | {_corr(b['spearman'])} | {sp} |"
+            )
     return out + [""]
 
 
 def render_summary(path: Path) -> str:
-    """The ``peers-summary`` section, rebuilt from the data of every ``peers-*`` section in ``path``."""
+    """The ``peers-summary`` section, rebuilt from the data of every ``peers-*`` section in
+    ``path``."""
     sections = read_sections(path)
-    data = [d for k, t in sections.items() if k.startswith("peers-") and k != "peers-summary"
-            and (d := section_json(t)) is not None]
+    data = [
+        d
+        for k, t in sections.items()
+        if k.startswith("peers-") and k != "peers-summary" and (d := section_json(t)) is not None
+    ]
     # lower bounds of the floor ratios, per workload key, from bench/bench_floor_bound.py's section
-    bounds = (section_json(sections["floor-bound"]) or {}).get("bounds", {}) if "floor-bound" in sections else {}
-    out = ["## Peer libraries — summary", "", "Regenerated by `bench/peers/bench_peers.py` from the workload sections "
-           "below (each carries its rows as JSON in an HTML comment), whichever of them ran last.", "", LEGEND, ""]
+    bounds = (
+        (section_json(sections["floor-bound"]) or {}).get("bounds", {})
+        if "floor-bound" in sections
+        else {}
+    )
+    out = [
+        "## Peer libraries — summary",
+        "",
+        (
+            "Regenerated by `bench/peers/bench_peers.py` from the workload sections "
+            "below (each carries its rows as JSON in an HTML comment), whichever of them ran last."
+        ),
+        "",
+        LEGEND,
+        "",
+    ]
     if not data:
         return "\n".join(out + ["No peer workload has been run yet.", ""])
     out += ["### Targets of the issue", ""]
     w2 = [d for d in data if d["key"] == "W2:20000"]
     if not w2:
-        out.append("- **5× against every peer** (W2, MNIST n = 20,000, 10 test points): not measured yet "
-                   "(no `peers-W2:20000` section).")
+        out.append(
+            "- **5× against every peer** (W2, MNIST n = 20,000, 10 test points): not measured yet "
+            "(no `peers-W2:20000` section)."
+        )
     for d in w2:
         uw = best_accurate(d["rows"], "upweight")
         peers = [lib for lib in dict.fromkeys(r["library"] for r in d["rows"]) if lib != "upweight"]
         if uw is None:
-            out.append(f"- **5× against every peer** ({d['title']}): **NOT met** — no upweight method reached "
-                       f"Spearman {ACCURATE}.")
+            out.append(
+                f"- **5× against every peer** ({d['title']}): **NOT met** — no upweight method"
+                f" reached Spearman {ACCURATE}."
+            )
             continue
         parts, ok = [], True
         for lib in peers:
             b = best_accurate(d["rows"], lib)
             if b is None:
-                slow = [r["time_s"] for r in d["rows"] if r["library"] == lib and r["status"].startswith("timeout")]
-                parts.append(f"{lib}: no method reached {ACCURATE}"
-                             + (f" (its timed-out methods ran > {min(slow):.0f} s = "
-                                f"{min(slow) / uw['time_s']:.1f}× upweight's best)" if slow else ""))
+                slow = [
+                    r["time_s"]
+                    for r in d["rows"]
+                    if r["library"] == lib and r["status"].startswith("timeout")
+                ]
+                parts.append(
+                    f"{lib}: no method reached {ACCURATE}"
+                    + (
+                        f" (its timed-out methods ran > {min(slow):.0f} s = "
+                        f"{min(slow) / uw['time_s']:.1f}× upweight's best)"
+                        if slow
+                        else ""
+                    )
+                )
             else:
                 x = b["time_s"] / uw["time_s"]
                 ok &= x >= 5.0
-                parts.append(f"{lib}: {b['name']} {b['time_s']:.2f} s → {x:.1f}× {'✓' if x >= 5 else '✗'}")
-        out.append(f"- **5× against every peer** ({d['title']}, K = 10): **{'met' if ok else 'NOT met'}** — upweight's "
-                   f"{uw['name']} ({uw['settings']}) {uw['time_s']:.2f} s; " + "; ".join(parts) + ".")
+                parts.append(
+                    f"{lib}: {b['name']} {b['time_s']:.2f} s → {x:.1f}× {'✓' if x >= 5 else '✗'}"
+                )
+        out.append(
+            f"- **5× against every peer** ({d['title']}, K = 10): **{'met' if ok else 'NOT met'}**"
+            f" — upweight's {uw['name']} ({uw['settings']}) {uw['time_s']:.2f} s; "
+            + "; ".join(parts)
+            + "."
+        )
     for prefix, bound in (("W1", 3.0), ("W2", 10.0)):
         secs = [d for d in data if d["key"].split(":")[0] == prefix]
         if not secs:
@@ -1465,17 +1975,28 @@ def render_summary(path: Path) -> str:
         for d in secs:
             uw = best_accurate(d["rows"], "upweight")
             if uw is None:
-                out.append(f"- **whole exact query ≤ {bound:g}× floor** ({d['title']}): **NOT met** — no upweight "
-                           f"method reached Spearman {ACCURATE}.")
+                out.append(
+                    f"- **whole exact query ≤ {bound:g}× floor** ({d['title']}): **NOT met** — no"
+                    f" upweight method reached Spearman {ACCURATE}."
+                )
                 continue
             x = uw["time_s"] / d["floor_s"]
             lb = bounds.get(d["key"])
-            why = ("" if lb is None or lb.get("bound_float32") is None else
-                   f" The bare matrix products any method needs take ≥ {lb['bound_float32']:.1f}× the floor in float32 "
-                   f"(≥ {lb['bound_any']:.1f}× with bfloat16 products; section `floor-bound`, against the floor measured there).")
-            out.append(f"- **whole exact query ≤ {bound:g}× floor** ({d['title']}): **{'met' if x <= bound else 'NOT met'}**"
-                       f" — upweight's fastest method with Spearman ≥ {ACCURATE}, {uw['name']} ({uw['settings']}), "
-                       f"{uw['time_s']:.2f} s = {x:.1f}× the floor ({d['floor_s']:.3f} s).{why}")
+            why = (
+                ""
+                if lb is None or lb.get("bound_float32") is None
+                else (
+                    f" The bare matrix products any method needs take ≥ {lb['bound_float32']:.1f}×"
+                    f" the floor in float32 (≥ {lb['bound_any']:.1f}× with bfloat16 products;"
+                    " section `floor-bound`, against the floor measured there)."
+                )
+            )
+            out.append(
+                f"- **whole exact query ≤ {bound:g}× floor** ({d['title']}):"
+                f" **{'met' if x <= bound else 'NOT met'}** — upweight's fastest method with"
+                f" Spearman ≥ {ACCURATE}, {uw['name']} ({uw['settings']}), {uw['time_s']:.2f} s ="
+                f" {x:.1f}× the floor ({d['floor_s']:.3f} s).{why}"
+            )
     for d in (d for d in data if d["key"].startswith("W4")):
         out.append(w4_target(d))
     for d in (d for d in data if d["key"].startswith("W5")):
@@ -1487,8 +2008,10 @@ def render_summary(path: Path) -> str:
 
 
 def w5_target(d: dict) -> str:
-    """W5's target: upweight's EK-FAC at least as accurate as kronfluence's (mean and min Spearman), ≥ 3× faster
-    end to end, in no more peak memory — against upweight's faster EK-FAC row (with or without the residual check)."""
+    """W5's target: upweight's EK-FAC at least as accurate as kronfluence's (mean and min Spearman),
+    ≥ 3× faster end to end, in no more peak memory — against upweight's faster EK-FAC row (with or
+    without the residual check).
+    """
     rows = {r["key"]: r for r in d["rows"] if r["status"] == "ok"}
     kron = rows.get("kron-ekfac")
     uws = [rows[k] for k in ("uw-ekfac", "uw-ekfac-unchecked") if k in rows]
@@ -1499,19 +2022,31 @@ def w5_target(d: dict) -> str:
     acc = uw["spearman"] >= kron["spearman"] and uw["spearman_min"] >= kron["spearman_min"]
     speed = kron["time_s"] / uw["time_s"]
     mem = uw["peak_mb"] <= kron["peak_mb"]
-    return (head + f"upweight {uw['name']} ({uw['settings']}) vs kronfluence {kron['name']}: accuracy "
-            f"{'met' if acc else 'NOT met'} (Spearman mean {uw['spearman']:.4f} vs {kron['spearman']:.4f}, min "
-            f"{uw['spearman_min']:.4f} vs {kron['spearman_min']:.4f}); speed ≥ 3× {'met' if speed >= 3 else 'NOT met'} "
-            f"({uw['time_s']:.2f} s vs {kron['time_s']:.2f} s: upweight "
-            f"{f'{speed:.1f}× faster' if speed >= 1 else f'{1 / speed:.1f}× slower'}); peak memory {'met' if mem else 'NOT met'} "
-            f"({uw['peak_mb']:.0f} MB vs {kron['peak_mb']:.0f} MB; Δ over the loaded process {uw['delta_mb']:+.0f} vs "
-            f"{kron['delta_mb']:+.0f} MB)." + _w5_bound(d, kron))
+    return (
+        head + f"upweight {uw['name']} ({uw['settings']}) vs kronfluence {kron['name']}: accuracy"
+        f" {'met' if acc else 'NOT met'} (Spearman mean {uw['spearman']:.4f} vs"
+        f" {kron['spearman']:.4f}, min {uw['spearman_min']:.4f} vs {kron['spearman_min']:.4f});"
+        f" speed ≥ 3× {'met' if speed >= 3 else 'NOT met'} ({uw['time_s']:.2f} s vs"
+        f" {kron['time_s']:.2f} s: upweight"
+        f" {f'{speed:.1f}× faster' if speed >= 1 else f'{1 / speed:.1f}× slower'}); peak memory"
+        f" {'met' if mem else 'NOT met'} ({uw['peak_mb']:.0f} MB vs {kron['peak_mb']:.0f} MB; Δ"
+        f" over the loaded process {uw['delta_mb']:+.0f} vs {kron['delta_mb']:+.0f} MB)."
+        + _w5_bound(d, kron)
+    )
 
 
 #: upweight's rows that W4's target compares (its K-FAC/EK-FAC variants and its exact GGN block CG)
-W4_UW = ("uw-kfac", "uw-kfac-unchecked", "uw-ekfac", "uw-ekfac-unchecked", "uw-kfac-sampled",
-         "uw-ekfac-sampled", "uw-kfac-sampled-unchecked", "uw-ekfac-sampled-unchecked",
-         "uw-bcg-1e-3")
+W4_UW = (
+    "uw-kfac",
+    "uw-kfac-unchecked",
+    "uw-ekfac",
+    "uw-ekfac-unchecked",
+    "uw-kfac-sampled",
+    "uw-ekfac-sampled",
+    "uw-kfac-sampled-unchecked",
+    "uw-ekfac-sampled-unchecked",
+    "uw-bcg-1e-3",
+)
 
 
 def _x(speed: float) -> str:
@@ -1529,23 +2064,36 @@ def w4_target(d: dict) -> str:
     uws = [rows[k] for k in W4_UW if k in rows]
     kfac = _w4_kfac(rows)
     if kron is None:
-        late = [r for r in d["rows"]
-                if r["key"] == "kron-ekfac" and r["status"].startswith("timeout")]
+        late = [
+            r for r in d["rows"] if r["key"] == "kron-ekfac" and r["status"].startswith("timeout")
+        ]
         if not late:
             return head + "not measured (kronfluence's EK-FAC row is missing or failed)."
         if not uws:
             return head + f"kronfluence's EK-FAC {late[0]['status']}; no upweight row finished."
         uw = min(uws, key=lambda r: r["time_s"])
-        ek = [rows[k] for k in ("uw-ekfac", "uw-ekfac-unchecked", "uw-ekfac-sampled",
-                                "uw-ekfac-sampled-unchecked") if k in rows]
+        ek = [
+            rows[k]
+            for k in (
+                "uw-ekfac",
+                "uw-ekfac-unchecked",
+                "uw-ekfac-sampled",
+                "uw-ekfac-sampled-unchecked",
+            )
+            if k in rows
+        ]
         eks = "; ".join(f"{r['name']} ({r['settings']}) {r['time_s']:.0f} s" for r in ek)
         return head + (
             f"kronfluence's EK-FAC {late[0]['status']}, so it gave no scores (no agreement "
             f"either); upweight's fastest row, {uw['name']} ({uw['settings']}), "
             f"{uw['time_s']:.0f} s — **faster** than that"
-            + (f"; upweight's EK-FAC: {eks}" if eks else "") + "." + kfac
+            + (f"; upweight's EK-FAC: {eks}" if eks else "")
+            + "."
+            + kfac
             + _w4_bound(d, {**late[0], "time_s": late[0]["wall_s"]}).replace(
-                "kronfluence's EK-FAC took", "kronfluence's EK-FAC ran for more than"))
+                "kronfluence's EK-FAC took", "kronfluence's EK-FAC ran for more than"
+            )
+        )
     if not uws:
         return head + "not measured (no upweight row finished)."
     ks, kmin = kron["spearman"], kron["spearman_min"]
@@ -1553,10 +2101,11 @@ def w4_target(d: dict) -> str:
         good = [r for r in uws if r["spearman"] >= ks and r["spearman_min"] >= kmin]
         if not good:
             b = max(uws, key=lambda r: r["spearman"])
-            return head + (f"accuracy **NOT met** — no upweight row reaches kronfluence's Spearman "
-                           f"{ks:.4f} (min {kmin:.4f}); the best is {b['name']} ({b['settings']}) "
-                           f"{b['spearman']:.4f} (min {b['spearman_min']:.4f})."
-                           + _w4_bound(d, kron))
+            return head + (
+                "accuracy **NOT met** — no upweight row reaches kronfluence's Spearman "
+                f"{ks:.4f} (min {kmin:.4f}); the best is {b['name']} ({b['settings']}) "
+                f"{b['spearman']:.4f} (min {b['spearman_min']:.4f})." + _w4_bound(d, kron)
+            )
         uw = min(good, key=lambda r: r["time_s"])
         speed = kron["time_s"] / uw["time_s"]
         return head + (
@@ -1564,34 +2113,58 @@ def w4_target(d: dict) -> str:
             f"Spearman {uw['spearman']:.4f} (min {uw['spearman_min']:.4f}) vs kronfluence {ks:.4f} "
             f"(min {kmin:.4f}); {uw['time_s']:.2f} s vs {kron['time_s']:.2f} s: upweight "
             f"{_x(speed)}; peak memory {uw['peak_mb']:.0f} MB vs {kron['peak_mb']:.0f} MB."
-            + _w4_bound(d, kron))
+            + _w4_bound(d, kron)
+        )
     uw = min(uws, key=lambda r: r["time_s"])
     speed = kron["time_s"] / uw["time_s"]
-    ek = [rows[k] for k in ("uw-ekfac", "uw-ekfac-unchecked", "uw-ekfac-sampled",
-                            "uw-ekfac-sampled-unchecked") if k in rows and rows[k].get("agree")]
-    agree = "; ".join(f"{r['name']} ({r['settings']}) {r['agree'][0]:.4f} (min {r['agree'][1]:.4f})"
-                      for r in ek)
+    ek = [
+        rows[k]
+        for k in (
+            "uw-ekfac",
+            "uw-ekfac-unchecked",
+            "uw-ekfac-sampled",
+            "uw-ekfac-sampled-unchecked",
+        )
+        if k in rows and rows[k].get("agree")
+    ]
+    agree = "; ".join(
+        f"{r['name']} ({r['settings']}) {r['agree'][0]:.4f} (min {r['agree'][1]:.4f})" for r in ek
+    )
     return head + (
-        f"no reference at this size, so accuracy is not measured; speed: upweight's fastest row, "
+        "no reference at this size, so accuracy is not measured; speed: upweight's fastest row, "
         f"{uw['name']} ({uw['settings']}), {uw['time_s']:.2f} s vs kronfluence "
         f"{kron['time_s']:.2f} s: **{'faster' if speed > 1 else 'NOT faster'}** ({_x(speed)}); "
         f"peak memory {uw['peak_mb']:.0f} MB vs {kron['peak_mb']:.0f} MB."
-        + (f" Agreement (Spearman with kronfluence EK-FAC's scores, not accuracy): {agree}."
-           if agree else "")
-        + kfac + _w4_bound(d, kron))
+        + (
+            f" Agreement (Spearman with kronfluence EK-FAC's scores, not accuracy): {agree}."
+            if agree
+            else ""
+        )
+        + kfac
+        + _w4_bound(d, kron)
+    )
 
 
 def _w4_kfac(rows: dict[str, dict]) -> str:
     """W4: upweight's K-FAC rows against kronfluence's K-FAC, time and peak memory."""
     kk = rows.get("kron-kfac")
-    uk = [rows[k] for k in ("uw-kfac", "uw-kfac-unchecked", "uw-kfac-sampled",
-                            "uw-kfac-sampled-unchecked") if k in rows]
+    uk = [
+        rows[k]
+        for k in ("uw-kfac", "uw-kfac-unchecked", "uw-kfac-sampled", "uw-kfac-sampled-unchecked")
+        if k in rows
+    ]
     if kk is None or not uk:
         return ""
-    parts = [f"{r['name']} ({r['settings']}) {r['time_s']:.0f} s, {r['peak_mb']:.0f} MB "
-             f"({_x(kk['time_s'] / r['time_s'])})" for r in uk]
-    return (f" K-FAC: kronfluence {kk['time_s']:.0f} s, {kk['peak_mb']:.0f} MB; upweight "
-            + "; ".join(parts) + ".")
+    parts = [
+        f"{r['name']} ({r['settings']}) {r['time_s']:.0f} s, {r['peak_mb']:.0f} MB "
+        f"({_x(kk['time_s'] / r['time_s'])})"
+        for r in uk
+    ]
+    return (
+        f" K-FAC: kronfluence {kk['time_s']:.0f} s, {kk['peak_mb']:.0f} MB; upweight "
+        + "; ".join(parts)
+        + "."
+    )
 
 
 def _w4_bound(d: dict, kron: dict) -> str:
@@ -1601,90 +2174,226 @@ def _w4_bound(d: dict, kron: dict) -> str:
     if p is None or not p == p:
         return ""
     t = kron["time_s"]
-    return (f" Bound: one training pass (batched forward + backward of the loss over the training "
-            f"set) takes {p:.2f} s, so any EK-FAC takes ≥ 3 passes = {3 * p:.2f} s (more with "
-            f"several output-Hessian factors); kronfluence's EK-FAC took {t:.2f} s = "
-            f"{t / p:.1f} passes.")
+    return (
+        " Bound: one training pass (batched forward + backward of the loss over the training "
+        f"set) takes {p:.2f} s, so any EK-FAC takes ≥ 3 passes = {3 * p:.2f} s (more with "
+        f"several output-Hessian factors); kronfluence's EK-FAC took {t:.2f} s = "
+        f"{t / p:.1f} passes."
+    )
 
 
 def _w5_bound(d: dict, kron: dict) -> str:
-    """Why ≥ 3× is out of reach where it is: 3× kronfluence's time against the cheapest EK-FAC, three
-    passes over the data (one training pass each, measured in the same run)."""
+    """Why ≥ 3× is out of reach where it is: 3× kronfluence's time against the cheapest EK-FAC,
+    three passes over the data (one training pass each, measured in the same run)."""
     p = d.get("pass_s")
     if p is None or not p == p:
         return ""
     target = kron["time_s"] / 3
-    return (f" Bound: one training pass takes {p:.2f} s, so any EK-FAC takes ≥ 3 passes = {3 * p:.2f} s"
-            f" (more with several output-Hessian factors); 3× kronfluence would be {target:.2f} s"
-            + (", below that bound." if target < 3 * p else "."))
+    return (
+        f" Bound: one training pass takes {p:.2f} s, so any EK-FAC takes ≥ 3 passes = {3 * p:.2f} s"
+        f" (more with several output-Hessian factors); 3× kronfluence would be {target:.2f} s"
+        + (", below that bound." if target < 3 * p else ".")
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--workloads", default="W1,W2",
-                    help="comma list of W1, W2[:n_train], W3-mlp[:n_train] (default n 5,000), W3-cnn[:n_train] (10,000), "
-                         f"W4[:n_train] ({W4_DEFAULT_N:,}), W5[:n_train] "
-                         f"({W5_DEFAULT_N:,})")
-    ap.add_argument("--n-train", type=int, default=20000, help="MNIST training points for W2 (default 20,000)")
-    ap.add_argument("--n-test", type=int, default=DEFAULT_K, help=f"K, the number of test points (default {DEFAULT_K})")
-    ap.add_argument("--timeout", type=float, default=300.0, help="seconds per method before it is stopped (default 300)")
-    ap.add_argument("--mem-limit-gb", type=float, default=12.0,
-                    help="address-space limit per method process (RLIMIT_AS; 0 = none; default 12)")
-    ap.add_argument("--threads", type=int, default=1, help="threads per process (default 1, for fairness)")
-    ap.add_argument("--methods", default="", help="comma list of method keys or library names to run (default all)")
-    ap.add_argument("--skip", default="", help="comma list of method keys or library names to leave out")
-    ap.add_argument("--mnist", default="../shared/data/mnist/mnist.npz", help="mnist.npz; relative to the repo root")
-    ap.add_argument("--out", default="bench/RESULTS.md",
-                    help="Markdown file: each workload replaces its section peers-<workload>, then peers-summary is rebuilt")
-    ap.add_argument("--enron", default="../shared/data/enron1/enron1.csv.gz",
-                    help="enron1.csv.gz (W5); relative to the repo root")
-    ap.add_argument("--keep", default="", help="keep the workers' logs and scores in this folder (for debugging)")
+    ap.add_argument(
+        "--workloads",
+        default="W1,W2",
+        help=(
+            "comma list of W1, W2[:n_train], W3-mlp[:n_train] (default n 5,000), W3-cnn[:n_train]"
+            f" (10,000), W4[:n_train] ({W4_DEFAULT_N:,}), W5[:n_train] ({W5_DEFAULT_N:,})"
+        ),
+    )
+    ap.add_argument(
+        "--n-train", type=int, default=20000, help="MNIST training points for W2 (default 20,000)"
+    )
+    ap.add_argument(
+        "--n-test",
+        type=int,
+        default=DEFAULT_K,
+        help=f"K, the number of test points (default {DEFAULT_K})",
+    )
+    ap.add_argument(
+        "--timeout",
+        type=float,
+        default=300.0,
+        help="seconds per method before it is stopped (default 300)",
+    )
+    ap.add_argument(
+        "--mem-limit-gb",
+        type=float,
+        default=12.0,
+        help="address-space limit per method process (RLIMIT_AS; 0 = none; default 12)",
+    )
+    ap.add_argument(
+        "--threads", type=int, default=1, help="threads per process (default 1, for fairness)"
+    )
+    ap.add_argument(
+        "--methods",
+        default="",
+        help="comma list of method keys or library names to run (default all)",
+    )
+    ap.add_argument(
+        "--skip", default="", help="comma list of method keys or library names to leave out"
+    )
+    ap.add_argument(
+        "--mnist",
+        default="../shared/data/mnist/mnist.npz",
+        help="mnist.npz; relative to the repo root",
+    )
+    ap.add_argument(
+        "--out",
+        default="bench/RESULTS.md",
+        help=(
+            "Markdown file: each workload replaces its section peers-<workload>, then peers-summary"
+            " is rebuilt"
+        ),
+    )
+    ap.add_argument(
+        "--enron",
+        default="../shared/data/enron1/enron1.csv.gz",
+        help="enron1.csv.gz (W5); relative to the repo root",
+    )
+    ap.add_argument(
+        "--keep",
+        default="",
+        help="keep the workers' logs and scores in this folder (for debugging)",
+    )
     w3 = ap.add_argument_group("W3 (networks)")
-    w3.add_argument("--adam-epochs", type=int, default=10, help="Adam epochs before L-BFGS (default 10)")
-    w3.add_argument("--lbfgs-iter", type=int, default=500, help="full-batch L-BFGS iteration cap (default 500)")
-    w3.add_argument("--lbfgs-gtol", type=float, default=1e-5, help="stop L-BFGS at ‖∇R‖₂ ≤ this (default 1e-5)")
-    w3.add_argument("--lanczos-steps", type=int, default=60, help="Lanczos steps of the curvature check (default 60)")
-    w3.add_argument("--damping", type=float, default=None,
-                    help="δ for every method and the reference (default: 0, or λ − θ_min when the check finds θ_min ≤ 0.1 λ)")
-    w3.add_argument("--setup-threads", type=int, default=len(os.sched_getaffinity(0)),
-                    help="torch threads for the untimed training, curvature check and reference (default: all usable)")
-    w3.add_argument("--ref-rtol", type=float, default=1e-10, help="relative residual of the CG reference (default 1e-10)")
-    w3.add_argument("--ref-maxiter", type=int, default=5000, help="iteration cap of the CG reference (default 5,000)")
-    w3.add_argument("--cache", default="",
-                    help="folder keeping each network's trained θ̂ and reference, reused by a rerun with the same data, "
-                         "test points and settings (default: none)")
-    w3.add_argument("--setup-only", action="store_true",
-                    help="compute each network's θ̂ and reference into --cache, time nothing, write no report")
-    w3.add_argument("--ref-max-seconds", type=float, default=3600.0, help="time cap of the CG reference (default 3,600)")
-    w3.add_argument("--ref-precond-rank", type=int, default=0,
-                    help="precondition the CG reference by a randomized Nyström sketch of this rank (default 0: plain CG; "
-                         "the answer is the same, certified by its residual; fewer iterations on an ill-conditioned H)")
+    w3.add_argument(
+        "--adam-epochs", type=int, default=10, help="Adam epochs before L-BFGS (default 10)"
+    )
+    w3.add_argument(
+        "--lbfgs-iter", type=int, default=500, help="full-batch L-BFGS iteration cap (default 500)"
+    )
+    w3.add_argument(
+        "--lbfgs-gtol", type=float, default=1e-5, help="stop L-BFGS at ‖∇R‖₂ ≤ this (default 1e-5)"
+    )
+    w3.add_argument(
+        "--lanczos-steps",
+        type=int,
+        default=60,
+        help="Lanczos steps of the curvature check (default 60)",
+    )
+    w3.add_argument(
+        "--damping",
+        type=float,
+        default=None,
+        help=(
+            "δ for every method and the reference (default: 0, or λ − θ_min when the check finds"
+            " θ_min ≤ 0.1 λ)"
+        ),
+    )
+    w3.add_argument(
+        "--setup-threads",
+        type=int,
+        default=len(os.sched_getaffinity(0)),
+        help=(
+            "torch threads for the untimed training, curvature check and reference (default: all"
+            " usable)"
+        ),
+    )
+    w3.add_argument(
+        "--ref-rtol",
+        type=float,
+        default=1e-10,
+        help="relative residual of the CG reference (default 1e-10)",
+    )
+    w3.add_argument(
+        "--ref-maxiter",
+        type=int,
+        default=5000,
+        help="iteration cap of the CG reference (default 5,000)",
+    )
+    w3.add_argument(
+        "--cache",
+        default="",
+        help=(
+            "folder keeping each network's trained θ̂ and reference, reused by a rerun with the"
+            " same data, test points and settings (default: none)"
+        ),
+    )
+    w3.add_argument(
+        "--setup-only",
+        action="store_true",
+        help="compute each network's θ̂ and reference into --cache, time nothing, write no report",
+    )
+    w3.add_argument(
+        "--ref-max-seconds",
+        type=float,
+        default=3600.0,
+        help="time cap of the CG reference (default 3,600)",
+    )
+    w3.add_argument(
+        "--ref-precond-rank",
+        type=int,
+        default=0,
+        help=(
+            "precondition the CG reference by a randomized Nyström sketch of this rank (default 0:"
+            " plain CG; the answer is the same, certified by its residual; fewer iterations on an"
+            " ill-conditioned H)"
+        ),
+    )
     w4 = ap.add_argument_group(
-        f"W4 (ResNet-18 on MNIST; --damping sets its δ too, default {W4_DAMPING:g})")
-    w4.add_argument("--w4-width", type=int, default=W4_WIDTH,
-                    help="base width of W4's ResNet (default 64 = ResNet-18; e.g. 8: same depth, "
-                         "widths 8-16-32-64)")
-    w4.add_argument("--w4-ref-rtol", type=float, default=1e-8,
-                    help="rtol of W4's float64 Gauss–Newton CG reference (default 1e-8)")
-    w4.add_argument("--no-reference", action="store_true",
-                    help="W4: no reference (too costly at full width): time and memory only, and "
-                         f"each method's agreement with {AGREE_WITH}'s scores")
-    w5 = ap.add_argument_group(f"W5 (transformer; --damping sets its δ too, default {W5_DAMPING:g})")
-    w5.add_argument("--w5-epochs", type=int, default=2, help="AdamW epochs of the W5 classifier (default 2)")
+        f"W4 (ResNet-18 on MNIST; --damping sets its δ too, default {W4_DAMPING:g})"
+    )
+    w4.add_argument(
+        "--w4-width",
+        type=int,
+        default=W4_WIDTH,
+        help=(
+            "base width of W4's ResNet (default 64 = ResNet-18; e.g. 8: same depth, "
+            "widths 8-16-32-64)"
+        ),
+    )
+    w4.add_argument(
+        "--w4-ref-rtol",
+        type=float,
+        default=1e-8,
+        help="rtol of W4's float64 Gauss–Newton CG reference (default 1e-8)",
+    )
+    w4.add_argument(
+        "--no-reference",
+        action="store_true",
+        help=(
+            "W4: no reference (too costly at full width): time and memory only, and "
+            f"each method's agreement with {AGREE_WITH}'s scores"
+        ),
+    )
+    w5 = ap.add_argument_group(
+        f"W5 (transformer; --damping sets its δ too, default {W5_DAMPING:g})"
+    )
+    w5.add_argument(
+        "--w5-epochs", type=int, default=2, help="AdamW epochs of the W5 classifier (default 2)"
+    )
     w5.add_argument("--w5-lr", type=float, default=2e-3, help="AdamW learning rate (default 2e-3)")
-    w5.add_argument("--w5-ref-rtol", type=float, default=1e-8,
-                    help="rtol of W5's float64 Gauss–Newton CG reference (default 1e-8)")
+    w5.add_argument(
+        "--w5-ref-rtol",
+        type=float,
+        default=1e-8,
+        help="rtol of W5's float64 Gauss–Newton CG reference (default 1e-8)",
+    )
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--state", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
         return worker(args.worker, args.state, args.threads)
     set_threads(args.threads)
-    command = " ".join(shlex.quote(a) for a in ["python", os.path.relpath(__file__), *(sys.argv[1:] if argv is None else argv)])
+    command = " ".join(
+        shlex.quote(a)
+        for a in ["python", os.path.relpath(__file__), *(sys.argv[1:] if argv is None else argv)]
+    )
     want = {s.strip() for s in args.methods.split(",") if s.strip()}
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
-    methods = [m for m in all_methods() if (not want or m.key in want or m.library in want)
-               and m.key not in skip and m.library not in skip]
+    methods = [
+        m
+        for m in all_methods()
+        if (not want or m.key in want or m.library in want)
+        and m.key not in skip
+        and m.library not in skip
+    ]
     out = Path(args.out)
     specs = [s.strip() for s in args.workloads.split(",") if s.strip()]
     status = 0
@@ -1694,7 +2403,10 @@ def main(argv: list[str] | None = None) -> int:
         for spec in specs:
             wl = load_workload(spec, args)
             if wl.arch == "linear":
-                log(f"{wl.title}: nothing to set up (the linear workloads' reference is closed-form)")
+                log(
+                    f"{wl.title}: nothing to set up (the linear workloads' reference is"
+                    " closed-form)"
+                )
                 continue
             log(f"{wl.title}: set-up only, K = {len(wl.Xt)}")
             network_setup(wl, args)
@@ -1712,7 +2424,9 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
             status = 1
             continue
-        replace_section(out, f"peers-{wl.key}", render_section(res, machine, command, time.perf_counter() - t0))
+        replace_section(
+            out, f"peers-{wl.key}", render_section(res, machine, command, time.perf_counter() - t0)
+        )
         replace_section(out, "peers-summary", render_summary(out))
         log(f"wrote sections peers-{wl.key} and peers-summary of {out}")
     return status

@@ -1,7 +1,8 @@
 """The peer benchmark's W3 reference (bench_peers.py beside it) against an explicit float64 Hessian.
 
 The reference is the ground truth every library's W3 scores are correlated with, so its HVPs and its
-(preconditioned) CG are checked here against ``torch.autograd.functional.hessian`` and a dense solve.
+(preconditioned) CG are checked here against ``torch.autograd.functional.hessian`` and a dense
+solve.
 """
 
 from __future__ import annotations
@@ -37,13 +38,19 @@ def problem(bench_peers):  # noqa: ANN001, ANN201
     torch.manual_seed(0)
     X = torch.randn(40, 8, dtype=torch.float64)
     y = torch.randint(0, 3, (40,))
-    model = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3)).double()
-    opt = torch.optim.LBFGS(model.parameters(), max_iter=500, tolerance_grad=1e-12, line_search_fn="strong_wolfe")
+    model = torch.nn.Sequential(
+        torch.nn.Linear(8, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3)
+    ).double()
+    opt = torch.optim.LBFGS(
+        model.parameters(), max_iter=500, tolerance_grad=1e-12, line_search_fn="strong_wolfe"
+    )
     l2 = bench_peers.L2
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(model(X), y) + l2 / 2 * sum((w ** 2).sum() for w in model.parameters())
+        loss = torch.nn.functional.cross_entropy(model(X), y) + l2 / 2 * sum(
+            (w**2).sum() for w in model.parameters()
+        )
         loss.backward()
         return loss
 
@@ -55,10 +62,10 @@ def problem(bench_peers):  # noqa: ANN001, ANN201
         params, i = {}, 0
         for name, shape in zip(names, shapes):
             m = int(np.prod(shape))
-            params[name] = flat[i:i + m].reshape(shape)
+            params[name] = flat[i : i + m].reshape(shape)
             i += m
         out = torch.func.functional_call(model, params, (X,))
-        return torch.nn.functional.cross_entropy(out, y) + l2 / 2 * (flat ** 2).sum()
+        return torch.nn.functional.cross_entropy(out, y) + l2 / 2 * (flat**2).sum()
 
     H = torch.autograd.functional.hessian(risk, prob.flat_params())
     return prob, H
@@ -81,20 +88,31 @@ def test_reference_cg_solves_the_explicit_system(bench_peers, problem, rank: int
     assert float(torch.linalg.eigvalsh(A)[0]) > 0
     B = torch.randn(3, prob.p, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     matvec = lambda V: prob.hvp(V, delta)  # noqa: E731
-    precond = bench_peers.nystrom_preconditioner(matvec, prob.p, rank, torch.float64)[0] if rank else None
+    precond = (
+        bench_peers.nystrom_preconditioner(matvec, prob.p, rank, torch.float64)[0] if rank else None
+    )
     X, stats = bench_peers.cg_reference(matvec, B, 1e-11, 1000, 60.0, precond=precond)
     want = torch.linalg.solve(A, B.T).T
     assert stats["stopped"] == "rtol" and stats["residual_max"] < 1e-10
     assert torch.allclose(X, want, rtol=1e-8, atol=1e-10 * float(want.abs().max()))
 
 
-def test_nystrom_preconditioner_needs_fewer_iterations_on_a_spread_spectrum(bench_peers) -> None:  # noqa: ANN001
+def test_nystrom_preconditioner_needs_fewer_iterations_on_a_spread_spectrum(
+    bench_peers,
+) -> None:  # noqa: ANN001
     """On A with a few large eigenvalues and a flat tail, a sketch of that rank makes CG converge in
-    a handful of steps; the answer is the same as plain CG's (the preconditioner only changes speed)."""
+    a handful of steps; the answer is the same as plain CG's (the preconditioner only changes
+    speed).
+    """
     g = torch.Generator().manual_seed(3)
     p = 300
     Q, _ = torch.linalg.qr(torch.randn(p, p, dtype=torch.float64, generator=g))
-    eig = torch.cat([torch.logspace(4, 1, 20, dtype=torch.float64), torch.linspace(1.0, 2.0, p - 20, dtype=torch.float64)])
+    eig = torch.cat(
+        [
+            torch.logspace(4, 1, 20, dtype=torch.float64),
+            torch.linspace(1.0, 2.0, p - 20, dtype=torch.float64),
+        ]
+    )
     A = (Q * eig) @ Q.T
     B = torch.randn(2, p, dtype=torch.float64, generator=g)
     matvec = lambda V: V @ A  # noqa: E731
@@ -113,16 +131,19 @@ def test_block_reference_shares_one_krylov_space(bench_peers) -> None:  # noqa: 
     g = torch.Generator().manual_seed(4)
     p = 400
     Q, _ = torch.linalg.qr(torch.randn(p, p, dtype=torch.float64, generator=g))
-    eig = torch.logspace(3, 0, p, dtype=torch.float64)    # κ = 1,000, no cluster to exploit
+    eig = torch.logspace(3, 0, p, dtype=torch.float64)  # κ = 1,000, no cluster to exploit
     A = (Q * eig) @ Q.T
     matvec = lambda V: V @ A  # noqa: E731
     B = torch.randn(12, p, dtype=torch.float64, generator=g)
-    B = torch.cat([B, B[:3], 2.5 * B[3:4]])               # 16 rows of rank 12
+    B = torch.cat([B, B[:3], 2.5 * B[3:4]])  # 16 rows of rank 12
     want = torch.linalg.solve(A, B.T).T
     X, block = bench_peers.cg_reference(matvec, B, 1e-10, 2000, 60.0)
     assert block["stopped"] == "rtol" and block["residual_max"] < 1e-9
     assert torch.allclose(X, want, rtol=1e-7, atol=1e-9 * float(want.abs().max()))
-    alone = [bench_peers.cg_reference(matvec, B[i:i + 1], 1e-10, 2000, 60.0)[1]["iterations"] for i in range(3)]
+    alone = [
+        bench_peers.cg_reference(matvec, B[i : i + 1], 1e-10, 2000, 60.0)[1]["iterations"]
+        for i in range(3)
+    ]
     assert block["iterations"] < min(alone) / 2, (block["iterations"], alone)
 
 

@@ -69,18 +69,28 @@ def check_finite(t: torch.Tensor, what: str, fix: str = "") -> None:
 def check_is_fitted(obj: Any, attr: str) -> None:
     """Raise ``NotFittedError`` unless ``obj`` has the fitted attribute ``attr``."""
     if getattr(obj, attr, None) is None:
-        raise NotFittedError(f"This {type(obj).__name__} is not fitted yet. Call .fit(train) first.")
+        raise NotFittedError(
+            f"This {type(obj).__name__} is not fitted yet. Call .fit(train) first."
+        )
 
 
 def check_rows_finite(t: torch.Tensor, ids: Any, what: str, fix: str = "", *, dim: int = 0) -> None:
     """Raise ``NonFiniteError`` naming the points (``ids``, one per index of ``dim``) whose slice of
     ``t`` holds a NaN or inf — e.g. the per-sample gradients of a chunk, or a chunk's scores."""
-    if not (t.is_floating_point() or t.is_complex()) or t.numel() == 0 or bool(torch.isfinite(t.sum())):
+    if (
+        not (t.is_floating_point() or t.is_complex())
+        or t.numel() == 0
+        or bool(torch.isfinite(t.sum()))
+    ):
         return
     bad = ~torch.isfinite(t)
     rows = bad.movedim(dim, 0).reshape(t.shape[dim], -1).any(dim=1).nonzero().reshape(-1).tolist()
     if not rows:
         return
     id_list = [int(i) for i in torch.as_tensor(ids).reshape(-1)[rows].tolist()]
-    shown = ", ".join(str(i) for i in id_list[:10]) + (f", … ({len(id_list)} in all)" if len(id_list) > 10 else "")
-    raise NonFiniteError(f"{what} is NaN or infinite for point id(s) {shown}." + (f" {fix}" if fix else ""))
+    shown = ", ".join(str(i) for i in id_list[:10]) + (
+        f", … ({len(id_list)} in all)" if len(id_list) > 10 else ""
+    )
+    raise NonFiniteError(
+        f"{what} is NaN or infinite for point id(s) {shown}." + (f" {fix}" if fix else "")
+    )

@@ -35,7 +35,8 @@ _state = threading.local()
 
 
 def inside_task() -> bool:
-    """True while this thread runs a task function of an executor (nested passes then stay local)."""
+    """True while this thread runs a task function of an executor (nested passes then stay
+    local)."""
     return bool(getattr(_state, "depth", 0))
 
 
@@ -81,20 +82,29 @@ class Executor(Protocol):
     parallelism: int
 
     def share(self, obj: Any) -> Any:
-        """Place ``obj`` where tasks run, once; pass the returned handle to ``map`` as an argument."""
+        """Place ``obj`` where tasks run, once; pass the returned handle to ``map`` as an
+        argument."""
         ...
 
     def map(self, fn: Callable[..., R], partitions: Sequence[Any], *args: Any) -> Iterator[R]:
         """Yield ``fn(part, *args)`` for each partition, in partition order."""
         ...
 
-    def map_reduce(self, fn: Callable[..., R], partitions: Sequence[Any], reduce: Callable[[R, R], R], *args: Any) -> R:
-        """``reduce`` folded left over ``map(fn, partitions, *args)`` in partition order (deterministic)."""
+    def map_reduce(
+        self,
+        fn: Callable[..., R],
+        partitions: Sequence[Any],
+        reduce: Callable[[R, R], R],
+        *args: Any,
+    ) -> R:
+        """``reduce`` folded left over ``map(fn, partitions, *args)`` in partition order
+        (deterministic)."""
         ...
 
 
 class LocalExecutor:
-    """In-process, sequential executor: ``map`` is a plain loop, ``share`` returns the object itself.
+    """In-process, sequential executor: ``map`` is a plain loop, ``share`` returns the object
+    itself.
 
     Examples:
         >>> ex = LocalExecutor()
@@ -113,7 +123,13 @@ class LocalExecutor:
         for part in partitions:
             yield run_task(fn, part, *args)
 
-    def map_reduce(self, fn: Callable[..., R], partitions: Sequence[Any], reduce: Callable[[R, R], R], *args: Any) -> R:
+    def map_reduce(
+        self,
+        fn: Callable[..., R],
+        partitions: Sequence[Any],
+        reduce: Callable[[R, R], R],
+        *args: Any,
+    ) -> R:
         return functools.reduce(reduce, self.map(fn, partitions, *args))
 
     def __repr__(self) -> str:
@@ -126,7 +142,9 @@ def split_indices(n: int, size: int, *, min_parts: int = 1, start: int = 0) -> l
     if n <= 0:
         return []
     size = max(1, min(int(size), -(-n // max(1, min_parts))))
-    return [np.arange(start + s, start + min(s + size, n), dtype=np.int64) for s in range(0, n, size)]
+    return [
+        np.arange(start + s, start + min(s + size, n), dtype=np.int64) for s in range(0, n, size)
+    ]
 
 
 def resolve(executor: Any) -> Executor:
@@ -135,7 +153,7 @@ def resolve(executor: Any) -> Executor:
         return LocalExecutor()
     if not isinstance(executor, Executor):
         raise InputError(
-            f"executor must be an upweight Executor (LocalExecutor, upweight.distributed.DaskExecutor) or None; "
-            f"got {type(executor).__name__}."
+            "executor must be an upweight Executor (LocalExecutor,"
+            f" upweight.distributed.DaskExecutor) or None; got {type(executor).__name__}."
         )
     return executor

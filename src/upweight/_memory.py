@@ -44,14 +44,18 @@ def _env_limit() -> int | None:
     try:
         value = float(num) * _SUFFIX[unit]
     except ValueError as exc:
-        raise InputError(f"{ENV_LIMIT}={raw!r} is not a size; use bytes or a K/M/G/T suffix, e.g. {ENV_LIMIT}=4G.") from exc
+        raise InputError(
+            f"{ENV_LIMIT}={raw!r} is not a size; use bytes or a K/M/G/T suffix, e.g."
+            f" {ENV_LIMIT}=4G."
+        ) from exc
     if value <= 0:
         raise InputError(f"{ENV_LIMIT}={raw!r} must be positive.")
     return int(value)
 
 
 def _cgroup_limit() -> int | None:
-    """The memory limit of this process's cgroup (v2 ``memory.max`` less ``memory.current``), if any."""
+    """The memory limit of this process's cgroup (v2 ``memory.max`` less ``memory.current``), if
+    any."""
     try:
         limit = open("/sys/fs/cgroup/memory.max").read().strip()
         if limit == "max":
@@ -115,16 +119,18 @@ def check_memory(
         >>> check_memory(2**62, "the dense Hessian", alternatives="Use CG.")  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        upweight.errors.InsufficientMemoryError: the dense Hessian needs 4194304.0 TiB but ... Use CG.
+        upweight.errors.InsufficientMemoryError: the dense Hessian needs 4194304.0 TiB ... Use CG.
     """
     nbytes = int(nbytes)
     avail = available_memory(device)
     if nbytes > fraction * avail:
-        where = "GPU memory" if device is not None and torch.device(device).type == "cuda" else "memory"
+        where = (
+            "GPU memory" if device is not None and torch.device(device).type == "cuda" else "memory"
+        )
         raise InsufficientMemoryError(
-            f"{what} needs {format_bytes(nbytes)} but only {format_bytes(avail)} of {where} is available "
-            f"(upweight uses at most {fraction:.0%} of it; {ENV_LIMIT} lowers the limit)."
-            + (f" {alternatives}" if alternatives else ""),
+            f"{what} needs {format_bytes(nbytes)} but only {format_bytes(avail)} of {where} is"
+            f" available (upweight uses at most {fraction:.0%} of it; {ENV_LIMIT} lowers the"
+            " limit)." + (f" {alternatives}" if alternatives else ""),
             required_bytes=nbytes,
             available_bytes=avail,
         )

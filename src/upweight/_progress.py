@@ -38,7 +38,8 @@ _ENABLED: ContextVar[bool] = ContextVar("upweight_progress", default=True)
 ENV_VAR = "UPWEIGHT_PROGRESS"
 #: seconds a bar waits before it first draws: shorter loops print nothing
 DELAY = 2.0
-#: least seconds between two redraws of a bar (and between two evaluations of its lazy postfix values)
+#: least seconds between two redraws of a bar (and between two evaluations of its lazy postfix
+#: values)
 MININTERVAL = 0.5
 
 
@@ -62,12 +63,23 @@ def progress_enabled(enabled: bool) -> Iterator[None]:
         _ENABLED.reset(token)
 
 
-def progress(iterable: Iterable[T], *, desc: str, total: int | None = None, enabled: bool = True) -> Iterator[T]:
-    """Wrap ``iterable`` in a tqdm bar when ``enabled`` (and bars are on here); bars shorter than ``DELAY`` stay hidden."""
+def progress(
+    iterable: Iterable[T], *, desc: str, total: int | None = None, enabled: bool = True
+) -> Iterator[T]:
+    """Wrap ``iterable`` in a tqdm bar when ``enabled`` (and bars are on here); bars shorter than
+    ``DELAY`` stay hidden."""
     if not progress_on(enabled):
         yield from iterable
         return
-    yield from tqdm(iterable, desc=desc, total=total, leave=False, mininterval=MININTERVAL, miniters=1, delay=DELAY)
+    yield from tqdm(
+        iterable,
+        desc=desc,
+        total=total,
+        leave=False,
+        mininterval=MININTERVAL,
+        miniters=1,
+        delay=DELAY,
+    )
 
 
 PostfixValue = Any  # a number, a string, a 0-d tensor, or a callable returning one of these
@@ -146,8 +158,14 @@ def _format(value: PostfixValue) -> str:
 
 
 @contextmanager
-def progress_bar(*, desc: str, total: int | None = None, enabled: bool = True, unit: str = "it",
-                 postfix: dict[str, PostfixValue] | None = None) -> Iterator[ProgressBar | NoBar]:
+def progress_bar(
+    *,
+    desc: str,
+    total: int | None = None,
+    enabled: bool = True,
+    unit: str = "it",
+    postfix: dict[str, PostfixValue] | None = None,
+) -> Iterator[ProgressBar | NoBar]:
     """A bar for a loop that is not a plain iterable, or whose postfix carries live values.
 
     Yields a ``ProgressBar`` when bars show here (``progress_on(enabled)``), else a ``NoBar``
@@ -161,12 +179,20 @@ def progress_bar(*, desc: str, total: int | None = None, enabled: bool = True, u
     if not progress_on(enabled):
         yield NoBar()
         return
-    bar = ProgressBar(tqdm(desc=desc, total=total, unit=unit, leave=False, mininterval=MININTERVAL, miniters=1,
-                           delay=DELAY))
+    bar = ProgressBar(
+        tqdm(
+            desc=desc,
+            total=total,
+            unit=unit,
+            leave=False,
+            mininterval=MININTERVAL,
+            miniters=1,
+            delay=DELAY,
+        )
+    )
     try:
         if postfix:
             bar.set_postfix(**postfix)
         yield bar
     finally:
         bar.close()
-

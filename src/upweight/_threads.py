@@ -1,16 +1,16 @@
 """How many intra-op threads torch uses inside upweight's own work (``upweight.set_threads``).
 
-torch runs each operation on ``torch.get_num_threads()`` OpenMP threads (by default one per core). On
-a machine whose cores are busy with other work, every parallel region then waits for a thread that is
-not scheduled, and a small problem — thousands of short operations, each too small to gain from a
-second thread — can run far slower than on one thread (``bench/RESULTS.md``, section
+torch runs each operation on ``torch.get_num_threads()`` OpenMP threads (by default one per core).
+On a machine whose cores are busy with other work, every parallel region then waits for a thread
+that is not scheduled, and a small problem — thousands of short operations, each too small to gain
+from a second thread — can run far slower than on one thread (``bench/RESULTS.md``, section
 ``threads``). Large products still gain from every core.
 
 The setting, one of:
 
 * ``"auto"`` (the default): a computation of upweight that knows its size — p parameters times n
-  training points — runs on one intra-op thread when p·n < ``SMALL_WORK``, and leaves torch's setting
-  alone otherwise;
+  training points — runs on one intra-op thread when p·n < ``SMALL_WORK``, and leaves torch's
+  setting alone otherwise;
 * a positive int N: N intra-op threads inside upweight's computations, whatever their size;
 * ``"torch"``: never touch torch's setting.
 
@@ -56,14 +56,16 @@ def _check(value: object, source: str) -> ThreadSetting:
             return int(v)
     elif isinstance(value, int) and not isinstance(value, bool) and value >= 1:
         return value
-    raise InputError(f"{source} must be a positive int (intra-op threads), 'auto' or 'torch'; got {value!r}.")
+    raise InputError(
+        f"{source} must be a positive int (intra-op threads), 'auto' or 'torch'; got {value!r}."
+    )
 
 
 def set_threads(n: ThreadSetting) -> None:
     """Set how many intra-op threads torch uses inside upweight's computations: a positive int,
     ``"auto"`` (one thread for small problems, p·n < ``SMALL_WORK``; torch's setting for the rest)
-    or ``"torch"`` (leave torch's setting alone). Overrides ``UPWEIGHT_THREADS``. torch's own setting
-    outside upweight's calls is not changed.
+    or ``"torch"`` (leave torch's setting alone). Overrides ``UPWEIGHT_THREADS``. torch's own
+    setting outside upweight's calls is not changed.
 
     Raises:
         InputError: ``n`` is none of these.

@@ -11,12 +11,11 @@ Every message says what is wrong, the value observed, and how to fix it.
     │   ├── EmptyDataError      no training / test points
     │   └── DtypeError          wrong dtype (e.g. float labels for cross-entropy)
     ├── NotFittedError(ValueError, AttributeError)
-    ├── UnsupportedModelError   model / loss cannot be used as given (train-mode BatchNorm, non-per-sample loss)
-    ├── CurvatureError
-    │   ├── NotPositiveDefiniteError   H + δI has a non-positive eigenvalue → add damping
-    │   └── CurvatureTooLargeError     dense Hessian requested for too many parameters
-    ├── InsufficientMemoryError(MemoryError)   a result or working set that would not fit in memory
-    └── SolverError
+    ├── UnsupportedModelError   model / loss cannot be used as given (train-mode BatchNorm,
+    non-per-sample loss) ├── CurvatureError │   ├── NotPositiveDefiniteError   H + δI has a
+    non-positive eigenvalue → add damping │   └── CurvatureTooLargeError     dense Hessian requested
+    for too many parameters ├── InsufficientMemoryError(MemoryError)   a result or working set that
+    would not fit in memory └── SolverError
         ├── DivergenceError            LiSSA's series blew up → larger scale
         └── InaccurateSolveError       residual above the accepted bound
 
@@ -111,7 +110,8 @@ class InaccurateSolveError(SolverError):
 
 
 class StoreError(UpweightError):
-    """A store folder that cannot be used as it is (unreadable manifest, inconsistent array spec)."""
+    """A store folder that cannot be used as it is (unreadable manifest, inconsistent
+    array spec)."""
 
 
 class StoreMismatchError(StoreError):
@@ -135,7 +135,8 @@ class NotConvergedWarning(UpweightWarning):
 
 
 class IndefiniteCurvatureWarning(UpweightWarning):
-    """H + δI was seen to have a negative eigenvalue, and the solver was asked to go on (``on_indefinite="warn"``)."""
+    """H + δI was seen to have a negative eigenvalue, and the solver was asked to go on
+    (``on_indefinite="warn"``)."""
 
 
 class InaccurateSolveWarning(UpweightWarning):

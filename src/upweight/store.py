@@ -21,7 +21,8 @@ Guarantees:
   parameters, objective settings, damping, solver, data). Opening the folder for a different
   computation raises ``StoreMismatchError`` naming every difference and the fix (a new folder or
   ``overwrite=True``). Each array records the chunk size it was written with; continuing it with
-  another chunk size is refused (results are only bit-for-bit identical when the chunks are the same).
+  another chunk size is refused (results are only bit-for-bit identical when the chunks are the
+  same).
 * **confined**: the store reads, writes and deletes only inside its folder. A manifest is
   validated when read (array names must be identifiers, entries well formed) and refused with a
   ``StoreError`` otherwise, so a manifest cannot name a path outside the folder. ``clear()`` (and
@@ -86,8 +87,12 @@ _TEMP_FILE = re.compile(r"\.(?P<target>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp")
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _DIRECTORY = getattr(os, "O_DIRECTORY", 0)
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+
+
 # ── fingerprints ─────────────────────────────────────────────────────────────────────────
-def array_digest(a: np.ndarray, *, max_bytes: int = 2**28, sample_rows: int = 4096) -> dict[str, Any]:
+def array_digest(
+    a: np.ndarray, *, max_bytes: int = 2**28, sample_rows: int = 4096
+) -> dict[str, Any]:
     """Shape, dtype and SHA-256 of an array's bytes — of every byte up to ``max_bytes``, above that
     of ``sample_rows`` evenly spaced rows (recorded as ``sampled``).
 
@@ -105,7 +110,12 @@ def array_digest(a: np.ndarray, *, max_bytes: int = 2**28, sample_rows: int = 40
         body = np.ascontiguousarray(a)
     h = hashlib.sha256()
     h.update(body.view(np.uint8).reshape(-1).data if body.size else b"")
-    return {"shape": list(a.shape), "dtype": str(a.dtype), "sha256": h.hexdigest(), "sampled": bool(sampled)}
+    return {
+        "shape": list(a.shape),
+        "dtype": str(a.dtype),
+        "sha256": h.hexdigest(),
+        "sampled": bool(sampled),
+    }
 
 
 def _jsonable(x: Any) -> Any:
@@ -124,7 +134,8 @@ def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def _short(v: Any) -> str:
-    """``repr(v)`` for a message: checksums cut to their first 12 digits, anything else to 100 characters."""
+    """``repr(v)`` for a message: checksums cut to their first 12 digits, anything else to 100
+    characters."""
     s = repr(v)
     if isinstance(v, str) and len(v) > 16 and all(c in "0123456789abcdef" for c in v):
         return repr(v[:12] + "…")
@@ -132,12 +143,16 @@ def _short(v: Any) -> str:
 
 
 def describe_differences(stored: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
-    """``"key: stored X, now Y"`` for every dotted key whose value differs between two fingerprints."""
+    """``"key: stored X, now Y"`` for every dotted key whose value differs between two
+    fingerprints."""
     a, b = _flatten(stored), _flatten(now)
     diffs = []
     for key in sorted(set(a) | set(b)):
         if a.get(key, "<absent>") != b.get(key, "<absent>"):
-            diffs.append(f"{key}: stored {_short(a.get(key, '<absent>'))}, now {_short(b.get(key, '<absent>'))}")
+            diffs.append(
+                f"{key}: stored {_short(a.get(key, '<absent>'))}, now"
+                f" {_short(b.get(key, '<absent>'))}"
+            )
     return diffs
 
 
@@ -148,7 +163,8 @@ def _temp_name(target: str) -> str:
 
 
 def atomic_write(path: Path, write: Any) -> None:
-    """Write through ``write(fh)`` to a temporary file next to ``path``, fsync, then ``os.replace``."""
+    """Write through ``write(fh)`` to a temporary file next to ``path``, fsync, then
+    ``os.replace``."""
     tmp = path.with_name(_temp_name(path.name))
     try:
         with open(tmp, "wb") as fh:
@@ -183,7 +199,11 @@ def _npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype, int] | None:
             offset = fh.tell()
     except (OSError, ValueError, EOFError):
         return None
-    return tuple(shape), np.dtype(dtype), offset + int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    return (
+        tuple(shape),
+        np.dtype(dtype),
+        offset + int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize,
+    )
 
 
 def _pid_alive(pid: int) -> bool:
@@ -210,12 +230,18 @@ def _open_subfolder(root_fd: int, name: str, store: Path, *, warn: bool = True) 
                 why = "a symbolic link" if stat.S_ISLNK(mode) else "not a folder"
             except OSError:
                 why = str(exc)
-            logger.warning("store %s: '%s' is %s, not a folder the store wrote; it was left alone", store, name, why)
+            logger.warning(
+                "store %s: '%s' is %s, not a folder the store wrote; it was left alone",
+                store,
+                name,
+                why,
+            )
         return None
 
 
 def _remove_own_files(dir_fd: int, own: Callable[[str], bool]) -> list[str]:
-    """Delete the regular files of ``dir_fd`` whose names ``own`` accepts; the names of the others."""
+    """Delete the regular files of ``dir_fd`` whose names ``own`` accepts; the names of the
+    others."""
     left = []
     with os.scandir(dir_fd) as entries:
         for e in entries:
@@ -234,15 +260,25 @@ def _check_folder_path(path: Path) -> None:
     if path.is_dir():
         return
     if path.exists() or path.is_symlink():
-        kind = "a broken symbolic link" if not path.exists() else "a file" if path.is_file() else "not a folder"
-        raise StoreError(f"store={str(path)!r} is {kind}; a store is a folder. Give a folder path (it is created "
-                         "if missing), e.g. a new name next to it.")
+        kind = (
+            "a broken symbolic link"
+            if not path.exists()
+            else "a file"
+            if path.is_file()
+            else "not a folder"
+        )
+        raise StoreError(
+            f"store={str(path)!r} is {kind}; a store is a folder. Give a folder path (it is created"
+            " if missing), e.g. a new name next to it."
+        )
     for parent in path.parents:
         if parent.is_dir():
             return
         if parent.exists() or parent.is_symlink():
-            raise StoreError(f"store={str(path)!r} cannot be created: {str(parent)!r} is a file, not a folder. "
-                             "Give a folder path whose parents are folders.")
+            raise StoreError(
+                f"store={str(path)!r} cannot be created: {str(parent)!r} is a file, not a folder. "
+                "Give a folder path whose parents are folders."
+            )
 
 
 # ── the writer's lock ────────────────────────────────────────────────────────────────────
@@ -291,8 +327,10 @@ def _lock_folder(folder: Path) -> _FolderLock:
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | _NOFOLLOW | _CLOEXEC, 0o644)
     except OSError as exc:
-        raise StoreError(f"Cannot open the lock file {path} of the store ({exc}). The store needs a folder it "
-                         "can write, with '.lock' a plain file (or absent).") from exc
+        raise StoreError(
+            f"Cannot open the lock file {path} of the store ({exc}). The store needs a folder it "
+            "can write, with '.lock' a plain file (or absent)."
+        ) from exc
     registered = False
     try:
         st = os.fstat(fd)
@@ -308,15 +346,28 @@ def _lock_folder(folder: Path) -> _FolderLock:
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
-                    holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "a process that has not yet written its pid"
+                    holder = (
+                        os.pread(fd, 200, 0).decode("utf-8", "replace").strip()
+                        or "a process that has not yet written its pid"
+                    )
                     raise StoreError(
-                        f"The store {folder} is being written by another process ({holder}); a store has one writer "
-                        "at a time. Wait until that run ends (or stop it), or give this run another folder."
+                        f"The store {folder} is being written by another process ({holder}); a"
+                        " store has one writer at a time. Wait until that run ends (or stop it),"
+                        " or give this run another folder."
                     ) from None
                 except OSError as exc:  # a file system without locks
-                    logger.warning("store %s: cannot lock %s (%s); a second writer would not be refused", folder, path, exc)
+                    logger.warning(
+                        "store %s: cannot lock %s (%s); a second writer would not be refused",
+                        folder,
+                        path,
+                        exc,
+                    )
             else:  # pragma: no cover - not POSIX
-                logger.warning("store %s: no file locks on this platform; a second writer would not be refused", folder)
+                logger.warning(
+                    "store %s: no file locks on this platform; a second writer would not be"
+                    " refused",
+                    folder,
+                )
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
             lock = _FolderLock(fd, key, folder)
@@ -329,7 +380,8 @@ def _lock_folder(folder: Path) -> _FolderLock:
 
 
 def _unlock_folder(lock: _FolderLock) -> None:
-    """Drop one Store's share of ``lock``; the last one closes the descriptor, which ends the flock."""
+    """Drop one Store's share of ``lock``; the last one closes the descriptor, which ends
+    the flock."""
     with _LOCKS_GUARD:
         if lock.pid != os.getpid() or lock.count <= 0:
             return  # inherited through fork (the parent's lock), or already released
@@ -348,7 +400,10 @@ def _is_count(x: Any, low: int) -> bool:
 def _array_entry_problem(name: Any, e: Any) -> str | None:
     """What is wrong with the manifest entry of array ``name``, or None."""
     if not isinstance(name, str) or not name.isidentifier():
-        return f"array name {name!r} is not an identifier (array names are folder names inside the store)"
+        return (
+            f"array name {name!r} is not an identifier (array names are folder names inside the"
+            " store)"
+        )
     if not isinstance(e, dict):
         return f"the entry of array '{name}' is not a JSON object"
     shape = e.get("shape")
@@ -366,9 +421,16 @@ def _array_entry_problem(name: Any, e: Any) -> str | None:
         return f"array '{name}' has dtype {e.get('dtype')!r}, not a numeric NumPy dtype"
     chunks = e.get("chunks")
     if not isinstance(chunks, dict) or not all(
-        isinstance(k, str) and k.isdigit() and isinstance(v, dict) and isinstance(v.get("sha256"), str) for k, v in chunks.items()
+        isinstance(k, str)
+        and k.isdigit()
+        and isinstance(v, dict)
+        and isinstance(v.get("sha256"), str)
+        for k, v in chunks.items()
     ):
-        return f"array '{name}' lists its chunks as {_short(chunks)}, not chunk numbers with their sha256"
+        return (
+            f"array '{name}' lists its chunks as {_short(chunks)}, not chunk numbers with their"
+            " sha256"
+        )
     if not isinstance(e.get("meta", {}), dict):
         return f"array '{name}' has meta {_short(e.get('meta'))}, not a JSON object"
     return None
@@ -376,8 +438,12 @@ def _array_entry_problem(name: Any, e: Any) -> str | None:
 
 def _manifest_problem(m: Any, f: Path) -> str | None:
     """Why ``m`` (a parsed manifest file ``f``) cannot be used, or None."""
-    if not (isinstance(m, dict) and m.get("format") == FORMAT_VERSION and isinstance(m.get("fingerprint"), dict)
-            and isinstance(m.get("arrays"), dict)):
+    if not (
+        isinstance(m, dict)
+        and m.get("format") == FORMAT_VERSION
+        and isinstance(m.get("fingerprint"), dict)
+        and isinstance(m.get("arrays"), dict)
+    ):
         return f"{f} is not an upweight store manifest (format {FORMAT_VERSION})"
     for name, entry in m["arrays"].items():
         why = _array_entry_problem(name, entry)
@@ -426,7 +492,8 @@ class Store:
         self._lock: _FolderLock | None = None
         self._release: weakref.finalize | None = None
         self._seen = 0  # the lock's manifest version this Store's copy of the manifest reflects
-        self._discarded: str | None = None  # why an unusable manifest is to be discarded (overwrite=True)
+        # why an unusable manifest is to be discarded (overwrite=True)
+        self._discarded: str | None = None
         self._manifest: dict[str, Any] | None = self._read_manifest()
 
     @classmethod
@@ -463,12 +530,15 @@ class Store:
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise StoreError(f"Cannot create the store folder {self.path} ({exc}); give a folder you can write.") from exc
+            raise StoreError(
+                f"Cannot create the store folder {self.path} ({exc}); give a folder you can write."
+            ) from exc
         lock = _lock_folder(self.path)
         self._lock, self._release = lock, weakref.finalize(self, _unlock_folder, lock)
         try:
             self._reload(same_computation)
-            if lock.count == 1:  # just taken by this process (a shared lock has nothing new to clean)
+            # just taken by this process (a shared lock has nothing new to clean)
+            if lock.count == 1:
                 self._remove_orphans()
         except BaseException:
             self.close()  # this Store cannot write: another run may use the folder
@@ -478,12 +548,15 @@ class Store:
         before = self._manifest
         self._manifest = self._read_manifest()
         self._seen = self._lock.version if self._lock is not None else 0
-        if same_computation and before is not None and (
-            self._manifest is None or self._manifest["fingerprint"] != before["fingerprint"]
+        if (
+            same_computation
+            and before is not None
+            and (self._manifest is None or self._manifest["fingerprint"] != before["fingerprint"])
         ):
             raise StoreError(
-                f"The store {self.path} was discarded or bound to another computation after this Store read it "
-                "(by another Store or process). Open it again (Store.open) to see what it holds now."
+                f"The store {self.path} was discarded or bound to another computation after this"
+                " Store read it (by another Store or process). Open it again (Store.open) to see"
+                " what it holds now."
             )
 
     def _changed_manifest(self) -> None:
@@ -515,7 +588,9 @@ class Store:
         assembled = {n + ASSEMBLED_SUFFIX for n in names}
         root = os.open(self.path, os.O_RDONLY | _DIRECTORY | _CLOEXEC)
         try:
-            _remove_own_files(root, lambda n: orphan(root, n, lambda t: t == MANIFEST or t in assembled))
+            _remove_own_files(
+                root, lambda n: orphan(root, n, lambda t: t == MANIFEST or t in assembled)
+            )
             for name in names:
                 fd = _open_subfolder(root, name, self.path, warn=False)
                 if fd is not None:
@@ -545,11 +620,15 @@ class Store:
         if self.overwrite:
             self._discarded = why
             return None
-        raise StoreError(f"{why}. Use a new folder, or pass overwrite=True (Store(path, overwrite=True)) to discard it.")
+        raise StoreError(
+            f"{why}. Use a new folder, or pass overwrite=True (Store(path, overwrite=True)) to"
+            " discard it."
+        )
 
     def _write_manifest(self, manifest: dict[str, Any]) -> None:
         # compact: json's C encoder (an indent falls back to the much slower pure-Python one, which
-        # matters for a store with thousands of arrays — a leave-one-out store has one per retraining)
+        # matters for a store with thousands of arrays — a leave-one-out store has one per
+        # retraining)
         self._acquire()
         text = json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
         atomic_write(self.path / MANIFEST, lambda fh: fh.write(text))
@@ -568,8 +647,8 @@ class Store:
         return None if self._manifest is None else self._manifest["fingerprint"]
 
     def bind(self, fingerprint: Mapping[str, Any]) -> None:
-        """Tie the store to a computation: record ``fingerprint`` in a new store, or check it against
-        the recorded one. Takes the folder's lock (see the class).
+        """Tie the store to a computation: record ``fingerprint`` in a new store, or check it
+        against the recorded one. Takes the folder's lock (see the class).
 
         Raises:
             StoreMismatchError: the folder holds results of a different computation.
@@ -581,7 +660,9 @@ class Store:
             self.clear()
             self.overwrite = False  # a later bind in the same run resumes what this run wrote
         if self._manifest is None:
-            self._write_manifest({"format": FORMAT_VERSION, "fingerprint": fp, "arrays": {}, "created": time.time()})
+            self._write_manifest(
+                {"format": FORMAT_VERSION, "fingerprint": fp, "arrays": {}, "created": time.time()}
+            )
             return
         diffs = describe_differences(self._manifest["fingerprint"], fp)
         if diffs:
@@ -589,8 +670,8 @@ class Store:
             raise StoreMismatchError(
                 f"The store {self.path} was written for a different computation; it differs in "
                 + "; ".join(diffs)
-                + ". Use a new folder for this run, or pass overwrite=True (e.g. store=Store(path, overwrite=True)) "
-                "to discard the stored results."
+                + ". Use a new folder for this run, or pass overwrite=True (e.g. store=Store(path,"
+                " overwrite=True)) to discard the stored results."
             )
 
     def clear(self) -> None:
@@ -609,26 +690,59 @@ class Store:
                 fd = _open_subfolder(root, name, self.path)
                 if fd is not None:
                     try:
-                        left = _remove_own_files(fd, lambda n: bool(
-                            _CHUNK_FILE.fullmatch(n) or ((m := _TEMP_FILE.fullmatch(n)) and _CHUNK_FILE.fullmatch(m["target"]))))
+                        left = _remove_own_files(
+                            fd,
+                            lambda n: bool(
+                                _CHUNK_FILE.fullmatch(n)
+                                or (
+                                    (m := _TEMP_FILE.fullmatch(n))
+                                    and _CHUNK_FILE.fullmatch(m["target"])
+                                )
+                            ),
+                        )
                     finally:
                         os.close(fd)
                     if left:
-                        logger.warning("store %s: kept the folder '%s': it holds files the store did not write (%s)",
-                                       self.path, name, ", ".join(sorted(left)[:5]))
+                        logger.warning(
+                            "store %s: kept the folder '%s': it holds files the store did not write"
+                            " (%s)",
+                            self.path,
+                            name,
+                            ", ".join(sorted(left)[:5]),
+                        )
                     else:
                         try:
                             os.rmdir(name, dir_fd=root)
                         except OSError:
                             pass
             assembled = {n + ASSEMBLED_SUFFIX for n in names}
-            _remove_own_files(root, lambda n: n == MANIFEST or n in assembled or bool(
-                (m := _TEMP_FILE.fullmatch(n)) and (m["target"] == MANIFEST or m["target"] in assembled)))
+            _remove_own_files(
+                root,
+                lambda n: (
+                    n == MANIFEST
+                    or n in assembled
+                    or bool(
+                        (m := _TEMP_FILE.fullmatch(n))
+                        and (m["target"] == MANIFEST or m["target"] in assembled)
+                    )
+                ),
+            )
             if self._discarded is not None:
-                folders = sorted(e.name for e in os.scandir(root) if e.is_dir(follow_symlinks=False))
-                logger.warning("store %s: discarded its manifest (%s); %s", self.path, self._discarded,
-                               "left the folders " + ", ".join(folders) + " alone: without a manifest the store "
-                               "cannot tell whether it wrote them" if folders else "no folders were touched")
+                folders = sorted(
+                    e.name for e in os.scandir(root) if e.is_dir(follow_symlinks=False)
+                )
+                logger.warning(
+                    "store %s: discarded its manifest (%s); %s",
+                    self.path,
+                    self._discarded,
+                    (
+                        "left the folders "
+                        + ", ".join(folders)
+                        + " alone: without a manifest the store cannot tell whether it wrote them"
+                        if folders
+                        else "no folders were touched"
+                    ),
+                )
         finally:
             os.close(root)
         self._manifest, self._discarded = None, None
@@ -636,10 +750,18 @@ class Store:
 
     def _require_bound(self) -> dict[str, Any]:
         lock = self._lock
-        if lock is not None and lock.count > 0 and lock.pid == os.getpid() and lock.version != self._seen:
+        if (
+            lock is not None
+            and lock.count > 0
+            and lock.pid == os.getpid()
+            and lock.version != self._seen
+        ):
             self._reload(same_computation=True)  # another Store of this process wrote the manifest
         if self._manifest is None:
-            raise StoreError(f"The store {self.path} is not bound to a computation yet; call store.bind(fingerprint) first.")
+            raise StoreError(
+                f"The store {self.path} is not bound to a computation yet; call"
+                " store.bind(fingerprint) first."
+            )
         return self._manifest
 
     def _array_folder(self, name: str, *, create: bool) -> Path:
@@ -649,8 +771,9 @@ class Store:
         folder = self.path / name
         if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
             raise StoreError(
-                f"{folder} is {'a symbolic link' if folder.is_symlink() else 'not a folder'}; the store keeps array "
-                f"'{name}' only in a folder of its own inside {self.path}. Move it away, or use a new folder."
+                f"{folder} is {'a symbolic link' if folder.is_symlink() else 'not a folder'}; the"
+                f" store keeps array '{name}' only in a folder of its own inside {self.path}. Move"
+                " it away, or use a new folder."
             )
         if create:
             folder.mkdir(exist_ok=True)
@@ -658,7 +781,14 @@ class Store:
 
     # ── arrays ───────────────────────────────────────────────────────────────────────
     def chunked(
-        self, name: str, *, shape: tuple[int, ...], axis: int, chunk_size: int, dtype: str, hint: str = ""
+        self,
+        name: str,
+        *,
+        shape: tuple[int, ...],
+        axis: int,
+        chunk_size: int,
+        dtype: str,
+        hint: str = "",
     ) -> ChunkedArray:
         """The array ``name`` of ``shape``, split along ``axis`` into chunks of ``chunk_size``.
 
@@ -667,7 +797,12 @@ class Store:
         """
         manifest = self._require_bound()
         self._array_folder(name, create=False)
-        spec = {"shape": [int(s) for s in shape], "axis": int(axis), "chunk_size": int(chunk_size), "dtype": str(np.dtype(dtype))}
+        spec = {
+            "shape": [int(s) for s in shape],
+            "axis": int(axis),
+            "chunk_size": int(chunk_size),
+            "dtype": str(np.dtype(dtype)),
+        }
         if name not in manifest["arrays"]:
             self._acquire()
             manifest = self._require_bound()
@@ -678,14 +813,18 @@ class Store:
             self._check_layout(name, old, spec, hint)
         return ChunkedArray(self, name)
 
-    def _check_layout(self, name: str, old: Mapping[str, Any], spec: Mapping[str, Any], hint: str = "") -> None:
+    def _check_layout(
+        self, name: str, old: Mapping[str, Any], spec: Mapping[str, Any], hint: str = ""
+    ) -> None:
         diffs = describe_differences({k: old[k] for k in spec}, spec)
         if diffs:
             raise StoreMismatchError(
-                f"The store {self.path} holds '{name}' with a different layout: " + "; ".join(diffs) + ". "
+                f"The store {self.path} holds '{name}' with a different layout: "
+                + "; ".join(diffs)
+                + ". "
                 + (hint + " " if hint else "")
-                + "Results resume bit-for-bit only with the same chunks: use the same settings, a new folder, "
-                "or overwrite=True."
+                + "Results resume bit-for-bit only with the same chunks: use the same settings, a"
+                " new folder, or overwrite=True."
             )
 
     def put(self, name: str, array: np.ndarray, meta: Mapping[str, Any] | None = None) -> None:
@@ -696,17 +835,30 @@ class Store:
         manifest = self._require_bound()
         folder = self._array_folder(name, create=False)
         if array.dtype.hasobject:
-            raise StoreError(f"Array '{name}' has dtype {array.dtype}; a store keeps numeric arrays only.")
+            raise StoreError(
+                f"Array '{name}' has dtype {array.dtype}; a store keeps numeric arrays only."
+            )
         shape = array.shape or (1,)
-        spec = {"shape": [int(s) for s in shape], "axis": 0, "chunk_size": max(1, int(shape[0])), "dtype": str(array.dtype)}
+        spec = {
+            "shape": [int(s) for s in shape],
+            "axis": 0,
+            "chunk_size": max(1, int(shape[0])),
+            "dtype": str(array.dtype),
+        }
         if name in manifest["arrays"]:
             self._check_layout(name, manifest["arrays"][name], spec)
         # the file first, then one manifest update that declares the array and lists its chunk
         self._array_folder(name, create=True)
         path = folder / f"{0:06d}.npy"
-        atomic_write(path, lambda fh: np.save(fh, np.ascontiguousarray(array.reshape(shape)), allow_pickle=False))
-        entry = {**spec, "chunks": {"0": {"sha256": _sha256_file(path)}},
-                 "meta": _jsonable(dict(meta)) if meta is not None else {}}
+        atomic_write(
+            path,
+            lambda fh: np.save(fh, np.ascontiguousarray(array.reshape(shape)), allow_pickle=False),
+        )
+        entry = {
+            **spec,
+            "chunks": {"0": {"sha256": _sha256_file(path)}},
+            "meta": _jsonable(dict(meta)) if meta is not None else {},
+        }
         self._write_array_entry(name, entry)
 
     def get(self, name: str) -> tuple[np.ndarray, dict[str, Any]] | None:
@@ -725,8 +877,8 @@ class Store:
 
 @contextmanager
 def opened_store(store: str | os.PathLike[str] | Store | None) -> Iterator[Store | None]:
-    """``as_store(store)`` for the length of a ``with`` block; a ``Store`` opened here from a path is
-    closed at its end (its writer's lock released), one passed in is left open for its owner."""
+    """``as_store(store)`` for the length of a ``with`` block; a ``Store`` opened here from a path
+    is closed at its end (its writer's lock released), one passed in is left open for its owner."""
     st = as_store(store)
     try:
         yield st
@@ -736,7 +888,8 @@ def opened_store(store: str | os.PathLike[str] | Store | None) -> Iterator[Store
 
 
 def as_store(store: str | os.PathLike[str] | Store | None) -> Store | None:
-    """``None`` stays ``None`` (nothing kept); a folder path opens a ``Store``; a ``Store`` is used as given.
+    """``None`` stays ``None`` (nothing kept); a folder path opens a ``Store``; a ``Store`` is used
+    as given.
 
     Raises:
         InputError: ``store`` is neither.
@@ -745,18 +898,22 @@ def as_store(store: str | os.PathLike[str] | Store | None) -> Store | None:
     if store is None or isinstance(store, Store):
         return store
     if not isinstance(store, (str, os.PathLike)):
-        raise InputError(f"store must be a folder path or an upweight.Store; got {type(store).__name__}.")
+        raise InputError(
+            f"store must be a folder path or an upweight.Store; got {type(store).__name__}."
+        )
     return Store(store)
 
 
 class ChunkedArray:
-    """One array of a ``Store``, written chunk by chunk along one axis (chunks live on disk only)."""
+    """One array of a ``Store``, written chunk by chunk along one axis (chunks live on
+    disk only)."""
 
     def __init__(self, store: Store, name: str) -> None:
         self.store = store
         self.name = name
         spec = store._require_bound()["arrays"][name]
-        store._array_folder(name, create=False)  # chunks are read only from a real folder of the store
+        # chunks are read only from a real folder of the store
+        store._array_folder(name, create=False)
         self.shape = tuple(spec["shape"])
         self.axis = spec["axis"]
         self.chunk_size = spec["chunk_size"]
@@ -787,25 +944,40 @@ class ChunkedArray:
         if head is None:
             why = "a symbolic link" if path.is_symlink() else "missing or unreadable"
         elif head[0] != self.chunk_shape(i) or head[1] != self.dtype:
-            why = f"shape {head[0]} / dtype {head[1]} instead of {self.chunk_shape(i)} / {self.dtype}"
+            why = (
+                f"shape {head[0]} / dtype {head[1]} instead of {self.chunk_shape(i)} / {self.dtype}"
+            )
         elif path.stat().st_size != head[2]:
             why = f"{path.stat().st_size} bytes instead of {head[2]} (truncated)"
         elif _sha256_file(path) != entry.get("sha256"):
             why = "checksum mismatch"
         else:
             return True
-        logger.warning("store %s: chunk %d of '%s' is damaged (%s); it will be recomputed", self.store.path, i, self.name, why)
+        logger.warning(
+            "store %s: chunk %d of '%s' is damaged (%s); it will be recomputed",
+            self.store.path,
+            i,
+            self.name,
+            why,
+        )
         return False
 
     def missing(self) -> list[int]:
         """Chunks still to compute: those not listed complete, and listed ones whose file fails the
         checks (they are dropped from the manifest)."""
         chunks = self._spec["chunks"]
-        bad = {str(i) for i in range(self.n_chunks) if str(i) in chunks and not self._valid(i, chunks[str(i)])}
+        bad = {
+            str(i)
+            for i in range(self.n_chunks)
+            if str(i) in chunks and not self._valid(i, chunks[str(i)])
+        }
         if bad:
             self.store._acquire()
             spec = self._spec
-            self.store._write_array_entry(self.name, {**spec, "chunks": {k: v for k, v in spec["chunks"].items() if k not in bad}})
+            self.store._write_array_entry(
+                self.name,
+                {**spec, "chunks": {k: v for k, v in spec["chunks"].items() if k not in bad}},
+            )
         chunks = self._spec["chunks"]
         return [i for i in range(self.n_chunks) if str(i) not in chunks]
 
@@ -813,7 +985,10 @@ class ChunkedArray:
         """Write chunk ``i`` atomically, then record it (and ``meta``) in the manifest."""
         values = np.ascontiguousarray(values, dtype=self.dtype)
         if values.shape != self.chunk_shape(i):
-            raise StoreError(f"Chunk {i} of '{self.name}' must have shape {self.chunk_shape(i)}; got {values.shape}.")
+            raise StoreError(
+                f"Chunk {i} of '{self.name}' must have shape {self.chunk_shape(i)}; got"
+                f" {values.shape}."
+            )
         self.store._acquire()
         path = self.store._array_folder(self.name, create=True) / f"{i:06d}.npy"
         atomic_write(path, lambda fh: np.save(fh, values, allow_pickle=False))
@@ -846,12 +1021,18 @@ class ChunkedArray:
         """
         left = [i for i in range(self.n_chunks) if str(i) not in self._spec["chunks"]]
         if left:
-            raise StoreError(f"'{self.name}' in {self.store.path} is incomplete: chunks {left[:10]} are missing.")
+            raise StoreError(
+                f"'{self.name}' in {self.store.path} is incomplete: chunks {left[:10]} are missing."
+            )
         if not self.n_chunks:
             return np.zeros(self.shape, dtype=self.dtype)
         nbytes = tensor_bytes(self.shape, self.dtype)
         try:
-            check_memory(nbytes, f"the {self.shape} {self.dtype} array '{self.name}'", fraction=ASSEMBLE_FRACTION)
+            check_memory(
+                nbytes,
+                f"the {self.shape} {self.dtype} array '{self.name}'",
+                fraction=ASSEMBLE_FRACTION,
+            )
         except InsufficientMemoryError as exc:
             return self._assemble_on_disk(nbytes, exc)
         out = np.empty(self.shape, dtype=self.dtype)
@@ -865,11 +1046,18 @@ class ChunkedArray:
         free = shutil.disk_usage(folder).free
         if nbytes > free:
             raise InsufficientMemoryError(
-                f"{memory} Assembling it on disk instead needs {format_bytes(nbytes)} but {folder} has "
-                f"{format_bytes(free)} free: free disk space there, or select fewer points.",
-                required_bytes=nbytes, available_bytes=memory.available_bytes,
+                f"{memory} Assembling it on disk instead needs {format_bytes(nbytes)} but {folder}"
+                f" has {format_bytes(free)} free: free disk space there, or select fewer points.",
+                required_bytes=nbytes,
+                available_bytes=memory.available_bytes,
             )
-        logger.info("store %s: '%s' (%s) does not fit in memory; assembled into %s", folder, self.name, format_bytes(nbytes), target)
+        logger.info(
+            "store %s: '%s' (%s) does not fit in memory; assembled into %s",
+            folder,
+            self.name,
+            format_bytes(nbytes),
+            target,
+        )
         tmp = folder / _temp_name(target.name)
         try:
             out = np.lib.format.open_memmap(tmp, mode="w+", dtype=self.dtype, shape=self.shape)

@@ -9,20 +9,25 @@ so the estimator's ``coef_`` / ``intercept_`` are θ̂ = argmin R and the influe
 Koh & Liang (2017) apply unchanged. The mappings (n = number of training points, s = score,
 y = ±1 for binary losses):
 
-    estimator — its objective                                upweight loss L                   l2        intercept
-    ───────────────────────────────────────────────────────  ────────────────────────────────  ────────  ───────────────
-    LogisticRegression, 2 classes                             logistic log(1 + e^(−y·s)),       1/(C·n)   unpenalised ¹
+    estimator — its objective                                upweight loss L                   l2
+    intercept ───────────────────────────────────────────────────────
+    ────────────────────────────────  ────────  ─────────────── LogisticRegression, 2 classes
+    logistic log(1 + e^(−y·s)),       1/(C·n)   unpenalised ¹
         ½‖w‖² + C·Σ log(1 + e^(−yᵢsᵢ))                        y = +1 for classes_[1]
-    LogisticRegression, K > 2 (multinomial)                   cross_entropy −log softmax(s)[y]  1/(C·n)   unpenalised ¹
+    LogisticRegression, K > 2 (multinomial)                   cross_entropy −log softmax(s)[y]
+    1/(C·n)   unpenalised ¹
         ½‖W‖² + C·Σ −log softmax(sᵢ)[yᵢ]                      (θ in sum-zero coordinates ²)
-    LogisticRegression(C=np.inf) / penalty=None               as above                          0         unpenalised
-    LinearSVC(loss="squared_hinge")                           squared_hinge max(0, 1 − y·s)²    1/(C·n)   penalised ³
+    LogisticRegression(C=np.inf) / penalty=None               as above                          0
+    unpenalised LinearSVC(loss="squared_hinge")                           squared_hinge max(0, 1 −
+    y·s)²    1/(C·n)   penalised ³
         ½‖[w, b/s_int]‖² + C·Σ max(0, 1 − yᵢsᵢ)²
-    LinearSVC(loss="hinge")                                   SmoothHinge(t) ≈ max(0, 1 − y·s)  1/(C·n)   penalised ³
-    SGDClassifier(loss=hinge | squared_hinge | log_loss)      SmoothHinge(t) | squared_hinge |  α         unpenalised
+    LinearSVC(loss="hinge")                                   SmoothHinge(t) ≈ max(0, 1 − y·s)
+    1/(C·n)   penalised ³ SGDClassifier(loss=hinge | squared_hinge | log_loss)      SmoothHinge(t) |
+    squared_hinge |  α         unpenalised
         (1/n)·Σ loss + α/2·‖w‖²                               logistic
-    Ridge — ‖y − Xw − b‖² + α‖w‖²                             squared ½‖s − y‖²                 α/n       unpenalised
-    LinearRegression — ‖y − Xw − b‖²                          squared ½‖s − y‖²                 0         unpenalised
+    Ridge — ‖y − Xw − b‖² + α‖w‖²                             squared ½‖s − y‖²                 α/n
+    unpenalised LinearRegression — ‖y − Xw − b‖²                          squared ½‖s − y‖²
+    0         unpenalised
 
     ¹ solver="liblinear" penalises it as LinearSVC does (³).
     ² softmax ignores a constant added to every class score, so with an unpenalised intercept the
@@ -74,8 +79,8 @@ from ..errors import InputError, NotFittedError, ShapeError, UnsupportedModelErr
 __all__ = ["LinearScores", "OneVsRest", "SklearnProblem", "from_sklearn", "squared_hinge"]
 
 _SUPPORTED = (
-    "LogisticRegression, LinearSVC, SGDClassifier (hinge, squared_hinge, log_loss), Ridge, LinearRegression, "
-    "or a Pipeline whose last step is one of these"
+    "LogisticRegression, LinearSVC, SGDClassifier (hinge, squared_hinge, log_loss), Ridge,"
+    " LinearRegression, or a Pipeline whose last step is one of these"
 )
 
 
@@ -119,7 +124,10 @@ class OneVsRest:
     def __call__(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         s = output.reshape(output.shape[0], -1)
         if s.shape[1] != self.n_classes:
-            raise ValueError(f"OneVsRest needs {self.n_classes} scores per sample; got model output of shape {tuple(output.shape)}.")
+            raise ValueError(
+                f"OneVsRest needs {self.n_classes} scores per sample; got model output of shape"
+                f" {tuple(output.shape)}."
+            )
         t = target.reshape(-1)
         total = self.binary(s[:, 0], (t == 0).to(torch.long))
         for k in range(1, self.n_classes):
@@ -136,7 +144,8 @@ class LinearScores(nn.Module):
       score, so with an unpenalised intercept (or no penalty) the K-class parametrisation has a
       singular Hessian; in sum-zero coordinates it does not, and ‖B·W‖ = ‖W‖ keeps the L2 term.
     - ``intercept_scaling`` s_int: liblinear appends a constant feature s_int and penalises its
-      weight b like any other, so the intercept is s_int·b and the penalty ½b² = ½(intercept/s_int)².
+      weight b like any other, so the intercept is s_int·b and the penalty ½b² =
+      ½(intercept/s_int)².
 
     ``coef`` and ``intercept`` give back the scikit-learn-shaped values.
 
@@ -148,7 +157,12 @@ class LinearScores(nn.Module):
     """
 
     def __init__(
-        self, weight: torch.Tensor, bias: torch.Tensor | None, *, basis: torch.Tensor | None = None, intercept_scaling: float = 1.0
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        *,
+        basis: torch.Tensor | None = None,
+        intercept_scaling: float = 1.0,
     ) -> None:
         super().__init__()
         self.weight = nn.Parameter(weight.clone())
@@ -214,8 +228,9 @@ class _Mapping:
             return "none (fit_intercept=False)"
         if self.intercept_penalised:
             return (
-                f"penalised like a weight, as liblinear does: θ holds b = intercept/{self.intercept_scaling:g} "
-                f"(intercept_scaling), so the L2 term is ½(intercept/{self.intercept_scaling:g})²"
+                "penalised like a weight, as liblinear does: θ holds b ="
+                f" intercept/{self.intercept_scaling:g} (intercept_scaling), so the L2 term is"
+                f" ½(intercept/{self.intercept_scaling:g})²"
             )
         return "unpenalised (Objective(l2_exclude=['bias']))"
 
@@ -232,13 +247,15 @@ def _no_class_weight(est: Any) -> None:
     cw = getattr(est, "class_weight", None)
     if cw is not None:
         raise UnsupportedModelError(
-            f"{type(est).__name__}(class_weight={cw!r}) weights each class's losses; from_sklearn maps unweighted "
-            "objectives only. Refit with class_weight=None, or build an upweight.Objective with a weighted loss yourself."
+            f"{type(est).__name__}(class_weight={cw!r}) weights each class's losses; from_sklearn"
+            " maps unweighted objectives only. Refit with class_weight=None, or build an"
+            " upweight.Objective with a weighted loss yourself."
         )
 
 
 def _logreg_penalty(est: Any) -> str | None:
-    """The effective penalty, read as scikit-learn does (``penalty`` is deprecated from 1.8 in favour of l1_ratio/C)."""
+    """The effective penalty, read as scikit-learn does (``penalty`` is deprecated from 1.8 in
+    favour of l1_ratio/C)."""
     penalty = getattr(est, "penalty", "l2")
     l1_ratio = getattr(est, "l1_ratio", None)
     if penalty == "deprecated":
@@ -262,7 +279,14 @@ def _label_repr(v: Any) -> str:
 def _binary_or_ovr(binary: Callable, binary_text: str, classes: np.ndarray) -> tuple[Any, str, int]:
     K = len(classes)
     if K == 2:
-        return binary, f"{binary_text}, y = +1 for class {_label_repr(classes[1])}, −1 for class {_label_repr(classes[0])}", 1
+        return (
+            binary,
+            (
+                f"{binary_text}, y = +1 for class {_label_repr(classes[1])}, −1 for class"
+                f" {_label_repr(classes[0])}"
+            ),
+            1,
+        )
     return OneVsRest(binary, K), f"one-vs-rest sum over {K} classes of {binary_text}", K
 
 
@@ -271,38 +295,58 @@ def _map_logistic_regression(est: Any, n: int) -> _Mapping:
     penalty = _logreg_penalty(est)
     if penalty not in ("l2", None):
         raise UnsupportedModelError(
-            f"LogisticRegression with a {penalty!r} penalty (l1_ratio={getattr(est, 'l1_ratio', None)!r}) is not twice "
-            "differentiable, so influence functions do not apply. Refit with an L2 penalty (l1_ratio=0, or penalty='l2' "
-            "on scikit-learn < 1.8) or none (C=np.inf)."
+            f"LogisticRegression with a {penalty!r} penalty"
+            f" (l1_ratio={getattr(est, 'l1_ratio', None)!r}) is not twice differentiable, so"
+            " influence functions do not apply. Refit with an L2 penalty (l1_ratio=0, or"
+            " penalty='l2' on scikit-learn < 1.8) or none (C=np.inf)."
         )
     C = float(est.C)
     classes = _classes(est)
     K = len(classes)
     liblinear = est.solver == "liblinear"
-    l2, l2_text = (0.0, "0 (no penalty)") if penalty is None else (1.0 / (C * n), f"1/(C·n) = 1/({_fmt(C)}·{n})")
+    l2, l2_text = (
+        (0.0, "0 (no penalty)")
+        if penalty is None
+        else (1.0 / (C * n), f"1/(C·n) = 1/({_fmt(C)}·{n})")
+    )
     multi_class = getattr(est, "multi_class", "deprecated")
     sum_zero = False
     if K == 2:
         if multi_class == "multinomial":
             raise UnsupportedModelError(
-                "LogisticRegression(multi_class='multinomial') on 2 classes (scikit-learn < 1.8) stores a symmetric "
-                "2-class softmax in one coef_ row. Refit with multi_class='auto' (binary logistic) and map that."
+                "LogisticRegression(multi_class='multinomial') on 2 classes (scikit-learn < 1.8)"
+                " stores a symmetric 2-class softmax in one coef_ row. Refit with"
+                " multi_class='auto' (binary logistic) and map that."
             )
         loss, loss_text, n_out = _binary_or_ovr(logistic, "logistic log(1 + exp(−y·s))", classes)
     elif multi_class == "ovr" or liblinear:
         loss, loss_text, n_out = _binary_or_ovr(logistic, "logistic log(1 + exp(−y·s))", classes)
     else:
         loss, n_out, sum_zero = cross_entropy, K, True
-        loss_text = f"cross_entropy −log softmax(s)[y] over {K} classes, y = position in classes_ (θ in sum-zero class coordinates)"
+        loss_text = (
+            f"cross_entropy −log softmax(s)[y] over {K} classes, y = position in classes_ (θ in"
+            " sum-zero class coordinates)"
+        )
     notes = []
     if penalty is None:
-        notes.append("No penalty: H is singular when the classes are separable or features collinear; add damping if Direct fails.")
+        notes.append(
+            "No penalty: H is singular when the classes are separable or features collinear; add"
+            " damping if Direct fails."
+        )
     return _Mapping(
-        title=f"LogisticRegression(C={_fmt(C)}, solver={est.solver!r})" + (", penalty=None" if penalty is None else ""),
-        loss=loss, loss_text=loss_text, l2=l2, l2_text=l2_text + "; scikit-learn minimises ½‖w‖² + C·Σ loss",
-        fit_intercept=bool(est.fit_intercept), intercept_penalised=liblinear and bool(est.fit_intercept),
-        intercept_scaling=float(est.intercept_scaling) if liblinear else 1.0, sum_zero=sum_zero, n_out=n_out,
-        classes=classes, notes=tuple(notes),
+        title=f"LogisticRegression(C={_fmt(C)}, solver={est.solver!r})"
+        + (", penalty=None" if penalty is None else ""),
+        loss=loss,
+        loss_text=loss_text,
+        l2=l2,
+        l2_text=l2_text + "; scikit-learn minimises ½‖w‖² + C·Σ loss",
+        fit_intercept=bool(est.fit_intercept),
+        intercept_penalised=liblinear and bool(est.fit_intercept),
+        intercept_scaling=float(est.intercept_scaling) if liblinear else 1.0,
+        sum_zero=sum_zero,
+        n_out=n_out,
+        classes=classes,
+        notes=tuple(notes),
     )
 
 
@@ -310,13 +354,13 @@ def _map_linear_svc(est: Any, n: int, t: float) -> _Mapping:
     _no_class_weight(est)
     if est.penalty != "l2":
         raise UnsupportedModelError(
-            f"LinearSVC(penalty={est.penalty!r}) is not twice differentiable, so influence functions do not apply. "
-            "Refit with penalty='l2'."
+            f"LinearSVC(penalty={est.penalty!r}) is not twice differentiable, so influence"
+            " functions do not apply. Refit with penalty='l2'."
         )
     if est.multi_class != "ovr":
         raise UnsupportedModelError(
-            f"LinearSVC(multi_class={est.multi_class!r}) optimises one joint objective that from_sklearn does not map. "
-            "Refit with multi_class='ovr'."
+            f"LinearSVC(multi_class={est.multi_class!r}) optimises one joint objective that"
+            " from_sklearn does not map. Refit with multi_class='ovr'."
         )
     C = float(est.C)
     classes = _classes(est)
@@ -324,18 +368,26 @@ def _map_linear_svc(est: Any, n: int, t: float) -> _Mapping:
     if est.loss == "hinge":
         binary, text = SmoothHinge(t), f"SmoothHinge(t={t:g}) t·log(1 + exp((1 − y·s)/t)) ≈ hinge"
         notes.append(
-            "Hinge loss: θ̂ is LinearSVC's hinge solution; influence uses SmoothHinge(t) at those weights (Koh & Liang "
-            "2017, §4.3), so ‖∇R(θ̂)‖ is not 0 and Influence.fit may warn. The scores approximate hinge-loss retraining."
+            "Hinge loss: θ̂ is LinearSVC's hinge solution; influence uses SmoothHinge(t) at those"
+            " weights (Koh & Liang 2017, §4.3), so ‖∇R(θ̂)‖ is not 0 and Influence.fit may warn."
+            " The scores approximate hinge-loss retraining."
         )
     else:
         binary, text = squared_hinge, "squared_hinge max(0, 1 − y·s)²"
     loss, loss_text, n_out = _binary_or_ovr(binary, text, classes)
     return _Mapping(
         title=f"LinearSVC(C={_fmt(C)}, loss={est.loss!r})",
-        loss=loss, loss_text=loss_text, l2=1.0 / (C * n),
+        loss=loss,
+        loss_text=loss_text,
+        l2=1.0 / (C * n),
         l2_text=f"1/(C·n) = 1/({_fmt(C)}·{n}); liblinear minimises ½‖[w, b]‖² + C·Σ loss",
-        fit_intercept=bool(est.fit_intercept), intercept_penalised=bool(est.fit_intercept),
-        intercept_scaling=float(est.intercept_scaling), sum_zero=False, n_out=n_out, classes=classes, notes=tuple(notes),
+        fit_intercept=bool(est.fit_intercept),
+        intercept_penalised=bool(est.fit_intercept),
+        intercept_scaling=float(est.intercept_scaling),
+        sum_zero=False,
+        n_out=n_out,
+        classes=classes,
+        notes=tuple(notes),
         smoothed=est.loss == "hinge",
     )
 
@@ -349,38 +401,54 @@ def _map_sgd_classifier(est: Any, n: int, t: float) -> _Mapping:
     }
     if est.loss not in binaries:
         raise UnsupportedModelError(
-            f"SGDClassifier(loss={est.loss!r}) is not supported; from_sklearn maps loss='hinge' (through SmoothHinge), "
-            "'squared_hinge' and 'log_loss'. Refit with one of these."
+            f"SGDClassifier(loss={est.loss!r}) is not supported; from_sklearn maps loss='hinge'"
+            " (through SmoothHinge), 'squared_hinge' and 'log_loss'. Refit with one of these."
         )
     penalty = est.penalty
     if penalty == "elasticnet" and est.l1_ratio == 0:
         penalty = "l2"
     if penalty not in ("l2", None):
         raise UnsupportedModelError(
-            f"SGDClassifier(penalty={penalty!r}) is not twice differentiable, so influence functions do not apply. "
-            "Refit with penalty='l2' (or None)."
+            f"SGDClassifier(penalty={penalty!r}) is not twice differentiable, so influence"
+            " functions do not apply. Refit with penalty='l2' (or None)."
         )
     alpha = float(est.alpha)
     classes = _classes(est)
     loss, loss_text, n_out = _binary_or_ovr(*binaries[est.loss], classes)
     l2, l2_text = (alpha, f"α = {_fmt(alpha)}") if penalty == "l2" else (0.0, "0 (no penalty)")
     notes = [
-        "SGD stops at an approximate minimiser: check grad_norm (‖∇R(θ̂)‖) and fit with a small tol and many epochs.",
-        "SGDClassifier averages its losses, so refitting it on n − 1 points also scales the penalty by (n − 1)/n: its "
-        "actual change = removal_effect + a shift common to all training points (plus SGD's own noise).",
+        (
+            "SGD stops at an approximate minimiser: check grad_norm (‖∇R(θ̂)‖) and fit with a small"
+            " tol and many epochs."
+        ),
+        (
+            "SGDClassifier averages its losses, so refitting it on n − 1 points also scales the"
+            " penalty by (n − 1)/n: its actual change = removal_effect + a shift common to all"
+            " training points (plus SGD's own noise)."
+        ),
     ]
     if est.loss == "hinge":
         notes.insert(
             0,
-            "Hinge loss: influence uses SmoothHinge(t) at SGD's weights (Koh & Liang 2017, §4.3). SGD's weights are "
-            "not the exact hinge minimiser, so few points sit exactly on the margin and t = 0.001 overstates the "
-            "magnitudes (the ranking stays right); smooth_hinge_t = 0.01–0.1 matched SGD refits better in our tests.",
+            "Hinge loss: influence uses SmoothHinge(t) at SGD's weights (Koh & Liang 2017, §4.3)."
+            " SGD's weights are not the exact hinge minimiser, so few points sit exactly on the"
+            " margin and t = 0.001 overstates the magnitudes (the ranking stays right);"
+            " smooth_hinge_t = 0.01–0.1 matched SGD refits better in our tests.",
         )
     return _Mapping(
         title=f"SGDClassifier(loss={est.loss!r}, alpha={_fmt(alpha)})",
-        loss=loss, loss_text=loss_text, l2=l2, l2_text=l2_text + "; scikit-learn minimises (1/n)·Σ loss + α/2·‖w‖²",
-        fit_intercept=bool(est.fit_intercept), intercept_penalised=False, intercept_scaling=1.0, sum_zero=False,
-        n_out=n_out, classes=classes, notes=tuple(notes), smoothed=est.loss == "hinge",
+        loss=loss,
+        loss_text=loss_text,
+        l2=l2,
+        l2_text=l2_text + "; scikit-learn minimises (1/n)·Σ loss + α/2·‖w‖²",
+        fit_intercept=bool(est.fit_intercept),
+        intercept_penalised=False,
+        intercept_scaling=1.0,
+        sum_zero=False,
+        n_out=n_out,
+        classes=classes,
+        notes=tuple(notes),
+        smoothed=est.loss == "hinge",
     )
 
 
@@ -391,33 +459,56 @@ def _regression_outputs(est: Any) -> int:
 
 def _map_ridge(est: Any, n: int) -> _Mapping:
     if getattr(est, "positive", False):
-        raise UnsupportedModelError("Ridge(positive=True) is a constrained fit, not a minimum of R. Refit with positive=False.")
+        raise UnsupportedModelError(
+            "Ridge(positive=True) is a constrained fit, not a minimum of R. Refit with"
+            " positive=False."
+        )
     alpha = np.asarray(est.alpha, dtype=np.float64).ravel()
     if alpha.size > 1 and not np.all(alpha == alpha[0]):
         raise UnsupportedModelError(
-            f"Ridge with one alpha per target ({alpha.tolist()}) has a different L2 strength per output; upweight's "
-            "Objective has one l2. Fit one Ridge per target and map each."
+            f"Ridge with one alpha per target ({alpha.tolist()}) has a different L2 strength per"
+            " output; upweight's Objective has one l2. Fit one Ridge per target and map each."
         )
     a = float(alpha[0])
     return _Mapping(
-        title=f"Ridge(alpha={_fmt(a)})", loss=squared, loss_text="squared ½‖s − y‖²", l2=a / n,
+        title=f"Ridge(alpha={_fmt(a)})",
+        loss=squared,
+        loss_text="squared ½‖s − y‖²",
+        l2=a / n,
         l2_text=f"α/n = {_fmt(a)}/{n}; scikit-learn minimises ‖y − Xw − b‖² + α‖w‖²",
-        fit_intercept=bool(est.fit_intercept), intercept_penalised=False, intercept_scaling=1.0, sum_zero=False,
-        n_out=_regression_outputs(est), classes=None,
+        fit_intercept=bool(est.fit_intercept),
+        intercept_penalised=False,
+        intercept_scaling=1.0,
+        sum_zero=False,
+        n_out=_regression_outputs(est),
+        classes=None,
     )
 
 
 def _map_linear_regression(est: Any, n: int) -> _Mapping:
     if getattr(est, "positive", False):
         raise UnsupportedModelError(
-            "LinearRegression(positive=True) is a constrained fit, not a minimum of R. Refit with positive=False."
+            "LinearRegression(positive=True) is a constrained fit, not a minimum of R. Refit with"
+            " positive=False."
         )
     return _Mapping(
-        title="LinearRegression()", loss=squared, loss_text="squared ½‖s − y‖²", l2=0.0,
+        title="LinearRegression()",
+        loss=squared,
+        loss_text="squared ½‖s − y‖²",
+        l2=0.0,
         l2_text="0; scikit-learn minimises ‖y − Xw − b‖²",
-        fit_intercept=bool(est.fit_intercept), intercept_penalised=False, intercept_scaling=1.0, sum_zero=False,
-        n_out=_regression_outputs(est), classes=None,
-        notes=("No penalty: H = XᵀX/n (with the intercept column) must be non-singular — more points than features, no collinear features.",),
+        fit_intercept=bool(est.fit_intercept),
+        intercept_penalised=False,
+        intercept_scaling=1.0,
+        sum_zero=False,
+        n_out=_regression_outputs(est),
+        classes=None,
+        notes=(
+            (
+                "No penalty: H = XᵀX/n (with the intercept column) must be non-singular — more"
+                " points than features, no collinear features."
+            ),
+        ),
     )
 
 
@@ -447,8 +538,9 @@ def _map(est: Any, n: int, t: float) -> _Mapping:
     if isinstance(est, LinearRegression):
         return _map_linear_regression(est, n)
     raise UnsupportedModelError(
-        f"from_sklearn does not support {type(est).__name__}. Supported: {_SUPPORTED}. For another model, write it as "
-        "a torch.nn.Module and build an upweight.Objective(model, loss, l2=...) yourself."
+        f"from_sklearn does not support {type(est).__name__}. Supported: {_SUPPORTED}. For another"
+        " model, write it as a torch.nn.Module and build an upweight.Objective(model, loss,"
+        " l2=...) yourself."
     )
 
 
@@ -457,8 +549,14 @@ def _theta(est: Any, m: _Mapping) -> tuple[np.ndarray, np.ndarray | None]:
     coef = np.asarray(est.coef_, dtype=np.float64)
     coef = coef.reshape(1, -1) if coef.ndim == 1 else coef
     if coef.shape[0] != m.n_out:
-        raise UnsupportedModelError(f"{m.title}: coef_ has {coef.shape[0]} rows; expected {m.n_out} for this mapping.")
-    bias = np.atleast_1d(np.asarray(est.intercept_, dtype=np.float64)).copy() if m.fit_intercept else None
+        raise UnsupportedModelError(
+            f"{m.title}: coef_ has {coef.shape[0]} rows; expected {m.n_out} for this mapping."
+        )
+    bias = (
+        np.atleast_1d(np.asarray(est.intercept_, dtype=np.float64)).copy()
+        if m.fit_intercept
+        else None
+    )
     if m.sum_zero:
         B = _sum_zero_basis(m.n_out)
         coef = B.T @ coef
@@ -492,7 +590,10 @@ def _n_rows(a: Any, what: str) -> int:
     try:
         return len(a)
     except TypeError as exc:
-        raise InputError(f"{what} of type {type(a).__name__} has no length; pass an array with one row per point.") from exc
+        raise InputError(
+            f"{what} of type {type(a).__name__} has no length; pass an array with one row per"
+            " point."
+        ) from exc
 
 
 def _features(prep: Any, X: Any, n_features: int | None, what: str) -> np.ndarray:
@@ -501,19 +602,27 @@ def _features(prep: Any, X: Any, n_features: int | None, what: str) -> np.ndarra
         try:
             X = prep.transform(X)
         except Exception as exc:  # noqa: BLE001 — re-raised with the step that failed
-            raise InputError(f"The Pipeline's preprocessing failed on {what}X: {type(exc).__name__}: {exc}") from exc
+            raise InputError(
+                f"The Pipeline's preprocessing failed on {what}X: {type(exc).__name__}: {exc}"
+            ) from exc
     if hasattr(X, "toarray"):  # scipy.sparse
         X = X.toarray()
     try:
         Z = np.asarray(X, dtype=np.float64)
     except (TypeError, ValueError) as exc:
         raise InputError(
-            f"{what}X cannot be read as float features ({exc}). Put its encoders in a Pipeline with the estimator."
+            f"{what}X cannot be read as float features ({exc}). Put its encoders in a Pipeline with"
+            " the estimator."
         ) from exc
     if Z.ndim != 2:
-        raise ShapeError(f"{what}X must be 2-D (n_samples, n_features) after preprocessing; got shape {Z.shape}.")
+        raise ShapeError(
+            f"{what}X must be 2-D (n_samples, n_features) after preprocessing; got shape {Z.shape}."
+        )
     if n_features is not None and Z.shape[1] != n_features:
-        raise ShapeError(f"{what}X has {Z.shape[1]} features after preprocessing but the estimator was fitted on {n_features}.")
+        raise ShapeError(
+            f"{what}X has {Z.shape[1]} features after preprocessing but the estimator was fitted on"
+            f" {n_features}."
+        )
     return Z
 
 
@@ -524,8 +633,15 @@ def _labels(y: Any, m: _Mapping, what: str) -> torch.Tensor:
         vals = arr.astype(np.float64)
         if m.n_out == 1 and vals.ndim == 2 and vals.shape[1] == 1:
             vals = vals[:, 0]
-        if (vals.ndim == 1 and m.n_out != 1) or (vals.ndim == 2 and vals.shape[1] != m.n_out) or vals.ndim > 2:
-            raise ShapeError(f"{what}y has shape {arr.shape} but the estimator predicts {m.n_out} target(s) per point.")
+        if (
+            (vals.ndim == 1 and m.n_out != 1)
+            or (vals.ndim == 2 and vals.shape[1] != m.n_out)
+            or vals.ndim > 2
+        ):
+            raise ShapeError(
+                f"{what}y has shape {arr.shape} but the estimator predicts {m.n_out} target(s) per"
+                " point."
+            )
         return torch.as_tensor(vals)
     if arr.ndim == 2 and arr.shape[1] == 1:
         arr = arr[:, 0]
@@ -537,7 +653,10 @@ def _labels(y: Any, m: _Mapping, what: str) -> torch.Tensor:
     ok[ok] = classes[pos[ok]] == arr[ok]
     if not ok.all():
         bad = np.unique(arr[~ok])[:5].tolist()
-        raise InputError(f"{what}y has labels {bad} that are not among the estimator's classes_ {classes.tolist()}.")
+        raise InputError(
+            f"{what}y has labels {bad} that are not among the estimator's classes_"
+            f" {classes.tolist()}."
+        )
     return torch.as_tensor(pos.astype(np.int64))
 
 
@@ -549,14 +668,16 @@ def _check_fitted(est: Any) -> None:
         check_is_fitted(est)
     except SkNotFitted as exc:
         raise NotFittedError(
-            f"This {type(est).__name__} is not fitted yet. Call estimator.fit(X, y) on the training data, then from_sklearn."
+            f"This {type(est).__name__} is not fitted yet. Call estimator.fit(X, y) on the training"
+            " data, then from_sklearn."
         ) from exc
 
 
 # ── the result ────────────────────────────────────────────────────────────────────────
 @dataclass(frozen=True, repr=False)
 class SklearnProblem:
-    """A fitted scikit-learn model as an upweight problem: objective, encoded training data, mapping.
+    """A fitted scikit-learn model as an upweight problem: objective, encoded training data,
+    mapping.
 
     Attributes:
         objective: ``Objective`` over a linear module (float64 by default) whose parameters are the
@@ -598,7 +719,10 @@ class SklearnProblem:
             ``(X_features, y_encoded)`` tensors, ready for ``Influence.up_loss`` and friends.
         """
         if _n_rows(X, "X") != _n_rows(y, "y"):
-            raise ShapeError(f"X has {_n_rows(X, 'X')} rows but y has {_n_rows(y, 'y')}; they must have one entry per point.")
+            raise ShapeError(
+                f"X has {_n_rows(X, 'X')} rows but y has {_n_rows(y, 'y')}; they must have one"
+                " entry per point."
+            )
         Z = _features(self._prep, X, int(self.train[0].shape[1]), "")
         return torch.as_tensor(Z, dtype=self._dtype), _labels(y, self._mapping, "")
 
@@ -608,15 +732,19 @@ class SklearnProblem:
         return arr if self._mapping.classes is None else self._mapping.classes[arr.astype(np.int64)]
 
     def params_of(self, estimator: Any) -> Params:
-        """θ of another fitted estimator of the same kind (e.g. a refit), in this objective's parametrisation."""
+        """θ of another fitted estimator of the same kind (e.g. a refit), in this objective's
+        parametrisation."""
         coef, bias = _theta(estimator, self._mapping)
         out = {"weight": torch.as_tensor(coef, dtype=self.objective.dtype)}
         if bias is not None:
             out["bias"] = torch.as_tensor(bias, dtype=self.objective.dtype)
         return {name: out[name] for name in self.objective.space.names}
 
-    def sklearn_train_fn(self, objective: Objective, data: Data, init: Params | None = None) -> Params:
-        """Refit a clone of the scikit-learn estimator on ``data`` (features, encoded labels) and return its θ.
+    def sklearn_train_fn(
+        self, objective: Objective, data: Data, init: Params | None = None
+    ) -> Params:
+        """Refit a clone of the scikit-learn estimator on ``data`` (features, encoded labels) and
+        return its θ.
 
         The signature of ``leave_one_out(..., train_fn=)``: pass ``train_fn=prob.sklearn_train_fn``
         to compare influence with actual scikit-learn refits. The preprocessing stays fixed;
@@ -627,8 +755,13 @@ class SklearnProblem:
 
         X = data.X.detach().cpu().numpy().astype(np.float64)
         est = clone(self.final).fit(X, self.decode(data.y))
-        if self._mapping.classes is not None and not np.array_equal(_classes(est), self._mapping.classes):
-            raise InputError(f"The refit saw classes {_classes(est).tolist()}, not {self._mapping.classes.tolist()}: a class lost all its points.")
+        if self._mapping.classes is not None and not np.array_equal(
+            _classes(est), self._mapping.classes
+        ):
+            raise InputError(
+                f"The refit saw classes {_classes(est).tolist()}, not"
+                f" {self._mapping.classes.tolist()}: a class lost all its points."
+            )
         return self.params_of(est)
 
     def describe(self) -> str:
@@ -642,12 +775,15 @@ class SklearnProblem:
             f"  ‖∇R(θ̂)‖    {self.grad_norm:.2e}",
         ]
         if self._prep is not None:
-            lines.append(f"  features   {len(self._prep.steps)} Pipeline step(s) before the model, treated as fixed")
+            lines.append(
+                f"  features   {len(self._prep.steps)} Pipeline step(s) before the model, treated"
+                " as fixed"
+            )
         lines += [f"  note       {note}" for note in self.notes]
         if self.grad_norm > 1e-4 and not self._mapping.smoothed:
             lines.append(
-                "  warning    ‖∇R(θ̂)‖ is not ≈ 0: check the estimator was fitted on exactly these X, y (no "
-                "sample_weight) with a tight tol (e.g. tol=1e-10, a large max_iter)."
+                "  warning    ‖∇R(θ̂)‖ is not ≈ 0: check the estimator was fitted on exactly these"
+                " X, y (no sample_weight) with a tight tol (e.g. tol=1e-10, a large max_iter)."
             )
         return "\n".join(lines)
 
@@ -655,11 +791,19 @@ class SklearnProblem:
         return self.describe()
 
     def __repr__(self) -> str:
-        return f"SklearnProblem({self._mapping.title}, n={len(self.train[0])}, p={self.objective.p}, l2={_fmt(self.l2)})"
+        return (
+            f"SklearnProblem({self._mapping.title}, n={len(self.train[0])}, p={self.objective.p},"
+            f" l2={_fmt(self.l2)})"
+        )
 
 
 def from_sklearn(
-    estimator: Any, X: Any, y: Any, *, smooth_hinge_t: float = 0.001, dtype: torch.dtype = torch.float64
+    estimator: Any,
+    X: Any,
+    y: Any,
+    *,
+    smooth_hinge_t: float = 0.001,
+    dtype: torch.dtype = torch.float64,
 ) -> SklearnProblem:
     """Map a fitted scikit-learn linear model (or Pipeline ending in one) to an upweight problem.
 
@@ -695,7 +839,8 @@ def from_sklearn(
         >>> import numpy as np, upweight as uw
         >>> from sklearn.linear_model import LogisticRegression
         >>> from upweight.adapters import from_sklearn
-        >>> rng = np.random.default_rng(0); X = rng.normal(size=(60, 3)); y = (X[:, 0] + rng.normal(size=60) > 0).astype(int)
+        >>> rng = np.random.default_rng(0); X = rng.normal(size=(60, 3))
+        >>> y = (X[:, 0] + rng.normal(size=60) > 0).astype(int)
         >>> clf = LogisticRegression(C=10.0, tol=1e-10, max_iter=1000).fit(X, y)
         >>> prob = from_sklearn(clf, X, y)
         >>> prob.l2 == 1 / (10.0 * 60), prob.grad_norm < 1e-6
@@ -709,24 +854,42 @@ def from_sklearn(
     except ImportError as exc:  # pragma: no cover — scikit-learn is an optional dependency
         raise ImportError("from_sklearn needs scikit-learn: pip install scikit-learn") from exc
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise InputError(f"dtype must be a floating torch.dtype (torch.float64 recommended); got {dtype!r}.")
-    if not isinstance(smooth_hinge_t, (int, float)) or isinstance(smooth_hinge_t, bool) or not smooth_hinge_t > 0:
-        raise InputError(f"smooth_hinge_t must be a float > 0 (e.g. 0.001); got {smooth_hinge_t!r}.")
+        raise InputError(
+            f"dtype must be a floating torch.dtype (torch.float64 recommended); got {dtype!r}."
+        )
+    if (
+        not isinstance(smooth_hinge_t, (int, float))
+        or isinstance(smooth_hinge_t, bool)
+        or not smooth_hinge_t > 0
+    ):
+        raise InputError(
+            f"smooth_hinge_t must be a float > 0 (e.g. 0.001); got {smooth_hinge_t!r}."
+        )
 
     prep = None
     final = estimator
     if isinstance(estimator, Pipeline):
         final = estimator.steps[-1][1]
         if final is None or final == "passthrough":
-            raise UnsupportedModelError("The Pipeline's last step is 'passthrough'; it must be a supported estimator: " + _SUPPORTED + ".")
+            raise UnsupportedModelError(
+                "The Pipeline's last step is 'passthrough'; it must be a supported estimator: "
+                + _SUPPORTED
+                + "."
+            )
         prep = estimator[:-1] if len(estimator.steps) > 1 else None
     if not hasattr(final, "fit") or not hasattr(final, "get_params"):
-        raise UnsupportedModelError(f"from_sklearn needs a scikit-learn estimator; got {type(final).__name__}. Supported: {_SUPPORTED}.")
+        raise UnsupportedModelError(
+            f"from_sklearn needs a scikit-learn estimator; got {type(final).__name__}. Supported:"
+            f" {_SUPPORTED}."
+        )
     _check_fitted(final)
 
     n, n_y = _n_rows(X, "X"), _n_rows(y, "y")
     if n != n_y:
-        raise ShapeError(f"X has {n} rows but y has {n_y}; pass the training data the estimator was fitted on, one label per row.")
+        raise ShapeError(
+            f"X has {n} rows but y has {n_y}; pass the training data the estimator was fitted on,"
+            " one label per row."
+        )
     mapping = _map(final, n, float(smooth_hinge_t))
     Z = _features(prep, X, getattr(final, "n_features_in_", None), "training")
     labels = _labels(y, mapping, "training")
@@ -734,9 +897,21 @@ def from_sklearn(
     l2_exclude = ["bias"] if mapping.fit_intercept and not mapping.intercept_penalised else []
     objective = Objective(model, mapping.loss, l2=mapping.l2, l2_exclude=l2_exclude)
     train = (torch.as_tensor(Z, dtype=dtype), labels)
-    g = risk_grad(objective, objective.params, Data.from_any(train, what="training data").to(dtype), 4096)
+    g = risk_grad(
+        objective, objective.params, Data.from_any(train, what="training data").to(dtype), 4096
+    )
     return SklearnProblem(
-        objective=objective, train=train, estimator=estimator, final=final, loss=mapping.loss_text, l2=mapping.l2,
-        l2_formula=mapping.l2_text, intercept=mapping.intercept_text, grad_norm=float(g.norm()), notes=mapping.notes,
-        _mapping=mapping, _prep=prep, _dtype=dtype,
+        objective=objective,
+        train=train,
+        estimator=estimator,
+        final=final,
+        loss=mapping.loss_text,
+        l2=mapping.l2,
+        l2_formula=mapping.l2_text,
+        intercept=mapping.intercept_text,
+        grad_norm=float(g.norm()),
+        notes=mapping.notes,
+        _mapping=mapping,
+        _prep=prep,
+        _dtype=dtype,
     )

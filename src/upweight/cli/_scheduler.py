@@ -15,7 +15,9 @@ from .._executor import Executor
 
 #: address schemes of dask.distributed's comms that reach a scheduler over the network
 SCHEMES = ("tcp", "tls", "ws", "wss")
-_FORM = "pass 'local' (a cluster on this machine) or a scheduler address such as tcp://127.0.0.1:8786"
+_FORM = (
+    "pass 'local' (a cluster on this machine) or a scheduler address such as tcp://127.0.0.1:8786"
+)
 
 
 def _bad(value: str, why: str) -> errors.InputError:
@@ -32,7 +34,8 @@ def check_address(value: str) -> None:
         InputError: naming the value, what is wrong with it and the accepted form.
 
     Examples:
-        >>> check_address("tcp://10.0.0.5:8786"); check_address("local"); check_address("[::1]:8786")
+        >>> check_address("tcp://10.0.0.5:8786"); check_address("local")
+        >>> check_address("[::1]:8786")
         >>> check_address("tcp://")  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
@@ -67,7 +70,14 @@ def check_address(value: str) -> None:
         if ":" in host or "/" in host or any(c.isspace() for c in host):
             raise _bad(value, f"{host!r} is not a host name or IPv4 address")
     if not port.isdigit():
-        raise _bad(value, f"the port {port!r} is not a number" if port else "no port (a scheduler listens on e.g. 8786)")
+        raise _bad(
+            value,
+            (
+                f"the port {port!r} is not a number"
+                if port
+                else "no port (a scheduler listens on e.g. 8786)"
+            ),
+        )
     if not 1 <= int(port) <= 65535:
         raise _bad(value, f"the port {int(port)} is out of range (1–65535)")
 
@@ -87,7 +97,8 @@ def check_scheduler(value: str | None) -> None:
 
 
 def open_executor(stack: contextlib.ExitStack, scheduler: str | None, say: Any) -> Executor | None:
-    """``None`` (work in this process) without ``--scheduler``; else a ``DaskExecutor`` closed with ``stack``."""
+    """``None`` (work in this process) without ``--scheduler``; else a ``DaskExecutor`` closed with
+    ``stack``."""
     if scheduler is None:
         return None
     check_address(scheduler)

@@ -105,8 +105,10 @@ def _one_line(text: str) -> str:
 
 
 def _raised(spec: str, doing: str, exc: BaseException) -> InputError:
-    return InputError(f"--model {spec}: {doing} raised {type(exc).__name__}: {_one_line(str(exc)) or '(no message)'}"
-                      f"{_where(exc)}; fix that code and try again.")
+    return InputError(
+        f"--model {spec}: {doing} raised {type(exc).__name__}:"
+        f" {_one_line(str(exc)) or '(no message)'}{_where(exc)}; fix that code and try again."
+    )
 
 
 @contextlib.contextmanager
@@ -130,24 +132,34 @@ def _parse(spec: str) -> tuple[str, str, bool]:
     """(module or file, function, is_file)."""
     target, sep, func = spec.rpartition(":")
     if not sep or not target or not func:
-        raise InputError(f"--model {spec}: expected FILE.py:FUNCTION or MODULE:FUNCTION, e.g. {EXAMPLE}.")
+        raise InputError(
+            f"--model {spec}: expected FILE.py:FUNCTION or MODULE:FUNCTION, e.g. {EXAMPLE}."
+        )
     if not func.isidentifier():
-        raise InputError(f"--model {spec}: {func!r} is not a Python function name; expected FILE.py:FUNCTION or "
-                         f"MODULE:FUNCTION, e.g. {EXAMPLE}.")
+        raise InputError(
+            f"--model {spec}: {func!r} is not a Python function name; expected FILE.py:FUNCTION or "
+            f"MODULE:FUNCTION, e.g. {EXAMPLE}."
+        )
     is_file = target.endswith(".py") or "/" in target or os.sep in target
     if not is_file and not all(part.isidentifier() for part in target.split(".")):
-        raise InputError(f"--model {spec}: {target!r} is neither a file ending in .py nor a dotted module name; "
-                         f"e.g. {EXAMPLE} or mypackage.models:build.")
+        raise InputError(
+            f"--model {spec}: {target!r} is neither a file ending in .py nor a dotted module name; "
+            f"e.g. {EXAMPLE} or mypackage.models:build."
+        )
     return target, func, is_file
 
 
 def _import_file(spec: str, target: str) -> tuple[Any, str]:
     path = Path(target)
     if not path.exists():
-        raise InputError(f"--model {spec}: no such file {target}; give the path of a .py file (relative to the "
-                         f"working folder or absolute), e.g. {EXAMPLE}.")
+        raise InputError(
+            f"--model {spec}: no such file {target}; give the path of a .py file (relative to the "
+            f"working folder or absolute), e.g. {EXAMPLE}."
+        )
     if not path.is_file() or path.suffix != ".py":
-        raise InputError(f"--model {spec}: {target} is not a .py file; give a Python file, e.g. {EXAMPLE}.")
+        raise InputError(
+            f"--model {spec}: {target} is not a .py file; give a Python file, e.g. {EXAMPLE}."
+        )
     name = "upweight_user_model_" + re.sub(r"\W", "_", path.stem)
     module_spec = importlib.util.spec_from_file_location(name, path)
     if module_spec is None or module_spec.loader is None:
@@ -173,8 +185,10 @@ def _import_module(spec: str, target: str) -> Any:
             return importlib.import_module(target)
     except ModuleNotFoundError as exc:
         if exc.name is not None and (target == exc.name or target.startswith(exc.name + ".")):
-            raise InputError(f"--model {spec}: no module named {exc.name!r} can be imported (is it installed or on "
-                             f"PYTHONPATH?); for a file, write its path: FILE.py:FUNCTION, e.g. {EXAMPLE}.") from exc
+            raise InputError(
+                f"--model {spec}: no module named {exc.name!r} can be imported (is it installed or"
+                f" on PYTHONPATH?); for a file, write its path: FILE.py:FUNCTION, e.g. {EXAMPLE}."
+            ) from exc
         raise _raised(spec, f"importing {target}", exc) from exc
     except KeyboardInterrupt:
         raise
@@ -183,7 +197,12 @@ def _import_module(spec: str, target: str) -> Any:
 
 
 def _finite_number(spec: str, what: str, v: Any) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(float(v)) or float(v) < 0:
+    if (
+        isinstance(v, bool)
+        or not isinstance(v, (int, float))
+        or not math.isfinite(float(v))
+        or float(v) < 0
+    ):
         raise InputError(f"--model {spec}: {what} must be a number ≥ 0; got {v!r}.")
     return float(v)
 
@@ -192,11 +211,15 @@ def _strings(spec: str, what: str, v: Any) -> list[str] | None:
     if v is None:
         return None
     if isinstance(v, (str, bytes)) or not hasattr(v, "__len__"):
-        raise InputError(f"--model {spec}: {what} must be a list of strings; got {type(v).__name__}.")
+        raise InputError(
+            f"--model {spec}: {what} must be a list of strings; got {type(v).__name__}."
+        )
     items = list(v)
     bad = [x for x in items if not isinstance(x, str)]
     if bad:
-        raise InputError(f"--model {spec}: {what} must be a list of strings; it holds a {type(bad[0]).__name__}.")
+        raise InputError(
+            f"--model {spec}: {what} must be a list of strings; it holds a {type(bad[0]).__name__}."
+        )
     return items
 
 
@@ -204,28 +227,47 @@ def _checked(spec: str, result: Any) -> ModelSpec:
     if isinstance(result, Mapping):
         unknown = sorted(str(k) for k in result if k not in _FIELDS)
         if unknown:
-            raise InputError(f"--model {spec}: the returned dict has unknown key(s) {', '.join(unknown)}; the keys are "
-                             f"{', '.join(_FIELDS)}.")
+            raise InputError(
+                f"--model {spec}: the returned dict has unknown key(s) {', '.join(unknown)}; the"
+                f" keys are {', '.join(_FIELDS)}."
+            )
         missing = [k for k in _REQUIRED if k not in result]
         if missing:
-            raise InputError(f"--model {spec}: the returned dict lacks {', '.join(missing)}; it needs model, train and "
-                             "test (and may give " + ", ".join(k for k in _FIELDS if k not in _REQUIRED) + ").")
+            raise InputError(
+                f"--model {spec}: the returned dict lacks {', '.join(missing)}; it needs model,"
+                " train and test (and may give "
+                + ", ".join(k for k in _FIELDS if k not in _REQUIRED)
+                + ")."
+            )
         result = ModelSpec(**result)
     if not isinstance(result, ModelSpec):
-        raise InputError(f"--model {spec}: the function returned a {type(result).__name__}; it must return "
-                         "upweight.cli.ModelSpec(model=…, train=…, test=…) or a dict with those keys.")
+        raise InputError(
+            f"--model {spec}: the function returned a {type(result).__name__}; it must return "
+            "upweight.cli.ModelSpec(model=…, train=…, test=…) or a dict with those keys."
+        )
     if not isinstance(result.model, torch.nn.Module):
-        raise InputError(f"--model {spec}: 'model' must be a trained torch.nn.Module; got {type(result.model).__name__}.")
+        raise InputError(
+            f"--model {spec}: 'model' must be a trained torch.nn.Module; got"
+            f" {type(result.model).__name__}."
+        )
     if result.kind is not None and result.kind not in KINDS:
-        raise InputError(f"--model {spec}: kind must be one of {', '.join(KINDS)} (or None to decide by the data); "
-                         f"got {result.kind!r}.")
+        raise InputError(
+            f"--model {spec}: kind must be one of {', '.join(KINDS)} (or None to decide by the"
+            f" data); got {result.kind!r}."
+        )
     if not (isinstance(result.loss, str) or callable(result.loss)):
-        raise InputError(f"--model {spec}: loss must be a name such as 'cross_entropy' or a callable; "
-                         f"got {type(result.loss).__name__}.")
+        raise InputError(
+            f"--model {spec}: loss must be a name such as 'cross_entropy' or a callable; "
+            f"got {type(result.loss).__name__}."
+        )
     if result.retrain is not None and not callable(result.retrain):
-        raise InputError(f"--model {spec}: retrain must be a function train_fn(objective, data, init) or None.")
+        raise InputError(
+            f"--model {spec}: retrain must be a function train_fn(objective, data, init) or None."
+        )
     if not isinstance(result.name, str):
-        raise InputError(f"--model {spec}: name must be a string; got {type(result.name).__name__}.")
+        raise InputError(
+            f"--model {spec}: name must be a string; got {type(result.name).__name__}."
+        )
     result.l2 = _finite_number(spec, "l2", result.l2)
     result.feature_names = _strings(spec, "feature_names", result.feature_names)
     result.train_text = _strings(spec, "train_text", result.train_text)
@@ -237,8 +279,13 @@ def _checked(spec: str, result: Any) -> ModelSpec:
         result.class_names = None if names is None else dict(enumerate(names))
     if result.image_shape is not None:
         shape = tuple(result.image_shape)
-        if not shape or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape):
-            raise InputError(f"--model {spec}: image_shape must be positive integers such as (28, 28); got {shape!r}.")
+        if not shape or not all(
+            isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape
+        ):
+            raise InputError(
+                f"--model {spec}: image_shape must be positive integers such as (28, 28); got"
+                f" {shape!r}."
+            )
         result.image_shape = shape
     return result
 
@@ -259,12 +306,23 @@ def load_model_spec(spec: str) -> ModelSpec:
         module = _import_module(spec, target)
     func = getattr(module, func_name, None)
     if func is None:
-        defined = sorted(k for k, v in vars(module).items()
-                         if callable(v) and not k.startswith("_") and getattr(v, "__module__", None) == module.__name__)
-        listed = f" (it defines {', '.join(defined[:8])}{' …' if len(defined) > 8 else ''})" if defined else ""
+        defined = sorted(
+            k
+            for k, v in vars(module).items()
+            if callable(v)
+            and not k.startswith("_")
+            and getattr(v, "__module__", None) == module.__name__
+        )
+        listed = (
+            f" (it defines {', '.join(defined[:8])}{' …' if len(defined) > 8 else ''})"
+            if defined
+            else ""
+        )
         raise InputError(f"--model {spec}: {target} has no function {func_name!r}{listed}.")
     if not callable(func):
-        raise InputError(f"--model {spec}: {func_name} in {target} is a {type(func).__name__}, not a function.")
+        raise InputError(
+            f"--model {spec}: {func_name} in {target} is a {type(func).__name__}, not a function."
+        )
     try:
         with _first_on_path(folder):
             result = func()

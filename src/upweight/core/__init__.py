@@ -6,4 +6,15 @@ from .losses import SmoothHinge, cross_entropy, hinge, logistic, squared
 from .objective import Objective
 from .params import Params, ParamSpace
 
-__all__ = ["Curvature", "Data", "Objective", "ParamSpace", "Params", "SmoothHinge", "cross_entropy", "hinge", "logistic", "squared"]
+__all__ = [
+    "Curvature",
+    "Data",
+    "Objective",
+    "ParamSpace",
+    "Params",
+    "SmoothHinge",
+    "cross_entropy",
+    "hinge",
+    "logistic",
+    "squared",
+]

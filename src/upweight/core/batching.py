@@ -26,23 +26,26 @@ contractions get faster with bigger batches.
 
 from __future__ import annotations
 
-#: the largest single tensor a batch should allocate: half of glibc's largest mmap threshold (32 MiB),
-#: leaving room for allocation headers and for the threshold not yet having grown to its maximum
+#: the largest single tensor a batch should allocate: half of glibc's largest mmap threshold (32
+#: MiB), leaving room for allocation headers and for the threshold not yet having grown to its
+#: maximum
 TENSOR_BYTES = 16 * 2**20
 #: the autograd graph one batch may hold (forward activations, and for an HVP the first backward's
 #: intermediates): 32 MiB, glibc's largest mmap threshold, so no tensor of it exceeds that
 GRAPH_BYTES = 32 * 2**20
-#: the smallest batch a graph budget may choose (the per-batch forward and backward overhead grows as
-#: batches shrink)
+#: the smallest batch a graph budget may choose (the per-batch forward and backward overhead grows
+#: as batches shrink)
 MIN_GRAPH_BATCH = 16
 
 
 def points_within(budget: int, bytes_per_point: float, batch_size: int, min_points: int = 1) -> int:
-    """Points per batch: ``budget // bytes_per_point``, at least ``min_points``, at most ``batch_size``
-    (``batch_size`` itself when ``bytes_per_point`` ≤ 0, i.e. nothing grows with the batch).
+    """Points per batch: ``budget // bytes_per_point``, at least ``min_points``, at most
+    ``batch_size`` (``batch_size`` itself when ``bytes_per_point`` ≤ 0, i.e. nothing grows with the
+    batch).
 
     Examples:
-        >>> points_within(16 * 2**20, 31_400, 2048)  # softmax regression on MNIST: 7,850 float32 per point
+        >>> # softmax regression on MNIST: 7,850 float32 per point
+        >>> points_within(16 * 2**20, 31_400, 2048)
         534
         >>> points_within(16 * 2**20, 4_275_240, 2048)  # a 1M-parameter MLP
         3

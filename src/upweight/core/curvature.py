@@ -25,8 +25,8 @@ extractor with a linear head), the output is linear in θ and the exact product 
 products per batch with cached layer inputs — used automatically (``structured="auto"``; in-process
 even with an executor), off with ``structured=False``.
 
-``LinearOperator`` is the protocol the solvers work against: ``Curvature`` implements it, and so does
-any restriction of it (K-FAC's ``BlockOperator``), which lets ``CG`` solve on either.
+``LinearOperator`` is the protocol the solvers work against: ``Curvature`` implements it, and so
+does any restriction of it (K-FAC's ``BlockOperator``), which lets ``CG`` solve on either.
 """
 
 from __future__ import annotations
@@ -56,8 +56,8 @@ KINDS: tuple[str, ...] = ("hessian", "gauss-newton")
 
 @runtime_checkable
 class LinearOperator(Protocol):
-    """A symmetric linear operator A = (a matrix of the form) H + δI of size p, known only through its
-    products — what the iterative solvers (``CG``, the Lanczos/Arnoldi recurrences) need of it.
+    """A symmetric linear operator A = (a matrix of the form) H + δI of size p, known only through
+    its products — what the iterative solvers (``CG``, the Lanczos/Arnoldi recurrences) need of it.
 
     Implemented by ``Curvature`` (the full H + δI) and by ``solvers.kfac.BlockOperator`` (H + δI
     restricted to some coordinates).
@@ -85,18 +85,32 @@ class LinearOperator(Protocol):
         ...
 
 
-def operator_lambda_max(matvec: Callable[[torch.Tensor], torch.Tensor], p: int, dtype: torch.dtype, *,
-                        n_iter: int = 30, seed: int = 0) -> float:
+def operator_lambda_max(
+    matvec: Callable[[torch.Tensor], torch.Tensor],
+    p: int,
+    dtype: torch.dtype,
+    *,
+    n_iter: int = 30,
+    seed: int = 0,
+) -> float:
     """Largest-magnitude eigenvalue of the symmetric operator ``matvec`` by power iteration."""
     return power_iteration(matvec, p, dtype, n_iter=n_iter, rtol=1e-3, seed=seed)
 
 
-def operator_lambda_min(matvec: Callable[[torch.Tensor], torch.Tensor], p: int, dtype: torch.dtype, *,
-                        n_iter: int = 100, seed: int = 0) -> float:
-    """Smallest eigenvalue of the symmetric operator A = ``matvec``, by power iteration on σI − A with
-    σ = 1.05·|λmax| ≥ λmax, whose dominant eigenvalue is σ − λmin (a rough estimate)."""
+def operator_lambda_min(
+    matvec: Callable[[torch.Tensor], torch.Tensor],
+    p: int,
+    dtype: torch.dtype,
+    *,
+    n_iter: int = 100,
+    seed: int = 0,
+) -> float:
+    """Smallest eigenvalue of the symmetric operator A = ``matvec``, by power iteration on σI − A
+    with σ = 1.05·|λmax| ≥ λmax, whose dominant eigenvalue is σ − λmin (a rough estimate)."""
     sigma = abs(operator_lambda_max(matvec, p, dtype, seed=seed)) * 1.05 + 1e-12
-    mu = power_iteration(lambda v: sigma * v - matvec(v), p, dtype, n_iter=n_iter, rtol=1e-4, seed=seed + 1)
+    mu = power_iteration(
+        lambda v: sigma * v - matvec(v), p, dtype, n_iter=n_iter, rtol=1e-4, seed=seed + 1
+    )
     return sigma - mu
 
 
@@ -117,8 +131,8 @@ class Curvature:
             with θ-independent inputs (in-process, also when an executor is given: it is a few
             matrix products over cached inputs), else the generic products of ``kind`` (``hvp_sum``:
             Pearlmutter's reverse over reverse; ``ggn_sum`` for Gauss–Newton); ``True`` requires the
-            structured path (``UnsupportedModelError`` naming why it does not apply); ``False`` always
-            uses the generic products.
+            structured path (``UnsupportedModelError`` naming why it does not apply); ``False``
+            always uses the generic products.
         structured_cache_bytes: memory budget for caching the layer inputs and output-Hessian
             data across products (structured path only); above it they are recomputed per product.
 
@@ -146,11 +160,24 @@ class Curvature:
     ) -> None:
         check_interval("Curvature", "damping", damping, 0.0, None, closed="left")
         if kind not in KINDS:
-            raise InputError(f"The 'kind' parameter of Curvature must be one of {KINDS}. Got {kind!r}.")
+            raise InputError(
+                f"The 'kind' parameter of Curvature must be one of {KINDS}. Got {kind!r}."
+            )
         self.kind: CurvatureKind = kind
         if not (structured is True or structured is False or structured == "auto"):
-            raise InputError(f"The 'structured' parameter of Curvature must be 'auto', True or False. Got {structured!r}.")
-        check_interval("Curvature", "structured_cache_bytes", structured_cache_bytes, 0, None, closed="left", integer=True)
+            raise InputError(
+                "The 'structured' parameter of Curvature must be 'auto', True or False. Got"
+                f" {structured!r}."
+            )
+        check_interval(
+            "Curvature",
+            "structured_cache_bytes",
+            structured_cache_bytes,
+            0,
+            None,
+            closed="left",
+            integer=True,
+        )
         check_interval("Curvature", "batch_size", batch_size, 1, None, closed="left", integer=True)
         self.objective = objective
         self.dtype = dtype or objective.dtype
@@ -167,20 +194,31 @@ class Curvature:
         self._shared: Any = None  # the executor's handle to (objective, data, params), placed once
         self.structured = structured
         self.structured_cache_bytes = int(structured_cache_bytes)
-        self._structured_op: Any = None  # LinearOutputHVP once resolved, False when it does not apply
+        # LinearOutputHVP once resolved, False when it does not apply
+        self._structured_op: Any = None
         self._hvp_batch_size: int | None = None  # measured on first use (generic path)
         self.structured_reason_: str | None = None
         if structured is True:
             self._structured()  # fail early, with the reason
 
     def replace(self, **changes: Any) -> Curvature:
-        """The same operator with some settings changed (``damping``, ``dtype``, ``batch_size``, ``kind``,
-        ``executor``, ``structured``, ``structured_cache_bytes``)."""
-        settings = dict(damping=self.damping, batch_size=self.batch_size, dtype=self.dtype, executor=self.executor,
-                        structured=self.structured, structured_cache_bytes=self.structured_cache_bytes, kind=self.kind)
+        """The same operator with some settings changed (``damping``, ``dtype``, ``batch_size``,
+        ``kind``, ``executor``, ``structured``, ``structured_cache_bytes``)."""
+        settings = dict(
+            damping=self.damping,
+            batch_size=self.batch_size,
+            dtype=self.dtype,
+            executor=self.executor,
+            structured=self.structured,
+            structured_cache_bytes=self.structured_cache_bytes,
+            kind=self.kind,
+        )
         unknown = set(changes) - set(settings)
         if unknown:
-            raise InputError(f"Curvature.replace: unknown setting(s) {sorted(unknown)}; settings are {sorted(settings)}.")
+            raise InputError(
+                f"Curvature.replace: unknown setting(s) {sorted(unknown)}; settings are"
+                f" {sorted(settings)}."
+            )
         return Curvature(self.objective, self.data, **{**settings, **changes})
 
     @property
@@ -191,7 +229,8 @@ class Curvature:
         return "H + δI, H = ∇²θ R(θ̂) (the Hessian of the regularised training risk)"
 
     def __getstate__(self) -> dict[str, Any]:
-        # shipped to a worker (e.g. inside a CG solver state), the operator computes in-process there
+        # shipped to a worker (e.g. inside a CG solver state), the operator computes in-process
+        # there
         state = dict(self.__dict__)
         state["executor"] = None
         state["_shared"] = None
@@ -215,13 +254,18 @@ class Curvature:
             if block is None:
                 if self.structured is True:
                     raise UnsupportedModelError(
-                        f"Curvature(structured=True): the structured HVP does not apply: {why}. It needs θ to be exactly "
-                        "the weight (and bias) of one nn.Linear whose output is the model's output. Use structured='auto'."
+                        f"Curvature(structured=True): the structured HVP does not apply: {why}. It"
+                        " needs θ to be exactly the weight (and bias) of one nn.Linear whose"
+                        " output is the model's output. Use structured='auto'."
                     )
                 self._structured_op = False
             else:
                 self._structured_op = LinearOutputHVP(
-                    self.objective, block, self.params, self.data, batch_size=self.batch_size,
+                    self.objective,
+                    block,
+                    self.params,
+                    self.data,
+                    batch_size=self.batch_size,
                     cache_bytes=self.structured_cache_bytes,
                 )
         return self._structured_op or None
@@ -233,24 +277,27 @@ class Curvature:
 
     @property
     def hvp_batch_size(self) -> int:
-        """Points per generic HVP batch: ``batch_size``, capped so that the batch's autograd graph (what
-        each of the k tangent passes of ``hvp_sum`` works through) stays within ``HVP_GRAPH_BYTES``.
+        """Points per generic HVP batch: ``batch_size``, capped so that the batch's autograd graph
+        (what each of the k tangent passes of ``hvp_sum`` works through) stays within
+        ``HVP_GRAPH_BYTES``.
 
         Measured once, from the bytes autograd saves for 1 and for 8 training points
-        (``graph_bytes_per_point``). Why it pays: glibc's malloc serves every allocation above its mmap
-        threshold (at most 32 MiB) with a fresh mapping and unmaps it on free, so a tensor of that size
-        made in every tangent pass is page-faulted in anew each time; with every tensor of the graph
-        below 32 MiB the allocator's caches are reused (timings: section ``hvp-batch`` of
+        (``graph_bytes_per_point``). Why it pays: glibc's malloc serves every allocation above its
+        mmap threshold (at most 32 MiB) with a fresh mapping and unmaps it on free, so a tensor of
+        that size made in every tangent pass is page-faulted in anew each time; with every tensor of
+        the graph below 32 MiB the allocator's caches are reused (timings: section ``hvp-batch`` of
         bench/RESULTS.md). The cap also bounds the graph's memory.
         """
         if self._hvp_batch_size is None:
             per_point = graph_bytes_per_point(self.objective, self.params, self.data)
-            self._hvp_batch_size = points_within(HVP_GRAPH_BYTES, per_point, self.batch_size, MIN_HVP_BATCH)
+            self._hvp_batch_size = points_within(
+                HVP_GRAPH_BYTES, per_point, self.batch_size, MIN_HVP_BATCH
+            )
         return self._hvp_batch_size
 
     def hvp_sum(self, V: torch.Tensor, batch: Data) -> torch.Tensor:
-        """Σ_{i∈batch} ∇²θL(zᵢ, θ̂) vⱼ for each row vⱼ of V (k, p) → (k, p): the loss terms only, unnormalised
-        (generic path: in chunks of ``hvp_batch_size`` points)."""
+        """Σ_{i∈batch} ∇²θL(zᵢ, θ̂) vⱼ for each row vⱼ of V (k, p) → (k, p): the loss terms only,
+        unnormalised (generic path: in chunks of ``hvp_batch_size`` points)."""
         op = self._structured()
         if op is not None:
             return op.hvp_sum(V.reshape(-1, self.p).to(self.dtype), batch.to(self.dtype))
@@ -263,9 +310,10 @@ class Curvature:
     def matvec(self, V: torch.Tensor, *, operand_dtype: torch.dtype | None = None) -> torch.Tensor:
         """(H + δI)V for V of shape (p,) or (k, p), over all n training points.
 
-        ``operand_dtype`` (e.g. torch.bfloat16): the structured HVP's matrix products take their operands
-        in that dtype (``LinearOutputHVP.hvp_sum_all``; mixed precision for ``CG(hvp_dtype=…)``'s
-        iterations); ``UnsupportedModelError`` where the structured HVP does not apply."""
+        ``operand_dtype`` (e.g. torch.bfloat16): the structured HVP's matrix products take their
+        operands in that dtype (``LinearOutputHVP.hvp_sum_all``; mixed precision for
+        ``CG(hvp_dtype=…)``'s iterations); ``UnsupportedModelError`` where the structured HVP does
+        not apply."""
         squeeze = V.ndim == 1
         V = V.reshape(-1, self.p).to(self.dtype)
         op = self._structured()
@@ -273,9 +321,10 @@ class Curvature:
             operand_dtype = None
         if operand_dtype is not None and op is None:
             raise UnsupportedModelError(
-                f"HVP products in {operand_dtype} (CG(hvp_dtype=…)) need the structured HVP, which does not apply here: "
-                f"{self.structured_reason_ or 'Curvature(structured=False)'}. It covers θ = one nn.Linear producing "
-                "the model output (softmax / logistic regression, a linear head on frozen features); drop hvp_dtype."
+                f"HVP products in {operand_dtype} (CG(hvp_dtype=…)) need the structured HVP, which"
+                f" does not apply here: {self.structured_reason_ or 'Curvature(structured=False)'}."
+                " It covers θ = one nn.Linear producing the model output (softmax / logistic"
+                " regression, a linear head on frozen features); drop hvp_dtype."
             )
         if op is not None:  # a few matmuls over cached inputs: in-process even with an executor
             acc = op.hvp_sum_all(V, operand_dtype)
@@ -286,7 +335,8 @@ class Curvature:
         else:
             acc = self._distributed_hvp_sum(V)
         self.n_matvecs += 1
-        out = acc.div_(self.n).addcmul_(self.diagonal, V)  # in place: k × p arrays are the memory here
+        # in place: k × p arrays are the memory here
+        out = acc.div_(self.n).addcmul_(self.diagonal, V)
         return out[0] if squeeze else out
 
     def _distributed_hvp_sum(self, V: torch.Tensor) -> torch.Tensor:
@@ -294,7 +344,9 @@ class Curvature:
         ex = self.executor
         assert ex is not None
         if self._shared is None:
-            self._shared = ex.share(_HVPContext(self.objective, self.data, self.params, self.hvp_batch_size, self.kind))
+            self._shared = ex.share(
+                _HVPContext(self.objective, self.data, self.params, self.hvp_batch_size, self.kind)
+            )
         parts = split_indices(self.n, self.batch_size, min_parts=ex.parallelism)
         return ex.map_reduce(_hvp_partition, parts, operator.add, self._shared, V)
 
@@ -306,12 +358,14 @@ class Curvature:
         return out[0] if squeeze else out
 
     def dense(self, *, max_p: int = 20_000, chunk: int = 256) -> torch.Tensor:
-        """The explicit (p, p) matrix H + δI: in closed form where the structured HVP applies (θ is one
-        output ``nn.Linear``, ``LinearOutputHVP.dense_sum``), else column block by column block from HVPs."""
+        """The explicit (p, p) matrix H + δI: in closed form where the structured HVP applies (θ is
+        one output ``nn.Linear``, ``LinearOutputHVP.dense_sum``), else column block by column block
+        from HVPs.
+        """
         if self.p > max_p:
             raise CurvatureTooLargeError(
-                f"A dense Hessian for p={self.p} parameters needs {self.p**2 * 8 / 2**30:.1f} GiB; max_p is {max_p}. "
-                "Use an iterative solver (CG or LiSSA) instead of Direct."
+                f"A dense Hessian for p={self.p} parameters needs {self.p**2 * 8 / 2**30:.1f} GiB;"
+                f" max_p is {max_p}. Use an iterative solver (CG or LiSSA) instead of Direct."
             )
         op = self._structured() if self.executor is None else None
         if op is not None:  # closed form Σᵢ Hᵢ ⊗ ãᵢãᵢᵀ: no HVPs (core/structured.py)
@@ -325,8 +379,12 @@ class Curvature:
         # with `chunk` tangents in flight, smaller data batches keep the working set in cache
         dense_op = self.replace(batch_size=min(self.batch_size, 512))
         starts = range(0, self.p, chunk)
-        cols = [dense_op.matvec(eye[s : s + chunk])
-                for s in progress(starts, desc=f"dense {self.describes} ({self.p} columns)", total=len(starts))]
+        cols = [
+            dense_op.matvec(eye[s : s + chunk])
+            for s in progress(
+                starts, desc=f"dense {self.describes} ({self.p} columns)", total=len(starts)
+            )
+        ]
         H = torch.cat(cols, dim=0)
         check_finite(H, "The Hessian", "Check the model and loss for overflow at θ̂.")
         return 0.5 * (H + H.T)
@@ -343,22 +401,37 @@ class Curvature:
         return operator_lambda_min(self.matvec, self.p, self.dtype, n_iter=n_iter, seed=seed)
 
 
-#: the autograd graph one generic HVP batch may hold (``Curvature.hvp_batch_size``; ``core.batching``)
+#: the autograd graph one generic HVP batch may hold (``Curvature.hvp_batch_size``;
+#: ``core.batching``)
 HVP_GRAPH_BYTES = batching.GRAPH_BYTES
 #: the smallest batch the cap may choose
 MIN_HVP_BATCH = batching.MIN_GRAPH_BATCH
 
 
 class _HVPContext:
-    """What an HVP task needs, shipped to each worker once: the objective, the data, θ̂ and which curvature."""
+    """What an HVP task needs, shipped to each worker once: the objective, the data, θ̂ and which
+    curvature."""
 
-    def __init__(self, objective: Objective, data: Data, params: Params, batch_size: int,
-                 kind: CurvatureKind = "hessian") -> None:
-        self.objective, self.data, self.params, self.batch_size, self.kind = objective, data, params, batch_size, kind
+    def __init__(
+        self,
+        objective: Objective,
+        data: Data,
+        params: Params,
+        batch_size: int,
+        kind: CurvatureKind = "hessian",
+    ) -> None:
+        self.objective, self.data, self.params, self.batch_size, self.kind = (
+            objective,
+            data,
+            params,
+            batch_size,
+            kind,
+        )
 
 
 def _hvp_partition(indices: np.ndarray, ctx: _HVPContext, V: torch.Tensor) -> torch.Tensor:
-    """Σ_{i∈indices} ∇²θL(zᵢ, θ̂)V for one partition, (k, p) — the map step of ``Curvature.matvec``."""
+    """Σ_{i∈indices} ∇²θL(zᵢ, θ̂)V for one partition, (k, p) — the map step of
+    ``Curvature.matvec``."""
     ctx = thread_private(ctx, share=(ctx.data, ctx.data.X, ctx.data.y, ctx.data.ids))
     part = ctx.data.subset(torch.from_numpy(np.asarray(indices, dtype=np.int64)))
     acc = torch.zeros_like(V)
@@ -367,10 +440,12 @@ def _hvp_partition(indices: np.ndarray, ctx: _HVPContext, V: torch.Tensor) -> to
     return acc
 
 
-def hvp_sum(obj: Objective, params: Params, V: torch.Tensor, batch: Data, *,
-            out: torch.Tensor | None = None) -> torch.Tensor:
+def hvp_sum(
+    obj: Objective, params: Params, V: torch.Tensor, batch: Data, *, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """Σ_{i∈batch} ∇²θL(zᵢ, θ) vⱼ for each row vⱼ of V (k, p) → (k, p): Pearlmutter's product,
-    reverse over reverse; with ``out`` (k, p) the products are added to it in place (and it is returned).
+    reverse over reverse; with ``out`` (k, p) the products are added to it in place (and it is
+    returned).
 
     One forward and backward pass builds g = ∇θ Σᵢ L(zᵢ, θ) with its graph; each vⱼ is then one
     more backward pass through that graph, ∇θ⟨g, vⱼ⟩ = H vⱼ. The k tangents share the forward
@@ -387,37 +462,51 @@ def hvp_sum(obj: Objective, params: Params, V: torch.Tensor, batch: Data, *,
             out = torch.zeros_like(V)
         if not loss.requires_grad:  # the loss does not depend on θ at all
             return out
-        grads = torch.autograd.grad(loss, list(leaves.values()), create_graph=True, allow_unused=True,
-                                    materialize_grads=True)
-        # a gradient without a graph does not depend on θ: its rows (and, by symmetry, columns) of H are 0
+        grads = torch.autograd.grad(
+            loss,
+            list(leaves.values()),
+            create_graph=True,
+            allow_unused=True,
+            materialize_grads=True,
+        )
+        # a gradient without a graph does not depend on θ: its rows (and, by symmetry, columns) of H
+        # are 0
         live = [i for i, g in enumerate(grads) if g.requires_grad]
         if not live:
             return out
         for j in range(len(V)):
             tangent = obj.space.unflatten(V[j])
             try:
-                hv = torch.autograd.grad([grads[i] for i in live], list(leaves.values()),
-                                         [tangent[names[i]] for i in live], retain_graph=j < len(V) - 1,
-                                         allow_unused=True, materialize_grads=True)
+                hv = torch.autograd.grad(
+                    [grads[i] for i in live],
+                    list(leaves.values()),
+                    [tangent[names[i]] for i in live],
+                    retain_graph=j < len(V) - 1,
+                    allow_unused=True,
+                    materialize_grads=True,
+                )
             except RuntimeError as exc:
                 err = _no_second_derivative(exc)
                 if err is None:
                     raise
                 raise err from exc
             hv_of = dict(zip(names, hv))
-            for part, name in zip(out[j].split(obj.space.sizes), obj.space.names):  # views of out[j]
+            # views of out[j]
+            for part, name in zip(out[j].split(obj.space.sizes), obj.space.names):
                 part.add_(hv_of[name].reshape(-1))
     return out
 
 
-def ggn_sum(obj: Objective, params: Params, V: torch.Tensor, batch: Data, *,
-            out: torch.Tensor | None = None) -> torch.Tensor:
-    """Σ_{i∈batch} Jᵢᵀ ∇²_z L(zᵢ) Jᵢ vⱼ for each row vⱼ of V (k, p) → (k, p), zᵢ the model output: the
-    Gauss–Newton products (see the module docstring), added to ``out`` in place when it is given.
+def ggn_sum(
+    obj: Objective, params: Params, V: torch.Tensor, batch: Data, *, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Σ_{i∈batch} Jᵢᵀ ∇²_z L(zᵢ) Jᵢ vⱼ for each row vⱼ of V (k, p) → (k, p), zᵢ the model output:
+    the Gauss–Newton products (see the module docstring), added to ``out`` in place when it is
+    given.
 
     Per batch: one forward with its VJP graph; per vector one forward-mode JVP (Jᵢvⱼ), the loss's
-    Hessian in z applied to it (``core.output_hessian``: in closed form for the built-in losses, else
-    by a double backward through the loss alone), and one VJP."""
+    Hessian in z applied to it (``core.output_hessian``: in closed form for the built-in losses,
+    else by a double backward through the loss alone), and one VJP."""
     if out is None:
         out = torch.zeros_like(V)
 
@@ -471,9 +560,10 @@ def _raise_without_forward_derivative(exc: RuntimeError) -> NoReturn:
     if "forward AD" not in msg and "forward-mode" not in msg and "not implemented" not in msg:
         raise exc
     raise UnsupportedModelError(
-        f"Gauss–Newton products take one forward-mode derivative (JVP) of the model, and PyTorch has none for one of its "
-        f"operations ({msg.splitlines()[0]}). For Hugging Face models build them with attn_implementation='eager'; "
-        "or use KFAC()/EKFAC(), which approximate the same Gauss–Newton matrix from layer statistics."
+        "Gauss–Newton products take one forward-mode derivative (JVP) of the model, and PyTorch"
+        f" has none for one of its operations ({msg.splitlines()[0]}). For Hugging Face models"
+        " build them with attn_implementation='eager'; or use KFAC()/EKFAC(), which approximate"
+        " the same Gauss–Newton matrix from layer statistics."
     ) from exc
 
 
@@ -485,20 +575,26 @@ def _no_second_derivative(exc: RuntimeError) -> UnsupportedModelError | None:
         return None
     attention = "attention" in msg
     return UnsupportedModelError(
-        "A Hessian-vector product needs the second derivative of every operation in the model, and PyTorch has none for "
-        f"one of them ({msg.splitlines()[0]})."
-        + (" It is a fused attention kernel: build the model with eager attention — for Hugging Face models "
-           "attn_implementation='eager' in from_config/from_pretrained, or model.set_attn_implementation('eager') — "
-           "which computes the same function with differentiable operations." if attention else
-           " Replace that operation by a twice-differentiable one.")
-        + " K-FAC/EK-FAC need no second derivative: KFAC(residual_sample=0) / EKFAC(residual_sample=0) skip the "
-          "residual check that would take one."
+        "A Hessian-vector product needs the second derivative of every operation in the model, and"
+        f" PyTorch has none for one of them ({msg.splitlines()[0]})."
+        + (
+            " It is a fused attention kernel: build the model with eager attention — for Hugging"
+            " Face models attn_implementation='eager' in from_config/from_pretrained, or"
+            " model.set_attn_implementation('eager') — which computes the same function with"
+            " differentiable operations."
+            if attention
+            else " Replace that operation by a twice-differentiable one."
+        )
+        + " K-FAC/EK-FAC need no second derivative: KFAC(residual_sample=0) /"
+        " EKFAC(residual_sample=0) skip the residual check that would take one."
     )
 
 
-def power_iteration(apply, p: int, dtype: torch.dtype, *, n_iter: int, rtol: float, seed: int) -> float:
-    """Rayleigh quotient of the dominant eigenvector of the symmetric operator ``apply`` (p,) → (p,),
-    stopping when it changes by less than ``rtol`` (relative)."""
+def power_iteration(
+    apply, p: int, dtype: torch.dtype, *, n_iter: int, rtol: float, seed: int
+) -> float:
+    """Rayleigh quotient of the dominant eigenvector of the symmetric operator ``apply`` (p,) →
+    (p,), stopping when it changes by less than ``rtol`` (relative)."""
     v = torch.randn(p, generator=torch.Generator().manual_seed(seed), dtype=dtype)
     v /= v.norm()
     lam = 0.0

@@ -1,7 +1,7 @@
 """Digests that key stored results: of tensors, training data, the model's parameters and buffers,
-and a function's name — for the factor store (``solvers.kfac.KFAC.factor_fingerprint``) and the score
-stores (``influence.fingerprint``). In core, the lowest layer that needs them (a solver may not
-import ``influence``)."""
+and a function's name — for the factor store (``solvers.kfac.KFAC.factor_fingerprint``) and the
+score stores (``influence.fingerprint``). In core, the lowest layer that needs them (a solver may
+not import ``influence``)."""
 
 from __future__ import annotations
 
@@ -43,7 +43,8 @@ def digest_data(data: Data) -> dict[str, Any]:
 
 
 def model_sha256(objective: Objective) -> str:
-    """SHA-256 over every parameter and buffer of the model (θ̂ and the fixed part) with their names."""
+    """SHA-256 over every parameter and buffer of the model (θ̂ and the fixed part) with their
+    names."""
     h = hashlib.sha256()
     for name, t in sorted(objective.model.state_dict().items()):
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())

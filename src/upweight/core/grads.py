@@ -30,7 +30,9 @@ def _loss(objective: Objective, params: Params, X: torch.Tensor, y: torch.Tensor
     return objective.losses(params, X, y)
 
 
-def _measure(objective: Objective, params: Params, X: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def _measure(
+    objective: Objective, params: Params, X: torch.Tensor, y: torch.Tensor
+) -> torch.Tensor:
     return objective.measurements(params, X, y)
 
 
@@ -45,14 +47,16 @@ def vmap_model_error(exc: BaseException) -> UnsupportedModelError | None:
     msg = str(exc)
     if "randomness" in msg and "vmap" in msg:
         return UnsupportedModelError(
-            "The model is random in this mode (dropout?) — call model.eval(): torch.func.vmap refused a random operation "
-            "while computing per-sample gradients. A custom module must pass training=self.training to F.dropout (its "
-            f"default is training=True). torch said: {msg}"
+            "The model is random in this mode (dropout?) — call model.eval(): torch.func.vmap"
+            " refused a random operation while computing per-sample gradients. A custom module"
+            " must pass training=self.training to F.dropout (its default is training=True). torch"
+            f" said: {msg}"
         )
     if "in-place operation" in msg and "captured Tensor" in msg:
         return UnsupportedModelError(
-            "The model updates a tensor in place during its forward (BatchNorm in training mode updating its running "
-            "statistics?), which per-sample gradients cannot follow — call model.eval(). torch said: " + msg
+            "The model updates a tensor in place during its forward (BatchNorm in training mode"
+            " updating its running statistics?), which per-sample gradients cannot follow — call"
+            " model.eval(). torch said: " + msg
         )
     return None
 
@@ -69,7 +73,9 @@ def _vmapped(fn: Callable[..., Any], *args: Any) -> Any:
         raise err from exc
 
 
-def per_sample_grads(objective: Objective, params: Params, batch: Data, *, measure: bool = False) -> torch.Tensor:
+def per_sample_grads(
+    objective: Objective, params: Params, batch: Data, *, measure: bool = False
+) -> torch.Tensor:
     """Rows ∇θL(zᵢ, θ) (or ∇θf(zᵢ, θ) with ``measure=True``) for one batch, shape (b, p).
 
     The regulariser is not included: upweighting z adds ε·L(z, θ) to R (Koh & Liang 2017, §2.1).
@@ -78,11 +84,13 @@ def per_sample_grads(objective: Objective, params: Params, batch: Data, *, measu
     return objective.space.flatten(point_grads(f, params, batch, objective), batch_dims=1)
 
 
-def point_grads(f: Callable[..., torch.Tensor], params: Params, batch: Data, objective: Objective) -> Params:
-    """∇ of ``f(params, xᵢ, yᵢ)`` (one point's scalar) with respect to ``params``, for every point of
-    ``batch``: a dict of (b, *shape) tensors. By ``vmap`` over the points; for a model ``vmap`` cannot
-    batch (Hugging Face encoders build their attention masks with data-dependent branches) by one
-    backward pass per point, decided once per objective and logged."""
+def point_grads(
+    f: Callable[..., torch.Tensor], params: Params, batch: Data, objective: Objective
+) -> Params:
+    """∇ of ``f(params, xᵢ, yᵢ)`` (one point's scalar) with respect to ``params``, for every point
+    of ``batch``: a dict of (b, *shape) tensors. By ``vmap`` over the points; for a model ``vmap``
+    cannot batch (Hugging Face encoders build their attention masks with data-dependent branches) by
+    one backward pass per point, decided once per objective and logged."""
     if objective._vmap_refused is None:
         try:
             return _vmapped(vmap(grad(f), in_dims=(None, 0, 0)), params, batch.X, batch.y)
@@ -90,8 +98,11 @@ def point_grads(f: Callable[..., torch.Tensor], params: Params, batch: Data, obj
             if not _vmap_unsupported(exc):
                 raise
             objective._vmap_refused = str(exc).split("\n")[0]
-            logger.info("per-sample gradients: torch.func.vmap cannot batch this model (%s); one backward pass per "
-                        "point from now on", objective._vmap_refused)
+            logger.info(
+                "per-sample gradients: torch.func.vmap cannot batch this model (%s); one backward"
+                " pass per point from now on",
+                objective._vmap_refused,
+            )
     rows = []
     for i in range(len(batch)):
         one = batch.subset([i])
@@ -105,21 +116,36 @@ def _vmap_unsupported(exc: RuntimeError) -> bool:
     """Whether vmap refused the model itself (data-dependent control flow, ``.item()``, an operator
     without a batching rule) rather than the model being wrong — then a loop over points works."""
     msg = str(exc)
-    return "vmap" in msg and any(k in msg for k in ("data-dependent", ".item()", "Batching rule not implemented",
-                                                   "not supported with vmap", "does not support"))
+    return "vmap" in msg and any(
+        k in msg
+        for k in (
+            "data-dependent",
+            ".item()",
+            "Batching rule not implemented",
+            "not supported with vmap",
+            "does not support",
+        )
+    )
 
 
-def grad_chunk_size(p: int, batch_size: int, dtype: torch.dtype, max_bytes: int | None = None) -> int:
-    """Points per per-sample-gradient chunk: at most ``batch_size``, and b × p values ≤ ``max_bytes``
-    (default ``core.batching.TENSOR_BYTES``: chunks below glibc's mmap threshold are not
-    page-faulted in anew each time; see ``core.batching``)."""
+def grad_chunk_size(
+    p: int, batch_size: int, dtype: torch.dtype, max_bytes: int | None = None
+) -> int:
+    """Points per per-sample-gradient chunk: at most ``batch_size``, and b × p values ≤
+    ``max_bytes`` (default ``core.batching.TENSOR_BYTES``: chunks below glibc's mmap threshold are
+    not page-faulted in anew each time; see ``core.batching``)."""
     itemsize = torch.empty((), dtype=dtype).element_size()
     budget = batching.TENSOR_BYTES if max_bytes is None else max_bytes
     return batching.points_within(budget, p * itemsize, batch_size)
 
 
 def iter_per_sample_grads(
-    objective: Objective, params: Params, data: Data, batch_size: int, *, measure: bool = False,
+    objective: Objective,
+    params: Params,
+    data: Data,
+    batch_size: int,
+    *,
+    measure: bool = False,
     max_bytes: int | None = None,
 ) -> Iterator[tuple[Data, torch.Tensor]]:
     """Yield ``(batch, G_batch)`` with G_batch of shape (b, p), one memory-bounded chunk at a time.
@@ -132,8 +158,15 @@ def iter_per_sample_grads(
         yield batch, per_sample_grads(objective, params, batch, measure=measure)
 
 
-def risk(objective: Objective, params: Params, data: Data, batch_size: int, weights: torch.Tensor | None = None) -> torch.Tensor:
-    """R(θ) = (1/n) Σᵢ wᵢ L(zᵢ, θ) + (l2/2)‖θ‖², n = len(data); w = 1 unless given (per point, shape (n,))."""
+def risk(
+    objective: Objective,
+    params: Params,
+    data: Data,
+    batch_size: int,
+    weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """R(θ) = (1/n) Σᵢ wᵢ L(zᵢ, θ) + (l2/2)‖θ‖², n = len(data); w = 1 unless given (per point, shape
+    (n,))."""
     n = len(data)
     total = 0.0
     for s, batch in zip(range(0, n, batch_size), data.batches(batch_size)):
@@ -144,14 +177,17 @@ def risk(objective: Objective, params: Params, data: Data, batch_size: int, weig
     return total / n + objective.regularizer(params)
 
 
-def graph_bytes_per_point(obj: Objective, params: Params, data: Data, *, second_order: bool = True) -> float:
+def graph_bytes_per_point(
+    obj: Objective, params: Params, data: Data, *, second_order: bool = True
+) -> float:
     """Bytes autograd saves per training point for a batch's graph: of the loss alone
     (``second_order=False``: what one backward pass, e.g. ∇R, needs) or also of its gradient with
     ``create_graph=True`` (``hvp_sum``'s double-backward graph) — the difference between the graphs
     of 8 points and of 1, / 7.
 
-    Each storage counts once (views and tensors saved by several operations); what does not grow with the
-    batch (the parameters themselves) cancels in the difference. 0 when the data has < 8 points.
+    Each storage counts once (views and tensors saved by several operations); what does not grow
+    with the batch (the parameters themselves) cancels in the difference. 0 when the data has < 8
+    points.
     """
     if len(data) < 8:
         return 0.0
@@ -163,7 +199,8 @@ def graph_bytes_per_point(obj: Objective, params: Params, data: Data, *, second_
             try:  # one entry per storage: views and repeated saves of one tensor count once
                 storage = t.untyped_storage()
                 seen[storage.data_ptr()] = storage.nbytes()
-            except (RuntimeError, NotImplementedError):  # no plain storage (e.g. sparse): count it by identity
+            # no plain storage (e.g. sparse): count it by identity
+            except (RuntimeError, NotImplementedError):
                 seen[id(t)] = t.numel() * t.element_size()
             return t
 
@@ -171,29 +208,45 @@ def graph_bytes_per_point(obj: Objective, params: Params, data: Data, *, second_
             leaves = {name: t.detach().requires_grad_(True) for name, t in params.items()}
             loss = obj.losses(leaves, batch.X, batch.y).sum()
             if second_order and loss.requires_grad:
-                torch.autograd.grad(loss, list(leaves.values()), create_graph=True, allow_unused=True)
+                torch.autograd.grad(
+                    loss, list(leaves.values()), create_graph=True, allow_unused=True
+                )
         return sum(seen.values())
 
     one, eight = (saved_bytes(data.subset(torch.arange(m))) for m in (1, 8))
     return max(eight - one, 0) / 7
 
 
-def risk_grad(objective: Objective, params: Params, data: Data, batch_size: int, weights: torch.Tensor | None = None,
-              *, progress: bool = False) -> torch.Tensor:
+def risk_grad(
+    objective: Objective,
+    params: Params,
+    data: Data,
+    batch_size: int,
+    weights: torch.Tensor | None = None,
+    *,
+    progress: bool = False,
+) -> torch.Tensor:
     """∇R(θ) as a flat vector (p,), one batch at a time: at most ``batch_size`` points, and so few
     that the batch's autograd graph stays within ``batching.GRAPH_BYTES`` (measured per point,
     ``graph_bytes_per_point``; a transformer's activations make a batch of thousands of sequences
     a large graph). ``progress``: a bar over the batches (``upweight._progress``)."""
     n = len(data)
-    step = batching.points_within(batching.GRAPH_BYTES, graph_bytes_per_point(objective, params, data, second_order=False),
-                                  batch_size, batching.MIN_GRAPH_BATCH)
+    step = batching.points_within(
+        batching.GRAPH_BYTES,
+        graph_bytes_per_point(objective, params, data, second_order=False),
+        batch_size,
+        batching.MIN_GRAPH_BATCH,
+    )
     g: torch.Tensor | None = None
-    with progress_bar(desc="∇R(θ̂) over the training points", total=-(-n // step), unit="batch",
-                      enabled=progress) as bar:
+    with progress_bar(
+        desc="∇R(θ̂) over the training points", total=-(-n // step), unit="batch", enabled=progress
+    ) as bar:
         for s, batch in zip(range(0, n, step), data.batches(step)):
             w = None if weights is None else weights[s : s + len(batch)]
 
-            def part(p: Params, batch: Data = batch, w: torch.Tensor | None = w, first: bool = s == 0) -> torch.Tensor:
+            def part(
+                p: Params, batch: Data = batch, w: torch.Tensor | None = w, first: bool = s == 0
+            ) -> torch.Tensor:
                 losses = objective.losses(p, batch.X, batch.y)
                 total = (losses if w is None else losses * w.to(losses.dtype)).sum() / n
                 return total + objective.regularizer(p) if first else total
@@ -205,7 +258,9 @@ def risk_grad(objective: Objective, params: Params, data: Data, batch_size: int,
     return g
 
 
-def pert_directions(objective: Objective, params: Params, batch: Data, S: torch.Tensor) -> torch.Tensor:
+def pert_directions(
+    objective: Objective, params: Params, batch: Data, S: torch.Tensor
+) -> torch.Tensor:
     """∇x (sⱼ · ∇θL(xᵢ, yᵢ, θ)) for every row sⱼ of S (k, p) and point i: shape (k, b, *x_shape).
 
     sᵀ∇θL(x, θ) is the directional derivative of L along s, a JVP in θ; its gradient in x is the
@@ -213,13 +268,15 @@ def pert_directions(objective: Objective, params: Params, batch: Data, S: torch.
     """
     if batch.is_dict:
         raise InputError(
-            "I_pert,loss differentiates the loss with respect to one continuous input tensor, but these inputs are a "
-            f"dict {sorted(batch.X)} (e.g. token ids and masks). Use up_loss instead."
+            "I_pert,loss differentiates the loss with respect to one continuous input tensor, but"
+            f" these inputs are a dict {sorted(batch.X)} (e.g. token ids and masks). Use up_loss"
+            " instead."
         )
     if not batch.X.is_floating_point():
         raise InputError(
-            f"I_pert,loss differentiates the loss with respect to the inputs, but X has dtype {batch.X.dtype} "
-            "(e.g. token ids). Perturbation influence needs continuous inputs; use up_loss instead."
+            "I_pert,loss differentiates the loss with respect to the inputs, but X has dtype"
+            f" {batch.X.dtype} (e.g. token ids). Perturbation influence needs continuous inputs;"
+            " use up_loss instead."
         )
     f = _single(_loss, objective)
     tangents = objective.space.unflatten(S)
@@ -229,6 +286,8 @@ def pert_directions(objective: Objective, params: Params, batch: Data, S: torch.
 
     per_point = grad(directional)  # ∇x of the directional derivative
     over_points = vmap(per_point, in_dims=(0, 0, None))
-    out = _vmapped(vmap(over_points, in_dims=(None, None, 0)), batch.X.to(S.dtype), batch.y, tangents)
+    out = _vmapped(
+        vmap(over_points, in_dims=(None, None, 0)), batch.X.to(S.dtype), batch.y, tangents
+    )
     check_finite(out, "∇x∇θL")
     return out

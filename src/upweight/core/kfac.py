@@ -30,10 +30,10 @@ and its eigendecomposition is exact and free,
 α = c/n, Q_A = I (``LayerFactors.identity_A``: the rotations by Q_A are skipped in EK-FAC's pass and
 in the solvers). S and Λ are as for any layer.
 
-**Kept in a store** (``FactorStore``, ``fit_factors(store=…)``): every factor tensor is written to an
-``upweight.Store`` as soon as it is computed (pass 1's factors and eigendecompositions per layer,
-the local blocks, then pass 2's Λ per layer), and a later fit of the same computation reads them back
-instead of running the passes — the same float64 tensors, bit for bit.
+**Kept in a store** (``FactorStore``, ``fit_factors(store=…)``): every factor tensor is written to
+an ``upweight.Store`` as soon as it is computed (pass 1's factors and eigendecompositions per layer,
+the local blocks, then pass 2's Λ per layer), and a later fit of the same computation reads them
+back instead of running the passes — the same float64 tensors, bit for bit.
 """
 
 from __future__ import annotations
@@ -68,7 +68,8 @@ class LayerFactors:
         block: the layer.
         A: (cols, cols) activation second moment; ``None`` when ``identity_A`` (A = diag(eig_A)).
         S: (out, out) cotangent second moment.
-        eig_A, Q_A: eigenvalues (clamped ≥ 0) and eigenvectors of A; Q_A ``None`` when ``identity_A``.
+        eig_A, Q_A: eigenvalues (clamped ≥ 0) and eigenvectors of A; Q_A ``None`` when
+            ``identity_A``.
         eig_S, Q_S: eigenvalues (clamped ≥ 0) and eigenvectors of S.
         corrected: EK-FAC eigenvalues Λ of shape (out, cols), or ``None`` (K-FAC: σ ⊗ α).
         locations: T, the locations per point (1 for a plain Linear).
@@ -149,7 +150,12 @@ class _Sums:
     ``clamped`` travel along pass 1's sums.
     """
 
-    def __init__(self, tensors: dict[str, torch.Tensor], locations: dict[str, int] | None = None, clamped: int = 0) -> None:
+    def __init__(
+        self,
+        tensors: dict[str, torch.Tensor],
+        locations: dict[str, int] | None = None,
+        clamped: int = 0,
+    ) -> None:
         self.tensors, self.locations, self.clamped = tensors, dict(locations or {}), clamped
 
     def __add__(self, other: _Sums) -> _Sums:
@@ -163,44 +169,80 @@ class _FactorContext:
     size (which also bounds an executor's partitions) and the points per capture within it
     (``capture_batch_size``)."""
 
-    def __init__(self, objective: Objective, data: Data, blocks: Sequence[LayerBlock], params: Params | None,
-                 batch_size: int, local: Sequence[LocalModule] = ()) -> None:
-        self.objective, self.data, self.blocks, self.local = objective, data, list(blocks), list(local)
+    def __init__(
+        self,
+        objective: Objective,
+        data: Data,
+        blocks: Sequence[LayerBlock],
+        params: Params | None,
+        batch_size: int,
+        local: Sequence[LocalModule] = (),
+    ) -> None:
+        self.objective, self.data, self.blocks, self.local = (
+            objective,
+            data,
+            list(blocks),
+            list(local),
+        )
         self.params, self.batch_size = params, batch_size
         self.step = capture_batch_size(objective, data, self.blocks, params, batch_size, self.local)
 
 
-def capture_batch_size(objective: Objective, data: Data, blocks: Sequence[LayerBlock], params: Params | None,
-                       batch_size: int, local: Sequence[LocalModule] = ()) -> int:
+def capture_batch_size(
+    objective: Objective,
+    data: Data,
+    blocks: Sequence[LayerBlock],
+    params: Params | None,
+    batch_size: int,
+    local: Sequence[LocalModule] = (),
+) -> int:
     """Points per capture in the factor passes: at most ``batch_size``, and so few that the largest
     captured tensor — a layer's GGN cotangents (K, b, T, out) or inputs (b, T, cols) — holds at most
     ``core.batching.TENSOR_BYTES`` counted at 8 bytes per value (float64, the widest dtype a pass
     uses), so a float32 model's captures stay within half of it; and so few that all of a capture —
     every layer's captured tensors and the forward pass's autograd graph (``graph_bytes_per_point``)
-    — holds at most ``CAPTURE_BYTES``: a transformer has many layers and large activations per point.
+    — holds at most ``CAPTURE_BYTES``: a transformer has many layers and large activations per
+    point.
 
-    Measured on one point. Why: tensors above glibc's mmap threshold are page-faulted in anew in every
-    batch (``core.batching``), so a convolution's large captures run faster in small batches than in
-    one big one (``bench/bench_batch_budget.py``; its numbers are in bench/RESULTS.md).
+    Measured on one point. Why: tensors above glibc's mmap threshold are page-faulted in anew in
+    every batch (``core.batching``), so a convolution's large captures run faster in small batches
+    than in one big one (``bench/bench_batch_budget.py``; its numbers are in bench/RESULTS.md).
     """
     if len(data) < 2:
         return max(1, batch_size)
-    cap = capture(objective, blocks, data.subset([0]), params=params, cotangents="ggn", token_ids=True, local=local)
+    cap = capture(
+        objective,
+        blocks,
+        data.subset([0]),
+        params=params,
+        cotangents="ggn",
+        token_ids=True,
+        local=local,
+    )
     tensors = [*cap.a.values(), *cap.g.values(), *cap.local.values()]
     widest = max(t.numel() for t in tensors) * 8
-    total = sum(t.numel() for t in tensors) * 8 + graph_bytes_per_point(objective, params or objective.params, data,
-                                                                         second_order=False)
-    return min(batching.points_within(batching.TENSOR_BYTES, widest, batch_size),
-               batching.points_within(CAPTURE_BYTES, total, batch_size, batching.MIN_GRAPH_BATCH))
+    total = sum(t.numel() for t in tensors) * 8 + graph_bytes_per_point(
+        objective, params or objective.params, data, second_order=False
+    )
+    return min(
+        batching.points_within(batching.TENSOR_BYTES, widest, batch_size),
+        batching.points_within(CAPTURE_BYTES, total, batch_size, batching.MIN_GRAPH_BATCH),
+    )
 
 
-#: all that one capture of the factor passes may hold: its layers' inputs and cotangents and the forward graph
+#: all that one capture of the factor passes may hold: its layers' inputs and cotangents and the
+#: forward graph
 CAPTURE_BYTES = 4 * batching.GRAPH_BYTES
 
 
 def _batches(ctx: _FactorContext, data: Data, desc: str) -> Iterator[Data]:
     """The captures of one pass, with a progress bar in-process (not in an executor's tasks)."""
-    return progress(data.batches(ctx.step), desc=desc, total=-(-len(data) // ctx.step), enabled=not inside_task())
+    return progress(
+        data.batches(ctx.step),
+        desc=desc,
+        total=-(-len(data) // ctx.step),
+        enabled=not inside_task(),
+    )
 
 
 def _private(ctx: _FactorContext) -> _FactorContext:
@@ -213,14 +255,21 @@ def _subset(ctx: _FactorContext, indices: np.ndarray) -> Data:
 
 
 def _moment_sums(ctx: _FactorContext, data: Data) -> _Sums:
-    """Σᵢ Σₜ ãᵢₜãᵢₜᵀ and Σᵢ Σₖ (1/T) Σₜ bᵢₖₜbᵢₖₜᵀ per layer over ``data`` (pass 1), and Σᵢₖ uᵢₖuᵢₖᵀ per
-    local module (its pseudo-gradients, ``core.local``), in float64."""
+    """Σᵢ Σₜ ãᵢₜãᵢₜᵀ and Σᵢ Σₖ (1/T) Σₜ bᵢₖₜbᵢₖₜᵀ per layer over ``data`` (pass 1), and Σᵢₖ uᵢₖuᵢₖᵀ
+    per local module (its pseudo-gradients, ``core.local``), in float64."""
     sums: dict[str, torch.Tensor] = {}
     locs: dict[str, int] = {}
     clamped = 0
     for batch in _batches(ctx, data, "K-FAC factors"):
-        cap = capture(ctx.objective, ctx.blocks, batch, params=ctx.params, cotangents="ggn", token_ids=True,
-                      local=ctx.local)
+        cap = capture(
+            ctx.objective,
+            ctx.blocks,
+            batch,
+            params=ctx.params,
+            cotangents="ggn",
+            token_ids=True,
+            local=ctx.local,
+        )
         clamped += cap.clamped
         for lm in ctx.local:
             u = cap.local_grads(lm).reshape(-1, lm.size)
@@ -250,8 +299,12 @@ def _moment_partition(indices: np.ndarray, ctx: _FactorContext) -> _Sums:
     return _moment_sums(ctx, _subset(ctx, indices))
 
 
-def _correction_sums(ctx: _FactorContext, data: Data, bases: Sequence[tuple[torch.Tensor | None, torch.Tensor]],
-                     max_elements: int) -> _Sums:
+def _correction_sums(
+    ctx: _FactorContext,
+    data: Data,
+    bases: Sequence[tuple[torch.Tensor | None, torch.Tensor]],
+    max_elements: int,
+) -> _Sums:
     """Σᵢ Σₖ (Q_Sᵀ Gᵢₖ Q_A)² per layer over ``data`` (pass 2), accumulated over batches in float64;
     ``bases`` holds (Q_A, Q_S) per block, in block order, Q_A ``None`` where it is the identity (an
     embedding).
@@ -261,15 +314,22 @@ def _correction_sums(ctx: _FactorContext, data: Data, bases: Sequence[tuple[torc
     nothing cancels) is far below the gap between EK-FAC and the GGN it approximates, and float32
     products cost about half of float64 ones. A float64 model keeps float64 throughout."""
     device = ctx.objective.device
-    sums = {blk.name: torch.zeros(blk.out_dim, blk.cols, dtype=torch.float64, device=device) for blk in ctx.blocks}
+    sums = {
+        blk.name: torch.zeros(blk.out_dim, blk.cols, dtype=torch.float64, device=device)
+        for blk in ctx.blocks
+    }
     cast: dict[torch.dtype, list[tuple[torch.Tensor | None, torch.Tensor]]] = {}
     for batch in _batches(ctx, data, "EK-FAC eigenvalue correction"):
-        cap = capture(ctx.objective, ctx.blocks, batch, params=ctx.params, cotangents="ggn", token_ids=True)
+        cap = capture(
+            ctx.objective, ctx.blocks, batch, params=ctx.params, cotangents="ggn", token_ids=True
+        )
         for i, blk in enumerate(ctx.blocks):
             name = blk.name
             dtype = cap.g[name].dtype
             if dtype not in cast:
-                cast[dtype] = [(None if QA is None else QA.to(dtype), QS.to(dtype)) for QA, QS in bases]
+                cast[dtype] = [
+                    (None if QA is None else QA.to(dtype), QS.to(dtype)) for QA, QS in bases
+                ]
             QA, QS = cast[dtype][i]
             g = cap.g[name] @ QS  # (K, b, T, out)
             if QA is None:  # one-hot ã (an embedding), Q_A = I
@@ -277,7 +337,9 @@ def _correction_sums(ctx: _FactorContext, data: Data, bases: Sequence[tuple[torc
                 continue
             a = cap.a[name].to(dtype) @ QA  # (b, T, cols)
             if a.shape[1] == 1:
-                sums[name] += torch.einsum("kbo,bj->oj", g[:, :, 0] ** 2, a[:, 0] ** 2).to(torch.float64)
+                sums[name] += torch.einsum("kbo,bj->oj", g[:, :, 0] ** 2, a[:, 0] ** 2).to(
+                    torch.float64
+                )
                 continue
             K, b, T, out = g.shape
             step = max(1, max_elements // max(1, K * out * a.shape[2]))
@@ -304,9 +366,14 @@ def _add_one_hot_correction(acc: torch.Tensor, ids: torch.Tensor, g: torch.Tenso
     acc.index_add_(1, uniq % V, (seg**2).sum(0).T.to(acc.dtype))
 
 
-def _correction_partition(indices: np.ndarray, ctx: _FactorContext, bases: Sequence[tuple[torch.Tensor | None, torch.Tensor]],
-                          max_elements: int) -> _Sums:
-    """Pass 2 on one partition of training-point indices — the map step of ``correct_eigenvalues``."""
+def _correction_partition(
+    indices: np.ndarray,
+    ctx: _FactorContext,
+    bases: Sequence[tuple[torch.Tensor | None, torch.Tensor]],
+    max_elements: int,
+) -> _Sums:
+    """Pass 2 on one partition of training-point indices — the map step of
+    ``correct_eigenvalues``."""
     ctx = _private(ctx)
     return _correction_sums(ctx, _subset(ctx, indices), bases, max_elements)
 
@@ -322,7 +389,9 @@ class _Passes:
         self._handle: Any = None
         self.parts: list[np.ndarray] = []
         if self.executor is not None:
-            self.parts = split_indices(len(ctx.data), ctx.batch_size, min_parts=self.executor.parallelism)
+            self.parts = split_indices(
+                len(ctx.data), ctx.batch_size, min_parts=self.executor.parallelism
+            )
 
     @property
     def where(self) -> str:
@@ -341,25 +410,37 @@ class _Passes:
             return _moment_sums(self.ctx, self.ctx.data)
         return self.executor.map_reduce(_moment_partition, self.parts, operator.add, self._shared())
 
-    def correction(self, bases: list[tuple[torch.Tensor | None, torch.Tensor]], max_elements: int) -> _Sums:
+    def correction(
+        self, bases: list[tuple[torch.Tensor | None, torch.Tensor]], max_elements: int
+    ) -> _Sums:
         if self.executor is None:
             return _correction_sums(self.ctx, self.ctx.data, bases, max_elements)
         # the eigenbases are the same for every task: placed once (a DaskExecutor broadcasts them)
         placed = self.executor.share(bases)
-        return self.executor.map_reduce(_correction_partition, self.parts, operator.add, self._shared(), placed,
-                                        max_elements)
+        return self.executor.map_reduce(
+            _correction_partition, self.parts, operator.add, self._shared(), placed, max_elements
+        )
 
 
-def factor_bytes(blocks: Sequence[LayerBlock], *, eigen_correction: bool = False, local: Sequence[LocalModule] = ()) -> int:
-    """Peak bytes of the float64 factors of ``blocks`` while ``fit_factors`` builds them: per layer the
-    sums and then A, Q_A (cols² each, three copies at the eigendecomposition) and S, Q_S (out² each,
-    likewise), plus the (out, cols) EK-FAC eigenvalues Λ with ``eigen_correction``. An embedding's A
-    is a vector of V token counts, never V × V. Per local module, its dense block and a Cholesky
-    factor of it (size² each, three copies)."""
+def factor_bytes(
+    blocks: Sequence[LayerBlock],
+    *,
+    eigen_correction: bool = False,
+    local: Sequence[LocalModule] = (),
+) -> int:
+    """Peak bytes of the float64 factors of ``blocks`` while ``fit_factors`` builds them: per layer
+    the sums and then A, Q_A (cols² each, three copies at the eigendecomposition) and S, Q_S (out²
+    each, likewise), plus the (out, cols) EK-FAC eigenvalues Λ with ``eigen_correction``. An
+    embedding's A is a vector of V token counts, never V × V. Per local module, its dense block and
+    a Cholesky factor of it (size² each, three copies)."""
     total = sum(3 * lm.size * lm.size for lm in local)
     for blk in blocks:
         a = blk.cols if blk.kind == "embedding" else 3 * blk.cols * blk.cols
-        total += a + 3 * blk.out_dim * blk.out_dim + (2 * blk.out_dim * blk.cols if eigen_correction else 0)
+        total += (
+            a
+            + 3 * blk.out_dim * blk.out_dim
+            + (2 * blk.out_dim * blk.cols if eigen_correction else 0)
+        )
     return 8 * total
 
 
@@ -400,10 +481,20 @@ def fit_factors(
     """
     n = len(data)
     widest = max(blocks, key=lambda b: b.cols if b.kind != "embedding" else 0, default=None)
-    check_memory(factor_bytes(blocks, eigen_correction=eigen_correction, local=local),
-                 f"the Kronecker factors of {len(blocks)} layer(s)"
-                 + (f" (the widest, '{widest.name}', has {widest.cols} input columns: a {widest.cols}² factor)" if widest else ""),
-                 alternatives="Leave the widest layers out of θ (Objective(params=...)), or use CG/Arnoldi, which need no factors.")
+    check_memory(
+        factor_bytes(blocks, eigen_correction=eigen_correction, local=local),
+        f"the Kronecker factors of {len(blocks)} layer(s)"
+        + (
+            f" (the widest, '{widest.name}', has {widest.cols} input columns: a {widest.cols}²"
+            " factor)"
+            if widest
+            else ""
+        ),
+        alternatives=(
+            "Leave the widest layers out of θ (Objective(params=...)), or use CG/Arnoldi, which"
+            " need no factors."
+        ),
+    )
     device = objective.device
     loaded: list[str] = []
     run = 0
@@ -412,7 +503,9 @@ def fit_factors(
     if moments is None:
         if store is not None:
             store.begin_moments()
-        passes = _Passes(_FactorContext(objective, data, blocks, params, batch_size, local), executor)
+        passes = _Passes(
+            _FactorContext(objective, data, blocks, params, batch_size, local), executor
+        )
         sums = passes.moments()
         run += 1
         factors = []
@@ -423,7 +516,12 @@ def fit_factors(
                     store.save_layer(i, factors[-1])
                 bar.update(1)
         local_ggn = {lm.name: _sym(sums.tensors["L:" + lm.name] / n) for lm in local}
-        info = {"points": n, "clamped": sums.clamped, "where": passes.where, "points_per_capture": passes.ctx.step}
+        info = {
+            "points": n,
+            "clamped": sums.clamped,
+            "where": passes.where,
+            "points_per_capture": passes.ctx.step,
+        }
         if store is not None:
             store.save_moments(local_ggn, info)
     else:
@@ -437,13 +535,23 @@ def fit_factors(
             if store is not None:
                 store.begin_correction()
             if passes is None:  # pass 1 was read from the store
-                passes = _Passes(_FactorContext(objective, data, blocks, params, batch_size, local), executor)
+                passes = _Passes(
+                    _FactorContext(objective, data, blocks, params, batch_size, local), executor
+                )
             _correct(passes, factors)
             run += 1
             if store is not None:
                 store.save_correction(factors)
-    return factors, FitStats(2 if eigen_correction else 1, n, int(info["clamped"]), str(info["where"]),
-                             int(info["points_per_capture"]), local_ggn, tuple(loaded), run)
+    return factors, FitStats(
+        2 if eigen_correction else 1,
+        n,
+        int(info["clamped"]),
+        str(info["where"]),
+        int(info["points_per_capture"]),
+        local_ggn,
+        tuple(loaded),
+        run,
+    )
 
 
 def _eigen_factors(blk: LayerBlock, sums: _Sums, n: int) -> LayerFactors:
@@ -452,15 +560,27 @@ def _eigen_factors(blk: LayerBlock, sums: _Sums, n: int) -> LayerFactors:
     identity_A = blk.kind == "embedding"
     A: torch.Tensor | None
     QA: torch.Tensor | None
-    if identity_A:  # A = diag(token counts)/n: its eigendecomposition is exact and free, nothing V × V
+    # A = diag(token counts)/n: its eigendecomposition is exact and free, nothing V × V
+    if identity_A:
         eA = sums.tensors["A:" + blk.name] / n
         A, QA = None, None
     else:
         A = _sym(sums.tensors["A:" + blk.name] / n)
         eA, QA = stable_eigh(A, f"the input factor A of '{blk.name}' ({A.shape[0]}×{A.shape[0]})")
-    eS, QS = stable_eigh(S, f"the output-gradient factor S of '{blk.name}' ({S.shape[0]}×{S.shape[0]})")
-    return LayerFactors(blk, A, S, eA.clamp_min(0), QA, eS.clamp_min(0), QS, sums.locations[blk.name],
-                        identity_A=identity_A)
+    eS, QS = stable_eigh(
+        S, f"the output-gradient factor S of '{blk.name}' ({S.shape[0]}×{S.shape[0]})"
+    )
+    return LayerFactors(
+        blk,
+        A,
+        S,
+        eA.clamp_min(0),
+        QA,
+        eS.clamp_min(0),
+        QS,
+        sums.locations[blk.name],
+        identity_A=identity_A,
+    )
 
 
 def correct_eigenvalues(
@@ -484,8 +604,12 @@ def correct_eigenvalues(
     _correct(_Passes(ctx, executor), factors, max_elements)
 
 
-def _correct(passes: _Passes, factors: Sequence[LayerFactors], max_elements: int = batching.TENSOR_BYTES // 8) -> None:
-    sums = passes.correction([(None if f.identity_A else f.Q_A, f.Q_S) for f in factors], max_elements)
+def _correct(
+    passes: _Passes, factors: Sequence[LayerFactors], max_elements: int = batching.TENSOR_BYTES // 8
+) -> None:
+    sums = passes.correction(
+        [(None if f.identity_A else f.Q_A, f.Q_S) for f in factors], max_elements
+    )
     n = len(passes.ctx.data)
     for f in factors:
         f.corrected = sums.tensors[f.block.name] / n
@@ -493,14 +617,16 @@ def _correct(passes: _Passes, factors: Sequence[LayerFactors], max_elements: int
 
 def stable_eigh(M: torch.Tensor, what: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Eigendecomposition of a symmetric PSD factor in float64, robust to the rank-deficient and
-    ill-conditioned factors of real networks (zero-padded convolutions, dead units, constant inputs):
-    LAPACK's divide-and-conquer ``eigh`` first; if it fails to converge, the same matrix with a shift
-    of 1e-10·(trace/dim) on the diagonal (removed again from the eigenvalues) and then ``eigh``
-    through an SVD (exact for a symmetric PSD matrix). Raises ``CurvatureError`` naming the factor
-    only if all three fail — never LAPACK's raw error."""
+    ill-conditioned factors of real networks (zero-padded convolutions, dead units, constant
+    inputs): LAPACK's divide-and-conquer ``eigh`` first; if it fails to converge, the same matrix
+    with a shift of 1e-10·(trace/dim) on the diagonal (removed again from the eigenvalues) and then
+    ``eigh`` through an SVD (exact for a symmetric PSD matrix). Raises ``CurvatureError`` naming the
+    factor only if all three fail — never LAPACK's raw error."""
     M = _sym(M.to(torch.float64))
     if not bool(torch.isfinite(M).all()):
-        raise CurvatureError(f"{what} has NaN or infinite entries: the layer's inputs or output gradients overflow.")
+        raise CurvatureError(
+            f"{what} has NaN or infinite entries: the layer's inputs or output gradients overflow."
+        )
     try:
         return torch.linalg.eigh(M)
     except RuntimeError:  # torch.linalg.LinAlgError: the algorithm failed to converge
@@ -516,8 +642,10 @@ def stable_eigh(M: torch.Tensor, what: str) -> tuple[torch.Tensor, torch.Tensor]
         order = torch.argsort(sv)
         return sv[order], U[:, order]
     except RuntimeError as exc:
-        raise CurvatureError(f"The eigendecomposition of {what} failed ({exc}). Add damping, or leave that layer out "
-                             "of θ (Objective(params=...)).") from exc
+        raise CurvatureError(
+            f"The eigendecomposition of {what} failed ({exc}). Add damping, or leave that layer out"
+            " of θ (Objective(params=...))."
+        ) from exc
 
 
 def _sym(M: torch.Tensor) -> torch.Tensor:
@@ -526,11 +654,13 @@ def _sym(M: torch.Tensor) -> torch.Tensor:
 
 # ── kept in a store ────────────────────────────────────────────────────────────────────
 class FactorStore:
-    """The tensors of ``fit_factors`` in an ``upweight.Store`` the caller has bound to the computation
-    (``Store.bind``: θ̂, data, objective and the settings that change the factors; ``solvers.kfac``).
+    """The tensors of ``fit_factors`` in an ``upweight.Store`` the caller has bound to the
+    computation (``Store.bind``: θ̂, data, objective and the settings that change the factors;
+    ``solvers.kfac``).
 
     Arrays (float64, one ``.npy`` file each, listed in the store's manifest with their SHA-256;
-    never pickled), ``i`` the layer's position in ``blocks`` and ``j`` the local module's in ``local``:
+    never pickled), ``i`` the layer's position in ``blocks`` and ``j`` the local module's in
+    ``local``:
 
     * ``layer{i}_S``, ``layer{i}_eig_S``, ``layer{i}_Q_S``: S (out, out), its eigenvalues (clamped
       ≥ 0) and eigenvectors;
@@ -545,17 +675,21 @@ class FactorStore:
     A pass counts as stored only once its ``*_done`` array holds 1 and every one of its arrays
     passes the store's checks (header, size, checksum); otherwise it is computed again and
     rewritten, its marker (and Λ's, whose bases it changes) first set to 0, so that a run
-    interrupted while rewriting never leaves old and new tensors to be read together. An eigenvector matrix is saved in the memory order it had (LAPACK returns it
-    column-major) and read back in that order, so the reloaded state multiplies exactly as the
-    fresh one.
+    interrupted while rewriting never leaves old and new tensors to be read together. An eigenvector
+    matrix is saved in the memory order it had (LAPACK returns it column-major) and read back in
+    that order, so the reloaded state multiplies exactly as the fresh one.
     """
 
-    def __init__(self, store: Store, blocks: Sequence[LayerBlock], local: Sequence[LocalModule] = ()) -> None:
+    def __init__(
+        self, store: Store, blocks: Sequence[LayerBlock], local: Sequence[LocalModule] = ()
+    ) -> None:
         self.store, self.blocks, self.local = store, list(blocks), list(local)
 
     def _layout(self) -> dict[str, Any]:
-        return {"layers": [[b.name, b.kind, b.out_dim, b.cols] for b in self.blocks],
-                "local": [[lm.name, lm.size] for lm in self.local]}
+        return {
+            "layers": [[b.name, b.kind, b.out_dim, b.cols] for b in self.blocks],
+            "local": [[lm.name, lm.size] for lm in self.local],
+        }
 
     def _put(self, name: str, t: torch.Tensor, meta: dict[str, Any] | None = None) -> None:
         t = t.detach().to("cpu", torch.float64)
@@ -570,7 +704,9 @@ class FactorStore:
         a, meta = got
         if a.dtype != np.float64:
             return None
-        t = torch.from_numpy(a if isinstance(a, np.ndarray) and not isinstance(a, np.memmap) else np.array(a))
+        t = torch.from_numpy(
+            a if isinstance(a, np.ndarray) and not isinstance(a, np.memmap) else np.array(a)
+        )
         if meta.get("transposed"):
             t = t.mT
         return t.to(device), meta
@@ -588,7 +724,8 @@ class FactorStore:
         self._put(p + "eig_A", f.eig_A, {"locations": f.locations, "identity_A": f.identity_A})
 
     def _pending(self, name: str) -> None:
-        if self.store.get(name) is not None:  # listed and intact (a damaged one is dropped and never read)
+        # listed and intact (a damaged one is dropped and never read)
+        if self.store.get(name) is not None:
             self.store.put(name, np.zeros(1), self._layout())
 
     def _complete(self, name: str) -> dict[str, Any] | None:
@@ -598,7 +735,8 @@ class FactorStore:
         return done[1]
 
     def begin_moments(self) -> None:
-        """Before pass 1 is (re)computed: neither pass counts as stored until it is written again."""
+        """Before pass 1 is (re)computed: neither pass counts as stored until it is
+        written again."""
         self._pending("moments_done")
         self._pending("correction_done")
 
@@ -612,16 +750,21 @@ class FactorStore:
             self._put(f"local{j}_G", local_ggn[lm.name])
         self.store.put("moments_done", np.ones(1), {**info, **self._layout()})
 
-    def load_moments(self, n: int, device: torch.device) -> tuple[list[LayerFactors], dict[str, torch.Tensor], dict[str, Any]] | None:
-        """Pass 1's factors, the local blocks and the pass's ``info``, or None when not all are stored
-        (or they were stored for another layer plan or number of points)."""
+    def load_moments(
+        self, n: int, device: torch.device
+    ) -> tuple[list[LayerFactors], dict[str, torch.Tensor], dict[str, Any]] | None:
+        """Pass 1's factors, the local blocks and the pass's ``info``, or None when not all are
+        stored (or they were stored for another layer plan or number of points)."""
         info = self._complete("moments_done")
         if info is None:
             return None
         layout = self._layout()
         if info.get("points") != n or {k: info.get(k) for k in layout} != layout:
-            logger.warning("store %s: its K-FAC factors are for another layer plan or number of points; computing them again",
-                           self.store.path)
+            logger.warning(
+                "store %s: its K-FAC factors are for another layer plan or number of points;"
+                " computing them again",
+                self.store.path,
+            )
             return None
         factors = []
         for i, blk in enumerate(self.blocks):
@@ -634,15 +777,28 @@ class FactorStore:
                 return None
             t = {k: v[0] for k, v in got.items() if v is not None}
             meta = got["eig_A"][1]  # type: ignore[index]
-            factors.append(LayerFactors(blk, t.get("A"), t["S"], t["eig_A"], t.get("Q_A"), t["eig_S"], t["Q_S"],
-                                        int(meta["locations"]), identity_A=identity_A))
+            factors.append(
+                LayerFactors(
+                    blk,
+                    t.get("A"),
+                    t["S"],
+                    t["eig_A"],
+                    t.get("Q_A"),
+                    t["eig_S"],
+                    t["Q_S"],
+                    int(meta["locations"]),
+                    identity_A=identity_A,
+                )
+            )
         local_ggn = {}
         for j, lm in enumerate(self.local):
             g = self._get(f"local{j}_G", device)
             if g is None:
                 return None
             local_ggn[lm.name] = g[0]
-        logger.info("store %s: K-FAC factors of %d layer(s) read back", self.store.path, len(factors))
+        logger.info(
+            "store %s: K-FAC factors of %d layer(s) read back", self.store.path, len(factors)
+        )
         return factors, local_ggn, info
 
     def save_correction(self, factors: Sequence[LayerFactors]) -> None:
@@ -653,7 +809,8 @@ class FactorStore:
         self.store.put("correction_done", np.ones(1), self._layout())
 
     def load_correction(self, factors: Sequence[LayerFactors], device: torch.device) -> bool:
-        """Set ``corrected`` on every factor from the store; False (nothing set) when not all are stored."""
+        """Set ``corrected`` on every factor from the store; False (nothing set) when not all are
+        stored."""
         if self._complete("correction_done") != self._layout():
             return False
         got = [self._get(f"layer{i}_Lambda", device) for i in range(len(factors))]

@@ -25,11 +25,11 @@ use), just the token ids. Rows at ``padding_idx`` get no gradient in torch, so t
 entries are set to 0 (their ids to −1). The activation factor A = (1/n) Σᵢₜ ãᵢₜãᵢₜᵀ is then
 diag(token counts)/n, kept as its diagonal (K-FAC counts the captured token ids), so any
 vocabulary is factored — unless ``max_vocab`` caps it (default: no cap). Left to the caller are
-embeddings with ``max_norm`` (the forward pass rewrites E), ``scale_grad_by_freq`` (the gradient of one point
-depends on the token counts of its batch) or ``sparse`` gradients. Embeddings are opt-in
+embeddings with ``max_norm`` (the forward pass rewrites E), ``scale_grad_by_freq`` (the gradient of
+one point depends on the token counts of its batch) or ``sparse`` gradients. Embeddings are opt-in
 (``embeddings=True``, used by K-FAC / EK-FAC and by structured scoring, which gathers the query's
-columns at the tokens instead of multiplying by one-hots); the structured HVP, which handles
-linear heads only, sees them as non-factorable parameters.
+columns at the tokens instead of multiplying by one-hots); the structured HVP, which handles linear
+heads only, sees them as non-factorable parameters.
 
 Besides the loss gradient (``cotangents="loss"``), ``capture`` back-propagates the factors of
 the loss's Hessian in the model output (``cotangents="ggn"``): with ∇²_z L(zᵢ) = Σₖ cᵢₖcᵢₖᵀ, the
@@ -62,10 +62,12 @@ class LayerBlock:
 
     Attributes:
         name: the module's name in the model ("" for the model itself).
-        kind: "linear", "conv2d" or "embedding" (a bias-free Linear on one-hot token inputs, W = Eᵀ).
+        kind: "linear", "conv2d" or "embedding" (a bias-free Linear on one-hot token inputs, W =
+            Eᵀ).
         weight: the weight's parameter name in θ.
         bias: the bias's parameter name if the bias is in θ, else ``None`` (a fixed or absent bias).
-        out_dim: output features / channels (rows of W̃); the embedding dimension d for an Embedding.
+        out_dim: output features / channels (rows of W̃); the embedding dimension d for an
+            Embedding.
         in_dim: input features, or in_channels·kh·kw for Conv2d (columns of W, without the bias);
             the vocabulary size V for an Embedding.
         index: positions in the flat θ of W̃ = [W | bias], shape (out_dim, in_dim + has_bias), so
@@ -153,14 +155,22 @@ def _embedding_refusal(mod: nn.Embedding, mname: str, max_vocab: int | None) -> 
     """Why an ``nn.Embedding`` cannot be factored, or ``None`` if it can."""
     what = f"Embedding '{mname}'"
     if mod.max_norm is not None:
-        return f"{what} has max_norm={mod.max_norm:g}: its forward pass renormalises the weight in place"
+        return (
+            f"{what} has max_norm={mod.max_norm:g}: its forward pass renormalises the weight in"
+            " place"
+        )
     if mod.scale_grad_by_freq:
-        return f"{what} has scale_grad_by_freq=True: a point's gradient depends on the token counts of its batch"
+        return (
+            f"{what} has scale_grad_by_freq=True: a point's gradient depends on the token counts of"
+            " its batch"
+        )
     if mod.sparse:
         return f"{what} has sparse=True gradients"
     if max_vocab is not None and mod.num_embeddings > max_vocab:
-        return (f"{what} has a vocabulary of {mod.num_embeddings} > max_vocab={max_vocab}; raise max_vocab "
-                "(or pass None) to factor it")
+        return (
+            f"{what} has a vocabulary of {mod.num_embeddings} > max_vocab={max_vocab}; raise"
+            " max_vocab (or pass None) to factor it"
+        )
     return None
 
 
@@ -179,8 +189,11 @@ def _tie_refusal(mod: nn.Module, mname: str, tied: dict[int, list[str]]) -> str 
         t = getattr(mod, what, None)
         if isinstance(t, torch.Tensor) and id(t) in tied:
             own = f"{mname}.{what}" if mname else what
-            return (f"{type(mod).__name__} '{mname}' shares its {what} with {[n for n in tied[id(t)] if n != own]} "
-                    "(tied weights: its gradient has contributions from outside the layer)")
+            return (
+                f"{type(mod).__name__} '{mname}' shares its {what} with"
+                f" {[n for n in tied[id(t)] if n != own]} (tied weights: its gradient has"
+                " contributions from outside the layer)"
+            )
     return None
 
 
@@ -189,11 +202,13 @@ FACTORISATION_RTOL = {torch.float64: 1e-8, torch.float32: 1e-3}
 other dtypes use the float32 value)."""
 
 
-def _factorisation_refusals(objective: Objective, blocks: Sequence[LayerBlock], probe: Data) -> dict[str, str]:
-    """Blocks whose gradient on (at most) two probe points, rebuilt from the captured layer inputs and
-    output cotangents as Σᵢₜ bᵢₜãᵢₜᵀ, differs from autograd's gradient of θ in the same pass — the
-    weight (or bias) is also used outside the module's own forward (reused through ``F.linear``, tied
-    to another module's parameter, …). By layer name → why."""
+def _factorisation_refusals(
+    objective: Objective, blocks: Sequence[LayerBlock], probe: Data
+) -> dict[str, str]:
+    """Blocks whose gradient on (at most) two probe points, rebuilt from the captured layer inputs
+    and output cotangents as Σᵢₜ bᵢₜãᵢₜᵀ, differs from autograd's gradient of θ in the same pass —
+    the weight (or bias) is also used outside the module's own forward (reused through ``F.linear``,
+    tied to another module's parameter, …). By layer name → why."""
     batch = probe.subset(range(min(2, len(probe))))
     cap = capture(objective, blocks, batch, cotangents="loss", theta_grad=True, token_ids=True)
     assert cap.theta_grad is not None
@@ -201,24 +216,37 @@ def _factorisation_refusals(objective: Objective, blocks: Sequence[LayerBlock], 
     out: dict[str, str] = {}
     for blk in blocks:
         g = cap.g[blk.name][0].double()
-        if blk.kind == "embedding":  # Σₜ bₜ e_{xₜ}ᵀ: add each cotangent into its token's column (not padding)
+        # Σₜ bₜ e_{xₜ}ᵀ: add each cotangent into its token's column (not padding)
+        if blk.kind == "embedding":
             ids, keep = cap.a[blk.name].reshape(-1), cap.a[blk.name].reshape(-1) >= 0
-            rebuilt = g.new_zeros(blk.out_dim, blk.in_dim).index_add_(1, ids[keep], g.reshape(-1, blk.out_dim)[keep].T)
+            rebuilt = g.new_zeros(blk.out_dim, blk.in_dim).index_add_(
+                1, ids[keep], g.reshape(-1, blk.out_dim)[keep].T
+            )
         else:
             rebuilt = torch.einsum("bto,btc->oc", g, cap.a[blk.name].double())
         true = flat[blk.index]
         err, scale = float((rebuilt - true).norm()), float(true.norm())
-        if err > FACTORISATION_RTOL.get(objective.dtype, 1e-3) * scale:  # the dtype θ is evaluated in
+        # the dtype θ is evaluated in
+        if err > FACTORISATION_RTOL.get(objective.dtype, 1e-3) * scale:
             rel = f"{err / scale:.1e} relative" if scale > 0 else f"{err:.1e} where autograd's is 0"
-            out[blk.name] = (f"{type(blk.module).__name__} '{blk.name}': its gradient rebuilt from the layer's inputs "
-                             f"and output gradients differs from autograd's ({rel}, on {len(batch)} probe points) — "
-                             "its parameters are also used outside the module's forward (tied or reused functionally)")
+            out[blk.name] = (
+                f"{type(blk.module).__name__} '{blk.name}': its gradient rebuilt from the layer's"
+                f" inputs and output gradients differs from autograd's ({rel}, on {len(batch)}"
+                " probe points) — its parameters are also used outside the module's forward (tied"
+                " or reused functionally)"
+            )
     return out
 
 
-def find_layers(objective: Objective, probe: Data | None = None, *, embeddings: bool = False,
-                max_vocab: int | None = DEFAULT_MAX_VOCAB, local: bool = False,
-                max_local: int | None = DEFAULT_MAX_LOCAL) -> LayerPlan:
+def find_layers(
+    objective: Objective,
+    probe: Data | None = None,
+    *,
+    embeddings: bool = False,
+    max_vocab: int | None = DEFAULT_MAX_VOCAB,
+    local: bool = False,
+    max_local: int | None = DEFAULT_MAX_LOCAL,
+) -> LayerPlan:
     """Split θ into factorable ``nn.Linear`` / ``nn.Conv2d`` (/ ``nn.Embedding``) layers and the
     remaining parameters.
 
@@ -234,22 +262,29 @@ def find_layers(objective: Objective, probe: Data | None = None, *, embeddings: 
             larger embedding is left over with a reason naming its size and this cap.
         local: give the remaining parameters module-local per-point gradients where their module
             allows (``core.local``; needs ``probe``, on which each module's rebuilt gradient must
-            equal autograd's); off by default, so a consumer that does not handle them never sees them.
+            equal autograd's); off by default, so a consumer that does not handle them never sees
+            them.
         max_local: with ``local``, the most parameters of one such module (``None``: no cap).
 
     Returns:
         A ``LayerPlan``.
     """
-    if embeddings and max_vocab is not None and (not isinstance(max_vocab, int) or isinstance(max_vocab, bool)
-                                                 or max_vocab < 1):
-        raise InputError(f"find_layers: max_vocab must be a positive integer or None; got {max_vocab!r}.")
+    if (
+        embeddings
+        and max_vocab is not None
+        and (not isinstance(max_vocab, int) or isinstance(max_vocab, bool) or max_vocab < 1)
+    ):
+        raise InputError(
+            f"find_layers: max_vocab must be a positive integer or None; got {max_vocab!r}."
+        )
     in_theta = set(objective.params)
     offsets = _offsets(objective)
     tied = _shared_weights(objective.model)
     blocks: list[LayerBlock] = []
     reasons: dict[str, str] = {}
     claimed: set[str] = set()
-    final: set[str] = set()  # refused for what the module does to its weight: not module-local either
+    # refused for what the module does to its weight: not module-local either
+    final: set[str] = set()
     for mname, mod in objective.model.named_modules():
         transposed = _is_transposed_linear(mod)
         if not (isinstance(mod, (nn.Linear, nn.Conv2d, nn.Embedding)) or transposed):
@@ -260,7 +295,10 @@ def find_layers(objective: Objective, probe: Data | None = None, *, embeddings: 
             if wname not in in_theta:
                 continue
             if not embeddings:
-                reasons[wname] = f"weight of nn.Embedding '{mname}' (embeddings are factored only with embeddings=True, as by K-FAC)"
+                reasons[wname] = (
+                    f"weight of nn.Embedding '{mname}' (embeddings are factored only with"
+                    " embeddings=True, as by K-FAC)"
+                )
                 continue
             why = _embedding_refusal(mod, mname, max_vocab)
             if why is not None:
@@ -270,8 +308,11 @@ def find_layers(objective: Objective, probe: Data | None = None, *, embeddings: 
                 reasons[wname] = why
                 continue
             V, d = mod.num_embeddings, mod.embedding_dim
-            e_idx = (offsets[wname] + torch.arange(V * d).reshape(V, d)).T.contiguous()  # (d, V): Eᵀ
-            blocks.append(LayerBlock(mname, "embedding", wname, None, d, V, e_idx, mod, None, mod.padding_idx))
+            # (d, V): Eᵀ
+            e_idx = (offsets[wname] + torch.arange(V * d).reshape(V, d)).T.contiguous()
+            blocks.append(
+                LayerBlock(mname, "embedding", wname, None, d, V, e_idx, mod, None, mod.padding_idx)
+            )
             claimed.add(wname)
             continue
         has_bias = getattr(mod, "bias", None) is not None
@@ -289,7 +330,10 @@ def find_layers(objective: Objective, probe: Data | None = None, *, embeddings: 
         if isinstance(mod, nn.Conv2d):
             pad = _conv_padding(mod)
             if pad is None:
-                why = f"Conv2d '{mname}' with groups={mod.groups}, padding={mod.padding!r}, padding_mode={mod.padding_mode!r}"
+                why = (
+                    f"Conv2d '{mname}' with groups={mod.groups}, padding={mod.padding!r},"
+                    f" padding_mode={mod.padding_mode!r}"
+                )
                 reasons[wname] = why
                 if has_bias and bname in in_theta:
                     reasons[bname] = why
@@ -302,7 +346,9 @@ def find_layers(objective: Objective, probe: Data | None = None, *, embeddings: 
             out_dim, in_dim = mod.out_features, mod.in_features
         bias = bname if has_bias and bname in in_theta else None
         if transposed:
-            w_idx = (offsets[wname] + torch.arange(in_dim * out_dim).reshape(in_dim, out_dim)).T.contiguous()
+            w_idx = (
+                offsets[wname] + torch.arange(in_dim * out_dim).reshape(in_dim, out_dim)
+            ).T.contiguous()
         else:
             w_idx = offsets[wname] + torch.arange(out_dim * in_dim).reshape(out_dim, in_dim)
         if bias is not None:
@@ -317,11 +363,17 @@ def find_layers(objective: Objective, probe: Data | None = None, *, embeddings: 
             if calls[blk.name] == 1 and rows[blk.name] == min(2, len(probe)):
                 kept.append(blk)
                 continue
-            why = f"{type(blk.module).__name__} '{blk.name}' is called {calls[blk.name]} times per forward pass (shared or unused)"
+            why = (
+                f"{type(blk.module).__name__} '{blk.name}' is called {calls[blk.name]} times per"
+                " forward pass (shared or unused)"
+            )
             if calls[blk.name] == 1:
-                why = (f"{type(blk.module).__name__} '{blk.name}' sees inputs with {rows[blk.name]} row(s) for "
-                       f"{min(2, len(probe))} points: one input shared across the batch (e.g. position ids built inside "
-                       "the model), so its per-point gradient is not Σₜ bₜãₜᵀ of its own rows")
+                why = (
+                    f"{type(blk.module).__name__} '{blk.name}' sees inputs with {rows[blk.name]}"
+                    f" row(s) for {min(2, len(probe))} points: one input shared across the batch"
+                    " (e.g. position ids built inside the model), so its per-point gradient is not"
+                    " Σₜ bₜãₜᵀ of its own rows"
+                )
             for n in (blk.weight, blk.bias):
                 if n is not None:
                     reasons[n] = why
@@ -351,14 +403,24 @@ def find_layers(objective: Objective, probe: Data | None = None, *, embeddings: 
                     reasons.pop(n, None)
     other = tuple(n for n in objective.space.names if n not in claimed)
     for n in other:
-        reasons.setdefault(n, "not the weight or bias of an nn.Linear / nn.Conv2d" + (" / nn.Embedding" if embeddings else ""))
+        reasons.setdefault(
+            n,
+            "not the weight or bias of an nn.Linear / nn.Conv2d"
+            + (" / nn.Embedding" if embeddings else ""),
+        )
     reasons = {n: reasons[n] for n in other}
-    idx = [offsets[n] + torch.arange(size) for n, size in zip(objective.space.names, objective.space.sizes) if n in other]
+    idx = [
+        offsets[n] + torch.arange(size)
+        for n, size in zip(objective.space.names, objective.space.sizes)
+        if n in other
+    ]
     other_index = torch.cat(idx) if idx else torch.zeros(0, dtype=torch.long)
     return LayerPlan(tuple(blocks), other, reasons, other_index, locals_)
 
 
-def _local_refusals(objective: Objective, modules: Sequence[LocalModule], probe: Data) -> dict[str, str]:
+def _local_refusals(
+    objective: Objective, modules: Sequence[LocalModule], probe: Data
+) -> dict[str, str]:
     """Local modules whose per-point gradients on (at most) two probe points, summed, differ from
     autograd's gradient of θ in the same pass — or that cannot be run point by point, or are not
     called exactly once. By module name → why."""
@@ -366,16 +428,30 @@ def _local_refusals(objective: Objective, modules: Sequence[LocalModule], probe:
         return {}
     batch = probe.subset(range(min(2, len(probe))))
     try:
-        caps = [(list(modules), capture(objective, (), batch, cotangents="loss", theta_grad=True, local=modules))]
+        caps = [
+            (
+                list(modules),
+                capture(objective, (), batch, cotangents="loss", theta_grad=True, local=modules),
+            )
+        ]
     except Exception:  # noqa: BLE001 — find the module(s) responsible, one at a time
         caps = []
         out: dict[str, str] = {}
         for lm in modules:
             try:
-                caps.append(([lm], capture(objective, (), batch, cotangents="loss", theta_grad=True, local=[lm])))
+                caps.append(
+                    (
+                        [lm],
+                        capture(
+                            objective, (), batch, cotangents="loss", theta_grad=True, local=[lm]
+                        ),
+                    )
+                )
             except Exception as exc:  # noqa: BLE001 — the reason is reported, the parameter stays generic
-                out[lm.name] = (f"{type(lm.module).__name__} '{lm.name}' cannot be run point by point on its own "
-                                f"({type(exc).__name__}: {str(exc)[:200]})")
+                out[lm.name] = (
+                    f"{type(lm.module).__name__} '{lm.name}' cannot be run point by point on its"
+                    f" own ({type(exc).__name__}: {str(exc)[:200]})"
+                )
     else:
         out = {}
     for mods, cap in caps:
@@ -383,32 +459,48 @@ def _local_refusals(objective: Objective, modules: Sequence[LocalModule], probe:
         flat = objective.space.flatten(cap.theta_grad).double()
         for lm in mods:
             if lm.name not in cap.local:
-                out[lm.name] = (f"{type(lm.module).__name__} '{lm.name}' is not called once per forward pass with one "
-                                "tensor output")
+                out[lm.name] = (
+                    f"{type(lm.module).__name__} '{lm.name}' is not called once per forward pass"
+                    " with one tensor output"
+                )
                 continue
             rebuilt, true = cap.local[lm.name][0].double().sum(0), flat[lm.index]
             if rebuilt.shape != true.shape:
-                out[lm.name] = f"{type(lm.module).__name__} '{lm.name}' gives per-point gradients of the wrong size"
+                out[lm.name] = (
+                    f"{type(lm.module).__name__} '{lm.name}' gives per-point gradients of the wrong"
+                    " size"
+                )
                 continue
             err, scale = float((rebuilt - true).norm()), float(true.norm())
             if err > FACTORISATION_RTOL.get(objective.dtype, 1e-3) * max(scale, 1e-30):
-                out[lm.name] = (f"{type(lm.module).__name__} '{lm.name}': its per-point gradients computed inside the "
-                                f"module differ from autograd's ({err / max(scale, 1e-30):.1e} relative, on {len(batch)} "
-                                "probe points) — its parameters are also used outside the module's forward")
+                out[lm.name] = (
+                    f"{type(lm.module).__name__} '{lm.name}': its per-point gradients computed"
+                    f" inside the module differ from autograd's ({err / max(scale, 1e-30):.1e}"
+                    f" relative, on {len(batch)} probe points) — its parameters are also used"
+                    " outside the module's forward"
+                )
     return out
 
 
 def _is_transposed_linear(mod: nn.Module) -> bool:
-    """Hugging Face's ``Conv1D`` (GPT-2 and its relatives): a linear layer y = x W + b whose weight is
-    stored as (in, out), recognised by its name and shape without importing transformers."""
+    """Hugging Face's ``Conv1D`` (GPT-2 and its relatives): a linear layer y = x W + b whose weight
+    is stored as (in, out), recognised by its name and shape without importing transformers."""
     w = getattr(mod, "weight", None)
-    return (type(mod).__name__ == "Conv1D" and isinstance(w, torch.Tensor) and w.ndim == 2
-            and getattr(mod, "nf", None) == w.shape[1])
+    return (
+        type(mod).__name__ == "Conv1D"
+        and isinstance(w, torch.Tensor)
+        and w.ndim == 2
+        and getattr(mod, "nf", None) == w.shape[1]
+    )
 
 
-def _count_calls(objective: Objective, blocks: Sequence[LayerBlock], probe: Data) -> tuple[dict[str, int], dict[str, int]]:
-    """Per block, how often its module runs in one forward pass on (at most) two probe points, and the
-    leading size of its input there (the number of points, unless the input is shared by the batch)."""
+def _count_calls(
+    objective: Objective, blocks: Sequence[LayerBlock], probe: Data
+) -> tuple[dict[str, int], dict[str, int]]:
+    """Per block, how often its module runs in one forward pass on (at most) two probe points, and
+    the leading size of its input there (the number of points, unless the input is shared by the
+    batch).
+    """
     calls = {blk.name: 0 for blk in blocks}
     rows = {blk.name: -1 for blk in blocks}
     handles = []
@@ -416,7 +508,11 @@ def _count_calls(objective: Objective, blocks: Sequence[LayerBlock], probe: Data
 
         def hook(_m, inp, _out, name=blk.name):
             calls[name] += 1
-            rows[name] = int(inp[0].shape[0]) if inp and isinstance(inp[0], torch.Tensor) and inp[0].ndim else -1
+            rows[name] = (
+                int(inp[0].shape[0])
+                if inp and isinstance(inp[0], torch.Tensor) and inp[0].ndim
+                else -1
+            )
 
         handles.append(blk.module.register_forward_hook(hook))
     try:
@@ -433,11 +529,13 @@ def _count_calls(objective: Objective, blocks: Sequence[LayerBlock], probe: Data
 MAX_OUTPUT_FACTORS = 4096
 
 
-def output_hessian_factors(objective: Objective, out: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Vectors cᵢₖ with Σₖ cᵢₖcᵢₖᵀ = ∇²_z L(zᵢ, yᵢ) (clamped to PSD), shape (K, b, *out.shape[1:]), and the
-    number of negative eigenvalues clamped to 0 — ``core.output_hessian``'s ``psd_factors`` (closed
-    forms for the built-in losses, e.g. √pₖ(eₖ − p) for cross-entropy; an eigendecomposition of the
-    ``torch.func.hessian`` of any other loss, the GGN keeping only its PSD part).
+def output_hessian_factors(
+    objective: Objective, out: torch.Tensor, y: torch.Tensor
+) -> tuple[torch.Tensor, int]:
+    """Vectors cᵢₖ with Σₖ cᵢₖcᵢₖᵀ = ∇²_z L(zᵢ, yᵢ) (clamped to PSD), shape (K, b, *out.shape[1:]),
+    and the number of negative eigenvalues clamped to 0 — ``core.output_hessian``'s ``psd_factors``
+    (closed forms for the built-in losses, e.g. √pₖ(eₖ − p) for cross-entropy; an eigendecomposition
+    of the ``torch.func.hessian`` of any other loss, the GGN keeping only its PSD part).
 
     Each factor costs K-FAC one backward pass, so a loss whose factors are not in closed form is
     refused above ``MAX_OUTPUT_FACTORS`` outputs per point, and a per-token loss always (sequence
@@ -446,16 +544,29 @@ def output_hessian_factors(objective: Objective, out: torch.Tensor, y: torch.Ten
     shape = tuple(out.shape[1:])
     c = out[0].numel()
     fn = objective.loss_fn
-    if isinstance(fn, TokenCrossEntropy) or (c > MAX_OUTPUT_FACTORS and closed_form(fn, shape) is None):
+    if isinstance(fn, TokenCrossEntropy) or (
+        c > MAX_OUTPUT_FACTORS and closed_form(fn, shape) is None
+    ):
         raise UnsupportedModelError(
-            f"K-FAC/EK-FAC take the exact Gauss–Newton factors of the loss in the model output, one backward pass per "
-            f"factor: {c} of them for outputs of shape {shape} per point"
-            + (" (a per-token loss: sequence length × vocabulary)" if isinstance(fn, TokenCrossEntropy) else "")
-            + f", above {MAX_OUTPUT_FACTORS}. Use CG with Influence(..., curvature='gauss-newton') — the same matrix, "
-            "exactly, without factors — or restrict θ (Objective(params=...)) and use Direct/CG."
+            "K-FAC/EK-FAC take the exact Gauss–Newton factors of the loss in the model output, one"
+            f" backward pass per factor: {c} of them for outputs of shape {shape} per point"
+            + (
+                " (a per-token loss: sequence length × vocabulary)"
+                if isinstance(fn, TokenCrossEntropy)
+                else ""
+            )
+            + f", above {MAX_OUTPUT_FACTORS}. Use CG with Influence(..., curvature='gauss-newton')"
+            " — the same matrix, exactly, without factors — or restrict θ"
+            " (Objective(params=...)) and use Direct/CG."
         )
-    oh = output_hessian(fn, out, y, name=objective.loss_name, purpose="K-FAC",
-                        fix="Use a built-in loss or a twice-differentiable callable.")
+    oh = output_hessian(
+        fn,
+        out,
+        y,
+        name=objective.loss_name,
+        purpose="K-FAC",
+        fix="Use a built-in loss or a twice-differentiable callable.",
+    )
     return oh.psd_factors()
 
 
@@ -475,28 +586,36 @@ class Captured:
     a: dict[str, torch.Tensor]
     g: dict[str, torch.Tensor]
     clamped: int = 0
-    theta_grad: dict[str, torch.Tensor] | None = None  # ∇θ Σᵢ L(zᵢ) from the same pass (``theta_grad=True``)
+    # ∇θ Σᵢ L(zᵢ) from the same pass (``theta_grad=True``)
+    theta_grad: dict[str, torch.Tensor] | None = None
     #: per local module (``capture(local=...)``), its per-point (pseudo-)gradients (K, b, size)
     local: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def local_grads(self, lm: LocalModule) -> torch.Tensor:
         """``local[lm.name]``, or ``UnsupportedModelError`` if this batch did not call the module
-        exactly once with one tensor output (it did on the probe points, e.g. a data-dependent branch)."""
+        exactly once with one tensor output (it did on the probe points, e.g. a data-dependent
+        branch).
+        """
         if lm.name not in self.local:
             raise UnsupportedModelError(
-                f"Module '{lm.name}' was not called exactly once with one tensor output on this batch, as it was on "
-                "the probe points, so its per-point gradients are unknown. Pass KFAC/EKFAC(max_local=0) or "
-                "Influence(structured=False) to leave it to the generic path."
+                f"Module '{lm.name}' was not called exactly once with one tensor output on this"
+                " batch, as it was on the probe points, so its per-point gradients are unknown."
+                " Pass KFAC/EKFAC(max_local=0) or Influence(structured=False) to leave it to the"
+                " generic path."
             )
         return self.local[lm.name]
 
 
-def _layer_input(blk: LayerBlock, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+def _layer_input(
+    blk: LayerBlock, x: torch.Tensor, dtype: torch.dtype | None = None
+) -> torch.Tensor:
     """ã of shape (b, T, cols) from the layer's input x. For an Embedding: the one-hot vectors of
     the token ids (in ``dtype``, default the module weight's), zero at ``padding_idx``."""
     if blk.kind == "embedding":
         ids = x.reshape(x.shape[0], -1).long()
-        a = F.one_hot(ids, blk.in_dim).to(dtype or (x.dtype if x.is_floating_point() else torch.get_default_dtype()))
+        a = F.one_hot(ids, blk.in_dim).to(
+            dtype or (x.dtype if x.is_floating_point() else torch.get_default_dtype())
+        )
         if blk.padding_idx is not None:
             a[..., blk.padding_idx] = 0  # torch gives the padding row no gradient
         return a
@@ -513,8 +632,9 @@ def _layer_input(blk: LayerBlock, x: torch.Tensor, dtype: torch.dtype | None = N
 
 
 def token_ids_of(blk: LayerBlock, x: torch.Tensor) -> torch.Tensor:
-    """An Embedding's input as token ids (b, T), −1 where the token is ``padding_idx`` (no gradient):
-    the positions of the ones of ``_layer_input``'s one-hot ã, without the V-wide vectors."""
+    """An Embedding's input as token ids (b, T), −1 where the token is ``padding_idx`` (no
+    gradient): the positions of the ones of ``_layer_input``'s one-hot ã, without the V-wide
+    vectors."""
     ids = x.reshape(x.shape[0], -1).long()
     return ids.masked_fill(ids == blk.padding_idx, -1) if blk.padding_idx is not None else ids
 
@@ -560,7 +680,8 @@ def capture(
         def hook(_m, inp, out, blk=blk):
             if blk.name in outputs:
                 raise UnsupportedModelError(
-                    f"Layer '{blk.name}' ran twice in one forward pass; K-FAC needs each factored layer used once."
+                    f"Layer '{blk.name}' ran twice in one forward pass; K-FAC needs each factored"
+                    " layer used once."
                 )
             inputs[blk.name] = inp[0].detach()
             outputs[blk.name] = out
@@ -575,7 +696,9 @@ def capture(
             h.remove()
     missing = [blk.name for blk in blocks if blk.name not in outputs]
     if missing:
-        raise UnsupportedModelError(f"Layers {missing} were not called in the forward pass; K-FAC cannot factor them.")
+        raise UnsupportedModelError(
+            f"Layers {missing} were not called in the forward pass; K-FAC cannot factor them."
+        )
     names = [blk.name for blk in blocks]
     recorded = [lm for lm in local if recorder.calls[lm.name] == 1 and lm.name in recorder.outputs]
     outs = [outputs[n] for n in names] + [recorder.outputs[lm.name] for lm in recorded]
@@ -588,13 +711,30 @@ def capture(
             grads = torch.autograd.grad(loss, wrt, allow_unused=True)
             per = [grads[: len(outs)]]
             if theta_grad:
-                theta = {n: torch.zeros_like(t) if gr is None else (gr.to_dense() if gr.is_sparse else gr).detach()
-                         for (n, t), gr in zip(params.items(), grads[len(outs):])}
+                theta = {
+                    n: (
+                        torch.zeros_like(t)
+                        if gr is None
+                        else (gr.to_dense() if gr.is_sparse else gr).detach()
+                    )
+                    for (n, t), gr in zip(params.items(), grads[len(outs) :])
+                }
         else:
             C, clamped = output_hessian_factors(objective, out, batch.y)
-            per = [torch.autograd.grad(out, outs, grad_outputs=C[k].to(out.dtype), retain_graph=True, allow_unused=True) for k in range(len(C))]
-    a = {blk.name: token_ids_of(blk, inputs[blk.name]) if token_ids and blk.kind == "embedding"
-         else _layer_input(blk, inputs[blk.name], outputs[blk.name].dtype) for blk in blocks}
+            per = [
+                torch.autograd.grad(
+                    out, outs, grad_outputs=C[k].to(out.dtype), retain_graph=True, allow_unused=True
+                )
+                for k in range(len(C))
+            ]
+    a = {
+        blk.name: (
+            token_ids_of(blk, inputs[blk.name])
+            if token_ids and blk.kind == "embedding"
+            else _layer_input(blk, inputs[blk.name], outputs[blk.name].dtype)
+        )
+        for blk in blocks
+    }
     g = {}
     for j, blk in enumerate(blocks):
         rows = [gr[j] if gr[j] is not None else torch.zeros_like(outs[j]) for gr in per]

@@ -17,10 +17,10 @@ exactly (K-FAC keeps it as one dense block per module, ``solvers.kfac``).
 
 An output shared by the batch (leading size 1 for b > 1 points, e.g. position embeddings added to
 every sequence) is expanded to b rows in the forward hook, so that its cotangent is per point;
-broadcasting made every later operation see those values anyway. ``core.layers.find_layers(local=True)``
-keeps only the modules whose rebuilt gradient Σᵢ ∇φL(zᵢ) equals autograd's on probe points, so a parameter also
-used outside its module, a module called twice, or a forward ``vmap`` cannot run, stays with the
-caller's generic path, with the reason.
+broadcasting made every later operation see those values anyway.
+``core.layers.find_layers(local=True)`` keeps only the modules whose rebuilt gradient Σᵢ ∇φL(zᵢ)
+equals autograd's on probe points, so a parameter also used outside its module, a module called
+twice, or a forward ``vmap`` cannot run, stays with the caller's generic path, with the reason.
 """
 
 from __future__ import annotations
@@ -63,8 +63,9 @@ class LocalModule:
         return int(self.index.numel())
 
 
-def candidates(objective: Objective, names: Sequence[str], offsets: dict[str, int], *,
-               max_size: int | None) -> tuple[list[LocalModule], dict[str, str]]:
+def candidates(
+    objective: Objective, names: Sequence[str], offsets: dict[str, int], *, max_size: int | None
+) -> tuple[list[LocalModule], dict[str, str]]:
     """Group the parameters ``names`` by the module that owns them directly; the model itself, a
     parameter owned by several modules, or a module over ``max_size`` parameters is not a
     candidate (by name → why)."""
@@ -90,8 +91,10 @@ def candidates(objective: Objective, names: Sequence[str], offsets: dict[str, in
         size = sum(sizes[n] for n in ps)
         if max_size is not None and size > max_size:
             for n in ps:
-                reasons[n] = (f"module '{mname}' has {size} parameters in θ, above the {max_size} of a dense "
-                              "module-local block")
+                reasons[n] = (
+                    f"module '{mname}' has {size} parameters in θ, above the {max_size} of a dense "
+                    "module-local block"
+                )
             continue
         idx = torch.cat([offsets[n] + torch.arange(sizes[n]) for n in ps])
         out.append(LocalModule(mname, modules[mname], tuple(ps), idx))
@@ -114,7 +117,13 @@ class Recorder:
         handles = []
         for lm in self.modules:
 
-            def hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any, name: str = lm.name) -> Any:
+            def hook(
+                _m: nn.Module,
+                args: tuple[Any, ...],
+                kwargs: dict[str, Any],
+                out: Any,
+                name: str = lm.name,
+            ) -> Any:
                 self.calls[name] += 1
                 if not isinstance(out, torch.Tensor) or out.ndim == 0:
                     return None
@@ -132,12 +141,18 @@ class Recorder:
             for h in handles:
                 h.remove()
 
-    def point_grads(self, lm: LocalModule, state: Params, cotangents: Sequence[torch.Tensor | None]) -> torch.Tensor:
-        """(K, b, size): the module-local per-point gradients of ``lm``'s parameters for each of the K
-        output cotangents (b, …) (``None``: the output did not reach the loss, zero)."""
+    def point_grads(
+        self, lm: LocalModule, state: Params, cotangents: Sequence[torch.Tensor | None]
+    ) -> torch.Tensor:
+        """(K, b, size): the module-local per-point gradients of ``lm``'s parameters for each of the
+        K output cotangents (b, …) (``None``: the output did not reach the loss, zero)."""
         prefix = lm.name + "."
-        local = {n[len(prefix):]: state[n] for n in lm.params}
-        rest = {n[len(prefix):]: t for n, t in state.items() if n.startswith(prefix) and n not in lm.params}
+        local = {n[len(prefix) :]: state[n] for n in lm.params}
+        rest = {
+            n[len(prefix) :]: t
+            for n, t in state.items()
+            if n.startswith(prefix) and n not in lm.params
+        }
         args, kwargs, b = self.args[lm.name], self.kwargs[lm.name], self.b
         out = self.outputs[lm.name]
         arg_dims = tuple(0 if _per_point(a, b) else None for a in args)
@@ -147,17 +162,22 @@ class Recorder:
             a = tuple(x.unsqueeze(0) if d == 0 else x for x, d in zip(a, arg_dims))
             kw = {k: v.unsqueeze(0) if kw_dims[k] == 0 else v for k, v in kw.items()}
             y, pull = vjp(lambda q: functional_call(lm.module, {**rest, **q}, a, kw), p)
-            return vmap(pull)(cs.reshape(len(cs), *y.shape))[0]  # one forward, the K cotangents pulled back
+            # one forward, the K cotangents pulled back
+            return vmap(pull)(cs.reshape(len(cs), *y.shape))[0]
 
         for c in cotangents:
             if c is not None and c.shape[0] != b:
                 raise UnsupportedModelError(
-                    f"Module '{lm.name}': its output cotangent has {c.shape[0]} rows for {b} points, so it has no "
-                    "per-point gradients of its own."
+                    f"Module '{lm.name}': its output cotangent has {c.shape[0]} rows for {b}"
+                    " points, so it has no per-point gradients of its own."
                 )
-        cs = torch.stack([out.new_zeros(out.shape) if c is None else c.detach() for c in cotangents])  # (K, b, …)
-        g = vmap(pulled, in_dims=(None, arg_dims, kw_dims, 1))(local, args, kwargs, cs)  # each (b, K, …)
-        rows = torch.cat([g[n[len(prefix):]].reshape(b, len(cs), -1) for n in lm.params], dim=2)
+        # (K, b, …)
+        cs = torch.stack(
+            [out.new_zeros(out.shape) if c is None else c.detach() for c in cotangents]
+        )
+        # each (b, K, …)
+        g = vmap(pulled, in_dims=(None, arg_dims, kw_dims, 1))(local, args, kwargs, cs)
+        rows = torch.cat([g[n[len(prefix) :]].reshape(b, len(cs), -1) for n in lm.params], dim=2)
         return rows.transpose(0, 1)
 
 
@@ -170,8 +190,8 @@ def _per_point(v: Any, b: int) -> bool:
 
 
 def module_state(objective: Objective, params: Params, modules: Sequence[LocalModule]) -> Params:
-    """Every tensor of the local modules as the forward pass saw it: θ's entries from ``params``, the
-    fixed ones cast like ``Objective.outputs`` casts them."""
+    """Every tensor of the local modules as the forward pass saw it: θ's entries from ``params``,
+    the fixed ones cast like ``Objective.outputs`` casts them."""
     dtype = next(iter(params.values())).dtype
     prefixes = tuple(lm.name + "." for lm in modules)
     values = {**objective.fixed_as(dtype), **params}

@@ -14,10 +14,10 @@ only if it has such an attribute.
 
 Examples:
     >>> import torch
-    >>> logistic.check_targets(torch.tensor([1, 2, 1]), (1,), "training")
+    >>> logistic.check_targets(torch.tensor([1, 2, 1]), (1,), "training")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    upweight.errors.InputError: training y[1] = 2: the logistic loss needs binary labels, all in {0, 1} or all in {-1, +1} (values seen: [1, 2]). Encode the two classes as 0 and 1, e.g. y = (y == positive_class).long().
+    upweight.errors.InputError: training y[1] = 2: the logistic loss needs binary labels, ...
 """
 
 from __future__ import annotations
@@ -69,8 +69,9 @@ def _one_label_per_point(y: torch.Tensor, loss: str, what: str, expected: str) -
     if y.ndim == 1 or (y.ndim == 2 and y.shape[1] == 1):
         return y.reshape(-1)
     raise ShapeError(
-        f"{what} y has shape {tuple(y.shape)}: the {loss} loss needs one label per point, shape (n,) with {expected}. "
-        "Pass y.reshape(-1) if it holds one label per row, or use a loss for multi-output targets."
+        f"{what} y has shape {tuple(y.shape)}: the {loss} loss needs one label per point, shape"
+        f" (n,) with {expected}. Pass y.reshape(-1) if it holds one label per row, or use a loss"
+        " for multi-output targets."
     )
 
 
@@ -79,37 +80,45 @@ def _check_class_labels(y: torch.Tensor, output_shape: tuple[int, ...], what: st
     or class probabilities in [0, 1] of the output's per-point shape."""
     if len(output_shape) == 0:
         raise ShapeError(
-            f"cross_entropy needs one score per class, model output of shape (n, C); on {what} X the model returns one "
-            "value per point. For two classes with one score use the 'logistic' loss, or return C ≥ 2 scores."
+            f"cross_entropy needs one score per class, model output of shape (n, C); on {what} X"
+            " the model returns one value per point. For two classes with one score use the"
+            " 'logistic' loss, or return C ≥ 2 scores."
         )
     n_classes = output_shape[0]
     label_shape = (y.shape[0], *output_shape[1:])
-    if y.is_floating_point() and tuple(y.shape[1:]) == tuple(output_shape) and y.shape != label_shape:
+    if (
+        y.is_floating_point()
+        and tuple(y.shape[1:]) == tuple(output_shape)
+        and y.shape != label_shape
+    ):
         bad = (y < 0) | (y > 1)
         if bool(bad.any()):
             i = _first(bad)
             raise InputError(
-                f"{what} y[{i}] = {_entry(y, i)}: float targets of shape (n, {n_classes}) are read by cross_entropy as class "
-                "probabilities, which must lie in [0, 1]. Pass integer class labels of shape (n,) instead (y.long())."
+                f"{what} y[{i}] = {_entry(y, i)}: float targets of shape (n, {n_classes}) are read"
+                " by cross_entropy as class probabilities, which must lie in [0, 1]. Pass integer"
+                " class labels of shape (n,) instead (y.long())."
             )
         return
     if tuple(y.shape) != label_shape:
         raise ShapeError(
-            f"{what} y has shape {tuple(y.shape)} but the model outputs {n_classes} class scores per point "
-            f"(output shape (n, {', '.join(map(str, output_shape))})): cross_entropy needs one integer class label per "
-            f"point, y of shape {label_shape}. Pass y.reshape(-1) for a column of labels, or y.argmax(1) for one-hot rows."
+            f"{what} y has shape {tuple(y.shape)} but the model outputs {n_classes} class scores"
+            f" per point (output shape (n, {', '.join(map(str, output_shape))})): cross_entropy"
+            f" needs one integer class label per point, y of shape {label_shape}. Pass"
+            " y.reshape(-1) for a column of labels, or y.argmax(1) for one-hot rows."
         )
     if y.is_floating_point():
         frac = y != torch.round(y)
         if bool(frac.any()):
             i = _first(frac)
             raise DtypeError(
-                f"{what} y[{i}] = {_entry(y, i)}: cross_entropy needs integer class labels in [0, {n_classes}); y has "
-                f"dtype {y.dtype} with non-integer values. Pass the class index of each point as a long tensor."
+                f"{what} y[{i}] = {_entry(y, i)}: cross_entropy needs integer class labels in [0,"
+                f" {n_classes}); y has dtype {y.dtype} with non-integer values. Pass the class"
+                " index of each point as a long tensor."
             )
         raise DtypeError(
-            f"{what} y has dtype {y.dtype}: cross_entropy needs integer class labels in [0, {n_classes}). "
-            "Pass y as a long tensor: y.long()."
+            f"{what} y has dtype {y.dtype}: cross_entropy needs integer class labels in [0,"
+            f" {n_classes}). Pass y as a long tensor: y.long()."
         )
     lo, hi = int(y.min()), int(y.max())
     if lo < 0 or hi >= n_classes:
@@ -117,9 +126,10 @@ def _check_class_labels(y: torch.Tensor, output_shape: tuple[int, ...], what: st
         bad = (wide < 0) | (wide >= n_classes)
         i = _first(bad)
         raise InputError(
-            f"{what} y[{i}] = {_entry(y, i)} is not a class of the model: cross_entropy needs labels in [0, {n_classes}) "
-            f"because the model outputs {n_classes} class scores (labels seen range over [{lo}, {hi}]). Encode the classes "
-            f"as 0 … {n_classes - 1}, or give the model one output per class."
+            f"{what} y[{i}] = {_entry(y, i)} is not a class of the model: cross_entropy needs"
+            f" labels in [0, {n_classes}) because the model outputs {n_classes} class scores"
+            f" (labels seen range over [{lo}, {hi}]). Encode the classes as 0 … {n_classes - 1}, or"
+            " give the model one output per class."
         )
 
 
@@ -127,8 +137,9 @@ def _check_binary_labels(loss: str) -> TargetCheck:
     def check(y: torch.Tensor, output_shape: tuple[int, ...], what: str) -> None:
         if _numel(output_shape) != 1:
             raise ShapeError(
-                f"The {loss} loss needs one score per point, model output of shape (n,) or (n, 1); the model outputs shape "
-                f"(n, {', '.join(map(str, output_shape))}). For several classes use 'cross_entropy'."
+                f"The {loss} loss needs one score per point, model output of shape (n,) or (n, 1);"
+                f" the model outputs shape (n, {', '.join(map(str, output_shape))}). For several"
+                " classes use 'cross_entropy'."
             )
         t = _one_label_per_point(y, loss, what, "labels in {0, 1} or {-1, +1}")
         lo = float(t.min())
@@ -138,9 +149,9 @@ def _check_binary_labels(loss: str) -> TargetCheck:
             i = _first(bad)
             mixed = " (0 and -1 mixed)" if lo == -1 and float(t[i]) == 0 else ""
             raise InputError(
-                f"{what} y[{i}] = {_entry(t, i)}{mixed}: the {loss} loss needs binary labels, all in {{0, 1}} or all in "
-                f"{{-1, +1}} (values seen: {_values_seen(t)}). Encode the two classes as 0 and 1, e.g. "
-                "y = (y == positive_class).long()."
+                f"{what} y[{i}] = {_entry(t, i)}{mixed}: the {loss} loss needs binary labels, all"
+                f" in {{0, 1}} or all in {{-1, +1}} (values seen: {_values_seen(t)}). Encode the"
+                " two classes as 0 and 1, e.g. y = (y == positive_class).long()."
             )
 
     check.__name__ = check.__qualname__ = f"check_{loss}_targets"
@@ -148,14 +159,16 @@ def _check_binary_labels(loss: str) -> TargetCheck:
 
 
 def _check_regression_targets(y: torch.Tensor, output_shape: tuple[int, ...], what: str) -> None:
-    """squared: any finite values (``Data`` checks finiteness), as many per point as the output has."""
+    """squared: any finite values (``Data`` checks finiteness), as many per point as the
+    output has."""
     per_out = _numel(output_shape)
     per_y = y[0].numel() if y.shape[0] else 0
     if per_y != per_out:
         raise ShapeError(
-            f"{what} y has shape {tuple(y.shape)} ({per_y} value(s) per point) but the model outputs "
-            f"{per_out} per point (output shape (n, {', '.join(map(str, output_shape))})): the squared loss compares "
-            "them entry by entry. Give y one target per model output, e.g. y.reshape(n, -1) of matching width."
+            f"{what} y has shape {tuple(y.shape)} ({per_y} value(s) per point) but the model"
+            f" outputs {per_out} per point (output shape (n, {', '.join(map(str, output_shape))})):"
+            " the squared loss compares them entry by entry. Give y one target per model output,"
+            " e.g. y.reshape(n, -1) of matching width."
         )
 
 
@@ -163,7 +176,10 @@ def _check_regression_targets(y: torch.Tensor, output_shape: tuple[int, ...], wh
 def _margin(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     s = output.reshape(output.shape[0], -1)
     if s.shape[1] != 1:
-        raise ValueError(f"A binary loss needs one score per sample; got model output of shape {tuple(output.shape)}.")
+        raise ValueError(
+            "A binary loss needs one score per sample; got model output of shape"
+            f" {tuple(output.shape)}."
+        )
     sign = torch.where(target.reshape(-1) > 0, 1.0, -1.0).to(s.dtype)
     return sign * s[:, 0]
 
@@ -180,13 +196,16 @@ def cross_entropy(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def logistic(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Binary logistic loss log(1 + exp(−y·s)) — Koh & Liang (2017) §2.3. Labels {0, 1} or {−1, +1}."""
+    """Binary logistic loss log(1 + exp(−y·s)) — Koh & Liang (2017) §2.3. Labels {0, 1} or
+    {−1, +1}."""
     return F.softplus(-_margin(output, target))
 
 
 def squared(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """½‖output − target‖² per sample."""
-    diff = output.reshape(output.shape[0], -1) - target.reshape(target.shape[0], -1).to(output.dtype)
+    diff = output.reshape(output.shape[0], -1) - target.reshape(target.shape[0], -1).to(
+        output.dtype
+    )
     return 0.5 * (diff**2).sum(dim=1)
 
 
@@ -261,17 +280,26 @@ class TokenCrossEntropy:
 
     def __post_init__(self) -> None:
         if self.reduction not in ("sum", "mean"):
-            raise InputError(f"The 'reduction' parameter of TokenCrossEntropy must be 'sum' or 'mean'. Got {self.reduction!r}.")
+            raise InputError(
+                "The 'reduction' parameter of TokenCrossEntropy must be 'sum' or 'mean'. Got"
+                f" {self.reduction!r}."
+            )
 
     def __call__(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if output.ndim != 3:
-            raise ValueError(f"TokenCrossEntropy needs logits of shape (b, T, V); got {tuple(output.shape)}.")
+            raise ValueError(
+                f"TokenCrossEntropy needs logits of shape (b, T, V); got {tuple(output.shape)}."
+            )
         labels = target.long()
         if self.shift:
             output, labels = output[:, :-1], labels[:, 1:]
         b, t, v = output.shape
-        tok = F.cross_entropy(output.reshape(b * t, v), labels.reshape(b * t), ignore_index=IGNORE_INDEX,
-                              reduction="none").reshape(b, t)
+        tok = F.cross_entropy(
+            output.reshape(b * t, v),
+            labels.reshape(b * t),
+            ignore_index=IGNORE_INDEX,
+            reduction="none",
+        ).reshape(b, t)
         total = tok.sum(dim=1)
         if self.reduction == "sum":
             return total
@@ -280,27 +308,40 @@ class TokenCrossEntropy:
     def check_targets(self, y: torch.Tensor, output_shape: tuple[int, ...], what: str) -> None:
         """Integer token labels of shape (n, T) matching the logits, each in [0, V) or −100."""
         if len(output_shape) != 2:
-            raise ShapeError(f"TokenCrossEntropy needs the model's logits per token, shape (n, T, V); the model outputs "
-                             f"(n, {', '.join(map(str, output_shape))}). For one label per sequence use 'cross_entropy'.")
+            raise ShapeError(
+                "TokenCrossEntropy needs the model's logits per token, shape (n, T, V); the model"
+                f" outputs (n, {', '.join(map(str, output_shape))}). For one label per sequence use"
+                " 'cross_entropy'."
+            )
         T, V = output_shape
         if y.ndim != 2 or y.shape[1] != T:
-            raise ShapeError(f"{what} y has shape {tuple(y.shape)} but the model outputs {T} positions per sequence: token "
-                             f"labels need shape (n, {T}), −100 where no token is scored (padding).")
+            raise ShapeError(
+                f"{what} y has shape {tuple(y.shape)} but the model outputs {T} positions per"
+                f" sequence: token labels need shape (n, {T}), −100 where no token is scored"
+                " (padding)."
+            )
         if y.is_floating_point():
-            raise DtypeError(f"{what} y has dtype {y.dtype}: token labels are integer ids. Pass y.long().")
+            raise DtypeError(
+                f"{what} y has dtype {y.dtype}: token labels are integer ids. Pass y.long()."
+            )
         wide = y.long()
         bad = ((wide < 0) | (wide >= V)) & (wide != IGNORE_INDEX)
         if bool(bad.any()):
             i = _first(bad)
-            raise InputError(f"{what} y[{i}] = {_entry(y, i)} holds a token id outside the vocabulary [0, {V}) (−100 marks "
-                             "an ignored position). Check the tokenizer's vocabulary size against the model's.")
+            raise InputError(
+                f"{what} y[{i}] = {_entry(y, i)} holds a token id outside the vocabulary [0, {V})"
+                " (−100 marks an ignored position). Check the tokenizer's vocabulary size against"
+                " the model's."
+            )
         scored = (wide[:, 1:] if self.shift else wide) != IGNORE_INDEX
         empty = ~scored.any(dim=1)
         if bool(empty.any()):
             i = _first(empty)
-            raise InputError(f"{what} sequence {i} has no scored token (all labels −100"
-                             + (", or only its first, which a causal model never predicts" if self.shift else "")
-                             + "): its loss and gradient would be 0. Drop it, or give it labels.")
+            raise InputError(
+                f"{what} sequence {i} has no scored token (all labels −100"
+                + (", or only its first, which a causal model never predicts" if self.shift else "")
+                + "): its loss and gradient would be 0. Drop it, or give it labels."
+            )
 
 
 token_cross_entropy = TokenCrossEntropy()

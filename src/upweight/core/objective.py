@@ -25,7 +25,9 @@ from .data import Data, Inputs, map_inputs
 from .losses import LOSSES, PerSampleLoss
 from .params import Params, ParamSpace
 
-ParamSelector = Union[Sequence[str | nn.Module], Callable[[str, torch.Tensor], bool], str, nn.Module, None]
+ParamSelector = Union[
+    Sequence[str | nn.Module], Callable[[str, torch.Tensor], bool], str, nn.Module, None
+]
 
 # A module in training mode computes a different function than in eval mode only if code reads
 # its ``training`` flag: BatchNorm (batch statistics, buffer updates), Dropout, RReLU, RNNs,
@@ -34,19 +36,27 @@ ParamSelector = Union[Sequence[str | nn.Module], Callable[[str, torch.Tensor], b
 # code of the module's class and its bases; the torch.nn layers below are known not to have any
 # (a fast path that also skips their docstrings), by exact type: a subclass may override forward.
 _MODE_FREE_NAMES = (
-    "Identity Linear Bilinear Conv1d Conv2d Conv3d ConvTranspose1d ConvTranspose2d ConvTranspose3d Embedding "
-    "EmbeddingBag LayerNorm GroupNorm RMSNorm LocalResponseNorm Flatten Unflatten Sequential ModuleList ModuleDict "
-    "ParameterList ParameterDict MaxPool1d MaxPool2d MaxPool3d AvgPool1d AvgPool2d AvgPool3d LPPool1d LPPool2d LPPool3d "
-    "AdaptiveMaxPool1d AdaptiveMaxPool2d AdaptiveMaxPool3d AdaptiveAvgPool1d AdaptiveAvgPool2d AdaptiveAvgPool3d "
-    "ZeroPad1d ZeroPad2d ZeroPad3d ConstantPad1d ConstantPad2d ConstantPad3d ReflectionPad1d ReflectionPad2d "
-    "ReflectionPad3d ReplicationPad1d ReplicationPad2d ReplicationPad3d CircularPad1d CircularPad2d CircularPad3d "
-    "Upsample UpsamplingNearest2d UpsamplingBilinear2d PixelShuffle PixelUnshuffle ChannelShuffle Fold Unfold "
-    "CosineSimilarity PairwiseDistance Threshold ReLU ReLU6 LeakyReLU PReLU ELU CELU SELU GELU SiLU Mish GLU Sigmoid "
-    "LogSigmoid Hardsigmoid Tanh Hardtanh Hardswish Hardshrink Softshrink Tanhshrink Softplus Softsign Softmin "
-    "Softmax Softmax2d LogSoftmax"
+    "Identity Linear Bilinear Conv1d Conv2d Conv3d ConvTranspose1d ConvTranspose2d ConvTranspose3d"
+    " Embedding EmbeddingBag LayerNorm GroupNorm RMSNorm LocalResponseNorm Flatten Unflatten"
+    " Sequential ModuleList ModuleDict ParameterList ParameterDict MaxPool1d MaxPool2d MaxPool3d"
+    " AvgPool1d AvgPool2d AvgPool3d LPPool1d LPPool2d LPPool3d AdaptiveMaxPool1d AdaptiveMaxPool2d"
+    " AdaptiveMaxPool3d AdaptiveAvgPool1d AdaptiveAvgPool2d AdaptiveAvgPool3d ZeroPad1d ZeroPad2d"
+    " ZeroPad3d ConstantPad1d ConstantPad2d ConstantPad3d ReflectionPad1d ReflectionPad2d"
+    " ReflectionPad3d ReplicationPad1d ReplicationPad2d ReplicationPad3d CircularPad1d"
+    " CircularPad2d CircularPad3d Upsample UpsamplingNearest2d UpsamplingBilinear2d PixelShuffle"
+    " PixelUnshuffle ChannelShuffle Fold Unfold CosineSimilarity PairwiseDistance Threshold ReLU"
+    " ReLU6 LeakyReLU PReLU ELU CELU SELU GELU SiLU Mish GLU Sigmoid LogSigmoid Hardsigmoid Tanh"
+    " Hardtanh Hardswish Hardshrink Softshrink Tanhshrink Softplus Softsign Softmin Softmax"
+    " Softmax2d LogSoftmax"
 )
-_MODE_FREE: frozenset[type] = frozenset(getattr(nn, n) for n in _MODE_FREE_NAMES.split() if hasattr(nn, n))
-_MODE_SENSITIVE = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd, nn.modules.instancenorm._InstanceNorm)
+_MODE_FREE: frozenset[type] = frozenset(
+    getattr(nn, n) for n in _MODE_FREE_NAMES.split() if hasattr(nn, n)
+)
+_MODE_SENSITIVE = (
+    nn.modules.batchnorm._BatchNorm,
+    nn.modules.dropout._DropoutNd,
+    nn.modules.instancenorm._InstanceNorm,
+)
 
 
 @functools.cache
@@ -80,7 +90,9 @@ def _mode_sensitive(mod: nn.Module) -> bool:
 
 
 # torch's messages for an input of the wrong dtype reaching a layer (F.linear, conv, embedding)
-_DTYPE_FAILURE = re.compile(r"dtype|scalar type|input type|same type|FloatTensor|LongTensor|'indices'", re.IGNORECASE)
+_DTYPE_FAILURE = re.compile(
+    r"dtype|scalar type|input type|same type|FloatTensor|LongTensor|'indices'", re.IGNORECASE
+)
 _HALF = (torch.float16, torch.bfloat16)
 
 
@@ -111,8 +123,8 @@ class Objective:
             (and ``SmoothHinge``) validate the targets of every data set (``check_data``).
         l2: λ ≥ 0 of the L2 term, folded into R and therefore into H.
         params: which parameters form θ: ``None`` (all that require grad), a name, a module,
-            a sequence of names / name prefixes / submodules, or a predicate ``(name, tensor) → bool``.
-            The others stay fixed (the paper's frozen feature extractor).
+            a sequence of names / name prefixes / submodules, or a predicate ``(name, tensor) →
+            bool``. The others stay fixed (the paper's frozen feature extractor).
         measure: the test-side quantity f(output, target) → (b,) whose influence is computed;
             defaults to the loss (I_up,loss). E.g. a logit margin.
         l2_exclude: names or name prefixes of parameters in θ that the L2 term leaves out (an
@@ -153,7 +165,10 @@ class Objective:
         check_interval("Objective", "l2", l2, 0.0, None, closed="left")
         if isinstance(loss, str):
             if loss not in LOSSES:
-                raise InputError(f"Unknown loss {loss!r}. Use one of {sorted(LOSSES)} or pass a callable loss(output, target) -> (b,).")
+                raise InputError(
+                    f"Unknown loss {loss!r}. Use one of {sorted(LOSSES)} or pass a callable"
+                    " loss(output, target) -> (b,)."
+                )
             self.loss_name, loss_fn = loss, LOSSES[loss]
         elif callable(loss):
             self.loss_name, loss_fn = getattr(loss, "__name__", type(loss).__name__), loss
@@ -162,31 +177,48 @@ class Objective:
         self.loss_fn: PerSampleLoss = loss_fn
         self.measure_fn: PerSampleLoss = measure if measure is not None else loss_fn
         if not (output is None or isinstance(output, str) or callable(output)):
-            raise InputError(f"output must be None, an attribute/key name such as 'logits', or a callable; got {output!r}.")
+            raise InputError(
+                "output must be None, an attribute/key name such as 'logits', or a callable; got"
+                f" {output!r}."
+            )
         self.output = output
         self.l2 = float(l2)
 
         chosen = _select(model, params)
         named = dict(model.named_parameters())
-        # θ̂ is a copy (float32 for half-precision parameters): later changes to the model do not reach it
+        # θ̂ is a copy (float32 for half-precision parameters): later changes to the model do not
+        # reach it
         self.params: Params = {
-            n: named[n].detach().to(torch.float32) if named[n].dtype in _HALF else named[n].detach().clone() for n in chosen
+            n: (
+                named[n].detach().to(torch.float32)
+                if named[n].dtype in _HALF
+                else named[n].detach().clone()
+            )
+            for n in chosen
         }
         for n, t in self.params.items():
-            check_finite(t, f"Model parameter '{n}'", "The model must be trained to finite values before computing influence.")
+            check_finite(
+                t,
+                f"Model parameter '{n}'",
+                "The model must be trained to finite values before computing influence.",
+            )
         self.space = ParamSpace.of(self.params)
         excluded = {n for n in self.params for e in l2_exclude if n == e or n.startswith(e + ".")}
-        unknown = [e for e in l2_exclude if not any(n == e or n.startswith(e + ".") for n in self.params)]
+        unknown = [
+            e for e in l2_exclude if not any(n == e or n.startswith(e + ".") for n in self.params)
+        ]
         if unknown:
-            raise InputError(f"l2_exclude: {unknown} match no parameter of θ. θ is: {list(self.params)}.")
+            raise InputError(
+                f"l2_exclude: {unknown} match no parameter of θ. θ is: {list(self.params)}."
+            )
         self.l2_names: tuple[str, ...] = tuple(n for n in self.params if n not in excluded)
         # fixed parameters are shared (upweight only reads them); buffers are copied, because a
         # module in training mode (BatchNorm) updates the buffers it is given in place
         self._fixed: Params = {n: t.detach() for n, t in named.items() if n not in self.params}
         self._fixed.update({n: b.detach().clone() for n, b in model.named_buffers()})
         self._fixed_cache: dict[torch.dtype, Params] = {}
-        # what torch.func.vmap refused on this model, learnt on first use (core.grads, core.curvature):
-        # then per-sample gradients / Gauss–Newton tangents go one at a time
+        # what torch.func.vmap refused on this model, learnt on first use (core.grads,
+        # core.curvature): then per-sample gradients / Gauss–Newton tangents go one at a time
         self._vmap_refused: str | None = None
         self._tangent_vmap_refused = False
 
@@ -203,7 +235,8 @@ class Objective:
 
     @property
     def device(self) -> torch.device:
-        """The device θ lives on (the model's): inputs are moved there, results are computed there."""
+        """The device θ lives on (the model's): inputs are moved there, results are
+        computed there."""
         return next(iter(self.params.values())).device
 
     # ── the model's mode ──────────────────────────────────────────────────────────────
@@ -220,16 +253,21 @@ class Objective:
         training mode from its construction on. The check walks the model's modules at each call,
         so it also catches ``model.train()`` called after the objective was built.
         """
-        bad = [(name, mod) for name, mod in self.model.named_modules() if mod.training and _mode_sensitive(mod)]
+        bad = [
+            (name, mod)
+            for name, mod in self.model.named_modules()
+            if mod.training and _mode_sensitive(mod)
+        ]
         if not bad:
             return
         shown = ", ".join(f"'{name or '<model>'}' ({type(mod).__name__})" for name, mod in bad[:10])
         more = f" and {len(bad) - 10} more" if len(bad) > 10 else ""
         raise UnsupportedModelError(
-            f"Module {shown}{more} of the model {'is' if len(bad) == 1 else 'are'} in training mode. There BatchNorm "
-            "normalises with batch statistics and updates its running buffers, dropout is random, and a custom module may "
-            "read self.training, but influence needs the model as one fixed function of θ. Call model.eval() after "
-            "training, before building the Objective or computing influence."
+            f"Module {shown}{more} of the model {'is' if len(bad) == 1 else 'are'} in training"
+            " mode. There BatchNorm normalises with batch statistics and updates its running"
+            " buffers, dropout is random, and a custom module may read self.training, but"
+            " influence needs the model as one fixed function of θ. Call model.eval() after"
+            " training, before building the Objective or computing influence."
         )
 
     def _check_mode_fast(self) -> None:
@@ -240,9 +278,12 @@ class Objective:
 
     # ── pure functions of θ ───────────────────────────────────────────────────────────
     def fixed_as(self, dtype: torch.dtype) -> Params:
-        """The parameters outside θ and the buffers, floating ones cast to ``dtype`` (cached per dtype)."""
+        """The parameters outside θ and the buffers, floating ones cast to ``dtype`` (cached per
+        dtype)."""
         if dtype not in self._fixed_cache:
-            self._fixed_cache[dtype] = {n: t.to(dtype) if t.is_floating_point() else t for n, t in self._fixed.items()}
+            self._fixed_cache[dtype] = {
+                n: t.to(dtype) if t.is_floating_point() else t for n, t in self._fixed.items()
+            }
         return self._fixed_cache[dtype]
 
     def outputs(self, params: Params, X: Inputs) -> torch.Tensor:
@@ -286,7 +327,9 @@ class Objective:
     def l2_diagonal(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """∇²θ of the L2 term: l2 on penalised coordinates, 0 on excluded ones, shape (p,)."""
         parts = [
-            torch.full((size,), self.l2 if name in self.l2_names else 0.0, dtype=dtype or self.dtype)
+            torch.full(
+                (size,), self.l2 if name in self.l2_names else 0.0, dtype=dtype or self.dtype
+            )
             for name, size in zip(self.space.names, self.space.sizes)
         ]
         return torch.cat(parts)
@@ -306,17 +349,24 @@ class Objective:
         batch = data.subset(range(b))
         fn, fn_name = (self.measure_fn, "measure") if measure else (self.loss_fn, "loss")
         self.check_eval_mode()
-        with torch.random.fork_rng(devices=[]):  # the runs leave the caller's (CPU) random state as it was
+        # the runs leave the caller's (CPU) random state as it was
+        with torch.random.fork_rng(devices=[]):
             out = self._checked_forward(batch.X, data, what)
             again = self._checked_forward(batch.X, data, what)
         if not _same_output(out, again):
             raise UnsupportedModelError(
-                f"The model is random in this mode (dropout?) — call model.eval(): two forward passes on the same {b} "
-                f"{what} points gave different outputs, and influence needs a deterministic model. A custom module must "
-                "pass training=self.training to F.dropout (its default is training=True)."
+                "The model is random in this mode (dropout?) — call model.eval(): two forward"
+                f" passes on the same {b} {what} points gave different outputs, and influence needs"
+                " a deterministic model. A custom module must pass training=self.training to"
+                " F.dropout (its default is training=True)."
             )
         check = getattr(fn, "check_targets", None)
-        if check is not None and isinstance(out, torch.Tensor) and out.ndim >= 1 and out.shape[0] == b:
+        if (
+            check is not None
+            and isinstance(out, torch.Tensor)
+            and out.ndim >= 1
+            and out.shape[0] == b
+        ):
             check(data.y, tuple(out.shape[1:]), what)
         try:
             val = fn(out, batch.y)
@@ -325,15 +375,18 @@ class Objective:
         except Exception as exc:  # noqa: BLE001 — re-raised with the shapes that explain it
             hint = ""
             if self.loss_name == "cross_entropy" and batch.y.is_floating_point():
-                hint = " cross_entropy needs integer class labels: pass y as a long tensor (y.long())."
+                hint = (
+                    " cross_entropy needs integer class labels: pass y as a long tensor (y.long())."
+                )
             raise InputError(
-                f"The {fn_name} failed on model outputs of shape {tuple(out.shape)} and {what} y of shape "
-                f"{tuple(batch.y.shape)} (dtype {batch.y.dtype}): {exc}.{hint}"
+                f"The {fn_name} failed on model outputs of shape {tuple(out.shape)} and {what} y of"
+                f" shape {tuple(batch.y.shape)} (dtype {batch.y.dtype}): {exc}.{hint}"
             ) from exc
         if tuple(val.shape) != (b,):
             raise UnsupportedModelError(
-                f"The {fn_name} returned shape {tuple(val.shape)} for a batch of {b} points; it must return one value "
-                f"per sample, shape ({b},). For a torch.nn loss, construct it with reduction='none'."
+                f"The {fn_name} returned shape {tuple(val.shape)} for a batch of {b} points; it"
+                f" must return one value per sample, shape ({b},). For a torch.nn loss, construct"
+                " it with reduction='none'."
             )
 
     def _checked_forward(self, X: Inputs, data: Data, what: str) -> torch.Tensor:
@@ -344,27 +397,33 @@ class Objective:
             raise
         except Exception as exc:  # noqa: BLE001 — re-raised with the shapes and the fix that explain it
             if data.is_dict:  # keyword inputs: name them all
-                raise InputError(f"The model failed on {what} inputs {data.input_shapes} (keyword arguments "
-                                 f"{sorted(data.X)}): {exc}") from exc
+                raise InputError(
+                    f"The model failed on {what} inputs {data.input_shapes} (keyword arguments "
+                    f"{sorted(data.X)}): {exc}"
+                ) from exc
             shape, dt = tuple(data.X.shape), data.X.dtype
             if _DTYPE_FAILURE.search(str(exc)):
                 if not dt.is_floating_point:
                     raise DtypeError(
-                        f"{what} X has integer dtype {dt} (shape {shape}) but the model computes in {self.dtype}, and its "
-                        f"forward failed: {exc}. Convert the inputs to floating point first: X.float() (images stored as "
-                        "uint8: X.float() / 255). Integer X is passed to the model unchanged, as token ids for a model "
-                        "that starts with nn.Embedding."
+                        f"{what} X has integer dtype {dt} (shape {shape}) but the model computes in"
+                        f" {self.dtype}, and its forward failed: {exc}. Convert the inputs to"
+                        " floating point first: X.float() (images stored as uint8: X.float() /"
+                        " 255). Integer X is passed to the model unchanged, as token ids for a"
+                        " model that starts with nn.Embedding."
                     ) from exc
                 raise DtypeError(
-                    f"{what} X has dtype {dt} (shape {shape}), which the model's forward did not accept: {exc}. If the "
-                    "model takes token ids (nn.Embedding), pass integer X: X.long()."
+                    f"{what} X has dtype {dt} (shape {shape}), which the model's forward did not"
+                    f" accept: {exc}. If the model takes token ids (nn.Embedding), pass integer X:"
+                    " X.long()."
                 ) from exc
-            raise InputError(f"The model failed on {what} X of shape {shape} (dtype {dt}): {exc}") from exc
+            raise InputError(
+                f"The model failed on {what} X of shape {shape} (dtype {dt}): {exc}"
+            ) from exc
         if isinstance(out, torch.Tensor) and out.ndim == 0:
             b = len(data.subset(range(min(len(data), 4))))
             raise UnsupportedModelError(
-                f"The model returned a scalar for {b} {what} points; forward(X) must return one row of outputs "
-                f"per point, shape ({b}, ...)."
+                f"The model returned a scalar for {b} {what} points; forward(X) must return one row"
+                f" of outputs per point, shape ({b}, ...)."
             )
         return out
 
@@ -376,11 +435,14 @@ def _select_output(out: Any, how: str | Callable[[Any], torch.Tensor] | None) ->
     elif isinstance(how, str):
         got = out[how] if isinstance(out, Mapping) and how in out else getattr(out, how, None)
         if got is None:
-            raise UnsupportedModelError(f"Objective(output={how!r}): the model returned a {type(out).__name__} without "
-                                        f"{how!r}.")
+            raise UnsupportedModelError(
+                f"Objective(output={how!r}): the model returned a {type(out).__name__} without "
+                f"{how!r}."
+            )
     elif isinstance(out, torch.Tensor):
         got = out
-    elif isinstance(out, Mapping) and "logits" in out:  # a Hugging Face ModelOutput is an ordered dict
+    # a Hugging Face ModelOutput is an ordered dict
+    elif isinstance(out, Mapping) and "logits" in out:
         got = out["logits"]
     elif getattr(out, "logits", None) is not None:
         got = out.logits
@@ -388,16 +450,21 @@ def _select_output(out: Any, how: str | Callable[[Any], torch.Tensor] | None) ->
         got = out[0]
     else:
         raise UnsupportedModelError(
-            f"The model returned a {type(out).__name__}, not a tensor, and upweight cannot tell which part the loss "
-            "reads. Pass Objective(..., output='logits') (an attribute or key) or output=lambda out: ….")
+            f"The model returned a {type(out).__name__}, not a tensor, and upweight cannot tell"
+            " which part the loss reads. Pass Objective(..., output='logits') (an attribute or"
+            " key) or output=lambda out: …."
+        )
     if not isinstance(got, torch.Tensor):
-        raise UnsupportedModelError(f"The model output selected by output={how!r} is a {type(got).__name__}, not a tensor.")
+        raise UnsupportedModelError(
+            f"The model output selected by output={how!r} is a {type(got).__name__}, not a tensor."
+        )
     return got
 
 
 def _same_output(a: object, b: object) -> bool:
     """Whether two forwards on the same inputs agree, tensor by tensor — to round-off (some
-    kernels reduce in an order that can vary between runs), far tighter than what dropout changes."""
+    kernels reduce in an order that can vary between runs), far tighter than what dropout changes.
+    """
     la, lb = tree_leaves(a), tree_leaves(b)
     if len(la) != len(lb):
         return False
@@ -415,7 +482,8 @@ def _same_output(a: object, b: object) -> bool:
 
 
 def _names_text(names: Sequence[str], limit: int = 20) -> str:
-    """The parameter names for a message: all up to ``limit``, else the first ``limit`` and the count."""
+    """The parameter names for a message: all up to ``limit``, else the first ``limit`` and the
+    count."""
     if not names:
         return "the model has no parameters"
     shown = ", ".join(repr(n) for n in names[:limit])
@@ -428,16 +496,18 @@ def _select(model: nn.Module, params: ParamSelector) -> list[str]:
         chosen = [n for n, t in named.items() if t.requires_grad]
         if not chosen:
             raise InputError(
-                f"No parameters selected for θ: none of the model's {len(named)} parameters requires grad. Parameters are: "
-                f"{_names_text(list(named))}. Set requires_grad=True on the parameters to analyse, or name them with "
-                "Objective(params=[...]), which may select frozen parameters."
+                f"No parameters selected for θ: none of the model's {len(named)} parameters"
+                f" requires grad. Parameters are: {_names_text(list(named))}. Set"
+                " requires_grad=True on the parameters to analyse, or name them with"
+                " Objective(params=[...]), which may select frozen parameters."
             )
     elif callable(params) and not isinstance(params, nn.Module):
         chosen = [n for n, t in named.items() if params(n, t)]
         if not chosen:
             raise InputError(
-                f"No parameters selected for θ: the params predicate returned False for all {len(named)} parameters of the "
-                f"model. Parameters are: {_names_text(list(named))}. Fix the predicate, or pass names / name prefixes."
+                "No parameters selected for θ: the params predicate returned False for all"
+                f" {len(named)} parameters of the model. Parameters are:"
+                f" {_names_text(list(named))}. Fix the predicate, or pass names / name prefixes."
             )
     else:
         items = [params] if isinstance(params, (str, nn.Module)) else list(params)
@@ -450,12 +520,14 @@ def _select(model: nn.Module, params: ParamSelector) -> list[str]:
                 hits = [n for n in named if n == item or n.startswith(item + ".")]
             if not hits:
                 raise InputError(
-                    f"params: {item!r} matches no parameter of the model. Parameters are: {_names_text(list(named))}."
+                    f"params: {item!r} matches no parameter of the model. Parameters are:"
+                    f" {_names_text(list(named))}."
                 )
             wanted.update(hits)
         chosen = [n for n in named if n in wanted]
         if not chosen:
             raise InputError(
-                f"No parameters selected for θ: params={params!r} is empty. Parameters are: {_names_text(list(named))}."
+                f"No parameters selected for θ: params={params!r} is empty. Parameters are:"
+                f" {_names_text(list(named))}."
             )
     return chosen

@@ -107,7 +107,8 @@ class OutputHessian:
                 p = self.h[:, None, 0]  # (b, 1, c)
                 out = p * U - p * (U * p).sum(-1, keepdim=True)
                 return out * self.w[:, None, :] if self.w is not None else out
-            p = self.h[:, None]  # (b, 1, T, V); one output-sized temporary for k tangents of a wide output
+            # (b, 1, T, V); one output-sized temporary for k tangents of a wide output
+            p = self.h[:, None]
             Ut = U.reshape(b, k, T, V)
             out = p * Ut
             out.addcmul_(p, torch.einsum("bktv,btv->bkt", Ut, self.h)[..., None], value=-1)
@@ -124,13 +125,17 @@ class OutputHessian:
             return torch.einsum("bcd,bkd->bkc", self.h, U)
         z, gz = self.graph  # type: ignore[misc]
         with torch.enable_grad():
-            cols = [torch.autograd.grad(gz, z, U[:, j].reshape(z.shape), retain_graph=True)[0].reshape(len(z), -1)
-                    for j in range(U.shape[1])]
+            cols = [
+                torch.autograd.grad(gz, z, U[:, j].reshape(z.shape), retain_graph=True)[0].reshape(
+                    len(z), -1
+                )
+                for j in range(U.shape[1])
+            ]
         return torch.stack(cols, dim=1)
 
     def entry(self, i: int, j: int) -> torch.Tensor | None:
-        """Aₖ[i, j] for every point k of the batch, shape (b,), or ``None`` where it is 0 for all of them
-        (i, j index the flattened output)."""
+        """Aₖ[i, j] for every point k of the batch, shape (b,), or ``None`` where it is 0 for all of
+        them (i, j index the flattened output)."""
         if self.kind == "softmax":
             V = self.h.shape[2]
             (ti, ki), (tj, kj) = divmod(i, V), divmod(j, V)
@@ -151,7 +156,8 @@ class OutputHessian:
         return self.dense()[:, i, j]
 
     def dense(self) -> torch.Tensor:
-        """Aᵢ as matrices, shape (b, c, c) (for "full", the Hessian as ``torch.func.hessian`` gave it)."""
+        """Aᵢ as matrices, shape (b, c, c) (for "full", the Hessian as ``torch.func.hessian`` gave
+        it)."""
         if self.kind == "full":
             return self.h
         ref = self.h if self.kind != "implicit" else self.graph[0]  # type: ignore[index]
@@ -159,8 +165,8 @@ class OutputHessian:
         return self.apply(eye.expand(self.b, self.c, self.c))  # row k = Aeₖ: A is symmetric
 
     def psd_factors(self) -> tuple[torch.Tensor, int]:
-        """Vectors cᵢₖ with Σₖ cᵢₖcᵢₖᵀ = Aᵢ, shape (K, b, *shape), and the number of negative eigenvalues
-        clamped to 0 over the batch (K-FAC's pseudo-gradients back-propagate each cₖ).
+        """Vectors cᵢₖ with Σₖ cᵢₖcᵢₖᵀ = Aᵢ, shape (K, b, *shape), and the number of negative
+        eigenvalues clamped to 0 over the batch (K-FAC's pseudo-gradients back-propagate each cₖ).
 
         Closed forms: cross-entropy cₖ = √pₖ (eₖ − p) per position (K = c); a diagonal Aᵢ gives
         √hₖ eₖ; the squared loss eₖ. Otherwise Aᵢ is symmetrised and eigendecomposed,
@@ -175,7 +181,9 @@ class OutputHessian:
             if T == 1:
                 C = s[:, 0].T[:, :, None] * (eye[:, None, :] - p[None, :, 0, :])  # (K=V, b, V)
                 return C.reshape(c, b, *self.shape), 0
-            blk = s.permute(1, 2, 0)[:, :, :, None] * (eye[None, :, None, :] - p.permute(1, 0, 2)[:, None, :, :])
+            blk = s.permute(1, 2, 0)[:, :, :, None] * (
+                eye[None, :, None, :] - p.permute(1, 0, 2)[:, None, :, :]
+            )
             C = p.new_zeros(T, V, b, T, V)
             t = torch.arange(T, device=p.device)
             C[t, :, :, t, :] = blk  # factor (t, k) lives on position t only: (T, V, b, V)
@@ -189,19 +197,24 @@ class OutputHessian:
         H = 0.5 * (H + H.transpose(1, 2))
         ev, Q = torch.linalg.eigh(H)
         clamped = int((ev < -1e-12 * ev.abs().amax(dim=1, keepdim=True).clamp_min(1e-300)).sum())
-        C = (Q * ev.clamp_min(0).sqrt()[:, None, :]).permute(2, 0, 1)  # (K=c, b, c): column k of Q√λ
+        # (K=c, b, c): column k of Q√λ
+        C = (Q * ev.clamp_min(0).sqrt()[:, None, :]).permute(2, 0, 1)
         return C.reshape(c, b, *self.shape), clamped
 
     def signed_factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Aᵢ = Σⱼ sᵢⱼ rᵢⱼrᵢⱼᵀ over its non-zero eigenpairs (λᵢⱼ, qᵢⱼ), in float64.
 
-        Returns ``(R, sign, keep)``: R (b, c, c) with row j = qᵢⱼ√|λᵢⱼ|, sign (b, c) = sign(λᵢⱼ), keep
-        (b, c) the eigenvalues above round-off, |λ| > c·ε₆₄·max|λᵢ| (the others are zero eigenvalues
-        computed inexactly). ``NonFiniteError`` if Aᵢ has a NaN or infinity.
+        Returns ``(R, sign, keep)``: R (b, c, c) with row j = qᵢⱼ√|λᵢⱼ|, sign (b, c) = sign(λᵢⱼ),
+        keep (b, c) the eigenvalues above round-off, |λ| > c·ε₆₄·max|λᵢ| (the others are zero
+        eigenvalues computed inexactly). ``NonFiniteError`` if Aᵢ has a NaN or infinity.
         """
         A = self.dense()
         A = 0.5 * (A + A.transpose(1, 2)).to(torch.float64)
-        check_finite(A, "The loss's Hessian in the model output ∇²_zL", "Check the model outputs for overflow at θ̂.")
+        check_finite(
+            A,
+            "The loss's Hessian in the model output ∇²_zL",
+            "Check the model outputs for overflow at θ̂.",
+        )
         lam, Q = torch.linalg.eigh(A)  # (b, c), (b, c, c): columns of Q are the eigenvectors
         scale = lam.abs().amax(dim=1, keepdim=True)
         keep = lam.abs() > self.c * torch.finfo(torch.float64).eps * scale
@@ -220,14 +233,24 @@ def _softmax_weights(loss: Callable, z: torch.Tensor, y: torch.Tensor) -> torch.
         if loss.reduction == "mean":
             w = w / scored.sum(dim=1, keepdim=True).clamp_min(1).to(z.dtype)
         return w
-    if y.is_floating_point() and tuple(y.shape) == tuple(z.shape):  # class probabilities: −Σₖ yₖ log pₖ
+    # class probabilities: −Σₖ yₖ log pₖ
+    if y.is_floating_point() and tuple(y.shape) == tuple(z.shape):
         return y.to(z.dtype).sum(dim=1, keepdim=True)
     return None
 
 
-def output_hessian(loss: Callable, out: torch.Tensor, y: torch.Tensor, *, generic: Literal["dense", "implicit"] = "dense",
-                   name: str | None = None, purpose: str = "This computation", fix: str = "") -> OutputHessian:
-    """∇²_z L(zᵢ, yᵢ) of the per-sample ``loss`` at model outputs ``out`` (b, *shape) and targets ``y``.
+def output_hessian(
+    loss: Callable,
+    out: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    generic: Literal["dense", "implicit"] = "dense",
+    name: str | None = None,
+    purpose: str = "This computation",
+    fix: str = "",
+) -> OutputHessian:
+    """∇²_z L(zᵢ, yᵢ) of the per-sample ``loss`` at model outputs ``out`` (b, *shape) and targets
+    ``y``.
 
     Closed forms for the built-in losses (``closed_form``, the module docstring); for any other
     loss, ``generic="dense"`` takes the exact per-point Hessian from ``torch.func.hessian`` (not
@@ -242,7 +265,9 @@ def output_hessian(loss: Callable, out: torch.Tensor, y: torch.Tensor, *, generi
     kind = closed_form(loss, shape)
     if kind == "softmax":
         logits = z if z.ndim == 3 else z[:, None, :]
-        return OutputHessian("softmax", shape, torch.softmax(logits, dim=-1), _softmax_weights(loss, z, y))
+        return OutputHessian(
+            "softmax", shape, torch.softmax(logits, dim=-1), _softmax_weights(loss, z, y)
+        )
     if kind == "identity":
         return OutputHessian("identity", shape, z.new_zeros(b, 0))
     if kind == "diagonal":
@@ -270,7 +295,7 @@ def output_hessian(loss: Callable, out: torch.Tensor, y: torch.Tensor, *, generi
     except Exception as exc:  # noqa: BLE001 — re-raised with the fix
         label = name or getattr(loss, "__name__", type(loss).__name__)
         raise UnsupportedModelError(
-            f"{purpose} needs the Hessian of the loss '{label}' in the model output (shape {shape} per point), but "
-            f"torch.func.hessian failed on it: {exc}." + (f" {fix}" if fix else "")
+            f"{purpose} needs the Hessian of the loss '{label}' in the model output (shape {shape}"
+            f" per point), but torch.func.hessian failed on it: {exc}." + (f" {fix}" if fix else "")
         ) from exc
     return OutputHessian("full", shape, Hz.reshape(b, c, c))

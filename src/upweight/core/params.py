@@ -51,7 +51,9 @@ class ParamSpace:
     def unflatten(self, vec: torch.Tensor) -> Params:
         """Split a (..., p) vector into a params dict with leading axes kept."""
         if vec.shape[-1] != self.p:
-            raise ValueError(f"Expected a vector with last dimension p={self.p}; got shape {tuple(vec.shape)}.")
+            raise ValueError(
+                f"Expected a vector with last dimension p={self.p}; got shape {tuple(vec.shape)}."
+            )
         lead = vec.shape[:-1]
         out: Params = {}
         for name, shape, chunk in zip(self.names, self.shapes, vec.split(self.sizes, dim=-1)):

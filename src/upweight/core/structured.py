@@ -47,13 +47,18 @@ from .params import Params
 # ── structured scoring ─────────────────────────────────────────────────────────────────
 
 
-def subset_per_sample_grads(objective: Objective, params: Params, names: Sequence[str], batch: Data) -> torch.Tensor:
-    """Per-sample ∇L(zᵢ) with respect to the parameters ``names`` only (in θ order), shape (b, Σ sizes)."""
+def subset_per_sample_grads(
+    objective: Objective, params: Params, names: Sequence[str], batch: Data
+) -> torch.Tensor:
+    """Per-sample ∇L(zᵢ) with respect to the parameters ``names`` only (in θ order), shape (b, Σ
+    sizes)."""
     sub = {n: params[n] for n in names}
     rest = {n: t for n, t in params.items() if n not in sub}
 
     def one(s: Params, x: Inputs, y: torch.Tensor) -> torch.Tensor:
-        return objective.losses({**rest, **s}, map_inputs(x, lambda t: t.unsqueeze(0)), y.unsqueeze(0))[0]
+        return objective.losses(
+            {**rest, **s}, map_inputs(x, lambda t: t.unsqueeze(0)), y.unsqueeze(0)
+        )[0]
 
     g = point_grads(one, sub, batch, objective)
     return torch.cat([g[n].reshape(len(batch), -1) for n in names], dim=1)
@@ -82,10 +87,12 @@ def _embedding_table(Q: torch.Tensor) -> torch.Tensor:
     return torch.cat([Q.permute(2, 1, 0).reshape(V, d * k), Q.new_zeros(1, d * k)])
 
 
-def _embedding_block_scores(table: torch.Tensor, ids: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    """``_block_scores`` for an ``nn.Embedding`` block, whose ã are one-hot token vectors: Σₜ bᵢₜᵀ Qⱼ[:, xᵢₜ]
-    by gathering the columns of Q (``_embedding_table``, (V + 1, d·k)) at the token ids (b, T) —
-    b·T·k·d work, not the b·T·V·k·d of a product with the one-hots."""
+def _embedding_block_scores(
+    table: torch.Tensor, ids: torch.Tensor, B: torch.Tensor
+) -> torch.Tensor:
+    """``_block_scores`` for an ``nn.Embedding`` block, whose ã are one-hot token vectors: Σₜ bᵢₜᵀ
+    Qⱼ[:, xᵢₜ] by gathering the columns of Q (``_embedding_table``, (V + 1, d·k)) at the token ids
+    (b, T) — b·T·k·d work, not the b·T·V·k·d of a product with the one-hots."""
     b, T = ids.shape
     V = table.shape[0] - 1
     d = B.shape[-1]
@@ -94,10 +101,20 @@ def _embedding_block_scores(table: torch.Tensor, ids: torch.Tensor, B: torch.Ten
     return torch.bmm(B.reshape(b, 1, T * d), cols)[:, 0, :].T
 
 
-def _capture_bytes_per_point(objective: Objective, plan: LayerPlan, point: Data, params: Params, k: int) -> int:
+def _capture_bytes_per_point(
+    objective: Objective, plan: LayerPlan, point: Data, params: Params, k: int
+) -> int:
     """Bytes that scoring one point holds: its captured inputs and cotangents, and the larger
     contraction intermediate, per layer (measured on ``point``)."""
-    cap = capture(objective, plan.blocks, point, params=params, cotangents="loss", token_ids=True, local=plan.local)
+    cap = capture(
+        objective,
+        plan.blocks,
+        point,
+        params=params,
+        cotangents="loss",
+        token_ids=True,
+        local=plan.local,
+    )
     total = sum(lm.size * (1 + k) for lm in plan.local)
     for blk in plan.blocks:
         T = cap.a[blk.name].shape[1]
@@ -113,8 +130,9 @@ class Queries:
     """Query rows S (k, p) split once for scoring many batches of training points
     (``prepare_queries``): per factorable layer its block Qⱼ (k, out, cols) — for an embedding the
     gather table, for a layer scored at reduced rank its truncated SVD factors — S on each local
-    module's parameters, and S on the remaining parameters in no factorable layer. Gathering a layer's block from S copies k·out·cols
-    numbers; a sweep over many chunks does it once, not per chunk."""
+    module's parameters, and S on the remaining parameters in no factorable layer. Gathering a
+    layer's block from S copies k·out·cols numbers; a sweep over many chunks does it once, not per
+    chunk."""
 
     k: int
     dense: dict[str, torch.Tensor]
@@ -124,23 +142,34 @@ class Queries:
     local: dict[str, torch.Tensor]
 
 
-def factor_queries(plan: LayerPlan, S: torch.Tensor, rank: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def factor_queries(
+    plan: LayerPlan, S: torch.Tensor, rank: int
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """The rank-``rank`` truncated SVD Σᵣ σᵣuᵣvᵣᵀ of every query block Qⱼ (row j of S (k, p) on a
     layer's (out, cols) coordinates), per layer with min(out, cols) > rank (the others are scored
     exactly): ``{layer: (U·σ (k, out, r), Vᵀ (k, r, cols))}``."""
     out = {}
     for blk in plan.blocks:
-        if blk.kind != "embedding" and rank < min(blk.out_dim, blk.cols):  # an embedding's exact gather is cheaper
-            U, sig, Vh = torch.linalg.svd(S[:, blk.index], full_matrices=False)  # (k, out, m), (k, m), (k, m, cols)
-            out[blk.name] = ((U[:, :, :rank] * sig[:, None, :rank]).contiguous(), Vh[:, :rank, :].contiguous())
+        # an embedding's exact gather is cheaper
+        if blk.kind != "embedding" and rank < min(blk.out_dim, blk.cols):
+            # (k, out, m), (k, m), (k, m, cols)
+            U, sig, Vh = torch.linalg.svd(S[:, blk.index], full_matrices=False)
+            out[blk.name] = (
+                (U[:, :, :rank] * sig[:, None, :rank]).contiguous(),
+                Vh[:, :rank, :].contiguous(),
+            )
     return out
 
 
-def prepare_queries(plan: LayerPlan, S: torch.Tensor, dtype: torch.dtype, rank: int | None = None) -> Queries:
+def prepare_queries(
+    plan: LayerPlan, S: torch.Tensor, dtype: torch.dtype, rank: int | None = None
+) -> Queries:
     """``Queries`` for the rows of S (k, p) in ``dtype``; ``rank``: each layer's blocks by their
     rank-``rank`` truncated SVD (``factor_queries``) where that is smaller than the block."""
     if rank is not None and (not isinstance(rank, int) or rank < 1):
-        raise InputError(f"structured_scores: rank must be a positive integer or None; got {rank!r}.")
+        raise InputError(
+            f"structured_scores: rank must be a positive integer or None; got {rank!r}."
+        )
     S = S.to(dtype)
     lowrank = factor_queries(plan, S, rank) if rank is not None else {}
     dense, tables = {}, {}
@@ -155,7 +184,9 @@ def prepare_queries(plan: LayerPlan, S: torch.Tensor, dtype: torch.dtype, rank: 
     return Queries(S.shape[0], dense, tables, lowrank, S[:, plan.other_index], local)
 
 
-def _block_scores_lowrank(Us: torch.Tensor, Vh: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+def _block_scores_lowrank(
+    Us: torch.Tensor, Vh: torch.Tensor, A: torch.Tensor, B: torch.Tensor
+) -> torch.Tensor:
     """``_block_scores`` with each Qⱼ = Σᵣ σᵣuᵣvᵣᵀ given by its factors (``factor_queries``):
     Σₜ Σᵣ σᵣ(bᵢₜᵀuᵣ)(vᵣᵀãᵢₜ), b·T·k·r·(out + cols) multiply-adds instead of b·T·k·out·cols."""
     Bu = torch.einsum("bto,kor->btkr", B, Us)
@@ -163,9 +194,17 @@ def _block_scores_lowrank(Us: torch.Tensor, Vh: torch.Tensor, A: torch.Tensor, B
     return (Bu * Av).sum(dim=(1, 3)).T
 
 
-def structured_scores(objective: Objective, plan: LayerPlan, batch: Data, S: torch.Tensor | None = None,
-                      params: Params | None = None, *, max_bytes: int = 2**28, rank: int | None = None,
-                      queries: Queries | None = None) -> torch.Tensor:
+def structured_scores(
+    objective: Objective,
+    plan: LayerPlan,
+    batch: Data,
+    S: torch.Tensor | None = None,
+    params: Params | None = None,
+    *,
+    max_bytes: int = 2**28,
+    rank: int | None = None,
+    queries: Queries | None = None,
+) -> torch.Tensor:
     """sⱼᵀ∇θL(zᵢ, θ) for every row sⱼ of S (k, p) and every point of ``batch``: shape (k, b).
 
     Equal to ``S @ per_sample_grads(batch).T`` (Koh & Liang 2017, Eq. 2 without the sign), but the
@@ -184,23 +223,42 @@ def structured_scores(objective: Objective, plan: LayerPlan, batch: Data, S: tor
     dtype = next(iter(params.values())).dtype
     if queries is None:
         if S is None:
-            raise InputError("structured_scores: give the query rows S (k, p) or their prepare_queries(...).")
+            raise InputError(
+                "structured_scores: give the query rows S (k, p) or their prepare_queries(...)."
+            )
         queries = prepare_queries(plan, S.reshape(-1, objective.p), dtype, rank)
     if (plan.blocks or plan.local) and len(batch) > 1:
         per_point = _capture_bytes_per_point(objective, plan, batch.subset([0]), params, queries.k)
         step = max(1, max_bytes // max(per_point, 1))
         if step < len(batch):
-            return torch.cat([structured_scores(objective, plan, sub, params=params, max_bytes=max_bytes, queries=queries)
-                              for sub in batch.batches(step)], dim=1)
+            return torch.cat(
+                [
+                    structured_scores(
+                        objective, plan, sub, params=params, max_bytes=max_bytes, queries=queries
+                    )
+                    for sub in batch.batches(step)
+                ],
+                dim=1,
+            )
     out = torch.zeros(queries.k, len(batch), dtype=dtype, device=next(iter(params.values())).device)
     if plan.blocks or plan.local:
-        cap = capture(objective, plan.blocks, batch, params=params, cotangents="loss", token_ids=True, local=plan.local)
+        cap = capture(
+            objective,
+            plan.blocks,
+            batch,
+            params=params,
+            cotangents="loss",
+            token_ids=True,
+            local=plan.local,
+        )
         for lm in plan.local:
             out += queries.local[lm.name].to(dtype) @ cap.local_grads(lm)[0].to(dtype).T
         for blk in plan.blocks:
             B = cap.g[blk.name][0].to(dtype)
             if blk.name in queries.tables:
-                out += _embedding_block_scores(queries.tables[blk.name].to(dtype), cap.a[blk.name], B)
+                out += _embedding_block_scores(
+                    queries.tables[blk.name].to(dtype), cap.a[blk.name], B
+                )
                 continue
             A = cap.a[blk.name].to(dtype)
             if blk.name in queries.lowrank:
@@ -214,7 +272,9 @@ def structured_scores(objective: Objective, plan: LayerPlan, batch: Data, S: tor
     return out
 
 
-def check_scoring_plan(objective: Objective, plan: LayerPlan, probe: Data, *, rtol: float = 1e-4) -> str | None:
+def check_scoring_plan(
+    objective: Objective, plan: LayerPlan, probe: Data, *, rtol: float = 1e-4
+) -> str | None:
     """Check by construction that the layer factorisation gives the true per-sample gradients on
     (at most) two probe points, through four random query rows; returns ``None`` if it does, else
     why not (e.g. a weight also used outside its layer, in a plan from ``find_layers`` without
@@ -233,9 +293,11 @@ def check_scoring_plan(objective: Objective, plan: LayerPlan, probe: Data, *, rt
     bound = S.norm(dim=1)[:, None] * G.norm(dim=1)[None, :]
     err = (got - ref).abs()
     if bool((err > rtol * bound + 1e-30).any()):
-        return (f"the layer factorisation Σₜ bₜãₜᵀ differs from the per-sample gradient (relative error "
-                f"{float((err / bound.clamp_min(1e-30)).max()):.2e}) on a probe point — a factored weight is "
-                "probably also used outside its layer")
+        return (
+            "the layer factorisation Σₜ bₜãₜᵀ differs from the per-sample gradient (relative error"
+            f" {float((err / bound.clamp_min(1e-30)).max()):.2e}) on a probe point — a factored"
+            " weight is probably also used outside its layer"
+        )
     return None
 
 
@@ -249,7 +311,13 @@ def scoring_plan(objective: Objective, data: Data) -> tuple[LayerPlan, str | Non
     plan = find_layers(objective, data, embeddings=True, max_vocab=None, local=True, max_local=None)
     if not plan.blocks:
         reasons = "; ".join(f"{n}: {r}" for n, r in plan.reasons.items())
-        return plan, f"no parameter of θ is in a factorable nn.Linear / nn.Conv2d / nn.Embedding ({reasons})"
+        return (
+            plan,
+            (
+                "no parameter of θ is in a factorable nn.Linear / nn.Conv2d / nn.Embedding"
+                f" ({reasons})"
+            ),
+        )
     return plan, check_scoring_plan(objective, plan, data)
 
 
@@ -258,8 +326,9 @@ _PURPOSE = "The structured HVP"
 _FIX = "Pass Curvature(structured=False) / Influence(structured=False)."
 
 
-def _forward_with_input(objective: Objective, blk: LayerBlock, params: Params, X: torch.Tensor
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+def _forward_with_input(
+    objective: Objective, blk: LayerBlock, params: Params, X: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
     """Run the model once; return (layer input, layer output, model output, input depends on θ)."""
     seen: dict[str, torch.Tensor] = {}
 
@@ -284,19 +353,41 @@ def linear_output_layer(objective: Objective, probe: Data) -> tuple[LayerBlock |
     not apply. Checked by construction on two probe points."""
     plan = find_layers(objective, probe)
     if plan.other or len(plan.blocks) != 1:
-        return None, (f"θ is not exactly the parameters of one nn.Linear ({len(plan.blocks)} factorable layers; "
-                      f"other parameters: {list(plan.other)})")
+        return (
+            None,
+            (
+                f"θ is not exactly the parameters of one nn.Linear ({len(plan.blocks)} factorable"
+                f" layers; other parameters: {list(plan.other)})"
+            ),
+        )
     blk = plan.blocks[0]
     if blk.kind != "linear":
         return None, f"θ is the parameters of a {blk.kind} layer, not an nn.Linear"
-    inp, out, model_out, depends = _forward_with_input(objective, blk, objective.params, probe.subset(range(min(2, len(probe)))).X)
+    inp, out, model_out, depends = _forward_with_input(
+        objective, blk, objective.params, probe.subset(range(min(2, len(probe)))).X
+    )
     if out is not model_out:
-        return None, f"the output of nn.Linear '{blk.name}' is not returned unchanged as the model's output"
+        return (
+            None,
+            f"the output of nn.Linear '{blk.name}' is not returned unchanged as the model's output",
+        )
     if depends:
         return None, f"the input of nn.Linear '{blk.name}' depends on θ"
     if inp.ndim != 2 or model_out.ndim != 2:
-        return None, f"nn.Linear '{blk.name}' sees inputs of shape {tuple(inp.shape)}; only (batch, features) is structured"
-    return blk, "θ is one nn.Linear producing the model output from θ-independent inputs: H = Σᵢ Jᵢᵀ∇²_zLᵢ Jᵢ exactly"
+        return (
+            None,
+            (
+                f"nn.Linear '{blk.name}' sees inputs of shape {tuple(inp.shape)}; only (batch,"
+                " features) is structured"
+            ),
+        )
+    return (
+        blk,
+        (
+            "θ is one nn.Linear producing the model output from θ-independent inputs: H = Σᵢ"
+            " Jᵢᵀ∇²_zLᵢ Jᵢ exactly"
+        ),
+    )
 
 
 class LinearOutputHVP:
@@ -315,8 +406,16 @@ class LinearOutputHVP:
             cached ã in that dtype beside it (bfloat16: half the bytes of float32).
     """
 
-    def __init__(self, objective: Objective, block: LayerBlock, params: Params, data: Data, *, batch_size: int,
-                 cache_bytes: int) -> None:
+    def __init__(
+        self,
+        objective: Objective,
+        block: LayerBlock,
+        params: Params,
+        data: Data,
+        *,
+        batch_size: int,
+        cache_bytes: int,
+    ) -> None:
         self.objective, self.block, self.params, self.data = objective, block, params, data
         self.batch_size = batch_size
         self.index = block.index.reshape(-1)
@@ -326,7 +425,8 @@ class LinearOutputHVP:
         per_point = block.cols + (c * c if closed_form(objective.loss_fn, (c,)) is None else c)
         self.cached = len(data) * per_point * itemsize <= cache_bytes
         self._chunks: list[tuple[torch.Tensor, OutputHessian]] | None = None
-        self._low_chunks: dict[torch.dtype, list[tuple[torch.Tensor, OutputHessian]]] = {}  # ã in an operand dtype
+        # ã in an operand dtype
+        self._low_chunks: dict[torch.dtype, list[tuple[torch.Tensor, OutputHessian]]] = {}
 
     def factors(self, batch: Data) -> tuple[torch.Tensor, OutputHessian]:
         """ã (b, cols) and ∇²_zL for one batch, from one forward pass."""
@@ -342,8 +442,14 @@ class LinearOutputHVP:
         finally:
             h.remove()
         A = _layer_input(self.block, seen["inp"], self.dtype).reshape(len(batch), self.block.cols)
-        return A.to(self.dtype), output_hessian(self.objective.loss_fn, out.to(self.dtype), batch.y,
-                                                name=self.objective.loss_name, purpose=_PURPOSE, fix=_FIX)
+        return A.to(self.dtype), output_hessian(
+            self.objective.loss_fn,
+            out.to(self.dtype),
+            batch.y,
+            name=self.objective.loss_name,
+            purpose=_PURPOSE,
+            fix=_FIX,
+        )
 
     def _iter_factors(self) -> Iterator[tuple[torch.Tensor, OutputHessian]]:
         if self._chunks is not None:
@@ -358,10 +464,12 @@ class LinearOutputHVP:
         if self.cached:
             self._chunks = chunks
 
-    def _apply(self, V: torch.Tensor, factors, operand_dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Σ over ``factors`` of (Hᵢuᵢⱼ)ãᵢᵀ; with ``operand_dtype`` the two products take their operands
-        in that dtype (ã already is) and their results come back to the compute dtype, where Hᵢ is
-        applied and the batches are summed."""
+    def _apply(
+        self, V: torch.Tensor, factors, operand_dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
+        """Σ over ``factors`` of (Hᵢuᵢⱼ)ãᵢᵀ; with ``operand_dtype`` the two products take their
+        operands in that dtype (ã already is) and their results come back to the compute dtype,
+        where Hᵢ is applied and the batches are summed."""
         k = V.shape[0]
         blk = self.block
         Vm = V[:, self.index].reshape(k * blk.out_dim, blk.cols)
@@ -369,7 +477,8 @@ class LinearOutputHVP:
             Vm = Vm.to(operand_dtype)
         acc = V.new_zeros(k * blk.out_dim, blk.cols, dtype=self.dtype)
         for A, oc in factors:
-            U = (A @ Vm.T).to(self.dtype).reshape(len(A), k, blk.out_dim)  # uᵢⱼ = Vⱼãᵢ: output tangents
+            # uᵢⱼ = Vⱼãᵢ: output tangents
+            U = (A @ Vm.T).to(self.dtype).reshape(len(A), k, blk.out_dim)
             W = oc.apply(U).reshape(len(A), k * blk.out_dim).to(A.dtype)
             acc += W.T @ A  # Σᵢ (Hᵢuᵢⱼ) ãᵢᵀ (added in the compute dtype)
         out = torch.zeros_like(V)
@@ -377,7 +486,8 @@ class LinearOutputHVP:
         return out
 
     def _iter_low_factors(self, dtype: torch.dtype) -> Iterator[tuple[torch.Tensor, OutputHessian]]:
-        """``_iter_factors`` with ã in ``dtype``, cached beside the compute-dtype chunks when those are."""
+        """``_iter_factors`` with ã in ``dtype``, cached beside the compute-dtype chunks when those
+        are."""
         if dtype in self._low_chunks:
             yield from self._low_chunks[dtype]
             return
@@ -390,10 +500,14 @@ class LinearOutputHVP:
         if self.cached:
             self._low_chunks[dtype] = chunks
 
-    def hvp_sum_all(self, V: torch.Tensor, operand_dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Σᵢ ∇²θL(zᵢ)vⱼ over all the data for V (k, p) → (k, p). ``operand_dtype`` (e.g. torch.bfloat16):
-        the two matrix products per batch take their operands in that dtype — mixed precision, about
-        2⁻⁸ relative error per product in bfloat16 — while Hᵢ and the sums stay in the compute dtype."""
+    def hvp_sum_all(
+        self, V: torch.Tensor, operand_dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
+        """Σᵢ ∇²θL(zᵢ)vⱼ over all the data for V (k, p) → (k, p). ``operand_dtype`` (e.g.
+        torch.bfloat16): the two matrix products per batch take their operands in that dtype — mixed
+        precision, about 2⁻⁸ relative error per product in bfloat16 — while Hᵢ and the sums stay in
+        the compute dtype.
+        """
         V = V.to(self.dtype)
         if operand_dtype is None or operand_dtype == self.dtype:
             return self._apply(V, self._iter_factors())
@@ -411,8 +525,8 @@ class LinearOutputHVP:
 
         for the pairs c ≤ c' of output coordinates (the others by symmetry; only the diagonal pairs
         where Hᵢ is diagonal). That is ½c(c+1)·n·cols² multiply-adds against the 4·n·c·cols·p of p
-        HVPs: for softmax regression 2·p/(c + 1)-fold fewer. The blocks of one row c are one product Ãᵀ [Hᵢ[c, c']ãᵢ]_{c' ≥ c}, (cols × b) @
-        (b × m·cols), rather than m small ones.
+        HVPs: for softmax regression 2·p/(c + 1)-fold fewer. The blocks of one row c are one product
+        Ãᵀ [Hᵢ[c, c']ãᵢ]_{c' ≥ c}, (cols × b) @ (b × m·cols), rather than m small ones.
         """
         blk = self.block
         c, cols = blk.out_dim, blk.cols
@@ -424,11 +538,11 @@ class LinearOutputHVP:
                 if not pairs:
                     continue
                 W = torch.stack([w for _, w in pairs], dim=1)  # (b, m): Hᵢ[c, c'] per point
-                row = A.T @ (W[:, :, None] * A[:, None, :]).reshape(b, len(pairs) * cols)  # (cols, m·cols)
+                # (cols, m·cols)
+                row = A.T @ (W[:, :, None] * A[:, None, :]).reshape(b, len(pairs) * cols)
                 for k, (j, _) in enumerate(pairs):
                     acc[i, :, j, :] += row[:, k * cols : (k + 1) * cols]
         for i in range(c):
             for j in range(i + 1, c):
                 acc[j, :, i, :] = acc[i, :, j, :].T
         return acc.reshape(c * cols, c * cols)
-

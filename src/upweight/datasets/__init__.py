@@ -36,7 +36,10 @@ def load_mnist_1v7(*, flatten: bool = True) -> SplitData:
         >>> d.x_train.shape, d.x_test.shape, sorted(set(d.y_train.tolist()))
         ((11800, 784), (2100, 784), [-1, 1])
     """
-    with resources.files(__name__).joinpath("mnist_1v7.npz").open("rb") as fh, np.load(fh, allow_pickle=False) as f:
+    with (
+        resources.files(__name__).joinpath("mnist_1v7.npz").open("rb") as fh,
+        np.load(fh, allow_pickle=False) as f,
+    ):
         arrays = {k: f[k] for k in f.files}
 
     def prep(x: np.ndarray) -> np.ndarray:
@@ -55,4 +58,12 @@ def load_mnist_1v7(*, flatten: bool = True) -> SplitData:
     )
 
 
-__all__ = ["SplitData", "TextSplitData", "load_enron", "load_hospital", "load_mnist", "load_mnist_1v7", "read_idx"]
+__all__ = [
+    "SplitData",
+    "TextSplitData",
+    "load_enron",
+    "load_hospital",
+    "load_mnist",
+    "load_mnist_1v7",
+    "read_idx",
+]

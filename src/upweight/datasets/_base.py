@@ -46,7 +46,10 @@ def resolve_path(path: PathArg, what: str, expected: str) -> Path:
     if isinstance(path, bytes):
         path = path.decode()
     if not isinstance(path, (str, PathLike)):
-        raise InputError(f"{what}: path must be a str or os.PathLike; got {type(path).__name__}. Pass {expected}.")
+        raise InputError(
+            f"{what}: path must be a str or os.PathLike; got {type(path).__name__}. Pass"
+            f" {expected}."
+        )
     p = Path(path).expanduser()
     if not p.exists():
         raise InputError(f"{what}: no such file or folder: '{p}'. Pass {expected}.")
@@ -73,10 +76,14 @@ def read_bytes(path: Path, what: str) -> bytes:
         try:
             return gzip.decompress(raw)
         except (OSError, EOFError, ValueError) as exc:
-            raise InputError(f"{what}: '{path}' looks gzipped but cannot be decompressed ({exc}); "
-                             "the file is damaged or truncated: download it again.") from exc
+            raise InputError(
+                f"{what}: '{path}' looks gzipped but cannot be decompressed ({exc}); "
+                "the file is damaged or truncated: download it again."
+            ) from exc
     if path.suffix == ".gz":
-        raise InputError(f"{what}: '{path}' ends in .gz but is not a gzip file; rename it or download it again.")
+        raise InputError(
+            f"{what}: '{path}' ends in .gz but is not a gzip file; rename it or download it again."
+        )
     return raw
 
 
@@ -85,7 +92,8 @@ NPY_MAGIC = b"\x93NUMPY"
 
 
 def describe_start(path: Path, head: bytes | None = None) -> str:
-    """What a file looks like from its first bytes, for messages: "it starts with 'a,b,c'", "it is empty" …"""
+    """What a file looks like from its first bytes, for messages: "it starts with 'a,b,c'", "it is
+    empty" …"""
     if head is None:
         try:
             with open(path, "rb") as fh:
@@ -135,8 +143,11 @@ def _object_arrays(path: Path) -> list[str]:
     return found
 
 
-def load_npz(path: Path, what: str, required: tuple[str, ...], expected: str | None = None) -> dict[str, np.ndarray]:
-    """All arrays of an .npz file (never unpickled), with clear errors for other files or missing keys.
+def load_npz(
+    path: Path, what: str, required: tuple[str, ...], expected: str | None = None
+) -> dict[str, np.ndarray]:
+    """All arrays of an .npz file (never unpickled), with clear errors for other files or missing
+    keys.
 
     Args:
         path: the file.
@@ -150,44 +161,64 @@ def load_npz(path: Path, what: str, required: tuple[str, ...], expected: str | N
             them), is damaged, or lacks one of ``required``.
     """
     if expected is None:
-        expected = (f"a file written by np.savez / np.savez_compressed with arrays {', '.join(required)}")
+        expected = (
+            f"a file written by np.savez / np.savez_compressed with arrays {', '.join(required)}"
+        )
     try:
         with open(path, "rb") as fh:
             head = fh.read(256)
     except OSError as exc:
-        raise InputError(f"{what}: cannot read '{path}' ({exc.strerror or exc}). Pass {expected}.") from exc
+        raise InputError(
+            f"{what}: cannot read '{path}' ({exc.strerror or exc}). Pass {expected}."
+        ) from exc
     if head.startswith(NPY_MAGIC):
-        raise InputError(f"{what}: '{path}' holds a single .npy array, not an .npz archive; save the arrays "
-                         f"with np.savez(file, {', '.join(k + '=...' for k in required)}).")
+        raise InputError(
+            f"{what}: '{path}' holds a single .npy array, not an .npz archive; save the arrays "
+            f"with np.savez(file, {', '.join(k + '=...' for k in required)})."
+        )
     if not head.startswith(ZIP_MAGIC):
-        raise InputError(f"{what}: cannot read '{path}' as an .npz archive: it is not one "
-                         f"({describe_start(path, head)}). Pass {expected}.")
+        raise InputError(
+            f"{what}: cannot read '{path}' as an .npz archive: it is not one "
+            f"({describe_start(path, head)}). Pass {expected}."
+        )
     try:
         objects = _object_arrays(path)
     except (OSError, EOFError, zipfile.BadZipFile) as exc:
-        raise InputError(f"{what}: cannot read '{path}' as an .npz archive: it is a damaged zip file ({exc}). "
-                         "Write or download it again.") from exc
+        raise InputError(
+            f"{what}: cannot read '{path}' as an .npz archive: it is a damaged zip file ({exc}). "
+            "Write or download it again."
+        ) from exc
     if objects:
-        raise InputError(f"{what}: '{path}' holds array(s) of Python objects ({', '.join(objects)}), which "
-                         "upweight does not load: unpickling them could run code from the file. Save numeric "
-                         "arrays, e.g. np.savez(file, x_train=np.asarray(x, dtype=np.float32), ...).")
+        raise InputError(
+            f"{what}: '{path}' holds array(s) of Python objects ({', '.join(objects)}), which "
+            "upweight does not load: unpickling them could run code from the file. Save numeric "
+            "arrays, e.g. np.savez(file, x_train=np.asarray(x, dtype=np.float32), ...)."
+        )
     try:
         f = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        raise InputError(f"{what}: cannot read '{path}' as an .npz archive ({exc}). Pass {expected}.") from exc
+        raise InputError(
+            f"{what}: cannot read '{path}' as an .npz archive ({exc}). Pass {expected}."
+        ) from exc
     if not isinstance(f, np.lib.npyio.NpzFile):
-        raise InputError(f"{what}: '{path}' holds a single .npy array, not an .npz archive; save the arrays "
-                         f"with np.savez(file, {', '.join(k + '=...' for k in required)}).")
+        raise InputError(
+            f"{what}: '{path}' holds a single .npy array, not an .npz archive; save the arrays "
+            f"with np.savez(file, {', '.join(k + '=...' for k in required)})."
+        )
     try:
         arrays = {k: np.asarray(f[k]) for k in f.files}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as exc:
-        raise InputError(f"{what}: '{path}' is a damaged .npz archive ({exc}); write it again.") from exc
+        raise InputError(
+            f"{what}: '{path}' is a damaged .npz archive ({exc}); write it again."
+        ) from exc
     finally:
         f.close()
     missing = [k for k in required if k not in arrays]
     if missing:
-        raise InputError(f"{what}: '{path}' lacks array(s) {', '.join(missing)}; it must hold "
-                         f"{', '.join(required)} (it has {', '.join(sorted(arrays)) or 'none'}).")
+        raise InputError(
+            f"{what}: '{path}' lacks array(s) {', '.join(missing)}; it must hold "
+            f"{', '.join(required)} (it has {', '.join(sorted(arrays)) or 'none'})."
+        )
     return arrays
 
 
@@ -197,4 +228,6 @@ def binary_labels(positive: np.ndarray, labels: str, what: str) -> np.ndarray:
         return np.where(positive, 1, -1).astype(np.int64)
     if labels == "01":
         return positive.astype(np.int64)
-    raise InputError(f"{what}: labels must be 'pm1' (positive +1, negative −1) or '01' (1/0); got {labels!r}.")
+    raise InputError(
+        f"{what}: labels must be 'pm1' (positive +1, negative −1) or '01' (1/0); got {labels!r}."
+    )

@@ -1,4 +1,5 @@
-"""Enron-Spam (``enron1``) from a path the user gives, as bag-of-words features (Koh & Liang 2017, §5.2).
+"""Enron-Spam (``enron1``) from a path the user gives, as bag-of-words features (Koh & Liang 2017,
+§5.2).
 
 Source: V. Metsis, I. Androutsopoulos, G. Paliouras, *Spam Filtering with Naive Bayes – Which
 Naive Bayes?*, CEAS 2006; the "preprocessed" release from the AUEB Enron-Spam page
@@ -23,9 +24,11 @@ from ..errors import InputError
 from ._base import PathArg, SplitData, binary_labels, listing, read_bytes, resolve_path
 
 _WHAT = "load_enron"
-_EXPECTED = ("the Enron-Spam tarball (e.g. enron1.tar.gz, holding <name>/ham/*.txt and <name>/spam/*.txt), "
-             "a CSV (.csv or .csv.gz) with columns file, label, text, or a folder holding ham/ and spam/ "
-             "(or one of those files)")
+_EXPECTED = (
+    "the Enron-Spam tarball (e.g. enron1.tar.gz, holding <name>/ham/*.txt and <name>/spam/*.txt), "
+    "a CSV (.csv or .csv.gz) with columns file, label, text, or a folder holding ham/ and spam/ "
+    "(or one of those files)"
+)
 
 
 @dataclass(frozen=True)
@@ -49,7 +52,9 @@ def _from_tar(p: Path) -> list[tuple[str, str]]:
     try:
         tar = tarfile.open(p)
     except (tarfile.TarError, OSError, EOFError) as exc:
-        raise InputError(f"{_WHAT}: cannot open '{p}' as a tar archive ({exc}). Pass {_EXPECTED}.") from exc
+        raise InputError(
+            f"{_WHAT}: cannot open '{p}' as a tar archive ({exc}). Pass {_EXPECTED}."
+        ) from exc
     out = []
     try:
         with tar:
@@ -59,9 +64,13 @@ def _from_tar(p: Path) -> list[tuple[str, str]]:
                     fh = tar.extractfile(m)
                     out.append((parts[-2] + "/" + parts[-1], fh.read().decode("latin-1")))
     except (tarfile.TarError, OSError, EOFError) as exc:
-        raise InputError(f"{_WHAT}: '{p}' is a damaged tar archive ({exc}); download it again.") from exc
+        raise InputError(
+            f"{_WHAT}: '{p}' is a damaged tar archive ({exc}); download it again."
+        ) from exc
     if not out:
-        raise InputError(f"{_WHAT}: tar archive '{p}' holds no files under ham/ or spam/. Pass {_EXPECTED}.")
+        raise InputError(
+            f"{_WHAT}: tar archive '{p}' holds no files under ham/ or spam/. Pass {_EXPECTED}."
+        )
     return out
 
 
@@ -70,21 +79,30 @@ def _from_csv(p: Path) -> list[tuple[str, str]]:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise InputError(f"{_WHAT}: '{p}' is not UTF-8 text ({exc}); pass a CSV with columns file, label, text.") from exc
+        raise InputError(
+            f"{_WHAT}: '{p}' is not UTF-8 text ({exc}); pass a CSV with columns file, label, text."
+        ) from exc
     reader = csv.reader(io.StringIO(text, newline=""))
     try:
         header = next(reader, None)
         if header is None or not {"file", "label", "text"} <= set(header):
-            raise InputError(f"{_WHAT}: CSV '{p}' must have a header row with columns file, label, text "
-                             f"(label 1 = spam, 0 = ham); its first row is {header!r}.")
+            raise InputError(
+                f"{_WHAT}: CSV '{p}' must have a header row with columns file, label, text "
+                f"(label 1 = spam, 0 = ham); its first row is {header!r}."
+            )
         i_file, i_label, i_text = header.index("file"), header.index("label"), header.index("text")
         out = []
         for line, row in enumerate(reader, start=2):
             if len(row) != len(header):
-                raise InputError(f"{_WHAT}: CSV '{p}' row {line} has {len(row)} fields, the header {len(header)}.")
+                raise InputError(
+                    f"{_WHAT}: CSV '{p}' row {line} has {len(row)} fields, the header"
+                    f" {len(header)}."
+                )
             if row[i_label] not in ("0", "1"):
-                raise InputError(f"{_WHAT}: CSV '{p}' row {line} has label {row[i_label]!r}; "
-                                 "expected 1 (spam) or 0 (ham).")
+                raise InputError(
+                    f"{_WHAT}: CSV '{p}' row {line} has label {row[i_label]!r}; "
+                    "expected 1 (spam) or 0 (ham)."
+                )
             kind = "spam" if row[i_label] == "1" else "ham"
             name = row[i_file].replace("\\", "/").split("/")[-1]
             out.append((kind + "/" + name, row[i_text]))
@@ -98,15 +116,24 @@ def _from_csv(p: Path) -> list[tuple[str, str]]:
 def _from_folder(p: Path) -> list[tuple[str, str]]:
     for root in (p, *sorted(d for d in p.iterdir() if d.is_dir())):
         if (root / "ham").is_dir() and (root / "spam").is_dir():
-            return [(f"{kind}/{f.name}", f.read_bytes().decode("latin-1"))
-                    for kind in ("ham", "spam") for f in (root / kind).iterdir() if f.is_file()]
-    files = sorted(f for f in p.iterdir() if f.is_file()
-                   and (f.name.endswith((".tar.gz", ".tgz", ".tar", ".csv", ".csv.gz"))))
+            return [
+                (f"{kind}/{f.name}", f.read_bytes().decode("latin-1"))
+                for kind in ("ham", "spam")
+                for f in (root / kind).iterdir()
+                if f.is_file()
+            ]
+    files = sorted(
+        f
+        for f in p.iterdir()
+        if f.is_file() and (f.name.endswith((".tar.gz", ".tgz", ".tar", ".csv", ".csv.gz")))
+    )
     if files:
         tars = [f for f in files if not f.name.endswith((".csv", ".csv.gz"))]
         return _from_tar(tars[0]) if tars else _from_csv(files[0])
-    raise InputError(f"{_WHAT}: folder '{p}' has no ham/ and spam/ folders and no .tar.gz or .csv[.gz] file "
-                     f"({listing(p)}). Pass {_EXPECTED}.")
+    raise InputError(
+        f"{_WHAT}: folder '{p}' has no ham/ and spam/ folders and no .tar.gz or .csv[.gz] file "
+        f"({listing(p)}). Pass {_EXPECTED}."
+    )
 
 
 def _read_messages(p: Path) -> list[tuple[str, str]]:
@@ -124,8 +151,10 @@ def _count_vectorizer(**kwargs: Any) -> Any:
     try:
         from sklearn.feature_extraction.text import CountVectorizer
     except ImportError as exc:
-        raise ImportError(f"{_WHAT} needs scikit-learn for its bag-of-words vectoriser: "
-                          "pip install upweight[sklearn]  (or: pip install scikit-learn).") from exc
+        raise ImportError(
+            f"{_WHAT} needs scikit-learn for its bag-of-words vectoriser: "
+            "pip install upweight[sklearn]  (or: pip install scikit-learn)."
+        ) from exc
     return CountVectorizer(**kwargs)
 
 
@@ -196,18 +225,25 @@ def load_enron(
         (4137, 1035)
     """
     if not 0.0 < train_fraction < 1.0:
-        raise InputError(f"{_WHAT}: train_fraction must be between 0 and 1 (the paper's 0.8); got {train_fraction!r}.")
+        raise InputError(
+            f"{_WHAT}: train_fraction must be between 0 and 1 (the paper's 0.8); got"
+            f" {train_fraction!r}."
+        )
     binary_labels(np.zeros(0, bool), labels, _WHAT)  # validates `labels` before the slow part
     if vectorizer is None:
         vectorizer = _count_vectorizer(min_df=min_df)
     else:
         if not (hasattr(vectorizer, "fit") and hasattr(vectorizer, "transform")):
-            raise InputError(f"{_WHAT}: vectorizer must be a scikit-learn text vectoriser with fit and transform "
-                             f"(e.g. CountVectorizer(min_df=5)); got {type(vectorizer).__name__}.")
+            raise InputError(
+                f"{_WHAT}: vectorizer must be a scikit-learn text vectoriser with fit and transform"
+                f" (e.g. CountVectorizer(min_df=5)); got {type(vectorizer).__name__}."
+            )
         try:
             from sklearn.base import clone
         except ImportError as exc:
-            raise ImportError(f"{_WHAT} needs scikit-learn: pip install upweight[sklearn].") from exc
+            raise ImportError(
+                f"{_WHAT} needs scikit-learn: pip install upweight[sklearn]."
+            ) from exc
         vectorizer = clone(vectorizer)
 
     p = resolve_path(path, _WHAT, _EXPECTED)
@@ -216,8 +252,10 @@ def load_enron(
     messages.sort(key=lambda m: (not m[0].startswith("spam/"), m[0]))
     n_spam = sum(m[0].startswith("spam/") for m in messages)
     if n_spam == 0 or n_spam == len(messages):
-        raise InputError(f"{_WHAT}: '{p}' holds {n_spam} spam and {len(messages) - n_spam} ham messages; "
-                         "both classes are needed.")
+        raise InputError(
+            f"{_WHAT}: '{p}' holds {n_spam} spam and {len(messages) - n_spam} ham messages; "
+            "both classes are needed."
+        )
     files = [m[0] for m in messages]
     docs = [m[1] for m in messages]
     is_spam = np.array([f.startswith("spam/") for f in files])
@@ -237,7 +275,9 @@ def load_enron(
             x_train, x_test = x_train.toarray(), x_test.toarray()
     else:
         x_train, x_test = np.asarray(x_train, np.float32), np.asarray(x_test, np.float32)
-    vocab = vectorizer.get_feature_names_out() if hasattr(vectorizer, "get_feature_names_out") else None
+    vocab = (
+        vectorizer.get_feature_names_out() if hasattr(vectorizer, "get_feature_names_out") else None
+    )
 
     return TextSplitData(
         x_train=x_train,

@@ -1,4 +1,5 @@
-"""Diabetes 130-US hospitals (UCI) from a path the user gives, encoded as in Koh & Liang (2017, §5.3).
+"""Diabetes 130-US hospitals (UCI) from a path the user gives, encoded as in Koh & Liang (2017,
+§5.3).
 
 Source: B. Strack et al., *Impact of HbA1c Measurement on Hospital Readmission Rates: Analysis
 of 70,000 Clinical Database Patient Records*, BioMed Research International 2014, 781670;
@@ -20,20 +21,56 @@ from ..errors import DtypeError, InputError, ShapeError
 from ._base import PathArg, SplitData, binary_labels, listing, load_npz, read_bytes, resolve_path
 
 _WHAT = "load_hospital"
-_EXPECTED = ("the UCI file diabetic_data.csv (or .csv.gz), UCI's dataset_diabetes.zip, the prepared "
-             "hospital_koh2017.npz (arrays X_train, y_train, X_test, y_test, train_rows, test_rows, "
-             "feature_names), or a folder holding one of them")
+_EXPECTED = (
+    "the UCI file diabetic_data.csv (or .csv.gz), UCI's dataset_diabetes.zip, the prepared "
+    "hospital_koh2017.npz (arrays X_train, y_train, X_test, y_test, train_rows, test_rows, "
+    "feature_names), or a folder holding one of them"
+)
 NPZ_KEYS = ("X_train", "y_train", "X_test", "y_test", "train_rows", "test_rows", "feature_names")
 
-NUMERIC = ("time_in_hospital", "num_lab_procedures", "num_procedures", "num_medications",
-           "number_outpatient", "number_emergency", "number_inpatient", "number_diagnoses")
-CATEGORICAL = ("gender", "race", "age", "discharge_disposition_id", "max_glu_serum", "A1Cresult",
-               "metformin", "repaglinide", "nateglinide", "chlorpropamide", "glimepiride",
-               "acetohexamide", "glipizide", "glyburide", "tolbutamide", "pioglitazone",
-               "rosiglitazone", "acarbose", "miglitol", "troglitazone", "tolazamide", "examide",
-               "citoglipton", "insulin", "glyburide-metformin", "glipizide-metformin",
-               "glimepiride-pioglitazone", "metformin-rosiglitazone", "metformin-pioglitazone",
-               "change", "diabetesMed")
+NUMERIC = (
+    "time_in_hospital",
+    "num_lab_procedures",
+    "num_procedures",
+    "num_medications",
+    "number_outpatient",
+    "number_emergency",
+    "number_inpatient",
+    "number_diagnoses",
+)
+CATEGORICAL = (
+    "gender",
+    "race",
+    "age",
+    "discharge_disposition_id",
+    "max_glu_serum",
+    "A1Cresult",
+    "metformin",
+    "repaglinide",
+    "nateglinide",
+    "chlorpropamide",
+    "glimepiride",
+    "acetohexamide",
+    "glipizide",
+    "glyburide",
+    "tolbutamide",
+    "pioglitazone",
+    "rosiglitazone",
+    "acarbose",
+    "miglitol",
+    "troglitazone",
+    "tolazamide",
+    "examide",
+    "citoglipton",
+    "insulin",
+    "glyburide-metformin",
+    "glipizide-metformin",
+    "glimepiride-pioglitazone",
+    "metformin-rosiglitazone",
+    "metformin-pioglitazone",
+    "change",
+    "diabetesMed",
+)
 N_FEATURES = 127
 CHILD_FEATURE = "age_[0-10)"  # the paper's "child under 10" indicator: column 17
 
@@ -42,11 +79,16 @@ def _csv_text(p: Path) -> str:
     """The text of diabetic_data.csv from the CSV, its .gz, or UCI's zip."""
     if zipfile.is_zipfile(p):
         with zipfile.ZipFile(p) as zf:
-            names = [n for n in zf.namelist()
-                     if n.split("/")[-1] == "diabetic_data.csv" and not n.startswith("__MACOSX")]
+            names = [
+                n
+                for n in zf.namelist()
+                if n.split("/")[-1] == "diabetic_data.csv" and not n.startswith("__MACOSX")
+            ]
             if not names:
-                raise InputError(f"{_WHAT}: zip '{p}' has no diabetic_data.csv (it holds "
-                                 f"{', '.join(zf.namelist()[:6]) or 'nothing'}). Pass {_EXPECTED}.")
+                raise InputError(
+                    f"{_WHAT}: zip '{p}' has no diabetic_data.csv (it holds "
+                    f"{', '.join(zf.namelist()[:6]) or 'nothing'}). Pass {_EXPECTED}."
+                )
             raw = zf.read(names[0])
     else:
         raw = read_bytes(p, _WHAT)
@@ -75,15 +117,20 @@ def encode_csv(text: str) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
     need = NUMERIC + CATEGORICAL + ("readmitted",)
     missing = [c for c in need if c not in header]
     if missing:
-        raise InputError(f"{_WHAT}: the CSV lacks column(s) {', '.join(missing[:6])}"
-                         f"{' …' if len(missing) > 6 else ''}; pass UCI's diabetic_data.csv "
-                         f"(50 columns from encounter_id to readmitted).")
+        raise InputError(
+            f"{_WHAT}: the CSV lacks column(s) {', '.join(missing[:6])}"
+            f"{' …' if len(missing) > 6 else ''}; pass UCI's diabetic_data.csv "
+            "(50 columns from encounter_id to readmitted)."
+        )
     rows = [r for r in reader if r]
     if not rows:
         raise InputError(f"{_WHAT}: the CSV has a header but no data rows.")
     bad = next((i for i, r in enumerate(rows) if len(r) != len(header)), None)
     if bad is not None:
-        raise InputError(f"{_WHAT}: CSV data row {bad + 1} has {len(rows[bad])} fields, the header {len(header)}.")
+        raise InputError(
+            f"{_WHAT}: CSV data row {bad + 1} has {len(rows[bad])} fields, the header"
+            f" {len(header)}."
+        )
 
     def column(name: str) -> list[str]:
         i = header.index(name)
@@ -92,10 +139,15 @@ def encode_csv(text: str) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
     n = len(rows)
     blocks, names = [], list(NUMERIC)
     try:
-        blocks.append(np.stack([np.fromiter(map(float, column(c)), np.float64, n) for c in NUMERIC], axis=1)
-                      .astype(np.float32))
+        blocks.append(
+            np.stack(
+                [np.fromiter(map(float, column(c)), np.float64, n) for c in NUMERIC], axis=1
+            ).astype(np.float32)
+        )
     except ValueError as exc:
-        raise InputError(f"{_WHAT}: a numeric column ({', '.join(NUMERIC)}) holds a non-number ({exc}).") from exc
+        raise InputError(
+            f"{_WHAT}: a numeric column ({', '.join(NUMERIC)}) holds a non-number ({exc})."
+        ) from exc
     for c in CATEGORICAL:
         values = column(c)
         cats = sorted(set(values))
@@ -112,15 +164,19 @@ def encode_csv(text: str) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
     return np.concatenate(blocks, axis=1), positive, tuple(names)
 
 
-def balanced_split(positive: np.ndarray, n_per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def balanced_split(
+    positive: np.ndarray, n_per_class: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     """The release notebook's split: legacy ``np.random.seed(seed)``; shuffle the positive row
     indices, then the negative ones; the first ``n_per_class`` of each are train, the rest test;
     shuffle train, then test. Uses a private ``RandomState``."""
     rs = np.random.RandomState(seed)
     pos, neg = np.flatnonzero(positive), np.flatnonzero(~positive)
     if min(len(pos), len(neg)) < n_per_class:
-        raise InputError(f"{_WHAT}: n_train_per_class={n_per_class} but the data has only {len(pos)} positive "
-                         f"and {len(neg)} negative rows; pass a smaller n_train_per_class.")
+        raise InputError(
+            f"{_WHAT}: n_train_per_class={n_per_class} but the data has only {len(pos)} positive "
+            f"and {len(neg)} negative rows; pass a smaller n_train_per_class."
+        )
     rs.shuffle(pos)
     rs.shuffle(neg)
     train = np.concatenate([pos[:n_per_class], neg[:n_per_class]])
@@ -134,18 +190,31 @@ def _from_npz(p: Path) -> dict[str, np.ndarray]:
     a = load_npz(p, _WHAT, NPZ_KEYS, _EXPECTED)
     names = a["feature_names"]
     if names.dtype.kind != "U" or names.shape != (N_FEATURES,):
-        raise ShapeError(f"{_WHAT}: feature_names in '{p}' must be {N_FEATURES} strings; got {names.dtype} "
-                         f"{names.shape}.")
+        raise ShapeError(
+            f"{_WHAT}: feature_names in '{p}' must be {N_FEATURES} strings; got {names.dtype} "
+            f"{names.shape}."
+        )
     for part in ("train", "test"):
         x, y, rows = a[f"X_{part}"], a[f"y_{part}"], a[f"{part}_rows"]
         if x.dtype.kind != "f" or y.dtype.kind not in "iub" or rows.dtype.kind not in "iu":
-            raise DtypeError(f"{_WHAT}: X_{part}, y_{part}, {part}_rows in '{p}' must be float, integer 0/1 and "
-                             f"integer; got {x.dtype}, {y.dtype}, {rows.dtype}.")
-        if x.ndim != 2 or x.shape[1] != N_FEATURES or y.shape != (len(x),) or rows.shape != (len(x),):
-            raise ShapeError(f"{_WHAT}: in '{p}', X_{part} must be (n, {N_FEATURES}) and y_{part}, {part}_rows "
-                             f"(n,); got {x.shape}, {y.shape}, {rows.shape}.")
+            raise DtypeError(
+                f"{_WHAT}: X_{part}, y_{part}, {part}_rows in '{p}' must be float, integer 0/1 and "
+                f"integer; got {x.dtype}, {y.dtype}, {rows.dtype}."
+            )
+        if (
+            x.ndim != 2
+            or x.shape[1] != N_FEATURES
+            or y.shape != (len(x),)
+            or rows.shape != (len(x),)
+        ):
+            raise ShapeError(
+                f"{_WHAT}: in '{p}', X_{part} must be (n, {N_FEATURES}) and y_{part}, {part}_rows "
+                f"(n,); got {x.shape}, {y.shape}, {rows.shape}."
+            )
         if not np.isin(y, (0, 1)).all():
-            raise InputError(f"{_WHAT}: y_{part} in '{p}' must be 0/1 (1 = readmitted within 30 days).")
+            raise InputError(
+                f"{_WHAT}: y_{part} in '{p}' must be 0/1 (1 = readmitted within 30 days)."
+            )
     return a
 
 
@@ -208,22 +277,33 @@ def load_hospital(
     """
     binary_labels(np.zeros(0, bool), labels, _WHAT)
     if not isinstance(n_train_per_class, (int, np.integer)) or n_train_per_class < 1:
-        raise InputError(f"{_WHAT}: n_train_per_class must be a positive integer (the paper's 10,000); "
-                         f"got {n_train_per_class!r}.")
+        raise InputError(
+            f"{_WHAT}: n_train_per_class must be a positive integer (the paper's 10,000); "
+            f"got {n_train_per_class!r}."
+        )
     p = resolve_path(path, _WHAT, _EXPECTED)
     if p.is_dir():
-        for name in ("hospital_koh2017.npz", "diabetic_data.csv.gz", "diabetic_data.csv", "dataset_diabetes.zip"):
+        for name in (
+            "hospital_koh2017.npz",
+            "diabetic_data.csv.gz",
+            "diabetic_data.csv",
+            "dataset_diabetes.zip",
+        ):
             if (p / name).is_file():
                 p = p / name
                 break
         else:
-            raise InputError(f"{_WHAT}: folder '{p}' has none of hospital_koh2017.npz, diabetic_data.csv[.gz], "
-                             f"dataset_diabetes.zip ({listing(p)}). Pass {_EXPECTED}.")
+            raise InputError(
+                f"{_WHAT}: folder '{p}' has none of hospital_koh2017.npz, diabetic_data.csv[.gz], "
+                f"dataset_diabetes.zip ({listing(p)}). Pass {_EXPECTED}."
+            )
 
     if p.name.lower().endswith(".npz"):
         if (n_train_per_class, seed) != (10_000, 2):
-            raise InputError(f"{_WHAT}: '{p}' stores the paper's fixed split; to re-split with "
-                             f"n_train_per_class={n_train_per_class}, seed={seed}, pass the raw CSV or zip.")
+            raise InputError(
+                f"{_WHAT}: '{p}' stores the paper's fixed split; to re-split with "
+                f"n_train_per_class={n_train_per_class}, seed={seed}, pass the raw CSV or zip."
+            )
         a = _from_npz(p)
         x_train, x_test = a["X_train"].astype(np.float32), a["X_test"].astype(np.float32)
         pos_train, pos_test = a["y_train"] == 1, a["y_test"] == 1
@@ -232,13 +312,17 @@ def load_hospital(
     elif p.name.lower().endswith((".csv", ".csv.gz", ".zip")) or zipfile.is_zipfile(p):
         x, positive, names = encode_csv(_csv_text(p))
         if x.shape[1] != N_FEATURES:
-            raise ShapeError(f"{_WHAT}: encoding '{p}' gave {x.shape[1]} features, not the paper's {N_FEATURES}; "
-                             "the file's categories differ from UCI's diabetic_data.csv (101,766 rows).")
+            raise ShapeError(
+                f"{_WHAT}: encoding '{p}' gave {x.shape[1]} features, not the paper's {N_FEATURES};"
+                " the file's categories differ from UCI's diabetic_data.csv (101,766 rows)."
+            )
         idx_train, idx_test = balanced_split(positive, n_train_per_class, seed)
         x_train, x_test = x[idx_train], x[idx_test]
         pos_train, pos_test = positive[idx_train], positive[idx_test]
     else:
-        raise InputError(f"{_WHAT}: cannot tell the format of '{p}' from its name; pass {_EXPECTED}.")
+        raise InputError(
+            f"{_WHAT}: cannot tell the format of '{p}' from its name; pass {_EXPECTED}."
+        )
 
     return SplitData(
         x_train=x_train,

@@ -22,9 +22,11 @@ IDX_FILES = {
     "y_test": "t10k-labels-idx1-ubyte",
 }
 N_VALIDATION = 5_000  # the release code's (and TensorFlow's read_data_sets') validation size
-_EXPECTED = ("a folder with the four MNIST IDX files (train-images-idx3-ubyte[.gz], "
-             "train-labels-idx1-ubyte[.gz], t10k-images-idx3-ubyte[.gz], t10k-labels-idx1-ubyte[.gz]) "
-             "or an .npz with arrays x_train, y_train, x_test, y_test")
+_EXPECTED = (
+    "a folder with the four MNIST IDX files (train-images-idx3-ubyte[.gz], "
+    "train-labels-idx1-ubyte[.gz], t10k-images-idx3-ubyte[.gz], t10k-labels-idx1-ubyte[.gz]) "
+    "or an .npz with arrays x_train, y_train, x_test, y_test"
+)
 _WHAT = "load_mnist"
 
 
@@ -46,20 +48,33 @@ def read_idx(path: PathArg) -> np.ndarray:
     p = resolve_path(path, "read_idx", "an MNIST IDX file such as train-images-idx3-ubyte.gz")
     raw = read_bytes(p, "read_idx")
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08 or not 1 <= raw[3] <= 4:
-        raise InputError(f"read_idx: '{p}' is not an MNIST IDX file of uint8 values (its first bytes are "
-                         f"{raw[:4].hex() or 'missing'}; expected 00 00 08 01/03). Pass one of the four "
-                         "MNIST files, e.g. train-images-idx3-ubyte.gz.")
+        raise InputError(
+            f"read_idx: '{p}' is not an MNIST IDX file of uint8 values (its first bytes are "
+            f"{raw[:4].hex() or 'missing'}; expected 00 00 08 01/03). Pass one of the four "
+            "MNIST files, e.g. train-images-idx3-ubyte.gz."
+        )
     ndim = raw[3]
     header = 4 + 4 * ndim
-    dims = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4)) if len(raw) >= header else ()
+    dims = (
+        tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
+        if len(raw) >= header
+        else ()
+    )
     if len(dims) != ndim or len(raw) - header != int(np.prod(dims)):
-        raise InputError(f"read_idx: '{p}' is truncated or damaged: its header gives shape {dims} "
-                         f"but it holds {max(len(raw) - header, 0)} values. Download the file again.")
+        raise InputError(
+            f"read_idx: '{p}' is truncated or damaged: its header gives shape {dims} "
+            f"but it holds {max(len(raw) - header, 0)} values. Download the file again."
+        )
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
 
 
 def _find_idx(folder: Path, stem: str) -> Path | None:
-    for name in (stem + ".gz", stem, stem.replace("-idx", ".idx") + ".gz", stem.replace("-idx", ".idx")):
+    for name in (
+        stem + ".gz",
+        stem,
+        stem.replace("-idx", ".idx") + ".gz",
+        stem.replace("-idx", ".idx"),
+    ):
         if (folder / name).is_file():
             return folder / name
     return None
@@ -75,11 +90,15 @@ def _read_raw(p: Path) -> dict[str, np.ndarray]:
             p = p / "mnist.npz"
         else:
             missing = [IDX_FILES[k] + "[.gz]" for k, f in found.items() if f is None]
-            raise InputError(f"{_WHAT}: folder '{p}' lacks {', '.join(missing)} ({listing(p)}). "
-                             f"Pass {_EXPECTED}.")
+            raise InputError(
+                f"{_WHAT}: folder '{p}' lacks {', '.join(missing)} ({listing(p)}). "
+                f"Pass {_EXPECTED}."
+            )
     elif p.name.split(".")[0] in IDX_FILES.values():
-        raise InputError(f"{_WHAT}: '{p}' is a single IDX file; pass the folder that holds all four "
-                         f"({p.parent}), or read this one with read_idx.")
+        raise InputError(
+            f"{_WHAT}: '{p}' is a single IDX file; pass the folder that holds all four "
+            f"({p.parent}), or read this one with read_idx."
+        )
     arrays = load_npz(p, _WHAT, tuple(IDX_FILES), _EXPECTED)
     return {k: arrays[k] for k in IDX_FILES}
 
@@ -88,24 +107,37 @@ def _check(arrays: dict[str, np.ndarray], source: Path) -> None:
     for part in ("train", "test"):
         x, y = arrays[f"x_{part}"], arrays[f"y_{part}"]
         if x.dtype != np.uint8:
-            raise DtypeError(f"{_WHAT}: x_{part} in '{source}' has dtype {x.dtype}; expected the raw uint8 "
-                             "pixels 0–255 (the loader scales them to [0, 1]). Save the original images.")
+            raise DtypeError(
+                f"{_WHAT}: x_{part} in '{source}' has dtype {x.dtype}; expected the raw uint8 "
+                "pixels 0–255 (the loader scales them to [0, 1]). Save the original images."
+            )
         if x.ndim == 2 and x.shape[1] == 784:
             x = arrays[f"x_{part}"] = x.reshape(len(x), 28, 28)
         if x.ndim != 3 or x.shape[1:] != (28, 28):
-            raise ShapeError(f"{_WHAT}: x_{part} in '{source}' has shape {x.shape}; expected (n, 28, 28) "
-                             "or (n, 784).")
+            raise ShapeError(
+                f"{_WHAT}: x_{part} in '{source}' has shape {x.shape}; expected (n, 28, 28) "
+                "or (n, 784)."
+            )
         if y.dtype.kind not in "iu":
-            raise DtypeError(f"{_WHAT}: y_{part} in '{source}' has dtype {y.dtype}; expected integer digit labels 0–9.")
+            raise DtypeError(
+                f"{_WHAT}: y_{part} in '{source}' has dtype {y.dtype}; expected integer digit"
+                " labels 0–9."
+            )
         if y.shape != (len(x),):
-            raise ShapeError(f"{_WHAT}: y_{part} in '{source}' has shape {y.shape}; expected ({len(x)},), "
-                             f"one label per image of x_{part}.")
+            raise ShapeError(
+                f"{_WHAT}: y_{part} in '{source}' has shape {y.shape}; expected ({len(x)},), "
+                f"one label per image of x_{part}."
+            )
         if len(y) and (y.min() < 0 or y.max() > 9):
-            raise InputError(f"{_WHAT}: y_{part} in '{source}' has labels outside 0–9 "
-                             f"(min {y.min()}, max {y.max()}); expected MNIST digit labels.")
+            raise InputError(
+                f"{_WHAT}: y_{part} in '{source}' has labels outside 0–9 "
+                f"(min {y.min()}, max {y.max()}); expected MNIST digit labels."
+            )
     if len(arrays["x_train"]) <= N_VALIDATION:
-        raise ShapeError(f"{_WHAT}: '{source}' has {len(arrays['x_train'])} training images; the paper's split "
-                         f"needs more than {N_VALIDATION} (MNIST has 60,000). Pass the full training set.")
+        raise ShapeError(
+            f"{_WHAT}: '{source}' has {len(arrays['x_train'])} training images; the paper's split "
+            f"needs more than {N_VALIDATION} (MNIST has 60,000). Pass the full training set."
+        )
 
 
 def load_mnist(
@@ -164,13 +196,17 @@ def load_mnist(
         ((55000, 784), (5000, 784), (10000, 784))
     """
     if split not in ("paper", "full"):
-        raise InputError(f"{_WHAT}: split must be 'paper' (55,000 train + 5,000 validation) or 'full' "
-                         f"(60,000 train); got {split!r}.")
+        raise InputError(
+            f"{_WHAT}: split must be 'paper' (55,000 train + 5,000 validation) or 'full' "
+            f"(60,000 train); got {split!r}."
+        )
     if subset not in (None, "1v7", "small10pct"):
         raise InputError(f"{_WHAT}: subset must be None, '1v7' or 'small10pct'; got {subset!r}.")
     if subset is not None and split != "paper":
-        raise InputError(f"{_WHAT}: subset={subset!r} is defined on the paper's 55,000-image split; "
-                         "use split='paper' (the default).")
+        raise InputError(
+            f"{_WHAT}: subset={subset!r} is defined on the paper's 55,000-image split; "
+            "use split='paper' (the default)."
+        )
     p = resolve_path(path, _WHAT, _EXPECTED)
     arrays = _read_raw(p)
     _check(arrays, p)

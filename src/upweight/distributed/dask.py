@@ -105,8 +105,11 @@ class DaskExecutor:
             if client is None:
                 try:
                     self._cluster = distributed.LocalCluster(
-                        n_workers=n_workers, threads_per_worker=threads_per_worker, processes=processes,
-                        dashboard_address=":0", silence_logs=logging.ERROR,
+                        n_workers=n_workers,
+                        threads_per_worker=threads_per_worker,
+                        processes=processes,
+                        dashboard_address=":0",
+                        silence_logs=logging.ERROR,
                     )
                     client = distributed.Client(self._cluster, set_as_default=False)
                     if processes:
@@ -114,31 +117,39 @@ class DaskExecutor:
                 except Exception as exc:
                     self._close_cluster()
                     raise ExecutorConnectionError(
-                        f"Could not start a local Dask cluster (n_workers={n_workers}, processes={processes}): {exc}. "
-                        "Try DaskExecutor('local', processes=False), or connect to a running scheduler with "
-                        "DaskExecutor('tcp://host:8786')."
+                        f"Could not start a local Dask cluster (n_workers={n_workers},"
+                        f" processes={processes}): {exc}. Try DaskExecutor('local',"
+                        " processes=False), or connect to a running scheduler with"
+                        " DaskExecutor('tcp://host:8786')."
                     ) from exc
             self.client = client
         elif isinstance(address, str):
             if n_workers is not None:
-                raise InputError("n_workers only applies to address='local'; a remote cluster has its own workers.")
+                raise InputError(
+                    "n_workers only applies to address='local'; a remote cluster has its own"
+                    " workers."
+                )
             try:
-                self.client = distributed.Client(address, timeout=connect_timeout, set_as_default=False)
+                self.client = distributed.Client(
+                    address, timeout=connect_timeout, set_as_default=False
+                )
             except (OSError, TimeoutError) as exc:
                 raise ExecutorConnectionError(
-                    f"Could not reach the Dask scheduler at {address!r} within {connect_timeout:g} s ({exc}). "
-                    "Check that `dask scheduler` runs there and the port is open, or use DaskExecutor('local') "
-                    "to start a cluster on this machine."
+                    f"Could not reach the Dask scheduler at {address!r} within {connect_timeout:g}"
+                    f" s ({exc}). Check that `dask scheduler` runs there and the port is open, or"
+                    " use DaskExecutor('local') to start a cluster on this machine."
                 ) from exc
-            except (ValueError, TypeError) as exc:  # a malformed address (no port, a port out of range, …)
+            # a malformed address (no port, a port out of range, …)
+            except (ValueError, TypeError) as exc:
                 raise InputError(
-                    f"{address!r} is not a Dask scheduler address ({exc}). Use the form 'tcp://host:8786', or "
-                    "DaskExecutor('local') to start a cluster on this machine."
+                    f"{address!r} is not a Dask scheduler address ({exc}). Use the form"
+                    " 'tcp://host:8786', or DaskExecutor('local') to start a cluster on this"
+                    " machine."
                 ) from exc
         else:
             raise InputError(
-                f"address must be None, 'local', a scheduler address like 'tcp://host:8786', or a distributed.Client; "
-                f"got {type(address).__name__}."
+                "address must be None, 'local', a scheduler address like 'tcp://host:8786', or a"
+                f" distributed.Client; got {type(address).__name__}."
             )
 
     # ── Executor protocol ───────────────────────────────────────────────────────────
@@ -162,7 +173,8 @@ class DaskExecutor:
         return self.client.scatter(arg, hash=False)
 
     def map(self, fn: Callable[..., R], partitions: Sequence[Any], *args: Any) -> Iterator[R]:
-        """Yield ``fn(part, *args)`` per partition in partition order, keeping a bounded number queued.
+        """Yield ``fn(part, *args)`` per partition in partition order, keeping a bounded number
+        queued.
 
         Closing the iterator early (an error, ``KeyboardInterrupt``) cancels the queued tasks.
         """
@@ -187,7 +199,13 @@ class DaskExecutor:
             if queue:
                 self.client.cancel(list(queue))
 
-    def map_reduce(self, fn: Callable[..., R], partitions: Sequence[Any], reduce: Callable[[R, R], R], *args: Any) -> R:
+    def map_reduce(
+        self,
+        fn: Callable[..., R],
+        partitions: Sequence[Any],
+        reduce: Callable[[R, R], R],
+        *args: Any,
+    ) -> R:
         """``reduce`` folded left over the results in partition order (on the client)."""
         it = self.map(fn, partitions, *args)
         acc = next(it)
@@ -202,7 +220,8 @@ class DaskExecutor:
             self._cluster = None
 
     def close(self) -> None:
-        """Close the client and the local cluster this executor started (not a client it was given)."""
+        """Close the client and the local cluster this executor started (not a client it was
+        given)."""
         if self._owns_client and getattr(self, "client", None) is not None:
             self.client.close()
         self._close_cluster()
@@ -214,5 +233,9 @@ class DaskExecutor:
         self.close()
 
     def __repr__(self) -> str:
-        where = "local cluster" if self._cluster is not None else getattr(self.client, "scheduler_info", lambda: {})().get("address", "?")
+        where = (
+            "local cluster"
+            if self._cluster is not None
+            else getattr(self.client, "scheduler_info", lambda: {})().get("address", "?")
+        )
         return f"DaskExecutor({where}, parallelism={self.parallelism})"

@@ -7,6 +7,19 @@ from .group import GroupInfluence
 from .provenance import Provenance
 from .results import InfluenceScores, ParamInfluence, PertScores, Ranking, SelfInfluence
 
-__all__ = ["Explanation", "FastIFIndex", "FastIFScores", "GroupInfluence", "Influence",
-           "InfluenceScores", "KNNPrefilter", "ParamInfluence", "PertScores", "Provenance",
-           "Ranking", "SelfInfluence", "explain", "fastif_up_loss"]
+__all__ = [
+    "Explanation",
+    "FastIFIndex",
+    "FastIFScores",
+    "GroupInfluence",
+    "Influence",
+    "InfluenceScores",
+    "KNNPrefilter",
+    "ParamInfluence",
+    "PertScores",
+    "Provenance",
+    "Ranking",
+    "SelfInfluence",
+    "explain",
+    "fastif_up_loss",
+]

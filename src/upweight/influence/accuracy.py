@@ -69,20 +69,34 @@ class AccuracyEstimate:
     def summary(self) -> dict[str, Any]:
         """The estimate as plain numbers (for provenance, JSON and reports)."""
         return {
-            "spearman_min": self.spearman_min, "spearman_mean": float(self.spearman.mean()),
-            "relative_error_max": self.relative_error_max, "sign_agreement_min": float(self.sign_agreement.min()),
-            "test_points": len(self.test_ids), "train_points": len(self.train_ids),
+            "spearman_min": self.spearman_min,
+            "spearman_mean": float(self.spearman.mean()),
+            "relative_error_max": self.relative_error_max,
+            "sign_agreement_min": float(self.sign_agreement.min()),
+            "test_points": len(self.test_ids),
+            "train_points": len(self.train_ids),
             "reference": dict(self.reference),
         }
 
     def __str__(self) -> str:
-        return (f"accuracy on {len(self.test_ids)} test × {len(self.train_ids)} training points against CG: Spearman "
-                f"min {self.spearman_min:.4f} (mean {float(self.spearman.mean()):.4f}), relative error of the scores "
-                f"max {self.relative_error_max:.3g}, right sign min {float(self.sign_agreement.min()):.1%}")
+        return (
+            f"accuracy on {len(self.test_ids)} test × {len(self.train_ids)} training points against"
+            f" CG: Spearman min {self.spearman_min:.4f} (mean {float(self.spearman.mean()):.4f}),"
+            f" relative error of the scores max {self.relative_error_max:.3g}, right sign min"
+            f" {float(self.sign_agreement.min()):.1%}"
+        )
 
 
-def estimate_accuracy(influence: Influence, test: Any, *, n_test: int = 2, n_train: int = 512, rtol: float = 1e-6,
-                      maxiter: int | None = None, seed: int = 0) -> AccuracyEstimate:
+def estimate_accuracy(
+    influence: Influence,
+    test: Any,
+    *,
+    n_test: int = 2,
+    n_train: int = 512,
+    rtol: float = 1e-6,
+    maxiter: int | None = None,
+    seed: int = 0,
+) -> AccuracyEstimate:
     """The computation behind ``Influence.estimate_accuracy``; see that method and this module."""
     check_interval("estimate_accuracy", "n_test", n_test, 1, None, closed="left", integer=True)
     check_interval("estimate_accuracy", "n_train", n_train, 2, None, closed="left", integer=True)
@@ -100,15 +114,23 @@ def estimate_accuracy(influence: Influence, test: Any, *, n_test: int = 2, n_tra
     approx = influence.inverse_hvp(V).value
     cg = CG(rtol=rtol, maxiter=maxiter)
     exact = cg.solve(cg.prepare(influence.curvature_), V)
-    reference = {"solver": cg.config(), "iterations": exact.iterations, "residual_max": exact.max_residual,
-                 "curvature": influence.curvature_.describes, "damping": influence.damping}
+    reference = {
+        "solver": cg.config(),
+        "iterations": exact.iterations,
+        "residual_max": exact.max_residual,
+        "curvature": influence.curvature_.describes,
+        "damping": influence.damping,
+    }
     if not exact.max_residual <= max(10 * rtol, 1e-4):
         raise InaccurateSolveError(
-            f"estimate_accuracy: the CG reference stopped at relative residual {exact.max_residual:.2e} after "
-            f"{exact.iterations} iterations, so it is no reference. Raise maxiter, loosen rtol, or add damping."
+            "estimate_accuracy: the CG reference stopped at relative residual"
+            f" {exact.max_residual:.2e} after {exact.iterations} iterations, so it is no reference."
+            " Raise maxiter, loosen rtol, or add damping."
         )
     rows_a, rows_e = [], []
-    for _, G in influence._train_grad_chunks(data.subset(torch.from_numpy(positions)), "accuracy sample"):
+    for _, G in influence._train_grad_chunks(
+        data.subset(torch.from_numpy(positions)), "accuracy sample"
+    ):
         rows_a.append(-(approx.to(G.dtype) @ G.T))
         rows_e.append(-(exact.value.to(G.dtype) @ G.T))
     a = torch.cat(rows_a, dim=1).double().cpu().numpy()
@@ -118,7 +140,8 @@ def estimate_accuracy(influence: Influence, test: Any, *, n_test: int = 2, n_tra
     return AccuracyEstimate(
         spearman=np.array([scipy.stats.spearmanr(x, y)[0] for x, y in zip(a, e)]),
         pearson=np.array([scipy.stats.pearsonr(x, y)[0] for x, y in zip(a, e)]),
-        relative_error=np.linalg.norm(a - e, axis=1) / np.maximum(np.linalg.norm(e, axis=1), np.finfo(float).tiny),
+        relative_error=np.linalg.norm(a - e, axis=1)
+        / np.maximum(np.linalg.norm(e, axis=1), np.finfo(float).tiny),
         sign_agreement=(np.sign(a) == np.sign(e)).mean(axis=1),
         test_ids=test_data.ids.numpy(),
         train_ids=data.ids.numpy()[positions],

@@ -1,9 +1,9 @@
 """``Influence``: the Koh & Liang (2017) quantities for a fitted ``Objective``.
 
     I_up,params(z)         = −H⁻¹ ∇θL(z, θ̂)                         (Eq. 1)
-    I_up,loss(z, z_test)   = −∇θf(z_test, θ̂)ᵀ H⁻¹ ∇θL(z, θ̂)         (Eq. 2; f = the loss by default)
-    removal effect         ≈ −I_up,loss / n                          (removing z is ε = −1/n)
-    I_pert,loss(z, z_test) = −∇θf(z_test, θ̂)ᵀ H⁻¹ ∇x∇θL(z, θ̂)       (Eq. 5)
+    I_up,loss(z, z_test)   = −∇θf(z_test, θ̂)ᵀ H⁻¹ ∇θL(z, θ̂)         (Eq. 2; f = the loss by
+    default) removal effect         ≈ −I_up,loss / n                          (removing z is ε =
+    −1/n) I_pert,loss(z, z_test) = −∇θf(z_test, θ̂)ᵀ H⁻¹ ∇x∇θL(z, θ̂)       (Eq. 5)
 
 with H = ∇²R(θ̂) + δI. The test gradients are solved as one block (the paper's s_test), and the
 training gradients are streamed in chunks: n × p is never held.
@@ -89,8 +89,9 @@ StoreLike = Any  # None, a folder path, or a Store
 
 
 def _sized_threads(method: Callable[..., Any]) -> Callable[..., Any]:
-    """Run a fitted ``Influence``'s method under ``upweight._threads.intra_op_threads`` for its size,
-    p parameters × n training points (one intra-op thread for a small problem on a busy machine)."""
+    """Run a fitted ``Influence``'s method under ``upweight._threads.intra_op_threads`` for its
+    size, p parameters × n training points (one intra-op thread for a small problem on a busy
+    machine)."""
 
     @functools.wraps(method)
     def run(self: Influence, *args: Any, **kwargs: Any) -> Any:
@@ -106,8 +107,9 @@ class Influence:
 
     Args:
         objective: model, per-sample loss, L2 term and test measurement.
-        solver: inverse-HVP solver (``Direct()``, ``CG()``, ``CG(preconditioner=KFAC())``, ``LiSSA()``,
-            ``Arnoldi(rank)``, ``KFAC()``, ``EKFAC()``, ``Nystrom(rank)``, ``DataInf()``, ``Auto()``); default ``CG()``.
+        solver: inverse-HVP solver (``Direct()``, ``CG()``, ``CG(preconditioner=KFAC())``,
+            ``LiSSA()``, ``Arnoldi(rank)``, ``KFAC()``, ``EKFAC()``, ``Nystrom(rank)``,
+            ``DataInf()``, ``Auto()``); default ``CG()``.
         damping: δ ≥ 0 added to H (Koh & Liang 2017, §4.2); needed when H is not positive definite.
         curvature: "hessian" (default; the paper's H = ∇²R(θ̂)) or "gauss-newton": H replaced by the
             generalised Gauss–Newton matrix G = (1/n) Σᵢ Jᵢᵀ∇²_zL(zᵢ)Jᵢ + l2·I (``core.curvature``),
@@ -115,14 +117,15 @@ class Influence:
             of a non-convex net is well posed; equal to H where the output is linear in θ. Its
             products need no second derivative of the model. K-FAC/EK-FAC approximate G either way.
             Recorded in provenance (``curvature``) and store fingerprints.
-        batch_size: points per vectorised chunk for HVPs and per-sample gradients (gradient chunks are
-            further capped so one holds at most ``core.batching.TENSOR_BYTES`` = 16 MiB, K-FAC's captured
-            layer blocks likewise, generic HVP batches so that their autograd graph stays within
-            ``core.curvature.HVP_GRAPH_BYTES``: ``Curvature.hvp_batch_size``; see ``core.batching``).
+        batch_size: points per vectorised chunk for HVPs and per-sample gradients (gradient chunks
+            are further capped so one holds at most ``core.batching.TENSOR_BYTES`` = 16 MiB, K-FAC's
+            captured layer blocks likewise, generic HVP batches so that their autograd graph stays
+            within ``core.curvature.HVP_GRAPH_BYTES``: ``Curvature.hvp_batch_size``; see
+            ``core.batching``).
         max_residual: largest accepted relative residual ‖(H+δI)x − v‖/‖v‖ of a solve; "auto" takes
             the solver's ``default_max_residual`` (Direct 1e-4, CG 0.05, LiSSA 0.5, Arnoldi 1.0 — a
-            low-rank projection's residual is the dropped fraction of v; KFAC/EKFAC, Nystrom, DataInf 10 —
-            approximations of other matrices); ``None`` accepts any.
+            low-rank projection's residual is the dropped fraction of v; KFAC/EKFAC, Nystrom,
+            DataInf 10 — approximations of other matrices); ``None`` accepts any.
         on_inaccurate: "raise" an ``InaccurateSolveError`` (default) or "warn" and record it.
         grad_tol: ‖∇R(θ̂)‖ above which ``fit`` warns that θ̂ is not a minimum (``math.inf``: never).
         progress: show progress bars on long sweeps.
@@ -145,11 +148,12 @@ class Influence:
             It pays for wide layers and many test points: per chunk of b training points with
             T locations and k test points it costs b·T·k·r·(out + cols) multiply-adds instead
             of b·T·k·out·cols (the SVD of each query block is computed once per call,
-            ``core.structured.factor_queries``). It needs structured scoring: with ``structured="auto"`` and parameters outside
-            factorable layers it switches the mixed structured scoring on (as
-            ``structured=True``); where structured scoring cannot be used (``structured=False``,
-            no factorable layer, a factorisation that fails the probe check) ``fit`` raises
-            ``UnsupportedModelError`` rather than silently scoring exactly. ``self_influence``
+            ``core.structured.factor_queries``). It needs structured scoring: with
+            ``structured="auto"`` and parameters outside factorable layers it switches the mixed
+            structured scoring on (as ``structured=True``); where structured scoring cannot be used
+            (``structured=False``, no factorable layer, a factorisation that fails the probe check)
+            ``fit`` raises ``UnsupportedModelError`` rather than silently scoring exactly.
+            ``self_influence``
             ignores it: there each training point is its own query (its solved gradient
             H⁻¹∇θL(zᵢ)), so there is no query block shared across the training points to
             factor once, and it never uses structured scoring. Recorded in the provenance of
@@ -160,7 +164,8 @@ class Influence:
         >>> from upweight import Objective, Direct
         >>> X = torch.tensor([[1.0], [2.0], [3.0]], dtype=torch.float64); y = X * 2
         >>> model = torch.nn.Linear(1, 1, bias=False).double().eval()
-        >>> with torch.no_grad(): _ = model.weight.fill_(28 / 14.3)  # argmin of R: (14/3)(w − 2) + 0.1·w = 0
+        >>> # argmin of R: (14/3)(w − 2) + 0.1·w = 0
+        >>> with torch.no_grad(): _ = model.weight.fill_(28 / 14.3)
         >>> inf = Influence(Objective(model, "squared", l2=0.1), solver=Direct()).fit((X, y))
         >>> inf.up_loss((X[:1], y[:1])).values.shape
         (1, 3)
@@ -196,7 +201,9 @@ class Influence:
         self._shared: dict[tuple[int, str], tuple[Executor, Any]] = {}
 
     # ── fitting ───────────────────────────────────────────────────────────────────────
-    def fit(self, train: Any, *, executor: Executor | None = None, store: StoreLike = None) -> Influence:
+    def fit(
+        self, train: Any, *, executor: Executor | None = None, store: StoreLike = None
+    ) -> Influence:
         """Validate the training data, build H + δI and prepare the solver (factorise, …).
 
         Args:
@@ -205,10 +212,10 @@ class Influence:
                 as a map-reduce over partitions, e.g. ``upweight.distributed.DaskExecutor``; it is
                 also the default executor of the later ``up_loss`` / ``self_influence`` calls.
                 ``None``: in-process.
-            store: ``KFAC`` / ``EKFAC`` only — a folder (or ``Store``) that keeps the solver's factors
-                (A, S, their eigendecompositions, EK-FAC's Λ, the module-local blocks; float64
-                ``.npy`` files and a JSON manifest). A later fit of the same model, data, loss,
-                curvature kind and factor settings reads them back instead of passing over the
+            store: ``KFAC`` / ``EKFAC`` only — a folder (or ``Store``) that keeps the solver's
+                factors (A, S, their eigendecompositions, EK-FAC's Λ, the module-local blocks;
+                float64 ``.npy`` files and a JSON manifest). A later fit of the same model, data,
+                loss, curvature kind and factor settings reads them back instead of passing over the
                 data, and gets bit-for-bit the same solver state; ``damping``, l2 and the solver's
                 own ``damping`` may differ (they enter after the factors). A store of another
                 computation raises ``StoreMismatchError`` naming what differs
@@ -220,20 +227,32 @@ class Influence:
         Sets ``data_``, ``n_train_``, ``curvature_``, ``state_``, ``grad_norm_``, ``executor_``.
         """
         if not isinstance(self.objective, Objective):
-            raise InputError(f"objective must be an upweight.Objective; got {type(self.objective).__name__}.")
+            raise InputError(
+                f"objective must be an upweight.Objective; got {type(self.objective).__name__}."
+            )
         if not isinstance(self.solver, InverseHVPSolver):
-            raise InputError(f"solver must be an upweight solver (Auto, Direct, CG, LiSSA, Arnoldi, KFAC, EKFAC, Nystrom, DataInf); got {type(self.solver).__name__}.")
+            raise InputError(
+                "solver must be an upweight solver (Auto, Direct, CG, LiSSA, Arnoldi, KFAC, EKFAC,"
+                f" Nystrom, DataInf); got {type(self.solver).__name__}."
+            )
         check_interval("Influence", "damping", self.damping, 0.0, None, closed="left")
-        check_interval("Influence", "batch_size", self.batch_size, 1, None, closed="left", integer=True)
+        check_interval(
+            "Influence", "batch_size", self.batch_size, 1, None, closed="left", integer=True
+        )
         if self.grad_tol != math.inf:  # inf: never warn
             check_interval("Influence", "grad_tol", self.grad_tol, 0.0, None)
         if self.max_residual not in (None, "auto"):
             check_interval("Influence", "max_residual", self.max_residual, 0.0, None)
         check_choice("Influence", "on_inaccurate", self.on_inaccurate, ("raise", "warn"))
         if not (self.structured is True or self.structured is False or self.structured == "auto"):
-            raise InputError(f"The 'structured' parameter of Influence must be 'auto', True or False. Got {self.structured!r}.")
+            raise InputError(
+                "The 'structured' parameter of Influence must be 'auto', True or False. Got"
+                f" {self.structured!r}."
+            )
         if self.query_rank is not None:
-            check_interval("Influence", "query_rank", self.query_rank, 1, None, closed="left", integer=True)
+            check_interval(
+                "Influence", "query_rank", self.query_rank, 1, None, closed="left", integer=True
+            )
         check_choice("Influence", "curvature", self.curvature, ("hessian", "gauss-newton"))
         if executor is not None:
             executor = resolve(executor)
@@ -241,33 +260,55 @@ class Influence:
             self._check_factor_store(store)
 
         data = Data.from_any(train, what="training data").to(self.objective.dtype)
-        with intra_op_threads(self.objective.p * len(data)):  # one thread for a small problem (upweight._threads)
+        # one thread for a small problem (upweight._threads)
+        with intra_op_threads(self.objective.p * len(data)):
             return self._fit(data, executor, store)
 
     def _fit(self, data: Data, executor: Executor | None, store: StoreLike) -> Influence:
         self.objective.check_data(data, what="training")  # also refuses a model in training mode
         t0 = time.perf_counter()
-        g = risk_grad(self.objective, self.objective.params, data, self.batch_size, progress=self.progress)
+        g = risk_grad(
+            self.objective, self.objective.params, data, self.batch_size, progress=self.progress
+        )
         self.grad_norm_ = float(g.norm())
         if not math.isfinite(self.grad_norm_):  # name the training points that make it so
             for batch, G in self._train_grad_chunks(data, "locating non-finite gradients"):
-                check_rows_finite(G.norm(dim=1), batch.ids, "The norm of the training-loss gradient ∇θL(z, θ̂)", TRAIN_FIX)
+                check_rows_finite(
+                    G.norm(dim=1),
+                    batch.ids,
+                    "The norm of the training-loss gradient ∇θL(z, θ̂)",
+                    TRAIN_FIX,
+                )
             check_finite(g, "∇R(θ̂)", "Check the model and loss for overflow at θ̂.")
-            raise NonFiniteError(f"‖∇R(θ̂)‖ overflows in {self.objective.dtype}. Check the model and loss for overflow "
-                                 "at θ̂, or evaluate it in float64 (model.double()).")
+            raise NonFiniteError(
+                f"‖∇R(θ̂)‖ overflows in {self.objective.dtype}. Check the model and loss for"
+                " overflow at θ̂, or evaluate it in float64 (model.double())."
+            )
         if self.grad_norm_ > self.grad_tol:
             warnings.warn(
-                f"‖∇R(θ̂)‖ = {self.grad_norm_:.2e} > grad_tol={self.grad_tol:g}: θ̂ is not a minimum of the regularised "
-                "training risk, which influence functions assume. Train to convergence, or add damping "
-                "(Koh & Liang 2017, §4.2) and read the scores as approximate.",
+                f"‖∇R(θ̂)‖ = {self.grad_norm_:.2e} > grad_tol={self.grad_tol:g}: θ̂ is not a"
+                " minimum of the regularised training risk, which influence functions assume."
+                " Train to convergence, or add damping (Koh & Liang 2017, §4.2) and read the"
+                " scores as approximate.",
                 NotAtMinimumWarning,
                 stacklevel=2,
             )
         choice = resolve_scoring(self.objective, data, self.structured, self.query_rank)
-        self._scoring_plan, self.scoring_, self.scoring_reason_ = choice.plan, choice.mode, choice.reason
+        self._scoring_plan, self.scoring_, self.scoring_reason_ = (
+            choice.plan,
+            choice.mode,
+            choice.reason,
+        )
         self._query_rank = check_query_rank(self.query_rank, choice, self.structured)
-        self.curvature_ = Curvature(self.objective, data, damping=self.damping, batch_size=self.batch_size, executor=executor,
-                                    structured=False if self.structured is False else "auto", kind=self.curvature)
+        self.curvature_ = Curvature(
+            self.objective,
+            data,
+            damping=self.damping,
+            batch_size=self.batch_size,
+            executor=executor,
+            structured=False if self.structured is False else "auto",
+            kind=self.curvature,
+        )
         with progress_enabled(self.progress), opened_store(store) as st:
             if st is None:
                 self.state_ = self.solver.prepare(self.curvature_)
@@ -280,19 +321,28 @@ class Influence:
         self.data_ = data
         self.n_train_ = len(data)
         self.fit_seconds_ = time.perf_counter() - t0
-        logger.info("fitted %s on n=%d, p=%d in %.2fs", type(self.solver).__name__, self.n_train_, self.objective.p, self.fit_seconds_)
+        logger.info(
+            "fitted %s on n=%d, p=%d in %.2fs",
+            type(self.solver).__name__,
+            self.n_train_,
+            self.objective.p,
+            self.fit_seconds_,
+        )
         return self
 
     def _check_factor_store(self, store: StoreLike) -> None:
-        """Refuse ``fit(store=…)`` for a solver with no factors to keep, or a store that is neither a
-        folder path nor a ``Store`` — before any pass over the data."""
+        """Refuse ``fit(store=…)`` for a solver with no factors to keep, or a store that is neither
+        a folder path nor a ``Store`` — before any pass over the data."""
         if not isinstance(store, (str, os.PathLike, Store)):
-            raise InputError(f"store must be a folder path or an upweight.Store; got {type(store).__name__}.")
+            raise InputError(
+                f"store must be a folder path or an upweight.Store; got {type(store).__name__}."
+            )
         if not isinstance(self.solver, KFAC):
             raise InputError(
-                f"fit(store=...) keeps the factors of KFAC / EKFAC; {type(self.solver).__name__} has none to keep "
-                "(nor does CG(preconditioner=KFAC()) yet). Use solver=KFAC() or EKFAC(), or drop store= from fit and "
-                "pass it to up_loss / self_influence, which keep their scores."
+                f"fit(store=...) keeps the factors of KFAC / EKFAC; {type(self.solver).__name__}"
+                " has none to keep (nor does CG(preconditioner=KFAC()) yet). Use solver=KFAC() or"
+                " EKFAC(), or drop store= from fit and pass it to up_loss / self_influence, which"
+                " keep their scores."
             )
 
     # ── building blocks ───────────────────────────────────────────────────────────────
@@ -311,10 +361,13 @@ class Influence:
         self._ready()
         assert self.data_ is not None
         data = Data.from_any(test, what="test data").to(self.objective.dtype)
-        if data.is_dict or self.data_.is_dict:  # keyword inputs: the same names (sequence lengths may differ)
+        # keyword inputs: the same names (sequence lengths may differ)
+        if data.is_dict or self.data_.is_dict:
             if not (data.is_dict and self.data_.is_dict) or sorted(data.X) != sorted(self.data_.X):
-                raise ShapeError(f"Test inputs {data.input_shapes} do not match the training inputs {self.data_.input_shapes}: "
-                                 "pass the same keyword inputs.")
+                raise ShapeError(
+                    f"Test inputs {data.input_shapes} do not match the training inputs"
+                    f" {self.data_.input_shapes}: pass the same keyword inputs."
+                )
         elif data.feature_shape != self.data_.feature_shape:
             raise ShapeError(
                 f"Test x has shape {tuple(data.feature_shape)} per point but training x has "
@@ -327,28 +380,36 @@ class Influence:
         return grad_chunk_size(self.objective.p, self.batch_size, self.objective.dtype)
 
     def _score_chunk(self) -> int:
-        """Training points per chunk of ``up_loss``: structured scoring holds no (chunk, p) gradients
-        and bounds its own captures (``core.structured.structured_scores``), so ``batch_size``;
-        the generic path holds per-sample gradients, so ``_grad_chunk()``."""
+        """Training points per chunk of ``up_loss``: structured scoring holds no (chunk, p)
+        gradients and bounds its own captures (``core.structured.structured_scores``), so
+        ``batch_size``; the generic path holds per-sample gradients, so ``_grad_chunk()``."""
         return self.batch_size if self.scoring_ == "structured" else self._grad_chunk()
 
     def _train_grad_chunks(self, data: Data, desc: str) -> Iterator[tuple[Data, torch.Tensor]]:
         """Per-sample training gradients in memory-bounded chunks, with a progress bar."""
         chunk = self._grad_chunk()
         it = iter_per_sample_grads(self.objective, self.objective.params, data, chunk)
-        for batch, G in progress(it, desc=desc, total=-(-len(data) // chunk), enabled=self.progress):
+        for batch, G in progress(
+            it, desc=desc, total=-(-len(data) // chunk), enabled=self.progress
+        ):
             check_rows_finite(G, batch.ids, "The training-loss gradient ∇θL(z, θ̂)", TRAIN_FIX)
             yield batch, G
 
     def test_grads(self, test: Any) -> torch.Tensor:
-        """∇θf(z_test, θ̂) for each test point, shape (n_test, p); a NaN or inf gradient (e.g. a finite
-        input whose outputs overflow) raises ``NonFiniteError`` naming the test point."""
+        """∇θf(z_test, θ̂) for each test point, shape (n_test, p); a NaN or inf gradient (e.g. a
+        finite input whose outputs overflow) raises ``NonFiniteError`` naming the test point."""
         data = test if isinstance(test, Data) else self._test(test)
         rows = []
-        for batch, g in iter_per_sample_grads(self.objective, self.objective.params, data, self.batch_size, measure=True):
-            check_rows_finite(g, batch.ids, "The test measurement's gradient ∇θf(z_test, θ̂)",
-                              "Its model output likely overflows at θ̂: check that input's scale, or evaluate the "
-                              "model in float64 (model.double()).")
+        for batch, g in iter_per_sample_grads(
+            self.objective, self.objective.params, data, self.batch_size, measure=True
+        ):
+            check_rows_finite(
+                g,
+                batch.ids,
+                "The test measurement's gradient ∇θf(z_test, θ̂)",
+                "Its model output likely overflows at θ̂: check that input's scale, or evaluate the"
+                " model in float64 (model.double()).",
+            )
             rows.append(g)
         return torch.cat(rows)
 
@@ -382,34 +443,57 @@ class Influence:
         self._shared[key] = (ex, handle)
         return handle
 
-    def _fingerprint(self, quantity: str, positions: np.ndarray, test: Data | None) -> dict[str, Any]:
+    def _fingerprint(
+        self, quantity: str, positions: np.ndarray, test: Data | None
+    ) -> dict[str, Any]:
         """What the stored results depend on: θ̂, the objective, damping, solver and data
         (``influence.fingerprint``); the training data's digest is computed once per fit."""
         if self._train_digest is None:
             assert self.data_ is not None
             self._train_digest = digest_data(self.data_)
-        return fingerprint(self.objective, quantity, positions, test, damping=self.damping, solver=self.solver,
-                           train_digest=self._train_digest, scoring=getattr(self, "scoring_", "generic"),
-                           query_rank=getattr(self, "_query_rank", None), curvature=self.curvature_)
+        return fingerprint(
+            self.objective,
+            quantity,
+            positions,
+            test,
+            damping=self.damping,
+            solver=self.solver,
+            train_digest=self._train_digest,
+            scoring=getattr(self, "scoring_", "generic"),
+            query_rank=getattr(self, "_query_rank", None),
+            curvature=self.curvature_,
+        )
 
-    def _bind_store(self, st: Store | None, quantity: str, positions: np.ndarray, test: Data | None = None) -> None:
+    def _bind_store(
+        self, st: Store | None, quantity: str, positions: np.ndarray, test: Data | None = None
+    ) -> None:
         if st is not None:
             st.bind(self._fingerprint(quantity, positions, test))
 
-    def _store_array(self, st: Store, name: str, shape: tuple[int, ...], *, axis: int, chunk: int | None = None) -> ChunkedArray:
+    def _store_array(
+        self, st: Store, name: str, shape: tuple[int, ...], *, axis: int, chunk: int | None = None
+    ) -> ChunkedArray:
         chunk = chunk or self._grad_chunk()
         return st.chunked(
-            name, shape=shape, axis=axis, chunk_size=chunk, dtype=str(torch.empty((), dtype=self.objective.dtype).numpy().dtype),
-            hint=f"This run scores {chunk} training points per chunk (Influence(batch_size={self.batch_size}), p={self.objective.p}).",
+            name,
+            shape=shape,
+            axis=axis,
+            chunk_size=chunk,
+            dtype=str(torch.empty((), dtype=self.objective.dtype).numpy().dtype),
+            hint=(
+                f"This run scores {chunk} training points per chunk"
+                f" (Influence(batch_size={self.batch_size}), p={self.objective.p})."
+            ),
         )
 
     def _stored_s_test(self, st: Store | None, test: Data) -> Solution:
-        """s_test from the store when it holds one that passes re-verification, else solved and stored.
+        """s_test from the store when it holds one that passes re-verification, else solved and
+        stored.
 
-        A stored s_test is not trusted on its checksum alone: its residual ‖(H+δI)x − ∇θf(z_test)‖/‖∇θf‖
-        is measured again with one HVP block (on the columns the original solve measured) and must
-        agree with the recorded one and pass ``max_residual``; otherwise it is solved afresh and
-        rewritten (a warning says why)."""
+        A stored s_test is not trusted on its checksum alone: its residual ‖(H+δI)x −
+        ∇θf(z_test)‖/‖∇θf‖ is measured again with one HVP block (on the columns the original solve
+        measured) and must agree with the recorded one and pass ``max_residual``; otherwise it is
+        solved afresh and rewritten (a warning says why)."""
         if st is not None:
             got = st.get("s_test")
             if got is not None:
@@ -420,24 +504,39 @@ class Influence:
                     self._check_residual(sol.max_residual, stacklevel=4)
                     logger.info("s_test read from store %s and re-verified", st.path)
                     return sol
-                warnings.warn(f"The s_test stored in {st.path} fails re-verification ({why}); solving it again.",
-                              UserWarning, stacklevel=3)
+                warnings.warn(
+                    f"The s_test stored in {st.path} fails re-verification ({why}); solving it"
+                    " again.",
+                    UserWarning,
+                    stacklevel=3,
+                )
         sol = self.s_test(test)
         if st is not None:
             st.put("s_test", sol.value.detach().cpu().numpy(), meta=s_test_meta(sol))
         return sol
 
-    def _verify_stored_s_test(self, value: np.ndarray, meta: dict[str, Any], test: Data) -> str | None:
-        """None when a stored s_test re-measures to its recorded residual, else the reason it does not
-        (``influence.fingerprint.verify_stored_s_test``; one HVP block on the measured columns)."""
+    def _verify_stored_s_test(
+        self, value: np.ndarray, meta: dict[str, Any], test: Data
+    ) -> str | None:
+        """None when a stored s_test re-measures to its recorded residual, else the reason it does
+        not (``influence.fingerprint.verify_stored_s_test``; one HVP block on the measured columns).
+        """
 
         def remeasure(cols: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
             G = self.test_grads(test.subset(cols))
             with progress_enabled(self.progress):
-                return relative_residual(self.curvature_.matvec(X.to(self.curvature_.dtype)).to(G.dtype), G).double()
+                return relative_residual(
+                    self.curvature_.matvec(X.to(self.curvature_.dtype)).to(G.dtype), G
+                ).double()
 
-        return verify_stored_s_test(value, meta, k=len(test), p=self.objective.p, dtype=self.objective.dtype,
-                                    remeasure=remeasure)
+        return verify_stored_s_test(
+            value,
+            meta,
+            k=len(test),
+            p=self.objective.p,
+            dtype=self.objective.dtype,
+            remeasure=remeasure,
+        )
 
     def _sweep(
         self,
@@ -454,24 +553,44 @@ class Influence:
         on_result: Callable[[Any], np.ndarray] | None = None,
         chunk: int | None = None,
     ) -> np.ndarray:
-        """Run ``fn(chunk_positions, ctx, *args)`` over chunks of the training positions through ``ex``
-        (``influence.tasks.sweep``).
+        """Run ``fn(chunk_positions, ctx, *args)`` over chunks of the training positions through
+        ``ex`` (``influence.tasks.sweep``).
 
         Chunks are ``chunk`` points (default ``_grad_chunk()``, memory-bounded), so results do not
         depend on the executor. With a store only its missing chunks are computed, each written as
         it arrives.
         """
-        return sweep(fn, positions, ex, ctx, args, arr, shape, axis=axis, desc=desc, chunk=chunk or self._grad_chunk(),
-                     dtype=self._np_dtype(), show_progress=self.progress, on_result=on_result)
+        return sweep(
+            fn,
+            positions,
+            ex,
+            ctx,
+            args,
+            arr,
+            shape,
+            axis=axis,
+            desc=desc,
+            chunk=chunk or self._grad_chunk(),
+            dtype=self._np_dtype(),
+            show_progress=self.progress,
+            on_result=on_result,
+        )
 
     def _np_dtype(self) -> str:
         return str(torch.empty((), dtype=self.objective.dtype).numpy().dtype)
 
     def _check_result_memory(self, nbytes: int, what: str, *, store_helps: bool = False) -> None:
-        """``InsufficientMemoryError`` before a result that cannot fit is computed (``upweight._memory``)."""
-        ways = ["score a slice of the training points at a time (train=indices)", "fewer test points per call"]
+        """``InsufficientMemoryError`` before a result that cannot fit is computed
+        (``upweight._memory``)."""
+        ways = [
+            "score a slice of the training points at a time (train=indices)",
+            "fewer test points per call",
+        ]
         if store_helps:
-            ways.insert(1, "pass store=FOLDER (chunks go to disk and the result is assembled as a memory-map)")
+            ways.insert(
+                1,
+                "pass store=FOLDER (chunks go to disk and the result is assembled as a memory-map)",
+            )
         check_memory(nbytes, what, alternatives="Instead: " + "; ".join(ways) + ".")
 
     def inverse_hvp(self, V: torch.Tensor) -> Solution:
@@ -479,22 +598,25 @@ class Influence:
         check_is_fitted(self, "data_")
         with progress_enabled(self.progress):
             sol = self.solver.solve(self.state_, V)
-        check_finite(sol.value, f"The {self.solver.name} solution", "Add damping or check the model at θ̂.")
+        check_finite(
+            sol.value, f"The {self.solver.name} solution", "Add damping or check the model at θ̂."
+        )
         self._check_residual(sol.max_residual, stacklevel=4)
         return sol
 
     def _check_residual(self, max_residual: float, *, stacklevel: int = 3) -> None:
         if math.isinf(max_residual):  # Solution.max_residual: a measured residual was NaN or inf
             raise InaccurateSolveError(
-                f"The {self.solver.name} solve failed: a measured relative residual ‖(H+δI)x − v‖/‖v‖ is NaN or "
-                "infinite, so its solution cannot be trusted (whatever on_inaccurate says). Check the model for "
-                "overflow at θ̂ (e.g. model.double()), or add damping."
+                f"The {self.solver.name} solve failed: a measured relative residual ‖(H+δI)x −"
+                " v‖/‖v‖ is NaN or infinite, so its solution cannot be trusted (whatever"
+                " on_inaccurate says). Check the model for overflow at θ̂ (e.g. model.double()),"
+                " or add damping."
             )
         bound = self._residual_bound()
         if bound is not None and max_residual > bound:
             msg = (
-                f"The {self.solver.name} solve is inaccurate: relative residual ‖(H+δI)x − v‖/‖v‖ = "
-                f"{max_residual:.2e} > max_residual={bound:g}. "
+                f"The {self.solver.name} solve is inaccurate: relative residual ‖(H+δI)x − v‖/‖v‖ ="
+                f" {max_residual:.2e} > max_residual={bound:g}. "
                 + self.solver.accuracy_advice(self.state_)
             )
             if self.on_inaccurate == "raise":
@@ -508,7 +630,8 @@ class Influence:
         return self.max_residual
 
     def s_test(self, test: Any) -> Solution:
-        """s_test = (H + δI)⁻¹∇θf(z_test, θ̂) for each test point, as one block solve (Koh & Liang §3)."""
+        """s_test = (H + δI)⁻¹∇θf(z_test, θ̂) for each test point, as one block solve (Koh & Liang
+        §3)."""
         return self.inverse_hvp(self.test_grads(test))
 
     def _provenance(self, sol: Solution | None, started: float) -> Provenance:
@@ -525,8 +648,11 @@ class Influence:
             grad_norm=self.grad_norm_,
             seconds=time.perf_counter() - started,
             structured_scoring=self.scoring_reason_ if structured else None,
-            structured_hvp=self.curvature_.structured_reason_
-            if getattr(self.curvature_, "_structured_op", None) else None,
+            structured_hvp=(
+                self.curvature_.structured_reason_
+                if getattr(self.curvature_, "_structured_op", None)
+                else None
+            ),
         )
         if sol is None:
             return base
@@ -538,10 +664,15 @@ class Influence:
             iterations=sol.iterations,
             solve_seconds=sol.seconds,
             max_residual_accepted=bound,
-            accuracy=None if exact else (
-                f"not estimated: the residual of an approximation ({self.solver.approximates}) "
-                "bounds its error only loosely; Influence.estimate_accuracy(test) measures its "
-                "scores against CG"),
+            accuracy=(
+                None
+                if exact
+                else (
+                    f"not estimated: the residual of an approximation ({self.solver.approximates}) "
+                    "bounds its error only loosely; Influence.estimate_accuracy(test) measures its "
+                    "scores against CG"
+                )
+            ),
             # None: not checked (a one-shot solver with residual_sample=0 measured no residual)
             accepted=None if not sol.checked else bound is None or sol.max_residual <= bound,
             solver_stats=sol.stats,
@@ -550,7 +681,12 @@ class Influence:
     # ── the paper's quantities ────────────────────────────────────────────────────────
     @_sized_threads
     def up_loss(
-        self, test: Any, train: TrainSelection = None, *, store: StoreLike = None, executor: Executor | None = None
+        self,
+        test: Any,
+        train: TrainSelection = None,
+        *,
+        store: StoreLike = None,
+        executor: Executor | None = None,
     ) -> InfluenceScores:
         """I_up,loss(z, z_test) = −∇θf(z_test)ᵀ H⁻¹ ∇θL(z) — Koh & Liang (2017) Eq. 2.
 
@@ -574,49 +710,86 @@ class Influence:
         test_data = self._test(test)
         positions = self._positions(train)
         if store is None:  # the chunks and their concatenation are held in memory
-            self._check_result_memory(2 * tensor_bytes((len(test_data), len(positions)), self._np_dtype()),
-                                      f"I_up,loss of shape ({len(test_data)}, {len(positions)})", store_helps=True)
+            self._check_result_memory(
+                2 * tensor_bytes((len(test_data), len(positions)), self._np_dtype()),
+                f"I_up,loss of shape ({len(test_data)}, {len(positions)})",
+                store_helps=True,
+            )
         with opened_store(store) as st:
             self._bind_store(st, "up_loss", positions, test_data)
             sol = self._stored_s_test(st, test_data)
             ex = self._executor(executor)
             shape = (len(test_data), len(positions))
-            arr = None if st is None else self._store_array(st, "scores", shape, axis=1, chunk=self._score_chunk())
+            arr = (
+                None
+                if st is None
+                else self._store_array(st, "scores", shape, axis=1, chunk=self._score_chunk())
+            )
             ctx = self._context(ex, "structured" if self.scoring_ == "structured" else "grads")
             rank = getattr(self, "_query_rank", None)
             args: tuple[Any, ...] = (sol.value,)
-            if self.scoring_ == "structured":  # split s_test by layer (and truncate it) once, not per chunk
+            # split s_test by layer (and truncate it) once, not per chunk
+            if self.scoring_ == "structured":
                 assert self._scoring_plan is not None
                 S = sol.value.reshape(-1, self.objective.p)
                 args = (prepare_queries(self._scoring_plan, S, self.objective.dtype, rank),)
-            values = self._sweep(_up_loss_chunk, positions, ex, ctx, args, arr, shape, axis=1,
-                                 desc="I_up,loss over training points", chunk=self._score_chunk())
+            values = self._sweep(
+                _up_loss_chunk,
+                positions,
+                ex,
+                ctx,
+                args,
+                arr,
+                shape,
+                axis=1,
+                desc="I_up,loss over training points",
+                chunk=self._score_chunk(),
+            )
             prov = self._provenance(sol, t0)
             if rank is not None:
-                assert self._scoring_plan is not None  # fit refuses query_rank without structured scoring
+                # fit refuses query_rank without structured scoring
+                assert self._scoring_plan is not None
                 prov = prov.with_extras(
-                    query_rank=rank, query_rank_layers=query_rank_layers(self._scoring_plan, rank),
-                    query_rank_approximates="each layer block of s_test replaced by its best "
-                                            "rank-r approximation (truncated SVD, Eckart–Young)")
-            return InfluenceScores(values, test_data.ids.numpy(), self.data_.ids.numpy()[positions], self.n_train_, "up_loss", prov)
+                    query_rank=rank,
+                    query_rank_layers=query_rank_layers(self._scoring_plan, rank),
+                    query_rank_approximates=(
+                        "each layer block of s_test replaced by its best "
+                        "rank-r approximation (truncated SVD, Eckart–Young)"
+                    ),
+                )
+            return InfluenceScores(
+                values,
+                test_data.ids.numpy(),
+                self.data_.ids.numpy()[positions],
+                self.n_train_,
+                "up_loss",
+                prov,
+            )
 
     def removal_effect(
-        self, test: Any, train: TrainSelection = None, *, store: StoreLike = None, executor: Executor | None = None
+        self,
+        test: Any,
+        train: TrainSelection = None,
+        *,
+        store: StoreLike = None,
+        executor: Executor | None = None,
     ) -> InfluenceScores:
-        """Predicted change of the test measurement when each training point is removed: −I_up,loss / n."""
+        """Predicted change of the test measurement when each training point is removed: −I_up,loss
+        / n."""
         return self.up_loss(test, train, store=store, executor=executor).as_removal_effect()
 
     @_sized_threads
     def removal_effect_newton(self, test: Any, train: TrainSelection = None) -> RemovalEffect:
         """Predicted change of the test measurement when each training point zᵢ is removed, by one
-        Newton step on the leave-one-out objective R − L(zᵢ)/n instead of the first-order −I_up,loss/n:
+        Newton step on the leave-one-out objective R − L(zᵢ)/n instead of the first-order
+        −I_up,loss/n:
 
             Δθᵢ = (H + δI − Hᵢ/n)⁻¹ ∇θL(zᵢ, θ̂)/n,    Δf = ∇θf(z_test, θ̂)ᵀ Δθᵢ,
 
         with Hᵢ the point's Gauss–Newton curvature Jᵢᵀ∇²_zL Jᵢ (its exact Hessian where the model
         output is linear in θ), applied by Woodbury: one block solve with at most C right-hand sides
-        per point (C outputs) plus one s_test solve. It corrects the first order's shrinkage by up to
-        1/(1 − leverage) for high-leverage points. ``CurvatureError`` where H + δI − Hᵢ/n is not
+        per point (C outputs) plus one s_test solve. It corrects the first order's shrinkage by up
+        to 1/(1 − leverage) for high-leverage points. ``CurvatureError`` where H + δI − Hᵢ/n is not
         positive definite to the accuracy of the solves. Derivation: ``upweight.influence.removal``.
 
         Args:
@@ -624,14 +797,22 @@ class Influence:
             train: indices into the fitted training data, or ``None`` for all.
 
         Returns:
-            ``RemovalEffect`` with ``values`` (n_test, k), the first-order ``first_order`` beside them
-            and each point's ``leverage``.
+            ``RemovalEffect`` with ``values`` (n_test, k), the first-order ``first_order`` beside
+            them and each point's ``leverage``.
         """
         return newton_removal_effect(self, test, train)
 
     @_sized_threads
-    def estimate_accuracy(self, test: Any, *, n_test: int = 2, n_train: int = 512, rtol: float = 1e-6,
-                          maxiter: int | None = None, seed: int = 0) -> AccuracyEstimate:
+    def estimate_accuracy(
+        self,
+        test: Any,
+        *,
+        n_test: int = 2,
+        n_train: int = 512,
+        rtol: float = 1e-6,
+        maxiter: int | None = None,
+        seed: int = 0,
+    ) -> AccuracyEstimate:
         """How close this influence's scores are to the exact ones: for the first ``n_test`` test
         points, its solver's s_test and CG's (to ``rtol``, on the same curvature and damping) score
         ``n_train`` training points drawn at random (``seed``); returns their Spearman and Pearson
@@ -640,7 +821,9 @@ class Influence:
         residual says little about the scores; costs about one CG solve with ``n_test`` right-hand
         sides. ``InaccurateSolveError`` if CG does not reach its tolerance. See
         ``upweight.influence.accuracy``."""
-        return estimate_accuracy(self, test, n_test=n_test, n_train=n_train, rtol=rtol, maxiter=maxiter, seed=seed)
+        return estimate_accuracy(
+            self, test, n_test=n_test, n_train=n_train, rtol=rtol, maxiter=maxiter, seed=seed
+        )
 
     @_sized_threads
     def up_params(self, train: TrainSelection = None) -> ParamInfluence:
@@ -650,17 +833,28 @@ class Influence:
         """
         t0 = time.perf_counter()
         data = self._train(train)
-        self._check_result_memory(2 * tensor_bytes((len(data), self.objective.p), self._np_dtype()),
-                                  f"I_up,params of shape ({len(data)}, {self.objective.p})")
+        self._check_result_memory(
+            2 * tensor_bytes((len(data), self.objective.p), self._np_dtype()),
+            f"I_up,params of shape ({len(data)}, {self.objective.p})",
+        )
         rows, last = [], None
         for _, G in self._train_grad_chunks(data, "I_up,params"):
             last = self.inverse_hvp(G)
             rows.append(-last.value)
-        return ParamInfluence(torch.cat(rows).cpu().numpy(), data.ids.numpy(), self.n_train_, self._provenance(last, t0))
+        return ParamInfluence(
+            torch.cat(rows).cpu().numpy(),
+            data.ids.numpy(),
+            self.n_train_,
+            self._provenance(last, t0),
+        )
 
     @_sized_threads
     def self_influence(
-        self, train: TrainSelection = None, *, store: StoreLike = None, executor: Executor | None = None
+        self,
+        train: TrainSelection = None,
+        *,
+        store: StoreLike = None,
+        executor: Executor | None = None,
     ) -> SelfInfluence:
         """I_up,loss(z, z) = −∇θL(z)ᵀH⁻¹∇θL(z) for each training point (Koh & Liang 2017, §5.4).
 
@@ -683,21 +877,42 @@ class Influence:
             shape = (2, len(positions))
             arr = None if st is None else self._store_array(st, "self_influence", shape, axis=1)
             last: list[Solution] = []
-            out = self._sweep(_self_influence_chunk, positions, ex, self._context(ex, "solve"), (), arr, shape, axis=1,
-                              desc="self-influence", on_result=lambda res: self._accept_chunk_solution(res, last))
-            residual = torch.from_numpy(np.array(out[1]))  # a copy: the store may return a read-only memmap
-            summary = Solution(  # each chunk's solve was checked as it arrived; NaN marks an unmeasured one
-                value=torch.empty(0, self.objective.p), residual=residual, converged=torch.ones(len(residual), dtype=torch.bool),
-                iterations=last[-1].iterations if last else 0, seconds=sum(s.seconds for s in last),
-                stats=dict(last[-1].stats) if last else {"resumed_from_store": True}, measured=~torch.isnan(residual),
+            out = self._sweep(
+                _self_influence_chunk,
+                positions,
+                ex,
+                self._context(ex, "solve"),
+                (),
+                arr,
+                shape,
+                axis=1,
+                desc="self-influence",
+                on_result=lambda res: self._accept_chunk_solution(res, last),
+            )
+            # a copy: the store may return a read-only memmap
+            residual = torch.from_numpy(np.array(out[1]))
+            # each chunk's solve was checked as it arrived; NaN marks an unmeasured one
+            summary = Solution(
+                value=torch.empty(0, self.objective.p),
+                residual=residual,
+                converged=torch.ones(len(residual), dtype=torch.bool),
+                iterations=last[-1].iterations if last else 0,
+                seconds=sum(s.seconds for s in last),
+                stats=dict(last[-1].stats) if last else {"resumed_from_store": True},
+                measured=~torch.isnan(residual),
             )
             prov = self._provenance(summary, t0)
             if getattr(self, "_query_rank", None) is not None:
                 prov = prov.with_extras(
-                    query_rank="not used: each training point is its own query, scored exactly")
-            return SelfInfluence(out[0].copy(), self.data_.ids.numpy()[positions], self.n_train_, prov)
+                    query_rank="not used: each training point is its own query, scored exactly"
+                )
+            return SelfInfluence(
+                out[0].copy(), self.data_.ids.numpy()[positions], self.n_train_, prov
+            )
 
-    def _accept_chunk_solution(self, result: tuple[np.ndarray, Solution], seen: list[Solution]) -> np.ndarray:
+    def _accept_chunk_solution(
+        self, result: tuple[np.ndarray, Solution], seen: list[Solution]
+    ) -> np.ndarray:
         values, sol = result
         self._check_residual(sol.max_residual, stacklevel=5)
         seen.append(sol)
@@ -714,19 +929,35 @@ class Influence:
         test_data = self._test(test)
         data = self._train(train)
         if data.is_dict:
-            raise InputError(f"I_pert,loss differentiates the loss with respect to one continuous input tensor, but these "
-                             f"inputs are a dict {sorted(data.X)} (token ids, masks, …). Use up_loss instead.")
+            raise InputError(
+                "I_pert,loss differentiates the loss with respect to one continuous input tensor,"
+                f" but these inputs are a dict {sorted(data.X)} (token ids, masks, …). Use up_loss"
+                " instead."
+            )
         shape = (len(test_data), len(data), *data.feature_shape)
-        self._check_result_memory(2 * tensor_bytes(shape, self._np_dtype()), f"I_pert,loss of shape {shape}")
+        self._check_result_memory(
+            2 * tensor_bytes(shape, self._np_dtype()), f"I_pert,loss of shape {shape}"
+        )
         sol = self.s_test(test_data)
         parts = []
-        # the mixed derivative is vmapped over (test point, training point) pairs, each holding its own
-        # activations: keep the pairs per call at one gradient chunk, not the chunk times n_test
+        # the mixed derivative is vmapped over (test point, training point) pairs, each holding its
+        # own activations: keep the pairs per call at one gradient chunk, not the chunk times n_test
         chunk = max(1, self._grad_chunk() // max(1, sol.value.shape[0]))
-        for batch in progress(data.batches(chunk), desc="I_pert,loss", total=-(-len(data) // chunk), enabled=self.progress):
+        for batch in progress(
+            data.batches(chunk),
+            desc="I_pert,loss",
+            total=-(-len(data) // chunk),
+            enabled=self.progress,
+        ):
             parts.append(-pert_directions(self.objective, self.objective.params, batch, sol.value))
         values = torch.cat(parts, dim=1)
-        return PertScores(values.detach().cpu().numpy(), test_data.ids.numpy(), data.ids.numpy(), self.n_train_, self._provenance(sol, t0))
+        return PertScores(
+            values.detach().cpu().numpy(),
+            test_data.ids.numpy(),
+            data.ids.numpy(),
+            self.n_train_,
+            self._provenance(sol, t0),
+        )
 
     @_sized_threads
     def group_influence(
@@ -744,7 +975,8 @@ class Influence:
 
             order 1:  Δθ⁽¹⁾ = H⁻¹g_U                 Δf = ∇θf(z_test)ᵀΔθ⁽¹⁾
                       (= Σ_{z∈U} −I_up,loss(z, z_test)/n — Koh et al. 2019)
-            order 2:  Δθ⁽²⁾ = Δθ⁽¹⁾ + H⁻¹H_UΔθ⁽¹⁾    Δf = ∇θf(z_test)ᵀΔθ⁽²⁾ + ½Δθ⁽²⁾ᵀ∇²θf(z_test)Δθ⁽²⁾
+            order 2:  Δθ⁽²⁾ = Δθ⁽¹⁾ + H⁻¹H_UΔθ⁽¹⁾    Δf = ∇θf(z_test)ᵀΔθ⁽²⁾ +
+            ½Δθ⁽²⁾ᵀ∇²θf(z_test)Δθ⁽²⁾
                       (Basu, You & Feizi 2020, at fixed n and l2)
 
         Removal keeps n and l2 (as ``upweight.refit`` with weight 0 on U). Order 1 costs one
@@ -773,11 +1005,18 @@ class Influence:
             >>> model = torch.nn.Linear(1, 1, bias=False).double().eval()
             >>> with torch.no_grad(): _ = model.weight.fill_(28 / 14.3)  # argmin of R
             >>> inf = Influence(Objective(model, "squared", l2=0.1), solver=Direct()).fit((X, y))
-            >>> # removing the first two points; the exact refit moves w by −0.0226 = Δθ⁽¹⁾/(1 − H_U/H)
-            >>> [round(float(inf.group_influence((X, y), [[0, 1]], order=o).param_change[0, 0]), 4) for o in (1, 2)]
+            >>> # removing the first two points; the exact refit moves w by
+            >>> # −0.0226 = Δθ⁽¹⁾/(1 − H_U/H)
+            >>> changes = [inf.group_influence((X, y), [[0, 1]], order=o).param_change
+            ...            for o in (1, 2)]
+            >>> [round(float(c[0, 0]), 4) for c in changes]
             [-0.0147, -0.0198]
         """
         return compute_group_influence(
-            self, test, groups, order=order, third_derivative=third_derivative, measure_hessian=measure_hessian
+            self,
+            test,
+            groups,
+            order=order,
+            third_derivative=third_derivative,
+            measure_hessian=measure_hessian,
         )
-

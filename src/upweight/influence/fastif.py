@@ -33,10 +33,10 @@ Euclidean nearest neighbour is the largest inner product), or FAISS's exact flat
 is installed (``backend="auto"`` prefers it). Both are optional dependencies, imported lazily.
 
 Cost: the index is one sweep of per-sample gradients (or a forward pass for features) plus the
-projection — about one to two exhaustive scoring sweeps, so it pays off when it is reused for many test batches (pass the fitted ``FastIFIndex`` to
-``fastif_up_loss``). Memory: n × m float32 keys, plus an n × (m + 1) float64 copy for the
-scikit-learn inner-product search. The s_test solve is the same as for exhaustive scoring;
-FastIF saves the scoring sweep over the non-candidates.
+projection — about one to two exhaustive scoring sweeps, so it pays off when it is reused for many
+test batches (pass the fitted ``FastIFIndex`` to ``fastif_up_loss``). Memory: n × m float32 keys,
+plus an n × (m + 1) float64 copy for the scikit-learn inner-product search. The s_test solve is the
+same as for exhaustive scoring; FastIF saves the scoring sweep over the non-candidates.
 """
 
 from __future__ import annotations
@@ -96,8 +96,8 @@ class KNNPrefilter:
             projection is noisier; the one-sided searches find fewer of the most harmful points than
             the two-sided default (``bench/FASTIF.md``).
         seed: seed of the Gaussian projection.
-        backend: ``"sklearn"`` (``NearestNeighbors``, brute force), ``"faiss"`` (exact flat index), or
-            ``"auto"``: FAISS if it is installed, else scikit-learn.
+        backend: ``"sklearn"`` (``NearestNeighbors``, brute force), ``"faiss"`` (exact flat index),
+            or ``"auto"``: FAISS if it is installed, else scikit-learn.
 
     Examples:
         >>> KNNPrefilter(k=500).k
@@ -118,7 +118,15 @@ class KNNPrefilter:
         if not callable(self.representation):
             check_choice("KNNPrefilter", "representation", self.representation, _REPRESENTATIONS)
         if self.projection_dim is not None:
-            check_interval("KNNPrefilter", "projection_dim", self.projection_dim, 1, None, closed="left", integer=True)
+            check_interval(
+                "KNNPrefilter",
+                "projection_dim",
+                self.projection_dim,
+                1,
+                None,
+                closed="left",
+                integer=True,
+            )
         check_choice("KNNPrefilter", "metric", self.metric, _METRICS)
         check_choice("KNNPrefilter", "query", self.query, _QUERIES)
         check_choice("KNNPrefilter", "direction", self.direction, _DIRECTIONS)
@@ -126,8 +134,8 @@ class KNNPrefilter:
         check_choice("KNNPrefilter", "backend", self.backend, _BACKENDS)
         if self.query == "s_test" and self.representation != "gradients":
             raise InputError(
-                "query='s_test' needs representation='gradients' (s_test lives in parameter space); "
-                f"got representation={self._representation_name()!r}."
+                "query='s_test' needs representation='gradients' (s_test lives in parameter"
+                f" space); got representation={self._representation_name()!r}."
             )
         if self.direction != "both" and self.resolved_metric != "inner_product":
             raise InputError(
@@ -144,7 +152,10 @@ class KNNPrefilter:
 
     def _representation_name(self) -> str:
         if callable(self.representation):
-            return f"features (callable {getattr(self.representation, '__name__', type(self.representation).__name__)})"
+            return (
+                "features (callable"
+                f" {getattr(self.representation, '__name__', type(self.representation).__name__)})"
+            )
         return str(self.representation)
 
     def describe(self) -> str:
@@ -156,7 +167,8 @@ class KNNPrefilter:
         return f"kNN pre-filter k={self.k}: {rep}, metric={self.resolved_metric}{extra}"
 
     def fit(self, influence: Influence) -> FastIFIndex:
-        """Build the representation of every training point of a fitted ``Influence`` and index it."""
+        """Build the representation of every training point of a fitted ``Influence`` and
+        index it."""
         return FastIFIndex(self, influence)
 
 
@@ -169,7 +181,9 @@ class GaussianProjection:
     regenerated block by block for each chunk of gradients (for large p).
     """
 
-    def __init__(self, p: int, m: int, seed: int, dtype: torch.dtype, max_cached_bytes: int = 2**28) -> None:
+    def __init__(
+        self, p: int, m: int, seed: int, dtype: torch.dtype, max_cached_bytes: int = 2**28
+    ) -> None:
         self.p, self.m, self.seed, self.dtype = p, m, seed, dtype
         self.rows_per_block = max(1, 2**22 // m)
         itemsize = torch.empty((), dtype=dtype).element_size()
@@ -180,7 +194,11 @@ class GaussianProjection:
             r1 = min(self.p, r0 + self.rows_per_block)
             state = np.random.SeedSequence([self.seed, j]).generate_state(2, dtype=np.uint32)
             gen = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
-            yield r0, r1, torch.randn((r1 - r0, self.m), generator=gen, dtype=self.dtype) / math.sqrt(self.m)
+            yield (
+                r0,
+                r1,
+                torch.randn((r1 - r0, self.m), generator=gen, dtype=self.dtype) / math.sqrt(self.m),
+            )
 
     def _full(self) -> torch.Tensor:
         return torch.cat([b for _, _, b in self._blocks()])
@@ -217,7 +235,9 @@ class FastIFIndex:
         if not isinstance(prefilter, KNNPrefilter):
             raise InputError(f"prefilter must be a KNNPrefilter; got {type(prefilter).__name__}.")
         if not isinstance(influence, Influence):
-            raise InputError(f"FastIF needs a fitted upweight.Influence; got {type(influence).__name__}.")
+            raise InputError(
+                f"FastIF needs a fitted upweight.Influence; got {type(influence).__name__}."
+            )
         check_is_fitted(influence, "data_")
         t0 = time.perf_counter()
         self.prefilter = prefilter
@@ -236,11 +256,20 @@ class FastIFIndex:
             self.keys = self._train_keys()
             self._index = self._build_index(self.keys)
         self.index_seconds = time.perf_counter() - t0
-        logger.info("FastIF index (%s, %s) over n=%d built in %.2fs", prefilter.describe(), self.backend, self.n_train, self.index_seconds)
+        logger.info(
+            "FastIF index (%s, %s) over n=%d built in %.2fs",
+            prefilter.describe(),
+            self.backend,
+            self.n_train,
+            self.index_seconds,
+        )
 
     def __repr__(self) -> str:
         dim = None if self.keys is None else self.keys.shape[1]
-        return f"FastIFIndex({self.prefilter.describe()}, backend={self.backend}, n_train={self.n_train}, dim={dim})"
+        return (
+            f"FastIFIndex({self.prefilter.describe()}, backend={self.backend},"
+            f" n_train={self.n_train}, dim={dim})"
+        )
 
     @property
     def k(self) -> int:
@@ -261,8 +290,8 @@ class FastIFIndex:
         pf = replace(self.prefilter, k=k)
         if k < self.n_train and self._index is None:
             raise InputError(
-                f"This index was built with k={self.prefilter.k} ≥ n={self.n_train}, so nothing was indexed; "
-                f"fit KNNPrefilter(k={k}, ...) instead."
+                f"This index was built with k={self.prefilter.k} ≥ n={self.n_train}, so nothing was"
+                f" indexed; fit KNNPrefilter(k={k}, ...) instead."
             )
         new = copy.copy(self)
         new.prefilter = pf
@@ -278,17 +307,33 @@ class FastIFIndex:
             m = pf.projection_dim
             if m is not None and m < p:
                 self.projection = GaussianProjection(p, m, pf.seed, inf.objective.dtype)
-            parts = [self._project(G) for _, G in inf._train_grad_chunks(data, "FastIF index: training gradients")]
+            parts = [
+                self._project(G)
+                for _, G in inf._train_grad_chunks(data, "FastIF index: training gradients")
+            ]
         else:
-            self._features = pf.representation if callable(pf.representation) else _last_linear_input(inf.objective)
+            self._features = (
+                pf.representation
+                if callable(pf.representation)
+                else _last_linear_input(inf.objective)
+            )
             bs = inf.batch_size
-            batches = progress(data.batches(bs), desc="FastIF index: features", total=-(-len(data) // bs), enabled=inf.progress)
+            batches = progress(
+                data.batches(bs),
+                desc="FastIF index: features",
+                total=-(-len(data) // bs),
+                enabled=inf.progress,
+            )
             parts = [self._feature_rows(b.X) for b in batches]
         keys = np.concatenate(parts)
         if keys.shape[0] != self.n_train:
-            raise ShapeError(f"The representation has {keys.shape[0]} rows for {self.n_train} training points.")
+            raise ShapeError(
+                f"The representation has {keys.shape[0]} rows for {self.n_train} training points."
+            )
         if not np.isfinite(keys).all():
-            raise NonFiniteError(f"The FastIF representation ({pf._representation_name()}) has non-finite values.")
+            raise NonFiniteError(
+                f"The FastIF representation ({pf._representation_name()}) has non-finite values."
+            )
         return keys
 
     def _project(self, G: torch.Tensor) -> np.ndarray:
@@ -301,11 +346,14 @@ class FastIFIndex:
         arr = out.detach().cpu().numpy() if isinstance(out, torch.Tensor) else np.asarray(out)
         if arr.ndim == 0 or arr.shape[0] != X.shape[0]:
             raise ShapeError(
-                f"features(X) must return one row per input: X has {X.shape[0]} rows, features(X) has shape {arr.shape}."
+                f"features(X) must return one row per input: X has {X.shape[0]} rows, features(X)"
+                f" has shape {arr.shape}."
             )
         return arr.reshape(arr.shape[0], -1).astype(np.float32)
 
-    def _queries(self, test: Data, test_grads: torch.Tensor | None, s_test: torch.Tensor | None) -> np.ndarray:
+    def _queries(
+        self, test: Data, test_grads: torch.Tensor | None, s_test: torch.Tensor | None
+    ) -> np.ndarray:
         pf, inf = self.prefilter, self.influence
         if pf.representation != "gradients":
             return self._feature_rows(test.X).astype(np.float64)
@@ -314,7 +362,10 @@ class FastIFIndex:
         else:
             V = test_grads if test_grads is not None else inf.test_grads(test)
         if V.shape != (len(test), inf.objective.p):
-            raise ShapeError(f"The {pf.query} rows have shape {tuple(V.shape)}; expected ({len(test)}, {inf.objective.p}).")
+            raise ShapeError(
+                f"The {pf.query} rows have shape {tuple(V.shape)}; expected ({len(test)},"
+                f" {inf.objective.p})."
+            )
         return self._project(V).astype(np.float64)
 
     # ── search ─────────────────────────────────────────────────────────────────────────
@@ -327,7 +378,9 @@ class FastIFIndex:
                 index.add(np.ascontiguousarray(keys))
             else:
                 index = faiss.IndexFlatIP(d)
-                index.add(np.ascontiguousarray(_unit_rows(keys) if self.metric == "cosine" else keys))
+                index.add(
+                    np.ascontiguousarray(_unit_rows(keys) if self.metric == "cosine" else keys)
+                )
             return index
         from sklearn.neighbors import NearestNeighbors
 
@@ -335,18 +388,29 @@ class FastIFIndex:
             # MIPS → Euclidean NN: ‖[q, 0] − [r, √(M² − ‖r‖²)]‖² = ‖q‖² + M² − 2qᵀr
             sq = (keys.astype(np.float64) ** 2).sum(1)
             extra = np.sqrt(np.maximum(sq.max() - sq, 0.0))
-            return NearestNeighbors(algorithm="brute", metric="euclidean").fit(np.c_[keys.astype(np.float64), extra])
+            return NearestNeighbors(algorithm="brute", metric="euclidean").fit(
+                np.c_[keys.astype(np.float64), extra]
+            )
         return NearestNeighbors(algorithm="brute", metric=self.metric).fit(keys)
 
     def _search(self, Q: np.ndarray, kk: int) -> np.ndarray:
         if self.backend == "faiss":
             q = _unit_rows(Q) if self.metric == "cosine" else Q
-            return self._index.search(np.ascontiguousarray(q, dtype=np.float32), kk)[1].astype(np.int64)
+            return self._index.search(np.ascontiguousarray(q, dtype=np.float32), kk)[1].astype(
+                np.int64
+            )
         q = np.c_[Q, np.zeros(len(Q))] if self.metric == "inner_product" else Q
         return self._index.kneighbors(q, n_neighbors=kk, return_distance=False).astype(np.int64)
 
-    def candidates(self, test: Any, *, test_grads: torch.Tensor | None = None, s_test: torch.Tensor | None = None) -> np.ndarray:
-        """The k candidates of each test point: positions into the training data, shape (n_test, min(k, n)).
+    def candidates(
+        self,
+        test: Any,
+        *,
+        test_grads: torch.Tensor | None = None,
+        s_test: torch.Tensor | None = None,
+    ) -> np.ndarray:
+        """The k candidates of each test point: positions into the training data, shape (n_test,
+        min(k, n)).
 
         Rows are duplicate-free. Order: nearest first (euclidean, cosine); for inner_product, by
         decreasing approximate |influence| (``"both"``), influence (``"harmful"``) or −influence
@@ -378,7 +442,10 @@ class FastIFIndex:
 
     def _check_current(self) -> None:
         if self.influence.data_ is not self._data:
-            raise InputError("The Influence was re-fitted after this FastIF index was built; fit the KNNPrefilter again.")
+            raise InputError(
+                "The Influence was re-fitted after this FastIF index was built; fit the"
+                " KNNPrefilter again."
+            )
 
 
 def _unit_rows(A: np.ndarray) -> np.ndarray:
@@ -396,37 +463,48 @@ def _resolve_backend(backend: str) -> str:
 
     if backend == "faiss" or (backend == "auto" and has("faiss")):
         if not has("faiss"):
-            raise InputError("backend='faiss' needs FAISS: install faiss-cpu (or faiss-gpu), or use backend='sklearn'.")
+            raise InputError(
+                "backend='faiss' needs FAISS: install faiss-cpu (or faiss-gpu), or use"
+                " backend='sklearn'."
+            )
         return "faiss"
     if not has("sklearn"):
         raise InputError(
-            "FastIF's default neighbour search needs scikit-learn: pip install 'upweight[sklearn]' (or install faiss-cpu)."
+            "FastIF's default neighbour search needs scikit-learn: pip install 'upweight[sklearn]'"
+            " (or install faiss-cpu)."
         )
     return "sklearn"
 
 
 def _last_linear_input(objective: Any) -> Callable[[torch.Tensor], torch.Tensor]:
-    """features(X): the input to the model's last ``nn.Linear`` (registration order), via a forward hook."""
+    """features(X): the input to the model's last ``nn.Linear`` (registration order), via a forward
+    hook."""
     last = None
     for mod in objective.model.modules():
         if isinstance(mod, nn.Linear):
             last = mod
     if last is None:
         raise UnsupportedModelError(
-            "representation='features' takes the input to the model's last nn.Linear, but the model has none. "
-            "Pass representation=callable features(X) -> (b, d), or use representation='gradients'."
+            "representation='features' takes the input to the model's last nn.Linear, but the model"
+            " has none. Pass representation=callable features(X) -> (b, d), or use"
+            " representation='gradients'."
         )
 
     def features(X: torch.Tensor) -> torch.Tensor:
         captured: list[torch.Tensor] = []
-        handle = last.register_forward_hook(lambda _m, inputs, _out: captured.append(inputs[0].detach()))
+        handle = last.register_forward_hook(
+            lambda _m, inputs, _out: captured.append(inputs[0].detach())
+        )
         try:
             with torch.no_grad():
                 objective.outputs(objective.params, X)
         finally:
             handle.remove()
         if not captured:
-            raise UnsupportedModelError("The model's last nn.Linear was not called in its forward pass; pass a features callable.")
+            raise UnsupportedModelError(
+                "The model's last nn.Linear was not called in its forward pass; pass a features"
+                " callable."
+            )
         return captured[-1].reshape(X.shape[0], -1)
 
     features.__name__ = "last_linear_input"
@@ -473,12 +551,21 @@ class FastIFScores:
         h = self.values[test]
         order = np.argsort(-h if harmful else h, kind="stable")[:k]
         return Ranking(
-            self.train_ids[test, order], h[order], "I_up,loss (FastIF candidates)",
+            self.train_ids[test, order],
+            h[order],
+            "I_up,loss (FastIF candidates)",
             f"{'harmful' if harmful else 'helpful'} for test id {int(self.test_ids[test])}",
         )
 
-    def recall(self, exact: InfluenceScores, top: int = 10, *, by: Literal["abs", "harmful", "helpful"] = "abs") -> np.ndarray:
-        """Per test point, the fraction of the exact top-``top`` training points among the candidates.
+    def recall(
+        self,
+        exact: InfluenceScores,
+        top: int = 10,
+        *,
+        by: Literal["abs", "harmful", "helpful"] = "abs",
+    ) -> np.ndarray:
+        """Per test point, the fraction of the exact top-``top`` training points among the
+        candidates.
 
         ``exact`` holds exhaustive scores of the same test points over all n training points;
         ``by`` ranks them by |I_up,loss|, by I_up,loss (harmful) or by −I_up,loss (helpful).
@@ -488,13 +575,15 @@ class FastIFScores:
         ex = exact.as_up_loss().values
         if ex.shape != (len(self.test_ids), self.n_train):
             raise ShapeError(
-                f"exact scores have shape {ex.shape}; recall needs the same {len(self.test_ids)} test points "
-                f"scored against all n = {self.n_train} training points."
+                f"exact scores have shape {ex.shape}; recall needs the same {len(self.test_ids)}"
+                f" test points scored against all n = {self.n_train} training points."
             )
         key = {"abs": -np.abs(ex), "harmful": -ex, "helpful": ex}[by]
         best = np.argsort(key, axis=1, kind="stable")[:, :top]
         best_ids = np.asarray(exact.train_ids)[best]
-        return np.array([np.isin(best_ids[i], self.train_ids[i]).mean() for i in range(len(self.test_ids))])
+        return np.array(
+            [np.isin(best_ids[i], self.train_ids[i]).mean() for i in range(len(self.test_ids))]
+        )
 
 
 def fastif_up_loss(
@@ -504,7 +593,8 @@ def fastif_up_loss(
     *,
     s_test: Solution | None = None,
 ) -> FastIFScores:
-    """I_up,loss(z, z_test) for the k nearest candidates z of each test point (FastIF, Guo et al. 2021).
+    """I_up,loss(z, z_test) for the k nearest candidates z of each test point (FastIF, Guo et al.
+    2021).
 
     s_test = H⁻¹∇θf(z_test) is solved once for all test points by the ``Influence``'s solver;
     only the union of the candidates' per-sample gradients is computed. Each returned value is
@@ -513,8 +603,9 @@ def fastif_up_loss(
     Args:
         influence: a fitted ``Influence``.
         test: test points ``(X, y)`` (or Dataset/DataLoader).
-        prefilter: a ``KNNPrefilter`` (fitted here; default ``KNNPrefilter()``), or a ``FastIFIndex``
-            from ``KNNPrefilter.fit(influence)`` to reuse one index for many test batches.
+        prefilter: a ``KNNPrefilter`` (fitted here; default ``KNNPrefilter()``), or a
+            ``FastIFIndex`` from ``KNNPrefilter.fit(influence)`` to reuse one index for many test
+            batches.
         s_test: ``influence.s_test(test)`` if it was already solved for these test points (e.g. to
             try several pre-filters); by default it is solved here.
 
@@ -523,7 +614,9 @@ def fastif_up_loss(
     """
     t0 = time.perf_counter()
     if not isinstance(influence, Influence):
-        raise InputError(f"influence must be a fitted upweight.Influence; got {type(influence).__name__}.")
+        raise InputError(
+            f"influence must be a fitted upweight.Influence; got {type(influence).__name__}."
+        )
     check_is_fitted(influence, "data_")
     if prefilter is None:
         prefilter = KNNPrefilter()
@@ -531,10 +624,15 @@ def fastif_up_loss(
         index, reused = prefilter.fit(influence), False
     elif isinstance(prefilter, FastIFIndex):
         if prefilter.influence is not influence:
-            raise InputError("This FastIFIndex was fitted for another Influence; fit the KNNPrefilter on this one.")
+            raise InputError(
+                "This FastIFIndex was fitted for another Influence; fit the KNNPrefilter on this"
+                " one."
+            )
         index, reused = prefilter, True
     else:
-        raise InputError(f"prefilter must be a KNNPrefilter or a FastIFIndex; got {type(prefilter).__name__}.")
+        raise InputError(
+            f"prefilter must be a KNNPrefilter or a FastIFIndex; got {type(prefilter).__name__}."
+        )
     index._check_current()
 
     t1 = time.perf_counter()
@@ -544,20 +642,27 @@ def fastif_up_loss(
         sol = influence.inverse_hvp(Gt)  # s_test, one block solve for all test points
     else:
         if not isinstance(s_test, Solution):
-            raise InputError(f"s_test must be the Solution returned by influence.s_test(test); got {type(s_test).__name__}.")
+            raise InputError(
+                "s_test must be the Solution returned by influence.s_test(test); got"
+                f" {type(s_test).__name__}."
+            )
         if tuple(s_test.value.shape) != (len(test_data), influence.objective.p):
             raise ShapeError(
-                f"s_test has shape {tuple(s_test.value.shape)} but there are {len(test_data)} test points and "
-                f"p = {influence.objective.p} parameters."
+                f"s_test has shape {tuple(s_test.value.shape)} but there are {len(test_data)} test"
+                f" points and p = {influence.objective.p} parameters."
             )
-        sol, Gt = s_test, None  # the test gradients are computed by the index if its query needs them
+        # the test gradients are computed by the index if its query needs them
+        sol, Gt = s_test, None
     S = sol.value
     t2 = time.perf_counter()
     cand = index.candidates(test_data, test_grads=Gt, s_test=S)
     t3 = time.perf_counter()
     union = np.unique(cand)
     data = influence._train(union)
-    cols = [-(S.to(G.dtype) @ G.T) for _, G in influence._train_grad_chunks(data, "FastIF: I_up,loss over candidates")]
+    cols = [
+        -(S.to(G.dtype) @ G.T)
+        for _, G in influence._train_grad_chunks(data, "FastIF: I_up,loss over candidates")
+    ]
     scores = torch.cat(cols, dim=1).detach().cpu().numpy()  # (n_test, |union|)
     values = np.take_along_axis(scores, np.searchsorted(union, cand), axis=1)
     t4 = time.perf_counter()
@@ -568,7 +673,9 @@ def fastif_up_loss(
         k=index.k,
         representation=index.prefilter._representation_name(),
         metric=index.metric,
-        query=index.prefilter.query if index.prefilter.representation == "gradients" else "features",
+        query=(
+            index.prefilter.query if index.prefilter.representation == "gradients" else "features"
+        ),
         direction=index.prefilter.direction if index.metric == "inner_product" else None,
         projection_dim=None if index.projection is None else index.projection.m,
         seed=index.prefilter.seed,
@@ -583,7 +690,9 @@ def fastif_up_loss(
         n_train=influence.n_train_,
     )
     ids = influence.data_.ids.numpy()  # type: ignore[union-attr]
-    return FastIFScores(values, cand, ids[cand], test_data.ids.numpy(), influence.n_train_, "up_loss", prov)
+    return FastIFScores(
+        values, cand, ids[cand], test_data.ids.numpy(), influence.n_train_, "up_loss", prov
+    )
 
 
 __all__ = ["FastIFIndex", "FastIFScores", "GaussianProjection", "KNNPrefilter", "fastif_up_loss"]

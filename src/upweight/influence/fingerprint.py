@@ -22,7 +22,11 @@ import torch
 
 from ..core.curvature import Curvature
 from ..core.data import Data
-from ..core.digest import digest_data, digest_tensor, fn_name, model_sha256, tensor_raw_bytes  # noqa: F401
+from ..core.digest import (
+    digest_data,
+    fn_name,
+    model_sha256,
+)  # noqa: F401
 from ..core.objective import Objective
 from ..solvers import InverseHVPSolver, Solution
 from ..store import array_digest
@@ -41,7 +45,8 @@ def fingerprint(
     query_rank: int | None,
     curvature: Curvature,
 ) -> dict[str, Any]:
-    """What the stored results of ``quantity`` depend on: θ̂, the objective, damping, solver and data.
+    """What the stored results of ``quantity`` depend on: θ̂, the objective, damping, solver and
+    data.
 
     ``train_digest`` is ``digest_data`` of the fitted training data (computed once per fit by the
     caller), ``positions`` the selected training points, ``test`` the test points (``None`` for a
@@ -51,10 +56,17 @@ def fingerprint(
     """
     fp: dict[str, Any] = {
         "quantity": quantity,
-        "model": {"parameters_sha256": model_sha256(objective), "theta": list(objective.space.names),
-                  "dtype": str(objective.dtype)},
-        "objective": {"loss": objective.loss_name, "measure": fn_name(objective.measure_fn), "l2": objective.l2,
-                      "l2_params": list(objective.l2_names)},
+        "model": {
+            "parameters_sha256": model_sha256(objective),
+            "theta": list(objective.space.names),
+            "dtype": str(objective.dtype),
+        },
+        "objective": {
+            "loss": objective.loss_name,
+            "measure": fn_name(objective.measure_fn),
+            "l2": objective.l2,
+            "l2_params": list(objective.l2_names),
+        },
         "damping": damping,
         "solver": solver.config(),
         "train_data": train_digest,
@@ -65,7 +77,8 @@ def fingerprint(
     if quantity == "up_loss" and scoring == "structured":
         fp["scoring"] = "structured"  # equal to the generic scores up to rounding, so kept apart
     if quantity == "up_loss" and query_rank is not None:
-        fp["query_rank"] = query_rank  # an approximation: never mixed with exact or other-rank chunks
+        # an approximation: never mixed with exact or other-rank chunks
+        fp["query_rank"] = query_rank
     if curvature.uses_structured:
         fp["hvp"] = "structured"  # s_test equal to the generic one up to rounding, so kept apart
     if curvature.kind != "hessian":
@@ -77,22 +90,30 @@ def fingerprint(
 
 
 def s_test_meta(sol: Solution) -> dict[str, Any]:
-    """The metadata stored beside an s_test: what ``s_test_from_store`` and the re-verification read."""
+    """The metadata stored beside an s_test: what ``s_test_from_store`` and the re-verification
+    read."""
     return {
-        "residual": sol.residual.double().tolist(), "converged": sol.converged.tolist(),
+        "residual": sol.residual.double().tolist(),
+        "converged": sol.converged.tolist(),
         "measured": sol.measured_mask.tolist(),
-        "iterations": sol.iterations, "seconds": sol.seconds, "stats": dict(sol.stats),
+        "iterations": sol.iterations,
+        "seconds": sol.seconds,
+        "stats": dict(sol.stats),
     }
 
 
 def s_test_from_store(value: np.ndarray, meta: dict[str, Any]) -> Solution:
     """The ``Solution`` of a stored (and re-verified) s_test; its stats say it was resumed."""
     return Solution(
-        value=torch.from_numpy(np.array(value)), residual=torch.tensor(meta["residual"], dtype=torch.float64),
-        converged=torch.tensor(meta["converged"], dtype=torch.bool), iterations=int(meta["iterations"]),
-        seconds=float(meta["seconds"]), stats={**meta.get("stats", {}), "resumed_from_store": True,
-                                               "store_reverified": True},
-        measured=torch.tensor(meta.get("measured", [not math.isnan(r) for r in meta["residual"]]), dtype=torch.bool),
+        value=torch.from_numpy(np.array(value)),
+        residual=torch.tensor(meta["residual"], dtype=torch.float64),
+        converged=torch.tensor(meta["converged"], dtype=torch.bool),
+        iterations=int(meta["iterations"]),
+        seconds=float(meta["seconds"]),
+        stats={**meta.get("stats", {}), "resumed_from_store": True, "store_reverified": True},
+        measured=torch.tensor(
+            meta.get("measured", [not math.isnan(r) for r in meta["residual"]]), dtype=torch.bool
+        ),
     )
 
 
@@ -114,8 +135,9 @@ def verify_stored_s_test(
     to a relative 1e-3 plus 100 machine epsilons of ``dtype``."""
     try:
         recorded = torch.tensor(meta["residual"], dtype=torch.float64).reshape(-1)
-        measured = torch.tensor(meta.get("measured", [not math.isnan(r) for r in meta["residual"]]),
-                                dtype=torch.bool).reshape(-1)
+        measured = torch.tensor(
+            meta.get("measured", [not math.isnan(r) for r in meta["residual"]]), dtype=torch.bool
+        ).reshape(-1)
     except (KeyError, TypeError, ValueError) as exc:
         return f"its metadata is unreadable: {exc}"
     if value.shape != (k, p) or recorded.shape != (k,) or measured.shape != (k,):
@@ -131,6 +153,8 @@ def verify_stored_s_test(
     tol = 1e-3 * before.abs() + 100 * torch.finfo(dtype).eps
     if not bool(torch.isfinite(again).all()) or bool(((again - before).abs() > tol).any()):
         worst = int((again - before).abs().argmax())
-        return (f"test point {int(cols[worst])}: residual {float(again[worst]):.3e} now, "
-                f"{float(before[worst]):.3e} recorded")
+        return (
+            f"test point {int(cols[worst])}: residual {float(again[worst]):.3e} now, "
+            f"{float(before[worst]):.3e} recorded"
+        )
     return None

@@ -121,15 +121,21 @@ class GroupInfluence:
 
     def __str__(self) -> str:
         return (
-            f"GroupInfluence (order {self.order}): {self.values.shape[0]} test point(s) × {len(self.group_sizes)} group(s) "
-            f"of sizes {int(self.group_sizes.min())}–{int(self.group_sizes.max())} out of n={self.n_train}"
+            f"GroupInfluence (order {self.order}): {self.values.shape[0]} test point(s) ×"
+            f" {len(self.group_sizes)} group(s) of sizes"
+            f" {int(self.group_sizes.min())}–{int(self.group_sizes.max())} out of n={self.n_train}"
         )
 
 
 def normalize_groups(groups: Any, n: int) -> list[np.ndarray]:
     """Validate ``groups`` (a sequence of index arrays or boolean masks of length n) into sorted
-    int64 position arrays; raise ``InputError`` for empty groups, out-of-range or repeated indices."""
-    if isinstance(groups, (np.ndarray, torch.Tensor)) and np.asarray(groups).ndim == 1 and np.asarray(groups).dtype != object:
+    int64 position arrays; raise ``InputError`` for empty groups, out-of-range or repeated indices.
+    """
+    if (
+        isinstance(groups, (np.ndarray, torch.Tensor))
+        and np.asarray(groups).ndim == 1
+        and np.asarray(groups).dtype != object
+    ):
         raise InputError(
             "groups must be a list of index arrays (one per group), not a single flat array; "
             "for one group pass [indices]."
@@ -137,7 +143,9 @@ def normalize_groups(groups: Any, n: int) -> list[np.ndarray]:
     try:
         items = list(groups)
     except TypeError as exc:
-        raise InputError(f"groups must be a list of index arrays; got {type(groups).__name__}.") from exc
+        raise InputError(
+            f"groups must be a list of index arrays; got {type(groups).__name__}."
+        ) from exc
     if not items:
         raise InputError("groups is empty: pass at least one group (an array of training indices).")
     if all(np.ndim(g) == 0 for g in items):
@@ -150,20 +158,30 @@ def normalize_groups(groups: Any, n: int) -> list[np.ndarray]:
         a = g.detach().cpu().numpy() if isinstance(g, torch.Tensor) else np.asarray(g)
         if a.dtype == bool:
             if a.shape != (n,):
-                raise InputError(f"Group {j} is a boolean mask of shape {a.shape}; a mask needs shape ({n},).")
+                raise InputError(
+                    f"Group {j} is a boolean mask of shape {a.shape}; a mask needs shape ({n},)."
+                )
             a = np.flatnonzero(a)
         else:
             a = a.reshape(-1)
             if a.size and not np.issubdtype(a.dtype, np.integer):
-                raise InputError(f"Group {j} has dtype {a.dtype}; groups hold integer positions into the training data.")
+                raise InputError(
+                    f"Group {j} has dtype {a.dtype}; groups hold integer positions into the"
+                    " training data."
+                )
             a = a.astype(np.int64)
         if a.size == 0:
             raise InputError(f"Group {j} is empty; every group needs at least one training point.")
         if a.min() < 0 or a.max() >= n:
-            raise InputError(f"Group {j} has indices {a.min()}..{a.max()}, outside the {n} fitted training points [0, {n}).")
+            raise InputError(
+                f"Group {j} has indices {a.min()}..{a.max()}, outside the {n} fitted training"
+                f" points [0, {n})."
+            )
         u = np.unique(a)
         if u.size != a.size:
-            raise InputError(f"Group {j} repeats {a.size - u.size} index(es); a point can be removed only once.")
+            raise InputError(
+                f"Group {j} repeats {a.size - u.size} index(es); a point can be removed only once."
+            )
         out.append(u)
     return out
 
@@ -179,7 +197,8 @@ def _group_loss_grad(inf: Influence, data: Data, chunk: int) -> torch.Tensor:
 
 
 def _group_hvp(curv: Curvature, v: torch.Tensor, data: Data) -> torch.Tensor:
-    """Σ_{z∈data} ∇²θL(z, θ̂) v for one vector v (p,) — ``Curvature.hvp_sum`` over U's points only."""
+    """Σ_{z∈data} ∇²θL(z, θ̂) v for one vector v (p,) — ``Curvature.hvp_sum`` over U's
+    points only."""
     acc = v.new_zeros(1, curv.p, dtype=curv.dtype)
     for batch in data.batches(curv.batch_size):
         acc += curv.hvp_sum(v.reshape(1, -1), batch)
@@ -240,9 +259,14 @@ def compute_group_influence(
     """The computation behind ``Influence.group_influence``; see that method and this module."""
     check_is_fitted(inf, "data_")
     check_choice("group_influence", "order", order, (1, 2))
-    for name, flag in (("third_derivative", third_derivative), ("measure_hessian", measure_hessian)):
+    for name, flag in (
+        ("third_derivative", third_derivative),
+        ("measure_hessian", measure_hessian),
+    ):
         if not isinstance(flag, bool):
-            raise InputError(f"The '{name}' parameter of group_influence must be a bool. Got {flag!r}.")
+            raise InputError(
+                f"The '{name}' parameter of group_influence must be a bool. Got {flag!r}."
+            )
     t0 = time.perf_counter()
     data = inf.data_
     assert data is not None
@@ -251,25 +275,41 @@ def compute_group_influence(
     test_data = inf._test(test)
     k = len(positions)
     # G, Δθ⁽¹⁾ and, at order 2, its correction and Δθ⁽²⁾: each (k, p), plus the solver's copies
-    inf._check_result_memory(6 * tensor_bytes((k, obj.p), inf._np_dtype()),
-                             f"the group influence of {k} groups on p = {obj.p} parameters (several (k, p) blocks)")
+    inf._check_result_memory(
+        6 * tensor_bytes((k, obj.p), inf._np_dtype()),
+        f"the group influence of {k} groups on p = {obj.p} parameters (several (k, p) blocks)",
+    )
 
     # g_U = (1/n) Σ_{z∈U} ∇L(z): one right-hand side per group
     chunk = inf._grad_chunk()
-    G = torch.stack([
-        _group_loss_grad(inf, data.subset(pos), chunk)
-        for pos in progress(positions, desc="group gradients", total=k, enabled=inf.progress)
-    ]) / n
+    G = (
+        torch.stack(
+            [
+                _group_loss_grad(inf, data.subset(pos), chunk)
+                for pos in progress(
+                    positions, desc="group gradients", total=k, enabled=inf.progress
+                )
+            ]
+        )
+        / n
+    )
     check_finite(G, "Σ_U ∇θL")
     sol1 = inf.inverse_hvp(G)  # Δθ⁽¹⁾ = H⁻¹ g_U, all groups in one block
     D = sol1.value.to(obj.dtype)
     sol2 = None
     if order == 2:
         cdata = curv.data
-        corr = torch.stack([
-            _group_hvp(curv, D[j].to(curv.dtype), cdata.subset(pos))
-            for j, pos in enumerate(progress(positions, desc="group HVPs", total=k, enabled=inf.progress))
-        ]) / n  # H_U Δθ⁽¹⁾
+        corr = (
+            torch.stack(
+                [
+                    _group_hvp(curv, D[j].to(curv.dtype), cdata.subset(pos))
+                    for j, pos in enumerate(
+                        progress(positions, desc="group HVPs", total=k, enabled=inf.progress)
+                    )
+                ]
+            )
+            / n
+        )  # H_U Δθ⁽¹⁾
         if third_derivative:
             corr = corr - 0.5 * _third_directional(curv, D.to(curv.dtype))
         check_finite(corr, "The second-order right-hand side H_U Δθ⁽¹⁾")
@@ -290,7 +330,12 @@ def compute_group_influence(
     )
     if order == 2:
         prov = prov.with_extras(
-            terms="Δθ⁽¹⁾ + H⁻¹H_UΔθ⁽¹⁾" + (" − ½H⁻¹∇³R[Δθ⁽¹⁾,Δθ⁽¹⁾]" if third_derivative else " (∇³R term dropped, as Basu et al. 2020)"),
+            terms="Δθ⁽¹⁾ + H⁻¹H_UΔθ⁽¹⁾"
+            + (
+                " − ½H⁻¹∇³R[Δθ⁽¹⁾,Δθ⁽¹⁾]"
+                if third_derivative
+                else " (∇³R term dropped, as Basu et al. 2020)"
+            ),
             third_derivative=third_derivative,
             measure_hessian=measure_hessian,
         )

@@ -96,7 +96,7 @@ class Provenance(Mapping[str, Any]):
         if clash:
             raise InputError(
                 f"Provenance extras {clash} would hide a field of the record or a solver "
-                f"statistic in its flat view; set the field, or use solver_stats."
+                "statistic in its flat view; set the field, or use solver_stats."
             )
 
     # ── the flat, read-only Mapping view ──────────────────────────────────────────────

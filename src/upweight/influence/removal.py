@@ -1,8 +1,8 @@
 """Leverage-corrected removal effects: one Newton step on the leave-one-out objective.
 
 Removing zᵢ keeps n and l2 (as ``upweight.refit`` and ``leave_one_out`` do), so the objective the
-model is retrained on is R₋ᵢ(θ) = R(θ) − (1/n) L(zᵢ, θ). At θ̂, ∇R₋ᵢ(θ̂) = −gᵢ/n with gᵢ = ∇θL(zᵢ, θ̂),
-and one Newton step from θ̂ gives
+model is retrained on is R₋ᵢ(θ) = R(θ) − (1/n) L(zᵢ, θ). At θ̂, ∇R₋ᵢ(θ̂) = −gᵢ/n with gᵢ = ∇θL(zᵢ,
+θ̂), and one Newton step from θ̂ gives
 
     Δθᵢ = (H − Hᵢ/n)⁻¹ gᵢ/n,        Δfᵢ(z_test) = ∇θf(z_test, θ̂)ᵀ Δθᵢ,
 
@@ -67,8 +67,9 @@ from .provenance import Provenance, as_provenance
 if TYPE_CHECKING:
     from .engine import Influence, TrainSelection
 
-#: copies of one block of right-hand sides (p × Σrᵢ) a solve and this module hold at once: the block,
-#: its solution, and the solver's working vectors (CG keeps a few more blocks of the same shape)
+#: copies of one block of right-hand sides (p × Σrᵢ) a solve and this module hold at once: the
+#: block, its solution, and the solver's working vectors (CG keeps a few more blocks of the same
+#: shape)
 _BLOCK_COPIES = 6
 
 
@@ -108,13 +109,18 @@ class RemovalEffect:
         return self.values.sum(axis=0)
 
     def __str__(self) -> str:
-        return (f"RemovalEffect (one Newton step, point's Gauss–Newton curvature): {self.values.shape[0]} test point(s) × "
-                f"{self.values.shape[1]} removed point(s) out of n={self.n_train}, leverage up to "
-                f"{float(self.leverage.max(initial=0.0)):.3f}")
+        return (
+            "RemovalEffect (one Newton step, point's Gauss–Newton curvature):"
+            f" {self.values.shape[0]} test point(s) × {self.values.shape[1]} removed point(s) out"
+            f" of n={self.n_train}, leverage up to {float(self.leverage.max(initial=0.0)):.3f}"
+        )
 
 
-def point_curvature_factors(objective: Objective, params: Params, batch: Data) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Each point's Gauss–Newton curvature Jᵢᵀ ∇²_zL(zᵢ) Jᵢ as Uᵢ Dᵢ Uᵢᵀ, all points' columns stacked.
+def point_curvature_factors(
+    objective: Objective, params: Params, batch: Data
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each point's Gauss–Newton curvature Jᵢᵀ ∇²_zL(zᵢ) Jᵢ as Uᵢ Dᵢ Uᵢᵀ, all points' columns
+    stacked.
 
     Returns ``(U, sign, owner)``: U (m, p) the columns Jᵢᵀ qᵢⱼ √|λᵢⱼ| over the non-zero eigenpairs
     (λᵢⱼ, qᵢⱼ) of each point's output Hessian Aᵢ, sign (m,) = sign(λᵢⱼ), owner (m,) the position in
@@ -125,8 +131,13 @@ def point_curvature_factors(objective: Objective, params: Params, batch: Data) -
     """
     with torch.no_grad():
         out = objective.outputs(params, batch.X)
-    oh = output_hessian(objective.loss_fn, out, batch.y, name=objective.loss_name,
-                        purpose="The leverage-corrected removal effect")
+    oh = output_hessian(
+        objective.loss_fn,
+        out,
+        batch.y,
+        name=objective.loss_name,
+        purpose="The leverage-corrected removal effect",
+    )
     B, sign, keep = oh.signed_factors()  # row j of B[i] = qᵢⱼ √|λᵢⱼ|
     owner, col = keep.nonzero(as_tuple=True)
     if owner.numel() == 0:
@@ -142,8 +153,11 @@ def point_curvature_factors(objective: Objective, params: Params, batch: Data) -
     return U, sign[owner, col], owner
 
 
-def newton_removal_effect(influence: Influence, test: Any, train: TrainSelection = None) -> RemovalEffect:
-    """The computation behind ``Influence.removal_effect_newton``; see that method and this module."""
+def newton_removal_effect(
+    influence: Influence, test: Any, train: TrainSelection = None
+) -> RemovalEffect:
+    """The computation behind ``Influence.removal_effect_newton``; see that method and this
+    module."""
     t0 = time.perf_counter()
     test_data = influence._test(test)
     positions = influence._positions(train)
@@ -152,15 +166,20 @@ def newton_removal_effect(influence: Influence, test: Any, train: TrainSelection
     obj, n = influence.objective, influence.n_train_
     params = obj.params
     k, T = len(positions), len(test_data)
-    influence._check_result_memory(3 * tensor_bytes((T, k), "float64"), f"removal effects of shape ({T}, {k})")
+    influence._check_result_memory(
+        3 * tensor_bytes((T, k), "float64"), f"removal effects of shape ({T}, {k})"
+    )
 
     with torch.no_grad():
         c = obj.outputs(params, data.subset([0]).X)[0].numel()
     item = torch.empty((), dtype=obj.dtype).element_size()
     per_point = c * obj.p * item
-    check_memory(_BLOCK_COPIES * per_point + 2 * c * c * 8,
-                 f"the leverage correction of one training point ({c} curvature directions × p = {obj.p} parameters)",
-                 alternatives="Use the first-order removal_effect (leave_one_out(..., newton=False)).")
+    check_memory(
+        _BLOCK_COPIES * per_point + 2 * c * c * 8,
+        f"the leverage correction of one training point ({c} curvature directions × p = {obj.p}"
+        " parameters)",
+        alternatives="Use the first-order removal_effect (leave_one_out(..., newton=False)).",
+    )
     chunk = batching.points_within(batching.TENSOR_BYTES, per_point, influence.batch_size)
 
     sol_test = influence.s_test(test_data)
@@ -170,10 +189,15 @@ def newton_removal_effect(influence: Influence, test: Any, train: TrainSelection
     leverage = np.zeros(k)
     bad: list[tuple[int, float]] = []
     residual_max, solves = sol_test.max_residual, 1
-    singular = math.sqrt(torch.finfo(obj.dtype).eps) * n  # |eigenvalue| of Kᵢ below this: Kᵢ singular to the solve's accuracy
+    # |eigenvalue| of Kᵢ below this: Kᵢ singular to the solve's accuracy
+    singular = math.sqrt(torch.finfo(obj.dtype).eps) * n
     parts = [positions[s : s + chunk] for s in range(0, k, chunk)]
-    for start, part in zip(range(0, k, chunk), progress(parts, desc="leverage-corrected removal", total=len(parts),
-                                                        enabled=influence.progress)):
+    for start, part in zip(
+        range(0, k, chunk),
+        progress(
+            parts, desc="leverage-corrected removal", total=len(parts), enabled=influence.progress
+        ),
+    ):
         batch = data.subset(part)
         G = per_sample_grads(obj, params, batch).to(torch.float64)  # (b, p)
         check_finite(G, "The training-loss gradient ∇θL(z, θ̂)")
@@ -197,7 +221,9 @@ def newton_removal_effect(influence: Influence, test: Any, train: TrainSelection
             K = n * torch.diag(D) - UHU
             mu = torch.linalg.eigvalsh(K)
             leverage[start + j] = float(torch.linalg.eigvalsh(UHU).max()) / n
-            definite = int((mu > 0).sum()) == int((D > 0).sum()) and float(mu.abs().min()) > singular
+            definite = (
+                int((mu > 0).sum()) == int((D > 0).sum()) and float(mu.abs().min()) > singular
+            )
             if not definite:
                 bad.append((int(data.ids[int(part[j])]), leverage[start + j]))
                 continue
@@ -207,11 +233,11 @@ def newton_removal_effect(influence: Influence, test: Any, train: TrainSelection
         shown = ", ".join(f"id {i} (leverage {h:.3g})" for i, h in bad[:10])
         more = f" and {len(bad) - 10} more" if len(bad) > 10 else ""
         raise CurvatureError(
-            f"Removing training point(s) {shown}{more} leaves a leave-one-out curvature H + δI − Hᵢ/n that is "
-            "indefinite, or singular to the accuracy of the solves (leverage 1 or above: the point alone supplies the "
-            "curvature of some direction of θ), so one Newton step on the leave-one-out objective is undefined there. "
-            "Add l2 or damping, or leave those points out of the selection; the first-order removal_effect is still "
-            "defined."
+            f"Removing training point(s) {shown}{more} leaves a leave-one-out curvature H + δI −"
+            " Hᵢ/n that is indefinite, or singular to the accuracy of the solves (leverage 1 or"
+            " above: the point alone supplies the curvature of some direction of θ), so one Newton"
+            " step on the leave-one-out objective is undefined there. Add l2 or damping, or leave"
+            " those points out of the selection; the first-order removal_effect is still defined."
         )
     check_finite(torch.from_numpy(values), "The leverage-corrected removal effect")
     prov = replace(influence._provenance(sol_test, t0), residual_max=residual_max).with_extras(

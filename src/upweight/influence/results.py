@@ -34,7 +34,10 @@ class Ranking:
 
     def __str__(self) -> str:
         rows = [f"{self.label} — {self.kind}", f"{'rank':>4}  {'train id':>8}  {'score':>12}"]
-        rows += [f"{r:>4}  {int(i):>8}  {v:>12.4e}" for r, (i, v) in enumerate(zip(self.train_ids, self.values), 1)]
+        rows += [
+            f"{r:>4}  {int(i):>8}  {v:>12.4e}"
+            for r, (i, v) in enumerate(zip(self.train_ids, self.values), 1)
+        ]
         return "\n".join(rows)
 
 
@@ -84,21 +87,37 @@ class InfluenceScores:
         return self.as_up_loss().values[_row(test, len(self.test_ids))]
 
     def top_k(self, k: int, *, test: int = 0, harmful: bool = True) -> Ranking:
-        """The k most harmful (largest I_up,loss) or most helpful (most negative) training points."""
+        """The k most harmful (largest I_up,loss) or most helpful (most negative) training
+        points."""
         check_interval("top_k", "k", k, 0, None, closed="left", integer=True)
         test = _row(test, len(self.test_ids))
         h = self.harmfulness(test)
         order = np.argsort(-h if harmful else h, kind="stable")[:k]
         vals = self.values[test, order]
         what = "I_up,loss" if self.kind == "up_loss" else "removal effect (Δ test loss)"
-        return Ranking(self.train_ids[order], vals, what, f"{'harmful' if harmful else 'helpful'} for test id {int(self.test_ids[test])}")
+        return Ranking(
+            self.train_ids[order],
+            vals,
+            what,
+            f"{'harmful' if harmful else 'helpful'} for test id {int(self.test_ids[test])}",
+        )
 
     def save(self, path: str | Path) -> None:
-        """Write values, ids and provenance to a ``.npz`` file, atomically (no partial file on failure)."""
-        meta = json.dumps({"n_train": self.n_train, "kind": self.kind,
-                           "provenance": jsonable(self.provenance)})
-        atomic_write(Path(path), lambda fh: np.savez_compressed(
-            fh, values=np.asarray(self.values), test_ids=self.test_ids, train_ids=self.train_ids, meta=np.array(meta)))
+        """Write values, ids and provenance to a ``.npz`` file, atomically (no partial file on
+        failure)."""
+        meta = json.dumps(
+            {"n_train": self.n_train, "kind": self.kind, "provenance": jsonable(self.provenance)}
+        )
+        atomic_write(
+            Path(path),
+            lambda fh: np.savez_compressed(
+                fh,
+                values=np.asarray(self.values),
+                test_ids=self.test_ids,
+                train_ids=self.train_ids,
+                meta=np.array(meta),
+            ),
+        )
 
     @classmethod
     def load(cls, path: str | Path) -> InfluenceScores:
@@ -111,16 +130,27 @@ class InfluenceScores:
         except OSError as exc:
             raise InputError(f"Cannot read {path}: {exc.strerror or exc}.") from exc
         if head[:2] != b"PK":  # every .npz is a zip archive
-            raise InputError(f"{path} is not a file written by InfluenceScores.save: it is not an .npz archive "
-                             f"(it starts with {head!r}).")
+            raise InputError(
+                f"{path} is not a file written by InfluenceScores.save: it is not an .npz archive "
+                f"(it starts with {head!r})."
+            )
         try:
             with np.load(path, allow_pickle=False) as f:
                 meta = json.loads(str(f["meta"]))
                 prov = Provenance.from_json(meta["provenance"])
-                return cls(f["values"], f["test_ids"], f["train_ids"], int(meta["n_train"]),
-                           meta["kind"], prov)
+                return cls(
+                    f["values"],
+                    f["test_ids"],
+                    f["train_ids"],
+                    int(meta["n_train"]),
+                    meta["kind"],
+                    prov,
+                )
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise InputError(f"{path} is not a file written by InfluenceScores.save ({type(exc).__name__}: {exc}).") from exc
+            raise InputError(
+                f"{path} is not a file written by InfluenceScores.save ({type(exc).__name__}:"
+                f" {exc})."
+            ) from exc
 
 
 @dataclass(frozen=True)
@@ -176,11 +206,20 @@ class SelfInfluence:
     def top_k(self, k: int) -> Ranking:
         check_interval("top_k", "k", k, 0, None, closed="left", integer=True)
         order = np.argsort(-np.abs(self.values), kind="stable")[:k]
-        return Ranking(self.train_ids[order], self.values[order], "I_up,loss(z, z)", "largest self-influence")
+        return Ranking(
+            self.train_ids[order], self.values[order], "I_up,loss(z, z)", "largest self-influence"
+        )
 
 
 def _row(test: Any, n_test: int) -> int:
     """A test row index in [−n_test, n_test), as an int, or ``InputError``."""
-    if isinstance(test, bool) or not isinstance(test, (int, np.integer)) or not -n_test <= int(test) < n_test:
-        raise InputError(f"test={test!r} is not a row of these scores: they hold {n_test} test point(s), rows 0..{n_test - 1}.")
+    if (
+        isinstance(test, bool)
+        or not isinstance(test, (int, np.integer))
+        or not -n_test <= int(test) < n_test
+    ):
+        raise InputError(
+            f"test={test!r} is not a row of these scores: they hold {n_test} test point(s), rows"
+            f" 0..{n_test - 1}."
+        )
     return int(test)

@@ -1,4 +1,5 @@
-"""The train-side sweeps of ``Influence`` as executor tasks: contexts, chunk functions and the sweep.
+"""The train-side sweeps of ``Influence`` as executor tasks: contexts, chunk functions and the
+sweep.
 
 ``up_loss`` and ``self_influence`` score the training points chunk by chunk: each chunk of
 training positions is one task ``fn(positions, ctx, *args)`` run by an ``Executor`` (in-process,
@@ -34,12 +35,15 @@ from ..solvers import InverseHVPSolver, Solution
 from ..store import ChunkedArray
 
 #: the fix named when a training point's gradient or score is NaN or infinite
-TRAIN_FIX = ("Check that training point for extreme input values or a label the loss cannot take; its model output "
-             "may overflow at θ̂ (evaluate the model in float64: model.double()).")
+TRAIN_FIX = (
+    "Check that training point for extreme input values or a label the loss cannot take; its model"
+    " output may overflow at θ̂ (evaluate the model in float64: model.double())."
+)
 
 
 class _GradContext:
-    """What a scoring task needs, sent to each worker once: the objective (θ̂) and the training data."""
+    """What a scoring task needs, sent to each worker once: the objective (θ̂) and the training
+    data."""
 
     def __init__(self, objective: Objective, data: Data) -> None:
         self.objective, self.data = objective, data
@@ -48,7 +52,9 @@ class _GradContext:
 class _SolveContext(_GradContext):
     """A ``_GradContext`` plus the prepared solver, for tasks that solve (H + δI)x = ∇θL(z)."""
 
-    def __init__(self, objective: Objective, data: Data, solver: InverseHVPSolver, state: Any) -> None:
+    def __init__(
+        self, objective: Objective, data: Data, solver: InverseHVPSolver, state: Any
+    ) -> None:
         super().__init__(objective, data)
         self.solver, self.state = solver, state
 
@@ -87,18 +93,23 @@ def _up_loss_chunk(indices: np.ndarray, ctx: _GradContext, S: torch.Tensor | Que
     if isinstance(ctx, _StructuredContext):
         assert isinstance(S, Queries)
         return _up_loss_chunk_structured(indices, ctx, S)
-    assert isinstance(S, torch.Tensor), "query_rank needs structured scoring"  # Influence.fit refuses it
+    # Influence.fit refuses it
+    assert isinstance(S, torch.Tensor), "query_rank needs structured scoring"
     G = _chunk_grads(indices, _private(ctx))
     return (-(S.to(G.dtype) @ G.T)).detach().cpu().numpy()
 
 
-def _up_loss_chunk_structured(indices: np.ndarray, ctx: _StructuredContext, queries: Queries) -> np.ndarray:
+def _up_loss_chunk_structured(
+    indices: np.ndarray, ctx: _StructuredContext, queries: Queries
+) -> np.ndarray:
     """``_up_loss_chunk`` by structured scoring: each layer's s_testᵀ∇L(zᵢ) from its inputs and
     output cotangents (``core.structured.structured_scores``), shape (k, b)."""
     ctx = _private(ctx)
     batch = ctx.data.subset(torch.from_numpy(np.asarray(indices, dtype=np.int64)))
     scores = structured_scores(ctx.objective, ctx.plan, batch, queries=queries)
-    check_rows_finite(scores, batch.ids, "The score s_testᵀ∇θL(z, θ̂) of a training point", TRAIN_FIX, dim=1)
+    check_rows_finite(
+        scores, batch.ids, "The score s_testᵀ∇θL(z, θ̂) of a training point", TRAIN_FIX, dim=1
+    )
     return (-scores).detach().cpu().numpy()
 
 
@@ -108,7 +119,9 @@ def _self_influence_chunk(indices: np.ndarray, ctx: _SolveContext) -> tuple[np.n
     ctx = _private(ctx)
     G = _chunk_grads(indices, ctx)
     sol = ctx.solver.solve(ctx.state, G)
-    check_finite(sol.value, f"The {ctx.solver.name} solution", "Add damping or check the model at θ̂.")
+    check_finite(
+        sol.value, f"The {ctx.solver.name} solution", "Add damping or check the model at θ̂."
+    )
     vals = -(G * sol.value.to(G.dtype)).sum(1)
     out = torch.stack([vals, sol.residual.to(vals.dtype).reshape(-1)]).detach().cpu().numpy()
     return out, dataclasses.replace(sol, value=torch.empty(0, G.shape[1], dtype=G.dtype))
@@ -144,9 +157,20 @@ def sweep(
     parts = [positions[s : s + chunk] for s in range(0, len(positions), chunk)]
     todo = list(range(len(parts))) if arr is None else arr.missing()
     if arr is not None and len(todo) < len(parts):
-        logger.info("%s: %d of %d chunks already in store %s", desc, len(parts) - len(todo), len(parts), arr.store.path)
+        logger.info(
+            "%s: %d of %d chunks already in store %s",
+            desc,
+            len(parts) - len(todo),
+            len(parts),
+            arr.store.path,
+        )
     done: dict[int, np.ndarray] = {}
-    results = progress(ex.map(fn, [parts[i] for i in todo], ctx, *args), desc=desc, total=len(todo), enabled=show_progress)
+    results = progress(
+        ex.map(fn, [parts[i] for i in todo], ctx, *args),
+        desc=desc,
+        total=len(todo),
+        enabled=show_progress,
+    )
     try:
         for i, res in zip(todo, results):
             values = on_result(res) if on_result is not None else res

@@ -4,4 +4,11 @@ from .compare import LOOComparison, leave_one_out
 from .group import GroupLOOComparison, leave_group_out
 from .retrain import RefitResult, refit
 
-__all__ = ["GroupLOOComparison", "LOOComparison", "RefitResult", "leave_group_out", "leave_one_out", "refit"]
+__all__ = [
+    "GroupLOOComparison",
+    "LOOComparison",
+    "RefitResult",
+    "leave_group_out",
+    "leave_one_out",
+    "refit",
+]

@@ -1,4 +1,5 @@
-"""``leave_one_out``: predicted vs actual effect of removing training points (Koh & Liang 2017, Fig. 2)."""
+"""``leave_one_out``: predicted vs actual effect of removing training points (Koh & Liang 2017, Fig.
+2)."""
 
 from __future__ import annotations
 
@@ -67,13 +68,14 @@ class LOOComparison:
 
     def __str__(self) -> str:
         text = (
-            f"leave-one-out on {len(self.train_ids)} points: Pearson {self.pearson:.4f}, Spearman {self.spearman:.4f}, "
-            f"slope {self.slope:.3f} (intercept {self.intercept:.2e})"
+            f"leave-one-out on {len(self.train_ids)} points: Pearson {self.pearson:.4f}, Spearman"
+            f" {self.spearman:.4f}, slope {self.slope:.3f} (intercept {self.intercept:.2e})"
         )
         if self.predicted_newton is not None:
             text += (
-                f"; leverage-corrected (Newton step): Pearson {self.pearson_newton:.4f}, Spearman "
-                f"{self.spearman_newton:.4f}, slope {self.slope_newton:.3f} (intercept {self.intercept_newton:.2e})"
+                f"; leverage-corrected (Newton step): Pearson {self.pearson_newton:.4f}, Spearman"
+                f" {self.spearman_newton:.4f}, slope {self.slope_newton:.3f} (intercept"
+                f" {self.intercept_newton:.2e})"
             )
         return text
 
@@ -122,10 +124,10 @@ def leave_one_out(
         newton: also compute the leverage-corrected estimate (``Influence.removal_effect_newton``:
             one Newton step on the leave-one-out objective with the point's own curvature) and its
             agreement with the retrainings. It costs one block solve with at most C right-hand sides
-            per removed point (C model outputs), far less than the retrainings, and runs before them:
-            a ``CurvatureError`` (a point whose removal leaves the curvature indefinite) stops the
-            call early; ``newton=False`` then compares the first order only. "auto" (default): on
-            with the default convex refit, off with a ``train_fn`` — there the model is typically
+            per removed point (C model outputs), far less than the retrainings, and runs before
+            them: a ``CurvatureError`` (a point whose removal leaves the curvature indefinite) stops
+            the call early; ``newton=False`` then compares the first order only. "auto" (default):
+            on with the default convex refit, off with a ``train_fn`` — there the model is typically
             non-convex or not retrained to the minimum, where the step's premises (∇R(θ̂) = 0, the
             point's Gauss–Newton curvature as its Hessian) do not hold; ``True`` computes it anyway.
 
@@ -136,7 +138,10 @@ def leave_one_out(
     check_interval("leave_one_out", "k", k, 1, None, closed="left", integer=True)
     check_choice("leave_one_out", "select", select, ("top", "random"))
     if not (newton is True or newton is False or newton == "auto"):
-        raise InputError(f"The 'newton' parameter of leave_one_out must be True, False or 'auto'. Got {newton!r}.")
+        raise InputError(
+            "The 'newton' parameter of leave_one_out must be True, False or 'auto'. Got"
+            f" {newton!r}."
+        )
     if newton == "auto":
         newton = train_fn is None
     t0 = time.perf_counter()
@@ -145,8 +150,9 @@ def leave_one_out(
         scores = influence.up_loss(test)
     elif scores.values.shape != (len(test_data), influence.n_train_):
         raise InputError(
-            f"scores has shape {scores.values.shape} but test × training is ({len(test_data)}, {influence.n_train_}); "
-            "pass influence.up_loss(test) for the same test points and all training points."
+            f"scores has shape {scores.values.shape} but test × training is ({len(test_data)},"
+            f" {influence.n_train_}); pass influence.up_loss(test) for the same test points and all"
+            " training points."
         )
     scores = scores.as_up_loss()
     data = influence.data_
@@ -162,7 +168,10 @@ def leave_one_out(
     if chosen.size == 0:
         raise InputError("leave_one_out needs at least one training point to remove.")
     if chosen.min() < 0 or chosen.max() >= n:
-        raise InputError(f"leave_one_out: ids must be positions 0 … {n - 1} of the training data; got {chosen.min()} … {chosen.max()}.")
+        raise InputError(
+            f"leave_one_out: ids must be positions 0 … {n - 1} of the training data; got"
+            f" {chosen.min()} … {chosen.max()}."
+        )
     predicted = -total[chosen] / n
     newton_fields: dict[str, Any] = {}
     newton_provenance = None
@@ -170,7 +179,9 @@ def leave_one_out(
         try:
             corrected = influence.removal_effect_newton(test_data, chosen)
         except CurvatureError as exc:
-            raise CurvatureError(f"{exc} leave_one_out(..., newton=False) compares the first order only.") from exc
+            raise CurvatureError(
+                f"{exc} leave_one_out(..., newton=False) compares the first order only."
+            ) from exc
         newton_fields = {"predicted_newton": corrected.total(), "leverage": corrected.leverage}
         newton_provenance = corrected.provenance
 
@@ -179,15 +190,34 @@ def leave_one_out(
     st = bind_store(store, influence, "leave_one_out", test_data, describe_train_fn(train_fn, gtol))
     try:
         base_params, base_grad_norm = baseline(obj, data, train_fn, gtol)
-        ctx = RetrainContext(obj, data, test_data, base_params, measure_sum(obj, test_data, base_params), removed, train_fn, gtol)
-        rows, resumed = run_retrainings(ctx, store=st, executor=executor, desc="leave-one-out retraining",
-                                        show_progress=progress)
+        ctx = RetrainContext(
+            obj,
+            data,
+            test_data,
+            base_params,
+            measure_sum(obj, test_data, base_params),
+            removed,
+            train_fn,
+            gtol,
+        )
+        rows, resumed = run_retrainings(
+            ctx,
+            store=st,
+            executor=executor,
+            desc="leave-one-out retraining",
+            show_progress=progress,
+        )
     finally:  # a store opened here from a path releases its lock
         if st is not None and st is not store:
             st.close()
     actual = rows[:, 0]
     if newton:
-        newton_fields.update({f"{key}_newton": v for key, v in _agreement(newton_fields["predicted_newton"], actual).items()})
+        newton_fields.update(
+            {
+                f"{key}_newton": v
+                for key, v in _agreement(newton_fields["predicted_newton"], actual).items()
+            }
+        )
     grad_norms = [g for g in [base_grad_norm, *rows[:, 1]] if np.isfinite(g)]
     iters = rows[:, 2][np.isfinite(rows[:, 2])]
 
@@ -199,7 +229,9 @@ def leave_one_out(
         retrain_grad_norm=float(max(grad_norms)) if grad_norms else float("nan"),
         seconds=time.perf_counter() - t0,
         provenance={
-            "select": select, "k": int(len(chosen)), "influence": scores.provenance,
+            "select": select,
+            "k": int(len(chosen)),
+            "influence": scores.provenance,
             "retrain_iterations_mean": float(iters.mean()) if iters.size else float("nan"),
             "resumed_from_store": resumed,
             **({"newton": newton_provenance} if newton_provenance is not None else {}),

@@ -39,7 +39,8 @@ from .runner import (
 
 @dataclass(frozen=True)
 class GroupLOOComparison:
-    """Predicted (orders 1 and/or 2) vs actual change of the summed test measurement per removed group.
+    """Predicted (orders 1 and/or 2) vs actual change of the summed test measurement per removed
+    group.
 
     Attributes:
         group_sizes: |U| per group, shape (k,).
@@ -73,29 +74,39 @@ class GroupLOOComparison:
         return tuple(self.predicted)
 
     def agreement(self, order: int, label: Any = None) -> dict[str, float]:
-        """Pearson, Spearman, slope, intercept and MAE of one order, optionally on one label's groups."""
+        """Pearson, Spearman, slope, intercept and MAE of one order, optionally on one label's
+        groups."""
         if order not in self.predicted:
-            raise InputError(f"Order {order} was not computed; this comparison has orders {self.orders}.")
+            raise InputError(
+                f"Order {order} was not computed; this comparison has orders {self.orders}."
+            )
         keep = np.ones(len(self.actual), dtype=bool)
         if label is not None:
             if self.labels is None:
-                raise InputError("This comparison has no labels; pass labels=... to leave_group_out.")
+                raise InputError(
+                    "This comparison has no labels; pass labels=... to leave_group_out."
+                )
             keep = self.labels == label
             if not keep.any():
-                raise InputError(f"No group has label {label!r}; labels are {sorted(set(self.labels.tolist()))}.")
+                raise InputError(
+                    f"No group has label {label!r}; labels are {sorted(set(self.labels.tolist()))}."
+                )
         pred, act = self.predicted[order][keep], self.actual[keep]
         return {**_agreement(pred, act), "mae": float(np.abs(pred - act).mean())}
 
     def __str__(self) -> str:
-        rows = [f"leave-group-out on {len(self.actual)} groups (sizes {int(self.group_sizes.min())}–{int(self.group_sizes.max())}):"]
+        rows = [
+            f"leave-group-out on {len(self.actual)} groups (sizes"
+            f" {int(self.group_sizes.min())}–{int(self.group_sizes.max())}):"
+        ]
         groups = [None] if self.labels is None else [None, *dict.fromkeys(self.labels.tolist())]
         for label in groups:
             for o in self.orders:
                 a = self.agreement(o, label)
                 tag = "all" if label is None else str(label)
                 rows.append(
-                    f"  {tag:>10}  order {o}: Pearson {a['pearson']:.4f}, Spearman {a['spearman']:.4f}, "
-                    f"slope {a['slope']:.3f}, MAE {a['mae']:.3e}"
+                    f"  {tag:>10}  order {o}: Pearson {a['pearson']:.4f}, Spearman"
+                    f" {a['spearman']:.4f}, slope {a['slope']:.3f}, MAE {a['mae']:.3e}"
                 )
         return "\n".join(rows)
 
@@ -151,35 +162,59 @@ def leave_group_out(
     if labels is not None:
         labels_arr = np.asarray(list(labels))
         if labels_arr.shape != (len(positions),):
-            raise InputError(f"labels has {labels_arr.size} entries for {len(positions)} groups; pass one label per group.")
+            raise InputError(
+                f"labels has {labels_arr.size} entries for {len(positions)} groups; pass one label"
+                " per group."
+            )
     else:
         labels_arr = None
     test_data = Data.from_any(test, what="test data")
     removed = [np.asarray(p, dtype=np.int64) for p in positions]
-    st = bind_store(store, influence, "leave_group_out", test_data, describe_train_fn(None, gtol, newton))
+    st = bind_store(
+        store, influence, "leave_group_out", test_data, describe_train_fn(None, gtol, newton)
+    )
     try:
-
         predicted, provs = {}, {}
         for o in orders:
             gi = influence.group_influence(
-                test_data, positions, order=o, third_derivative=third_derivative, measure_hessian=measure_hessian
+                test_data,
+                positions,
+                order=o,
+                third_derivative=third_derivative,
+                measure_hessian=measure_hessian,
             )
             predicted[o] = gi.total()
             provs[o] = gi.provenance
 
         obj = influence.objective
         base_params, base_grad_norm = baseline(obj, data, None, gtol, newton)
-        ctx = RetrainContext(obj, data, test_data, base_params, measure_sum(obj, test_data, base_params), removed,
-                             gtol=gtol, newton=newton)
-        rows, resumed = run_retrainings(ctx, store=st, executor=executor, desc="leave-group-out retraining",
-                                        show_progress=progress)
+        ctx = RetrainContext(
+            obj,
+            data,
+            test_data,
+            base_params,
+            measure_sum(obj, test_data, base_params),
+            removed,
+            gtol=gtol,
+            newton=newton,
+        )
+        rows, resumed = run_retrainings(
+            ctx,
+            store=st,
+            executor=executor,
+            desc="leave-group-out retraining",
+            show_progress=progress,
+        )
     finally:  # a store opened here from a path releases its lock
         if st is not None and st is not store:
             st.close()
     actual = rows[:, 0]
     grad_norms = [base_grad_norm, *rows[:, 1]]
 
-    stats = {o: {**_agreement(predicted[o], actual), "mae": float(np.abs(predicted[o] - actual).mean())} for o in orders}
+    stats = {
+        o: {**_agreement(predicted[o], actual), "mae": float(np.abs(predicted[o] - actual).mean())}
+        for o in orders
+    }
     return GroupLOOComparison(
         group_sizes=np.array([len(p) for p in positions], dtype=np.int64),
         labels=labels_arr,
@@ -193,5 +228,10 @@ def leave_group_out(
         test_ids=test_data.ids.numpy(),
         retrain_grad_norm=float(max(grad_norms)),
         seconds=time.perf_counter() - t0,
-        provenance={"orders": list(orders), "n_groups": len(positions), "influence": provs, "resumed_from_store": resumed},
+        provenance={
+            "orders": list(orders),
+            "n_groups": len(positions),
+            "influence": provs,
+            "resumed_from_store": resumed,
+        },
     )

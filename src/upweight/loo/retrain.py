@@ -66,11 +66,20 @@ def refit(
     if weights is not None:
         wt = torch.as_tensor(weights)
         if wt.shape != (len(data),):
-            raise ShapeError(f"refit: weights must have one entry per training point, shape ({len(data)},); got {tuple(wt.shape)}.")
+            raise ShapeError(
+                f"refit: weights must have one entry per training point, shape ({len(data)},); got"
+                f" {tuple(wt.shape)}."
+            )
         check_finite(wt, "refit weights", "Use 0 to remove a point and 1 + nε to upweight it.")
     space = objective.space
     start = init if init is not None else objective.params
-    x0 = space.flatten({n: start[n].to(dtype) for n in space.names}).detach().cpu().numpy().astype(np.float64)
+    x0 = (
+        space.flatten({n: start[n].to(dtype) for n in space.names})
+        .detach()
+        .cpu()
+        .numpy()
+        .astype(np.float64)
+    )
     device = objective.device  # θ lives (and the risk is evaluated) where the model is
     data = data.to(dtype)
     w = None if weights is None else torch.as_tensor(weights, dtype=dtype, device=device)
@@ -89,7 +98,10 @@ def refit(
         return hv.detach().cpu().numpy().astype(np.float64)
 
     res = scipy.optimize.minimize(
-        fun, x0, jac=True, method="L-BFGS-B",
+        fun,
+        x0,
+        jac=True,
+        method="L-BFGS-B",
         options={"maxiter": maxiter, "gtol": gtol, "ftol": 0.0, "maxcor": 30, "maxls": 50},
     )
     nit = int(res.nit)
@@ -102,7 +114,9 @@ def refit(
         for _ in range(10):
             if np.linalg.norm(g) <= gtol:
                 break
-            op = scipy.sparse.linalg.LinearOperator((p, p), matvec=lambda v, x=x: hessp(x, v), dtype=np.float64)
+            op = scipy.sparse.linalg.LinearOperator(
+                (p, p), matvec=lambda v, x=x: hessp(x, v), dtype=np.float64
+            )
             step, _ = scipy.sparse.linalg.cg(op, g, rtol=1e-12, atol=0.0, maxiter=10 * p)
             _, g_new = fun(x - step)
             if np.linalg.norm(g_new) >= np.linalg.norm(g):

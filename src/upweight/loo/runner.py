@@ -68,8 +68,9 @@ def measure_sum(objective: Objective, test: Data, params: Params) -> float:
         return float(objective.measurements(params, test.X, y).sum())
 
 
-def baseline(objective: Objective, data: Data, train_fn: TrainFn | None, gtol: float,
-             newton: bool = False) -> tuple[Params, float]:
+def baseline(
+    objective: Objective, data: Data, train_fn: TrainFn | None, gtol: float, newton: bool = False
+) -> tuple[Params, float]:
     """θ every retraining starts from and is compared with, and its ‖∇R‖: the float64 refit of the
     full data for the default refit, θ̂ itself for a ``train_fn`` (whose own baseline it is)."""
     if train_fn is None:
@@ -80,15 +81,25 @@ def baseline(objective: Objective, data: Data, train_fn: TrainFn | None, gtol: f
 
 def _retrain_without(which: np.ndarray, ctx: RetrainContext) -> np.ndarray:
     """The map step: retrain without the set ``ctx.removed[which[0]]``; one row of ``ROW``."""
-    ctx = thread_private(ctx, share=(ctx.data, ctx.test))  # a train_fn may swap a module's parameters
+    # a train_fn may swap a module's parameters
+    ctx = thread_private(ctx, share=(ctx.data, ctx.test))
     removed = ctx.removed[int(which[0])]
     n = len(ctx.data)
     if ctx.train_fn is None:
         w = torch.ones(n, dtype=torch.float64)
         w[torch.as_tensor(removed)] = 0.0
-        res = refit(ctx.objective, ctx.data, weights=w, init=ctx.base_params, gtol=ctx.gtol, newton=ctx.newton)
+        res = refit(
+            ctx.objective,
+            ctx.data,
+            weights=w,
+            init=ctx.base_params,
+            gtol=ctx.gtol,
+            newton=ctx.newton,
+        )
     else:
-        res = ctx.train_fn(ctx.objective, ctx.data.subset(np.setdiff1d(np.arange(n), removed)), ctx.base_params)
+        res = ctx.train_fn(
+            ctx.objective, ctx.data.subset(np.setdiff1d(np.arange(n), removed)), ctx.base_params
+        )
     if isinstance(res, RefitResult):
         params, grad_norm, iterations = res.params, res.grad_norm, float(res.iterations)
     else:
@@ -97,8 +108,9 @@ def _retrain_without(which: np.ndarray, ctx: RetrainContext) -> np.ndarray:
 
 
 def retraining_key(removed: np.ndarray) -> str:
-    """The store name of the retraining without the set ``removed``: a digest of its sorted, distinct
-    positions, so that the same set given in another order or at another place is found again.
+    """The store name of the retraining without the set ``removed``: a digest of its sorted,
+    distinct positions, so that the same set given in another order or at another place is found
+    again.
 
     Examples:
         >>> retraining_key(np.array([7, 3])) == retraining_key(np.array([3, 7, 7]))
@@ -108,8 +120,14 @@ def retraining_key(removed: np.ndarray) -> str:
     return "without_" + array_digest(positions)["sha256"][:32]
 
 
-def run_retrainings(ctx: RetrainContext, *, store: Store | None, executor: Executor | None, desc: str,
-                    show_progress: bool = True) -> tuple[np.ndarray, int]:
+def run_retrainings(
+    ctx: RetrainContext,
+    *,
+    store: Store | None,
+    executor: Executor | None,
+    desc: str,
+    show_progress: bool = True,
+) -> tuple[np.ndarray, int]:
     """One row of ``ROW`` per removed set, and how many of them were read from ``store``.
 
     With a store, the retrainings it holds (``retraining_key``) are read back, the others computed
@@ -125,7 +143,9 @@ def run_retrainings(ctx: RetrainContext, *, store: Store | None, executor: Execu
                 done[key] = got[0][0]
     resumed = sum(key in done for key in keys)
     if resumed:
-        logger.info("%s: %d of %d retrainings read from store %s", desc, resumed, len(keys), store.path)  # type: ignore[union-attr]
+        logger.info(
+            "%s: %d of %d retrainings read from store %s", desc, resumed, len(keys), store.path
+        )  # type: ignore[union-attr]
     first: dict[str, int] = {}  # each set's first position, in order
     for j, key in enumerate(keys):
         first.setdefault(key, j)
@@ -134,7 +154,9 @@ def run_retrainings(ctx: RetrainContext, *, store: Store | None, executor: Execu
         ex = resolve(executor)
         results = ex.map(_retrain_without, [np.array([j]) for j in todo], ex.share(ctx))
         try:
-            for j, row in zip(todo, progress(results, desc=desc, total=len(todo), enabled=show_progress)):
+            for j, row in zip(
+                todo, progress(results, desc=desc, total=len(todo), enabled=show_progress)
+            ):
                 done[keys[j]] = row[0]
                 if store is not None:
                     store.put(keys[j], row)
@@ -143,7 +165,9 @@ def run_retrainings(ctx: RetrainContext, *, store: Store | None, executor: Execu
     return np.stack([done[key] for key in keys]), resumed
 
 
-def describe_train_fn(train_fn: TrainFn | None, gtol: float, newton: bool = False) -> dict[str, Any]:
+def describe_train_fn(
+    train_fn: TrainFn | None, gtol: float, newton: bool = False
+) -> dict[str, Any]:
     """What a retraining function's results depend on, for a store's fingerprint: its ``config()``
     if it has one, else its name and its plain (number, string, bool) attributes."""
     if train_fn is None:
@@ -153,16 +177,24 @@ def describe_train_fn(train_fn: TrainFn | None, gtol: float, newton: bool = Fals
         name, fields = f"{train_fn.__module__}.{qualname}", {}
     else:
         kind = type(train_fn)
-        name, fields = f"{kind.__module__}.{kind.__qualname__}", dict(getattr(train_fn, "__dict__", {}))
+        name, fields = (
+            f"{kind.__module__}.{kind.__qualname__}",
+            dict(getattr(train_fn, "__dict__", {})),
+        )
     config = getattr(train_fn, "config", None)
     if callable(config):
         return {"name": name, **dict(config())}
-    plain = {k: v for k, v in fields.items() if isinstance(v, (int, float, str, bool)) and not k.startswith("_")}
+    plain = {
+        k: v
+        for k, v in fields.items()
+        if isinstance(v, (int, float, str, bool)) and not k.startswith("_")
+    }
     return {"name": name, **plain}
 
 
-def bind_store(store: StoreLike, influence: Influence, quantity: str, test: Data,
-               retraining: dict[str, Any]) -> Store | None:
+def bind_store(
+    store: StoreLike, influence: Influence, quantity: str, test: Data, retraining: dict[str, Any]
+) -> Store | None:
     """``store`` opened and bound to retrainings of this model: θ̂, objective and data (as the
     influence engine's stores), the test points and the retraining settings — but not the solver or
     damping, which the retrainings do not depend on, nor the removed sets, each of which is kept

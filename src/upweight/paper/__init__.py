@@ -43,23 +43,58 @@ if TYPE_CHECKING:
     from .mismatch import MismatchResult, run_mismatch
 
 _WHERE = {
-    "AttackResult": "attack", "run_attack": "attack",
-    "CompareResult": "compare_models", "run_compare_models": "compare_models",
-    "Fig1Result": "fig1", "run_fig1": "fig1",
-    "Fig2Result": "fig2", "run_fig2": "fig2",
-    "Fig3Result": "fig3", "run_fig3": "fig3",
-    "MislabelResult": "mislabel", "run_mislabel": "mislabel",
-    "MismatchResult": "mismatch", "run_mismatch": "mismatch",
-    **{name: "config" for name in ("AttackConfig", "CompareModelsConfig", "FeatureConfig",
-                                   "Fig1Config", "Fig2Config", "Fig3Config", "MislabelConfig",
-                                   "MismatchConfig")},
+    "AttackResult": "attack",
+    "run_attack": "attack",
+    "CompareResult": "compare_models",
+    "run_compare_models": "compare_models",
+    "Fig1Result": "fig1",
+    "run_fig1": "fig1",
+    "Fig2Result": "fig2",
+    "run_fig2": "fig2",
+    "Fig3Result": "fig3",
+    "run_fig3": "fig3",
+    "MislabelResult": "mislabel",
+    "run_mislabel": "mislabel",
+    "MismatchResult": "mismatch",
+    "run_mismatch": "mismatch",
+    **{
+        name: "config"
+        for name in (
+            "AttackConfig",
+            "CompareModelsConfig",
+            "FeatureConfig",
+            "Fig1Config",
+            "Fig2Config",
+            "Fig3Config",
+            "MislabelConfig",
+            "MismatchConfig",
+        )
+    },
 }
 
 __all__ = [
-    "AttackConfig", "AttackResult", "CompareModelsConfig", "CompareResult", "FeatureConfig",
-    "Fig1Config", "Fig1Result", "Fig2Config", "Fig2Result", "Fig3Config", "Fig3Result",
-    "MislabelConfig", "MislabelResult", "MismatchConfig", "MismatchResult",
-    "run_attack", "run_compare_models", "run_fig1", "run_fig2", "run_fig3", "run_mislabel", "run_mismatch",
+    "AttackConfig",
+    "AttackResult",
+    "CompareModelsConfig",
+    "CompareResult",
+    "FeatureConfig",
+    "Fig1Config",
+    "Fig1Result",
+    "Fig2Config",
+    "Fig2Result",
+    "Fig3Config",
+    "Fig3Result",
+    "MislabelConfig",
+    "MislabelResult",
+    "MismatchConfig",
+    "MismatchResult",
+    "run_attack",
+    "run_compare_models",
+    "run_fig1",
+    "run_fig2",
+    "run_fig3",
+    "run_mislabel",
+    "run_mismatch",
 ]
 
 

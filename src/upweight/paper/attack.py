@@ -11,25 +11,27 @@ The paper's attack (§5.2; release code ``influence/dataset_poisoning.py``,
 3. Perturb the top-k images (k = 1 (the first), 1 (the second alone), 2, 3, 5, 10, in this order,
    stopping at the first success, as the release code does): z̃ := Π(z̃ + α·sign(I_pert,loss(z̃,
    z_test))), then **retrain the top layer exactly** on the perturbed training set (features of the
-   perturbed images recomputed through the CNN; exact Newton on the top layer, warm-started) and recompute
-   I_pert,loss at the new θ̂. Stop when the target's prediction flips or after ``iterations`` (paper: 100).
+   perturbed images recomputed through the CNN; exact Newton on the top layer, warm-started) and
+   recompute I_pert,loss at the new θ̂. Stop when the target's prediction flips or after
+   ``iterations`` (paper: 100).
 4. Π: the paper keeps each pixel within half an 8-bit level of the original (the perturbed image has
    the *same* 8-bit representation; α = 0.02 levels). Our images are themselves 8-bit (MNIST's
    uint8 pixels), so a perturbed image must be a valid 8-bit image too: pixel values k/255 in
    [0, 1], each within ``epsilon`` levels of the original (L∞ ≤ ε/255), and a step moves a pixel by
-   ``step`` levels (α = step/255). ε = 0.5 level is impossible on an 8-bit grid (it is the identity),
-   so ε is the smallest number of levels that the attack needs — see ``docs/reproduction/attack.md``.
+   ``step`` levels (α = step/255). ε = 0.5 level is impossible on an 8-bit grid (it is the
+   identity), so ε is the smallest number of levels that the attack needs — see
+   ``docs/reproduction/attack.md``.
 5. Every reported flip is verified by a **cold** retrain (from θ = 0) on the perturbed training set.
 6. Multi-target variant (paper Fig. 5: one training image flipped 16 of 30 test images of the
    author's dog): a group of same-label test images, f = their average test loss, one (or k)
    training images perturbed to increase it; we count how many of the group flip.
 
-I_pert,loss at each step: H and ∇θf(z_test) involve only the top layer, so s_test = H⁻¹∇θf comes from
-the closed-form logistic top layer on the features (``paper.toplayer``: CG on closed-form products,
-preconditioned by H at the clean θ̂, since forming H at every step would dominate the run;
+I_pert,loss at each step: H and ∇θf(z_test) involve only the top layer, so s_test = H⁻¹∇θf comes
+from the closed-form logistic top layer on the features (``paper.toplayer``: CG on closed-form
+products, preconditioned by H at the clean θ̂, since forming H at every step would dominate the run;
 ``TopLayerAttack.s_test`` computes the same with ``Influence`` + ``Direct``, the tests check they
-agree), and the mixed derivative ∇x∇θL(z̃) goes
-through the CNN (``upweight.core.grads.pert_directions`` on the full model) — the same two factors
+agree), and the mixed derivative ∇x∇θL(z̃) goes through the CNN
+(``upweight.core.grads.pert_directions`` on the full model) — the same two factors
 ``Influence.pert_loss`` multiplies, without re-running the CNN on all n images at every step. The
 tests check the result against central finite differences of actually retrained test losses.
 """
@@ -62,42 +64,47 @@ PAPER = {
     "alpha_levels": 0.02,
     "box_levels": 0.5,
     "iterations": 100,
-    "flip_1": 0.57,          # 335 / 591
+    "flip_1": 0.57,  # 335 / 591
     "flip_2": 0.77,
-    "flip_10": 590 / 591,    # "all but 1"
+    "flip_10": 590 / 591,  # "all but 1"
     "multi_group": 30,
     "multi_flipped": 16,
 }
-SCHEDULE = ((0,), (1,), (0, 1), (0, 1, 2), (0, 1, 2, 3, 4), tuple(range(10)))  # release code: 1st, 2nd, top-2, 3, 5, 10
+# release code: 1st, 2nd, top-2, 3, 5, 10
+SCHEDULE = ((0,), (1,), (0, 1), (0, 1, 2), (0, 1, 2, 3, 4), tuple(range(10)))
 
 
 @dataclass(frozen=True)
 class AttackRun:
     """One attack: a set of training images perturbed against one or several test images."""
 
-    targets: list[int]            # test positions attacked
-    train_indices: list[int]      # training positions perturbed
-    iterations: int               # steps taken (each followed by an exact retrain)
-    flipped: list[bool]           # per target: prediction flipped after the last retrain
-    margin_before: list[float]    # y·s of each target at θ̂
-    margin_after: list[float]     # … after the attack (retrained)
-    verified: list[bool]          # per target: flipped under a cold retrain from θ = 0 as well
-    linf_levels: int              # largest |change| of any pixel, in 8-bit levels
-    l2_pixels: float              # ‖z̃ − z‖₂ over the perturbed images (pixels in [0, 1])
-    l2_features: float            # ‖φ(z̃) − φ(z)‖₂
-    stopped: str                  # "flipped", "fixed point"/"cycle" (z̃ repeats: nothing new can happen) or "iterations"
+    targets: list[int]  # test positions attacked
+    train_indices: list[int]  # training positions perturbed
+    iterations: int  # steps taken (each followed by an exact retrain)
+    flipped: list[bool]  # per target: prediction flipped after the last retrain
+    margin_before: list[float]  # y·s of each target at θ̂
+    margin_after: list[float]  # … after the attack (retrained)
+    verified: list[bool]  # per target: flipped under a cold retrain from θ = 0 as well
+    linf_levels: int  # largest |change| of any pixel, in 8-bit levels
+    l2_pixels: float  # ‖z̃ − z‖₂ over the perturbed images (pixels in [0, 1])
+    l2_features: float  # ‖φ(z̃) − φ(z)‖₂
+    # "flipped", "fixed point"/"cycle" (z̃ repeats: nothing new can happen) or "iterations"
+    stopped: str
 
 
 def _levels(x: np.ndarray) -> np.ndarray:
     """Pixels in [0, 1] → their 8-bit levels (int); the data must already be on the 8-bit grid."""
     lev = np.rint(np.asarray(x, np.float64) * 255.0)
     if np.abs(lev / 255.0 - x).max() > 1e-6:
-        raise InputError("The attack needs 8-bit images (pixel values k/255); these pixels are not on that grid.")
+        raise InputError(
+            "The attack needs 8-bit images (pixel values k/255); these pixels are not on that grid."
+        )
     return lev.astype(np.int64)
 
 
 class TopLayerAttack:
-    """The iterated I_pert,loss attack of §5.2 on a ``FeatureSetup`` (state: the clean training set)."""
+    """The iterated I_pert,loss attack of §5.2 on a ``FeatureSetup`` (state: the clean training
+    set)."""
 
     def __init__(self, setup: FeatureSetup) -> None:
         self.s = setup
@@ -105,7 +112,8 @@ class TopLayerAttack:
         self.yt = torch.as_tensor(setup.task.y_test)
         self.levels = _levels(setup.task.x_train)
         self.w0 = setup.top_weight()
-        # H at the clean θ̂, inverted once: the preconditioner of every retrain and s_test solve of every run
+        # H at the clean θ̂, inverted once: the preconditioner of every retrain and s_test solve of
+        # every run
         self.top = LogisticTopLayer(setup.F, self.y, setup.l2, self.w0)
 
     # ── pieces ──────────────────────────────────────────────────────────────────────
@@ -118,27 +126,35 @@ class TopLayerAttack:
         return m
 
     def s_test(self, F: torch.Tensor, w: torch.Tensor, targets: Sequence[int]) -> torch.Tensor:
-        """H⁻¹ ∇θ (mean test loss over ``targets``) with the library (``Influence`` + ``Direct`` on the
-        top-layer objective over features F at weights w) — shape (1, d)."""
+        """H⁻¹ ∇θ (mean test loss over ``targets``) with the library (``Influence`` + ``Direct`` on
+        the top-layer objective over features F at weights w) — shape (1, d)."""
         lin = torch.nn.Linear(F.shape[1], 1, bias=False).double().eval()
         with torch.no_grad():
             lin.weight.copy_(w)
-        inf = Influence(Objective(lin, "logistic", l2=self.s.l2), solver=Direct(), progress=False, grad_tol=1e-6)
+        inf = Influence(
+            Objective(lin, "logistic", l2=self.s.l2), solver=Direct(), progress=False, grad_tol=1e-6
+        )
         inf.fit((F, self.y))
         t = list(targets)
         return inf.s_test((self.s.F_test[t], self.yt[t])).value.mean(0, keepdim=True)
 
-    def s_test_closed(self, F: torch.Tensor, w: torch.Tensor, targets: Sequence[int]) -> torch.Tensor:
-        """The same s_test from the closed forms of the logistic top layer (used inside the attack loop,
-        where forming H at every step would dominate the run time): ∇θ log(1 + exp(−y wᵀφ)) = −σ(−m) y φ,
-        solved with H(w; F) by ``LogisticTopLayer.solve`` (CG preconditioned by H at the clean θ̂)."""
+    def s_test_closed(
+        self, F: torch.Tensor, w: torch.Tensor, targets: Sequence[int]
+    ) -> torch.Tensor:
+        """The same s_test from the closed forms of the logistic top layer (used inside the attack
+        loop, where forming H at every step would dominate the run time): ∇θ log(1 + exp(−y wᵀφ)) =
+        −σ(−m) y φ, solved with H(w; F) by ``LogisticTopLayer.solve`` (CG preconditioned by H at the
+        clean θ̂).
+        """
         t = list(targets)
         Ft = self.s.F_test[t]
         yt = torch.where(self.yt[t] > 0, 1.0, -1.0).double()
         g = (-(torch.sigmoid(-yt * (Ft @ w[0])) * yt)[:, None] * Ft).mean(0)
         return torch.from_numpy(self.top.solve(F, w, g))[None]
 
-    def pert(self, w: torch.Tensor, s: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def pert(
+        self, w: torch.Tensor, s: torch.Tensor, x: torch.Tensor, y: torch.Tensor
+    ) -> torch.Tensor:
         """I_pert,loss(z, ·) = −sᵀ∇x∇θL(z, θ) through the CNN for the rows of x, shape (k, 784)."""
         obj = Objective(self._model_at(w), "logistic", l2=self.s.l2, params="top")
         return -pert_directions(obj, obj.params, Data.from_any((x, y)), s)[0]
@@ -150,8 +166,16 @@ class TopLayerAttack:
         return (s * self.yt[list(targets)].to(s.dtype)).numpy()
 
     # ── the attack ──────────────────────────────────────────────────────────────────
-    def run(self, targets: Sequence[int], train: Sequence[int], *, epsilon: int, step: int = 1,
-            iterations: int = 100, stop_on_flip: bool = True) -> tuple[AttackRun, np.ndarray]:
+    def run(
+        self,
+        targets: Sequence[int],
+        train: Sequence[int],
+        *,
+        epsilon: int,
+        step: int = 1,
+        iterations: int = 100,
+        stop_on_flip: bool = True,
+    ) -> tuple[AttackRun, np.ndarray]:
         """Perturb training images ``train`` to raise the (mean) test loss of ``targets``.
 
         Returns the run and the perturbed images as 8-bit levels, shape (len(train), 784).
@@ -171,9 +195,10 @@ class TopLayerAttack:
             g = self.pert(w, s, torch.as_tensor(lev / 255.0), yk).numpy()
             new = np.clip(lev + step * np.sign(g).astype(np.int64), lo, hi)
             if new.tobytes() in seen:
-                # θ̂ is a function of the training set, so the iteration z̃ ↦ Π(z̃ + α·sign(I_pert,loss)) is a
-                # map on the finite set of 8-bit images: a repeated z̃ means it cycles through states already
-                # seen (none flipped the target), exactly as the remaining iterations would
+                # θ̂ is a function of the training set, so the iteration z̃ ↦ Π(z̃ +
+                # α·sign(I_pert,loss)) is a map on the finite set of 8-bit images: a repeated z̃
+                # means it cycles through states already seen (none flipped the target), exactly as
+                # the remaining iterations would
                 stopped, it = ("fixed point" if np.array_equal(new, lev) else "cycle"), it - 1
                 break
             seen.add(new.tobytes())
@@ -188,31 +213,45 @@ class TopLayerAttack:
         flipped = (after < 0).tolist()
         verified = [False] * len(targets)
         if any(flipped):
-            cold, _ = fit_top_layer(self.s.net, F, self.y, self.s.l2)  # from θ = 0: an independent retrain
-            verified = [bool(f and m < 0) for f, m in zip(flipped, self.margins(F, cold.top.weight.detach(), targets))]
+            # from θ = 0: an independent retrain
+            cold, _ = fit_top_layer(self.s.net, F, self.y, self.s.l2)
+            verified = [
+                bool(f and m < 0)
+                for f, m in zip(flipped, self.margins(F, cold.top.weight.detach(), targets))
+            ]
         dx = (lev - self.levels[train]) / 255.0
         run = AttackRun(
-            targets=targets, train_indices=train, iterations=it, flipped=flipped,
-            margin_before=before.tolist(), margin_after=after.tolist(), verified=verified,
+            targets=targets,
+            train_indices=train,
+            iterations=it,
+            flipped=flipped,
+            margin_before=before.tolist(),
+            margin_after=after.tolist(),
+            verified=verified,
             linf_levels=int(np.abs(lev - self.levels[train]).max(initial=0)),
             l2_pixels=float(np.linalg.norm(dx)),
-            l2_features=float((F[train] - self.s.F[train]).norm()), stopped=stopped,
+            l2_features=float((F[train] - self.s.F[train]).norm()),
+            stopped=stopped,
         )
         return run, lev
 
     def rank_training(self, inf_full: Influence, targets: Sequence[int]) -> np.ndarray:
-        """Training positions by decreasing ‖I_pert,loss(z, z_test)‖₁ (mean over ``targets`` for a group)."""
+        """Training positions by decreasing ‖I_pert,loss(z, z_test)‖₁ (mean over ``targets`` for a
+        group)."""
         t = list(targets)
-        vals = inf_full.pert_loss((torch.as_tensor(self.s.task.x_test[t]), self.yt[t])).values  # (m, n, 784)
+        # (m, n, 784)
+        vals = inf_full.pert_loss((torch.as_tensor(self.s.task.x_test[t]), self.yt[t])).values
         score = np.abs(vals.mean(0)).sum(-1)
         return np.argsort(-score, kind="stable")
 
 
 def full_influence(setup: FeatureSetup, progress: bool = False) -> Influence:
-    """``Influence`` on the full model (CNN + top layer, θ = the top layer) at θ̂: ``pert_loss`` reaches the pixels."""
+    """``Influence`` on the full model (CNN + top layer, θ = the top layer) at θ̂: ``pert_loss``
+    reaches the pixels."""
     obj = Objective(setup.model, "logistic", l2=setup.l2, params="top")
     return Influence(obj, solver=Direct(), progress=progress, grad_tol=1e-6).fit(
-        (torch.as_tensor(setup.task.x_train), torch.as_tensor(setup.task.y_train)))
+        (torch.as_tensor(setup.task.x_train), torch.as_tensor(setup.task.y_train))
+    )
 
 
 @dataclass(frozen=True)
@@ -229,16 +268,19 @@ class AttackResult:
     iterations: int
     cnn: dict[str, Any]
     grad_norm: float
-    targets: list[int]                     # correctly classified test positions attacked
-    flips_by_k: dict[str, int]             # cumulative: flipped with ≤ k perturbed images (k = 1, 2, 3, 5, 10)
+    targets: list[int]  # correctly classified test positions attacked
+    # cumulative: flipped with ≤ k perturbed images (k = 1, 2, 3, 5, 10)
+    flips_by_k: dict[str, int]
     flip_rate: dict[str, float]
-    solved_with: list[int]                 # per target: k of the successful attack (0: not flipped)
-    verified_all: bool                     # every counted flip also flips under a cold retrain
-    runs: list[dict[str, Any]]             # the successful (or last) run per target
-    pixel_to_centroid: float               # median over 1-image successes: ‖Δx‖₂ / mean ‖x − class centroid‖₂
-    feature_to_centroid: float             # … the same in feature space
+    solved_with: list[int]  # per target: k of the successful attack (0: not flipped)
+    verified_all: bool  # every counted flip also flips under a cold retrain
+    runs: list[dict[str, Any]]  # the successful (or last) run per target
+    # median over 1-image successes: ‖Δx‖₂ / mean ‖x − class centroid‖₂
+    pixel_to_centroid: float
+    feature_to_centroid: float  # … the same in feature space
     multi: dict[str, Any] = field(default_factory=dict)
-    example: dict[str, Any] = field(default_factory=dict)   # one successful 1-image attack, for the figure
+    # one successful 1-image attack, for the figure
+    example: dict[str, Any] = field(default_factory=dict)
     config: AttackConfig = field(default_factory=AttackConfig)  # the settings of the run
 
     def to_json(self) -> dict[str, Any]:
@@ -269,17 +311,27 @@ def _attacker(setup: FeatureSetup) -> tuple[TopLayerAttack, Influence]:
     return cached[1], cached[2]
 
 
-def _attack_partition(targets: Sequence[int], setup: FeatureSetup, schedule: Sequence[tuple[int, ...]],
-                      epsilon: int, step: int, iterations: int) -> list[tuple[int, dict[str, Any], list[int] | None]]:
+def _attack_partition(
+    targets: Sequence[int],
+    setup: FeatureSetup,
+    schedule: Sequence[tuple[int, ...]],
+    epsilon: int,
+    step: int,
+    iterations: int,
+) -> list[tuple[int, dict[str, Any], list[int] | None]]:
     """The single-target attacks of one partition of targets — the map step of ``run_attack``. Per
-    target: (k of the successful attack or 0, its last run, the perturbed levels of a 1-image success)."""
+    target: (k of the successful attack or 0, its last run, the perturbed levels of a 1-image
+    success).
+    """
     atk, inf_full = _attacker(setup)
     out = []
     for t in targets:
         ranking = atk.rank_training(inf_full, [int(t)])
         k_ok, last, levels = 0, None, None
         for ks in schedule:
-            run, lev = atk.run([int(t)], ranking[list(ks)], epsilon=epsilon, step=step, iterations=iterations)
+            run, lev = atk.run(
+                [int(t)], ranking[list(ks)], epsilon=epsilon, step=step, iterations=iterations
+            )
             last = run
             if run.flipped[0]:
                 k_ok = len(ks)
@@ -319,24 +371,33 @@ def run_attack(
     # alternate classes so a prefix of the list is balanced
     pos, neg = correct[task.y_test[correct] > 0], correct[task.y_test[correct] < 0]
     order = [int(v) for pair in zip(pos, neg) for v in pair]
-    order += [int(v) for v in (pos[len(neg):] if len(pos) > len(neg) else neg[len(pos):])]
+    order += [int(v) for v in (pos[len(neg) :] if len(pos) > len(neg) else neg[len(pos) :])]
     chosen = order if targets is None else order[:targets]
     if targets is not None and not 1 <= targets <= len(order):
-        raise InputError(f"run_attack: targets must be between 1 and {len(order)} (correctly classified test "
-                         f"images); got {targets}.")
+        raise InputError(
+            f"run_attack: targets must be between 1 and {len(order)} (correctly classified test "
+            f"images); got {targets}."
+        )
     schedule = [ks for ks in SCHEDULE if max(ks) < max_k]
 
     ex = resolve(executor)
     size = 1 if ex.parallelism == 1 else max(1, -(-len(chosen) // (4 * ex.parallelism)))
-    parts = [chosen[i:i + size] for i in range(0, len(chosen), size)]
+    parts = [chosen[i : i + size] for i in range(0, len(chosen), size)]
     results = ex.map(_attack_partition, parts, ex.share(setup), schedule, epsilon, step, iterations)
     solved, runs = [], []
     example: dict[str, Any] = {}
-    for part, res in zip(parts, _progress(results, desc="attacking test images", total=len(parts), enabled=progress)):
+    for part, res in zip(
+        parts, _progress(results, desc="attacking test images", total=len(parts), enabled=progress)
+    ):
         for t, (k_ok, last, levels) in zip(part, res):
             if not example and levels is not None:  # the first 1-image success in target order
-                example = {"target": t, "train": last["train_indices"], "perturbed_levels": levels,
-                           "original_levels": atk.levels[last["train_indices"]].tolist(), "run": last}
+                example = {
+                    "target": t,
+                    "train": last["train_indices"],
+                    "perturbed_levels": levels,
+                    "original_levels": atk.levels[last["train_indices"]].tolist(),
+                    "run": last,
+                }
             solved.append(k_ok)
             runs.append(last)
     solved_arr = np.asarray(solved)
@@ -353,25 +414,51 @@ def run_attack(
 
     multi: dict[str, Any] = {}
     if group_size > 0:
-        multi = _multi_target(atk, inf_full, setup, correct, group_size, multi_k, epsilon, step, iterations)
+        multi = _multi_target(
+            atk, inf_full, setup, correct, group_size, multi_k, epsilon, step, iterations
+        )
 
     return AttackResult(
-        digits=list(task.digits), n_train=len(task.y_train), n_test=len(task.y_test), n_correct=len(correct),
-        l2=setup.l2, epsilon_levels=int(epsilon), step_levels=int(step), iterations=int(iterations),
-        cnn=asdict(setup.cnn), grad_norm=setup.grad_norm, targets=chosen, flips_by_k=flips,
-        flip_rate={k: v / len(chosen) for k, v in flips.items()}, solved_with=solved, verified_all=verified_all,
-        runs=runs, pixel_to_centroid=ratio_p, feature_to_centroid=ratio_f, multi=multi, example=example,
+        digits=list(task.digits),
+        n_train=len(task.y_train),
+        n_test=len(task.y_test),
+        n_correct=len(correct),
+        l2=setup.l2,
+        epsilon_levels=int(epsilon),
+        step_levels=int(step),
+        iterations=int(iterations),
+        cnn=asdict(setup.cnn),
+        grad_norm=setup.grad_norm,
+        targets=chosen,
+        flips_by_k=flips,
+        flip_rate={k: v / len(chosen) for k, v in flips.items()},
+        solved_with=solved,
+        verified_all=verified_all,
+        runs=runs,
+        pixel_to_centroid=ratio_p,
+        feature_to_centroid=ratio_f,
+        multi=multi,
+        example=example,
         config=c,
     )
 
 
-def _multi_target(atk: TopLayerAttack, inf_full: Influence, setup: FeatureSetup, correct: np.ndarray, group_size: int,
-                  multi_k: Sequence[int], epsilon: int, step: int, iterations: int) -> dict[str, Any]:
+def _multi_target(
+    atk: TopLayerAttack,
+    inf_full: Influence,
+    setup: FeatureSetup,
+    correct: np.ndarray,
+    group_size: int,
+    multi_k: Sequence[int],
+    epsilon: int,
+    step: int,
+    iterations: int,
+) -> dict[str, Any]:
     """Paper Fig. 5: one set of perturbed training images against a group of similar test images.
 
     The group (the paper's 30 photos of one dog): the first correctly classified test image of the
-    second digit (label −1) and its ``group_size − 1`` nearest correctly classified neighbours of the
-    same label in feature space. f = their mean test loss; the top-k training images by
+    second digit (label −1) and its ``group_size − 1`` nearest correctly classified neighbours of
+    the same label in feature space. f = their mean test loss; the top-k training images by
     ‖I_pert,loss‖₁ of f are perturbed for all ``iterations`` (no early stop), then we count flips.
     """
     yt = setup.task.y_test
@@ -385,11 +472,31 @@ def _multi_target(atk: TopLayerAttack, inf_full: Influence, setup: FeatureSetup,
     ranking = atk.rank_training(inf_full, group)
     out: dict[str, Any] = {"group": group, "anchor": anchor, "by_k": {}}
     for k in multi_k:
-        run, _ = atk.run(group, ranking[:k], epsilon=epsilon, step=step, iterations=iterations, stop_on_flip=False)
-        out["by_k"][str(k)] = {"flipped": int(sum(run.flipped)), "verified": int(sum(run.verified)),
-                               "train_indices": run.train_indices, "iterations": run.iterations,
-                               "stopped": run.stopped, "linf_levels": run.linf_levels}
+        run, _ = atk.run(
+            group,
+            ranking[:k],
+            epsilon=epsilon,
+            step=step,
+            iterations=iterations,
+            stop_on_flip=False,
+        )
+        out["by_k"][str(k)] = {
+            "flipped": int(sum(run.flipped)),
+            "verified": int(sum(run.verified)),
+            "train_indices": run.train_indices,
+            "iterations": run.iterations,
+            "stopped": run.stopped,
+            "linf_levels": run.linf_levels,
+        }
     return out
 
 
-__all__ = ["PAPER", "SCHEDULE", "AttackResult", "AttackRun", "TopLayerAttack", "full_influence", "run_attack"]
+__all__ = [
+    "PAPER",
+    "SCHEDULE",
+    "AttackResult",
+    "AttackRun",
+    "TopLayerAttack",
+    "full_influence",
+    "run_attack",
+]

@@ -36,8 +36,9 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def _count(config: object, name: str, low: int = 1, *, optional: bool = False,
-           high: int | None = None) -> None:
+def _count(
+    config: object, name: str, low: int = 1, *, optional: bool = False, high: int | None = None
+) -> None:
     """``config.name`` must be an int ≥ ``low`` (and ≤ ``high``), or None where ``optional``."""
     v = getattr(config, name)
     if optional and v is None:
@@ -63,11 +64,13 @@ def _index(config: object, name: str) -> None:
 @dataclass(frozen=True)
 class Fig2Config:
     """The settings of a Fig. 2 run: what ``run_fig2`` computes and ``upweight reproduce fig2``'s
-    options (whose defaults these are). ``dataclasses.asdict`` of it is ``settings`` in results.json.
+    options (whose defaults these are). ``dataclasses.asdict`` of it is ``settings`` in
+    results.json.
 
     ``panels``: a non-empty subset of ``PANELS``. The logistic-regression panels (cg, lissa) use
     ``loo_k`` … ``refit_method`` (``run_logreg_panels``), the CNN panel the ``cnn_*`` fields
-    (``run_cnn_panel``); ``seed`` seeds the subsampling, LiSSA and the CNN's initialisation and batches.
+    (``run_cnn_panel``); ``seed`` seeds the subsampling, LiSSA and the CNN's initialisation and
+    batches.
     """
 
     panels: tuple[str, ...] = PANELS
@@ -93,10 +96,20 @@ class Fig2Config:
         object.__setattr__(self, "panels", tuple(self.panels))
         bad = [p for p in self.panels if p not in PANELS]
         if bad or not self.panels:
-            raise _invalid(self, "panels", f"must be a comma-separated subset of "
-                           f"{', '.join(PANELS)}; got {', '.join(self.panels) or 'none'}.")
-        for name in ("loo_k", "lissa_depth", "lissa_repeats", "lissa_batch_size", "cnn_loo_k",
-                     "cnn_train_steps"):
+            raise _invalid(
+                self,
+                "panels",
+                "must be a comma-separated subset of "
+                f"{', '.join(PANELS)}; got {', '.join(self.panels) or 'none'}.",
+            )
+        for name in (
+            "loo_k",
+            "lissa_depth",
+            "lissa_repeats",
+            "lissa_batch_size",
+            "cnn_loo_k",
+            "cnn_train_steps",
+        ):
             _count(self, name)
         for name in ("train_size", "cnn_train_size", "cnn_retrain_steps"):
             _count(self, name, optional=True)
@@ -108,11 +121,15 @@ class Fig2Config:
             _positive(self, "cnn_retrain_lr")
         _positive(self, "cnn_damping", zero=True)
         if self.refit_method not in ("auto", "newton", "lbfgs"):
-            raise _invalid(self, "refit_method",
-                           f"must be 'auto', 'newton' or 'lbfgs'; got {self.refit_method!r}.")
+            raise _invalid(
+                self,
+                "refit_method",
+                f"must be 'auto', 'newton' or 'lbfgs'; got {self.refit_method!r}.",
+            )
         if self.cnn_retrain not in ("adam", "momentum"):
-            raise _invalid(self, "cnn_retrain",
-                           f"must be 'adam' or 'momentum'; got {self.cnn_retrain!r}.")
+            raise _invalid(
+                self, "cnn_retrain", f"must be 'adam' or 'momentum'; got {self.cnn_retrain!r}."
+            )
 
 
 @dataclass(frozen=True)
@@ -190,10 +207,16 @@ class FeatureConfig:
 
     def __post_init__(self) -> None:
         digits = tuple(self.digits)
-        if len(digits) != 2 or not all(_is_int(d) and 0 <= d <= 9 for d in digits) \
-                or digits[0] == digits[1]:
-            raise _invalid(self, "digits",
-                           f"must be two different digits 0–9, e.g. (4, 9); got {self.digits!r}.")
+        if (
+            len(digits) != 2
+            or not all(_is_int(d) and 0 <= d <= 9 for d in digits)
+            or digits[0] == digits[1]
+        ):
+            raise _invalid(
+                self,
+                "digits",
+                f"must be two different digits 0–9, e.g. (4, 9); got {self.digits!r}.",
+            )
         object.__setattr__(self, "digits", digits)
         for name in ("n_per_class", "n_test_per_class", "cnn_images", "cnn_epochs", "n_features"):
             _count(self, name)
@@ -257,8 +280,9 @@ class AttackConfig(FeatureConfig):
         _count(self, "group_size", 0)
         multi_k = tuple(self.multi_k)
         if not multi_k or not all(_is_int(k) and k >= 1 for k in multi_k):
-            raise _invalid(self, "multi_k",
-                           f"must be integers ≥ 1, at least one; got {list(multi_k)}.")
+            raise _invalid(
+                self, "multi_k", f"must be integers ≥ 1, at least one; got {list(multi_k)}."
+            )
         object.__setattr__(self, "multi_k", multi_k)
 
 
@@ -323,14 +347,18 @@ class MislabelConfig:
         _positive(self, "flip_fraction", below=1.0)
         fr = tuple(self.fractions)
         if not fr or not all(_is_number(f) and 0 <= f <= 1 for f in fr):
-            raise _invalid(self, "fractions",
-                           f"must be in [0, 1] (e.g. 0,0.05,0.1,…,0.3); got {list(fr)}.")
+            raise _invalid(
+                self, "fractions", f"must be in [0, 1] (e.g. 0,0.05,0.1,…,0.3); got {list(fr)}."
+            )
         object.__setattr__(self, "fractions", tuple(sorted({float(f) for f in fr})))
         _count(self, "repeats")
         _count(self, "seed", 0)
         if self.solver not in MISLABEL_SOLVERS:
-            raise _invalid(self, "solver",
-                           f"must be one of {', '.join(MISLABEL_SOLVERS)}; got {self.solver!r}.")
+            raise _invalid(
+                self,
+                "solver",
+                f"must be one of {', '.join(MISLABEL_SOLVERS)}; got {self.solver!r}.",
+            )
         _positive(self, "gtol")
         _positive(self, "refit_gtol")
         _count(self, "min_df")

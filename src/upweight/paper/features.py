@@ -1,4 +1,5 @@
-"""A small MNIST CNN trained here, standing in for the paper's Inception-v3 feature extractor (§5.1–5.2).
+"""A small MNIST CNN trained here, standing in for the paper's Inception-v3 feature extractor
+(§5.1–5.2).
 
 Koh & Liang (2017) §5.1–5.2 freeze a pre-trained Inception v3 (ImageNet) and train only its top
 layer — logistic regression on the 2,048 bottleneck features — on 1,800 dog/fish images. Neither
@@ -49,7 +50,7 @@ class FeatureCNN(nn.Module):
 
     def __init__(self, n_features: int = 64, n_classes: int = 10) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(1, 16, kernel_size=5, stride=2, padding=2)   # 28 → 14
+        self.conv1 = nn.Conv2d(1, 16, kernel_size=5, stride=2, padding=2)  # 28 → 14
         self.conv2 = nn.Conv2d(16, 32, kernel_size=3, stride=2, padding=1)  # 14 → 7
         self.fc = nn.Linear(32 * 7 * 7, n_features)
         self.head = nn.Linear(n_features, n_classes)
@@ -116,10 +117,14 @@ def train_feature_cnn(
         x_eval, y_eval: optional held-out images to report the 10-class accuracy on.
     """
     if len(x) != len(y) or len(x) == 0:
-        raise InputError(f"train_feature_cnn: x has {len(x)} rows and y {len(y)}; need the same positive number.")
+        raise InputError(
+            f"train_feature_cnn: x has {len(x)} rows and y {len(y)}; need the same positive number."
+        )
     if epochs < 1 or batch_size < 1 or n_features < 1:
-        raise InputError(f"train_feature_cnn: epochs ({epochs}), batch_size ({batch_size}) and n_features "
-                         f"({n_features}) must be ≥ 1.")
+        raise InputError(
+            f"train_feature_cnn: epochs ({epochs}), batch_size ({batch_size}) and n_features "
+            f"({n_features}) must be ≥ 1."
+        )
     t0 = time.perf_counter()
     gen = torch.Generator().manual_seed(seed)
     state = torch.random.get_rng_state()
@@ -135,7 +140,7 @@ def train_feature_cnn(
     for _ in range(epochs):
         perm = torch.randperm(len(X), generator=gen)
         for s in range(0, len(X), batch_size):
-            idx = perm[s:s + batch_size]
+            idx = perm[s : s + batch_size]
             loss = F.cross_entropy(net(X[idx]), Y[idx])
             opt.zero_grad()
             loss.backward()
@@ -154,87 +159,134 @@ def train_feature_cnn(
 
 @dataclass(frozen=True)
 class BinaryTask:
-    """Two MNIST digits as a ±1 task: ``digits[0]`` → +1, ``digits[1]`` → −1 (float64 pixels in [0, 1])."""
+    """Two MNIST digits as a ±1 task: ``digits[0]`` → +1, ``digits[1]`` → −1 (float64 pixels in [0,
+    1])."""
 
     digits: tuple[int, int]
-    x_train: np.ndarray          # (n, 784)
-    y_train: np.ndarray          # (n,) ±1
+    x_train: np.ndarray  # (n, 784)
+    y_train: np.ndarray  # (n,) ±1
     x_test: np.ndarray
     y_test: np.ndarray
-    train_rows: np.ndarray       # rows into the split's x_train
-    test_rows: np.ndarray        # rows into the split's x_test
+    train_rows: np.ndarray  # rows into the split's x_train
+    test_rows: np.ndarray  # rows into the split's x_test
 
 
-def binary_task(data: SplitData, digits: tuple[int, int] = (1, 7), n_per_class: int = 900,
-                n_test_per_class: int = 300) -> BinaryTask:
-    """The first ``n_per_class`` training and ``n_test_per_class`` test images of each digit, in MNIST
-    order (paper §5.1: 900 training images per class; the release code: 300 test images per class)."""
+def binary_task(
+    data: SplitData,
+    digits: tuple[int, int] = (1, 7),
+    n_per_class: int = 900,
+    n_test_per_class: int = 300,
+) -> BinaryTask:
+    """The first ``n_per_class`` training and ``n_test_per_class`` test images of each digit, in
+    MNIST order (paper §5.1: 900 training images per class; the release code: 300 test images per
+    class).
+    """
     a, b = digits
     if a == b or not (0 <= a <= 9 and 0 <= b <= 9):
         raise InputError(f"digits must be two different digits 0–9; got {digits}.")
     yl = np.asarray(data.y_train)
     if yl.min() < 0 or yl.max() > 9:
-        raise InputError("binary_task needs 10-class MNIST labels 0–9: load the data with "
-                         "upweight.datasets.load_mnist(path) (no subset).")
+        raise InputError(
+            "binary_task needs 10-class MNIST labels 0–9: load the data with "
+            "upweight.datasets.load_mnist(path) (no subset)."
+        )
     rows, trows = [], []
-    for d, k, lab, rr in ((a, n_per_class, data.y_train, rows), (b, n_per_class, data.y_train, rows),
-                          (a, n_test_per_class, data.y_test, trows), (b, n_test_per_class, data.y_test, trows)):
+    for d, k, lab, rr in (
+        (a, n_per_class, data.y_train, rows),
+        (b, n_per_class, data.y_train, rows),
+        (a, n_test_per_class, data.y_test, trows),
+        (b, n_test_per_class, data.y_test, trows),
+    ):
         found = np.flatnonzero(np.asarray(lab) == d)
         if len(found) < k:
             raise InputError(f"binary_task: only {len(found)} images of digit {d}; asked for {k}.")
         rr.append(found[:k])
     tr, te = np.concatenate(rows), np.concatenate(trows)
     sign = lambda lab: np.where(np.asarray(lab) == a, 1, -1).astype(np.int64)  # noqa: E731
-    return BinaryTask((a, b), np.asarray(data.x_train[tr], np.float64), sign(data.y_train[tr]),
-                      np.asarray(data.x_test[te], np.float64), sign(data.y_test[te]), tr, te)
+    return BinaryTask(
+        (a, b),
+        np.asarray(data.x_train[tr], np.float64),
+        sign(data.y_train[tr]),
+        np.asarray(data.x_test[te], np.float64),
+        sign(data.y_test[te]),
+        tr,
+        te,
+    )
 
 
 def cnn_training_rows(data: SplitData, task: BinaryTask, n_images: int, seed: int) -> np.ndarray:
-    """``n_images`` rows of the split's training images (all 10 digits) outside the task's training set,
-    drawn with ``numpy.random.default_rng(seed)``."""
+    """``n_images`` rows of the split's training images (all 10 digits) outside the task's training
+    set, drawn with ``numpy.random.default_rng(seed)``."""
     pool = np.setdiff1d(np.arange(len(data.y_train)), task.train_rows)
     if n_images > len(pool):
-        raise InputError(f"cnn_images={n_images} but only {len(pool)} training images are outside the task.")
+        raise InputError(
+            f"cnn_images={n_images} but only {len(pool)} training images are outside the task."
+        )
     return np.sort(np.random.default_rng(seed).choice(pool, size=n_images, replace=False))
 
 
 def features_of(net: FeatureCNN, x: np.ndarray | torch.Tensor, batch: int = 2048) -> torch.Tensor:
     """φ(x) in float64, shape (n, d)."""
-    X = torch.as_tensor(np.asarray(x, dtype=np.float64)) if not isinstance(x, torch.Tensor) else x.double()
+    X = (
+        torch.as_tensor(np.asarray(x, dtype=np.float64))
+        if not isinstance(x, torch.Tensor)
+        else x.double()
+    )
     with torch.no_grad():
-        return torch.cat([net.features(X[s:s + batch]) for s in range(0, len(X), batch)])
+        return torch.cat([net.features(X[s : s + batch]) for s in range(0, len(X), batch)])
 
 
-def fit_top_layer(net: FeatureCNN, feats: torch.Tensor, y: np.ndarray | torch.Tensor, l2: float,
-                  init: torch.Tensor | None = None) -> tuple[TopLayerModel, float]:
-    """Train the top layer (logistic loss, R = mean loss + (l2/2)‖w‖²) on fixed features to the minimum
-    in float64 (``upweight.refit``, warm-started at ``init``); returns the model and ‖∇R‖."""
+def fit_top_layer(
+    net: FeatureCNN,
+    feats: torch.Tensor,
+    y: np.ndarray | torch.Tensor,
+    l2: float,
+    init: torch.Tensor | None = None,
+) -> tuple[TopLayerModel, float]:
+    """Train the top layer (logistic loss, R = mean loss + (l2/2)‖w‖²) on fixed features to the
+    minimum in float64 (``upweight.refit``, warm-started at ``init``); returns the model and ‖∇R‖.
+    """
     model = TopLayerModel(net).double().eval()
     lin = torch.nn.Linear(feats.shape[1], 1, bias=False).double().eval()
     with torch.no_grad():
         lin.weight.copy_(init if init is not None else torch.zeros_like(lin.weight))
-    res = refit(Objective(lin, "logistic", l2=l2), Data.from_any((feats, torch.as_tensor(y))), gtol=1e-10, maxiter=2000)
+    res = refit(
+        Objective(lin, "logistic", l2=l2),
+        Data.from_any((feats, torch.as_tensor(y))),
+        gtol=1e-10,
+        maxiter=2000,
+    )
     with torch.no_grad():
         model.top.weight.copy_(res.params["weight"])
     return model, res.grad_norm
 
 
-__all__ = ["BinaryTask", "CNNTraining", "FeatureCNN", "TopLayerModel", "binary_task", "cnn_training_rows",
-           "features_of", "fit_top_layer", "train_feature_cnn"]
+__all__ = [
+    "BinaryTask",
+    "CNNTraining",
+    "FeatureCNN",
+    "TopLayerModel",
+    "binary_task",
+    "cnn_training_rows",
+    "features_of",
+    "fit_top_layer",
+    "train_feature_cnn",
+]
 
 
 @dataclass(frozen=True)
 class FeatureSetup:
-    """The binary task, the trained feature CNN and the top-layer model θ̂ (the paper's "Inception" model)."""
+    """The binary task, the trained feature CNN and the top-layer model θ̂ (the paper's "Inception"
+    model)."""
 
     task: BinaryTask
     net: FeatureCNN
     cnn: CNNTraining
     l2: float
-    F: torch.Tensor              # φ(x_train), (n, d) float64
-    F_test: torch.Tensor         # φ(x_test)
-    model: TopLayerModel         # extractor + top layer at θ̂
-    grad_norm: float             # ‖∇R(θ̂)‖ of the top-layer fit
+    F: torch.Tensor  # φ(x_train), (n, d) float64
+    F_test: torch.Tensor  # φ(x_test)
+    model: TopLayerModel  # extractor + top layer at θ̂
+    grad_norm: float  # ‖∇R(θ̂)‖ of the top-layer fit
     config: FeatureConfig = field(default_factory=FeatureConfig)  # the settings it was built with
 
     def top_weight(self) -> torch.Tensor:
@@ -257,8 +309,15 @@ def build_feature_model(data: SplitData, config: FeatureConfig | None = None) ->
     l2, seed = c.l2, c.seed
     task = binary_task(data, digits, n_per_class, n_test_per_class)
     rows = cnn_training_rows(data, task, cnn_images, seed)
-    net, info = train_feature_cnn(data.x_train[rows], data.y_train[rows], n_features=n_features, epochs=cnn_epochs,
-                                  seed=seed, x_eval=data.x_test, y_eval=data.y_test)
+    net, info = train_feature_cnn(
+        data.x_train[rows],
+        data.y_train[rows],
+        n_features=n_features,
+        epochs=cnn_epochs,
+        seed=seed,
+        x_eval=data.x_test,
+        y_eval=data.y_test,
+    )
     F, Ft = features_of(net, task.x_train), features_of(net, task.x_test)
     model, g = fit_top_layer(net, F, task.y_train, l2)
     built = FeatureConfig(**feature_settings(c))
@@ -277,8 +336,10 @@ def check_setup(setup: FeatureSetup, config: FeatureConfig, what: str) -> None:
     built, asked = feature_settings(setup.config), feature_settings(config)
     diff = [f"{k}={asked[k]!r} (setup: {built[k]!r})" for k in built if built[k] != asked[k]]
     if diff:
-        raise InputError(f"{what}: the setup was built with other settings than the config's: "
-                         f"{', '.join(diff)}; build it with build_feature_model(data, config).")
+        raise InputError(
+            f"{what}: the setup was built with other settings than the config's: "
+            f"{', '.join(diff)}; build it with build_feature_model(data, config)."
+        )
 
 
 __all__ += ["FeatureSetup", "build_feature_model", "check_setup", "feature_settings"]

@@ -23,8 +23,8 @@ point when a training point z is removed, −I_up,loss(z, z_test)/n, against the
 The refits of panel 1 are the expensive part (one full minimisation per point). With
 ``refit="newton"`` each is a Newton iteration preconditioned by the exact float64 Cholesky factor
 of the full-data Hessian at θ̂ (built once from its 784 × 784 class-pair blocks), which reaches
-‖∇R₋z‖∞ ≤ 1e-9 in a few gradient evaluations (measured 4–7) instead of the 40–60 L-BFGS iterations of
-``upweight.refit``; the result is the same unique minimiser of the strictly convex LOO risk, and
+‖∇R₋z‖∞ ≤ 1e-9 in a few gradient evaluations (measured 4–7) instead of the 40–60 L-BFGS iterations
+of ``upweight.refit``; the result is the same unique minimiser of the strictly convex LOO risk, and
 every refit's final gradient norm is recorded (a refit that does not converge falls back to
 ``upweight.refit``).
 """
@@ -103,12 +103,23 @@ class Fig2Panel:
     resumed: int = 0  # retrainings read from a store kept by an earlier, interrupted run
 
     @classmethod
-    def from_comparison(cls, name: str, solver: str, cmp: LOOComparison, seconds: float, **details: Any) -> Fig2Panel:
+    def from_comparison(
+        cls, name: str, solver: str, cmp: LOOComparison, seconds: float, **details: Any
+    ) -> Fig2Panel:
         return cls(
-            name=name, solver=solver, k=len(cmp.train_ids), train_ids=[int(i) for i in cmp.train_ids],
-            predicted=[float(v) for v in cmp.predicted], actual=[float(v) for v in cmp.actual],
-            pearson=cmp.pearson, spearman=cmp.spearman, slope=cmp.slope, intercept=cmp.intercept,
-            seconds=seconds, details=details, resumed=int(cmp.provenance.get("resumed_from_store", 0)),
+            name=name,
+            solver=solver,
+            k=len(cmp.train_ids),
+            train_ids=[int(i) for i in cmp.train_ids],
+            predicted=[float(v) for v in cmp.predicted],
+            actual=[float(v) for v in cmp.actual],
+            pearson=cmp.pearson,
+            spearman=cmp.spearman,
+            slope=cmp.slope,
+            intercept=cmp.intercept,
+            seconds=seconds,
+            details=details,
+            resumed=int(cmp.provenance.get("resumed_from_store", 0)),
         )
 
 
@@ -124,20 +135,29 @@ class Fig2Result:
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict (lists, floats, strings); ``settings`` is the run's ``Fig2Config``."""
         settings = {**asdict(self.config), "panels": list(self.config.panels)}
-        return {"panels": {k: asdict(v) for k, v in self.panels.items()}, "settings": settings,
-                "logreg": self.logreg, "cnn": self.cnn}
+        return {
+            "panels": {k: asdict(v) for k, v in self.panels.items()},
+            "settings": settings,
+            "logreg": self.logreg,
+            "cnn": self.cnn,
+        }
 
 
 def agreement(predicted: np.ndarray, actual: np.ndarray) -> dict[str, float]:
     """Pearson, Spearman and the least-squares line actual ≈ slope·predicted + intercept."""
     fit = scipy.stats.linregress(predicted, actual)
-    return {"pearson": float(scipy.stats.pearsonr(predicted, actual)[0]),
-            "spearman": float(scipy.stats.spearmanr(predicted, actual)[0]),
-            "slope": float(fit.slope), "intercept": float(fit.intercept)}
+    return {
+        "pearson": float(scipy.stats.pearsonr(predicted, actual)[0]),
+        "spearman": float(scipy.stats.spearmanr(predicted, actual)[0]),
+        "slope": float(fit.slope),
+        "intercept": float(fit.intercept),
+    }
 
 
 # ── panel 1–2: multinomial logistic regression ───────────────────────────────────────
-def fit_logreg(X: torch.Tensor, y: torch.Tensor, l2: float, *, gtol: float = 1e-9) -> tuple[nn.Linear, dict[str, Any]]:
+def fit_logreg(
+    X: torch.Tensor, y: torch.Tensor, l2: float, *, gtol: float = 1e-9
+) -> tuple[nn.Linear, dict[str, Any]]:
     """10-class logistic regression without bias (p = d·K), trained to the float64 minimum of R."""
     classes = int(y.max()) + 1
     model = nn.Linear(X.shape[1], classes, bias=False).double().eval()
@@ -147,12 +167,18 @@ def fit_logreg(X: torch.Tensor, y: torch.Tensor, l2: float, *, gtol: float = 1e-
     res = refit(Objective(model, "cross_entropy", l2=l2), Data.from_any((X, y)), gtol=gtol)
     with torch.no_grad():
         model.weight.copy_(res.params["weight"])
-    return model, {"fit_seconds": time.perf_counter() - t0, "fit_iterations": res.iterations,
-                   "grad_norm": res.grad_norm}
+    return model, {
+        "fit_seconds": time.perf_counter() - t0,
+        "fit_iterations": res.iterations,
+        "grad_norm": res.grad_norm,
+    }
 
 
-def multinomial_hessian(X: torch.Tensor, W: torch.Tensor, l2: float, *, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """H = ∇²R at W for R = mean cross-entropy of softmax(XWᵀ) + (l2/2)‖W‖², dense (K·d × K·d), float64.
+def multinomial_hessian(
+    X: torch.Tensor, W: torch.Tensor, l2: float, *, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """H = ∇²R at W for R = mean cross-entropy of softmax(XWᵀ) + (l2/2)‖W‖², dense (K·d × K·d),
+    float64.
 
     Block (c, e) is (1/n) Xᵀ diag(p_c δ_ce − p_c p_e) X (+ l2·I on the diagonal), in the row-major
     order of ``W`` (index c·d + j) that upweight's parameter space uses. The Gram products run in
@@ -168,9 +194,9 @@ def multinomial_hessian(X: torch.Tensor, W: torch.Tensor, l2: float, *, dtype: t
             for e in range(c, K):
                 w = (P[:, c] * ((1.0 if c == e else 0.0) - P[:, e])).to(dtype)
                 B = ((Xc * w[:, None]).T @ Xc).double() / n
-                H[c * d:(c + 1) * d, e * d:(e + 1) * d] = B
+                H[c * d : (c + 1) * d, e * d : (e + 1) * d] = B
                 if e != c:
-                    H[e * d:(e + 1) * d, c * d:(c + 1) * d] = B.T
+                    H[e * d : (e + 1) * d, c * d : (c + 1) * d] = B.T
         H.diagonal().add_(l2)
     return H
 
@@ -220,14 +246,27 @@ class NewtonRefitter:
                 break
             theta, g = cand, g_new
         if float(g.abs().max()) > self.gtol:  # not there: the library's L-BFGS finishes the job
-            res = refit(objective, data, init=space.unflatten(theta), gtol=self.gtol,
-                        weights=torch.full((len(data),), len(data) / self.n, dtype=torch.float64))
-            theta, g, evals = space.flatten(res.params), torch.tensor([res.grad_norm]), evals + res.iterations
+            res = refit(
+                objective,
+                data,
+                init=space.unflatten(theta),
+                gtol=self.gtol,
+                weights=torch.full((len(data),), len(data) / self.n, dtype=torch.float64),
+            )
+            theta, g, evals = (
+                space.flatten(res.params),
+                torch.tensor([res.grad_norm]),
+                evals + res.iterations,
+            )
         return RefitResult(space.unflatten(theta), float(g.norm()), evals)
 
 
-def pick_misclassified(predict: Callable[[torch.Tensor], torch.Tensor], X: torch.Tensor, y: torch.Tensor,
-                       test_index: int | None) -> tuple[int, bool]:
+def pick_misclassified(
+    predict: Callable[[torch.Tensor], torch.Tensor],
+    X: torch.Tensor,
+    y: torch.Tensor,
+    test_index: int | None,
+) -> tuple[int, bool]:
     """The given test index (and whether it is misclassified), or the first misclassified one."""
     with torch.no_grad():
         pred = predict(X)
@@ -237,7 +276,9 @@ def pick_misclassified(predict: Callable[[torch.Tensor], torch.Tensor], X: torch
             raise InputError("No test point is misclassified; pass --test-index to pick one.")
         return int(wrong[0]), True
     if not 0 <= test_index < len(y):
-        raise InputError(f"test index {test_index} is outside the {len(y)} test points; pass 0 … {len(y) - 1}.")
+        raise InputError(
+            f"test index {test_index} is outside the {len(y)} test points; pass 0 … {len(y) - 1}."
+        )
     return int(test_index), bool(pred[test_index] != y[test_index])
 
 
@@ -281,16 +322,27 @@ def run_logreg_panels(
         acc = float(((Xt @ model.weight.T).argmax(1) == yt).double().mean())
         logits = Xt[ti] @ model.weight.T
     obj = Objective(model, "cross_entropy", l2=l2)
-    test = (Xt[ti:ti + 1], yt[ti:ti + 1])
-    info.update(n_train=n, p=obj.p, l2=l2, test_index=ti, test_misclassified=wrong, test_label=int(yt[ti]),
-                test_prediction=int(logits.argmax()), test_loss=float(torch.nn.functional.cross_entropy(logits[None], yt[ti:ti + 1])),
-                test_accuracy=acc)
+    test = (Xt[ti : ti + 1], yt[ti : ti + 1])
+    info.update(
+        n_train=n,
+        p=obj.p,
+        l2=l2,
+        test_index=ti,
+        test_misclassified=wrong,
+        test_label=int(yt[ti]),
+        test_prediction=int(logits.argmax()),
+        test_loss=float(torch.nn.functional.cross_entropy(logits[None], yt[ti : ti + 1])),
+        test_accuracy=acc,
+    )
 
     t0 = time.perf_counter()
     inf_cg = Influence(obj, solver=CG(rtol=1e-8), progress=progress).fit((X, y))
     scores_cg = inf_cg.up_loss(test)
-    info.update(cg_iterations=scores_cg.provenance["iterations"], cg_residual=scores_cg.provenance["residual_max"],
-                cg_seconds=time.perf_counter() - t0)
+    info.update(
+        cg_iterations=scores_cg.provenance["iterations"],
+        cg_residual=scores_cg.provenance["residual_max"],
+        cg_seconds=time.perf_counter() - t0,
+    )
     top = np.argsort(-np.abs(scores_cg.values[0]), kind="stable")[:loo_k]
 
     method = refit_method
@@ -307,21 +359,41 @@ def run_logreg_panels(
         train_fn = NewtonRefitter(obj, n, chol)
         info["hessian_seconds"] = time.perf_counter() - t1
     t1 = time.perf_counter()
-    cmp_cg = leave_one_out(inf_cg, test, ids=top, scores=scores_cg, train_fn=train_fn, progress=progress,
-                           store=store, executor=executor)
+    cmp_cg = leave_one_out(
+        inf_cg,
+        test,
+        ids=top,
+        scores=scores_cg,
+        train_fn=train_fn,
+        progress=progress,
+        store=store,
+        executor=executor,
+    )
     refit_seconds = time.perf_counter() - t1
     if train_fn is not None:
         info["refit_evaluations_mean"] = cmp_cg.provenance["retrain_iterations_mean"]
-    info.update(refit_method=method, refit_seconds=refit_seconds, refit_seconds_per_point=refit_seconds / len(top),
-                refit_grad_norm_max=cmp_cg.retrain_grad_norm)
+    info.update(
+        refit_method=method,
+        refit_seconds=refit_seconds,
+        refit_seconds_per_point=refit_seconds / len(top),
+        refit_grad_norm_max=cmp_cg.retrain_grad_norm,
+    )
     out: dict[str, Fig2Panel] = {}
     if "cg" in panels:
-        out["cg"] = Fig2Panel.from_comparison("cg", "CG (rtol 1e-8)", cmp_cg, info["cg_seconds"] + refit_seconds)
+        out["cg"] = Fig2Panel.from_comparison(
+            "cg", "CG (rtol 1e-8)", cmp_cg, info["cg_seconds"] + refit_seconds
+        )
 
     if "lissa" in panels:
         t2 = time.perf_counter()
-        lissa = LiSSA(depth=lissa_depth, repeats=lissa_repeats, batch_size=lissa_batch_size, scale=lissa_scale,
-                      seed=seed, progress=progress)
+        lissa = LiSSA(
+            depth=lissa_depth,
+            repeats=lissa_repeats,
+            batch_size=lissa_batch_size,
+            scale=lissa_scale,
+            seed=seed,
+            progress=progress,
+        )
         inf_l = Influence(obj, solver=lissa, on_inaccurate="warn", progress=progress).fit((X, y))
         scores_l = inf_l.up_loss(test)
         pred_l = -scores_l.values[0, top] / n
@@ -331,27 +403,39 @@ def run_logreg_panels(
         cmp_l = dataclasses.replace(cmp_cg, predicted=pred_l, **agree)
         prov = scores_l.provenance
         out["lissa"] = Fig2Panel.from_comparison(
-            "lissa", f"LiSSA (r={lissa_repeats}, t={lissa_depth}, batch {lissa_batch_size})", cmp_l,
+            "lissa",
+            f"LiSSA (r={lissa_repeats}, t={lissa_depth}, batch {lissa_batch_size})",
+            cmp_l,
             time.perf_counter() - t2,
-            scale=prov.get("solver_scale"), residual=prov.get("residual_max"),
+            scale=prov.get("solver_scale"),
+            residual=prov.get("residual_max"),
             top_k_overlap_with_cg=float(len(np.intersect1d(own_top, top)) / len(top)),
-            pearson_vs_cg_all_points=vs_exact["pearson"], slope_vs_cg_all_points=vs_exact["slope"],
+            pearson_vs_cg_all_points=vs_exact["pearson"],
+            slope_vs_cg_all_points=vs_exact["slope"],
         )
     return out, info
 
 
 # ── panel 3: the all-convolutional tanh network (§4.2) ────────────────────────────────
 class AllConvTanh(nn.Module):
-    """Koh & Liang's small all-convolutional network (after Springenberg et al. 2014), 2,616 parameters.
+    """Koh & Liang's small all-convolutional network (after Springenberg et al. 2014), 2,616
+    parameters.
 
     28×28 input → conv3 s1 → conv3 s2 → conv3 s1 → conv3 s2 → conv3 s1 → conv1 (10 channels), each
-    with tanh and VALID padding (26, 12, 10, 4, 2, 2 pixels), a spatial mean, and a 10 → 10 linear layer.
+    with tanh and VALID padding (26, 12, 10, 4, 2, 2 pixels), a spatial mean, and a 10 → 10 linear
+    layer.
     """
 
     def __init__(self, hidden: int = 8, classes: int = 10) -> None:
         super().__init__()
-        spec = [(1, hidden, 3, 1), (hidden, hidden, 3, 2), (hidden, hidden, 3, 1), (hidden, hidden, 3, 2),
-                (hidden, hidden, 3, 1), (hidden, 10, 1, 1)]
+        spec = [
+            (1, hidden, 3, 1),
+            (hidden, hidden, 3, 2),
+            (hidden, hidden, 3, 1),
+            (hidden, hidden, 3, 2),
+            (hidden, hidden, 3, 1),
+            (hidden, 10, 1, 1),
+        ]
         self.convs = nn.ModuleList(nn.Conv2d(i, o, k, stride=s) for i, o, k, s in spec)
         self.fc = nn.Linear(10, classes)
         for m in [*self.convs, self.fc]:  # the release code's truncated normals, zero biases
@@ -374,13 +458,27 @@ def _set_params(model: nn.Module, params: Params) -> None:
 
 
 def _weight_decay(model: nn.Module, l2: float) -> torch.Tensor:
-    return 0.5 * l2 * sum((p * p).sum() for name, p in model.named_parameters() if name.endswith("weight"))
+    return (
+        0.5
+        * l2
+        * sum((p * p).sum() for name, p in model.named_parameters() if name.endswith("weight"))
+    )
 
 
-def train_cnn(X: torch.Tensor, y: torch.Tensor, *, l2: float, steps: int, lr: float, batch_size: int, seed: int,
-              progress: bool = True) -> tuple[AllConvTanh, dict[str, Any]]:
+def train_cnn(
+    X: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    l2: float,
+    steps: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    progress: bool = True,
+) -> tuple[AllConvTanh, dict[str, Any]]:
     """Adam on minibatches (the paper's optimiser and batch size 500), stopped after ``steps``: θ̃,
-    and the optimiser's state (its moment estimates), which the release code's retraining resumes."""
+    and the optimiser's state (its moment estimates), which the release code's retraining resumes.
+    """
     torch.manual_seed(seed)
     model = AllConvTanh()
     opt = torch.optim.Adam(model.parameters(), lr=lr)
@@ -403,10 +501,10 @@ class MinibatchAdamRetrainer:
 
     Every run draws the same sequence of minibatches — positions of the *full* training set from one
     generator seeded with ``seed`` — and a run without z drops z from the batches that hold it; each
-    batch's loss is the sum over the points it keeps divided by ``batch_size``, the minibatch estimate
-    of (1/n)Σ_{kept} L. So the kept run and a removal run differ only by z's terms, and their
-    difference is the removal's effect, not minibatch noise (the release code drew fresh batches per
-    run and compared with θ̃). Usable as ``leave_one_out(..., train_fn=retrainer)``.
+    batch's loss is the sum over the points it keeps divided by ``batch_size``, the minibatch
+    estimate of (1/n)Σ_{kept} L. So the kept run and a removal run differ only by z's terms, and
+    their difference is the removal's effect, not minibatch noise (the release code drew fresh
+    batches per run and compared with θ̃). Usable as ``leave_one_out(..., train_fn=retrainer)``.
     """
 
     model: nn.Module
@@ -420,8 +518,14 @@ class MinibatchAdamRetrainer:
 
     def config(self) -> dict[str, Any]:
         """The settings a store's fingerprint records (θ̃ itself is fingerprinted by the store)."""
-        return {"steps": self.steps, "lr": self.lr, "batch_size": self.batch_size, "seed": self.seed, "l2": self.l2,
-                "optimizer_state_sha256": _state_sha256(self.optimizer_state)}
+        return {
+            "steps": self.steps,
+            "lr": self.lr,
+            "batch_size": self.batch_size,
+            "seed": self.seed,
+            "l2": self.l2,
+            "optimizer_state_sha256": _state_sha256(self.optimizer_state),
+        }
 
     def __call__(self, objective: Objective, data: Data, init: Params) -> Params:
         n = len(self.ids)
@@ -437,15 +541,24 @@ class MinibatchAdamRetrainer:
         def batch_loss() -> torch.Tensor:
             idx = row[torch.randint(n, (min(self.batch_size, n),), generator=gen)]
             idx = idx[idx >= 0]
-            loss = nn.functional.cross_entropy(self.model(data.X[idx]), data.y[idx], reduction="sum") / self.batch_size
+            loss = (
+                nn.functional.cross_entropy(self.model(data.X[idx]), data.y[idx], reduction="sum")
+                / self.batch_size
+            )
             return loss + _weight_decay(self.model, self.l2)
 
         return _steps_from(self.model, init, opt, batch_loss, self.steps)
 
 
-def _steps_from(model: nn.Module, init: Params, opt: torch.optim.Optimizer, loss: Callable[[], torch.Tensor],
-                steps: int) -> Params:
-    """θ after ``steps`` steps of ``opt`` on ``loss()`` from θ = ``init``; the model is put back to ``init``."""
+def _steps_from(
+    model: nn.Module,
+    init: Params,
+    opt: torch.optim.Optimizer,
+    loss: Callable[[], torch.Tensor],
+    steps: int,
+) -> Params:
+    """θ after ``steps`` steps of ``opt`` on ``loss()`` from θ = ``init``; the model is put back to
+    ``init``."""
     _set_params(model, init)
     for _ in range(steps):
         value = loss()
@@ -515,10 +628,10 @@ def run_cnn_panel(
     """Fig. 2 right: the non-convex, non-converged CNN with damping (§4.2).
 
     ``retrain``: "adam" — ``MinibatchAdamRetrainer``, the release code's protocol (default 1,000
-    steps at lr = 1% of ``train_lr``, as the release code's decayed rate: each parameter moves at most
-    ≈ 0.03, as in the paper's 30k steps at 1e-6); "momentum" — ``FixedStepRetrainer``, deterministic
-    full-batch heavy-ball steps (default 100 steps at lr 1/λmax(H)). ``store`` keeps each
-    retraining as it finishes (a rerun resumes); ``executor`` runs them on Dask workers (see
+    steps at lr = 1% of ``train_lr``, as the release code's decayed rate: each parameter moves at
+    most ≈ 0.03, as in the paper's 30k steps at 1e-6); "momentum" — ``FixedStepRetrainer``,
+    deterministic full-batch heavy-ball steps (default 100 steps at lr 1/λmax(H)). ``store`` keeps
+    each retraining as it finishes (a rerun resumes); ``executor`` runs them on Dask workers (see
     ``leave_one_out``)."""
     if retrain not in ("momentum", "adam"):
         raise InputError(f"--cnn-retrain must be 'adam' or 'momentum'; got {retrain!r}.")
@@ -536,8 +649,16 @@ def run_cnn_panel(
     Xt = torch.tensor(data.x_test, dtype=torch.float32).reshape(len(data.x_test), -1)
     yt = torch.tensor(data.y_test, dtype=torch.int64)
     t0 = time.perf_counter()
-    model, adam_state = train_cnn(X, y, l2=l2, steps=train_steps, lr=train_lr, batch_size=batch_size, seed=seed,
-                                  progress=progress)
+    model, adam_state = train_cnn(
+        X,
+        y,
+        l2=l2,
+        steps=train_steps,
+        lr=train_lr,
+        batch_size=batch_size,
+        seed=seed,
+        progress=progress,
+    )
     train_seconds = time.perf_counter() - t0
     ti, wrong = pick_misclassified(lambda A: model(A).argmax(1), Xt, yt, test_index)
     with torch.no_grad():
@@ -545,12 +666,13 @@ def run_cnn_panel(
         test_acc = float((model(Xt).argmax(1) == yt).float().mean())
     biases = [name for name, _ in model.named_parameters() if name.endswith("bias")]
     obj = Objective(model, "cross_entropy", l2=l2, l2_exclude=biases)
-    test = (Xt[ti:ti + 1], yt[ti:ti + 1])
+    test = (Xt[ti : ti + 1], yt[ti : ti + 1])
 
     # H(θ̃) + δI: the paper's δ = 0.01 if CG can use it, else the smallest round δ that makes it PD
     t1 = time.perf_counter()
-    inf = Influence(obj, solver=CG(rtol=1e-5, maxiter=1000), damping=damping, grad_tol=1e12,
-                    progress=progress).fit((X, y))
+    inf = Influence(
+        obj, solver=CG(rtol=1e-5, maxiter=1000), damping=damping, grad_tol=1e12, progress=progress
+    ).fit((X, y))
     spec = estimate_spectrum(inf.curvature_, k=30, seed=seed)
     used = damping
     note = "the paper's damping"
@@ -558,10 +680,14 @@ def run_cnn_panel(
         scores = inf.up_loss(test)
     except NotPositiveDefiniteError as err:
         used = max(spec.needed_damping(damping), float(err.suggested_damping or 0.0))
-        note = (f"CG met negative curvature with δ={damping:g} (Lanczos λmin(H+δI) ≈ {spec.lambda_min:.3g}); "
-                f"used δ={used:.2g}, the smallest round damping that makes H+δI positive definite")
-        inf = Influence(obj, solver=CG(rtol=1e-5, maxiter=1000), damping=used, grad_tol=1e12,
-                        progress=progress).fit((X, y))
+        note = (
+            f"CG met negative curvature with δ={damping:g} (Lanczos λmin(H+δI) ≈"
+            f" {spec.lambda_min:.3g}); used δ={used:.2g}, the smallest round damping that makes"
+            " H+δI positive definite"
+        )
+        inf = Influence(
+            obj, solver=CG(rtol=1e-5, maxiter=1000), damping=used, grad_tol=1e12, progress=progress
+        ).fit((X, y))
         scores = inf.up_loss(test)
     influence_seconds = time.perf_counter() - t1
     top = np.argsort(-np.abs(scores.values[0]), kind="stable")[:loo_k]
@@ -575,7 +701,9 @@ def run_cnn_panel(
         retrainer = FixedStepRetrainer(model, n, l2, retrain_steps, lr)
     else:
         lr = retrain_lr if retrain_lr is not None else 0.01 * train_lr
-        retrainer = MinibatchAdamRetrainer(model, adam_state, np.arange(n), l2, retrain_steps, lr, batch_size, seed)
+        retrainer = MinibatchAdamRetrainer(
+            model, adam_state, np.arange(n), l2, retrain_steps, lr, batch_size, seed
+        )
     theta = {k: p.detach().clone() for k, p in model.named_parameters()}
     kept = retrainer(obj, Data.from_any((X, y)), theta)
 
@@ -584,31 +712,65 @@ def run_cnn_panel(
             return float(obj.measurements(params, *test).sum())
 
     f_tilde, f_kept = loss_at(theta), loss_at(kept)
-    cmp = leave_one_out(inf, test, ids=top, scores=scores, train_fn=retrainer, progress=progress,
-                        store=store, executor=executor)
+    cmp = leave_one_out(
+        inf,
+        test,
+        ids=top,
+        scores=scores,
+        train_fn=retrainer,
+        progress=progress,
+        store=store,
+        executor=executor,
+    )
     actual = np.asarray(cmp.actual) - (f_kept - f_tilde)  # f(θ₋z) − f(θ_kept)
-    vs_theta = agreement(cmp.predicted, cmp.actual)        # the release code's f(θ₋z) − f(θ̃)
+    vs_theta = agreement(cmp.predicted, cmp.actual)  # the release code's f(θ₋z) − f(θ̃)
     cmp = dataclasses.replace(cmp, actual=actual, **agreement(cmp.predicted, actual))
     retrain_seconds = time.perf_counter() - t2
     info = {
-        "n_train": n, "p": obj.p, "l2": l2, "train_steps": train_steps, "train_lr": train_lr, "batch_size": batch_size,
-        "train_seconds": train_seconds, "train_loss": train_loss, "test_accuracy": test_acc,
-        "grad_norm": inf.grad_norm_, "test_index": ti, "test_misclassified": wrong, "test_label": int(yt[ti]),
-        "test_loss": f_tilde, "damping_requested": damping, "damping_used": used, "damping_note": note,
-        "lambda_min_H_plus_damping": spec.lambda_min, "lambda_max_H_plus_damping": spec.lambda_max,
-        "cg_iterations": scores.provenance["iterations"], "cg_residual": scores.provenance["residual_max"],
-        "influence_seconds": influence_seconds, "retrain_steps": retrain_steps, "retrain_lr": lr,
-        "retrain": retrain, "retrain_momentum": getattr(retrainer, "momentum", None), "retrain_seconds": retrain_seconds,
+        "n_train": n,
+        "p": obj.p,
+        "l2": l2,
+        "train_steps": train_steps,
+        "train_lr": train_lr,
+        "batch_size": batch_size,
+        "train_seconds": train_seconds,
+        "train_loss": train_loss,
+        "test_accuracy": test_acc,
+        "grad_norm": inf.grad_norm_,
+        "test_index": ti,
+        "test_misclassified": wrong,
+        "test_label": int(yt[ti]),
+        "test_loss": f_tilde,
+        "damping_requested": damping,
+        "damping_used": used,
+        "damping_note": note,
+        "lambda_min_H_plus_damping": spec.lambda_min,
+        "lambda_max_H_plus_damping": spec.lambda_max,
+        "cg_iterations": scores.provenance["iterations"],
+        "cg_residual": scores.provenance["residual_max"],
+        "influence_seconds": influence_seconds,
+        "retrain_steps": retrain_steps,
+        "retrain_lr": lr,
+        "retrain": retrain,
+        "retrain_momentum": getattr(retrainer, "momentum", None),
+        "retrain_seconds": retrain_seconds,
         "retrain_seconds_per_point": retrain_seconds / (len(top) + 1),
         "test_loss_drift_kept_retraining": f_kept - f_tilde,
         "pearson_vs_theta_tilde": vs_theta["pearson"],
     }
-    panel = Fig2Panel.from_comparison("cnn", f"CG, damping {used:g}", cmp, train_seconds + influence_seconds + retrain_seconds,
-                                      damping=used)
+    panel = Fig2Panel.from_comparison(
+        "cnn",
+        f"CG, damping {used:g}",
+        cmp,
+        train_seconds + influence_seconds + retrain_seconds,
+        damping=used,
+    )
     return panel, info
 
 
-def _panel_store(store: str | os.PathLike[str] | None, panel: str, fresh: bool) -> AbstractContextManager[Store | None]:
+def _panel_store(
+    store: str | os.PathLike[str] | None, panel: str, fresh: bool
+) -> AbstractContextManager[Store | None]:
     """The panel's retraining store for a ``with`` block (closed at its end), or ``None``."""
     return nullcontext(None) if store is None else Store(Path(store) / panel, overwrite=fresh)
 
@@ -623,7 +785,8 @@ def run_fig2(
     fresh: bool = False,
     executor: Executor | None = None,
 ) -> Fig2Result:
-    """All panels of Fig. 2 that ``config`` (default ``Fig2Config()``: the paper's settings) asks for.
+    """All panels of Fig. 2 that ``config`` (default ``Fig2Config()``: the paper's settings) asks
+    for.
 
     ``mnist``: ``load_mnist(path)``; ``mnist_small``: ``load_mnist(path, subset="small10pct")``
     (either may be None if its panels are not requested). ``store``: a folder that keeps every
@@ -636,20 +799,46 @@ def run_fig2(
     cnn: dict[str, Any] = {}
     if "cg" in c.panels or "lissa" in c.panels:
         if mnist is None:
-            raise InputError("the cg/lissa panels need the 55,000-image MNIST split (load_mnist(path)).")
+            raise InputError(
+                "the cg/lissa panels need the 55,000-image MNIST split (load_mnist(path))."
+            )
         with _panel_store(store, "logreg", fresh) as st:
             res, logreg = run_logreg_panels(
-                mnist, panels=c.panels, loo_k=c.loo_k, train_size=c.train_size, test_index=c.test_index,
-                lissa_depth=c.lissa_depth, lissa_repeats=c.lissa_repeats, lissa_batch_size=c.lissa_batch_size,
-                refit_method=c.refit_method, seed=c.seed, progress=progress, store=st, executor=executor)
+                mnist,
+                panels=c.panels,
+                loo_k=c.loo_k,
+                train_size=c.train_size,
+                test_index=c.test_index,
+                lissa_depth=c.lissa_depth,
+                lissa_repeats=c.lissa_repeats,
+                lissa_batch_size=c.lissa_batch_size,
+                refit_method=c.refit_method,
+                seed=c.seed,
+                progress=progress,
+                store=st,
+                executor=executor,
+            )
         out.update(res)
     if "cnn" in c.panels:
         if mnist_small is None:
-            raise InputError("the cnn panel needs the 10 % subset (load_mnist(path, subset='small10pct')).")
+            raise InputError(
+                "the cnn panel needs the 10 % subset (load_mnist(path, subset='small10pct'))."
+            )
         with _panel_store(store, "cnn", fresh) as st:
             out["cnn"], cnn = run_cnn_panel(
-                mnist_small, loo_k=c.cnn_loo_k, train_size=c.cnn_train_size, damping=c.cnn_damping,
-                train_steps=c.cnn_train_steps, train_lr=c.cnn_train_lr, retrain_steps=c.cnn_retrain_steps,
-                retrain_lr=c.cnn_retrain_lr, retrain=c.cnn_retrain, test_index=c.cnn_test_index, seed=c.seed,
-                progress=progress, store=st, executor=executor)
+                mnist_small,
+                loo_k=c.cnn_loo_k,
+                train_size=c.cnn_train_size,
+                damping=c.cnn_damping,
+                train_steps=c.cnn_train_steps,
+                train_lr=c.cnn_train_lr,
+                retrain_steps=c.cnn_retrain_steps,
+                retrain_lr=c.cnn_retrain_lr,
+                retrain=c.cnn_retrain,
+                test_index=c.cnn_test_index,
+                seed=c.seed,
+                progress=progress,
+                store=st,
+                executor=executor,
+            )
     return Fig2Result(panels=out, config=c, logreg=logreg, cnn=cnn)

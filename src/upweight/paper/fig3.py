@@ -67,7 +67,8 @@ PAPER: dict[str, Any] = {
 # ── exact hinge-loss SVM ──────────────────────────────────────────────────────────────
 @dataclass(frozen=True)
 class HingeSVM:
-    """The minimiser of R(w) = (1/n) Σ_{i kept} max(0, 1 − yᵢwᵀxᵢ) + (l2/2)‖w‖², with its certificate.
+    """The minimiser of R(w) = (1/n) Σ_{i kept} max(0, 1 − yᵢwᵀxᵢ) + (l2/2)‖w‖², with its
+    certificate.
 
     Attributes:
         w: the weights, shape (p,).
@@ -94,15 +95,28 @@ class HingeSVM:
 
 
 def _kkt_violation(m: np.ndarray, beta: np.ndarray, keep: np.ndarray) -> np.ndarray:
-    v = np.where(beta <= 0.0, np.maximum(1.0 - m, 0.0), np.where(beta >= 1.0, np.maximum(m - 1.0, 0.0), np.abs(1.0 - m)))
+    v = np.where(
+        beta <= 0.0,
+        np.maximum(1.0 - m, 0.0),
+        np.where(beta >= 1.0, np.maximum(m - 1.0, 0.0), np.abs(1.0 - m)),
+    )
     return np.where(keep, v, 0.0)
 
 
-def _dcd(Z: np.ndarray, sq: np.ndarray, ln: float, beta: np.ndarray, w: np.ndarray, keep: np.ndarray,
-         tol: float, max_epochs: int, rng: np.random.Generator) -> int:
-    """Dual coordinate descent (Hsieh et al. 2008) on max_β (1/n)Σβᵢ − (1/(2·l2·n²))‖Σβᵢzᵢ‖², 0 ≤ β ≤ 1,
-    with shrinking: sweeps over the points that violate the KKT conditions or lie strictly inside
-    the box, then a full (vectorised) check. Updates ``beta`` and ``w`` in place."""
+def _dcd(
+    Z: np.ndarray,
+    sq: np.ndarray,
+    ln: float,
+    beta: np.ndarray,
+    w: np.ndarray,
+    keep: np.ndarray,
+    tol: float,
+    max_epochs: int,
+    rng: np.random.Generator,
+) -> int:
+    """Dual coordinate descent (Hsieh et al. 2008) on max_β (1/n)Σβᵢ − (1/(2·l2·n²))‖Σβᵢzᵢ‖², 0 ≤ β
+    ≤ 1, with shrinking: sweeps over the points that violate the KKT conditions or lie strictly
+    inside the box, then a full (vectorised) check. Updates ``beta`` and ``w`` in place."""
     epochs = 0
     while epochs < max_epochs:
         viol = _kkt_violation(Z @ w, beta, keep)
@@ -126,9 +140,17 @@ def _dcd(Z: np.ndarray, sq: np.ndarray, ln: float, beta: np.ndarray, w: np.ndarr
     return epochs
 
 
-def _polish(Z: np.ndarray, ln: float, w: np.ndarray, beta: np.ndarray, keep: np.ndarray, tol: float,
-            max_steps: int = 30) -> tuple[np.ndarray, np.ndarray, int] | None:
-    """Solve the KKT system exactly for a guessed partition and correct the guess (an active-set method).
+def _polish(
+    Z: np.ndarray,
+    ln: float,
+    w: np.ndarray,
+    beta: np.ndarray,
+    keep: np.ndarray,
+    tol: float,
+    max_steps: int = 30,
+) -> tuple[np.ndarray, np.ndarray, int] | None:
+    """Solve the KKT system exactly for a guessed partition and correct the guess (an active-set
+    method).
 
     With E = {β = 1}, M = {0 < β < 1} (points exactly on the margin) and O = {β = 0}: the
     optimality conditions are w = (Σ_E zᵢ + Σ_M βᵢzᵢ)/(l2·n) and z_iᵀw = 1 on M, a linear system
@@ -202,14 +224,22 @@ def fit_hinge_svm(
     X = np.asarray(X, dtype=np.float64)
     y = np.asarray(y)
     if X.ndim != 2 or y.shape != (len(X),):
-        raise InputError(f"fit_hinge_svm: X must be (n, p) and y (n,); got {X.shape} and {y.shape}.")
+        raise InputError(
+            f"fit_hinge_svm: X must be (n, p) and y (n,); got {X.shape} and {y.shape}."
+        )
     if not (isinstance(l2, (int, float)) and l2 > 0 and math.isfinite(l2)):
-        raise InputError(f"fit_hinge_svm: l2 must be a finite float > 0 (the hinge SVM needs it); got {l2!r}.")
+        raise InputError(
+            f"fit_hinge_svm: l2 must be a finite float > 0 (the hinge SVM needs it); got {l2!r}."
+        )
     n = len(X)
     Z = X * np.where(y > 0, 1.0, -1.0)[:, None]
     keep = np.ones(n, bool) if keep is None else np.asarray(keep, bool)
     ln = float(l2) * n
-    beta = np.zeros(n) if beta0 is None else np.clip(np.asarray(beta0, dtype=np.float64), 0.0, 1.0).copy()
+    beta = (
+        np.zeros(n)
+        if beta0 is None
+        else np.clip(np.asarray(beta0, dtype=np.float64), 0.0, 1.0).copy()
+    )
     beta[~keep] = 0.0
     w = Z.T @ beta / ln
     sq = np.maximum((Z * Z).sum(axis=1), 1e-300)
@@ -228,16 +258,27 @@ def fit_hinge_svm(
                 break
         if epochs >= max_epochs or dcd_tol < 1e-13:
             kkt = float(_kkt_violation(Z @ w, beta, keep).max(initial=0.0))
-            raise SolverError(f"fit_hinge_svm: no certified optimum after {epochs} coordinate-descent passes "
-                              f"(KKT violation {kkt:.1e} > tol={tol:g}). Raise max_epochs or tol.")
+            raise SolverError(
+                f"fit_hinge_svm: no certified optimum after {epochs} coordinate-descent passes "
+                f"(KKT violation {kkt:.1e} > tol={tol:g}). Raise max_epochs or tol."
+            )
         dcd_tol *= 0.01
     m = Z @ w
     ww = float(w @ w)
     primal = 0.5 * l2 * ww + float(np.maximum(1.0 - m[keep], 0.0).sum()) / n
     dual = float(beta.sum()) / n - 0.5 * l2 * ww
-    return HingeSVM(w=w, beta=beta, primal=primal, dual=dual, gap=primal - dual, kkt=kkt,
-                    n_margin=int(((beta > 0) & (beta < 1)).sum()), n_bound=int((beta >= 1).sum()),
-                    epochs=epochs, polish_steps=steps)
+    return HingeSVM(
+        w=w,
+        beta=beta,
+        primal=primal,
+        dual=dual,
+        gap=primal - dual,
+        kkt=kkt,
+        n_margin=int(((beta > 0) & (beta < 1)).sum()),
+        n_bound=int((beta >= 1).sum()),
+        epochs=epochs,
+        polish_steps=steps,
+    )
 
 
 # ── the losses used for influence ─────────────────────────────────────────────────────
@@ -275,7 +316,8 @@ def hinge_curves(s: np.ndarray, ts: Sequence[float]) -> dict[str, list[float]]:
 # ── the experiment ────────────────────────────────────────────────────────────────────
 @dataclass(frozen=True)
 class Fig3Result:
-    """Every number of the Fig. 3 reproduction (predictions and actual changes in the order of ``removed``)."""
+    """Every number of the Fig. 3 reproduction (predictions and actual changes in the order of
+    ``removed``)."""
 
     n_train: int
     l2: float
@@ -294,21 +336,22 @@ class Fig3Result:
     svm_n_bound: int
     svm_seconds: float
     k: int
-    removed: list[int]                        # training positions, by |I_up,loss| of the raw hinge
-    actual: list[float]                       # hinge loss change of the test point after exact retraining
-    predicted: dict[str, list[float]]         # −I_up,loss/n per loss ("hinge", "0.001", …)
+    removed: list[int]  # training positions, by |I_up,loss| of the raw hinge
+    # hinge loss change of the test point after exact retraining
+    actual: list[float]
+    predicted: dict[str, list[float]]  # −I_up,loss/n per loss ("hinge", "0.001", …)
     pearson: dict[str, float]
     spearman: dict[str, float]
-    slope: dict[str, float]                   # least squares actual ≈ slope·predicted + b
-    grad_norm: dict[str, float]               # ‖∇R‖ of each influence loss at the hinge weights
-    loo_max_kkt: float                        # the largest KKT violation of the 100 retrained SVMs
-    loo_max_gap: float                        # … and the largest duality gap
+    slope: dict[str, float]  # least squares actual ≈ slope·predicted + b
+    grad_norm: dict[str, float]  # ‖∇R‖ of each influence loss at the hinge weights
+    loo_max_kkt: float  # the largest KKT violation of the 100 retrained SVMs
+    loo_max_gap: float  # … and the largest duality gap
     loo_max_rel_gap: float
     loo_seconds: float
     influence_seconds: float
     curves_s: list[float]
     curves: dict[str, list[float]]
-    config: Fig3Config                        # the settings of the run
+    config: Fig3Config  # the settings of the run
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict of everything; ``settings`` is the run's ``Fig3Config``."""
@@ -320,12 +363,16 @@ class Fig3Result:
 def _agreement(pred: np.ndarray, act: np.ndarray) -> tuple[float, float, float]:
     if len(pred) < 3 or np.ptp(pred) == 0 or np.ptp(act) == 0:
         return float("nan"), float("nan"), float("nan")
-    return (float(scipy.stats.pearsonr(pred, act)[0]), float(scipy.stats.spearmanr(pred, act)[0]),
-            float(scipy.stats.linregress(pred, act).slope))
+    return (
+        float(scipy.stats.pearsonr(pred, act)[0]),
+        float(scipy.stats.spearmanr(pred, act)[0]),
+        float(scipy.stats.linregress(pred, act).slope),
+    )
 
 
-def run_fig3(data: SplitData, config: Fig3Config | None = None, *,
-             progress: bool = True) -> Fig3Result:
+def run_fig3(
+    data: SplitData, config: Fig3Config | None = None, *, progress: bool = True
+) -> Fig3Result:
     """Run Fig. 3 (see the module docstring) and return every number.
 
     Args:
@@ -349,8 +396,10 @@ def run_fig3(data: SplitData, config: Fig3Config | None = None, *,
     margins_test = yt * (Xt @ w)
     wrong = np.flatnonzero(margins_test < 0)
     if len(wrong) == 0:
-        raise InputError("run_fig3: the SVM classifies every test point correctly; the paper's test point is a "
-                         "wrongly classified one.")
+        raise InputError(
+            "run_fig3: the SVM classifies every test point correctly; the paper's test point is a "
+            "wrongly classified one."
+        )
     requested = test_index
     if test_index is None or not (0 <= test_index < len(Xt)) or margins_test[test_index] >= 0:
         if test_index is not None and not 0 <= test_index < len(Xt):
@@ -361,17 +410,24 @@ def run_fig3(data: SplitData, config: Fig3Config | None = None, *,
     with torch.no_grad():
         model.weight.copy_(torch.from_numpy(w).reshape(1, -1))
     train = (torch.from_numpy(X), torch.from_numpy(y))
-    test = (torch.from_numpy(Xt[test_index:test_index + 1]), torch.from_numpy(yt[test_index:test_index + 1]))
-    losses: list[tuple[str, Any]] = [("hinge", HingeZeroAtKink())] + [(f"{t:g}", SmoothHinge(float(t))) for t in ts]
+    test = (
+        torch.from_numpy(Xt[test_index : test_index + 1]),
+        torch.from_numpy(yt[test_index : test_index + 1]),
+    )
+    losses: list[tuple[str, Any]] = [("hinge", HingeZeroAtKink())] + [
+        (f"{t:g}", SmoothHinge(float(t))) for t in ts
+    ]
     t1 = time.perf_counter()
     removal: dict[str, np.ndarray] = {}
     grad_norm: dict[str, float] = {}
     for name, loss in losses:
         with warnings.catch_warnings():
-            # the smooth hinge (and the raw hinge with derivative 0 at the kink) is not minimised at the
-            # hinge weights: the paper computes influence there anyway; ‖∇R‖ is recorded instead
+            # the smooth hinge (and the raw hinge with derivative 0 at the kink) is not minimised at
+            # the hinge weights: the paper computes influence there anyway; ‖∇R‖ is recorded instead
             warnings.simplefilter("ignore", NotAtMinimumWarning)
-            inf = Influence(Objective(model, loss, l2=l2), solver=Direct(), progress=progress).fit(train)
+            inf = Influence(Objective(model, loss, l2=l2), solver=Direct(), progress=progress).fit(
+                train
+            )
         grad_norm[name] = inf.grad_norm_
         removal[name] = inf.removal_effect(test).values[0]
     influence_seconds = time.perf_counter() - t1
@@ -381,7 +437,11 @@ def run_fig3(data: SplitData, config: Fig3Config | None = None, *,
     actual = np.empty(len(chosen))
     kkts, gaps, rel = [], [], []
     t2 = time.perf_counter()
-    for j, i in enumerate(_progress(chosen, desc="leave-one-out hinge SVM refits", total=len(chosen), enabled=progress)):
+    for j, i in enumerate(
+        _progress(
+            chosen, desc="leave-one-out hinge SVM refits", total=len(chosen), enabled=progress
+        )
+    ):
         keep = np.ones(n, bool)
         keep[i] = False
         fit = fit_hinge_svm(X, y, l2, keep=keep, beta0=svm.beta, tol=tol)
@@ -395,19 +455,48 @@ def run_fig3(data: SplitData, config: Fig3Config | None = None, *,
     stats = {name: _agreement(p, actual) for name, p in predicted.items()}
     s = np.round(np.linspace(0.8, 1.2, 401), 12)
     return Fig3Result(
-        n_train=n, l2=float(l2), ts=[float(t) for t in ts], test_index=int(test_index), test_index_requested=requested,
-        test_label=int(yt[test_index]), test_margin=float(margins_test[test_index]), test_hinge_loss=float(base),
-        train_accuracy=float(np.mean(y * (X @ w) > 0)), test_accuracy=float(np.mean(margins_test > 0)),
-        svm_primal=svm.primal, svm_gap=svm.gap, svm_kkt=svm.kkt, svm_n_margin=svm.n_margin, svm_n_bound=svm.n_bound,
-        svm_seconds=svm_seconds, k=int(len(chosen)), removed=chosen.tolist(), actual=actual.tolist(),
+        n_train=n,
+        l2=float(l2),
+        ts=[float(t) for t in ts],
+        test_index=int(test_index),
+        test_index_requested=requested,
+        test_label=int(yt[test_index]),
+        test_margin=float(margins_test[test_index]),
+        test_hinge_loss=float(base),
+        train_accuracy=float(np.mean(y * (X @ w) > 0)),
+        test_accuracy=float(np.mean(margins_test > 0)),
+        svm_primal=svm.primal,
+        svm_gap=svm.gap,
+        svm_kkt=svm.kkt,
+        svm_n_margin=svm.n_margin,
+        svm_n_bound=svm.n_bound,
+        svm_seconds=svm_seconds,
+        k=int(len(chosen)),
+        removed=chosen.tolist(),
+        actual=actual.tolist(),
         predicted={name: p.tolist() for name, p in predicted.items()},
-        pearson={name: v[0] for name, v in stats.items()}, spearman={name: v[1] for name, v in stats.items()},
-        slope={name: v[2] for name, v in stats.items()}, grad_norm=grad_norm,
-        loo_max_kkt=float(max(kkts)), loo_max_gap=float(max(gaps)), loo_max_rel_gap=float(max(rel)),
-        loo_seconds=loo_seconds, influence_seconds=influence_seconds,
-        curves_s=s.tolist(), curves=hinge_curves(s, ts), config=c,
+        pearson={name: v[0] for name, v in stats.items()},
+        spearman={name: v[1] for name, v in stats.items()},
+        slope={name: v[2] for name, v in stats.items()},
+        grad_norm=grad_norm,
+        loo_max_kkt=float(max(kkts)),
+        loo_max_gap=float(max(gaps)),
+        loo_max_rel_gap=float(max(rel)),
+        loo_seconds=loo_seconds,
+        influence_seconds=influence_seconds,
+        curves_s=s.tolist(),
+        curves=hinge_curves(s, ts),
+        config=c,
     )
 
 
-__all__ = ["PAPER", "RELEASE_TEST_INDEX", "Fig3Result", "HingeSVM", "HingeZeroAtKink", "fit_hinge_svm",
-           "hinge_curves", "run_fig3"]
+__all__ = [
+    "PAPER",
+    "RELEASE_TEST_INDEX",
+    "Fig3Result",
+    "HingeSVM",
+    "HingeZeroAtKink",
+    "fit_hinge_svm",
+    "hinge_curves",
+    "run_fig3",
+]

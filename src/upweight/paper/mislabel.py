@@ -61,8 +61,10 @@ PAPER = {
     "n_test": 1035,
     "flip_fraction": 0.1,
     "repeats": 40,
-    "claim": "checking by self-influence repairs the data set with the fewest checks; "
-             "it beats checking by training loss, which beats random checking",
+    "claim": (
+        "checking by self-influence repairs the data set with the fewest checks; "
+        "it beats checking by training loss, which beats random checking"
+    ),
 }
 
 
@@ -85,22 +87,25 @@ class MislabelResult:
     repeats: int
     seed: int
     fractions: list[float]
-    checks: list[int]                      # k = round(fraction · n) points checked at each checkpoint
+    # k = round(fraction · n) points checked at each checkpoint
+    checks: list[int]
     clean_test_accuracy: float
     clean_train_accuracy: float
     clean_grad_norm: float
-    flipped_test_accuracy: list[float]     # per repeat, before any fix
+    flipped_test_accuracy: list[float]  # per repeat, before any fix
     flipped_grad_norm: list[float]
-    accuracy: dict[str, list[list[float]]]  # ordering → repeats × checkpoints: test accuracy after the fixes
-    found: dict[str, list[list[float]]]     # ordering → repeats × checkpoints: fraction of the flips found
+    # ordering → repeats × checkpoints: test accuracy after the fixes
+    accuracy: dict[str, list[list[float]]]
+    # ordering → repeats × checkpoints: fraction of the flips found
+    found: dict[str, list[list[float]]]
     grid: list[float]
     found_grid: dict[str, list[list[float]]]
-    self_influence_min: list[float]        # most negative I_up,loss(z, z) per repeat
-    self_influence_residual: list[float]   # largest relative residual of the block solves
-    seconds_prepare: list[float]           # solver preparation (Direct: forming and factorising H)
-    seconds_self_influence: list[float]    # the n solves and products
-    seconds_refits: list[float]            # all checkpoint refits of a repeat
-    refit_grad_norm_max: float             # largest ‖∇R‖ after any checkpoint refit
+    self_influence_min: list[float]  # most negative I_up,loss(z, z) per repeat
+    self_influence_residual: list[float]  # largest relative residual of the block solves
+    seconds_prepare: list[float]  # solver preparation (Direct: forming and factorising H)
+    seconds_self_influence: list[float]  # the n solves and products
+    seconds_refits: list[float]  # all checkpoint refits of a repeat
+    refit_grad_norm_max: float  # largest ‖∇R‖ after any checkpoint refit
     gtol: float
     refit_gtol: float
     flipped_indices: list[list[int]] = field(default_factory=list)
@@ -116,12 +121,23 @@ class MislabelResult:
         return (a.std(0, ddof=1) / np.sqrt(len(a))).tolist() if len(a) > 1 else [0.0] * a.shape[1]
 
     def at(self, fraction: float) -> dict[str, dict[str, float]]:
-        """Mean and standard error of accuracy and fraction found, per ordering, at one checkpoint."""
+        """Mean and standard error of accuracy and fraction found, per ordering, at one
+        checkpoint."""
         if not any(abs(fraction - f) < 1e-12 for f in self.fractions):
-            raise InputError(f"MislabelResult.at: {fraction} is not a checkpoint; the checkpoints are {self.fractions}.")
+            raise InputError(
+                f"MislabelResult.at: {fraction} is not a checkpoint; the checkpoints are"
+                f" {self.fractions}."
+            )
         j = int(np.argmin(np.abs(np.asarray(self.fractions) - fraction)))
-        return {o: {"accuracy": self.mean("accuracy", o)[j], "accuracy_sem": self.sem("accuracy", o)[j],
-                    "found": self.mean("found", o)[j], "found_sem": self.sem("found", o)[j]} for o in ORDERINGS}
+        return {
+            o: {
+                "accuracy": self.mean("accuracy", o)[j],
+                "accuracy_sem": self.sem("accuracy", o)[j],
+                "found": self.mean("found", o)[j],
+                "found_sem": self.sem("found", o)[j],
+            }
+            for o in ORDERINGS
+        }
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict of everything, plus the mean and standard-error curves; ``settings``
@@ -129,9 +145,14 @@ class MislabelResult:
         d = asdict(self)
         d["settings"] = d.pop("config")
         d["curves"] = {
-            o: {"accuracy_mean": self.mean("accuracy", o), "accuracy_sem": self.sem("accuracy", o),
-                "found_mean": self.mean("found", o), "found_sem": self.sem("found", o),
-                "found_grid_mean": self.mean("found_grid", o), "found_grid_sem": self.sem("found_grid", o)}
+            o: {
+                "accuracy_mean": self.mean("accuracy", o),
+                "accuracy_sem": self.sem("accuracy", o),
+                "found_mean": self.mean("found", o),
+                "found_sem": self.sem("found", o),
+                "found_grid_mean": self.mean("found_grid", o),
+                "found_grid_sem": self.sem("found_grid", o),
+            }
             for o in ORDERINGS
         }
         return d
@@ -139,20 +160,31 @@ class MislabelResult:
 
 def spam_tensors(data: SplitData) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Dense float64 (X, y, X_test, y_test) with labels ±1 (spam +1) from ``load_enron`` output."""
+
     def dense(x: Any) -> np.ndarray:
         return np.asarray(x.toarray() if hasattr(x, "toarray") else x, dtype=np.float64)
 
     def pm1(y: Any) -> np.ndarray:
         y = np.asarray(y)
         if not set(np.unique(y).tolist()) <= {-1, 0, 1}:
-            raise InputError(f"run_mislabel: labels must be 0/1 or ±1 (load_enron); got values {np.unique(y)[:5]}.")
+            raise InputError(
+                "run_mislabel: labels must be 0/1 or ±1 (load_enron); got values"
+                f" {np.unique(y)[:5]}."
+            )
         return np.where(y == 1, 1, -1).astype(np.int64)
 
     X, Xt = dense(data.x_train), dense(data.x_test)
     if X.ndim != 2 or Xt.ndim != 2 or X.shape[1] != Xt.shape[1]:
-        raise InputError(f"run_mislabel: x_train {X.shape} and x_test {Xt.shape} must be 2-D with the same columns.")
-    return (torch.from_numpy(X), torch.from_numpy(pm1(data.y_train)),
-            torch.from_numpy(Xt), torch.from_numpy(pm1(data.y_test)))
+        raise InputError(
+            f"run_mislabel: x_train {X.shape} and x_test {Xt.shape} must be 2-D with the same"
+            " columns."
+        )
+    return (
+        torch.from_numpy(X),
+        torch.from_numpy(pm1(data.y_train)),
+        torch.from_numpy(Xt),
+        torch.from_numpy(pm1(data.y_test)),
+    )
 
 
 def _objective(weight: torch.Tensor, l2: float) -> Objective:
@@ -162,10 +194,16 @@ def _objective(weight: torch.Tensor, l2: float) -> Objective:
     return Objective(model, "logistic", l2=l2)
 
 
-def fit_logreg(X: torch.Tensor, y: torch.Tensor, l2: float, init: torch.Tensor | None = None,
-               gtol: float = 1e-8) -> tuple[torch.Tensor, float, int]:
-    """θ̂ = argmin (1/n) Σ log(1 + exp(−yᵢθᵀxᵢ)) + (l2/2)‖θ‖² by ``upweight.refit`` (float64 L-BFGS),
-    warm-started at ``init`` (default 0). Returns (θ̂ of shape (p,), ‖∇R(θ̂)‖, iterations)."""
+def fit_logreg(
+    X: torch.Tensor,
+    y: torch.Tensor,
+    l2: float,
+    init: torch.Tensor | None = None,
+    gtol: float = 1e-8,
+) -> tuple[torch.Tensor, float, int]:
+    """θ̂ = argmin (1/n) Σ log(1 + exp(−yᵢθᵀxᵢ)) + (l2/2)‖θ‖² by ``upweight.refit`` (float64
+    L-BFGS), warm-started at ``init`` (default 0). Returns (θ̂ of shape (p,), ‖∇R(θ̂)‖, iterations).
+    """
     w0 = torch.zeros(X.shape[1], dtype=torch.float64) if init is None else init
     res = refit(_objective(w0, l2), Data.from_any((X, y)), gtol=gtol, maxiter=10_000)
     return res.params["weight"].reshape(-1).detach().clone(), res.grad_norm, res.iterations
@@ -190,13 +228,17 @@ SOLVER_OPTIONS: dict[str, dict[str, Any]] = {"direct": {}, "cg": {"rtol": 1e-6}}
 def make_solver(name: str) -> InverseHVPSolver:
     """``"direct"`` (explicit float64 H, Cholesky) or ``"cg"`` (block conjugate gradients)."""
     if name not in MISLABEL_SOLVERS:
-        raise InputError(f"run_mislabel: solver must be one of {', '.join(MISLABEL_SOLVERS)}; "
-                         f"got {name!r}.")
+        raise InputError(
+            f"run_mislabel: solver must be one of {', '.join(MISLABEL_SOLVERS)}; got {name!r}."
+        )
     return SOLVERS[name](**SOLVER_OPTIONS[name])
 
 
-def check_orders(self_influence: np.ndarray, losses: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """The order in which each strategy checks the training points (positions, first = checked first)."""
+def check_orders(
+    self_influence: np.ndarray, losses: np.ndarray, rng: np.random.Generator
+) -> dict[str, np.ndarray]:
+    """The order in which each strategy checks the training points (positions, first = checked
+    first)."""
     return {
         "influence": np.argsort(-np.abs(self_influence), kind="stable"),
         "loss": np.argsort(-losses, kind="stable"),
@@ -204,8 +246,9 @@ def check_orders(self_influence: np.ndarray, losses: np.ndarray, rng: np.random.
     }
 
 
-def run_mislabel(data: SplitData, config: MislabelConfig | None = None, *,
-                 progress: bool = True) -> MislabelResult:
+def run_mislabel(
+    data: SplitData, config: MislabelConfig | None = None, *, progress: bool = True
+) -> MislabelResult:
     """Run §5.4 (see the module docstring) and return every number.
 
     Args:
@@ -225,7 +268,9 @@ def run_mislabel(data: SplitData, config: MislabelConfig | None = None, *,
     checks = [int(round(f * n)) for f in fr]
     n_flip = int(round(flip_fraction * n))
     if n_flip == 0:
-        raise InputError(f"run_mislabel: flip_fraction={flip_fraction} flips no label of {n} points; raise it.")
+        raise InputError(
+            f"run_mislabel: flip_fraction={flip_fraction} flips no label of {n} points; raise it."
+        )
     grid = np.round(np.arange(0.0, fr[-1] + 1e-9, 0.005), 6)
     grid_k = np.minimum(np.round(grid * n).astype(int), n)
 
@@ -234,7 +279,16 @@ def run_mislabel(data: SplitData, config: MislabelConfig | None = None, *,
     acc = {o: [] for o in ORDERINGS}
     found = {o: [] for o in ORDERINGS}
     found_grid = {o: [] for o in ORDERINGS}
-    flipped_acc, flipped_g, si_min, si_res, t_prep, t_si, t_refit, flipped_idx = [], [], [], [], [], [], [], []
+    flipped_acc, flipped_g, si_min, si_res, t_prep, t_si, t_refit, flipped_idx = (
+        [],
+        [],
+        [],
+        [],
+        [],
+        [],
+        [],
+        [],
+    )
     refit_g = 0.0
     for _ in _progress(range(repeats), desc="mislabel repeats", total=repeats, enabled=progress):
         idx = np.sort(rng.choice(n, size=n_flip, replace=False))
@@ -247,7 +301,9 @@ def run_mislabel(data: SplitData, config: MislabelConfig | None = None, *,
         flipped_g.append(g_flip)
 
         t0 = time.perf_counter()
-        inf = Influence(_objective(w_flip, l2), solver=make_solver(solver), progress=progress).fit((X, y_flip))
+        inf = Influence(_objective(w_flip, l2), solver=make_solver(solver), progress=progress).fit(
+            (X, y_flip)
+        )
         t1 = time.perf_counter()
         si = inf.self_influence()
         t_prep.append(t1 - t0)
@@ -277,17 +333,50 @@ def run_mislabel(data: SplitData, config: MislabelConfig | None = None, *,
         flipped_idx.append(idx.tolist())
 
     return MislabelResult(
-        l2=float(l2), n_train=n, n_test=len(Xt), p=p, solver=solver, flip_fraction=float(flip_fraction),
-        n_flipped=n_flip, repeats=repeats, seed=seed, fractions=fr, checks=checks,
-        clean_test_accuracy=accuracy(w_clean, Xt, yt), clean_train_accuracy=accuracy(w_clean, X, y),
-        clean_grad_norm=g_clean, flipped_test_accuracy=flipped_acc, flipped_grad_norm=flipped_g,
-        accuracy=acc, found=found, grid=grid.tolist(), found_grid=found_grid,
-        self_influence_min=si_min, self_influence_residual=si_res, seconds_prepare=t_prep,
-        seconds_self_influence=t_si, seconds_refits=t_refit, refit_grad_norm_max=refit_g,
-        gtol=float(gtol), refit_gtol=float(refit_gtol),
-        flipped_indices=flipped_idx, config=c,
+        l2=float(l2),
+        n_train=n,
+        n_test=len(Xt),
+        p=p,
+        solver=solver,
+        flip_fraction=float(flip_fraction),
+        n_flipped=n_flip,
+        repeats=repeats,
+        seed=seed,
+        fractions=fr,
+        checks=checks,
+        clean_test_accuracy=accuracy(w_clean, Xt, yt),
+        clean_train_accuracy=accuracy(w_clean, X, y),
+        clean_grad_norm=g_clean,
+        flipped_test_accuracy=flipped_acc,
+        flipped_grad_norm=flipped_g,
+        accuracy=acc,
+        found=found,
+        grid=grid.tolist(),
+        found_grid=found_grid,
+        self_influence_min=si_min,
+        self_influence_residual=si_res,
+        seconds_prepare=t_prep,
+        seconds_self_influence=t_si,
+        seconds_refits=t_refit,
+        refit_grad_norm_max=refit_g,
+        gtol=float(gtol),
+        refit_gtol=float(refit_gtol),
+        flipped_indices=flipped_idx,
+        config=c,
     )
 
 
-__all__ = ["DEFAULT_FRACTIONS", "ORDERINGS", "PAPER", "MislabelResult", "accuracy", "check_orders", "fit_logreg",
-           "logistic_losses", "SOLVER_OPTIONS", "make_solver", "run_mislabel", "spam_tensors"]
+__all__ = [
+    "DEFAULT_FRACTIONS",
+    "ORDERINGS",
+    "PAPER",
+    "MislabelResult",
+    "accuracy",
+    "check_orders",
+    "fit_logreg",
+    "logistic_losses",
+    "SOLVER_OPTIONS",
+    "make_solver",
+    "run_mislabel",
+    "spam_tensors",
+]

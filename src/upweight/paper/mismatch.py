@@ -6,8 +6,8 @@ The experiment, as in the paper and its release notebook (``scripts/hospital_rea
    (feature 17, ``age_[0-10)``), 3 of them readmitted within 30 days (+1), 21 not (−1).
 2. Remove 20 of the 21 non-readmitted children, leaving 19,980 points in which 3 of the 4
    children were readmitted. Which 20: by default the first 20 in training order, keeping the
-   last one, as the release notebook does; with ``seed`` an int, a ``numpy.random.default_rng(seed)``
-   choice of the one to keep instead.
+   last one, as the release notebook does; with ``seed`` an int, a
+   ``numpy.random.default_rng(seed)`` choice of the one to keep instead.
 3. Train binary logistic regression with a bias, ``torch.nn.Linear(127, 1)``, loss
    log(1 + exp(−y·s)), R(θ) = mean loss + (l2/2)‖θ‖² (bias included), to the minimum in float64
    with ``upweight.refit``. ``l2 = 1e-4`` is the release notebook's weight decay (the paper's
@@ -62,39 +62,43 @@ class MismatchResult:
     seed: int | None
     n_train_original: int
     n_train: int
-    children_original: list[int]          # the 24 training children (original indices)
-    removed: list[int]                    # the 20 removed non-readmitted children
-    children_kept: list[int]              # the 4 left (original indices)
-    children_kept_labels: list[int]       # their labels (+1 readmitted)
-    grad_norm: float                      # ‖∇R(θ̂)‖ at the refit minimum
+    children_original: list[int]  # the 24 training children (original indices)
+    removed: list[int]  # the 20 removed non-readmitted children
+    children_kept: list[int]  # the 4 left (original indices)
+    children_kept_labels: list[int]  # their labels (+1 readmitted)
+    grad_norm: float  # ‖∇R(θ̂)‖ at the refit minimum
     refit_iterations: int
     test_index: int
     test_label: int
-    test_score: float                     # wᵀx + b of the test child
-    test_children: int                    # children in the test set
-    test_children_wrong: int              # of which misclassified
-    test_children_wrong_before: int       # … by the model trained on all 20,000 (−1: not computed)
-    top_indices: list[int]                # top training points by |I_up,loss| (original indices)
-    top_up_loss: list[float]              # their I_up,loss
+    test_score: float  # wᵀx + b of the test child
+    test_children: int  # children in the test set
+    test_children_wrong: int  # of which misclassified
+    test_children_wrong_before: int  # … by the model trained on all 20,000 (−1: not computed)
+    top_indices: list[int]  # top training points by |I_up,loss| (original indices)
+    top_up_loss: list[float]  # their I_up,loss
     top_is_child: list[bool]
     top_labels: list[int]
-    children_up_loss: list[float]         # I_up,loss of the 4 kept children (order of children_kept)
-    children_rank: list[int]              # their rank by |I_up,loss| (1 = largest)
+    # I_up,loss of the 4 kept children (order of children_kept)
+    children_up_loss: list[float]
+    children_rank: list[int]  # their rank by |I_up,loss| (1 = largest)
     largest_nonchild_index: int
     largest_nonchild_up_loss: float
-    children_ratio: list[float]           # |I_up,loss(child)| / max non-child |I_up,loss|
-    ratio_min: float                      # the "30–40×" of the paper, for the weakest child
+    children_ratio: list[float]  # |I_up,loss(child)| / max non-child |I_up,loss|
+    ratio_min: float  # the "30–40×" of the paper, for the weakest child
     child_coef: float
-    coef_larger_than_child: int           # the paper's "14/127 features had a larger coefficient"
+    coef_larger_than_child: int  # the paper's "14/127 features had a larger coefficient"
     coef_top_features: list[str]
-    pert_child_feature: list[float]       # I_pert,loss of each kept child in the child-indicator direction
-    pert_child_rank: list[int]            # rank of the child indicator by |I_pert,loss| among 127 (1 = largest)
-    pert_child_rank_active: list[int]     # … among the features that are non-zero for that child
-    pert_top_feature: list[str]           # feature with the largest |I_pert,loss| for each child
-    pert_abs_mean: list[float]            # mean over the 4 children of |I_pert,loss| per feature (127)
-    up_loss_all: list[float]              # I_up,loss for all n_train points (mismatch order)
+    # I_pert,loss of each kept child in the child-indicator direction
+    pert_child_feature: list[float]
+    # rank of the child indicator by |I_pert,loss| among 127 (1 = largest)
+    pert_child_rank: list[int]
+    pert_child_rank_active: list[int]  # … among the features that are non-zero for that child
+    pert_top_feature: list[str]  # feature with the largest |I_pert,loss| for each child
+    # mean over the 4 children of |I_pert,loss| per feature (127)
+    pert_abs_mean: list[float]
+    up_loss_all: list[float]  # I_up,loss for all n_train points (mismatch order)
     feature_names: list[str]
-    config: MismatchConfig                # the settings of the run
+    config: MismatchConfig  # the settings of the run
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict of everything (lists and floats only); ``settings`` is the run's
@@ -125,8 +129,9 @@ def _rank(values: np.ndarray, i: int) -> int:
     return int((a > a[i]).sum()) + 1
 
 
-def run_mismatch(data: SplitData, config: MismatchConfig | None = None, *,
-                 progress: bool = True) -> MismatchResult:
+def run_mismatch(
+    data: SplitData, config: MismatchConfig | None = None, *, progress: bool = True
+) -> MismatchResult:
     """Run §5.3 (see the module docstring) and return every number.
 
     Args:
@@ -139,8 +144,11 @@ def run_mismatch(data: SplitData, config: MismatchConfig | None = None, *,
     l2, seed, test_index, top, baseline = c.l2, c.seed, c.test_index, c.top, c.baseline
     names = list(data.feature_names or ())
     if len(names) <= CHILD_COLUMN or names[CHILD_COLUMN] != CHILD_FEATURE:
-        raise InputError(f"run_mismatch: feature {CHILD_COLUMN} must be '{CHILD_FEATURE}' (load the data with "
-                         f"upweight.datasets.load_hospital); got {names[CHILD_COLUMN] if len(names) > CHILD_COLUMN else 'none'}.")
+        raise InputError(
+            f"run_mismatch: feature {CHILD_COLUMN} must be '{CHILD_FEATURE}' (load the data with"
+            " upweight.datasets.load_hospital); got"
+            f" {names[CHILD_COLUMN] if len(names) > CHILD_COLUMN else 'none'}."
+        )
     X = np.asarray(data.x_train, dtype=np.float64)
     y = np.where(np.asarray(data.y_train) == 1, 1, -1).astype(np.int64)
     Xt = np.asarray(data.x_test, dtype=np.float64)
@@ -148,7 +156,10 @@ def run_mismatch(data: SplitData, config: MismatchConfig | None = None, *,
     child = X[:, CHILD_COLUMN] == 1
     neg_children = np.flatnonzero(child & (y == -1))
     if len(neg_children) < 2:
-        raise InputError(f"run_mismatch: the training set has {len(neg_children)} non-readmitted children; need ≥ 2.")
+        raise InputError(
+            f"run_mismatch: the training set has {len(neg_children)} non-readmitted children; need"
+            " ≥ 2."
+        )
     if seed is None:
         kept_neg = neg_children[-1]
     else:
@@ -176,13 +187,24 @@ def run_mismatch(data: SplitData, config: MismatchConfig | None = None, *,
     wrong_children = np.flatnonzero(test_child & (pred != yt))
     if test_index is None:
         if len(wrong_children) == 0:
-            raise InputError("run_mismatch: the model misclassifies no test child; nothing to explain.")
-        test_index = NOTEBOOK_TEST_INDEX if NOTEBOOK_TEST_INDEX in set(wrong_children.tolist()) else int(wrong_children[0])
+            raise InputError(
+                "run_mismatch: the model misclassifies no test child; nothing to explain."
+            )
+        test_index = (
+            NOTEBOOK_TEST_INDEX
+            if NOTEBOOK_TEST_INDEX in set(wrong_children.tolist())
+            else int(wrong_children[0])
+        )
     elif not 0 <= test_index < len(Xt):
         raise InputError(f"run_mismatch: test_index {test_index} is outside 0..{len(Xt) - 1}.")
 
-    inf = Influence(Objective(model, "logistic", l2=l2), solver=Direct(), progress=progress).fit((Xm_t, ym_t))
-    test = (torch.from_numpy(Xt[test_index:test_index + 1]), torch.from_numpy(yt[test_index:test_index + 1]))
+    inf = Influence(Objective(model, "logistic", l2=l2), solver=Direct(), progress=progress).fit(
+        (Xm_t, ym_t)
+    )
+    test = (
+        torch.from_numpy(Xt[test_index : test_index + 1]),
+        torch.from_numpy(yt[test_index : test_index + 1]),
+    )
     up = inf.up_loss(test).values[0]
     order = np.argsort(-np.abs(up), kind="stable")[:top]
     kids = np.flatnonzero(child_m)
@@ -201,23 +223,43 @@ def run_mismatch(data: SplitData, config: MismatchConfig | None = None, *,
         tops.append(names[int(np.argmax(np.abs(pert[r])))])
 
     return MismatchResult(
-        l2=float(l2), seed=seed, n_train_original=len(X), n_train=len(Xm),
-        children_original=np.flatnonzero(child).tolist(), removed=removed.tolist(),
-        children_kept=keep[kids].tolist(), children_kept_labels=ym[kids].tolist(),
-        grad_norm=float(res.grad_norm), refit_iterations=int(res.iterations),
-        test_index=int(test_index), test_label=int(yt[test_index]), test_score=float(s[test_index]),
-        test_children=int(test_child.sum()), test_children_wrong=len(wrong_children),
+        l2=float(l2),
+        seed=seed,
+        n_train_original=len(X),
+        n_train=len(Xm),
+        children_original=np.flatnonzero(child).tolist(),
+        removed=removed.tolist(),
+        children_kept=keep[kids].tolist(),
+        children_kept_labels=ym[kids].tolist(),
+        grad_norm=float(res.grad_norm),
+        refit_iterations=int(res.iterations),
+        test_index=int(test_index),
+        test_label=int(yt[test_index]),
+        test_score=float(s[test_index]),
+        test_children=int(test_child.sum()),
+        test_children_wrong=len(wrong_children),
         test_children_wrong_before=wrong_before,
-        top_indices=keep[order].tolist(), top_up_loss=up[order].tolist(), top_is_child=child_m[order].tolist(),
+        top_indices=keep[order].tolist(),
+        top_up_loss=up[order].tolist(),
+        top_is_child=child_m[order].tolist(),
         top_labels=ym[order].tolist(),
-        children_up_loss=up[kids].tolist(), children_rank=[_rank(up, int(k)) for k in kids],
-        largest_nonchild_index=int(keep[j]), largest_nonchild_up_loss=float(up[j]),
-        children_ratio=ratios.tolist(), ratio_min=float(ratios.min()),
-        child_coef=float(w[CHILD_COLUMN]), coef_larger_than_child=_rank(w, CHILD_COLUMN) - 1,
+        children_up_loss=up[kids].tolist(),
+        children_rank=[_rank(up, int(k)) for k in kids],
+        largest_nonchild_index=int(keep[j]),
+        largest_nonchild_up_loss=float(up[j]),
+        children_ratio=ratios.tolist(),
+        ratio_min=float(ratios.min()),
+        child_coef=float(w[CHILD_COLUMN]),
+        coef_larger_than_child=_rank(w, CHILD_COLUMN) - 1,
         coef_top_features=[names[i] for i in coef_order[:15]],
-        pert_child_feature=pert[:, CHILD_COLUMN].tolist(), pert_child_rank=ranks, pert_child_rank_active=ranks_active,
-        pert_top_feature=tops, pert_abs_mean=np.abs(pert).mean(0).tolist(),
-        up_loss_all=up.tolist(), feature_names=names, config=c,
+        pert_child_feature=pert[:, CHILD_COLUMN].tolist(),
+        pert_child_rank=ranks,
+        pert_child_rank_active=ranks_active,
+        pert_top_feature=tops,
+        pert_abs_mean=np.abs(pert).mean(0).tolist(),
+        up_loss_all=up.tolist(),
+        feature_names=names,
+        config=c,
     )
 
 

@@ -30,7 +30,8 @@ __all__ = [
 
 
 def figure_formats() -> tuple[str, ...]:
-    """The file suffixes matplotlib can write here (without the dot, sorted), e.g. ``png``, ``pdf``."""
+    """The file suffixes matplotlib can write here (without the dot, sorted), e.g. ``png``,
+    ``pdf``."""
     from matplotlib.backend_bases import FigureCanvasBase
 
     return tuple(sorted(FigureCanvasBase.get_supported_filetypes()))
@@ -47,14 +48,19 @@ def _check_parent(p: Path, what: str, shown: str) -> None:
     """The folders above ``p`` exist or can be created, and the nearest existing one is writable."""
     base = _nearest_existing(p)
     if not base.is_dir():
-        raise InputError(f"{what} {shown}: cannot create the folder {p.parent}, because {base} is a file, "
-                         "not a folder; choose another place.")
+        raise InputError(
+            f"{what} {shown}: cannot create the folder {p.parent}, because {base} is a file, "
+            "not a folder; choose another place."
+        )
     if not os.access(base, os.W_OK | os.X_OK):
         raise InputError(f"{what} {shown}: no permission to write in {base}; choose another place.")
 
 
-def check_output_file(path: str | os.PathLike[str], *, what: str, suffixes: Iterable[str], example: str) -> Path:
-    """``path`` as a ``Path`` once it is sure that a file of one of ``suffixes`` can be written there.
+def check_output_file(
+    path: str | os.PathLike[str], *, what: str, suffixes: Iterable[str], example: str
+) -> Path:
+    """``path`` as a ``Path`` once it is sure that a file of one of ``suffixes`` can be written
+    there.
 
     Nothing is created. Refused: a name whose suffix is not in ``suffixes`` (compared without
     case), a path ending in a separator or naming an existing folder, a path under a regular
@@ -74,15 +80,19 @@ def check_output_file(path: str | os.PathLike[str], *, what: str, suffixes: Iter
     p = Path(path)
     if shown.endswith(("/", os.sep)) or p.is_dir():
         kind = "that is a folder" if p.is_dir() else "that names a folder (it ends in a separator)"
-        raise InputError(f"{what} {shown}: {kind}; give a file name inside it, e.g. "
-                         f"{Path(shown) / Path(example).name}.")
+        raise InputError(
+            f"{what} {shown}: {kind}; give a file name inside it, e.g. "
+            f"{Path(shown) / Path(example).name}."
+        )
     if p.suffix.lower() not in accepted:
         if len(accepted) <= 2:
             listed = " or ".join(accepted)
         else:
             listed = "one of " + ", ".join(accepted)
         got = f"'{p.suffix}'" if p.suffix else "no suffix"
-        raise InputError(f"{what} {shown}: the file name must end in {listed} (it has {got}); e.g. {example}.")
+        raise InputError(
+            f"{what} {shown}: the file name must end in {listed} (it has {got}); e.g. {example}."
+        )
     if p.exists() and not p.is_file():
         raise InputError(f"{what} {shown}: exists and is not a regular file; choose another name.")
     _check_parent(p, what, shown)
@@ -90,7 +100,11 @@ def check_output_file(path: str | os.PathLike[str], *, what: str, suffixes: Iter
 
 
 def check_output_folder(
-    path: str | os.PathLike[str], *, what: str, inside: Iterable[str] = (), folders: Iterable[str] = ()
+    path: str | os.PathLike[str],
+    *,
+    what: str,
+    inside: Iterable[str] = (),
+    folders: Iterable[str] = (),
 ) -> Path:
     """``path`` as a ``Path`` once it is sure that it is, or can become, a writable folder.
 
@@ -106,18 +120,26 @@ def check_output_folder(
     p = Path(path)
     if p.exists():
         if not p.is_dir():
-            raise InputError(f"{what} {shown}: that is a file, but a folder is needed here; give a folder "
-                             "(it is created if missing).")
+            raise InputError(
+                f"{what} {shown}: that is a file, but a folder is needed here; give a folder "
+                "(it is created if missing)."
+            )
         if not os.access(p, os.W_OK | os.X_OK):
-            raise InputError(f"{what} {shown}: no permission to write in this folder; choose another place.")
+            raise InputError(
+                f"{what} {shown}: no permission to write in this folder; choose another place."
+            )
         for name in inside:
             if (p / name).is_dir():
-                raise InputError(f"{what} {shown}: {p / name} is a folder, but this command writes a file of "
-                                 "that name there; move it away or choose another folder.")
+                raise InputError(
+                    f"{what} {shown}: {p / name} is a folder, but this command writes a file of "
+                    "that name there; move it away or choose another folder."
+                )
         for name in folders:
             if (p / name).exists() and not (p / name).is_dir():
-                raise InputError(f"{what} {shown}: {p / name} is a file, but this command keeps a folder of "
-                                 "that name there; move it away or choose another folder.")
+                raise InputError(
+                    f"{what} {shown}: {p / name} is a file, but this command keeps a folder of "
+                    "that name there; move it away or choose another folder."
+                )
         return p
     _check_parent(p, what, shown)
     return p
@@ -136,7 +158,8 @@ def write_atomic(path: str | os.PathLike[str], write: Callable[[BinaryIO], Any])
         atomic_write(p, write)
     except OSError as exc:
         if exc.filename is None or Path(os.fsdecode(exc.filename)) != p:
-            # a failed write or fsync names no file, a failed open names the temporary one: name the target
+            # a failed write or fsync names no file, a failed open names the temporary one: name the
+            # target
             raise OSError(exc.errno, exc.strerror or str(exc), os.fspath(p)) from exc
         raise
     return p
@@ -160,7 +183,10 @@ def os_error_fix(exc: OSError) -> str:
     if code == errno.EISDIR:
         return "give a file name, not a folder"
     if code == errno.EPIPE:
-        return "the output was closed before the command finished (e.g. piped into head); let it run to the end"
+        return (
+            "the output was closed before the command finished (e.g. piped into head); let it run"
+            " to the end"
+        )
     if code == errno.ENOTDIR:
         return "a part of the path is a file, not a folder; check the path"
     return "check the path and try again"

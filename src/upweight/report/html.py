@@ -1,11 +1,11 @@
 """One self-contained HTML page that explains one prediction (Koh & Liang 2017, §5.1–5.2, Fig. 2).
 
 The page shows the test point (its image, feature values or text, true label and the model's
-prediction), the training points that helped and hurt it most — I_up,loss(z, z_test) = −∇θL(z_test)ᵀ H⁻¹ ∇θL(z) (Eq. 2)
-and the predicted change of the test loss if each were removed, −I_up,loss / n (§2.1) — the
-leave-one-out scatter of predicted vs actual change (Fig. 2) with Pearson, Spearman and slope,
-and the diagnostics of the inverse-HVP solve, read from the results' provenance. Given several
-test points, an overview comes first: per test point its label, prediction, loss and most
+prediction), the training points that helped and hurt it most — I_up,loss(z, z_test) = −∇θL(z_test)ᵀ
+H⁻¹ ∇θL(z) (Eq. 2) and the predicted change of the test loss if each were removed, −I_up,loss / n
+(§2.1) — the leave-one-out scatter of predicted vs actual change (Fig. 2) with Pearson, Spearman and
+slope, and the diagnostics of the inverse-HVP solve, read from the results' provenance. Given
+several test points, an overview comes first: per test point its label, prediction, loss and most
 helpful and harmful training ids, and the training points that recur in those lists.
 
 Each input is shown the way its data is read: images as pictures, tabular points as their
@@ -53,7 +53,8 @@ __all__ = [
 IMAGE_PX = 84  # on-page size of the longer side of a training image (pixels are shown as squares)
 TEST_IMAGE_PX = 168
 PAGE_SIZE = 25  # ranking rows per page; later pages are folded
-MAX_FEATURE_COLUMNS = 40  # feature values shown per point (the first ones; the page says how many exist)
+# feature values shown per point (the first ones; the page says how many exist)
+MAX_FEATURE_COLUMNS = 40
 TEXT_CHARS = 300  # characters of a text point shown in a table cell (the whole text is its tooltip)
 MAX_RECURRING = 30  # rows of the overview's table of recurring training points
 
@@ -134,7 +135,9 @@ def image_png(image: np.ndarray, *, vmin: float, vmax: float, cmap: str = "gray"
     if a.ndim == 3:
         matplotlib.image.imsave(buf, np.clip((a - vmin) / (vmax - vmin), 0.0, 1.0), format="png")
     else:
-        matplotlib.image.imsave(buf, np.nan_to_num(a, nan=vmin), cmap=cmap, vmin=vmin, vmax=vmax, format="png")
+        matplotlib.image.imsave(
+            buf, np.nan_to_num(a, nan=vmin), cmap=cmap, vmin=vmin, vmax=vmax, format="png"
+        )
     return buf.getvalue()
 
 
@@ -167,7 +170,9 @@ def _num(x: Any, spec: str) -> str:
 def _integer(x: Any, what: str) -> None:
     """Ids and indices go into the page as integers; anything else is refused, not written."""
     if isinstance(x, (bool, np.bool_)) or not isinstance(x, (int, np.integer)):
-        raise InputError(f"explain_report: {what} must be an integer; got {type(x).__name__} {x!r}.")
+        raise InputError(
+            f"explain_report: {what} must be an integer; got {type(x).__name__} {x!r}."
+        )
 
 
 def _setting(v: Any) -> str:
@@ -187,11 +192,14 @@ p.note { font-size: 13px; }
 .columns { display: flex; gap: 28px; flex-wrap: wrap; }
 .columns > section { flex: 1 1 460px; min-width: 0; }
 table { border-collapse: collapse; font-size: 14px; }
-th, td { padding: 4px 9px; border-bottom: 1px solid #eceff2; text-align: left; vertical-align: middle; }
+th, td { padding: 4px 9px; border-bottom: 1px solid #eceff2; text-align: left;
+         vertical-align: middle; }
 table.ranking td, table.ranking th { white-space: nowrap; }
 th { background: #f5f7f9; font-weight: 600; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; font-family: ui-monospace, Menlo, Consolas, monospace; }
-img.px { image-rendering: pixelated; image-rendering: crisp-edges; border: 1px solid #b7bec6; display: block; }
+td.num { text-align: right; font-variant-numeric: tabular-nums;
+         font-family: ui-monospace, Menlo, Consolas, monospace; }
+img.px { image-rendering: pixelated; image-rendering: crisp-edges; border: 1px solid #b7bec6;
+         display: block; }
 img.helpful { border: 2px solid HELPFUL; }
 img.harmful { border: 2px solid HARMFUL; }
 h2.helpful { color: HELPFUL; }
@@ -217,8 +225,10 @@ def _img_tag(uri: str | None, shape: tuple[int, ...], size: int, cls: str, alt: 
         return ""
     h, w = shape[0], shape[1]
     scale = size / max(h, w)
-    return (f'<img class="px {cls}" src="{uri}" width="{max(1, round(w * scale))}" '
-            f'height="{max(1, round(h * scale))}" alt="{_e(alt)}">')
+    return (
+        f'<img class="px {cls}" src="{uri}" width="{max(1, round(w * scale))}" '
+        f'height="{max(1, round(h * scale))}" alt="{_e(alt)}">'
+    )
 
 
 def _feature_names(names: Sequence[str] | None, d: int) -> list[str]:
@@ -226,8 +236,10 @@ def _feature_names(names: Sequence[str] | None, d: int) -> list[str]:
         return [f"x[{j}]" for j in range(d)]
     names = [str(n) for n in names]
     if len(names) != d:
-        raise InputError(f"explain_report: feature_names has {len(names)} names but the points have {d} features; "
-                         "give one name per feature, or none.")
+        raise InputError(
+            f"explain_report: feature_names has {len(names)} names but the points have {d}"
+            " features; give one name per feature, or none."
+        )
     return names
 
 
@@ -256,9 +268,15 @@ class _Inputs:
     text: bool
 
 
-def _ranking_table(kind: str, table_id: str, first_rank: int, points: Sequence[ReportPoint],
-                   images: Sequence[tuple[str, tuple[int, ...]] | None], features: Sequence[np.ndarray | None],
-                   inputs: _Inputs) -> str:
+def _ranking_table(
+    kind: str,
+    table_id: str,
+    first_rank: int,
+    points: Sequence[ReportPoint],
+    images: Sequence[tuple[str, tuple[int, ...]] | None],
+    features: Sequence[np.ndarray | None],
+    inputs: _Inputs,
+) -> str:
     with_images = inputs.images and any(im is not None for im in images)
     head = "<tr><th>rank</th>" + ("<th>image</th>" if with_images else "")
     head += "<th>train id</th><th>label</th><th>I_up,loss</th><th>removal effect</th>"
@@ -268,9 +286,19 @@ def _ranking_table(kind: str, table_id: str, first_rank: int, points: Sequence[R
     for r, (pt, im, fv) in enumerate(zip(points, images, features), first_rank):
         cells = f'<td class="num">{r}</td>'
         if with_images:
-            cells += "<td>" + (_img_tag(im[0], im[1], IMAGE_PX, kind, f"training point {pt.train_id}") if im else "") + "</td>"
-        cells += (f'<td class="num train-id" data-value="{int(pt.train_id)}">{int(pt.train_id)}</td>'
-                  f"<td>{_e(pt.label)}</td>" + _num(pt.up_loss, "+.4e") + _num(pt.removal_effect, "+.4e"))
+            cells += (
+                "<td>"
+                + (
+                    _img_tag(im[0], im[1], IMAGE_PX, kind, f"training point {pt.train_id}")
+                    if im
+                    else ""
+                )
+                + "</td>"
+            )
+        cells += (
+            f'<td class="num train-id" data-value="{int(pt.train_id)}">{int(pt.train_id)}</td>'
+            f"<td>{_e(pt.label)}</td>" + _num(pt.up_loss, "+.4e") + _num(pt.removal_effect, "+.4e")
+        )
         if inputs.text:
             cells += _text_cell(pt.text)
         if inputs.names:
@@ -279,8 +307,14 @@ def _ranking_table(kind: str, table_id: str, first_rank: int, points: Sequence[R
     return f'<table class="ranking {kind}" id="{table_id}">{head}</tr>{"".join(rows)}</table>'
 
 
-def _ranking(kind: str, points: Sequence[ReportPoint], images: Sequence[tuple[str, tuple[int, ...]] | None],
-             features: Sequence[np.ndarray | None], inputs: _Inputs, page_size: int) -> str:
+def _ranking(
+    kind: str,
+    points: Sequence[ReportPoint],
+    images: Sequence[tuple[str, tuple[int, ...]] | None],
+    features: Sequence[np.ndarray | None],
+    inputs: _Inputs,
+    page_size: int,
+) -> str:
     """The ranking in pages of ``page_size`` rows: the first open, each later one folded."""
     n = len(points)
     parts = []
@@ -288,18 +322,29 @@ def _ranking(kind: str, points: Sequence[ReportPoint], images: Sequence[tuple[st
         stop = min(start + page_size, n)
         page = slice(start, stop)
         table_id = kind if start == 0 else f"{kind}-page-{start // page_size + 1}"
-        table = _ranking_table(kind, table_id, start + 1, points[page], images[page], features[page], inputs)
+        table = _ranking_table(
+            kind, table_id, start + 1, points[page], images[page], features[page], inputs
+        )
         table = f'<div class="scroll">{table}</div>'
         if start == 0:
             parts.append(table)
         else:
-            parts.append(f'<details class="page"><summary>ranks {start + 1}–{stop} of {n}</summary>{table}</details>')
+            parts.append(
+                f'<details class="page"><summary>ranks {start + 1}–{stop} of'
+                f" {n}</summary>{table}</details>"
+            )
     return f'<div class="pages" id="{kind}-pages">{"".join(parts)}</div>'
 
 
 def _id_list(points: Sequence[ReportPoint], kind: str) -> str:
-    return f'<td class="ids {kind}">' + "".join(
-        f'<span class="train-id" data-value="{int(p.train_id)}">{int(p.train_id)}</span>' for p in points) + "</td>"
+    return (
+        f'<td class="ids {kind}">'
+        + "".join(
+            f'<span class="train-id" data-value="{int(p.train_id)}">{int(p.train_id)}</span>'
+            for p in points
+        )
+        + "</td>"
+    )
 
 
 def _verdict(true_label: str, predicted_label: str) -> str:
@@ -309,9 +354,12 @@ def _verdict(true_label: str, predicted_label: str) -> str:
 
 
 def _overview(rows: Sequence[OverviewRow]) -> str:
-    """Per test point its labels, loss and top ids; then the training points found in several lists."""
-    head = ("<tr><th>test index</th><th>true label</th><th>prediction</th><th>test loss</th>"
-            "<th>most helpful (train ids)</th><th>most harmful (train ids)</th></tr>")
+    """Per test point its labels, loss and top ids; then the training points found in
+    several lists."""
+    head = (
+        "<tr><th>test index</th><th>true label</th><th>prediction</th><th>test loss</th>"
+        "<th>most helpful (train ids)</th><th>most harmful (train ids)</th></tr>"
+    )
     body = []
     seen: dict[int, dict[str, Any]] = {}
     for row in rows:
@@ -319,45 +367,79 @@ def _overview(rows: Sequence[OverviewRow]) -> str:
         for kind, pts in (("helpful", row.helpful), ("harmful", row.harmful)):
             for pt in pts:
                 _integer(pt.train_id, "ReportPoint.train_id")
-                entry = seen.setdefault(int(pt.train_id), {"label": pt.label, "helpful": [], "harmful": []})
+                entry = seen.setdefault(
+                    int(pt.train_id), {"label": pt.label, "helpful": [], "harmful": []}
+                )
                 if int(row.index) not in entry[kind]:
                     entry[kind].append(int(row.index))
-        body.append(f'<tr class="overview-row" data-test="{int(row.index)}"><td class="num">{int(row.index)}</td>'
-                    f"<td>{_e(row.true_label)}</td><td>{_e(row.predicted_label)} — "
-                    f"{_verdict(row.true_label, row.predicted_label)}</td>" + _num(row.loss, ".4f")
-                    + _id_list(row.helpful, "helpful") + _id_list(row.harmful, "harmful") + "</tr>")
-    recurring = sorted(((tid, e) for tid, e in seen.items() if len(e["helpful"]) + len(e["harmful"]) >= 2),
-                       key=lambda te: (-(len(te[1]["helpful"]) + len(te[1]["harmful"])), te[0]))
-    parts = [f'<div class="scroll"><table class="overview" id="overview">{head}{"".join(body)}</table></div>',
-             "<h3>Training points in several of these lists</h3>"]
+        body.append(
+            f'<tr class="overview-row" data-test="{int(row.index)}"><td'
+            f' class="num">{int(row.index)}</td><td>{_e(row.true_label)}</td>'
+            f"<td>{_e(row.predicted_label)}"
+            f" — {_verdict(row.true_label, row.predicted_label)}</td>"
+            + _num(row.loss, ".4f")
+            + _id_list(row.helpful, "helpful")
+            + _id_list(row.harmful, "harmful")
+            + "</tr>"
+        )
+    recurring = sorted(
+        ((tid, e) for tid, e in seen.items() if len(e["helpful"]) + len(e["harmful"]) >= 2),
+        key=lambda te: (-(len(te[1]["helpful"]) + len(te[1]["harmful"])), te[0]),
+    )
+    parts = [
+        (
+            '<div class="scroll"><table class="overview"'
+            f' id="overview">{head}{"".join(body)}</table></div>'
+        ),
+        "<h3>Training points in several of these lists</h3>",
+    ]
     if not recurring:
-        parts.append('<p class="note" id="recurring-none">No training point is among the most helpful or harmful '
-                     "of more than one of these test points.</p>")
+        parts.append(
+            '<p class="note" id="recurring-none">No training point is among the most helpful or'
+            " harmful of more than one of these test points.</p>"
+        )
         return "".join(parts)
     rec_rows = []
     for tid, e in recurring[:MAX_RECURRING]:
         rec_rows.append(
-            f'<tr class="recurring"><td class="num train-id" data-value="{tid}">{tid}</td><td>{_e(e["label"])}</td>'
-            f'<td class="num helpful-count">{len(e["helpful"])}</td><td class="num harmful-count">{len(e["harmful"])}</td>'
-            f'<td>{_e(", ".join(map(str, e["helpful"])) or "—")}</td><td>{_e(", ".join(map(str, e["harmful"])) or "—")}</td></tr>')
+            '<tr class="recurring"><td class="num train-id"'
+            f' data-value="{tid}">{tid}</td><td>{_e(e["label"])}</td>'
+            f'<td class="num helpful-count">{len(e["helpful"])}</td><td class="num'
+            f' harmful-count">{len(e["harmful"])}</td>'
+            f"<td>{_e(', '.join(map(str, e['helpful'])) or '—')}</td>"
+            f"<td>{_e(', '.join(map(str, e['harmful'])) or '—')}</td></tr>"
+        )
     more = len(recurring) - MAX_RECURRING
-    parts.append('<div class="scroll"><table class="recurring" id="recurring"><tr><th>train id</th><th>label</th>'
-                 "<th>helpful to</th><th>harmful to</th><th>helpful to test points</th><th>harmful to test points</th></tr>"
-                 + "".join(rec_rows) + "</table></div>")
+    parts.append(
+        '<div class="scroll"><table class="recurring" id="recurring"><tr><th>train'
+        " id</th><th>label</th><th>helpful to</th><th>harmful to</th><th>helpful to test"
+        " points</th><th>harmful to test points</th></tr>" + "".join(rec_rows) + "</table></div>"
+    )
     if more > 0:
-        parts.append(f'<p class="note">… and {more} more training points found in two or more lists.</p>')
+        parts.append(
+            f'<p class="note">… and {more} more training points found in two or more lists.</p>'
+        )
     return "".join(parts)
 
 
-def _diagnostics(provenance: Mapping[str, Any], n_train: int, extra: Sequence[tuple[str, Any, str]]) -> str:
+def _diagnostics(
+    provenance: Mapping[str, Any], n_train: int, extra: Sequence[tuple[str, Any, str]]
+) -> str:
     prov = as_provenance(provenance)
     cfg = dict(prov.solver)
-    settings = ", ".join(f"{k}={_setting(v)}" for k, v in cfg.items() if k not in ("name", "progress")) or "—"
+    settings = (
+        ", ".join(f"{k}={_setting(v)}" for k, v in cfg.items() if k not in ("name", "progress"))
+        or "—"
+    )
     bound = prov.max_residual_accepted
     accepted = prov.accepted
     verdict = "" if accepted is None else ("accepted" if accepted else "NOT accepted")
     if verdict:
-        verdict += f" (bound {_setting(float(bound))})" if isinstance(bound, (int, float)) else " (no bound)"
+        verdict += (
+            f" (bound {_setting(float(bound))})"
+            if isinstance(bound, (int, float))
+            else " (no bound)"
+        )
     rows: list[str] = [
         f'<tr id="diag-solver"><th>solver</th><td>{_e(cfg.get("name", "?"))}</td></tr>',
         f'<tr id="diag-settings"><th>settings</th><td>{_e(settings)}</td></tr>',
@@ -368,16 +450,35 @@ def _diagnostics(provenance: Mapping[str, Any], n_train: int, extra: Sequence[tu
             rows.append(f"<tr><th>{label}</th><td>{_e(stats[key])}</td></tr>")
 
     def num_row(rid: str, label: str, value: Any, spec: str, note: str = "") -> None:
-        rows.append(f'<tr id="diag-{rid}"><th>{_e(label)}</th>{_num(value, spec)}'
-                    + (f"<td>{_e(note)}</td>" if note else "") + "</tr>")
+        rows.append(
+            f'<tr id="diag-{rid}"><th>{_e(label)}</th>{_num(value, spec)}'
+            + (f"<td>{_e(note)}</td>" if note else "")
+            + "</tr>"
+        )
 
-    num_row("residual", "relative residual ‖(H+δI)x − v‖/‖v‖ (max)", prov.residual_max, ".2e",
-            verdict)
+    num_row(
+        "residual", "relative residual ‖(H+δI)x − v‖/‖v‖ (max)", prov.residual_max, ".2e", verdict
+    )
     accuracy = prov.accuracy
     if isinstance(accuracy, Mapping):  # measured against CG (Influence.estimate_accuracy)
-        where = f"against CG on {accuracy.get('test_points')} test × {accuracy.get('train_points')} training points"
-        num_row("accuracy-spearman", "Spearman of the scores (min)", accuracy.get("spearman_min"), ".4f", where)
-        num_row("accuracy-error", "relative error of the scores (max)", accuracy.get("relative_error_max"), ".3g", where)
+        where = (
+            f"against CG on {accuracy.get('test_points')} test × {accuracy.get('train_points')}"
+            " training points"
+        )
+        num_row(
+            "accuracy-spearman",
+            "Spearman of the scores (min)",
+            accuracy.get("spearman_min"),
+            ".4f",
+            where,
+        )
+        num_row(
+            "accuracy-error",
+            "relative error of the scores (max)",
+            accuracy.get("relative_error_max"),
+            ".3g",
+            where,
+        )
     elif accuracy is not None:
         rows.append(f'<tr id="diag-accuracy"><th>accuracy</th><td>{_e(accuracy)}</td></tr>')
     num_row("iterations", "iterations", prov.iterations, "d")
@@ -403,7 +504,7 @@ def _diagnostics(provenance: Mapping[str, Any], n_train: int, extra: Sequence[tu
 
 def _loo_section(comparison: Any | None) -> str:
     if comparison is None:
-        return "<p class=\"note\" id=\"loo-skipped\">Leave-one-out retraining was not run.</p>"
+        return '<p class="note" id="loo-skipped">Leave-one-out retraining was not run.</p>'
     fig = new_figure(figsize=(5.4, 5.0), dpi=110)
     loo_scatter(comparison, fig.add_subplot())
     fig.subplots_adjust(left=0.16, right=0.97, bottom=0.12, top=0.88)
@@ -412,19 +513,34 @@ def _loo_section(comparison: Any | None) -> str:
     stats = [
         ("pearson", "Pearson R", getattr(comparison, "pearson", None), ".4f"),
         ("spearman", "Spearman ρ", getattr(comparison, "spearman", None), ".4f"),
-        ("slope", "slope (actual ≈ slope · predicted + intercept)", getattr(comparison, "slope", None), ".4f"),
+        (
+            "slope",
+            "slope (actual ≈ slope · predicted + intercept)",
+            getattr(comparison, "slope", None),
+            ".4f",
+        ),
         ("intercept", "intercept", getattr(comparison, "intercept", None), "+.2e"),
         ("k", "points retrained without", k, "d"),
-        ("retrain-grad-norm", "largest ‖∇R‖ after a refit", getattr(comparison, "retrain_grad_norm", None), ".1e"),
+        (
+            "retrain-grad-norm",
+            "largest ‖∇R‖ after a refit",
+            getattr(comparison, "retrain_grad_norm", None),
+            ".1e",
+        ),
         ("seconds", "retraining time [s]", getattr(comparison, "seconds", None), ".2f"),
     ]
-    rows = "".join(f'<tr id="loo-{rid}"><th>{_e(label)}</th>{_num(v, spec)}</tr>' for rid, label, v, spec in stats)
-    return (f'<div class="loo"><img id="loo-scatter" src="{uri}" alt="Predicted vs actual change in test loss '
-            f'when each training point is removed">'
-            f'<div><table class="loo-stats" id="loo-stats">{rows}</table>'
-            '<p class="note">Each point is one training point removed: x = predicted change of the test loss '
-            "(−I_up,loss / n), y = the change after actually retraining without it (Koh &amp; Liang 2017, Fig. 2). "
-            "On the dashed line y = x the prediction is exact.</p></div></div>")
+    rows = "".join(
+        f'<tr id="loo-{rid}"><th>{_e(label)}</th>{_num(v, spec)}</tr>'
+        for rid, label, v, spec in stats
+    )
+    return (
+        f'<div class="loo"><img id="loo-scatter" src="{uri}" alt="Predicted vs actual change in'
+        ' test loss when each training point is removed"><div><table class="loo-stats"'
+        f' id="loo-stats">{rows}</table><p class="note">Each point is one training point removed: x'
+        " = predicted change of the test loss (−I_up,loss / n), y = the change after actually"
+        " retraining without it (Koh &amp; Liang 2017, Fig. 2). On the dashed line y = x the"
+        " prediction is exact.</p></div></div>"
+    )
 
 
 def _feature_vector(x: Any, what: str) -> np.ndarray | None:
@@ -464,7 +580,8 @@ def explain_report(
             iterations, times, l2, damping, p, dtype), or a mapping of its flat keys; missing
             entries are shown as n/a.
         n_train: n, the number of training points the model was fitted on.
-        comparison: an ``LOOComparison`` (drawn as the Fig. 2 scatter with its statistics), or ``None``.
+        comparison: an ``LOOComparison`` (drawn as the Fig. 2 scatter with its statistics), or
+            ``None``.
         image_shape: how to reshape flat inputs into images, e.g. ``(28, 28)``.
         subtitle: a line under the heading (data set, model, accuracy).
         extra_diagnostics: more ``(label, number, format spec)`` rows for the solver table.
@@ -491,51 +608,94 @@ def explain_report(
     finite = [a for a in finite if a.size]
     vmin = float(min(a.min() for a in finite)) if finite else 0.0
     vmax = float(max(a.max() for a in finite)) if finite else 1.0
-    encoded = [None if a is None else (_data_uri(image_png(a, vmin=vmin, vmax=vmax, cmap=cmap)), a.shape) for a in arrays]
-    test_img, help_imgs, harm_imgs = encoded[0], encoded[1:1 + len(helpful)], encoded[1 + len(helpful):]
+    encoded = [
+        None if a is None else (_data_uri(image_png(a, vmin=vmin, vmax=vmax, cmap=cmap)), a.shape)
+        for a in arrays
+    ]
+    test_img, help_imgs, harm_imgs = (
+        encoded[0],
+        encoded[1 : 1 + len(helpful)],
+        encoded[1 + len(helpful) :],
+    )
 
     vectors = [_feature_vector(test.features, "ReportTest.features")]
-    vectors += [_feature_vector(p.features, f"the features of training point {p.train_id}") for p in (*helpful, *harmful)]
+    vectors += [
+        _feature_vector(p.features, f"the features of training point {p.train_id}")
+        for p in (*helpful, *harmful)
+    ]
     sizes = {v.size for v in vectors if v is not None}
     if len(sizes) > 1:
-        raise InputError(f"explain_report: the points have different numbers of features {sorted(sizes)}; "
-                         "each needs the same features.")
+        raise InputError(
+            f"explain_report: the points have different numbers of features {sorted(sizes)}; "
+            "each needs the same features."
+        )
     d = sizes.pop() if sizes else 0
     names = _feature_names(feature_names, d)[:MAX_FEATURE_COLUMNS] if d else []
-    inputs = _Inputs(images=any(a is not None for a in arrays), names=names, d=d,
-                     text=any(p.text is not None for p in (test, *helpful, *harmful)))
-    test_vec, help_vecs, harm_vecs = vectors[0], vectors[1:1 + len(helpful)], vectors[1 + len(helpful):]
+    inputs = _Inputs(
+        images=any(a is not None for a in arrays),
+        names=names,
+        d=d,
+        text=any(p.text is not None for p in (test, *helpful, *harmful)),
+    )
+    test_vec, help_vecs, harm_vecs = (
+        vectors[0],
+        vectors[1 : 1 + len(helpful)],
+        vectors[1 + len(helpful) :],
+    )
 
     facts = [
-        f'<tr><th>test index</th><td class="num" id="test-index" data-value="{int(test.index)}">{int(test.index)}</td></tr>',
+        (
+            '<tr><th>test index</th><td class="num" id="test-index"'
+            f' data-value="{int(test.index)}">{int(test.index)}</td></tr>'
+        ),
         f'<tr><th>true label</th><td id="test-label">{_e(test.true_label)}</td></tr>',
-        f'<tr><th>prediction</th><td id="test-prediction">{_e(test.predicted_label)} — '
-        f"{_verdict(test.true_label, test.predicted_label)}</td></tr>",
+        (
+            f'<tr><th>prediction</th><td id="test-prediction">{_e(test.predicted_label)} — '
+            f"{_verdict(test.true_label, test.predicted_label)}</td></tr>"
+        ),
     ]
     if test.p_positive is not None:
         facts.append(f'<tr id="test-p"><th>P(y = +1)</th>{_num(test.p_positive, ".4f")}</tr>')
     if test.p_predicted is not None:
-        facts.append(f'<tr id="test-p-predicted"><th>P(predicted label)</th>{_num(test.p_predicted, ".4f")}</tr>')
+        facts.append(
+            '<tr id="test-p-predicted"><th>P(predicted'
+            f" label)</th>{_num(test.p_predicted, '.4f')}</tr>"
+        )
     facts.append(f'<tr id="test-loss"><th>test loss</th>{_num(test.loss, ".4f")}</tr>')
-    test_html = ('<div class="test">'
-                 + (_img_tag(test_img[0], test_img[1], TEST_IMAGE_PX, "test", f"test point {test.index}") if test_img else "")
-                 + f'<table class="facts">{"".join(facts)}</table></div>')
+    test_html = (
+        '<div class="test">'
+        + (
+            _img_tag(test_img[0], test_img[1], TEST_IMAGE_PX, "test", f"test point {test.index}")
+            if test_img
+            else ""
+        )
+        + f'<table class="facts">{"".join(facts)}</table></div>'
+    )
     if test.text is not None:
         test_html += f'<p id="test-text">{_e(test.text)}</p>'
     if names:
-        shown = (f"the first {len(names)} of {d} features" if d > len(names) else f"{d} features")
-        test_html += (f'<p class="note">Feature values of the test point ({shown}); the rankings below show the '
-                      "same columns for each training point.</p>"
-                      f'<div class="scroll"><table class="features" id="test-features"><tr>'
-                      + "".join(f"<th>{_e(nm)}</th>" for nm in names) + "</tr><tr>"
-                      + _feature_cells(test_vec, len(names)) + "</tr></table></div>")
+        shown = f"the first {len(names)} of {d} features" if d > len(names) else f"{d} features"
+        test_html += (
+            f'<p class="note">Feature values of the test point ({shown}); the rankings below show'
+            ' the same columns for each training point.</p><div class="scroll"><table'
+            ' class="features" id="test-features"><tr>'
+            + "".join(f"<th>{_e(nm)}</th>" for nm in names)
+            + "</tr><tr>"
+            + _feature_cells(test_vec, len(names))
+            + "</tr></table></div>"
+        )
 
     n = int(n_train)
     overview_html = []
     if overview:
-        overview_html = [f'<h2 id="overview-heading">Overview of {len(overview)} test points</h2>',
-                         '<p class="note">The most helpful and most harmful training points of each test point, by '
-                         "I_up,loss; the explained test point is detailed below.</p>", _overview(overview)]
+        overview_html = [
+            f'<h2 id="overview-heading">Overview of {len(overview)} test points</h2>',
+            (
+                '<p class="note">The most helpful and most harmful training points of each test'
+                " point, by I_up,loss; the explained test point is detailed below.</p>"
+            ),
+            _overview(overview),
+        ]
     page = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
@@ -548,16 +708,24 @@ def explain_report(
         test_html,
         f'<div class="columns{" stacked" if names or inputs.text else ""}"><section>',
         f'<h2 class="helpful">Most helpful training points ({len(helpful)})</h2>',
-        '<p class="note">I_up,loss &lt; 0: upweighting the point lowers the test loss; removing it raises it.</p>',
+        (
+            '<p class="note">I_up,loss &lt; 0: upweighting the point lowers the test loss; removing'
+            " it raises it.</p>"
+        ),
         _ranking("helpful", helpful, help_imgs, help_vecs, inputs, int(page_size)),
         "</section><section>",
         f'<h2 class="harmful">Most harmful training points ({len(harmful)})</h2>',
-        '<p class="note">I_up,loss &gt; 0: upweighting the point raises the test loss; removing it lowers it.</p>',
+        (
+            '<p class="note">I_up,loss &gt; 0: upweighting the point raises the test loss; removing'
+            " it lowers it.</p>"
+        ),
         _ranking("harmful", harmful, harm_imgs, harm_vecs, inputs, int(page_size)),
         "</section></div>",
-        f'<p class="note">I_up,loss(z, z_test) = −∇θL(z_test)ᵀ H⁻¹ ∇θL(z) (Koh &amp; Liang 2017, Eq. 2). '
-        f"Removal effect = −I_up,loss / n with n = {n}: the predicted change of the test loss if the point "
-        "is removed from the training set.</p>",
+        (
+            '<p class="note">I_up,loss(z, z_test) = −∇θL(z_test)ᵀ H⁻¹ ∇θL(z) (Koh &amp; Liang'
+            f" 2017, Eq. 2). Removal effect = −I_up,loss / n with n = {n}: the predicted change of"
+            " the test loss if the point is removed from the training set.</p>"
+        ),
         "<h2>Leave-one-out check</h2>",
         _loo_section(comparison),
         "<h2>Solver diagnostics</h2>",
@@ -598,6 +766,8 @@ def write_report(page: str, path: str | os.PathLike[str], *, what: str = "report
         p.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(p, page)
     except OSError as exc:
-        raise InputError(f"{what} {path}: cannot write it ({exc.strerror or exc}); nothing was written there: "
-                         f"{os_error_fix(exc)}.") from exc
+        raise InputError(
+            f"{what} {path}: cannot write it ({exc.strerror or exc}); nothing was written there: "
+            f"{os_error_fix(exc)}."
+        ) from exc
     return p

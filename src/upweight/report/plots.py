@@ -52,7 +52,9 @@ def loo_scatter(comparison: Any, ax: Axes, *, color: str = "#1f5fa8") -> Axes:
     """
     pred = np.asarray(comparison.predicted, dtype=float).reshape(-1)
     act = np.asarray(comparison.actual, dtype=float).reshape(-1)
-    ax.scatter(pred, act, s=22, color=color, alpha=0.85, edgecolors="white", linewidths=0.5, zorder=3)
+    ax.scatter(
+        pred, act, s=22, color=color, alpha=0.85, edgecolors="white", linewidths=0.5, zorder=3
+    )
     both = np.concatenate([pred, act])
     both = both[np.isfinite(both)]
     lo, hi = (float(both.min()), float(both.max())) if both.size else (-1.0, 1.0)
@@ -75,7 +77,10 @@ def loo_scatter(comparison: Any, ax: Axes, *, color: str = "#1f5fa8") -> Axes:
     ax.yaxis.set_major_formatter(fmt)
     ax.set_xlabel(f"Predicted Δ test loss  (−I_up,loss / n){unit}")
     ax.set_ylabel(f"Actual Δ test loss  (retraining){unit}")
-    title = f"Leave-one-out retraining, {len(pred)} points\nPearson R = {_fmt(comparison.pearson, '.4f')}"
+    title = (
+        f"Leave-one-out retraining, {len(pred)} points\nPearson R ="
+        f" {_fmt(comparison.pearson, '.4f')}"
+    )
     spearman = getattr(comparison, "spearman", None)
     if spearman is not None:
         title += f", Spearman = {_fmt(spearman, '.3f')}"
@@ -99,8 +104,17 @@ def _as_image(x: Any, image_shape: Sequence[int] | None) -> np.ndarray:
     return flat.reshape(side, side) if side * side == flat.size else flat.reshape(1, -1)
 
 
-def _show(ax: Axes, img: np.ndarray, caption: str, *, cmap: str, vmin: float, vmax: float, fontsize: float) -> None:
-    ax.imshow(img, cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest", aspect="equal" if img.shape[0] > 1 else "auto")
+def _show(
+    ax: Axes, img: np.ndarray, caption: str, *, cmap: str, vmin: float, vmax: float, fontsize: float
+) -> None:
+    ax.imshow(
+        img,
+        cmap=cmap,
+        vmin=vmin,
+        vmax=vmax,
+        interpolation="nearest",
+        aspect="equal" if img.shape[0] > 1 else "auto",
+    )
     ax.set_xticks([])
     ax.set_yticks([])
     for side in ax.spines.values():
@@ -142,7 +156,9 @@ def explain_figure(
         order: test image, helpful images, harmful images, scatter. Save it with ``save_figure``.
     """
     if isinstance(max_columns, bool) or not isinstance(max_columns, int) or max_columns < 1:
-        raise InputError(f"explain_figure: max_columns must be an integer ≥ 1; got {max_columns!r}.")
+        raise InputError(
+            f"explain_figure: max_columns must be an integer ≥ 1; got {max_columns!r}."
+        )
     test_img = _as_image(test_image, image_shape)
     helpful_imgs = [(_as_image(img, image_shape), str(cap)) for img, cap in helpful]
     harmful_imgs = [(_as_image(img, image_shape), str(cap)) for img, cap in harmful]
@@ -157,9 +173,17 @@ def explain_figure(
     with_scatter = comparison is not None
     widths = [2.1, 1.3 * cols] + ([3.9] if with_scatter else [])
     extra_rows = sum(row_counts) - 2
-    fig = new_figure(figsize=(sum(widths) + 0.9, 4.4 + 1.7 * extra_rows + (0.35 if title else 0.0)), dpi=110)
+    fig = new_figure(
+        figsize=(sum(widths) + 0.9, 4.4 + 1.7 * extra_rows + (0.35 if title else 0.0)), dpi=110
+    )
     outer = fig.add_gridspec(
-        1, len(widths), width_ratios=widths, wspace=0.3, left=0.02, right=0.975, bottom=0.12,
+        1,
+        len(widths),
+        width_ratios=widths,
+        wspace=0.3,
+        left=0.02,
+        right=0.975,
+        bottom=0.12,
         top=0.85 if title else 0.9,
     )
 
@@ -170,7 +194,11 @@ def explain_figure(
 
     grid = outer[0, 1].subgridspec(sum(row_counts), cols, hspace=0.5, wspace=0.16)
     for first_row, (imgs, label, color) in zip(
-        (0, row_counts[0]), ((helpful_imgs, helpful_label, HELPFUL_COLOR), (harmful_imgs, harmful_label, HARMFUL_COLOR))
+        (0, row_counts[0]),
+        (
+            (helpful_imgs, helpful_label, HELPFUL_COLOR),
+            (harmful_imgs, harmful_label, HARMFUL_COLOR),
+        ),
     ):
         for j, (img, caption) in enumerate(imgs):
             ax = fig.add_subplot(grid[first_row + j // cols, j % cols])
@@ -215,11 +243,21 @@ def ranking_figure(
     widths = [2.2, 5.2] + ([3.9] if with_scatter else [])
     height = max(4.4, 1.3 + 0.27 * len(items)) + (0.35 if title else 0.0)
     fig = new_figure(figsize=(sum(widths) + 2.4, height), dpi=110)
-    outer = fig.add_gridspec(1, len(widths), width_ratios=widths, wspace=0.45, left=0.02, right=0.975,
-                             bottom=0.1, top=0.88 if title else 0.92)
+    outer = fig.add_gridspec(
+        1,
+        len(widths),
+        width_ratios=widths,
+        wspace=0.45,
+        left=0.02,
+        right=0.975,
+        bottom=0.1,
+        top=0.88 if title else 0.92,
+    )
     ax_text = fig.add_subplot(outer[0, 0])
     ax_text.axis("off")
-    ax_text.text(0.0, 1.0, test_text, va="top", ha="left", fontsize=9.5, transform=ax_text.transAxes)
+    ax_text.text(
+        0.0, 1.0, test_text, va="top", ha="left", fontsize=9.5, transform=ax_text.transAxes
+    )
     ax = fig.add_subplot(outer[0, 1])
     ys = np.arange(len(items))
     ax.barh(ys, [v for _, v, _ in items], color=[c for _, _, c in items], height=0.7)
@@ -256,9 +294,13 @@ def save_figure(fig: Figure, path: str | Path, *, dpi: float | None = None) -> P
     fmt = path.suffix[1:].lower()
     formats = figure_formats()
     if fmt not in formats:
-        raise InputError(f"save_figure: cannot write a figure as '{path.suffix}' ({path}); use one of the "
-                         f"suffixes {', '.join('.' + f for f in formats)}, e.g. {path.with_suffix('.png')}.")
+        raise InputError(
+            f"save_figure: cannot write a figure as '{path.suffix}' ({path}); use one of the "
+            f"suffixes {', '.join('.' + f for f in formats)}, e.g. {path.with_suffix('.png')}."
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     if fig.canvas is None or not isinstance(fig.canvas, FigureCanvasAgg):
         FigureCanvasAgg(fig)
-    return write_atomic(path, lambda fh: fig.savefig(fh, format=fmt, dpi=dpi or fig.dpi, facecolor="white"))
+    return write_atomic(
+        path, lambda fh: fig.savefig(fh, format=fmt, dpi=dpi or fig.dpi, facecolor="white")
+    )

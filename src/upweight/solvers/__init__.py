@@ -12,9 +12,17 @@ from .lissa import LiSSA, LiSSAState
 from .nystrom import Nystrom, NystromState
 from .spectrum import Spectrum, estimate_spectrum, lanczos, lissa_from_spectrum
 
-SOLVERS: dict[str, type[InverseHVPSolver]] = {"direct": Direct, "cg": CG, "lissa": LiSSA, "auto": Auto, "arnoldi": Arnoldi,
-                                             "kfac": KFAC, "ekfac": EKFAC, "nystrom": Nystrom,
-                                             "datainf": DataInf}
+SOLVERS: dict[str, type[InverseHVPSolver]] = {
+    "direct": Direct,
+    "cg": CG,
+    "lissa": LiSSA,
+    "auto": Auto,
+    "arnoldi": Arnoldi,
+    "kfac": KFAC,
+    "ekfac": EKFAC,
+    "nystrom": Nystrom,
+    "datainf": DataInf,
+}
 
 __all__ = [
     "CG",

@@ -121,9 +121,11 @@ class Arnoldi(InverseHVPSolver[ArnoldiState]):
         >>> import torch
         >>> from upweight import Objective, Data
         >>> obj = Objective(torch.nn.Linear(2, 1, bias=False).eval(), "squared", l2=1.0)
-        >>> curv = Curvature(obj, Data.from_any((torch.eye(2), torch.zeros(2, 1))))  # H = diag(1.5, 1.5)
+        >>> # H = diag(1.5, 1.5)
+        >>> curv = Curvature(obj, Data.from_any((torch.eye(2), torch.zeros(2, 1))))
         >>> solver = Arnoldi(rank=2)
-        >>> [round(v, 6) for v in solver.solve(solver.prepare(curv), torch.tensor([[1.5, 3.0]])).value[0].tolist()]
+        >>> x = solver.solve(solver.prepare(curv), torch.tensor([[1.5, 3.0]])).value
+        >>> [round(v, 6) for v in x[0].tolist()]
         [1.0, 2.0]
     """
 
@@ -140,7 +142,9 @@ class Arnoldi(InverseHVPSolver[ArnoldiState]):
         check_interval("Arnoldi", "rank", self.rank, 1, None, closed="left", integer=True)
         check_choice("Arnoldi", "on_indefinite", self.on_indefinite, ("raise", "warn"))
         if self.oversampling is not None:
-            check_interval("Arnoldi", "oversampling", self.oversampling, 0, None, closed="left", integer=True)
+            check_interval(
+                "Arnoldi", "oversampling", self.oversampling, 0, None, closed="left", integer=True
+            )
         check_interval("Arnoldi", "seed", self.seed, 0, None, closed="left", integer=True)
 
     def prepare(self, curvature: Curvature) -> ArnoldiState:
@@ -148,21 +152,30 @@ class Arnoldi(InverseHVPSolver[ArnoldiState]):
         p = curvature.p
         rank = min(self.rank, p)
         steps = min(rank + (rank if self.oversampling is None else self.oversampling), p)
-        kd = krylov_decomposition(curvature.matvec, p, steps=steps, dtype=curvature.dtype, seed=self.seed, desc="Arnoldi")
+        kd = krylov_decomposition(
+            curvature.matvec, p, steps=steps, dtype=curvature.dtype, seed=self.seed, desc="Arnoldi"
+        )
         theta, S = torch.linalg.eigh(kd.T)  # ascending
         keep = torch.argsort(theta.abs(), descending=True, stable=True)[:rank]
         lam, Sr = theta[keep], S[:, keep]
         lam_abs_max = float(theta.abs().max())
-        # a kept λ ≤ 0 — or so small relative to max|θ| that 1/λ is rounding noise — cannot be inverted
+        # a kept λ ≤ 0 — or so small relative to max|θ| that 1/λ is rounding noise — cannot be
+        # inverted
         if float(lam.min()) <= 1e-12 * lam_abs_max:
             self._raise_not_pd(curvature, float(theta[0]), float(lam.min()), float(theta[-1]), rank)
         if float(theta[0]) < -1e-10 * lam_abs_max:  # a Rayleigh quotient < 0: H + δI is indefinite
             if self.on_indefinite == "raise":
-                self._raise_not_pd(curvature, float(theta[0]), float(lam.min()), float(theta[-1]), rank, kept=False)
+                self._raise_not_pd(
+                    curvature, float(theta[0]), float(lam.min()), float(theta[-1]), rank, kept=False
+                )
             warnings.warn(
-                f"Arnoldi saw a negative Ritz value {float(theta[0]):.3e}: H + δI (damping={curvature.damping:g}) is "
-                "indefinite, so θ̂ is not a minimum and influence is only defined on the kept top eigenspace. Add "
-                "damping, or train closer to a minimum.", IndefiniteCurvatureWarning, stacklevel=3)
+                f"Arnoldi saw a negative Ritz value {float(theta[0]):.3e}: H + δI"
+                f" (damping={curvature.damping:g}) is indefinite, so θ̂ is not a minimum and"
+                " influence is only defined on the kept top eigenspace. Add damping, or train"
+                " closer to a minimum.",
+                IndefiniteCurvatureWarning,
+                stacklevel=3,
+            )
         U = Sr.T @ kd.Q  # (r, p) Ritz vectors, orthonormal rows
         AU = Sr.T @ kd.AQ  # (H + δI)U by linearity of the recorded products
         resid = (AU - lam[:, None] * U).norm(dim=1)
@@ -178,7 +191,9 @@ class Arnoldi(InverseHVPSolver[ArnoldiState]):
             "max_ritz_residual": float((resid / lam.abs()).max()),
             "prepare_seconds": time.perf_counter() - t0,
         }
-        return ArnoldiState(U=U, AU=AU, eigenvalues=lam, ritz_values=theta, ritz_residuals=resid, stats=stats)
+        return ArnoldiState(
+            U=U, AU=AU, eigenvalues=lam, ritz_values=theta, ritz_residuals=resid, stats=stats
+        )
 
     def solve(self, state: ArnoldiState, rhs: torch.Tensor) -> Solution:
         t0 = time.perf_counter()
@@ -211,21 +226,35 @@ class Arnoldi(InverseHVPSolver[ArnoldiState]):
         )
 
     def accuracy_advice(self, state: ArnoldiState | None = None) -> str:
-        return ("A residual above 1 means the kept Ritz pairs are wrong (see solver_max_ritz_residual): "
-                "raise Arnoldi's oversampling, or add damping.")
+        return (
+            "A residual above 1 means the kept Ritz pairs are wrong (see solver_max_ritz_residual):"
+            " raise Arnoldi's oversampling, or add damping."
+        )
 
     @staticmethod
-    def _raise_not_pd(curv: Curvature, ritz_min: float, kept_min: float, ritz_max: float, rank: int,
-                      kept: bool = True) -> None:
+    def _raise_not_pd(
+        curv: Curvature,
+        ritz_min: float,
+        kept_min: float,
+        ritz_max: float,
+        rank: int,
+        kept: bool = True,
+    ) -> None:
         lmin = min(ritz_min, kept_min)
         fix = suggest_damping(min(lmin, 0.0), curv.damping, ritz_max)
-        where = (f"on its top-{rank} eigenspace: Arnoldi keeps an eigenvalue {kept_min:.3e}" if kept else
-                 f"Arnoldi saw the Ritz value {ritz_min:.3e} (a Rayleigh quotient, so a negative eigenvalue exists)")
+        where = (
+            f"on its top-{rank} eigenspace: Arnoldi keeps an eigenvalue {kept_min:.3e}"
+            if kept
+            else (
+                f"Arnoldi saw the Ritz value {ritz_min:.3e} (a Rayleigh quotient, so a negative"
+                " eigenvalue exists)"
+            )
+        )
         raise NotPositiveDefiniteError(
-            f"The Hessian (damping={curv.damping:g}) is not positive definite {where} "
-            f"(Ritz values from {ritz_min:.3e} to {ritz_max:.3e}). Arnoldi(on_indefinite='warn') accepts it. "
-            f"Pass damping ≥ {fix:.2g} (e.g. Influence(..., damping={fix:.2g})), or train the model closer to a minimum."
-            + gauss_newton_hint(curv),
+            f"The Hessian (damping={curv.damping:g}) is not positive definite {where} (Ritz values"
+            f" from {ritz_min:.3e} to {ritz_max:.3e}). Arnoldi(on_indefinite='warn') accepts it."
+            f" Pass damping ≥ {fix:.2g} (e.g. Influence(..., damping={fix:.2g})), or train the"
+            " model closer to a minimum." + gauss_newton_hint(curv),
             min_eigenvalue=lmin,
             suggested_damping=fix,
         )

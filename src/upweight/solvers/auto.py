@@ -92,8 +92,10 @@ class Auto(InverseHVPSolver[AutoState]):
 
     Args:
         max_dense_p: the largest p solved by Direct; ``None`` derives it from memory (0: never).
-        memory_fraction: share of the available memory Direct may use when ``max_dense_p`` is ``None``.
-        cg_max_n: the largest n solved by CG; above it LiSSA is used (0: always LiSSA unless Direct).
+        memory_fraction: share of the available memory Direct may use when ``max_dense_p`` is
+            ``None``.
+        cg_max_n: the largest n solved by CG; above it LiSSA is used (0: always LiSSA unless
+            Direct).
         rtol: CG's relative tolerance.
         lanczos_steps: Lanczos steps for the spectrum estimate.
         spectrum_sample: training points in the subsample the LiSSA path estimates the spectrum on.
@@ -133,12 +135,18 @@ class Auto(InverseHVPSolver[AutoState]):
 
     def __post_init__(self) -> None:
         if self.max_dense_p is not None:
-            check_interval("Auto", "max_dense_p", self.max_dense_p, 0, None, closed="left", integer=True)
+            check_interval(
+                "Auto", "max_dense_p", self.max_dense_p, 0, None, closed="left", integer=True
+            )
         check_interval("Auto", "memory_fraction", self.memory_fraction, 0.0, 1.0, closed="right")
         check_interval("Auto", "cg_max_n", self.cg_max_n, 0, None, closed="left", integer=True)
         check_interval("Auto", "rtol", self.rtol, 0.0, 1.0)
-        check_interval("Auto", "lanczos_steps", self.lanczos_steps, 2, None, closed="left", integer=True)
-        check_interval("Auto", "spectrum_sample", self.spectrum_sample, 1, None, closed="left", integer=True)
+        check_interval(
+            "Auto", "lanczos_steps", self.lanczos_steps, 2, None, closed="left", integer=True
+        )
+        check_interval(
+            "Auto", "spectrum_sample", self.spectrum_sample, 1, None, closed="left", integer=True
+        )
         check_choice("Auto", "on_indefinite", self.on_indefinite, ("raise", "damp"))
         check_interval("Auto", "seed", self.seed, 0, None, closed="left", integer=True)
 
@@ -149,8 +157,10 @@ class Auto(InverseHVPSolver[AutoState]):
             return self.max_dense_p, "set by the caller"
         mem = available_memory()
         limit = dense_p_limit(self.memory_fraction, mem)
-        why = (f"float64 H and its factors ({DENSE_BYTES_PER_ENTRY}·p² bytes) within {self.memory_fraction:g} of "
-               f"{mem / 2**30:.1f} GiB available memory")
+        why = (
+            f"float64 H and its factors ({DENSE_BYTES_PER_ENTRY}·p² bytes) within"
+            f" {self.memory_fraction:g} of {mem / 2**30:.1f} GiB available memory"
+        )
         return limit, why + (f", capped at {DENSE_P_CAP}" if limit == DENSE_P_CAP else "")
 
     def prepare(self, curvature: Curvature) -> AutoState:
@@ -165,12 +175,17 @@ class Auto(InverseHVPSolver[AutoState]):
             why = f"p = {p} ≤ max_dense_p = {limit} ({limit_why}): Direct (exact, float64 Cholesky)"
             state = self._prepare_direct(curvature, why)
         elif n > self.cg_max_n:
-            why = (f"p = {p} > max_dense_p = {limit} ({limit_why}) and n = {n} > cg_max_n = {self.cg_max_n}: "
-                   "LiSSA (stochastic; one CG iteration would pass over all n points)")
+            why = (
+                f"p = {p} > max_dense_p = {limit} ({limit_why}) and n = {n} > cg_max_n ="
+                f" {self.cg_max_n}: LiSSA (stochastic; one CG iteration would pass over all n"
+                " points)"
+            )
             state = self._prepare_lissa(curvature, why)
         else:
-            why = (f"p = {p} > max_dense_p = {limit} ({limit_why}) and n = {n} ≤ cg_max_n = {self.cg_max_n}: "
-                   f"CG (rtol = {self.rtol:g}, one full-data HVP per iteration)")
+            why = (
+                f"p = {p} > max_dense_p = {limit} ({limit_why}) and n = {n} ≤ cg_max_n ="
+                f" {self.cg_max_n}: CG (rtol = {self.rtol:g}, one full-data HVP per iteration)"
+            )
             state = self._prepare_cg(curvature, why)
         state.stats["prepare_seconds"] = time.perf_counter() - t0
         return state
@@ -184,17 +199,26 @@ class Auto(InverseHVPSolver[AutoState]):
             if self.on_indefinite == "raise":
                 raise
             damping = err.suggested_damping
-            why += (f"; H + δI was indefinite (λmin = {err.min_eigenvalue:.3e}), so damping was raised "
-                    f"from {curvature.damping:g} to {damping:g}")
+            why += (
+                f"; H + δI was indefinite (λmin = {err.min_eigenvalue:.3e}), so damping was raised "
+                f"from {curvature.damping:g} to {damping:g}"
+            )
             inner = direct.prepare(curvature.replace(damping=damping))
         H = inner.H
-        spec = lanczos(lambda v: H @ v, curvature.p, k=self.lanczos_steps, seed=self.seed,
-                       source="Lanczos on the dense H + δI formed by Direct")
+        spec = lanczos(
+            lambda v: H @ v,
+            curvature.p,
+            k=self.lanczos_steps,
+            seed=self.seed,
+            source="Lanczos on the dense H + δI formed by Direct",
+        )
         return self._state("direct", direct, inner, why, spec, damping)
 
     def _prepare_cg(self, curvature: Curvature, why: str) -> AutoState:
         spec = estimate_spectrum(curvature, k=self.lanczos_steps, seed=self.seed)
-        curvature, spec, damping, why = self._handle_indefinite(curvature, spec, why, "CG would meet negative curvature.")
+        curvature, spec, damping, why = self._handle_indefinite(
+            curvature, spec, why, "CG would meet negative curvature."
+        )
         cg = CG(rtol=self.rtol)
         kappa = spec.condition_number
         expected = math.ceil(0.5 * math.sqrt(kappa) * math.log(2.0 / self.rtol))
@@ -204,13 +228,19 @@ class Auto(InverseHVPSolver[AutoState]):
         return state
 
     def _prepare_lissa(self, curvature: Curvature, why: str) -> AutoState:
-        spec = estimate_spectrum(curvature, k=self.lanczos_steps, seed=self.seed, sample=self.spectrum_sample)
+        spec = estimate_spectrum(
+            curvature, k=self.lanczos_steps, seed=self.seed, sample=self.spectrum_sample
+        )
         curvature, spec, damping, why = self._handle_indefinite(
             curvature, spec, why, "LiSSA's series diverges along a negative-curvature direction."
         )
-        lissa = lissa_from_spectrum(curvature, spectrum=spec, seed=self.seed, progress=self.progress)
-        why += (f"; scale = {lissa.scale:.3g} (1.1 × the larger of the Lanczos and minibatch λmax), "
-                f"depth = {lissa.depth} from κ ≈ {spec.condition_number:.3g}")
+        lissa = lissa_from_spectrum(
+            curvature, spectrum=spec, seed=self.seed, progress=self.progress
+        )
+        why += (
+            f"; scale = {lissa.scale:.3g} (1.1 × the larger of the Lanczos and minibatch λmax), "
+            f"depth = {lissa.depth} from κ ≈ {spec.condition_number:.3g}"
+        )
         return self._state("lissa", lissa, lissa.prepare(curvature), why, spec, damping)
 
     def _handle_indefinite(
@@ -221,25 +251,47 @@ class Auto(InverseHVPSolver[AutoState]):
         if self.on_indefinite == "raise":
             raise_not_positive_definite(spec, curvature.damping, consequence)
         damping = spec.needed_damping(curvature.damping)
-        why += (f"; H + δI was indefinite (Lanczos λmin ≈ {spec.lambda_min:.3e}), so damping was raised "
-                f"from {curvature.damping:g} to {damping:g}")
-        return curvature.replace(damping=damping), spec.shifted(damping - curvature.damping), damping, why
+        why += (
+            f"; H + δI was indefinite (Lanczos λmin ≈ {spec.lambda_min:.3e}), so damping was raised"
+            f" from {curvature.damping:g} to {damping:g}"
+        )
+        return (
+            curvature.replace(damping=damping),
+            spec.shifted(damping - curvature.damping),
+            damping,
+            why,
+        )
 
-    def _state(self, chosen: str, solver: InverseHVPSolver[Any], inner: DirectState | CGState | LiSSAState, why: str,
-               spec: Spectrum, damping: float) -> AutoState:
-        stats: dict[str, Any] = {"chosen": chosen, "reason": why, "damping_used": damping, **spec.as_stats()}
-        return AutoState(chosen, solver, inner, why, spec, damping, solver.default_max_residual, stats)
+    def _state(
+        self,
+        chosen: str,
+        solver: InverseHVPSolver[Any],
+        inner: DirectState | CGState | LiSSAState,
+        why: str,
+        spec: Spectrum,
+        damping: float,
+    ) -> AutoState:
+        stats: dict[str, Any] = {
+            "chosen": chosen,
+            "reason": why,
+            "damping_used": damping,
+            **spec.as_stats(),
+        }
+        return AutoState(
+            chosen, solver, inner, why, spec, damping, solver.default_max_residual, stats
+        )
 
     # ── the solves ───────────────────────────────────────────────────────────────────
     def solve(self, state: AutoState, rhs: torch.Tensor) -> Solution:
         t0 = time.perf_counter()
         with progress_enabled(self.progress):
             sol = state.solver.solve(state.inner, rhs)
-        return dataclasses.replace(sol, seconds=time.perf_counter() - t0, stats={**sol.stats, **state.stats})
+        return dataclasses.replace(
+            sol, seconds=time.perf_counter() - t0, stats={**sol.stats, **state.stats}
+        )
 
     def accuracy_advice(self, state: AutoState | None = None) -> str:
         """The advice of the solver ``prepare`` chose (the generic advice without a state)."""
         if state is None:
             return super().accuracy_advice()
         return state.solver.accuracy_advice(state.inner)
-

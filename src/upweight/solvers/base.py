@@ -55,7 +55,8 @@ class Solution:
 
     @property
     def checked(self) -> bool:
-        """Whether any residual of a non-empty block was measured (an empty block counts as checked)."""
+        """Whether any residual of a non-empty block was measured (an empty block counts as
+        checked)."""
         return self.residual.numel() == 0 or bool(self.measured_mask.any())
 
     @property
@@ -81,7 +82,8 @@ GENERIC_ACCURACY_ADVICE = "Add damping to improve the conditioning, or use Direc
 class InverseHVPSolver(ABC, Generic[StateT]):
     """Computes (H + δI)⁻¹V in two steps: ``prepare`` does the once-per-fit work and returns the
     solver's state (a ``StateT``), ``solve`` uses it for each block of right-hand sides. Concrete
-    solvers are frozen dataclasses of their settings; their states are dataclasses with named fields.
+    solvers are frozen dataclasses of their settings; their states are dataclasses with named
+    fields.
     """
 
     name: ClassVar[str]
@@ -98,23 +100,35 @@ class InverseHVPSolver(ABC, Generic[StateT]):
         """Solve (H + δI)X = rhs for rhs of shape (k, p); returns a ``Solution``."""
 
     def accuracy_advice(self, state: StateT | None = None) -> str:
-        """What to change when a solve's residual exceeds ``Influence``'s ``max_residual``: the sentence
-        its ``InaccurateSolveError`` / ``InaccurateSolveWarning`` ends with. ``state`` is the prepared
-        state (``Auto`` advises on the solver it chose)."""
+        """What to change when a solve's residual exceeds ``Influence``'s ``max_residual``: the
+        sentence its ``InaccurateSolveError`` / ``InaccurateSolveWarning`` ends with. ``state`` is
+        the prepared state (``Auto`` advises on the solver it chose)."""
         return GENERIC_ACCURACY_ADVICE
 
     def config(self) -> dict[str, Any]:
         """The solver's numerical settings — its identity in provenance and store fingerprints.
         Settings declared with ``non_numerical`` (a progress bar, raise-or-warn) are left out: they
         change no number, so a rerun with another value resumes the same store."""
-        skip = {f.name for f in fields(self) if f.metadata.get("non_numerical")} if is_dataclass(self) else set()
-        return {"name": self.name, **{k: v if isinstance(v, (int, float, str, bool, type(None))) else str(v)
-                                      for k, v in vars(self).items() if k not in skip}}
+        skip = (
+            {f.name for f in fields(self) if f.metadata.get("non_numerical")}
+            if is_dataclass(self)
+            else set()
+        )
+        return {
+            "name": self.name,
+            **{
+                k: v if isinstance(v, (int, float, str, bool, type(None))) else str(v)
+                for k, v in vars(self).items()
+                if k not in skip
+            },
+        }
 
 
 def non_numerical(default: Any) -> Any:
     """A solver field that changes no number — what is shown (a progress bar) or whether a
-    finding raises or warns: left out of ``config()`` (provenance, store fingerprints) and of equality."""
+    finding raises or warns: left out of ``config()`` (provenance, store fingerprints) and of
+    equality.
+    """
     return field(default=default, compare=False, metadata={"non_numerical": True})
 
 
@@ -123,8 +137,10 @@ def gauss_newton_hint(curvature: Any = None) -> str:
     curvature is positive semi-definite by construction (``core.curvature``)."""
     if curvature is not None and getattr(curvature, "kind", "hessian") != "hessian":
         return ""
-    return (" For a non-convex model, Influence(..., curvature='gauss-newton') uses the Gauss–Newton matrix instead, "
-            "positive semi-definite by construction.")
+    return (
+        " For a non-convex model, Influence(..., curvature='gauss-newton') uses the Gauss–Newton"
+        " matrix instead, positive semi-definite by construction."
+    )
 
 
 def relative_residual(AX: torch.Tensor, X_rhs: torch.Tensor) -> torch.Tensor:
@@ -146,10 +162,10 @@ class OneShotSolver(InverseHVPSolver[StateT]):
 
     Args:
         residual_sample: right-hand sides per block whose true relative residual
-            ‖(H + δI)x − v‖/‖v‖ is measured (evenly spaced; keyword only). They cost one full-data HVP
-            of that many vectors per solve, which can exceed the cost of an approximate solve itself
-            (``bench/RESULTS.md``). The residual varies between right-hand sides, so fewer samples can
-            miss the worst. ``0`` measures none: the solve is then unchecked —
+            ‖(H + δI)x − v‖/‖v‖ is measured (evenly spaced; keyword only). They cost one full-data
+            HVP of that many vectors per solve, which can exceed the cost of an approximate solve
+            itself (``bench/RESULTS.md``). The residual varies between right-hand sides, so fewer
+            samples can miss the worst. ``0`` measures none: the solve is then unchecked —
             ``Influence``'s ``max_residual`` cannot reject it, and its provenance says
             ``residual_max = nan``, ``accepted = None``.
     """
@@ -157,27 +173,47 @@ class OneShotSolver(InverseHVPSolver[StateT]):
     residual_sample: int = field(default=RESIDUAL_SAMPLE, kw_only=True)
 
     def __post_init__(self) -> None:
-        check_interval(type(self).__name__, "residual_sample", self.residual_sample, 0, None, closed="left", integer=True)
+        check_interval(
+            type(self).__name__,
+            "residual_sample",
+            self.residual_sample,
+            0,
+            None,
+            closed="left",
+            integer=True,
+        )
 
 
-def one_shot_solution(curvature: Curvature, X: torch.Tensor, V: torch.Tensor, rhs_dtype: torch.dtype, t0: float,
-                      stats: Mapping[str, Any], iterations: int = 0, sample: int = RESIDUAL_SAMPLE) -> Solution:
+def one_shot_solution(
+    curvature: Curvature,
+    X: torch.Tensor,
+    V: torch.Tensor,
+    rhs_dtype: torch.dtype,
+    t0: float,
+    stats: Mapping[str, Any],
+    iterations: int = 0,
+    sample: int = RESIDUAL_SAMPLE,
+) -> Solution:
     """The ``Solution`` of a non-iterative (approximate) solve X ≈ (H + δI)⁻¹V: X in the curvature's
     dtype, every column marked converged (there is no stopping rule to miss), ``t0`` the solve's
     start, and the true relative residual ‖(H + δI)x − v‖/‖v‖ from one full-data HVP (in V's dtype)
     of at most ``sample`` evenly spaced columns, NaN at the others and marked unmeasured in
     ``Solution.measured`` (all of them for ``sample`` = 0: no HVP).
 
-    Checking every column would cost one full-data HVP per vector — often more than the solve itself;
-    self-influence, one solve per chunk of training points, would pay a pass over all n points for every
-    training point."""
+    Checking every column would cost one full-data HVP per vector — often more than the solve
+    itself; self-influence, one solve per chunk of training points, would pay a pass over all n
+    points for every training point."""
     Xc = X.to(curvature.dtype)
     k = len(V)
     res = torch.full((k,), float("nan"), dtype=V.dtype)
     if sample <= 0:
         cols = torch.zeros(0, dtype=torch.long)
     else:
-        cols = torch.linspace(0, k - 1, sample).round().long().unique() if k > sample else torch.arange(k)
+        cols = (
+            torch.linspace(0, k - 1, sample).round().long().unique()
+            if k > sample
+            else torch.arange(k)
+        )
     if len(cols):
         res[cols] = relative_residual(curvature.matvec(Xc[cols]).to(V.dtype), V[cols])
     measured = f"{len(cols)} of {k} right-hand sides"
@@ -188,5 +224,12 @@ def one_shot_solution(curvature: Curvature, X: torch.Tensor, V: torch.Tensor, rh
     stats = {**stats, "residual_measured": measured}
     mask = torch.zeros(k, dtype=torch.bool)
     mask[cols] = True
-    return Solution(Xc.to(rhs_dtype), res, torch.ones(k, dtype=torch.bool), iterations, time.perf_counter() - t0, stats,
-                    measured=mask)
+    return Solution(
+        Xc.to(rhs_dtype),
+        res,
+        torch.ones(k, dtype=torch.bool),
+        iterations,
+        time.perf_counter() - t0,
+        stats,
+        measured=mask,
+    )

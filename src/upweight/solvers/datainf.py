@@ -30,12 +30,12 @@ from ..errors import InputError, NotPositiveDefiniteError
 from .base import OneShotSolver, Solution, one_shot_solution, relative_residual
 
 APPROXIMATES = (
-    "the empirical Fisher (1/n) Σ ∇L(zᵢ)∇L(zᵢ)ᵀ (observed labels, uncentred) — not the Hessian — block-diagonal "
-    "over the modules that own θ's parameters, damped by Λ_l, with its inverse replaced by the mean of the "
-    "per-point inverses (Kwon et al. 2024, Eq. 5)"
+    "the empirical Fisher (1/n) Σ ∇L(zᵢ)∇L(zᵢ)ᵀ (observed labels, uncentred) — not the Hessian —"
+    " block-diagonal over the modules that own θ's parameters, damped by Λ_l, with its inverse"
+    " replaced by the mean of the per-point inverses (Kwon et al. 2024, Eq. 5)"
 )
-#: DataInf's own damping rule (Kwon et al. 2024, and their released code): λ_l = 0.1 · (n d_l)⁻¹ Σᵢ ‖gᵢₗ‖²,
-#: a tenth of the mean squared gradient entry of the block (d_l its number of parameters)
+#: DataInf's own damping rule (Kwon et al. 2024, and their released code): λ_l = 0.1 · (n d_l)⁻¹ Σᵢ
+#: ‖gᵢₗ‖², a tenth of the mean squared gradient entry of the block (d_l its number of parameters)
 DATAINF_RULE = 0.1
 
 
@@ -78,7 +78,8 @@ def module_blocks(names: tuple[str, ...], sizes: tuple[int, ...]) -> tuple[DataI
     of first appearance: weight and bias of one ``nn.Linear`` form one block.
 
     Examples:
-        >>> [(b.name, b.params) for b in module_blocks(("fc1.weight", "fc1.bias", "fc2.weight"), (6, 2, 2))]
+        >>> blocks = module_blocks(("fc1.weight", "fc1.bias", "fc2.weight"), (6, 2, 2))
+        >>> [(b.name, b.params) for b in blocks]
         [('fc1', ('fc1.weight', 'fc1.bias')), ('fc2', ('fc2.weight',))]
     """
     offsets, start = {}, 0
@@ -92,7 +93,9 @@ def module_blocks(names: tuple[str, ...], sizes: tuple[int, ...]) -> tuple[DataI
     for mod, params in groups.items():
         idx = torch.cat([torch.arange(*offsets[n]) for n in params])
         contiguous = bool((idx[1:] - idx[:-1] == 1).all()) if len(idx) > 1 else True
-        index: slice | torch.Tensor = slice(int(idx[0]), int(idx[-1]) + 1) if contiguous and len(idx) else idx
+        index: slice | torch.Tensor = (
+            slice(int(idx[0]), int(idx[-1]) + 1) if contiguous and len(idx) else idx
+        )
         blocks.append(DataInfBlock(mod, tuple(params), index))
     return tuple(blocks)
 
@@ -168,8 +171,9 @@ class DataInf(OneShotSolver[DataInfState]):
         >>> model = torch.nn.Linear(1, 1, bias=False).eval()
         >>> _ = torch.nn.init.zeros_(model.weight)
         >>> obj = Objective(model, "squared", l2=1.0)
-        >>> curv = Curvature(obj, Data.from_any((torch.ones(1, 1), torch.ones(1, 1))))  # g = −1, λ = 1
-        >>> DataInf().solve(DataInf().prepare(curv), torch.tensor([[2.0]])).value.tolist()  # (g² + λ)⁻¹·2
+        >>> # g = −1, λ = 1, so the answer is (g² + λ)⁻¹·2
+        >>> curv = Curvature(obj, Data.from_any((torch.ones(1, 1), torch.ones(1, 1))))
+        >>> DataInf().solve(DataInf().prepare(curv), torch.tensor([[2.0]])).value.tolist()
         [[1.0]]
     """
 
@@ -184,11 +188,17 @@ class DataInf(OneShotSolver[DataInfState]):
         super().__post_init__()
         if isinstance(self.lam, str):
             if self.lam not in ("auto", "datainf"):
-                raise InputError(f"The 'lam' parameter of DataInf must be 'auto', 'datainf' or a float > 0. Got {self.lam!r}.")
+                raise InputError(
+                    "The 'lam' parameter of DataInf must be 'auto', 'datainf' or a float > 0. Got"
+                    f" {self.lam!r}."
+                )
         else:
             check_interval("DataInf", "lam", self.lam, 0.0, None)
         if not isinstance(self.fisher_residual, bool):
-            raise InputError(f"The 'fisher_residual' parameter of DataInf must be a bool. Got {self.fisher_residual!r}.")
+            raise InputError(
+                "The 'fisher_residual' parameter of DataInf must be a bool. Got"
+                f" {self.fisher_residual!r}."
+            )
 
     # ── prepare ───────────────────────────────────────────────────────────────────────
     def prepare(self, curvature: Curvature) -> DataInfState:
@@ -227,8 +237,9 @@ class DataInf(OneShotSolver[DataInfState]):
         if bool((lam_min <= 0).any()):
             bad = [b.name or "<root>" for b, m in zip(blocks, lam_min) if float(m) <= 0]
             raise NotPositiveDefiniteError(
-                f"DataInf's damping Λ is 0 on block(s) {bad}: every per-sample gradient there is 0 and there is no l2 or "
-                "damping. Pass damping > 0 (e.g. Influence(..., damping=1e-3)) or DataInf(lam=…).",
+                f"DataInf's damping Λ is 0 on block(s) {bad}: every per-sample gradient there is 0"
+                " and there is no l2 or damping. Pass damping > 0 (e.g. Influence(...,"
+                " damping=1e-3)) or DataInf(lam=…).",
                 min_eigenvalue=0.0,
                 suggested_damping=1e-3,
             )
@@ -237,21 +248,28 @@ class DataInf(OneShotSolver[DataInfState]):
         stats: dict[str, Any] = {
             "approximates": self.approximates,
             "curvature_approximated": APPROXIMATES,
-            "blocks": tuple(f"{b.name or '<root>'} ({', '.join(b.params)}; {len(lam[b.index])})" for b in blocks),
+            "blocks": tuple(
+                f"{b.name or '<root>'} ({', '.join(b.params)}; {len(lam[b.index])})" for b in blocks
+            ),
             "lambda": tuple(float(m) for m in lam_min),
             "lambda_source": tuple(sources),
             "mean_sq_grad_norm": tuple(float(m) for m in mean_sq),
             "max_grad_sq_over_lambda": tuple(float(m) for m in e.max(0).values) if n else (),
             "swap_error_bound": tuple(float(x) for x in bound),
-            "residual_against": f"the exact {curvature.describes} (one full-data product per solve)",
+            "residual_against": (
+                f"the exact {curvature.describes} (one full-data product per solve)"
+            ),
             "prepare_seconds": time.perf_counter() - t0,
         }
         return DataInfState(curvature, blocks, lam, stats)
 
     @staticmethod
     def _grads(curv: Curvature, desc: str) -> Iterator[torch.Tensor]:
-        """The per-sample gradients ∇θL(zᵢ, θ̂) in memory-bounded chunks (b, p), float64, with a progress bar."""
-        chunks = -(-curv.n // grad_chunk_size(curv.objective.p, curv.batch_size, curv.objective.dtype))
+        """The per-sample gradients ∇θL(zᵢ, θ̂) in memory-bounded chunks (b, p), float64, with a
+        progress bar."""
+        chunks = -(
+            -curv.n // grad_chunk_size(curv.objective.p, curv.batch_size, curv.objective.dtype)
+        )
         it = iter_per_sample_grads(curv.objective, curv.params, curv.data, curv.batch_size)
         for _, G in progress(it, desc=desc, total=chunks):
             yield G.to(torch.float64)
@@ -270,7 +288,9 @@ class DataInf(OneShotSolver[DataInfState]):
                 denom = 1.0 + (G[:, b.index] * Wb).sum(1)  # 1 + gᵢₗᵀΛ⁻¹gᵢₗ
                 acc[:, b.index] += ((V[:, b.index] @ Wb.T) / denom) @ Wb
         X = V * inv - acc / curv.n
-        check_finite(X, "The DataInf solution", "Check the per-sample gradients at θ̂, or add damping.")
+        check_finite(
+            X, "The DataInf solution", "Check the per-sample gradients at θ̂, or add damping."
+        )
         stats = dict(state.stats)
         if self.fisher_residual:
             FX = X * state.lam

@@ -51,8 +51,8 @@ class Direct(InverseHVPSolver[DirectState]):
     Args:
         dtype: dtype of the dense matrix and the solve (float64 unless you need otherwise).
         max_p: refuse to form the Hessian above this many parameters; ``None`` (default): as many
-            as the available memory allows (its peak, ``DENSE_BYTES_PER_ENTRY``·p² bytes in float64, is
-            checked before any work; ``upweight._memory``).
+            as the available memory allows (its peak, ``DENSE_BYTES_PER_ENTRY``·p² bytes in float64,
+            is checked before any work; ``upweight._memory``).
 
     Raises:
         NotPositiveDefiniteError: H + δI has an eigenvalue ≤ 0; the message names the smallest
@@ -69,7 +69,8 @@ class Direct(InverseHVPSolver[DirectState]):
     """
 
     name = "direct"
-    default_max_residual = 1e-4  # a float64 Cholesky solve misses this only if H is numerically singular
+    # a float64 Cholesky solve misses this only if H is numerically singular
+    default_max_residual = 1e-4
     dtype: torch.dtype = torch.float64
     max_p: int | None = None
 
@@ -80,16 +81,22 @@ class Direct(InverseHVPSolver[DirectState]):
     def prepare(self, curvature: Curvature) -> DirectState:
         t0 = time.perf_counter()
         p = curvature.p
-        alternatives = ("Use an iterative solver instead (CG(), or Arnoldi/KFAC for rough answers), or fewer parameters "
-                        "in θ (Objective(params=...)).")
+        alternatives = (
+            "Use an iterative solver instead (CG(), or Arnoldi/KFAC for rough answers), or fewer"
+            " parameters in θ (Objective(params=...))."
+        )
         if self.max_p is not None and p > self.max_p:
             raise CurvatureTooLargeError(
                 f"Direct(max_p={self.max_p}) refuses a dense Hessian for p = {p} parameters "
-                f"({format_bytes(DENSE_BYTES_PER_ENTRY * p * p)} at its peak). {alternatives}")
+                f"({format_bytes(DENSE_BYTES_PER_ENTRY * p * p)} at its peak). {alternatives}"
+            )
         itemsize = torch.empty((), dtype=self.dtype).element_size()
-        check_memory(DENSE_BYTES_PER_ENTRY // 8 * itemsize * p * p,
-                     f"Direct's dense {str(self.dtype).removeprefix('torch.')} Hessian for p = {p} (with its Cholesky "
-                     "factor and temporaries)", alternatives=alternatives)
+        check_memory(
+            DENSE_BYTES_PER_ENTRY // 8 * itemsize * p * p,
+            f"Direct's dense {str(self.dtype).removeprefix('torch.')} Hessian for p = {p} (with its"
+            " Cholesky factor and temporaries)",
+            alternatives=alternatives,
+        )
         work = curvature if curvature.dtype == self.dtype else curvature.replace(dtype=self.dtype)
         H = work.dense(max_p=p)
         L, info = torch.linalg.cholesky_ex(H)
@@ -98,9 +105,10 @@ class Direct(InverseHVPSolver[DirectState]):
             lmin = float(eig[0])
             fix = suggest_damping(lmin, curvature.damping, float(eig[-1]))
             raise NotPositiveDefiniteError(
-                f"The Hessian (damping={curvature.damping:g}) is not positive definite: smallest eigenvalue "
-                f"{lmin:.3e}. Pass damping ≥ {fix:.2g} (e.g. Influence(..., damping={fix:.2g})), or train the "
-                "model closer to a minimum." + gauss_newton_hint(curvature),
+                f"The Hessian (damping={curvature.damping:g}) is not positive definite: smallest"
+                f" eigenvalue {lmin:.3e}. Pass damping ≥ {fix:.2g} (e.g. Influence(...,"
+                f" damping={fix:.2g})), or train the model closer to a minimum."
+                + gauss_newton_hint(curvature),
                 min_eigenvalue=lmin,
                 suggested_damping=fix,
             )

@@ -40,9 +40,10 @@ from .cg import CG
 from .direct import suggest_damping
 
 APPROXIMATES = (
-    "the Gauss–Newton matrix G = (1/n) Σ Jᵢᵀ ∇²_zL(zᵢ) Jᵢ (exact output Hessian, sample-free: for cross-entropy "
-    "the softmax covariance diag(p) − ppᵀ, i.e. the true Fisher under the model's own predictive distribution, "
-    "not the empirical Fisher), layer-block-diagonal and Kronecker-factored, plus the L2 term and damping"
+    "the Gauss–Newton matrix G = (1/n) Σ Jᵢᵀ ∇²_zL(zᵢ) Jᵢ (exact output Hessian, sample-free: for"
+    " cross-entropy the softmax covariance diag(p) − ppᵀ, i.e. the true Fisher under the model's"
+    " own predictive distribution, not the empirical Fisher), layer-block-diagonal and"
+    " Kronecker-factored, plus the L2 term and damping"
 )
 
 
@@ -101,17 +102,27 @@ class KFACState:
     fallback_chol: torch.Tensor | None = None
     fallback_scale: float | None = None
     local: list[tuple[LocalModule, torch.Tensor]] = field(default_factory=list)
-    #: (Q_S, Q_A, 1/(Λ + d)) per layer cast to a lower working dtype, made on first use (``precondition``)
-    cast_blocks: dict[torch.dtype, list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]]] = field(default_factory=dict)
+    #: (Q_S, Q_A, 1/(Λ + d)) per layer cast to a lower working dtype, made on first use
+    #: (``precondition``)
+    cast_blocks: dict[torch.dtype, list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]]] = (
+        field(default_factory=dict)
+    )
 
-    def blocks_in(self, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]]:
+    def blocks_in(
+        self, dtype: torch.dtype
+    ) -> list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]]:
         """(Q_S, Q_A, 1/(Λ + d)) per layer in ``dtype`` (float64: the fitted tensors themselves);
         Q_A is ``None`` where it is the identity (an embedding: no rotation to apply)."""
         if dtype == torch.float64:
-            return [(f.Q_S, None if f.identity_A else f.Q_A, inv) for f, inv in zip(self.factors, self.inv_eigs)]
+            return [
+                (f.Q_S, None if f.identity_A else f.Q_A, inv)
+                for f, inv in zip(self.factors, self.inv_eigs)
+            ]
         if dtype not in self.cast_blocks:
-            self.cast_blocks[dtype] = [(f.Q_S.to(dtype), None if f.identity_A else f.Q_A.to(dtype), inv.to(dtype))
-                                       for f, inv in zip(self.factors, self.inv_eigs)]
+            self.cast_blocks[dtype] = [
+                (f.Q_S.to(dtype), None if f.identity_A else f.Q_A.to(dtype), inv.to(dtype))
+                for f, inv in zip(self.factors, self.inv_eigs)
+            ]
         return self.cast_blocks[dtype]
 
 
@@ -148,24 +159,24 @@ class KFAC(OneShotSolver):
     module: the exact GGN restricted to them, G_φφ = (1/n) Σᵢₖ uᵢₖuᵢₖᵀ from their module-local
     pseudo-gradients, summed in the factor pass and solved by Cholesky with d on its diagonal
     (``stats["local_blocks"]``). The rest (a bare ``nn.Parameter`` of the model, an embedding over
-    ``max_vocab`` tokens (when set) or with ``max_norm`` / ``scale_grad_by_freq`` / ``sparse``, tied weights, a
-    shared layer, …) form one block, solved by CG on the exact HVP of H + δI restricted to it
-    (``fallback_rtol``); one full-data HVP per CG iteration and right-hand side, the cost that
+    ``max_vocab`` tokens (when set) or with ``max_norm`` / ``scale_grad_by_freq`` / ``sparse``, tied
+    weights, a shared layer, …) form one block, solved by CG on the exact HVP of H + δI restricted
+    to it (``fallback_rtol``); one full-data HVP per CG iteration and right-hand side, the cost that
     dominates on a transformer when it is needed. ``stats["fallback_params"]`` names them. A model
     with no factorable layer in θ is refused: use ``CG`` there.
 
-    **Memory.** Per layer with ``cols`` input columns (inputs + 1 for a bias) and ``out`` outputs, the
-    float64 factors take 8·(cols² + out²) bytes for A and S, as much again for their eigenvectors
-    Q_A and Q_S, and 8·out·cols for the eigenvalues (Λ for EK-FAC) — an embedding keeps V token
-    counts instead of a V × V factor. ``core.kfac.factor_bytes`` adds up the peak of building
-    them, and ``fit_factors`` checks it against the available memory before any pass
+    **Memory.** Per layer with ``cols`` input columns (inputs + 1 for a bias) and ``out`` outputs,
+    the float64 factors take 8·(cols² + out²) bytes for A and S, as much again for their
+    eigenvectors Q_A and Q_S, and 8·out·cols for the eigenvalues (Λ for EK-FAC) — an embedding keeps
+    V token counts instead of a V × V factor. ``core.kfac.factor_bytes`` adds up the peak of
+    building them, and ``fit_factors`` checks it against the available memory before any pass
     (``InsufficientMemoryError`` naming the widest layer). A factor pass holds at most
     ``core.batching.TENSOR_BYTES`` per captured tensor (``core.kfac.capture_batch_size``); the
     train-side scores are computed per chunk of training points (``Influence``'s sweep).
 
-    **Per-token losses.** The output-Hessian factors are exact (no sampled labels), one backward pass
-    each: a loss over T tokens of a V-word vocabulary would need T·V of them per batch, so K-FAC
-    refuses such losses (``core.layers.MAX_OUTPUT_FACTORS``) and names CG on the Gauss–Newton
+    **Per-token losses.** The output-Hessian factors are exact (no sampled labels), one backward
+    pass each: a loss over T tokens of a V-word vocabulary would need T·V of them per batch, so
+    K-FAC refuses such losses (``core.layers.MAX_OUTPUT_FACTORS``) and names CG on the Gauss–Newton
     matrix (``Influence(curvature="gauss-newton")``), which is the same matrix without factors.
 
     **On a cluster.** With ``Influence.fit(data, executor=…)`` (the curvature's executor) the
@@ -243,7 +254,9 @@ class KFAC(OneShotSolver):
         super().__post_init__()
         owner = type(self).__name__
         if self.max_points is not None:
-            check_interval(owner, "max_points", self.max_points, 1, None, closed="left", integer=True)
+            check_interval(
+                owner, "max_points", self.max_points, 1, None, closed="left", integer=True
+            )
         check_interval(owner, "seed", self.seed, 0, None, closed="left", integer=True)
         if self.max_vocab is not None:
             check_interval(owner, "max_vocab", self.max_vocab, 1, None, closed="left", integer=True)
@@ -252,22 +265,42 @@ class KFAC(OneShotSolver):
         check_interval(owner, "damping", self.damping, 0.0, None, closed="left")
         check_interval(owner, "fallback_rtol", self.fallback_rtol, 0.0, 1.0)
         if self.fallback_maxiter is not None:
-            check_interval(owner, "fallback_maxiter", self.fallback_maxiter, 1, None, closed="left", integer=True)
-        check_interval(owner, "fallback_dense_max", self.fallback_dense_max, 0, None, closed="left", integer=True)
+            check_interval(
+                owner,
+                "fallback_maxiter",
+                self.fallback_maxiter,
+                1,
+                None,
+                closed="left",
+                integer=True,
+            )
+        check_interval(
+            owner,
+            "fallback_dense_max",
+            self.fallback_dense_max,
+            0,
+            None,
+            closed="left",
+            integer=True,
+        )
 
     # ── prepare ───────────────────────────────────────────────────────────────────────
-    def prepare(self, curvature: Curvature, *, store: str | os.PathLike[str] | Store | None = None) -> KFACState:
+    def prepare(
+        self, curvature: Curvature, *, store: str | os.PathLike[str] | Store | None = None
+    ) -> KFACState:
         """Fit the factors (or read them from ``store``) and fold l2, δ and ``damping`` into them.
 
-        ``store``: a folder or ``upweight.Store`` that keeps the factors (``core.kfac.FactorStore``):
-        bound to ``factor_fingerprint`` — θ̂, the training data, the loss and output selector, the
-        curvature kind, ``max_points``/``seed``/``max_vocab``/``max_local`` and the layer plan —
-        it supplies every factor tensor it holds complete and receives the others as they are
-        computed. K-FAC and EK-FAC share one store (Λ is added by the first EK-FAC fit). l2, δ,
-        ``damping`` and the fallback settings enter after the factors, so they may differ.
+        ``store``: a folder or ``upweight.Store`` that keeps the factors
+        (``core.kfac.FactorStore``): bound to ``factor_fingerprint`` — θ̂, the training data, the
+        loss and output selector, the curvature kind,
+        ``max_points``/``seed``/``max_vocab``/``max_local`` and the layer plan — it supplies every
+        factor tensor it holds complete and receives the others as they are computed. K-FAC and
+        EK-FAC share one store (Λ is added by the first EK-FAC fit). l2, δ, ``damping`` and the
+        fallback settings enter after the factors, so they may differ.
 
         Raises:
-            StoreMismatchError: the store holds the factors of another computation (naming what differs).
+            StoreMismatchError: the store holds the factors of another computation (naming what
+                differs).
         """
         with opened_store(store) as st:
             return self._prepare(curvature, st)
@@ -281,15 +314,25 @@ class KFAC(OneShotSolver):
         layer plan. Not l2, δ, ``damping`` (added to the eigenvalues afterwards), the fallback
         settings, nor ``eigen_correction`` (EK-FAC's Λ is stored next to the K-FAC factors)."""
         obj = curvature.objective
-        output = obj.output if obj.output is None or isinstance(obj.output, str) else fn_name(obj.output)
+        output = (
+            obj.output if obj.output is None or isinstance(obj.output, str) else fn_name(obj.output)
+        )
         return {
             "quantity": "kfac_factors",
-            "model": {"parameters_sha256": model_sha256(obj), "theta": list(obj.space.names), "dtype": str(obj.dtype)},
+            "model": {
+                "parameters_sha256": model_sha256(obj),
+                "theta": list(obj.space.names),
+                "dtype": str(obj.dtype),
+            },
             "objective": {"loss": obj.loss_name, "output": output},
             "curvature": curvature.kind,
             "train_data": digest_data(curvature.data),
-            "factors": {"max_points": self.max_points, "seed": self.seed, "max_vocab": self.max_vocab,
-                        "max_local": self.max_local},
+            "factors": {
+                "max_points": self.max_points,
+                "seed": self.seed,
+                "max_vocab": self.max_vocab,
+                "max_local": self.max_local,
+            },
             "layers": [f"{b.name} ({b.kind} {b.out_dim}×{b.cols})" for b in plan.blocks],
             "local_blocks": [f"{lm.name} ({lm.size})" for lm in plan.local],
         }
@@ -297,32 +340,54 @@ class KFAC(OneShotSolver):
     def _prepare(self, curvature: Curvature, store: Store | None) -> KFACState:
         t0 = time.perf_counter()
         obj = curvature.objective
-        plan = find_layers(obj, curvature.data, embeddings=True, max_vocab=self.max_vocab,
-                           local=self.max_local != 0, max_local=self.max_local)
+        plan = find_layers(
+            obj,
+            curvature.data,
+            embeddings=True,
+            max_vocab=self.max_vocab,
+            local=self.max_local != 0,
+            max_local=self.max_local,
+        )
         if not plan.blocks:
-            reasons = "; ".join([f"{n}: {r}" for n, r in plan.reasons.items()]
-                                + [f"{n}: module-local (no Kronecker factors)" for lm in plan.local for n in lm.params])
+            reasons = "; ".join(
+                [f"{n}: {r}" for n, r in plan.reasons.items()]
+                + [
+                    f"{n}: module-local (no Kronecker factors)"
+                    for lm in plan.local
+                    for n in lm.params
+                ]
+            )
             raise UnsupportedModelError(
-                f"{type(self).__name__} found no factorable layer in θ (an nn.Linear, nn.Conv2d or nn.Embedding whose weight is in θ, "
-                f"called once per forward pass), so it would be plain CG. Parameters: {reasons}. "
-                "Use CG() (or Direct() for small p) instead."
+                f"{type(self).__name__} found no factorable layer in θ (an nn.Linear, nn.Conv2d or"
+                " nn.Embedding whose weight is in θ, called once per forward pass), so it would be"
+                f" plain CG. Parameters: {reasons}. Use CG() (or Direct() for small p) instead."
             )
         data = curvature.data
         if self.max_points is not None and self.max_points < len(data):
             gen = torch.Generator().manual_seed(self.seed)
-            data = data.subset(torch.randperm(len(data), generator=gen)[: self.max_points].sort().values)
+            data = data.subset(
+                torch.randperm(len(data), generator=gen)[: self.max_points].sort().values
+            )
         fstore = None
         if store is not None:
             store.bind(self.factor_fingerprint(curvature, plan))
             fstore = FactorStore(store, plan.blocks, plan.local)
         factors, fit = fit_factors(
-            obj, data, plan.blocks, params=curvature.params, batch_size=curvature.batch_size,
-            eigen_correction=self.eigen_correction, executor=curvature.executor, local=plan.local, store=fstore,
+            obj,
+            data,
+            plan.blocks,
+            params=curvature.params,
+            batch_size=curvature.batch_size,
+            eigen_correction=self.eigen_correction,
+            executor=curvature.executor,
+            local=plan.local,
+            store=fstore,
         )
         diag = curvature.diagonal.to(torch.float64) + self.damping
         inv_eigs, folds = [], []
         for f in factors:
-            d = diag[f.block.index]  # (out, cols): identical rows (one value per parameter tensor, plus δ)
+            # (out, cols): identical rows (one value per parameter tensor, plus δ)
+            d = diag[f.block.index]
             lam = f.eigenvalues
             if float(d.max() - d.min()) <= 1e-15 * max(float(d.abs().max()), 1e-300):
                 denom = lam + d[0, 0]
@@ -336,29 +401,43 @@ class KFAC(OneShotSolver):
             if float(denom.min()) <= 1e-12 * max(top, float(d.abs().max()), 1e-300):
                 fix = suggest_damping(0.0, curvature.damping + self.damping, top)
                 raise NotPositiveDefiniteError(
-                    f"The {type(self).__name__} approximation of layer '{f.block.name}' is singular: an eigenvalue of "
-                    f"the Kronecker factors plus l2 + damping is {float(denom.min()):.3e} (e.g. an input that is always 0 "
-                    "or an embedding token that never occurs, "
-                    f"with l2 + δ = 0). Pass damping ≥ {fix:.2g} (Influence(..., damping={fix:.2g}) or "
-                    f"{type(self).__name__}(damping={fix:.2g})), or an l2 term.",
+                    f"The {type(self).__name__} approximation of layer '{f.block.name}' is"
+                    " singular: an eigenvalue of the Kronecker factors plus l2 + damping is"
+                    f" {float(denom.min()):.3e} (e.g. an input that is always 0 or an embedding"
+                    f" token that never occurs, with l2 + δ = 0). Pass damping ≥ {fix:.2g}"
+                    f" (Influence(..., damping={fix:.2g}) or"
+                    f" {type(self).__name__}(damping={fix:.2g})), or an l2 term.",
                     min_eigenvalue=float(denom.min()),
                     suggested_damping=fix,
                 )
             inv_eigs.append(1.0 / denom)
-        local = [(lm, self._local_cholesky(lm, fit.local_ggn[lm.name], diag, curvature)) for lm in plan.local]
+        local = [
+            (lm, self._local_cholesky(lm, fit.local_ggn[lm.name], diag, curvature))
+            for lm in plan.local
+        ]
         fallback = BlockOperator(curvature, plan.other_index) if plan.other else None
-        fold = "exact" if all(x == "exact" for x in folds) else "eigenbasis-diagonal on " + ", ".join(
-            f.block.name for f, x in zip(factors, folds) if x != "exact"
+        fold = (
+            "exact"
+            if all(x == "exact" for x in folds)
+            else "eigenbasis-diagonal on "
+            + ", ".join(f.block.name for f, x in zip(factors, folds) if x != "exact")
         )
         stats: dict[str, Any] = {
             "approximates": self.approximates,
             "curvature_approximated": APPROXIMATES,
-            "layers": tuple(f"{f.block.name or '<model>'} ({f.block.kind} {f.block.out_dim}×{f.block.cols})" for f in factors),
+            "layers": tuple(
+                f"{f.block.name or '<model>'} ({f.block.kind} {f.block.out_dim}×{f.block.cols})"
+                for f in factors
+            ),
             "factored_params": sum(f.block.size for f in factors),
-            "local_blocks": tuple(f"{lm.name} (dense {lm.size}: exact GGN block)" for lm in plan.local),
+            "local_blocks": tuple(
+                f"{lm.name} (dense {lm.size}: exact GGN block)" for lm in plan.local
+            ),
             "fallback_params": plan.other,
             "fallback_size": fallback.p if fallback else 0,
-            "fallback_method": "CG on the exact HVP restricted to the block" if fallback else "none",
+            "fallback_method": (
+                "CG on the exact HVP restricted to the block" if fallback else "none"
+            ),
             "fallback_reasons": tuple(f"{n}: {r}" for n, r in plan.reasons.items()),
             "l2_fold": fold,
             "kfac_damping": self.damping,
@@ -372,13 +451,18 @@ class KFAC(OneShotSolver):
             "factors_from_store": fit.passes_run == 0,
             "factors_loaded": fit.loaded,
             "fit_passes_run": fit.passes_run,
-            "residual_against": f"the exact {curvature.describes} (one full-data product per solve)",
+            "residual_against": (
+                f"the exact {curvature.describes} (one full-data product per solve)"
+            ),
             "prepare_seconds": time.perf_counter() - t0,
         }
         return KFACState(curvature, plan, factors, inv_eigs, fallback, stats, local=local)
 
-    def _local_cholesky(self, lm: LocalModule, ggn: torch.Tensor, diag: torch.Tensor, curvature: Curvature) -> torch.Tensor:
-        """The Cholesky factor of a local module's block G_φφ + d (d: L2, δ and this solver's damping)."""
+    def _local_cholesky(
+        self, lm: LocalModule, ggn: torch.Tensor, diag: torch.Tensor, curvature: Curvature
+    ) -> torch.Tensor:
+        """The Cholesky factor of a local module's block G_φφ + d (d: L2, δ and this solver's
+        damping)."""
         M = ggn + torch.diag(diag[lm.index])
         L, info = torch.linalg.cholesky_ex(M)
         if int(info) == 0:
@@ -386,18 +470,21 @@ class KFAC(OneShotSolver):
         ev = torch.linalg.eigvalsh(M)
         fix = suggest_damping(float(ev[0]), curvature.damping + self.damping, float(ev[-1]))
         raise NotPositiveDefiniteError(
-            f"The Gauss–Newton block of module '{lm.name}' ({lm.size} parameters) plus l2 + damping is singular "
-            f"(smallest eigenvalue {float(ev[0]):.3e}): e.g. a position that never occurs, with l2 + δ = 0. Pass "
-            f"damping ≥ {fix:.2g} (Influence(..., damping={fix:.2g}) or {type(self).__name__}(damping={fix:.2g})), "
-            "or an l2 term.",
+            f"The Gauss–Newton block of module '{lm.name}' ({lm.size} parameters) plus l2 + damping"
+            f" is singular (smallest eigenvalue {float(ev[0]):.3e}): e.g. a position that never"
+            f" occurs, with l2 + δ = 0. Pass damping ≥ {fix:.2g} (Influence(..., damping={fix:.2g})"
+            f" or {type(self).__name__}(damping={fix:.2g})), or an l2 term.",
             min_eigenvalue=float(ev[0]),
             suggested_damping=fix,
         )
 
-    def prepare_preconditioner(self, curvature: Curvature, *, store: str | os.PathLike[str] | Store | None = None) -> KFACState:
-        """``prepare`` (with its ``store``), plus a fixed linear inverse for the fallback block (CG needs a fixed SPD
-        preconditioner): its dense restricted Hessian's Cholesky factor if it has at most
-        ``fallback_dense_max`` parameters, else 1/(its mean eigenvalue) from 8 Hutchinson probes."""
+    def prepare_preconditioner(
+        self, curvature: Curvature, *, store: str | os.PathLike[str] | Store | None = None
+    ) -> KFACState:
+        """``prepare`` (with its ``store``), plus a fixed linear inverse for the fallback block (CG
+        needs a fixed SPD preconditioner): its dense restricted Hessian's Cholesky factor if it has
+        at most ``fallback_dense_max`` parameters, else 1/(its mean eigenvalue) from 8 Hutchinson
+        probes."""
         state = self.prepare(curvature, store=store)
         op = state.fallback
         if op is None:
@@ -405,28 +492,41 @@ class KFAC(OneShotSolver):
         t0 = time.perf_counter()
         if op.p <= self.fallback_dense_max:
             eye = torch.eye(op.p, dtype=op.dtype, device=op.curvature.objective.device)
-            Hf = torch.cat([op.matvec(eye[s : s + 256]) for s in range(0, op.p, 256)]).to(torch.float64)
+            Hf = torch.cat([op.matvec(eye[s : s + 256]) for s in range(0, op.p, 256)]).to(
+                torch.float64
+            )
             Hf = 0.5 * (Hf + Hf.T)
             L, info = torch.linalg.cholesky_ex(Hf)
             if int(info) != 0:
                 ev = torch.linalg.eigvalsh(Hf)
                 fix = suggest_damping(float(ev[0]), curvature.damping, float(ev[-1]))
                 raise NotPositiveDefiniteError(
-                    f"The Hessian restricted to the parameters outside the factored layers ({', '.join(state.plan.other)}) "
-                    f"is not positive definite (smallest eigenvalue {float(ev[0]):.3e}, damping={curvature.damping:g}). "
-                    f"Pass damping ≥ {fix:.2g} (e.g. Influence(..., damping={fix:.2g})).",
+                    "The Hessian restricted to the parameters outside the factored layers"
+                    f" ({', '.join(state.plan.other)}) is not positive definite (smallest"
+                    f" eigenvalue {float(ev[0]):.3e}, damping={curvature.damping:g}). Pass damping"
+                    f" ≥ {fix:.2g} (e.g. Influence(..., damping={fix:.2g})).",
                     min_eigenvalue=float(ev[0]),
                     suggested_damping=fix,
                 )
             state.fallback_chol = L
-            state.stats["fallback_preconditioner"] = "exact inverse of the restricted Hessian (dense Cholesky)"
+            state.stats["fallback_preconditioner"] = (
+                "exact inverse of the restricted Hessian (dense Cholesky)"
+            )
         else:
             gen = torch.Generator().manual_seed(0)
-            Z = (torch.randint(0, 2, (8, op.p), generator=gen) * 2 - 1).to(op.curvature.objective.device, op.dtype)
+            Z = (torch.randint(0, 2, (8, op.p), generator=gen) * 2 - 1).to(
+                op.curvature.objective.device, op.dtype
+            )
             mean_eig = float((Z * op.matvec(Z)).sum(1).mean()) / op.p
-            scale = 1.0 / mean_eig if mean_eig > 0 else 1.0 / max(float(curvature.diagonal.max()), 1e-12)
+            scale = (
+                1.0 / mean_eig
+                if mean_eig > 0
+                else 1.0 / max(float(curvature.diagonal.max()), 1e-12)
+            )
             state.fallback_scale = scale
-            state.stats["fallback_preconditioner"] = f"scaled identity 1/{1 / scale:.3g} (Hutchinson mean eigenvalue)"
+            state.stats["fallback_preconditioner"] = (
+                f"scaled identity 1/{1 / scale:.3g} (Hutchinson mean eigenvalue)"
+            )
         state.stats["fallback_preconditioner_seconds"] = time.perf_counter() - t0
         return state
 
@@ -463,17 +563,21 @@ class KFAC(OneShotSolver):
         if state.fallback is not None:
             idx = state.fallback.index
             if state.fallback_chol is not None:
-                X[:, idx] = torch.cholesky_solve(V[:, idx].T.double(), state.fallback_chol).T.to(work)
+                X[:, idx] = torch.cholesky_solve(V[:, idx].T.double(), state.fallback_chol).T.to(
+                    work
+                )
             elif state.fallback_scale is not None:
                 X[:, idx] = state.fallback_scale * V[:, idx]
             else:
                 raise UnsupportedModelError(
-                    f"{type(self).__name__}.precondition needs the state of prepare_preconditioner(), not prepare()."
+                    f"{type(self).__name__}.precondition needs the state of"
+                    " prepare_preconditioner(), not prepare()."
                 )
         return X.to(R.dtype)
 
     def solve(self, state: KFACState, rhs: torch.Tensor) -> Solution:
-        """X ≈ (H + δI)⁻¹B by the layer blocks (and CG on the fallback block), with its true residual.
+        """X ≈ (H + δI)⁻¹B by the layer blocks (and CG on the fallback block), with its true
+        residual.
 
         The rotations run in the model's dtype (the factors' float64 eigenbases cast once): in
         float32 their rounding (≈ 1e-7 × the block's condition number) is far below the
@@ -489,11 +593,21 @@ class KFAC(OneShotSolver):
             cg = CG(rtol=self.fallback_rtol, maxiter=self.fallback_maxiter)
             sol_f = cg.solve(state.fallback, B[:, state.fallback.index])
             X[:, state.fallback.index] = sol_f.value.to(work)
-            stats.update(fallback_iterations=sol_f.iterations, fallback_residual_max=sol_f.max_residual)
+            stats.update(
+                fallback_iterations=sol_f.iterations, fallback_residual_max=sol_f.max_residual
+            )
         X = X.to(curv.dtype)
         check_finite(X, f"The {self.name} solution", "Add damping or check the model at θ̂.")
-        return one_shot_solution(curv, X, B, rhs.dtype, t0, stats, iterations=int(stats.get("fallback_iterations", 0)),
-                                 sample=self.residual_sample)
+        return one_shot_solution(
+            curv,
+            X,
+            B,
+            rhs.dtype,
+            t0,
+            stats,
+            iterations=int(stats.get("fallback_iterations", 0)),
+            sample=self.residual_sample,
+        )
 
 
 @dataclass(frozen=True)

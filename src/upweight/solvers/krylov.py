@@ -66,7 +66,8 @@ def krylov_decomposition(
         steps: number of steps = products with A; at most p.
         dtype: dtype of the vectors handed to ``matvec``; the recurrence runs in float64.
         seed: seeds the random start (and restart) vectors.
-        desc: the label of its progress bar (one update per step, with the current range of Ritz values).
+        desc: the label of its progress bar (one update per step, with the current range of Ritz
+            values).
 
     Returns:
         A ``KrylovDecomposition``.
@@ -88,7 +89,11 @@ def krylov_decomposition(
         for j in range(steps):
             Q[j] = q
             w = matvec(q.to(dtype)).reshape(p).to(torch.float64)
-            check_finite(w, "A Hessian-vector product in a Krylov iteration", "Check the model and loss for overflow at θ̂.")
+            check_finite(
+                w,
+                "A Hessian-vector product in a Krylov iteration",
+                "Check the model and loss for overflow at θ̂.",
+            )
             AQ[j] = w
             basis = Q[: j + 1]
             h = torch.zeros(j + 1, dtype=torch.float64)
@@ -124,7 +129,8 @@ def _fresh_direction(basis: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 
 def _ritz_range(Hc: torch.Tensor, m: int) -> str:
-    """"[θ_min, θ_max]" of the Ritz values after m steps, from the coefficients' upper triangle (for the progress bar)."""
+    """ "[θ_min, θ_max]" of the Ritz values after m steps, from the coefficients' upper triangle
+    (for the progress bar)."""
     Hm = Hc[:m, :m]
     theta = torch.linalg.eigvalsh(torch.triu(Hm) + torch.triu(Hm, 1).T)
     return f"[{float(theta[0]):.3g}, {float(theta[-1]):.3g}]"

@@ -79,10 +79,15 @@ class LiSSA(InverseHVPSolver[LiSSAState]):
         check_interval("LiSSA", "depth", self.depth, 1, None, closed="left", integer=True)
         check_interval("LiSSA", "repeats", self.repeats, 1, None, closed="left", integer=True)
         check_interval("LiSSA", "batch_size", self.batch_size, 1, None, closed="left", integer=True)
-        check_interval("LiSSA", "check_every", self.check_every, 1, None, closed="left", integer=True)
+        check_interval(
+            "LiSSA", "check_every", self.check_every, 1, None, closed="left", integer=True
+        )
         if self.scale != "auto":
             if isinstance(self.scale, str):
-                raise InputError(f"The 'scale' parameter of LiSSA must be a positive float or 'auto'. Got {self.scale!r}.")
+                raise InputError(
+                    "The 'scale' parameter of LiSSA must be a positive float or 'auto'. Got"
+                    f" {self.scale!r}."
+                )
             check_interval("LiSSA", "scale", self.scale, 0.0, None)
 
     def prepare(self, curvature: Curvature) -> LiSSAState:
@@ -103,7 +108,9 @@ class LiSSA(InverseHVPSolver[LiSSAState]):
         n = curv.n
         gen = torch.Generator().manual_seed(self.seed)
         total = torch.zeros_like(V)
-        with progress_bar(desc="LiSSA", total=self.repeats * self.depth, enabled=self.progress) as bar:
+        with progress_bar(
+            desc="LiSSA", total=self.repeats * self.depth, enabled=self.progress
+        ) as bar:
             for rep in range(self.repeats):
                 h = V.clone()
                 bar.set_postfix(repeat=f"{rep + 1}/{self.repeats}")
@@ -112,7 +119,9 @@ class LiSSA(InverseHVPSolver[LiSSAState]):
                     h = V + h - curv.batch_matvec(h, curv.data.subset(idx)) / s
                     if j % self.check_every == 0 or j == self.depth:
                         hn = h.norm(dim=1)
-                        if not bool(torch.isfinite(hn).all()) or bool((hn > 10.0 * (j + 1) * vnorm).any()):
+                        if not bool(torch.isfinite(hn).all()) or bool(
+                            (hn > 10.0 * (j + 1) * vnorm).any()
+                        ):
                             self._raise_divergence(curv, s, rep, j, float(hn.max()))
                     bar.update(1)
                 total += h / s
@@ -124,38 +133,47 @@ class LiSSA(InverseHVPSolver[LiSSAState]):
             torch.ones(len(V), dtype=torch.bool),
             self.repeats * self.depth,
             time.perf_counter() - t0,
-            {"scale": s, "lambda_max": state.lambda_max, "hvp_samples": self.repeats * self.depth * self.batch_size},
+            {
+                "scale": s,
+                "lambda_max": state.lambda_max,
+                "hvp_samples": self.repeats * self.depth * self.batch_size,
+            },
         )
 
     def accuracy_advice(self, state: LiSSAState | None = None) -> str:
         return "Increase LiSSA's depth (t) or repeats (r), or add damping."
 
-    def _raise_divergence(self, curv: Curvature, s: float, rep: int, step: int, hnorm: float) -> None:
-        """Explain why the series diverged. The recursion hⱼ = v + (I − H_b/s)hⱼ₋₁ converges only while
-        every minibatch Hessian H_b has its eigenvalues in (0, 2s): NaN from the model itself, a
-        scale below λmax/2, and negative curvature (which no scale fixes) each get their own advice."""
+    def _raise_divergence(
+        self, curv: Curvature, s: float, rep: int, step: int, hnorm: float
+    ) -> None:
+        """Explain why the series diverged. The recursion hⱼ = v + (I − H_b/s)hⱼ₋₁ converges only
+        while every minibatch Hessian H_b has its eigenvalues in (0, 2s): NaN from the model itself,
+        a scale below λmax/2, and negative curvature (which no scale fixes) each get their own
+        advice.
+        """
         where = f"LiSSA diverged at step {step} of repeat {rep} (‖h‖={hnorm:.2e}) with scale={s:g}"
         if not _hvps_finite(curv, self.batch_size, self.seed):
             raise DivergenceError(
-                f"{where}: the model's own Hessian-vector products are NaN or infinite at θ̂, so no scale can help. "
-                "Check the model for overflow at θ̂ (e.g. evaluate it in float64: model.double()) and the "
-                "training data for extreme values."
+                f"{where}: the model's own Hessian-vector products are NaN or infinite at θ̂, so no"
+                " scale can help. Check the model for overflow at θ̂ (e.g. evaluate it in float64:"
+                " model.double()) and the training data for extreme values."
             )
         lam = minibatch_lambda_max(curv, self.batch_size, seed=self.seed)
         if lam > 0 and 2 * s < lam:
             good = 10 ** math.ceil(math.log10(1.1 * lam))
             alt = "" if self.scale == "auto" else " or LiSSA(scale='auto')"
             raise DivergenceError(
-                f"{where}. It needs scale > λmax/2 of the minibatch Hessians, λmax ≈ {lam:.3g}; pass "
-                f"LiSSA(scale={good:g}){alt}."
+                f"{where}. It needs scale > λmax/2 of the minibatch Hessians, λmax ≈ {lam:.3g};"
+                f" pass LiSSA(scale={good:g}){alt}."
             )
         lmin = minibatch_lambda_min(curv, self.batch_size, sigma=max(lam, s), seed=self.seed)
         fix = suggest_damping(min(lmin, 0.0), curv.damping, lam)
         raise DivergenceError(
-            f"{where}, which is above λmax/2 ≈ {lam / 2:.3g} of the minibatch Hessians, so the scale is not the "
-            f"cause: the minibatch Hessians have negative curvature (smallest eigenvalue ≈ {lmin:.3g}), where the "
-            f"series cannot converge at any scale. Add damping ≥ {fix:.2g} (Influence(..., damping={fix:.2g})), or "
-            "use CG, which reports whether the full Hessian is positive definite."
+            f"{where}, which is above λmax/2 ≈ {lam / 2:.3g} of the minibatch Hessians, so the"
+            " scale is not the cause: the minibatch Hessians have negative curvature (smallest"
+            f" eigenvalue ≈ {lmin:.3g}), where the series cannot converge at any scale. Add damping"
+            f" ≥ {fix:.2g} (Influence(..., damping={fix:.2g})), or use CG, which reports whether"
+            " the full Hessian is positive definite."
         )
 
 
@@ -170,10 +188,11 @@ def _hvps_finite(curv: Curvature, batch_size: int, seed: int, n_batches: int = 4
     return True
 
 
-def _minibatch_rayleigh(curv: Curvature, batch_size: int, op: Any, *, n_batches: int, n_iter: int,
-                        seed: int) -> list[float]:
-    """Per random minibatch b, the Rayleigh quotient vᵀ op(v, b) after ``n_iter`` power-iteration steps
-    with the operator ``op(v, batch)`` — its dominant eigenvalue."""
+def _minibatch_rayleigh(
+    curv: Curvature, batch_size: int, op: Any, *, n_batches: int, n_iter: int, seed: int
+) -> list[float]:
+    """Per random minibatch b, the Rayleigh quotient vᵀ op(v, b) after ``n_iter`` power-iteration
+    steps with the operator ``op(v, batch)`` — its dominant eigenvalue."""
     gen = torch.Generator().manual_seed(seed)
     found = []
     for _ in range(n_batches):
@@ -189,17 +208,35 @@ def _minibatch_rayleigh(curv: Curvature, batch_size: int, op: Any, *, n_batches:
     return found
 
 
-def minibatch_lambda_min(curv: Curvature, batch_size: int, *, sigma: float, n_batches: int = 4, n_iter: int = 30,
-                         seed: int = 0) -> float:
+def minibatch_lambda_min(
+    curv: Curvature,
+    batch_size: int,
+    *,
+    sigma: float,
+    n_batches: int = 4,
+    n_iter: int = 30,
+    seed: int = 0,
+) -> float:
     """Smallest eigenvalue of (H_batch + (l2 + δ)I) over a few random minibatches, by power
     iteration on σI − H_batch with σ ≥ λmax (a rough estimate, for error messages)."""
     sigma = abs(sigma) * 1.05 + 1e-12
-    mus = _minibatch_rayleigh(curv, batch_size, lambda v, b: sigma * v - curv.batch_matvec(v, b),
-                              n_batches=n_batches, n_iter=n_iter, seed=seed + 7927)
+    mus = _minibatch_rayleigh(
+        curv,
+        batch_size,
+        lambda v, b: sigma * v - curv.batch_matvec(v, b),
+        n_batches=n_batches,
+        n_iter=n_iter,
+        seed=seed + 7927,
+    )
     return min(sigma - mu for mu in mus)
 
 
-def minibatch_lambda_max(curv: Curvature, batch_size: int, *, n_batches: int = 4, n_iter: int = 20, seed: int = 0) -> float:
-    """Largest eigenvalue of (H_batch + (l2 + δ)I) over a few random minibatches, by power iteration."""
-    lams = _minibatch_rayleigh(curv, batch_size, curv.batch_matvec, n_batches=n_batches, n_iter=n_iter, seed=seed + 7919)
+def minibatch_lambda_max(
+    curv: Curvature, batch_size: int, *, n_batches: int = 4, n_iter: int = 20, seed: int = 0
+) -> float:
+    """Largest eigenvalue of (H_batch + (l2 + δ)I) over a few random minibatches, by power
+    iteration."""
+    lams = _minibatch_rayleigh(
+        curv, batch_size, curv.batch_matvec, n_batches=n_batches, n_iter=n_iter, seed=seed + 7919
+    )
     return max([0.0, *(abs(lam) for lam in lams)])

@@ -31,7 +31,10 @@ from ..errors import InputError, NotPositiveDefiniteError
 from .base import OneShotSolver, Solution, one_shot_solution
 from .direct import suggest_damping
 
-SKETCHED = "A = H + δI − μI with μ = min over coordinates of (l2 + δ): the loss Hessian plus any L2 above μ"
+SKETCHED = (
+    "A = H + δI − μI with μ = min over coordinates of (l2 + δ): the loss Hessian plus any L2"
+    " above μ"
+)
 
 
 @dataclass(frozen=True)
@@ -44,9 +47,9 @@ class NystromState:
             rows, float64.
         eigenvalues: Λ̂, shape (r,), descending, ≥ 0 (float64).
         mu: μ, the shift with H + δI = A + μI (the smallest diagonal entry l2 + δ).
-        omega: the orthonormalised Gaussian test matrix, as rows (r, p), in the curvature's dtype: the
-            Ω actually multiplied (orthonormal up to that dtype's rounding), with
-            Â = (AΩ)(ΩᵀAΩ)⁺(AΩ)ᵀ (up to the stabilising shift ν, see ``Nystrom``).
+        omega: the orthonormalised Gaussian test matrix, as rows (r, p), in the curvature's dtype:
+            the Ω actually multiplied (orthonormal up to that dtype's rounding), with Â =
+            (AΩ)(ΩᵀAΩ)⁺(AΩ)ᵀ (up to the stabilising shift ν, see ``Nystrom``).
         stats: the numbers every ``Solution.stats`` of this fit carries.
     """
 
@@ -60,7 +63,8 @@ class NystromState:
 
 @dataclass(frozen=True)
 class Nystrom(OneShotSolver[NystromState]):
-    """Randomized Nyström sketch-and-solve — Frangella, Tropp & Udell (2023), SIAM J. Matrix Anal. Appl.
+    """Randomized Nyström sketch-and-solve — Frangella, Tropp & Udell (2023), SIAM J. Matrix Anal.
+    Appl.
 
     **What is sketched.** H + δI = A + μI, where μ = min over coordinates of the curvature's
     diagonal (l2 + δ; ``Curvature.diagonal``) and A = H + δI − μI = ∇²(1/n)ΣL + (l2 + δ − μ) is
@@ -70,16 +74,16 @@ class Nystrom(OneShotSolver[NystromState]):
     approximation, and μ is the largest shift that keeps it so. The damping is therefore never
     sketched: it enters exactly, in the closed-form inverse.
 
-    **Algorithm** (Frangella et al.'s randomized Nyström approximation). ``prepare`` draws Ω ∈ ℝ^{p×r} Gaussian
-    (``seed``), orthonormalises it (QR), and computes Y = AΩ = (H + δI)Ω − μΩ with r HVPs in
-    blocks of ``block_size`` (one ``Curvature.matvec`` pass per block). With the stabilising
-    shift ν = √p · eps · ‖Y‖₂ (eps of the curvature's dtype), Y_ν = Y + νΩ, the Cholesky factor
-    ΩᵀY_ν = LLᵀ (an eigendecomposition with a pseudo-inverse if that fails), B = Y_νL⁻ᵀ and its
-    thin SVD B = U Σ Wᵀ give Â = U max(Σ² − ν, 0) Uᵀ, the Nyström approximation A⟨Ω⟩ up to
-    O(ν). 0 ⪯ Â ⪯ A, and Â = A exactly when r = p. Besides the HVPs' own workspace, the sketch holds
-    Ω (r × p, the curvature's dtype, kept in the state) and one float64 r × p array, updated in place
-    from AΩ to Y_ν, to Qᵀ of a row-blocked thin QR Y_ν = QR, and to U; the factorisations act on
-    r × r matrices (B's SVD is that of L⁻¹Rᵀ). Then every solve is
+    **Algorithm** (Frangella et al.'s randomized Nyström approximation). ``prepare`` draws Ω ∈
+    ℝ^{p×r} Gaussian (``seed``), orthonormalises it (QR), and computes Y = AΩ = (H + δI)Ω − μΩ with
+    r HVPs in blocks of ``block_size`` (one ``Curvature.matvec`` pass per block). With the
+    stabilising shift ν = √p · eps · ‖Y‖₂ (eps of the curvature's dtype), Y_ν = Y + νΩ, the Cholesky
+    factor ΩᵀY_ν = LLᵀ (an eigendecomposition with a pseudo-inverse if that fails), B = Y_νL⁻ᵀ and
+    its thin SVD B = U Σ Wᵀ give Â = U max(Σ² − ν, 0) Uᵀ, the Nyström approximation A⟨Ω⟩ up to O(ν).
+    0 ⪯ Â ⪯ A, and Â = A exactly when r = p. Besides the HVPs' own workspace, the sketch holds Ω (r
+    × p, the curvature's dtype, kept in the state) and one float64 r × p array, updated in place
+    from AΩ to Y_ν, to Qᵀ of a row-blocked thin QR Y_ν = QR, and to U; the factorisations act on r ×
+    r matrices (B's SVD is that of L⁻¹Rᵀ). Then every solve is
 
         x = (Â + μI)⁻¹v = U (Λ̂ + μI)⁻¹ Uᵀ v + (v − U Uᵀ v)/μ,
 
@@ -131,9 +135,11 @@ class Nystrom(OneShotSolver[NystromState]):
         >>> import torch
         >>> from upweight import Objective, Data
         >>> obj = Objective(torch.nn.Linear(2, 1, bias=False).eval(), "squared", l2=1.0)
-        >>> curv = Curvature(obj, Data.from_any((torch.eye(2), torch.zeros(2, 1))))  # H = diag(1.5, 1.5)
+        >>> # H = diag(1.5, 1.5)
+        >>> curv = Curvature(obj, Data.from_any((torch.eye(2), torch.zeros(2, 1))))
         >>> solver = Nystrom(rank=2)
-        >>> [round(v, 6) for v in solver.solve(solver.prepare(curv), torch.tensor([[1.5, 3.0]])).value[0].tolist()]
+        >>> x = solver.solve(solver.prepare(curv), torch.tensor([[1.5, 3.0]])).value
+        >>> [round(v, 6) for v in x[0].tolist()]
         [1.0, 2.0]
     """
 
@@ -149,17 +155,20 @@ class Nystrom(OneShotSolver[NystromState]):
         super().__post_init__()
         check_interval("Nystrom", "rank", self.rank, 1, None, closed="left", integer=True)
         check_interval("Nystrom", "seed", self.seed, 0, None, closed="left", integer=True)
-        check_interval("Nystrom", "block_size", self.block_size, 1, None, closed="left", integer=True)
+        check_interval(
+            "Nystrom", "block_size", self.block_size, 1, None, closed="left", integer=True
+        )
 
     # ── prepare ───────────────────────────────────────────────────────────────────────
     def prepare(self, curvature: Curvature) -> NystromState:
         mu = float(curvature.diagonal.min()) if curvature.p else 0.0
         if not mu > 0:
             raise InputError(
-                f"Nystrom sketch-and-solve needs l2 + damping > 0 on every parameter: it inverts the part of H outside "
-                f"the sketch as 1/μ, and μ = min(l2 + damping) = {mu:g} here (damping={curvature.damping:g}). Pass "
-                "damping > 0 (e.g. Influence(..., damping=1e-3)), an l2 term that covers every parameter, or use "
-                "CG(preconditioner=Nystrom(...)), which solves exactly."
+                "Nystrom sketch-and-solve needs l2 + damping > 0 on every parameter: it inverts"
+                f" the part of H outside the sketch as 1/μ, and μ = min(l2 + damping) = {mu:g} here"
+                f" (damping={curvature.damping:g}). Pass damping > 0 (e.g. Influence(...,"
+                " damping=1e-3)), an l2 term that covers every parameter, or use"
+                " CG(preconditioner=Nystrom(...)), which solves exactly."
             )
         return self._sketch(curvature, mu)
 
@@ -171,13 +180,20 @@ class Nystrom(OneShotSolver[NystromState]):
         if mu <= 0:
             lam = state.eigenvalues
             keep = lam > 1e-12 * float(lam.max()) if lam.numel() else lam > 0
-            state = NystromState(curvature, state.U[keep], lam[keep], mu, state.omega, {**state.stats, "rank_kept": int(keep.sum())})
+            state = NystromState(
+                curvature,
+                state.U[keep],
+                lam[keep],
+                mu,
+                state.omega,
+                {**state.stats, "rank_kept": int(keep.sum())},
+            )
         return state
 
     def _sketch(self, curvature: Curvature, mu: float) -> NystromState:
         """Frangella et al.'s randomized Nyström approximation, with at most ~2 p × r arrays alive:
-        Ω (rows, in the operator's dtype) and one float64 (r, p) buffer that holds AΩ, then Y_ν, then
-        Qᵀ of the thin QR Y_νᵀ = QR, and finally U — every step on it is in place, and the
+        Ω (rows, in the operator's dtype) and one float64 (r, p) buffer that holds AΩ, then Y_ν,
+        then Qᵀ of the thin QR Y_νᵀ = QR, and finally U — every step on it is in place, and the
         factorisations (Cholesky, SVD) act on r × r matrices only."""
         t0 = time.perf_counter()
         p = curvature.p
@@ -186,11 +202,15 @@ class Nystrom(OneShotSolver[NystromState]):
         gen = torch.Generator().manual_seed(self.seed)
         gauss = torch.randn(p, r, generator=gen, dtype=f64)
         _orthonormalise_columns(gauss)  # Ω = qr(G) (in place)
-        omega = torch.empty(r, p, dtype=curvature.dtype).copy_(gauss.T)  # rows ω₁, …, ω_r: the Ω actually multiplied
+        # rows ω₁, …, ω_r: the Ω actually multiplied
+        omega = torch.empty(r, p, dtype=curvature.dtype).copy_(gauss.T)
         del gauss
         passes = 0
-        Y: torch.Tensor | None = None  # allocated after the first product: the HVPs' own workspace comes first
-        with progress_bar(desc=f"Nyström sketch (rank {r})", total=-(-r // self.block_size), unit="pass") as bar:
+        # allocated after the first product: the HVPs' own workspace comes first
+        Y: torch.Tensor | None = None
+        with progress_bar(
+            desc=f"Nyström sketch (rank {r})", total=-(-r // self.block_size), unit="pass"
+        ) as bar:
             for s in range(0, r, self.block_size):
                 block = curvature.matvec(omega[s : s + self.block_size])
                 if Y is None:
@@ -202,7 +222,8 @@ class Nystrom(OneShotSolver[NystromState]):
         assert Y is not None
         Y.add_(omega, alpha=-mu)  # rows A ωⱼ = (H + δI)ωⱼ − μωⱼ
         check_finite(Y, "The Nyström sketch AΩ", "Check the model and loss for overflow at θ̂.")
-        # ΩᵀAΩ compresses A: a clearly negative eigenvalue proves A (hence the loss Hessian) indefinite
+        # ΩᵀAΩ compresses A: a clearly negative eigenvalue proves A (hence the loss Hessian)
+        # indefinite
         core = _cross(omega, Y)
         core = 0.5 * (core + core.T)
         theta = torch.linalg.eigvalsh(core)
@@ -216,8 +237,9 @@ class Nystrom(OneShotSolver[NystromState]):
         Y.add_(omega, alpha=nu)  # Y_ν = Y + νΩ (in place: Y itself is not needed again)
         core_nu = _cross(omega, Y)
         core_nu = 0.5 * (core_nu + core_nu.T)
-        # the p × r matrix Y_ν (= Y.T here) = QR, a thin QR in place (Y now holds Qᵀ); then B = Y_ν L⁻ᵀ = Q Mᵀ
-        # with the r × r M = L⁻¹Rᵀ = W Σ Vᵀ, so B = (QV) Σ Wᵀ: B's singular values are M's, and U = (QV)ᵀ = VᵀQᵀ
+        # the p × r matrix Y_ν (= Y.T here) = QR, a thin QR in place (Y now holds Qᵀ); then B = Y_ν
+        # L⁻ᵀ = Q Mᵀ with the r × r M = L⁻¹Rᵀ = W Σ Vᵀ, so B = (QV) Σ Wᵀ: B's singular values are
+        # M's, and U = (QV)ᵀ = VᵀQᵀ
         R = _orthonormalise_columns(Y.T)
         L, info = torch.linalg.cholesky_ex(core_nu)
         if int(info) == 0:
@@ -228,7 +250,8 @@ class Nystrom(OneShotSolver[NystromState]):
             keep = w > r * torch.finfo(f64).eps * max(float(w.abs().max()), 1e-300)
             M = (W[:, keep] / w[keep].sqrt()).T @ R.T
             how = "eigh-pseudo-inverse"
-        _, sig, Vh = torch.linalg.svd(M, full_matrices=False)  # M = W Σ Vᵀ → BBᵀ = U Σ² Uᵀ with U = Vᵀ Qᵀ
+        # M = W Σ Vᵀ → BBᵀ = U Σ² Uᵀ with U = Vᵀ Qᵀ
+        _, sig, Vh = torch.linalg.svd(M, full_matrices=False)
         U = _left_multiply_(Vh, Y)
         del Y
         lam = (sig**2 - nu).clamp_min(0.0)
@@ -245,7 +268,9 @@ class Nystrom(OneShotSolver[NystromState]):
             "core_min_eigenvalue": float(theta[0]) if theta.numel() else 0.0,
             "core_factorisation": how,
             "hvp_passes": passes,
-            "residual_against": f"the exact {curvature.describes} (one full-data product per solve)",
+            "residual_against": (
+                f"the exact {curvature.describes} (one full-data product per solve)"
+            ),
             "prepare_seconds": time.perf_counter() - t0,
         }
         return NystromState(curvature, U, lam, mu, omega, stats)
@@ -258,7 +283,9 @@ class Nystrom(OneShotSolver[NystromState]):
         C = V @ state.U.T  # (k, r): uᵢᵀvⱼ
         X = (C / (state.eigenvalues + state.mu)) @ state.U + (V - C @ state.U) / state.mu
         check_finite(X, "The Nyström solution", "Add damping or check the model at θ̂.")
-        return one_shot_solution(curv, X, V, rhs.dtype, t0, state.stats, sample=self.residual_sample)
+        return one_shot_solution(
+            curv, X, V, rhs.dtype, t0, state.stats, sample=self.residual_sample
+        )
 
     def precondition(self, state: NystromState, R: torch.Tensor) -> torch.Tensor:
         """P⁻¹R with P⁻¹ = (λ̂_r + μ) U (Λ̂ + μI)⁻¹ Uᵀ + (I − UUᵀ) (Frangella et al.), R (k, p):
@@ -273,24 +300,27 @@ class Nystrom(OneShotSolver[NystromState]):
 
     @staticmethod
     def _raise_indefinite(curv: Curvature, mu: float, core_min: float, core_max: float) -> None:
-        rayleigh = mu + core_min  # ωᵀ(H + δI)ω for the unit vector ω = Ω w of the core's smallest eigenpair
+        # ωᵀ(H + δI)ω for the unit vector ω = Ω w of the core's smallest eigenpair
+        rayleigh = mu + core_min
         if rayleigh <= 0:
             fix = suggest_damping(rayleigh, curv.damping, mu + core_max)
             head = (
-                f"The Hessian (damping={curv.damping:g}) is not positive definite: on the Nyström sketch it has the "
-                f"Rayleigh quotient {rayleigh:.3e} ≤ 0. Pass damping ≥ {fix:.2g} (e.g. Influence(..., damping={fix:.2g})) "
-                "with CG() or Direct()."
+                f"The Hessian (damping={curv.damping:g}) is not positive definite: on the Nyström"
+                f" sketch it has the Rayleigh quotient {rayleigh:.3e} ≤ 0. Pass damping ≥ {fix:.2g}"
+                f" (e.g. Influence(..., damping={fix:.2g})) with CG() or Direct()."
             )
         else:
             fix = curv.damping
             head = (
-                f"The Hessian minus its L2/damping shift μ = {mu:g} has negative curvature: ΩᵀAΩ has the eigenvalue "
-                f"{core_min:.3e} (H + δI has the Rayleigh quotient {rayleigh:.3e} > 0 there, so it may still be positive "
-                "definite)."
+                f"The Hessian minus its L2/damping shift μ = {mu:g} has negative curvature: ΩᵀAΩ"
+                f" has the eigenvalue {core_min:.3e} (H + δI has the Rayleigh quotient"
+                f" {rayleigh:.3e} > 0 there, so it may still be positive definite)."
             )
         raise NotPositiveDefiniteError(
-            head + " Nystrom sketches A = H + δI − μI, which must be positive semi-definite (a convex loss at a "
-            "minimum); damping does not change A, so use CG() or Direct() for this model.",
+            head
+            + " Nystrom sketches A = H + δI − μI, which must be positive semi-definite (a convex"
+            " loss at a minimum); damping does not change A, so use CG() or Direct() for this"
+            " model.",
             min_eigenvalue=rayleigh,
             suggested_damping=fix,
         )
@@ -301,7 +331,8 @@ _CHUNK_ELEMENTS = 1 << 22  # entries per row block (32 MiB of float64)
 
 
 def _row_blocks(p: int, r: int) -> list[tuple[int, int]]:
-    """Split range(p) into contiguous blocks of at least max(r, 1) rows (p ≥ r) of about _CHUNK_ELEMENTS / r rows."""
+    """Split range(p) into contiguous blocks of at least max(r, 1) rows (p ≥ r) of about
+    _CHUNK_ELEMENTS / r rows."""
     n = max(1, p // max(r, _CHUNK_ELEMENTS // max(r, 1), 1))
     return [(p * i // n, p * (i + 1) // n) for i in range(n)]
 
@@ -310,8 +341,8 @@ def _orthonormalise_columns(M: torch.Tensor) -> torch.Tensor:
     """Thin QR M = QR of a (p, r) float64 matrix with p ≥ r, overwriting M with Q; returns R (r, r).
 
     TSQR (tall-skinny QR): a Householder QR of each row block Mᵢ = QᵢRᵢ, then one of the stacked
-    Rᵢ = Q̃R; Q's block i is Qᵢ Q̃ᵢ. Backward stable like one Householder QR of M, but with row-block
-    workspace only. ``M`` may be a view (e.g. the transpose of an (r, p) array)."""
+    Rᵢ = Q̃R; Q's block i is Qᵢ Q̃ᵢ. Backward stable like one Householder QR of M, but with
+    row-block workspace only. ``M`` may be a view (e.g. the transpose of an (r, p) array)."""
     p, r = M.shape
     blocks = _row_blocks(p, r)
     if len(blocks) == 1:
@@ -331,7 +362,8 @@ def _orthonormalise_columns(M: torch.Tensor) -> torch.Tensor:
 
 
 def _cross(omega: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
-    """ΩᵀY as the r × r float64 matrix omega @ Yᵀ (rows (r, p)), converting omega column block by block."""
+    """ΩᵀY as the r × r float64 matrix omega @ Yᵀ (rows (r, p)), converting omega column block by
+    block."""
     if omega.dtype == Y.dtype:
         return omega @ Y.T
     out = torch.zeros(omega.shape[0], Y.shape[0], dtype=Y.dtype)

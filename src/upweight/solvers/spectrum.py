@@ -35,8 +35,9 @@ class Spectrum:
 
     Ritz values always lie inside [λmin(A), λmax(A)], so ``lambda_max`` can only under-estimate
     the true largest eigenvalue and ``lambda_min`` can only over-estimate the true smallest one;
-    the extreme Ritz values converge first, typically to a few per cent in a few dozen steps. An eigenvalue of
-    A lies within the corresponding ``residual_*`` of each estimate (‖Ay − θy‖ for its Ritz pair).
+    the extreme Ritz values converge first, typically to a few per cent in a few dozen steps. An
+    eigenvalue of A lies within the corresponding ``residual_*`` of each estimate (‖Ay − θy‖ for its
+    Ritz pair).
 
     Attributes:
         ritz_values: all Ritz values, ascending (eigenvalues of the tridiagonal Tₖ).
@@ -76,10 +77,17 @@ class Spectrum:
         return current if self.positive_definite else suggest_damping(self.lambda_min, current)
 
     def shifted(self, delta: float) -> Spectrum:
-        """The spectrum of A + delta·I (every eigenvalue moves by delta; residuals do not change)."""
+        """The spectrum of A + delta·I (every eigenvalue moves by delta; residuals do not
+        change)."""
         return Spectrum(
-            tuple(v + delta for v in self.ritz_values), self.lambda_max + delta, self.lambda_min + delta,
-            self.residual_max, self.residual_min, self.iterations, self.exact, self.source,
+            tuple(v + delta for v in self.ritz_values),
+            self.lambda_max + delta,
+            self.lambda_min + delta,
+            self.residual_max,
+            self.residual_min,
+            self.iterations,
+            self.exact,
+            self.source,
         )
 
     def as_stats(self, prefix: str = "spectrum_") -> dict[str, Any]:
@@ -153,7 +161,9 @@ def lanczos(
     )
 
 
-def estimate_spectrum(curvature: Curvature, *, k: int = 30, seed: int = 0, sample: int | None = None) -> Spectrum:
+def estimate_spectrum(
+    curvature: Curvature, *, k: int = 30, seed: int = 0, sample: int | None = None
+) -> Spectrum:
     """Lanczos estimates of λmax and λmin of H + δI (Koh & Liang's H, damping included).
 
     Args:
@@ -170,12 +180,24 @@ def estimate_spectrum(curvature: Curvature, *, k: int = 30, seed: int = 0, sampl
     if sample is not None:
         check_interval("estimate_spectrum", "sample", sample, 1, None, closed="left", integer=True)
     if sample is None or sample >= curvature.n:
-        return lanczos(curvature.matvec, curvature.p, k=k, dtype=curvature.dtype, seed=seed,
-                       source=f"Lanczos on the full-data H + δI (n = {curvature.n})")
+        return lanczos(
+            curvature.matvec,
+            curvature.p,
+            k=k,
+            dtype=curvature.dtype,
+            seed=seed,
+            source=f"Lanczos on the full-data H + δI (n = {curvature.n})",
+        )
     gen = torch.Generator().manual_seed(seed + 104729)
     subset = curvature.data.subset(torch.randperm(curvature.n, generator=gen)[:sample])
-    return lanczos(lambda v: curvature.batch_matvec(v, subset), curvature.p, k=k, dtype=curvature.dtype, seed=seed,
-                   source=f"Lanczos on a {sample}-point subsample of the n = {curvature.n} training points")
+    return lanczos(
+        lambda v: curvature.batch_matvec(v, subset),
+        curvature.p,
+        k=k,
+        dtype=curvature.dtype,
+        seed=seed,
+        source=f"Lanczos on a {sample}-point subsample of the n = {curvature.n} training points",
+    )
 
 
 def lissa_from_spectrum(
@@ -212,7 +234,8 @@ def lissa_from_spectrum(
             explicit depth, which is then kept).
 
     Returns:
-        A configured ``LiSSA`` (its ``scale`` and ``depth`` are plain numbers, visible in its config).
+        A configured ``LiSSA`` (its ``scale`` and ``depth`` are plain numbers, visible in its
+        config).
 
     Raises:
         NotPositiveDefiniteError: the estimated λmin of H + δI is ≤ 0 — LiSSA would diverge along
@@ -221,28 +244,42 @@ def lissa_from_spectrum(
     """
     check_interval("lissa_from_spectrum", "safety", safety, 1.0, None, closed="left")
     check_interval("lissa_from_spectrum", "tol", tol, 0.0, 1.0)
-    check_interval("lissa_from_spectrum", "max_depth", max_depth, 1, None, closed="left", integer=True)
+    check_interval(
+        "lissa_from_spectrum", "max_depth", max_depth, 1, None, closed="left", integer=True
+    )
     if "scale" in lissa_kwargs:
-        raise InputError("lissa_from_spectrum chooses LiSSA's scale itself; pass the other settings only (got scale=...).")
-    spec = spectrum if spectrum is not None else estimate_spectrum(curvature, k=k, seed=lissa_kwargs.get("seed", 0))
+        raise InputError(
+            "lissa_from_spectrum chooses LiSSA's scale itself; pass the other settings only (got"
+            " scale=...)."
+        )
+    spec = (
+        spectrum
+        if spectrum is not None
+        else estimate_spectrum(curvature, k=k, seed=lissa_kwargs.get("seed", 0))
+    )
     if not spec.positive_definite:
-        raise_not_positive_definite(spec, curvature.damping, "LiSSA's series diverges along a negative-curvature direction.")
+        raise_not_positive_definite(
+            spec, curvature.damping, "LiSSA's series diverges along a negative-curvature direction."
+        )
     batch_size = lissa_kwargs.get("batch_size", LiSSA.batch_size)
     mb = minibatch_lambda_max(curvature, batch_size, seed=lissa_kwargs.get("seed", 0))
     scale = safety * max(spec.lambda_max + spec.residual_max, mb)
     if "depth" not in lissa_kwargs:
-        lissa_kwargs["depth"] = int(min(max_depth, max(1, math.ceil(scale / spec.lambda_min * math.log(1.0 / tol)))))
+        lissa_kwargs["depth"] = int(
+            min(max_depth, max(1, math.ceil(scale / spec.lambda_min * math.log(1.0 / tol))))
+        )
     return LiSSA(scale=float(scale), **lissa_kwargs)
 
 
 def raise_not_positive_definite(spec: Spectrum, damping: float, why: str = "") -> None:
-    """Raise ``NotPositiveDefiniteError`` for a spectrum estimate with λmin ≤ 0, naming the damping fix."""
+    """Raise ``NotPositiveDefiniteError`` for a spectrum estimate with λmin ≤ 0, naming the damping
+    fix."""
     fix = spec.needed_damping(damping)
     raise NotPositiveDefiniteError(
-        f"The Hessian (damping={damping:g}) is not positive definite: Lanczos finds an eigenvalue "
-        f"≈ {spec.lambda_min:.3e} (λmax ≈ {spec.lambda_max:.3e}). {why + ' ' if why else ''}"
-        f"Pass damping ≥ {fix:.2g} (e.g. Influence(..., damping={fix:.2g})), or train the model closer to a minimum."
-        + gauss_newton_hint(),
+        f"The Hessian (damping={damping:g}) is not positive definite: Lanczos finds an eigenvalue ≈"
+        f" {spec.lambda_min:.3e} (λmax ≈ {spec.lambda_max:.3e}). {why + ' ' if why else ''}Pass"
+        f" damping ≥ {fix:.2g} (e.g. Influence(..., damping={fix:.2g})), or train the model closer"
+        " to a minimum." + gauss_newton_hint(),
         min_eigenvalue=spec.lambda_min,
         suggested_damping=fix,
     )

@@ -1,4 +1,5 @@
-"""``upweight reproduce <experiment> --data PATH --out DIR``: re-run an experiment of Koh & Liang (2017).
+"""``upweight reproduce <experiment> --data PATH --out DIR``: re-run an experiment of Koh & Liang
+(2017).
 
 Each experiment is one module of this package defining
 
@@ -54,16 +55,26 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     rp = sub.add_parser(
         "reproduce",
         help="re-run an experiment of the paper on real data: " + ", ".join(m.NAME for m in mods),
-        description=("Re-run an experiment of Koh & Liang (2017) on data you pass, and write its figure(s), "
-                     "results.json and a Markdown report with our numbers next to the paper's."),
+        description=(
+            "Re-run an experiment of Koh & Liang (2017) on data you pass, and write its figure(s), "
+            "results.json and a Markdown report with our numbers next to the paper's."
+        ),
     )
     exps = rp.add_subparsers(dest="experiment", metavar="EXPERIMENT", required=True)
     for mod in mods:
-        p = exps.add_parser(mod.NAME, help=mod.HELP, description=mod.HELP,
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        p = exps.add_parser(
+            mod.NAME,
+            help=mod.HELP,
+            description=mod.HELP,
+            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        )
         p.add_argument("--data", required=True, metavar="PATH", help=mod.DATA_HELP)
-        p.add_argument("--out", default=f"out/{mod.NAME}", metavar="DIR",
-                       help="folder for the PNG(s), results.json and report.md")
+        p.add_argument(
+            "--out",
+            default=f"out/{mod.NAME}",
+            metavar="DIR",
+            help="folder for the PNG(s), results.json and report.md",
+        )
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
         mod.add_arguments(p)
         p.set_defaults(func=_runner(mod))
@@ -76,19 +87,28 @@ def _runner(mod: ModuleType) -> Any:
         from ...report._files import check_output_folder, write_text_atomic
 
         t0 = time.perf_counter()
-        out = check_output_folder(args.out, what="--out", inside=(*getattr(mod, "OUTPUTS", ()), "results.json"),
-                                  folders=getattr(mod, "FOLDERS", ()))
+        out = check_output_folder(
+            args.out,
+            what="--out",
+            inside=(*getattr(mod, "OUTPUTS", ()), "results.json"),
+            folders=getattr(mod, "FOLDERS", ()),
+        )
         check_scheduler(getattr(args, "scheduler", None))
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise errors.InputError(f"--out {out}: cannot create the folder ({exc.strerror or exc}); "
-                                    "choose another place.") from exc
+            raise errors.InputError(
+                f"--out {out}: cannot create the folder ({exc.strerror or exc}); "
+                "choose another place."
+            ) from exc
         results = mod.run(args, out)
         seconds = time.perf_counter() - t0
         results = {"experiment": mod.NAME, **results, "seconds": seconds}
         write_text_atomic(out / "results.json", json.dumps(results, indent=1, default=_jsonable))
-        say(f"wrote {', '.join(sorted(p.name for p in out.iterdir() if p.is_file()))} to {out} ({seconds:.1f}s)")
+        say(
+            f"wrote {', '.join(sorted(p.name for p in out.iterdir() if p.is_file()))} to {out}"
+            f" ({seconds:.1f}s)"
+        )
         return 0
 
     return run

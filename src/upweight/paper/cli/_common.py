@@ -30,8 +30,9 @@ def option(name: str, options: Mapping[str, str] | None = None) -> str:
     return (options or {}).get(name, "--" + name.replace("_", "-"))
 
 
-def config_from_args(cls: type[C], args: argparse.Namespace,
-                     options: Mapping[str, str] | None = None, **given: Any) -> C:
+def config_from_args(
+    cls: type[C], args: argparse.Namespace, options: Mapping[str, str] | None = None, **given: Any
+) -> C:
     """``cls`` (a config dataclass of ``upweight.paper.config``) from the options whose ``dest`` is
     one of its fields, ``given`` taking precedence. A setting the config refuses is reported with
     its option (``options``: field → option where it is not ``--field-with-dashes``)."""

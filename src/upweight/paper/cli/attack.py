@@ -1,4 +1,5 @@
-"""``upweight reproduce attack``: §5.2 training-set attacks through I_pert,loss on the frozen-feature model."""
+"""``upweight reproduce attack``: §5.2 training-set attacks through I_pert,loss on the
+frozen-feature model."""
 
 from __future__ import annotations
 
@@ -16,7 +17,10 @@ from ._common import say as _say
 from .compare_models import add_feature_arguments, build_setup, feature_config
 
 NAME = "attack"
-HELP = "§5.2 training-set attacks: perturb training images by sign(I_pert,loss), retrain, flip a test prediction"
+HELP = (
+    "§5.2 training-set attacks: perturb training images by sign(I_pert,loss), retrain, flip a test"
+    " prediction"
+)
 DATA_HELP = "MNIST: a folder with the four IDX files, or mnist.npz"
 OUTPUTS = ("attack.png", "report.md")  # written into --out (results.json is written by the runner)
 
@@ -29,23 +33,49 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options of ``reproduce attack``: one per ``AttackConfig`` field but ``multi_k`` (same
     name), and ``--scheduler``."""
     add_feature_arguments(p)
-    p.add_argument("--targets", type=int, default=_D.targets,
-                   help="attack only the first N correctly classified test images (alternating classes); "
-                        "default: all of them, as the paper (591)")
-    p.add_argument("--epsilon", type=int, default=_D.epsilon,
-                   help="L∞ bound in 8-bit levels: each pixel stays within epsilon/255 of the original")
-    p.add_argument("--step", type=int, default=_D.step,
-                   help="α in 8-bit levels per iteration (α = step/255)")
-    p.add_argument("--iterations", type=int, default=_D.iterations,
-                   help="iterations per attack (paper: 100)")
-    p.add_argument("--max-k", type=int, default=_D.max_k,
-                   help="most training images perturbed per target (paper: 10)")
-    p.add_argument("--group-size", type=int, default=_D.group_size,
-                   help="test images in the multi-target attack (paper: 30; 0 skips it)")
-    p.add_argument("--scheduler", default=None, metavar="local|tcp://HOST:PORT",
-                   help="attack the targets in parallel on Dask: 'local' starts a LocalCluster (one worker per "
-                        "core), tcp://host:port uses a running scheduler (pip install 'upweight[dask]'); "
-                        "default: one after the other in this process")
+    p.add_argument(
+        "--targets",
+        type=int,
+        default=_D.targets,
+        help=(
+            "attack only the first N correctly classified test images (alternating classes); "
+            "default: all of them, as the paper (591)"
+        ),
+    )
+    p.add_argument(
+        "--epsilon",
+        type=int,
+        default=_D.epsilon,
+        help="L∞ bound in 8-bit levels: each pixel stays within epsilon/255 of the original",
+    )
+    p.add_argument(
+        "--step", type=int, default=_D.step, help="α in 8-bit levels per iteration (α = step/255)"
+    )
+    p.add_argument(
+        "--iterations", type=int, default=_D.iterations, help="iterations per attack (paper: 100)"
+    )
+    p.add_argument(
+        "--max-k",
+        type=int,
+        default=_D.max_k,
+        help="most training images perturbed per target (paper: 10)",
+    )
+    p.add_argument(
+        "--group-size",
+        type=int,
+        default=_D.group_size,
+        help="test images in the multi-target attack (paper: 30; 0 skips it)",
+    )
+    p.add_argument(
+        "--scheduler",
+        default=None,
+        metavar="local|tcp://HOST:PORT",
+        help=(
+            "attack the targets in parallel on Dask: 'local' starts a LocalCluster (one worker per "
+            "core), tcp://host:port uses a running scheduler (pip install 'upweight[dask]'); "
+            "default: one after the other in this process"
+        ),
+    )
 
 
 def _config(args: argparse.Namespace) -> AttackConfig:
@@ -60,17 +90,25 @@ def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     c = _config(args)
     setup = build_setup(c, args.data)
     which = "all correctly classified" if c.targets is None else f"{c.targets}"
-    _say(f"attacking {which} test images: ε = {c.epsilon}/255, α = {c.step}/255, ≤ {c.iterations} "
-         f"iterations, k = 1, 1 (2nd), 2, 3, 5, 10 training images, exact retrain of the top layer after each step")
+    _say(
+        f"attacking {which} test images: ε = {c.epsilon}/255, α = {c.step}/255, ≤ {c.iterations}"
+        " iterations, k = 1, 1 (2nd), 2, 3, 5, 10 training images, exact retrain of the top layer"
+        " after each step"
+    )
     with contextlib.ExitStack() as stack:
         executor = open_executor(stack, args.scheduler, _say)
         r = run_attack(setup, c, progress=not args.no_progress, executor=executor)
     n = len(r.targets)
-    _say("flipped (cumulative, ≤ k images): " + ", ".join(f"k={k}: {v}/{n} ({v / n:.0%})" for k, v in r.flips_by_k.items())
-         + f"; every flip verified by a cold retrain: {r.verified_all}")
+    _say(
+        "flipped (cumulative, ≤ k images): "
+        + ", ".join(f"k={k}: {v}/{n} ({v / n:.0%})" for k, v in r.flips_by_k.items())
+        + f"; every flip verified by a cold retrain: {r.verified_all}"
+    )
     if r.multi:
-        _say(f"multi-target: group of {len(r.multi['group'])} test images; flipped "
-             + ", ".join(f"{v['flipped']} with {k} image(s)" for k, v in r.multi["by_k"].items()))
+        _say(
+            f"multi-target: group of {len(r.multi['group'])} test images; flipped "
+            + ", ".join(f"{v['flipped']} with {k} image(s)" for k, v in r.multi["by_k"].items())
+        )
     _figure(r, setup.task, out / "attack.png")
     write_text_atomic(out / "report.md", _report(r, PAPER))
     return {"paper_section": "5.2", "paper": PAPER, **r.to_json()}
@@ -89,11 +127,40 @@ def _figure(r: Any, task: Any, path: Path) -> Path:
         run = ex["run"]
         digit = lambda lab: a if lab > 0 else b  # noqa: E731
         panels = [
-            (orig, f"training image {ex['train'][0]}\n(digit {digit(task.y_train[ex['train'][0]])}), original", 0, 1, "gray_r"),
-            (pert, f"perturbed (L∞ = {run['linf_levels']}/255)\nretrained after each step", 0, 1, "gray_r"),
-            ((pert - orig) * 255, "difference (levels)", -r.epsilon_levels, r.epsilon_levels, "RdBu_r"),
-            (task.x_test[ex["target"]], f"test image {ex['target']} (digit {digit(task.y_test[ex['target']])})\n"
-             f"margin {run['margin_before'][0]:+.2f} → {run['margin_after'][0]:+.2f}", 0, 1, "gray_r"),
+            (
+                orig,
+                (
+                    f"training image {ex['train'][0]}\n(digit"
+                    f" {digit(task.y_train[ex['train'][0]])}), original"
+                ),
+                0,
+                1,
+                "gray_r",
+            ),
+            (
+                pert,
+                f"perturbed (L∞ = {run['linf_levels']}/255)\nretrained after each step",
+                0,
+                1,
+                "gray_r",
+            ),
+            (
+                (pert - orig) * 255,
+                "difference (levels)",
+                -r.epsilon_levels,
+                r.epsilon_levels,
+                "RdBu_r",
+            ),
+            (
+                task.x_test[ex["target"]],
+                (
+                    f"test image {ex['target']} (digit {digit(task.y_test[ex['target']])})\n"
+                    f"margin {run['margin_before'][0]:+.2f} → {run['margin_after'][0]:+.2f}"
+                ),
+                0,
+                1,
+                "gray_r",
+            ),
         ]
         for j, (img, title, vmin, vmax, cmap) in enumerate(panels):
             ax = fig.add_subplot(gs[0, j])
@@ -105,9 +172,20 @@ def _figure(r: Any, task: Any, path: Path) -> Path:
     ours = [r.flip_rate[k] for k in ks]
     paper = {"1": 0.57, "2": 0.77, "10": 590 / 591}
     x = np.arange(len(ks))
-    ax.bar(x - 0.2, ours, 0.4, color="#1f5fa8", label=f"ours ({len(r.targets)} targets, ε = {r.epsilon_levels}/255)")
-    ax.bar([i + 0.2 for i, k in enumerate(ks) if k in paper], [paper[k] for k in ks if k in paper], 0.4,
-           color="#bbbbbb", label="paper (591 targets, ε = 0.5/255)")
+    ax.bar(
+        x - 0.2,
+        ours,
+        0.4,
+        color="#1f5fa8",
+        label=f"ours ({len(r.targets)} targets, ε = {r.epsilon_levels}/255)",
+    )
+    ax.bar(
+        [i + 0.2 for i, k in enumerate(ks) if k in paper],
+        [paper[k] for k in ks if k in paper],
+        0.4,
+        color="#bbbbbb",
+        label="paper (591 targets, ε = 0.5/255)",
+    )
     for i, v in enumerate(ours):
         ax.text(i - 0.2, v + 0.01, f"{v:.0%}", ha="center", fontsize=7)
     ax.set_xticks(x, [f"≤ {k}" for k in ks])
@@ -124,35 +202,67 @@ def _report(r: Any, paper: dict[str, Any]) -> str:
     n = len(r.targets)
     fr = r.flip_rate
     rows = [
-        ("task", f"{r.digits[0]} vs {r.digits[1]}, {r.n_train:,} train / {r.n_test} test", "dog vs fish, 1,800 / 600"),
-        ("test images classified correctly", f"{r.n_correct}/{r.n_test}", f"{paper['n_correct']}/{paper['n_test']}"),
+        (
+            "task",
+            f"{r.digits[0]} vs {r.digits[1]}, {r.n_train:,} train / {r.n_test} test",
+            "dog vs fish, 1,800 / 600",
+        ),
+        (
+            "test images classified correctly",
+            f"{r.n_correct}/{r.n_test}",
+            f"{paper['n_correct']}/{paper['n_test']}",
+        ),
         ("targets attacked", f"{n}", f"{paper['n_correct']}"),
-        ("perturbation bound (per pixel)", f"±{r.epsilon_levels}/255, 8-bit result", "±0.5/255 (same 8-bit representation)"),
+        (
+            "perturbation bound (per pixel)",
+            f"±{r.epsilon_levels}/255, 8-bit result",
+            "±0.5/255 (same 8-bit representation)",
+        ),
         ("step α, iterations", f"{r.step_levels}/255, ≤ {r.iterations}", "0.02/255, 100"),
-        ("flipped with 1 training image", f"{r.flips_by_k.get('1', 0)}/{n} ({fr.get('1', 0):.0%})", "335/591 (57%)"),
+        (
+            "flipped with 1 training image",
+            f"{r.flips_by_k.get('1', 0)}/{n} ({fr.get('1', 0):.0%})",
+            "335/591 (57%)",
+        ),
         ("flipped with ≤ 2", f"{fr.get('2', 0):.0%}", "77%"),
         ("flipped with ≤ 10", f"{fr.get('10', 0):.0%}", "all but 1 (99.8%)"),
         ("every flip verified by a cold retrain", str(r.verified_all), "—"),
-        ("‖Δx‖₂ / mean distance to class centroid, pixels (1-image flips, median)",
-         f"{r.pixel_to_centroid:.3f}", "< 0.01"),
-        ("… the same in feature space", f"{r.feature_to_centroid:.3f}", "\"same order\" (~1)"),
+        (
+            "‖Δx‖₂ / mean distance to class centroid, pixels (1-image flips, median)",
+            f"{r.pixel_to_centroid:.3f}",
+            "< 0.01",
+        ),
+        ("… the same in feature space", f"{r.feature_to_centroid:.3f}", '"same order" (~1)'),
     ]
     if r.multi:
         for k, v in r.multi["by_k"].items():
-            rows.append((f"multi-target: group of {len(r.multi['group'])} flipped with {k} image(s)",
-                         f"{v['flipped']} (verified {v['verified']})", "16/30 with 1 image" if k == "1" else "—"))
-    return "\n".join([
-        "# Training-set attacks (Koh & Liang 2017, §5.2)",
-        "",
-        f"Frozen feature CNN (trained here on {r.cnn['n_images']:,} 10-class MNIST images; stand-in for Inception v3) "
-        f"+ logistic regression on its {r.cnn['n_features']} features (l2 = {r.l2:g}). For each target, the training "
-        "images with the largest ‖I_pert,loss‖₁ are perturbed by α·sign(I_pert,loss) (through the CNN to the pixels), "
-        "projected onto 8-bit images within ε of the original, and the top layer is retrained exactly after every "
-        "step; k = 1 (first), 1 (second), 2, 3, 5, 10 images are tried in turn (release code).",
-        "",
-        markdown_table(("quantity", "ours", "paper"), rows),
-        "",
-        "Figure: `attack.png` (a 1-image attack that flipped its target: original, perturbed, difference, target; "
-        "right: flip rates next to the paper's).",
-        "",
-    ])
+            rows.append(
+                (
+                    f"multi-target: group of {len(r.multi['group'])} flipped with {k} image(s)",
+                    f"{v['flipped']} (verified {v['verified']})",
+                    "16/30 with 1 image" if k == "1" else "—",
+                )
+            )
+    return "\n".join(
+        [
+            "# Training-set attacks (Koh & Liang 2017, §5.2)",
+            "",
+            (
+                f"Frozen feature CNN (trained here on {r.cnn['n_images']:,} 10-class MNIST images;"
+                f" stand-in for Inception v3) + logistic regression on its {r.cnn['n_features']}"
+                f" features (l2 = {r.l2:g}). For each target, the training images with the largest"
+                " ‖I_pert,loss‖₁ are perturbed by α·sign(I_pert,loss) (through the CNN to the"
+                " pixels), projected onto 8-bit images within ε of the original, and the top layer"
+                " is retrained exactly after every step; k = 1 (first), 1 (second), 2, 3, 5, 10"
+                " images are tried in turn (release code)."
+            ),
+            "",
+            markdown_table(("quantity", "ours", "paper"), rows),
+            "",
+            (
+                "Figure: `attack.png` (a 1-image attack that flipped its target: original,"
+                " perturbed, difference, target; right: flip rates next to the paper's)."
+            ),
+            "",
+        ]
+    )

@@ -1,5 +1,5 @@
-"""``upweight reproduce compare-models``: §5.1 (Fig. 4), one test image explained by a frozen-feature
-model and by an RBF SVM."""
+"""``upweight reproduce compare-models``: §5.1 (Fig. 4), one test image explained by a
+frozen-feature model and by an RBF SVM."""
 
 from __future__ import annotations
 
@@ -15,9 +15,13 @@ from ._common import C, config_from_args, markdown_table
 from ._common import say as _say
 
 NAME = "compare-models"
-HELP = "§5.1 understanding model behaviour: frozen CNN features + logistic regression vs an RBF SVM (Fig. 4)"
+HELP = (
+    "§5.1 understanding model behaviour: frozen CNN features + logistic regression vs an RBF SVM"
+    " (Fig. 4)"
+)
 DATA_HELP = "MNIST: a folder with the four IDX files, or mnist.npz"
-OUTPUTS = ("compare_models.png", "report.md")  # written into --out (results.json is written by the runner)
+# written into --out (results.json is written by the runner)
+OUTPUTS = ("compare_models.png", "report.md")
 
 
 #: the options' defaults (the paper's settings)
@@ -28,45 +32,93 @@ def add_feature_arguments(p: argparse.ArgumentParser) -> None:
     """Options shared with ``reproduce attack``: the binary task and the feature CNN, one per
     ``FeatureConfig`` field (same name; paper/features.py)."""
     d = FeatureConfig()
-    p.add_argument("--digits", default=",".join(map(str, d.digits)),
-                   help="the two MNIST digits (first → +1); 4 vs 9: a visually similar pair")
-    p.add_argument("--n-per-class", type=int, default=d.n_per_class,
-                   help="training images per class (paper: 900)")
-    p.add_argument("--n-test-per-class", type=int, default=d.n_test_per_class,
-                   help="test images per class (release code: 300)")
-    p.add_argument("--cnn-images", type=int, default=d.cnn_images,
-                   help="10-class MNIST images (outside the task's training set) the feature CNN is trained on")
-    p.add_argument("--cnn-epochs", type=int, default=d.cnn_epochs,
-                   help="epochs of feature-CNN training")
-    p.add_argument("--n-features", type=int, default=d.n_features,
-                   help="size of the CNN feature layer (the top layer's input)")
-    p.add_argument("--l2", type=float, default=d.l2,
-                   help="L2 strength of the top layer (release code: 0.001)")
-    p.add_argument("--seed", type=int, default=d.seed,
-                   help="seed of the CNN's initialisation, shuffling and image choice")
+    p.add_argument(
+        "--digits",
+        default=",".join(map(str, d.digits)),
+        help="the two MNIST digits (first → +1); 4 vs 9: a visually similar pair",
+    )
+    p.add_argument(
+        "--n-per-class",
+        type=int,
+        default=d.n_per_class,
+        help="training images per class (paper: 900)",
+    )
+    p.add_argument(
+        "--n-test-per-class",
+        type=int,
+        default=d.n_test_per_class,
+        help="test images per class (release code: 300)",
+    )
+    p.add_argument(
+        "--cnn-images",
+        type=int,
+        default=d.cnn_images,
+        help=(
+            "10-class MNIST images (outside the task's training set) the feature CNN is trained on"
+        ),
+    )
+    p.add_argument(
+        "--cnn-epochs", type=int, default=d.cnn_epochs, help="epochs of feature-CNN training"
+    )
+    p.add_argument(
+        "--n-features",
+        type=int,
+        default=d.n_features,
+        help="size of the CNN feature layer (the top layer's input)",
+    )
+    p.add_argument(
+        "--l2", type=float, default=d.l2, help="L2 strength of the top layer (release code: 0.001)"
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=d.seed,
+        help="seed of the CNN's initialisation, shuffling and image choice",
+    )
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options of ``reproduce compare-models``: one per ``CompareModelsConfig`` field (same
     name)."""
     add_feature_arguments(p)
-    p.add_argument("--test-index", type=int, default=_D.test_index,
-                   help="test image to explain (default: the first both models get right inside the SVM margin)")
-    p.add_argument("--gamma-scale", type=float, default=_D.gamma_scale,
-                   help="RBF γ = gamma_scale / median squared pixel distance")
-    p.add_argument("--t", type=float, default=_D.t,
-                   help="smooth-hinge temperature of the SVM (paper: 0.001)")
-    p.add_argument("--svm-l2", type=float, default=_D.svm_l2,
-                   help="L2 strength of the SVM (release code: 0.001)")
-    p.add_argument("--n-tests", type=int, default=_D.n_tests,
-                   help="test images the median correlations are taken over")
+    p.add_argument(
+        "--test-index",
+        type=int,
+        default=_D.test_index,
+        help=(
+            "test image to explain (default: the first both models get right inside the SVM margin)"
+        ),
+    )
+    p.add_argument(
+        "--gamma-scale",
+        type=float,
+        default=_D.gamma_scale,
+        help="RBF γ = gamma_scale / median squared pixel distance",
+    )
+    p.add_argument(
+        "--t", type=float, default=_D.t, help="smooth-hinge temperature of the SVM (paper: 0.001)"
+    )
+    p.add_argument(
+        "--svm-l2",
+        type=float,
+        default=_D.svm_l2,
+        help="L2 strength of the SVM (release code: 0.001)",
+    )
+    p.add_argument(
+        "--n-tests",
+        type=int,
+        default=_D.n_tests,
+        help="test images the median correlations are taken over",
+    )
 
 
 def parse_digits(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(v) for v in text.split(","))
     except ValueError as exc:
-        raise errors.InputError(f"--digits must be two digits separated by a comma, e.g. 4,9; got {text!r}.") from exc
+        raise errors.InputError(
+            f"--digits must be two digits separated by a comma, e.g. 4,9; got {text!r}."
+        ) from exc
 
 
 def feature_config(cls: type[C], args: argparse.Namespace) -> C:
@@ -88,7 +140,8 @@ def build_setup(config: FeatureConfig, data_path: str) -> Any:
     from ...datasets import load_mnist
     from ..features import build_feature_model
 
-    torch.set_num_threads(1)  # the documented timings and the CNN's exact weights are for one thread
+    # the documented timings and the CNN's exact weights are for one thread
+    torch.set_num_threads(1)
     try:  # scipy's L-BFGS spins OpenBLAS threads on a busy machine otherwise (10× slower refits)
         from threadpoolctl import threadpool_limits
 
@@ -97,14 +150,18 @@ def build_setup(config: FeatureConfig, data_path: str) -> Any:
         pass
     data = load_mnist(data_path)
     c = config
-    _say(f"training the feature CNN on {c.cnn_images:,} 10-class MNIST images "
-         f"({c.cnn_epochs} epochs, {c.n_features} features, seed {c.seed}) …")
+    _say(
+        f"training the feature CNN on {c.cnn_images:,} 10-class MNIST images "
+        f"({c.cnn_epochs} epochs, {c.n_features} features, seed {c.seed}) …"
+    )
     setup = build_feature_model(data, c)
     acc = float((np.sign(setup.test_scores()) == setup.task.y_test).mean())
-    _say(f"CNN: {setup.cnn.seconds:.1f}s, 10-class test accuracy {setup.cnn.test_accuracy_10class:.4f}; "
-         f"task {c.digits[0]} vs {c.digits[1]}: {len(setup.task.y_train):,} train / "
-         f"{len(setup.task.y_test):,} test; "
-         f"top layer (l2={c.l2:g}, ‖∇R‖ = {setup.grad_norm:.1e}) test accuracy {acc:.4f}")
+    _say(
+        f"CNN: {setup.cnn.seconds:.1f}s, 10-class test accuracy"
+        f" {setup.cnn.test_accuracy_10class:.4f}; task {c.digits[0]} vs {c.digits[1]}:"
+        f" {len(setup.task.y_train):,} train / {len(setup.task.y_test):,} test; top layer"
+        f" (l2={c.l2:g}, ‖∇R‖ = {setup.grad_norm:.1e}) test accuracy {acc:.4f}"
+    )
     return setup
 
 
@@ -115,15 +172,20 @@ def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     c = _config(args)
     setup = build_setup(c, args.data)
     r = run_compare_models(setup, c, progress=not args.no_progress)
-    _say(f"RBF SVM (γ = {r.rbf_gamma:.4g}, SmoothHinge t={c.t:g}, ‖∇R‖ = {r.rbf.grad_norm:.1e}) "
-         "test accuracy "
-         f"{r.rbf.test_accuracy:.4f}; explaining test image {r.test_index} (label {r.test_label:+d})")
+    _say(
+        f"RBF SVM (γ = {r.rbf_gamma:.4g}, SmoothHinge t={c.t:g}, ‖∇R‖ = {r.rbf.grad_norm:.1e}) "
+        "test accuracy "
+        f"{r.rbf.test_accuracy:.4f}; explaining test image {r.test_index} (label {r.test_label:+d})"
+    )
     for m in (r.feature, r.rbf):
-        _say(f"{m.name:>7}: Spearman ρ(|I_up,loss|, distance) {m.spearman_abs_vs_distance:+.3f} (all), "
-             f"{m.spearman_influential:+.3f} (10% most influential); share of Σ|I| on the nearest 10%: "
-             f"{m.mass_nearest_decile:.2f}; medians over {r.n_tests} test images: {m.median_spearman_influential:+.3f}, "
-             f"{m.median_mass_nearest_decile:.2f}; helpful points of the other label {m.helpful_other_label_fraction:.2f}, "
-             f"in the top 10: {m.top10_helpful_other_label}")
+        _say(
+            f"{m.name:>7}: Spearman ρ(|I_up,loss|, distance) {m.spearman_abs_vs_distance:+.3f}"
+            f" (all), {m.spearman_influential:+.3f} (10% most influential); share of Σ|I| on the"
+            f" nearest 10%: {m.mass_nearest_decile:.2f}; medians over {r.n_tests} test images:"
+            f" {m.median_spearman_influential:+.3f}, {m.median_mass_nearest_decile:.2f}; helpful"
+            f" points of the other label {m.helpful_other_label_fraction:.2f}, in the top 10:"
+            f" {m.top10_helpful_other_label}"
+        )
     _figure(r, setup.task, out / "compare_models.png")
     write_text_atomic(out / "report.md", _report(r, PAPER))
     return {"paper_section": "5.1", "paper": PAPER, **r.to_json()}
@@ -137,10 +199,15 @@ def _figure(r: Any, task: Any, path: Path) -> Path:
     D = np.asarray(r.distances)
     same = np.asarray(r.train_labels) == r.test_label
     a, b = task.digits
-    lab = {True: f"same label as the test image ({a if r.test_label > 0 else b})",
-           False: f"other label ({b if r.test_label > 0 else a})"}
-    for col, m, title in ((0, r.feature, "CNN features + logistic regression"), (1, r.rbf, "RBF SVM (pixels)")):
-        ax = fig.add_subplot(gs[0, 2 * col:2 * col + 2] if col == 0 else gs[0, 2:4])
+    lab = {
+        True: f"same label as the test image ({a if r.test_label > 0 else b})",
+        False: f"other label ({b if r.test_label > 0 else a})",
+    }
+    for col, m, title in (
+        (0, r.feature, "CNN features + logistic regression"),
+        (1, r.rbf, "RBF SVM (pixels)"),
+    ):
+        ax = fig.add_subplot(gs[0, 2 * col : 2 * col + 2] if col == 0 else gs[0, 2:4])
         h = -np.asarray(m.up_loss)
         for flag, color in ((False, "#d62728"), (True, "#2ca02c")):
             sel = same == flag
@@ -148,8 +215,11 @@ def _figure(r: Any, task: Any, path: Path) -> Path:
         ax.axhline(0, color="k", lw=0.5)
         ax.set_xlabel("‖z − z_test‖² (pixels)")
         ax.set_ylabel("−I_up,loss(z, z_test)  (> 0: helpful)")
-        ax.set_title(f"{title}\nSpearman ρ(|I|, dist), 10% most influential: {m.spearman_influential:+.2f}; "
-                     f"Σ|I| on nearest 10%: {m.mass_nearest_decile:.0%}", fontsize=8)
+        ax.set_title(
+            f"{title}\nSpearman ρ(|I|, dist), 10% most influential: {m.spearman_influential:+.2f}; "
+            f"Σ|I| on nearest 10%: {m.mass_nearest_decile:.0%}",
+            fontsize=8,
+        )
         ax.legend(fontsize=7, loc="upper right")
     axt = fig.add_subplot(gs[0, 4])
     axt.imshow(task.x_test[r.test_index].reshape(28, 28), cmap="gray_r", vmin=0, vmax=1)
@@ -161,7 +231,10 @@ def _figure(r: Any, task: Any, path: Path) -> Path:
             ax = fig.add_subplot(gs[1, col + j])
             ax.imshow(task.x_train[i].reshape(28, 28), cmap="gray_r", vmin=0, vmax=1)
             digit = a if task.y_train[i] > 0 else b
-            ax.set_title(f"{name}: helpful #{j + 1}\ntrain {i} (digit {digit}), −I = {-m.up_loss[i]:.3g}", fontsize=8)
+            ax.set_title(
+                f"{name}: helpful #{j + 1}\ntrain {i} (digit {digit}), −I = {-m.up_loss[i]:.3g}",
+                fontsize=8,
+            )
             ax.axis("off")
     fig.tight_layout()
     return save_figure(fig, path)
@@ -170,43 +243,91 @@ def _figure(r: Any, task: Any, path: Path) -> Path:
 def _report(r: Any, paper: dict[str, Any]) -> str:
     f, s = r.feature, r.rbf
     rows = [
-        ("training images", f"{r.n_train:,} ({r.digits[0]} vs {r.digits[1]})", f"{paper['n_train']:,} (dog vs fish)"),
-        ("test accuracy: features / RBF SVM", f"{f.test_accuracy:.3f} / {s.test_accuracy:.3f}", "— / —"),
-        ("Spearman ρ(abs(I_up,loss), distance), all points: features / RBF",
-         f"{f.spearman_abs_vs_distance:+.3f} / {s.spearman_abs_vs_distance:+.3f}", "—"),
-        ("… over the 10% most influential: features / RBF",
-         f"{f.spearman_influential:+.3f} / {s.spearman_influential:+.3f}", "RBF: falls with distance; Inception: much less"),
-        (f"… median over {r.n_tests} test images: features / RBF",
-         f"{f.median_spearman_influential:+.3f} / {s.median_spearman_influential:+.3f}", "—"),
-        ("share of Σ abs(I_up,loss) on the nearest 10% (pixels): features / RBF",
-         f"{f.mass_nearest_decile:.2f} / {s.mass_nearest_decile:.2f}", "RBF: far images have almost no influence"),
-        (f"… median over {r.n_tests} test images: features / RBF",
-         f"{f.median_mass_nearest_decile:.2f} / {s.median_mass_nearest_decile:.2f}", "—"),
-        ("helpful points with the other label (fraction): features / RBF",
-         f"{f.helpful_other_label_fraction:.2f} / {s.helpful_other_label_fraction:.2f}", "Inception: both classes help"),
-        ("other-label images among the 10 most helpful: features / RBF",
-         f"{f.top10_helpful_other_label} / {s.top10_helpful_other_label}", "Inception: the 5th most helpful is a dog"),
-        ("rank of the most helpful other-label image: features / RBF",
-         f"{f.first_other_label_helpful_rank} / {s.first_other_label_helpful_rank}", "Inception: 5"),
-        ("100 nearest same-label images that help / other-label that hurt: RBF",
-         f"{s.near_same_helpful:.2f} / {s.near_other_harmful:.2f}", "\"mostly\" / \"mostly\""),
-        ("… the same for the feature model", f"{f.near_same_helpful:.2f} / {f.near_other_harmful:.2f}", "—"),
+        (
+            "training images",
+            f"{r.n_train:,} ({r.digits[0]} vs {r.digits[1]})",
+            f"{paper['n_train']:,} (dog vs fish)",
+        ),
+        (
+            "test accuracy: features / RBF SVM",
+            f"{f.test_accuracy:.3f} / {s.test_accuracy:.3f}",
+            "— / —",
+        ),
+        (
+            "Spearman ρ(abs(I_up,loss), distance), all points: features / RBF",
+            f"{f.spearman_abs_vs_distance:+.3f} / {s.spearman_abs_vs_distance:+.3f}",
+            "—",
+        ),
+        (
+            "… over the 10% most influential: features / RBF",
+            f"{f.spearman_influential:+.3f} / {s.spearman_influential:+.3f}",
+            "RBF: falls with distance; Inception: much less",
+        ),
+        (
+            f"… median over {r.n_tests} test images: features / RBF",
+            f"{f.median_spearman_influential:+.3f} / {s.median_spearman_influential:+.3f}",
+            "—",
+        ),
+        (
+            "share of Σ abs(I_up,loss) on the nearest 10% (pixels): features / RBF",
+            f"{f.mass_nearest_decile:.2f} / {s.mass_nearest_decile:.2f}",
+            "RBF: far images have almost no influence",
+        ),
+        (
+            f"… median over {r.n_tests} test images: features / RBF",
+            f"{f.median_mass_nearest_decile:.2f} / {s.median_mass_nearest_decile:.2f}",
+            "—",
+        ),
+        (
+            "helpful points with the other label (fraction): features / RBF",
+            f"{f.helpful_other_label_fraction:.2f} / {s.helpful_other_label_fraction:.2f}",
+            "Inception: both classes help",
+        ),
+        (
+            "other-label images among the 10 most helpful: features / RBF",
+            f"{f.top10_helpful_other_label} / {s.top10_helpful_other_label}",
+            "Inception: the 5th most helpful is a dog",
+        ),
+        (
+            "rank of the most helpful other-label image: features / RBF",
+            f"{f.first_other_label_helpful_rank} / {s.first_other_label_helpful_rank}",
+            "Inception: 5",
+        ),
+        (
+            "100 nearest same-label images that help / other-label that hurt: RBF",
+            f"{s.near_same_helpful:.2f} / {s.near_other_harmful:.2f}",
+            '"mostly" / "mostly"',
+        ),
+        (
+            "… the same for the feature model",
+            f"{f.near_same_helpful:.2f} / {f.near_other_harmful:.2f}",
+            "—",
+        ),
     ]
-    return "\n".join([
-        "# Two models, one test image (Koh & Liang 2017, §5.1, Fig. 4)",
-        "",
-        f"Stand-in for Inception v3 on dog vs fish: a small CNN trained here on {r.cnn['n_images']:,} 10-class "
-        f"MNIST images ({r.cnn['epochs']} epochs, 10-class test accuracy {r.cnn['test_accuracy_10class']:.4f}), "
-        f"frozen; logistic regression on its {r.cnn['n_features']} features (θ = the top layer only). RBF SVM on "
-        f"raw pixels, γ = {r.rbf_gamma:.4g} (= {r.rbf_gamma_scale:g} / median squared distance), SmoothHinge "
-        f"t = 0.001. Test image {r.test_index} (label {r.test_label:+d}); scores: features {f.test_score:+.3f}, "
-        f"RBF {s.test_score:+.3f}.",
-        "",
-        markdown_table(("quantity", "ours", "paper"), rows),
-        "",
-        "The paper gives no numbers for Fig. 4, only the shapes described in the last column.",
-        "",
-        "Figure: `compare_models.png` (top: −I_up,loss against squared pixel distance, green = same label as the "
-        "test image; bottom: the two most helpful training images of each model).",
-        "",
-    ])
+    return "\n".join(
+        [
+            "# Two models, one test image (Koh & Liang 2017, §5.1, Fig. 4)",
+            "",
+            (
+                "Stand-in for Inception v3 on dog vs fish: a small CNN trained here on"
+                f" {r.cnn['n_images']:,} 10-class MNIST images ({r.cnn['epochs']} epochs, 10-class"
+                f" test accuracy {r.cnn['test_accuracy_10class']:.4f}), frozen; logistic regression"
+                f" on its {r.cnn['n_features']} features (θ = the top layer only). RBF SVM on raw"
+                f" pixels, γ = {r.rbf_gamma:.4g} (= {r.rbf_gamma_scale:g} / median squared"
+                f" distance), SmoothHinge t = 0.001. Test image {r.test_index} (label"
+                f" {r.test_label:+d}); scores: features {f.test_score:+.3f}, RBF"
+                f" {s.test_score:+.3f}."
+            ),
+            "",
+            markdown_table(("quantity", "ours", "paper"), rows),
+            "",
+            "The paper gives no numbers for Fig. 4, only the shapes described in the last column.",
+            "",
+            (
+                "Figure: `compare_models.png` (top: −I_up,loss against squared pixel distance,"
+                " green = same label as the test image; bottom: the two most helpful training"
+                " images of each model)."
+            ),
+            "",
+        ]
+    )
