@@ -8,6 +8,7 @@ VENV_BENCH  := .venv-bench
 BENCH_STAMP := $(VENV_BENCH)/.installed
 
 .PHONY: demo test docs docs-check gpu-check example-transformers bench bench-solvers bench-hvp bench-hvp-batch bench-batch-budget bench-embedding bench-floor-bound bench-threads bench-peers bench-peers-check bench-peers-w1 bench-peers-w2 bench-peers-w2-full bench-peers-w3-mlp bench-peers-w3-cnn bench-peers-w3-full bench-peers-w5 bench-peers-w5-k100 lint clean
+.PHONY: bench-peers-w4 bench-peers-w4-full
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -113,6 +114,26 @@ bench-peers-w3-full: $(BENCH_STAMP)
 	  --methods uw-cg-1e-3,uw-bcg-1e-3,uw-pcg-nystrom-1e-3,uw-pbcg-nystrom-1e-3,uw-kfac,pydvl-cg-block,pydvl-ekfac,kron-kfac,dattri-cg-10
 	$(PEERS) --workloads W3-cnn:1000 $(W3_FULL) --damping 0.01 --ref-precond-rank 100 \
 	  --methods uw-bcg-1e-3,uw-pbcg-nystrom-1e-3,uw-kfac,uw-ekfac,pydvl-cg-block,kron-kfac,kron-ekfac,dattri-cg-10
+
+# W4: ResNet-18 on MNIST (n = 2,000, every parameter, Gauss–Newton curvature, δ = 0.01, θ̂ by 300
+# SGD steps). Its float64 GGN block-CG reference does not fit at full width on 2 cores
+# (bench-peers-w4-full measures one float64 GGN product and writes the reference's cost into its
+# section), so there are two runs. bench-peers-w4: the same network at width 8 (widths
+# 8-16-32-64) with the reference (block CG to rtol 1e-6, at most 150 iterations) and the accuracy
+# table; most of its time is the reference, kept in bench/.cache. bench-peers-w4-full: ResNet-18
+# itself, time and peak memory of upweight's K-FAC/EK-FAC and kronfluence's K-FAC/EK-FAC, no
+# reference (each row's agreement with kronfluence's EK-FAC instead, labelled as such).
+# Neither is part of `make bench-peers`: each takes tens of minutes on 2 cores.
+W4 := --timeout 900 --setup-threads 1 --cache bench/.cache
+W4_FULL_EXACT := uw-kfac-unchecked,uw-ekfac-unchecked
+W4_FULL_SAMPLED := uw-kfac-sampled-unchecked,uw-ekfac-sampled-unchecked
+W4_FULL_METHODS := $(W4_FULL_EXACT),$(W4_FULL_SAMPLED),kron-kfac,kron-ekfac
+bench-peers-w4: $(BENCH_STAMP)
+	$(PEERS) --workloads W4:2000 --w4-width 8 --n-test 10 --w4-ref-rtol 1e-6 --ref-maxiter 150 $(W4)
+
+bench-peers-w4-full: $(BENCH_STAMP)
+	$(PEERS) --workloads W4:2000 --n-test 10 --no-reference --ref-max-seconds 1800 $(W4) \
+	  --methods $(W4_FULL_METHODS)
 
 # W5: a 2-layer BERT-style classifier on Enron spam/ham (n = 1,000, every parameter, Gauss–Newton curvature,
 # δ = 0.01): upweight's K-FAC/EK-FAC/GGN block CG against kronfluence's K-FAC/EK-FAC. Set-up on one thread

@@ -78,7 +78,16 @@ import torch
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path.insert(0, str(HERE))
-from methods import NO_TRANSFORMER, Method, Problem, all_methods, build_model  # noqa: E402
+from methods import (  # noqa: E402
+    NO_RESNET,
+    NO_TRANSFORMER,
+    W4_COVERS,
+    W4_METHODS,
+    Method,
+    Problem,
+    all_methods,
+    build_model,
+)
 
 sys.path.insert(0, str(REPO / "bench"))
 from _sections import embed_json, read_sections, replace_section, section_json  # noqa: E402
@@ -108,6 +117,10 @@ W3_DEFAULT_N = {"mlp": 5000, "cnn": 10000}
 #: W5: default n_train, tokens per sequence ([CLS] + words, truncated, padded), vocabulary cap,
 #: damping δ
 W5_DEFAULT_N, W5_TOKENS, W5_VOCAB, W5_DAMPING = 1000, 32, 3000, 1e-2
+#: W4: default n_train, ResNet width (64 = ResNet-18 itself), damping δ of the Gauss–Newton matrix;
+#: θ̂ by SGD (steps, batch, learning rate, momentum)
+W4_DEFAULT_N, W4_WIDTH, W4_DAMPING = 2000, 64, 1e-2
+W4_STEPS, W4_BATCH, W4_LR, W4_MOMENTUM = 300, 64, 0.05, 0.9
 #: W5's model: BertConfig fields (vocab_size is the vocabulary built from the training split)
 W5_CONFIG = {
     "hidden_size": 64,
@@ -141,6 +154,7 @@ class Workload:
     mask_t: np.ndarray | None = None
     config: str = ""  # W5: the BertConfig as JSON
     mask_te_all: np.ndarray | None = None  # W5: attention masks of Xte_all
+    width: int = 64  # W4: the ResNet's base width
 
     def __post_init__(self) -> None:
         """Queries of another K on the same data get their own section: ":K<k>" in the key and the
@@ -217,12 +231,47 @@ def _enron(args: argparse.Namespace, n: int, k: int) -> Workload:
     return wl
 
 
+def _mnist_resnet(args: argparse.Namespace, n: int, k: int) -> Workload:
+    """W4: ResNet-18 (``--w4-width``) on MNIST, Koh & Liang's split as W2/W3 (train = official
+    train rows 5,000.., the first n; test = the first K of the official test set); key ``W4:<n>``,
+    or ``W4-w<width>:<n>`` at another width than ResNet-18's 64."""
+    path, xtr, ytr, xte, yte = _mnist(args)
+    X = xtr[5000 : 5000 + n].reshape(-1, 784).astype(np.float64) / 255.0
+    w = args.w4_width
+    key = f"W4:{len(X)}" if w == 64 else f"W4-w{w}:{len(X)}"
+    what = (
+        "ResNet-18" if w == 64 else f"ResNet-18 at width {w} (widths {w}-{2 * w}-{4 * w}-{8 * w})"
+    )
+    wl = Workload(
+        key,
+        f"W4 — MNIST, {what}, every parameter, n = {len(X):,}",
+        f"{path}; train = official train rows 5000..{5000 + len(X) - 1} (Koh & Liang "
+        f"split, first {len(X):,}), /255, 1 channel 28 × 28; test = first K of the "
+        "official test set",
+        X,
+        ytr[5000 : 5000 + n].astype(np.int64),
+        xte[:k].reshape(-1, 784).astype(np.float64) / 255.0,
+        yte[:k].astype(np.int64),
+        "resnet",
+        width=w,
+    )
+    wl.Xte_all, wl.yte_all = xte.reshape(-1, 784).astype(np.float64) / 255.0, yte.astype(np.int64)
+    return wl
+
+
 def load_workload(spec: str, args: argparse.Namespace) -> Workload:
     name, _, n_txt = spec.partition(":")
-    name = {"digits": "W1", "mnist": "W2", "mlp": "W3-MLP", "cnn": "W3-CNN", "enron": "W5"}.get(
-        name.lower(), name.upper()
-    )
+    name = {
+        "digits": "W1",
+        "mnist": "W2",
+        "mlp": "W3-MLP",
+        "cnn": "W3-CNN",
+        "enron": "W5",
+        "resnet": "W4",
+    }.get(name.lower(), name.upper())
     k = args.n_test
+    if name == "W4":
+        return _mnist_resnet(args, int(n_txt) if n_txt else W4_DEFAULT_N, k)
     if name == "W5":
         return _enron(args, int(n_txt) if n_txt else W5_DEFAULT_N, k)
     if name == "W1":
@@ -267,7 +316,9 @@ def load_workload(spec: str, args: argparse.Namespace) -> Workload:
                 yte.astype(np.int64),
             )
         return wl
-    raise SystemExit(f"unknown workload {spec!r}: use W1, W2[:n], W3-mlp[:n], W3-cnn[:n] or W5[:n]")
+    raise SystemExit(
+        f"unknown workload {spec!r}: use W1, W2[:n], W3-mlp[:n], W3-cnn[:n], W4[:n] or W5[:n]"
+    )
 
 
 # ── training and the closed-form reference ───────────────────────────────────────────────
@@ -570,29 +621,148 @@ def train_transformer(wl: Workload, args: argparse.Namespace) -> dict[str, torch
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+def train_resnet(wl: Workload, args: argparse.Namespace) -> dict[str, torch.Tensor]:
+    """W4's θ̂ in float32, the issue's protocol: random initialisation (seed 0), ``W4_STEPS``
+    steps of SGD (momentum, no weight decay) on minibatches of ``W4_BATCH`` of the n training
+    images, BatchNorm in training mode; then eval mode (BatchNorm on its running statistics) for
+    influence. Not timed; not a minimum (influence is taken with the damped Gauss–Newton matrix,
+    as on W5)."""
+    torch.manual_seed(0)
+    model = build_model("resnet", width=wl.width)
+    X, y = torch.as_tensor(wl.X, dtype=torch.float32), torch.from_numpy(wl.y)
+    opt = torch.optim.SGD(model.parameters(), lr=W4_LR, momentum=W4_MOMENTUM)
+    gen = torch.Generator().manual_seed(0)
+    t0 = time.perf_counter()
+    model.train()
+    step = 0
+    while step < W4_STEPS:
+        for idx in torch.randperm(len(y), generator=gen).split(W4_BATCH):
+            if step == W4_STEPS:
+                break
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(X[idx]), y[idx]).backward()
+            opt.step()
+            step += 1
+    model.eval()
+    secs = time.perf_counter() - t0
+    assert wl.Xte_all is not None and wl.yte_all is not None
+    with torch.no_grad():
+        logits = torch.cat([model(X[i : i + 500]) for i in range(0, len(X), 500)])
+        loss = float(torch.nn.functional.cross_entropy(logits, y))
+        acc_tr = float((logits.argmax(1) == y).double().mean())
+        Xte = torch.as_tensor(wl.Xte_all, dtype=torch.float32)
+        pred = torch.cat([model(Xte[i : i + 500]).argmax(1) for i in range(0, len(Xte), 500)])
+        acc_te = float((pred == torch.from_numpy(wl.yte_all)).double().mean())
+    p = sum(t.numel() for t in model.parameters())
+    wl.info["training (not counted)"] = (
+        f"float32, seed 0: SGD (lr {W4_LR:g}, momentum {W4_MOMENTUM:g}, no weight decay, batch "
+        f"{W4_BATCH}, BatchNorm in training mode) {W4_STEPS} steps, {secs:.0f} s; then eval mode. "
+        f"Training loss {loss:.4f} (eval mode), accuracy train {acc_tr:.4f} / test {acc_te:.4f} "
+        f"(official test set, 10,000); p = {p:,}"
+    )
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _ggn_problem(
+    wl: Workload, sd: dict[str, torch.Tensor], dtype: torch.dtype
+) -> tuple[torch.nn.Module, Any, Any]:
+    """W4/W5: the model at θ̂ in ``dtype`` (eval mode) and the train and test batches."""
+    if wl.arch == "bert":
+        model = build_model("bert", config=wl.config)
+        train = (_bert_inputs(wl.X, wl.mask), torch.from_numpy(wl.y))
+        test = (_bert_inputs(wl.Xt, wl.mask_t), torch.from_numpy(wl.yt))
+    else:
+        model = build_model("resnet", width=wl.width)
+        train = (torch.as_tensor(wl.X, dtype=dtype), torch.from_numpy(wl.y))
+        test = (torch.as_tensor(wl.Xt, dtype=dtype), torch.from_numpy(wl.yt))
+    model = model.to(dtype)
+    model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()})
+    return model.eval(), train, test
+
+
+def _ggn_damping(wl: Workload, args: argparse.Namespace) -> float:
+    if args.damping is not None:
+        return args.damping
+    return W5_DAMPING if wl.arch == "bert" else W4_DAMPING
+
+
+def _ref_rtol(wl: Workload, args: argparse.Namespace) -> float:
+    return args.w5_ref_rtol if wl.arch == "bert" else args.w4_ref_rtol
+
+
+def _ggn_curvature(wl: Workload, damping: float) -> str:
+    """The curvature line of W4's and W5's header."""
+    covers = "its K-FAC/EK-FAC approximate the same G (true Fisher, labels sampled from the model)"
+    if wl.arch == "resnet":
+        covers += (
+            " on the Conv2d and Linear layers only — the BatchNorm scales and shifts are "
+            "left out of its scores; upweight's K-FAC/EK-FAC factor the Conv2d/Linear "
+            "layers and give each BatchNorm its exact dense GGN block"
+        )
+    return (
+        "the generalised Gauss–Newton matrix G = (1/n) Σᵢ Jᵢᵀ∇²_zL Jᵢ (PSD) + damping δ = "
+        f"{damping:g}, no L2 — for every method and the reference (upweight: "
+        "`Influence(curvature='gauss-newton', damping=δ)`; kronfluence: "
+        f"`damping_factor=δ`, {covers})"
+    )
+
+
+def reference_cost(wl: Workload, sd: dict[str, torch.Tensor], args: argparse.Namespace) -> None:
+    """W4 without a reference: what the float64 GGN block-CG reference would cost here — one
+    float64 GGN product of one vector over the training set (upweight's, as the reference's CG
+    takes them), timed, and the cost of one block-CG iteration at K right-hand sides (K such
+    products) against ``--ref-max-seconds``."""
+    import upweight as uw
+
+    model, train, _ = _ggn_problem(wl, sd, torch.float64)
+    obj = uw.Objective(model, "cross_entropy", l2=0.0)
+    inf = uw.Influence(
+        obj,
+        solver=uw.CG(),
+        curvature="gauss-newton",
+        damping=_ggn_damping(wl, args),
+        grad_tol=1e9,
+        progress=False,
+    )
+    inf.fit(train)
+    V = torch.randn(1, obj.p, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    t0 = time.perf_counter()
+    inf.curvature_.matvec(V)
+    t = time.perf_counter() - t0
+    k = len(wl.yt)
+    fits = int(args.ref_max_seconds // (k * t))
+    wl.info["reference"] = (
+        "none (--no-reference). Measured here: one float64 Gauss–Newton product of one vector "
+        f"over the {len(wl.y):,} training images (upweight's, as its CG reference takes them; "
+        f"{torch.get_num_threads()} thread(s)) takes {t:.0f} s, so one block-CG iteration at "
+        f"K = {k} takes ≈ {k * t:.0f} s and the reference's time cap of {args.ref_max_seconds:g} s "
+        f"holds {fits} iteration(s) — against the tens to hundreds a damped-GGN CG needs (the "
+        "width-8 W4 section gives the count measured there). No accuracy is measured at this "
+        f"size: the rows are compared with {AGREE_WITH}'s scores (agreement, not accuracy)"
+    )
+    log(f"  {wl.info['reference']}")
+
+
 def transformer_reference(
     wl: Workload, sd: dict[str, torch.Tensor], args: argparse.Namespace
 ) -> tuple[np.ndarray, float]:
-    """W5's reference I_up,loss (K, n) = −∇L_testᵀ(G + δI)⁻¹∇L(zᵢ) with G the Gauss–Newton matrix
-    (the curvature every W5 method approximates): upweight's CG on the float64 copy of θ̂, tight
-    rtol."""
+    """W4's and W5's reference I_up,loss (K, n) = −∇L_testᵀ(G + δI)⁻¹∇L(zᵢ) with G the
+    Gauss–Newton matrix (the curvature every W4/W5 method approximates): upweight's CG on the
+    float64 copy of θ̂, tight rtol."""
     import upweight as uw
 
-    damping = W5_DAMPING if args.damping is None else args.damping
-    model = build_model("bert", config=wl.config).double()
-    model.load_state_dict({k: v.double() if v.is_floating_point() else v for k, v in sd.items()})
-    model.eval()
-    train = (_bert_inputs(wl.X, wl.mask), torch.from_numpy(wl.y))
-    test = (_bert_inputs(wl.Xt, wl.mask_t), torch.from_numpy(wl.yt))
+    damping = _ggn_damping(wl, args)
+    rtol = _ref_rtol(wl, args)
+    model, train, test = _ggn_problem(wl, sd, torch.float64)
     obj = uw.Objective(model, "cross_entropy", l2=0.0)
     t0 = time.perf_counter()
     inf = uw.Influence(
         obj,
-        solver=uw.CG(rtol=args.w5_ref_rtol, maxiter=args.ref_maxiter),
+        solver=uw.CG(rtol=rtol, maxiter=args.ref_maxiter),
         curvature="gauss-newton",
         damping=damping,
         grad_tol=1e9,
-        progress=False,
+        progress=wl.arch == "resnet",
         on_inaccurate="warn",
     )
     inf.fit(train)
@@ -600,14 +770,9 @@ def transformer_reference(
     t_ref = time.perf_counter() - t0
     prov = scores.provenance
     wl.info["training (not counted)"] += f"; ‖∇R(θ̂)‖₂ = {inf.grad_norm_:.1e} (float64)"
-    wl.info["curvature"] = (
-        "the generalised Gauss–Newton matrix G = (1/n) Σᵢ Jᵢᵀ∇²_zL Jᵢ (PSD) + damping δ ="
-        f" {damping:g}, no L2 — for every method and the reference (upweight:"
-        " `Influence(curvature='gauss-newton', damping=δ)`; kronfluence: `damping_factor=δ`, its"
-        " K-FAC/EK-FAC approximate the same G (true Fisher, labels sampled from the model))"
-    )
+    wl.info["curvature"] = _ggn_curvature(wl, damping)
     wl.info["reference"] = (
-        f"upweight `CG(rtol={args.w5_ref_rtol:g})` (block CG, {len(wl.yt)} right-hand sides),"
+        f"upweight `CG(rtol={rtol:g})` (block CG, {len(wl.yt)} right-hand sides),"
         f" `curvature='gauss-newton'`, on the float64 copy of θ̂ (all {obj.p:,} parameters):"
         f" {prov.get('iterations')} iterations, final relative residual ‖(G + δI)x −"
         f" ∇L_test‖/‖∇L_test‖ = {float(prov.get('residual_max') or float('nan')):.1e} max;"
@@ -861,7 +1026,8 @@ def time_pass(state: dict, repeats: int = 3) -> list[float]:
 
     def once() -> None:
         pb.model.zero_grad(set_to_none=True)
-        torch.nn.functional.cross_entropy(pb.model(**pb.X).logits, pb.y, reduction="sum").backward()
+        out = pb.model(**pb.X).logits if isinstance(pb.X, dict) else pb.model(pb.X)
+        torch.nn.functional.cross_entropy(out, pb.y, reduction="sum").backward()
 
     once()
     times = []
@@ -873,6 +1039,22 @@ def time_pass(state: dict, repeats: int = 3) -> list[float]:
 
 
 def make_problem(state: dict, workdir: str) -> Problem:
+    if state["arch"] == "resnet":  # W4: every parameter, BatchNorm in eval mode, Gauss–Newton
+        model = build_model("resnet", width=int(state["width"]))
+        model.load_state_dict(state["params"])
+        model.eval()
+        return Problem(
+            model,
+            state["X"],
+            state["y"],
+            state["Xt"],
+            state["yt"],
+            float(state["l2"]),
+            workdir,
+            float(state["damping"]),
+            curvature="gauss-newton",
+            peer_batch=int(state["peer_batch"]),
+        )
     if state["arch"] == "bert":  # X, Xt: {"input_ids", "attention_mask"}
         model = build_model("bert", config=state["config"])
         model.load_state_dict(state["params"])
@@ -1002,6 +1184,7 @@ class Row:
     sign_ok: bool | None = None
     notes: list[str] = field(default_factory=list)
     warm_s: float = float("nan")
+    agree: tuple[float, float] | None = None  # W4, no reference: Spearman with AGREE_WITH
 
     @property
     def time_s(self) -> float:
@@ -1186,6 +1369,22 @@ def _network_setup_key(wl: Workload, args: argparse.Namespace) -> str:
                 sort_keys=True,
             ).encode()
         )
+    if wl.arch == "resnet":
+        h.update(
+            json.dumps(
+                {
+                    "width": wl.width,
+                    "steps": W4_STEPS,
+                    "batch": W4_BATCH,
+                    "lr": W4_LR,
+                    "momentum": W4_MOMENTUM,
+                    "rtol": args.w4_ref_rtol,
+                    "damping": _ggn_damping(wl, args),
+                    "reference": not args.no_reference,
+                },
+                sort_keys=True,
+            ).encode()
+        )
     h.update(
         json.dumps(
             {
@@ -1216,7 +1415,7 @@ def _network_setup_key(wl: Workload, args: argparse.Namespace) -> str:
 
 def network_setup(
     wl: Workload, args: argparse.Namespace
-) -> tuple[dict[str, torch.Tensor], np.ndarray, float]:
+) -> tuple[dict[str, torch.Tensor], np.ndarray | None, float]:
     """W3's θ̂, reference and damping — from ``--cache`` when it holds this set-up (same data, test
     points and training/reference settings), else computed and, with ``--cache``, kept there: the
     K = 100 reference is half an hour of CG, not worth repeating when only the timed part is rerun.
@@ -1235,6 +1434,7 @@ def network_setup(
                 got = torch.load(path, weights_only=True)
                 info, params, ref = json.loads(got["info_json"]), got["params"], got["ref"].numpy()
                 damping, date = float(got["damping"]), str(got["date"])
+                ref = None if ref.size == 0 else ref  # W4 --no-reference: θ̂ only
             except (
                 pickle.UnpicklingError,
                 RuntimeError,
@@ -1260,6 +1460,14 @@ def network_setup(
             params = train_transformer(wl, args)
             log("  trained; " + wl.info["training (not counted)"])
             ref, damping = transformer_reference(wl, params, args)
+        elif wl.arch == "resnet":
+            params = train_resnet(wl, args)
+            log("  trained; " + wl.info["training (not counted)"])
+            if args.no_reference:
+                ref, damping = None, _ggn_damping(wl, args)
+                reference_cost(wl, params, args)
+            else:
+                ref, damping = transformer_reference(wl, params, args)
         else:
             params = train_network(wl, args)
             log("  trained; " + wl.info["training (not counted)"])
@@ -1270,10 +1478,11 @@ def network_setup(
         path.parent.mkdir(parents=True, exist_ok=True)
         info = {k: v for k, v in wl.info.items() if before.get(k) != v}
         tmp = path.with_suffix(".tmp")
+        ref_t = torch.zeros(0) if ref is None else torch.from_numpy(np.ascontiguousarray(ref))
         torch.save(
             {
                 "params": params,
-                "ref": torch.from_numpy(np.ascontiguousarray(ref)),
+                "ref": ref_t,
                 "damping": float(damping),
                 "info_json": json.dumps(info),
                 "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -1286,7 +1495,9 @@ def network_setup(
 
 def run_workload(wl: Workload, methods: list[Method], args: argparse.Namespace) -> Result:
     n, d = wl.X.shape
-    p = sum(t.numel() for t in build_model(wl.arch, d, config=wl.config).parameters())
+    p = sum(
+        t.numel() for t in build_model(wl.arch, d, config=wl.config, width=wl.width).parameters()
+    )
     log(f"{wl.title}: n = {n:,}, d = {d}, p = {p:,}, K = {len(wl.Xt)}")
     damping = 0.0
     if wl.arch == "linear":
@@ -1311,6 +1522,31 @@ def run_workload(wl: Workload, methods: list[Method], args: argparse.Namespace) 
             "l2": 0.0,
             "damping": float(damping),
         }
+    elif wl.arch == "resnet":
+        wl.info["sizes"] = (
+            f"n_train = {n:,} images 1 × 28 × 28, classes = 10, p = {p:,} (every "
+            "parameter: Conv2d, BatchNorm scales and shifts, fc), no L2, damping "
+            f"δ = {damping:g}, K = {len(wl.Xt)} test points"
+        )
+        state = {
+            "arch": "resnet",
+            "width": wl.width,
+            "params": params,
+            "X": torch.from_numpy(wl.X).float(),
+            "y": torch.from_numpy(wl.y),
+            "Xt": torch.from_numpy(wl.Xt).float(),
+            "yt": torch.from_numpy(wl.yt),
+            "l2": 0.0,
+            "damping": float(damping),
+            "peer_batch": W4_BATCH,
+        }
+        wl.info["curvature"] = _ggn_curvature(wl, damping)
+        wl.info["batches"] = (
+            "kronfluence's per-device batch (factor and score passes): "
+            f"{W4_BATCH} images, the training batch (the benchmark's "
+            "per-sample-gradient budget would give it a few points at p = 11M); "
+            "upweight chooses its own"
+        )
     else:
         wl.info["sizes"] = (
             f"n_train = {n:,}, d = {d}, classes = 10, p = {p:,}, λ = {L2}"
@@ -1331,27 +1567,43 @@ def run_workload(wl: Workload, methods: list[Method], args: argparse.Namespace) 
         state_dir = args.keep or tmp
         os.makedirs(state_dir, exist_ok=True)
         torch.save(state, os.path.join(state_dir, "state.pt"))
-        floors = time_floor(state)
-        floor = float(np.median(floors))
-        wl.info["cost floor"] = (
-            f"one per-sample-gradient sweep, float32: {floor:.3f} s (median of "
-            f"{', '.join(f'{t:.3f}' for t in floors)} after a warm-up; upweight "
-            f"`iter_per_sample_grads`, {floor_chunks(state)})"
-        )
-        log(f"  floor {floor:.3f}s")
+        if wl.arch == "resnet":  # 4 per-sample-gradient sweeps of 11M parameters: one pass instead
+            floor = float("nan")
+            wl.info["cost floor"] = (
+                "not measured on W4 (a per-sample-gradient sweep of every "
+                "parameter, four times, on a shared machine); the unit of "
+                "cost here is the training pass below"
+            )
+        else:
+            floors = time_floor(state)
+            floor = float(np.median(floors))
+            wl.info["cost floor"] = (
+                f"one per-sample-gradient sweep, float32: {floor:.3f} s (median of "
+                f"{', '.join(f'{t:.3f}' for t in floors)} after a warm-up; upweight "
+                f"`iter_per_sample_grads`, {floor_chunks(state)})"
+            )
+            log(f"  floor {floor:.3f}s")
         pass_s = float("nan")
-        if wl.arch == "bert":
+        if wl.arch in ("bert", "resnet"):
             passes = time_pass(state)
             pass_s = float(np.median(passes))
+            what = "training sequences" if wl.arch == "bert" else "training images (one batch)"
+            each = ", ".join(f"{t:.3f}" for t in passes)
             wl.info["one training pass"] = (
-                f"one batched forward + backward pass of the summed loss over all {len(wl.y):,}"
-                f" training sequences, float32: {pass_s:.3f} s (median of"
-                f" {', '.join(f'{t:.3f}' for t in passes)} after a warm-up). EK-FAC needs at least"
-                " three passes over the data (factors, eigenvalue correction, scores), the first"
-                " two with one backward pass per output-Hessian factor"
+                f"one batched forward + backward pass of the summed loss over all {len(wl.y):,} "
+                f"{what}, float32: {pass_s:.3f} s (median of {each} after a warm-up). EK-FAC "
+                "needs at least three passes over the data (factors, eigenvalue correction, "
+                "scores), the first two with one backward pass per output-Hessian factor"
+                + (
+                    " (upweight's exact factors: one per class; kronfluence: one, with a sampled "
+                    "label)"
+                    if wl.arch == "resnet"
+                    else ""
+                )
             )
             log(f"  one pass {pass_s:.3f}s")
         rows = []
+        scored: dict[str, np.ndarray] = {}  # no reference: each method's signed scores
         # only the methods that run on it, and one line for each library without one
         if wl.arch == "bert":
             libs = {m.library for m in methods if m.transformer}
@@ -1364,6 +1616,15 @@ def run_workload(wl: Workload, methods: list[Method], args: argparse.Namespace) 
                 if lib not in libs and any(m.library == lib for m in methods)
             ]
             methods = [m for m in methods if m.transformer]
+        if wl.arch == "resnet":  # the methods that run on it; a line per library's others, with why
+            for lib, (keys, why) in NO_RESNET.items():
+                names = list(dict.fromkeys(m.name for m in methods if m.key in keys))
+                if names:
+                    none = Method(
+                        f"{lib}-none", lib, ", ".join(names), "–", -1, lambda pb: np.zeros(0)
+                    )
+                    rows.append(Row(none, status=f"not run: {why}"))
+            methods = [m for m in methods if m.key in W4_METHODS]
         for m in methods:
             why = m.skipped(p, wl.arch) or available(m)
             if why:
@@ -1371,15 +1632,46 @@ def run_workload(wl: Workload, methods: list[Method], args: argparse.Namespace) 
                 continue
             log(f"  {m.key} ...")
             row, values = run_method(m, state_dir, args)
-            if values is not None:
+            what = "upweight-cg" if m.key.startswith("uw-bcg") else m.library
+            if wl.arch == "resnet" and (cover := W4_COVERS.get(what)):
+                row.notes.insert(0, cover)
+            if values is not None and ref is not None:
                 score(row, values, ref)
+            elif values is not None:
+                scored[m.key] = m.sign * values
             log(
                 f"    {row.status}; wall {row.wall_s:.2f}s, warm {row.warm_s:.2f}s, peak"
                 f" {row.peak_mb:.0f} MB, Spearman {row.spearman:.4f} (min {row.spearman_min:.4f}),"
                 f" Pearson {row.pearson:.4f}"
             )
             rows.append(row)
+    if ref is None:
+        agreement(rows, scored, AGREE_WITH)
     return Result(wl, floor, rows, pass_s)
+
+
+#: W4 without a reference: each method's scores are compared with this row's (agreement only)
+AGREE_WITH = "kron-ekfac"
+
+
+def agreement(rows: list[Row], scored: dict[str, np.ndarray], key: str) -> None:
+    """Without a reference (W4 at full width): the Spearman correlation of each method's scores
+    with those of ``key`` (per test point, mean and min), as a row note — agreement between two
+    approximations, not accuracy; the accuracy columns stay empty."""
+    base = scored.get(key)
+    for r in rows:
+        v = scored.get(r.method.key)
+        if v is None or base is None or r.method.key == key:
+            continue
+        if v.shape != base.shape or not (np.all(np.isfinite(v)) and np.all(np.isfinite(base))):
+            continue
+        sp = [float(scipy.stats.spearmanr(a, b)[0]) for a, b in zip(v, base)]
+        r.agree = (float(np.mean(sp)), float(np.min(sp)))
+        r.notes.append(
+            "agreement (not accuracy: no reference at this size): Spearman with "
+            f"{key}'s scores {np.mean(sp):.4f} mean, {np.min(sp):.4f} min over the "
+            "test points"
+        )
 
 
 # ── report ───────────────────────────────────────────────────────────────────────────────
@@ -1511,6 +1803,7 @@ def row_data(r: Row) -> dict:
         "pearson": r.pearson,
         "sign_ok": r.sign_ok,
         "notes": r.notes,
+        **({"agree": list(r.agree)} if r.agree else {}),
     }
 
 
@@ -1704,6 +1997,8 @@ def render_summary(path: Path) -> str:
                 f" Spearman ≥ {ACCURATE}, {uw['name']} ({uw['settings']}), {uw['time_s']:.2f} s ="
                 f" {x:.1f}× the floor ({d['floor_s']:.3f} s).{why}"
             )
+    for d in (d for d in data if d["key"].startswith("W4")):
+        out.append(w4_target(d))
     for d in (d for d in data if d["key"].startswith("W5")):
         out.append(w5_target(d))
     out += ["", "### Fastest accurate method per library, per workload", ""]
@@ -1740,6 +2035,153 @@ def w5_target(d: dict) -> str:
     )
 
 
+#: upweight's rows that W4's target compares (its K-FAC/EK-FAC variants and its exact GGN block CG)
+W4_UW = (
+    "uw-kfac",
+    "uw-kfac-unchecked",
+    "uw-ekfac",
+    "uw-ekfac-unchecked",
+    "uw-kfac-sampled",
+    "uw-ekfac-sampled",
+    "uw-kfac-sampled-unchecked",
+    "uw-ekfac-sampled-unchecked",
+    "uw-bcg-1e-3",
+)
+
+
+def _x(speed: float) -> str:
+    return f"{speed:.2f}× faster" if speed >= 1 else f"{1 / speed:.2f}× slower"
+
+
+def w4_target(d: dict) -> str:
+    """W4's target: upweight's fastest method at least as accurate as kronfluence's EK-FAC (mean
+    and min Spearman) and faster end to end. Without a reference (full width): the speed half only,
+    with the agreement of upweight's EK-FAC with kronfluence's (not accuracy); then the one-pass
+    bound."""
+    rows = {r["key"]: r for r in d["rows"] if r["status"] == "ok"}
+    kron = rows.get("kron-ekfac")
+    head = f"- **W4: upweight's fastest method vs kronfluence EK-FAC** ({d['title']}): "
+    uws = [rows[k] for k in W4_UW if k in rows]
+    kfac = _w4_kfac(rows)
+    if kron is None:
+        late = [
+            r for r in d["rows"] if r["key"] == "kron-ekfac" and r["status"].startswith("timeout")
+        ]
+        if not late:
+            return head + "not measured (kronfluence's EK-FAC row is missing or failed)."
+        if not uws:
+            return head + f"kronfluence's EK-FAC {late[0]['status']}; no upweight row finished."
+        uw = min(uws, key=lambda r: r["time_s"])
+        ek = [
+            rows[k]
+            for k in (
+                "uw-ekfac",
+                "uw-ekfac-unchecked",
+                "uw-ekfac-sampled",
+                "uw-ekfac-sampled-unchecked",
+            )
+            if k in rows
+        ]
+        eks = "; ".join(f"{r['name']} ({r['settings']}) {r['time_s']:.0f} s" for r in ek)
+        return head + (
+            f"kronfluence's EK-FAC {late[0]['status']}, so it gave no scores (no agreement "
+            f"either); upweight's fastest row, {uw['name']} ({uw['settings']}), "
+            f"{uw['time_s']:.0f} s — **faster** than that"
+            + (f"; upweight's EK-FAC: {eks}" if eks else "")
+            + "."
+            + kfac
+            + _w4_bound(d, {**late[0], "time_s": late[0]["wall_s"]}).replace(
+                "kronfluence's EK-FAC took", "kronfluence's EK-FAC ran for more than"
+            )
+        )
+    if not uws:
+        return head + "not measured (no upweight row finished)."
+    ks, kmin = kron["spearman"], kron["spearman_min"]
+    if ks == ks:  # with a reference: the fastest upweight row at least as accurate
+        good = [r for r in uws if r["spearman"] >= ks and r["spearman_min"] >= kmin]
+        if not good:
+            b = max(uws, key=lambda r: r["spearman"])
+            return head + (
+                "accuracy **NOT met** — no upweight row reaches kronfluence's Spearman "
+                f"{ks:.4f} (min {kmin:.4f}); the best is {b['name']} ({b['settings']}) "
+                f"{b['spearman']:.4f} (min {b['spearman_min']:.4f})." + _w4_bound(d, kron)
+            )
+        uw = min(good, key=lambda r: r["time_s"])
+        speed = kron["time_s"] / uw["time_s"]
+        return head + (
+            f"**{'met' if speed > 1 else 'NOT met'}** — upweight {uw['name']} ({uw['settings']}) "
+            f"Spearman {uw['spearman']:.4f} (min {uw['spearman_min']:.4f}) vs kronfluence {ks:.4f} "
+            f"(min {kmin:.4f}); {uw['time_s']:.2f} s vs {kron['time_s']:.2f} s: upweight "
+            f"{_x(speed)}; peak memory {uw['peak_mb']:.0f} MB vs {kron['peak_mb']:.0f} MB."
+            + _w4_bound(d, kron)
+        )
+    uw = min(uws, key=lambda r: r["time_s"])
+    speed = kron["time_s"] / uw["time_s"]
+    ek = [
+        rows[k]
+        for k in (
+            "uw-ekfac",
+            "uw-ekfac-unchecked",
+            "uw-ekfac-sampled",
+            "uw-ekfac-sampled-unchecked",
+        )
+        if k in rows and rows[k].get("agree")
+    ]
+    agree = "; ".join(
+        f"{r['name']} ({r['settings']}) {r['agree'][0]:.4f} (min {r['agree'][1]:.4f})" for r in ek
+    )
+    return head + (
+        "no reference at this size, so accuracy is not measured; speed: upweight's fastest row, "
+        f"{uw['name']} ({uw['settings']}), {uw['time_s']:.2f} s vs kronfluence "
+        f"{kron['time_s']:.2f} s: **{'faster' if speed > 1 else 'NOT faster'}** ({_x(speed)}); "
+        f"peak memory {uw['peak_mb']:.0f} MB vs {kron['peak_mb']:.0f} MB."
+        + (
+            f" Agreement (Spearman with kronfluence EK-FAC's scores, not accuracy): {agree}."
+            if agree
+            else ""
+        )
+        + kfac
+        + _w4_bound(d, kron)
+    )
+
+
+def _w4_kfac(rows: dict[str, dict]) -> str:
+    """W4: upweight's K-FAC rows against kronfluence's K-FAC, time and peak memory."""
+    kk = rows.get("kron-kfac")
+    uk = [
+        rows[k]
+        for k in ("uw-kfac", "uw-kfac-unchecked", "uw-kfac-sampled", "uw-kfac-sampled-unchecked")
+        if k in rows
+    ]
+    if kk is None or not uk:
+        return ""
+    parts = [
+        f"{r['name']} ({r['settings']}) {r['time_s']:.0f} s, {r['peak_mb']:.0f} MB "
+        f"({_x(kk['time_s'] / r['time_s'])})"
+        for r in uk
+    ]
+    return (
+        f" K-FAC: kronfluence {kk['time_s']:.0f} s, {kk['peak_mb']:.0f} MB; upweight "
+        + "; ".join(parts)
+        + "."
+    )
+
+
+def _w4_bound(d: dict, kron: dict) -> str:
+    """The one-pass bound: any EK-FAC takes three passes over the data (one training pass each,
+    measured in the same run); kronfluence's EK-FAC time in such passes."""
+    p = d.get("pass_s")
+    if p is None or not p == p:
+        return ""
+    t = kron["time_s"]
+    return (
+        " Bound: one training pass (batched forward + backward of the loss over the training "
+        f"set) takes {p:.2f} s, so any EK-FAC takes ≥ 3 passes = {3 * p:.2f} s (more with "
+        f"several output-Hessian factors); kronfluence's EK-FAC took {t:.2f} s = "
+        f"{t / p:.1f} passes."
+    )
+
+
 def _w5_bound(d: dict, kron: dict) -> str:
     """Why ≥ 3× is out of reach where it is: 3× kronfluence's time against the cheapest EK-FAC,
     three passes over the data (one training pass each, measured in the same run)."""
@@ -1761,7 +2203,7 @@ def main(argv: list[str] | None = None) -> int:
         default="W1,W2",
         help=(
             "comma list of W1, W2[:n_train], W3-mlp[:n_train] (default n 5,000), W3-cnn[:n_train]"
-            f" (10,000), W5[:n_train] ({W5_DEFAULT_N:,})"
+            f" (10,000), W4[:n_train] ({W4_DEFAULT_N:,}), W5[:n_train] ({W5_DEFAULT_N:,})"
         ),
     )
     ap.add_argument(
@@ -1892,6 +2334,32 @@ def main(argv: list[str] | None = None) -> int:
             "precondition the CG reference by a randomized Nyström sketch of this rank (default 0:"
             " plain CG; the answer is the same, certified by its residual; fewer iterations on an"
             " ill-conditioned H)"
+        ),
+    )
+    w4 = ap.add_argument_group(
+        f"W4 (ResNet-18 on MNIST; --damping sets its δ too, default {W4_DAMPING:g})"
+    )
+    w4.add_argument(
+        "--w4-width",
+        type=int,
+        default=W4_WIDTH,
+        help=(
+            "base width of W4's ResNet (default 64 = ResNet-18; e.g. 8: same depth, "
+            "widths 8-16-32-64)"
+        ),
+    )
+    w4.add_argument(
+        "--w4-ref-rtol",
+        type=float,
+        default=1e-8,
+        help="rtol of W4's float64 Gauss–Newton CG reference (default 1e-8)",
+    )
+    w4.add_argument(
+        "--no-reference",
+        action="store_true",
+        help=(
+            "W4: no reference (too costly at full width): time and memory only, and "
+            f"each method's agreement with {AGREE_WITH}'s scores"
         ),
     )
     w5 = ap.add_argument_group(

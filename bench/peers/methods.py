@@ -44,13 +44,83 @@ class _Flat(torch.nn.Module):
         return x.reshape(-1, 1, 28, 28)
 
 
-def build_model(arch: str, d: int = 784, classes: int = 10, config: str = "") -> torch.nn.Module:
+class BasicBlock(torch.nn.Module):
+    """ResNet's basic block (He et al. 2016; torchvision's ``BasicBlock``): two 3 × 3
+    convolutions with BatchNorm, ReLU, and the identity shortcut — or a 1 × 1 stride-s
+    convolution + BatchNorm where the shape changes."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        nn = torch.nn
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU()
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+
+class ResNet18(torch.nn.Module):
+    """ResNet-18 as torchvision builds it (``resnet18``: 7 × 7 stride-2 stem + BatchNorm + ReLU
+    + 3 × 3 stride-2 max-pool, BasicBlock × [2, 2, 2, 2] of widths w·(1, 2, 4, 8), strides 1, 2,
+    2, 2, global average pool, fc), on ``channels`` input channels (flat rows of 28 × 28 pixels
+    in, as the other models take them); ``width`` w = 64 is the real ResNet-18 (p = 11,175,370
+    for 1 channel, 10 classes). Initialised as torchvision does: convolutions Kaiming-normal
+    (fan_out, ReLU), BatchNorm scales 1 and shifts 0, fc PyTorch's default."""
+
+    def __init__(
+        self, width: int = 64, classes: int = 10, channels: int = 1, side: int = 28
+    ) -> None:
+        super().__init__()
+        nn = torch.nn
+        self.channels, self.side = channels, side
+        self.conv1 = nn.Conv2d(channels, width, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU()
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        layers, cin = [], width
+        for i, stride in enumerate((1, 2, 2, 2)):
+            cout = width * 2**i
+            layers.append(nn.Sequential(BasicBlock(cin, cout, stride), BasicBlock(cout, cout, 1)))
+            cin = cout
+        self.layer1, self.layer2, self.layer3, self.layer4 = layers
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(cin, classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.reshape(-1, self.channels, self.side, self.side)
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+def build_model(
+    arch: str, d: int = 784, classes: int = 10, config: str = "", width: int = 64
+) -> torch.nn.Module:
     """The benchmark's models (float32, eval mode; parameters as initialised by torch):
 
     * ``linear``: ``nn.Linear(d, classes)`` (W1, W2; p = (d + 1)·classes);
     * ``mlp``: 784 → 1024 → 256 → 10 with tanh (W3; p = 1,068,810);
     * ``cnn``: Conv2d(1, 16, 5) → tanh → AvgPool 2 → Conv2d(16, 32, 5) → tanh → AvgPool 2 →
       Linear(512, 64) → tanh → Linear(64, 10) (W3; p = 46,730);
+    * ``resnet``: ``ResNet18(width)`` on 1-channel 28 × 28 images (W4; every parameter, BatchNorm in
+      eval mode; p = 11,175,370 at width 64; ReLU and max-pooling: W4 uses the Gauss–Newton matrix,
+      which needs only the network's Jacobian);
     * ``bert``: ``transformers.BertForSequenceClassification`` from the JSON ``config`` (W5), with
       eager attention (PyTorch's fused attention kernel has no forward-mode derivative, which
       Gauss–Newton products need; the config's JSON does not keep the choice, so it is set here).
@@ -80,6 +150,8 @@ def build_model(arch: str, d: int = 784, classes: int = 10, config: str = "") ->
             nn.Tanh(),
             nn.Linear(64, classes),
         )
+    elif arch == "resnet":
+        model = ResNet18(width, classes)
     elif arch == "bert":
         import json
 
@@ -88,7 +160,7 @@ def build_model(arch: str, d: int = 784, classes: int = 10, config: str = "") ->
         cfg = transformers.BertConfig.from_dict(json.loads(config), attn_implementation="eager")
         model = transformers.BertForSequenceClassification(cfg)
     else:
-        raise ValueError(f"unknown architecture {arch!r}: use linear, mlp, cnn or bert")
+        raise ValueError(f"unknown architecture {arch!r}: use linear, mlp, cnn, resnet or bert")
     return model.float().eval()
 
 
@@ -107,7 +179,8 @@ class Problem:
     l2: float
     workdir: str
     damping: float = 0.0
-    curvature: str = "hessian"  # upweight's Influence(curvature=…): "gauss-newton" on W5
+    curvature: str = "hessian"  # upweight's Influence(curvature=…): "gauss-newton" on W4, W5
+    peer_batch: int = 0  # W4: kronfluence's per-device batch (factor, score passes); 0: grad_batch
 
     @property
     def n(self) -> int:
@@ -325,6 +398,35 @@ def upweight_methods() -> list[Method]:
                 req,
                 transformer=True,
             ),
+        ]
+        import dataclasses
+
+        # Monte-Carlo output-Hessian factors, where this checkout has them
+        if "output_factors" in {f.name for f in dataclasses.fields(KFAC)}:
+            for key, cls in (("kfac", KFAC), ("ekfac", EKFAC)):
+                out += [
+                    Method(
+                        f"uw-{key}-sampled",
+                        "upweight",
+                        cls.__name__,
+                        "output_factors='sampled'",
+                        1,
+                        _uw(lambda cls=cls: cls(output_factors="sampled")),
+                        req,
+                        transformer=True,
+                    ),
+                    Method(
+                        f"uw-{key}-sampled-unchecked",
+                        "upweight",
+                        cls.__name__,
+                        "output_factors='sampled', residual_sample=0",
+                        1,
+                        _uw(lambda cls=cls: cls(output_factors="sampled", residual_sample=0)),
+                        req,
+                        transformer=True,
+                    ),
+                ]
+        out += [
             Method(
                 "uw-pcg-kfac-1e-3",
                 "upweight",
@@ -756,10 +858,12 @@ def _kronfluence(strategy: str) -> Callable[[Problem], np.ndarray]:
             output_dir=os.path.join(pb.workdir, "kronfluence"),
             log_level=logging.WARNING,
         )
+        # W4 (p = 11M at full width: grad_batch would be 6 points): the training batch, 64
+        batch = pb.peer_batch or pb.grad_batch
         an.fit_all_factors(
             factors_name=strategy,
             dataset=train,
-            per_device_batch_size=pb.grad_batch,
+            per_device_batch_size=batch,
             factor_args=FactorArguments(strategy=strategy),
             overwrite_output_dir=True,
         )
@@ -769,7 +873,7 @@ def _kronfluence(strategy: str) -> Callable[[Problem], np.ndarray]:
             query_dataset=test,
             train_dataset=train,
             per_device_query_batch_size=pb.k,
-            per_device_train_batch_size=pb.grad_batch,
+            per_device_train_batch_size=batch,
             score_args=ScoreArguments(damping_factor=pb.reg),
             overwrite_output_dir=True,
         )
@@ -941,6 +1045,76 @@ NO_TRANSFORMER = {
         "its attributors move each batch to the device as `tuple(data.to(device) for data in"
         " batch)`, which fails on a dict batch (no .to on dict); its EK-FAC hooks nn.Linear layers"
         " only"
+    ),
+}
+
+
+#: The methods run on W4 (ResNet-18, every parameter, Gauss–Newton curvature): upweight's exact
+#: GGN block CG and K-FAC/EK-FAC, kronfluence's K-FAC/EK-FAC; pyDVL's and dattri's EK-FAC run to
+#: show what they do with it.
+W4_METHODS = (
+    "uw-bcg-1e-3",
+    "uw-kfac",
+    "uw-ekfac",
+    "uw-kfac-unchecked",
+    "uw-ekfac-unchecked",
+    "uw-kfac-sampled",
+    "uw-ekfac-sampled",
+    "uw-kfac-sampled-unchecked",
+    "uw-ekfac-sampled-unchecked",
+    "kron-kfac",
+    "kron-ekfac",
+    "pydvl-ekfac",
+    "dattri-ekfac",
+)
+_NO_GGN = "no Gauss–Newton curvature, which W4's reference and every other row use: "
+#: Why a peer library's other methods have no run on W4 (one row per library, naming them) —
+#: checked against the installed releases' code.
+NO_RESNET = {
+    "pyDVL": (
+        (
+            "pydvl-direct",
+            "pydvl-cg-block",
+            "pydvl-cg",
+            "pydvl-lissa",
+            "pydvl-arnoldi-10",
+            "pydvl-arnoldi-100",
+            "pydvl-nystroem",
+            "pydvl-kfac",
+        ),
+        _NO_GGN + "its SecondOrderMode.HESSIAN is the Hessian of the loss, and its "
+        "SecondOrderMode.GAUSS_NEWTON is the empirical Fisher (1/|b|) Σ ∇ℓ∇ℓᵀ of the "
+        "observed labels (pydvl.influence.torch.batch_operation."
+        "GaussNewtonBatchOperation), not Jᵀ∇²_zL J; its K-FAC is the EkfacInfluence of "
+        "the pyDVL EK-FAC row (update_diagonal=False), which refuses Conv2d",
+    ),
+    "captum": (
+        ("captum-naive-50", "captum-naive-p", "captum-arnoldi"),
+        _NO_GGN + "its influence classes use the Hessian of the summed loss "
+        "(NaiveInfluenceFunction forms it densely, p × p; ArnoldiInfluenceFunction: "
+        "Hessian-vector products)",
+    ),
+    "dattri": (
+        ("dattri-explicit", "dattri-cg-10", "dattri-cg-100", "dattri-lissa", "dattri-arnoldi"),
+        _NO_GGN
+        + "its IF attributors (Explicit, CG, LiSSA, Arnoldi) invert the Hessian of the loss",
+    ),
+}
+#: What each W4 row's curvature covers (a row note): every parameter, or only some layers
+W4_COVERS = {
+    "upweight": (
+        "covers every parameter: Conv2d and Linear Kronecker-factored, each BatchNorm's "
+        "scale and shift an exact dense GGN block"
+    ),
+    "upweight-cg": "covers every parameter: the exact GGN (no blocks)",
+    "kronfluence": (
+        "covers the Conv2d and Linear layers (its tracked modules); the BatchNorm "
+        "scales and shifts are left out of its scores"
+    ),
+    "pyDVL": "",
+    "dattri": (
+        "covers nn.Linear layers only (its default module_name): the fc head; every "
+        "Conv2d and BatchNorm parameter is left out of its scores"
     ),
 }
 

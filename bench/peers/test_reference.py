@@ -145,3 +145,19 @@ def test_block_reference_shares_one_krylov_space(bench_peers) -> None:  # noqa: 
         for i in range(3)
     ]
     assert block["iterations"] < min(alone) / 2, (block["iterations"], alone)
+
+
+def test_w4_resnet18_is_torchvision_resnet18(bench_peers) -> None:  # noqa: ANN001
+    """W4's model has ResNet-18's layer shapes: torchvision's resnet18 with 1 input channel and 10
+    classes — its 11,689,512 parameters less the 3-channel stem's 9,408 and the 1000-class fc's
+    513,000, plus 3,136 and 5,130."""
+    model = bench_peers.build_model("resnet")
+    p = sum(t.numel() for t in model.parameters())
+    assert p == 11_689_512 - 9_408 - 513_000 + 3_136 + 5_130
+    shapes = {n: tuple(t.shape) for n, t in model.named_parameters()}
+    assert shapes["conv1.weight"] == (64, 1, 7, 7) and shapes["fc.weight"] == (10, 512)
+    assert shapes["layer4.1.conv2.weight"] == (512, 512, 3, 3)
+    assert shapes["layer2.0.downsample.0.weight"] == (128, 64, 1, 1)
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) == 20
+    small = bench_peers.build_model("resnet", width=8)
+    assert tuple(small(torch.zeros(3, 784)).shape) == (3, 10) and not small.training
