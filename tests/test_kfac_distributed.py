@@ -245,3 +245,37 @@ def test_dask_low_rank_query_scoring_equals_in_process(images, dask_ex):
     assert np.abs(dist.values - ref.values).max() <= EIG_TOL * np.abs(ref.values).max()
     # rank 1 is an approximation here
     assert np.abs(dist.values - exact).max() > 1e-3 * np.abs(exact).max()
+
+
+@pytest.mark.parametrize("kind", ["mlp", "conv"])
+def test_rows_gathered_over_small_captures_give_the_explicit_sums(images, kind):
+    """One point per capture: every factor's rows are gathered over many captures before one
+    product (``_GramRows``); the sums equal Σᵢ Σₜ ãᵢₜãᵢₜᵀ and Σᵢ (1/T) Σₖₜ bᵢₖₜbᵢₖₜᵀ formed from one
+    capture of all points."""
+    from upweight.core import kfac as K
+    from upweight.core.layers import capture
+
+    (X, y), _ = images
+    obj = make(kind)
+    data = uw.Data.from_any((X, y))
+    blocks = find_layers(obj, data).blocks
+    ctx = K._FactorContext(obj, data, blocks, None, 2048)
+    ctx.step = 1
+    gathered = []
+    product = K._GramRows._product
+
+    def spy(self, key):
+        gathered.append(len(self.pending[key]))  # captures whose rows go into one product
+        product(self, key)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(K._GramRows, "_product", spy)
+        sums = K._moment_sums(ctx, data).tensors
+    cap = capture(obj, blocks, data, cotangents="ggn", token_ids=True)
+    for blk in blocks:
+        a = cap.a[blk.name].reshape(-1, blk.cols)
+        g = cap.g[blk.name]
+        S = g.reshape(-1, g.shape[-1]).T @ g.reshape(-1, g.shape[-1]) / g.shape[2]
+        assert rel(sums["A:" + blk.name], a.T @ a) < SUM_TOL, blk.name
+        assert rel(sums["S:" + blk.name], S) < SUM_TOL, blk.name
+    assert max(gathered) > 1, "some factor gathered the rows of several captures"

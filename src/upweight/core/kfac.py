@@ -273,7 +273,8 @@ def _moment_sums(ctx: _FactorContext, data: Data) -> _Sums:
     per local module (its pseudo-gradients, ``core.local``), in float64."""
     sums: dict[str, torch.Tensor] = {}
     locs: dict[str, int] = {}
-    clamped = 0
+    rows = _GramRows(sums)
+    clamped = done = 0
     for batch in _batches(ctx, data, "K-FAC factors"):
         cap = capture(
             ctx.objective,
@@ -299,13 +300,54 @@ def _moment_sums(ctx: _FactorContext, data: Data) -> _Sums:
             # an embedding's one-hot ã: Σ ããᵀ is diagonal, kept as its diagonal — the token counts
             if blk.kind == "embedding":
                 ids = a.reshape(-1)
-                aa = torch.bincount(ids[ids >= 0], minlength=blk.in_dim)
+                _accumulate(
+                    sums, "A:" + blk.name, torch.bincount(ids[ids >= 0], minlength=blk.in_dim)
+                )
             else:
-                a2 = a.reshape(-1, a.shape[-1])
-                aa = a2.T @ a2
-            _accumulate(sums, "A:" + blk.name, aa)
-            _accumulate(sums, "S:" + blk.name, (g2.T @ g2).to(torch.float64) / T)
+                rows.add("A:" + blk.name, a.reshape(-1, a.shape[-1]))
+            rows.add("S:" + blk.name, g2, divisor=T)
+        done += len(batch)
+        if done // ctx.batch_size > (done - len(batch)) // ctx.batch_size:
+            rows.flush()  # rows never gathered across batch_size: an executor's partitions agree
+    rows.flush()
     return _Sums(sums, locs, clamped)
+
+
+class _GramRows:
+    """Σ rrᵀ over the rows r of many captures, one product per gathered block of rows: a wide
+    factor fed a few rows per capture (a convolution's 1×1 feature maps, the small captures of a
+    large network) would otherwise cost a full-size product and add per capture, bound by memory
+    traffic rather than arithmetic. Rows wait until they number twice the factor's width or take
+    ``GRAM_ROW_BYTES``, and at every ``batch_size`` points of the pass (``_moment_sums``), so an
+    executor whose partitions are those batches sums exactly the same products; each product is in
+    the rows' dtype, the sums in float64."""
+
+    def __init__(self, sums: dict[str, torch.Tensor]) -> None:
+        self.sums = sums
+        self.pending: dict[str, list[torch.Tensor]] = {}
+        self.divisor: dict[str, int] = {}
+
+    def add(self, key: str, r: torch.Tensor, divisor: int = 1) -> None:
+        """Add Σ rrᵀ/divisor over the rows r of ``r`` (rows, width) to ``sums[key]``."""
+        self.pending.setdefault(key, []).append(r)
+        self.divisor[key] = divisor
+        n = sum(len(x) for x in self.pending[key])
+        if n >= 2 * r.shape[1] or n * r.shape[1] * r.element_size() >= GRAM_ROW_BYTES:
+            self._product(key)
+
+    def _product(self, key: str) -> None:
+        R = torch.cat(self.pending.pop(key))
+        gram = R.T @ R
+        d = self.divisor[key]
+        _accumulate(self.sums, key, gram if d == 1 else gram.to(torch.float64) / d)
+
+    def flush(self) -> None:
+        for key in list(self.pending):
+            self._product(key)
+
+
+#: the rows ``_GramRows`` gathers for one factor before its product
+GRAM_ROW_BYTES = batching.TENSOR_BYTES // 4
 
 
 def _accumulate(sums: dict[str, torch.Tensor], key: str, batch_sum: torch.Tensor) -> None:
