@@ -1039,10 +1039,14 @@ def time_pass(state: dict, repeats: int = 3) -> list[float]:
 
 
 def make_problem(state: dict, workdir: str) -> Problem:
-    if state["arch"] == "resnet":  # W4: every parameter, BatchNorm in eval mode, Gauss–Newton
-        model = build_model("resnet", width=int(state["width"]))
+    if state["arch"] in ("resnet", "bert"):  # W4, W5: every parameter, eval mode, Gauss–Newton
+        # W4: a ResNet of some width on image tensors; W5: an HF classifier on dict inputs
+        arch = state["arch"]
+        shape = {"width": int(state["width"])} if arch == "resnet" else {"config": state["config"]}
+        model = build_model(arch, **shape)
         model.load_state_dict(state["params"])
         model.eval()
+        extra = {"peer_batch": int(state["peer_batch"])} if "peer_batch" in state else {}
         return Problem(
             model,
             state["X"],
@@ -1053,22 +1057,7 @@ def make_problem(state: dict, workdir: str) -> Problem:
             workdir,
             float(state["damping"]),
             curvature="gauss-newton",
-            peer_batch=int(state["peer_batch"]),
-        )
-    if state["arch"] == "bert":  # X, Xt: {"input_ids", "attention_mask"}
-        model = build_model("bert", config=state["config"])
-        model.load_state_dict(state["params"])
-        model.eval()
-        return Problem(
-            model,
-            state["X"],
-            state["y"],
-            state["Xt"],
-            state["yt"],
-            float(state["l2"]),
-            workdir,
-            float(state["damping"]),
-            curvature="gauss-newton",
+            **extra,
         )
     model = build_model(state["arch"], state["X"].shape[1])
     model.load_state_dict(state["params"])
