@@ -12,6 +12,7 @@ import upweight as uw
 from upweight.core.grads import per_sample_grads
 from upweight.core.losses import IGNORE_INDEX, TokenCrossEntropy
 from upweight.errors import InputError, ShapeError, UnsupportedModelError
+from upweight.influence import engine
 
 transformers = pytest.importorskip(
     "transformers", reason="transformers is a dev dependency (pip install -e '.[dev]')"
@@ -175,6 +176,30 @@ def test_bert_per_sample_gradients_fall_back_from_vmap_and_equal_autograd():
     G = per_sample_grads(obj, obj.params, data)
     torch.testing.assert_close(G, _point_grads_by_autograd(obj, data))
     assert obj._vmap_refused is not None  # the fallback was taken (and is remembered)
+
+
+@pytest.mark.parametrize("measure", [None, "margin"])
+def test_whole_bert_test_gradients_from_captures_equal_autograd(measure, monkeypatch):
+    """With structured scoring, test gradients come from one backward pass per chunk (embeddings
+    by token, LayerNorms and position embeddings inside their modules) where vmap refuses BERT:
+    equal to autograd on each point alone, for the loss and for a measurement that is not it."""
+    model = _bert()
+    ids, mask = _tokens(5)
+    data = uw.Data.from_any(
+        ({"input_ids": ids, "attention_mask": mask}, torch.tensor([0, 2, 1, 2, 0]))
+    )
+    fn = (lambda out, y: out[:, 2] - out.gather(1, y[:, None])[:, 0]) if measure else None
+    obj = uw.Objective(model, "cross_entropy", measure=fn)
+    inf = uw.Influence(obj, damping=1.0, progress=False, grad_tol=1e9, structured=True)
+    inf.fit(data)
+    assert inf.scoring_ == "structured" and not inf._scoring_plan.other
+    ref = _point_grads_by_autograd(obj, data, measure=True)
+
+    def per_point(*_a, **_k):
+        raise AssertionError("the per-sample (vmap or per-point) path was taken")
+
+    monkeypatch.setattr(engine, "iter_per_sample_grads", per_point)
+    torch.testing.assert_close(inf.test_grads(data), ref, rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize("structured", [True, False])

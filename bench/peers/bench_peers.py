@@ -2020,7 +2020,24 @@ def w5_target(d: dict) -> str:
         f" {f'{speed:.1f}× faster' if speed >= 1 else f'{1 / speed:.1f}× slower'}); peak memory"
         f" {'met' if mem else 'NOT met'} ({uw['peak_mb']:.0f} MB vs {kron['peak_mb']:.0f} MB; Δ"
         f" over the loaded process {uw['delta_mb']:+.0f} vs {kron['delta_mb']:+.0f} MB)."
+        + _w5_same_theta(rows, kron)
         + _w5_bound(d, kron)
+    )
+
+
+def _w5_same_theta(rows: dict, kron: dict) -> str:
+    """The same comparison with upweight's θ restricted to kronfluence's parameters (the nn.Linear
+    layers): the same scores' definition, so the times compare the same arithmetic."""
+    lin = rows.get("uw-ekfac-linear-unchecked")
+    if lin is None:
+        return ""
+    speed = kron["time_s"] / lin["time_s"]
+    return (
+        " On kronfluence's own parameters (θ = the nn.Linear layers; upweight's rows above score"
+        f" every parameter): upweight {lin['name']} {lin['time_s']:.2f} s vs {kron['time_s']:.2f}"
+        f" s ({_x(speed)}), Spearman mean {lin['spearman']:.4f} vs {kron['spearman']:.4f}, min"
+        f" {lin['spearman_min']:.4f} vs {kron['spearman_min']:.4f}, peak {lin['peak_mb']:.0f} MB"
+        f" vs {kron['peak_mb']:.0f} MB (Δ {lin['delta_mb']:+.0f} vs {kron['delta_mb']:+.0f} MB)."
     )
 
 

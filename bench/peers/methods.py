@@ -236,11 +236,21 @@ def _np(scores: Any) -> np.ndarray:
 
 
 # ── upweight ─────────────────────────────────────────────────────────────────────────────
-def _uw(make_solver: Callable[[], Any]) -> Callable[[Problem], np.ndarray]:
+def _uw(
+    make_solver: Callable[[], Any], linear_only: bool = False
+) -> Callable[[Problem], np.ndarray]:
+    """An upweight row; ``linear_only``: θ = the weights and biases of the ``nn.Linear`` layers
+    only, the parameters kronfluence's K-FAC/EK-FAC score (the others held fixed)."""
+
     def run(pb: Problem) -> np.ndarray:
         import upweight as uw
 
-        obj = uw.Objective(pb.model, "cross_entropy", l2=pb.l2)
+        theta = (
+            [m for m in pb.model.modules() if isinstance(m, torch.nn.Linear)]
+            if linear_only
+            else None
+        )
+        obj = uw.Objective(pb.model, "cross_entropy", l2=pb.l2, params=theta)
         # W5 (θ̂ after a few epochs, no L2): not a minimum, and known not to be — no
         # NotAtMinimumWarning there
         extra = {"curvature": pb.curvature, "grad_tol": 1e9} if pb.curvature != "hessian" else {}
@@ -271,6 +281,7 @@ def _uw(make_solver: Callable[[], Any]) -> Callable[[Problem], np.ndarray]:
 
 
 DENSE = "dense p × p"
+LINEAR_ONLY = "the nn.Linear layers only (kronfluence's parameters)"
 
 
 def upweight_methods() -> list[Method]:
@@ -399,6 +410,20 @@ def upweight_methods() -> list[Method]:
                 transformer=True,
             ),
         ]
+        # θ = kronfluence's parameters (the nn.Linear layers): the same scores' definition
+        for key, cls in (("kfac", KFAC), ("ekfac", EKFAC)):
+            out.append(
+                Method(
+                    f"uw-{key}-linear-unchecked",
+                    "upweight",
+                    cls.__name__,
+                    f"θ = {LINEAR_ONLY}, residual_sample=0",
+                    1,
+                    _uw(lambda cls=cls: cls(residual_sample=0), linear_only=True),
+                    req,
+                    transformer=True,
+                )
+            )
         import dataclasses
 
         # Monte-Carlo output-Hessian factors, where this checkout has them

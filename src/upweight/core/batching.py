@@ -18,10 +18,10 @@ freed so far, at most 32 MiB, and its heap is trimmed above twice that). Users o
   EK-FAC's rotated pseudo-gradients ≤ ``TENSOR_BYTES``;
 * generic HVPs (``Curvature.hvp_batch_size``), the gradient of the risk (``core.grads.risk_grad``)
   and K-FAC's captures: the whole autograd graph of a batch ≤ ``GRAPH_BYTES`` (its tensors are each
-  far smaller; captures a small multiple of it, ``core.kfac.CAPTURE_BYTES``).
-
-Structured scoring (``core.structured.structured_scores``) keeps its larger budget: its batched
-contractions get faster with bigger batches.
+  far smaller);
+* everything one layer capture holds — K-FAC's factor passes (``core.kfac``), structured scoring
+  and structured per-sample gradients (``core.structured``): its layers' inputs and cotangents,
+  the contractions' intermediates and the forward graph ≤ ``CAPTURE_BYTES``.
 """
 
 from __future__ import annotations
@@ -33,6 +33,11 @@ TENSOR_BYTES = 16 * 2**20
 #: the autograd graph one batch may hold (forward activations, and for an HVP the first backward's
 #: intermediates): 32 MiB, glibc's largest mmap threshold, so no tensor of it exceeds that
 GRAPH_BYTES = 32 * 2**20
+#: all that one capture of a batch's layer inputs and output cotangents may hold, with what is
+#: computed from it. Twice the graph budget: a transformer's captures are of the graph's own size;
+#: a larger budget buys fewer, larger batches at a higher peak (peak memory and time against
+#: kronfluence's: ``bench/RESULTS.md``, sections ``peers-W5:1000`` and ``peers-W5:1000:K100``)
+CAPTURE_BYTES = 2 * GRAPH_BYTES
 #: the smallest batch a graph budget may choose (the per-batch forward and backward overhead grows
 #: as batches shrink)
 MIN_GRAPH_BATCH = 16

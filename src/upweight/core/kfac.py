@@ -61,7 +61,7 @@ from ..store import Store
 from . import batching
 from .data import Data
 from .grads import graph_bytes_per_point
-from .layers import LayerBlock, OutputSampling, capture
+from .layers import LayerBlock, OutputSampling, capture, token_sums
 from .local import LocalModule
 from .objective import Objective
 from .params import Params
@@ -212,8 +212,8 @@ def capture_batch_size(
     ``core.batching.TENSOR_BYTES`` counted at 8 bytes per value (float64, the widest dtype a pass
     uses), so a float32 model's captures stay within half of it; and so few that all of a capture —
     every layer's captured tensors and the forward pass's autograd graph (``graph_bytes_per_point``)
-    — holds at most ``CAPTURE_BYTES``: a transformer has many layers and large activations per
-    point.
+    — holds at most ``core.batching.CAPTURE_BYTES``: a transformer has many layers and large
+    activations per point.
 
     Measured on one point. Why: tensors above glibc's mmap threshold are page-faulted in anew in
     every batch (``core.batching``), so a convolution's large captures run faster in small batches
@@ -238,15 +238,8 @@ def capture_batch_size(
     )
     return min(
         batching.points_within(batching.TENSOR_BYTES, widest, batch_size),
-        batching.points_within(CAPTURE_BYTES, total, batch_size, batching.MIN_GRAPH_BATCH),
+        batching.points_within(batching.CAPTURE_BYTES, total, batch_size, batching.MIN_GRAPH_BATCH),
     )
-
-
-#: all that one capture of the factor passes may hold: its layers' inputs and cotangents and the
-#: forward graph. Twice the graph budget: a transformer's captures are of the graph's own size; a
-#: larger budget buys fewer, larger batches at a higher peak (peak memory and time against
-#: kronfluence's: ``bench/RESULTS.md``, section ``peers-W5:1000``)
-CAPTURE_BYTES = 2 * batching.GRAPH_BYTES
 
 
 def _batches(ctx: _FactorContext, data: Data, desc: str) -> Iterator[Data]:
@@ -429,15 +422,8 @@ def _add_one_hot_correction(acc: torch.Tensor, ids: torch.Tensor, g: torch.Tenso
     column v of Q_SᵀGᵢₖ is the sum of the rotated cotangents at the positions t where point i has
     token v, so the rotated cotangents (K, b, T, out) are summed per distinct (point, token) pair
     and squared — O(K·b·T·out), not O(K·b·T·out·V)."""
-    K, b, T, out = g.shape
-    V = acc.shape[1]
-    flat = ids.reshape(b * T)
-    hit = flat >= 0
-    keys = (torch.arange(b, device=ids.device).repeat_interleave(T) * V + flat)[hit]
-    uniq, inv = torch.unique(keys, return_inverse=True)
-    seg = g.reshape(K, b * T, out)[:, hit].new_zeros(K, len(uniq), out)
-    seg.index_add_(1, inv, g.reshape(K, b * T, out)[:, hit])
-    acc.index_add_(1, uniq % V, (seg**2).sum(0).T.to(acc.dtype))
+    _, tokens, sums = token_sums(ids, g, acc.shape[1])
+    acc.index_add_(1, tokens, (sums**2).sum(0).T.to(acc.dtype))
 
 
 def _correction_partition(

@@ -732,6 +732,26 @@ def token_ids_of(blk: LayerBlock, x: torch.Tensor) -> torch.Tensor:
     return ids.masked_fill(ids == blk.padding_idx, -1) if blk.padding_idx is not None else ids
 
 
+def token_sums(
+    ids: torch.Tensor, g: torch.Tensor, vocab: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """An embedding's cotangents summed per distinct (point, token) pair of a batch: the nonzero
+    columns of each point's gradient Σₜ bᵢₜãᵢₜᵀ (ã one-hot), without forming the (out, V) blocks.
+
+    ``ids`` (b, T) token ids (−1 = padding: no gradient), ``g`` (..., b, T, out) cotangents.
+    Returns ``(point, token, sums)``: the distinct pairs' point and token indices (u,), sorted by
+    point then token, and their summed cotangents (..., u, out)."""
+    b, T = ids.shape
+    lead, out = g.shape[:-3], g.shape[-1]
+    flat = ids.reshape(b * T)
+    hit = flat >= 0
+    keys = (torch.arange(b, device=ids.device).repeat_interleave(T) * vocab + flat)[hit]
+    uniq, inv = torch.unique(keys, return_inverse=True)
+    values = g.reshape(*lead, b * T, out)[..., hit, :]
+    sums = values.new_zeros(*lead, len(uniq), out).index_add_(-2, inv, values)
+    return uniq // vocab, uniq % vocab, sums
+
+
 def _layer_cotangent(blk: LayerBlock, g: torch.Tensor) -> torch.Tensor:
     if blk.kind == "conv2d":  # (b, out, H', W') → (b, L, out)
         return g.reshape(g.shape[0], g.shape[1], -1).transpose(1, 2)
@@ -744,7 +764,7 @@ def capture(
     batch: Data,
     *,
     params: Params | None = None,
-    cotangents: Literal["loss", "ggn"] = "ggn",
+    cotangents: Literal["loss", "measure", "ggn"] = "ggn",
     theta_grad: bool = False,
     token_ids: bool = False,
     local: Sequence[LocalModule] = (),
@@ -753,19 +773,20 @@ def capture(
     """Run the model on ``batch`` once with hooks and return each layer's ã and cotangents.
 
     ``cotangents="loss"``: bᵢₜ = ∂L(zᵢ)/∂(layer output)ᵢₜ (so Σₜ bᵢₜãᵢₜᵀ is the per-sample
-    gradient of W̃). ``cotangents="ggn"``: one backward pass per output-Hessian factor cₖ (see
-    ``output_hessian_factors``; with ``sampling``, per sampled factor), giving the GGN's
-    pseudo-gradients. Samples are independent in
-    eval mode, so one backward pass of the summed loss yields every per-sample cotangent.
-    ``theta_grad=True`` (with ``cotangents="loss"``) also returns autograd's gradient of the summed
-    loss in every parameter of θ, from the same backward pass. ``token_ids=True`` returns an
-    Embedding's ã as its token ids (b, T) instead of one-hot vectors (b, T, V), −1 at
-    ``padding_idx`` (``token_ids_of``). ``local``: modules whose own parameters get module-local
-    per-point gradients from the same backward pass(es) (``core.local``), returned in
-    ``Captured.local``; a module not called (or without one tensor output) is absent there.
+    gradient of W̃); ``cotangents="measure"``: the same for the test measurement f(zᵢ)
+    (``Objective.measure_fn``). ``cotangents="ggn"``: one backward pass per output-Hessian
+    factor cₖ (see ``output_hessian_factors``; with ``sampling``, per sampled factor), giving the
+    GGN's pseudo-gradients. Samples are independent in eval mode, so one backward pass of the
+    summed loss yields every per-sample cotangent. ``theta_grad=True`` (with ``cotangents="loss"``
+    or ``"measure"``) also returns autograd's gradient of the summed loss (or measurement) in every
+    parameter of θ, from the same backward pass. ``token_ids=True`` returns an Embedding's ã as its
+    token ids (b, T) instead of one-hot vectors (b, T, V), −1 at ``padding_idx``
+    (``token_ids_of``). ``local``: modules whose own parameters get module-local per-point
+    gradients from the same backward pass(es) (``core.local``), returned in ``Captured.local``; a
+    module not called (or without one tensor output) is absent there.
     """
-    if theta_grad and cotangents != "loss":
-        raise InputError("capture: theta_grad=True needs cotangents='loss'.")
+    if theta_grad and cotangents == "ggn":
+        raise InputError("capture: theta_grad=True needs cotangents='loss' or 'measure'.")
     params = {n: t.detach().requires_grad_(True) for n, t in (params or objective.params).items()}
     inputs: dict[str, torch.Tensor] = {}
     outputs: dict[str, torch.Tensor] = {}
@@ -800,8 +821,9 @@ def capture(
     clamped = 0
     theta: dict[str, torch.Tensor] | None = None
     with torch.enable_grad():
-        if cotangents == "loss":
-            loss = objective.loss_fn(out, batch.y).sum()
+        if cotangents != "ggn":
+            fn = objective.loss_fn if cotangents == "loss" else objective.measure_fn
+            loss = fn(out, batch.y.to(out.device)).sum()
             wrt = [*outs, *params.values()] if theta_grad else outs
             grads = torch.autograd.grad(loss, wrt, allow_unused=True)
             per = [grads[: len(outs)]]

@@ -37,9 +37,10 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import InputError, UnsupportedModelError
+from . import batching
 from .data import Data, Inputs, map_inputs
 from .grads import point_grads
-from .layers import LayerBlock, LayerPlan, _layer_input, capture, find_layers
+from .layers import LayerBlock, LayerPlan, _layer_input, capture, find_layers, token_sums
 from .objective import Objective
 from .output_hessian import OutputHessian, closed_form, output_hessian
 from .params import Params
@@ -48,20 +49,87 @@ from .params import Params
 
 
 def subset_per_sample_grads(
-    objective: Objective, params: Params, names: Sequence[str], batch: Data
+    objective: Objective,
+    params: Params,
+    names: Sequence[str],
+    batch: Data,
+    *,
+    measure: bool = False,
 ) -> torch.Tensor:
-    """Per-sample ∇L(zᵢ) with respect to the parameters ``names`` only (in θ order), shape (b, Σ
-    sizes)."""
+    """Per-sample ∇L(zᵢ) (``measure=True``: ∇f(zᵢ), the test measurement) with respect to the
+    parameters ``names`` only (in θ order), shape (b, Σ sizes)."""
     sub = {n: params[n] for n in names}
     rest = {n: t for n, t in params.items() if n not in sub}
+    fn = objective.measurements if measure else objective.losses
 
     def one(s: Params, x: Inputs, y: torch.Tensor) -> torch.Tensor:
-        return objective.losses(
-            {**rest, **s}, map_inputs(x, lambda t: t.unsqueeze(0)), y.unsqueeze(0)
-        )[0]
+        return fn({**rest, **s}, map_inputs(x, lambda t: t.unsqueeze(0)), y.unsqueeze(0))[0]
 
     g = point_grads(one, sub, batch, objective)
     return torch.cat([g[n].reshape(len(batch), -1) for n in names], dim=1)
+
+
+def structured_per_sample_grads(
+    objective: Objective,
+    plan: LayerPlan,
+    batch: Data,
+    params: Params | None = None,
+    *,
+    measure: bool = False,
+    max_bytes: int = batching.CAPTURE_BYTES,
+) -> torch.Tensor:
+    """Rows ∇θL(zᵢ, θ) (``measure=True``: ∇θf(zᵢ, θ)) for the points of ``batch``, shape (b, p):
+    ``core.grads.per_sample_grads`` from one forward and one backward pass per sub-batch, the batch
+    split so that the captured layer inputs and cotangents take at most about ``max_bytes``.
+
+    A factorable layer's rows are Σₜ bᵢₜãᵢₜᵀ from its captured inputs and output cotangents (for
+    an ``nn.Embedding`` the cotangents summed into the columns of each point's tokens); a local
+    module's come from the same backward pass (``core.local``); the parameters in no such module
+    by the per-sample (vmap∘grad) path restricted to them. Needs no ``vmap`` over the model where
+    ``plan.other`` is empty — a model ``vmap`` cannot batch (a Hugging Face encoder) then gets its
+    per-point gradients without one backward pass per point.
+    """
+    params = params if params is not None else objective.params
+    if (plan.blocks or plan.local) and len(batch) > 1:
+        per_point = _capture_bytes_per_point(objective, plan, batch.subset([0]), params, None)
+        step = max(1, max_bytes // max(per_point, 1))
+        if step < len(batch):
+            return torch.cat(
+                [
+                    structured_per_sample_grads(
+                        objective, plan, sub, params, measure=measure, max_bytes=max_bytes
+                    )
+                    for sub in batch.batches(step)
+                ]
+            )
+    ref = next(iter(params.values()))
+    b = len(batch)
+    G = torch.zeros(b, objective.p, dtype=ref.dtype, device=ref.device)
+    if plan.blocks or plan.local:
+        cap = capture(
+            objective,
+            plan.blocks,
+            batch,
+            params=params,
+            cotangents="measure" if measure else "loss",
+            token_ids=True,
+            local=plan.local,
+        )
+        for lm in plan.local:
+            G[:, lm.index.to(G.device)] = cap.local_grads(lm)[0].to(G.dtype)
+        for blk in plan.blocks:
+            B = cap.g[blk.name][0].to(G.dtype)  # (b, T, out)
+            index = blk.index.to(G.device)
+            if blk.kind == "embedding":  # nonzero at each point's distinct tokens only
+                points, tokens, sums = token_sums(cap.a[blk.name], B, blk.in_dim)
+                G[points[:, None], index[:, tokens].T] = sums
+            else:
+                G[:, index] = torch.bmm(B.transpose(1, 2), cap.a[blk.name].to(G.dtype))
+            del B
+    if plan.other:
+        other = subset_per_sample_grads(objective, params, plan.other, batch, measure=measure)
+        G[:, plan.other_index.to(G.device)] = other.to(G.dtype)
+    return G
 
 
 def _block_scores(Q: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
@@ -91,21 +159,35 @@ def _embedding_block_scores(
     table: torch.Tensor, ids: torch.Tensor, B: torch.Tensor
 ) -> torch.Tensor:
     """``_block_scores`` for an ``nn.Embedding`` block, whose ã are one-hot token vectors: Σₜ bᵢₜᵀ
-    Qⱼ[:, xᵢₜ] by gathering the columns of Q (``_embedding_table``, (V + 1, d·k)) at the token ids
-    (b, T) — b·T·k·d work, not the b·T·V·k·d of a product with the one-hots."""
-    b, T = ids.shape
-    V = table.shape[0] - 1
+    Qⱼ[:, xᵢₜ]. Each point's gradient has a nonzero column only at its distinct tokens (the
+    cotangents summed there, ``core.layers.token_sums``), so the scores are one sparse (b, V·d)
+    by dense (V·d, k) product with the query table (``_embedding_table``, (V + 1, d·k)): u·d·k
+    multiply-adds for the u distinct (point, token) pairs, not the b·T·V·k·d of a product with
+    the one-hots."""
+    b = ids.shape[0]
     d = B.shape[-1]
-    flat = ids.reshape(-1)
-    cols = torch.index_select(table, 0, torch.where(flat >= 0, flat, V)).reshape(b, T * d, -1)
-    return torch.bmm(B.reshape(b, 1, T * d), cols)[:, 0, :].T
+    k = table.shape[1] // d
+    V = table.shape[0] - 1
+    points, tokens, sums = token_sums(ids, B, V)  # sorted by (point, token): coalesced
+    offsets = torch.arange(d, device=ids.device)
+    index = torch.stack([points.repeat_interleave(d), (tokens[:, None] * d + offsets).reshape(-1)])
+    G = torch.sparse_coo_tensor(
+        index, sums.reshape(-1), (b, (V + 1) * d), is_coalesced=True, check_invariants=False
+    )
+    return torch.sparse.mm(G, table.reshape((V + 1) * d, k)).T
 
 
 def _capture_bytes_per_point(
-    objective: Objective, plan: LayerPlan, point: Data, params: Params, k: int
+    objective: Objective,
+    plan: LayerPlan,
+    point: Data,
+    params: Params,
+    queries: Queries | None,
 ) -> int:
-    """Bytes that scoring one point holds: its captured inputs and cotangents, and the larger
-    contraction intermediate, per layer (measured on ``point``)."""
+    """Bytes that one point holds while it is scored against ``queries`` (``None``: while its
+    gradient is assembled, ``structured_per_sample_grads``): its captured inputs and cotangents,
+    and per layer the intermediate of the contraction that ``structured_scores`` runs for it
+    (measured on ``point``)."""
     cap = capture(
         objective,
         plan.blocks,
@@ -115,13 +197,24 @@ def _capture_bytes_per_point(
         token_ids=True,
         local=plan.local,
     )
-    total = sum(lm.size * (1 + k) for lm in plan.local)
+    k = 0 if queries is None else queries.k
+    # the point's column of scores, and each local module's per-point gradient
+    total = k + sum(lm.size for lm in plan.local)
     for blk in plan.blocks:
         T = cap.a[blk.name].shape[1]
-        if blk.kind == "embedding":  # ids, cotangents and the gathered columns
-            total += T * (1 + blk.out_dim) + T * k * blk.out_dim
-        else:
-            total += T * (blk.cols + blk.out_dim) + max(T * k * blk.out_dim, blk.out_dim * blk.cols)
+        if blk.kind == "embedding":  # ids and cotangents; summed per token, two int64 indices
+            total += T * (1 + blk.out_dim) + (T * blk.out_dim * 5 if k else 0)
+            continue
+        total += T * (blk.cols + blk.out_dim)
+        if queries is None:  # the block's gradient, before it is put into the result
+            total += blk.out_dim * blk.cols
+            continue
+        if blk.name in queries.lowrank:  # (T, k, r) twice
+            total += 2 * T * k * queries.lowrank[blk.name][1].shape[1]
+        elif T * k <= T + k:  # _block_scores through Qã
+            total += T * k * blk.out_dim
+        else:  # through the point's gradient
+            total += blk.out_dim * blk.cols
     return total * next(iter(params.values())).element_size()
 
 
@@ -201,7 +294,7 @@ def structured_scores(
     S: torch.Tensor | None = None,
     params: Params | None = None,
     *,
-    max_bytes: int = 2**28,
+    max_bytes: int = batching.CAPTURE_BYTES,
     rank: int | None = None,
     queries: Queries | None = None,
 ) -> torch.Tensor:
@@ -228,7 +321,7 @@ def structured_scores(
             )
         queries = prepare_queries(plan, S.reshape(-1, objective.p), dtype, rank)
     if (plan.blocks or plan.local) and len(batch) > 1:
-        per_point = _capture_bytes_per_point(objective, plan, batch.subset([0]), params, queries.k)
+        per_point = _capture_bytes_per_point(objective, plan, batch.subset([0]), params, queries)
         step = max(1, max_bytes // max(per_point, 1))
         if step < len(batch):
             return torch.cat(

@@ -50,7 +50,7 @@ from ..core.data import Data
 from ..core.grads import grad_chunk_size, iter_per_sample_grads, pert_directions, risk_grad
 from ..core.objective import Objective
 from ..core.scoring import check_query_rank, query_rank_layers, resolve_scoring
-from ..core.structured import prepare_queries
+from ..core.structured import prepare_queries, structured_per_sample_grads
 from ..errors import (
     InaccurateSolveError,
     InaccurateSolveWarning,
@@ -399,10 +399,10 @@ class Influence:
         """∇θf(z_test, θ̂) for each test point, shape (n_test, p); a NaN or inf gradient (e.g. a
         finite input whose outputs overflow) raises ``NonFiniteError`` naming the test point."""
         data = test if isinstance(test, Data) else self._test(test)
-        rows = []
-        for batch, g in iter_per_sample_grads(
-            self.objective, self.objective.params, data, self.batch_size, measure=True
-        ):
+        ref = next(iter(self.objective.params.values()))
+        out = torch.empty(len(data), self.objective.p, dtype=ref.dtype, device=ref.device)
+        s = 0
+        for batch, g in self._test_grad_chunks(data):
             check_rows_finite(
                 g,
                 batch.ids,
@@ -410,8 +410,27 @@ class Influence:
                 "Its model output likely overflows at θ̂: check that input's scale, or evaluate the"
                 " model in float64 (model.double()).",
             )
-            rows.append(g)
-        return torch.cat(rows)
+            out[s : s + len(batch)] = g
+            s += len(batch)
+        return out
+
+    def _test_grad_chunks(self, data: Data) -> Iterator[tuple[Data, torch.Tensor]]:
+        """``(batch, ∇θf rows)`` in memory-bounded chunks: with structured scoring from the
+        layers' captures (``core.structured.structured_per_sample_grads``: one backward pass per
+        chunk, where ``vmap`` may refuse the model), else by the per-sample path."""
+        if self.scoring_ != "structured":
+            yield from iter_per_sample_grads(
+                self.objective, self.objective.params, data, self.batch_size, measure=True
+            )
+            return
+        assert self._scoring_plan is not None
+        for batch in data.batches(self._grad_chunk()):
+            yield (
+                batch,
+                structured_per_sample_grads(
+                    self.objective, self._scoring_plan, batch, measure=True
+                ),
+            )
 
     # ── executors and stores ──────────────────────────────────────────────────────────
     def _positions(self, train: TrainSelection) -> np.ndarray:
@@ -733,6 +752,9 @@ class Influence:
                 assert self._scoring_plan is not None
                 S = sol.value.reshape(-1, self.objective.p)
                 args = (prepare_queries(self._scoring_plan, S, self.objective.dtype, rank),)
+                # the queries hold s_test from here on (stored above when there is a store)
+                del S
+                sol = replace(sol, value=sol.value.new_empty(0))
             values = self._sweep(
                 _up_loss_chunk,
                 positions,

@@ -28,6 +28,7 @@ from typing import Any, ClassVar
 import torch
 
 from .._checks import check_finite, check_interval
+from ..core import batching
 from ..core.curvature import Curvature, operator_lambda_max, operator_lambda_min
 from ..core.digest import digest_data, fn_name, model_sha256
 from ..core.kfac import FactorStore, LayerFactors, fit_factors
@@ -602,11 +603,17 @@ class KFAC(OneShotSolver):
             X[:, lm.index] = torch.cholesky_solve(V[:, lm.index].T.to(L.dtype), L).T.to(V.dtype)
         for f, (Q_S, Q_A, inv) in zip(state.factors, state.blocks_in(V.dtype)):
             idx = f.block.index
-            Y = Q_S.T @ V[:, idx]  # rotate into the Kronecker eigenbasis
-            if Q_A is not None:
-                Y = Y @ Q_A
-            Z = Q_S @ (Y * inv)
-            X[:, idx] = Z if Q_A is None else Z @ Q_A.T
+            # rows at a time, so that each intermediate (rows, out, cols) stays within the tensor
+            # budget: a wide block (a transformer's embedding) times many right-hand sides
+            rows = batching.points_within(
+                batching.TENSOR_BYTES, idx.numel() * V.element_size(), len(V)
+            )
+            for s in range(0, len(V), rows):
+                Y = Q_S.T @ V[s : s + rows, idx]  # rotate into the Kronecker eigenbasis
+                if Q_A is not None:
+                    Y = Y @ Q_A
+                Z = Q_S @ Y.mul_(inv)
+                X[s : s + rows, idx] = Z if Q_A is None else Z @ Q_A.T
         return X
 
     def precondition(self, state: KFACState, R: torch.Tensor) -> torch.Tensor:
