@@ -639,11 +639,12 @@ def output_hessian_factors(
     with ``sampling`` — shape (K, b, *out.shape[1:]), and the number of negative eigenvalues
     clamped to 0 (``core.output_hessian``).
 
-    Exact (``sampling=None``): ``psd_factors``, K = c (closed forms for the built-in losses, e.g.
-    √pₖ(eₖ − p) for cross-entropy; an eigendecomposition of the ``torch.func.hessian`` of any other
-    loss, the GGN keeping only its PSD part). Sampled: ``sampled_factors`` on the uniform numbers
-    of the points ``ids`` (their ``Data.ids``), K = ``sampling.samples``. Each factor costs K-FAC
-    one backward pass; ``resolve_output_factors`` says which outputs each form accepts.
+    Exact (``sampling=None``): ``psd_factors``, K ≤ c (closed forms for the built-in losses, e.g.
+    c − 1 reflected √pₖ(eₖ − p) for cross-entropy; an eigendecomposition of the
+    ``torch.func.hessian`` of any other loss, the GGN keeping only its PSD part). Sampled:
+    ``sampled_factors`` on the uniform numbers of the points ``ids`` (their ``Data.ids``), K =
+    ``sampling.samples``. Each factor costs K-FAC one backward pass; ``resolve_output_factors``
+    says which outputs each form accepts.
     """
     shape = tuple(out.shape[1:])
     # refuses an output this form cannot factor

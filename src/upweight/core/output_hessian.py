@@ -21,8 +21,9 @@ given here by ``OutputHessian`` (built by ``output_hessian``):
 Closed forms, with zᵢ ∈ ℝᶜ the (flattened) output of one point and Σ over the classes:
 
 * cross-entropy, −log softmax(z)[y] on outputs (b, C): A = diag(p) − ppᵀ, p = softmax(z)
-  (Bishop 2006, §4.3.4), = Σₖ pₖ(eₖ − p)(eₖ − p)ᵀ, so cₖ = √pₖ (eₖ − p) (sample-free: the true
-  Fisher, the expectation over the model's own predictive distribution). With class probabilities
+  (Bishop 2006, §4.3.4), = Σₖ pₖ(eₖ − p)(eₖ − p)ᵀ, so cₖ = √pₖ (eₖ − p), c − 1 of them once
+  reflected (``psd_factors``) (sample-free: the true Fisher, the expectation over the model's own
+  predictive distribution). With class probabilities
   y (b, C) as targets the loss is −Σₖ yₖ log pₖ and A = (Σₖ yₖ)(diag(p) − ppᵀ);
 * token cross-entropy (``TokenCrossEntropy``, logits (b, T, V)): block diagonal over the positions,
   wₜ(diag(pₜ) − pₜpₜᵀ) with wₜ = 1 for a scored position (1/#scored with ``reduction="mean"``) and 0
@@ -171,7 +172,11 @@ class OutputHessian:
         """Vectors cᵢₖ with Σₖ cᵢₖcᵢₖᵀ = Aᵢ, shape (K, b, *shape), and the number of negative
         eigenvalues clamped to 0 over the batch (K-FAC's pseudo-gradients back-propagate each cₖ).
 
-        Closed forms: cross-entropy cₖ = √pₖ (eₖ − p) per position (K = c); a diagonal Aᵢ gives
+        Closed forms: cross-entropy, per position, the c vectors fₖ = √pₖ (eₖ − p) (Σₖ fₖfₖᵀ =
+        diag(p) − ppᵀ) are dependent — Σₖ √pₖ fₖ = 0 — so reflecting them by the Householder
+        matrix that maps e_c to −√p (v = √p + e_c) makes the last one zero and leaves the other
+        c − 1, gⱼ = fⱼ − fᶜ·√pⱼ/(1 + √p_c) (K = c − 1: one backward pass fewer per position
+        — half of them for a binary classifier); a diagonal Aᵢ gives
         √hₖ eₖ; the squared loss eₖ. Otherwise Aᵢ is symmetrised and eigendecomposed,
         cₖ = √max(λₖ, 0) qₖ; an eigenvalue below −10⁻¹² · max|λ| counts as clamped.
         """
@@ -181,16 +186,22 @@ class OutputHessian:
             p = self.h
             s = (p * self.w[..., None]).sqrt() if self.w is not None else p.sqrt()
             eye = torch.eye(V, dtype=p.dtype, device=p.device)
+            u = p.sqrt()
+            beta = u[..., :-1] / (1 + u[..., -1:])  # (b, T, V − 1): the reflection's weights
+            if V == 1:  # one class: a zero Hessian, one zero factor
+                return p.new_zeros(1, b, *self.shape), 0
             if T == 1:
-                C = s[:, 0].T[:, :, None] * (eye[:, None, :] - p[None, :, 0, :])  # (K=V, b, V)
-                return C.reshape(c, b, *self.shape), 0
-            blk = s.permute(1, 2, 0)[:, :, :, None] * (
+                F = s[:, 0].T[:, :, None] * (eye[:, None, :] - p[None, :, 0, :])  # (V, b, V)
+                C = F[:-1] - beta[:, 0].T[:, :, None] * F[-1:]  # (K = V − 1, b, V)
+                return C.reshape(T * (V - 1), b, *self.shape), 0
+            F = s.permute(1, 2, 0)[:, :, :, None] * (
                 eye[None, :, None, :] - p.permute(1, 0, 2)[:, None, :, :]
-            )
-            C = p.new_zeros(T, V, b, T, V)
+            )  # (T, V, b, V)
+            blk = F[:, :-1] - beta.permute(1, 2, 0)[:, :, :, None] * F[:, -1:]
+            C = p.new_zeros(T, V - 1, b, T, V)
             t = torch.arange(T, device=p.device)
-            C[t, :, :, t, :] = blk  # factor (t, k) lives on position t only: (T, V, b, V)
-            return C.reshape(c, b, *self.shape), 0
+            C[t, :, :, t, :] = blk  # factor (t, j) lives on position t only
+            return C.reshape(T * (V - 1), b, *self.shape), 0
         if self.kind == "diagonal":
             return torch.diag_embed(self.h.sqrt()).permute(1, 0, 2).reshape(c, b, *self.shape), 0
         if self.kind == "identity":

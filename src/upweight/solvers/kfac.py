@@ -147,17 +147,17 @@ class KFAC(OneShotSolver):
     **What it approximates** (``approximates = "ggn-kronecker"``): not the Hessian H = ∇²R(θ̂)
     but the Gauss–Newton matrix G = (1/n) Σᵢ Jᵢᵀ ∇²_zL(zᵢ) Jᵢ (J the Jacobian of the model
     output z in θ), computed *exactly and without sampling* where the output is narrow: the output
-    Hessian ∇²_zL is factored as Σₖ cₖcₖᵀ and each cₖ is back-propagated (cross-entropy: cₖ =
-    √pₖ (eₖ − p), so this is the true Fisher under the model's predictive distribution — not the
-    empirical Fisher of the observed labels); for wide outputs (a language model) it is sampled
-    without bias (*Per-token losses* below). G = H for a linear model with a convex loss (logistic /
-    softmax regression); for deeper models G drops the terms with the loss's curvature through
-    the hidden layers and is positive semi-definite. G is then restricted to one block per
-    factorable layer (``nn.Linear``, ``nn.Conv2d``, ``nn.Embedding`` — see ``max_vocab``;
-    cross-layer terms dropped) and each block to S ⊗ A (``core.kfac``): exact for one point or a
-    constant output Hessian (squared loss). An embedding E (V × d) is factored as a bias-free
-    Linear on one-hot tokens with W = Eᵀ: A = diag(token frequencies), S the cotangent moment of
-    its output; ``stats["layers"]`` lists it as ``name (embedding d×V)``.
+    Hessian ∇²_zL is factored as Σₖ cₖcₖᵀ and each cₖ is back-propagated (cross-entropy: from
+    √pₖ (eₖ − p), c − 1 factors for c classes, so this is the true Fisher under the model's
+    predictive distribution — not the empirical Fisher of the observed labels); for wide outputs
+    (a language model) it is sampled without bias (*Per-token losses* below). G = H for a linear
+    model with a convex loss (logistic / softmax regression); for deeper models G drops the terms
+    with the loss's curvature through the hidden layers and is positive semi-definite. G is then
+    restricted to one block per factorable layer (``nn.Linear``, ``nn.Conv2d``, ``nn.Embedding`` —
+    see ``max_vocab``; cross-layer terms dropped) and each block to S ⊗ A (``core.kfac``): exact for
+    one point or a constant output Hessian (squared loss). An embedding E (V × d) is factored as a
+    bias-free Linear on one-hot tokens with W = Eᵀ: A = diag(token frequencies), S the cotangent
+    moment of its output; ``stats["layers"]`` lists it as ``name (embedding d×V)``.
 
     **L2 and damping.** H + δI holds l2 on the penalised coordinates and δ everywhere
     (``Curvature.diagonal``). Per block these are added to the eigenvalues, together with this
