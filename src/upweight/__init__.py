@@ -29,7 +29,14 @@ from .influence import (
     explain,
     fastif_up_loss,
 )
-from .loo import GroupLOOComparison, LOOComparison, leave_group_out, leave_one_out, refit
+from .loo import (
+    GroupLOOComparison,
+    LOOComparison,
+    ProximalRefit,
+    leave_group_out,
+    leave_one_out,
+    refit,
+)
 from .solvers import (
     CG,
     EKFAC,
@@ -72,6 +79,7 @@ __all__ = [
     "ParamInfluence",
     "PertScores",
     "Provenance",
+    "ProximalRefit",
     "Ranking",
     "SelfInfluence",
     "SmoothHinge",
