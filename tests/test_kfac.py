@@ -727,3 +727,43 @@ def test_factor_eigendecomposition_survives_lapack_failures(monkeypatch):
         kfac_module.stable_eigh(
             torch.full((2, 2), float("nan"), dtype=torch.float64), "a test factor"
         )
+
+
+def test_factor_zero_rows_are_eigenvectors_and_only_the_rest_is_decomposed(monkeypatch):
+    """A factor with exactly-zero rows and columns (a conv tap that only sees padding, a dead
+    unit): eᵢ are its eigenvectors of eigenvalue 0, and LAPACK decomposes only the other block —
+    the decomposition still reconstructs M, is orthogonal, and has M's eigenvalues."""
+    from upweight.core import kfac as kfac_module
+
+    g = torch.Generator().manual_seed(1)
+    B = torch.randn(4, 4, dtype=torch.float64, generator=g)
+    live = torch.tensor([1, 3, 4, 7])
+    M = torch.zeros(9, 9, dtype=torch.float64)
+    M[live[:, None], live] = B @ B.T + 0.1 * torch.eye(4, dtype=torch.float64)
+    sizes = []
+    real = torch.linalg.eigh
+
+    def spy(A):
+        sizes.append(A.shape[0])
+        return real(A)
+
+    monkeypatch.setattr(torch.linalg, "eigh", spy)
+    e, Q = kfac_module.stable_eigh(M, "a padded factor")
+    monkeypatch.setattr(torch.linalg, "eigh", real)
+    assert sizes == [4]
+    torch.testing.assert_close(Q @ torch.diag(e) @ Q.T, M, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(Q.T @ Q, torch.eye(9, dtype=torch.float64), rtol=0, atol=1e-12)
+    torch.testing.assert_close(e.sort().values, real(M)[0], rtol=1e-10, atol=1e-12)
+    dead = torch.tensor([0, 2, 5, 6, 8])
+    assert bool((e[dead] == 0).all()) and bool((Q[dead, dead] == 1).all())
+    # all rows zero: nothing to decompose
+    e0, Q0 = kfac_module.stable_eigh(torch.zeros(3, 3, dtype=torch.float64), "a zero factor")
+    assert bool((e0 == 0).all()) and torch.equal(Q0, torch.eye(3, dtype=torch.float64))
+    # the rotation by such a Q multiplies the live block only, and equals the dense product
+    rot = kfac_module.Rotation.of(Q)
+    assert rot.live is not None and rot.live.tolist() == live.tolist() and rot.Q.shape == (4, 4)
+    Y = torch.randn(2, 3, 9, dtype=torch.float64, generator=g)
+    torch.testing.assert_close(rot(Y), Y @ Q, rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(rot(Y, transpose=True), Y @ Q.T, rtol=1e-13, atol=1e-13)
+    dense = kfac_module.Rotation.of(real(M[live[:, None], live])[1])
+    assert dense.live is None

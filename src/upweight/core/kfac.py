@@ -67,6 +67,43 @@ from .objective import Objective
 from .params import Params
 
 
+@dataclass(frozen=True)
+class Rotation:
+    """Y ↦ Y·Q (or Y·Qᵀ) for an orthogonal Q that leaves some coordinates alone — its column there
+    is the unit vector — multiplying only the block of the other coordinates: an input factor with
+    zero rows (``stable_eigh``: on a 1 × 1 feature map a 3 × 3 convolution's A has 8/9 of them)
+    rotates its live columns only, (b·m² instead of b·cols² multiply-adds for m live columns).
+
+    Attributes:
+        Q: the block of Q on ``live`` (m, m), or all of Q when ``live`` is ``None``.
+        live: the coordinates Q mixes (m,), ascending; ``None``: all of them.
+    """
+
+    Q: torch.Tensor
+    live: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, Q: torch.Tensor) -> Rotation:
+        """The rotation by Q, its unit columns (Q[:, j] = eⱼ, so Q[j, :] = eⱼᵀ too) left alone."""
+        unit = (Q.diagonal() == 1) & ((Q != 0).sum(0) == 1)
+        if not bool(unit.any()):
+            return cls(Q)
+        live = (~unit).nonzero().squeeze(1)
+        return cls(Q[live[:, None], live].contiguous(), live)
+
+    def to(self, dtype: torch.dtype) -> Rotation:
+        return Rotation(self.Q.to(dtype), self.live)
+
+    def __call__(self, Y: torch.Tensor, *, transpose: bool = False) -> torch.Tensor:
+        """Y·Q (``transpose``: Y·Qᵀ) over Y's last dimension."""
+        Q = self.Q.T if transpose else self.Q
+        if self.live is None:
+            return Y @ Q
+        out = Y.clone()
+        out[..., self.live] = Y[..., self.live] @ Q
+        return out
+
+
 @dataclass
 class LayerFactors:
     """The K-FAC factors of one layer and their eigendecompositions (float64).
@@ -363,12 +400,12 @@ def _moment_partition(indices: np.ndarray, ctx: _FactorContext) -> _Sums:
 def _correction_sums(
     ctx: _FactorContext,
     data: Data,
-    bases: Sequence[tuple[torch.Tensor | None, torch.Tensor]],
+    bases: Sequence[tuple[Rotation | None, torch.Tensor]],
     max_elements: int,
 ) -> _Sums:
     """Σᵢ Σₖ (Q_Sᵀ Gᵢₖ Q_A)² per layer over ``data`` (pass 2), accumulated over batches in float64;
-    ``bases`` holds (Q_A, Q_S) per block, in block order, Q_A ``None`` where it is the identity (an
-    embedding).
+    ``bases`` holds (Q_A, Q_S) per block, in block order, Q_A as its ``Rotation``, ``None`` where it
+    is the identity (an embedding).
 
     Each batch's rotations, squares and sums run in the captured cotangents' dtype (the model's): in
     float32 their rounding (of the order of float32's epsilon per term; every term is a square, so
@@ -379,7 +416,7 @@ def _correction_sums(
         blk.name: torch.zeros(blk.out_dim, blk.cols, dtype=torch.float64, device=device)
         for blk in ctx.blocks
     }
-    cast: dict[torch.dtype, list[tuple[torch.Tensor | None, torch.Tensor]]] = {}
+    cast: dict[torch.dtype, list[tuple[Rotation | None, torch.Tensor]]] = {}
     for batch in _batches(ctx, data, "EK-FAC eigenvalue correction"):
         cap = capture(
             ctx.objective,
@@ -402,7 +439,7 @@ def _correction_sums(
             if QA is None:  # one-hot ã (an embedding), Q_A = I
                 _add_one_hot_correction(sums[name], cap.a[name], g)
                 continue
-            a = cap.a[name].to(dtype) @ QA  # (b, T, cols)
+            a = QA(cap.a[name].to(dtype))  # (b, T, cols)
             if a.shape[1] == 1:
                 sums[name] += torch.einsum("kbo,bj->oj", g[:, :, 0] ** 2, a[:, 0] ** 2).to(
                     torch.float64
@@ -429,7 +466,7 @@ def _add_one_hot_correction(acc: torch.Tensor, ids: torch.Tensor, g: torch.Tenso
 def _correction_partition(
     indices: np.ndarray,
     ctx: _FactorContext,
-    bases: Sequence[tuple[torch.Tensor | None, torch.Tensor]],
+    bases: Sequence[tuple[Rotation | None, torch.Tensor]],
     max_elements: int,
 ) -> _Sums:
     """Pass 2 on one partition of training-point indices — the map step of
@@ -471,7 +508,7 @@ class _Passes:
         return self.executor.map_reduce(_moment_partition, self.parts, operator.add, self._shared())
 
     def correction(
-        self, bases: list[tuple[torch.Tensor | None, torch.Tensor]], max_elements: int
+        self, bases: list[tuple[Rotation | None, torch.Tensor]], max_elements: int
     ) -> _Sums:
         if self.executor is None:
             return _correction_sums(self.ctx, self.ctx.data, bases, max_elements)
@@ -676,7 +713,7 @@ def _correct(
     passes: _Passes, factors: Sequence[LayerFactors], max_elements: int = batching.TENSOR_BYTES // 8
 ) -> None:
     sums = passes.correction(
-        [(None if f.identity_A else f.Q_A, f.Q_S) for f in factors], max_elements
+        [(None if f.identity_A else Rotation.of(f.Q_A), f.Q_S) for f in factors], max_elements
     )
     n = len(passes.ctx.data)
     for f in factors:
@@ -689,7 +726,12 @@ def stable_eigh(M: torch.Tensor, what: str) -> tuple[torch.Tensor, torch.Tensor]
     inputs): LAPACK's divide-and-conquer ``eigh`` first; if it fails to converge, the same matrix
     with a shift of 1e-10·(trace/dim) on the diagonal (removed again from the eigenvalues) and then
     ``eigh`` through an SVD (exact for a symmetric PSD matrix). Raises ``CurvatureError`` naming the
-    factor only if all three fail — never LAPACK's raw error."""
+    factor only if all three fail — never LAPACK's raw error.
+
+    Coordinates whose row and column are exactly zero — an input that is always 0 (a convolution
+    tap that only ever sees zero padding: on a 1 × 1 feature map, 8 of a 3 × 3 kernel's 9 taps),
+    a dead unit — are eigenvectors of eigenvalue 0 as they are: only the other rows' block is
+    decomposed, and the eigenvalues come back in the coordinates' order there, not sorted."""
     M = M.to(torch.float64)
     if not torch.equal(M, M.mT):  # a factor of fit_factors is symmetric already: no copy
         M = _sym(M)
@@ -697,6 +739,21 @@ def stable_eigh(M: torch.Tensor, what: str) -> tuple[torch.Tensor, torch.Tensor]
         raise CurvatureError(
             f"{what} has NaN or infinite entries: the layer's inputs or output gradients overflow."
         )
+    dead = (M == 0).all(dim=1)
+    if bool(dead.any()):
+        live = (~dead).nonzero().squeeze(1)
+        e = M.new_zeros(len(M))
+        Q = torch.diag(dead.to(M.dtype))  # eᵢ for each zero coordinate
+        if len(live):
+            e_live, Q_live = _eigh(M[live[:, None], live], what)
+            e[live] = e_live
+            Q[live[:, None], live] = Q_live
+        return e, Q
+    return _eigh(M, what)
+
+
+def _eigh(M: torch.Tensor, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``stable_eigh``'s three attempts on a symmetric, finite float64 M."""
     try:
         return torch.linalg.eigh(M)
     except RuntimeError:  # torch.linalg.LinAlgError: the algorithm failed to converge

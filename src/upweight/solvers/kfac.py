@@ -31,7 +31,7 @@ from .._checks import check_finite, check_interval
 from ..core import batching
 from ..core.curvature import Curvature, operator_lambda_max, operator_lambda_min
 from ..core.digest import digest_data, fn_name, model_sha256
-from ..core.kfac import FactorStore, LayerFactors, fit_factors
+from ..core.kfac import FactorStore, LayerFactors, Rotation, fit_factors
 from ..core.layers import (
     DEFAULT_MAX_VOCAB,
     LayerPlan,
@@ -116,25 +116,24 @@ class KFACState:
     fallback_chol: torch.Tensor | None = None
     fallback_scale: float | None = None
     local: list[tuple[LocalModule, torch.Tensor]] = field(default_factory=list)
-    #: (Q_S, Q_A, 1/(Λ + d)) per layer cast to a lower working dtype, made on first use
-    #: (``precondition``)
-    cast_blocks: dict[torch.dtype, list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]]] = (
+    #: (Q_S, Q_A, 1/(Λ + d)) per layer in a working dtype, made on first use
+    cast_blocks: dict[torch.dtype, list[tuple[torch.Tensor, Rotation | None, torch.Tensor]]] = (
         field(default_factory=dict)
     )
 
     def blocks_in(
         self, dtype: torch.dtype
-    ) -> list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]]:
-        """(Q_S, Q_A, 1/(Λ + d)) per layer in ``dtype`` (float64: the fitted tensors themselves);
-        Q_A is ``None`` where it is the identity (an embedding: no rotation to apply)."""
-        if dtype == torch.float64:
-            return [
-                (f.Q_S, None if f.identity_A else f.Q_A, inv)
-                for f, inv in zip(self.factors, self.inv_eigs)
-            ]
+    ) -> list[tuple[torch.Tensor, Rotation | None, torch.Tensor]]:
+        """(Q_S, Q_A, 1/(Λ + d)) per layer in ``dtype``; Q_A as its ``Rotation`` (only its
+        coordinates that it mixes are multiplied), ``None`` where it is the identity (an
+        embedding: no rotation to apply)."""
         if dtype not in self.cast_blocks:
             self.cast_blocks[dtype] = [
-                (f.Q_S.to(dtype), None if f.identity_A else f.Q_A.to(dtype), inv.to(dtype))
+                (
+                    f.Q_S.to(dtype),
+                    None if f.identity_A else Rotation.of(f.Q_A).to(dtype),
+                    inv.to(dtype),
+                )
                 for f, inv in zip(self.factors, self.inv_eigs)
             ]
         return self.cast_blocks[dtype]
@@ -611,9 +610,9 @@ class KFAC(OneShotSolver):
             for s in range(0, len(V), rows):
                 Y = Q_S.T @ V[s : s + rows, idx]  # rotate into the Kronecker eigenbasis
                 if Q_A is not None:
-                    Y = Y @ Q_A
+                    Y = Q_A(Y)
                 Z = Q_S @ Y.mul_(inv)
-                X[s : s + rows, idx] = Z if Q_A is None else Z @ Q_A.T
+                X[s : s + rows, idx] = Z if Q_A is None else Q_A(Z, transpose=True)
         return X
 
     def precondition(self, state: KFACState, R: torch.Tensor) -> torch.Tensor:
