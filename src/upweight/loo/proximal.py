@@ -80,7 +80,6 @@ class ProximalRefit:
         self.damping = float(influence.damping)
         self.gtol, self.maxiter, self.batch_size = gtol, maxiter, batch_size
         self._data = influence.data_
-        self._objective = influence.objective
 
     def config(self) -> dict[str, Any]:
         return {
@@ -105,17 +104,22 @@ class ProximalRefit:
         fixed = self._gradient_correction(objective, data, anchor)
 
         def fun(x: np.ndarray) -> tuple[float, np.ndarray]:
-            theta = torch.from_numpy(x).to(device, torch.float64).requires_grad_(True)
-            params = space.unflatten(theta)
+            theta = torch.from_numpy(x).to(device, torch.float64)
             d = theta - theta_hat
-            total = 0.5 * (quad * d * d).sum()
+            value = float(0.5 * (quad * d * d).sum())
+            g = quad * d
             if fixed is not None:
-                total = total - fixed @ d
+                value -= float(fixed @ d)
+                g = g - fixed
+            # one batch's graph at a time
             for s, batch in zip(range(0, n, self.batch_size), data.batches(self.batch_size)):
+                leaf = theta.clone().requires_grad_(True)
                 w = kept[s : s + len(batch)]
-                total = total + self._batch_term(objective, params, anchor, batch, w) / n
-            (g,) = torch.autograd.grad(total, theta)
-            return float(total.detach()), g.detach().cpu().numpy()
+                term = self._batch_term(objective, space.unflatten(leaf), anchor, batch, w) / n
+                (gb,) = torch.autograd.grad(term, leaf)
+                value += float(term.detach())
+                g = g + gb
+            return value, g.detach().cpu().numpy()
 
         x0 = theta_hat.detach().cpu().numpy()
         res = scipy.optimize.minimize(
@@ -144,11 +148,11 @@ class ProximalRefit:
             return None
         theta = objective.space.flatten(anchor).requires_grad_(True)
         params = objective.space.unflatten(theta)
-        total = 0.0
-        for batch in data.batches(self.batch_size):
-            total = total + objective.losses(params, batch.X, batch.y).sum()
-        (g,) = torch.autograd.grad(total / len(data), theta)
-        return g.detach()
+        g = torch.zeros_like(theta, requires_grad=False)
+        for batch in data.batches(self.batch_size):  # one batch's graph at a time
+            total = objective.losses(params, batch.X, batch.y).sum() / len(data)
+            g += torch.autograd.grad(total, theta)[0]
+        return g
 
     def _batch_term(
         self, objective: Objective, params: Params, anchor: Params, batch: Data, kept: torch.Tensor
