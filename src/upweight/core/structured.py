@@ -90,18 +90,16 @@ def structured_per_sample_grads(
     per-point gradients without one backward pass per point.
     """
     params = params if params is not None else objective.params
-    if (plan.blocks or plan.local) and len(batch) > 1:
-        per_point = _capture_bytes_per_point(objective, plan, batch.subset([0]), params, None)
-        step = max(1, max_bytes // max(per_point, 1))
-        if step < len(batch):
-            return torch.cat(
-                [
-                    structured_per_sample_grads(
-                        objective, plan, sub, params, measure=measure, max_bytes=max_bytes
-                    )
-                    for sub in batch.batches(step)
-                ]
-            )
+    step = _split_step(objective, plan, batch, params, None, max_bytes)
+    if step is not None:
+        return torch.cat(
+            [
+                structured_per_sample_grads(
+                    objective, plan, sub, params, measure=measure, max_bytes=max_bytes
+                )
+                for sub in batch.batches(step)
+            ]
+        )
     ref = next(iter(params.values()))
     b = len(batch)
     G = torch.zeros(b, objective.p, dtype=ref.dtype, device=ref.device)
@@ -218,6 +216,23 @@ def _capture_bytes_per_point(
     return total * next(iter(params.values())).element_size()
 
 
+def _split_step(
+    objective: Objective,
+    plan: LayerPlan,
+    batch: Data,
+    params: Params,
+    queries: Queries | None,
+    max_bytes: int,
+) -> int | None:
+    """Points per sub-batch so that one capture (``_capture_bytes_per_point``) stays within
+    ``max_bytes``, or ``None`` when the whole batch does (or nothing is captured)."""
+    if not (plan.blocks or plan.local) or len(batch) <= 1:
+        return None
+    per_point = _capture_bytes_per_point(objective, plan, batch.subset([0]), params, queries)
+    step = max(1, max_bytes // max(per_point, 1))
+    return step if step < len(batch) else None
+
+
 @dataclass(frozen=True)
 class Queries:
     """Query rows S (k, p) split once for scoring many batches of training points
@@ -320,19 +335,17 @@ def structured_scores(
                 "structured_scores: give the query rows S (k, p) or their prepare_queries(...)."
             )
         queries = prepare_queries(plan, S.reshape(-1, objective.p), dtype, rank)
-    if (plan.blocks or plan.local) and len(batch) > 1:
-        per_point = _capture_bytes_per_point(objective, plan, batch.subset([0]), params, queries)
-        step = max(1, max_bytes // max(per_point, 1))
-        if step < len(batch):
-            return torch.cat(
-                [
-                    structured_scores(
-                        objective, plan, sub, params=params, max_bytes=max_bytes, queries=queries
-                    )
-                    for sub in batch.batches(step)
-                ],
-                dim=1,
-            )
+    step = _split_step(objective, plan, batch, params, queries, max_bytes)
+    if step is not None:
+        return torch.cat(
+            [
+                structured_scores(
+                    objective, plan, sub, params=params, max_bytes=max_bytes, queries=queries
+                )
+                for sub in batch.batches(step)
+            ],
+            dim=1,
+        )
     out = torch.zeros(queries.k, len(batch), dtype=dtype, device=next(iter(params.values())).device)
     if plan.blocks or plan.local:
         cap = capture(

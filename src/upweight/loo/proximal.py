@@ -95,7 +95,7 @@ class ProximalRefit:
 
         data = self._data.to(torch.float64)
         n = len(data)
-        kept = torch.from_numpy(np.isin(data.ids.numpy(), data_without.ids.numpy()))
+        kept = torch.from_numpy(np.isin(data.ids.cpu().numpy(), data_without.ids.cpu().numpy()))
         space = objective.space
         device = objective.device
         anchor = {k: objective.params[k].detach().to(device, torch.float64) for k in space.names}
