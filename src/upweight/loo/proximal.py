@@ -79,7 +79,16 @@ class ProximalRefit:
         self.curvature = kind
         self.damping = float(influence.damping)
         self.gtol, self.maxiter, self.batch_size = gtol, maxiter, batch_size
-        self._data = influence.data_
+        # what every retraining shares, computed once: the data in float64, θ̂, the quadratic's
+        # diagonal Λ + δ and (Hessian form) the gradient correction, a pass over the data
+        objective = influence.objective
+        self._data = influence.data_.to(torch.float64)
+        self._anchor = {
+            k: objective.params[k].detach().to(objective.device, torch.float64)
+            for k in objective.space.names
+        }
+        self._quad = objective.l2_diagonal(torch.float64).to(objective.device) + self.damping
+        self._fixed = self._gradient_correction(objective, self._data, self._anchor)
 
     def config(self) -> dict[str, Any]:
         return {
@@ -93,15 +102,12 @@ class ProximalRefit:
     def __call__(self, objective: Objective, data_without: Data, init: Params) -> RefitResult:
         import scipy.optimize
 
-        data = self._data.to(torch.float64)
+        data, anchor, quad, fixed = self._data, self._anchor, self._quad, self._fixed
         n = len(data)
         kept = torch.from_numpy(np.isin(data.ids.cpu().numpy(), data_without.ids.cpu().numpy()))
         space = objective.space
         device = objective.device
-        anchor = {k: objective.params[k].detach().to(device, torch.float64) for k in space.names}
         theta_hat = space.flatten(anchor)
-        quad = objective.l2_diagonal(torch.float64).to(device) + self.damping
-        fixed = self._gradient_correction(objective, data, anchor)
 
         def fun(x: np.ndarray) -> tuple[float, np.ndarray]:
             theta = torch.from_numpy(x).to(device, torch.float64)
