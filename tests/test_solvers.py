@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -103,6 +106,37 @@ def test_lissa_too_small_scale_diverges_with_advice_and_auto_converges(small_log
     assert sol.stats["scale"] > lmax
     ref = torch.linalg.solve(H, good.test_grads((test[0][:2], test[1][:2])).T).T
     assert float((sol.value - ref).norm() / ref.norm()) < 0.15
+
+
+@pytest.mark.parametrize("depth, damping", [(20, 0.0), (30, 0.05)])
+def test_lissa_truncation_is_the_missing_fraction_in_the_least_curved_directions(depth, damping):
+    # One training point: every minibatch Hessian is the full one, so the recursion is the
+    # deterministic truncated series A⁻¹(I − (I − A/s)ᵗ⁺¹)v. Directions orthogonal to x carry only
+    # the L2 term and the damping, λ = l2 + δ, where exactly (1 − λ/s)ᵗ⁺¹ of A⁻¹v is missing.
+    torch.manual_seed(0)
+    x = torch.randn(1, 5, dtype=torch.float64)
+    x /= x.norm()  # the point's Hessian has λmax ≤ 2 + l2 + δ < 2s
+    model = torch.nn.Linear(5, 1, bias=False).double()
+    obj = uw.Objective(model, "squared", l2=0.2)
+    curv = Curvature(obj, uw.Data.from_any((x, torch.zeros(1, 1, dtype=torch.float64))))
+    curv = curv.replace(damping=damping)
+    v = torch.randn(5, dtype=torch.float64)
+    v -= (v @ x[0]) / (x[0] @ x[0]) * x[0]  # v ⟂ x: an eigenvector of A with λ = l2 + δ
+    lam = 0.2 + damping
+    solver = uw.LiSSA(depth=depth, repeats=1, batch_size=1, scale=3.0, progress=False)
+    state = solver.prepare(curv)
+    assert state.floor == pytest.approx(lam)
+    with pytest.warns(uw.errors.InaccurateSolveWarning, match=r"depth ≥ [\d,]+ brings"):
+        sol = solver.solve(state, v[None])
+    kept = float(sol.value[0] @ v) * lam / float(v @ v)  # (1 − truncation) of v/λ
+    assert 1 - kept == pytest.approx((1 - lam / 3.0) ** (depth + 1), rel=1e-9)
+    assert sol.stats["truncation"] == pytest.approx(1 - kept, rel=1e-9)
+    deep = uw.LiSSA(depth=solver.depth_for(state, 0.01), repeats=1, batch_size=1, scale=3.0)
+    deep = dataclasses.replace(deep, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", uw.errors.InaccurateSolveWarning)
+        sol = deep.solve(deep.prepare(curv), v[None])
+    assert 1 - float(sol.value[0] @ v) * lam / float(v @ v) <= 0.01
 
 
 def test_lissa_is_reproducible_from_its_seed(curvature):

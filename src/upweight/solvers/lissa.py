@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -13,7 +14,7 @@ import torch
 from .._checks import check_interval
 from .._progress import progress_bar
 from ..core.curvature import Curvature
-from ..errors import DivergenceError, InputError
+from ..errors import DivergenceError, InaccurateSolveWarning, InputError
 from .base import InverseHVPSolver, Solution, non_numerical, relative_residual
 from .direct import suggest_damping
 
@@ -28,12 +29,16 @@ class LiSSAState:
         scale: s, the scale the series divides by (``LiSSA.scale`` or 1.1 × ``lambda_max``).
         lambda_max: the minibatch λmax estimate behind ``scale="auto"``; ``None`` for a given scale.
         prepare_seconds: wall time of ``prepare``.
+        floor: the smallest diagonal term l2 + δ of the operator (0 on unpenalised coordinates
+            without damping): the least curvature any direction has while the loss's own
+            Hessian is positive semi-definite (a convex model, or Gauss–Newton).
     """
 
     curvature: Curvature
     scale: float
     lambda_max: float | None
     prepare_seconds: float
+    floor: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -45,6 +50,14 @@ class LiSSA(InverseHVPSolver[LiSSAState]):
     with no constant-factor error. The series converges when every Ãⱼ/s has eigenvalues in
     (0, 2), i.e. s > λmax/2; the error in an eigendirection λ decays like (1 − λ/s)ᵗ, so depth t
     must be several times s/λmin. The r repeats are averaged to reduce the variance.
+
+    The truncated series is biased towards zero: in expectation it returns
+    A⁻¹(I − (I − A/s)ᵗ⁺¹)v (h_t sums t + 1 terms), so in an eigendirection of curvature λ the
+    fraction (1 − λ/s)ᵗ⁺¹ of the answer is missing. ``truncation`` reports that fraction at the
+    curvature floor l2 + δ, the worst direction while the loss's Hessian is positive semi-definite.
+    Small minibatches need a large scale (one point's Hessian can have a λmax far above the
+    average's), so at a fixed depth they truncate more: ``solve`` warns when more than
+    ``MAX_TRUNCATION`` is missing.
 
     Args:
         depth: t, recursion steps per repeat (paper: 5 000 for MNIST).
@@ -67,6 +80,7 @@ class LiSSA(InverseHVPSolver[LiSSAState]):
     # diverged or far-from-converged series sits near or above 1. Ask for a tighter max_residual
     # when magnitudes matter.
     default_max_residual = 0.5
+    MAX_TRUNCATION = 0.05
     depth: int = 1000
     repeats: int = 4
     batch_size: int = 256
@@ -97,7 +111,22 @@ class LiSSA(InverseHVPSolver[LiSSAState]):
         if scale == "auto":
             lam = minibatch_lambda_max(curvature, self.batch_size, seed=self.seed)
             scale = 1.1 * lam
-        return LiSSAState(curvature, float(scale), lam, time.perf_counter() - t0)
+        floor = float(curvature.diagonal.min()) if curvature.p else 0.0
+        return LiSSAState(curvature, float(scale), lam, time.perf_counter() - t0, floor)
+
+    def truncation(self, state: LiSSAState) -> float:
+        """(1 − λ/s)ᵗ⁺¹ at λ = the curvature floor: the fraction of A⁻¹v the depth-t series leaves
+        out in the least-curved direction (1.0 when there is no floor)."""
+        if state.floor <= 0.0:
+            return 1.0
+        return abs(1.0 - state.floor / state.scale) ** (self.depth + 1)
+
+    def depth_for(self, state: LiSSAState, fraction: float) -> int | None:
+        """The depth at which ``truncation`` falls to ``fraction`` (``None`` without a floor)."""
+        rate = abs(1.0 - state.floor / state.scale)
+        if state.floor <= 0.0 or rate >= 1.0:
+            return None
+        return max(1, math.ceil(math.log(fraction) / math.log(rate)) - 1)
 
     def solve(self, state: LiSSAState, rhs: torch.Tensor) -> Solution:
         curv = state.curvature
@@ -127,6 +156,16 @@ class LiSSA(InverseHVPSolver[LiSSAState]):
                 total += h / s
         X = total / self.repeats
         res = relative_residual(curv.matvec(X), V)
+        truncation = self.truncation(state)
+        if state.floor > 0.0 and truncation > self.MAX_TRUNCATION:
+            warnings.warn(
+                f"LiSSA(depth={self.depth}) at scale {s:.3g} misses {truncation:.0%} of"
+                f" (H + δI)⁻¹v in the directions of least curvature, l2 + δ = {state.floor:.3g}"
+                f" ((1 − {state.floor:.3g}/{s:.3g})^{self.depth + 1}): the series is truncated, so"
+                " the scores are biased towards zero. " + self._depth_advice(state),
+                InaccurateSolveWarning,
+                stacklevel=4,
+            )
         return Solution(
             X.to(rhs.dtype),
             res,
@@ -137,11 +176,24 @@ class LiSSA(InverseHVPSolver[LiSSAState]):
                 "scale": s,
                 "lambda_max": state.lambda_max,
                 "hvp_samples": self.repeats * self.depth * self.batch_size,
+                "truncation": truncation,
             },
         )
 
     def accuracy_advice(self, state: LiSSAState | None = None) -> str:
-        return "Increase LiSSA's depth (t) or repeats (r), or add damping."
+        advice = "Increase LiSSA's depth (t) or repeats (r), or add damping."
+        if state is not None and self.truncation(state) > self.MAX_TRUNCATION:
+            advice += " " + self._depth_advice(state)
+        return advice
+
+    def _depth_advice(self, state: LiSSAState) -> str:
+        need = self.depth_for(state, 0.01)
+        if need is None:
+            return f"The scale {state.scale:.3g} is below (l2 + δ)/2: pass a larger scale."
+        return (
+            f"depth ≥ {need:,} brings the truncation under 1 %; or a larger batch_size (its"
+            " minibatch Hessians have a smaller λmax, so scale='auto' is smaller), or more damping."
+        )
 
     def _raise_divergence(
         self, curv: Curvature, s: float, rep: int, step: int, hnorm: float
