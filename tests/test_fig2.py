@@ -178,6 +178,7 @@ def test_cli_options_are_the_config_fields_with_its_defaults():
         "lissa_depth": 11,
         "lissa_repeats": 2,
         "lissa_batch_size": 13,
+        "lissa_scale": 2.5,
         "refit_method": "lbfgs",
         "cnn_loo_k": 5,
         "cnn_train_size": 40,

@@ -168,3 +168,56 @@ def test_bad_options_are_input_errors(tmp_path, capsys):
         == 2
     )
     assert "--repeats must be ≥ 1" in capsys.readouterr().err
+
+
+def test_spacy_lemmas_follow_the_release_filter():
+    """``lemmatize=True``: alphabetic, non-stop, in-vocabulary tokens as spaCy lookup lemmas."""
+    pytest.importorskip("spacy", reason="lemmatize=True needs spaCy: pip install upweight[lemma]")
+    pytest.importorskip(
+        "spacy_lookups_data", reason="lemmatize=True needs pip install spacy-lookups-data"
+    )
+    from upweight.datasets.enron import spacy_lemmas
+
+    out = spacy_lemmas(["the meetings were running 2000 times , qwzxv offers", "Subject: cheaper"])
+    # "the", "were" are stop words, "2000" and "," not alphabetic, "qwzxv" out of vocabulary
+    assert out == ["meeting run time offer", "Subject cheap"]  # the vectoriser lower-cases
+
+
+@pytest.mark.slow
+def test_load_enron_lemmatize_gives_the_lemma_vocabulary():
+    pytest.importorskip("spacy", reason="lemmatize=True needs spaCy: pip install upweight[lemma]")
+    pytest.importorskip(
+        "spacy_lookups_data", reason="lemmatize=True needs pip install spacy-lookups-data"
+    )
+    from sklearn.feature_extraction.text import CountVectorizer
+
+    from upweight.datasets import load_enron
+
+    d = load_enron(CSV, lemmatize=True, vectorizer=CountVectorizer(min_df=5))
+    # measured: 4,875 words (the tokeniser's vocabulary: 7,211)
+    assert d.x_train.shape == (4137, 4875) and d.x_test.shape == (1035, 4875)
+    words = set(d.feature_names)
+    assert {"meeting", "offer"} <= words and not {"meetings", "the", "offers"} & words
+    assert d.docs_train[0] and d.files_train[0].endswith(".txt")  # raw texts stay
+
+
+@pytest.mark.slow
+def test_from_2000_words_self_influence_finds_more_flips_than_loss():
+    """Fig. 6's finding where it holds here (docs/reproduction/mislabel.md, "Influence vs loss
+    across vocabulary sizes"): with the 2,000 most frequent words and the paper's l2 = 1e-4,
+    checking 10% of the training emails by |self-influence| finds more of the flipped labels than
+    checking by training loss (measured on the first repeat: 0.592 vs 0.512; random 0.10). At
+    300 words loss wins (the fast run above)."""
+    from sklearn.feature_extraction.text import CountVectorizer
+
+    from upweight.datasets import load_enron
+    from upweight.paper.config import MislabelConfig
+    from upweight.paper.mislabel import run_mislabel
+
+    data = load_enron(CSV, vectorizer=CountVectorizer(min_df=5, max_features=2000))
+    r = run_mislabel(
+        data, MislabelConfig(repeats=1, fractions=(0.0, 0.1), vocab_size=2000), progress=False
+    )
+    found = {o: r.found[o][0][1] for o in ("influence", "loss", "random")}
+    assert found["influence"] > found["loss"] + 0.04
+    assert found["loss"] > 3 * found["random"]

@@ -67,6 +67,7 @@ GIVEN = {
     "attack": {
         **_FEATURES,
         "targets": 2,
+        "projection": "levels",
         "epsilon": 9,
         "step": 2,
         "iterations": 7,
@@ -84,6 +85,7 @@ GIVEN = {
         "refit_gtol": 1e-4,
         "min_df": 2,
         "vocab_size": 100,
+        "lemmatize": True,
     },
 }
 #: the options not named ``--field-with-dashes``
@@ -98,6 +100,8 @@ def _argv(name: str, values: dict) -> list[str]:
     argv = ["reproduce", name, "--data", "x"]
     for field, value in values.items():
         argv.append(OPTIONS.get((name, field), "--" + field.replace("_", "-")))
+        if value is True:  # a switch: --lemmatize
+            continue
         if field == "ts":  # --t T [T ...]
             argv += [str(v) for v in value]
         elif isinstance(value, tuple):  # --digits 3,5, --fractions 0.0,0.5
@@ -145,6 +149,7 @@ def test_configs_are_frozen_and_their_asdict_is_json(cls):
 BAD = [
     (Fig2Config, {"panels": ()}, "panels must be a comma-separated subset"),
     (Fig2Config, {"loo_k": 0}, "loo_k must be ≥ 1"),
+    (Fig2Config, {"lissa_scale": 0.0}, "lissa_scale must be a number > 0"),
     (Fig2Config, {"lissa_depth": 0}, "lissa_depth must be ≥ 1"),
     (Fig2Config, {"cnn_retrain_steps": 0}, "cnn_retrain_steps must be ≥ 1"),
     (Fig2Config, {"cnn_damping": -0.1}, "cnn_damping must be a number ≥ 0"),
@@ -166,8 +171,14 @@ BAD = [
     (CompareModelsConfig, {"n_per_class": 0}, "n_per_class must be ≥ 1"),
     (CompareModelsConfig, {"gamma_scale": 0.0}, "gamma_scale must be a number > 0"),
     (CompareModelsConfig, {"n_tests": 0}, "n_tests must be ≥ 1"),
-    (AttackConfig, {"epsilon": 256}, "epsilon must be between 1 and 255"),
-    (AttackConfig, {"epsilon": 2.5}, "epsilon must be between 1 and 255"),
+    (AttackConfig, {"projection": "levels", "epsilon": 256}, "epsilon must be between 1 and 255"),
+    (AttackConfig, {"projection": "levels", "epsilon": 0.5}, "epsilon must be between 1 and 255"),
+    (AttackConfig, {"projection": "levels", "epsilon": 2.5}, "epsilon must be between 1 and 255"),
+    (AttackConfig, {"projection": "levels", "epsilon": 8, "step": 0.5}, "step must be ≥ 1"),
+    (AttackConfig, {"epsilon": 0.6}, r"epsilon must be a number in \(0, 0.5\]"),
+    (AttackConfig, {"epsilon": 0.0}, r"epsilon must be a number in \(0, 0.5\]"),
+    (AttackConfig, {"step": -0.02}, "step must be a number > 0"),
+    (AttackConfig, {"projection": "round"}, "projection must be one of same-8bit, levels"),
     (AttackConfig, {"targets": 0}, "targets must be ≥ 1"),
     (AttackConfig, {"group_size": -1}, "group_size must be ≥ 0"),
     (AttackConfig, {"multi_k": (0,)}, "multi_k must be integers ≥ 1"),

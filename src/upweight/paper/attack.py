@@ -14,13 +14,13 @@ The paper's attack (§5.2; release code ``influence/dataset_poisoning.py``,
    perturbed images recomputed through the CNN; exact Newton on the top layer, warm-started) and
    recompute I_pert,loss at the new θ̂. Stop when the target's prediction flips or after
    ``iterations`` (paper: 100).
-4. Π: the paper keeps each pixel within half an 8-bit level of the original (the perturbed image has
-   the *same* 8-bit representation; α = 0.02 levels). Our images are themselves 8-bit (MNIST's
-   uint8 pixels), so a perturbed image must be a valid 8-bit image too: pixel values k/255 in
-   [0, 1], each within ``epsilon`` levels of the original (L∞ ≤ ε/255), and a step moves a pixel by
-   ``step`` levels (α = step/255). ε = 0.5 level is impossible on an 8-bit grid (it is the
-   identity), so ε is the smallest number of levels that the attack needs — see
-   ``docs/reproduction/attack.md``.
+4. Π (``AttackConfig.projection``). "same-8bit", the default, is the paper's: each pixel stays
+   inside its own 8-bit quantisation cell, within ε ≤ 0.5 level of the original (ε = 0.5: the
+   perturbed image has the *same* 8-bit representation), at any real value in between; α = 0.02
+   levels. Half a level less 10⁻⁶ is the edge of the cell, so rounding the perturbed image to 8
+   bits always gives the original back. "levels" keeps every iterate on the 8-bit grid: values
+   k/255 within ε whole levels, α whole levels — a perturbed image that is itself a valid 8-bit
+   image, which needs ε ≥ 1 level. Both clip to [0, 255].
 5. Every reported flip is verified by a **cold** retrain (from θ = 0) on the perturbed training set.
 6. Multi-target variant (paper Fig. 5: one training image flipped 16 of 30 test images of the
    author's dog): a group of same-label test images, f = their average test loss, one (or k)
@@ -70,6 +70,9 @@ PAPER = {
     "multi_group": 30,
     "multi_flipped": 16,
 }
+#: "same-8bit": how far a pixel may move, in levels — half a level less 10⁻⁶, so the perturbed
+#: image still rounds to the original
+CELL_EDGE = 0.5 - 1e-6
 # release code: 1st, 2nd, top-2, 3, 5, 10
 SCHEDULE = ((0,), (1,), (0, 1), (0, 1, 2), (0, 1, 2, 3, 4), tuple(range(10)))
 
@@ -85,7 +88,7 @@ class AttackRun:
     margin_before: list[float]  # y·s of each target at θ̂
     margin_after: list[float]  # … after the attack (retrained)
     verified: list[bool]  # per target: flipped under a cold retrain from θ = 0 as well
-    linf_levels: int  # largest |change| of any pixel, in 8-bit levels
+    linf_levels: float  # largest |change| of any pixel, in 8-bit levels
     l2_pixels: float  # ‖z̃ − z‖₂ over the perturbed images (pixels in [0, 1])
     l2_features: float  # ‖φ(z̃) − φ(z)‖₂
     # "flipped", "fixed point"/"cycle" (z̃ repeats: nothing new can happen) or "iterations"
@@ -171,19 +174,23 @@ class TopLayerAttack:
         targets: Sequence[int],
         train: Sequence[int],
         *,
-        epsilon: int,
-        step: int = 1,
+        epsilon: float,
+        step: float = 1,
         iterations: int = 100,
+        projection: str = "levels",
         stop_on_flip: bool = True,
     ) -> tuple[AttackRun, np.ndarray]:
         """Perturb training images ``train`` to raise the (mean) test loss of ``targets``.
 
-        Returns the run and the perturbed images as 8-bit levels, shape (len(train), 784).
+        Returns the run and the perturbed images in 8-bit levels, shape (len(train), 784):
+        integers with ``projection="levels"``, reals within their original's cell with
+        "same-8bit".
         """
         targets, train = [int(t) for t in targets], [int(i) for i in train]
-        lo = np.maximum(self.levels[train] - epsilon, 0)
-        hi = np.minimum(self.levels[train] + epsilon, 255)
-        lev = self.levels[train].copy()
+        base = self.levels[train].astype(np.float64)
+        half = epsilon if projection == "levels" else min(float(epsilon), CELL_EDGE)
+        lo, hi = np.maximum(base - half, 0.0), np.minimum(base + half, 255.0)
+        lev = base.copy()
         yk = self.y[train]
         F = self.s.F.clone()
         w = self.w0.clone()
@@ -193,12 +200,12 @@ class TopLayerAttack:
         for it in range(1, iterations + 1):
             s = self.s_test_closed(F, w, targets)
             g = self.pert(w, s, torch.as_tensor(lev / 255.0), yk).numpy()
-            new = np.clip(lev + step * np.sign(g).astype(np.int64), lo, hi)
+            new = np.clip(lev + step * np.sign(g), lo, hi)
             if new.tobytes() in seen:
                 # θ̂ is a function of the training set, so the iteration z̃ ↦ Π(z̃ +
-                # α·sign(I_pert,loss)) is a map on the finite set of 8-bit images: a repeated z̃
-                # means it cycles through states already seen (none flipped the target), exactly as
-                # the remaining iterations would
+                # α·sign(I_pert,loss)) is a deterministic map of z̃: a repeated z̃ means it cycles
+                # through states already seen (none flipped the target), exactly as the remaining
+                # iterations would
                 stopped, it = ("fixed point" if np.array_equal(new, lev) else "cycle"), it - 1
                 break
             seen.add(new.tobytes())
@@ -219,7 +226,7 @@ class TopLayerAttack:
                 bool(f and m < 0)
                 for f, m in zip(flipped, self.margins(F, cold.top.weight.detach(), targets))
             ]
-        dx = (lev - self.levels[train]) / 255.0
+        dx = (lev - base) / 255.0
         run = AttackRun(
             targets=targets,
             train_indices=train,
@@ -228,12 +235,12 @@ class TopLayerAttack:
             margin_before=before.tolist(),
             margin_after=after.tolist(),
             verified=verified,
-            linf_levels=int(np.abs(lev - self.levels[train]).max(initial=0)),
+            linf_levels=float(np.abs(lev - base).max(initial=0.0)),
             l2_pixels=float(np.linalg.norm(dx)),
             l2_features=float((F[train] - self.s.F[train]).norm()),
             stopped=stopped,
         )
-        return run, lev
+        return run, (np.rint(lev).astype(np.int64) if projection == "levels" else lev)
 
     def rank_training(self, inf_full: Influence, targets: Sequence[int]) -> np.ndarray:
         """Training positions by decreasing ‖I_pert,loss(z, z_test)‖₁ (mean over ``targets`` for a
@@ -263,8 +270,9 @@ class AttackResult:
     n_test: int
     n_correct: int
     l2: float
-    epsilon_levels: int
-    step_levels: int
+    projection: str
+    epsilon_levels: float
+    step_levels: float
     iterations: int
     cnn: dict[str, Any]
     grad_norm: float
@@ -315,10 +323,11 @@ def _attack_partition(
     targets: Sequence[int],
     setup: FeatureSetup,
     schedule: Sequence[tuple[int, ...]],
-    epsilon: int,
-    step: int,
+    epsilon: float,
+    step: float,
     iterations: int,
-) -> list[tuple[int, dict[str, Any], list[int] | None]]:
+    projection: str,
+) -> list[tuple[int, dict[str, Any], list[float] | None]]:
     """The single-target attacks of one partition of targets — the map step of ``run_attack``. Per
     target: (k of the successful attack or 0, its last run, the perturbed levels of a 1-image
     success).
@@ -330,7 +339,12 @@ def _attack_partition(
         k_ok, last, levels = 0, None, None
         for ks in schedule:
             run, lev = atk.run(
-                [int(t)], ranking[list(ks)], epsilon=epsilon, step=step, iterations=iterations
+                [int(t)],
+                ranking[list(ks)],
+                epsilon=epsilon,
+                step=step,
+                iterations=iterations,
+                projection=projection,
             )
             last = run
             if run.flipped[0]:
@@ -363,6 +377,7 @@ def run_attack(
     c = config if config is not None else AttackConfig()
     check_setup(setup, c, "run_attack")
     targets, epsilon, step, iterations = c.targets, c.epsilon, c.step, c.iterations
+    projection = c.projection
     max_k, group_size, multi_k = c.max_k, c.group_size, c.multi_k
     atk, inf_full = _attacker(setup)
     task = setup.task
@@ -383,7 +398,9 @@ def run_attack(
     ex = resolve(executor)
     size = 1 if ex.parallelism == 1 else max(1, -(-len(chosen) // (4 * ex.parallelism)))
     parts = [chosen[i : i + size] for i in range(0, len(chosen), size)]
-    results = ex.map(_attack_partition, parts, ex.share(setup), schedule, epsilon, step, iterations)
+    results = ex.map(
+        _attack_partition, parts, ex.share(setup), schedule, epsilon, step, iterations, projection
+    )
     solved, runs = [], []
     example: dict[str, Any] = {}
     for part, res in zip(
@@ -415,7 +432,16 @@ def run_attack(
     multi: dict[str, Any] = {}
     if group_size > 0:
         multi = _multi_target(
-            atk, inf_full, setup, correct, group_size, multi_k, epsilon, step, iterations
+            atk,
+            inf_full,
+            setup,
+            correct,
+            group_size,
+            multi_k,
+            epsilon,
+            step,
+            iterations,
+            projection,
         )
 
     return AttackResult(
@@ -424,8 +450,9 @@ def run_attack(
         n_test=len(task.y_test),
         n_correct=len(correct),
         l2=setup.l2,
-        epsilon_levels=int(epsilon),
-        step_levels=int(step),
+        projection=projection,
+        epsilon_levels=float(epsilon),
+        step_levels=float(step),
         iterations=int(iterations),
         cnn=asdict(setup.cnn),
         grad_norm=setup.grad_norm,
@@ -450,9 +477,10 @@ def _multi_target(
     correct: np.ndarray,
     group_size: int,
     multi_k: Sequence[int],
-    epsilon: int,
-    step: int,
+    epsilon: float,
+    step: float,
     iterations: int,
+    projection: str,
 ) -> dict[str, Any]:
     """Paper Fig. 5: one set of perturbed training images against a group of similar test images.
 
@@ -478,6 +506,7 @@ def _multi_target(
             epsilon=epsilon,
             step=step,
             iterations=iterations,
+            projection=projection,
             stop_on_flip=False,
         )
         out["by_k"][str(k)] = {
@@ -493,6 +522,7 @@ def _multi_target(
 
 __all__ = [
     "PAPER",
+    "CELL_EDGE",
     "SCHEDULE",
     "AttackResult",
     "AttackRun",

@@ -16,6 +16,10 @@ from ..errors import InputError
 
 #: the panels of Fig. 2, in the figure's order
 PANELS = ("cg", "lissa", "cnn")
+#: the attack's projections Π (``AttackConfig.projection``)
+PROJECTIONS = ("same-8bit", "levels")
+#: (ε, α) in 8-bit levels when not given: the paper's for its Π, and one level a step within 8
+PROJECTION_DEFAULTS = {"same-8bit": (0.5, 0.02), "levels": (8, 1)}
 #: the inverse-HVP solvers ``run_mislabel`` takes (names of ``upweight.solvers.SOLVERS``)
 MISLABEL_SOLVERS = ("direct", "cg")
 
@@ -70,7 +74,7 @@ class Fig2Config:
     ``panels``: a non-empty subset of ``PANELS``. The logistic-regression panels (cg, lissa) use
     ``loo_k`` … ``refit_method`` (``run_logreg_panels``), the CNN panel the ``cnn_*`` fields
     (``run_cnn_panel``); ``seed`` seeds the subsampling, LiSSA and the CNN's initialisation and
-    batches.
+    batches. ``lissa_scale``: LiSSA's s (None: ``scale="auto"``).
     """
 
     panels: tuple[str, ...] = PANELS
@@ -80,6 +84,7 @@ class Fig2Config:
     lissa_depth: int = 5_000
     lissa_repeats: int = 10
     lissa_batch_size: int = 256
+    lissa_scale: float | None = None
     refit_method: str = "auto"
     cnn_loo_k: int = 100
     cnn_train_size: int | None = None
@@ -113,6 +118,8 @@ class Fig2Config:
             _count(self, name)
         for name in ("train_size", "cnn_train_size", "cnn_retrain_steps"):
             _count(self, name, optional=True)
+        if self.lissa_scale is not None:
+            _positive(self, "lissa_scale")
         _index(self, "test_index")
         _index(self, "cnn_test_index")
         _count(self, "seed", 0)
@@ -257,15 +264,20 @@ class AttackConfig(FeatureConfig):
     here. ``dataclasses.asdict`` of it is ``settings`` in results.json.
 
     ``targets``: attack the first n correctly classified test images (None: all, as the paper);
-    ``epsilon``: L∞ bound in 8-bit levels (1–255); ``step``: α in levels per iteration;
+    ``projection``: Π of the attack, "same-8bit" (the paper's: each pixel stays inside its own
+    8-bit quantisation cell, within ``epsilon`` ≤ 0.5 level of the original, at any real value)
+    or "levels" (every step lands on the 8-bit grid: whole levels, ``epsilon`` and ``step``
+    integers); ``epsilon``: L∞ bound in 8-bit levels (None: the projection's default, 0.5 or 8);
+    ``step``: α in levels per iteration (None: 0.02 or 1);
     ``iterations``: the cap per attack; ``max_k``: most training images perturbed per target;
     ``group_size``: test images of the multi-target attack (0 skips it); ``multi_k``: how many
     training images the multi-target attack perturbs.
     """
 
     targets: int | None = None
-    epsilon: int = 8
-    step: int = 1
+    projection: str = "same-8bit"
+    epsilon: float | None = None
+    step: float | None = None
     iterations: int = 100
     max_k: int = 10
     group_size: int = 30
@@ -274,8 +286,33 @@ class AttackConfig(FeatureConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         _count(self, "targets", optional=True)
-        _count(self, "epsilon", high=255)
-        for name in ("step", "iterations", "max_k"):
+        if self.projection not in PROJECTIONS:
+            raise _invalid(
+                self,
+                "projection",
+                f"must be one of {', '.join(PROJECTIONS)}; got {self.projection!r}.",
+            )
+        for name, default in zip(("epsilon", "step"), PROJECTION_DEFAULTS[self.projection]):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, default)
+        if self.projection == "levels":
+            for name in ("epsilon", "step"):  # 8.0 from the command line is 8 levels
+                v = getattr(self, name)
+                if isinstance(v, float) and v.is_integer():
+                    object.__setattr__(self, name, int(v))
+            _count(self, "epsilon", high=255)
+            _count(self, "step")
+        else:
+            eps = self.epsilon
+            if not _is_number(eps) or not 0 < eps <= 0.5:
+                raise _invalid(
+                    self,
+                    "epsilon",
+                    "must be a number in (0, 0.5] with projection='same-8bit' (the pixel stays in"
+                    f" its own 8-bit cell); got {eps!r}. For whole levels use projection='levels'.",
+                )
+            _positive(self, "step")
+        for name in ("iterations", "max_k"):
             _count(self, name)
         _count(self, "group_size", 0)
         multi_k = tuple(self.multi_k)
@@ -328,7 +365,8 @@ class MislabelConfig:
     models, ``refit_gtol`` of the checkpoint refits. ``min_df`` and ``vocab_size`` are how the
     emails become bag-of-words features (``load_enron``'s vectoriser, which the CLI applies before
     ``run_mislabel`` gets the data): the minimum document frequency of a word, and the most
-    frequent words kept (None: all).
+    frequent words kept (None: all); ``lemmatize``: vectorise spaCy lookup lemmas
+    (``load_enron(lemmatize=True)``) instead of scikit-learn's tokens.
     """
 
     l2: float = 1e-4
@@ -341,6 +379,7 @@ class MislabelConfig:
     refit_gtol: float = 1e-6
     min_df: int = 5
     vocab_size: int | None = None
+    lemmatize: bool = False
 
     def __post_init__(self) -> None:
         _positive(self, "l2")

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from ...cli._scheduler import open_executor
-from ..config import AttackConfig
+from ..config import PROJECTIONS, AttackConfig
 from ._common import markdown_table
 from ._common import say as _say
 from .compare_models import add_feature_arguments, build_setup, feature_config
@@ -43,13 +43,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         ),
     )
     p.add_argument(
-        "--epsilon",
-        type=int,
-        default=_D.epsilon,
-        help="L∞ bound in 8-bit levels: each pixel stays within epsilon/255 of the original",
+        "--projection",
+        choices=PROJECTIONS,
+        default=_D.projection,
+        help=(
+            "Π: 'same-8bit' (the paper's: each pixel stays in its own 8-bit cell, ε ≤ 0.5 level,"
+            " any real value) or 'levels' (whole 8-bit levels: integer --epsilon and --step, a"
+            " valid 8-bit image)"
+        ),
     )
     p.add_argument(
-        "--step", type=int, default=_D.step, help="α in 8-bit levels per iteration (α = step/255)"
+        "--epsilon",
+        type=float,
+        default=None,
+        help=(
+            "L∞ bound in 8-bit levels: each pixel stays within epsilon/255 of the original"
+            " (default: the paper's 0.5; with --projection levels an integer ≥ 1, default 8)"
+        ),
+    )
+    p.add_argument(
+        "--step",
+        type=float,
+        default=None,
+        help=(
+            "α in 8-bit levels per iteration, α = step/255 (default: the paper's 0.02; with"
+            " --projection levels an integer ≥ 1, default 1)"
+        ),
     )
     p.add_argument(
         "--iterations", type=int, default=_D.iterations, help="iterations per attack (paper: 100)"
@@ -91,7 +110,8 @@ def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     setup = build_setup(c, args.data)
     which = "all correctly classified" if c.targets is None else f"{c.targets}"
     _say(
-        f"attacking {which} test images: ε = {c.epsilon}/255, α = {c.step}/255, ≤ {c.iterations}"
+        f"attacking {which} test images: Π = {c.projection}, ε = {c.epsilon:g}/255,"
+        f" α = {c.step:g}/255, ≤ {c.iterations}"
         " iterations, k = 1, 1 (2nd), 2, 3, 5, 10 training images, exact retrain of the top layer"
         " after each step"
     )
@@ -139,7 +159,7 @@ def _figure(r: Any, task: Any, path: Path) -> Path:
             ),
             (
                 pert,
-                f"perturbed (L∞ = {run['linf_levels']}/255)\nretrained after each step",
+                f"perturbed (L∞ = {run['linf_levels']:.3g}/255)\nretrained after each step",
                 0,
                 1,
                 "gray_r",
@@ -177,7 +197,7 @@ def _figure(r: Any, task: Any, path: Path) -> Path:
         ours,
         0.4,
         color="#1f5fa8",
-        label=f"ours ({len(r.targets)} targets, ε = {r.epsilon_levels}/255)",
+        label=f"ours ({len(r.targets)} targets, ε = {r.epsilon_levels:g}/255)",
     )
     ax.bar(
         [i + 0.2 for i, k in enumerate(ks) if k in paper],
@@ -215,10 +235,14 @@ def _report(r: Any, paper: dict[str, Any]) -> str:
         ("targets attacked", f"{n}", f"{paper['n_correct']}"),
         (
             "perturbation bound (per pixel)",
-            f"±{r.epsilon_levels}/255, 8-bit result",
+            (
+                f"±{r.epsilon_levels:g}/255, same 8-bit representation"
+                if r.projection == "same-8bit"
+                else f"±{r.epsilon_levels:g}/255, whole levels (an 8-bit image)"
+            ),
             "±0.5/255 (same 8-bit representation)",
         ),
-        ("step α, iterations", f"{r.step_levels}/255, ≤ {r.iterations}", "0.02/255, 100"),
+        ("step α, iterations", f"{r.step_levels:g}/255, ≤ {r.iterations}", "0.02/255, 100"),
         (
             "flipped with 1 training image",
             f"{r.flips_by_k.get('1', 0)}/{n} ({fr.get('1', 0):.0%})",
@@ -252,7 +276,13 @@ def _report(r: Any, paper: dict[str, Any]) -> str:
                 f" stand-in for Inception v3) + logistic regression on its {r.cnn['n_features']}"
                 f" features (l2 = {r.l2:g}). For each target, the training images with the largest"
                 " ‖I_pert,loss‖₁ are perturbed by α·sign(I_pert,loss) (through the CNN to the"
-                " pixels), projected onto 8-bit images within ε of the original, and the top layer"
+                " pixels), projected back within ε of the original"
+                + (
+                    " inside each pixel's own 8-bit cell (the paper's Π)"
+                    if r.projection == "same-8bit"
+                    else " on the 8-bit grid (whole levels)"
+                )
+                + ", and the top layer"
                 " is retrained exactly after every step; k = 1 (first), 1 (second), 2, 3, 5, 10"
                 " images are tried in turn (release code)."
             ),

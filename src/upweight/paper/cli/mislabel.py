@@ -93,6 +93,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=_D.vocab_size,
         help="keep only the most frequent words (default: all with document frequency ≥ --min-df)",
     )
+    p.add_argument(
+        "--lemmatize",
+        action="store_true",
+        default=_D.lemmatize,
+        help="vectorise spaCy lookup lemmas of the alphabetic, non-stop, in-vocabulary tokens, as"
+        " the release did (needs: pip install upweight[lemma]); default: scikit-learn's tokeniser",
+    )
 
 
 def _config(args: argparse.Namespace) -> MislabelConfig:
@@ -109,11 +116,13 @@ def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
 
     c = _config(args)
     vectorizer = CountVectorizer(min_df=c.min_df, max_features=c.vocab_size)
-    data = load_enron(args.data, vectorizer=vectorizer)
+    lemmatize = c.lemmatize
+    data = load_enron(args.data, vectorizer=vectorizer, lemmatize=lemmatize)
     _say(
         "upweight reproduce mislabel — Koh & Liang (2017) §5.4 on Enron1:"
         f" {data.x_train.shape[0]:,} training / {data.x_test.shape[0]:,} test emails,"
         f" {data.x_train.shape[1]:,} bag-of-words features"
+        + (" (spaCy lookup lemmas)" if lemmatize else "")
     )
     r = run_mislabel(data, c, progress=not args.no_progress)
     _say(
@@ -250,7 +259,8 @@ def _report(r: Any, paper: dict[str, Any]) -> str:
         "",
         (
             "Binary logistic regression without intercept on bag-of-words counts (CountVectorizer"
-            f" min_df={c.min_df}{max_features}),"
+            f" min_df={c.min_df}{max_features}"
+            f"{' of spaCy lookup lemmas' if c.lemmatize else ''}),"
             f" l2 = {r.l2:g} (release script's weight decay), trained to the minimum in float64."
             f" Each repeat flips {r.n_flipped} random training labels, retrains, ranks the training"
             f" points by |self-influence| (solver: {r.solver}), by training loss, or at random,"
