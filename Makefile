@@ -8,7 +8,7 @@ VENV_BENCH  := .venv-bench
 BENCH_STAMP := $(VENV_BENCH)/.installed
 
 .PHONY: demo test docs docs-check gpu-check example-transformers bench bench-solvers bench-hvp bench-hvp-batch bench-batch-budget bench-embedding bench-floor-bound bench-threads bench-peers bench-peers-check bench-peers-w1 bench-peers-w2 bench-peers-w2-full bench-peers-w3-mlp bench-peers-w3-cnn bench-peers-w3-full bench-peers-w5 bench-peers-w5-k100 lint clean
-.PHONY: bench-peers-w4 bench-peers-w4-full
+.PHONY: bench-peers-w4 bench-peers-w4-k100 bench-peers-w4-full
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -130,6 +130,14 @@ W4_FULL_SAMPLED := uw-kfac-sampled-unchecked,uw-ekfac-sampled-unchecked
 W4_FULL_METHODS := $(W4_FULL_EXACT),$(W4_FULL_SAMPLED),kron-kfac,kron-ekfac
 bench-peers-w4: $(BENCH_STAMP)
 	$(PEERS) --workloads W4:2000 --w4-width 8 --n-test 10 --w4-ref-rtol 1e-6 --ref-maxiter 150 $(W4)
+
+# the same width-8 network with 100 test points: block CG on 100 right-hand sides costs about ten
+# times the K = 10 reference per iteration, so it is capped at 14 iterations (the section prints its
+# residual; its first 10 test points are the K = 10 ones). The rows without the residual check.
+W4_K100_METHODS := uw-kfac-unchecked,uw-ekfac-unchecked,uw-kfac-sampled-unchecked,uw-ekfac-sampled-unchecked,kron-kfac,kron-ekfac
+bench-peers-w4-k100: $(BENCH_STAMP)
+	$(PEERS) --workloads W4:2000 --w4-width 8 --n-test 100 --w4-ref-rtol 1e-6 --ref-maxiter 14 $(W4) \
+	  --methods $(W4_K100_METHODS)
 
 bench-peers-w4-full: $(BENCH_STAMP)
 	$(PEERS) --workloads W4:2000 --n-test 10 --no-reference --ref-max-seconds 1800 $(W4) \
