@@ -166,7 +166,7 @@ def spacy_lemmas(docs: list[str] | tuple[str, ...]) -> list[str]:
     download. This uses what ``pip install spacy spacy-lookups-data`` ships: spaCy's English
     tokeniser and stop words (as the release), its lookup lemmatiser (a word → lemma table, where
     the model used part-of-speech rules), and, for "out of vocabulary", absence from spaCy's
-    English word-probability table (``lexeme_prob``, 1,000,001 words).
+    English word-probability table (``lexeme_prob``).
     """
     try:
         import spacy
@@ -226,7 +226,7 @@ def load_enron(
     tokeniser instead (no spaCy), so the split sizes and the vectoriser settings match but the
     exact rows and vocabulary cannot (they depend on the listing order and the spaCy version). For a
     closer stand-in pass ``lemmatize=True`` (:func:`spacy_lemmas`: spaCy's tokeniser, stop words
-    and lookup lemmas; 4,875 words at min_df = 5 against the tokeniser's 7,211).
+    and lookup lemmas; docs/reproduction.md compares the two vocabularies).
 
     Args:
         path: the tarball (``enron1.tar.gz``: files ``<name>/ham/*.txt``, ``<name>/spam/*.txt``),

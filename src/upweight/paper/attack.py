@@ -53,7 +53,7 @@ from ..core.grads import pert_directions
 from ..errors import InputError
 from ..influence import Influence
 from ..solvers import Direct
-from .config import AttackConfig
+from .config import PROJECTIONS, AttackConfig
 from .features import FeatureSetup, check_setup, features_of, fit_top_layer
 from .toplayer import LogisticTopLayer
 
@@ -186,6 +186,11 @@ class TopLayerAttack:
         integers with ``projection="levels"``, reals within their original's cell with
         "same-8bit".
         """
+        if projection not in PROJECTIONS:
+            raise InputError(
+                f"TopLayerAttack.run: projection must be one of {', '.join(PROJECTIONS)}; got"
+                f" {projection!r}."
+            )
         targets, train = [int(t) for t in targets], [int(i) for i in train]
         base = self.levels[train].astype(np.float64)
         half = epsilon if projection == "levels" else min(float(epsilon), CELL_EDGE)
