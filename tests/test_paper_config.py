@@ -182,6 +182,7 @@ BAD = [
     (AttackConfig, {"targets": 0}, "targets must be ≥ 1"),
     (AttackConfig, {"group_size": -1}, "group_size must be ≥ 0"),
     (AttackConfig, {"multi_k": (0,)}, "multi_k must be integers ≥ 1"),
+    (MislabelConfig, {"lemmatize": "yes"}, "lemmatize must be True or False"),
     (MismatchConfig, {"l2": -1e-4}, "l2 must be a number ≥ 0"),
     (MismatchConfig, {"top": 0}, "top must be ≥ 1"),
     (MismatchConfig, {"baseline": "yes"}, "baseline must be True or False"),

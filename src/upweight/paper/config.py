@@ -402,3 +402,5 @@ class MislabelConfig:
         _positive(self, "refit_gtol")
         _count(self, "min_df")
         _count(self, "vocab_size", optional=True)
+        if not isinstance(self.lemmatize, bool):
+            raise _invalid(self, "lemmatize", f"must be True or False; got {self.lemmatize!r}.")
