@@ -51,6 +51,7 @@ _FEATURES = {
     "n_features": 14,
     "l2": 0.5,
     "seed": 6,
+    "extractor": "resnet",
 }
 #: experiment → a value other than the default for every field that has an option
 GIVEN = {
@@ -273,7 +274,7 @@ def test_compare_models_results_record_the_config(tmp_path):
 
 @pytest.mark.skipif(not (MNIST / "mnist.npz").is_file(), reason=f"the MNIST data is not at {MNIST}")
 def test_attack_results_record_the_config(tmp_path):
-    extra = {"targets": 1, "max_k": 1, "iterations": 3, "group_size": 0}
+    extra = {"targets": 1, "max_k": 1, "iterations": 3, "group_size": 0, "extractor": "resnet"}
     _settings_of_a_run(
         tmp_path,
         "attack",

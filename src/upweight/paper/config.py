@@ -16,6 +16,8 @@ from ..errors import InputError
 
 #: the panels of Fig. 2, in the figure's order
 PANELS = ("cg", "lissa", "cnn")
+#: the frozen feature extractors of §5.1–5.2 (``FeatureConfig.extractor``)
+EXTRACTORS = ("cnn", "resnet")
 #: the attack's projections Π (``AttackConfig.projection``)
 PROJECTIONS = ("same-8bit", "levels")
 #: (ε, α) in 8-bit levels when not given: the paper's for its Π, and one level a step within 8
@@ -200,7 +202,9 @@ class FeatureConfig:
     (``features.build_feature_model``): ``digits`` (first → +1), images per class for training
     and testing, the CNN's 10-class training images (outside the task's), epochs and feature
     size, the top layer's L2 strength (> 0) and the seed of the CNN's initialisation, shuffling
-    and image choice. The defaults are the paper's (release code's) settings.
+    and image choice. The defaults are the paper's (release code's) settings. ``extractor``: "cnn"
+    (two convolutions, ``features.FeatureCNN``) or "resnet" (a 13-convolution residual network,
+    ``features.FeatureResNet``).
     """
 
     digits: tuple[int, int] = (4, 9)
@@ -211,8 +215,15 @@ class FeatureConfig:
     n_features: int = 64
     l2: float = 1e-3
     seed: int = 0
+    extractor: str = "cnn"
 
     def __post_init__(self) -> None:
+        if self.extractor not in EXTRACTORS:
+            raise _invalid(
+                self,
+                "extractor",
+                f"must be one of {', '.join(EXTRACTORS)}; got {self.extractor!r}.",
+            )
         digits = tuple(self.digits)
         if (
             len(digits) != 2

@@ -27,6 +27,8 @@ OUTPUTS = ("attack.png", "report.md")  # written into --out (results.json is wri
 
 #: the options' defaults
 _D = AttackConfig()
+#: how the report names each extractor
+_NET_NAMES = {"cnn": "CNN", "resnet": "residual network (13 convolutions)"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -272,7 +274,8 @@ def _report(r: Any, paper: dict[str, Any]) -> str:
             "# Training-set attacks (Koh & Liang 2017, §5.2)",
             "",
             (
-                f"Frozen feature CNN (trained here on {r.cnn['n_images']:,} 10-class MNIST images;"
+                f"Frozen feature {_NET_NAMES[r.cnn.get('extractor', 'cnn')]} (trained here on"
+                f" {r.cnn['n_images']:,} 10-class MNIST images;"
                 f" stand-in for Inception v3) + logistic regression on its {r.cnn['n_features']}"
                 f" features (l2 = {r.l2:g}). For each target, the training images with the largest"
                 " ‖I_pert,loss‖₁ are perturbed by α·sign(I_pert,loss) (through the CNN to the"

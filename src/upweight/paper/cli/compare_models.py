@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from ... import errors
-from ..config import CompareModelsConfig, FeatureConfig
+from ..config import EXTRACTORS, CompareModelsConfig, FeatureConfig
 from ._common import C, config_from_args, markdown_table
 from ._common import say as _say
 
@@ -68,6 +68,12 @@ def add_feature_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--l2", type=float, default=d.l2, help="L2 strength of the top layer (release code: 0.001)"
+    )
+    p.add_argument(
+        "--extractor",
+        choices=EXTRACTORS,
+        default=d.extractor,
+        help="the frozen feature network: 'cnn' (two convolutions) or 'resnet' (13 convolutions)",
     )
     p.add_argument(
         "--seed",
