@@ -216,7 +216,7 @@ def train_feature_cnn(
         Xe = torch.as_tensor(np.asarray(x_eval, dtype=np.float32))
         with torch.no_grad():
             pred = torch.cat([net(Xe[i : i + 2048]).argmax(1) for i in range(0, len(Xe), 2048)])
-        acc = float((pred.numpy() == np.asarray(y_eval)).mean())
+        acc = float((pred.cpu().numpy() == np.asarray(y_eval)).mean())
     net = net.double().eval()
     for p in net.parameters():
         p.requires_grad_(False)
