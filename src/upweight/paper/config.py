@@ -16,8 +16,8 @@ from ..errors import InputError
 
 #: the panels of Fig. 2, in the figure's order
 PANELS = ("cg", "lissa", "cnn")
-#: the frozen feature extractors of §5.1–5.2 (``FeatureConfig.extractor``)
-EXTRACTORS = ("cnn", "resnet")
+#: the frozen feature extractors of §5.1–5.2 (``FeatureConfig.extractor``) and how reports name them
+EXTRACTORS = {"cnn": "CNN", "resnet": "residual network (13 convolutions)"}
 #: the attack's projections Π (``AttackConfig.projection``)
 PROJECTIONS = ("same-8bit", "levels")
 #: (ε, α) in 8-bit levels when not given: the paper's for its Π, and one level a step within 8

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from ...cli._scheduler import open_executor
-from ..config import PROJECTIONS, AttackConfig
+from ..config import EXTRACTORS, PROJECTIONS, AttackConfig
 from ._common import markdown_table
 from ._common import say as _say
 from .compare_models import add_feature_arguments, build_setup, feature_config
@@ -27,8 +27,6 @@ OUTPUTS = ("attack.png", "report.md")  # written into --out (results.json is wri
 
 #: the options' defaults
 _D = AttackConfig()
-#: how the report names each extractor
-_NET_NAMES = {"cnn": "CNN", "resnet": "residual network (13 convolutions)"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -274,7 +272,7 @@ def _report(r: Any, paper: dict[str, Any]) -> str:
             "# Training-set attacks (Koh & Liang 2017, §5.2)",
             "",
             (
-                f"Frozen feature {_NET_NAMES[r.cnn.get('extractor', 'cnn')]} (trained here on"
+                f"Frozen feature {EXTRACTORS[r.cnn.get('extractor', 'cnn')]} (trained here on"
                 f" {r.cnn['n_images']:,} 10-class MNIST images;"
                 f" stand-in for Inception v3) + logistic regression on its {r.cnn['n_features']}"
                 f" features (l2 = {r.l2:g}). For each target, the training images with the largest"

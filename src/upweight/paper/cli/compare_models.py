@@ -157,13 +157,13 @@ def build_setup(config: FeatureConfig, data_path: str) -> Any:
     data = load_mnist(data_path)
     c = config
     _say(
-        f"training the feature CNN on {c.cnn_images:,} 10-class MNIST images "
+        f"training the feature {EXTRACTORS[c.extractor]} on {c.cnn_images:,} 10-class MNIST images "
         f"({c.cnn_epochs} epochs, {c.n_features} features, seed {c.seed}) …"
     )
     setup = build_feature_model(data, c)
     acc = float((np.sign(setup.test_scores()) == setup.task.y_test).mean())
     _say(
-        f"CNN: {setup.cnn.seconds:.1f}s, 10-class test accuracy"
+        f"{EXTRACTORS[c.extractor]}: {setup.cnn.seconds:.1f}s, 10-class test accuracy"
         f" {setup.cnn.test_accuracy_10class:.4f}; task {c.digits[0]} vs {c.digits[1]}:"
         f" {len(setup.task.y_train):,} train / {len(setup.task.y_test):,} test; top layer"
         f" (l2={c.l2:g}, ‖∇R‖ = {setup.grad_norm:.1e}) test accuracy {acc:.4f}"
@@ -315,7 +315,8 @@ def _report(r: Any, paper: dict[str, Any]) -> str:
             "# Two models, one test image (Koh & Liang 2017, §5.1, Fig. 4)",
             "",
             (
-                "Stand-in for Inception v3 on dog vs fish: a small CNN trained here on"
+                "Stand-in for Inception v3 on dog vs fish: a small"
+                f" {EXTRACTORS[r.cnn.get('extractor', 'cnn')]} trained here on"
                 f" {r.cnn['n_images']:,} 10-class MNIST images ({r.cnn['epochs']} epochs, 10-class"
                 f" test accuracy {r.cnn['test_accuracy_10class']:.4f}), frozen; logistic regression"
                 f" on its {r.cnn['n_features']} features (θ = the top layer only). RBF SVM on raw"
