@@ -17,10 +17,14 @@ of ``Influence(...).fit(train).up_loss(test)``) under one thread setting:
 * ``torch 1`` / ``torch 2``: ``torch.set_num_threads(1 or 2)`` and ``upweight.set_threads("torch")``
   in the child before anything else (upweight leaves torch's setting alone);
 * ``default``: torch's default threads and upweight's default rule (``upweight._threads``: one
-  intra-op thread inside upweight's work where p·n is small).
+  intra-op thread inside upweight's work where p·n is small, and no more threads than the cores
+  other work leaves free);
+* ``before`` (with ``--before-src DIR``): ``default`` with the upweight package of another checkout
+  (e.g. ``git worktree add /tmp/before HEAD~1``), for a before/after comparison in one run.
 
-Background load (``--load``): one busy child process per usable core, each multiplying 256×256 numpy
-matrices in a loop with a single BLAS thread, started before the query's child and stopped after it.
+Background load (``--loads``): ``idle``; ``half`` = one busy child process per two usable cores
+(at least one); ``loaded`` = one per usable core. Each multiplies 256×256 numpy matrices in a loop
+with a single BLAS thread, started before the query's child and stopped after it.
 
 Section ``cg-residual``: block CG (K = 100 right-hand sides, the MNIST-5k problem) with the final
 true residual measured on all K columns (``residual_sample=K``) against the default sample, and the
@@ -54,6 +58,7 @@ L2 = 0.01
 N_TEST = 10
 QUERIES = ("digits-direct", "digits-cg", "mnist5k-cg")
 MODES = ("torch 1", "torch 2", "default")
+LOADS = ("idle", "half", "loaded")
 T_START = time.perf_counter()
 
 
@@ -152,7 +157,8 @@ def start_load(n: int) -> list[subprocess.Popen]:
         "MKL_NUM_THREADS": "1",
     }
     procs = [subprocess.Popen([sys.executable, "-c", LOAD_CODE], env=env) for _ in range(n)]
-    time.sleep(1.0)
+    if procs:
+        time.sleep(1.0)
     return procs
 
 
@@ -163,9 +169,14 @@ def stop_load(procs: list[subprocess.Popen]) -> None:
         p.wait()
 
 
+def load_procs(load: str, usable: int) -> int:
+    """Busy background processes for the load named ``load`` (one of ``LOADS``)."""
+    return {"idle": 0, "half": max(1, usable // 2), "loaded": usable}[load]
+
+
 def run_child(query: str, mode: str, params: Path, args: argparse.Namespace) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "UPWEIGHT_THREADS")}
-    env["PYTHONPATH"] = str(REPO / "src")
+    env["PYTHONPATH"] = str(Path(args.before_src) if mode == "before" else REPO / "src")
     if mode.startswith("torch "):
         env["UPWEIGHT_THREADS"] = "torch"
     cmd = [
@@ -232,6 +243,7 @@ def cg_residual(args: argparse.Namespace, params: Path) -> dict:
 def render(results: dict, machine: dict[str, str], command: str) -> str:
     from _sections import embed_json
 
+    modes = [*MODES, "before"] if results.get("before_commit") else list(MODES)
     lines = [
         "## Intra-op threads on a busy machine (`bench/bench_threads.py`)",
         "",
@@ -246,17 +258,26 @@ def render(results: dict, machine: dict[str, str], command: str) -> str:
             f" solver).fit(train).up_loss(test)` (K = {N_TEST}), seconds, in a fresh process after"
             " one warm-up run; `torch N` = `torch.set_num_threads(N)` first and upweight leaving"
             " it alone (`UPWEIGHT_THREADS=torch`), `default` = torch's default threads and"
-            " upweight's default rule (one intra-op thread where p·n is small). Loaded = one busy"
-            " numpy process per usable core."
+            " upweight's default rule (one intra-op thread where p·n is small, no more threads"
+            " than the cores other work leaves free)"
+            + (
+                f", `before` = the same with the package at {results['before_commit']}"
+                if results.get("before_commit")
+                else ""
+            )
+            + ". Load: `half` = one busy numpy process per two usable cores, `loaded` = one per"
+            " usable core."
         ),
         "",
-        "| query | load | " + " | ".join(MODES) + " |",
-        "|---|---|" + "---:|" * len(MODES),
+        "| query | load | " + " | ".join(modes) + " |",
+        "|---|---|" + "---:|" * len(modes),
     ]
     for q in QUERIES:
-        for load in ("idle", "loaded"):
+        for load in LOADS:
+            if not any(f"{q}|{load}|{m}" in results["runs"] for m in modes):
+                continue
             cells = []
-            for m in MODES:
+            for m in modes:
                 r = results["runs"].get(f"{q}|{load}|{m}")
                 cells.append(f"{min(r['times']):.3f}" if r else "–")
             lines.append(f"| {q} | {load} | " + " | ".join(cells) + " |")
@@ -300,8 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--queries", default=",".join(QUERIES))
     ap.add_argument("--modes", default=",".join(MODES))
-    ap.add_argument("--loads", default="idle,loaded")
-    ap.add_argument("--load-procs", type=int, default=len(os.sched_getaffinity(0)))
+    ap.add_argument("--loads", default=",".join(LOADS))
+    ap.add_argument("--before-src", help="the src/ folder of another checkout: adds mode 'before'")
     ap.add_argument("--skip-cg-residual", action="store_true")
     ap.add_argument("--timeout", type=float, default=300)
     # child
@@ -318,12 +339,22 @@ def main(argv: list[str] | None = None) -> int:
 
     machine = machine_info()
     results: dict = {"repeats": args.repeats, "runs": {}}
+    modes = args.modes.split(",")
+    if args.before_src:
+        results["before_commit"] = subprocess.run(
+            ["git", "-C", args.before_src, "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        modes.append("before")
     params = {w: trained(w, args.mnist) for w in ("digits", "mnist")}
+    usable = len(os.sched_getaffinity(0))
     for load in args.loads.split(","):
-        procs = start_load(args.load_procs) if load == "loaded" else []
+        procs = start_load(load_procs(load, usable))
         try:
             for q in args.queries.split(","):
-                for m in args.modes.split(","):
+                for m in modes:
                     r = run_child(
                         q, m, params["digits" if q.startswith("digits") else "mnist"], args
                     )

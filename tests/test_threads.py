@@ -3,6 +3,10 @@ after."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -58,10 +62,49 @@ def test_auto_uses_one_thread_for_a_small_problem_and_restores(curvature, monkey
     assert torch.get_num_threads() == 2
 
 
-def test_auto_leaves_a_large_problem_alone(curvature, monkeypatch):
+def test_auto_leaves_a_large_problem_alone_on_an_idle_machine(curvature, monkeypatch):
     monkeypatch.setattr(_threads, "SMALL_WORK", 1)
+    monkeypatch.setattr(_threads, "free_cores", lambda: 8.0)
     torch.set_num_threads(2)
     assert set(_threads_seen_by_cg(curvature, monkeypatch)) == {2}
+
+
+@pytest.mark.parametrize(
+    ("free", "torch_threads", "expected"),
+    [(0.0, 2, 1), (0.4, 4, 1), (1.0, 4, 1), (2.6, 4, 3), (3.0, 3, 3), (None, 3, 3)],
+)
+def test_auto_gives_a_large_problem_the_free_cores(
+    curvature, monkeypatch, free, torch_threads, expected
+):
+    monkeypatch.setattr(_threads, "SMALL_WORK", 1)
+    monkeypatch.setattr(_threads, "free_cores", lambda: free)
+    torch.set_num_threads(torch_threads)
+    assert set(_threads_seen_by_cg(curvature, monkeypatch)) == {expected}
+    assert torch.get_num_threads() == torch_threads
+
+
+BUSY = "import sys\nprint('ready', flush=True)\nwhile True:\n    pass\n"
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/loadavg"), reason="no /proc/loadavg (not Linux)")
+def test_free_cores_counts_other_busy_processes():
+    usable = len(os.sched_getaffinity(0))
+    n = min(usable, 4)
+    procs = [
+        subprocess.Popen([sys.executable, "-c", BUSY], stdout=subprocess.PIPE, text=True)
+        for _ in range(n)
+    ]
+    try:
+        for p in procs:
+            assert p.stdout.readline().strip() == "ready"
+        free = _threads.free_cores()
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    # each busy process is always running or runnable; taken as spread over all the machine's cores
+    assert free is not None
+    assert free <= usable - n * usable / max(os.cpu_count(), usable) + 1e-9
 
 
 def test_torch_setting_never_touches_torch(curvature, monkeypatch):

@@ -9,8 +9,9 @@ from a second thread — can run far slower than on one thread (``bench/RESULTS.
 The setting, one of:
 
 * ``"auto"`` (the default): a computation of upweight that knows its size — p parameters times n
-  training points — runs on one intra-op thread when p·n < ``SMALL_WORK``, and leaves torch's
-  setting alone otherwise;
+  training points — runs on one intra-op thread when p·n < ``SMALL_WORK``; a larger one runs on
+  torch's setting, lowered to the cores that other work leaves free (``free_cores``: on Linux, the
+  tasks running elsewhere on the machine, counted when the computation starts) and at least one;
 * a positive int N: N intra-op threads inside upweight's computations, whatever their size;
 * ``"torch"``: never touch torch's setting.
 
@@ -27,8 +28,10 @@ restore it, so the last to finish wins; set ``"torch"`` there and choose torch's
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Literal, Union
 
 import torch
@@ -63,7 +66,8 @@ def _check(value: object, source: str) -> ThreadSetting:
 
 def set_threads(n: ThreadSetting) -> None:
     """Set how many intra-op threads torch uses inside upweight's computations: a positive int,
-    ``"auto"`` (one thread for small problems, p·n < ``SMALL_WORK``; torch's setting for the rest)
+    ``"auto"`` (one thread for small problems, p·n < ``SMALL_WORK``; for the rest torch's setting,
+    lowered to the cores that other work leaves free)
     or ``"torch"`` (leave torch's setting alone). Overrides ``UPWEIGHT_THREADS``. torch's own
     setting outside upweight's calls is not changed.
 
@@ -88,15 +92,60 @@ def get_threads() -> ThreadSetting:
     return _check(env, f"The environment variable {ENV}")
 
 
+def _own_running() -> int:
+    """How many of this process's threads are running or runnable now (Linux ``/proc``)."""
+    n = 0
+    for stat in Path("/proc/self/task").glob("*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:  # the thread ended meanwhile
+            continue
+        n += text[text.rfind(")") + 2 :].startswith("R")  # the state follows "(name) "
+    return n
+
+
+def free_cores(samples: int = 3, gap: float = 0.001) -> float | None:
+    """The usable cores (``os.sched_getaffinity``) that other work leaves free now, or ``None``
+    where the platform does not say (no ``/proc/loadavg``).
+
+    Other work = the tasks running or runnable on the whole machine (``/proc/loadavg``'s fourth
+    field) less this process's own threads (counted just before and just after it, the larger), the
+    fewest of ``samples`` readings ``gap`` seconds apart: a task that runs for a moment is not load.
+    The readings take a few milliseconds, so only computations too large for one thread make them.
+    Where the process may use only some of the machine's cores (a container's cpuset), that work is
+    taken to be spread evenly: its share on our cores is others × usable / ``os.cpu_count()``.
+    """
+    try:
+        readings = []
+        for i in range(max(1, samples)):
+            if i:
+                time.sleep(gap)
+            before = _own_running()
+            running = int(Path("/proc/loadavg").read_text().split()[3].split("/")[0])
+            readings.append(running - max(before, _own_running()))
+        others = min(readings)
+        usable = len(os.sched_getaffinity(0))
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+    share = max(others, 0) * usable / max(os.cpu_count() or usable, usable)
+    return max(usable - share, 0.0)
+
+
 def _resolve(work: float | None) -> int | None:
     """The intra-op threads for a computation of size ``work`` (p·n; ``None`` or ≤ 0 if unknown), or
     ``None`` to leave torch's setting."""
     setting = get_threads()
     if setting == "torch":
         return None
-    if setting == "auto":
-        return 1 if work is not None and 0 < work < SMALL_WORK else None
-    return int(setting)
+    if setting != "auto":
+        return int(setting)
+    if work is not None and 0 < work < SMALL_WORK:
+        return 1
+    current = torch.get_num_threads()
+    free = free_cores() if current > 1 else None
+    if free is None or free >= current:
+        return None
+    return max(1, int(free + 0.5))
 
 
 @contextmanager
