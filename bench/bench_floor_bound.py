@@ -66,8 +66,15 @@ from upweight.solvers.base import InverseHVPSolver
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE / "peers"))
-from _sections import embed_json, replace_section  # noqa: E402
-from bench_peers import L2, closed_form_reference, load_workload, time_floor, train  # noqa: E402
+from _sections import embed_json, read_sections, replace_section  # noqa: E402
+from bench_peers import (  # noqa: E402
+    L2,
+    closed_form_reference,
+    load_workload,
+    render_summary,
+    time_floor,
+    train,
+)
 from bench_solvers import machine_info  # noqa: E402
 
 SECTION = "floor-bound"
@@ -588,6 +595,8 @@ def main(argv: list[str] | None = None) -> None:
     print(text)
     if args.out:
         replace_section(args.out, SECTION, text)
+        if "peers-summary" in read_sections(args.out):  # it quotes this section's bounds
+            replace_section(args.out, "peers-summary", render_summary(Path(args.out)))
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ import torch
 import upweight as uw
 from conftest import requires_data, shared_data
 from upweight.cli.main import build_parser, main
+from upweight.paper import fig2
 from upweight.paper.config import Fig2Config
 from upweight.paper.fig2 import (
     AllConvTanh,
@@ -33,6 +34,7 @@ from upweight.paper.fig2 import (
     NewtonRefitter,
     fit_logreg,
     multinomial_hessian,
+    release_lr_factor,
     run_logreg_panels,
 )
 
@@ -183,6 +185,8 @@ def test_cli_options_are_the_config_fields_with_its_defaults():
         "cnn_loo_k": 5,
         "cnn_train_size": 40,
         "cnn_train_steps": 17,
+        "cnn_train_lr": 0.02,
+        "cnn_train_schedule": "release",
         "cnn_retrain_steps": 19,
         "cnn_retrain_lr": 0.5,
         "cnn_retrain": "momentum",
@@ -198,10 +202,84 @@ def test_cli_options_are_the_config_fields_with_its_defaults():
                 str(value),
             ]
     assert _config(parse(argv)) == Fig2Config(**given)
-    # every field but the CNN's training rate (the paper's, fixed) is an option
-    assert {f.name for f in dataclasses.fields(Fig2Config)} - set(given) == {"cnn_train_lr"}
+    assert {f.name for f in dataclasses.fields(Fig2Config)} == set(given)  # every field an option
     with pytest.raises(uw.errors.InputError, match="comma-separated subset"):
         Fig2Config(panels=("svm",))
+
+
+def test_release_schedule_is_the_release_codes_decay():
+    """5,500 images in batches of 500 = 11 steps per epoch: the rate falls tenfold at epoch 10,000
+    (step 110,000) and again at epoch 20,000 (step 220,000) of the 500,000 steps."""
+    f = [release_lr_factor(s, 5_500, 500) for s in (0, 109_999, 110_000, 219_999, 220_000, 499_999)]
+    assert f == [1.0, 1.0, 0.1, 0.1, 0.01, 0.01]
+    assert release_lr_factor(25, 20, 10) == 1.0  # 2 steps per epoch: epoch 12 < 10,000
+
+
+def test_train_cnn_follows_the_schedule(monkeypatch):
+    """With the decay moved to epochs 2 and 4 (2 steps per epoch): after 5 steps Adam's rate is a
+    tenth of the initial one, after 10 steps a hundredth; "constant" keeps it."""
+    monkeypatch.setattr(fig2, "RELEASE_DECAY_EPOCHS", (2, 4))
+    g = torch.Generator().manual_seed(0)
+    X, y = torch.rand(20, 784, generator=g), torch.randint(10, (20,), generator=g)
+    kw = {"l2": 1e-3, "lr": 1e-2, "batch_size": 10, "seed": 0, "progress": False}
+    for steps, schedule, factor in [
+        (3, "release", 1.0),
+        (5, "release", 0.1),
+        (10, "release", 0.01),
+        (10, "constant", 1.0),
+    ]:
+        _, state = fig2.train_cnn(X, y, steps=steps, schedule=schedule, **kw)
+        assert state["param_groups"][0]["lr"] == pytest.approx(1e-2 * factor), (steps, schedule)
+    with pytest.raises(uw.errors.InputError, match="cnn-train-schedule"):
+        fig2.train_cnn(X, y, steps=1, schedule="cosine", **kw)
+    with pytest.raises(uw.errors.InputError, match="cnn_train_schedule must be"):
+        Fig2Config(cnn_train_schedule="cosine")
+
+
+CUDA = pytest.param(
+    "cuda",
+    marks=pytest.mark.skipif(
+        not torch.cuda.is_available(),
+        reason="no CUDA device here: the GPU path is checked by make gpu-check",
+    ),
+)
+
+
+@pytest.mark.parametrize("device", [CUDA])
+def test_cnn_panel_on_a_device_agrees_with_the_cpu(device, monkeypatch):
+    """The CNN panel with --device: θ̃, influence and retrainings on the device (same batches, same
+    initialisation) give the CPU's test loss and predictions to float32 accuracy."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    from upweight.datasets import load_mnist
+
+    data = load_mnist(DATA, subset="small10pct")
+    kw = {
+        "loo_k": 5,
+        "train_size": 150,
+        "train_steps": 60,
+        "retrain": "momentum",
+        "retrain_steps": 10,
+        "progress": False,
+    }
+    cpu_panel, cpu = fig2.run_cnn_panel(data, **kw)
+    dev_panel, dev = fig2.run_cnn_panel(data, device=device, **kw)
+    assert dev["device"].startswith("cuda") and cpu["device"] == "cpu"
+    assert dev["test_index"] == cpu["test_index"]
+    assert dev["test_loss"] == pytest.approx(cpu["test_loss"], rel=1e-3)
+    assert dev_panel.train_ids == cpu_panel.train_ids
+    np.testing.assert_allclose(dev_panel.predicted, cpu_panel.predicted, rtol=1e-2, atol=1e-6)
+
+
+def test_device_option_is_checked_before_any_work(tmp_path, capsys):
+    argv = ["reproduce", "fig2", "--data", str(DATA), "--out", str(tmp_path / "o"), "--panels"]
+    assert main([*argv, "cnn", "--device", "gpu"]) == 2
+    assert "--device 'gpu': not a torch device name" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main([*argv, "cnn", "--device", "cuda"]) == 2
+        err = capsys.readouterr().err
+        assert "0 CUDA device(s)" in err and "--device cpu" in err
+    assert not (tmp_path / "o").exists()  # refused before the output folder was made
 
 
 def test_bad_panel_name_is_an_input_error(tmp_path, capsys):

@@ -1986,6 +1986,7 @@ def render_summary(path: Path) -> str:
                 f" Spearman ≥ {ACCURATE}, {uw['name']} ({uw['settings']}), {uw['time_s']:.2f} s ="
                 f" {x:.1f}× the floor ({d['floor_s']:.3f} s).{why}"
             )
+    out += bound_targets(bounds)
     for d in (d for d in data if d["key"].startswith("W4")):
         out.append(w4_target(d))
     for d in (d for d in data if d["key"].startswith("W5")):
@@ -1994,6 +1995,24 @@ def render_summary(path: Path) -> str:
     for d in data:
         out += [f"#### {d['title']}", "", *best_table(d["rows"])]
     return "\n".join(out)
+
+
+def bound_targets(bounds: dict) -> list[str]:
+    """Issue 24's targets, as section ``floor-bound`` measured them: upweight's whole query within
+    1.3× (W2) / 1.5× (W1) of the bound of its kind, the query and the bound timed in one run."""
+    out = []
+    for key, b in bounds.items():
+        for t in b.get("targets", []):
+            ratio = "–" if t["ratio"] is None else f"{t['ratio']:.2f}×"
+            own = t.get("ratio_at_iterations")
+            at = "" if own is None else f"; {own:.2f}× the products of the iterations it took"
+            out.append(
+                f"- **whole query ≤ {t['limit']:g}× its bound** ({key}, `{t['method']}` against the"
+                f" {t['against']} bound): **{'met' if t['met'] else 'NOT met'}** —"
+                f" {t['seconds']:.3f} s = {ratio} the bound ({t['bound']:.3f} s), Spearman"
+                f" {t['spearman']:.4f}{at} (section `floor-bound`, one run)."
+            )
+    return out
 
 
 def w5_target(d: dict) -> str:

@@ -76,7 +76,8 @@ class Fig2Config:
     ``panels``: a non-empty subset of ``PANELS``. The logistic-regression panels (cg, lissa) use
     ``loo_k`` … ``refit_method`` (``run_logreg_panels``), the CNN panel the ``cnn_*`` fields
     (``run_cnn_panel``); ``seed`` seeds the subsampling, LiSSA and the CNN's initialisation and
-    batches. ``lissa_scale``: LiSSA's s (None: ``scale="auto"``).
+    batches. ``lissa_scale``: LiSSA's s (None: ``scale="auto"``). ``cnn_train_schedule``: θ̃'s
+    learning rate, "constant" or "release" (the release code's decay, ``fig2.release_lr_factor``).
     """
 
     panels: tuple[str, ...] = PANELS
@@ -92,6 +93,7 @@ class Fig2Config:
     cnn_train_size: int | None = None
     cnn_train_steps: int = 3_000
     cnn_train_lr: float = 3e-3
+    cnn_train_schedule: str = "constant"
     cnn_retrain_steps: int | None = None
     cnn_retrain_lr: float | None = None
     cnn_retrain: str = "adam"
@@ -134,6 +136,12 @@ class Fig2Config:
                 self,
                 "refit_method",
                 f"must be 'auto', 'newton' or 'lbfgs'; got {self.refit_method!r}.",
+            )
+        if self.cnn_train_schedule not in ("constant", "release"):
+            raise _invalid(
+                self,
+                "cnn_train_schedule",
+                f"must be 'constant' or 'release'; got {self.cnn_train_schedule!r}.",
             )
         if self.cnn_retrain not in ("adam", "momentum"):
             raise _invalid(

@@ -467,6 +467,23 @@ def _weight_decay(model: nn.Module, l2: float) -> torch.Tensor:
     )
 
 
+#: the release code's learning-rate decay: ×0.1 from the first epoch here, ×0.01 from the second
+RELEASE_DECAY_EPOCHS = (10_000, 20_000)
+
+#: how ``train_cnn``'s learning rate moves: "constant", or "release" (``release_lr_factor``)
+SCHEDULES = ("constant", "release")
+
+
+def release_lr_factor(step: int, n: int, batch_size: int) -> float:
+    """The release code's learning-rate multiplier at ``step`` (``genericNeuralNet``'s
+    ``update_learning_rate``): 1 before epoch 10,000, 0.1 before epoch 20,000, 0.01 after, where an
+    epoch is ⌊n / batch_size⌋ steps (11 for the paper's 5,500 images in batches of 500: the rate
+    falls at steps 110,000 and 220,000 of the 500,000)."""
+    epoch = step // max(n // batch_size, 1)
+    first, second = RELEASE_DECAY_EPOCHS
+    return 1.0 if epoch < first else 0.1 if epoch < second else 0.01
+
+
 def train_cnn(
     X: torch.Tensor,
     y: torch.Tensor,
@@ -476,22 +493,31 @@ def train_cnn(
     lr: float,
     batch_size: int,
     seed: int,
+    schedule: str = "constant",
     progress: bool = True,
 ) -> tuple[AllConvTanh, dict[str, Any]]:
     """Adam on minibatches (the paper's optimiser and batch size 500), stopped after ``steps``: θ̃,
     and the optimiser's state (its moment estimates), which the release code's retraining resumes.
+    ``schedule``: "constant" (``lr`` throughout) or "release" (``lr`` × ``release_lr_factor``, the
+    release code's decay). The network is built on ``X``'s device, where it trains.
     """
+    if schedule not in SCHEDULES:
+        raise InputError(f"--cnn-train-schedule must be one of {SCHEDULES}; got {schedule!r}.")
     torch.manual_seed(seed)
-    model = AllConvTanh()
+    model = AllConvTanh().to(X.device)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    gen = torch.Generator().manual_seed(seed)
     n = len(y)
+    decay = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda step: 1.0 if schedule == "constant" else release_lr_factor(step, n, batch_size)
+    )
+    gen = torch.Generator().manual_seed(seed)  # on the CPU: the same batches on every device
     for _ in _progress(range(steps), desc="training the CNN", enabled=progress):
-        idx = torch.randint(n, (min(batch_size, n),), generator=gen)
+        idx = torch.randint(n, (min(batch_size, n),), generator=gen).to(X.device)
         loss = nn.functional.cross_entropy(model(X[idx]), y[idx]) + _weight_decay(model, l2)
         opt.zero_grad()
         loss.backward()
         opt.step()
+        decay.step()
     return model.eval(), opt.state_dict()
 
 
@@ -542,7 +568,7 @@ class MinibatchAdamRetrainer:
 
         def batch_loss() -> torch.Tensor:
             idx = row[torch.randint(n, (min(self.batch_size, n),), generator=gen)]
-            idx = idx[idx >= 0]
+            idx = idx[idx >= 0].to(data.X.device)
             loss = (
                 nn.functional.cross_entropy(self.model(data.X[idx]), data.y[idx], reduction="sum")
                 / self.batch_size
@@ -622,12 +648,19 @@ def run_cnn_panel(
     retrain_lr: float | None = None,
     retrain: str = "adam",
     test_index: int | None = None,
+    train_schedule: str = "constant",
     seed: int = 0,
     progress: bool = True,
     store: StoreLike = None,
     executor: Executor | None = None,
+    device: str | torch.device = "cpu",
 ) -> tuple[Fig2Panel, dict[str, Any]]:
     """Fig. 2 right: the non-convex, non-converged CNN with damping (§4.2).
+
+    θ̃: ``train_steps`` Adam steps at ``train_lr`` with ``train_schedule`` (``train_cnn``); the
+    paper's is 500,000 steps at 1e-4 with the release code's decay (``"release"``). ``device``:
+    where the network, the data, the influence computation and every retraining run (e.g.
+    ``"cuda"``); the minibatches are drawn on the CPU, so they are the same on every device.
 
     ``retrain``: "adam" — ``MinibatchAdamRetrainer``, the release code's protocol (default 1,000
     steps at lr = 1% of ``train_lr``, as the release code's decayed rate: each parameter moves at
@@ -650,6 +683,8 @@ def run_cnn_panel(
         raise InputError(f"--cnn-loo-k must be between 3 and the {n} training points; got {loo_k}.")
     Xt = torch.tensor(data.x_test, dtype=torch.float32).reshape(len(data.x_test), -1)
     yt = torch.tensor(data.y_test, dtype=torch.int64)
+    device = torch.device(device)
+    X, y, Xt, yt = X.to(device), y.to(device), Xt.to(device), yt.to(device)
     t0 = time.perf_counter()
     model, adam_state = train_cnn(
         X,
@@ -659,6 +694,7 @@ def run_cnn_panel(
         lr=train_lr,
         batch_size=batch_size,
         seed=seed,
+        schedule=train_schedule,
         progress=progress,
     )
     train_seconds = time.perf_counter() - t0
@@ -734,6 +770,8 @@ def run_cnn_panel(
         "l2": l2,
         "train_steps": train_steps,
         "train_lr": train_lr,
+        "train_schedule": train_schedule,
+        "device": str(device),
         "batch_size": batch_size,
         "train_seconds": train_seconds,
         "train_loss": train_loss,
@@ -786,6 +824,7 @@ def run_fig2(
     store: str | os.PathLike[str] | None = None,
     fresh: bool = False,
     executor: Executor | None = None,
+    device: str | torch.device = "cpu",
 ) -> Fig2Result:
     """All panels of Fig. 2 that ``config`` (default ``Fig2Config()``: the paper's settings) asks
     for.
@@ -794,7 +833,8 @@ def run_fig2(
     (either may be None if its panels are not requested). ``store``: a folder that keeps every
     leave-one-out retraining as it finishes, ``<store>/logreg`` and ``<store>/cnn``; a rerun
     resumes them (``fresh=True`` discards them first). ``executor``: where the retrainings run
-    (``upweight.distributed.DaskExecutor``: on its workers)."""
+    (``upweight.distributed.DaskExecutor``: on its workers). ``device``: where the CNN panel
+    computes (``run_cnn_panel``)."""
     c = config if config is not None else Fig2Config()
     out: dict[str, Fig2Panel] = {}
     logreg: dict[str, Any] = {}
@@ -839,9 +879,11 @@ def run_fig2(
                 retrain_lr=c.cnn_retrain_lr,
                 retrain=c.cnn_retrain,
                 test_index=c.cnn_test_index,
+                train_schedule=c.cnn_train_schedule,
                 seed=c.seed,
                 progress=progress,
                 store=st,
                 executor=executor,
+                device=device,
             )
     return Fig2Result(panels=out, config=c, logreg=logreg, cnn=cnn)

@@ -83,6 +83,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
 
 def _runner(mod: ModuleType) -> Any:
     def run(args: argparse.Namespace) -> int:
+        from ...cli._device import check_device
         from ...cli._scheduler import check_scheduler
         from ...report._files import check_output_folder, write_text_atomic
 
@@ -94,6 +95,7 @@ def _runner(mod: ModuleType) -> Any:
             folders=getattr(mod, "FOLDERS", ()),
         )
         check_scheduler(getattr(args, "scheduler", None))
+        check_device(getattr(args, "device", None))
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as exc:

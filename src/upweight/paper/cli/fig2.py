@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ... import errors
+from ...cli._device import check_device
 from ...cli._scheduler import open_executor
 from ..config import Fig2Config
 from ._common import config_from_args, markdown_table
@@ -37,11 +38,16 @@ _TITLES = {
 
 #: the options' defaults (the paper's settings)
 _D = Fig2Config()
+_SCHEDULE_TEXT = {
+    "constant": "",
+    "release": " with the release code's decay (×0.1 from epoch 10,000, ×0.01 from 20,000)",
+}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options of ``reproduce fig2``: one per ``Fig2Config`` field (same name, ``--refit`` for
-    ``refit_method``), and how the run is carried out (``--scheduler``, ``--fresh``, ``--merge``).
+    ``refit_method``), and how the run is carried out (``--scheduler``, ``--device``, ``--fresh``,
+    ``--merge``).
     """
     p.add_argument(
         "--panels", default=",".join(_D.panels), help="comma-separated subset of cg, lissa, cnn"
@@ -117,6 +123,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="Adam steps (minibatches of 500) to θ̃",
     )
     p.add_argument(
+        "--cnn-train-lr",
+        type=float,
+        default=_D.cnn_train_lr,
+        help="Adam's learning rate to θ̃ (the paper's: 1e-4, with --cnn-train-schedule release)",
+    )
+    p.add_argument(
+        "--cnn-train-schedule",
+        default=_D.cnn_train_schedule,
+        choices=("constant", "release"),
+        help=(
+            "θ̃'s learning rate: constant, or the release code's decay (×0.1 from epoch 10,000,"
+            " ×0.01 from epoch 20,000; an epoch = n/500 steps)"
+        ),
+    )
+    p.add_argument(
         "--cnn-retrain",
         default=_D.cnn_retrain,
         choices=("adam", "momentum"),
@@ -173,6 +194,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         ),
     )
     p.add_argument(
+        "--device",
+        default=None,
+        metavar="NAME",
+        help=(
+            "torch device of the CNN panel: the network, the data, the influence computation and"
+            " every retraining (e.g. cuda); default cpu"
+        ),
+    )
+    p.add_argument(
         "--fresh",
         action="store_true",
         help=(
@@ -225,6 +255,7 @@ def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
                 store=out / "retrainings",
                 fresh=args.fresh,
                 executor=executor,
+                device=check_device(args.device) or "cpu",
             )
         except errors.StoreMismatchError as exc:
             raise errors.StoreMismatchError(
@@ -265,7 +296,7 @@ def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         _say(
             f"CNN: n={cn['n_train']:,}, p={cn['p']:,}, train loss {cn['train_loss']:.3f},"
             f" ‖∇R(θ̃)‖={cn['grad_norm']:.2f}, {cn['damping_note']}; retraining"
-            f" {cn['retrain_steps']} steps, lr {cn['retrain_lr']:.3g}"
+            f" {cn['retrain_steps']} steps, lr {cn['retrain_lr']:.3g}; on {cn['device']}"
         )
     for name in ("cg", "lissa", "cnn"):
         if name in res["panels"]:
@@ -394,7 +425,9 @@ def _report(res: dict[str, Any], paper: dict[str, Any], args: argparse.Namespace
         lines += [
             (
                 f"CNN: all-convolutional tanh network, {cn['p']} parameters, Adam"
-                f" ({cn['train_steps']} steps, lr {cn['train_lr']:g}, batch {cn['batch_size']}) to"
+                f" ({cn['train_steps']} steps, lr {cn['train_lr']:g}"
+                f"{_SCHEDULE_TEXT[cn.get('train_schedule', 'constant')]}, batch"
+                f" {cn['batch_size']}; on {cn.get('device', 'cpu')}) to"
                 f" θ̃ with train loss {cn['train_loss']:.3f} and ‖∇R(θ̃)‖ = {cn['grad_norm']:.2f}"
                 f" (not converged); {cn['damping_note']}. Actual change: retraining from θ̃ for"
                 f" {cn['retrain_steps']} {_RETRAIN_TEXT[cn.get('retrain', 'momentum')]} (lr"
