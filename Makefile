@@ -30,7 +30,7 @@ docs: $(STAMP)
 # on a machine with a CUDA GPU (and a CUDA build of torch): the device tests, then the W2 and W5
 # queries on the GPU against the CPU, recorded in bench/RESULTS.md (section gpu-check; a few minutes)
 gpu-check: $(STAMP)
-	$(PY) -m pytest -q -rs tests/test_device.py tests/test_fig2.py -k "device or cuda"
+	$(PY) -m pytest -q -rs tests/test_device.py tests/test_kfac_sampled.py tests/test_fig2.py -k "device or cuda"
 	$(PY) bench/bench_gpu.py --out bench/RESULTS.md
 
 # the docs check alone: the strict build and the code of README.md and the guide pages

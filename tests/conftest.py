@@ -22,6 +22,17 @@ torch.set_num_threads(1)
 #: the environment variable naming the real-data folder (holding mnist/, enron1/, hospital/)
 DATA_ENV = "UPWEIGHT_DATA"
 
+#: the CUDA case of a device-parametrised test: skipped, with the reason, where there is no GPU
+CUDA = pytest.param(
+    "cuda",
+    marks=pytest.mark.skipif(
+        not torch.cuda.is_available(),
+        reason="no CUDA device here: the GPU path is checked by make gpu-check",
+    ),
+)
+#: the devices a device-parametrised test runs on: the CPU always, CUDA where there is a GPU
+DEVICES = ["cpu", CUDA]
+
 
 def shared_data(*parts: str) -> Path:
     """A path in the real-data folder: ``$UPWEIGHT_DATA`` when it is set (and not empty), else

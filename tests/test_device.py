@@ -12,18 +12,8 @@ import pytest
 import torch
 
 import upweight as uw
+from conftest import DEVICES
 from upweight.solvers.kfac import EKFAC, KFAC
-
-DEVICES = [
-    "cpu",
-    pytest.param(
-        "cuda",
-        marks=pytest.mark.skipif(
-            not torch.cuda.is_available(),
-            reason="no CUDA device here: the GPU path is checked by make gpu-check",
-        ),
-    ),
-]
 
 
 def _softmax_problem():

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 import upweight as uw
-from conftest import requires_data, shared_data
+from conftest import CUDA, requires_data, shared_data
 from upweight.cli.main import build_parser, main
 from upweight.paper import fig2
 from upweight.paper.config import Fig2Config
@@ -234,15 +234,6 @@ def test_train_cnn_follows_the_schedule(monkeypatch):
         fig2.train_cnn(X, y, steps=1, schedule="cosine", **kw)
     with pytest.raises(uw.errors.InputError, match="cnn_train_schedule must be"):
         Fig2Config(cnn_train_schedule="cosine")
-
-
-CUDA = pytest.param(
-    "cuda",
-    marks=pytest.mark.skipif(
-        not torch.cuda.is_available(),
-        reason="no CUDA device here: the GPU path is checked by make gpu-check",
-    ),
-)
 
 
 @pytest.mark.parametrize("device", [CUDA])

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import upweight as uw
+from conftest import DEVICES
 from reference import spearman
 from upweight._executor import LocalExecutor
 from upweight.core import layers as layers_mod
@@ -25,17 +26,6 @@ from upweight.solvers.kfac import EKFAC, KFAC
 
 D64 = torch.float64
 V, T, D = 7, 4, 5
-
-DEVICES = [
-    "cpu",
-    pytest.param(
-        "cuda",
-        marks=pytest.mark.skipif(
-            not torch.cuda.is_available(),
-            reason="no CUDA device here: the GPU path is checked by make gpu-check",
-        ),
-    ),
-]
 
 
 class TinyLM(torch.nn.Module):

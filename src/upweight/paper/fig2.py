@@ -557,7 +557,7 @@ class MinibatchAdamRetrainer:
 
     def __call__(self, objective: Objective, data: Data, init: Params) -> Params:
         n = len(self.ids)
-        keep = torch.from_numpy(np.isin(self.ids, data.ids.numpy()))
+        keep = torch.from_numpy(np.isin(self.ids, data.ids.cpu().numpy()))
         row = torch.full((n,), -1, dtype=torch.long)
         row[keep] = torch.arange(int(keep.sum()))  # full position → row of ``data``
         opt = torch.optim.Adam(self.model.parameters(), lr=self.lr)
