@@ -62,14 +62,16 @@ bench-batch-budget: $(STAMP)
 bench-embedding: $(STAMP)
 	$(PY) bench/bench_embedding.py --out bench/RESULTS.md
 
-# lower bounds of the whole query against the cost floor (W1, W2 n = 20,000 K = 10, W2 n = 55,000 K = 100; ≈ 4 min)
+# lower bounds of the whole query against the cost floor (W1, W2 n = 20,000 K = 10, W2 n = 55,000 K = 100),
+# and upweight's queries against those bounds in the same child process (≈ 15 min)
 bench-floor-bound: $(STAMP)
 	$(PY) bench/bench_floor_bound.py --out bench/RESULTS.md
 
-# digits and MNIST-5k queries with 1 and 2 torch threads, idle and under one busy process per core,
-# before/after upweight's thread setting; and CG's sampled final residual check (a few minutes)
+# digits and MNIST-5k queries with 1 and 2 torch threads and upweight's default, idle, with one busy
+# process per two cores and with one per core; BEFORE=path/to/other/checkout/src adds that package's
+# default as a column; and CG's sampled final residual check (about 6 min)
 bench-threads: $(STAMP)
-	$(PY) bench/bench_threads.py --out bench/RESULTS.md
+	$(PY) bench/bench_threads.py --out bench/RESULTS.md $(if $(BEFORE),--before-src $(BEFORE))
 
 # peers (pyDVL, captum, kronfluence, dattri) live in their own environment (pyDVL needs numpy<2)
 $(BENCH_STAMP): bench/peers/requirements.txt bench/peers/constraints.txt pyproject.toml
