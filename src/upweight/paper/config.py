@@ -16,6 +16,8 @@ from ..errors import InputError
 
 #: the panels of Fig. 2, in the figure's order
 PANELS = ("cg", "lissa", "cnn")
+#: θ̃'s learning rate in the CNN panel: constant, or the release code's decay
+CNN_TRAIN_SCHEDULES = ("constant", "release")
 #: the frozen feature extractors of §5.1–5.2 (``FeatureConfig.extractor``) and how reports name them
 EXTRACTORS = {"cnn": "CNN", "resnet": "residual network (13 convolutions)"}
 #: the attack's projections Π (``AttackConfig.projection``)
@@ -137,7 +139,7 @@ class Fig2Config:
                 "refit_method",
                 f"must be 'auto', 'newton' or 'lbfgs'; got {self.refit_method!r}.",
             )
-        if self.cnn_train_schedule not in ("constant", "release"):
+        if self.cnn_train_schedule not in CNN_TRAIN_SCHEDULES:
             raise _invalid(
                 self,
                 "cnn_train_schedule",

@@ -62,8 +62,8 @@ from ..loo.compare import StoreLike
 from ..solvers import CG, LiSSA
 from ..solvers.spectrum import estimate_spectrum
 from ..store import Store
+from .config import CNN_TRAIN_SCHEDULES, Fig2Config
 from .config import PANELS as PANELS  # re-exported: fig2.PANELS
-from .config import Fig2Config
 
 PAPER: dict[str, Any] = {
     "logreg_n_train": 55_000,
@@ -470,9 +470,6 @@ def _weight_decay(model: nn.Module, l2: float) -> torch.Tensor:
 #: the release code's learning-rate decay: ×0.1 from the first epoch here, ×0.01 from the second
 RELEASE_DECAY_EPOCHS = (10_000, 20_000)
 
-#: how ``train_cnn``'s learning rate moves: "constant", or "release" (``release_lr_factor``)
-SCHEDULES = ("constant", "release")
-
 
 def release_lr_factor(step: int, n: int, batch_size: int) -> float:
     """The release code's learning-rate multiplier at ``step`` (``genericNeuralNet``'s
@@ -501,8 +498,10 @@ def train_cnn(
     ``schedule``: "constant" (``lr`` throughout) or "release" (``lr`` × ``release_lr_factor``, the
     release code's decay). The network is built on ``X``'s device, where it trains.
     """
-    if schedule not in SCHEDULES:
-        raise InputError(f"--cnn-train-schedule must be one of {SCHEDULES}; got {schedule!r}.")
+    if schedule not in CNN_TRAIN_SCHEDULES:
+        raise InputError(
+            f"--cnn-train-schedule must be one of {CNN_TRAIN_SCHEDULES}; got {schedule!r}."
+        )
     torch.manual_seed(seed)
     model = AllConvTanh().to(X.device)
     opt = torch.optim.Adam(model.parameters(), lr=lr)

@@ -12,7 +12,7 @@ from typing import Any
 from ... import errors
 from ...cli._device import check_device
 from ...cli._scheduler import open_executor
-from ..config import Fig2Config
+from ..config import CNN_TRAIN_SCHEDULES, Fig2Config
 from ._common import config_from_args, markdown_table
 from ._common import say as _say
 
@@ -131,7 +131,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--cnn-train-schedule",
         default=_D.cnn_train_schedule,
-        choices=("constant", "release"),
+        choices=CNN_TRAIN_SCHEDULES,
         help=(
             "θ̃'s learning rate: constant, or the release code's decay (×0.1 from epoch 10,000,"
             " ×0.01 from epoch 20,000; an epoch = n/500 steps)"
