@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 VENV_BENCH  := .venv-bench
 BENCH_STAMP := $(VENV_BENCH)/.installed
 
-.PHONY: demo test docs docs-check gpu-check example-transformers bench bench-solvers bench-hvp bench-hvp-batch bench-batch-budget bench-embedding bench-floor-bound bench-threads bench-peers bench-peers-check bench-peers-w1 bench-peers-w2 bench-peers-w2-full bench-peers-w3-mlp bench-peers-w3-cnn bench-peers-w3-full bench-peers-w5 bench-peers-w5-k100 lint clean
+.PHONY: demo test docs docs-check gpu-check example-transformers bench bench-solvers bench-hvp bench-hvp-batch bench-batch-budget bench-embedding bench-floor-bound bench-cg-stopping bench-threads bench-peers bench-peers-check bench-peers-w1 bench-peers-w2 bench-peers-w2-full bench-peers-w3-mlp bench-peers-w3-cnn bench-peers-w3-full bench-peers-w5 bench-peers-w5-k100 lint clean
 .PHONY: bench-peers-w4 bench-peers-w4-k100 bench-peers-w4-full
 
 $(STAMP): pyproject.toml constraints.txt
@@ -45,7 +45,7 @@ example-transformers: $(STAMP)
 	$(PY) examples/transformers_enron.py --data $(ENRON) --out out/transformers_enron --threads 1 --pooler $(ARGS)
 
 # all benchmark tables go to bench/RESULTS.md, each run replacing only its own section
-bench: bench-solvers bench-hvp bench-hvp-batch bench-batch-budget bench-embedding bench-floor-bound bench-peers
+bench: bench-solvers bench-hvp bench-hvp-batch bench-batch-budget bench-embedding bench-floor-bound bench-cg-stopping bench-peers
 
 bench-solvers: $(STAMP)
 	$(PY) bench/bench_solvers.py --out bench/RESULTS.md
@@ -66,6 +66,11 @@ bench-embedding: $(STAMP)
 # and upweight's queries against those bounds in the same child process (≈ 15 min)
 bench-floor-bound: $(STAMP)
 	$(PY) bench/bench_floor_bound.py --out bench/RESULTS.md
+
+# W2 n = 20,000 K = 10: block CG's residual stopping rule against the ranking per iteration, in
+# float64, float32 products and float32, beside upweight's CG (about 3 min)
+bench-cg-stopping: $(STAMP)
+	$(PY) bench/bench_cg_stopping.py --out bench/RESULTS.md
 
 # digits and MNIST-5k queries with 1 and 2 torch threads and upweight's default, idle, with one busy
 # process per two cores and with one per core; BEFORE=path/to/other/checkout/src adds that package's

@@ -547,6 +547,8 @@ def render(results: list[dict], machine: dict[str, str], command: str) -> str:
                 (
                     "*× its products*: the query's time over the bare products of the iterations it"
                     " took (and the scoring), i.e. its overhead apart from stopping later than j*."
+                    " Why a residual-based stop comes after j*, iteration by iteration and in"
+                    " exact arithmetic too: section `cg-stopping` (`make bench-cg-stopping`)."
                 ),
             ]
     lines += ["", embed_json({"bounds": summary_data(results)})]

@@ -58,7 +58,8 @@ import torch
 import upweight as uw
 from upweight.core.grads import grad_chunk_size, iter_per_sample_grads
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/_sections.py
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/_sections.py, bench/_machine.py
+from _machine import bfloat16_support  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 L2 = 0.01
@@ -116,6 +117,7 @@ def machine_info(threads_set: bool = False) -> dict[str, str]:
         commit = "unknown"
     return {
         "CPU": cpu,
+        "bfloat16 arithmetic": bfloat16_support(),
         "cores": f"{os.cpu_count()} logical, {affinity} usable by this process",
         "RAM": mem,
         "torch": (

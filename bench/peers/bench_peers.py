@@ -90,6 +90,7 @@ from methods import (  # noqa: E402
 )
 
 sys.path.insert(0, str(REPO / "bench"))
+from _machine import bfloat16_support  # noqa: E402
 from _sections import embed_json, read_sections, replace_section, section_json  # noqa: E402
 
 L2 = 0.01
@@ -1699,6 +1700,7 @@ def machine_info(args: argparse.Namespace) -> dict[str, str]:
         commit = "unknown"
     return {
         "CPU": cpu,
+        "bfloat16 arithmetic": bfloat16_support(),
         "cores": f"{os.cpu_count()} logical, {len(os.sched_getaffinity(0))} usable",
         "threads": (
             f"{args.threads} (torch.set_num_threads and OMP/MKL/OpenBLAS_NUM_THREADS, every"
