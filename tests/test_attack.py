@@ -131,6 +131,39 @@ def test_the_flip_holds_under_an_independent_retrain(run):
     assert margin_after_retrain(np.asarray(ex["perturbed_levels"][0]) / 255.0) < 0
 
 
+def test_per_image_changes_against_the_class_spread(run):
+    """The per-image ratios of the report, from the rebuilt task's class spreads (mean distance to
+    the class centroid, in pixels and in features) and each run's ‖Δx‖₂, ‖Δφ‖₂ over its k images:
+    every perturbed pixel moves at most ε, so ‖Δx‖₂/√k ≤ ε·√784 per image."""
+    from upweight.datasets import load_mnist
+    from upweight.paper.config import FeatureConfig
+    from upweight.paper.features import build_feature_model
+
+    _, out, r = run
+    s = build_feature_model(load_mnist(DATA), FeatureConfig(**SETUP))
+
+    def spread(X: np.ndarray) -> float:
+        y = s.task.y_train
+        return float(
+            np.mean(
+                np.concatenate(
+                    [np.linalg.norm(X[y == c] - X[y == c].mean(0), axis=1) for c in (-1, 1)]
+                )
+            )
+        )
+
+    cp, cf = spread(s.task.x_train.reshape(len(s.task.x_train), -1)), spread(s.F.numpy())
+    runs = [x for x in r["runs"] if x["l2_pixels"] > 0]
+    k = np.array([len(x["train_indices"]) for x in runs])
+    dx = np.array([x["l2_pixels"] for x in runs]) / np.sqrt(k)
+    dphi = np.array([x["l2_features"] for x in runs]) / np.sqrt(k)
+    assert r["pixel_to_centroid_per_image"] == pytest.approx(np.median(dx / cp), rel=1e-9)
+    assert r["feature_to_centroid_per_image"] == pytest.approx(np.median(dphi / cf), rel=1e-9)
+    assert r["feature_sensitivity"] == pytest.approx(np.median((dphi / cf) / (dx / cp)), rel=1e-9)
+    assert 0 < dx.max() <= EPS / 255 * 28 + 1e-12
+    assert "feature sensitivity" in (out / "report.md").read_text()
+
+
 def test_targets_attacked_on_dask_workers_give_the_same_results(dask_executor):
     """Each target's attack is independent: partitions of targets on two Dask worker processes give
     what the in-process loop gives (same flips, same margins after each attack)."""

@@ -291,6 +291,13 @@ class AttackResult:
     # median over 1-image successes: ‖Δx‖₂ / mean ‖x − class centroid‖₂
     pixel_to_centroid: float
     feature_to_centroid: float  # … the same in feature space
+    # median over every target's last attack of k images: ‖Δx‖₂/√k (the root mean square change
+    # of one perturbed image) / mean ‖x − class centroid‖₂, in pixels and in features
+    pixel_to_centroid_per_image: float
+    feature_to_centroid_per_image: float
+    # median over the same attacks of (‖Δφ‖₂ / feature spread) / (‖Δx‖₂ / pixel spread): how much
+    # larger the change is for the model than in the pixels, each against its class spread
+    feature_sensitivity: float
     multi: dict[str, Any] = field(default_factory=dict)
     # one successful 1-image attack, for the figure
     example: dict[str, Any] = field(default_factory=dict)
@@ -433,6 +440,19 @@ def run_attack(
     one = [r for r, k in zip(runs, solved) if k == 1]
     ratio_p = float(np.median([r["l2_pixels"] / cp for r in one])) if one else float("nan")
     ratio_f = float(np.median([r["l2_features"] / cf for r in one])) if one else float("nan")
+    moved = [r for r in runs if r["l2_pixels"] > 0]  # an attack that left its images unchanged
+    per_image_p, per_image_f, sensitivity = (
+        (
+            float(np.median([f(r) for r in moved]))
+            for f in (
+                lambda r: r["l2_pixels"] / np.sqrt(len(r["train_indices"])) / cp,
+                lambda r: r["l2_features"] / np.sqrt(len(r["train_indices"])) / cf,
+                lambda r: (r["l2_features"] / cf) / (r["l2_pixels"] / cp),
+            )
+        )
+        if moved
+        else (float("nan"),) * 3
+    )
 
     multi: dict[str, Any] = {}
     if group_size > 0:
@@ -469,6 +489,9 @@ def run_attack(
         runs=runs,
         pixel_to_centroid=ratio_p,
         feature_to_centroid=ratio_f,
+        pixel_to_centroid_per_image=per_image_p,
+        feature_to_centroid_per_image=per_image_f,
+        feature_sensitivity=sensitivity,
         multi=multi,
         example=example,
         config=c,

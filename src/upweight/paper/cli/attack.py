@@ -257,6 +257,18 @@ def _report(r: Any, paper: dict[str, Any]) -> str:
             "< 0.01",
         ),
         ("… the same in feature space", f"{r.feature_to_centroid:.3f}", '"same order" (~1)'),
+        (
+            "‖Δx‖₂ per perturbed image / mean distance to class centroid, pixels (every target's"
+            " last attack, median)",
+            f"{r.pixel_to_centroid_per_image:.4f}",
+            "< 0.01",
+        ),
+        ("… the same in feature space", f"{r.feature_to_centroid_per_image:.4f}", "~1"),
+        (
+            "feature sensitivity: relative change of the features / of the pixels (median)",
+            f"{r.feature_sensitivity:.1f}",
+            "≳ 100",
+        ),
     ]
     if r.multi:
         for k, v in r.multi["by_k"].items():
