@@ -68,7 +68,7 @@ bench-floor-bound: $(STAMP)
 	$(PY) bench/bench_floor_bound.py --out bench/RESULTS.md
 
 # W2 n = 20,000 K = 10: block CG's residual stopping rule against the ranking per iteration, in
-# float64, float32 products and float32, beside upweight's CG (about 3 min)
+# float64, float32 products, float32 and bfloat16 products, beside upweight's CG (about 4 min)
 bench-cg-stopping: $(STAMP)
 	$(PY) bench/bench_cg_stopping.py --out bench/RESULTS.md
 
