@@ -440,7 +440,7 @@ def run_attack(
     one = [r for r, k in zip(runs, solved) if k == 1]
     ratio_p = float(np.median([r["l2_pixels"] / cp for r in one])) if one else float("nan")
     ratio_f = float(np.median([r["l2_features"] / cf for r in one])) if one else float("nan")
-    moved = [r for r in runs if r["l2_pixels"] > 0]  # an attack that left its images unchanged
+    moved = [r for r in runs if r["l2_pixels"] > 0]  # an unchanged image has no ratio
     per_image_p, per_image_f, sensitivity = (
         (
             float(np.median([f(r) for r in moved]))

@@ -267,7 +267,7 @@ def _report(r: Any, paper: dict[str, Any]) -> str:
         (
             "feature sensitivity: relative change of the features / of the pixels (median)",
             f"{r.feature_sensitivity:.1f}",
-            "≳ 100",
+            "≳ 100 (the two rows above)",
         ),
     ]
     if r.multi:
