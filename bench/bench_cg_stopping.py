@@ -6,7 +6,7 @@ j*: it stops when every right-hand side's relative residual ‖rⱼ‖/‖vⱼ�
 measures, per iteration j, both the ranking (Spearman of the scores against the exact closed-form
 ones, Koh & Liang 2017 Eq. 2) and the largest relative residual, for block CG (O'Leary 1980, the
 breakdown-free form upweight uses: orthonormal search blocks, every column kept in the block) run
-on the explicit damped Hessian of softmax regression in three precisions:
+on the explicit damped Hessian of softmax regression in four precisions:
 
 * float64 throughout — exact arithmetic, to the 1e-16 level;
 * float32 products, float64 recurrences — the HVP rounded as a float32 model's, the rest exact;
@@ -40,7 +40,13 @@ REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE / "peers"))
 from _sections import replace_section  # noqa: E402
-from bench_peers import L2, load_workload, softmax, train  # noqa: E402
+from bench_peers import (  # noqa: E402
+    L2,
+    closed_form_scores,
+    closed_form_system,
+    load_workload,
+    train,
+)
 from bench_solvers import machine_info  # noqa: E402
 
 import upweight as uw  # noqa: E402
@@ -56,34 +62,6 @@ MODES = (
     ("float32", np.float32, np.float32),
     ("bfloat16 products, float32 recurrences", "bfloat16", np.float32),
 )
-
-
-def closed_form(wl, W: np.ndarray, b: np.ndarray):
-    """(H + λI (p, p), test gradients B (K, p), training residuals R (n, C), X̃ (n, q)), float64;
-    parameters ordered (class, feature), the bias last."""
-    n, d = wl.X.shape
-    q = d + 1
-    Xa = np.hstack([wl.X, np.ones((n, 1))])
-    P = softmax(wl.X @ W.T + b)
-    H = np.zeros((C * q, C * q))
-    for c in range(C):
-        for c2 in range(c, C):
-            w = P[:, c] * ((c == c2) - P[:, c2])
-            blk = Xa.T @ (Xa * w[:, None]) / n
-            H[c * q : (c + 1) * q, c2 * q : (c2 + 1) * q] = blk
-            if c2 != c:
-                H[c2 * q : (c2 + 1) * q, c * q : (c + 1) * q] = blk.T
-    H[np.diag_indices_from(H)] += L2
-    Xta = np.hstack([wl.Xt, np.ones((len(wl.Xt), 1))])
-    Rt = softmax(wl.Xt @ W.T + b) - np.eye(C)[wl.yt]
-    B = (Rt[:, :, None] * Xta[:, None, :]).reshape(len(wl.Xt), C * q)
-    return H, B, P - np.eye(C)[wl.y], Xa
-
-
-def scores(S: np.ndarray, R: np.ndarray, Xa: np.ndarray) -> np.ndarray:
-    """I_up,loss (K, n) = −sⱼᵀ∇L(zᵢ) = −Σ_c Rᵢc (x̃ᵢ · Sⱼ,c)."""
-    q = Xa.shape[1]
-    return np.stack([-(R * (Xa @ s.reshape(C, q).T)).sum(axis=1) for s in S.astype(np.float64)])
 
 
 def spearman(values: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
@@ -118,7 +96,7 @@ def block_cg_curve(H, B, R, Xa, ref, prod, rec, max_iter: int) -> list[dict]:
         alpha = PAP_inv @ (P @ Rr.T)
         X += alpha.T @ P
         Rr -= alpha.T @ Q
-        mean, low = spearman(scores(X, R, Xa), ref)
+        mean, low = spearman(closed_form_scores(X, R, Xa), ref)
         res = float((np.linalg.norm(Rr.astype(np.float64), axis=1) / bnorm).max())
         rows.append({"j": j, "mean": mean, "min": low, "residual": res})
         if mean >= 0.9999 and res <= RTOL:
@@ -228,9 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     ns = argparse.Namespace(n_test=args.k, mnist=args.mnist, n_train=args.n_train)
     wl = load_workload(f"W2:{args.n_train}", ns)
     W, b, _ = train(wl)
-    H, B, R, Xa = closed_form(wl, W, b)
+    H, B, R, Xa = closed_form_system(wl, W, b)
     S = scipy.linalg.cho_solve(scipy.linalg.cho_factor(H), B.T).T
-    ref = scores(S, R, Xa)
+    ref = closed_form_scores(S, R, Xa)
     curves = {}
     for label, prod, rec in MODES:
         curves[label] = block_cg_curve(H, B, R, Xa, ref, prod, rec, args.max_iter)

@@ -348,8 +348,11 @@ def softmax(Z: np.ndarray) -> np.ndarray:
     return E / E.sum(axis=1, keepdims=True)
 
 
-def closed_form_reference(wl: Workload, W: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """I_up,loss (K, n) from the closed-form gradient and Hessian of softmax regression, float64.
+def closed_form_system(
+    wl: Workload, W: np.ndarray, b: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The closed-form gradient and Hessian of softmax regression at (W, b), float64: (H + λI
+    (p, p), the test gradients ∇L_test (K, p), the training residuals R = P − Y (n, C), X̃ (n, q)).
 
     Parameters are ordered (class c, feature j) with j = d the bias; the scores do not depend on
     the order. ∇L(z) = (p − e_y) ⊗ x̃; H_(c,c') = (1/n) X̃ᵀ diag(pᵢc(δcc' − pᵢc')) X̃ + λ δcc' I.
@@ -370,10 +373,21 @@ def closed_form_reference(wl: Workload, W: np.ndarray, b: np.ndarray) -> np.ndar
     Xta = np.hstack([wl.Xt, np.ones((len(wl.Xt), 1))])
     Rt = softmax(wl.Xt @ W.T + b) - np.eye(C)[wl.yt]
     Gt = (Rt[:, :, None] * Xta[:, None, :]).reshape(len(wl.Xt), C * q)  # test gradients
+    return H, Gt, P - np.eye(C)[wl.y], Xa
+
+
+def closed_form_scores(S: np.ndarray, R: np.ndarray, Xa: np.ndarray) -> np.ndarray:
+    """I_up,loss (K, n) for the rows sₖ of S (K, p): −sₖᵀ∇L(zᵢ) = −Σ_c Rᵢc (x̃ᵢ · sₖ,c)."""
+    q = Xa.shape[1]
+    return np.stack([-(R * (Xa @ s.reshape(-1, q).T)).sum(axis=1) for s in S.astype(np.float64)])
+
+
+def closed_form_reference(wl: Workload, W: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """I_up,loss (K, n) from the closed-form gradient and Hessian of softmax regression, float64
+    (``closed_form_system``), s_test by a Cholesky solve."""
+    H, Gt, R, Xa = closed_form_system(wl, W, b)
     S = scipy.linalg.cho_solve(scipy.linalg.cho_factor(H), Gt.T).T  # H⁻¹∇L_test, (K, C·q)
-    R = P - np.eye(C)[wl.y]
-    # −∇L_testᵀ H⁻¹ ∇L(zᵢ) = −Σ_c Rᵢc (x̃ᵢ · S_k,c)
-    return np.stack([-(R * (Xa @ S[k].reshape(C, q).T)).sum(axis=1) for k in range(len(S))])
+    return closed_form_scores(S, R, Xa)
 
 
 def upweight_float64(wl: Workload, W: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, str]:
