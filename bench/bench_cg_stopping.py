@@ -24,7 +24,6 @@ Command: ``python bench/bench_cg_stopping.py --out bench/RESULTS.md`` (about 4 m
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 import warnings
@@ -190,12 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=str(REPO / "bench" / "RESULTS-quick.md"))
     ap.add_argument(
-        "--mnist",
-        default=str(
-            Path(os.environ.get("UPWEIGHT_DATA", REPO.parent / "shared" / "data"))
-            / "mnist"
-            / "mnist.npz"
-        ),
+        "--mnist", default="../shared/data/mnist/mnist.npz", help="mnist.npz (from the repo root)"
     )
     ap.add_argument("--n-train", type=int, default=20_000)
     ap.add_argument("--k", type=int, default=10, help="test points (default 10)")
