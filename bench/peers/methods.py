@@ -302,6 +302,17 @@ def upweight_methods() -> list[Method]:
             DENSE,
         ),
         Method(
+            "uw-direct-f32",
+            "upweight",
+            "Direct",
+            "dtype=float32: float32 H + Cholesky",
+            1,
+            _uw(lambda: uw.Direct(dtype=torch.float32)),
+            req,
+            DENSE_MAX_P,
+            DENSE,
+        ),
+        Method(
             "uw-cg-1e-3",
             "upweight",
             "CG",

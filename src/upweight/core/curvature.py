@@ -369,10 +369,12 @@ class Curvature:
             )
         op = self._structured() if self.executor is None else None
         if op is not None:  # closed form Σᵢ Hᵢ ⊗ ãᵢãᵢᵀ: no HVPs (core/structured.py)
-            H = torch.zeros(self.p, self.p, dtype=self.dtype, device=self.objective.device)
-            idx = op.index
-            H[idx[:, None], idx[None, :]] = op.dense_sum().to(self.dtype) / self.n
-            H += torch.diag(self.diagonal.to(self.dtype).expand(self.p))
+            # op.index puts the layer's vec(W̃) coordinates at their θ positions (a permutation:
+            # θ is exactly the layer), so θ's order is dense_sum's rows and columns permuted back
+            to_layer = torch.argsort(op.index.to(self.objective.device))
+            S = op.dense_sum().to(self.dtype).div_(self.n)
+            H = S.index_select(0, to_layer).index_select(1, to_layer)
+            H.diagonal().add_(self.diagonal.to(self.dtype).expand(self.p))
             check_finite(H, "The Hessian", "Check the model and loss for overflow at θ̂.")
             return 0.5 * (H + H.T)
         eye = torch.eye(self.p, dtype=self.dtype, device=self.objective.device)
