@@ -197,6 +197,45 @@ def test_targets_attacked_on_dask_workers_give_the_same_results(dask_executor):
     assert there.example["target"] == here.example["target"]
 
 
+def test_a_stopped_run_resumes_from_its_store_with_the_same_results(tmp_path):
+    """A store keeps each single-target attack: a run over more targets reads the kept ones back
+    and attacks only the rest, giving what one uninterrupted run gives; other settings are refused
+    (StoreMismatchError), and fresh=True starts over."""
+    from upweight.datasets import load_mnist
+    from upweight.errors import StoreMismatchError
+    from upweight.paper.attack import run_attack
+    from upweight.paper.config import AttackConfig, FeatureConfig
+    from upweight.paper.features import build_feature_model
+
+    s = build_feature_model(load_mnist(DATA), FeatureConfig(**SETUP))
+
+    def config(targets: int, iterations: int = 30) -> AttackConfig:
+        return AttackConfig(
+            **SETUP,
+            targets=targets,
+            projection="levels",
+            epsilon=EPS,
+            iterations=iterations,
+            max_k=1,
+            group_size=0,
+        )
+
+    kept = tmp_path / "targets"
+    stopped = run_attack(s, config(2), progress=False, store=kept)  # "stopped" after 2 targets
+    resumed = run_attack(s, config(3), progress=False, store=kept)
+    straight = run_attack(s, config(3), progress=False)
+    assert (stopped.resumed, resumed.resumed, straight.resumed) == (0, 2, 0)
+    assert straight.flips_by_k["1"] >= 1  # a 1-image success, whose perturbed image is kept too
+    assert resumed.targets == straight.targets and resumed.solved_with == straight.solved_with
+    assert resumed.runs == straight.runs and resumed.example == straight.example
+    assert resumed.flips_by_k == straight.flips_by_k
+    with pytest.raises(StoreMismatchError, match="iterations"):
+        run_attack(s, config(3, iterations=29), progress=False, store=kept)
+    again = run_attack(s, config(1), progress=False, store=kept, fresh=True)
+    assert again.resumed == 0 and again.runs == straight.runs[:1]
+    assert run_attack(s, config(3), progress=False, store=kept).resumed == 1
+
+
 def test_the_papers_projection_keeps_each_pixel_in_its_8bit_cell_and_raises_the_test_loss():
     """The default Π (the paper's): every perturbed pixel rounds back to its original 8-bit value,
     the steps push pixels to the edge of their cell, and after exact retraining each target's

@@ -213,3 +213,54 @@ def test_whole_bert_ekfac_has_no_cg_fallback_and_scores_structurally():
     ).fit(data)
     # max_local=0: the CG fallback block again
     assert off.up_loss(test).provenance["iterations"] > 0
+
+
+class _Norms(torch.nn.Module):
+    """LayerNorms over one and over two trailing dims, without a bias, and on an input shared by
+    the batch (a learned table), around per-token and per-point linear maps."""
+
+    class Table(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.table = torch.nn.Parameter(torch.randn(1, 3, 4))
+
+        def forward(self) -> torch.Tensor:
+            return self.table
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.proj = torch.nn.Linear(4, 4)
+        self.pos = self.Table()
+        self.ln_pos = torch.nn.LayerNorm(4)
+        self.ln_token = torch.nn.LayerNorm(4)
+        self.ln_seq = torch.nn.LayerNorm((3, 4), bias=False)
+        self.mid = torch.nn.Linear(12, 5)
+        self.ln_vec = torch.nn.LayerNorm(5)
+        self.head = torch.nn.Linear(5, 3)
+        with torch.no_grad():  # affine parameters away from their 1 / 0 initialisation
+            for ln in (self.ln_pos, self.ln_token, self.ln_seq, self.ln_vec):
+                ln.weight.normal_()
+                if ln.bias is not None:
+                    ln.bias.normal_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.ln_token(self.proj(x) + self.ln_pos(self.pos())))
+        h = self.ln_seq(h).flatten(1)
+        return self.head(torch.tanh(self.ln_vec(self.mid(h))))
+
+
+def test_layer_norm_gradients_in_closed_form_equal_autograd_per_point():
+    """LayerNorm's own per-point gradients (∂L/∂w = Σ c ⊙ x̂, ∂L/∂b = Σ c over the point's tokens):
+    over one and two normalised dims, without a bias, on a (b, d) input and on an input shared by
+    the batch — against autograd's per-sample gradients, in float64."""
+    from upweight.core.structured import structured_per_sample_grads
+
+    model = _Norms().double().eval()
+    X = torch.randn(6, 3, 4, generator=torch.Generator().manual_seed(1), dtype=D64)
+    data = uw.Data.from_any((X, torch.arange(6) % 3))
+    obj = uw.Objective(model, "cross_entropy")
+    plan = find_layers(obj, data, local=True)
+    assert {"ln_pos", "ln_token", "ln_seq", "ln_vec"} <= {lm.name for lm in plan.local}
+    got = structured_per_sample_grads(obj, plan, data)
+    torch.testing.assert_close(got, per_sample_grads(obj, obj.params, data), rtol=1e-10, atol=1e-12)

@@ -175,10 +175,45 @@ class Recorder:
         cs = torch.stack(
             [out.new_zeros(out.shape) if c is None else c.detach() for c in cotangents]
         )
+        closed = _layer_norm_grads(lm.module, args, kwargs, cs)
+        if closed is not None:
+            return torch.cat(
+                [closed[n[len(prefix) :]].reshape(len(cs), b, -1) for n in lm.params], dim=2
+            )
         # each (b, K, …)
         g = vmap(pulled, in_dims=(None, arg_dims, kw_dims, 1))(local, args, kwargs, cs)
         rows = torch.cat([g[n[len(prefix) :]].reshape(b, len(cs), -1) for n in lm.params], dim=2)
         return rows.transpose(0, 1)
+
+
+def _layer_norm_grads(
+    module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], cs: torch.Tensor
+) -> dict[str, torch.Tensor] | None:
+    """The per-point gradients of an ``nn.LayerNorm``'s own weight and bias in closed form, or
+    ``None`` for any other module (the generic ``vmap`` path then): y = x̂ ⊙ w + b with x̂ the
+    input normalised over the last dims, so ∂L/∂w = Σ c ⊙ x̂ and ∂L/∂b = Σ c, summed over each
+    point's other dims (its tokens), for the cotangents c in ``cs`` (K, b, …) — what the ``vmap``
+    of the module's vector–Jacobian product gives, without a traced call per point."""
+    if type(module) is not nn.LayerNorm or not module.elementwise_affine or kwargs:
+        return None
+    if len(args) != 1 or not isinstance(args[0], torch.Tensor):
+        return None
+    shape = tuple(module.normalized_shape)
+    x_hat = torch.nn.functional.layer_norm(args[0], shape, None, None, module.eps).to(cs.dtype)
+    # one row per point, or one shared by the batch (broadcast like the output)
+    if x_hat.shape[1:] != cs.shape[2:] or x_hat.shape[0] not in (1, cs.shape[1]):
+        return None
+    # the point's dims besides the normalised ones: its tokens (none for one vector a point; an
+    # empty dim list would sum over every dim)
+    token_dims = tuple(range(2, cs.ndim - len(shape)))
+
+    def per_point(t: torch.Tensor) -> torch.Tensor:
+        return t.sum(dim=token_dims) if token_dims else t
+
+    out = {"weight": per_point(cs * x_hat)}
+    if module.bias is not None:
+        out["bias"] = per_point(cs)
+    return out
 
 
 def _detached(v: Any) -> Any:

@@ -91,15 +91,17 @@ def structured_per_sample_grads(
     """
     params = params if params is not None else objective.params
     step = _split_step(objective, plan, batch, params, None, max_bytes)
-    if step is not None:
-        return torch.cat(
-            [
-                structured_per_sample_grads(
-                    objective, plan, sub, params, measure=measure, max_bytes=max_bytes
-                )
-                for sub in batch.batches(step)
-            ]
-        )
+    if step is None:
+        return _grads_of(objective, plan, batch, params, measure)
+    return torch.cat(
+        [_grads_of(objective, plan, sub, params, measure) for sub in batch.batches(step)]
+    )
+
+
+def _grads_of(
+    objective: Objective, plan: LayerPlan, batch: Data, params: Params, measure: bool
+) -> torch.Tensor:
+    """``structured_per_sample_grads`` of a batch that fits its memory bound, in one capture."""
     ref = next(iter(params.values()))
     b = len(batch)
     G = torch.zeros(b, objective.p, dtype=ref.dtype, device=ref.device)
@@ -336,16 +338,18 @@ def structured_scores(
             )
         queries = prepare_queries(plan, S.reshape(-1, objective.p), dtype, rank)
     step = _split_step(objective, plan, batch, params, queries, max_bytes)
-    if step is not None:
-        return torch.cat(
-            [
-                structured_scores(
-                    objective, plan, sub, params=params, max_bytes=max_bytes, queries=queries
-                )
-                for sub in batch.batches(step)
-            ],
-            dim=1,
-        )
+    if step is None:
+        return _scores_of(objective, plan, batch, params, queries)
+    return torch.cat(
+        [_scores_of(objective, plan, sub, params, queries) for sub in batch.batches(step)], dim=1
+    )
+
+
+def _scores_of(
+    objective: Objective, plan: LayerPlan, batch: Data, params: Params, queries: Queries
+) -> torch.Tensor:
+    """``structured_scores`` of a batch that fits its memory bound, in one capture."""
+    dtype = next(iter(params.values())).dtype
     out = torch.zeros(queries.k, len(batch), dtype=dtype, device=next(iter(params.values())).device)
     if plan.blocks or plan.local:
         cap = capture(

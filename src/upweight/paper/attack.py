@@ -38,8 +38,10 @@ tests check the result against central finite differences of actually retrained 
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -53,6 +55,7 @@ from ..core.grads import pert_directions
 from ..errors import InputError
 from ..influence import Influence
 from ..solvers import Direct
+from ..store import Store, array_digest
 from .config import PROJECTIONS, AttackConfig
 from .features import FeatureSetup, check_setup, features_of, fit_top_layer
 from .toplayer import LogisticTopLayer
@@ -302,6 +305,7 @@ class AttackResult:
     # one successful 1-image attack, for the figure
     example: dict[str, Any] = field(default_factory=dict)
     config: AttackConfig = field(default_factory=AttackConfig)  # the settings of the run
+    resumed: int = 0  # single-target attacks read from a store kept by an earlier run
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict of everything; ``settings`` is the run's ``AttackConfig``."""
@@ -368,12 +372,66 @@ def _attack_partition(
     return out
 
 
+#: targets per task when a store keeps the single-target attacks (each kept as its task ends)
+STORED_PARTITION = 4
+
+
+def _store_fingerprint(
+    setup: FeatureSetup,
+    schedule: Sequence[tuple[int, ...]],
+    epsilon: float,
+    step: float,
+    iterations: int,
+    projection: str,
+) -> dict[str, Any]:
+    """What a single-target attack's outcome depends on: the images, their features and the
+    clean top layer (the trained extractor enters through the features), l2 and the attack's
+    settings — not which or how many targets a run attacks, nor the joint attack's settings."""
+    task = setup.task
+    return {
+        "computation": "upweight.paper.attack: single-target attacks (§5.2)",
+        "x_train": array_digest(np.asarray(task.x_train)),
+        "y_train": array_digest(np.asarray(task.y_train)),
+        "x_test": array_digest(np.asarray(task.x_test)),
+        "y_test": array_digest(np.asarray(task.y_test)),
+        "features": array_digest(setup.F.numpy()),
+        "test_features": array_digest(setup.F_test.numpy()),
+        "top_weight": array_digest(setup.top_weight().numpy()),
+        "l2": float(setup.l2),
+        "schedule": [list(ks) for ks in schedule],
+        "epsilon": float(epsilon),
+        "step": float(step),
+        "iterations": int(iterations),
+        "projection": projection,
+    }
+
+
+def _kept(st: Store, t: int) -> tuple[int, dict[str, Any], list[float] | None] | None:
+    """Target ``t``'s single-target outcome as ``_attack_partition`` gives it, from the store."""
+    got = st.get(f"target_{t}")
+    if got is None:
+        return None
+    levels, meta = got
+    return int(meta["k_ok"]), meta["run"], levels.tolist() if meta["has_levels"] else None
+
+
+def _keep(st: Store, t: int, outcome: tuple[int, dict[str, Any], list[float] | None]) -> None:
+    k_ok, last, levels = outcome
+    st.put(
+        f"target_{t}",
+        np.asarray(levels if levels is not None else [0.0], dtype=np.float64),
+        meta={"k_ok": k_ok, "run": last, "has_levels": levels is not None},
+    )
+
+
 def run_attack(
     setup: FeatureSetup,
     config: AttackConfig | None = None,
     *,
     progress: bool = True,
     executor: Executor | None = None,
+    store: str | os.PathLike[str] | Store | None = None,
+    fresh: bool = False,
 ) -> AttackResult:
     """Run §5.2 (see the module docstring) on ``setup`` and return every number.
 
@@ -385,6 +443,12 @@ def run_attack(
         executor: where the single-target attacks run (``None``: in this process, one after the
             other; ``upweight.distributed.DaskExecutor``: partitions of targets on its workers —
             each target's attack is independent, so the results are the same).
+        store: a folder (or ``Store``) that keeps each single-target attack as its task ends
+            (tasks of ``STORED_PARTITION`` targets); a rerun with the same images, features, top
+            layer and attack settings reads them back and attacks only the targets still missing,
+            so a stopped run resumes. A store of other settings raises ``StoreMismatchError``.
+        fresh: discard what the ``store`` folder keeps first (a ``Store`` passed in follows its
+            own ``overwrite``).
     """
     c = config if config is not None else AttackConfig()
     check_setup(setup, c, "run_attack")
@@ -408,27 +472,53 @@ def run_attack(
     schedule = [ks for ks in SCHEDULE if max(ks) < max_k]
 
     ex = resolve(executor)
-    size = 1 if ex.parallelism == 1 else max(1, -(-len(chosen) // (4 * ex.parallelism)))
-    parts = [chosen[i : i + size] for i in range(0, len(chosen), size)]
-    results = ex.map(
-        _attack_partition, parts, ex.share(setup), schedule, epsilon, step, iterations, projection
+    opened = (
+        nullcontext(store)
+        if store is None or isinstance(store, Store)
+        else Store(store, overwrite=fresh)
     )
+    with opened as st:
+        outcomes: dict[int, tuple[int, dict[str, Any], list[float] | None]] = {}
+        if st is not None:
+            st.bind(_store_fingerprint(setup, schedule, epsilon, step, iterations, projection))
+            outcomes = {t: got for t in chosen if (got := _kept(st, t)) is not None}
+        todo = [t for t in chosen if t not in outcomes]
+        size = 1 if ex.parallelism == 1 else max(1, -(-len(todo) // (4 * ex.parallelism)))
+        if st is not None:
+            size = min(size, STORED_PARTITION)
+        parts = [todo[i : i + size] for i in range(0, len(todo), size)]
+        results = ex.map(
+            _attack_partition,
+            parts,
+            ex.share(setup),
+            schedule,
+            epsilon,
+            step,
+            iterations,
+            projection,
+        )
+        for part, res in zip(
+            parts,
+            _progress(results, desc="attacking test images", total=len(parts), enabled=progress),
+        ):
+            for t, outcome in zip(part, res):
+                outcomes[t] = outcome
+                if st is not None:
+                    _keep(st, t, outcome)
     solved, runs = [], []
     example: dict[str, Any] = {}
-    for part, res in zip(
-        parts, _progress(results, desc="attacking test images", total=len(parts), enabled=progress)
-    ):
-        for t, (k_ok, last, levels) in zip(part, res):
-            if not example and levels is not None:  # the first 1-image success in target order
-                example = {
-                    "target": t,
-                    "train": last["train_indices"],
-                    "perturbed_levels": levels,
-                    "original_levels": atk.levels[last["train_indices"]].tolist(),
-                    "run": last,
-                }
-            solved.append(k_ok)
-            runs.append(last)
+    for t in chosen:
+        k_ok, last, levels = outcomes[t]
+        if not example and levels is not None:  # the first 1-image success in target order
+            example = {
+                "target": t,
+                "train": last["train_indices"],
+                "perturbed_levels": levels,
+                "original_levels": atk.levels[last["train_indices"]].tolist(),
+                "run": last,
+            }
+        solved.append(k_ok)
+        runs.append(last)
     solved_arr = np.asarray(solved)
     ks = [k for k in (1, 2, 3, 5, 10) if k <= max_k]
     flips = {str(k): int(((solved_arr > 0) & (solved_arr <= k)).sum()) for k in ks}
@@ -495,6 +585,7 @@ def run_attack(
         multi=multi,
         example=example,
         config=c,
+        resumed=len(chosen) - len(todo),
     )
 
 

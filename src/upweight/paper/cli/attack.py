@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from ...cli._scheduler import open_executor
+from ...errors import StoreMismatchError
 from ..config import EXTRACTORS, PROJECTIONS, AttackConfig
 from ._common import markdown_table
 from ._common import say as _say
@@ -23,6 +24,7 @@ HELP = (
 )
 DATA_HELP = "MNIST: a folder with the four IDX files, or mnist.npz"
 OUTPUTS = ("attack.png", "report.md")  # written into --out (results.json is written by the runner)
+FOLDERS = ("targets",)  # kept in --out: the single-target attacks (--fresh discards them)
 
 
 #: the options' defaults
@@ -31,7 +33,7 @@ _D = AttackConfig()
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options of ``reproduce attack``: one per ``AttackConfig`` field but ``multi_k`` (same
-    name), and ``--scheduler``."""
+    name), ``--scheduler`` and ``--fresh``."""
     add_feature_arguments(p)
     p.add_argument(
         "--targets",
@@ -95,6 +97,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
             "default: one after the other in this process"
         ),
     )
+    p.add_argument(
+        "--fresh",
+        action="store_true",
+        help=(
+            "discard the single-target attacks kept in OUT/targets by an earlier run of this "
+            "command (by default a rerun with the same settings resumes them and attacks only the "
+            "targets still missing)"
+        ),
+    )
 
 
 def _config(args: argparse.Namespace) -> AttackConfig:
@@ -117,8 +128,23 @@ def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     )
     with contextlib.ExitStack() as stack:
         executor = open_executor(stack, args.scheduler, _say)
-        r = run_attack(setup, c, progress=not args.no_progress, executor=executor)
+        try:
+            r = run_attack(
+                setup,
+                c,
+                progress=not args.no_progress,
+                executor=executor,
+                store=out / "targets",
+                fresh=args.fresh,
+            )
+        except StoreMismatchError as exc:
+            raise StoreMismatchError(
+                f"{exc} For this command: rerun with --fresh to discard the attacks kept in "
+                f"{out / 'targets'}, or pass another --out."
+            ) from exc
     n = len(r.targets)
+    if r.resumed:
+        _say(f"{r.resumed} of {n} single-target attacks resumed from {out / 'targets'}")
     _say(
         "flipped (cumulative, ≤ k images): "
         + ", ".join(f"k={k}: {v}/{n} ({v / n:.0%})" for k, v in r.flips_by_k.items())
