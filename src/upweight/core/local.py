@@ -10,10 +10,12 @@ gradient of its own parameters φ is the module-local vector–Jacobian product
     ∇φ L(zᵢ) = (∂yᵢ/∂φ)ᵀ bᵢ,
 
 evaluated point by point with ``torch.func.vmap`` over m's forward alone — not over the whole
-network, which is what a per-sample gradient of φ costs otherwise. With the output-Hessian
-factors cₖ as cotangents (``capture(cotangents="ggn")``), the same product gives the GGN's
-pseudo-gradients uᵢₖ, and G_φφ = (1/n) Σᵢₖ uᵢₖuᵢₖᵀ is the Gauss–Newton matrix restricted to φ,
-exactly (K-FAC keeps it as one dense block per module, ``solvers.kfac``).
+network, which is what a per-sample gradient of φ costs otherwise. For ``nn.LayerNorm``, in every
+transformer block, the product has a closed form (y = x̂ ⊙ w + b: Σ bᵢ ⊙ x̂ᵢ and Σ bᵢ over point i's
+tokens), taken without a traced call per point. With the output-Hessian factors cₖ as cotangents
+(``capture(cotangents="ggn")``), the same product gives the GGN's pseudo-gradients uᵢₖ, and G_φφ =
+(1/n) Σᵢₖ uᵢₖuᵢₖᵀ is the Gauss–Newton matrix restricted to φ, exactly (K-FAC keeps it as one dense
+block per module, ``solvers.kfac``).
 
 An output shared by the batch (leading size 1 for b > 1 points, e.g. position embeddings added to
 every sequence) is expanded to b rows in the forward hook, so that its cotangent is per point;
