@@ -236,6 +236,37 @@ def test_a_stopped_run_resumes_from_its_store_with_the_same_results(tmp_path):
     assert run_attack(s, config(3), progress=False, store=kept).resumed == 1
 
 
+def test_cli_rerun_resumes_from_out_targets_and_refuses_other_settings(tmp_path, capsys):
+    """``reproduce attack`` run twice into one --out: the second run reads its attack back from
+    OUT/targets (same numbers); other settings are refused with the way out (--fresh)."""
+    args = [
+        "reproduce",
+        "attack",
+        "--data",
+        str(DATA),
+        "--out",
+        str(tmp_path),
+        "--no-progress",
+        *[f"--{k.replace('_', '-')}={v}" for k, v in SETUP.items()],
+        "--targets=1",
+        "--max-k=1",
+        "--iterations=30",
+        "--projection=levels",
+        f"--epsilon={EPS}",
+        "--group-size=0",
+    ]
+    assert main(args) == 0
+    first = json.loads((tmp_path / "results.json").read_text())
+    assert first["resumed"] == 0 and (tmp_path / "targets" / "manifest.json").is_file()
+    assert main(args) == 0
+    again = json.loads((tmp_path / "results.json").read_text())
+    assert again["resumed"] == 1 and again["runs"] == first["runs"]
+    capsys.readouterr()
+    rc = main([*args, "--iterations=29"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--fresh" in err and "iterations" in err
+
+
 def test_the_papers_projection_keeps_each_pixel_in_its_8bit_cell_and_raises_the_test_loss():
     """The default Π (the paper's): every perturbed pixel rounds back to its original 8-bit value,
     the steps push pixels to the edge of their cell, and after exact retraining each target's
